@@ -1,0 +1,1 @@
+//! Criterion benchmarks of this workspace; see `benches/`.

@@ -1,0 +1,77 @@
+//! The ACL endpoints (`/v1/acl/...`): just enough to create policies and tokens, so that
+//! scenarios can run Consul with `default_policy = "deny"`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{client::Client, error::Result};
+
+/// An ACL policy (`PUT /v1/acl/policy`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AclPolicy {
+    #[serde(rename = "ID", skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    pub name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// HCL rules, for example `service "web" { policy = "write" }`.
+    pub rules: String,
+}
+
+/// A reference to a policy from a token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AclPolicyLink {
+    #[serde(rename = "ID", skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub name: String,
+}
+
+/// An ACL token (`PUT /v1/acl/token`).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AclToken {
+    #[serde(rename = "AccessorID", skip_serializing_if = "String::is_empty")]
+    pub accessor_id: String,
+    /// The secret sent as `X-Consul-Token`. Not printed by `Debug`.
+    #[serde(rename = "SecretID", skip_serializing_if = "String::is_empty")]
+    pub secret_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub policies: Vec<AclPolicyLink>,
+    pub local: bool,
+}
+
+impl std::fmt::Debug for AclToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AclToken")
+            .field("accessor_id", &self.accessor_id)
+            .field("secret_id", &"<redacted>")
+            .field("description", &self.description)
+            .field("policies", &self.policies)
+            .finish()
+    }
+}
+
+/// The ACL endpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct Acl<'a> {
+    client: &'a Client,
+}
+
+impl<'a> Acl<'a> {
+    pub(crate) fn new(client: &'a Client) -> Self {
+        Acl { client }
+    }
+
+    /// `PUT /v1/acl/policy`: create a policy; returns it with its ID.
+    pub async fn policy_create(&self, policy: &AclPolicy) -> Result<AclPolicy> {
+        self.client.put_json(&["acl", "policy"], policy).await
+    }
+
+    /// `PUT /v1/acl/token`: create a token; returns it with its secret.
+    pub async fn token_create(&self, token: &AclToken) -> Result<AclToken> {
+        self.client.put_json(&["acl", "token"], token).await
+    }
+}

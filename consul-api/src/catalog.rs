@@ -1,0 +1,69 @@
+//! The catalog endpoints (`/v1/catalog/...`): what the servers know of every service,
+//! regardless of health.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    client::Client,
+    error::Result,
+    query::{QueryMeta, QueryOptions},
+};
+
+/// One instance of a service in the catalog (`/v1/catalog/service/:service`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct CatalogService {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub node: String,
+    pub address: String,
+    pub datacenter: String,
+    #[serde(rename = "ServiceID")]
+    pub service_id: String,
+    pub service_name: String,
+    pub service_address: String,
+    pub service_port: u16,
+    pub service_tags: Option<Vec<String>>,
+    pub service_meta: Option<BTreeMap<String, String>>,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// The catalog endpoints.
+#[derive(Debug, Clone, Copy)]
+pub struct Catalog<'a> {
+    client: &'a Client,
+}
+
+impl<'a> Catalog<'a> {
+    pub(crate) fn new(client: &'a Client) -> Self {
+        Catalog { client }
+    }
+
+    /// `GET /v1/catalog/service/:service`: every instance, healthy or not.
+    pub async fn service(
+        &self,
+        service: &str,
+        tag: Option<&str>,
+        opts: &QueryOptions,
+    ) -> Result<(Vec<CatalogService>, QueryMeta)> {
+        let params: Vec<_> = tag.map(|t| ("tag", t.to_owned())).into_iter().collect();
+        let (services, meta): (Option<Vec<CatalogService>>, _) = self
+            .client
+            .get(&["catalog", "service", service], &params, Some(opts))
+            .await?;
+        Ok((services.unwrap_or_default(), meta))
+    }
+
+    /// `GET /v1/catalog/services`: every service name with its tags.
+    pub async fn services(
+        &self,
+        opts: &QueryOptions,
+    ) -> Result<(BTreeMap<String, Vec<String>>, QueryMeta)> {
+        self.client
+            .get(&["catalog", "services"], &[], Some(opts))
+            .await
+    }
+}

@@ -1,0 +1,458 @@
+//! The HTTP client: where the agent is, which ACL token to send, and the one request path
+//! every endpoint goes through (timeouts, response-size cap, error mapping).
+
+use std::{error::Error as _, fmt, sync::Arc, time::Duration};
+
+use reqwest::{Method, StatusCode, Url, header::HeaderValue};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{
+    acl::Acl,
+    agent::Agent,
+    catalog::Catalog,
+    error::{Error, Result},
+    health::Health,
+    query::{QueryMeta, QueryOptions},
+    status::Status,
+};
+
+/// The agent's default address, as in Consul's CLI.
+pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8500";
+
+/// Where and how to reach a Consul agent.
+#[derive(Clone)]
+pub struct Config {
+    /// `host:port` or `http://host:port`, like `CONSUL_HTTP_ADDR`.
+    pub address: String,
+    /// ACL token sent as `X-Consul-Token`, like `CONSUL_HTTP_TOKEN`. Never logged.
+    pub token: Option<String>,
+    /// Deadline of a non-blocking request.
+    pub timeout: Duration,
+    /// Deadline to establish a connection.
+    pub connect_timeout: Duration,
+    /// Largest response body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            address: DEFAULT_ADDRESS.to_owned(),
+            token: None,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            max_body_bytes: 16 << 20,
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("address", &self.address)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Defaults overridden by `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN` and
+    /// `CONSUL_HTTP_TOKEN_FILE`, like Consul's own CLI.
+    pub fn from_env() -> Result<Config> {
+        let mut config = Config::default();
+        if let Some(addr) = env_nonempty("CONSUL_HTTP_ADDR") {
+            config.address = addr;
+        }
+        if let Some(token) = env_nonempty("CONSUL_HTTP_TOKEN") {
+            config.token = Some(token);
+        } else if let Some(path) = env_nonempty("CONSUL_HTTP_TOKEN_FILE") {
+            let token = std::fs::read_to_string(&path).map_err(|e| {
+                Error::Config(format!("cannot read CONSUL_HTTP_TOKEN_FILE {path:?}: {e}"))
+            })?;
+            config.token = Some(token.trim().to_owned());
+        }
+        Ok(config)
+    }
+
+    /// This configuration with another address.
+    pub fn with_address(mut self, address: impl Into<String>) -> Self {
+        self.address = address.into();
+        self
+    }
+
+    /// This configuration with another token (`None`: anonymous).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// The base URL the address designates.
+    pub fn base_url(&self) -> Result<Url> {
+        let raw = self.address.trim();
+        let with_scheme = if raw.contains("://") {
+            raw.to_owned()
+        } else {
+            format!("http://{raw}")
+        };
+        let bad = |why: &str| Error::Config(format!("CONSUL_HTTP_ADDR {raw:?} {why}"));
+        let url = Url::parse(&with_scheme).map_err(|e| bad(&format!("is not an address: {e}")))?;
+        match url.scheme() {
+            "http" => {}
+            "https" => {
+                return Err(bad(
+                    "uses https, which this build does not support: use the agent's HTTP port",
+                ));
+            }
+            other => return Err(bad(&format!("has unsupported scheme {other:?}"))),
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(bad("has no host"));
+        }
+        if url.path() != "/" || url.query().is_some() {
+            return Err(bad("must be host:port, without a path"));
+        }
+        Ok(url)
+    }
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// A handle to one Consul agent's HTTP API. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<HeaderValue>,
+    config: Config,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("address", &self.inner.base.as_str())
+            .field("token", &self.inner.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Client {
+    /// A client for the agent `config` designates. Fails only on a configuration that cannot
+    /// work; whether Consul answers is found out by the first request.
+    pub fn new(config: Config) -> Result<Client> {
+        let base = config.base_url()?;
+        let token = match &config.token {
+            Some(t) => {
+                let mut value = HeaderValue::from_str(t.trim()).map_err(|_| {
+                    Error::Config(
+                        "the ACL token contains characters not allowed in a header".into(),
+                    )
+                })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .no_proxy()
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                token,
+                config,
+            }),
+        })
+    }
+
+    /// A client configured from `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN`.
+    pub fn from_env() -> Result<Client> {
+        Client::new(Config::from_env()?)
+    }
+
+    /// The configuration this client was built from.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The agent's base URL.
+    pub fn base_url(&self) -> &Url {
+        &self.inner.base
+    }
+
+    /// The local agent's endpoints (`/v1/agent/...`).
+    pub fn agent(&self) -> Agent<'_> {
+        Agent::new(self)
+    }
+
+    /// The health endpoints (`/v1/health/...`).
+    pub fn health(&self) -> Health<'_> {
+        Health::new(self)
+    }
+
+    /// The catalog endpoints (`/v1/catalog/...`).
+    pub fn catalog(&self) -> Catalog<'_> {
+        Catalog::new(self)
+    }
+
+    /// The status endpoints (`/v1/status/...`).
+    pub fn status(&self) -> Status<'_> {
+        Status::new(self)
+    }
+
+    /// The ACL endpoints (`/v1/acl/...`).
+    pub fn acl(&self) -> Acl<'_> {
+        Acl::new(self)
+    }
+
+    /// GET a JSON value.
+    pub(crate) async fn get<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        params: &[(&'static str, String)],
+        opts: Option<&QueryOptions>,
+    ) -> Result<(T, QueryMeta)> {
+        let (body, meta, path) = self
+            .send(Method::GET, segments, params, opts, None::<&()>)
+            .await?;
+        Ok((decode("GET", &path, &body)?, meta))
+    }
+
+    /// GET a JSON value; `None` when Consul answers 404.
+    pub(crate) async fn get_optional<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        params: &[(&'static str, String)],
+        opts: Option<&QueryOptions>,
+    ) -> Result<Option<(T, QueryMeta)>> {
+        match self.get(segments, params, opts).await {
+            Err(e) if e.is_not_found() => Ok(None),
+            other => other.map(Some),
+        }
+    }
+
+    /// PUT an optional JSON body; the answer's body is returned raw (often empty or `true`).
+    pub(crate) async fn put<B: Serialize>(
+        &self,
+        segments: &[&str],
+        params: &[(&'static str, String)],
+        body: Option<&B>,
+    ) -> Result<Vec<u8>> {
+        let (body, _, _) = self.send(Method::PUT, segments, params, None, body).await?;
+        Ok(body)
+    }
+
+    /// PUT and decode the JSON answer.
+    pub(crate) async fn put_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &B,
+    ) -> Result<T> {
+        let (raw, _, path) = self
+            .send(Method::PUT, segments, &[], None, Some(body))
+            .await?;
+        decode("PUT", &path, &raw)
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        params: &[(&'static str, String)],
+        opts: Option<&QueryOptions>,
+        body: Option<&B>,
+    ) -> Result<(Vec<u8>, QueryMeta, String)> {
+        let method_name: &'static str = if method == Method::PUT { "PUT" } else { "GET" };
+        let mut url = self.inner.base.clone();
+        {
+            let mut path = url
+                .path_segments_mut()
+                .map_err(|_| Error::Config("the Consul address cannot take a path".into()))?;
+            path.clear().push("v1");
+            for segment in segments {
+                path.push(segment);
+            }
+        }
+        {
+            let mut query = url.query_pairs_mut();
+            for (k, v) in params
+                .iter()
+                .cloned()
+                .chain(opts.map(QueryOptions::pairs).unwrap_or_default())
+            {
+                if v.is_empty() {
+                    query.append_key_only(k);
+                } else {
+                    query.append_pair(k, &v);
+                }
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        let path = url.path().to_owned();
+        let timeout = opts
+            .and_then(QueryOptions::blocking_budget)
+            .map_or(self.inner.config.timeout, |budget| {
+                budget + self.inner.config.timeout
+            });
+
+        let mut request = self.inner.http.request(method, url).timeout(timeout);
+        if let Some(token) = &self.inner.token {
+            request = request.header("X-Consul-Token", token.clone());
+        }
+        if let Some(body) = body {
+            let json = serde_json::to_vec(body).map_err(|e| {
+                Error::Config(format!("cannot encode the request body for {path}: {e}"))
+            })?;
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(json);
+        }
+        tracing::trace!(method = method_name, %path, "consul request");
+        let transport = |e: reqwest::Error| Error::Transport {
+            method: method_name,
+            url: self.inner.base.as_str().trim_end_matches('/').to_owned(),
+            path: path.clone(),
+            timeout: e.is_timeout(),
+            reason: error_chain(&e),
+        };
+        let mut response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        let meta = QueryMeta::from_headers(response.headers());
+
+        let limit = self.inner.config.max_body_bytes;
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > limit {
+                return Err(Error::BodyTooLarge {
+                    method: method_name,
+                    path,
+                    limit,
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+
+        if status.is_success() {
+            return Ok((body, meta, path));
+        }
+        let message = message_of(&body);
+        Err(if status == StatusCode::FORBIDDEN {
+            Error::PermissionDenied {
+                method: method_name,
+                path,
+                message,
+            }
+        } else {
+            Error::Status {
+                method: method_name,
+                path,
+                status: status.as_u16(),
+                message,
+            }
+        })
+    }
+}
+
+fn decode<T: DeserializeOwned>(method: &'static str, path: &str, body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::Decode {
+        method,
+        path: path.to_owned(),
+        reason: e.to_string(),
+        snippet: snippet(body),
+    })
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(80)]);
+    text.chars().filter(|c| !c.is_control()).collect()
+}
+
+fn message_of(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(512)]);
+    let text = text.trim();
+    if text.is_empty() {
+        "(no message)".to_owned()
+    } else {
+        text.lines().next().unwrap_or_default().to_owned()
+    }
+}
+
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut out = if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "cannot connect".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = e.source();
+    let mut last = String::new();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if text != last {
+            out.push_str(": ");
+            out.push_str(&text);
+            last = text;
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_like_consuls_cli() {
+        let url = |a: &str| Config::default().with_address(a).base_url();
+        assert_eq!(
+            url("127.0.0.1:8500").unwrap().as_str(),
+            "http://127.0.0.1:8500/"
+        );
+        assert_eq!(
+            url("http://localhost:18500").unwrap().as_str(),
+            "http://localhost:18500/"
+        );
+        for bad in [
+            "https://127.0.0.1:8501",
+            "unix:///tmp/consul.sock",
+            "http://",
+            "127.0.0.1:8500/v1",
+            "::::",
+        ] {
+            let err = url(bad).unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{bad}: {err}");
+            assert!(err.to_string().contains("CONSUL_HTTP_ADDR"), "{err}");
+        }
+    }
+
+    #[test]
+    fn token_never_printed() {
+        let config = Config::default().with_token(Some("s3cr3t-token".into()));
+        assert!(!format!("{config:?}").contains("s3cr3t"));
+        let client = Client::new(config).unwrap();
+        assert!(!format!("{client:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn error_messages_are_short_and_clean() {
+        assert_eq!(message_of(b"Permission denied\nmore"), "Permission denied");
+        assert_eq!(message_of(b""), "(no message)");
+        assert_eq!(snippet(b"{\"a\":\n1"), "{\"a\":1");
+    }
+}

@@ -1,0 +1,128 @@
+//! The one error type of this crate: what went wrong talking to Consul, with the HTTP status
+//! and Consul's own message where there is one.
+
+use std::fmt;
+
+/// A `Result` whose error is this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong between us and a Consul agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration cannot work (bad `CONSUL_HTTP_ADDR`, unreadable token file, ...).
+    #[error("invalid Consul configuration: {0}")]
+    Config(String),
+
+    /// No HTTP answer: connection refused, reset, timed out, DNS failure.
+    #[error("Consul at {url} did not answer {method} {path}: {reason}")]
+    Transport {
+        method: &'static str,
+        url: String,
+        path: String,
+        reason: String,
+        timeout: bool,
+    },
+
+    /// Consul answered 403: the ACL token was refused or lacks the permission.
+    #[error(
+        "Consul refused the ACL token for {method} {path} (403 {message}): \
+         check CONSUL_HTTP_TOKEN and the token's policy"
+    )]
+    PermissionDenied {
+        method: &'static str,
+        path: String,
+        message: String,
+    },
+
+    /// Consul answered with another non-success status.
+    #[error("Consul answered {status} to {method} {path}: {message}")]
+    Status {
+        method: &'static str,
+        path: String,
+        status: u16,
+        message: String,
+    },
+
+    /// Consul answered 2xx with a body we could not decode.
+    #[error(
+        "Consul sent a malformed answer to {method} {path}: {reason} (body starts {snippet:?})"
+    )]
+    Decode {
+        method: &'static str,
+        path: String,
+        reason: String,
+        snippet: String,
+    },
+
+    /// The answer was larger than the configured cap.
+    #[error("Consul's answer to {method} {path} exceeds {limit} bytes")]
+    BodyTooLarge {
+        method: &'static str,
+        path: String,
+        limit: usize,
+    },
+}
+
+impl Error {
+    /// The HTTP status Consul answered with, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::PermissionDenied { .. } => Some(403),
+            Error::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// True when trying the same request again later may succeed: no answer, a 5xx, a 429, or
+    /// a garbled body. False for configuration errors, 403 and other 4xx.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Transport { .. } | Error::Decode { .. } | Error::BodyTooLarge { .. } => true,
+            Error::Status { status, .. } => *status >= 500 || *status == 429,
+            Error::Config(_) | Error::PermissionDenied { .. } => false,
+        }
+    }
+
+    /// True for a refused ACL token (HTTP 403).
+    pub fn is_permission_denied(&self) -> bool {
+        matches!(self, Error::PermissionDenied { .. })
+    }
+
+    /// True when Consul answered 404.
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    /// A short, stable label of the error's kind, for "log once per state change".
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Config(_) => ErrorKind::Config,
+            Error::Transport { .. } => ErrorKind::Unreachable,
+            Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,
+            Error::Status { status, .. } => ErrorKind::Status(*status),
+            Error::Decode { .. } | Error::BodyTooLarge { .. } => ErrorKind::Malformed,
+        }
+    }
+}
+
+/// The kind of an [`Error`], without its details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    Config,
+    Unreachable,
+    PermissionDenied,
+    Status(u16),
+    Malformed,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorKind::Config => f.write_str("configuration error"),
+            ErrorKind::Unreachable => f.write_str("unreachable"),
+            ErrorKind::PermissionDenied => f.write_str("permission denied"),
+            ErrorKind::Status(s) => write!(f, "HTTP {s}"),
+            ErrorKind::Malformed => f.write_str("malformed answer"),
+        }
+    }
+}

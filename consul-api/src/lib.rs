@@ -1,0 +1,42 @@
+//! The typed Consul HTTP API: the only place in this workspace that speaks to Consul.
+//!
+//! Names follow Consul's own Go `api` package so that its documentation reads across:
+//!
+//! * [`client`] — [`Client`] and its [`Config`] (address and ACL token, read from
+//!   `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN` like Consul's CLI), the request plumbing and
+//!   response-size cap.
+//! * [`agent`] — the local agent: `ServiceRegister` ([`AgentServiceRegistration`] with an
+//!   [`AgentServiceCheck`]), `ServiceDeregister`, `Services`, `Service`, `Checks`, `Self`.
+//! * [`health`] — `Service` (healthy instances as [`ServiceEntry`], blocking), `Checks`, `State`.
+//! * [`catalog`] — `Service` and `Services`.
+//! * [`status`] — `Leader`.
+//! * [`acl`] — policies and tokens, enough to set up ACL scenarios.
+//! * [`query`] — [`QueryOptions`] (`index`, `wait`, `dc`, ...) and [`QueryMeta`]
+//!   (`X-Consul-Index`, ...).
+//! * [`watch`] — [`Watch`], which drives a blocking query by Consul's rules.
+//! * [`duration`] — [`GoDuration`], durations written and read the way Go does (`5s`, `1m30s`).
+//! * [`error`] — the one [`Error`] enum, carrying HTTP status and Consul's message.
+//!
+//! The client never retries by itself: callers decide (reads may be retried with backoff,
+//! writes are not), using [`Error::is_retryable`].
+
+pub mod acl;
+pub mod agent;
+pub mod catalog;
+pub mod client;
+pub mod duration;
+pub mod error;
+pub mod health;
+pub mod query;
+pub mod status;
+pub mod watch;
+
+pub use acl::{AclPolicy, AclPolicyLink, AclToken};
+pub use agent::{AgentCheck, AgentSelf, AgentService, AgentServiceCheck, AgentServiceRegistration};
+pub use catalog::CatalogService;
+pub use client::{Client, Config};
+pub use duration::GoDuration;
+pub use error::{Error, Result};
+pub use health::{HealthCheck, HealthStatus, Node, ServiceEntry};
+pub use query::{QueryMeta, QueryOptions};
+pub use watch::Watch;

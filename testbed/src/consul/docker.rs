@@ -1,0 +1,230 @@
+//! The Docker backend: the Consul image as a testcontainers [`Image`], started with host
+//! networking, labelled with its owner's PID so that containers left by a killed test run are
+//! removed by the next one. testcontainers removes each container when its handle drops,
+//! also when a test panics.
+
+use std::{borrow::Cow, sync::OnceLock, time::Duration};
+
+use bollard::Docker;
+use testcontainers::{
+    ContainerAsync, Image, ImageExt,
+    core::{WaitFor, logs::LogFrame},
+    runners::AsyncRunner,
+};
+
+use super::agent::AgentSpec;
+use crate::logbuf::LogBuffer;
+use crate::{
+    error::{Error, Result},
+    provision,
+};
+
+/// The label every testbed container carries.
+pub const OWNER_LABEL: &str = "testbed.owner";
+const OWNER_VALUE: &str = "consul-echo";
+const PID_LABEL: &str = "testbed.pid";
+
+/// A Consul image by name and tag, for example `hashicorp/consul:1.20`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub name: String,
+    pub tag: String,
+}
+
+impl ImageRef {
+    /// `CONSUL_IMAGE`, else this project's locally built image.
+    pub fn from_env() -> ImageRef {
+        match std::env::var("CONSUL_IMAGE") {
+            Ok(s) if !s.trim().is_empty() => ImageRef::parse(s.trim()),
+            _ => ImageRef::local(),
+        }
+    }
+
+    /// This project's image, built from Debian's package.
+    pub fn local() -> ImageRef {
+        ImageRef {
+            name: provision::LOCAL_IMAGE_NAME.into(),
+            tag: provision::LOCAL_IMAGE_TAG.into(),
+        }
+    }
+
+    /// `name[:tag]`; the tag defaults to `latest`. A registry port (`host:5000/x`) is kept in
+    /// the name.
+    pub fn parse(s: &str) -> ImageRef {
+        match s.rsplit_once(':') {
+            Some((name, tag)) if !tag.contains('/') => ImageRef {
+                name: name.into(),
+                tag: tag.into(),
+            },
+            _ => ImageRef {
+                name: s.into(),
+                tag: "latest".into(),
+            },
+        }
+    }
+
+    /// Whether this is the image the project builds by itself.
+    pub fn is_local(&self) -> bool {
+        *self == ImageRef::local()
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.name, self.tag)
+    }
+}
+
+/// The Consul image with a given command line.
+#[derive(Debug, Clone)]
+pub struct ConsulImage {
+    image: ImageRef,
+    args: Vec<String>,
+}
+
+impl Image for ConsulImage {
+    fn name(&self) -> &str {
+        &self.image.name
+    }
+
+    fn tag(&self) -> &str {
+        &self.image.tag
+    }
+
+    fn ready_conditions(&self) -> Vec<WaitFor> {
+        // 1.8.7 prints `==> Consul agent running!`, newer ones `agent: Consul agent running!`.
+        vec![WaitFor::message_on_stdout("Consul agent running!")]
+    }
+
+    fn cmd(&self) -> impl IntoIterator<Item = impl Into<Cow<'_, str>>> {
+        self.args.iter().map(String::as_str)
+    }
+}
+
+/// Where the Docker client looks for the engine.
+pub fn endpoint() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+}
+
+/// Connect to the engine and ping it, with a deadline.
+pub async fn connect() -> Result<Docker> {
+    let unavailable = |reason: String| Error::DockerUnavailable {
+        endpoint: endpoint(),
+        reason,
+    };
+    let docker = Docker::connect_with_defaults().map_err(|e| unavailable(e.to_string()))?;
+    match tokio::time::timeout(Duration::from_secs(5), docker.ping()).await {
+        Ok(Ok(_)) => Ok(docker),
+        Ok(Err(e)) => Err(unavailable(e.to_string())),
+        Err(_) => Err(unavailable("no answer to ping within 5s".into())),
+    }
+}
+
+/// Make `image` available: build the local one if missing; for another image, leave pulling
+/// to testcontainers, but say clearly what failed.
+pub async fn ensure_image(docker: &Docker, image: &ImageRef) -> Result<()> {
+    if image.is_local() {
+        provision::ensure_local_image(docker).await?;
+    }
+    Ok(())
+}
+
+static SWEPT: OnceLock<tokio::sync::OnceCell<()>> = OnceLock::new();
+
+/// Once per process: remove testbed containers whose owning process is gone.
+pub async fn remove_orphans(docker: &Docker) {
+    SWEPT
+        .get_or_init(tokio::sync::OnceCell::new)
+        .get_or_init(|| async {
+            let filters = std::collections::HashMap::from([(
+                "label".to_string(),
+                vec![format!("{OWNER_LABEL}={OWNER_VALUE}")],
+            )]);
+            let options = bollard::query_parameters::ListContainersOptions {
+                all: true,
+                filters: Some(filters),
+                ..Default::default()
+            };
+            let Ok(containers) = docker.list_containers(Some(options)).await else {
+                return;
+            };
+            for c in containers {
+                let owner_alive = c
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(PID_LABEL))
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+                if owner_alive {
+                    continue;
+                }
+                if let Some(id) = c.id {
+                    tracing::info!(container = %id, "removing a testbed container left by a dead process");
+                    let options = bollard::query_parameters::RemoveContainerOptions {
+                        force: true,
+                        ..Default::default()
+                    };
+                    let _ = docker.remove_container(&id, Some(options)).await;
+                }
+            }
+        })
+        .await;
+}
+
+/// Start one agent container; returns when it printed that it runs.
+pub async fn start(
+    image: &ImageRef,
+    spec: &AgentSpec,
+    log: &LogBuffer,
+    timeout: Duration,
+) -> Result<ContainerAsync<ConsulImage>> {
+    let sink = log.clone();
+    let request = ConsulImage {
+        image: image.clone(),
+        args: spec.args(),
+    }
+    .with_network("host")
+    .with_container_name(format!("testbed-{}", spec.node_name))
+    .with_label(OWNER_LABEL, OWNER_VALUE)
+    .with_label(PID_LABEL, std::process::id().to_string())
+    .with_startup_timeout(timeout)
+    .with_log_consumer(move |frame: &LogFrame| match frame {
+        LogFrame::StdOut(bytes) | LogFrame::StdErr(bytes) => sink.push_bytes(bytes),
+    });
+    request.start().await.map_err(|e| {
+        let text = e.to_string();
+        if text.contains("No such image") || text.contains("pull") || text.contains("manifest") {
+            Error::ImageUnavailable {
+                image: image.to_string(),
+                reason: format!(
+                    "{text} (this machine may have no registry: unset CONSUL_IMAGE to use the \
+                     locally built {})",
+                    provision::LOCAL_IMAGE
+                ),
+            }
+        } else {
+            Error::Container(e)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_refs() {
+        assert_eq!(
+            ImageRef::parse("hashicorp/consul:1.20"),
+            ImageRef {
+                name: "hashicorp/consul".into(),
+                tag: "1.20".into()
+            }
+        );
+        assert_eq!(ImageRef::parse("consul").tag, "latest");
+        assert_eq!(ImageRef::parse("reg:5000/consul").name, "reg:5000/consul");
+        assert_eq!(ImageRef::parse("reg:5000/consul:1.21").tag, "1.21");
+        assert!(ImageRef::local().is_local());
+        assert_eq!(ImageRef::local().to_string(), provision::LOCAL_IMAGE);
+    }
+}

@@ -1,0 +1,376 @@
+//! The harness around one real Consul agent: start it (a container through testcontainers, or
+//! a local process where no Docker engine answers), wait until it runs AND has a leader, and
+//! stop, restart, pause or resume it on demand. Several harnesses run side by side.
+//!
+//! * [`agent`] — the agent's command line, ports and ACL settings, whoever runs it;
+//! * [`docker`] — the image and the container backend;
+//! * [`process`] — the local-process backend;
+//!
+//! The agent's output goes to a [`LogBuffer`], waitable, with Consul's own timestamps.
+
+pub mod agent;
+pub mod docker;
+pub mod process;
+
+use std::{
+    net::SocketAddr,
+    sync::OnceLock,
+    time::{Duration, SystemTime},
+};
+
+use testcontainers::ContainerAsync;
+
+pub use self::{
+    agent::{AgentSpec, Flavor, Ports},
+    docker::{ConsulImage, ImageRef},
+};
+use crate::{
+    error::{Error, Result},
+    logbuf::LogBuffer,
+};
+
+/// Which backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// Docker if an engine answers, else a local process, with a loud warning.
+    Auto,
+    /// Docker, or an error.
+    Docker,
+    /// A local `consul` process.
+    Process,
+}
+
+impl BackendChoice {
+    /// `TESTBED_BACKEND=auto|docker|process` (default `auto`).
+    pub fn from_env() -> Result<BackendChoice> {
+        match std::env::var("TESTBED_BACKEND").as_deref() {
+            Err(_) | Ok("") | Ok("auto") => Ok(BackendChoice::Auto),
+            Ok("docker") => Ok(BackendChoice::Docker),
+            Ok("process") => Ok(BackendChoice::Process),
+            Ok(other) => Err(Error::Invalid(format!(
+                "TESTBED_BACKEND={other:?}: use auto, docker or process"
+            ))),
+        }
+    }
+}
+
+/// The backend an agent actually runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Docker,
+    Process,
+}
+
+impl BackendKind {
+    /// `"docker"` or `"process"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Docker => "docker",
+            BackendKind::Process => "process",
+        }
+    }
+}
+
+/// How to start an agent.
+#[derive(Debug, Clone)]
+pub struct ConsulOptions {
+    pub backend: BackendChoice,
+    pub image: ImageRef,
+    /// With ACLs on and default deny: the management token.
+    pub acl_management_token: Option<String>,
+    /// How long the agent may take to run and elect itself leader.
+    pub startup_timeout: Duration,
+}
+
+impl ConsulOptions {
+    /// Options from the environment: `TESTBED_BACKEND`, `CONSUL_IMAGE`.
+    pub fn from_env() -> Result<ConsulOptions> {
+        Ok(ConsulOptions {
+            backend: BackendChoice::from_env()?,
+            image: ImageRef::from_env(),
+            acl_management_token: None,
+            startup_timeout: Duration::from_secs(60),
+        })
+    }
+
+    /// These options with ACLs enabled, default policy deny, and `token` as management token.
+    pub fn with_acl(mut self, token: impl Into<String>) -> Self {
+        self.acl_management_token = Some(token.into());
+        self
+    }
+
+    /// These options on a given backend.
+    pub fn with_backend(mut self, backend: BackendChoice) -> Self {
+        self.backend = backend;
+        self
+    }
+}
+
+enum Running {
+    Docker(Box<ContainerAsync<ConsulImage>>),
+    Process(tokio::process::Child),
+}
+
+/// One real Consul agent, removed when dropped.
+pub struct Consul {
+    options: ConsulOptions,
+    kind: BackendKind,
+    spec: AgentSpec,
+    log: LogBuffer,
+    client: consul_api::Client,
+    running: Option<Running>,
+    started_at: SystemTime,
+    version: String,
+}
+
+impl std::fmt::Debug for Consul {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consul")
+            .field("backend", &self.kind)
+            .field("http", &self.http_addr())
+            .field("version", &self.version)
+            .field("running", &self.running.is_some())
+            .finish()
+    }
+}
+
+static FALLBACK_WARNED: OnceLock<()> = OnceLock::new();
+
+async fn resolve_backend(choice: BackendChoice) -> Result<BackendKind> {
+    match choice {
+        BackendChoice::Process => Ok(BackendKind::Process),
+        BackendChoice::Docker => docker::connect().await.map(|_| BackendKind::Docker),
+        BackendChoice::Auto => match docker::connect().await {
+            Ok(_) => Ok(BackendKind::Docker),
+            Err(e) => {
+                FALLBACK_WARNED.get_or_init(|| {
+                    let msg = format!(
+                        "\n!!! testbed WARNING: {e}\n!!! FALLING BACK to a local consul PROCESS \
+                         instead of a container. Set TESTBED_BACKEND=docker to make this an \
+                         error.\n"
+                    );
+                    eprintln!("{msg}");
+                    tracing::warn!("{msg}");
+                });
+                Ok(BackendKind::Process)
+            }
+        },
+    }
+}
+
+impl Consul {
+    /// Start an agent with options from the environment.
+    pub async fn start() -> Result<Consul> {
+        Consul::start_with(ConsulOptions::from_env()?).await
+    }
+
+    /// Start an agent with `options`, and wait until it has a leader.
+    pub async fn start_with(options: ConsulOptions) -> Result<Consul> {
+        let kind = resolve_backend(options.backend).await?;
+        let flavor = match kind {
+            BackendKind::Docker => Flavor::guess(&options.image.tag)?,
+            BackendKind::Process if std::env::var_os("TESTBED_CONSUL_BIN").is_some() => {
+                Flavor::guess(&std::env::var("TESTBED_CONSUL_VERSION").unwrap_or_default())?
+            }
+            BackendKind::Process => Flavor::Legacy,
+        };
+        if kind == BackendKind::Docker {
+            let engine = docker::connect().await?;
+            docker::remove_orphans(&engine).await;
+            docker::ensure_image(&engine, &options.image).await?;
+        }
+        let mut last_error = None;
+        // Ports are free when picked but may be taken before the agent binds them: retry.
+        for _attempt in 0..3 {
+            let spec = AgentSpec {
+                node_name: format!("testbed-{:08x}", rand::random::<u32>()),
+                ports: Ports::pick()?,
+                flavor,
+                acl_management_token: options.acl_management_token.clone(),
+            };
+            let config = consul_api::Config::default()
+                .with_address(format!("127.0.0.1:{}", spec.ports.http))
+                .with_token(options.acl_management_token.clone());
+            let mut consul = Consul {
+                options: options.clone(),
+                kind,
+                spec,
+                log: LogBuffer::new(),
+                client: consul_api::Client::new(config)?,
+                running: None,
+                started_at: SystemTime::now(),
+                version: String::new(),
+            };
+            match consul.boot().await {
+                Ok(()) => return Ok(consul),
+                Err(e) => {
+                    let clash = consul
+                        .log
+                        .lines()
+                        .iter()
+                        .any(|l| l.text.contains("address already in use"));
+                    if !clash {
+                        return Err(e);
+                    }
+                    last_error = Some(e);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::Invalid("could not start Consul".into())))
+    }
+
+    async fn boot(&mut self) -> Result<()> {
+        let timeout = self.options.startup_timeout;
+        self.started_at = SystemTime::now();
+        self.running = Some(match self.kind {
+            BackendKind::Docker => Running::Docker(Box::new(
+                docker::start(&self.options.image, &self.spec, &self.log, timeout).await?,
+            )),
+            BackendKind::Process => {
+                Running::Process(process::start(&self.spec, &self.log, timeout).await?)
+            }
+        });
+        self.wait_ready(timeout).await?;
+        self.version = self.client().agent().agent_self().await?.config.version;
+        tracing::info!(backend = self.kind.name(), http = %self.http_addr(), version = %self.version, "consul ready");
+        Ok(())
+    }
+
+    /// Wait until the agent answers and knows a leader.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let client = self.client();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let last = match client.status().leader().await {
+                Ok(leader) if !leader.is_empty() => return Ok(()),
+                Ok(_) => "no leader elected yet".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::StartTimeout {
+                    backend: self.kind.name(),
+                    timeout,
+                    reason: last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The agent's HTTP address on loopback.
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.spec.ports.http))
+    }
+
+    /// `127.0.0.1:port`, as `CONSUL_HTTP_ADDR` takes it.
+    pub fn address(&self) -> String {
+        self.http_addr().to_string()
+    }
+
+    /// A client configuration for this agent, with the management token when ACLs are on.
+    pub fn config(&self) -> consul_api::Config {
+        consul_api::Config::default()
+            .with_address(self.address())
+            .with_token(self.options.acl_management_token.clone())
+    }
+
+    /// A client for this agent (management token when ACLs are on).
+    pub fn client(&self) -> consul_api::Client {
+        self.client.clone()
+    }
+
+    /// The backend the agent runs on.
+    pub fn backend(&self) -> BackendKind {
+        self.kind
+    }
+
+    /// The agent's output so far (across restarts).
+    pub fn log(&self) -> &LogBuffer {
+        &self.log
+    }
+
+    /// Consul's version, as the agent reports it.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// When the current run of the agent was started.
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
+    }
+
+    /// The command line and ports.
+    pub fn spec(&self) -> &AgentSpec {
+        &self.spec
+    }
+
+    /// Whether an agent is running (not stopped).
+    pub fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Stop the agent: remove the container or kill the process. Its ports stop answering.
+    pub async fn stop(&mut self) -> Result<()> {
+        match self.running.take() {
+            Some(Running::Docker(container)) => container.rm().await?,
+            Some(Running::Process(mut child)) => {
+                child.kill().await?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Start a stopped agent again, on the same ports. Dev mode keeps no state: every
+    /// registration is gone, and indexes start over.
+    pub async fn start_again(&mut self) -> Result<()> {
+        if self.running.is_some() {
+            return Err(Error::Invalid("the agent is already running".into()));
+        }
+        self.boot().await
+    }
+
+    /// Stop, then start again.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await?;
+        self.start_again().await
+    }
+
+    /// Freeze the agent (`docker pause`, or SIGSTOP): its ports accept but never answer.
+    pub async fn pause(&self) -> Result<()> {
+        self.signal_or(true).await
+    }
+
+    /// Unfreeze a paused agent.
+    pub async fn resume(&self) -> Result<()> {
+        self.signal_or(false).await
+    }
+
+    async fn signal_or(&self, pause: bool) -> Result<()> {
+        match &self.running {
+            Some(Running::Docker(c)) => {
+                if pause {
+                    c.pause().await?
+                } else {
+                    c.unpause().await?
+                }
+            }
+            Some(Running::Process(child)) => {
+                let pid = child.id().ok_or_else(|| Error::Process {
+                    what: "consul agent".into(),
+                    reason: "already exited".into(),
+                })?;
+                crate::signal::send(
+                    pid,
+                    if pause {
+                        crate::signal::Signal::SIGSTOP
+                    } else {
+                        crate::signal::Signal::SIGCONT
+                    },
+                )?;
+            }
+            None => return Err(Error::Invalid("the agent is not running".into())),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,61 @@
+//! The testbed's one error type: what stopped a harness or an experiment, said so that a
+//! person knows what to do next.
+
+use std::time::Duration;
+
+/// A `Result` whose error is the testbed's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can stop the testbed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Docker was asked for but does not answer.
+    #[error(
+        "no Docker engine answers at {endpoint}: {reason} (start Docker, or set TESTBED_BACKEND=process to run a local consul binary instead)"
+    )]
+    DockerUnavailable { endpoint: String, reason: String },
+
+    /// The Consul image is neither present nor obtainable.
+    #[error("image {image} is not available: {reason}")]
+    ImageUnavailable { image: String, reason: String },
+
+    /// Fetching or unpacking Consul, or building its image, failed.
+    #[error("cannot provision Consul {version} ({step}): {reason}")]
+    Provision {
+        version: &'static str,
+        step: &'static str,
+        reason: String,
+    },
+
+    /// The agent did not come up in time.
+    #[error("Consul ({backend}) did not become ready within {timeout:?}: {reason}")]
+    StartTimeout {
+        backend: &'static str,
+        timeout: Duration,
+        reason: String,
+    },
+
+    /// A condition waited for did not happen before its deadline.
+    #[error("timed out after {timeout:?} waiting for {what}")]
+    Timeout { what: String, timeout: Duration },
+
+    /// A child process could not be run or controlled.
+    #[error("process {what}: {reason}")]
+    Process { what: String, reason: String },
+
+    /// An option or flag makes no sense.
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+
+    /// The Docker engine or testcontainers reported an error.
+    #[error("container: {0}")]
+    Container(#[from] testcontainers::TestcontainersError),
+
+    /// Consul's API answered with an error.
+    #[error(transparent)]
+    Consul(#[from] consul_api::Error),
+
+    /// A file or socket operation failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,299 @@
+//! Echo servers and clients as real child processes, so the testbed can SIGKILL, SIGTERM,
+//! SIGSTOP and SIGCONT them exactly as an operator or a crash would.
+//!
+//! Children run the same CLI users run. The testbed binary embeds it (`testbed echo-server
+//! ...`, `testbed echo-client ...`), so one `cargo run -p testbed` builds everything an
+//! experiment needs; a [`Launcher`] names the binary and the subcommand prefix. Consul's
+//! address and token reach the child as `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN`, never on
+//! its command line.
+
+use std::{
+    ffi::OsString,
+    net::SocketAddr,
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    time::{Duration, SystemTime},
+};
+
+use consul_api::GoDuration;
+use tokio::{
+    io::AsyncReadExt,
+    process::{Child, Command},
+};
+
+use crate::{
+    error::{Error, Result},
+    logbuf::LogBuffer,
+    signal::{self, Signal},
+};
+
+/// How to start the echo CLIs: a program and the arguments before the subcommand's own.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    program: PathBuf,
+    server_prefix: Vec<OsString>,
+    client_prefix: Vec<OsString>,
+}
+
+impl Launcher {
+    /// The testbed binary at `bin`: `bin echo-server ...`, `bin echo-client ...`. Integration
+    /// tests pass `env!("CARGO_BIN_EXE_testbed")`.
+    pub fn testbed(bin: impl Into<PathBuf>) -> Launcher {
+        Launcher {
+            program: bin.into(),
+            server_prefix: vec!["echo-server".into()],
+            client_prefix: vec!["echo-client".into()],
+        }
+    }
+
+    /// The running testbed binary itself.
+    pub fn current_exe() -> Result<Launcher> {
+        Ok(Launcher::testbed(std::env::current_exe()?))
+    }
+
+    fn command(&self, prefix: &[OsString], consul: &consul_api::Config) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(prefix)
+            .env("CONSUL_HTTP_ADDR", &consul.address)
+            .env_remove("CONSUL_HTTP_TOKEN")
+            .env_remove("CONSUL_HTTP_TOKEN_FILE")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(token) = &consul.token {
+            cmd.env("CONSUL_HTTP_TOKEN", token);
+        }
+        cmd
+    }
+}
+
+/// Everything an echo server is started with.
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    pub name: String,
+    pub id: String,
+    pub port: u16,
+    pub check_port: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub deregister_after: Duration,
+    /// Where Consul is, and the token to use.
+    pub consul: consul_api::Config,
+    /// More flags, passed as they are.
+    pub extra_args: Vec<String>,
+}
+
+impl ServerSpec {
+    /// The seed article's service (`servernode` / `servernode_1`, check every 5s with a 3s
+    /// timeout, deregister after 30s), on free loopback ports.
+    pub fn seed(consul: consul_api::Config) -> Result<ServerSpec> {
+        Ok(ServerSpec {
+            name: "servernode".into(),
+            id: "servernode_1".into(),
+            port: free_port()?,
+            check_port: free_port()?,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(3),
+            deregister_after: Duration::from_secs(30),
+            consul,
+            extra_args: Vec::new(),
+        })
+    }
+
+    /// This spec with another service ID.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// The echo-server command line.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--name".into(),
+            self.name.clone(),
+            "--id".into(),
+            self.id.clone(),
+            "--port".into(),
+            self.port.to_string(),
+            "--check-port".into(),
+            self.check_port.to_string(),
+            "--interval".into(),
+            GoDuration(self.interval).to_string(),
+            "--timeout".into(),
+            GoDuration(self.timeout).to_string(),
+            "--deregister-after".into(),
+            GoDuration(self.deregister_after).to_string(),
+        ];
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    /// Where the server echoes.
+    pub fn echo_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The URL of its `/check`.
+    pub fn check_url(&self) -> String {
+        format!("http://127.0.0.1:{}/check", self.check_port)
+    }
+}
+
+/// A free TCP port on 127.0.0.1, right now.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A running child with its output captured.
+#[derive(Debug)]
+pub struct ChildProcess {
+    child: Child,
+    pid: u32,
+    what: String,
+    output: LogBuffer,
+}
+
+impl ChildProcess {
+    fn spawn(mut cmd: Command, what: String) -> Result<ChildProcess> {
+        let mut child = cmd.spawn().map_err(|e| Error::Process {
+            what: format!("start {what}"),
+            reason: e.to_string(),
+        })?;
+        let pid = child.id().ok_or_else(|| Error::Process {
+            what: what.clone(),
+            reason: "exited at once".into(),
+        })?;
+        let output = LogBuffer::new();
+        let streams: [Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>; 2] = [
+            child.stdout.take().map(|s| Box::new(s) as _),
+            child.stderr.take().map(|s| Box::new(s) as _),
+        ];
+        for mut stream in streams.into_iter().flatten() {
+            let sink = output.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.push_bytes(&buf[..n]);
+                }
+            });
+        }
+        Ok(ChildProcess {
+            child,
+            pid,
+            what,
+            output,
+        })
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Its stdout and stderr, line by line.
+    pub fn output(&self) -> &LogBuffer {
+        &self.output
+    }
+
+    /// Send a signal.
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        signal::send(self.pid, sig)
+    }
+
+    /// SIGKILL it and reap it; returns the moment the signal was sent.
+    pub async fn kill(&mut self) -> Result<SystemTime> {
+        let at = SystemTime::now();
+        self.signal(Signal::SIGKILL)?;
+        self.child.wait().await?;
+        Ok(at)
+    }
+
+    /// Wait for it to exit, at most `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("{} to exit", self.what),
+                timeout,
+            })?
+            .map_err(Error::from)
+    }
+
+    /// Whether it has exited (reaping it if so).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+/// An echo server process.
+#[derive(Debug)]
+pub struct ServerProcess {
+    pub spec: ServerSpec,
+    pub process: ChildProcess,
+}
+
+impl ServerProcess {
+    /// Start a server and wait until its echo port accepts connections.
+    pub async fn spawn(launcher: &Launcher, spec: ServerSpec) -> Result<ServerProcess> {
+        let mut cmd = launcher.command(&launcher.server_prefix, &spec.consul);
+        cmd.args(spec.args());
+        let mut process = ChildProcess::spawn(cmd, format!("echo-server {}", spec.id))?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if tokio::net::TcpStream::connect(spec.echo_addr())
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            if process.has_exited() || tokio::time::Instant::now() >= deadline {
+                let tail: Vec<String> = process
+                    .output
+                    .lines()
+                    .iter()
+                    .rev()
+                    .take(5)
+                    .map(|l| l.text.clone())
+                    .collect();
+                return Err(Error::Process {
+                    what: format!("echo-server {}", spec.id),
+                    reason: format!(
+                        "never listened on {}: {}",
+                        spec.echo_addr(),
+                        tail.join(" | ")
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(ServerProcess { spec, process })
+    }
+}
+
+/// An echo client process.
+#[derive(Debug)]
+pub struct ClientProcess {
+    pub process: ChildProcess,
+}
+
+impl ClientProcess {
+    /// Start `echo-client` with `args`.
+    pub fn spawn(
+        launcher: &Launcher,
+        consul: &consul_api::Config,
+        args: &[String],
+    ) -> Result<ClientProcess> {
+        let mut cmd = launcher.command(&launcher.client_prefix, consul);
+        cmd.args(args);
+        Ok(ClientProcess {
+            process: ChildProcess::spawn(cmd, "echo-client".into())?,
+        })
+    }
+}
