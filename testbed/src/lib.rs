@@ -3,17 +3,23 @@
 //! * [`consul`] — the harness around one Consul agent (container or local process);
 //! * [`provision`] — fetching Consul 1.8.7 and building its image on a registry-less machine;
 //! * [`logbuf`] — a child's output, line by line, waitable;
+//! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
+//! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`procs`] — echo servers and clients as child processes;
 //! * [`wait`] — waiting on Consul's state by blocking queries, with deadlines;
 //! * [`signal`] — the signals used to kill, stop and resume processes;
+//! * [`report`] — markdown, JSON and SVG output;
 //! * [`smoke`] — the harness's own end-to-end check;
 //! * [`error`] — the one error type.
 
 pub mod consul;
+pub mod deregistration;
 pub mod error;
 pub mod logbuf;
+pub mod model;
 pub mod procs;
 pub mod provision;
+pub mod report;
 pub mod signal;
 pub mod smoke;
 pub mod wait;

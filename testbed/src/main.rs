@@ -1,10 +1,12 @@
 //! `testbed`: run the project's experiments against real Consul. See `testbed --help`.
 
-use std::{process::ExitCode, time::Instant};
+use std::{path::PathBuf, process::ExitCode, time::Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use testbed::{Consul, consul::docker, provision};
+use consul_api::GoDuration;
+use indicatif::{ProgressBar, ProgressStyle};
+use testbed::{Consul, consul::docker, deregistration, procs::Launcher, provision, report};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -18,15 +20,49 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
+    Deregistration(DeregistrationArgs),
     /// Build the local Consul image (idempotent: instant when it exists).
     Image,
     /// Start Consul, register a checked service, see it pass, deregister it.
     Smoke,
 }
 
+#[derive(clap::Args, Debug)]
+struct DeregistrationArgs {
+    /// DeregisterCriticalServiceAfter values to sweep (Go durations, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "30s,1m,90s,2m")]
+    settings: Vec<GoDuration>,
+    /// Check intervals to sweep (Go durations, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1s,5s")]
+    intervals: Vec<GoDuration>,
+    /// Trials per (setting, interval) cell; kills are staggered over --stagger.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=20))]
+    trials: u16,
+    /// Spread of the kills, so trials land on different phases of Consul's reaper.
+    #[arg(long, default_value = "30s")]
+    stagger: GoDuration,
+    /// Only the seed article's case: one trial at 30s, checked every 5s.
+    #[arg(long, conflicts_with_all = ["settings", "intervals", "trials"])]
+    seed: bool,
+    /// Skip the SIGTERM contrast.
+    #[arg(long)]
+    no_contrast: bool,
+    /// Where to write the JSON report, the markdown table and the SVG plot.
+    #[arg(long, default_value = "target/testbed")]
+    out: PathBuf,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,testbed=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -35,16 +71,9 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,testbed=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Deregistration(args) => deregistration(args).await,
         Command::Image => {
             let started = Instant::now();
             let engine = docker::connect().await?;
@@ -55,6 +84,7 @@ async fn run() -> Result<()> {
                 if built { "built" } else { "already present" },
                 started.elapsed()
             );
+            Ok(())
         }
         Command::Smoke => {
             let started = Instant::now();
@@ -62,7 +92,52 @@ async fn run() -> Result<()> {
             let report = testbed::smoke::run(&consul).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             println!("smoke run took {:.1?}", started.elapsed());
+            Ok(())
         }
     }
+}
+
+async fn deregistration(args: DeregistrationArgs) -> Result<()> {
+    let config = if args.seed {
+        deregistration::SweepConfig {
+            contrast: !args.no_contrast,
+            ..deregistration::SweepConfig::seed()
+        }
+    } else {
+        deregistration::SweepConfig {
+            settings: args.settings.iter().map(|d| d.as_duration()).collect(),
+            intervals: args.intervals.iter().map(|d| d.as_duration()).collect(),
+            trials: usize::from(args.trials),
+            stagger: args.stagger.as_duration(),
+            contrast: !args.no_contrast,
+            ..Default::default()
+        }
+    };
+    let progress = ProgressBar::new_spinner();
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} removed  {msg}")
+            .context("progress template")?,
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+    progress.set_message("starting Consul");
+    let consul = Consul::start().await?;
+    let report =
+        deregistration::run(&consul, &Launcher::current_exe()?, &config, &progress).await?;
+    progress.finish_and_clear();
+    drop(consul);
+
+    let markdown = report::deregistration_markdown(&report);
+    println!("{markdown}");
+    println!("{}\n", report::explanation(&report));
+    let (json, md) =
+        report::write_json_and_markdown(&args.out, "deregistration", &report, &markdown)?;
+    let svg = args.out.join("deregistration.svg");
+    report::deregistration_svg(&report, &svg)?;
+    println!(
+        "Report: {}\nTable:  {}\nPlot:   {}",
+        json.display(),
+        md.display(),
+        svg.display()
+    );
     Ok(())
 }

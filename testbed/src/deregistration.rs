@@ -1,0 +1,594 @@
+//! The deregistration experiment: how long Consul takes to remove a dead service, measured
+//! and predicted.
+//!
+//! Real echo-server processes register with real Consul, each with its own
+//! `DeregisterCriticalServiceAfter` and check interval; all trials share one agent, so a
+//! whole sweep takes about the longest window. Each server is killed with SIGKILL at a
+//! staggered moment (so trials fall on different phases of the reaper), and a blocking query
+//! per trial timestamps "critical" and "gone" as Consul publishes them. The [`model`]
+//! predicts each removal from the reaper's phase, taken from the agent's start as its log
+//! dates it, and again from earlier removals; the report gives predicted against measured.
+//! A SIGTERM trial shows the contrast: a clean shutdown deregisters in milliseconds.
+//!
+//! [`model`]: crate::model
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use consul_api::{GoDuration, HealthStatus, QueryOptions, Watch};
+use indicatif::ProgressBar;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::{
+    consul::Consul,
+    error::{Error, Result},
+    logbuf::LogBuffer,
+    model::{Phase, ReaperModel, Window},
+    procs::{Launcher, ServerProcess, ServerSpec, free_port},
+    signal::Signal,
+};
+
+/// What to sweep.
+#[derive(Debug, Clone)]
+pub struct SweepConfig {
+    /// `DeregisterCriticalServiceAfter` values.
+    pub settings: Vec<Duration>,
+    /// Check intervals.
+    pub intervals: Vec<Duration>,
+    /// Trials per (setting, interval) cell.
+    pub trials: usize,
+    /// Kills are spread evenly over this span.
+    pub stagger: Duration,
+    /// The check's timeout (capped at the interval).
+    pub check_timeout: Duration,
+    /// Also measure a clean shutdown (SIGTERM).
+    pub contrast: bool,
+}
+
+impl Default for SweepConfig {
+    /// The full sweep: {30s, 1m, 90s, 2m} × {1s, 5s}, 2 trials each, kills over 30 s.
+    fn default() -> Self {
+        SweepConfig {
+            settings: [30, 60, 90, 120].map(Duration::from_secs).to_vec(),
+            intervals: [1, 5].map(Duration::from_secs).to_vec(),
+            trials: 2,
+            stagger: Duration::from_secs(30),
+            check_timeout: Duration::from_secs(3),
+            contrast: true,
+        }
+    }
+}
+
+impl SweepConfig {
+    /// One trial at the seed article's settings (30s, every 5s).
+    pub fn seed() -> Self {
+        SweepConfig {
+            settings: vec![Duration::from_secs(30)],
+            intervals: vec![Duration::from_secs(5)],
+            trials: 1,
+            stagger: Duration::ZERO,
+            check_timeout: Duration::from_secs(3),
+            contrast: false,
+        }
+    }
+
+    /// The trials, with their kill offsets: cells interleaved so every cell's trials spread
+    /// over the whole stagger.
+    fn plan(&self) -> Vec<Plan> {
+        let cells: Vec<(Duration, Duration)> = self
+            .settings
+            .iter()
+            .flat_map(|s| self.intervals.iter().map(move |i| (*s, *i)))
+            .collect();
+        let total = cells.len() * self.trials;
+        let mut plans = Vec::with_capacity(total);
+        for trial in 0..self.trials {
+            for (c, (setting, interval)) in cells.iter().enumerate() {
+                let slot = trial * cells.len() + c;
+                let offset = if total > 1 {
+                    self.stagger.mul_f64(slot as f64 / total as f64)
+                } else {
+                    Duration::ZERO
+                };
+                plans.push(Plan {
+                    setting: *setting,
+                    interval: *interval,
+                    trial: trial + 1,
+                    kill_offset: offset,
+                });
+            }
+        }
+        plans
+    }
+
+    /// How long the sweep should take after the servers pass, roughly: the stagger plus the
+    /// widest kill window.
+    pub fn expected_duration(&self, model: &ReaperModel) -> Duration {
+        let widest = self
+            .settings
+            .iter()
+            .flat_map(|s| self.intervals.iter().map(move |i| (s, i)))
+            .map(|(s, i)| model.kill_window(*s, *i, self.check_timeout.min(*i)).hi)
+            .fold(0.0, f64::max);
+        self.stagger + Duration::from_secs_f64(widest)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Plan {
+    setting: Duration,
+    interval: Duration,
+    trial: usize,
+    kill_offset: Duration,
+}
+
+/// One trial's measurements and predictions. Instants are seconds since the sweep began.
+#[derive(Debug, Clone, Serialize)]
+pub struct Trial {
+    pub service_id: String,
+    /// `DeregisterCriticalServiceAfter` as registered.
+    pub setting: GoDuration,
+    /// What the agent applies.
+    pub effective: GoDuration,
+    pub interval: GoDuration,
+    pub trial: usize,
+    pub killed_at: f64,
+    pub critical_at: f64,
+    pub removed_at: f64,
+    pub kill_to_critical: f64,
+    pub critical_to_removed: f64,
+    pub kill_to_removed: f64,
+    /// Where critical → removed must fall: (max(setting, 1m), + 30 s].
+    pub critical_window: Window,
+    /// Where kill → removed must fall.
+    pub kill_window: Window,
+    pub in_window: bool,
+    /// Predicted removal from the reaper's phase at the agent's start.
+    pub predicted_from_start: f64,
+    /// Measured minus predicted, in milliseconds.
+    pub error_from_start_ms: f64,
+    /// Predicted removal from the latest earlier removal, if there was one.
+    pub predicted_from_earlier: Option<f64>,
+    pub error_from_earlier_ms: Option<f64>,
+    /// The agent's own log times of "is now critical" and "deregistered service".
+    pub agent_logged_critical: Option<f64>,
+    pub agent_logged_removed: Option<f64>,
+}
+
+/// The clean-shutdown contrast.
+#[derive(Debug, Clone, Serialize)]
+pub struct Contrast {
+    pub service_id: String,
+    pub signal: &'static str,
+    /// Milliseconds from SIGTERM to the service gone from the health endpoint.
+    pub removed_after_ms: f64,
+    pub exit_code: Option<i32>,
+}
+
+/// The whole experiment's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// When the sweep began (RFC 3339, UTC).
+    pub date: String,
+    pub consul_version: String,
+    pub backend: &'static str,
+    /// Read from the agent (`/v1/agent/self`), or Consul's defaults if it would not say.
+    pub model: ReaperModel,
+    pub model_source: &'static str,
+    /// The reaper's start, seconds since the sweep began, from the agent's log.
+    pub reaper_anchor: f64,
+    pub anchor_source: String,
+    pub trials: Vec<Trial>,
+    pub contrast: Option<Contrast>,
+    /// Largest |measured − predicted| over all trials, in milliseconds.
+    pub max_error_from_start_ms: f64,
+    pub max_error_from_earlier_ms: Option<f64>,
+    pub all_in_window: bool,
+    /// Wall time of the whole run, seconds.
+    pub wall_time: f64,
+}
+
+fn epoch_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// Run the sweep against `consul`, starting servers through `launcher`. `progress` shows the
+/// waits (pass [`ProgressBar::hidden`] for none).
+pub async fn run(
+    consul: &Consul,
+    launcher: &Launcher,
+    config: &SweepConfig,
+    progress: &ProgressBar,
+) -> Result<Report> {
+    if config.trials == 0 || config.settings.is_empty() || config.intervals.is_empty() {
+        return Err(Error::Invalid("the sweep has no trials".into()));
+    }
+    let began = SystemTime::now();
+    let t0 = epoch_secs(began);
+    let client = consul.client();
+    let (model, model_source) = match client.agent().agent_self().await {
+        Ok(me) => match (
+            me.debug_duration("CheckReapInterval"),
+            me.debug_duration("CheckDeregisterIntervalMin"),
+        ) {
+            (Some(reap_interval), Some(min_deregister)) => (
+                ReaperModel {
+                    reap_interval,
+                    min_deregister,
+                },
+                "agent /v1/agent/self DebugConfig",
+            ),
+            _ => (
+                ReaperModel::CONSUL,
+                "Consul defaults (the agent did not say)",
+            ),
+        },
+        Err(_) => (ReaperModel::CONSUL, "Consul defaults (agent/self refused)"),
+    };
+    let (anchor, anchor_source) = reaper_anchor(consul).await;
+    let phase = Phase::new(anchor, model.reap_interval);
+
+    // Start every server, and wait until each passes.
+    let plans = config.plan();
+    progress.set_length(plans.len() as u64);
+    progress.set_message(format!("starting {} echo servers", plans.len()));
+    let mut servers = Vec::with_capacity(plans.len());
+    for plan in &plans {
+        let id = format!(
+            "dereg-{}-every-{}-t{}",
+            GoDuration(plan.setting),
+            GoDuration(plan.interval),
+            plan.trial
+        );
+        let spec = ServerSpec {
+            name: id.clone(),
+            id,
+            port: free_port()?,
+            check_port: free_port()?,
+            interval: plan.interval,
+            timeout: config.check_timeout.min(plan.interval),
+            deregister_after: plan.setting,
+            consul: consul.config(),
+            extra_args: Vec::new(),
+        };
+        servers.push(ServerProcess::spawn(launcher, spec).await?);
+    }
+    let mut watchers = Vec::with_capacity(servers.len());
+    for server in &servers {
+        let (passing_tx, passing_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let client = client.clone();
+        let id = server.spec.id.clone();
+        tokio::spawn(async move {
+            let result = watch_trial(&client, &id, passing_tx).await;
+            let _ = done_tx.send(result);
+        });
+        watchers.push((passing_rx, done_rx));
+    }
+    let mut done_rxs = Vec::new();
+    for (passing_rx, done_rx) in watchers {
+        tokio::time::timeout(Duration::from_secs(60), passing_rx)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "every trial server to pass its check".into(),
+                timeout: Duration::from_secs(60),
+            })?
+            .map_err(|_| Error::Invalid("a trial watcher stopped early".into()))?;
+        done_rxs.push(done_rx);
+    }
+
+    // Kill each at its moment.
+    let expected = config.expected_duration(&model);
+    progress.set_message(format!(
+        "all {} servers passing; killing them over {}; Consul should remove the last within about {}",
+        servers.len(),
+        GoDuration(config.stagger),
+        GoDuration(Duration::from_secs(expected.as_secs()))
+    ));
+    let kill_start = tokio::time::Instant::now() + Duration::from_millis(500);
+    let mut kills = Vec::with_capacity(servers.len());
+    let mut order: Vec<usize> = (0..plans.len()).collect();
+    order.sort_by_key(|i| plans[*i].kill_offset);
+    let mut killed_at = vec![0.0; plans.len()];
+    for i in order {
+        tokio::time::sleep_until(kill_start + plans[i].kill_offset).await;
+        let at = servers[i].process.kill().await?;
+        killed_at[i] = epoch_secs(at);
+        kills.push(i);
+    }
+
+    // Collect each trial as Consul removes it.
+    progress.set_message("waiting for Consul's reaper (it looks every 30 s)".to_string());
+    let mut measured = vec![None; plans.len()];
+    let deadline = Duration::from_secs_f64(expected.as_secs_f64() + 60.0);
+    let mut pending: futures::stream::FuturesUnordered<_> = done_rxs
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| async move { (i, rx.await) })
+        .collect();
+    use futures::StreamExt;
+    let collect = async {
+        while let Some((i, result)) = pending.next().await {
+            let events =
+                result.map_err(|_| Error::Invalid("a trial watcher stopped early".into()))??;
+            measured[i] = Some(events);
+            progress.inc(1);
+            progress.set_message(format!(
+                "{} of {} removed; waiting for Consul's reaper (it looks every 30 s)",
+                progress.position(),
+                plans.len()
+            ));
+        }
+        Ok::<(), Error>(())
+    };
+    tokio::time::timeout(deadline, collect)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "Consul to remove every killed service".into(),
+            timeout: deadline,
+        })??;
+
+    // The contrast: a clean shutdown.
+    let contrast = if config.contrast {
+        progress.set_message("contrast: SIGTERM".to_string());
+        Some(sigterm_contrast(consul, launcher).await?)
+    } else {
+        None
+    };
+
+    // Predictions and report.
+    let log = consul.log();
+    let logged_removals: Vec<f64> = log
+        .matching("critical for too long")
+        .iter()
+        .filter_map(|l| l.consul_time().map(epoch_secs))
+        .collect();
+    let mut trials = Vec::with_capacity(plans.len());
+    for (i, plan) in plans.iter().enumerate() {
+        let Some(events) = measured[i] else {
+            continue;
+        };
+        let id = &servers[i].spec.id;
+        let predicted = model.predict_removal(plan.setting, events.critical_at, &phase);
+        // The latest removal (any trial's, as the agent logged it) before this one's.
+        let earlier = logged_removals
+            .iter()
+            .copied()
+            .filter(|t| *t < events.removed_at - phase.interval / 2.0)
+            .fold(None, |acc: Option<f64>, t| {
+                Some(acc.map_or(t, |a| a.max(t)))
+            });
+        let predicted_earlier = earlier.map(|anchor| {
+            model.predict_removal(
+                plan.setting,
+                events.critical_at,
+                &Phase::new(anchor, model.reap_interval),
+            )
+        });
+        let critical_window = model.critical_window(plan.setting);
+        let kill_window = model.kill_window(
+            plan.setting,
+            plan.interval,
+            config.check_timeout.min(plan.interval),
+        );
+        let kill_to_removed = events.removed_at - killed_at[i];
+        trials.push(Trial {
+            service_id: id.clone(),
+            setting: GoDuration(plan.setting),
+            effective: GoDuration(model.effective(plan.setting)),
+            interval: GoDuration(plan.interval),
+            trial: plan.trial,
+            killed_at: killed_at[i] - t0,
+            critical_at: events.critical_at - t0,
+            removed_at: events.removed_at - t0,
+            kill_to_critical: events.critical_at - killed_at[i],
+            critical_to_removed: events.removed_at - events.critical_at,
+            kill_to_removed,
+            critical_window,
+            kill_window,
+            in_window: critical_window.contains(events.removed_at - events.critical_at, 0.1)
+                && kill_window.contains(kill_to_removed, 0.1),
+            predicted_from_start: predicted - t0,
+            error_from_start_ms: (events.removed_at - predicted) * 1e3,
+            predicted_from_earlier: predicted_earlier.map(|p| p - t0),
+            error_from_earlier_ms: predicted_earlier.map(|p| (events.removed_at - p) * 1e3),
+            agent_logged_critical: logged_time(
+                log,
+                "is now critical",
+                &format!("check=service:{id}"),
+            )
+            .map(|t| t - t0),
+            agent_logged_removed: logged_time(
+                log,
+                "critical for too long",
+                &format!("service={id}"),
+            )
+            .map(|t| t - t0),
+        });
+    }
+    let max_error_from_start_ms = trials
+        .iter()
+        .map(|t| t.error_from_start_ms.abs())
+        .fold(0.0, f64::max);
+    let earlier_errors: Vec<f64> = trials
+        .iter()
+        .filter_map(|t| t.error_from_earlier_ms.map(f64::abs))
+        .collect();
+    Ok(Report {
+        date: crate::report::rfc3339(began),
+        consul_version: consul.version().to_owned(),
+        backend: consul.backend().name(),
+        model,
+        model_source,
+        reaper_anchor: anchor - t0,
+        anchor_source,
+        all_in_window: trials.iter().all(|t| t.in_window),
+        trials,
+        contrast,
+        max_error_from_start_ms,
+        max_error_from_earlier_ms: (!earlier_errors.is_empty())
+            .then(|| earlier_errors.iter().copied().fold(0.0, f64::max)),
+        wall_time: began.elapsed().unwrap_or_default().as_secs_f64(),
+    })
+}
+
+/// The reaper's start: the agent starts it right before it logs "Started HTTP server".
+async fn reaper_anchor(consul: &Consul) -> (f64, String) {
+    let line = consul
+        .log()
+        .wait_for("Started HTTP server", Duration::from_secs(5))
+        .await
+        .ok()
+        .and_then(|l| l.consul_time().map(|t| (t, l.text)));
+    match line {
+        Some((t, text)) => (epoch_secs(t), format!("agent log: {}", text.trim())),
+        None => (
+            epoch_secs(consul.started_at()),
+            "the harness's start of the agent (the agent log has no \"Started HTTP server\" line)"
+                .into(),
+        ),
+    }
+}
+
+/// The agent-log time of the first line containing `kind` and the exact token `token`.
+fn logged_time(log: &LogBuffer, kind: &str, token: &str) -> Option<f64> {
+    log.lines()
+        .iter()
+        .find(|l| l.text.contains(kind) && l.text.split_whitespace().any(|w| w == token))
+        .and_then(|l| l.consul_time())
+        .map(epoch_secs)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Events {
+    critical_at: f64,
+    removed_at: f64,
+}
+
+/// Follow one service by blocking queries: report when it first passes, then return when it
+/// turned critical and when it disappeared.
+async fn watch_trial(
+    client: &consul_api::Client,
+    service: &str,
+    passing: oneshot::Sender<()>,
+) -> Result<Events> {
+    let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(300))
+        .with_min_interval(Duration::from_millis(1));
+    let mut passing = Some(passing);
+    let mut critical_at = None;
+    let mut errors = 0u32;
+    loop {
+        let next = watch
+            .next(|opts| async move { client.health().service(service, None, false, &opts).await })
+            .await;
+        let now = epoch_secs(SystemTime::now());
+        let entries = match next {
+            Ok(entries) => entries,
+            Err(e) if e.is_retryable() && errors < 50 => {
+                errors += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let entry = entries.iter().find(|e| e.service.id == service);
+        match entry {
+            None if passing.is_none() => {
+                return Ok(Events {
+                    critical_at: critical_at.unwrap_or(now),
+                    removed_at: now,
+                });
+            }
+            None => {}
+            Some(entry) => {
+                let status = entry
+                    .checks
+                    .iter()
+                    .filter(|c| c.service_id == service)
+                    .map(|c| c.status)
+                    .find(|s| *s != HealthStatus::Passing)
+                    .unwrap_or(HealthStatus::Passing);
+                if status == HealthStatus::Passing {
+                    if let Some(tx) = passing.take() {
+                        let _ = tx.send(());
+                    }
+                } else if passing.is_none() && status == HealthStatus::Critical {
+                    critical_at.get_or_insert(now);
+                }
+            }
+        }
+    }
+}
+
+/// Register a seed-style server, SIGTERM it, time until Consul no longer lists it.
+async fn sigterm_contrast(consul: &Consul, launcher: &Launcher) -> Result<Contrast> {
+    let spec = ServerSpec::seed(consul.config())?.with_id("sigterm-contrast");
+    let spec = ServerSpec {
+        name: "sigterm-contrast".into(),
+        interval: Duration::from_secs(1),
+        ..spec
+    };
+    let mut server = ServerProcess::spawn(launcher, spec).await?;
+    let client = consul.client();
+    crate::wait::passing(&client, "sigterm-contrast", Duration::from_secs(30)).await?;
+    let start = tokio::time::Instant::now();
+    server.process.signal(Signal::SIGTERM)?;
+    let gone = crate::wait::deregistered(
+        &client,
+        "sigterm-contrast",
+        "sigterm-contrast",
+        Duration::from_secs(30),
+    )
+    .await?;
+    let status = server.process.wait_exit(Duration::from_secs(30)).await?;
+    Ok(Contrast {
+        service_id: "sigterm-contrast".into(),
+        signal: "SIGTERM",
+        removed_after_ms: (gone - start).as_secs_f64() * 1e3,
+        exit_code: status.code(),
+    })
+}
+
+/// Group trials by (setting, interval), for summaries.
+pub fn by_cell(trials: &[Trial]) -> BTreeMap<(GoDuration, GoDuration), Vec<&Trial>> {
+    let mut cells: BTreeMap<(GoDuration, GoDuration), Vec<&Trial>> = BTreeMap::new();
+    for t in trials {
+        cells.entry((t.setting, t.interval)).or_default().push(t);
+    }
+    cells
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_plan_interleaves_cells_over_the_stagger() {
+        let config = SweepConfig::default();
+        let plan = config.plan();
+        assert_eq!(plan.len(), 16);
+        let offsets: Vec<f64> = plan.iter().map(|p| p.kill_offset.as_secs_f64()).collect();
+        assert_eq!(offsets[0], 0.0);
+        assert!((offsets[15] - 28.125).abs() < 1e-9);
+        // Each cell's two trials are half the stagger apart.
+        assert!((offsets[8] - offsets[0] - 15.0).abs() < 1e-9);
+        // The longest window: 2m + 30 s + a 5 s interval + 3 s timeout, after a 30 s stagger.
+        assert_eq!(
+            config.expected_duration(&ReaperModel::CONSUL),
+            Duration::from_secs(30 + 120 + 30 + 5 + 3)
+        );
+    }
+
+    #[test]
+    fn the_seed_plan_is_one_trial() {
+        let plan = SweepConfig::seed().plan();
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].setting, Duration::from_secs(30));
+        assert_eq!(plan[0].interval, Duration::from_secs(5));
+    }
+}
