@@ -150,7 +150,6 @@ async fn resolve_backend(choice: BackendChoice) -> Result<BackendKind> {
                          error.\n"
                     );
                     eprintln!("{msg}");
-                    tracing::warn!("{msg}");
                 });
                 Ok(BackendKind::Process)
             }
