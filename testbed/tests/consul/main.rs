@@ -2,8 +2,10 @@
 //! starts its own agent (a container, or a local process where no Docker engine answers).
 //!
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors.
+//! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod harness;
+mod server;
