@@ -26,6 +26,8 @@ enum Command {
     Image,
     /// Start Consul, register a checked service, see it pass, deregister it.
     Smoke,
+    /// Run an echo server (the same flags as the `echo-server` binary).
+    EchoServer(Box<echo_server::cli::Args>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -58,7 +60,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,testbed=info".into()),
+                .unwrap_or_else(|_| "warn,testbed=info,echo_server=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -94,6 +96,7 @@ async fn run(cli: Cli) -> Result<()> {
             println!("smoke run took {:.1?}", started.elapsed());
             Ok(())
         }
+        Command::EchoServer(args) => Ok(echo_server::cli::run(*args).await?),
     }
 }
 

@@ -3,9 +3,11 @@
 //!
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors.
+//! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod deregistration;
 mod harness;
+mod server;
