@@ -205,31 +205,29 @@ pub fn deregistration_svg(report: &Report, path: &Path) -> Result<()> {
         };
         let x = i as f64;
         let w = &t.critical_window;
-        chart
+        let series = chart
             .draw_series(std::iter::once(Rectangle::new(
                 [(x - 0.35, w.lo), (x + 0.35, w.hi)],
                 band.mix(0.6).filled(),
             )))
-            .map_err(|e| plot_err(&e))?
-            .label(if i == 0 {
-                "model window (max(setting, 1m), +30 s]"
-            } else {
-                ""
-            })
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], band.filled()));
+            .map_err(|e| plot_err(&e))?;
+        if i == 0 {
+            series
+                .label("model window (max(setting, 1m), +30 s]")
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], band.filled()));
+        }
         let naive = setting.as_duration().as_secs_f64();
-        chart
+        let series = chart
             .draw_series(std::iter::once(PathElement::new(
                 vec![(x - 0.4, naive), (x + 0.4, naive)],
                 RED.stroke_width(2),
             )))
-            .map_err(|e| plot_err(&e))?
-            .label(if i == 0 {
-                "the setting itself (what one expects)"
-            } else {
-                ""
-            })
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], RED.stroke_width(2)));
+            .map_err(|e| plot_err(&e))?;
+        if i == 0 {
+            series
+                .label("the setting itself (what one expects)")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], RED.stroke_width(2)));
+        }
     }
     let palette = [BLUE, BLACK, GREEN, MAGENTA];
     for (k, interval) in intervals.iter().enumerate() {
