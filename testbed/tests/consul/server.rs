@@ -370,6 +370,30 @@ async fn started_before_consul_it_retries_then_registers() {
 }
 
 #[tokio::test]
+async fn sigterm_while_consul_is_unreachable_still_exits_0_promptly() {
+    init_tracing();
+    // Nothing listens at this address: the registration is still being retried at SIGTERM.
+    let nowhere = format!("127.0.0.1:{}", testbed::procs::free_port().unwrap());
+    let mut spec = ServerSpec::seed(consul_api::Config::default().with_address(nowhere)).unwrap();
+    spec.interval = Duration::from_secs(1);
+    let mut server = ServerProcess::spawn(&launcher(), spec.clone())
+        .await
+        .unwrap();
+    server
+        .process
+        .output()
+        .wait_for("retrying with backoff", LIMIT)
+        .await
+        .unwrap();
+    let signalled = Instant::now();
+    server.process.signal(Signal::SIGTERM).unwrap();
+    let status = server.process.wait_exit(LIMIT).await.unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+#[tokio::test]
 async fn sigusr1_flips_the_check_while_echo_keeps_answering() {
     init_tracing();
     let consul = Consul::start().await.unwrap();
