@@ -18,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The echo client (the same as the `echo-client` binary).
+    EchoClient(Box<echo_client::cli::Args>),
     /// Build the local Consul image (idempotent: instant when it exists).
     Image,
     /// Start Consul, register a checked service, see it pass, deregister it.
@@ -45,6 +47,7 @@ async fn run() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::EchoClient(args) => echo_client::cli::run(*args).await?,
         Command::Image => {
             let started = Instant::now();
             let engine = docker::connect().await?;
