@@ -24,6 +24,8 @@ enum Command {
     Image,
     /// Start Consul, register a checked service, see it pass, deregister it.
     Smoke,
+    /// Run an echo server (the same flags as the `echo-server` binary).
+    EchoServer(Box<echo_server::cli::Args>),
 }
 
 #[tokio::main]
@@ -41,7 +43,7 @@ async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,testbed=info".into()),
+                .unwrap_or_else(|_| "warn,testbed=info,echo_server=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -66,6 +68,7 @@ async fn run() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             println!("smoke run took {:.1?}", started.elapsed());
         }
+        Command::EchoServer(args) => echo_server::cli::run(*args).await?,
     }
     Ok(())
 }

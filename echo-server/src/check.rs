@@ -1,0 +1,228 @@
+//! The HTTP health check Consul's agent calls: `GET {check_path}` answers 200 while the echo
+//! listener accepts, 503 while the server drains or is forced unhealthy; any other path is a
+//! 404. Served by hyper on its own port, so a stuck echo connection cannot block it.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Check connections served at once; the agent needs one.
+const MAX_CHECK_CONNECTIONS: usize = 64;
+/// A client must send its request head within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `/check` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckStatus {
+    /// 200: the echo listener accepts.
+    Serving,
+    /// 503: forced unhealthy by an operator (SIGUSR1) or a test; echo still works.
+    ForcedUnhealthy,
+    /// 503: shutting down.
+    Draining,
+}
+
+impl CheckStatus {
+    /// The HTTP status `/check` answers with: 200 or 503.
+    pub fn http_status(self) -> u16 {
+        self.status_code().as_u16()
+    }
+
+    fn status_code(self) -> StatusCode {
+        match self {
+            CheckStatus::Serving => StatusCode::OK,
+            CheckStatus::ForcedUnhealthy | CheckStatus::Draining => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            CheckStatus::Serving => "ok: serving\n",
+            CheckStatus::ForcedUnhealthy => "unhealthy: forced by operator\n",
+            CheckStatus::Draining => "unhealthy: draining\n",
+        }
+    }
+}
+
+/// A handle on what `/check` answers. Cheap to clone; every clone controls the same check.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    inner: Arc<HealthState>,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    forced_unhealthy: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Health {
+    /// `false`: `/check` answers 503 while echo keeps working (a fault drill); `true`: back to
+    /// normal. Draining wins over either.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.inner
+            .forced_unhealthy
+            .store(!healthy, Ordering::SeqCst);
+    }
+
+    /// Flip between healthy and forced unhealthy; returns whether it is now healthy.
+    pub fn toggle(&self) -> bool {
+        // The old value was "forced": flipping it from forced means healthy now.
+        self.inner
+            .forced_unhealthy
+            .fetch_xor(true, Ordering::SeqCst)
+    }
+
+    /// What `/check` answers now.
+    pub fn status(&self) -> CheckStatus {
+        if self.inner.draining.load(Ordering::SeqCst) {
+            CheckStatus::Draining
+        } else if self.inner.forced_unhealthy.load(Ordering::SeqCst) {
+            CheckStatus::ForcedUnhealthy
+        } else {
+            CheckStatus::Serving
+        }
+    }
+
+    /// From now on `/check` answers 503: the first step of shutdown.
+    pub(crate) fn set_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Serve `/check` on `listener` until `stop` is cancelled.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    path: String,
+    health: Health,
+    log_requests: bool,
+    stop: CancellationToken,
+) {
+    let path: Arc<str> = path.into();
+    let limit = Arc::new(Semaphore::new(MAX_CHECK_CONNECTIONS));
+    let tracker = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "check listener: accept failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+            },
+        };
+        let path = path.clone();
+        let health = health.clone();
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = respond(&req, &path, &health, peer, log_requests);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                result = conn => if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "check connection ended with an error");
+                },
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+}
+
+fn respond(
+    req: &Request<Incoming>,
+    path: &str,
+    health: &Health,
+    peer: SocketAddr,
+    log_requests: bool,
+) -> Response<Full<Bytes>> {
+    let (status, body) = if req.uri().path() != path {
+        (StatusCode::NOT_FOUND, "not found\n")
+    } else if req.method() != Method::GET && req.method() != Method::HEAD {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: use GET\n",
+        )
+    } else {
+        let now = health.status();
+        (now.status_code(), now.body())
+    };
+    let header = |name| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let (method, uri) = (req.method().as_str(), req.uri().path());
+    let (host, agent) = (header(header::HOST), header(header::USER_AGENT));
+    let code = status.as_u16();
+    if log_requests {
+        tracing::info!(%peer, method, path = uri, host, user_agent = agent, status = code, "check request");
+    } else {
+        tracing::debug!(%peer, method, path = uri, host, user_agent = agent, status = code, "check request");
+    }
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+    }
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draining_wins_and_toggle_flips() {
+        let health = Health::default();
+        assert_eq!(health.status(), CheckStatus::Serving);
+        assert!(!health.toggle(), "now forced unhealthy");
+        assert_eq!(health.status(), CheckStatus::ForcedUnhealthy);
+        assert!(health.toggle(), "healthy again");
+        assert_eq!(health.status().http_status(), 200);
+        health.set_healthy(false);
+        assert_eq!(health.status().http_status(), 503);
+        health.set_draining();
+        health.set_healthy(true);
+        assert_eq!(health.status(), CheckStatus::Draining);
+    }
+}

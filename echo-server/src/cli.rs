@@ -1,0 +1,227 @@
+//! The command line: every setting as a flag or an `ECHO_*` environment variable (Consul's
+//! address and token come from `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN`, as for Consul's own
+//! CLI), and [`run`], which the `echo-server` binary and `testbed echo-server` both call.
+
+use std::net::IpAddr;
+
+use clap::Parser;
+use consul_api::GoDuration;
+
+use crate::{config::Config, error::Result, server::Server, shutdown};
+
+/// A TCP echo service (newline-delimited frames, echoed byte-exact) that registers itself
+/// with the local Consul agent, serves an HTTP check, re-registers when its entry disappears
+/// and deregisters on SIGINT/SIGTERM. SIGUSR1 flips /check between 200 and a forced 503.
+///
+/// Consul's address and ACL token come from CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN (or
+/// CONSUL_HTTP_TOKEN_FILE). Durations are written as Go writes them: 5s, 250ms, 1m30s.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "echo-server", version)]
+pub struct Args {
+    /// Service name registered in Consul.
+    #[arg(long, env = "ECHO_NAME", default_value = "servernode")]
+    pub name: String,
+
+    /// Service ID, unique on the agent.
+    #[arg(long, env = "ECHO_ID", default_value = "servernode_1")]
+    pub id: String,
+
+    /// Echo port.
+    #[arg(long, env = "ECHO_PORT", default_value_t = 9527)]
+    pub port: u16,
+
+    /// Port of the HTTP check.
+    #[arg(long, env = "ECHO_CHECK_PORT", default_value_t = 8080)]
+    pub check_port: u16,
+
+    /// Path of the HTTP check.
+    #[arg(long, env = "ECHO_CHECK_PATH", default_value = "/check")]
+    pub check_path: String,
+
+    /// Check interval.
+    #[arg(long, env = "ECHO_INTERVAL", default_value = "5s")]
+    pub interval: GoDuration,
+
+    /// Check timeout.
+    #[arg(long, env = "ECHO_TIMEOUT", default_value = "3s")]
+    pub timeout: GoDuration,
+
+    /// DeregisterCriticalServiceAfter (Consul raises anything below 1m to 1m).
+    #[arg(long, env = "ECHO_DEREGISTER_AFTER", default_value = "30s")]
+    pub deregister_after: GoDuration,
+
+    /// Address advertised to Consul, also the host of the check URL.
+    #[arg(long, env = "ECHO_ADDRESS", default_value = "127.0.0.1")]
+    pub address: String,
+
+    /// IP the echo and check ports listen on.
+    #[arg(long, env = "ECHO_BIND", default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+
+    /// Service tag; repeat for several (ECHO_TAGS takes a comma-separated list).
+    #[arg(
+        long = "tag",
+        env = "ECHO_TAGS",
+        value_delimiter = ',',
+        default_value = "servernode"
+    )]
+    pub tags: Vec<String>,
+
+    /// Largest frame, in bytes (newline not counted); a longer one gets an error line and
+    /// its connection is closed.
+    #[arg(long, env = "ECHO_MAX_FRAME", default_value_t = crate::codec::DEFAULT_MAX_FRAME)]
+    pub max_frame: usize,
+
+    /// Connections served at once; more wait in the accept backlog.
+    #[arg(long, env = "ECHO_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Close a connection that neither sends nor takes data for this long.
+    #[arg(long, env = "ECHO_IDLE_TIMEOUT", default_value = "5m")]
+    pub idle_timeout: GoDuration,
+
+    /// On shutdown, how long in-flight frames may take before connections are cut.
+    #[arg(long, env = "ECHO_DRAIN_TIMEOUT", default_value = "5s")]
+    pub drain_timeout: GoDuration,
+
+    /// Do not register with Consul (echo and /check only).
+    #[arg(long, env = "ECHO_NO_REGISTER")]
+    pub no_register: bool,
+
+    /// Log every /check request (peer, Host, User-Agent, status) at info level.
+    #[arg(long, env = "ECHO_LOG_CHECKS")]
+    pub log_checks: bool,
+}
+
+impl Args {
+    /// The server settings these arguments give, with Consul's address and token from the
+    /// environment.
+    pub fn config(&self) -> Result<Config> {
+        Ok(Config {
+            name: self.name.clone(),
+            id: self.id.clone(),
+            address: self.address.clone(),
+            bind: self.bind,
+            port: self.port,
+            check_port: self.check_port,
+            check_path: self.check_path.clone(),
+            tags: self.tags.clone(),
+            interval: self.interval.as_duration(),
+            timeout: self.timeout.as_duration(),
+            deregister_after: self.deregister_after.as_duration(),
+            max_frame: self.max_frame,
+            max_connections: self.max_connections,
+            idle_timeout: self.idle_timeout.as_duration(),
+            drain_timeout: self.drain_timeout.as_duration(),
+            register: !self.no_register,
+            log_checks: self.log_checks,
+            consul: consul_api::Config::from_env()?,
+        })
+    }
+}
+
+/// Run the server the arguments describe until SIGINT or SIGTERM, then shut down in order.
+/// `Ok` after a clean shutdown; an error (for a non-zero exit) when it cannot start or
+/// Consul refuses it for good.
+pub async fn run(args: Args) -> Result<()> {
+    let config = args.config()?;
+    // Handlers first: from here on a signal is a clean shutdown, never a kill.
+    let terminate = shutdown::terminate()?;
+    let server = Server::bind(config).await?;
+    let toggler = shutdown::toggle_health_on_sigusr1(server.health())?;
+    let config = server.config();
+    tracing::info!(
+        version = crate::VERSION,
+        id = %config.id,
+        name = %config.name,
+        consul = %config.consul.address,
+        acl_token = if config.consul.token.is_some() { "set" } else { "none" },
+        register = config.register,
+        "echo-server starting"
+    );
+    let result = server.run(terminate).await;
+    toggler.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn seed_defaults() {
+        let args = Args::try_parse_from(["echo-server"]).unwrap();
+        let config = args.config().unwrap();
+        let seed = Config::default();
+        assert_eq!(config.name, "servernode");
+        assert_eq!(config.id, "servernode_1");
+        assert_eq!((config.port, config.check_port), (9527, 8080));
+        assert_eq!(config.interval, Duration::from_secs(5));
+        assert_eq!(config.timeout, Duration::from_secs(3));
+        assert_eq!(config.deregister_after, Duration::from_secs(30));
+        assert_eq!(config.tags, seed.tags);
+        assert_eq!(config.check_path, seed.check_path);
+        assert_eq!(config.max_frame, seed.max_frame);
+        assert_eq!(config.max_connections, seed.max_connections);
+        assert_eq!(config.idle_timeout, seed.idle_timeout);
+        assert_eq!(config.drain_timeout, seed.drain_timeout);
+        assert!(config.register);
+    }
+
+    #[test]
+    fn the_testbed_command_line_parses() {
+        let args = Args::try_parse_from([
+            "echo-server",
+            "--name",
+            "servernode",
+            "--id",
+            "servernode_7",
+            "--port",
+            "19527",
+            "--check-port",
+            "18080",
+            "--interval",
+            "1s",
+            "--timeout",
+            "500ms",
+            "--deregister-after",
+            "1m30s",
+            "--tag",
+            "a",
+            "--tag",
+            "b",
+            "--no-register",
+        ])
+        .unwrap();
+        let config = args.config().unwrap();
+        assert_eq!(config.id, "servernode_7");
+        assert_eq!(config.interval, Duration::from_secs(1));
+        assert_eq!(config.timeout, Duration::from_millis(500));
+        assert_eq!(config.deregister_after, Duration::from_secs(90));
+        assert_eq!(config.tags, ["a", "b"]);
+        assert!(!config.register);
+    }
+
+    #[test]
+    fn humantime_durations_are_refused_with_the_go_form() {
+        let err = Args::try_parse_from(["echo-server", "--interval", "1m 30s"]).unwrap_err();
+        assert!(err.to_string().contains("1m30s"), "{err}");
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        let cmd = Args::command();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let env = arg.get_env().unwrap_or_else(|| panic!("--{id} has no env"));
+            assert!(env.to_string_lossy().starts_with("ECHO_"), "{id}: {env:?}");
+        }
+    }
+}

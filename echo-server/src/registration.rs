@@ -1,0 +1,315 @@
+//! The server's entry in Consul: register at start (retrying with backoff and jitter while
+//! the agent is not up yet), watch the entry with a blocking query on the agent and register
+//! again when it disappears (an agent restarted in dev mode, an operator's deregistration),
+//! and deregister on clean shutdown. A refused token (403) is fatal, never retried.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
+use consul_api::{AgentServiceRegistration, Client, QueryOptions, error::ErrorKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+
+/// Successive reads of the watch start at least this far apart.
+const MIN_READ_INTERVAL: Duration = Duration::from_millis(50);
+/// Deregistration may take this long before shutdown goes on without it.
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Registers one service and keeps it registered.
+#[derive(Debug, Clone)]
+pub(crate) struct Registrar {
+    client: Client,
+    registration: Arc<AgentServiceRegistration>,
+    id: String,
+    interval: Duration,
+    registered: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    First,
+    Again,
+}
+
+impl Registrar {
+    pub(crate) fn new(
+        client: Client,
+        registration: AgentServiceRegistration,
+        interval: Duration,
+    ) -> Self {
+        let id = registration
+            .id
+            .clone()
+            .unwrap_or_else(|| registration.name.clone());
+        Registrar {
+            client,
+            registration: Arc::new(registration),
+            id,
+            interval,
+            registered: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Register, then keep the registration in place until `stop`. Returns `Ok` when
+    /// stopped, an error when Consul refuses for good.
+    pub(crate) async fn maintain(&self, stop: CancellationToken) -> Result<()> {
+        if !self.register(&stop, Attempt::First).await? {
+            return Ok(());
+        }
+        let mut hash: Option<String> = None;
+        let mut backoff = None;
+        let mut errors = ErrorLog::new("watch its registration");
+        let mut last_start: Option<Instant> = None;
+        loop {
+            if let Some(last) = last_start {
+                let pause = if hash.is_some() {
+                    MIN_READ_INTERVAL
+                } else {
+                    // The agent gave no content hash to block on: poll, twice an interval.
+                    self.interval / 2
+                };
+                let until = tokio::time::Instant::from_std(last + pause);
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            }
+            last_start = Some(Instant::now());
+            let opts = QueryOptions {
+                wait_hash: hash.clone(),
+                wait_time: Some(self.watch_wait()),
+                ..QueryOptions::default()
+            };
+            let agent = self.client.agent();
+            let read = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                read = agent.service(&self.id, &opts) => read,
+            };
+            match read {
+                Ok(Some((_, meta))) => {
+                    errors.recovered();
+                    backoff = None;
+                    hash = meta.content_hash;
+                }
+                Ok(None) => {
+                    errors.recovered();
+                    backoff = None;
+                    hash = None;
+                    self.registered.store(false, Ordering::SeqCst);
+                    tracing::warn!(
+                        id = %self.id,
+                        "the agent no longer has this service (agent restarted, or deregistered by an operator): registering again"
+                    );
+                    if !self.register(&stop, Attempt::Again).await? {
+                        return Ok(());
+                    }
+                }
+                Err(e) if !e.is_retryable() => return Err(self.fatal(e)),
+                Err(e) => {
+                    hash = None;
+                    let delay = backoff
+                        .get_or_insert_with(|| self.backoff().build())
+                        .next()
+                        .unwrap_or(self.interval);
+                    errors.retrying(&e, delay);
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deregister if registered; failures are logged, never fatal (Consul drops the service
+    /// by itself once its check has failed for `DeregisterCriticalServiceAfter`).
+    pub(crate) async fn deregister(&self) {
+        if !self.registered.swap(false, Ordering::SeqCst) {
+            tracing::info!(id = %self.id, "not registered: nothing to deregister");
+            return;
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            DEREGISTER_TIMEOUT,
+            self.client.agent().service_deregister(&self.id),
+        )
+        .await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(Ok(())) => tracing::info!(id = %self.id, elapsed_ms, "deregistered from Consul"),
+            Ok(Err(e)) => tracing::warn!(
+                id = %self.id,
+                error = %e,
+                "could not deregister: Consul drops the service once its check has failed long enough"
+            ),
+            Err(_) => tracing::warn!(
+                id = %self.id,
+                timeout = ?DEREGISTER_TIMEOUT,
+                "deregistration timed out: Consul drops the service once its check has failed long enough"
+            ),
+        }
+    }
+
+    /// Register, retrying transient failures with backoff and jitter until it works, Consul
+    /// refuses for good (an error), or `stop` (`Ok(false)`).
+    async fn register(&self, stop: &CancellationToken, attempt: Attempt) -> Result<bool> {
+        let mut errors = ErrorLog::new(match attempt {
+            Attempt::First => "register (is the agent up yet?)",
+            Attempt::Again => "register again",
+        });
+        let started = Instant::now();
+        let call = || async {
+            self.client
+                .agent()
+                .service_register(&self.registration)
+                .await
+        };
+        let retrying = call
+            .retry(self.backoff())
+            .when(consul_api::Error::is_retryable)
+            .notify(|e, delay| errors.retrying(e, delay));
+        let result = tokio::select! {
+            _ = stop.cancelled() => return Ok(false),
+            result = retrying => result,
+        };
+        result.map_err(|e| self.fatal(e))?;
+        self.registered.store(true, Ordering::SeqCst);
+        let r = &self.registration;
+        let check = r.check.as_ref();
+        let fields = (
+            r.address.as_deref().unwrap_or_default(),
+            r.port.unwrap_or_default(),
+            check.and_then(|c| c.http.as_deref()).unwrap_or_default(),
+        );
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match attempt {
+            Attempt::First => tracing::info!(
+                id = %self.id,
+                name = %r.name,
+                address = fields.0,
+                port = fields.1,
+                check = fields.2,
+                interval = %consul_api::GoDuration(self.interval),
+                elapsed_ms,
+                "registered with Consul"
+            ),
+            Attempt::Again => tracing::info!(
+                id = %self.id,
+                name = %r.name,
+                elapsed_ms,
+                "re-registered with Consul"
+            ),
+        }
+        Ok(true)
+    }
+
+    fn fatal(&self, source: consul_api::Error) -> Error {
+        Error::Register {
+            id: self.id.clone(),
+            source,
+        }
+    }
+
+    /// How long one blocking read waits: an interval, so that even a missed wake-up is
+    /// noticed within two intervals.
+    fn watch_wait(&self) -> Duration {
+        self.interval
+            .clamp(Duration::from_secs(1), Duration::from_secs(300))
+    }
+
+    /// Retries back off from 50 ms to a quarter interval (jitter adds up to as much again),
+    /// so a registration lost while the agent restarts is back within two intervals.
+    fn backoff(&self) -> ExponentialBuilder {
+        backoff_for(self.interval)
+    }
+}
+
+fn backoff_for(interval: Duration) -> ExponentialBuilder {
+    let max = (interval / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(max)
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Logs a failure when its kind changes (at warn), repeats at debug, and the recovery once.
+#[derive(Debug)]
+struct ErrorLog {
+    what: &'static str,
+    last: Option<ErrorKind>,
+    failures: u32,
+}
+
+impl ErrorLog {
+    fn new(what: &'static str) -> Self {
+        ErrorLog {
+            what,
+            last: None,
+            failures: 0,
+        }
+    }
+
+    fn retrying(&mut self, e: &consul_api::Error, delay: Duration) {
+        self.failures += 1;
+        let kind = e.kind();
+        if self.last == Some(kind) {
+            tracing::debug!(error = %e, retry_in = ?delay, failures = self.failures, "Consul: cannot {} yet, retrying", self.what);
+        } else {
+            tracing::warn!(error = %e, retry_in = ?delay, "Consul: cannot {}, retrying with backoff", self.what);
+            self.last = Some(kind);
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.last.take().is_some() {
+            tracing::info!(
+                failures = self.failures,
+                "Consul answers again ({})",
+                self.what
+            );
+        }
+        self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_stay_within_half_an_interval() {
+        for secs in [1, 5, 30] {
+            let interval = Duration::from_secs(secs);
+            let delays: Vec<_> = backoff_for(interval).build().take(50).collect();
+            assert_eq!(delays.len(), 50, "never gives up");
+            assert!(delays[0] <= Duration::from_millis(100));
+            for d in &delays {
+                assert!(
+                    *d <= (interval / 2).max(Duration::from_millis(200)),
+                    "{d:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn retries_are_jittered() {
+        let a: Vec<_> = backoff_for(Duration::from_secs(5))
+            .build()
+            .take(8)
+            .collect();
+        let b: Vec<_> = backoff_for(Duration::from_secs(5))
+            .build()
+            .take(8)
+            .collect();
+        assert_ne!(a, b, "two servers do not retry in lockstep");
+    }
+}

@@ -1,0 +1,249 @@
+//! The echo port, in process and without Consul: byte-exact echo of arbitrary bytes, one
+//! error line and a close for an oversized frame (others untouched), the connection cap, the
+//! idle timeout, and a shutdown that answers in-flight frames before closing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{LIMIT, Running, connect, echo};
+use echo_server::{Config, codec::DEFAULT_MAX_FRAME};
+use futures::{SinkExt, StreamExt};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Random bytes of every value but the newline (0x00, 0xff, `\r`, invalid UTF-8...).
+fn payload(rng: &mut StdRng, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| match rng.random::<u8>() {
+            b'\n' => 0xff,
+            b => b,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn random_binary_payloads_come_back_byte_exact() {
+    let server = Running::local().await;
+    let mut tasks = Vec::new();
+    for seed in 0..8u64 {
+        let addr = server.echo;
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut frames: Vec<Vec<u8>> = vec![
+                Vec::new(),
+                payload(&mut rng, DEFAULT_MAX_FRAME),
+                vec![0x00, 0xff, 0xfe, b'\r', 0xc3, 0x28],
+            ];
+            for _ in 0..150 {
+                let len = match rng.random_range(0..10) {
+                    0 => rng.random_range(0..=DEFAULT_MAX_FRAME),
+                    _ => rng.random_range(0..512),
+                };
+                frames.push(payload(&mut rng, len));
+            }
+            // Pipelined: everything is written while answers are read.
+            let (mut sink, mut stream) = connect(addr).await.split();
+            let sent = frames.clone();
+            let writer = tokio::spawn(async move {
+                for frame in sent {
+                    sink.feed(frame).await.unwrap();
+                }
+                sink.flush().await.unwrap();
+                sink
+            });
+            for (i, frame) in frames.iter().enumerate() {
+                let got = tokio::time::timeout(LIMIT, stream.next())
+                    .await
+                    .expect("answer in time")
+                    .expect("connection open")
+                    .expect("valid frame");
+                assert_eq!(&got[..], &frame[..], "frame {i} of connection {seed}");
+            }
+            drop(writer.await.unwrap());
+            frames.len()
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    assert_eq!(total, 8 * 153);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn raw_bytes_without_the_codec_are_echoed_as_they_are() {
+    let server = Running::local().await;
+    let mut socket = TcpStream::connect(server.echo).await.unwrap();
+    // Split across writes, mid-frame, with `\r\n`: the newline alone ends a frame.
+    socket.write_all(b"hel").await.unwrap();
+    socket.flush().await.unwrap();
+    socket.write_all(b"lo\r\n\xff\x00\n").await.unwrap();
+    socket.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(LIMIT, socket.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer, b"hello\r\n\xff\x00\n");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_only_its_connection() {
+    let server = Running::start(Config {
+        max_frame: 1024,
+        ..Config::local()
+    })
+    .await;
+    let mut bystander = connect(server.echo).await;
+    assert_eq!(echo(&mut bystander, b"before").await, b"before");
+
+    let mut offender = TcpStream::connect(server.echo).await.unwrap();
+    offender.write_all(b"fine\n").await.unwrap();
+    offender.write_all(&[b'x'; 5000]).await.unwrap();
+    offender.write_all(b"\nafter\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(LIMIT, offender.read_to_end(&mut answer))
+        .await
+        .expect("closed in time")
+        .expect("closed cleanly, not reset");
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "fine\nerror: frame longer than 1024 bytes\n",
+        "the frames before are answered, then exactly one error line, then EOF"
+    );
+
+    // Exactly the limit is fine, on the untouched connection and on a new one.
+    let max = vec![b'm'; 1024];
+    assert_eq!(echo(&mut bystander, &max).await, max);
+    let mut newcomer = connect(server.echo).await;
+    assert_eq!(echo(&mut newcomer, b"new").await, b"new");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_connection_cap_holds_excess_peers_until_a_slot_frees() {
+    let server = Running::start(Config {
+        max_connections: 2,
+        ..Config::local()
+    })
+    .await;
+    let mut a = connect(server.echo).await;
+    let mut b = connect(server.echo).await;
+    assert_eq!(echo(&mut a, b"a").await, b"a");
+    assert_eq!(echo(&mut b, b"b").await, b"b");
+
+    // The third peer's handshake completes in the backlog, but nobody serves it.
+    let mut c = connect(server.echo).await;
+    c.send(&b"c"[..]).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(300), c.next()).await;
+    assert!(early.is_err(), "served beyond the cap: {early:?}");
+
+    drop(a);
+    let answer = tokio::time::timeout(LIMIT, c.next())
+        .await
+        .expect("served once a slot is free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&answer[..], b"c");
+    assert_eq!(echo(&mut b, b"still").await, b"still");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_peers_are_closed_and_busy_ones_are_not() {
+    let idle_timeout = Duration::from_millis(400);
+    let server = Running::start(Config {
+        idle_timeout,
+        ..Config::local()
+    })
+    .await;
+    let started = Instant::now();
+    let mut idle = TcpStream::connect(server.echo).await.unwrap();
+    let mut busy = connect(server.echo).await;
+
+    // The busy peer talks every 100 ms for well past the idle timeout.
+    let mut rounds = 0;
+    while started.elapsed() < idle_timeout * 3 {
+        assert_eq!(echo(&mut busy, b"ping").await, b"ping");
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(rounds >= 5);
+
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(LIMIT, idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle peer is closed")
+        .unwrap();
+    assert_eq!(n, 0, "closed without a word");
+    assert_eq!(echo(&mut busy, b"still here").await, b"still here");
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_answers_in_flight_frames_then_stops_accepting() {
+    let mut server = Running::local().await;
+    let addr = server.echo;
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    let mut burst = Vec::new();
+    for i in 0..2000 {
+        burst.extend_from_slice(format!("frame {i}\n").as_bytes());
+    }
+    // Everything is sent, then the shutdown starts before a single answer is read.
+    socket.write_all(&burst).await.unwrap();
+    server.begin_shutdown();
+    let mut answers = Vec::new();
+    tokio::time::timeout(LIMIT, socket.read_to_end(&mut answers))
+        .await
+        .expect("closed after the drain")
+        .expect("closed cleanly");
+    assert_eq!(answers.len(), burst.len(), "every in-flight frame answered");
+    assert_eq!(answers, burst);
+    server.stopped().await.unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "the echo port no longer accepts"
+    );
+}
+
+#[tokio::test]
+async fn the_drain_deadline_cuts_a_peer_that_never_reads() {
+    let mut server = Running::start(Config {
+        drain_timeout: Duration::from_millis(500),
+        ..Config::local()
+    })
+    .await;
+    let mut socket = TcpStream::connect(server.echo).await.unwrap();
+    // One round trip: the connection is accepted and has its handler.
+    socket.write_all(b"hi\n").await.unwrap();
+    let mut hi = [0u8; 3];
+    socket.read_exact(&mut hi).await.unwrap();
+    let (_reader, mut writer) = socket.into_split();
+    // Frames keep coming and the answers are never read: the server's writes block.
+    let flood = tokio::spawn(async move {
+        let frame = [b'f'; 1023];
+        for _ in 0..64 * 1024 {
+            if writer.write_all(&frame).await.is_err() || writer.write_all(b"\n").await.is_err() {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    server.begin_shutdown();
+    server.stopped().await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450),
+        "waited for the drain: {took:?}"
+    );
+    assert!(took < LIMIT, "{took:?}");
+    tokio::time::timeout(LIMIT, flood).await.unwrap().unwrap();
+}
