@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
     Deregistration(DeregistrationArgs),
+    /// The echo client (the same as the `echo-client` binary).
+    EchoClient(Box<echo_client::cli::Args>),
     /// Build the local Consul image (idempotent: instant when it exists).
     Image,
     /// Start Consul, register a checked service, see it pass, deregister it.
@@ -76,6 +78,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Deregistration(args) => deregistration(args).await,
+        Command::EchoClient(args) => Ok(echo_client::cli::run(*args).await?),
         Command::Image => {
             let started = Instant::now();
             let engine = docker::connect().await?;
