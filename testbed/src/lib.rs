@@ -4,6 +4,9 @@
 //! * [`provision`] — fetching Consul 1.8.7 and building its image on a registry-less machine;
 //! * [`logbuf`] — a child's output, line by line, waitable;
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
+//! * [`faults`] — the fault and security scenarios (hung server, paused and restarted Consul,
+//!   a misbehaving proxy, ACLs, hostile input), with their figures;
+//! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
 //! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`procs`] — echo servers and clients as child processes;
 //! * [`wait`] — waiting on Consul's state by blocking queries, with deadlines;
@@ -15,6 +18,8 @@
 pub mod consul;
 pub mod deregistration;
 pub mod error;
+pub mod faultproxy;
+pub mod faults;
 pub mod logbuf;
 pub mod model;
 pub mod procs;

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use consul_api::GoDuration;
 use indicatif::{ProgressBar, ProgressStyle};
-use testbed::{Consul, consul::docker, deregistration, procs::Launcher, provision, report};
+use testbed::{Consul, consul::docker, deregistration, faults, procs::Launcher, provision, report};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,6 +24,9 @@ enum Command {
     Deregistration(DeregistrationArgs),
     /// The echo client (the same as the `echo-client` binary).
     EchoClient(Box<echo_client::cli::Args>),
+    /// Fault and security scenarios (hung server, paused/restarted Consul, a faulty proxy,
+    /// ACLs, hostile input), each measured.
+    Faults(FaultsArgs),
     /// Build the local Consul image (idempotent: instant when it exists).
     Image,
     /// Start Consul, register a checked service, see it pass, deregister it.
@@ -57,6 +60,19 @@ struct DeregistrationArgs {
     out: PathBuf,
 }
 
+#[derive(clap::Args, Debug)]
+struct FaultsArgs {
+    /// Scenarios to run (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<faults::Scenario>,
+    /// How long Consul stays frozen in the paused scenario.
+    #[arg(long, default_value = "20s")]
+    pause: GoDuration,
+    /// Where to write faults.json and faults.md.
+    #[arg(long, default_value = "target/testbed")]
+    out: PathBuf,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -79,6 +95,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Deregistration(args) => deregistration(args).await,
         Command::EchoClient(args) => Ok(echo_client::cli::run(*args).await?),
+        Command::Faults(args) => faults(args).await,
         Command::Image => {
             let started = Instant::now();
             let engine = docker::connect().await?;
@@ -145,5 +162,31 @@ async fn deregistration(args: DeregistrationArgs) -> Result<()> {
         md.display(),
         svg.display()
     );
+    Ok(())
+}
+
+async fn faults(args: FaultsArgs) -> Result<()> {
+    let mut config = faults::FaultsConfig::default();
+    config.paused.pause = args.pause.as_duration();
+    let only = if args.only.is_empty() {
+        faults::Scenario::ALL.to_vec()
+    } else {
+        args.only
+    };
+    let progress = ProgressBar::new(only.len() as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} {prefix}: {msg}")
+            .context("progress template")?,
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = faults::run(&Launcher::current_exe()?, &config, &only, &progress).await?;
+    progress.finish_and_clear();
+    let markdown = faults::markdown(&report);
+    println!("{markdown}");
+    let (json, md) = report::write_json_and_markdown(&args.out, "faults", &report, &markdown)?;
+    println!("Report: {}\nTable:  {}", json.display(), md.display());
+    if !report.all_held() {
+        anyhow::bail!("some invariants did not hold (see the table)");
+    }
     Ok(())
 }

@@ -240,11 +240,17 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Start a server and wait until its echo port accepts connections.
-    pub async fn spawn(launcher: &Launcher, spec: ServerSpec) -> Result<ServerProcess> {
+    /// Start a server without waiting for anything (for servers expected to exit at once).
+    pub fn start(launcher: &Launcher, spec: ServerSpec) -> Result<ServerProcess> {
         let mut cmd = launcher.command(&launcher.server_prefix, &spec.consul);
         cmd.args(spec.args());
-        let mut process = ChildProcess::spawn(cmd, format!("echo-server {}", spec.id))?;
+        let process = ChildProcess::spawn(cmd, format!("echo-server {}", spec.id))?;
+        Ok(ServerProcess { spec, process })
+    }
+
+    /// Start a server and wait until its echo port accepts connections.
+    pub async fn spawn(launcher: &Launcher, spec: ServerSpec) -> Result<ServerProcess> {
+        let ServerProcess { spec, mut process } = ServerProcess::start(launcher, spec)?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if tokio::net::TcpStream::connect(spec.echo_addr())

@@ -2,6 +2,8 @@
 //! starts its own agent (a container, or a local process where no Docker engine answers).
 //!
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
+//! * [`faults`] — fault and security scenarios: hung server, paused and restarted Consul, a
+//!   faulty proxy, ACLs, hostile input;
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors.
 //! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs.
 
@@ -9,5 +11,6 @@
 
 mod common;
 mod deregistration;
+mod faults;
 mod harness;
 mod server;

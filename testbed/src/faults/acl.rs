@@ -1,0 +1,419 @@
+//! Scenario 5, ACLs on with default deny: servers and clients started with no token, a wrong
+//! token, or a token too narrow for what they do must fail with a clear "refused" error and no
+//! retry loop; a server token allowing `service:write` on its own name registers that name
+//! and no other; a client token with `service:read` (and the `node:read` Consul's health
+//! endpoint also needs) discovers and echoes. No secret ever appears in any output.
+
+use std::time::{Duration, Instant};
+
+use consul_api::{AclPolicy, AclPolicyLink, AclToken, Client};
+use serde::Serialize;
+
+use super::{LIMIT, Row, SERVICE, ms, observe::Tally};
+use crate::{
+    Consul, ConsulOptions,
+    error::{Error, Result},
+    procs::{ChildProcess, ClientProcess, Launcher, ServerProcess},
+    wait,
+};
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Check interval of the servers.
+    pub interval: Duration,
+    /// Echoes the permitted client sends.
+    pub messages: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            interval: Duration::from_secs(1),
+            messages: 20,
+        }
+    }
+}
+
+/// One attempt with one token.
+#[derive(Debug, Clone, Serialize)]
+pub struct Case {
+    /// Who, with what token.
+    pub who: String,
+    /// What must happen.
+    pub expected: String,
+    /// What happened: the process's error line, or what it achieved.
+    pub observed: String,
+    /// Start → exit (for those expected to stop) or → success.
+    #[serde(with = "ms")]
+    pub took: Duration,
+    pub ok: bool,
+}
+
+/// What was measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub consul: String,
+    pub cases: Vec<Case>,
+    /// The permitted client's echoes.
+    pub client: Tally,
+    /// Secrets searched for in every captured output.
+    pub secrets_checked: usize,
+    /// Outputs that contained a secret (which process, never the secret).
+    pub tokens_printed: Vec<String>,
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl Outcome {
+    /// The invariants that did not hold.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .cases
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| format!("{}: {}", c.who, c.observed))
+            .collect();
+        if self.client.lost > 0 || self.client.sent == 0 {
+            v.push(format!(
+                "the permitted client got {} of {} replies",
+                self.client.sent - self.client.lost,
+                self.client.sent
+            ));
+        }
+        if !self.tokens_printed.is_empty() {
+            v.push(format!("a token was printed by: {:?}", self.tokens_printed));
+        }
+        v
+    }
+
+    /// The table's row.
+    pub fn rows(&self) -> Vec<Row> {
+        let refused: Vec<&Case> = self
+            .cases
+            .iter()
+            .filter(|c| c.expected.starts_with("refused"))
+            .collect();
+        let slowest = refused.iter().map(|c| c.took).max();
+        vec![Row {
+            scenario: super::Scenario::Acl.title().into(),
+            injected: format!(
+                "{} refused tokens (none, wrong, other name, too narrow); {} permitted",
+                refused.len(),
+                self.cases.len() - refused.len()
+            ),
+            sent: self.client.sent,
+            lost: self.client.lost,
+            recovery: format!(
+                "– (refused processes stop with a clear error within {}, no retry loop; {} \
+                 secrets never printed)",
+                super::secs_or(slowest, "–"),
+                self.secrets_checked
+            ),
+            recovery_ms: None,
+            peak_rss_kib: self.peak_rss_kib,
+            violations: self.violations(),
+        }]
+    }
+
+    /// Each case as it went.
+    pub fn details(&self) -> String {
+        let mut out = String::from(
+            "**5. ACLs, default deny.** Every process gets its token through \
+             `CONSUL_HTTP_TOKEN`; each output is searched for every secret afterwards.\n\n\
+             | who | expected | observed | took |\n|---|---|---|---:|\n",
+        );
+        for c in &self.cases {
+            out.push_str(&format!(
+                "| {} | {} | {}{} | {} |\n",
+                c.who,
+                c.expected,
+                c.observed.replace('|', "\\|"),
+                if c.ok { "" } else { " **(unexpected)**" },
+                super::secs(c.took)
+            ));
+        }
+        out
+    }
+}
+
+fn secret() -> String {
+    let r: u128 = rand::random();
+    let h = format!("{r:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+async fn token_for(admin: &Client, name: &str, rules: &str) -> Result<String> {
+    let policy = admin
+        .acl()
+        .policy_create(&AclPolicy {
+            name: name.into(),
+            rules: rules.into(),
+            ..Default::default()
+        })
+        .await?;
+    let token = admin
+        .acl()
+        .token_create(&AclToken {
+            description: name.into(),
+            policies: vec![AclPolicyLink {
+                id: policy.id,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await?;
+    Ok(token.secret_id)
+}
+
+/// The last line of a process's output that starts with `error:`, or its last line.
+fn last_error(p: &ChildProcess) -> String {
+    let lines = p.output().lines();
+    lines
+        .iter()
+        .rev()
+        .find(|l| l.text.starts_with("error:"))
+        .or(lines.last())
+        .map(|l| l.text.clone())
+        .unwrap_or_else(|| "(no output)".into())
+}
+
+/// Wait for a process expected to stop; its error line, exit code and run time.
+async fn stopped(p: &mut ChildProcess, started: Instant) -> (String, Option<i32>, Duration) {
+    let status = p.wait_exit(LIMIT).await;
+    let took = started.elapsed();
+    let code = status.as_ref().ok().and_then(|s| s.code());
+    let line = match status {
+        Ok(_) => last_error(p),
+        Err(e) => format!("still running: {e}"),
+    };
+    (line, code, took)
+}
+
+/// Run the scenario.
+pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+    step("starting Consul with ACLs (default deny)");
+    let management = secret();
+    let consul = Consul::start_with(ConsulOptions::from_env()?.with_acl(&management)).await?;
+    let admin = consul.client();
+    let server_token = token_for(
+        &admin,
+        "echo-server-servernode",
+        &format!("service \"{SERVICE}\" {{ policy = \"write\" }}"),
+    )
+    .await?;
+    let client_token = token_for(
+        &admin,
+        "echo-client-servernode",
+        &format!("service \"{SERVICE}\" {{ policy = \"read\" }}\nnode_prefix \"\" {{ policy = \"read\" }}"),
+    )
+    .await?;
+    let narrow_token = token_for(
+        &admin,
+        "echo-client-no-node-read",
+        &format!("service \"{SERVICE}\" {{ policy = \"read\" }}"),
+    )
+    .await?;
+    let wrong = secret();
+    let secrets = [
+        &management,
+        &server_token,
+        &client_token,
+        &narrow_token,
+        &wrong,
+    ];
+    let base = consul.config().with_token(None);
+    let mut cases = Vec::new();
+    let mut outputs: Vec<(String, crate::logbuf::LogBuffer)> = Vec::new();
+
+    // Servers that must be refused.
+    let refused = |observed: &str, code: Option<i32>| {
+        code.is_some_and(|c| c != 0)
+            && observed.contains("refused the ACL token")
+            && observed.contains("403")
+    };
+    for (who, id, name, token) in [
+        ("echo-server, no token", "servernode_1", SERVICE, None),
+        (
+            "echo-server, wrong token",
+            "servernode_1",
+            SERVICE,
+            Some(wrong.clone()),
+        ),
+        (
+            "echo-server, token for servernode, registering \"intruder\"",
+            "intruder_1",
+            "intruder",
+            Some(server_token.clone()),
+        ),
+    ] {
+        step(&format!("{who}: expecting a refusal"));
+        let mut spec = super::server_spec(base.clone().with_token(token), id, config.interval)?;
+        spec.name = name.into();
+        let started = Instant::now();
+        let mut server = ServerProcess::start(launcher, spec)?;
+        let (observed, code, took) = stopped(&mut server.process, started).await;
+        cases.push(Case {
+            who: who.into(),
+            expected: "refused: clear 403 error, non-zero exit, no retry".into(),
+            ok: refused(&observed, code) && server.process.output().matching("retrying").is_empty(),
+            observed,
+            took,
+        });
+        outputs.push((who.into(), server.process.output().clone()));
+    }
+
+    // The server with its own token.
+    step("echo-server with its token: registering");
+    let started = Instant::now();
+    let spec = super::server_spec(
+        base.clone().with_token(Some(server_token.clone())),
+        "servernode_1",
+        config.interval,
+    )?;
+    let mut server = ServerProcess::spawn(launcher, spec).await?;
+    let passing = wait::passing(&admin, SERVICE, LIMIT).await;
+    cases.push(Case {
+        who: "echo-server, token with service:write on servernode".into(),
+        expected: "registers and passes".into(),
+        observed: match &passing {
+            Ok(_) => "registered, check passing".into(),
+            Err(e) => e.to_string(),
+        },
+        took: started.elapsed(),
+        ok: passing.is_ok(),
+    });
+    outputs.push((
+        "echo-server with its token".into(),
+        server.process.output().clone(),
+    ));
+
+    // Clients.
+    let client_args = |count: u64, timeout: &str| -> Vec<String> {
+        [
+            "--service",
+            SERVICE,
+            "--count",
+            &count.to_string(),
+            "--interval",
+            "100ms",
+            "--timeout",
+            timeout,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    step("echo-client with service:read and node:read");
+    let started = Instant::now();
+    let mut good = ClientProcess::spawn(
+        launcher,
+        &base.clone().with_token(Some(client_token.clone())),
+        &client_args(config.messages, "10s"),
+    )?;
+    let status = good.process.wait_exit(LIMIT).await;
+    let done = good.process.output().matching("done mode=resilient");
+    let field = |line: &str, key: &str| -> Option<u64> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    };
+    let client = match done.first() {
+        Some(l) => Tally {
+            sent: field(&l.text, "sent").unwrap_or(0),
+            lost: field(&l.text, "lost").unwrap_or(0),
+            resent: field(&l.text, "resent").unwrap_or(0),
+        },
+        None => Tally {
+            sent: config.messages,
+            lost: config.messages,
+            resent: 0,
+        },
+    };
+    cases.push(Case {
+        who: "echo-client, token with service:read + node:read".into(),
+        expected: "discovers and echoes".into(),
+        observed: done
+            .first()
+            .map(|l| l.text.clone())
+            .unwrap_or_else(|| last_error(&good.process)),
+        took: started.elapsed(),
+        ok: status.as_ref().is_ok_and(|s| s.success()) && client.lost == 0,
+    });
+    outputs.push((
+        "echo-client, permitted".into(),
+        good.process.output().clone(),
+    ));
+
+    for (who, token, expected) in [
+        (
+            "echo-client, wrong token",
+            Some(wrong.clone()),
+            "refused: clear 403 error, non-zero exit",
+        ),
+        (
+            "echo-client, no token",
+            None,
+            "sees no instance: clear error, non-zero exit",
+        ),
+        (
+            "echo-client, service:read without node:read",
+            Some(narrow_token.clone()),
+            "sees no instance: clear error, non-zero exit",
+        ),
+    ] {
+        step(&format!("{who}: expecting no service"));
+        let started = Instant::now();
+        let mut c = ClientProcess::spawn(
+            launcher,
+            &base.clone().with_token(token),
+            &client_args(3, "3s"),
+        )?;
+        let (observed, code, took) = stopped(&mut c.process, started).await;
+        let failed = code.is_some_and(|c| c != 0) && observed.starts_with("error:");
+        let ok = if expected.starts_with("refused") {
+            failed && observed.contains("refused the ACL token")
+        } else {
+            // Consul filters what a token may not read instead of refusing the query.
+            failed
+                && (observed.contains("no passing instance")
+                    || observed.contains("refused the ACL token"))
+        };
+        cases.push(Case {
+            who: who.into(),
+            expected: expected.into(),
+            observed,
+            took,
+            ok,
+        });
+        outputs.push((who.into(), c.process.output().clone()));
+    }
+
+    let peak_rss_kib = super::proc_status_kib(server.process.pid(), "VmHWM");
+    server.process.kill().await?;
+    let tokens_printed: Vec<String> = outputs
+        .iter()
+        .filter(|(_, out)| {
+            out.lines()
+                .iter()
+                .any(|l| secrets.iter().any(|s| l.text.contains(s.as_str())))
+        })
+        .map(|(who, _)| who.clone())
+        .collect();
+    if outputs.iter().all(|(_, o)| o.lines().is_empty()) {
+        return Err(Error::Invalid("no output captured at all".into()));
+    }
+    Ok(Outcome {
+        consul: super::consul_label(&consul),
+        cases,
+        client,
+        secrets_checked: secrets.len(),
+        tokens_printed,
+        peak_rss_kib,
+    })
+}

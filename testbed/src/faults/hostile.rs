@@ -1,0 +1,647 @@
+//! Scenario 6, hostile input at an echo server: random garbage, frames over the limit, a
+//! thousand connections that never finish a frame, abrupt resets (SO_LINGER 0 mid-frame) and
+//! ten thousand short-lived connections, while a well-behaved client keeps echoing through
+//! Consul. The server must stay up and registered, its memory bounded (peak RSS, bytes per
+//! stalled connection); the client's latency is measured quiet and under attack.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use rand::RngCore;
+use serde::Serialize;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    task::JoinSet,
+};
+
+use super::{
+    LIMIT, Row, SERVICE, ms,
+    observe::{DiscoveryLog, Tally, Traffic, errors, latency_quantile},
+};
+use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
+
+/// Deadline of one hostile connection's whole exchange.
+const CONN_LIMIT: Duration = Duration::from_secs(20);
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Check interval of the server.
+    pub interval: Duration,
+    /// Connections sending random bytes, and how many bytes each.
+    pub garbage_conns: usize,
+    pub garbage_bytes: usize,
+    /// Connections sending one frame over the limit, and its size.
+    pub oversize_conns: usize,
+    pub oversize_bytes: usize,
+    /// Connections left holding an unfinished frame for the rest of the attack.
+    pub stalled_conns: usize,
+    /// Connections reset (SO_LINGER 0) in the middle of a frame.
+    pub resets: usize,
+    /// Connections that each echo one frame and close.
+    pub short_lived: usize,
+    /// Hostile connections at once.
+    pub concurrency: usize,
+    /// The well-behaved client: one echo every this long ...
+    pub every: Duration,
+    /// ... and this many for the quiet run.
+    pub quiet_messages: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            interval: Duration::from_secs(1),
+            garbage_conns: 200,
+            garbage_bytes: 32 << 10,
+            oversize_conns: 50,
+            oversize_bytes: 256 << 10,
+            stalled_conns: 1000,
+            resets: 1000,
+            short_lived: 10_000,
+            concurrency: 32,
+            every: Duration::from_millis(5),
+            quiet_messages: 400,
+        }
+    }
+}
+
+/// What was measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub consul: String,
+    /// What was sent, in words.
+    pub injected: String,
+    /// Random bytes sent, and echoed back.
+    pub garbage_sent: u64,
+    pub garbage_echoed: u64,
+    /// Oversized frames answered with the error line (of `oversize_conns`).
+    pub oversize_refused: u64,
+    pub oversize_conns: usize,
+    /// Stalled connections held open at once.
+    pub stalled: usize,
+    pub resets: u64,
+    /// Short-lived connections answered correctly, and tried.
+    pub short_lived_ok: u64,
+    pub short_lived: usize,
+    #[serde(with = "ms")]
+    pub short_lived_took: Duration,
+    /// The server's RSS (KiB) at the start, before and with the stalled connections, at the
+    /// end; and its peak (VmHWM).
+    pub rss_start_kib: u64,
+    pub rss_before_stalled_kib: u64,
+    pub rss_with_stalled_kib: u64,
+    pub rss_end_kib: u64,
+    pub peak_rss_kib: u64,
+    /// (RSS with − before the stalled connections) / their number.
+    pub bytes_per_stalled_conn: f64,
+    /// The well-behaved client, quiet and under attack.
+    pub quiet: Tally,
+    pub attack: Tally,
+    #[serde(with = "ms::opt")]
+    pub quiet_p50: Option<Duration>,
+    #[serde(with = "ms::opt")]
+    pub quiet_p99: Option<Duration>,
+    #[serde(with = "ms::opt")]
+    pub attack_p50: Option<Duration>,
+    #[serde(with = "ms::opt")]
+    pub attack_p99: Option<Duration>,
+    /// attack p99 / quiet p99.
+    pub p99_ratio: Option<f64>,
+    /// The client's latency during each hostile phase.
+    pub phases: Vec<PhaseLatency>,
+    pub errors: Vec<String>,
+    /// After the attack: the process runs, answers a fresh connection, and Consul lists it
+    /// passing.
+    pub alive: bool,
+    pub fresh_echo: bool,
+    pub still_passing: bool,
+    pub panics: Vec<String>,
+}
+
+impl Outcome {
+    /// The invariants that did not hold. Memory bounds are generous: they catch a leak or a
+    /// buffer per connection at the frame limit, not a few KiB.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if !self.alive || !self.fresh_echo {
+            v.push("the server did not survive".into());
+        }
+        if !self.still_passing {
+            v.push("the server's check stopped passing".into());
+        }
+        if self.quiet.lost + self.attack.lost > 0 {
+            v.push(format!(
+                "{} well-behaved echoes lost",
+                self.quiet.lost + self.attack.lost
+            ));
+        }
+        if self.short_lived_ok != self.short_lived as u64 {
+            v.push(format!(
+                "{} of {} short-lived connections answered",
+                self.short_lived_ok, self.short_lived
+            ));
+        }
+        if self.oversize_refused != self.oversize_conns as u64 {
+            v.push(format!(
+                "{} of {} oversized frames got the error line",
+                self.oversize_refused, self.oversize_conns
+            ));
+        }
+        if self.peak_rss_kib > 512 << 10 {
+            v.push(format!("peak RSS {} KiB", self.peak_rss_kib));
+        }
+        if self.bytes_per_stalled_conn > 64.0 * 1024.0 {
+            v.push(format!(
+                "{:.0} bytes per stalled connection",
+                self.bytes_per_stalled_conn
+            ));
+        }
+        if !self.panics.is_empty() {
+            v.push(format!("panics: {:?}", self.panics));
+        }
+        v
+    }
+
+    /// The table's row.
+    pub fn rows(&self) -> Vec<Row> {
+        vec![Row {
+            scenario: super::Scenario::Hostile.title().into(),
+            injected: self.injected.clone(),
+            sent: self.quiet.sent + self.attack.sent,
+            lost: self.quiet.lost + self.attack.lost,
+            recovery: format!(
+                "– (stayed up; {:.1} KiB per stalled connection; client p99 {} quiet, {} under \
+                 attack: ×{})",
+                self.bytes_per_stalled_conn / 1024.0,
+                opt_ms(self.quiet_p99),
+                opt_ms(self.attack_p99),
+                self.p99_ratio
+                    .map_or_else(|| "–".into(), |r| format!("{r:.1}"))
+            ),
+            recovery_ms: None,
+            peak_rss_kib: Some(self.peak_rss_kib),
+            violations: self.violations(),
+        }]
+    }
+
+    /// How each figure was measured, with the figures.
+    pub fn details(&self) -> String {
+        let phases: Vec<String> = self
+            .phases
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} ({}, server CPU {:.0}%, {} echoes): p50/p99 {}/{}",
+                    p.phase,
+                    super::secs(p.lasted),
+                    p.server_cpu * 100.0,
+                    p.messages,
+                    opt_ms(p.p50),
+                    opt_ms(p.p99)
+                )
+            })
+            .collect();
+        let mut out = format!(
+            "**6. Hostile input.** {}. Garbage: {} bytes sent, {} echoed back. Oversized frames \
+             refused with the error line: {} of {}. Short-lived connections: {} of {} answered \
+             in {}. Server RSS (`VmRSS` of the process): {} KiB at start, {} KiB before and {} \
+             KiB with the {} stalled connections ({:.0} bytes each), {} KiB at the end; peak \
+             (`VmHWM`) {} KiB. The well-behaved client, one echo every few ms through Consul \
+             discovery: p50/p99 {}/{} quiet ({} echoes), {}/{} under attack ({} echoes, {} \
+             lost): p99 ×{} (reported, not asserted; the attack runs on the same 2 cores).\n",
+            self.injected,
+            self.garbage_sent,
+            self.garbage_echoed,
+            self.oversize_refused,
+            self.oversize_conns,
+            self.short_lived_ok,
+            self.short_lived,
+            super::secs(self.short_lived_took),
+            self.rss_start_kib,
+            self.rss_before_stalled_kib,
+            self.rss_with_stalled_kib,
+            self.stalled,
+            self.bytes_per_stalled_conn,
+            self.rss_end_kib,
+            self.peak_rss_kib,
+            opt_ms(self.quiet_p50),
+            opt_ms(self.quiet_p99),
+            self.quiet.sent,
+            opt_ms(self.attack_p50),
+            opt_ms(self.attack_p99),
+            self.attack.sent,
+            self.attack.lost,
+            self.p99_ratio
+                .map_or_else(|| "–".into(), |r| format!("{r:.1}")),
+        );
+        out.push_str(&format!("By phase: {}.\n", phases.join("; ")));
+        out
+    }
+}
+
+/// The well-behaved client's latency while one hostile phase ran.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseLatency {
+    pub phase: &'static str,
+    #[serde(with = "ms")]
+    pub lasted: Duration,
+    /// The server process's CPU time over the phase's wall time (1.0 = one core busy).
+    pub server_cpu: f64,
+    pub messages: u64,
+    #[serde(with = "ms::opt")]
+    pub p50: Option<Duration>,
+    #[serde(with = "ms::opt")]
+    pub p99: Option<Duration>,
+}
+
+fn opt_ms(d: Option<Duration>) -> String {
+    d.map_or_else(
+        || "–".into(),
+        |d| format!("{:.2} ms", d.as_secs_f64() * 1e3),
+    )
+}
+
+/// Raise this process's open-file limit to its hard limit (children inherit it): the attack
+/// holds over a thousand sockets at once. Best effort.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// Run `n` copies of `job` (given its index), at most `concurrency` at once.
+async fn bounded<F, Fut>(n: usize, concurrency: usize, job: F)
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        if set.len() >= concurrency.max(1) {
+            set.join_next().await;
+        }
+        set.spawn(job(i));
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// Random bytes (newlines included, at random), then EOF; read whatever comes back.
+async fn garbage(addr: SocketAddr, bytes: usize, sent: Arc<AtomicU64>, echoed: Arc<AtomicU64>) {
+    let mut data = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut data);
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await?;
+        let (mut rd, mut wr) = stream.into_split();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 << 10];
+            let mut n = 0u64;
+            while let Ok(k @ 1..) = rd.read(&mut buf).await {
+                n += k as u64;
+            }
+            n
+        });
+        wr.write_all(&data).await?;
+        sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+        wr.shutdown().await?;
+        echoed.fetch_add(reader.await.unwrap_or(0), Ordering::Relaxed);
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(CONN_LIMIT, exchange).await;
+}
+
+/// One frame over the limit; true if the server answered with its error line.
+async fn oversize(addr: SocketAddr, bytes: usize) -> bool {
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await?;
+        let (mut rd, mut wr) = stream.into_split();
+        let reader = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut buf = [0u8; 1024];
+            while let Ok(k @ 1..) = rd.read(&mut buf).await {
+                if out.len() < 4096 {
+                    out.extend_from_slice(&buf[..k]);
+                }
+            }
+            out
+        });
+        // The server may close before all of it is written: that is its answer.
+        let _ = wr.write_all(&vec![b'x'; bytes]).await;
+        let answer = reader.await.unwrap_or_default();
+        std::io::Result::Ok(answer.starts_with(b"error: frame longer than"))
+    };
+    matches!(
+        tokio::time::timeout(CONN_LIMIT, exchange).await,
+        Ok(Ok(true))
+    )
+}
+
+/// Half a frame, then a reset (SO_LINGER 0).
+async fn reset(addr: SocketAddr) -> bool {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(b"half a frame, then a reset").await?;
+        stream.set_zero_linger()?;
+        drop(stream);
+        std::io::Result::Ok(())
+    };
+    matches!(tokio::time::timeout(CONN_LIMIT, exchange).await, Ok(Ok(())))
+}
+
+/// Connect, echo one frame, close.
+async fn short_lived(addr: SocketAddr, i: usize) -> bool {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let frame = format!("short-lived {i}\n");
+        stream.write_all(frame.as_bytes()).await?;
+        let mut back = vec![0u8; frame.len()];
+        stream.read_exact(&mut back).await?;
+        std::io::Result::Ok(back == frame.as_bytes())
+    };
+    matches!(
+        tokio::time::timeout(CONN_LIMIT, exchange).await,
+        Ok(Ok(true))
+    )
+}
+
+/// What the attackers did.
+#[derive(Debug)]
+struct Attack {
+    garbage_sent: u64,
+    garbage_echoed: u64,
+    oversize_refused: u64,
+    stalled: usize,
+    rss_before_stalled_kib: u64,
+    rss_with_stalled_kib: u64,
+    resets: u64,
+    short_lived_ok: u64,
+    short_lived_took: Duration,
+    /// Each phase's name, start, end, and the server's CPU time in it.
+    phases: Vec<(&'static str, Instant, Instant, Duration)>,
+}
+
+/// Every hostile phase in turn against the server at `addr` (process `pid`); `progress` says
+/// which phase runs.
+async fn attack(
+    addr: SocketAddr,
+    pid: u32,
+    config: &Config,
+    progress: &std::sync::Mutex<String>,
+) -> Attack {
+    let step = |msg: String| {
+        *progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = msg;
+    };
+    let rss = || super::proc_status_kib(pid, "VmRSS").unwrap_or(0);
+    let cpu = || super::proc_cpu_time(pid).unwrap_or_default();
+    let mut phases = Vec::new();
+    let mut began = (Instant::now(), cpu());
+    let mut phase_done = |name: &'static str| {
+        let now = (Instant::now(), cpu());
+        phases.push((name, began.0, now.0, now.1.saturating_sub(began.1)));
+        began = now;
+    };
+
+    step(format!("{} garbage connections", config.garbage_conns));
+    let (sent, echoed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    bounded(config.garbage_conns, config.concurrency, |_| {
+        garbage(addr, config.garbage_bytes, sent.clone(), echoed.clone())
+    })
+    .await;
+    phase_done("garbage");
+
+    step(format!("{} oversized frames", config.oversize_conns));
+    let refused = Arc::new(AtomicU64::new(0));
+    bounded(config.oversize_conns, config.concurrency, |_| {
+        let refused = refused.clone();
+        let bytes = config.oversize_bytes;
+        async move {
+            if oversize(addr, bytes).await {
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })
+    .await;
+    phase_done("oversized frames");
+
+    step(format!(
+        "{} connections holding an unfinished frame",
+        config.stalled_conns
+    ));
+    let rss_before_stalled_kib = rss();
+    let mut stalled = Vec::with_capacity(config.stalled_conns);
+    let started = Instant::now();
+    while stalled.len() < config.stalled_conns && started.elapsed() < LIMIT {
+        let Ok(Ok(mut s)) = tokio::time::timeout(CONN_LIMIT, TcpStream::connect(addr)).await else {
+            continue;
+        };
+        if s.write_all(b"a frame that never ends ").await.is_ok() {
+            stalled.push(s);
+        }
+    }
+    // Accepts are first come, first served: once a later connection is answered, every
+    // stalled one has been accepted and has read its bytes.
+    super::echo_direct(addr, b"after the stalled ones").await;
+    let rss_with_stalled_kib = rss();
+    phase_done("stalled frames");
+
+    step(format!("{} resets mid-frame", config.resets));
+    let resets = Arc::new(AtomicU64::new(0));
+    bounded(config.resets, config.concurrency, |_| {
+        let resets = resets.clone();
+        async move {
+            if reset(addr).await {
+                resets.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })
+    .await;
+    phase_done("resets");
+
+    step(format!(
+        "{} short-lived connections (with {} stalled)",
+        config.short_lived,
+        stalled.len()
+    ));
+    let ok = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    bounded(config.short_lived, config.concurrency, |i| {
+        let ok = ok.clone();
+        async move {
+            if short_lived(addr, i).await {
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })
+    .await;
+    let short_lived_took = started.elapsed();
+    phase_done("short-lived");
+    Attack {
+        garbage_sent: sent.load(Ordering::Relaxed),
+        garbage_echoed: echoed.load(Ordering::Relaxed),
+        oversize_refused: refused.load(Ordering::Relaxed),
+        stalled: stalled.len(),
+        rss_before_stalled_kib,
+        rss_with_stalled_kib,
+        resets: resets.load(Ordering::Relaxed),
+        short_lived_ok: ok.load(Ordering::Relaxed),
+        short_lived_took,
+        phases,
+    }
+}
+
+/// Run the scenario.
+pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+    raise_fd_limit();
+    step("starting Consul and an echo server");
+    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
+    let mut servers =
+        super::start_servers(launcher, &consul, consul.config(), 1, config.interval).await?;
+    let ids = super::ids(&servers);
+    let addr = servers[0].spec.echo_addr();
+    let pid = servers[0].process.pid();
+    let rss = || super::proc_status_kib(pid, "VmRSS").unwrap_or(0);
+    let client = super::client(consul.config(), Duration::from_secs(2))?;
+    let discovery = DiscoveryLog::start(&client);
+    discovery
+        .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
+            v.lists_all(&ids)
+        })
+        .await?;
+    let rss_start_kib = rss();
+
+    step("quiet run of the well-behaved client");
+    let quiet = Traffic::start(&client, "quiet", config.every, config.quiet_messages);
+    let quiet_outcomes = tokio::time::timeout(LIMIT, async {
+        quiet
+            .wait_for("the quiet run", LIMIT, |o| o.seq == config.quiet_messages)
+            .await
+            .ok();
+        quiet.finish().await
+    })
+    .await
+    .unwrap_or_default();
+
+    let traffic = Traffic::start(&client, "under attack", config.every, 10_000_000);
+    // The attackers get a thread and a runtime of their own, so that the well-behaved client
+    // competes with them for the CPU only, not for its runtime.
+    let hostile = {
+        let config = config.clone();
+        let progress: Arc<std::sync::Mutex<String>> = Arc::default();
+        let report = progress.clone();
+        let thread = tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            std::io::Result::Ok(rt.block_on(attack(addr, pid, &config, &report)))
+        });
+        tokio::pin!(thread);
+        loop {
+            tokio::select! {
+                done = &mut thread => break done,
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    step(&progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                }
+            }
+        }
+    };
+    let hostile =
+        hostile.map_err(|e| crate::Error::Invalid(format!("the attack thread failed: {e}")))??;
+    let attack_outcomes = traffic.finish().await;
+
+    step("checking the server after the attack");
+    let alive = !servers[0].process.has_exited();
+    let fresh_echo = super::echo_direct(addr, b"fresh after the attack").await;
+    let still_passing = wait::passing(&consul.client(), SERVICE, Duration::from_secs(10))
+        .await
+        .is_ok_and(|(e, _)| e.iter().any(|e| e.service.id == ids[0]));
+    let rss_end_kib = rss();
+    let peak_rss_kib = super::proc_status_kib(pid, "VmHWM").unwrap_or(0);
+    let exited = super::exited(&mut servers);
+    let mut panics = super::panics(servers.iter().map(|s| s.process.output()));
+    panics.extend(exited.iter().map(|id| format!("{id} exited")));
+
+    let quiet_p99 = latency_quantile(&quiet_outcomes, 0.99);
+    let attack_p99 = latency_quantile(&attack_outcomes, 0.99);
+    let phases = hostile
+        .phases
+        .iter()
+        .map(|&(phase, from, to, cpu)| {
+            let during: Vec<_> = attack_outcomes
+                .iter()
+                .filter(|o| o.sent >= from && o.sent < to)
+                .cloned()
+                .collect();
+            PhaseLatency {
+                phase,
+                lasted: to - from,
+                server_cpu: cpu.as_secs_f64() / (to - from).as_secs_f64().max(1e-3),
+                messages: during.len() as u64,
+                p50: latency_quantile(&during, 0.5),
+                p99: latency_quantile(&during, 0.99),
+            }
+        })
+        .collect();
+    let mut all = quiet_outcomes.clone();
+    all.extend(attack_outcomes.iter().cloned());
+    Ok(Outcome {
+        consul: super::consul_label(&consul),
+        injected: format!(
+            "{} × {} KiB garbage, {} × {} KiB frames (limit 64 KiB), {} stalled frames, {} \
+             resets, {} short-lived connections",
+            config.garbage_conns,
+            config.garbage_bytes >> 10,
+            config.oversize_conns,
+            config.oversize_bytes >> 10,
+            config.stalled_conns,
+            config.resets,
+            config.short_lived
+        ),
+        garbage_sent: hostile.garbage_sent,
+        garbage_echoed: hostile.garbage_echoed,
+        oversize_refused: hostile.oversize_refused,
+        oversize_conns: config.oversize_conns,
+        stalled: hostile.stalled,
+        resets: hostile.resets,
+        short_lived_ok: hostile.short_lived_ok,
+        short_lived: config.short_lived,
+        short_lived_took: hostile.short_lived_took,
+        rss_start_kib,
+        rss_before_stalled_kib: hostile.rss_before_stalled_kib,
+        rss_with_stalled_kib: hostile.rss_with_stalled_kib,
+        rss_end_kib,
+        peak_rss_kib,
+        bytes_per_stalled_conn: (hostile
+            .rss_with_stalled_kib
+            .saturating_sub(hostile.rss_before_stalled_kib)
+            * 1024) as f64
+            / hostile.stalled.max(1) as f64,
+        quiet: Tally::of(&quiet_outcomes),
+        attack: Tally::of(&attack_outcomes),
+        quiet_p50: latency_quantile(&quiet_outcomes, 0.5),
+        quiet_p99,
+        attack_p50: latency_quantile(&attack_outcomes, 0.5),
+        attack_p99,
+        p99_ratio: match (quiet_p99, attack_p99) {
+            (Some(q), Some(a)) if !q.is_zero() => Some(a.as_secs_f64() / q.as_secs_f64()),
+            _ => None,
+        },
+        phases,
+        errors: errors(&all),
+        alive,
+        fresh_echo,
+        still_passing,
+        panics,
+    })
+}

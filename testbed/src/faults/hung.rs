@@ -1,0 +1,284 @@
+//! Scenario 1, a hung server: the echo server the client is talking to is frozen with SIGSTOP.
+//! Its port still accepts connections but nothing answers, not even `/check`. The agent's
+//! check times out and marks it critical, discovery drops it, and the resilient client fails
+//! over after its reply timeout, resending what was unanswered; SIGCONT brings the server back
+//! into rotation. Must hold: no echo lost, the server leaves and rejoins rotation, it survives.
+
+use std::time::{Duration, Instant};
+
+use consul_api::HealthStatus;
+use serde::Serialize;
+
+use super::{
+    LIMIT, Row, SERVICE, ms,
+    observe::{DiscoveryLog, Tally, Traffic, errors},
+};
+use crate::{
+    Consul, ConsulOptions,
+    error::{Error, Result},
+    procs::Launcher,
+    signal::Signal,
+    wait,
+};
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Echo servers (at least 2, so there is somewhere to fail over to).
+    pub servers: usize,
+    /// Their check interval (the timeout is the same).
+    pub interval: Duration,
+    /// One echo every this long.
+    pub every: Duration,
+    /// The client's reply timeout: how long it waits on a silent instance.
+    pub reply_timeout: Duration,
+    /// How long the server stays frozen after discovery has dropped it.
+    pub hold: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            servers: 3,
+            interval: Duration::from_secs(1),
+            every: Duration::from_millis(50),
+            reply_timeout: Duration::from_secs(1),
+            hold: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What was measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub consul: String,
+    /// The server frozen: the one serving the client at that moment.
+    pub frozen: String,
+    /// How long it stayed frozen.
+    #[serde(with = "ms")]
+    pub frozen_for: Duration,
+    /// SIGSTOP → the first reply from another instance (the client's failover).
+    #[serde(with = "ms::opt")]
+    pub failover: Option<Duration>,
+    /// SIGSTOP → Consul reports its check critical (a blocking query on its health).
+    #[serde(with = "ms::opt")]
+    pub critical: Option<Duration>,
+    /// The critical check's output, as Consul stores it.
+    pub check_output: String,
+    /// SIGSTOP → the client's discovery no longer lists it.
+    #[serde(with = "ms::opt")]
+    pub left_rotation: Option<Duration>,
+    /// SIGCONT → the client's discovery lists it again.
+    #[serde(with = "ms::opt")]
+    pub rejoined_rotation: Option<Duration>,
+    /// Every echo of the run.
+    pub tally: Tally,
+    /// Echoes sent between SIGSTOP and the rejoin.
+    pub during_fault: Tally,
+    /// The first errors, if any.
+    pub errors: Vec<String>,
+    /// The frozen server still runs and echoes after SIGCONT.
+    pub survived: bool,
+    pub panics: Vec<String>,
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl Outcome {
+    /// The invariants that did not hold.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.tally.lost > 0 {
+            v.push(format!("{} echoes lost", self.tally.lost));
+        }
+        if self.critical.is_none() {
+            v.push("Consul never marked the frozen server critical".into());
+        }
+        if self.left_rotation.is_none() {
+            v.push("the client's discovery kept listing the frozen server".into());
+        }
+        if self.rejoined_rotation.is_none() {
+            v.push("the server did not rejoin rotation after SIGCONT".into());
+        }
+        if !self.survived {
+            v.push("the server did not survive SIGSTOP/SIGCONT".into());
+        }
+        if !self.panics.is_empty() {
+            v.push(format!("panics: {:?}", self.panics));
+        }
+        v
+    }
+
+    /// The table's row.
+    pub fn rows(&self) -> Vec<Row> {
+        vec![Row {
+            scenario: super::Scenario::Hung.title().into(),
+            injected: format!(
+                "SIGSTOP of the serving instance {} for {}, then SIGCONT",
+                self.frozen,
+                super::secs(self.frozen_for)
+            ),
+            sent: self.tally.sent,
+            lost: self.tally.lost,
+            recovery: format!(
+                "out of rotation {} after SIGSTOP (client failed over in {}); back {} after SIGCONT",
+                super::secs_or(self.left_rotation, "never"),
+                super::secs_or(self.failover, "never"),
+                super::secs_or(self.rejoined_rotation, "never")
+            ),
+            recovery_ms: self.rejoined_rotation.map(|d| d.as_secs_f64() * 1e3),
+            peak_rss_kib: self.peak_rss_kib,
+            violations: self.violations(),
+        }]
+    }
+
+    /// How each figure was measured, with the figures.
+    pub fn details(&self) -> String {
+        format!(
+            "**1. Hung server.** {} was frozen while it served the client. Consul marked its check \
+             critical {} after SIGSTOP (check output: \"{}\"); the client's discovery dropped it \
+             {} after SIGSTOP; the client itself gave up on it after its reply timeout and got \
+             its first reply from another instance {} after SIGSTOP, resending {} messages. \
+             After SIGCONT discovery listed it again in {}. {} echoes during the fault, {} lost.\n",
+            self.frozen,
+            super::secs_or(self.critical, "never"),
+            self.check_output.trim(),
+            super::secs_or(self.left_rotation, "never"),
+            super::secs_or(self.failover, "never"),
+            self.tally.resent,
+            super::secs_or(self.rejoined_rotation, "never"),
+            self.during_fault.sent,
+            self.during_fault.lost,
+        )
+    }
+}
+
+/// Run the scenario.
+pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+    if config.servers < 2 {
+        return Err(Error::Invalid(
+            "the hung-server scenario needs at least 2 servers".into(),
+        ));
+    }
+    step("starting Consul");
+    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
+    let direct = consul.client();
+    step("starting echo servers");
+    let mut servers = super::start_servers(
+        launcher,
+        &consul,
+        consul.config(),
+        config.servers,
+        config.interval,
+    )
+    .await?;
+    let ids = super::ids(&servers);
+    let client = super::client(consul.config(), config.reply_timeout)?;
+    let discovery = DiscoveryLog::start(&client);
+    discovery
+        .wait_for(
+            "discovery to list every server",
+            Instant::now(),
+            LIMIT,
+            |v| v.lists_all(&ids),
+        )
+        .await?;
+    let traffic = Traffic::start(&client, "hung", config.every, 100_000);
+    traffic
+        .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
+        .await?;
+
+    // Freeze the instance the client is connected to.
+    let frozen = traffic
+        .last_instance()
+        .ok_or_else(|| Error::Invalid("no reply yet".into()))?;
+    let victim = servers
+        .iter()
+        .position(|s| s.spec.id == frozen)
+        .ok_or_else(|| Error::Invalid(format!("{frozen} is not one of ours")))?;
+    step(&format!(
+        "SIGSTOP {frozen}; waiting for Consul and the client to notice"
+    ));
+    let t0 = Instant::now();
+    servers[victim].process.signal(Signal::SIGSTOP)?;
+
+    let check_id = format!("service:{frozen}");
+    let critical = async {
+        wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
+            entries.iter().any(|e| {
+                e.service.id == frozen
+                    && e.checks
+                        .iter()
+                        .any(|c| c.check_id == check_id && c.status == HealthStatus::Critical)
+            })
+        })
+        .await
+        .map(|(entries, _)| {
+            let output = entries
+                .iter()
+                .flat_map(|e| e.checks.iter())
+                .find(|c| c.check_id == check_id)
+                .map(|c| c.output.clone())
+                .unwrap_or_default();
+            (Instant::now(), output)
+        })
+    };
+    let left = discovery.wait_for("discovery to drop the frozen server", t0, LIMIT, |v| {
+        v.state == super::observe::ViewState::Reachable && !v.lists(&frozen)
+    });
+    let failover = traffic.wait_for("a reply from another instance", LIMIT, |o| {
+        o.done >= t0 && o.result.as_ref().is_ok_and(|s| s.instance != frozen)
+    });
+    let (critical, left, failover) = tokio::join!(critical, left, failover);
+    let (critical_at, check_output) = match critical {
+        Ok((at, output)) => (Some(at), output),
+        Err(e) => (None, e.to_string()),
+    };
+    let left_at = left.ok().map(|v| v.at);
+    let failover_at = failover.ok().map(|o| o.done);
+
+    step(&format!("{frozen} out of rotation; holding it frozen"));
+    tokio::time::sleep(config.hold).await;
+    let t1 = Instant::now();
+    servers[victim].process.signal(Signal::SIGCONT)?;
+    step(&format!(
+        "SIGCONT {frozen}; waiting for it to rejoin rotation"
+    ));
+    let rejoined = discovery
+        .wait_for("discovery to list the server again", t1, LIMIT, |v| {
+            v.lists(&frozen)
+        })
+        .await
+        .ok()
+        .map(|v| v.at);
+    let fault_end = rejoined.unwrap_or_else(Instant::now);
+
+    // A little more traffic after the rejoin, then the tally.
+    tokio::time::sleep(config.interval).await;
+    let survived = super::echo_direct(servers[victim].spec.echo_addr(), b"still alive").await
+        && !servers[victim].process.has_exited();
+    let outcomes = traffic.finish().await;
+    let during: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.sent >= t0 && o.sent <= fault_end)
+        .cloned()
+        .collect();
+    let exited = super::exited(&mut servers);
+    let mut panics = super::panics(servers.iter().map(|s| s.process.output()));
+    panics.extend(exited.iter().map(|id| format!("{id} exited")));
+    Ok(Outcome {
+        consul: super::consul_label(&consul),
+        frozen,
+        frozen_for: t1 - t0,
+        failover: failover_at.map(|t| t - t0),
+        critical: critical_at.map(|t| t - t0),
+        check_output,
+        left_rotation: left_at.map(|t| t - t0),
+        rejoined_rotation: rejoined.map(|t| t - t1),
+        tally: Tally::of(&outcomes),
+        during_fault: Tally::of(&during),
+        errors: errors(&outcomes),
+        survived,
+        panics,
+        peak_rss_kib: super::peak_rss(&servers),
+    })
+}

@@ -1,0 +1,514 @@
+//! The fault and security scenarios: what half-failures do to echo servers and resilient
+//! clients discovering each other through real Consul, each run once here and returning a
+//! typed outcome with its figures; the integration tests assert on those outcomes, and
+//! `testbed faults` prints and stores them.
+//!
+//! * [`hung`] — an echo server frozen by SIGSTOP (port open, no answers), then resumed;
+//! * [`paused`] — the Consul agent frozen (`docker pause` / SIGSTOP), then resumed;
+//! * [`restarted`] — the Consul agent restarted (dev mode: every registration gone);
+//! * [`proxy`] — Consul behind the [`faultproxy`](crate::faultproxy): delayed, dropped, cut
+//!   and corrupted answers, then healed;
+//! * [`acl`] — ACLs on with default deny: missing, wrong and too narrow tokens;
+//! * [`hostile`] — garbage, oversized frames, stalled, reset and short-lived connections;
+//! * [`observe`] — the echo traffic and the discovery views the scenarios watch.
+//!
+//! Every scenario starts its own agent and processes, bounds every loop in count and time,
+//! and talks only to 127.0.0.1 and the agent's container.
+
+pub mod acl;
+pub mod hostile;
+pub mod hung;
+pub mod observe;
+pub mod paused;
+pub mod proxy;
+pub mod restarted;
+
+use std::{
+    fmt::Write as _,
+    time::{Duration, Instant, SystemTime},
+};
+
+use echo_client::{ClientConfig, EchoClient};
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use crate::{
+    consul::Consul,
+    error::{Error, Result},
+    logbuf::LogBuffer,
+    procs::{Launcher, ServerProcess, ServerSpec},
+    wait,
+};
+
+/// The service every scenario's servers register.
+pub const SERVICE: &str = "servernode";
+
+/// Deadline of any one wait inside a scenario: long enough to prove "no hang", no more.
+pub(crate) const LIMIT: Duration = Duration::from_secs(60);
+
+/// A scenario, as `testbed faults --only` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// An echo server frozen by SIGSTOP, then resumed.
+    Hung,
+    /// The Consul agent frozen, then resumed.
+    Paused,
+    /// The Consul agent restarted, losing its state.
+    Restarted,
+    /// Consul behind a proxy that delays, drops, cuts and corrupts answers.
+    Proxy,
+    /// ACLs on, default deny.
+    Acl,
+    /// Hostile input at an echo server.
+    Hostile,
+}
+
+impl Scenario {
+    /// All of them, in the report's order.
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Hung,
+        Scenario::Paused,
+        Scenario::Restarted,
+        Scenario::Proxy,
+        Scenario::Acl,
+        Scenario::Hostile,
+    ];
+
+    /// The table's name for it.
+    pub fn title(self) -> &'static str {
+        match self {
+            Scenario::Hung => "1. hung server",
+            Scenario::Paused => "2. Consul paused",
+            Scenario::Restarted => "3. Consul restarted",
+            Scenario::Proxy => "4. fault proxy",
+            Scenario::Acl => "5. ACLs, default deny",
+            Scenario::Hostile => "6. hostile input",
+        }
+    }
+}
+
+/// The settings of every scenario.
+#[derive(Debug, Clone, Default)]
+pub struct FaultsConfig {
+    pub hung: hung::Config,
+    pub paused: paused::Config,
+    pub restarted: restarted::Config,
+    pub proxy: proxy::Config,
+    pub acl: acl::Config,
+    pub hostile: hostile::Config,
+}
+
+/// One line of the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    /// What was injected, and for how long.
+    pub injected: String,
+    /// Echo messages sent through a resilient client during the scenario.
+    pub sent: u64,
+    /// Of those, answered with an error or with other bytes.
+    pub lost: u64,
+    /// The recovery figure, in words with its value (`–` when the scenario has none).
+    pub recovery: String,
+    /// The recovery figure in milliseconds, when there is one.
+    pub recovery_ms: Option<f64>,
+    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
+    pub peak_rss_kib: Option<u64>,
+    /// The scenario's invariants that did not hold (empty: all held).
+    pub violations: Vec<String>,
+}
+
+/// Everything `testbed faults` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// When the run began (RFC 3339, UTC).
+    pub date: String,
+    /// Consul's version and backend, as the first agent reported them.
+    pub consul: String,
+    pub rows: Vec<Row>,
+    pub hung: Option<hung::Outcome>,
+    pub paused: Option<paused::Outcome>,
+    pub restarted: Option<restarted::Outcome>,
+    pub proxy: Option<proxy::Outcome>,
+    pub acl: Option<acl::Outcome>,
+    pub hostile: Option<hostile::Outcome>,
+    /// Scenarios that could not run to the end, with why.
+    pub failed: Vec<(Scenario, String)>,
+    /// Wall time of the whole run, seconds.
+    pub wall_time: f64,
+}
+
+impl Report {
+    /// True when every scenario ran and every invariant held.
+    pub fn all_held(&self) -> bool {
+        self.failed.is_empty() && self.rows.iter().all(|r| r.violations.is_empty())
+    }
+}
+
+/// Run `scenarios` one after the other (each with its own agent), through `launcher`.
+/// A scenario that fails is reported as such; the others still run.
+pub async fn run(
+    launcher: &Launcher,
+    config: &FaultsConfig,
+    scenarios: &[Scenario],
+    progress: &ProgressBar,
+) -> Result<Report> {
+    let began = SystemTime::now();
+    let started = Instant::now();
+    let mut report = Report {
+        date: crate::report::rfc3339(began),
+        consul: String::new(),
+        rows: Vec::new(),
+        hung: None,
+        paused: None,
+        restarted: None,
+        proxy: None,
+        acl: None,
+        hostile: None,
+        failed: Vec::new(),
+        wall_time: 0.0,
+    };
+    let mut order = scenarios.to_vec();
+    order.sort();
+    order.dedup();
+    progress.set_length(order.len() as u64);
+    for scenario in order {
+        progress.set_prefix(scenario.title());
+        let step = |msg: &str| progress.set_message(msg.to_owned());
+        let result = match scenario {
+            Scenario::Hung => hung::run(launcher, &config.hung, &step).await.map(|o| {
+                report.rows.extend(o.rows());
+                set_consul(&mut report.consul, &o.consul);
+                report.hung = Some(o);
+            }),
+            Scenario::Paused => paused::run(launcher, &config.paused, &step).await.map(|o| {
+                report.rows.extend(o.rows());
+                set_consul(&mut report.consul, &o.consul);
+                report.paused = Some(o);
+            }),
+            Scenario::Restarted => restarted::run(launcher, &config.restarted, &step)
+                .await
+                .map(|o| {
+                    report.rows.extend(o.rows());
+                    set_consul(&mut report.consul, &o.consul);
+                    report.restarted = Some(o);
+                }),
+            Scenario::Proxy => proxy::run(launcher, &config.proxy, &step).await.map(|o| {
+                report.rows.extend(o.rows());
+                set_consul(&mut report.consul, &o.consul);
+                report.proxy = Some(o);
+            }),
+            Scenario::Acl => acl::run(launcher, &config.acl, &step).await.map(|o| {
+                report.rows.extend(o.rows());
+                set_consul(&mut report.consul, &o.consul);
+                report.acl = Some(o);
+            }),
+            Scenario::Hostile => hostile::run(launcher, &config.hostile, &step)
+                .await
+                .map(|o| {
+                    report.rows.extend(o.rows());
+                    set_consul(&mut report.consul, &o.consul);
+                    report.hostile = Some(o);
+                }),
+        };
+        if let Err(e) = result {
+            tracing::error!(scenario = scenario.title(), error = %e, "scenario failed");
+            report.rows.push(Row {
+                scenario: scenario.title().into(),
+                injected: "(did not complete)".into(),
+                sent: 0,
+                lost: 0,
+                recovery: "–".into(),
+                recovery_ms: None,
+                peak_rss_kib: None,
+                violations: vec![format!("error: {e}")],
+            });
+            report.failed.push((scenario, e.to_string()));
+        }
+        progress.inc(1);
+    }
+    report.wall_time = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn set_consul(slot: &mut String, consul: &str) {
+    if slot.is_empty() {
+        consul.clone_into(slot);
+    }
+}
+
+/// The report as markdown: the table, then how each figure was measured.
+pub fn markdown(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "### Fault and security scenarios: Consul {}, {}\n",
+        report.consul, report.date
+    );
+    out.push_str(
+        "| scenario | injected | messages sent / lost | recovery | peak RSS (echo-server) | invariants |\n",
+    );
+    out.push_str("|---|---|---:|---|---:|---|\n");
+    for r in &report.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} / {} | {} | {} | {} |",
+            r.scenario,
+            r.injected,
+            r.sent,
+            r.lost,
+            r.recovery,
+            r.peak_rss_kib
+                .map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                .unwrap_or_else(|| "–".into()),
+            if r.violations.is_empty() {
+                "held".to_owned()
+            } else {
+                format!("**broken**: {}", r.violations.join("; "))
+            }
+        );
+    }
+    out.push('\n');
+    let details: [Option<String>; 6] = [
+        report.hung.as_ref().map(hung::Outcome::details),
+        report.paused.as_ref().map(paused::Outcome::details),
+        report.restarted.as_ref().map(restarted::Outcome::details),
+        report.proxy.as_ref().map(proxy::Outcome::details),
+        report.acl.as_ref().map(acl::Outcome::details),
+        report.hostile.as_ref().map(hostile::Outcome::details),
+    ];
+    for d in details.into_iter().flatten() {
+        out.push_str(&d);
+        out.push('\n');
+    }
+    out.push_str(
+        "Messages are echoes sent through a resilient `EchoClient` at a steady rate; lost = \
+         answered with an error or with other bytes. Peak RSS is `VmHWM` from \
+         `/proc/<pid>/status` of each echo-server process, read before it is stopped. Times \
+         are taken by the testbed when it injects a fault and when it observes the effect \
+         (a discovery snapshot, a blocking query's answer, a line of a server's output).\n",
+    );
+    let _ = writeln!(out, "\nRun wall time: {:.0} s.", report.wall_time);
+    out
+}
+
+// === helpers shared by the scenarios ===
+
+/// The `Consul x.y.z (backend)` label of an agent.
+pub(crate) fn consul_label(consul: &Consul) -> String {
+    format!("{} ({})", consul.version(), consul.backend().name())
+}
+
+/// An echo server of [`SERVICE`] with ID `id`, checked every `interval`.
+pub(crate) fn server_spec(
+    consul: consul_api::Config,
+    id: &str,
+    interval: Duration,
+) -> Result<ServerSpec> {
+    let mut spec = ServerSpec::seed(consul)?.with_id(id);
+    spec.interval = interval;
+    spec.timeout = interval;
+    // Nothing is reaped during a scenario (Consul raises this to 1m anyway).
+    spec.deregister_after = Duration::from_secs(60);
+    Ok(spec)
+}
+
+/// Start `n` servers (`servernode_1` ...) and wait until Consul lists them all passing.
+pub(crate) async fn start_servers(
+    launcher: &Launcher,
+    consul: &Consul,
+    via: consul_api::Config,
+    n: usize,
+    interval: Duration,
+) -> Result<Vec<ServerProcess>> {
+    let mut servers = Vec::with_capacity(n);
+    for i in 1..=n {
+        let spec = server_spec(via.clone(), &format!("{SERVICE}_{i}"), interval)?;
+        servers.push(ServerProcess::spawn(launcher, spec).await?);
+    }
+    let ids = ids(&servers);
+    wait::health_until(&consul.client(), SERVICE, true, LIMIT, |entries| {
+        ids.iter()
+            .all(|id| entries.iter().any(|e| &e.service.id == id))
+    })
+    .await?;
+    Ok(servers)
+}
+
+/// The service IDs of `servers`.
+pub(crate) fn ids(servers: &[ServerProcess]) -> Vec<String> {
+    servers.iter().map(|s| s.spec.id.clone()).collect()
+}
+
+/// A resilient client of [`SERVICE`] through `consul`, quick to give up on a silent instance.
+pub(crate) fn client(consul: consul_api::Config, reply_timeout: Duration) -> Result<EchoClient> {
+    let mut config = ClientConfig::new(consul, SERVICE);
+    config.session.reply_timeout = reply_timeout;
+    config.session.connect_timeout = Duration::from_millis(500);
+    config.session.cooldown = Duration::from_secs(1);
+    EchoClient::start(config).map_err(|e| Error::Invalid(format!("echo client: {e}")))
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// The CPU time (user + system) process `pid` has used, from `/proc/<pid>/stat`.
+pub fn proc_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3, the state.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // utime and stime are fields 14 and 15, in USER_HZ (100 per second on Linux).
+    let total = ticks(14 - 3)? + ticks(15 - 3)?;
+    Some(Duration::from_millis(total * 10))
+}
+
+/// The highest VmHWM among `servers`.
+pub(crate) fn peak_rss(servers: &[ServerProcess]) -> Option<u64> {
+    servers
+        .iter()
+        .filter_map(|s| proc_status_kib(s.process.pid(), "VmHWM"))
+        .max()
+}
+
+/// Lines of `outputs` reporting a panic.
+pub(crate) fn panics<'a>(outputs: impl IntoIterator<Item = &'a LogBuffer>) -> Vec<String> {
+    outputs
+        .into_iter()
+        .flat_map(|o| o.matching("panicked"))
+        .map(|l| l.text)
+        .take(5)
+        .collect()
+}
+
+/// Servers that have exited (they never should in these scenarios).
+pub(crate) fn exited(servers: &mut [ServerProcess]) -> Vec<String> {
+    servers
+        .iter_mut()
+        .filter_map(|s| s.process.has_exited().then(|| s.spec.id.clone()))
+        .collect()
+}
+
+/// One echo straight to a server's port (not through discovery).
+pub(crate) async fn echo_direct(addr: std::net::SocketAddr, payload: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let mut frame = payload.to_vec();
+        frame.push(b'\n');
+        s.write_all(&frame).await?;
+        let mut back = vec![0u8; frame.len()];
+        s.read_exact(&mut back).await?;
+        std::io::Result::Ok(back == frame)
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), attempt).await,
+        Ok(Ok(true))
+    )
+}
+
+/// `d` as seconds with two decimals, for the table.
+pub(crate) fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// `Some(d)` as seconds, `None` as "never".
+pub(crate) fn secs_or(d: Option<Duration>, never: &str) -> String {
+    d.map(secs).unwrap_or_else(|| never.to_owned())
+}
+
+/// The time from `from` to a wall-clock moment (a log line's arrival), zero if before.
+pub(crate) fn since_wall(from: SystemTime, to: SystemTime) -> Duration {
+    to.duration_since(from).unwrap_or_default()
+}
+
+/// Serialize durations as milliseconds.
+pub(crate) mod ms {
+    use std::time::Duration;
+
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1e3)
+    }
+
+    pub mod opt {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_some(&(d.as_secs_f64() * 1e3)),
+                None => s.serialize_none(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_proc_status() {
+        let pid = std::process::id();
+        let rss = proc_status_kib(pid, "VmRSS").unwrap();
+        let hwm = proc_status_kib(pid, "VmHWM").unwrap();
+        assert!(rss > 0 && hwm >= rss, "{rss} {hwm}");
+        assert_eq!(proc_status_kib(pid, "NoSuchField"), None);
+        // Spinning uses CPU time, which shows within a few ticks.
+        let before = proc_cpu_time(pid).unwrap();
+        let spin = Instant::now();
+        let mut x = 0u64;
+        while proc_cpu_time(pid).unwrap() < before + Duration::from_millis(50) {
+            assert!(
+                spin.elapsed() < Duration::from_secs(10),
+                "CPU time never grew"
+            );
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_says_what_broke() {
+        let report = Report {
+            date: "2026-11-25T13:32:04Z".into(),
+            consul: "1.8.7 (docker)".into(),
+            rows: vec![Row {
+                scenario: Scenario::Hung.title().into(),
+                injected: "SIGSTOP".into(),
+                sent: 10,
+                lost: 1,
+                recovery: "1.00 s".into(),
+                recovery_ms: Some(1000.0),
+                peak_rss_kib: Some(2048),
+                violations: vec!["1 echo lost".into()],
+            }],
+            hung: None,
+            paused: None,
+            restarted: None,
+            proxy: None,
+            acl: None,
+            hostile: None,
+            failed: Vec::new(),
+            wall_time: 1.0,
+        };
+        let md = markdown(&report);
+        assert!(
+            md.contains(
+                "| 1. hung server | SIGSTOP | 10 / 1 | 1.00 s | 2.0 MiB | **broken**: 1 echo lost |"
+            ),
+            "{md}"
+        );
+        assert!(!report.all_held());
+    }
+}

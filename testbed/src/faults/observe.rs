@@ -1,0 +1,413 @@
+//! What the scenarios watch while they inject faults: a steady stream of echoes through a
+//! resilient [`EchoClient`] (every message's outcome, with timestamps), and every snapshot the
+//! client's discovery publishes. Both run as background tasks, bounded in count and time.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use echo_client::{ConsulState, EchoClient, Snapshot};
+use tokio::{sync::Notify, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+
+/// Longest a background observer runs, whatever happens.
+const MAX_RUN: Duration = Duration::from_secs(15 * 60);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The outcome of one message.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub seq: u64,
+    pub sent: Instant,
+    pub done: Instant,
+    pub result: std::result::Result<Served, String>,
+}
+
+/// A reply.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The service ID of the instance that answered.
+    pub instance: String,
+    /// From `send` to the reply, failovers included.
+    pub latency: Duration,
+    /// How many times it was written.
+    pub attempts: u32,
+    /// The reply equals the message.
+    pub exact: bool,
+}
+
+impl Outcome {
+    /// Lost: answered with an error, or with other bytes than sent.
+    pub fn lost(&self) -> bool {
+        !matches!(&self.result, Ok(s) if s.exact)
+    }
+}
+
+#[derive(Debug)]
+struct Shared<T> {
+    items: Mutex<Vec<T>>,
+    notify: Notify,
+}
+
+impl<T: Clone> Shared<T> {
+    fn new() -> Self {
+        Shared {
+            items: Mutex::new(Vec::new()),
+            notify: Notify::new(),
+        }
+    }
+
+    fn push(&self, item: T) {
+        lock(&self.items).push(item);
+        self.notify.notify_waiters();
+    }
+
+    fn all(&self) -> Vec<T> {
+        lock(&self.items).clone()
+    }
+
+    /// Wait until an item satisfies `pred`, at most `timeout`.
+    async fn wait(&self, what: &str, timeout: Duration, pred: impl Fn(&T) -> bool) -> Result<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(found) = lock(&self.items).iter().find(|i| pred(i)) {
+                return Ok(found.clone());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Error::Timeout {
+                    what: what.to_owned(),
+                    timeout,
+                });
+            }
+        }
+    }
+}
+
+/// Echoes sent every `every` through a client, concurrently (a slow answer does not hold the
+/// next message back), until stopped or `max` messages.
+#[derive(Debug)]
+pub struct Traffic {
+    shared: Arc<Shared<Outcome>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    /// Start sending `"<label> <seq>"` every `every`, at most `max` messages.
+    pub fn start(client: &EchoClient, label: &str, every: Duration, max: u64) -> Traffic {
+        let shared = Arc::new(Shared::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(send_loop(
+            client.clone(),
+            label.to_owned(),
+            every,
+            max,
+            shared.clone(),
+            stop.clone(),
+        ));
+        Traffic { shared, stop, task }
+    }
+
+    /// Every outcome so far, in order of completion.
+    pub fn outcomes(&self) -> Vec<Outcome> {
+        self.shared.all()
+    }
+
+    /// Wait for an outcome satisfying `pred`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Outcome) -> bool,
+    ) -> Result<Outcome> {
+        self.shared.wait(what, timeout, pred).await
+    }
+
+    /// The instance that answered last (the one the client is connected to).
+    pub fn last_instance(&self) -> Option<String> {
+        let items = lock(&self.shared.items);
+        items
+            .iter()
+            .rev()
+            .find_map(|o| o.result.as_ref().ok().map(|s| s.instance.clone()))
+    }
+
+    /// Stop sending, wait until every message sent has its outcome, and return them all.
+    pub async fn finish(self) -> Vec<Outcome> {
+        self.stop.cancel();
+        let _ = self.task.await;
+        let mut all = self.shared.all();
+        all.sort_by_key(|o| o.seq);
+        all
+    }
+}
+
+async fn send_loop(
+    client: EchoClient,
+    label: String,
+    every: Duration,
+    max: u64,
+    shared: Arc<Shared<Outcome>>,
+    stop: CancellationToken,
+) {
+    let started = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut in_flight = JoinSet::new();
+    for seq in 1..=max {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        if started.elapsed() > MAX_RUN {
+            break;
+        }
+        while in_flight.try_join_next().is_some() {}
+        let client = client.clone();
+        let shared = shared.clone();
+        let message = format!("{label} {seq}");
+        in_flight.spawn(async move {
+            let sent = Instant::now();
+            let result = client
+                .send(message.clone())
+                .await
+                .map(|reply| Served {
+                    exact: reply.bytes == message.as_bytes(),
+                    instance: reply.instance.id,
+                    latency: reply.latency,
+                    attempts: reply.attempts,
+                })
+                .map_err(|e| e.to_string());
+            shared.push(Outcome {
+                seq,
+                sent,
+                done: Instant::now(),
+                result,
+            });
+        });
+    }
+    // Every message has a deadline inside the client (its message timeout).
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Counts over a set of outcomes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Tally {
+    pub sent: u64,
+    pub lost: u64,
+    /// Answered after being written more than once (failover).
+    pub resent: u64,
+}
+
+impl Tally {
+    /// Count `outcomes`.
+    pub fn of<'a>(outcomes: impl IntoIterator<Item = &'a Outcome>) -> Tally {
+        let mut t = Tally::default();
+        for o in outcomes {
+            t.sent += 1;
+            if o.lost() {
+                t.lost += 1;
+            }
+            if matches!(&o.result, Ok(s) if s.attempts > 1) {
+                t.resent += 1;
+            }
+        }
+        t
+    }
+}
+
+/// The first few errors among `outcomes`, for the report.
+pub fn errors(outcomes: &[Outcome]) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter_map(|o| match &o.result {
+            Err(e) => Some(format!("message {}: {e}", o.seq)),
+            Ok(s) if !s.exact => Some(format!("message {}: reply differs", o.seq)),
+            Ok(_) => None,
+        })
+        .take(5)
+        .collect()
+}
+
+/// The `q`-quantile (0..=1) of the latencies of the answered `outcomes`.
+pub fn latency_quantile(outcomes: &[Outcome], q: f64) -> Option<Duration> {
+    let mut l: Vec<Duration> = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().ok().map(|s| s.latency))
+        .collect();
+    if l.is_empty() {
+        return None;
+    }
+    l.sort();
+    let rank = ((q * l.len() as f64).ceil() as usize).clamp(1, l.len());
+    Some(l[rank - 1])
+}
+
+/// One snapshot of discovery, as seen when it was published.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// When the observer saw it.
+    pub at: Instant,
+    /// The passing instances' IDs, sorted.
+    pub ids: Vec<String>,
+    pub state: ViewState,
+    /// Consul's index of the answer.
+    pub index: u64,
+}
+
+/// Discovery's standing with Consul, without timestamps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewState {
+    Starting,
+    Reachable,
+    Unreachable(String),
+    Failed(String),
+}
+
+impl View {
+    fn of(s: &Snapshot) -> View {
+        View {
+            at: Instant::now(),
+            ids: s.instances.iter().map(|i| i.id.clone()).collect(),
+            state: match &s.consul {
+                ConsulState::Starting => ViewState::Starting,
+                ConsulState::Reachable => ViewState::Reachable,
+                ConsulState::Unreachable { error, .. } => ViewState::Unreachable(error.clone()),
+                ConsulState::Failed { error } => ViewState::Failed(error.clone()),
+            },
+            index: s.index,
+        }
+    }
+
+    /// Whether `id` is listed as passing.
+    pub fn lists(&self, id: &str) -> bool {
+        self.ids.iter().any(|i| i == id)
+    }
+
+    /// Reachable, and listing every one of `ids`.
+    pub fn lists_all(&self, ids: &[String]) -> bool {
+        self.state == ViewState::Reachable && ids.iter().all(|id| self.lists(id))
+    }
+}
+
+/// Every snapshot a client's discovery publishes, recorded as it comes.
+#[derive(Debug)]
+pub struct DiscoveryLog {
+    shared: Arc<Shared<View>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DiscoveryLog {
+    /// Follow `client`'s discovery (its current snapshot included).
+    pub fn start(client: &EchoClient) -> DiscoveryLog {
+        let mut rx = client.discovery();
+        let shared = Arc::new(Shared::new());
+        let sink = shared.clone();
+        let task = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            loop {
+                let view = View::of(&rx.borrow_and_update());
+                sink.push(view);
+                let next = tokio::time::timeout_at(started + MAX_RUN, rx.changed()).await;
+                if !matches!(next, Ok(Ok(()))) {
+                    return;
+                }
+            }
+        });
+        DiscoveryLog { shared, task }
+    }
+
+    /// Every view so far.
+    pub fn views(&self) -> Vec<View> {
+        self.shared.all()
+    }
+
+    /// The latest view.
+    pub fn latest(&self) -> Option<View> {
+        lock(&self.shared.items).last().cloned()
+    }
+
+    /// Wait for a view published at or after `after` that satisfies `pred`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        after: Instant,
+        timeout: Duration,
+        pred: impl Fn(&View) -> bool,
+    ) -> Result<View> {
+        self.shared
+            .wait(what, timeout, |v| v.at >= after && pred(v))
+            .await
+    }
+
+    /// The moment from which the views have satisfied `pred` without a break, if the latest
+    /// does: the start of the current run of good views (not before `after`).
+    pub fn holds_since(&self, after: Instant, pred: impl Fn(&View) -> bool) -> Option<Instant> {
+        let views = lock(&self.shared.items);
+        let mut since = None;
+        for v in views.iter() {
+            match (pred(v), since) {
+                (true, None) => since = Some(v.at.max(after)),
+                (false, _) => since = None,
+                _ => {}
+            }
+        }
+        since
+    }
+}
+
+impl Drop for DiscoveryLog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(seq: u64, latency_ms: u64, ok: bool) -> Outcome {
+        let now = Instant::now();
+        Outcome {
+            seq,
+            sent: now,
+            done: now,
+            result: if ok {
+                Ok(Served {
+                    instance: "a".into(),
+                    latency: Duration::from_millis(latency_ms),
+                    attempts: 1 + u32::from(seq.is_multiple_of(2)),
+                    exact: true,
+                })
+            } else {
+                Err("no instance".into())
+            },
+        }
+    }
+
+    #[test]
+    fn tallies_and_quantiles() {
+        let outcomes: Vec<_> = (1..=100).map(|i| outcome(i, i, i != 7)).collect();
+        let t = Tally::of(&outcomes);
+        assert_eq!((t.sent, t.lost, t.resent), (100, 1, 50));
+        assert_eq!(
+            latency_quantile(&outcomes, 0.99),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(
+            latency_quantile(&outcomes, 0.5),
+            Some(Duration::from_millis(51))
+        );
+        assert_eq!(latency_quantile(&[], 0.5), None);
+        assert_eq!(errors(&outcomes), ["message 7: no instance"]);
+    }
+}

@@ -1,0 +1,245 @@
+//! Scenario 3, Consul restarted: the agent is stopped and started again on the same ports. In
+//! dev mode it keeps no state, so every registration is gone and Consul's indexes start over.
+//! Every server must register again within two check intervals of the agent being back, and
+//! the client must cope with the index going backwards and keep every echo answered.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{
+    LIMIT, Row, SERVICE, ms,
+    observe::{DiscoveryLog, Tally, Traffic, ViewState, errors},
+};
+use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub servers: usize,
+    /// Check interval of the servers.
+    pub interval: Duration,
+    /// One echo every this long.
+    pub every: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            servers: 3,
+            interval: Duration::from_secs(1),
+            every: Duration::from_millis(50),
+        }
+    }
+}
+
+/// What was measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub consul: String,
+    #[serde(with = "ms")]
+    pub interval: Duration,
+    /// Stop → the new agent answers and has a leader.
+    #[serde(with = "ms")]
+    pub agent_down: Duration,
+    /// Agent ready → every server registered again (in any state).
+    #[serde(with = "ms::opt")]
+    pub re_registered: Option<Duration>,
+    /// Agent ready → every server passing.
+    #[serde(with = "ms::opt")]
+    pub passing: Option<Duration>,
+    /// Agent ready → the client's discovery lists every server again.
+    #[serde(with = "ms::opt")]
+    pub client_view: Option<Duration>,
+    /// Consul's index of the client's view before the restart, of its first answer from the
+    /// new agent (dev mode starts over), and once it lists every server again.
+    pub index_before: u64,
+    pub first_index_after: u64,
+    pub index_after: u64,
+    /// Servers that logged their re-registration.
+    pub servers_re_registered: usize,
+    /// Echoes sent from the stop until the client listed every server again.
+    pub during_restart: Tally,
+    pub tally: Tally,
+    pub errors: Vec<String>,
+    pub panics: Vec<String>,
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl Outcome {
+    /// The invariants that did not hold.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.tally.lost > 0 {
+            v.push(format!("{} echoes failed", self.tally.lost));
+        }
+        match self.re_registered {
+            None => v.push("not every server registered again".into()),
+            Some(d) if d >= 2 * self.interval => v.push(format!(
+                "re-registration took {} (two intervals: {})",
+                super::secs(d),
+                super::secs(2 * self.interval)
+            )),
+            Some(_) => {}
+        }
+        if self.client_view.is_none() {
+            v.push("the client's view did not recover".into());
+        }
+        if !self.panics.is_empty() {
+            v.push(format!("panics: {:?}", self.panics));
+        }
+        v
+    }
+
+    /// The table's row.
+    pub fn rows(&self) -> Vec<Row> {
+        vec![Row {
+            scenario: super::Scenario::Restarted.title().into(),
+            injected: format!(
+                "agent stopped and started again (down {}), state lost",
+                super::secs(self.agent_down)
+            ),
+            sent: self.tally.sent,
+            lost: self.tally.lost,
+            recovery: format!(
+                "all re-registered {} after the agent was back (limit {}); client view {}",
+                super::secs_or(self.re_registered, "never"),
+                super::secs(2 * self.interval),
+                super::secs_or(self.client_view, "never")
+            ),
+            recovery_ms: self.re_registered.map(|d| d.as_secs_f64() * 1e3),
+            peak_rss_kib: self.peak_rss_kib,
+            violations: self.violations(),
+        }]
+    }
+
+    /// How each figure was measured, with the figures.
+    pub fn details(&self) -> String {
+        format!(
+            "**3. Consul restarted.** The agent was down (stop → new agent ready) for {}. \
+             Counting from the moment it was ready again: every server was registered after {} \
+             (a blocking query on the service's health), passing after {}, and the client's \
+             discovery listed them all after {}, its index going from {} to {} (the new \
+             agent's first answer) and then {}. {} \
+             servers logged their re-registration. {} echoes from the stop to the client's \
+             recovery, {} failed.\n",
+            super::secs(self.agent_down),
+            super::secs_or(self.re_registered, "never"),
+            super::secs_or(self.passing, "never"),
+            super::secs_or(self.client_view, "never"),
+            self.index_before,
+            self.first_index_after,
+            self.index_after,
+            self.servers_re_registered,
+            self.during_restart.sent,
+            self.during_restart.lost,
+        )
+    }
+}
+
+/// Run the scenario.
+pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+    step("starting Consul");
+    let mut consul = Consul::start_with(ConsulOptions::from_env()?).await?;
+    step("starting echo servers");
+    let mut servers = super::start_servers(
+        launcher,
+        &consul,
+        consul.config(),
+        config.servers,
+        config.interval,
+    )
+    .await?;
+    let ids = super::ids(&servers);
+    let client = super::client(consul.config(), Duration::from_secs(2))?;
+    let discovery = DiscoveryLog::start(&client);
+    let before = discovery
+        .wait_for(
+            "discovery to list every server",
+            Instant::now(),
+            LIMIT,
+            |v| v.lists_all(&ids),
+        )
+        .await?;
+    let traffic = Traffic::start(&client, "restarted", config.every, 100_000);
+    traffic
+        .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
+        .await?;
+    let index_before = discovery.latest().map_or(before.index, |v| v.index);
+
+    step("restarting Consul");
+    let t0 = Instant::now();
+    consul.restart().await?;
+    let ready = Instant::now();
+    step("Consul is back; waiting for every server to register again");
+    let direct = consul.client();
+    let registered = wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
+        ids.iter()
+            .all(|id| entries.iter().any(|e| &e.service.id == id))
+    })
+    .await
+    .ok()
+    .map(|(_, at)| at.into_std().saturating_duration_since(ready));
+    let passing = wait::health_until(&direct, SERVICE, true, LIMIT, |entries| {
+        ids.iter()
+            .all(|id| entries.iter().any(|e| &e.service.id == id))
+    })
+    .await
+    .ok()
+    .map(|(_, at)| at.into_std().saturating_duration_since(ready));
+    let after = discovery
+        .wait_for(
+            "the client's view to list every server",
+            ready,
+            LIMIT,
+            |v| v.lists_all(&ids) && v.state == ViewState::Reachable,
+        )
+        .await
+        .ok();
+    let client_view = after
+        .as_ref()
+        .map(|v| v.at.saturating_duration_since(ready));
+    let first_index_after = discovery
+        .views()
+        .iter()
+        .find(|v| v.at >= t0 && v.state == ViewState::Reachable)
+        .map_or(0, |v| v.index);
+    let view_end = after.as_ref().map_or_else(Instant::now, |v| v.at);
+    let servers_re_registered = servers
+        .iter()
+        .filter(|s| {
+            !s.process
+                .output()
+                .matching("re-registered with Consul")
+                .is_empty()
+        })
+        .count();
+
+    tokio::time::sleep(config.interval).await;
+    let outcomes = traffic.finish().await;
+    let during: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.sent >= t0 && o.sent <= view_end)
+        .cloned()
+        .collect();
+    let exited = super::exited(&mut servers);
+    let mut panics = super::panics(servers.iter().map(|s| s.process.output()));
+    panics.extend(exited.iter().map(|id| format!("{id} exited")));
+    Ok(Outcome {
+        consul: super::consul_label(&consul),
+        interval: config.interval,
+        agent_down: ready - t0,
+        re_registered: registered,
+        passing,
+        client_view,
+        index_before,
+        first_index_after,
+        index_after: after.map_or(0, |v| v.index),
+        servers_re_registered,
+        during_restart: Tally::of(&during),
+        tally: Tally::of(&outcomes),
+        errors: errors(&outcomes),
+        panics,
+        peak_rss_kib: super::peak_rss(&servers),
+    })
+}

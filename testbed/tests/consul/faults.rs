@@ -1,0 +1,169 @@
+//! The fault and security scenarios of `testbed::faults`, each with short settings, asserting
+//! their invariants: no echo lost, no panic or exit, recovery happened, errors are clear, no
+//! token printed, memory bounded (generously).
+
+use std::time::Duration;
+
+use testbed::{
+    faultproxy::Fault,
+    faults::{self, Scenario},
+};
+
+use crate::common::{init_tracing, launcher};
+
+fn show(outcome: &impl serde::Serialize) {
+    eprintln!("{}", serde_json::to_string_pretty(outcome).unwrap());
+}
+
+fn step(msg: &str) {
+    eprintln!("-- {msg}");
+}
+
+#[tokio::test]
+async fn hung_server_leaves_and_rejoins_rotation_without_losing_an_echo() {
+    init_tracing();
+    let config = faults::hung::Config {
+        hold: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let o = faults::hung::run(&launcher(), &config, &step)
+        .await
+        .unwrap();
+    show(&o);
+    assert!(o.violations().is_empty(), "{:?}", o.violations());
+    assert_eq!(o.tally.lost, 0);
+    assert!(o.during_fault.sent > 0);
+    assert!(
+        o.check_output.contains("Timeout exceeded"),
+        "{}",
+        o.check_output
+    );
+    let left = o.left_rotation.unwrap();
+    // Check interval + timeout + a blocking query's answer: a generous "no hang" bound.
+    assert!(left < Duration::from_secs(10), "{left:?}");
+    assert!(o.failover.unwrap() < Duration::from_secs(5));
+    assert!(o.rejoined_rotation.unwrap() < Duration::from_secs(10));
+    assert!(o.survived);
+    assert_eq!(o.rows()[0].scenario, Scenario::Hung.title());
+}
+
+#[tokio::test]
+async fn paused_consul_costs_no_echo_and_everything_converges() {
+    init_tracing();
+    let config = faults::paused::Config {
+        pause: Duration::from_secs(6),
+        ..Default::default()
+    };
+    let o = faults::paused::run(&launcher(), &config, &step)
+        .await
+        .unwrap();
+    show(&o);
+    assert!(o.violations().is_empty(), "{:?}", o.violations());
+    assert_eq!(o.during_pause.lost, 0);
+    assert!(o.during_pause.sent > 0);
+    assert_eq!(o.direct_echoes.0, o.direct_echoes.1);
+    assert!(o.registrations_lost.is_empty());
+    assert!(o.converged.unwrap() < Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn restarted_consul_gets_every_registration_back_within_two_intervals() {
+    init_tracing();
+    let config = faults::restarted::Config::default();
+    let o = faults::restarted::run(&launcher(), &config, &step)
+        .await
+        .unwrap();
+    show(&o);
+    assert!(o.violations().is_empty(), "{:?}", o.violations());
+    assert!(o.re_registered.unwrap() < 2 * config.interval);
+    assert_eq!(o.servers_re_registered, config.servers);
+    assert!(
+        o.first_index_after > 0,
+        "the client was answered by the new agent"
+    );
+    assert!(o.client_view.is_some());
+    assert_eq!(o.tally.lost, 0);
+}
+
+#[tokio::test]
+async fn behind_a_faulty_proxy_servers_and_clients_log_back_off_and_recover() {
+    init_tracing();
+    let config = faults::proxy::Config {
+        hold: Duration::from_secs(1),
+        faults: vec![
+            Fault::Delay(Duration::from_secs(1)),
+            Fault::Drop,
+            Fault::Cut,
+            Fault::BadJson,
+            Fault::Truncated,
+            Fault::Status(500),
+            Fault::Status(429),
+        ],
+        ..Default::default()
+    };
+    let o = faults::proxy::run(&launcher(), &config, &step)
+        .await
+        .unwrap();
+    show(&o);
+    assert!(o.violations().is_empty(), "{:?}", o.violations());
+    assert_eq!(o.phases.len(), config.faults.len());
+    for p in o.phases.iter().filter(|p| p.fault.is_failure()) {
+        assert_eq!(p.server_errors.len(), config.servers, "{:?}", p.fault);
+        assert!(p.client_error.is_some(), "{:?}", p.fault);
+        assert!(
+            p.clear,
+            "{:?}: {:?} {:?}",
+            p.fault, p.server_errors, p.client_error
+        );
+        assert!(
+            p.recovered.unwrap() < Duration::from_secs(15),
+            "{:?}",
+            p.fault
+        );
+    }
+    assert!(o.all_registered);
+    assert_eq!(o.tally.lost, 0);
+}
+
+#[tokio::test]
+async fn with_acls_refusals_are_clear_permissions_are_narrow_and_no_token_is_printed() {
+    init_tracing();
+    let config = faults::acl::Config {
+        messages: 5,
+        ..Default::default()
+    };
+    let o = faults::acl::run(&launcher(), &config, &step).await.unwrap();
+    show(&o);
+    assert!(o.violations().is_empty(), "{:?}", o.violations());
+    assert!(o.cases.len() >= 7);
+    assert!(o.cases.iter().all(|c| c.ok), "{:#?}", o.cases);
+    assert!(o.tokens_printed.is_empty());
+    assert_eq!((o.client.sent, o.client.lost), (5, 0));
+    let intruder = o.cases.iter().find(|c| c.who.contains("intruder")).unwrap();
+    assert!(
+        intruder.observed.contains("Permission denied"),
+        "{}",
+        intruder.observed
+    );
+}
+
+#[tokio::test]
+async fn hostile_input_leaves_the_server_up_and_its_memory_bounded() {
+    init_tracing();
+    let config = faults::hostile::Config::default();
+    let o = faults::hostile::run(&launcher(), &config, &step)
+        .await
+        .unwrap();
+    show(&o);
+    assert!(o.violations().is_empty(), "{:?}", o.violations());
+    assert!(o.alive && o.fresh_echo && o.still_passing);
+    assert_eq!(o.stalled, config.stalled_conns);
+    assert_eq!(o.short_lived_ok, config.short_lived as u64);
+    assert_eq!(o.oversize_refused, config.oversize_conns as u64);
+    assert!(o.garbage_sent > 0);
+    // Generous: a leak or a frame-sized buffer per connection would break these.
+    assert!(o.peak_rss_kib < 256 << 10, "{} KiB", o.peak_rss_kib);
+    assert!(o.bytes_per_stalled_conn < 64.0 * 1024.0);
+    assert_eq!(o.quiet.lost + o.attack.lost, 0);
+    assert!(o.p99_ratio.is_some());
+}
