@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 /// A `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that stops the server. Per-connection trouble (a bad frame, a peer gone) is
+/// Everything that stops the server. The cause of a wrapped error is its `source()`, not part
+/// of its message: print the chain (`{:#}` of an `anyhow::Error`, as the binaries do) to see
+/// both, each once. Per-connection trouble (a bad frame, a peer gone) is
 /// never one of these: it closes that connection only.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -14,7 +16,7 @@ pub enum Error {
     Config(String),
 
     /// A listening socket could not be opened.
-    #[error("cannot listen for {what} on {addr}: {source}")]
+    #[error("cannot listen for {what} on {addr}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
@@ -24,7 +26,7 @@ pub enum Error {
 
     /// Consul refused the registration for good (a 403, a rejected definition): retrying
     /// would not help.
-    #[error("cannot register service {id:?} with Consul: {source}")]
+    #[error("cannot register service {id:?} with Consul")]
     Register {
         id: String,
         #[source]
@@ -36,7 +38,7 @@ pub enum Error {
     Consul(#[from] consul_api::Error),
 
     /// Signal handlers could not be installed.
-    #[error("cannot listen for {signal}: {source}")]
+    #[error("cannot listen for {signal}")]
     Signal {
         signal: &'static str,
         #[source]
@@ -46,4 +48,28 @@ pub enum Error {
     /// A task of the server panicked or was cancelled: a bug.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_chain_names_the_cause_once() {
+        let e = Error::Register {
+            id: "servernode_1".into(),
+            source: consul_api::Error::PermissionDenied {
+                method: "PUT",
+                path: "/v1/agent/service/register".into(),
+                message: "Permission denied".into(),
+            },
+        };
+        let printed = format!("{:#}", anyhow::Error::from(e));
+        assert!(printed.starts_with("cannot register service \"servernode_1\" with Consul: "));
+        assert_eq!(
+            printed.matches("refused the ACL token").count(),
+            1,
+            "{printed}"
+        );
+    }
 }
