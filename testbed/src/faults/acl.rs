@@ -88,25 +88,33 @@ impl Outcome {
 
     /// The table's row.
     pub fn rows(&self) -> Vec<Row> {
-        let refused: Vec<&Case> = self
+        let kind = |prefix: &str| {
+            self.cases
+                .iter()
+                .filter(|c| c.expected.starts_with(prefix))
+                .count()
+        };
+        let slowest_refusal = self
             .cases
             .iter()
             .filter(|c| c.expected.starts_with("refused"))
-            .collect();
-        let slowest = refused.iter().map(|c| c.took).max();
+            .map(|c| c.took)
+            .max();
         vec![Row {
             scenario: super::Scenario::Acl.title().into(),
             injected: format!(
-                "{} refused tokens (none, wrong, other name, too narrow); {} permitted",
-                refused.len(),
-                self.cases.len() - refused.len()
+                "{} tokens refused with 403 (servers: none, wrong, other name; client: wrong), \
+                 {} filtered to nothing (client: none, no node:read), {} permitted",
+                kind("refused"),
+                kind("sees no instance"),
+                kind("registers") + kind("discovers")
             ),
             sent: self.client.sent,
             lost: self.client.lost,
             recovery: format!(
-                "– (refused processes stop with a clear error within {}, no retry loop; {} \
+                "– (refused processes exit with a clear error within {}, no retry loop; {} \
                  secrets never printed)",
-                super::secs_or(slowest, "–"),
+                super::secs_or(slowest_refusal, "–"),
                 self.secrets_checked
             ),
             recovery_ms: None,
@@ -119,7 +127,8 @@ impl Outcome {
     pub fn details(&self) -> String {
         let mut out = String::from(
             "**5. ACLs, default deny.** Every process gets its token through \
-             `CONSUL_HTTP_TOKEN`; each output is searched for every secret afterwards.\n\n\
+             `CONSUL_HTTP_TOKEN`; each output (and the agent's log) is searched for every secret \
+             afterwards.\n\n\
              | who | expected | observed | took |\n|---|---|---|---:|\n",
         );
         for c in &self.cases {
@@ -394,6 +403,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
         outputs.push((who.into(), c.process.output().clone()));
     }
 
+    outputs.push(("the Consul agent".into(), consul.log().clone()));
     let peak_rss_kib = super::proc_status_kib(server.process.pid(), "VmHWM");
     server.process.kill().await?;
     let tokens_printed: Vec<String> = outputs

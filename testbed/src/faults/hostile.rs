@@ -210,7 +210,8 @@ impl Outcome {
             })
             .collect();
         let mut out = format!(
-            "**6. Hostile input.** {}. Garbage: {} bytes sent, {} echoed back. Oversized frames \
+            "**6. Hostile input.** {}. Garbage: {} bytes sent, {} echoed back (a last frame \
+             without its newline is answered at end of input, newline added). Oversized frames \
              refused with the error line: {} of {}. Short-lived connections: {} of {} answered \
              in {}. Server RSS (`VmRSS` of the process): {} KiB at start, {} KiB before and {} \
              KiB with the {} stalled connections ({:.0} bytes each), {} KiB at the end; peak \
