@@ -43,7 +43,7 @@ async fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,testbed=info,echo_server=info".into()),
+                .unwrap_or_else(|_| "warn,testbed=info,echo_server=info,echo_client=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -1,9 +1,11 @@
 //! Scenarios against real Consul, in one test binary so that they run in parallel: each test
 //! starts its own agent (a container, or a local process where no Docker engine answers).
 //!
+//! * [`client`] — echo-client: failover, Consul down, failing checks, the naive client.
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod client;
 mod common;
 mod harness;
