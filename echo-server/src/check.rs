@@ -143,7 +143,10 @@ pub(crate) async fn serve(
                 let response = respond(&req, &path, &health, peer, log_requests);
                 async move { Ok::<_, Infallible>(response) }
             });
+            // One request per connection (Consul's checker opens a new one each time), so
+            // an idle client cannot hold a slot.
             let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);

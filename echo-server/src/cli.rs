@@ -11,7 +11,8 @@ use crate::{config::Config, error::Result, server::Server, shutdown};
 
 /// A TCP echo service (newline-delimited frames, echoed byte-exact) that registers itself
 /// with the local Consul agent, serves an HTTP check, re-registers when its entry disappears
-/// and deregisters on SIGINT/SIGTERM. SIGUSR1 flips /check between 200 and a forced 503.
+/// and deregisters on SIGINT/SIGTERM (or SIGHUP). SIGUSR1 flips /check between 200 and a
+/// forced 503.
 ///
 /// Consul's address and ACL token come from CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN (or
 /// CONSUL_HTTP_TOKEN_FILE). Durations are written as Go writes them: 5s, 250ms, 1m30s.

@@ -7,7 +7,7 @@
 //! * [`check`] — the HTTP `/check` Consul calls, and the [`Health`] handle that forces it 503;
 //! * [`registration`] — register with retries, re-register when the entry disappears,
 //!   deregister on shutdown;
-//! * [`shutdown`] — SIGINT/SIGTERM start the shutdown, SIGUSR1 flips `/check`;
+//! * [`shutdown`] — SIGINT/SIGTERM (and SIGHUP) start the shutdown, SIGUSR1 flips `/check`;
 //! * [`cli`] — the command line ([`cli::Args`]) and [`cli::run`];
 //! * [`error`] — the one error type.
 //!

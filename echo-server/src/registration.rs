@@ -29,7 +29,10 @@ pub(crate) struct Registrar {
     registration: Arc<AgentServiceRegistration>,
     id: String,
     interval: Duration,
+    /// Consul confirmed the registration (and nothing has said it is gone since).
     registered: Arc<AtomicBool>,
+    /// A registration was sent; it may have reached the agent even if its answer did not.
+    attempted: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +57,7 @@ impl Registrar {
             id,
             interval,
             registered: Arc::new(AtomicBool::new(false)),
+            attempted: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -131,8 +135,9 @@ impl Registrar {
     /// Deregister if registered; failures are logged, never fatal (Consul drops the service
     /// by itself once its check has failed for `DeregisterCriticalServiceAfter`).
     pub(crate) async fn deregister(&self) {
-        if !self.registered.swap(false, Ordering::SeqCst) {
-            tracing::info!(id = %self.id, "not registered: nothing to deregister");
+        let confirmed = self.registered.swap(false, Ordering::SeqCst);
+        if !confirmed && !self.attempted.load(Ordering::SeqCst) {
+            tracing::info!(id = %self.id, "never registered: nothing to deregister");
             return;
         }
         let started = Instant::now();
@@ -144,6 +149,14 @@ impl Registrar {
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(Ok(())) => tracing::info!(id = %self.id, elapsed_ms, "deregistered from Consul"),
+            // A registration was in flight at shutdown and its answer never came: deregister
+            // in case it landed, quietly if it did not.
+            Ok(Err(e)) if !confirmed => {
+                tracing::debug!(id = %self.id, error = %e, "nothing to deregister");
+            }
+            Err(_) if !confirmed => {
+                tracing::debug!(id = %self.id, "deregistration of an unconfirmed registration timed out");
+            }
             Ok(Err(e)) => tracing::warn!(
                 id = %self.id,
                 error = %e,
@@ -166,6 +179,7 @@ impl Registrar {
         });
         let started = Instant::now();
         let call = || async {
+            self.attempted.store(true, Ordering::SeqCst);
             self.client
                 .agent()
                 .service_register(&self.registration)

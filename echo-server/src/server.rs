@@ -440,15 +440,22 @@ impl Handler {
         tracing::info!(peer = %self.peer, max_frame = max, "frame too long: answered an error line and closed the connection");
         let cut = self.cut.clone();
         let limit = self.idle_timeout.min(LINGER_TIME);
+        // Answers to the frames before go out first. The line is written raw: with a tiny
+        // limit it may be longer than a frame may be.
         if !matches!(
-            bounded(&cut, limit, self.framed.send(line.as_bytes())).await,
+            bounded(&cut, limit, SinkExt::<Bytes>::flush(&mut self.framed)).await,
             Step::Done(Ok(()))
         ) {
             return;
         }
         let mut socket = self.framed.into_inner();
+        let write_and_close = async {
+            socket.write_all(line.as_bytes()).await?;
+            socket.write_all(b"\n").await?;
+            socket.shutdown().await
+        };
         if !matches!(
-            bounded(&cut, limit, socket.shutdown()).await,
+            bounded(&cut, limit, write_and_close).await,
             Step::Done(Ok(()))
         ) {
             return;

@@ -1,6 +1,7 @@
 //! Process signals: SIGINT or SIGTERM start the clean shutdown (as the shutdown future given
-//! to [`Server::run`](crate::Server::run)); SIGUSR1 flips `/check` between healthy and a
-//! forced 503 while the echo port keeps answering, for fault drills.
+//! to [`Server::run`](crate::Server::run)), and so does SIGHUP (its terminal went away), so
+//! that none of them leaves a stale registration behind; SIGUSR1 flips `/check` between
+//! healthy and a forced 503 while the echo port keeps answering, for fault drills.
 
 use std::future::Future;
 
@@ -14,8 +15,8 @@ use crate::{
     error::{Error, Result},
 };
 
-/// Install the SIGINT and SIGTERM handlers now (so neither kills the process from here on)
-/// and return a future that completes at the first of them.
+/// Install the SIGINT, SIGTERM and SIGHUP handlers now (so none kills the process from here
+/// on) and return a future that completes at the first of them.
 pub fn terminate() -> Result<impl Future<Output = ()> + Send + 'static> {
     let install = |kind, name| {
         signal(kind).map_err(|source| Error::Signal {
@@ -25,10 +26,12 @@ pub fn terminate() -> Result<impl Future<Output = ()> + Send + 'static> {
     };
     let mut int = install(SignalKind::interrupt(), "SIGINT")?;
     let mut term = install(SignalKind::terminate(), "SIGTERM")?;
+    let mut hup = install(SignalKind::hangup(), "SIGHUP")?;
     Ok(async move {
         let name = tokio::select! {
             _ = int.recv() => "SIGINT",
             _ = term.recv() => "SIGTERM",
+            _ = hup.recv() => "SIGHUP",
         };
         tracing::info!(signal = name, "shutdown requested");
     })

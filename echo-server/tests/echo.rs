@@ -129,6 +129,27 @@ async fn an_oversized_frame_closes_only_its_connection() {
 }
 
 #[tokio::test]
+async fn a_tiny_frame_limit_still_gets_the_whole_error_line() {
+    let server = Running::start(Config {
+        max_frame: 4,
+        ..Config::local()
+    })
+    .await;
+    let mut socket = TcpStream::connect(server.echo).await.unwrap();
+    socket.write_all(b"1234\n12345\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(LIMIT, socket.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "1234\nerror: frame longer than 4 bytes\n"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn the_connection_cap_holds_excess_peers_until_a_slot_frees() {
     let server = Running::start(Config {
         max_connections: 2,

@@ -236,13 +236,19 @@ impl Consul {
         Ok(())
     }
 
-    /// Wait until the agent answers and knows a leader.
+    /// Wait until the agent answers and knows a leader (and, with ACLs on, until the leader
+    /// has set up the management token, which it does just after its election).
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let client = self.client();
         let deadline = tokio::time::Instant::now() + timeout;
+        let acl = self.options.acl_management_token.is_some();
         loop {
             let last = match client.status().leader().await {
-                Ok(leader) if !leader.is_empty() => return Ok(()),
+                Ok(leader) if !leader.is_empty() && !acl => return Ok(()),
+                Ok(leader) if !leader.is_empty() => match client.agent().agent_self().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => format!("management token not usable yet: {e}"),
+                },
                 Ok(_) => "no leader elected yet".to_owned(),
                 Err(e) => e.to_string(),
             };

@@ -3,9 +3,11 @@
 //!
 //! * [`client`] — echo-client: failover, Consul down, failing checks, the naive client.
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors.
+//! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod client;
 mod common;
 mod harness;
+mod server;
