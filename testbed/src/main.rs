@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
     Deregistration(DeregistrationArgs),
+    /// The echo client (the same as the `echo-client` binary).
+    EchoClient(Box<echo_client::cli::Args>),
     /// Build the local Consul image (idempotent: instant when it exists).
     Image,
     /// Start Consul, register a checked service, see it pass, deregister it.
@@ -60,7 +62,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,testbed=info,echo_server=info".into()),
+                .unwrap_or_else(|_| "warn,testbed=info,echo_server=info,echo_client=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -76,6 +78,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Deregistration(args) => deregistration(args).await,
+        Command::EchoClient(args) => Ok(echo_client::cli::run(*args).await?),
         Command::Image => {
             let started = Instant::now();
             let engine = docker::connect().await?;

@@ -1,12 +1,14 @@
 //! Scenarios against real Consul, in one test binary so that they run in parallel: each test
 //! starts its own agent (a container, or a local process where no Docker engine answers).
 //!
+//! * [`client`] — echo-client: failover, Consul down, failing checks, the naive client;
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
-//! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors.
+//! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors;
 //! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod client;
 mod common;
 mod deregistration;
 mod harness;

@@ -1,0 +1,293 @@
+//! The balancer: picks which passing instance to connect to. Pure: no I/O, no clock of its
+//! own (callers pass `now`), so every rule is unit-tested.
+//!
+//! * It chooses among the instances discovery last published, round-robin or by
+//!   power-of-two-choices (the lower smoothed round-trip time of two random candidates).
+//! * An instance that failed locally (refused, reset, timed out) is ejected for a cooldown
+//!   that doubles with consecutive failures (capped), and skipped until it expires; a success
+//!   clears its record. Records are forgotten when an instance leaves the passing set, so an
+//!   instance Consul lists again starts clean.
+//! * The session stays on a working connection; the balancer only says whether the current
+//!   instance is still listed and whether there is somewhere else to go.
+
+use std::{collections::HashMap, time::Duration};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio::time::Instant;
+
+use crate::discovery::Instance;
+
+/// How to choose among usable instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Strategy {
+    /// Each new connection goes to the next instance in ID order.
+    #[default]
+    RoundRobin,
+    /// Two random candidates; the one with the lower smoothed round-trip time wins (an
+    /// instance never measured counts as fastest, so it gets tried).
+    PowerOfTwoChoices,
+}
+
+/// The local record of one instance.
+#[derive(Debug, Clone, Default)]
+struct Local {
+    address: String,
+    failures: u32,
+    ejected_until: Option<Instant>,
+    rtt: Option<Duration>,
+}
+
+/// Picks instances; see the module documentation.
+#[derive(Debug)]
+pub struct Balancer {
+    strategy: Strategy,
+    cooldown: Duration,
+    max_cooldown: Duration,
+    instances: Vec<Instance>,
+    local: HashMap<String, Local>,
+    next: usize,
+    rng: StdRng,
+}
+
+impl Balancer {
+    /// A balancer ejecting failed instances for `cooldown`, doubling per consecutive failure
+    /// up to 16 × `cooldown`.
+    pub fn new(strategy: Strategy, cooldown: Duration) -> Self {
+        Balancer {
+            strategy,
+            cooldown,
+            max_cooldown: cooldown.saturating_mul(16),
+            instances: Vec::new(),
+            local: HashMap::new(),
+            next: 0,
+            rng: StdRng::from_rng(&mut rand::rng()),
+        }
+    }
+
+    /// Make random choices reproducible.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.rng = StdRng::seed_from_u64(seed);
+        self
+    }
+
+    /// Replace the passing set. Records of instances that left it (or moved to another
+    /// address) are forgotten.
+    pub fn update(&mut self, instances: &[Instance]) {
+        self.instances = instances.to_vec();
+        let keep: HashMap<&str, String> = instances
+            .iter()
+            .map(|i| (i.id.as_str(), i.address()))
+            .collect();
+        self.local
+            .retain(|id, l| keep.get(id.as_str()).is_some_and(|a| *a == l.address));
+    }
+
+    /// The passing set.
+    pub fn instances(&self) -> &[Instance] {
+        &self.instances
+    }
+
+    /// Whether `instance` (same ID and address) is in the passing set.
+    pub fn contains(&self, instance: &Instance) -> bool {
+        self.instances.iter().any(|i| i == instance)
+    }
+
+    fn usable(&self, instance: &Instance, now: Instant) -> bool {
+        self.local
+            .get(&instance.id)
+            .and_then(|l| l.ejected_until)
+            .is_none_or(|until| until <= now)
+    }
+
+    /// Whether some usable instance other than `current` exists.
+    pub fn has_alternative(&self, current: &Instance, now: Instant) -> bool {
+        self.instances
+            .iter()
+            .any(|i| i != current && self.usable(i, now))
+    }
+
+    /// Choose an instance to connect to, or `None` when every passing instance is ejected
+    /// (or there is none).
+    pub fn pick(&mut self, now: Instant) -> Option<Instance> {
+        let usable: Vec<usize> = (0..self.instances.len())
+            .filter(|&i| self.usable(&self.instances[i], now))
+            .collect();
+        if usable.is_empty() {
+            return None;
+        }
+        let chosen = match self.strategy {
+            Strategy::RoundRobin => {
+                let n = self.instances.len();
+                let start = self.next % n;
+                let pos = (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|i| usable.contains(i))?;
+                self.next = pos + 1;
+                pos
+            }
+            Strategy::PowerOfTwoChoices => {
+                if usable.len() == 1 {
+                    usable[0]
+                } else {
+                    let a = self.rng.random_range(0..usable.len());
+                    let mut b = self.rng.random_range(0..usable.len() - 1);
+                    if b >= a {
+                        b += 1;
+                    }
+                    let (a, b) = (usable[a], usable[b]);
+                    let rtt = |i: usize| {
+                        self.local
+                            .get(&self.instances[i].id)
+                            .and_then(|l| l.rtt)
+                            .unwrap_or(Duration::ZERO)
+                    };
+                    if rtt(b) < rtt(a) { b } else { a }
+                }
+            }
+        };
+        Some(self.instances[chosen].clone())
+    }
+
+    fn record(&mut self, instance: &Instance) -> &mut Local {
+        let local = self.local.entry(instance.id.clone()).or_default();
+        let address = instance.address();
+        if local.address != address {
+            *local = Local {
+                address,
+                ..Local::default()
+            };
+        }
+        local
+    }
+
+    /// `instance` failed: skip it until its cooldown expires. Returns the cooldown applied.
+    pub fn eject(&mut self, instance: &Instance, now: Instant) -> Duration {
+        let (base, max) = (self.cooldown, self.max_cooldown);
+        let local = self.record(instance);
+        let doublings = local.failures.min(16);
+        local.failures = local.failures.saturating_add(1);
+        let cooldown = base.saturating_mul(1 << doublings).min(max);
+        local.ejected_until = Some(now + cooldown);
+        cooldown
+    }
+
+    /// `instance` answered in `rtt`: clear its failures and fold the time into its average.
+    pub fn succeeded(&mut self, instance: &Instance, rtt: Duration) {
+        let local = self.record(instance);
+        local.failures = 0;
+        local.ejected_until = None;
+        local.rtt = Some(match local.rtt {
+            None => rtt,
+            Some(avg) => (avg * 4 + rtt) / 5,
+        });
+    }
+
+    /// When the earliest ejection among passing instances ends, if any is ejected.
+    pub fn next_unejection(&self, now: Instant) -> Option<Instant> {
+        self.instances
+            .iter()
+            .filter_map(|i| self.local.get(&i.id)?.ejected_until)
+            .filter(|until| *until > now)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(n: u16) -> Vec<Instance> {
+        (1..=n)
+            .map(|i| Instance::new(format!("s{i}"), "127.0.0.1", 9000 + i))
+            .collect()
+    }
+
+    fn ids(picks: &[Option<Instance>]) -> Vec<&str> {
+        picks
+            .iter()
+            .map(|p| p.as_ref().map_or("-", |i| i.id.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_cycles_and_skips_ejected() {
+        let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1));
+        let now = Instant::now();
+        assert_eq!(b.pick(now), None, "nothing to pick from");
+        b.update(&set(3));
+        let picks: Vec<_> = (0..4).map(|_| b.pick(now)).collect();
+        assert_eq!(ids(&picks), ["s1", "s2", "s3", "s1"]);
+        b.eject(&set(3)[1], now);
+        let picks: Vec<_> = (0..3).map(|_| b.pick(now)).collect();
+        assert_eq!(ids(&picks), ["s3", "s1", "s3"]);
+    }
+
+    #[test]
+    fn cooldown_expires_and_doubles_per_consecutive_failure() {
+        let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1));
+        let s1 = Instance::new("s1", "127.0.0.1", 1);
+        b.update(std::slice::from_ref(&s1));
+        let t0 = Instant::now();
+        assert_eq!(b.eject(&s1, t0), Duration::from_secs(1));
+        assert_eq!(b.pick(t0), None);
+        assert_eq!(b.next_unejection(t0), Some(t0 + Duration::from_secs(1)));
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(b.pick(t1), Some(s1.clone()), "cooldown over");
+        assert_eq!(b.eject(&s1, t1), Duration::from_secs(2));
+        assert_eq!(b.eject(&s1, t1), Duration::from_secs(4));
+        for _ in 0..40 {
+            b.eject(&s1, t1);
+        }
+        assert_eq!(b.eject(&s1, t1), Duration::from_secs(16), "capped");
+        b.succeeded(&s1, Duration::from_millis(1));
+        assert_eq!(b.pick(t1), Some(s1.clone()), "a success clears the record");
+        assert_eq!(b.eject(&s1, t1), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn leaving_the_set_forgets_the_record() {
+        let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(10));
+        let now = Instant::now();
+        let all = set(2);
+        b.update(&all);
+        b.eject(&all[0], now);
+        assert!(!b.has_alternative(&all[1], now), "s1 is ejected");
+        assert!(b.has_alternative(&all[0], now));
+        b.update(&all[1..]);
+        assert!(!b.contains(&all[0]));
+        b.update(&all);
+        assert!(b.has_alternative(&all[1], now), "s1 is listed again: clean");
+        // Same ID, new address (restarted elsewhere): a new instance.
+        b.eject(&all[0], now);
+        let moved = Instance::new("s1", "127.0.0.1", 1234);
+        b.update(&[moved.clone(), all[1].clone()]);
+        assert!(b.contains(&moved) && !b.contains(&all[0]));
+        assert!(b.has_alternative(&all[1], now));
+    }
+
+    #[test]
+    fn power_of_two_choices_prefers_the_faster_and_spreads() {
+        let mut b = Balancer::new(Strategy::PowerOfTwoChoices, Duration::from_secs(1)).with_seed(7);
+        let all = set(2);
+        b.update(&all);
+        b.succeeded(&all[0], Duration::from_millis(50));
+        b.succeeded(&all[1], Duration::from_millis(1));
+        let now = Instant::now();
+        for _ in 0..20 {
+            assert_eq!(b.pick(now).unwrap().id, "s2", "of two, the faster");
+        }
+        b.eject(&all[1], now);
+        assert_eq!(b.pick(now).unwrap().id, "s1", "the only usable one");
+
+        let mut b = Balancer::new(Strategy::PowerOfTwoChoices, Duration::from_secs(1)).with_seed(1);
+        b.update(&set(4));
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            seen.insert(b.pick(now).unwrap().id);
+        }
+        assert!(
+            seen.len() >= 3,
+            "unmeasured instances all get tried: {seen:?}"
+        );
+    }
+}

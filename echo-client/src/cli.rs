@@ -1,0 +1,218 @@
+//! The command line: [`Args`] (clap) and [`run`], shared by the `echo-client` binary and
+//! `testbed echo-client`. Stdout gets one line per reply (see [`Reply::line`]) and a final
+//! `done ...` line; logs go to stderr.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use clap::{Parser, ValueEnum};
+use consul_api::GoDuration;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::{
+    balancer::Strategy,
+    client::{ClientConfig, EchoClient, Reply},
+    error::{Error, Result},
+    naive::{self, NaiveConfig},
+};
+
+/// Which client to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// The seed article's client: agent service list, one ID, no failover.
+    Naive,
+    /// Healthy instances by blocking queries, failover without losing a message.
+    Resilient,
+}
+
+/// How to choose among passing instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Balance {
+    RoundRobin,
+    P2c,
+}
+
+/// Send messages to an echo service found through Consul (CONSUL_HTTP_ADDR,
+/// CONSUL_HTTP_TOKEN) and print each reply with the instance that served it.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "echo-client", version)]
+pub struct Args {
+    /// The service name to discover.
+    #[arg(long, default_value = "servernode")]
+    pub service: String,
+    /// Naive mode: the service ID to look up (default: the service name with _1 appended).
+    #[arg(long)]
+    pub service_id: Option<String>,
+    /// Only instances with this tag.
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Ask this datacenter instead of the agent's own.
+    #[arg(long)]
+    pub datacenter: Option<String>,
+    /// How many replies to get.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+    /// Pause between messages (Go syntax: 1s, 250ms).
+    #[arg(long, default_value = "1s")]
+    pub interval: GoDuration,
+    /// Message text; message N is the text, a comma and N ("hello world, 001").
+    #[arg(long, default_value = "hello world")]
+    pub message: String,
+    /// Naive (the seed article's client) or resilient.
+    #[arg(long, value_enum, default_value_t = Mode::Resilient)]
+    pub mode: Mode,
+    /// Give up when a message is not answered for this long (naive: no reply for this long).
+    #[arg(long, default_value = "30s")]
+    pub timeout: GoDuration,
+    /// Treat an instance as failed when its reply takes longer than this.
+    #[arg(long, default_value = "2s")]
+    pub reply_timeout: GoDuration,
+    /// Deadline to connect to an instance.
+    #[arg(long, default_value = "1s")]
+    pub connect_timeout: GoDuration,
+    /// First ejection cooldown of a failed instance (doubles per consecutive failure).
+    #[arg(long, default_value = "2s")]
+    pub cooldown: GoDuration,
+    /// How to choose among passing instances.
+    #[arg(long, value_enum, default_value_t = Balance::RoundRobin)]
+    pub balance: Balance,
+}
+
+/// Run the client the arguments describe.
+pub async fn run(args: Args) -> Result<()> {
+    if args.message.contains('\n') {
+        return Err(Error::InvalidMessage(
+            "--message cannot contain a newline".into(),
+        ));
+    }
+    let consul = consul_api::Config::from_env().map_err(|e| Error::Config(e.to_string()))?;
+    match args.mode {
+        Mode::Naive => run_naive(args, consul).await,
+        Mode::Resilient => run_resilient(args, consul).await,
+    }
+}
+
+async fn run_naive(args: Args, consul: consul_api::Config) -> Result<()> {
+    let service_id = args
+        .service_id
+        .clone()
+        .unwrap_or_else(|| format!("{}_1", args.service));
+    let summary = naive::run(NaiveConfig {
+        consul,
+        service_id,
+        message: args.message,
+        count: args.count,
+        interval: args.interval.into(),
+        poll: Duration::from_secs(1),
+        timeout: args.timeout.into(),
+        io_timeout: args.reply_timeout.into(),
+    })
+    .await?;
+    println!(
+        "done mode=naive sent={} replies={} lost={} mismatched={} not_found={} dial_errors={}",
+        summary.sent,
+        summary.replies,
+        summary.sent - summary.replies,
+        summary.mismatched,
+        summary.not_found,
+        summary.dial_errors
+    );
+    mismatch_check(summary.mismatched, summary.replies)
+}
+
+async fn run_resilient(args: Args, consul: consul_api::Config) -> Result<()> {
+    let mut config = ClientConfig::new(consul, &args.service)
+        .with_tag(args.tag.clone())
+        .with_datacenter(args.datacenter.clone());
+    config.session.message_timeout = args.timeout.into();
+    config.session.reply_timeout = args.reply_timeout.into();
+    config.session.connect_timeout = args.connect_timeout.into();
+    config.session.cooldown = args.cooldown.into();
+    config.session.strategy = match args.balance {
+        Balance::RoundRobin => Strategy::RoundRobin,
+        Balance::P2c => Strategy::PowerOfTwoChoices,
+    };
+    let client = EchoClient::start(config)?;
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(args.interval.into());
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut mismatched = 0;
+    let mut resent = 0;
+    let mut served = BTreeSet::new();
+    for seq in 1..=args.count {
+        ticker.tick().await;
+        let payload = naive::message(&args.message, seq);
+        let reply: Reply = client.send(payload.clone()).await?;
+        println!("{}", reply.line(seq));
+        if reply.bytes != payload.as_bytes() {
+            mismatched += 1;
+        }
+        if reply.attempts > 1 {
+            resent += 1;
+        }
+        served.insert(reply.instance.id);
+    }
+    println!(
+        "done mode=resilient sent={count} replies={count} lost=0 mismatched={mismatched} \
+         resent={resent} instances={} elapsed_ms={}",
+        served.into_iter().collect::<Vec<_>>().join(","),
+        started.elapsed().as_millis(),
+        count = args.count,
+    );
+    mismatch_check(mismatched, args.count)
+}
+
+fn mismatch_check(mismatched: u64, replies: u64) -> Result<()> {
+    if mismatched == 0 {
+        Ok(())
+    } else {
+        Err(Error::Mismatch {
+            mismatched,
+            replies,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let args = Args::try_parse_from([
+            "echo-client",
+            "--service",
+            "servernode",
+            "--count",
+            "5",
+            "--interval",
+            "1s",
+            "--message",
+            "hello world",
+            "--mode",
+            "naive",
+            "--timeout",
+            "1m30s",
+            "--tag",
+            "v1",
+        ])
+        .unwrap();
+        assert_eq!(args.mode, Mode::Naive);
+        assert_eq!(args.timeout, GoDuration::from_secs(90));
+        assert_eq!(args.tag.as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn rejects_bad_input_clearly() {
+        let err = Args::try_parse_from(["echo-client", "--interval", "1 s"]).unwrap_err();
+        assert!(err.to_string().contains("Go"), "{err}");
+        assert!(Args::try_parse_from(["echo-client", "--count", "0"]).is_err());
+        assert!(Args::try_parse_from(["echo-client", "--mode", "fast"]).is_err());
+    }
+}

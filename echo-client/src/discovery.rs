@@ -1,0 +1,590 @@
+//! Discovery: one task that follows a service's passing instances with Consul blocking queries
+//! (`/v1/health/service/<name>?passing`) and publishes each result as a [`Snapshot`] on a
+//! `tokio::sync::watch` channel. It exits when every receiver is gone.
+//!
+//! When Consul does not answer, the last known instances stay published (marked
+//! [`ConsulState::Unreachable`]), the task keeps trying with jittered backoff, and it logs once
+//! per state change, not once per retry. A refused token (403) or an invalid query ends it with
+//! [`ConsulState::Failed`].
+
+use std::{
+    fmt,
+    future::Future,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use consul_api::{
+    QueryMeta, QueryOptions, ServiceEntry, Watch,
+    error::{Error as ConsulError, ErrorKind},
+};
+use tokio::sync::watch;
+
+use crate::backoff::Backoff;
+
+/// One passing instance of the service, as Consul lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Instance {
+    /// The service ID (`servernode_1`).
+    pub id: String,
+    /// The node it is registered on.
+    pub node: String,
+    /// Host to dial: the service's address, or its node's when the service has none.
+    pub host: String,
+    /// Port to dial.
+    pub port: u16,
+}
+
+impl Instance {
+    /// A hand-made instance (tests, fixed sets).
+    pub fn new(id: impl Into<String>, host: impl Into<String>, port: u16) -> Self {
+        Instance {
+            id: id.into(),
+            node: String::new(),
+            host: host.into(),
+            port,
+        }
+    }
+
+    /// The instance a health entry describes.
+    pub fn from_entry(entry: &ServiceEntry) -> Self {
+        Instance {
+            id: entry.service.id.clone(),
+            node: entry.node.node.clone(),
+            host: entry.address().to_owned(),
+            port: entry.service.port,
+        }
+    }
+
+    /// `host:port`, with brackets around an IPv6 host.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Instance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.id, self.address())
+    }
+}
+
+/// How discovery stands with Consul.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ConsulState {
+    /// No answer yet.
+    #[default]
+    Starting,
+    /// The last query was answered.
+    Reachable,
+    /// Consul stopped answering at `since`; the instances are the last known ones.
+    Unreachable { since: SystemTime, error: String },
+    /// Discovery stopped for good (refused token, invalid query).
+    Failed { error: String },
+}
+
+/// What discovery knows at one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The passing instances, sorted by ID.
+    pub instances: Arc<[Instance]>,
+    /// How discovery stands with Consul.
+    pub consul: ConsulState,
+    /// When this snapshot was published.
+    pub at: SystemTime,
+    /// When the instance set last changed (or was first learned).
+    pub changed_at: SystemTime,
+    /// Consul's index of the answer the instances come from (0: none yet).
+    pub index: u64,
+    /// Counts published snapshots, from 0.
+    pub version: u64,
+}
+
+impl Snapshot {
+    /// Nothing known yet.
+    pub fn starting() -> Self {
+        let now = SystemTime::now();
+        Snapshot {
+            instances: Arc::from(Vec::new()),
+            consul: ConsulState::Starting,
+            at: now,
+            changed_at: now,
+            index: 0,
+            version: 0,
+        }
+    }
+
+    /// A fixed set, as if Consul had answered with it (tests, benches, static configuration).
+    pub fn fixed(instances: Vec<Instance>) -> Self {
+        let mut s = Snapshot::starting();
+        s.instances = sorted(instances);
+        s.consul = ConsulState::Reachable;
+        s
+    }
+
+    /// This snapshot's successor with `instances` (a new answer from Consul).
+    pub fn with_instances(&self, instances: Vec<Instance>, index: u64) -> Self {
+        let now = SystemTime::now();
+        let instances = sorted(instances);
+        let changed = instances != self.instances || self.consul == ConsulState::Starting;
+        Snapshot {
+            instances,
+            consul: ConsulState::Reachable,
+            at: now,
+            changed_at: if changed { now } else { self.changed_at },
+            index,
+            version: self.version + 1,
+        }
+    }
+
+    /// This snapshot's successor in another Consul state, instances kept.
+    pub fn with_state(&self, consul: ConsulState) -> Self {
+        Snapshot {
+            consul,
+            at: SystemTime::now(),
+            version: self.version + 1,
+            ..self.clone()
+        }
+    }
+
+    /// The permanent error, if discovery has failed for good.
+    pub fn failure(&self) -> Option<&str> {
+        match &self.consul {
+            ConsulState::Failed { error } => Some(error),
+            _ => None,
+        }
+    }
+
+    /// A short account of why no instance may be available, for error messages.
+    pub fn describe(&self, service: &str) -> String {
+        match &self.consul {
+            ConsulState::Starting => format!("no answer from Consul yet about {service:?}"),
+            ConsulState::Failed { error } => error.clone(),
+            ConsulState::Unreachable { error, .. } if self.instances.is_empty() => {
+                format!("Consul is unreachable and no instance of {service:?} is known ({error})")
+            }
+            _ if self.instances.is_empty() => {
+                format!("Consul lists no passing instance of {service:?}")
+            }
+            _ => format!(
+                "{} passing instance(s) of {service:?}",
+                self.instances.len()
+            ),
+        }
+    }
+}
+
+fn sorted(mut instances: Vec<Instance>) -> Arc<[Instance]> {
+    instances.sort_by(|a, b| a.id.cmp(&b.id).then_with(|| a.address().cmp(&b.address())));
+    instances.dedup();
+    Arc::from(instances)
+}
+
+/// What to follow and how.
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// The service name.
+    pub service: String,
+    /// Only instances with this tag.
+    pub tag: Option<String>,
+    /// Ask this datacenter instead of the agent's own.
+    pub datacenter: Option<String>,
+    /// How long one blocking query waits for a change (Consul caps it at 10 minutes).
+    pub wait: Duration,
+}
+
+impl DiscoveryConfig {
+    /// Follow `service` in the agent's datacenter, any tag, blocking up to 60 s per query.
+    pub fn new(service: impl Into<String>) -> Self {
+        DiscoveryConfig {
+            service: service.into(),
+            tag: None,
+            datacenter: None,
+            wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Start following `config.service` through `client`; returns the receiving end. Must be
+/// called within a tokio runtime. The task ends when every receiver is dropped.
+pub fn spawn(client: consul_api::Client, config: DiscoveryConfig) -> watch::Receiver<Snapshot> {
+    let (tx, rx) = watch::channel(Snapshot::starting());
+    tokio::spawn(async move {
+        let service = config.service.clone();
+        let tag = config.tag.clone();
+        let fetch = move |opts: QueryOptions| {
+            let client = client.clone();
+            let service = service.clone();
+            let tag = tag.clone();
+            async move {
+                client
+                    .health()
+                    .service(&service, tag.as_deref(), true, &opts)
+                    .await
+            }
+        };
+        follow(fetch, tx, config, Backoff::consul()).await;
+    });
+    rx
+}
+
+/// The discovery loop, over any `fetch` of the health endpoint (tests pass a scripted one).
+pub(crate) async fn follow<F, Fut>(
+    mut fetch: F,
+    tx: watch::Sender<Snapshot>,
+    config: DiscoveryConfig,
+    mut backoff: Backoff,
+) where
+    F: FnMut(QueryOptions) -> Fut,
+    Fut: Future<Output = consul_api::Result<(Vec<ServiceEntry>, QueryMeta)>>,
+{
+    let base = QueryOptions {
+        datacenter: config.datacenter.clone(),
+        ..Default::default()
+    };
+    let mut watch = Watch::new(base, config.wait);
+    let mut tracker = StateTracker::default();
+    let service = config.service.as_str();
+    loop {
+        let answer = tokio::select! {
+            answer = watch.next(|opts| {
+                let fut = fetch(opts);
+                async move {
+                    let (entries, meta) = fut.await?;
+                    Ok(((entries, meta.last_index), meta))
+                }
+            }) => answer,
+            () = tx.closed() => return,
+        };
+        match answer {
+            Ok((entries, index)) => {
+                backoff.reset();
+                if tracker.on_answer() {
+                    tracing::info!(service, passing = entries.len(), "Consul answers");
+                }
+                let instances = entries.iter().map(Instance::from_entry).collect();
+                publish(&tx, |s| s.with_instances(instances, index));
+                let now = tx.borrow();
+                if now.changed_at == now.at {
+                    let listed: Vec<String> = now.instances.iter().map(|i| i.to_string()).collect();
+                    tracing::info!(service, "passing: [{}]", listed.join(", "));
+                }
+            }
+            Err(e) if !e.is_retryable() => {
+                let error = permanent_message(&e);
+                tracing::error!(service, "{error}");
+                publish(&tx, |s| s.with_state(ConsulState::Failed { error }));
+                return;
+            }
+            Err(e) => {
+                // Consul may come back as a new agent whose indexes start over; a blocking
+                // query on our old index would then sit out its whole wait on stale data.
+                watch.reset();
+                if let Some(kind) = tracker.on_error(&e) {
+                    tracing::warn!(
+                        service,
+                        state = %kind,
+                        "Consul does not answer ({e}); keeping the last known instances and \
+                         retrying with backoff"
+                    );
+                    let error = e.to_string();
+                    publish(&tx, |s| {
+                        s.with_state(ConsulState::Unreachable {
+                            since: SystemTime::now(),
+                            error,
+                        })
+                    });
+                }
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = tx.closed() => return,
+                }
+            }
+        }
+    }
+}
+
+fn publish(tx: &watch::Sender<Snapshot>, next: impl FnOnce(&Snapshot) -> Snapshot) {
+    tx.send_modify(|s| *s = next(s));
+}
+
+fn permanent_message(e: &ConsulError) -> String {
+    if e.is_permission_denied() {
+        format!("{e}; the token needs service:read on the service and node:read")
+    } else {
+        e.to_string()
+    }
+}
+
+/// Decides when Consul's state changes, so each change is logged (and published) once.
+#[derive(Debug, Default)]
+pub(crate) struct StateTracker {
+    state: Option<TrackedState>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TrackedState {
+    Answering,
+    Failing(ErrorKind),
+}
+
+impl StateTracker {
+    /// A successful answer: true if Consul was not answering before (or this is the first).
+    pub(crate) fn on_answer(&mut self) -> bool {
+        self.state.replace(TrackedState::Answering) != Some(TrackedState::Answering)
+    }
+
+    /// A retryable error: its kind if that is a change of state.
+    pub(crate) fn on_error(&mut self, e: &ConsulError) -> Option<ErrorKind> {
+        let kind = e.kind();
+        let next = TrackedState::Failing(kind);
+        (self.state.replace(next) != Some(next)).then_some(kind)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::VecDeque,
+        sync::{Arc, Mutex},
+    };
+
+    use consul_api::{AgentService, Node};
+
+    use super::*;
+
+    fn entry(id: &str, service_addr: &str, node_addr: &str, port: u16) -> ServiceEntry {
+        ServiceEntry {
+            node: Node {
+                node: "vm".into(),
+                address: node_addr.into(),
+                ..Default::default()
+            },
+            service: AgentService {
+                id: id.into(),
+                service: "servernode".into(),
+                address: service_addr.into(),
+                port,
+                ..Default::default()
+            },
+            checks: Vec::new(),
+        }
+    }
+
+    fn unreachable() -> ConsulError {
+        ConsulError::Transport {
+            method: "GET",
+            url: "http://127.0.0.1:1".into(),
+            path: "/v1/health/service/servernode".into(),
+            reason: "cannot connect".into(),
+            timeout: false,
+        }
+    }
+
+    fn status(code: u16) -> ConsulError {
+        ConsulError::Status {
+            method: "GET",
+            path: "/v1/health/service/servernode".into(),
+            status: code,
+            message: "x".into(),
+        }
+    }
+
+    fn denied() -> ConsulError {
+        ConsulError::PermissionDenied {
+            method: "GET",
+            path: "/v1/health/service/servernode".into(),
+            message: "ACL not found".into(),
+        }
+    }
+
+    fn meta(index: u64) -> QueryMeta {
+        QueryMeta {
+            last_index: index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn instances_come_from_entries() {
+        let a = Instance::from_entry(&entry("a", "", "10.0.0.9", 1));
+        assert_eq!(
+            a.address(),
+            "10.0.0.9:1",
+            "node address when the service has none"
+        );
+        let b = Instance::from_entry(&entry("b", "127.0.0.1", "10.0.0.9", 2));
+        assert_eq!(b.address(), "127.0.0.1:2");
+        assert_eq!(Instance::new("c", "::1", 3).address(), "[::1]:3");
+        assert_eq!(b.to_string(), "b@127.0.0.1:2");
+    }
+
+    #[test]
+    fn snapshots_sort_and_remember_when_the_set_changed() {
+        let first = Snapshot::starting().with_instances(
+            vec![
+                Instance::new("b", "127.0.0.1", 2),
+                Instance::new("a", "127.0.0.1", 1),
+            ],
+            5,
+        );
+        assert_eq!(first.instances[0].id, "a");
+        assert_eq!(first.version, 1);
+        assert_eq!(first.changed_at, first.at);
+        let same = first.with_instances(
+            vec![
+                Instance::new("a", "127.0.0.1", 1),
+                Instance::new("b", "127.0.0.1", 2),
+            ],
+            6,
+        );
+        assert_eq!(same.changed_at, first.changed_at, "same set: not a change");
+        let down = same.with_state(ConsulState::Unreachable {
+            since: SystemTime::now(),
+            error: "x".into(),
+        });
+        assert_eq!(
+            down.instances.len(),
+            2,
+            "instances survive Consul going away"
+        );
+        assert!(down.describe("servernode").contains("2 passing"));
+        assert!(
+            Snapshot::fixed(vec![])
+                .describe("servernode")
+                .contains("no passing instance")
+        );
+    }
+
+    #[test]
+    fn state_changes_are_reported_once() {
+        let mut t = StateTracker::default();
+        assert!(t.on_answer(), "the first answer is a change");
+        assert!(!t.on_answer());
+        assert_eq!(t.on_error(&unreachable()), Some(ErrorKind::Unreachable));
+        for _ in 0..100 {
+            assert_eq!(t.on_error(&unreachable()), None, "not once per retry");
+        }
+        assert_eq!(
+            t.on_error(&status(500)),
+            Some(ErrorKind::Status(500)),
+            "another kind of failure is another state"
+        );
+        assert!(t.on_answer());
+        assert!(!t.on_answer());
+    }
+
+    type Script = Arc<Mutex<VecDeque<consul_api::Result<(Vec<ServiceEntry>, QueryMeta)>>>>;
+
+    /// Runs `follow` over a scripted fetch; when the script runs out, fetch never answers.
+    fn scripted(
+        answers: Vec<consul_api::Result<(Vec<ServiceEntry>, QueryMeta)>>,
+    ) -> (
+        watch::Receiver<Snapshot>,
+        Arc<Mutex<Vec<QueryOptions>>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let script: Script = Arc::new(Mutex::new(answers.into()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = watch::channel(Snapshot::starting());
+        let seen2 = seen.clone();
+        let fetch = move |opts: QueryOptions| {
+            seen2.lock().unwrap().push(opts);
+            let next = script.lock().unwrap().pop_front();
+            async move {
+                match next {
+                    Some(answer) => answer,
+                    None => std::future::pending().await,
+                }
+            }
+        };
+        let mut config = DiscoveryConfig::new("servernode");
+        config.datacenter = Some("dc1".into());
+        let task = tokio::spawn(follow(fetch, tx, config, Backoff::consul()));
+        (rx, seen, task)
+    }
+
+    async fn wait_version(rx: &mut watch::Receiver<Snapshot>, version: u64) -> Snapshot {
+        rx.wait_for(|s| s.version >= version).await.unwrap().clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keeps_the_last_set_while_consul_is_down_and_recovers() {
+        let (mut rx, seen, _task) = scripted(vec![
+            Ok((vec![entry("a", "127.0.0.1", "", 1)], meta(10))),
+            Err(unreachable()),
+            Err(unreachable()),
+            Err(unreachable()),
+            Ok((
+                vec![
+                    entry("a", "127.0.0.1", "", 1),
+                    entry("b", "127.0.0.1", "", 2),
+                ],
+                meta(3),
+            )),
+        ]);
+        let s = wait_version(&mut rx, 1).await;
+        assert_eq!(s.instances.len(), 1);
+        assert_eq!(s.consul, ConsulState::Reachable);
+        let s = wait_version(&mut rx, 2).await;
+        assert!(matches!(s.consul, ConsulState::Unreachable { .. }));
+        assert_eq!(s.instances.len(), 1, "last known set kept");
+        let s = wait_version(&mut rx, 3).await;
+        assert_eq!(s.consul, ConsulState::Reachable);
+        assert_eq!(s.instances.len(), 2);
+        assert_eq!(
+            s.version, 3,
+            "three failures in a row published one state change, not three"
+        );
+        // The task goes on to a blocking read on the new index (bounded wait, paused clock).
+        for _ in 0..100 {
+            if seen.lock().unwrap().len() >= 6 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 6, "5 scripted answers, then a blocking read");
+        assert!(seen.iter().all(|o| o.datacenter.as_deref() == Some("dc1")));
+        assert_eq!(seen[1].wait_index, 10, "blocks on the last index");
+        assert_eq!(
+            seen[4].wait_index, 0,
+            "after an outage the first read does not block on an old index"
+        );
+        assert_eq!(seen[5].wait_index, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_token_is_permanent() {
+        let (mut rx, _seen, task) = scripted(vec![
+            Ok((vec![entry("a", "127.0.0.1", "", 1)], meta(10))),
+            Err(denied()),
+        ]);
+        let s = wait_version(&mut rx, 2).await;
+        let error = s.failure().unwrap();
+        assert!(error.contains("403"), "{error}");
+        assert!(error.contains("CONSUL_HTTP_TOKEN"), "{error}");
+        task.await.unwrap();
+        assert!(rx.has_changed().is_err(), "the task ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_task_ends_when_the_receiver_is_dropped() {
+        let (rx, _seen, task) = scripted(vec![Ok((vec![], meta(1)))]);
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("ends")
+            .unwrap();
+        let (rx, _seen, task) = scripted((0..50).map(|_| Err(unreachable())).collect());
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("ends while backing off")
+            .unwrap();
+    }
+}

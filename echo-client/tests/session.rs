@@ -1,0 +1,514 @@
+//! The session against in-process TCP peers on 127.0.0.1 (no Consul: snapshots are fed by
+//! hand): order, byte-exactness, resend on reset / refusal / silence / partial frames, waiting
+//! for discovery, deadlines, leaving an instance Consul stops listing, permanent failure.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use echo_client::{ConsulState, EchoClient, Error, Instance, SessionConfig, Snapshot};
+use echo_server::codec::EchoCodec;
+use futures::{SinkExt, StreamExt, future::join_all};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    task::JoinSet,
+};
+use tokio_util::codec::Framed;
+
+/// What a peer does with the messages of each connection.
+#[derive(Debug, Clone, Copy)]
+enum Behaviour {
+    /// Echo every message.
+    Echo,
+    /// Echo `n` messages, then close the connection on the next one without answering.
+    CloseAfter(usize),
+    /// Read and never answer.
+    Silent,
+    /// Answer half of the first message, then close.
+    Partial,
+}
+
+/// A TCP peer on 127.0.0.1; dropping (or killing) it closes every connection.
+struct Peer {
+    id: &'static str,
+    addr: SocketAddr,
+    received: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Peer {
+    async fn start(id: &'static str, behaviour: Behaviour) -> Peer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (r, c) = (received.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                conns.spawn(serve(stream, behaviour, r.clone()));
+            }
+        });
+        Peer {
+            id,
+            addr,
+            received,
+            connections,
+            task: Some(task),
+        }
+    }
+
+    fn instance(&self) -> Instance {
+        Instance::new(self.id, "127.0.0.1", self.addr.port())
+    }
+
+    /// Stop accepting and drop every connection, like a killed process.
+    async fn kill(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    fn received(&self) -> usize {
+        self.received.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+async fn serve(stream: TcpStream, behaviour: Behaviour, received: Arc<AtomicUsize>) {
+    let mut framed = Framed::new(stream, EchoCodec::default());
+    let mut n = 0;
+    while let Some(Ok(frame)) = framed.next().await {
+        received.fetch_add(1, Ordering::SeqCst);
+        n += 1;
+        match behaviour {
+            Behaviour::Echo => {}
+            Behaviour::CloseAfter(k) if n > k => return,
+            Behaviour::CloseAfter(_) => {}
+            Behaviour::Silent => continue,
+            Behaviour::Partial => {
+                let mut stream = framed.into_inner();
+                let _ = stream.write_all(&frame[..frame.len() / 2]).await;
+                return;
+            }
+        }
+        if framed.send(frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn config() -> SessionConfig {
+    let mut c = SessionConfig::new("servernode");
+    c.reply_timeout = Duration::from_millis(500);
+    c.connect_timeout = Duration::from_millis(500);
+    c.message_timeout = Duration::from_secs(10);
+    c.cooldown = Duration::from_secs(5);
+    c
+}
+
+fn client_over(
+    instances: Vec<Instance>,
+    config: SessionConfig,
+) -> (EchoClient, watch::Sender<Snapshot>) {
+    let (tx, rx) = watch::channel(Snapshot::fixed(instances));
+    (EchoClient::with_discovery(rx, config).unwrap(), tx)
+}
+
+fn msg(i: usize) -> Bytes {
+    Bytes::from(format!("hello world, {i:03}"))
+}
+
+/// Everything a test must not exceed: proves "no hang", not a speed.
+const BOUND: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn concurrent_senders_get_their_own_bytes_back_in_order() {
+    let a = Peer::start("a", Behaviour::Echo).await;
+    let (client, _tx) = client_over(vec![a.instance()], config());
+    let mut senders = Vec::new();
+    for s in 0..4u8 {
+        let client = client.clone();
+        senders.push(tokio::spawn(async move {
+            for i in 0..50u8 {
+                // Not UTF-8, and carriage returns: bytes are bytes.
+                let m = Bytes::from(vec![0xff, s, 0x80 | i, b'\r', 0x00]);
+                let reply = client.send(m.clone()).await.unwrap();
+                assert_eq!(reply.bytes, m);
+                assert_eq!(reply.attempts, 1);
+                assert_eq!(reply.instance.id, "a");
+            }
+        }));
+    }
+    for sender in tokio::time::timeout(BOUND, join_all(senders))
+        .await
+        .unwrap()
+    {
+        sender.unwrap();
+    }
+    assert_eq!(a.received(), 200);
+    assert_eq!(
+        a.connections.load(Ordering::SeqCst),
+        1,
+        "one connection, kept"
+    );
+}
+
+#[tokio::test]
+async fn a_reset_mid_stream_resends_on_another_instance_and_stays_there() {
+    let a = Peer::start("a", Behaviour::CloseAfter(5)).await;
+    let b = Peer::start("b", Behaviour::Echo).await;
+    let (client, _tx) = client_over(vec![a.instance(), b.instance()], config());
+    let mut served = Vec::new();
+    for i in 1..=20 {
+        let reply = tokio::time::timeout(BOUND, client.send(msg(i)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.bytes, msg(i), "byte-exact");
+        served.push((reply.instance.id.clone(), reply.attempts));
+    }
+    assert!(served[..5].iter().all(|(id, n)| id == "a" && *n == 1));
+    assert_eq!(served[5], ("b".to_owned(), 2), "resent once, on b");
+    assert!(
+        served[6..].iter().all(|(id, n)| id == "b" && *n == 1),
+        "stays on b"
+    );
+    assert_eq!(a.received(), 6);
+    assert_eq!(b.received(), 15);
+}
+
+#[tokio::test]
+async fn pipelined_messages_survive_a_kill_exactly_once_each() {
+    let mut a = Peer::start("a", Behaviour::Echo).await;
+    let b = Peer::start("b", Behaviour::Echo).await;
+    let (client, _tx) = client_over(vec![a.instance(), b.instance()], config());
+    // Warm up on a, then kill it while 200 messages are queued and in flight.
+    assert_eq!(client.send(msg(0)).await.unwrap().instance.id, "a");
+    let sends = join_all((1..=200).map(|i| {
+        let client = client.clone();
+        async move { (i, client.send(msg(i)).await) }
+    }));
+    let killer = async {
+        a.kill().await;
+    };
+    let (results, ()) = tokio::time::timeout(BOUND, async { tokio::join!(sends, killer) })
+        .await
+        .unwrap();
+    let mut on_b = 0;
+    for (i, result) in results {
+        let reply = result.unwrap_or_else(|e| panic!("message {i} lost: {e}"));
+        assert_eq!(reply.bytes, msg(i), "message {i}");
+        on_b += usize::from(reply.instance.id == "b");
+    }
+    assert!(on_b > 0, "the kill moved traffic to b");
+}
+
+#[tokio::test]
+async fn a_silent_instance_times_out_and_is_skipped() {
+    let a = Peer::start("a", Behaviour::Silent).await;
+    let b = Peer::start("b", Behaviour::Echo).await;
+    let (client, _tx) = client_over(vec![a.instance(), b.instance()], config());
+    let reply = tokio::time::timeout(BOUND, client.send(msg(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((reply.instance.id.as_str(), reply.attempts), ("b", 2));
+    assert!(
+        reply.latency >= Duration::from_millis(500),
+        "waited for the reply timeout"
+    );
+    let reply = client.send(msg(2)).await.unwrap();
+    assert_eq!((reply.instance.id.as_str(), reply.attempts), ("b", 1));
+    assert_eq!(a.received(), 1, "a got the first message only");
+}
+
+#[tokio::test]
+async fn a_refused_connection_moves_on_at_once() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Instance::new("a", "127.0.0.1", l.local_addr().unwrap().port())
+    };
+    let b = Peer::start("b", Behaviour::Echo).await;
+    let (client, _tx) = client_over(vec![closed, b.instance()], config());
+    let reply = tokio::time::timeout(BOUND, client.send(msg(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((reply.instance.id.as_str(), reply.attempts), ("b", 1));
+}
+
+#[tokio::test]
+async fn half_a_reply_is_not_a_reply() {
+    let a = Peer::start("a", Behaviour::Partial).await;
+    let b = Peer::start("b", Behaviour::Echo).await;
+    let (client, _tx) = client_over(vec![a.instance(), b.instance()], config());
+    let reply = tokio::time::timeout(BOUND, client.send(msg(1)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.bytes, msg(1));
+    assert_eq!((reply.instance.id.as_str(), reply.attempts), ("b", 2));
+}
+
+#[tokio::test]
+async fn with_no_instance_messages_wait_for_discovery() {
+    let (client, tx) = client_over(vec![], config());
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(msg(1)).await }
+    });
+    // Nothing to send to: still waiting after a while.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished());
+    let b = Peer::start("b", Behaviour::Echo).await;
+    tx.send(Snapshot::fixed(vec![b.instance()])).unwrap();
+    let reply = tokio::time::timeout(BOUND, pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((reply.instance.id.as_str(), reply.bytes), ("b", msg(1)));
+}
+
+#[tokio::test]
+async fn all_down_then_one_back_resumes_by_itself() {
+    let mut a = Peer::start("a", Behaviour::Echo).await;
+    let (client, tx) = client_over(vec![a.instance()], config());
+    client.send(msg(1)).await.unwrap();
+    a.kill().await;
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(msg(2)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pending.is_finished(), "queued, not failed");
+    // A new instance appears in discovery; the dead one is still listed.
+    let b = Peer::start("b", Behaviour::Echo).await;
+    tx.send(Snapshot::fixed(vec![a.instance(), b.instance()]))
+        .unwrap();
+    let reply = tokio::time::timeout(BOUND, pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((reply.instance.id.as_str(), reply.bytes), ("b", msg(2)));
+}
+
+#[tokio::test]
+async fn a_message_nobody_answers_fails_clearly_at_its_deadline() {
+    let mut c = config();
+    c.message_timeout = Duration::from_millis(300);
+    let (client, _tx) = client_over(vec![], c);
+    let err = tokio::time::timeout(BOUND, client.send(msg(1)))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("no passing instance of \"servernode\""),
+        "{text}"
+    );
+    // The client is still usable afterwards.
+    let err = client.send(msg(2)).await.unwrap_err();
+    assert!(!err.is_permanent(), "{err}");
+}
+
+#[tokio::test]
+async fn leaves_an_instance_consul_stops_listing_but_not_for_an_empty_set() {
+    let a = Peer::start("a", Behaviour::Echo).await;
+    let b = Peer::start("b", Behaviour::Echo).await;
+    let (client, tx) = client_over(vec![a.instance(), b.instance()], config());
+    assert_eq!(client.send(msg(1)).await.unwrap().instance.id, "a");
+    // Consul lists nothing (restarting, say): no better choice, stay on a.
+    tx.send(Snapshot::fixed(vec![])).unwrap();
+    assert_eq!(client.send(msg(2)).await.unwrap().instance.id, "a");
+    // Consul lists only b: a is no longer passing, move.
+    tx.send(Snapshot::fixed(vec![b.instance()])).unwrap();
+    let reply = client.send(msg(3)).await.unwrap();
+    assert_eq!((reply.instance.id.as_str(), reply.attempts), ("b", 1));
+    assert_eq!(a.received(), 2);
+}
+
+#[tokio::test]
+async fn a_permanent_discovery_failure_answers_every_message() {
+    let (client, tx) = client_over(vec![], config());
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(msg(1)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let failed = Snapshot::fixed(vec![]).with_state(ConsulState::Failed {
+        error: "Consul refused the ACL token (403)".into(),
+    });
+    tx.send(failed).unwrap();
+    let err = tokio::time::timeout(BOUND, pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, Error::Discovery { .. }), "{err}");
+    assert!(err.to_string().contains("403"), "{err}");
+    let again = client.send(msg(2)).await.unwrap_err();
+    assert!(again.is_permanent());
+}
+
+#[tokio::test]
+async fn bad_messages_are_refused_before_queueing() {
+    let mut c = config();
+    c.max_frame = 8;
+    let (client, _tx) = client_over(vec![], c);
+    let err = client.send(&b"two\nlines"[..]).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidMessage(_)), "{err}");
+    let err = client.send(&b"123456789"[..]).await.unwrap_err();
+    assert!(err.to_string().contains("largest frame"), "{err}");
+    let mut bad = config();
+    bad.reply_timeout = Duration::ZERO;
+    let (_tx, rx) = watch::channel(Snapshot::fixed(vec![]));
+    let err = EchoClient::with_discovery(rx, bad).unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_small_queue_still_answers_every_waiting_sender() {
+    let mut c = config();
+    c.queue_capacity = 4;
+    let (client, tx) = client_over(vec![], c);
+    let sends: Vec<_> = (1..=40)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { (i, client.send(msg(i)).await) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b = Peer::start("b", Behaviour::Echo).await;
+    tx.send(Snapshot::fixed(vec![b.instance()])).unwrap();
+    for send in sends {
+        let (i, result) = tokio::time::timeout(BOUND, send).await.unwrap().unwrap();
+        assert_eq!(result.unwrap().bytes, msg(i));
+    }
+    assert_eq!(b.received(), 40);
+}
+
+/// A real echo-server, in process, with a handle to shut it down.
+async fn real_server() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<echo_server::Result<()>>,
+) {
+    let mut config = echo_server::Config::local();
+    // A busy connection is cut 100 ms into the shutdown (the server's drain deadline).
+    config.drain_timeout = Duration::from_millis(100);
+    let server = echo_server::Server::bind(config).await.unwrap();
+    let addr = server.echo_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async move {
+        stopped.await.ok();
+    }));
+    (addr, stop, running)
+}
+
+#[tokio::test]
+async fn with_real_echo_servers_a_shutdown_mid_stream_loses_nothing() {
+    let (a_addr, stop_a, a) = real_server().await;
+    let (b_addr, _stop_b, _b) = real_server().await;
+    let instances = vec![
+        Instance::new("a", "127.0.0.1", a_addr.port()),
+        Instance::new("b", "127.0.0.1", b_addr.port()),
+    ];
+    let (client, _tx) = client_over(instances, config());
+    let mut resent = 0;
+    let mut stop_a = Some(stop_a);
+    let mut by = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..200usize {
+        // Every byte value but the newline, shifted each message.
+        let m: Vec<u8> = (0..=255u8)
+            .map(|b| b.wrapping_add(i as u8))
+            .filter(|b| *b != b'\n')
+            .collect();
+        let reply = tokio::time::timeout(BOUND, client.send(m.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.bytes, m, "message {i}");
+        *by.entry(reply.instance.id).or_default() += 1;
+        resent += usize::from(reply.attempts > 1);
+        if i == 100 {
+            stop_a.take().unwrap().send(()).unwrap();
+        }
+        // Paced so the stream is still going when the drain deadline cuts it.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::timeout(BOUND, a)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(by["a"] > 100 && by["b"] > 0, "{by:?}");
+    assert!(
+        resent <= 1,
+        "at most the message in flight at the cut: {resent}"
+    );
+    assert_eq!(by.values().sum::<usize>(), 200);
+}
+
+/// Counts the session's log events (each retry logs one), on this thread.
+#[derive(Clone, Default)]
+struct CountEvents(Arc<AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountEvents {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() == "echo_client::session" {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_an_instance_backs_off_instead_of_spinning() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let events = CountEvents::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(events.clone()));
+    // One refusing instance (ejected after each try) and 30 s of waiting (paused clock).
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Instance::new("a", "127.0.0.1", l.local_addr().unwrap().port())
+    };
+    let mut c = config();
+    c.message_timeout = Duration::from_secs(30);
+    c.cooldown = Duration::from_millis(100);
+    let (client, _tx) = client_over(vec![closed], c);
+    let err = client.send(msg(1)).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(
+        err.to_string().contains("connection refused") || err.to_string().contains("refused"),
+        "{err}"
+    );
+    let n = events.0.load(Ordering::SeqCst);
+    eprintln!("{n} session events while waiting 30 s");
+    // Cooldowns double from 100 ms to 1.6 s and backoff grows to 1-2 s: a few dozen tries
+    // in 30 s. A busy loop would log thousands.
+    assert!((2..=100).contains(&n), "{n} retries logged in 30 s");
+}
