@@ -6,6 +6,7 @@
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
 //! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`procs`] — echo servers and clients as child processes;
+//! * [`timeline`] — the seed article's story, timestamped, naive and resilient clients;
 //! * [`wait`] — waiting on Consul's state by blocking queries, with deadlines;
 //! * [`signal`] — the signals used to kill, stop and resume processes;
 //! * [`report`] — markdown, JSON and SVG output;
@@ -22,6 +23,7 @@ pub mod provision;
 pub mod report;
 pub mod signal;
 pub mod smoke;
+pub mod timeline;
 pub mod wait;
 
 pub use consul::{BackendChoice, BackendKind, Consul, ConsulOptions};

@@ -136,6 +136,44 @@ impl LogBuffer {
             .cloned()
     }
 
+    /// Wait until at least `n` lines after position `mark` contain `needle`, at most
+    /// `timeout`; returns the `n`-th such line.
+    pub async fn wait_for_count(
+        &self,
+        mark: usize,
+        needle: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<LogLine> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.inner.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(line) = self.nth_after(mark, needle, n) {
+                return Ok(line);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Error::Timeout {
+                    what: format!("{n} output lines {needle:?}"),
+                    timeout,
+                });
+            }
+        }
+    }
+
+    fn nth_after(&self, mark: usize, needle: &str, n: usize) -> Option<LogLine> {
+        let lines = self.lock();
+        let skip = mark.saturating_sub(lines.dropped);
+        lines
+            .kept
+            .iter()
+            .skip(skip)
+            .filter(|l| l.text.contains(needle))
+            .nth(n.checked_sub(1)?)
+            .cloned()
+    }
+
     /// Wait until a line containing `needle` arrives (or has arrived), at most `timeout`.
     pub async fn wait_for(&self, needle: &str, timeout: Duration) -> Result<LogLine> {
         self.wait_for_after(0, needle, timeout).await

@@ -4,7 +4,8 @@
 //! * [`client`] — echo-client: failover, Consul down, failing checks, the naive client;
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors;
-//! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs.
+//! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs;
+//! * [`timeline`] — the seed article's story for the naive and the resilient client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,3 +14,4 @@ mod common;
 mod deregistration;
 mod harness;
 mod server;
+mod timeline;
