@@ -39,7 +39,7 @@ pub struct Args {
     /// The service name to discover.
     #[arg(long, default_value = "servernode")]
     pub service: String,
-    /// Naive mode: the service ID to look up (default: <service>_1).
+    /// Naive mode: the service ID to look up (default: the service name with _1 appended).
     #[arg(long)]
     pub service_id: Option<String>,
     /// Only instances with this tag.
@@ -54,7 +54,7 @@ pub struct Args {
     /// Pause between messages (Go syntax: 1s, 250ms).
     #[arg(long, default_value = "1s")]
     pub interval: GoDuration,
-    /// Message text; each message is "<text>, <seq>".
+    /// Message text; message N is the text, a comma and N ("hello world, 001").
     #[arg(long, default_value = "hello world")]
     pub message: String,
     /// Naive (the seed article's client) or resilient.

@@ -267,6 +267,11 @@ pub(crate) async fn follow<F, Fut>(
                 }
                 let instances = entries.iter().map(Instance::from_entry).collect();
                 publish(&tx, |s| s.with_instances(instances, index));
+                let now = tx.borrow();
+                if now.changed_at == now.at {
+                    let listed: Vec<String> = now.instances.iter().map(|i| i.to_string()).collect();
+                    tracing::info!(service, "passing: [{}]", listed.join(", "));
+                }
             }
             Err(e) if !e.is_retryable() => {
                 let error = permanent_message(&e);

@@ -410,3 +410,105 @@ async fn a_small_queue_still_answers_every_waiting_sender() {
     }
     assert_eq!(b.received(), 40);
 }
+
+/// A real echo-server, in process, with a handle to shut it down.
+async fn real_server() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<echo_server::Result<()>>,
+) {
+    let mut config = echo_server::Config::local();
+    // A busy connection is cut 100 ms into the shutdown (the server's drain deadline).
+    config.drain_timeout = Duration::from_millis(100);
+    let server = echo_server::Server::bind(config).await.unwrap();
+    let addr = server.echo_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async move {
+        stopped.await.ok();
+    }));
+    (addr, stop, running)
+}
+
+#[tokio::test]
+async fn with_real_echo_servers_a_shutdown_mid_stream_loses_nothing() {
+    let (a_addr, stop_a, a) = real_server().await;
+    let (b_addr, _stop_b, _b) = real_server().await;
+    let instances = vec![
+        Instance::new("a", "127.0.0.1", a_addr.port()),
+        Instance::new("b", "127.0.0.1", b_addr.port()),
+    ];
+    let (client, _tx) = client_over(instances, config());
+    let mut resent = 0;
+    let mut stop_a = Some(stop_a);
+    let mut by = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..200usize {
+        // Every byte value but the newline, shifted each message.
+        let m: Vec<u8> = (0..=255u8)
+            .map(|b| b.wrapping_add(i as u8))
+            .filter(|b| *b != b'\n')
+            .collect();
+        let reply = tokio::time::timeout(BOUND, client.send(m.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.bytes, m, "message {i}");
+        *by.entry(reply.instance.id).or_default() += 1;
+        resent += usize::from(reply.attempts > 1);
+        if i == 100 {
+            stop_a.take().unwrap().send(()).unwrap();
+        }
+        // Paced so the stream is still going when the drain deadline cuts it.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::timeout(BOUND, a)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(by["a"] > 100 && by["b"] > 0, "{by:?}");
+    assert!(
+        resent <= 1,
+        "at most the message in flight at the cut: {resent}"
+    );
+    assert_eq!(by.values().sum::<usize>(), 200);
+}
+
+/// Counts the session's log events (each retry logs one), on this thread.
+#[derive(Clone, Default)]
+struct CountEvents(Arc<AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountEvents {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() == "echo_client::session" {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_an_instance_backs_off_instead_of_spinning() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let events = CountEvents::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(events.clone()));
+    // One refusing instance (ejected after each try) and 30 s of waiting (paused clock).
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Instance::new("a", "127.0.0.1", l.local_addr().unwrap().port())
+    };
+    let mut c = config();
+    c.message_timeout = Duration::from_secs(30);
+    c.cooldown = Duration::from_millis(100);
+    let (client, _tx) = client_over(vec![closed], c);
+    let err = client.send(msg(1)).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(
+        err.to_string().contains("connection refused") || err.to_string().contains("refused"),
+        "{err}"
+    );
+    let n = events.0.load(Ordering::SeqCst);
+    eprintln!("{n} session events while waiting 30 s");
+    // Cooldowns double from 100 ms to 1.6 s and backoff grows to 1-2 s: a few dozen tries
+    // in 30 s. A busy loop would log thousands.
+    assert!((2..=100).contains(&n), "{n} retries logged in 30 s");
+}

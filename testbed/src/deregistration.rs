@@ -17,7 +17,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use consul_api::{GoDuration, HealthStatus, QueryOptions, Watch};
+use consul_api::GoDuration;
 use indicatif::ProgressBar;
 use serde::Serialize;
 use tokio::sync::oneshot;
@@ -29,6 +29,7 @@ use crate::{
     model::{Phase, ReaperModel, Window},
     procs::{Launcher, ServerProcess, ServerSpec, free_port},
     signal::Signal,
+    wait,
 };
 
 /// What to sweep.
@@ -265,7 +266,7 @@ pub async fn run(
         let client = client.clone();
         let id = server.spec.id.clone();
         tokio::spawn(async move {
-            let result = watch_trial(&client, &id, passing_tx).await;
+            let result = wait::follow_instance(&client, &id, &id, passing_tx).await;
             let _ = done_tx.send(result);
         });
         watchers.push((passing_rx, done_rx));
@@ -314,9 +315,12 @@ pub async fn run(
     use futures::StreamExt;
     let collect = async {
         while let Some((i, result)) = pending.next().await {
-            let events =
+            let lifecycle =
                 result.map_err(|_| Error::Invalid("a trial watcher stopped early".into()))??;
-            measured[i] = Some(events);
+            measured[i] = Some(Events {
+                critical_at: epoch_secs(lifecycle.critical_at),
+                removed_at: epoch_secs(lifecycle.removed_at),
+            });
             progress.inc(1);
             progress.set_message(format!(
                 "{} of {} removed; waiting for Consul's reaper (it looks every 30 s)",
@@ -470,61 +474,6 @@ struct Events {
     removed_at: f64,
 }
 
-/// Follow one service by blocking queries: report when it first passes, then return when it
-/// turned critical and when it disappeared.
-async fn watch_trial(
-    client: &consul_api::Client,
-    service: &str,
-    passing: oneshot::Sender<()>,
-) -> Result<Events> {
-    let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(300))
-        .with_min_interval(Duration::from_millis(1));
-    let mut passing = Some(passing);
-    let mut critical_at = None;
-    let mut errors = 0u32;
-    loop {
-        let next = watch
-            .next(|opts| async move { client.health().service(service, None, false, &opts).await })
-            .await;
-        let now = epoch_secs(SystemTime::now());
-        let entries = match next {
-            Ok(entries) => entries,
-            Err(e) if e.is_retryable() && errors < 50 => {
-                errors += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let entry = entries.iter().find(|e| e.service.id == service);
-        match entry {
-            None if passing.is_none() => {
-                return Ok(Events {
-                    critical_at: critical_at.unwrap_or(now),
-                    removed_at: now,
-                });
-            }
-            None => {}
-            Some(entry) => {
-                let status = entry
-                    .checks
-                    .iter()
-                    .filter(|c| c.service_id == service)
-                    .map(|c| c.status)
-                    .find(|s| *s != HealthStatus::Passing)
-                    .unwrap_or(HealthStatus::Passing);
-                if status == HealthStatus::Passing {
-                    if let Some(tx) = passing.take() {
-                        let _ = tx.send(());
-                    }
-                } else if passing.is_none() && status == HealthStatus::Critical {
-                    critical_at.get_or_insert(now);
-                }
-            }
-        }
-    }
-}
-
 /// Register a seed-style server, SIGTERM it, time until Consul no longer lists it.
 async fn sigterm_contrast(consul: &Consul, launcher: &Launcher) -> Result<Contrast> {
     let spec = ServerSpec::seed(consul.config())?.with_id("sigterm-contrast");
@@ -535,10 +484,10 @@ async fn sigterm_contrast(consul: &Consul, launcher: &Launcher) -> Result<Contra
     };
     let mut server = ServerProcess::spawn(launcher, spec).await?;
     let client = consul.client();
-    crate::wait::passing(&client, "sigterm-contrast", Duration::from_secs(30)).await?;
+    wait::passing(&client, "sigterm-contrast", Duration::from_secs(30)).await?;
     let start = tokio::time::Instant::now();
     server.process.signal(Signal::SIGTERM)?;
-    let gone = crate::wait::deregistered(
+    let gone = wait::deregistered(
         &client,
         "sigterm-contrast",
         "sigterm-contrast",

@@ -9,6 +9,7 @@
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
 //! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`procs`] — echo servers and clients as child processes;
+//! * [`timeline`] — the seed article's story, timestamped, naive and resilient clients;
 //! * [`wait`] — waiting on Consul's state by blocking queries, with deadlines;
 //! * [`signal`] — the signals used to kill, stop and resume processes;
 //! * [`report`] — markdown, JSON and SVG output;
@@ -27,6 +28,7 @@ pub mod provision;
 pub mod report;
 pub mod signal;
 pub mod smoke;
+pub mod timeline;
 pub mod wait;
 
 pub use consul::{BackendChoice, BackendKind, Consul, ConsulOptions};

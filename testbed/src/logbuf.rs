@@ -126,13 +126,44 @@ impl LogBuffer {
 
     /// The first line after position `mark` containing `needle`, if there is one yet.
     pub fn find_after(&self, mark: usize, needle: &str) -> Option<LogLine> {
+        self.nth_after(mark, needle, 1)
+    }
+
+    /// Wait until at least `n` lines after position `mark` contain `needle`, at most
+    /// `timeout`; returns the `n`-th such line.
+    pub async fn wait_for_count(
+        &self,
+        mark: usize,
+        needle: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<LogLine> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.inner.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(line) = self.nth_after(mark, needle, n) {
+                return Ok(line);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Error::Timeout {
+                    what: format!("{n} output lines {needle:?}"),
+                    timeout,
+                });
+            }
+        }
+    }
+
+    fn nth_after(&self, mark: usize, needle: &str, n: usize) -> Option<LogLine> {
         let lines = self.lock();
         let skip = mark.saturating_sub(lines.dropped);
         lines
             .kept
             .iter()
             .skip(skip)
-            .find(|l| l.text.contains(needle))
+            .filter(|l| l.text.contains(needle))
+            .nth(n.checked_sub(1)?)
             .cloned()
     }
 
@@ -148,21 +179,7 @@ impl LogBuffer {
         needle: &str,
         timeout: Duration,
     ) -> Result<LogLine> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.inner.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(line) = self.find_after(mark, needle) {
-                return Ok(line);
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(Error::Timeout {
-                    what: format!("the output line {needle:?}"),
-                    timeout,
-                });
-            }
-        }
+        self.wait_for_count(mark, needle, 1, timeout).await
     }
 }
 

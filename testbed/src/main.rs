@@ -31,6 +31,8 @@ enum Command {
     Image,
     /// Start Consul, register a checked service, see it pass, deregister it.
     Smoke,
+    /// The seed article's story, timestamped, for the naive and the resilient client.
+    Timeline(TimelineArgs),
     /// Run an echo server (the same flags as the `echo-server` binary).
     EchoServer(Box<echo_server::cli::Args>),
 }
@@ -61,6 +63,13 @@ struct DeregistrationArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct TimelineArgs {
+    /// Where to write timeline.json and timeline.md.
+    #[arg(long, default_value = "target/testbed")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
 struct FaultsArgs {
     /// Scenarios to run (comma-separated); all by default.
     #[arg(long, value_delimiter = ',', value_enum)]
@@ -78,7 +87,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,testbed=info,echo_server=info".into()),
+                .unwrap_or_else(|_| "warn,testbed=info,echo_server=info,echo_client=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -94,6 +103,7 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Deregistration(args) => deregistration(args).await,
+        Command::Timeline(args) => timeline(args).await,
         Command::EchoClient(args) => Ok(echo_client::cli::run(*args).await?),
         Command::Faults(args) => faults(args).await,
         Command::Image => {
@@ -162,6 +172,26 @@ async fn deregistration(args: DeregistrationArgs) -> Result<()> {
         md.display(),
         svg.display()
     );
+    Ok(())
+}
+
+async fn timeline(args: TimelineArgs) -> Result<()> {
+    let progress = ProgressBar::new_spinner();
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .context("progress template")?,
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+    progress.set_message(
+        "two stories at once (naive, resilient): client first, server, SIGKILL, then Consul's \
+         reaper removes the dead server (60 to 95 s)",
+    );
+    let report = testbed::timeline::run(&Launcher::current_exe()?, &Default::default()).await?;
+    progress.finish_and_clear();
+    let markdown = testbed::timeline::markdown(&report);
+    println!("{markdown}");
+    let (json, md) = report::write_json_and_markdown(&args.out, "timeline", &report, &markdown)?;
+    println!("Report: {}\nTable:  {}", json.display(), md.display());
     Ok(())
 }
 

@@ -1,10 +1,10 @@
 //! Waiting on Consul's state by blocking queries, with a deadline: "until the service has a
 //! passing instance", "until it is gone". No polling loops, no sleeps.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use consul_api::{Client, QueryOptions, ServiceEntry, Watch};
-use tokio::time::Instant;
+use consul_api::{Client, HealthStatus, QueryOptions, ServiceEntry, Watch};
+use tokio::{sync::oneshot, time::Instant};
 
 use crate::error::{Error, Result};
 
@@ -83,4 +83,68 @@ pub async fn deregistered(
     })
     .await
     .map(|(_, at)| at)
+}
+
+/// When one instance turned critical and when it disappeared, as Consul published them (the
+/// moments the blocking queries returned).
+#[derive(Debug, Clone, Copy)]
+pub struct Lifecycle {
+    pub critical_at: SystemTime,
+    pub removed_at: SystemTime,
+}
+
+/// Follow instance `service_id` of `service` by blocking queries: signal `passing` when it
+/// first passes, then return when it turned critical and when it disappeared. Waits as long as
+/// that takes (Consul's reaper may need minutes): bound it with a timeout at the call site.
+pub async fn follow_instance(
+    client: &Client,
+    service: &str,
+    service_id: &str,
+    passing: oneshot::Sender<()>,
+) -> Result<Lifecycle> {
+    let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(300))
+        .with_min_interval(Duration::from_millis(1));
+    let mut passing = Some(passing);
+    let mut critical_at = None;
+    let mut errors = 0u32;
+    loop {
+        let next = watch
+            .next(|opts| async move { client.health().service(service, None, false, &opts).await })
+            .await;
+        let now = SystemTime::now();
+        let entries = match next {
+            Ok(entries) => entries,
+            Err(e) if e.is_retryable() && errors < 50 => {
+                errors += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match entries.iter().find(|e| e.service.id == service_id) {
+            None if passing.is_none() => {
+                return Ok(Lifecycle {
+                    critical_at: critical_at.unwrap_or(now),
+                    removed_at: now,
+                });
+            }
+            None => {}
+            Some(entry) => {
+                let status = entry
+                    .checks
+                    .iter()
+                    .filter(|c| c.service_id == service_id)
+                    .map(|c| c.status)
+                    .find(|s| *s != HealthStatus::Passing)
+                    .unwrap_or(HealthStatus::Passing);
+                if status == HealthStatus::Passing {
+                    if let Some(tx) = passing.take() {
+                        let _ = tx.send(());
+                    }
+                } else if passing.is_none() && status == HealthStatus::Critical {
+                    critical_at.get_or_insert(now);
+                }
+            }
+        }
+    }
 }

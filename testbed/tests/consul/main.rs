@@ -1,16 +1,20 @@
 //! Scenarios against real Consul, in one test binary so that they run in parallel: each test
 //! starts its own agent (a container, or a local process where no Docker engine answers).
 //!
+//! * [`client`] — echo-client: failover, Consul down, failing checks, the naive client;
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
 //! * [`faults`] — fault and security scenarios: hung server, paused and restarted Consul, a
 //!   faulty proxy, ACLs, hostile input;
-//! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors.
-//! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs.
+//! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors;
+//! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs;
+//! * [`timeline`] — the seed article's story for the naive and the resilient client.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod client;
 mod common;
 mod deregistration;
 mod faults;
 mod harness;
 mod server;
+mod timeline;

@@ -1,0 +1,494 @@
+//! The seed article's story, timestamped, for two clients side by side.
+//!
+//! The client starts first and finds nothing (`servernode_1 not found`); the server starts
+//! and echo works; the server is SIGKILLed; the client fails until Consul removes the dead
+//! instance (60 to 95 s later), and then finds nothing again. The naive client (the seed
+//! article's: one service ID from the agent's list, no failover) lives through all of it;
+//! the resilient client, with a second server up, should not notice. Each story runs against
+//! its own Consul, at the same time, with the seed article's check settings; events come from
+//! the client's output, the testbed's own actions, and Consul's blocking queries.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::{
+    consul::{Consul, ConsulOptions},
+    error::{Error, Result},
+    logbuf::LogLine,
+    procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
+    wait,
+};
+
+/// Which client a story runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientMode {
+    /// The seed article's client, one server.
+    Naive,
+    /// The discovering, failing-over client, two servers.
+    Resilient,
+}
+
+impl ClientMode {
+    fn flag(self) -> &'static str {
+        match self {
+            ClientMode::Naive => "naive",
+            ClientMode::Resilient => "resilient",
+        }
+    }
+}
+
+/// How a story is told.
+#[derive(Debug, Clone)]
+pub struct TimelineConfig {
+    /// How long the client runs alone before the server starts.
+    pub client_alone: Duration,
+    /// Replies to wait for before the kill (the seed article's log shows 8).
+    pub replies_before_kill: usize,
+    /// The seed article's settings: every 5s, 3s timeout, deregister after 30s.
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub deregister_after: Duration,
+    /// Messages every this often.
+    pub message_interval: Duration,
+}
+
+impl Default for TimelineConfig {
+    fn default() -> Self {
+        TimelineConfig {
+            client_alone: Duration::from_secs(3),
+            replies_before_kill: 8,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(3),
+            deregister_after: Duration::from_secs(30),
+            message_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One line of a timeline: several identical client lines in a row are one event with a count.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// Seconds since the story began.
+    pub at: f64,
+    /// Until when the repeated line went on, if it repeated.
+    pub until: Option<f64>,
+    pub count: usize,
+    /// `client`, `testbed` or `consul`.
+    pub source: &'static str,
+    pub text: String,
+}
+
+/// One story's timeline and what the client went through.
+#[derive(Debug, Clone, Serialize)]
+pub struct Story {
+    pub mode: ClientMode,
+    pub consul_version: String,
+    pub events: Vec<Event>,
+    pub killed_at: f64,
+    pub critical_at: f64,
+    pub removed_at: f64,
+    pub replies_before_kill: usize,
+    pub replies_after_kill: usize,
+    /// Failed dials and reads the client printed after the kill.
+    pub failures_after_kill: usize,
+    /// The longest a message waited for its reply after the kill, seconds: what the client's
+    /// caller saw as an outage. `None` if no message was answered after the kill.
+    pub worst_reply_after_kill: Option<f64>,
+    /// From the kill to the first answered message sent after it, seconds.
+    pub first_reply_after_kill: Option<f64>,
+}
+
+impl Story {
+    /// One sentence on the outage the client saw.
+    pub fn outage(&self) -> String {
+        match (self.worst_reply_after_kill, self.first_reply_after_kill) {
+            (Some(worst), Some(first)) => format!(
+                "no outage to speak of: every message answered, the slowest after the kill in {:.1} ms; \
+                 first reply after the kill {:.2} s later (the next tick); {} failed attempts absorbed",
+                worst * 1e3,
+                first,
+                self.failures_after_kill
+            ),
+            _ => format!(
+                "outage from the kill to the end of the run ({:.0} s): no reply; {} failed dials/reads, \
+                 the dead address until Consul removed it {:.0} s after the kill, then \"not found\"",
+                self.events.last().map_or(0.0, |e| e.until.unwrap_or(e.at)) - self.killed_at,
+                self.failures_after_kill,
+                self.removed_at - self.killed_at
+            ),
+        }
+    }
+}
+
+/// Both stories.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimelineReport {
+    pub date: String,
+    pub stories: Vec<Story>,
+}
+
+fn secs_since(t: SystemTime, t0: SystemTime) -> f64 {
+    match t.duration_since(t0) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+/// Run the naive and the resilient story at the same time.
+pub async fn run(launcher: &Launcher, config: &TimelineConfig) -> Result<TimelineReport> {
+    let began = SystemTime::now();
+    let (naive, resilient) = tokio::join!(
+        story(launcher, config, ClientMode::Naive),
+        story(launcher, config, ClientMode::Resilient)
+    );
+    Ok(TimelineReport {
+        date: crate::report::rfc3339(began),
+        stories: vec![naive?, resilient?],
+    })
+}
+
+/// Tell one story against its own Consul.
+pub async fn story(
+    launcher: &Launcher,
+    config: &TimelineConfig,
+    mode: ClientMode,
+) -> Result<Story> {
+    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
+    let client = consul.client();
+    let t0 = SystemTime::now();
+    let mut actions: Vec<(SystemTime, String)> = Vec::new();
+
+    let args: Vec<String> = [
+        "--mode",
+        mode.flag(),
+        "--service",
+        "servernode",
+        "--count",
+        "100000",
+        "--interval",
+        &consul_api::GoDuration(config.message_interval).to_string(),
+        "--timeout",
+        "10m",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let client_proc = ClientProcess::spawn(launcher, &consul.config(), &args)?;
+    actions.push((
+        SystemTime::now(),
+        format!("started echo-client --mode {}", mode.flag()),
+    ));
+    let output = client_proc.process.output().clone();
+    if mode == ClientMode::Naive {
+        output
+            .wait_for_count(
+                0,
+                "not found",
+                2,
+                config.client_alone + Duration::from_secs(10),
+            )
+            .await?;
+    } else {
+        tokio::time::sleep(config.client_alone).await;
+    }
+
+    let spec = |id: &str| -> Result<ServerSpec> {
+        Ok(ServerSpec {
+            interval: config.interval,
+            timeout: config.timeout,
+            deregister_after: config.deregister_after,
+            ..ServerSpec::seed(consul.config())?.with_id(id)
+        })
+    };
+    let ids: &[&str] = match mode {
+        ClientMode::Naive => &["servernode_1"],
+        ClientMode::Resilient => &["servernode_1", "servernode_2"],
+    };
+    let mut servers = Vec::new();
+    for id in ids {
+        servers.push(ServerProcess::spawn(launcher, spec(id)?).await?);
+        actions.push((SystemTime::now(), format!("started echo-server {id}")));
+    }
+    let mut passing = Vec::new();
+    for id in ids {
+        wait::health_until(&client, "servernode", true, Duration::from_secs(60), |e| {
+            e.iter().any(|x| x.service.id == *id)
+        })
+        .await?;
+        passing.push((SystemTime::now(), format!("{id} passing")));
+    }
+
+    // Let the echo go on, then kill the server the client is using, like a crash.
+    let last = output
+        .wait_for_count(
+            0,
+            "reply ",
+            config.replies_before_kill,
+            Duration::from_secs(120),
+        )
+        .await?;
+    let victim = last
+        .text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("instance="))
+        .unwrap_or("servernode_1")
+        .to_owned();
+    let index = ids.iter().position(|id| *id == victim).unwrap_or(0);
+    let (passing_tx, passing_rx) = oneshot::channel();
+    let follow = {
+        let client = client.clone();
+        let victim = victim.clone();
+        tokio::spawn(async move {
+            wait::follow_instance(&client, "servernode", &victim, passing_tx).await
+        })
+    };
+    passing_rx
+        .await
+        .map_err(|_| Error::Invalid(format!("the watch on {victim} ended early")))?;
+    let killed = servers[index].process.kill().await?;
+    actions.push((
+        killed,
+        format!("SIGKILL echo-server {victim} (the one serving the client)"),
+    ));
+    let kill_mark = output.mark();
+
+    // Consul notices, then removes it; bound the wait by the model's window and some.
+    let limit = config.interval
+        + config.deregister_after.max(Duration::from_secs(60))
+        + Duration::from_secs(60);
+    let lifecycle = tokio::time::timeout(limit, follow)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("Consul to remove {victim}"),
+            timeout: limit,
+        })?
+        .map_err(|e| Error::Invalid(format!("the watch on {victim} failed: {e}")))??;
+
+    // The client's view after the removal.
+    let after = output.mark();
+    let needle = if mode == ClientMode::Naive {
+        "not found"
+    } else {
+        "reply "
+    };
+    output
+        .wait_for_count(after, needle, 2, Duration::from_secs(10))
+        .await?;
+    drop(client_proc);
+    drop(servers);
+
+    let lines = output.lines();
+    let mut events = condense(&lines, t0);
+    for (at, text) in &actions {
+        events.push(Event {
+            at: secs_since(*at, t0),
+            until: None,
+            count: 1,
+            source: "testbed",
+            text: text.clone(),
+        });
+    }
+    passing.push((lifecycle.critical_at, format!("{victim} critical")));
+    passing.push((
+        lifecycle.removed_at,
+        format!("{victim} deregistered (Consul's reaper)"),
+    ));
+    for (at, text) in passing {
+        events.push(Event {
+            at: secs_since(at, t0),
+            until: None,
+            count: 1,
+            source: "consul",
+            text,
+        });
+    }
+    events.sort_by(|a, b| a.at.total_cmp(&b.at));
+
+    let killed_at = secs_since(killed, t0);
+    let after_kill = &lines[kill_mark.min(lines.len())..];
+    let replies_after: Vec<&LogLine> = after_kill
+        .iter()
+        .filter(|l| l.text.starts_with("reply "))
+        .collect();
+    let worst = replies_after
+        .iter()
+        .filter_map(|l| field(&l.text, "latency_ms="))
+        .fold(None, |acc: Option<f64>, ms| {
+            Some(acc.map_or(ms, |a| a.max(ms)))
+        })
+        .map(|ms| ms / 1e3);
+    Ok(Story {
+        mode,
+        consul_version: consul.version().to_owned(),
+        killed_at,
+        critical_at: secs_since(lifecycle.critical_at, t0),
+        removed_at: secs_since(lifecycle.removed_at, t0),
+        replies_before_kill: lines[..kill_mark.min(lines.len())]
+            .iter()
+            .filter(|l| l.text.starts_with("reply "))
+            .count(),
+        replies_after_kill: replies_after.len(),
+        failures_after_kill: after_kill
+            .iter()
+            .filter(|l| l.text.contains("dial tcp") || l.text.contains("buffer error"))
+            .count(),
+        worst_reply_after_kill: worst,
+        first_reply_after_kill: replies_after
+            .first()
+            .map(|l| secs_since(l.received, killed)),
+        events,
+    })
+}
+
+/// The value after `key` in a `key=value` line.
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+}
+
+/// What kind of client line this is, for grouping repeats.
+fn kind(text: &str) -> Option<String> {
+    if text.starts_with("reply ") {
+        let instance = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("instance="))
+            .unwrap_or("?");
+        Some(format!("echo replies from {instance}"))
+    } else if text.starts_with("done ") || text.contains(" INFO ") || text.contains(" DEBUG ") {
+        None
+    } else if text.contains(" WARN ") || text.contains(" ERROR ") {
+        // Log lines: keep the message, without the timestamp and target.
+        text.split_once(": ").map(|(_, msg)| msg.trim().to_owned())
+    } else {
+        Some(text.trim().to_owned())
+    }
+}
+
+/// Group consecutive client lines of the same kind.
+fn condense(lines: &[LogLine], t0: SystemTime) -> Vec<Event> {
+    let mut events: Vec<Event> = Vec::new();
+    for line in lines {
+        let Some(text) = kind(&line.text) else {
+            continue;
+        };
+        let at = secs_since(line.received, t0);
+        match events.last_mut() {
+            Some(last) if last.text == text => {
+                last.count += 1;
+                last.until = Some(at);
+            }
+            _ => events.push(Event {
+                at,
+                until: None,
+                count: 1,
+                source: "client",
+                text,
+            }),
+        }
+    }
+    events
+}
+
+/// The timelines as markdown.
+pub fn markdown(report: &TimelineReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for story in &report.stories {
+        let _ = writeln!(
+            out,
+            "### Timeline, {} client{}: Consul {}, {}\n",
+            story.mode.flag(),
+            if story.mode == ClientMode::Resilient {
+                ", two servers"
+            } else {
+                ", one server"
+            },
+            story.consul_version,
+            report.date
+        );
+        out.push_str("| t (s) | source | event |\n|---:|---|---|\n");
+        for e in &story.events {
+            let repeat = match (e.count, e.until) {
+                (n, Some(until)) if n > 1 => format!(" (×{n}, until {until:.1})"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "| {:.2} | {} | {}{} |",
+                e.at,
+                e.source,
+                e.text.replace('|', "\\|"),
+                repeat
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nKill → critical {:.1} s, kill → deregistered {:.1} s. Client-seen: {}.\n",
+            story.critical_at - story.killed_at,
+            story.removed_at - story.killed_at,
+            story.outage()
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    fn line(at: u64, text: &str) -> LogLine {
+        LogLine {
+            received: UNIX_EPOCH + Duration::from_secs(at),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn repeated_client_lines_become_one_event() {
+        let lines = [
+            line(0, "servernode_1 not found"),
+            line(1, "servernode_1 not found"),
+            line(
+                2,
+                "reply seq=1 instance=servernode_1 addr=127.0.0.1:1 rtt_ms=0.1 latency_ms=0.2 attempts=1 bytes=\"x\"",
+            ),
+            line(
+                3,
+                "reply seq=2 instance=servernode_1 addr=127.0.0.1:1 rtt_ms=0.1 latency_ms=0.2 attempts=1 bytes=\"y\"",
+            ),
+            line(4, "read buffer error: EOF"),
+            line(5, "dial tcp 127.0.0.1:1: connect: connection refused"),
+            line(6, "dial tcp 127.0.0.1:1: connect: connection refused"),
+            line(7, "2026-11-25T00:00:00Z  INFO echo_client: something"),
+        ];
+        let events = condense(&lines, UNIX_EPOCH);
+        let summary: Vec<(String, usize)> =
+            events.iter().map(|e| (e.text.clone(), e.count)).collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("servernode_1 not found".to_string(), 2),
+                ("echo replies from servernode_1".to_string(), 2),
+                ("read buffer error: EOF".to_string(), 1),
+                (
+                    "dial tcp 127.0.0.1:1: connect: connection refused".to_string(),
+                    2
+                ),
+            ]
+        );
+        assert_eq!(events[3].until, Some(6.0));
+    }
+
+    #[test]
+    fn reply_fields_parse() {
+        let l = "reply seq=8 instance=a addr=127.0.0.1:1 rtt_ms=0.640 latency_ms=1.650 attempts=2 bytes=\"x\"";
+        assert_eq!(field(l, "latency_ms="), Some(1.65));
+        assert_eq!(field(l, "attempts="), Some(2.0));
+        assert_eq!(field(l, "nope="), None);
+    }
+}

@@ -1,0 +1,659 @@
+//! echo-client against real Consul and echo-server processes: a SIGKILLed serving instance,
+//! every instance down then one back, Consul stopped under the client, a /check turning 503
+//! while the port still answers, the seed article's naive client against a dead server, a
+//! refused token, a service that never appears. Measured numbers are printed (run with
+//! `--nocapture` to see them).
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant as StdInstant},
+};
+
+use echo_client::{ClientConfig, ConsulState, EchoClient, Reply, Snapshot};
+use testbed::{
+    Consul, ConsulOptions,
+    procs::{ClientProcess, ServerProcess, ServerSpec},
+    signal::Signal,
+    wait,
+};
+use tokio::time::Instant;
+
+use crate::common::{init_tracing, launcher};
+
+const SERVICE: &str = "servernode";
+
+/// A server of the seed article's service checked every second (deregistration as seeded).
+async fn server(consul: &Consul, id: &str) -> ServerProcess {
+    let mut spec = ServerSpec::seed(consul.config()).unwrap().with_id(id);
+    spec.interval = Duration::from_secs(1);
+    spec.timeout = Duration::from_secs(1);
+    ServerProcess::spawn(&launcher(), spec).await.unwrap()
+}
+
+/// Until Consul lists exactly `ids` as passing.
+async fn passing(consul: &Consul, ids: &[&str]) {
+    let mut want: Vec<&str> = ids.to_vec();
+    want.sort_unstable();
+    wait::health_until(
+        &consul.client(),
+        SERVICE,
+        true,
+        Duration::from_secs(60),
+        |entries| {
+            let mut got: Vec<&str> = entries.iter().map(|e| e.service.id.as_str()).collect();
+            got.sort_unstable();
+            got == want
+        },
+    )
+    .await
+    .unwrap();
+}
+
+fn client(consul: &Consul) -> EchoClient {
+    let mut config = ClientConfig::new(consul.config(), SERVICE);
+    config.session.reply_timeout = Duration::from_secs(1);
+    config.session.message_timeout = Duration::from_secs(60);
+    EchoClient::start(config).unwrap()
+}
+
+/// Until the client's discovery satisfies `done`.
+async fn discovered(client: &EchoClient, done: impl FnMut(&Snapshot) -> bool) -> Snapshot {
+    let mut rx = client.discovery();
+    tokio::time::timeout(Duration::from_secs(60), rx.wait_for(done))
+        .await
+        .expect("discovery within 60 s")
+        .expect("discovery alive")
+        .clone()
+}
+
+fn ids(s: &Snapshot) -> Vec<&str> {
+    s.instances.iter().map(|i| i.id.as_str()).collect()
+}
+
+/// Message `seq`: text, the number, and bytes that are not UTF-8 (never a newline).
+fn message(seq: u64) -> Vec<u8> {
+    let mut m = format!("hello world, {seq:03} ").into_bytes();
+    m.extend((0..8u64).map(|k| 0x80 | ((seq * 31 + k * 7) % 0x7f) as u8));
+    m
+}
+
+/// Send `seq` and require a byte-exact reply.
+async fn echo(client: &EchoClient, seq: u64) -> Reply {
+    let sent = message(seq);
+    let reply = client
+        .send(sent.clone())
+        .await
+        .unwrap_or_else(|e| panic!("message {seq} failed: {e}"));
+    assert_eq!(reply.bytes, sent, "message {seq}: reply not byte-exact");
+    reply
+}
+
+#[tokio::test]
+async fn killing_the_serving_instance_mid_stream_loses_nothing() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let all = ["servernode_1", "servernode_2", "servernode_3"];
+    let mut servers = BTreeMap::new();
+    for id in all {
+        servers.insert(id.to_owned(), server(&consul, id).await);
+    }
+    passing(&consul, &all).await;
+    let client = client(&consul);
+    discovered(&client, |s| s.instances.len() == 3).await;
+
+    // 300 messages, 20 ms apart. After message 100, SIGKILL the instance serving the stream
+    // (between two messages). After message 200, freeze the serving instance (SIGSTOP), send
+    // message 201 to it, and SIGKILL it while 201 waits for its reply: 201 must be resent.
+    const TOTAL: u64 = 300;
+    const IDLE_KILL_AFTER: u64 = 100;
+    const INFLIGHT_KILL_AFTER: u64 = 200;
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    let mut dead: Vec<String> = Vec::new();
+    let mut serving = String::new();
+    let mut resent = 0;
+    let mut measured = Vec::new();
+    let mut kill_at: Option<Instant> = None;
+    let started = Instant::now();
+    let mut seq = 0;
+    while seq < TOTAL {
+        ticker.tick().await;
+        seq += 1;
+        let reply = if seq == INFLIGHT_KILL_AFTER + 1 {
+            let victim = serving.clone();
+            let process = &mut servers.get_mut(&victim).unwrap().process;
+            process.signal(Signal::SIGSTOP).unwrap();
+            let in_flight = tokio::spawn({
+                let client = client.clone();
+                async move { echo(&client, INFLIGHT_KILL_AFTER + 1).await }
+            });
+            // The message reaches the frozen server's socket and waits there (less than the
+            // 1 s reply timeout, so it is the kill that the client reacts to).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let at = Instant::now();
+            process.kill().await.unwrap();
+            dead.push(victim);
+            let reply = tokio::time::timeout(Duration::from_secs(30), in_flight)
+                .await
+                .expect("the in-flight message is answered")
+                .unwrap();
+            assert_eq!(
+                reply.attempts, 2,
+                "written to the frozen server, then resent"
+            );
+            measured.push(("in-flight kill", at.elapsed(), reply.latency));
+            reply
+        } else {
+            echo(&client, seq).await
+        };
+        resent += u32::from(reply.attempts > 1);
+        assert!(
+            !dead.contains(&reply.instance.id),
+            "message {seq} answered by a killed instance"
+        );
+        if let Some(at) = kill_at.take() {
+            measured.push(("idle kill", at.elapsed(), reply.latency));
+        }
+        serving = reply.instance.id.clone();
+        if seq == IDLE_KILL_AFTER {
+            kill_at = Some(Instant::now());
+            servers
+                .get_mut(&serving)
+                .unwrap()
+                .process
+                .kill()
+                .await
+                .unwrap();
+            dead.push(serving.clone());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "stream bounded in time"
+        );
+    }
+    assert_eq!(dead.len(), 2);
+    for (what, kill_to_reply, latency) in &measured {
+        eprintln!(
+            "MEASURED {what}: kill -> next reply from another instance {kill_to_reply:?} \
+             (that message's latency {latency:?})"
+        );
+        assert!(*kill_to_reply < Duration::from_secs(10), "a hang");
+    }
+    eprintln!(
+        "MEASURED kill-mid-stream: {TOTAL} sent, {TOTAL} answered byte-exact, 0 lost, \
+         {resent} resent; killed {dead:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_stream_is_unbroken_when_a_server_is_killed() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let mut servers = BTreeMap::new();
+    for id in ["servernode_1", "servernode_2"] {
+        servers.insert(id.to_owned(), server(&consul, id).await);
+    }
+    passing(&consul, &["servernode_1", "servernode_2"]).await;
+    let args: Vec<String> = [
+        "--service",
+        SERVICE,
+        "--count",
+        "40",
+        "--interval",
+        "100ms",
+        "--message",
+        "hello world",
+        "--reply-timeout",
+        "1s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut cli = ClientProcess::spawn(&launcher(), &consul.config(), &args).unwrap();
+    let out = cli.process.output().clone();
+    let line = out
+        .wait_for("reply seq=10 ", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let victim = field(&line.text, "instance").to_owned();
+    servers
+        .get_mut(&victim)
+        .unwrap()
+        .process
+        .kill()
+        .await
+        .unwrap();
+    out.wait_for("done mode=resilient", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let status = cli
+        .process
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let replies: Vec<(u64, String, String)> = out
+        .matching("reply seq=")
+        .iter()
+        .map(|l| {
+            (
+                field(&l.text, "seq").parse().unwrap(),
+                field(&l.text, "instance").to_owned(),
+                l.text.split("bytes=").nth(1).unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let seqs: Vec<u64> = replies.iter().map(|r| r.0).collect();
+    assert_eq!(
+        seqs,
+        (1..=40).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+    for (seq, _, bytes) in &replies {
+        assert_eq!(bytes, &format!("\"hello world, {seq:03}\""));
+    }
+    assert!(
+        replies[11..].iter().all(|r| r.1 != victim),
+        "off the killed one"
+    );
+    let done = out.matching("done mode=resilient")[0].text.clone();
+    assert!(done.contains("lost=0 mismatched=0"), "{done}");
+    eprintln!("MEASURED cli kill: killed {victim} after reply 10; {done}");
+}
+
+/// The value of `key=` in a reply line.
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let start = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + key.len()
+        + 2;
+    line[start..].split(' ').next().unwrap()
+}
+
+#[tokio::test]
+async fn with_every_instance_down_the_client_resumes_when_one_starts() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let mut a = server(&consul, "servernode_1").await;
+    let mut b = server(&consul, "servernode_2").await;
+    passing(&consul, &["servernode_1", "servernode_2"]).await;
+    let client = client(&consul);
+    discovered(&client, |s| s.instances.len() == 2).await;
+    echo(&client, 1).await;
+
+    a.process.kill().await.unwrap();
+    b.process.kill().await.unwrap();
+    let down_at = Instant::now();
+    // A message sent while nothing answers waits (queued, not failed).
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { echo(&client, 2).await }
+    });
+    let mut rx = client.discovery();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        rx.wait_for(|s| s.instances.is_empty()),
+    )
+    .await
+    .expect("Consul marks both critical")
+    .unwrap();
+    assert!(!waiting.is_finished(), "no instance yet, still queued");
+
+    let c = server(&consul, "servernode_3").await;
+    let started_at = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("resumed by itself")
+        .unwrap();
+    assert_eq!(reply.instance.id, "servernode_3");
+    eprintln!(
+        "MEASURED all-down: message 2 waited {:?} in all (down for {:?}), answered {:?} after \
+         servernode_3 started listening, {} attempt(s); 0 lost",
+        reply.latency,
+        started_at - down_at,
+        started_at.elapsed(),
+        reply.attempts
+    );
+    assert_eq!(echo(&client, 3).await.instance.id, c.spec.id);
+}
+
+#[tokio::test]
+async fn with_consul_stopped_no_echo_fails_and_discovery_recovers() {
+    init_tracing();
+    let mut consul = Consul::start().await.unwrap();
+    let _a = server(&consul, "servernode_1").await;
+    let _b = server(&consul, "servernode_2").await;
+    passing(&consul, &["servernode_1", "servernode_2"]).await;
+    let client = client(&consul);
+    discovered(&client, |s| s.instances.len() == 2).await;
+
+    // Record every snapshot discovery publishes, until told to stop.
+    let mut rx = client.discovery();
+    let (stop_recording, mut stop) = tokio::sync::oneshot::channel::<()>();
+    let recorder = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < 1000 {
+            tokio::select! {
+                changed = rx.changed() => match changed {
+                    Ok(()) => seen.push(rx.borrow_and_update().clone()),
+                    Err(_) => break,
+                },
+                _ = &mut stop => break,
+            }
+        }
+        seen
+    });
+
+    let mut echoes = Echoes { client, seq: 0 };
+    echoes.until(|| false, 20).await;
+
+    consul.stop().await.unwrap();
+    let stopped = StdInstant::now();
+    let down = echoes.client.discovery();
+    // Echo on while Consul is gone, until discovery has noticed and for a while after.
+    let during = echoes
+        .until(
+            || {
+                matches!(down.borrow().consul, ConsulState::Unreachable { .. })
+                    && stopped.elapsed() > Duration::from_secs(5)
+            },
+            400,
+        )
+        .await;
+    let snapshot = echoes.client.discovery().borrow().clone();
+    assert!(
+        matches!(snapshot.consul, ConsulState::Unreachable { .. }),
+        "{:?}",
+        snapshot.consul
+    );
+    assert_eq!(
+        ids(&snapshot),
+        ["servernode_1", "servernode_2"],
+        "last known set kept"
+    );
+    let outage = stopped.elapsed();
+
+    // Dev mode forgets every registration: the servers register again by themselves, and
+    // discovery must find them without help. Echo on all the while.
+    let (restart, after) = tokio::join!(consul.start_again(), async {
+        let back = echoes.client.discovery();
+        echoes
+            .until(
+                || {
+                    let s = back.borrow();
+                    s.consul == ConsulState::Reachable && s.instances.len() == 2
+                },
+                2000,
+            )
+            .await
+    });
+    restart.unwrap();
+    let recovered = stopped.elapsed();
+    let snapshot = echoes.client.discovery().borrow().clone();
+    assert_eq!(snapshot.consul, ConsulState::Reachable);
+    assert_eq!(ids(&snapshot), ["servernode_1", "servernode_2"]);
+    assert_eq!(echoes.until(|| false, 20).await, 20);
+    let total = echoes.seq;
+    drop(echoes);
+    stop_recording.send(()).unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), recorder)
+        .await
+        .unwrap()
+        .unwrap();
+    let unreachable_states = seen
+        .iter()
+        .filter(|s| matches!(s.consul, ConsulState::Unreachable { .. }))
+        .count();
+    // One per change of state (refused while stopped; perhaps "no leader" while it boots),
+    // never one per retry (a dozen retries or more happen in this time).
+    assert!(
+        (1..=3).contains(&unreachable_states),
+        "{unreachable_states} Unreachable snapshots published"
+    );
+    eprintln!(
+        "MEASURED consul-down: {total} echoes, 0 failed ({during} while Consul was stopped for \
+         {outage:?}, {after} while it came back); discovery listed both servers again \
+         {recovered:?} after the stop; {unreachable_states} Unreachable state(s) published"
+    );
+}
+
+/// A stream of echoes, each checked byte-exact, 50 ms apart.
+struct Echoes {
+    client: EchoClient,
+    seq: u64,
+}
+
+impl Echoes {
+    /// Echo until `done()` or `max` messages; returns how many were sent.
+    async fn until(&mut self, mut done: impl FnMut() -> bool, max: u64) -> u64 {
+        let mut sent = 0;
+        while !done() && sent < max {
+            self.seq += 1;
+            sent += 1;
+            echo(&self.client, self.seq).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sent
+    }
+}
+
+#[tokio::test]
+async fn a_server_whose_check_fails_is_left_once_consul_marks_it_critical() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let a = server(&consul, "servernode_1").await;
+    let _b = server(&consul, "servernode_2").await;
+    passing(&consul, &["servernode_1", "servernode_2"]).await;
+    let client = client(&consul);
+    discovered(&client, |s| s.instances.len() == 2).await;
+    // Round-robin in ID order: the first connection goes to servernode_1.
+    assert_eq!(echo(&client, 1).await.instance.id, "servernode_1");
+
+    a.process.signal(Signal::SIGUSR1).unwrap();
+    let flipped = Instant::now();
+    let mut seq = 1;
+    let moved = loop {
+        seq += 1;
+        let reply = echo(&client, seq).await;
+        if reply.instance.id == "servernode_2" {
+            break Instant::now();
+        }
+        assert!(
+            flipped.elapsed() < Duration::from_secs(30),
+            "still on servernode_1 30 s after its check turned 503"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let snapshot = client.discovery().borrow().clone();
+    assert_eq!(
+        ids(&snapshot),
+        ["servernode_2"],
+        "Consul marked it critical"
+    );
+    for _ in 0..20 {
+        seq += 1;
+        assert_eq!(echo(&client, seq).await.instance.id, "servernode_2");
+    }
+    // Its echo port still answers: the client left it because of Consul, not the port.
+    let mut direct = tokio::net::TcpStream::connect(a.spec.echo_addr())
+        .await
+        .unwrap();
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    direct.write_all(b"still here\n").await.unwrap();
+    let mut line = String::new();
+    tokio::io::BufReader::new(direct)
+        .read_line(&mut line)
+        .await
+        .unwrap();
+    assert_eq!(line, "still here\n");
+    eprintln!(
+        "MEASURED check-503: moved off servernode_1 {:?} after SIGUSR1 ({seq} echoes, 0 lost)",
+        moved - flipped
+    );
+}
+
+#[tokio::test]
+async fn naive_mode_dials_a_dead_server_until_consul_deregisters_it() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    // The seed article's settings: checked every 5s, deregistered after 30s critical.
+    let spec = ServerSpec::seed(consul.config()).unwrap();
+    let dead_addr = spec.echo_addr().to_string();
+    let mut srv = ServerProcess::spawn(&launcher(), spec).await.unwrap();
+    wait::passing(&consul.client(), SERVICE, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let args: Vec<String> = [
+        "--mode",
+        "naive",
+        "--service",
+        SERVICE,
+        "--count",
+        "100000",
+        "--interval",
+        "200ms",
+        "--timeout",
+        "5m",
+    ]
+    .map(String::from)
+    .to_vec();
+    let cli = ClientProcess::spawn(&launcher(), &consul.config(), &args).unwrap();
+    let out = cli.process.output().clone();
+    out.wait_for("reply seq=3 ", Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let before_kill = out.mark();
+    let killed = StdInstant::now();
+    srv.process.kill().await.unwrap();
+    out.wait_for_after(before_kill, "read buffer error", Duration::from_secs(10))
+        .await
+        .unwrap();
+    let refused = format!("dial tcp {dead_addr}: connect: connection refused");
+    out.wait_for_after(before_kill, &refused, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let gone = wait::deregistered(
+        &consul.client(),
+        SERVICE,
+        "servernode_1",
+        Duration::from_secs(180),
+    )
+    .await
+    .unwrap();
+    let deregistered_after = killed.elapsed();
+    let at_deregistration = out.mark();
+    out.wait_for_after(
+        at_deregistration,
+        "servernode_1 not found",
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let lines = out.lines();
+    let after_kill = &lines[before_kill..];
+    let dials = after_kill.iter().filter(|l| l.text == refused).count();
+    let other_dials = after_kill
+        .iter()
+        .filter(|l| l.text.starts_with("dial tcp") && l.text != refused)
+        .count();
+    let replies_after = after_kill
+        .iter()
+        .filter(|l| l.text.starts_with("reply "))
+        .count();
+    let sent_before: u64 = lines[..before_kill]
+        .iter()
+        .filter(|l| l.text.starts_with("reply "))
+        .count() as u64;
+    assert_eq!(replies_after, 0, "nothing answers after the kill");
+    assert_eq!(other_dials, 0, "every dial went to the dead address");
+    assert!(
+        dials >= 30,
+        "dialed the dead address only {dials} times in {deregistered_after:?}"
+    );
+    let _ = gone;
+    eprintln!(
+        "MEASURED naive: after SIGKILL it dialed the dead {dead_addr} {dials} times (about one \
+         per second) until Consul deregistered servernode_1 {deregistered_after:?} after the \
+         kill, then printed `servernode_1 not found`; {sent_before} replies before the kill, \
+         none after (no failover)"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_token_is_a_clear_permanent_error() {
+    init_tracing();
+    let options = ConsulOptions::from_env()
+        .unwrap()
+        .with_acl("client-root-token");
+    let consul = Consul::start_with(options).await.unwrap();
+    let bad = consul
+        .config()
+        .with_token(Some("00000000-0000-4000-8000-000000000000".into()));
+    let args: Vec<String> = ["--count", "1", "--timeout", "5m"]
+        .map(String::from)
+        .to_vec();
+    let started = StdInstant::now();
+    let mut cli = ClientProcess::spawn(&launcher(), &bad, &args).unwrap();
+    let status = cli
+        .process
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(!status.success());
+    let error = cli
+        .process
+        .output()
+        .wait_for("error:", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .text;
+    assert!(error.contains("failed permanently"), "{error}");
+    assert!(error.contains("403"), "{error}");
+    assert!(error.contains("CONSUL_HTTP_TOKEN"), "{error}");
+    assert!(
+        !error.contains("00000000-0000"),
+        "never print a token: {error}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "not after --timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_service_that_never_appears_fails_after_timeout() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let args: Vec<String> = [
+        "--service",
+        "nobody-here",
+        "--count",
+        "1",
+        "--timeout",
+        "3s",
+    ]
+    .map(String::from)
+    .to_vec();
+    let started = StdInstant::now();
+    let mut cli = ClientProcess::spawn(&launcher(), &consul.config(), &args).unwrap();
+    let status = cli
+        .process
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(!status.success());
+    let error = cli
+        .process
+        .output()
+        .wait_for("error:", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .text;
+    assert!(
+        error.contains("no instance of \"nobody-here\" answered within 3s"),
+        "{error}"
+    );
+    assert!(error.contains("no passing instance"), "{error}");
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+}
