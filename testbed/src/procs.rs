@@ -207,6 +207,11 @@ impl ChildProcess {
         signal::send(self.pid, sig)
     }
 
+    /// SIGSTOP it and wait until every thread has stopped (see [`signal::freeze`]).
+    pub async fn freeze(&self) -> Result<()> {
+        signal::freeze(self.pid, Duration::from_secs(5)).await
+    }
+
     /// SIGKILL it and reap it; returns the moment the signal was sent.
     pub async fn kill(&mut self) -> Result<SystemTime> {
         let at = SystemTime::now();

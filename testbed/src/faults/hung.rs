@@ -199,7 +199,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
         "SIGSTOP {frozen}; waiting for Consul and the client to notice"
     ));
     let t0 = Instant::now();
-    servers[victim].process.signal(Signal::SIGSTOP)?;
+    servers[victim].process.freeze().await?;
 
     let check_id = format!("service:{frozen}");
     let critical = async {
