@@ -167,7 +167,10 @@ impl Snapshot {
                 format!("Consul is unreachable and no instance of {service:?} is known ({error})")
             }
             _ if self.instances.is_empty() => {
-                format!("Consul lists no passing instance of {service:?}")
+                format!(
+                    "Consul lists no passing instance of {service:?} (with ACLs on, a token \
+                     without service:read and node:read sees an empty list, not an error)"
+                )
             }
             _ => format!(
                 "{} passing instance(s) of {service:?}",

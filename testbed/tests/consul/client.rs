@@ -121,7 +121,7 @@ async fn killing_the_serving_instance_mid_stream_loses_nothing() {
         let reply = if seq == INFLIGHT_KILL_AFTER + 1 {
             let victim = serving.clone();
             let process = &mut servers.get_mut(&victim).unwrap().process;
-            process.signal(Signal::SIGSTOP).unwrap();
+            process.freeze().await.unwrap();
             let in_flight = tokio::spawn({
                 let client = client.clone();
                 async move { echo(&client, INFLIGHT_KILL_AFTER + 1).await }
