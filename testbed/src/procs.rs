@@ -58,6 +58,7 @@ impl Launcher {
             .env_remove("CONSUL_HTTP_TOKEN")
             .env_remove("CONSUL_HTTP_TOKEN_FILE")
             .env("NO_COLOR", "1")
+            .env("RUST_LOG", child_log_filter())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -66,6 +67,23 @@ impl Launcher {
             cmd.env("CONSUL_HTTP_TOKEN", token);
         }
         cmd
+    }
+}
+
+/// The children's log filter: the user's `RUST_LOG`, but never so quiet that the lines the
+/// testbed waits on ("echo-server listening", ...) are hidden.
+fn child_log_filter() -> String {
+    match std::env::var("RUST_LOG") {
+        Ok(user) if !user.trim().is_empty() => {
+            let mut filter = user;
+            for target in ["echo_server", "echo_client"] {
+                if !filter.contains(target) {
+                    filter.push_str(&format!(",{target}=info"));
+                }
+            }
+            filter
+        }
+        _ => "warn,echo_server=info,echo_client=info".into(),
     }
 }
 
@@ -253,38 +271,57 @@ impl ServerProcess {
         Ok(ServerProcess { spec, process })
     }
 
-    /// Start a server and wait until its echo port accepts connections.
-    pub async fn spawn(launcher: &Launcher, spec: ServerSpec) -> Result<ServerProcess> {
-        let ServerProcess { spec, mut process } = ServerProcess::start(launcher, spec)?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    /// Start a server and wait until it says it listens. Ports are picked free but another
+    /// process may take one before the server binds it: then the server exits saying so, and
+    /// it is started again on fresh ports (at most three times).
+    pub async fn spawn(launcher: &Launcher, mut spec: ServerSpec) -> Result<ServerProcess> {
+        let mut attempt = 0;
         loop {
-            if tokio::net::TcpStream::connect(spec.echo_addr())
-                .await
-                .is_ok()
-            {
-                break;
+            attempt += 1;
+            let ServerProcess {
+                spec: started,
+                mut process,
+            } = ServerProcess::start(launcher, spec.clone())?;
+            let listening = process
+                .output
+                .wait_for("echo-server listening", Duration::from_secs(30));
+            let exited = process.child.wait();
+            let failure = tokio::select! {
+                line = listening => match line {
+                    Ok(_) => return Ok(ServerProcess { spec: started, process }),
+                    Err(_) => "did not say it listens within 30s".to_owned(),
+                },
+                status = exited => format!(
+                    "exited ({}) before listening",
+                    status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+                ),
+            };
+            // Let the output readers catch the last lines.
+            let _ = process
+                .output
+                .wait_for("cannot listen", Duration::from_millis(200))
+                .await;
+            let tail: Vec<String> = process
+                .output
+                .lines()
+                .iter()
+                .rev()
+                .take(5)
+                .rev()
+                .map(|l| l.text.clone())
+                .collect();
+            let clash = tail.iter().any(|l| l.contains("cannot listen"));
+            if clash && attempt < 3 {
+                tracing::info!(id = %spec.id, "a port was taken before the server bound it; new ports");
+                spec.port = free_port()?;
+                spec.check_port = free_port()?;
+                continue;
             }
-            if process.has_exited() || tokio::time::Instant::now() >= deadline {
-                let tail: Vec<String> = process
-                    .output
-                    .lines()
-                    .iter()
-                    .rev()
-                    .take(5)
-                    .map(|l| l.text.clone())
-                    .collect();
-                return Err(Error::Process {
-                    what: format!("echo-server {}", spec.id),
-                    reason: format!(
-                        "never listened on {}: {}",
-                        spec.echo_addr(),
-                        tail.join(" | ")
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            return Err(Error::Process {
+                what: format!("echo-server {}", spec.id),
+                reason: format!("{failure} on {}: {}", spec.echo_addr(), tail.join(" | ")),
+            });
         }
-        Ok(ServerProcess { spec, process })
     }
 }
 

@@ -256,7 +256,10 @@ async fn sigterm_deregisters_at_once_answers_in_flight_frames_and_exits_0() {
     writing.await.unwrap().unwrap();
     let status = server.process.wait_exit(LIMIT).await.unwrap();
     eprintln!("SIGTERM to gone from the catalog: {to_gone:?}");
-    assert!(to_gone < Duration::from_secs(1), "{to_gone:?}");
+    // The server deregistered itself: gone at once, not after Consul's reaper (>= 60 s). How
+    // fast "at once" is (tens of ms) is measured by `testbed deregistration`'s contrast; here
+    // the bound leaves room for a loaded 2-core CI machine.
+    assert!(to_gone < Duration::from_secs(5), "{to_gone:?}");
     assert_eq!(answers.len(), burst.len(), "every in-flight frame answered");
     assert_eq!(answers, burst);
     assert_eq!(status.code(), Some(0), "{status:?}");
