@@ -27,7 +27,7 @@ use crate::{
     error::{Error, Result},
     logbuf::LogBuffer,
     model::{Phase, ReaperModel, Window},
-    procs::{Launcher, ServerProcess, ServerSpec, free_port},
+    procs::{Launcher, ServerProcess, ServerSpec},
     signal::Signal,
     wait,
 };
@@ -247,15 +247,10 @@ pub async fn run(
             plan.trial
         );
         let spec = ServerSpec {
-            name: id.clone(),
-            id,
-            port: free_port()?,
-            check_port: free_port()?,
             interval: plan.interval,
             timeout: config.check_timeout.min(plan.interval),
             deregister_after: plan.setting,
-            consul: consul.config(),
-            extra_args: Vec::new(),
+            ..ServerSpec::seed(consul.config())?.named(id.clone(), id)
         };
         servers.push(ServerProcess::spawn(launcher, spec).await?);
     }
@@ -476,11 +471,9 @@ struct Events {
 
 /// Register a seed-style server, SIGTERM it, time until Consul no longer lists it.
 async fn sigterm_contrast(consul: &Consul, launcher: &Launcher) -> Result<Contrast> {
-    let spec = ServerSpec::seed(consul.config())?.with_id("sigterm-contrast");
     let spec = ServerSpec {
-        name: "sigterm-contrast".into(),
         interval: Duration::from_secs(1),
-        ..spec
+        ..ServerSpec::seed(consul.config())?.named("sigterm-contrast", "sigterm-contrast")
     };
     let mut server = ServerProcess::spawn(launcher, spec).await?;
     let client = consul.client();

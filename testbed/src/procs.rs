@@ -9,7 +9,7 @@
 
 use std::{
     ffi::OsString,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::{ExitStatus, Stdio},
     time::{Duration, SystemTime},
@@ -92,6 +92,8 @@ fn child_log_filter() -> String {
 pub struct ServerSpec {
     pub name: String,
     pub id: String,
+    /// The loopback address it listens on and registers (its own, see [`loopback_ip`]).
+    pub ip: Ipv4Addr,
     pub port: u16,
     pub check_port: u16,
     pub interval: Duration,
@@ -105,13 +107,15 @@ pub struct ServerSpec {
 
 impl ServerSpec {
     /// The seed article's service (`servernode` / `servernode_1`, check every 5s with a 3s
-    /// timeout, deregister after 30s), on free loopback ports.
+    /// timeout, deregister after 30s), on free ports of its own loopback address.
     pub fn seed(consul: consul_api::Config) -> Result<ServerSpec> {
+        let ip = loopback_ip();
         Ok(ServerSpec {
             name: "servernode".into(),
             id: "servernode_1".into(),
-            port: free_port()?,
-            check_port: free_port()?,
+            ip,
+            port: free_port_on(ip)?,
+            check_port: free_port_on(ip)?,
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(3),
             deregister_after: Duration::from_secs(30),
@@ -126,9 +130,20 @@ impl ServerSpec {
         self
     }
 
+    /// This spec under another service name and ID.
+    pub fn named(mut self, name: impl Into<String>, id: impl Into<String>) -> Self {
+        self.name = name.into();
+        self.id = id.into();
+        self
+    }
+
     /// The echo-server command line.
     pub fn args(&self) -> Vec<String> {
         let mut args = vec![
+            "--bind".into(),
+            self.ip.to_string(),
+            "--address".into(),
+            self.ip.to_string(),
             "--name".into(),
             self.name.clone(),
             "--id".into(),
@@ -150,20 +165,31 @@ impl ServerSpec {
 
     /// Where the server echoes.
     pub fn echo_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::from((self.ip, self.port))
     }
 
     /// The URL of its `/check`.
     pub fn check_url(&self) -> String {
-        format!("http://127.0.0.1:{}/check", self.check_port)
+        format!("http://{}:{}/check", self.ip, self.check_port)
     }
 }
 
 /// A free TCP port on 127.0.0.1, right now.
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    free_port_on(Ipv4Addr::LOCALHOST)
+}
+
+/// A free TCP port on `ip`, right now.
+pub fn free_port_on(ip: Ipv4Addr) -> Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+/// A random address in 127.0.0.0/8 other than 127.0.0.1. Each server gets its own, so that
+/// when one is killed no other process started meanwhile can take over its address and
+/// answer in its place (ports alone are reused quickly when many tests run at once).
+pub fn loopback_ip() -> Ipv4Addr {
+    let [a, b] = rand::random::<[u8; 2]>();
+    Ipv4Addr::new(127, a.max(1), b, rand::random_range(2..=254))
 }
 
 /// A running child with its output captured.
@@ -173,6 +199,7 @@ pub struct ChildProcess {
     pid: u32,
     what: String,
     output: LogBuffer,
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl ChildProcess {
@@ -190,9 +217,10 @@ impl ChildProcess {
             child.stdout.take().map(|s| Box::new(s) as _),
             child.stderr.take().map(|s| Box::new(s) as _),
         ];
+        let mut readers = Vec::new();
         for mut stream in streams.into_iter().flatten() {
             let sink = output.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut buf = vec![0u8; 16 << 10];
                 while let Ok(n) = stream.read(&mut buf).await {
                     if n == 0 {
@@ -200,13 +228,14 @@ impl ChildProcess {
                     }
                     sink.push_bytes(&buf[..n]);
                 }
-            });
+            }));
         }
         Ok(ChildProcess {
             child,
             pid,
             what,
             output,
+            readers,
         })
     }
 
@@ -235,18 +264,27 @@ impl ChildProcess {
         let at = SystemTime::now();
         self.signal(Signal::SIGKILL)?;
         self.child.wait().await?;
+        self.drain_output().await;
         Ok(at)
     }
 
-    /// Wait for it to exit, at most `timeout`.
+    /// Wait for it to exit, at most `timeout`; its last output lines are read by then.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait())
+        let status = tokio::time::timeout(timeout, self.child.wait())
             .await
             .map_err(|_| Error::Timeout {
                 what: format!("{} to exit", self.what),
                 timeout,
-            })?
-            .map_err(Error::from)
+            })??;
+        self.drain_output().await;
+        Ok(status)
+    }
+
+    /// After exit: wait (briefly) until its stdout and stderr are read to the end.
+    async fn drain_output(&mut self) {
+        for reader in std::mem::take(&mut self.readers) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+        }
     }
 
     /// Whether it has exited (reaping it if so).
@@ -296,11 +334,10 @@ impl ServerProcess {
                     status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
                 ),
             };
-            // Let the output readers catch the last lines.
-            let _ = process
-                .output
-                .wait_for("cannot listen", Duration::from_millis(200))
-                .await;
+            // Its last words (the reason it exited) are read by then, or soon after.
+            if process.has_exited() {
+                process.drain_output().await;
+            }
             let tail: Vec<String> = process
                 .output
                 .lines()
@@ -313,8 +350,8 @@ impl ServerProcess {
             let clash = tail.iter().any(|l| l.contains("cannot listen"));
             if clash && attempt < 3 {
                 tracing::info!(id = %spec.id, "a port was taken before the server bound it; new ports");
-                spec.port = free_port()?;
-                spec.check_port = free_port()?;
+                spec.port = free_port_on(spec.ip)?;
+                spec.check_port = free_port_on(spec.ip)?;
                 continue;
             }
             return Err(Error::Process {

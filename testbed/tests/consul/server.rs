@@ -106,7 +106,7 @@ async fn registration_is_stored_as_configured_and_the_agent_checks_at_the_interv
     let service = &entry.service;
     assert_eq!(service.id, "servernode_1");
     assert_eq!(service.service, "servernode");
-    assert_eq!(service.address, "127.0.0.1");
+    assert_eq!(service.address, spec.ip.to_string());
     assert_eq!(service.port, spec.port);
     assert_eq!(service.tags(), ["servernode"]);
     let meta = service.meta.clone().unwrap_or_default();
@@ -145,7 +145,7 @@ async fn registration_is_stored_as_configured_and_the_agent_checks_at_the_interv
             + 1;
         hits.push(line);
     }
-    let host = format!("host=\"127.0.0.1:{}\"", spec.check_port);
+    let host = format!("host=\"{}:{}\"", spec.ip, spec.check_port);
     for hit in &hits {
         assert!(hit.text.contains("method=\"GET\""), "{}", hit.text);
         assert!(hit.text.contains("path=\"/check\""), "{}", hit.text);
