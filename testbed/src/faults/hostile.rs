@@ -569,9 +569,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
         .is_ok_and(|(e, _)| e.iter().any(|e| e.service.id == ids[0]));
     let rss_end_kib = rss();
     let peak_rss_kib = super::proc_status_kib(pid, "VmHWM").unwrap_or(0);
-    let exited = super::exited(&mut servers);
-    let mut panics = super::panics(servers.iter().map(|s| s.process.output()));
-    panics.extend(exited.iter().map(|id| format!("{id} exited")));
+    let panics = super::casualties(&mut servers);
 
     let quiet_p99 = latency_quantile(&quiet_outcomes, 0.99);
     let attack_p99 = latency_quantile(&attack_outcomes, 0.99);

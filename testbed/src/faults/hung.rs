@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{DiscoveryLog, Tally, Traffic, errors},
+    observe::{Tally, errors},
 };
 use crate::{
     Consul, ConsulOptions,
@@ -163,29 +163,22 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
     let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
     let direct = consul.client();
     step("starting echo servers");
-    let mut servers = super::start_servers(
+    let super::Stage {
+        mut servers,
+        client: _client,
+        discovery,
+        traffic,
+        ..
+    } = super::Stage::set_up(
         launcher,
         &consul,
         consul.config(),
         config.servers,
         config.interval,
+        config.reply_timeout,
+        ("hung", config.every, 100_000),
     )
     .await?;
-    let ids = super::ids(&servers);
-    let client = super::client(consul.config(), config.reply_timeout)?;
-    let discovery = DiscoveryLog::start(&client);
-    discovery
-        .wait_for(
-            "discovery to list every server",
-            Instant::now(),
-            LIMIT,
-            |v| v.lists_all(&ids),
-        )
-        .await?;
-    let traffic = Traffic::start(&client, "hung", config.every, 100_000);
-    traffic
-        .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
-        .await?;
 
     // Freeze the instance the client is connected to.
     let frozen = traffic
@@ -262,9 +255,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
         .filter(|o| o.sent >= t0 && o.sent <= fault_end)
         .cloned()
         .collect();
-    let exited = super::exited(&mut servers);
-    let mut panics = super::panics(servers.iter().map(|s| s.process.output()));
-    panics.extend(exited.iter().map(|id| format!("{id} exited")));
+    let panics = super::casualties(&mut servers);
     Ok(Outcome {
         consul: super::consul_label(&consul),
         frozen,

@@ -336,6 +336,58 @@ pub(crate) async fn start_servers(
     Ok(servers)
 }
 
+/// The opening every traffic scenario shares: `n` servers registered through `via`, a
+/// resilient client (through `via` too) whose discovery lists them all, and steady traffic
+/// with 20 good echoes behind it.
+pub(crate) struct Stage {
+    pub servers: Vec<ServerProcess>,
+    pub ids: Vec<String>,
+    pub client: EchoClient,
+    pub discovery: observe::DiscoveryLog,
+    /// The discovery view that first listed every server.
+    pub listed: observe::View,
+    pub traffic: observe::Traffic,
+}
+
+impl Stage {
+    /// Set the stage; `label` names the traffic, `max` bounds how many echoes it sends.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn set_up(
+        launcher: &Launcher,
+        consul: &Consul,
+        via: consul_api::Config,
+        n: usize,
+        interval: Duration,
+        reply_timeout: Duration,
+        (label, every, max): (&'static str, Duration, u64),
+    ) -> Result<Stage> {
+        let servers = start_servers(launcher, consul, via.clone(), n, interval).await?;
+        let ids = ids(&servers);
+        let client = client(via, reply_timeout)?;
+        let discovery = observe::DiscoveryLog::start(&client);
+        let listed = discovery
+            .wait_for(
+                "discovery to list every server",
+                Instant::now(),
+                LIMIT,
+                |v| v.lists_all(&ids),
+            )
+            .await?;
+        let traffic = observe::Traffic::start(&client, label, every, max);
+        traffic
+            .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
+            .await?;
+        Ok(Stage {
+            servers,
+            ids,
+            client,
+            discovery,
+            listed,
+            traffic,
+        })
+    }
+}
+
 /// The service IDs of `servers`.
 pub(crate) fn ids(servers: &[ServerProcess]) -> Vec<String> {
     servers.iter().map(|s| s.spec.id.clone()).collect()
@@ -380,7 +432,7 @@ pub(crate) fn peak_rss(servers: &[ServerProcess]) -> Option<u64> {
 }
 
 /// Lines of `outputs` reporting a panic.
-pub(crate) fn panics<'a>(outputs: impl IntoIterator<Item = &'a LogBuffer>) -> Vec<String> {
+fn panics<'a>(outputs: impl IntoIterator<Item = &'a LogBuffer>) -> Vec<String> {
     outputs
         .into_iter()
         .flat_map(|o| o.matching("panicked"))
@@ -389,12 +441,16 @@ pub(crate) fn panics<'a>(outputs: impl IntoIterator<Item = &'a LogBuffer>) -> Ve
         .collect()
 }
 
-/// Servers that have exited (they never should in these scenarios).
-pub(crate) fn exited(servers: &mut [ServerProcess]) -> Vec<String> {
-    servers
-        .iter_mut()
-        .filter_map(|s| s.process.has_exited().then(|| s.spec.id.clone()))
-        .collect()
+/// What went wrong with the servers themselves: panics in their output, and exits (they never
+/// should exit in these scenarios).
+pub(crate) fn casualties(servers: &mut [ServerProcess]) -> Vec<String> {
+    let mut found = panics(servers.iter().map(|s| s.process.output()));
+    found.extend(servers.iter_mut().filter_map(|s| {
+        s.process
+            .has_exited()
+            .then(|| format!("{} exited", s.spec.id))
+    }));
+    found
 }
 
 /// One echo straight to a server's port (not through discovery).

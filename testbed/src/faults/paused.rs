@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{DiscoveryLog, Tally, Traffic, View, ViewState, errors},
+    observe::{Tally, View, ViewState, errors},
 };
 use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
 
@@ -149,29 +149,23 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
     step("starting Consul");
     let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
     step("starting echo servers");
-    let mut servers = super::start_servers(
+    let super::Stage {
+        mut servers,
+        ids,
+        client: _client,
+        discovery,
+        traffic,
+        ..
+    } = super::Stage::set_up(
         launcher,
         &consul,
         consul.config(),
         config.servers,
         config.interval,
+        Duration::from_secs(2),
+        ("paused", config.every, 100_000),
     )
     .await?;
-    let ids = super::ids(&servers);
-    let client = super::client(consul.config(), Duration::from_secs(2))?;
-    let discovery = DiscoveryLog::start(&client);
-    discovery
-        .wait_for(
-            "discovery to list every server",
-            Instant::now(),
-            LIMIT,
-            |v| v.lists_all(&ids),
-        )
-        .await?;
-    let traffic = Traffic::start(&client, "paused", config.every, 100_000);
-    traffic
-        .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
-        .await?;
     let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
 
     step(&format!(
@@ -272,9 +266,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
         .filter(|o| o.sent >= t0 && o.sent <= t1)
         .cloned()
         .collect();
-    let exited = super::exited(&mut servers);
-    let mut panics = super::panics(servers.iter().map(|s| s.process.output()));
-    panics.extend(exited.iter().map(|id| format!("{id} exited")));
+    let panics = super::casualties(&mut servers);
     Ok(Outcome {
         consul: super::consul_label(&consul),
         paused_for: t1 - t0,

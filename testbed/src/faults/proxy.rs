@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{DiscoveryLog, Tally, Traffic, ViewState, errors},
+    observe::{Tally, ViewState, errors},
 };
 use crate::{
     Consul, ConsulOptions,
@@ -257,29 +257,23 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
     let proxy = FaultProxy::start(consul.http_addr()).await?;
     let via = consul.config().with_address(proxy.address());
     step("starting echo servers behind the proxy");
-    let mut servers = super::start_servers(
+    let super::Stage {
+        mut servers,
+        ids,
+        client: _client,
+        discovery,
+        traffic,
+        ..
+    } = super::Stage::set_up(
         launcher,
         &consul,
-        via.clone(),
+        via,
         config.servers,
         config.interval,
+        Duration::from_secs(2),
+        ("proxy", config.every, 1_000_000),
     )
     .await?;
-    let ids = super::ids(&servers);
-    let client = super::client(via, Duration::from_secs(2))?;
-    let discovery = DiscoveryLog::start(&client);
-    discovery
-        .wait_for(
-            "discovery to list every server",
-            Instant::now(),
-            LIMIT,
-            |v| v.lists_all(&ids),
-        )
-        .await?;
-    let traffic = Traffic::start(&client, "proxy", config.every, 1_000_000);
-    traffic
-        .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
-        .await?;
 
     let mut phases = Vec::new();
     for &fault in &config.faults {
@@ -426,9 +420,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
     .await
     .is_ok_and(|r| r.is_ok());
     let outcomes = traffic.finish().await;
-    let exited = super::exited(&mut servers);
-    let mut panics = super::panics(servers.iter().map(|s| s.process.output()));
-    panics.extend(exited.iter().map(|id| format!("{id} exited")));
+    let panics = super::casualties(&mut servers);
     Ok(Outcome {
         consul: super::consul_label(&consul),
         servers: config.servers,

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{DiscoveryLog, Tally, Traffic, ViewState, errors},
+    observe::{Tally, ViewState, errors},
 };
 use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
 
@@ -142,29 +142,23 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
     step("starting Consul");
     let mut consul = Consul::start_with(ConsulOptions::from_env()?).await?;
     step("starting echo servers");
-    let mut servers = super::start_servers(
+    let super::Stage {
+        mut servers,
+        ids,
+        client: _client,
+        discovery,
+        listed: before,
+        traffic,
+    } = super::Stage::set_up(
         launcher,
         &consul,
         consul.config(),
         config.servers,
         config.interval,
+        Duration::from_secs(2),
+        ("restarted", config.every, 100_000),
     )
     .await?;
-    let ids = super::ids(&servers);
-    let client = super::client(consul.config(), Duration::from_secs(2))?;
-    let discovery = DiscoveryLog::start(&client);
-    let before = discovery
-        .wait_for(
-            "discovery to list every server",
-            Instant::now(),
-            LIMIT,
-            |v| v.lists_all(&ids),
-        )
-        .await?;
-    let traffic = Traffic::start(&client, "restarted", config.every, 100_000);
-    traffic
-        .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
-        .await?;
     let index_before = discovery.latest().map_or(before.index, |v| v.index);
 
     step("restarting Consul");
@@ -222,9 +216,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
         .filter(|o| o.sent >= t0 && o.sent <= view_end)
         .cloned()
         .collect();
-    let exited = super::exited(&mut servers);
-    let mut panics = super::panics(servers.iter().map(|s| s.process.output()));
-    panics.extend(exited.iter().map(|id| format!("{id} exited")));
+    let panics = super::casualties(&mut servers);
     Ok(Outcome {
         consul: super::consul_label(&consul),
         interval: config.interval,
