@@ -54,8 +54,11 @@ const STEADY_REPLIES: u64 = 20;
 /// Consul's floor for a check's interval (shorter ones are raised to it).
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
-/// Samples of the benches that need Consul (each event costs up to a check interval).
-const CONSUL_SAMPLES: usize = 20;
+/// Samples (one event each) of the SIGKILL bench: a restart costs some 20 ms.
+const SIGKILL_SAMPLES: usize = 100;
+/// Samples (one event each) of the unhealthy bench: each waits for Consul's checks, twice
+/// up to the 1 s interval (A failing, then the previous victim passing again).
+const UNHEALTHY_SAMPLES: usize = 30;
 const IDS: [&str; 2] = ["a", "b"];
 
 type Shared<T> = Arc<tokio::sync::Mutex<Option<T>>>;
@@ -415,9 +418,13 @@ fn sigkill_process(
     rt: &Runtime,
     consul: &Arc<SharedConsul>,
 ) {
-    let rec = recorder("failover/kill/sigkill_process", CONSUL_SAMPLES, &KILL_PARTS);
+    let rec = recorder(
+        "failover/kill/sigkill_process",
+        SIGKILL_SAMPLES,
+        &KILL_PARTS,
+    );
     let rig: Shared<ProcessRig> = Arc::default();
-    one_event_per_sample(group, CONSUL_SAMPLES);
+    one_event_per_sample(group, SIGKILL_SAMPLES);
     group.bench_function(BenchmarkId::new("kill", "sigkill_process"), |b| {
         b.to_async(rt).iter_custom(|iters| {
             let (rig, rec, consul) = (rig.clone(), rec.clone(), consul.clone());
@@ -460,7 +467,7 @@ impl UnhealthyRig {
             };
             servers.insert(id.to_owned(), ServerThread::start(config).await?);
         }
-        let observer = Observer::start(consul.client(), UNHEALTHY_SERVICE);
+        let observer = Observer::start(consul.config(), UNHEALTHY_SERVICE)?;
         let client = EchoClient::start(ClientConfig::new(consul.config(), UNHEALTHY_SERVICE))?;
         let view = client.discovery();
         let streamer = Streamer::start(client, STREAM_LIMIT);
@@ -517,7 +524,6 @@ impl Rig for UnhealthyRig {
         self.streamer.arm(false);
         health.set_healthy(true);
         let (seen, viewed, replied) = (seen?.at, viewed?, replied?);
-        let measured = replied.saturating_duration_since(seen);
         let signed = |later: Instant, earlier: Instant| {
             if later >= earlier {
                 (later - earlier).as_nanos() as f64
@@ -525,24 +531,28 @@ impl Rig for UnhealthyRig {
                 -((earlier - later).as_nanos() as f64)
             }
         };
+        // Consul answers the client's own blocking query and the observer's one after the
+        // other, in either order: the client may switch before the observer hears of it.
+        // The recording keeps the sign; criterion, which needs a positive time, gets 1 ns.
+        let measured = signed(replied, seen);
         let mut rec = rec.lock().expect("recorder lock");
-        rec.push(MEASURED, measured);
+        rec.push_signed(MEASURED, measured);
         rec.push("from_503", replied - failed);
         rec.push("check_to_consul", seen.saturating_duration_since(failed));
         rec.push_signed("consul_to_view", signed(viewed, seen));
         rec.push_signed("view_to_switch", signed(replied, viewed));
-        Ok(measured)
+        Ok(Duration::from_nanos(measured.max(1.0) as u64))
     }
 }
 
 fn unhealthy(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, consul: &Arc<SharedConsul>) {
     let rec = recorder(
         "failover/unhealthy/consul_to_switch",
-        CONSUL_SAMPLES,
+        UNHEALTHY_SAMPLES,
         &[
             (
                 MEASURED,
-                "Consul drops A (independent blocking query) → first reply from B",
+                "Consul drops A (independent blocking query) → first reply from B (negative: the client heard first)",
             ),
             (
                 "from_503",
@@ -563,7 +573,7 @@ fn unhealthy(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, consul: &Ar
         ],
     );
     let rig: Shared<UnhealthyRig> = Arc::default();
-    one_event_per_sample(group, CONSUL_SAMPLES);
+    one_event_per_sample(group, UNHEALTHY_SAMPLES);
     group.bench_function(BenchmarkId::new("unhealthy", "consul_to_switch"), |b| {
         b.to_async(rt).iter_custom(|iters| {
             let (rig, rec, consul) = (rig.clone(), rec.clone(), consul.clone());

@@ -27,6 +27,43 @@ pub fn init_tracing() {
     }
 }
 
+/// Criterion's options that take a value: their values are not filters.
+const VALUED: [&str; 16] = [
+    "--save-baseline",
+    "--baseline",
+    "--baseline-lenient",
+    "--load-baseline",
+    "--sample-size",
+    "--warm-up-time",
+    "--measurement-time",
+    "--nresamples",
+    "--noise-threshold",
+    "--confidence-level",
+    "--significance-level",
+    "--profile-time",
+    "--color",
+    "--output-format",
+    "--plotting-backend",
+    "--format",
+];
+
+/// The filters in a bench binary's arguments (as criterion takes them: every argument that is
+/// neither an option nor an option's value), for benches that do not run under criterion.
+pub fn filters(args: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for arg in args {
+        if skip_value {
+            skip_value = false;
+        } else if arg.starts_with('-') {
+            skip_value = VALUED.contains(&arg.as_str());
+        } else {
+            out.push(arg.clone());
+        }
+    }
+    out
+}
+
 /// One Consul agent for a bench group, started on first use.
 #[derive(Debug, Default)]
 pub struct SharedConsul {
@@ -77,5 +114,26 @@ impl SharedConsul {
         }
         consul.stop().await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_skip_options_and_their_values() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(filters(&args(&["--bench"])).is_empty());
+        assert_eq!(
+            filters(&args(&[
+                "--bench",
+                "--save-baseline",
+                "x",
+                "memory",
+                "--noplot"
+            ])),
+            ["memory"]
+        );
     }
 }

@@ -1,4 +1,4 @@
-//! An independent view of Consul: a task following a service's passing instances by blocking
+//! An independent view of Consul: a thread following a service's passing instances by blocking
 //! queries (reads at most 1 ms apart, not rate-bounded like a client's) and publishing each
 //! answer that changed with the moment it arrived. Benches time a client's reaction from
 //! these moments: "Consul's change, as a blocking query sees it". Also: waiting on a
@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use consul_api::{QueryOptions, Watch};
 use echo_client::{Instance, Snapshot};
-use tokio::{sync::watch, task::JoinHandle, time::Instant};
+use tokio::{
+    sync::{oneshot, watch},
+    time::Instant,
+};
 
 use crate::error::{Error, Result};
 
@@ -33,50 +36,40 @@ pub fn lists_at(instances: &[Instance], id: &str, port: u16) -> bool {
     instances.iter().any(|i| i.id == id && i.port == port)
 }
 
-/// The observer task; see the module documentation. It ends when dropped.
+/// The observer; see the module documentation. It runs on a thread and runtime of its own,
+/// so a busy bench runtime cannot delay the moment it notes; it stops when dropped.
 #[derive(Debug)]
 pub struct Observer {
     seen: watch::Receiver<Seen>,
-    task: JoinHandle<()>,
+    _stop: oneshot::Sender<()>,
 }
 
 impl Observer {
-    /// Follow `service`'s passing instances through `client`.
-    pub fn start(client: consul_api::Client, service: impl Into<String>) -> Observer {
+    /// Follow `service`'s passing instances through the agent `consul` names.
+    pub fn start(consul: consul_api::Config, service: impl Into<String>) -> Result<Observer> {
+        // Its own client, so that no connection is shared with another runtime.
+        let client = consul_api::Client::new(consul)?;
         let service = service.into();
         let (tx, seen) = watch::channel(Seen {
             instances: Vec::new(),
             at: Instant::now(),
             answers: 0,
         });
-        let task = tokio::spawn(async move {
-            let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(30))
-                .with_min_interval(Duration::from_millis(1));
-            // Ends when the observer is dropped (the task is aborted) or nobody listens.
-            while !tx.is_closed() {
-                let answer = watch
-                    .next(|opts| {
-                        let (client, service) = (client.clone(), service.clone());
-                        async move { client.health().service(&service, None, true, &opts).await }
-                    })
-                    .await;
-                match answer {
-                    Ok(entries) => {
-                        let at = Instant::now();
-                        tx.send_modify(|s| {
-                            s.instances = entries.iter().map(Instance::from_entry).collect();
-                            s.at = at;
-                            s.answers += 1;
-                        });
+        let (stop, stopped) = oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("observer {service}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    tokio::select! {
+                        () = follow(client, service, tx) => {}
+                        _ = stopped => {}
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "observer: Consul did not answer; retrying");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        });
-        Observer { seen, task }
+                });
+            })?;
+        Ok(Observer { seen, _stop: stop })
     }
 
     /// Wait until what Consul lists satisfies `done`; returns that answer.
@@ -99,9 +92,31 @@ impl Observer {
     }
 }
 
-impl Drop for Observer {
-    fn drop(&mut self) {
-        self.task.abort();
+/// The observer's loop: ends when nobody listens (or is dropped with its runtime).
+async fn follow(client: consul_api::Client, service: String, tx: watch::Sender<Seen>) {
+    let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(30))
+        .with_min_interval(Duration::from_millis(1));
+    while !tx.is_closed() {
+        let answer = watch
+            .next(|opts| {
+                let (client, service) = (client.clone(), service.clone());
+                async move { client.health().service(&service, None, true, &opts).await }
+            })
+            .await;
+        match answer {
+            Ok(entries) => {
+                let at = Instant::now();
+                tx.send_modify(|s| {
+                    s.instances = entries.iter().map(Instance::from_entry).collect();
+                    s.at = at;
+                    s.answers += 1;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "observer: Consul did not answer; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
