@@ -149,7 +149,7 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
     group
         .sample_size(SAMPLES)
         .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(1));
+        .measurement_time(Duration::from_millis(1500));
 }
 
 fn configure_latency(group: &mut BenchmarkGroup<'_, WallTime>) {

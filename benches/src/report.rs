@@ -522,7 +522,7 @@ fn verdict(ok: bool) -> String {
 fn breakdowns(out: &mut String, series: &BTreeMap<String, SeriesRecord>) {
     let with_parts: Vec<&SeriesRecord> = series
         .values()
-        .filter(|r| r.series.len() > 1 && r.series.keys().any(|k| r.descriptions.contains_key(k)))
+        .filter(|r| r.series.len() > 1 && !r.descriptions.is_empty())
         .collect();
     if with_parts.is_empty() {
         return;
@@ -536,22 +536,21 @@ fn breakdowns(out: &mut String, series: &BTreeMap<String, SeriesRecord>) {
         let _ = writeln!(out, "`{}` ({} samples)\n", record.id, record.samples);
         let _ = writeln!(out, "| Interval | n | Median | p90 | p99 | max |");
         let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
-        let mut names: Vec<&String> = record.series.keys().collect();
-        // The measured interval first, then the rest in the order they were described.
-        names.sort_by_key(|n| {
-            (
-                n.as_str() != MEASURED,
-                !record.descriptions.contains_key(*n),
-                (*n).clone(),
-            )
-        });
-        for name in names {
-            let s = &record.series[name];
-            let label = record
-                .descriptions
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| name.clone());
+        // As described (the measured interval first), then any other series.
+        let mut rows: Vec<(&str, &str)> = record
+            .descriptions
+            .iter()
+            .map(|(name, text)| (name.as_str(), text.as_str()))
+            .collect();
+        for name in record.series.keys() {
+            if !rows.iter().any(|(n, _)| n == name) {
+                rows.push((name, name));
+            }
+        }
+        for (name, label) in rows {
+            let Some(s) = record.series.get(name) else {
+                continue;
+            };
             let _ = writeln!(
                 out,
                 "| {label} | {} | {} | {} | {} | {} |",
@@ -755,6 +754,12 @@ mod tests {
         assert!(
             md.contains("| kill → EOF on a probe | 1 | 300.0 µs"),
             "{md}"
+        );
+        let breakdown = &md[md.find("`failover/kill/sigkill_process` (").unwrap()..];
+        let breakdown = &breakdown[..breakdown.find("`failover/unhealthy").unwrap()];
+        assert!(
+            breakdown.find("| kill → EOF").unwrap() < breakdown.find("| measured |").unwrap(),
+            "described series first, then the others: {breakdown}"
         );
         assert!(md.contains("| 4194 B (4.1 KiB) |"), "{md}");
         // Floor before the kills, kills before the echo rows.

@@ -130,8 +130,8 @@ pub struct SeriesRecord {
     pub samples: usize,
     /// Each series' summary. [`MEASURED`] is the interval criterion was given.
     pub series: BTreeMap<String, Summary>,
-    /// What each series is.
-    pub descriptions: BTreeMap<String, String>,
+    /// What each series is, in the order to show them.
+    pub descriptions: Vec<(String, String)>,
     /// When it was recorded (Unix milliseconds).
     pub recorded_unix_ms: u64,
 }
@@ -217,7 +217,7 @@ pub struct Recorder {
     id: String,
     keep: usize,
     calls: VecDeque<BTreeMap<String, Vec<f64>>>,
-    descriptions: BTreeMap<String, String>,
+    descriptions: Vec<(String, String)>,
 }
 
 impl Recorder {
@@ -227,13 +227,14 @@ impl Recorder {
             id: id.into(),
             keep: keep.max(1),
             calls: VecDeque::new(),
-            descriptions: BTreeMap::new(),
+            descriptions: Vec::new(),
         }
     }
 
-    /// Say what `series` is (shown in the report).
+    /// Say what `series` is (shown in the report, in the order described).
     pub fn describe(mut self, series: &str, text: &str) -> Self {
-        self.descriptions.insert(series.into(), text.into());
+        self.descriptions.retain(|(name, _)| name != series);
+        self.descriptions.push((series.into(), text.into()));
         self
     }
 
