@@ -148,6 +148,7 @@ fn discovery(c: &mut Criterion) {
                     if guard.is_none() {
                         let consul = consul.get().await.expect("start Consul");
                         *guard = Some(Rig::start(consul).await.expect("set up the bench"));
+                        harness::note_one_event_per_sample(rec.lock().expect("recorder lock").id());
                     }
                     let Some(rig) = guard.as_mut() else {
                         unreachable!("set up just above");

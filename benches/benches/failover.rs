@@ -429,7 +429,11 @@ fn sigkill_process(
         b.to_async(rt).iter_custom(|iters| {
             let (rig, rec, consul) = (rig.clone(), rec.clone(), consul.clone());
             async move {
-                let start = || async move { ProcessRig::start(consul.get().await?).await };
+                let start = || async move {
+                    let rig = ProcessRig::start(consul.get().await?).await;
+                    harness::note_one_event_per_sample("failover/kill/sigkill_process");
+                    rig
+                };
                 run_iterations(&rig, &rec, iters, start).await
             }
         })
@@ -578,7 +582,11 @@ fn unhealthy(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, consul: &Ar
         b.to_async(rt).iter_custom(|iters| {
             let (rig, rec, consul) = (rig.clone(), rec.clone(), consul.clone());
             async move {
-                let start = || async move { UnhealthyRig::start(consul.get().await?).await };
+                let start = || async move {
+                    let rig = UnhealthyRig::start(consul.get().await?).await;
+                    harness::note_one_event_per_sample("failover/unhealthy/consul_to_switch");
+                    rig
+                };
                 run_iterations(&rig, &rec, iters, start).await
             }
         })

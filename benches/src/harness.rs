@@ -27,6 +27,16 @@ pub fn init_tracing() {
     }
 }
 
+/// Say, once per bench, why criterion is about to warn that it "cannot complete N samples":
+/// benches that time one event per sample (a kill, a check turning 503, a new instance) set a
+/// tiny target time on purpose, and criterion's estimate includes the first event's setup.
+pub fn note_one_event_per_sample(bench: &str) {
+    eprintln!(
+        "note: {bench} times one event per sample by design; criterion's warning that it cannot \
+         complete the samples in the target time is expected"
+    );
+}
+
 /// Criterion's options that take a value: their values are not filters.
 const VALUED: [&str; 16] = [
     "--save-baseline",
