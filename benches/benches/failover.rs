@@ -507,6 +507,11 @@ impl Rig for UnhealthyRig {
     async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration> {
         // Restore from the previous iteration (untimed): both passing again.
         self.both_listed().await?;
+        // Consul checks each instance on a fixed schedule, and the restore just ended at the
+        // other one's check: fail A at a random phase of its schedule instead, so the whole
+        // time from the 503 samples the interval evenly rather than one offset between the two.
+        let phase = rand::random_range(0..CHECK_INTERVAL.as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(phase)).await;
         let victim = current(&self.streamer)?;
         let health = self
             .servers
