@@ -50,6 +50,16 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Whether `cargo run` sets `key` for the program it runs.
+fn set_by_cargo_run(key: &str) -> bool {
+    key.starts_with("CARGO_PKG_")
+        || key.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            key,
+            "CARGO" | "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+        )
+}
+
 /// `cargo bench` in the workspace root, timed; the time is recorded as the run `total`.
 fn run_benches(home: &std::path::Path) -> Result<()> {
     let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -60,11 +70,17 @@ fn run_benches(home: &std::path::Path) -> Result<()> {
         ..Default::default()
     };
     eprintln!("running `cargo bench` in {workspace} ...");
-    let status = Command::new(cargo)
-        .arg("bench")
-        .current_dir(workspace)
-        .status()
-        .context("run cargo bench")?;
+    let mut command = Command::new(cargo);
+    command.arg("bench").current_dir(workspace);
+    // Run as from a shell: without the variables `cargo run` set for this binary. Build
+    // scripts that depend on one (ring's reads CARGO_PKG_NAME and CARGO_MANIFEST_DIR) would
+    // otherwise see a change and rebuild half the workspace.
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(set_by_cargo_run) {
+            command.env_remove(key);
+        }
+    }
+    let status = command.status().context("run cargo bench")?;
     if !status.success() {
         bail!("cargo bench failed ({status}); the table is left as it was");
     }
