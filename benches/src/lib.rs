@@ -1,1 +1,30 @@
-//! Criterion benchmarks of this workspace; see `benches/`.
+//! The benchmark kit: what the criterion benches in `benches/benches/` share, and the report
+//! that turns their results into `BENCHMARKS.md`.
+//!
+//! * [`servers`] — echo servers to bench against: an in-process echo-server on its own runtime
+//!   thread that can be shut down cleanly or torn down at once (the in-process "crash"), and
+//!   the raw `tokio::io::copy` echo server that is the throughput baseline;
+//! * [`traffic`] — load: a client streaming messages through a failover (and noticing the
+//!   first reply from another instance), pipelined and lockstep echo traffic on raw sockets;
+//! * [`observe`] — an independent view of Consul by blocking queries, with the moment each
+//!   change was seen, and waiting on a client's view;
+//! * [`results`] — where results go, per-iteration recordings and their percentiles, the run's
+//!   environment, the memory measurement's record;
+//! * [`memory`] — the resident set of a process, from `/proc`;
+//! * [`report`] — reading criterion's data and ours back, and writing the markdown table;
+//! * [`harness`] — the runtime, logging, and the one Consul a bench group shares;
+//! * [`error`] — the one error type.
+//!
+//! Binaries: `bench-echo-server` (the echo-server CLI, so benches can spawn and SIGKILL real
+//! server processes) and `bench-report` (rewrites the table in `BENCHMARKS.md`).
+
+pub mod error;
+pub mod harness;
+pub mod memory;
+pub mod observe;
+pub mod report;
+pub mod results;
+pub mod servers;
+pub mod traffic;
+
+pub use error::{Error, Result};

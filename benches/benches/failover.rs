@@ -1,0 +1,604 @@
+//! failover/kill and failover/unhealthy: how fast a resilient client (an `EchoClient` sending
+//! one message after another) moves from instance A to a healthy instance B.
+//!
+//! * `failover/kill/floor_connect_echo`: a fresh loopback connect plus one echo — the least a
+//!   failover can cost, measured in the same run so the ratio shows.
+//! * `failover/kill/inprocess_abort`: A is an in-process echo-server whose runtime is torn
+//!   down at once (every socket closed, nothing drained); the client gets its instances from
+//!   a fixed list. Times the teardown → the first correct reply from B.
+//! * `failover/kill/sigkill_process`: A is an echo-server process registered in Consul, and
+//!   the client discovers A and B through Consul. Times SIGKILL → the first correct reply
+//!   from B. Processes are this package's `bench-echo-server` binary.
+//! * `failover/unhealthy/consul_to_switch`: A's `/check` turns 503; times Consul dropping A
+//!   from the passing set (as an independent blocking query sees it) → the first reply from
+//!   B. The whole time from the 503 is recorded alongside (it includes the check interval).
+//!
+//! Each iteration kills (or fails) the instance the client is on, and restores it outside
+//! the timed part (a new server for the killed one, `/check` healthy again), so the roles of
+//! A and B alternate. One real Consul serves the group, started on first use.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use benches::{
+    Error, Result, harness,
+    harness::SharedConsul,
+    observe::{self, Observer},
+    results::{MEASURED, Recorder, RunInfo},
+    servers::ServerThread,
+    traffic::{self, CloseProbe, Message, Streamer},
+};
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, measurement::WallTime};
+use echo_client::{ClientConfig, EchoClient, Instance, SessionConfig, Snapshot};
+use echo_server::Config;
+use testbed::{
+    Consul,
+    procs::{Launcher, ServerProcess, ServerSpec},
+    signal::Signal,
+};
+use tokio::{
+    runtime::Runtime,
+    sync::{OnceCell, watch},
+    time::Instant,
+};
+
+/// Deadline of any one wait (a reply, a view, a server start).
+const WAIT: Duration = Duration::from_secs(15);
+/// Safety bound of a streamer's life.
+const STREAM_LIMIT: Duration = Duration::from_secs(900);
+/// Replies seen at full speed before a fault, so one is in flight when it strikes.
+const STEADY_REPLIES: u64 = 20;
+/// Consul's floor for a check's interval (shorter ones are raised to it).
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+const CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+/// Samples (one event each) of the SIGKILL bench: a restart costs some 20 ms.
+const SIGKILL_SAMPLES: usize = 100;
+/// Samples (one event each) of the unhealthy bench: each waits for Consul's checks, twice
+/// up to the 1 s interval (A failing, then the previous victim passing again).
+const UNHEALTHY_SAMPLES: usize = 30;
+const IDS: [&str; 2] = ["a", "b"];
+
+type Shared<T> = Arc<tokio::sync::Mutex<Option<T>>>;
+type SharedRecorder = Arc<Mutex<Recorder>>;
+
+fn failover(c: &mut Criterion) {
+    harness::init_tracing();
+    let mut run = RunInfo::start("failover");
+    let rt = harness::runtime().expect("the bench runtime");
+    let consul = SharedConsul::new();
+    let mut group = c.benchmark_group("failover");
+    floor(&mut group, &rt);
+    inprocess_abort(&mut group, &rt);
+    sigkill_process(&mut group, &rt, &consul);
+    unhealthy(&mut group, &rt, &consul);
+    group.finish();
+    rt.block_on(consul.finish(&mut run)).expect("stop Consul");
+    run.finish().expect("save the run's record");
+}
+
+/// Criterion settings for benches whose every iteration is one event with a setup around it:
+/// one event per sample (criterion warns that it cannot fit more in the target time: that is
+/// by design) and a single warm-up iteration.
+fn one_event_per_sample(group: &mut BenchmarkGroup<'_, WallTime>, samples: usize) {
+    group
+        .sample_size(samples)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_millis(1));
+}
+
+fn recorder(id: &str, keep: usize, parts: &[(&str, &str)]) -> SharedRecorder {
+    let mut r = Recorder::new(id, keep);
+    for (series, text) in parts {
+        r = r.describe(series, text);
+    }
+    Arc::new(Mutex::new(r))
+}
+
+fn save(recorder: &SharedRecorder) {
+    let saved = recorder.lock().expect("recorder lock").save();
+    saved.expect("save the recording");
+}
+
+/// The length of a streamer's message (`stream 000000000001`), used by the floor too.
+const MESSAGE_LEN: usize = 19;
+
+// === failover/kill/floor_connect_echo ===
+
+fn floor(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
+    const SAMPLES: usize = 30;
+    let rec = recorder(
+        "failover/kill/floor_connect_echo",
+        SAMPLES,
+        &[(MEASURED, "connect + one echo")],
+    );
+    let server: Arc<OnceCell<ServerThread>> = Arc::default();
+    group
+        .sample_size(SAMPLES)
+        .sampling_mode(SamplingMode::Auto)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2));
+    group.bench_function(BenchmarkId::new("kill", "floor_connect_echo"), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (server, rec) = (server.clone(), rec.clone());
+            async move {
+                let server = server
+                    .get_or_try_init(|| ServerThread::start(Config::local()))
+                    .await
+                    .expect("start the echo-server");
+                let message = Message::new(MESSAGE_LEN);
+                let mut times = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    traffic::connect_and_echo(server.echo_addr(), &message)
+                        .await
+                        .expect("connect and echo");
+                    times.push(start.elapsed());
+                }
+                let total = times.iter().sum();
+                let mut rec = rec.lock().expect("recorder lock");
+                rec.start_call();
+                rec.extend(MEASURED, times);
+                total
+            }
+        })
+    });
+    save(&rec);
+    if let Some(server) = Arc::into_inner(server).and_then(OnceCell::into_inner) {
+        rt.block_on(server.shutdown())
+            .expect("stop the echo-server");
+    }
+}
+
+// === failover/kill/inprocess_abort ===
+
+/// A, B in process; the client's instances come from a list this rig feeds.
+struct InProcessRig {
+    servers: BTreeMap<String, ServerThread>,
+    feed: watch::Sender<Snapshot>,
+    streamer: Streamer,
+}
+
+impl InProcessRig {
+    async fn start() -> Result<Self> {
+        let mut servers = BTreeMap::new();
+        for id in IDS {
+            servers.insert(id.to_owned(), ServerThread::start(Config::local()).await?);
+        }
+        let (feed, view) = watch::channel(Snapshot::fixed(Self::instances(&servers)));
+        let client = EchoClient::with_discovery(view, SessionConfig::new("inprocess"))?;
+        let streamer = Streamer::start(client, STREAM_LIMIT);
+        streamer.replies(3, WAIT).await?;
+        Ok(InProcessRig {
+            servers,
+            feed,
+            streamer,
+        })
+    }
+
+    fn instances(servers: &BTreeMap<String, ServerThread>) -> Vec<Instance> {
+        servers
+            .iter()
+            .map(|(id, s)| Instance::new(id.clone(), "127.0.0.1", s.echo_addr().port()))
+            .collect()
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.streamer.stop().await;
+        for server in self.servers.into_values() {
+            server.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Rig for InProcessRig {
+    async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration> {
+        let victim = current(&self.streamer)?;
+        let server = self
+            .servers
+            .get_mut(&victim.id)
+            .ok_or_else(|| Error::Invalid(format!("no server {}", victim.id)))?;
+        let probe = CloseProbe::connect(server.echo_addr()).await?;
+        self.streamer.arm(true);
+        self.streamer.replies(STEADY_REPLIES, WAIT).await?;
+
+        let killed = Instant::now();
+        server.abort();
+        let replied = self.streamer.reply_from_other_than(&victim.id, WAIT).await;
+        self.streamer.arm(false);
+        let replied = replied?;
+        let closed = probe.closed(WAIT).await?;
+        let measured = replied - killed;
+        record_kill(rec, measured, closed.saturating_duration_since(killed));
+
+        // Restore, untimed: a new server in the killed one's place (a new port).
+        if let Some(mut dead) = self.servers.remove(&victim.id) {
+            dead.join().await?;
+        }
+        let fresh = ServerThread::start(Config::local()).await?;
+        self.servers.insert(victim.id.clone(), fresh);
+        let instances = Self::instances(&self.servers);
+        self.feed
+            .send_modify(|s| *s = s.with_instances(instances, s.index + 1));
+        Ok(measured)
+    }
+}
+
+fn current(streamer: &Streamer) -> Result<Instance> {
+    streamer
+        .last()
+        .instance
+        .ok_or_else(|| Error::Invalid("the streamer has no reply yet".into()))
+}
+
+const KILL_PARTS: [(&str, &str); 3] = [
+    (MEASURED, "kill → first correct reply from B"),
+    (
+        "probe_eof",
+        "kill → an idle probe connection to A sees the close (detection on the wire)",
+    ),
+    (
+        "after_eof",
+        "the close seen → first correct reply from B (client: notice, eject, connect to B, resend, echo)",
+    ),
+];
+
+fn record_kill(rec: &SharedRecorder, measured: Duration, probe_eof: Duration) {
+    let mut rec = rec.lock().expect("recorder lock");
+    rec.push(MEASURED, measured);
+    rec.push("probe_eof", probe_eof);
+    rec.push_signed(
+        "after_eof",
+        measured.as_nanos() as f64 - probe_eof.as_nanos() as f64,
+    );
+}
+
+/// A set-up bench: servers, a client, a streamer.
+trait Rig {
+    /// One timed event and its restore; returns the timed interval.
+    async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration>;
+}
+
+/// Run `iters` events on the rig in `rig` (set up by `start` on first use: the first call is
+/// criterion's warm-up); returns the sum of the timed intervals.
+async fn run_iterations<R: Rig, F: Future<Output = Result<R>>>(
+    rig: &Shared<R>,
+    rec: &SharedRecorder,
+    iters: u64,
+    start: impl FnOnce() -> F,
+) -> Duration {
+    let mut guard = rig.lock().await;
+    if guard.is_none() {
+        *guard = Some(start().await.expect("set up the bench"));
+    }
+    let Some(rig) = guard.as_mut() else {
+        unreachable!("set up just above");
+    };
+    rec.lock().expect("recorder lock").start_call();
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        total += rig.once(rec).await.expect("one iteration");
+    }
+    total
+}
+
+/// Take the rig out of `rig` and stop it.
+fn stop_rig<R>(rt: &Runtime, rig: &Shared<R>, stop: impl AsyncFnOnce(R) -> Result<()>) {
+    let taken = rt.block_on(async { rig.lock().await.take() });
+    if let Some(r) = taken {
+        rt.block_on(stop(r)).expect("stop the bench's servers");
+    }
+}
+
+fn inprocess_abort(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
+    const SAMPLES: usize = 40;
+    let rec = recorder("failover/kill/inprocess_abort", SAMPLES, &KILL_PARTS);
+    let rig: Shared<InProcessRig> = Arc::default();
+    // Cheap iterations: several per sample.
+    group
+        .sample_size(SAMPLES)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(4));
+    group.bench_function(BenchmarkId::new("kill", "inprocess_abort"), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (rig, rec) = (rig.clone(), rec.clone());
+            async move { run_iterations(&rig, &rec, iters, InProcessRig::start).await }
+        })
+    });
+    save(&rec);
+    stop_rig(rt, &rig, InProcessRig::stop);
+}
+
+// === failover/kill/sigkill_process ===
+
+/// A, B as processes registered in Consul; the client discovers them through Consul.
+struct ProcessRig {
+    launcher: Launcher,
+    consul: consul_api::Config,
+    servers: BTreeMap<String, ServerProcess>,
+    view: watch::Receiver<Snapshot>,
+    streamer: Streamer,
+}
+
+const KILL_SERVICE: &str = "failover-kill";
+
+impl ProcessRig {
+    async fn start(consul: &Consul) -> Result<Self> {
+        let launcher = Launcher::testbed(env!("CARGO_BIN_EXE_bench-echo-server"));
+        let config = consul.config();
+        let mut servers = BTreeMap::new();
+        for id in IDS {
+            let spec = Self::spec(&config, id)?;
+            servers.insert(id.to_owned(), ServerProcess::spawn(&launcher, spec).await?);
+        }
+        let client = EchoClient::start(ClientConfig::new(config.clone(), KILL_SERVICE))?;
+        let view = client.discovery();
+        for server in servers.values() {
+            Self::listed(&view, server).await?;
+        }
+        let streamer = Streamer::start(client, STREAM_LIMIT);
+        streamer.replies(3, WAIT).await?;
+        Ok(ProcessRig {
+            launcher,
+            consul: config,
+            servers,
+            view,
+            streamer,
+        })
+    }
+
+    fn spec(consul: &consul_api::Config, id: &str) -> Result<ServerSpec> {
+        let mut spec = ServerSpec::seed(consul.clone())?.with_id(id);
+        spec.name = KILL_SERVICE.into();
+        spec.interval = CHECK_INTERVAL;
+        spec.timeout = CHECK_TIMEOUT;
+        spec.deregister_after = Duration::from_secs(60);
+        Ok(spec)
+    }
+
+    async fn listed(view: &watch::Receiver<Snapshot>, server: &ServerProcess) -> Result<Instant> {
+        let (id, port) = (server.spec.id.clone(), server.spec.port);
+        observe::view_until(view, &format!("{id} on port {port}"), WAIT, |s| {
+            observe::lists_at(&s.instances, &id, port)
+        })
+        .await
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.streamer.stop().await;
+        for mut server in self.servers.into_values() {
+            // SIGTERM: a clean shutdown deregisters.
+            server.process.signal(Signal::SIGTERM)?;
+            server.process.wait_exit(WAIT).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Rig for ProcessRig {
+    async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration> {
+        let victim = current(&self.streamer)?;
+        let server = self
+            .servers
+            .get_mut(&victim.id)
+            .ok_or_else(|| Error::Invalid(format!("no server {}", victim.id)))?;
+        let probe = CloseProbe::connect(server.spec.echo_addr()).await?;
+        self.streamer.arm(true);
+        self.streamer.replies(STEADY_REPLIES, WAIT).await?;
+
+        let killed = Instant::now();
+        server.process.signal(Signal::SIGKILL)?;
+        let replied = self.streamer.reply_from_other_than(&victim.id, WAIT).await;
+        self.streamer.arm(false);
+        let replied = replied?;
+        let closed = probe.closed(WAIT).await?;
+        let measured = replied - killed;
+        record_kill(rec, measured, closed.saturating_duration_since(killed));
+
+        // Restore, untimed: reap the dead process, start another with the same ID on new
+        // ports, and wait until the client's view lists it.
+        if let Some(mut dead) = self.servers.remove(&victim.id) {
+            dead.process.wait_exit(WAIT).await?;
+        }
+        let spec = Self::spec(&self.consul, &victim.id)?;
+        let fresh = ServerProcess::spawn(&self.launcher, spec).await?;
+        Self::listed(&self.view, &fresh).await?;
+        self.servers.insert(victim.id.clone(), fresh);
+        Ok(measured)
+    }
+}
+
+fn sigkill_process(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    consul: &Arc<SharedConsul>,
+) {
+    let rec = recorder(
+        "failover/kill/sigkill_process",
+        SIGKILL_SAMPLES,
+        &KILL_PARTS,
+    );
+    let rig: Shared<ProcessRig> = Arc::default();
+    one_event_per_sample(group, SIGKILL_SAMPLES);
+    group.bench_function(BenchmarkId::new("kill", "sigkill_process"), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (rig, rec, consul) = (rig.clone(), rec.clone(), consul.clone());
+            async move {
+                let start = || async move {
+                    let rig = ProcessRig::start(consul.get().await?).await;
+                    harness::note_one_event_per_sample("failover/kill/sigkill_process");
+                    rig
+                };
+                run_iterations(&rig, &rec, iters, start).await
+            }
+        })
+    });
+    save(&rec);
+    stop_rig(rt, &rig, ProcessRig::stop);
+}
+
+// === failover/unhealthy/consul_to_switch ===
+
+const UNHEALTHY_SERVICE: &str = "failover-unhealthy";
+
+/// A, B in process, registered in Consul; the client discovers them through Consul; an
+/// observer follows Consul independently.
+struct UnhealthyRig {
+    servers: BTreeMap<String, ServerThread>,
+    view: watch::Receiver<Snapshot>,
+    observer: Observer,
+    streamer: Streamer,
+}
+
+impl UnhealthyRig {
+    async fn start(consul: &Consul) -> Result<Self> {
+        let mut servers = BTreeMap::new();
+        for id in IDS {
+            let config = Config {
+                name: UNHEALTHY_SERVICE.into(),
+                id: id.into(),
+                register: true,
+                interval: CHECK_INTERVAL,
+                timeout: CHECK_TIMEOUT,
+                deregister_after: Duration::from_secs(60),
+                consul: consul.config(),
+                ..Config::local()
+            };
+            servers.insert(id.to_owned(), ServerThread::start(config).await?);
+        }
+        let observer = Observer::start(consul.config(), UNHEALTHY_SERVICE)?;
+        let client = EchoClient::start(ClientConfig::new(consul.config(), UNHEALTHY_SERVICE))?;
+        let view = client.discovery();
+        let streamer = Streamer::start(client, STREAM_LIMIT);
+        let rig = UnhealthyRig {
+            servers,
+            view,
+            observer,
+            streamer,
+        };
+        rig.both_listed().await?;
+        rig.streamer.replies(3, WAIT).await?;
+        Ok(rig)
+    }
+
+    /// Until Consul and the client's view list both instances.
+    async fn both_listed(&self) -> Result<()> {
+        let both = |instances: &[Instance]| IDS.iter().all(|id| observe::lists_id(instances, id));
+        self.observer.until("a and b", WAIT, both).await?;
+        observe::view_until(&self.view, "a and b", WAIT, |s| both(&s.instances)).await?;
+        Ok(())
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.streamer.stop().await;
+        for server in self.servers.into_values() {
+            server.shutdown().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Rig for UnhealthyRig {
+    async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration> {
+        // Restore from the previous iteration (untimed): both passing again.
+        self.both_listed().await?;
+        // Consul checks each instance on a fixed schedule, and the restore just ended at the
+        // other one's check: fail A at a random phase of its schedule instead, so the whole
+        // time from the 503 samples the interval evenly rather than one offset between the two.
+        let phase = rand::random_range(0..CHECK_INTERVAL.as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(phase)).await;
+        let victim = current(&self.streamer)?;
+        let health = self
+            .servers
+            .get(&victim.id)
+            .ok_or_else(|| Error::Invalid(format!("no server {}", victim.id)))?
+            .health();
+        self.streamer.arm(true);
+        self.streamer.replies(STEADY_REPLIES, WAIT).await?;
+
+        let failed = Instant::now();
+        health.set_healthy(false);
+        let gone = |instances: &[Instance]| !observe::lists_id(instances, &victim.id);
+        let what = format!("{} gone", victim.id);
+        let (seen, viewed, replied) = tokio::join!(
+            self.observer.until(&what, WAIT, gone),
+            observe::view_until(&self.view, &what, WAIT, |s| gone(&s.instances)),
+            self.streamer.reply_from_other_than(&victim.id, WAIT),
+        );
+        self.streamer.arm(false);
+        health.set_healthy(true);
+        let (seen, viewed, replied) = (seen?.at, viewed?, replied?);
+        let signed = |later: Instant, earlier: Instant| {
+            if later >= earlier {
+                (later - earlier).as_nanos() as f64
+            } else {
+                -((earlier - later).as_nanos() as f64)
+            }
+        };
+        // Consul answers the client's own blocking query and the observer's one after the
+        // other, in either order: the client may switch before the observer hears of it.
+        // The recording keeps the sign; criterion, which needs a positive time, gets 1 ns.
+        let measured = signed(replied, seen);
+        let mut rec = rec.lock().expect("recorder lock");
+        rec.push_signed(MEASURED, measured);
+        rec.push("from_503", replied - failed);
+        rec.push("check_to_consul", seen.saturating_duration_since(failed));
+        rec.push_signed("consul_to_view", signed(viewed, seen));
+        rec.push_signed("view_to_switch", signed(replied, viewed));
+        Ok(Duration::from_nanos(measured.max(1.0) as u64))
+    }
+}
+
+fn unhealthy(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, consul: &Arc<SharedConsul>) {
+    let rec = recorder(
+        "failover/unhealthy/consul_to_switch",
+        UNHEALTHY_SAMPLES,
+        &[
+            (
+                MEASURED,
+                "Consul drops A (independent blocking query) → first reply from B (negative: the client heard first)",
+            ),
+            (
+                "from_503",
+                "/check turns 503 → first reply from B (the whole time)",
+            ),
+            (
+                "check_to_consul",
+                "/check turns 503 → Consul drops A (waits for the next check, interval 1 s)",
+            ),
+            (
+                "consul_to_view",
+                "Consul drops A → the client's discovery publishes a view without A",
+            ),
+            (
+                "view_to_switch",
+                "the client's view without A → first reply from B (leave A, connect to B, resend, echo)",
+            ),
+        ],
+    );
+    let rig: Shared<UnhealthyRig> = Arc::default();
+    one_event_per_sample(group, UNHEALTHY_SAMPLES);
+    group.bench_function(BenchmarkId::new("unhealthy", "consul_to_switch"), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (rig, rec, consul) = (rig.clone(), rec.clone(), consul.clone());
+            async move {
+                let start = || async move {
+                    let rig = UnhealthyRig::start(consul.get().await?).await;
+                    harness::note_one_event_per_sample("failover/unhealthy/consul_to_switch");
+                    rig
+                };
+                run_iterations(&rig, &rec, iters, start).await
+            }
+        })
+    });
+    save(&rec);
+    stop_rig(rt, &rig, UnhealthyRig::stop);
+}
+
+criterion::criterion_group!(benches, failover);
+criterion::criterion_main!(benches);

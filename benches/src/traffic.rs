@@ -1,0 +1,450 @@
+//! Load for the benches.
+//!
+//! * [`Streamer`]: an [`EchoClient`] sending one message after another (back to back while
+//!   armed, one per [`IDLE_PACE`] otherwise) and publishing who answered each and when, so a
+//!   bench can wait for the first correct reply from another instance after a fault.
+//! * [`Message`]: a payload of a given size and its newline-terminated wire form.
+//! * [`pipelined`] and [`lockstep`]: echo traffic on raw sockets, the same for every server
+//!   (the echo-server and the raw baseline answer the same bytes): pipelined for throughput,
+//!   one message at a time for latency.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use echo_client::{EchoClient, Instance};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::{Mutex, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use crate::error::{Error, Result};
+
+/// Between messages of a disarmed [`Streamer`].
+pub const IDLE_PACE: Duration = Duration::from_millis(2);
+
+/// The last reply a [`Streamer`] got.
+#[derive(Debug, Clone)]
+pub struct LastReply {
+    /// Who answered (`None` before the first reply).
+    pub instance: Option<Instance>,
+    /// When the reply came back.
+    pub at: Instant,
+    /// Correct replies so far.
+    pub replies: u64,
+    /// Failed sends and wrong echoes so far, and the last of them.
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+/// A client sending continuously; see the module documentation.
+#[derive(Debug)]
+pub struct Streamer {
+    last: watch::Receiver<LastReply>,
+    armed: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Streamer {
+    /// Start sending through `client`, for at most `limit` (a safety bound: stop it sooner).
+    pub fn start(client: EchoClient, limit: Duration) -> Streamer {
+        let (tx, last) = watch::channel(LastReply {
+            instance: None,
+            at: Instant::now(),
+            replies: 0,
+            errors: 0,
+            last_error: None,
+        });
+        let armed = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(stream(client, tx, armed.clone(), stop.clone(), limit));
+        Streamer {
+            last,
+            armed,
+            stop,
+            task,
+        }
+    }
+
+    /// Send back to back (`true`) or paced (`false`).
+    pub fn arm(&self, armed: bool) {
+        self.armed.store(armed, Ordering::SeqCst);
+    }
+
+    /// The last reply.
+    pub fn last(&self) -> LastReply {
+        self.last.borrow().clone()
+    }
+
+    /// Wait until `more` further correct replies have come back.
+    pub async fn replies(&self, more: u64, timeout: Duration) -> Result<LastReply> {
+        let target = self.last.borrow().replies + more;
+        self.wait(timeout, "replies", |l| l.replies >= target).await
+    }
+
+    /// Wait for the first correct reply from an instance other than `id`; returns when it
+    /// came back.
+    pub async fn reply_from_other_than(&self, id: &str, timeout: Duration) -> Result<Instant> {
+        let last = self
+            .wait(
+                timeout,
+                &format!("a reply from another instance than {id}"),
+                |l| l.instance.as_ref().is_some_and(|i| i.id != id),
+            )
+            .await?;
+        Ok(last.at)
+    }
+
+    async fn wait(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&LastReply) -> bool,
+    ) -> Result<LastReply> {
+        let mut rx = self.last.clone();
+        let errors = rx.borrow().errors;
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|l| l.errors > errors || done(l)));
+        let last = match waited.await {
+            Ok(Ok(last)) => last.clone(),
+            Ok(Err(_)) => return Err(Error::Invalid("the streamer stopped".into())),
+            Err(_) => return Err(Error::timeout(what, timeout)),
+        };
+        if last.errors > errors {
+            return Err(Error::BadEcho(last.last_error.unwrap_or_default()));
+        }
+        Ok(last)
+    }
+
+    /// Stop sending and wait for the task.
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.task.await;
+    }
+}
+
+async fn stream(
+    client: EchoClient,
+    tx: watch::Sender<LastReply>,
+    armed: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    let mut seq = 0u64;
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && !tx.is_closed() {
+        seq += 1;
+        let message = format!("stream {seq:012}");
+        let outcome = client.send(message.clone()).await;
+        let at = Instant::now();
+        match outcome {
+            Ok(reply) if reply.bytes == message.as_bytes() => tx.send_modify(|l| {
+                l.instance = Some(reply.instance);
+                l.at = at;
+                l.replies += 1;
+            }),
+            Ok(reply) => tx.send_modify(|l| {
+                l.errors += 1;
+                l.last_error = Some(format!(
+                    "{} answered {:?} to {message:?}",
+                    reply.instance,
+                    String::from_utf8_lossy(&reply.bytes)
+                ));
+            }),
+            Err(e) => tx.send_modify(|l| {
+                l.errors += 1;
+                l.last_error = Some(e.to_string());
+            }),
+        }
+        if !armed.load(Ordering::SeqCst) {
+            tokio::time::sleep(IDLE_PACE).await;
+        }
+    }
+}
+
+/// A message of `size` bytes (lowercase letters, never a newline) and its wire form.
+#[derive(Debug, Clone)]
+pub struct Message {
+    wire: Vec<u8>,
+}
+
+impl Message {
+    /// A `size`-byte payload.
+    pub fn new(size: usize) -> Self {
+        let mut wire: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+        wire.push(b'\n');
+        Message { wire }
+    }
+
+    /// The payload (no newline).
+    pub fn payload(&self) -> &[u8] {
+        &self.wire[..self.wire.len() - 1]
+    }
+
+    /// Payload and newline, as sent.
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+
+    /// Check that `chunk`, found at `offset` of a stream of repeated wire forms, is what
+    /// was sent there.
+    fn verify(&self, mut chunk: &[u8], offset: u64) -> Result<()> {
+        let period = self.wire.len();
+        let mut at = (offset % period as u64) as usize;
+        while !chunk.is_empty() {
+            let take = (period - at).min(chunk.len());
+            if chunk[..take] != self.wire[at..at + take] {
+                return Err(Error::BadEcho(format!(
+                    "the echo differs from what was sent, {} bytes into the stream",
+                    offset
+                )));
+            }
+            chunk = &chunk[take..];
+            at = 0;
+        }
+        Ok(())
+    }
+}
+
+/// Open `count` connections to `addr`, with `TCP_NODELAY` as the servers set it.
+pub async fn connect_all(addr: SocketAddr, count: usize) -> Result<Vec<Arc<Mutex<TcpStream>>>> {
+    let mut conns = Vec::with_capacity(count);
+    for _ in 0..count {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        conns.push(Arc::new(Mutex::new(stream)));
+    }
+    Ok(conns)
+}
+
+/// Largest write of [`pipelined`] traffic.
+const BLOCK: usize = 64 << 10;
+
+/// On every connection at once, write `per_conn` copies of `message` as fast as the
+/// connection takes them while reading and checking the echoes; returns when every echo is
+/// back.
+pub async fn pipelined(
+    conns: &[Arc<Mutex<TcpStream>>],
+    message: &Arc<Message>,
+    per_conn: u64,
+) -> Result<()> {
+    let tasks: Vec<JoinHandle<Result<()>>> = conns
+        .iter()
+        .map(|conn| {
+            let (conn, message) = (conn.clone(), message.clone());
+            tokio::spawn(async move {
+                let mut stream = conn.lock_owned().await;
+                pipeline_one(&mut stream, &message, per_conn).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await
+            .map_err(|e| Error::Invalid(format!("traffic task: {e}")))??;
+    }
+    Ok(())
+}
+
+async fn pipeline_one(stream: &mut TcpStream, message: &Message, count: u64) -> Result<()> {
+    let wire = message.wire();
+    let per_block = (BLOCK / wire.len()).max(1);
+    let block: Vec<u8> = wire.repeat(per_block);
+    let total = count * wire.len() as u64;
+    let (mut read, mut write) = stream.split();
+    let writer = async {
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(per_block as u64) as usize;
+            write.write_all(&block[..n * wire.len()]).await?;
+            left -= n as u64;
+        }
+        Ok::<_, Error>(())
+    };
+    let reader = async {
+        let mut buf = vec![0u8; BLOCK];
+        let mut seen = 0u64;
+        while seen < total {
+            let want = (total - seen).min(buf.len() as u64) as usize;
+            let n = read.read(&mut buf[..want]).await?;
+            if n == 0 {
+                return Err(Error::BadEcho(format!(
+                    "connection closed after {seen} of {total} bytes"
+                )));
+            }
+            message.verify(&buf[..n], seen)?;
+            seen += n as u64;
+        }
+        Ok(())
+    };
+    tokio::try_join!(writer, reader)?;
+    Ok(())
+}
+
+/// On every connection at once, `per_conn` times: write `message`, wait for its echo.
+/// Returns every round trip.
+pub async fn lockstep(
+    conns: &[Arc<Mutex<TcpStream>>],
+    message: &Arc<Message>,
+    per_conn: u64,
+) -> Result<Vec<Duration>> {
+    let tasks: Vec<JoinHandle<Result<Vec<Duration>>>> = conns
+        .iter()
+        .map(|conn| {
+            let (conn, message) = (conn.clone(), message.clone());
+            tokio::spawn(async move {
+                let mut stream = conn.lock_owned().await;
+                let wire = message.wire();
+                let mut buf = vec![0u8; wire.len()];
+                let mut rtts = Vec::with_capacity(per_conn as usize);
+                for _ in 0..per_conn {
+                    let start = Instant::now();
+                    stream.write_all(wire).await?;
+                    stream.read_exact(&mut buf).await?;
+                    rtts.push(start.elapsed());
+                    if buf != wire {
+                        return Err(Error::BadEcho("a lockstep echo differs".into()));
+                    }
+                }
+                Ok(rtts)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(
+            task.await
+                .map_err(|e| Error::Invalid(format!("traffic task: {e}")))??,
+        );
+    }
+    Ok(all)
+}
+
+/// One fresh connection to `addr`, one echo of `message`, closed: the floor of a failover.
+pub async fn connect_and_echo(addr: SocketAddr, message: &Message) -> Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(message.wire()).await?;
+    let mut buf = vec![0u8; message.wire().len()];
+    stream.read_exact(&mut buf).await?;
+    if buf != message.wire() {
+        return Err(Error::BadEcho("the floor's echo differs".into()));
+    }
+    Ok(())
+}
+
+/// An idle connection that notes when its peer closes it: when a crash becomes visible on
+/// the wire, to split a failover's time into detection and the rest.
+#[derive(Debug)]
+pub struct CloseProbe {
+    closed: JoinHandle<Instant>,
+}
+
+impl CloseProbe {
+    /// Connect to `addr` and watch for the close.
+    pub async fn connect(addr: SocketAddr) -> Result<CloseProbe> {
+        let mut stream = TcpStream::connect(addr).await?;
+        let closed = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            // An echo server sends nothing unasked: the first read ends at the close.
+            let _ = stream.read(&mut buf).await;
+            Instant::now()
+        });
+        Ok(CloseProbe { closed })
+    }
+
+    /// When the peer closed the connection (end of stream or reset).
+    pub async fn closed(mut self, timeout: Duration) -> Result<Instant> {
+        match tokio::time::timeout(timeout, &mut self.closed).await {
+            Ok(Ok(at)) => Ok(at),
+            Ok(Err(e)) => Err(Error::Invalid(format!("close probe: {e}"))),
+            Err(_) => Err(Error::timeout("the probe connection to close", timeout)),
+        }
+    }
+}
+
+impl Drop for CloseProbe {
+    fn drop(&mut self) {
+        self.closed.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::Handle;
+
+    use super::*;
+    use crate::servers::{RawEcho, ServerThread};
+
+    #[test]
+    fn messages_verify_at_any_offset() {
+        let m = Message::new(3);
+        assert_eq!(m.wire(), b"abc\n");
+        assert_eq!(m.payload(), b"abc");
+        assert!(m.verify(b"c\nabc\na", 2).is_ok());
+        assert!(m.verify(b"c\nabd", 2).is_err());
+        assert_eq!(Message::new(30).payload()[26], b'a');
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn traffic_runs_against_both_servers() {
+        let echo = ServerThread::start(echo_server::Config::local())
+            .await
+            .unwrap();
+        let raw = RawEcho::start(&Handle::current()).await.unwrap();
+        for addr in [echo.echo_addr(), raw.addr()] {
+            for size in [16, 64 << 10] {
+                let message = Arc::new(Message::new(size));
+                let conns = connect_all(addr, 3).await.unwrap();
+                pipelined(&conns, &message, 50).await.unwrap();
+                let rtts = lockstep(&conns, &message, 5).await.unwrap();
+                assert_eq!(rtts.len(), 15);
+                connect_and_echo(addr, &message).await.unwrap();
+            }
+        }
+        echo.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_streamer_sees_the_failover() {
+        let mut a = ServerThread::start(echo_server::Config::local())
+            .await
+            .unwrap();
+        let b = ServerThread::start(echo_server::Config::local())
+            .await
+            .unwrap();
+        let set = vec![
+            Instance::new("a", "127.0.0.1", a.echo_addr().port()),
+            Instance::new("b", "127.0.0.1", b.echo_addr().port()),
+        ];
+        let (_feed, rx) = watch::channel(echo_client::Snapshot::fixed(set));
+        let client = EchoClient::with_discovery(rx, echo_client::SessionConfig::new("t")).unwrap();
+        let streamer = Streamer::start(client, Duration::from_secs(60));
+        let first = streamer.replies(3, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            first.instance.unwrap().id,
+            "a",
+            "round-robin starts in ID order"
+        );
+        let probe = CloseProbe::connect(a.echo_addr()).await.unwrap();
+        streamer.arm(true);
+        let killed = Instant::now();
+        a.abort();
+        let at = streamer
+            .reply_from_other_than("a", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(at > killed);
+        assert!(probe.closed(Duration::from_secs(5)).await.unwrap() > killed);
+        assert_eq!(streamer.last().errors, 0, "nothing lost");
+        streamer.stop().await;
+        b.shutdown().await.unwrap();
+    }
+}
