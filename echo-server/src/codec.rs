@@ -2,8 +2,8 @@
 //! arbitrary bytes (not necessarily UTF-8), so `nc 127.0.0.1 9527` works by hand. A frame
 //! longer than the limit is an error, never an unbounded buffer.
 
-use bytes::{BufMut, Bytes, BytesMut};
-use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Decoder, Encoder};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
 
 /// The default largest frame: 64 KiB.
 pub const DEFAULT_MAX_FRAME: usize = 64 << 10;
@@ -24,22 +24,26 @@ pub enum CodecError {
 
 /// Newline-delimited frames of raw bytes, at most `max_frame` bytes each (the newline not
 /// counted). Decoded frames exclude the newline; encoding appends it.
+///
+/// The decoder finds newlines with `memchr` and never scans a byte twice (it remembers how
+/// far it looked), so a 64 KiB frame costs one vectorised pass. After a frame too long, it
+/// drops bytes up to the next newline and goes on, if the caller chooses to.
 #[derive(Debug, Clone)]
 pub struct EchoCodec {
-    inner: AnyDelimiterCodec,
     max_frame: usize,
+    /// How far `src` has been searched for a newline without finding one.
+    searched: usize,
+    /// Dropping the rest of a frame that was too long.
+    discarding: bool,
 }
 
 impl EchoCodec {
     /// A codec accepting frames of at most `max_frame` bytes.
     pub fn new(max_frame: usize) -> Self {
         EchoCodec {
-            inner: AnyDelimiterCodec::new_with_max_length(
-                b"\n".to_vec(),
-                b"\n".to_vec(),
-                max_frame,
-            ),
             max_frame,
+            searched: 0,
+            discarding: false,
         }
     }
 
@@ -55,27 +59,64 @@ impl Default for EchoCodec {
     }
 }
 
-impl EchoCodec {
-    fn map(&self, e: AnyDelimiterCodecError) -> CodecError {
-        match e {
-            AnyDelimiterCodecError::MaxChunkLengthExceeded => CodecError::FrameTooLong {
-                max: self.max_frame,
-            },
-            AnyDelimiterCodecError::Io(e) => CodecError::Io(e),
-        }
-    }
-}
-
 impl Decoder for EchoCodec {
     type Item = Bytes;
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, CodecError> {
-        self.inner.decode(src).map_err(|e| self.map(e))
+        loop {
+            let from = self.searched.min(src.len());
+            match memchr::memchr(b'\n', &src[from..]) {
+                Some(offset) => {
+                    let end = from + offset;
+                    self.searched = 0;
+                    if self.discarding {
+                        src.advance(end + 1);
+                        self.discarding = false;
+                        continue;
+                    }
+                    if end > self.max_frame {
+                        src.advance(end + 1);
+                        return Err(CodecError::FrameTooLong {
+                            max: self.max_frame,
+                        });
+                    }
+                    let mut frame = src.split_to(end + 1);
+                    frame.truncate(end);
+                    return Ok(Some(frame.freeze()));
+                }
+                None if self.discarding => {
+                    src.clear();
+                    self.searched = 0;
+                    return Ok(None);
+                }
+                None if src.len() > self.max_frame => {
+                    // Already too long, whatever comes next: refuse it now, drop the rest.
+                    src.clear();
+                    self.searched = 0;
+                    self.discarding = true;
+                    return Err(CodecError::FrameTooLong {
+                        max: self.max_frame,
+                    });
+                }
+                None => {
+                    self.searched = src.len();
+                    return Ok(None);
+                }
+            }
+        }
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, CodecError> {
-        self.inner.decode_eof(src).map_err(|e| self.map(e))
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            // The peer closed after an unterminated last frame: hand it over as it is.
+            None if !src.is_empty() && !self.discarding => {
+                self.searched = 0;
+                Ok(Some(src.split().freeze()))
+            }
+            None => Ok(None),
+        }
     }
 }
 
@@ -150,5 +191,46 @@ mod tests {
         ));
         let exactly = EchoCodec::new(4).encode(&b"1234"[..], &mut out);
         assert!(exactly.is_ok());
+    }
+
+    #[test]
+    fn after_a_frame_too_long_the_rest_of_it_is_dropped() {
+        let mut codec = EchoCodec::new(4);
+        let mut buf = BytesMut::from(&b"123456"[..]);
+        assert!(codec.decode(&mut buf).is_err());
+        buf.extend_from_slice(b"789\nok\n");
+        assert_eq!(codec.decode(&mut buf).unwrap().as_deref(), Some(&b"ok"[..]));
+        // A long frame whose newline is already there is refused whole.
+        let mut buf = BytesMut::from(&b"toolong\nfine\n"[..]);
+        assert!(codec.decode(&mut buf).is_err());
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().as_deref(),
+            Some(&b"fine"[..])
+        );
+    }
+
+    #[test]
+    fn exactly_the_limit_passes_and_empty_frames_too() {
+        let mut codec = EchoCodec::new(4);
+        let mut buf = BytesMut::from(&b"1234\n\n"[..]);
+        assert_eq!(
+            codec.decode(&mut buf).unwrap().as_deref(),
+            Some(&b"1234"[..])
+        );
+        assert_eq!(codec.decode(&mut buf).unwrap().as_deref(), Some(&b""[..]));
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn a_frame_arriving_byte_by_byte_is_searched_once() {
+        let mut codec = EchoCodec::new(1 << 20);
+        let mut buf = BytesMut::new();
+        for _ in 0..1000 {
+            buf.extend_from_slice(b"x");
+            assert_eq!(codec.decode(&mut buf).unwrap(), None);
+            assert_eq!(codec.searched, buf.len());
+        }
+        buf.extend_from_slice(b"\n");
+        assert_eq!(codec.decode(&mut buf).unwrap().map(|f| f.len()), Some(1000));
     }
 }
