@@ -358,6 +358,8 @@ async fn a_permanent_discovery_failure_answers_every_message() {
         let client = client.clone();
         async move { client.send(msg(1)).await }
     });
+    // Lets the message queue first (the path under test); a send after the failure must
+    // fail the same way, so the assertions hold either way.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let failed = Snapshot::fixed(vec![]).with_state(ConsulState::Failed {
         error: "Consul refused the ACL token (403)".into(),
@@ -401,6 +403,8 @@ async fn a_small_queue_still_answers_every_waiting_sender() {
             tokio::spawn(async move { (i, client.send(msg(i)).await) })
         })
         .collect();
+    // Lets the senders fill the queue and wait behind it before an instance appears; the
+    // assertions below hold however many got in.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let b = Peer::start("b", Behaviour::Echo).await;
     tx.send(Snapshot::fixed(vec![b.instance()])).unwrap();

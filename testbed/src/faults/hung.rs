@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{Tally, errors},
+    observe::{Tally, errors, sent_between},
 };
 use crate::{
     Consul, ConsulOptions,
@@ -250,11 +250,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
     let survived = super::echo_direct(servers[victim].spec.echo_addr(), b"still alive").await
         && !servers[victim].process.has_exited();
     let outcomes = traffic.finish().await;
-    let during: Vec<_> = outcomes
-        .iter()
-        .filter(|o| o.sent >= t0 && o.sent <= fault_end)
-        .cloned()
-        .collect();
+    let during = sent_between(&outcomes, t0, fault_end);
     let panics = super::casualties(&mut servers);
     Ok(Outcome {
         consul: super::consul_label(&consul),

@@ -176,41 +176,24 @@ pub async fn run(
     for scenario in order {
         progress.set_prefix(scenario.title());
         let step = |msg: &str| progress.set_message(msg.to_owned());
+        // Each scenario's outcome: its rows in the table, its Consul in the header, itself in
+        // the JSON.
+        macro_rules! record {
+            ($module:ident, $slot:ident) => {
+                $module::run(launcher, &config.$slot, &step).await.map(|o| {
+                    report.rows.extend(o.rows());
+                    set_consul(&mut report.consul, &o.consul);
+                    report.$slot = Some(o);
+                })
+            };
+        }
         let result = match scenario {
-            Scenario::Hung => hung::run(launcher, &config.hung, &step).await.map(|o| {
-                report.rows.extend(o.rows());
-                set_consul(&mut report.consul, &o.consul);
-                report.hung = Some(o);
-            }),
-            Scenario::Paused => paused::run(launcher, &config.paused, &step).await.map(|o| {
-                report.rows.extend(o.rows());
-                set_consul(&mut report.consul, &o.consul);
-                report.paused = Some(o);
-            }),
-            Scenario::Restarted => restarted::run(launcher, &config.restarted, &step)
-                .await
-                .map(|o| {
-                    report.rows.extend(o.rows());
-                    set_consul(&mut report.consul, &o.consul);
-                    report.restarted = Some(o);
-                }),
-            Scenario::Proxy => proxy::run(launcher, &config.proxy, &step).await.map(|o| {
-                report.rows.extend(o.rows());
-                set_consul(&mut report.consul, &o.consul);
-                report.proxy = Some(o);
-            }),
-            Scenario::Acl => acl::run(launcher, &config.acl, &step).await.map(|o| {
-                report.rows.extend(o.rows());
-                set_consul(&mut report.consul, &o.consul);
-                report.acl = Some(o);
-            }),
-            Scenario::Hostile => hostile::run(launcher, &config.hostile, &step)
-                .await
-                .map(|o| {
-                    report.rows.extend(o.rows());
-                    set_consul(&mut report.consul, &o.consul);
-                    report.hostile = Some(o);
-                }),
+            Scenario::Hung => record!(hung, hung),
+            Scenario::Paused => record!(paused, paused),
+            Scenario::Restarted => record!(restarted, restarted),
+            Scenario::Proxy => record!(proxy, proxy),
+            Scenario::Acl => record!(acl, acl),
+            Scenario::Hostile => record!(hostile, hostile),
         };
         if let Err(e) = result {
             tracing::error!(scenario = scenario.title(), error = %e, "scenario failed");

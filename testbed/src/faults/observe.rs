@@ -225,6 +225,16 @@ impl Tally {
     }
 }
 
+/// The echoes among `outcomes` sent between `from` and `to` (inclusive): those a fault could
+/// have touched.
+pub fn sent_between(outcomes: &[Outcome], from: Instant, to: Instant) -> Vec<Outcome> {
+    outcomes
+        .iter()
+        .filter(|o| o.sent >= from && o.sent <= to)
+        .cloned()
+        .collect()
+}
+
 /// The first few errors among `outcomes`, for the report.
 pub fn errors(outcomes: &[Outcome]) -> Vec<String> {
     outcomes

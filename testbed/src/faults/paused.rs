@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{Tally, View, ViewState, errors},
+    observe::{Tally, View, ViewState, errors, sent_between},
 };
 use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
 
@@ -261,11 +261,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
 
     tokio::time::sleep(config.interval).await;
     let outcomes = traffic.finish().await;
-    let during: Vec<_> = outcomes
-        .iter()
-        .filter(|o| o.sent >= t0 && o.sent <= t1)
-        .cloned()
-        .collect();
+    let during = sent_between(&outcomes, t0, t1);
     let panics = super::casualties(&mut servers);
     Ok(Outcome {
         consul: super::consul_label(&consul),

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{Tally, ViewState, errors},
+    observe::{Tally, ViewState, errors, sent_between},
 };
 use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
 
@@ -211,11 +211,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
 
     tokio::time::sleep(config.interval).await;
     let outcomes = traffic.finish().await;
-    let during: Vec<_> = outcomes
-        .iter()
-        .filter(|o| o.sent >= t0 && o.sent <= view_end)
-        .cloned()
-        .collect();
+    let during = sent_between(&outcomes, t0, view_end);
     let panics = super::casualties(&mut servers);
     Ok(Outcome {
         consul: super::consul_label(&consul),

@@ -73,6 +73,32 @@ async fn registered(client: &Client, spec: &ServerSpec) -> tokio::time::Instant 
     .1
 }
 
+/// A fresh Consul with one server (the fast spec, adjusted by `adjust`) registered and
+/// passing in it.
+struct Fixture {
+    consul: Consul,
+    client: Client,
+    spec: ServerSpec,
+    server: ServerProcess,
+}
+
+async fn passing_server(adjust: impl FnOnce(&mut ServerSpec)) -> Fixture {
+    let consul = Consul::start().await.unwrap();
+    let client = consul.client();
+    let mut spec = fast_spec(&consul);
+    adjust(&mut spec);
+    let server = ServerProcess::spawn(&launcher(), spec.clone())
+        .await
+        .unwrap();
+    check_status(&client, &spec, HealthStatus::Passing).await;
+    Fixture {
+        consul,
+        client,
+        spec,
+        server,
+    }
+}
+
 /// A round trip on the echo port.
 async fn echo_once(spec: &ServerSpec, frame: &[u8]) -> Vec<u8> {
     let mut socket = TcpStream::connect(spec.echo_addr()).await.unwrap();
@@ -94,12 +120,12 @@ fn when(line: &LogLine) -> SystemTime {
 #[tokio::test]
 async fn registration_is_stored_as_configured_and_the_agent_checks_at_the_interval() {
     init_tracing();
-    let consul = Consul::start().await.unwrap();
-    let client = consul.client();
-    let spec = fast_spec(&consul);
-    let server = ServerProcess::spawn(&launcher(), spec.clone())
-        .await
-        .unwrap();
+    let Fixture {
+        consul,
+        client,
+        spec,
+        server,
+    } = passing_server(|_| {}).await;
 
     // Stored as configured, and passing.
     let (entry, _) = check_status(&client, &spec, HealthStatus::Passing).await;
@@ -177,14 +203,13 @@ async fn registration_is_stored_as_configured_and_the_agent_checks_at_the_interv
 #[tokio::test]
 async fn the_check_timeout_is_the_configured_one() {
     init_tracing();
-    let consul = Consul::start().await.unwrap();
-    let client = consul.client();
-    let mut spec = fast_spec(&consul);
-    spec.timeout = Duration::from_secs(2);
-    let server = ServerProcess::spawn(&launcher(), spec.clone())
-        .await
-        .unwrap();
-    check_status(&client, &spec, HealthStatus::Passing).await;
+    // `_consul` keeps the container up (`..` would drop it here).
+    let Fixture {
+        consul: _consul,
+        client,
+        spec,
+        server,
+    } = passing_server(|spec| spec.timeout = Duration::from_secs(2)).await;
 
     // A frozen server accepts the agent's connection but never answers: the agent gives up
     // after the timeout, not before.
@@ -222,13 +247,12 @@ async fn the_check_timeout_is_the_configured_one() {
 #[tokio::test]
 async fn sigterm_deregisters_at_once_answers_in_flight_frames_and_exits_0() {
     init_tracing();
-    let consul = Consul::start().await.unwrap();
-    let client = consul.client();
-    let spec = fast_spec(&consul);
-    let mut server = ServerProcess::spawn(&launcher(), spec.clone())
-        .await
-        .unwrap();
-    check_status(&client, &spec, HealthStatus::Passing).await;
+    let Fixture {
+        consul: _consul,
+        client,
+        spec,
+        mut server,
+    } = passing_server(|_| {}).await;
 
     // 2,000 frames written at once; SIGTERM as soon as the first answer is back.
     let socket = TcpStream::connect(spec.echo_addr()).await.unwrap();
@@ -290,13 +314,12 @@ async fn sigterm_deregisters_at_once_answers_in_flight_frames_and_exits_0() {
 #[tokio::test]
 async fn a_restarted_agent_gets_the_registration_back_within_two_intervals() {
     init_tracing();
-    let mut consul = Consul::start().await.unwrap();
-    let client = consul.client();
-    let spec = fast_spec(&consul);
-    let server = ServerProcess::spawn(&launcher(), spec.clone())
-        .await
-        .unwrap();
-    check_status(&client, &spec, HealthStatus::Passing).await;
+    let Fixture {
+        mut consul,
+        client,
+        spec,
+        server,
+    } = passing_server(|_| {}).await;
     let mark = server.process.output().mark();
 
     consul.restart().await.unwrap();
@@ -318,13 +341,12 @@ async fn a_restarted_agent_gets_the_registration_back_within_two_intervals() {
 #[tokio::test]
 async fn an_operators_deregistration_is_undone_within_two_intervals() {
     init_tracing();
-    let consul = Consul::start().await.unwrap();
-    let client = consul.client();
-    let spec = fast_spec(&consul);
-    let server = ServerProcess::spawn(&launcher(), spec.clone())
-        .await
-        .unwrap();
-    check_status(&client, &spec, HealthStatus::Passing).await;
+    let Fixture {
+        consul: _consul,
+        client,
+        spec,
+        server,
+    } = passing_server(|_| {}).await;
 
     let started = tokio::time::Instant::now();
     client.agent().service_deregister(&spec.id).await.unwrap();
@@ -399,13 +421,12 @@ async fn sigterm_while_consul_is_unreachable_still_exits_0_promptly() {
 #[tokio::test]
 async fn sigusr1_flips_the_check_while_echo_keeps_answering() {
     init_tracing();
-    let consul = Consul::start().await.unwrap();
-    let client = consul.client();
-    let spec = fast_spec(&consul);
-    let server = ServerProcess::spawn(&launcher(), spec.clone())
-        .await
-        .unwrap();
-    check_status(&client, &spec, HealthStatus::Passing).await;
+    let Fixture {
+        consul: _consul,
+        client,
+        spec,
+        server,
+    } = passing_server(|_| {}).await;
 
     server.process.signal(Signal::SIGUSR1).unwrap();
     let (entry, _) = check_status(&client, &spec, HealthStatus::Critical).await;
