@@ -90,6 +90,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn,testbed=info,echo_server=info,echo_client=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
