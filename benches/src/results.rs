@@ -373,20 +373,10 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 
 /// `2025-03-14 09:26 UTC` for Unix milliseconds.
 pub fn utc_minute(unix_ms: u64) -> String {
-    let secs = unix_ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let (hour, minute) = ((secs % 86_400) / 3600, (secs % 3600) / 60);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02} UTC")
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
+    // `2025-03-14T09:26:00Z`: keep the date and the minute.
+    let full = humantime::format_rfc3339_seconds(t).to_string();
+    format!("{} {} UTC", &full[..10], &full[11..16])
 }
 
 #[cfg(test)]

@@ -183,57 +183,37 @@ impl LogBuffer {
     }
 }
 
-/// Parse `YYYY-MM-DDTHH:MM:SS(.fff)(Z|±HH:MM)` into a `SystemTime`.
+/// Parse `YYYY-MM-DDTHH:MM:SS(.fff)(Z|±HH:MM|±HHMM)` into a `SystemTime` (Consul's agent
+/// logs UTC with `Z`; a local zone shows as an offset, without a colon in newer agents).
 pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || b[10] != b'T'
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut rest = &s[19..];
-    let mut nanos: i64 = 0;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        let mut scale = 100_000_000;
-        for d in frac[..digits].bytes().take(9) {
-            nanos += i64::from(d - b'0') * scale;
-            scale /= 10;
-        }
-        rest = &frac[digits..];
-    }
-    let offset_secs = match rest.as_bytes().first()? {
-        b'Z' => 0,
-        sign @ (b'+' | b'-') => {
-            let h: i64 = rest.get(1..3)?.parse().ok()?;
-            let m: i64 = rest.get(4..6)?.parse().ok()?;
-            let off = h * 3600 + m * 60;
-            if *sign == b'+' { off } else { -off }
+    let after_seconds = s.get(19..)?;
+    let frac = after_seconds
+        .strip_prefix('.')
+        .map_or(0, |f| 1 + f.bytes().take_while(u8::is_ascii_digit).count());
+    let (stamp, zone) = s.split_at(19 + frac);
+    let east_of_utc: i64 = match zone.as_bytes() {
+        [b'Z'] => 0,
+        [sign @ (b'+' | b'-'), rest @ ..] => {
+            let digits: Vec<i64> = rest
+                .iter()
+                .filter(|b| **b != b':')
+                .map(|b| b.is_ascii_digit().then(|| i64::from(b - b'0')))
+                .collect::<Option<_>>()?;
+            let [h1, h2, m1, m2] = digits[..] else {
+                return None;
+            };
+            let secs = (h1 * 10 + h2) * 3600 + (m1 * 10 + m2) * 60;
+            if *sign == b'+' { secs } else { -secs }
         }
         _ => return None,
     };
-    let days = days_from_civil(year, month, day);
-    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
-    let secs = u64::try_from(secs).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, u32::try_from(nanos).ok()?))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    let as_if_utc = humantime::parse_rfc3339(&format!("{stamp}Z")).ok()?;
+    let shift = Duration::from_secs(east_of_utc.unsigned_abs());
+    if east_of_utc >= 0 {
+        as_if_utc.checked_sub(shift)
+    } else {
+        as_if_utc.checked_add(shift)
+    }
 }
 
 #[cfg(test)]
@@ -248,6 +228,10 @@ mod tests {
         assert_eq!(secs.subsec_millis(), 915);
         let with_offset = parse_rfc3339("2026-11-25T14:32:04.915+01:00").unwrap();
         assert_eq!(with_offset, t);
+        assert_eq!(parse_rfc3339("2026-11-25T14:32:04.915+0100"), Some(t));
+        assert_eq!(parse_rfc3339("2026-11-25T08:32:04.915-05:00"), Some(t));
+        assert!(parse_rfc3339("2026-11-25T14:32:04.915+01").is_none());
+        assert!(parse_rfc3339("2026-11-25T14:32:04.915").is_none());
         assert!(parse_rfc3339("==> Consul").is_none());
         assert_eq!(
             parse_rfc3339("1970-01-01T00:00:00Z"),
