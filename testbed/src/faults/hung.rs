@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{Tally, errors, sent_between},
+    observe::{Tally, errors, sent_between, shared_violations},
 };
 use crate::{
     Consul, ConsulOptions,
@@ -86,10 +86,7 @@ pub struct Outcome {
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        if self.tally.lost > 0 {
-            v.push(format!("{} echoes lost", self.tally.lost));
-        }
+        let mut v = shared_violations(&self.tally, &self.panics);
         if self.critical.is_none() {
             v.push("Consul never marked the frozen server critical".into());
         }
@@ -101,9 +98,6 @@ impl Outcome {
         }
         if !self.survived {
             v.push("the server did not survive SIGSTOP/SIGCONT".into());
-        }
-        if !self.panics.is_empty() {
-            v.push(format!("panics: {:?}", self.panics));
         }
         v
     }

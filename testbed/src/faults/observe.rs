@@ -225,6 +225,19 @@ impl Tally {
     }
 }
 
+/// The invariants every scenario shares, as violations: no echo lost, no process panicked.
+/// A scenario adds its own to these.
+pub fn shared_violations(tally: &Tally, panics: &[String]) -> Vec<String> {
+    let mut v = Vec::new();
+    if tally.lost > 0 {
+        v.push(format!("{} echoes lost", tally.lost));
+    }
+    if !panics.is_empty() {
+        v.push(format!("panics: {panics:?}"));
+    }
+    v
+}
+
 /// The echoes among `outcomes` sent between `from` and `to` (inclusive): those a fault could
 /// have touched.
 pub fn sent_between(outcomes: &[Outcome], from: Instant, to: Instant) -> Vec<Outcome> {
@@ -384,6 +397,25 @@ impl Drop for DiscoveryLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_violations_name_losses_and_panics() {
+        let clean = Tally {
+            sent: 10,
+            lost: 0,
+            resent: 2,
+        };
+        assert!(shared_violations(&clean, &[]).is_empty());
+        let bad = Tally {
+            sent: 10,
+            lost: 3,
+            resent: 0,
+        };
+        let v = shared_violations(&bad, &["servernode_1: panicked at main.rs".into()]);
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert_eq!(v[0], "3 echoes lost");
+        assert!(v[1].contains("panicked at main.rs"), "{v:?}");
+    }
 
     fn outcome(seq: u64, latency_ms: u64, ok: bool) -> Outcome {
         let now = Instant::now();

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{Tally, View, ViewState, errors, sent_between},
+    observe::{Tally, View, ViewState, errors, sent_between, shared_violations},
 };
 use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
 
@@ -77,10 +77,7 @@ pub struct Outcome {
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        if self.tally.lost > 0 {
-            v.push(format!("{} echoes failed", self.tally.lost));
-        }
+        let mut v = shared_violations(&self.tally, &self.panics);
         if self.direct_echoes.0 != self.direct_echoes.1 {
             v.push(format!(
                 "servers answered {} of {} direct echoes during the pause",
@@ -95,9 +92,6 @@ impl Outcome {
         }
         if !self.registrations_lost.is_empty() {
             v.push(format!("registrations lost: {:?}", self.registrations_lost));
-        }
-        if !self.panics.is_empty() {
-            v.push(format!("panics: {:?}", self.panics));
         }
         v
     }

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{Tally, ViewState, errors},
+    observe::{Tally, ViewState, errors, shared_violations},
 };
 use crate::{
     Consul, ConsulOptions,
@@ -142,14 +142,9 @@ impl Outcome {
             .iter()
             .flat_map(|p| p.violations(self.servers))
             .collect();
-        if self.tally.lost > 0 {
-            v.push(format!("{} echoes lost", self.tally.lost));
-        }
+        v.extend(shared_violations(&self.tally, &self.panics));
         if !self.all_registered {
             v.push("a server is no longer registered and passing".into());
-        }
-        if !self.panics.is_empty() {
-            v.push(format!("panics: {:?}", self.panics));
         }
         v
     }

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{
     LIMIT, Row, SERVICE, ms,
-    observe::{Tally, ViewState, errors, sent_between},
+    observe::{Tally, ViewState, errors, sent_between, shared_violations},
 };
 use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
 
@@ -69,10 +69,7 @@ pub struct Outcome {
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        if self.tally.lost > 0 {
-            v.push(format!("{} echoes failed", self.tally.lost));
-        }
+        let mut v = shared_violations(&self.tally, &self.panics);
         match self.re_registered {
             None => v.push("not every server registered again".into()),
             Some(d) if d >= 2 * self.interval => v.push(format!(
@@ -84,9 +81,6 @@ impl Outcome {
         }
         if self.client_view.is_none() {
             v.push("the client's view did not recover".into());
-        }
-        if !self.panics.is_empty() {
-            v.push(format!("panics: {:?}", self.panics));
         }
         v
     }
