@@ -488,15 +488,14 @@ mod tests {
         answers: Vec<consul_api::Result<(Vec<ServiceEntry>, QueryMeta)>>,
     ) -> (
         watch::Receiver<Snapshot>,
-        Arc<Mutex<Vec<QueryOptions>>>,
+        watch::Receiver<Vec<QueryOptions>>,
         tokio::task::JoinHandle<()>,
     ) {
         let script: Script = Arc::new(Mutex::new(answers.into()));
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (seen_tx, seen) = watch::channel(Vec::new());
         let (tx, rx) = watch::channel(Snapshot::starting());
-        let seen2 = seen.clone();
         let fetch = move |opts: QueryOptions| {
-            seen2.lock().unwrap().push(opts);
+            seen_tx.send_modify(|seen| seen.push(opts));
             let next = script.lock().unwrap().pop_front();
             async move {
                 match next {
@@ -517,7 +516,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn keeps_the_last_set_while_consul_is_down_and_recovers() {
-        let (mut rx, seen, _task) = scripted(vec![
+        let (mut rx, mut seen, _task) = scripted(vec![
             Ok((vec![entry("a", "127.0.0.1", "", 1)], meta(10))),
             Err(unreachable()),
             Err(unreachable()),
@@ -543,14 +542,12 @@ mod tests {
             s.version, 3,
             "three failures in a row published one state change, not three"
         );
-        // The task goes on to a blocking read on the new index (bounded wait, paused clock).
-        for _ in 0..100 {
-            if seen.lock().unwrap().len() >= 6 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let seen = seen.lock().unwrap();
+        // The task goes on to a blocking read on the new index.
+        let seen = tokio::time::timeout(Duration::from_secs(1), seen.wait_for(|s| s.len() >= 6))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone();
         assert_eq!(seen.len(), 6, "5 scripted answers, then a blocking read");
         assert!(seen.iter().all(|o| o.datacenter.as_deref() == Some("dc1")));
         assert_eq!(seen[1].wait_index, 10, "blocks on the last index");

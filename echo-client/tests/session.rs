@@ -271,16 +271,26 @@ async fn half_a_reply_is_not_a_reply() {
     assert_eq!((reply.instance.id.as_str(), reply.attempts), ("b", 2));
 }
 
+/// Asserts that none of `tasks` finishes within `window`: they must be waiting (on
+/// discovery, say), not failed or answered.
+async fn none_finish_within<T>(tasks: &mut [tokio::task::JoinHandle<T>], window: Duration) {
+    let any = futures::future::select_all(tasks.iter_mut());
+    assert!(
+        tokio::time::timeout(window, any).await.is_err(),
+        "a task finished while it should still be waiting"
+    );
+}
+
 #[tokio::test]
 async fn with_no_instance_messages_wait_for_discovery() {
     let (client, tx) = client_over(vec![], config());
-    let pending = tokio::spawn({
+    let mut pending = [tokio::spawn({
         let client = client.clone();
         async move { client.send(msg(1)).await }
-    });
+    })];
     // Nothing to send to: still waiting after a while.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!pending.is_finished());
+    none_finish_within(&mut pending, Duration::from_millis(300)).await;
+    let [pending] = pending;
     let b = Peer::start("b", Behaviour::Echo).await;
     tx.send(Snapshot::fixed(vec![b.instance()])).unwrap();
     let reply = tokio::time::timeout(BOUND, pending)
@@ -297,12 +307,13 @@ async fn all_down_then_one_back_resumes_by_itself() {
     let (client, tx) = client_over(vec![a.instance()], config());
     client.send(msg(1)).await.unwrap();
     a.kill().await;
-    let pending = tokio::spawn({
+    let mut pending = [tokio::spawn({
         let client = client.clone();
         async move { client.send(msg(2)).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!pending.is_finished(), "queued, not failed");
+    })];
+    // Queued, not failed.
+    none_finish_within(&mut pending, Duration::from_millis(300)).await;
+    let [pending] = pending;
     // A new instance appears in discovery; the dead one is still listed.
     let b = Peer::start("b", Behaviour::Echo).await;
     tx.send(Snapshot::fixed(vec![a.instance(), b.instance()]))
@@ -354,13 +365,13 @@ async fn leaves_an_instance_consul_stops_listing_but_not_for_an_empty_set() {
 #[tokio::test]
 async fn a_permanent_discovery_failure_answers_every_message() {
     let (client, tx) = client_over(vec![], config());
-    let pending = tokio::spawn({
+    let mut pending = [tokio::spawn({
         let client = client.clone();
         async move { client.send(msg(1)).await }
-    });
-    // Lets the message queue first (the path under test); a send after the failure must
-    // fail the same way, so the assertions hold either way.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    })];
+    // Queued, waiting for an instance, before the failure arrives.
+    none_finish_within(&mut pending, Duration::from_millis(50)).await;
+    let [pending] = pending;
     let failed = Snapshot::fixed(vec![]).with_state(ConsulState::Failed {
         error: "Consul refused the ACL token (403)".into(),
     });
@@ -397,15 +408,14 @@ async fn a_small_queue_still_answers_every_waiting_sender() {
     let mut c = config();
     c.queue_capacity = 4;
     let (client, tx) = client_over(vec![], c);
-    let sends: Vec<_> = (1..=40)
+    let mut sends: Vec<_> = (1..=40)
         .map(|i| {
             let client = client.clone();
             tokio::spawn(async move { (i, client.send(msg(i)).await) })
         })
         .collect();
-    // Lets the senders fill the queue and wait behind it before an instance appears; the
-    // assertions below hold however many got in.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The senders fill the queue and wait behind it; none is answered or refused.
+    none_finish_within(&mut sends, Duration::from_millis(100)).await;
     let b = Peer::start("b", Behaviour::Echo).await;
     tx.send(Snapshot::fixed(vec![b.instance()])).unwrap();
     for send in sends {
@@ -445,7 +455,11 @@ async fn with_real_echo_servers_a_shutdown_mid_stream_loses_nothing() {
     let mut resent = 0;
     let mut stop_a = Some(stop_a);
     let mut by = std::collections::BTreeMap::<String, usize>::new();
+    // Paced so the stream is still going when the drain deadline cuts it.
+    let mut pace = tokio::time::interval(Duration::from_millis(5));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     for i in 0..200usize {
+        pace.tick().await;
         // Every byte value but the newline, shifted each message.
         let m: Vec<u8> = (0..=255u8)
             .map(|b| b.wrapping_add(i as u8))
@@ -461,8 +475,6 @@ async fn with_real_echo_servers_a_shutdown_mid_stream_loses_nothing() {
         if i == 100 {
             stop_a.take().unwrap().send(()).unwrap();
         }
-        // Paced so the stream is still going when the drain deadline cuts it.
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::timeout(BOUND, a)
         .await

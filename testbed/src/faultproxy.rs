@@ -8,16 +8,7 @@
 //! blocking query would otherwise hold its failure back for minutes), so the upstream's real
 //! answer is corrupted when it comes that fast, and a stand-in body is used otherwise.
 
-use std::{
-    convert::Infallible,
-    fmt,
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{convert::Infallible, fmt, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -112,22 +103,14 @@ pub struct ProxyStats {
     pub upstream_errors: u64,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    requests: AtomicU64,
-    forwarded: AtomicU64,
-    faulted: AtomicU64,
-    held: AtomicU64,
-    upstream_errors: AtomicU64,
-}
-
 /// The proxy; it stops when dropped.
 #[derive(Debug)]
 pub struct FaultProxy {
     addr: SocketAddr,
     upstream: SocketAddr,
     fault: watch::Sender<Fault>,
-    counters: Arc<Counters>,
+    /// The counts, published on every change so waits need no polling.
+    stats: Arc<watch::Sender<ProxyStats>>,
     stop: CancellationToken,
 }
 
@@ -142,12 +125,12 @@ impl FaultProxy {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let (fault, _) = watch::channel(Fault::Pass);
-        let counters = Arc::new(Counters::default());
+        let stats = Arc::new(watch::Sender::new(ProxyStats::default()));
         let stop = CancellationToken::new();
         let ctx = Ctx {
             upstream,
             fault: fault.clone(),
-            counters: counters.clone(),
+            stats: stats.clone(),
         };
         tokio::spawn(accept_loop(listener, ctx, stop.clone()));
         tracing::debug!(%addr, %upstream, "fault proxy listening");
@@ -155,7 +138,7 @@ impl FaultProxy {
             addr,
             upstream,
             fault,
-            counters,
+            stats,
             stop,
         })
     }
@@ -193,37 +176,32 @@ impl FaultProxy {
 
     /// What it has done so far.
     pub fn stats(&self) -> ProxyStats {
-        let c = &self.counters;
-        ProxyStats {
-            requests: c.requests.load(Ordering::Relaxed),
-            forwarded: c.forwarded.load(Ordering::Relaxed),
-            faulted: c.faulted.load(Ordering::Relaxed),
-            held: c.held.load(Ordering::Relaxed),
-            upstream_errors: c.upstream_errors.load(Ordering::Relaxed),
+        *self.stats.borrow()
+    }
+
+    /// Wait, at most `timeout`, until the counts satisfy `done` (woken by each change).
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl FnMut(&ProxyStats) -> bool,
+    ) -> Result<ProxyStats> {
+        let mut stats = self.stats.subscribe();
+        match tokio::time::timeout(timeout, stats.wait_for(done)).await {
+            Ok(Ok(now)) => Ok(*now),
+            // The sender lives in `self`: it cannot have closed.
+            Ok(Err(_)) | Err(_) => Err(Error::Timeout {
+                what: format!("the fault proxy {what}"),
+                timeout,
+            }),
         }
     }
 
     /// Wait until at least `n` requests are held unanswered, at most `timeout`.
     pub async fn wait_held(&self, n: u64, timeout: Duration) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut fault = self.fault.subscribe();
-        loop {
-            if self.counters.held.load(Ordering::Relaxed) >= n {
-                return Ok(());
-            }
-            // Holding starts on the proxy's own tasks: look again shortly, or on a switch.
-            let tick = tokio::time::sleep(Duration::from_millis(10));
-            tokio::select! {
-                () = tick => {}
-                _ = fault.changed() => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Timeout {
-                    what: format!("the fault proxy to hold {n} requests"),
-                    timeout,
-                });
-            }
-        }
+        self.wait_until(&format!("to hold {n} requests"), timeout, |s| s.held >= n)
+            .await
+            .map(drop)
     }
 }
 
@@ -237,7 +215,14 @@ impl Drop for FaultProxy {
 struct Ctx {
     upstream: SocketAddr,
     fault: watch::Sender<Fault>,
-    counters: Arc<Counters>,
+    stats: Arc<watch::Sender<ProxyStats>>,
+}
+
+impl Ctx {
+    /// Change the counts, and wake whoever waits on them.
+    fn count(&self, change: impl FnOnce(&mut ProxyStats)) {
+        self.stats.send_modify(change);
+    }
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -281,10 +266,10 @@ async fn accept_loop(listener: TcpListener, ctx: Ctx, stop: CancellationToken) {
 
 /// One request: forward it, racing the upstream against a switch to a failing fault.
 async fn handle(ctx: Ctx, req: Request<Incoming>) -> std::result::Result<Response<Body>, Closed> {
-    ctx.counters.requests.fetch_add(1, Ordering::Relaxed);
+    ctx.count(|s| s.requests += 1);
     let mut fault = ctx.fault.subscribe();
     if *fault.borrow_and_update() == Fault::Drop {
-        ctx.counters.faulted.fetch_add(1, Ordering::Relaxed);
+        ctx.count(|s| s.faulted += 1);
         return hold(&ctx, &mut fault).await;
     }
     let exchange = forward(ctx.upstream, req);
@@ -316,7 +301,7 @@ async fn handle(ctx: Ctx, req: Request<Incoming>) -> std::result::Result<Respons
     let upstream = match upstream {
         Some(Ok(answer)) => Some(answer),
         Some(Err(e)) => {
-            ctx.counters.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            ctx.count(|s| s.upstream_errors += 1);
             tracing::debug!(error = %e, "fault proxy: upstream failed");
             return Ok(text(
                 StatusCode::BAD_GATEWAY,
@@ -363,11 +348,10 @@ async fn apply(
     upstream: Option<Answer>,
     watch: &mut watch::Receiver<Fault>,
 ) -> std::result::Result<Response<Body>, Closed> {
-    let counters = &ctx.counters;
     if fault.is_failure() {
-        counters.faulted.fetch_add(1, Ordering::Relaxed);
+        ctx.count(|s| s.faulted += 1);
     } else {
-        counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        ctx.count(|s| s.forwarded += 1);
     }
     let (status, headers, body) = match upstream {
         Some(a) => (a.status, a.headers, a.body),
@@ -434,13 +418,13 @@ async fn hold(
     ctx: &Ctx,
     watch: &mut watch::Receiver<Fault>,
 ) -> std::result::Result<Response<Body>, Closed> {
-    ctx.counters.held.fetch_add(1, Ordering::Relaxed);
+    ctx.count(|s| s.held += 1);
     while *watch.borrow_and_update() == Fault::Drop {
         if watch.changed().await.is_err() {
             break;
         }
     }
-    ctx.counters.held.fetch_sub(1, Ordering::Relaxed);
+    ctx.count(|s| s.held -= 1);
     Err(Closed(
         "testbed faultproxy: dropped request released unanswered",
     ))
@@ -580,7 +564,13 @@ mod tests {
         let proxy = FaultProxy::start(upstream().await).await.unwrap();
         let addr = proxy.addr();
         let slow = tokio::spawn(async move { raw_get(addr, "?slow").await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The request is in the proxy, waiting on the slow upstream, when the fault comes.
+        proxy
+            .wait_until("to receive the slow request", Duration::from_secs(5), |s| {
+                s.requests >= 1
+            })
+            .await
+            .unwrap();
         proxy.set(Fault::Status(500));
         let started = Instant::now();
         let answer = tokio::time::timeout(Duration::from_secs(5), slow)

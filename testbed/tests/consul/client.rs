@@ -122,13 +122,18 @@ async fn killing_the_serving_instance_mid_stream_loses_nothing() {
             let victim = serving.clone();
             let process = &mut servers.get_mut(&victim).unwrap().process;
             process.freeze().await.unwrap();
-            let in_flight = tokio::spawn({
+            let mut in_flight = tokio::spawn({
                 let client = client.clone();
                 async move { echo(&client, INFLIGHT_KILL_AFTER + 1).await }
             });
-            // The message reaches the frozen server's socket and waits there (less than the
-            // 1 s reply timeout, so it is the kill that the client reacts to).
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // The message reaches the frozen server's socket and gets no answer there (300 ms:
+            // less than the 1 s reply timeout, so it is the kill that the client reacts to).
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), &mut in_flight)
+                    .await
+                    .is_err(),
+                "a frozen server answered"
+            );
             let at = Instant::now();
             process.kill().await.unwrap();
             dead.push(victim);
@@ -426,11 +431,13 @@ impl Echoes {
     /// Echo until `done()` or `max` messages; returns how many were sent.
     async fn until(&mut self, mut done: impl FnMut() -> bool, max: u64) -> u64 {
         let mut sent = 0;
+        let mut pace = tokio::time::interval(Duration::from_millis(50));
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !done() && sent < max {
+            pace.tick().await;
             self.seq += 1;
             sent += 1;
             echo(&self.client, self.seq).await;
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         sent
     }
@@ -451,7 +458,10 @@ async fn a_server_whose_check_fails_is_left_once_consul_marks_it_critical() {
     a.process.signal(Signal::SIGUSR1).unwrap();
     let flipped = Instant::now();
     let mut seq = 1;
+    let mut pace = tokio::time::interval(Duration::from_millis(50));
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let moved = loop {
+        pace.tick().await;
         seq += 1;
         let reply = echo(&client, seq).await;
         if reply.instance.id == "servernode_2" {
@@ -461,7 +471,6 @@ async fn a_server_whose_check_fails_is_left_once_consul_marks_it_critical() {
             flipped.elapsed() < Duration::from_secs(30),
             "still on servernode_1 30 s after its check turned 503"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let snapshot = client.discovery().borrow().clone();
     assert_eq!(
