@@ -601,21 +601,7 @@ async fn a_refused_token_is_a_clear_permanent_error() {
     let args: Vec<String> = ["--count", "1", "--timeout", "5m"]
         .map(String::from)
         .to_vec();
-    let started = StdInstant::now();
-    let mut cli = ClientProcess::spawn(&launcher(), &bad, &args).unwrap();
-    let status = cli
-        .process
-        .wait_exit(Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert!(!status.success());
-    let error = cli
-        .process
-        .output()
-        .wait_for("error:", Duration::from_secs(5))
-        .await
-        .unwrap()
-        .text;
+    let (error, took) = failing_cli(&bad, &args, Duration::from_secs(60)).await;
     assert!(error.contains("failed permanently"), "{error}");
     assert!(error.contains("403"), "{error}");
     assert!(error.contains("CONSUL_HTTP_TOKEN"), "{error}");
@@ -623,10 +609,7 @@ async fn a_refused_token_is_a_clear_permanent_error() {
         !error.contains("00000000-0000"),
         "never print a token: {error}"
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "not after --timeout"
-    );
+    assert!(took < Duration::from_secs(60), "not after --timeout");
 }
 
 #[tokio::test]
@@ -643,15 +626,27 @@ async fn a_service_that_never_appears_fails_after_timeout() {
     ]
     .map(String::from)
     .to_vec();
+    let (error, took) = failing_cli(&consul.config(), &args, Duration::from_secs(30)).await;
+    assert!(
+        error.contains("no instance of \"nobody-here\" answered within 3s"),
+        "{error}"
+    );
+    assert!(error.contains("no passing instance"), "{error}");
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+}
+
+/// Runs the echo-client CLI with `args` against `consul`, expects it to fail within
+/// `limit`, and returns its error line and how long it ran.
+async fn failing_cli(
+    consul: &consul_api::Config,
+    args: &[String],
+    limit: Duration,
+) -> (String, Duration) {
     let started = StdInstant::now();
-    let mut cli = ClientProcess::spawn(&launcher(), &consul.config(), &args).unwrap();
-    let status = cli
-        .process
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .unwrap();
+    let mut cli = ClientProcess::spawn(&launcher(), consul, args).unwrap();
+    let status = cli.process.wait_exit(limit).await.unwrap();
     let took = started.elapsed();
-    assert!(!status.success());
+    assert!(!status.success(), "{status:?}");
     let error = cli
         .process
         .output()
@@ -659,10 +654,5 @@ async fn a_service_that_never_appears_fails_after_timeout() {
         .await
         .unwrap()
         .text;
-    assert!(
-        error.contains("no instance of \"nobody-here\" answered within 3s"),
-        "{error}"
-    );
-    assert!(error.contains("no passing instance"), "{error}");
-    assert!(took >= Duration::from_secs(3), "{took:?}");
+    (error, took)
 }
