@@ -53,13 +53,35 @@ pub struct Ports {
 
 impl Ports {
     /// Four ports free right now on 127.0.0.1 (TCP, and UDP for the Serf ones).
+    ///
+    /// They are taken below the kernel's ephemeral range: once we let go of them, nothing
+    /// takes them implicitly (an outgoing connection's local port, another program's bind
+    /// to port 0), so a stopped agent can start again on the same HTTP port.
     pub fn pick() -> Result<Ports> {
+        Ports::pick_avoiding(None)
+    }
+
+    /// New ports for the agent's own traffic (Serf, RPC), keeping `http`: what its clients
+    /// already know.
+    pub fn repick_keeping_http(http: u16) -> Result<Ports> {
+        Ok(Ports {
+            http,
+            ..Ports::pick_avoiding(Some(http))?
+        })
+    }
+
+    fn pick_avoiding(avoid: Option<u16>) -> Result<Ports> {
+        let range = below_ephemeral_range();
         let mut held = Vec::new();
         let mut take = |udp_too: bool| -> Result<u16> {
-            for _ in 0..50 {
-                let tcp = TcpListener::bind("127.0.0.1:0")?;
+            for _ in 0..200 {
+                let candidate = range.as_ref().map_or(0, |r| rand::random_range(r.clone()));
+                let Ok(tcp) = TcpListener::bind(("127.0.0.1", candidate)) else {
+                    continue;
+                };
                 let port = tcp.local_addr()?.port();
-                if udp_too && UdpSocket::bind(("127.0.0.1", port)).is_err() {
+                if Some(port) == avoid || (udp_too && UdpSocket::bind(("127.0.0.1", port)).is_err())
+                {
                     continue;
                 }
                 held.push(tcp);
@@ -74,6 +96,15 @@ impl Ports {
             server: take(false)?,
         })
     }
+}
+
+/// Ports from 10000 up to the start of the kernel's ephemeral range (Linux's
+/// `ip_local_port_range`, 32768 by default); `None` (any free port) where that range is
+/// unknown or leaves too little room below it.
+fn below_ephemeral_range() -> Option<std::ops::Range<u16>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let low: u16 = text.split_whitespace().next()?.parse().ok()?;
+    (low >= 12_000).then_some(10_000..low)
 }
 
 /// Everything that defines one agent's command line.
@@ -160,6 +191,18 @@ mod tests {
         sorted.sort();
         sorted.dedup();
         assert_eq!(sorted.len(), 4, "distinct ports: {all:?}");
+        if let Some(range) = below_ephemeral_range() {
+            assert!(
+                all.iter().all(|p| range.contains(p)),
+                "{all:?} in {range:?}"
+            );
+        }
+        let again = Ports::repick_keeping_http(ports.http).unwrap();
+        assert_eq!(again.http, ports.http);
+        assert!(
+            ![again.serf_lan, again.serf_wan, again.server].contains(&ports.http),
+            "{again:?}"
+        );
         let spec = AgentSpec {
             node_name: "n1".into(),
             ports,

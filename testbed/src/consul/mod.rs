@@ -157,6 +157,9 @@ async fn resolve_backend(choice: BackendChoice) -> Result<BackendKind> {
     }
 }
 
+/// What an agent logs when one of its ports is taken.
+const PORT_CLASH: &str = "address already in use";
+
 impl Consul {
     /// Start an agent with options from the environment.
     pub async fn start() -> Result<Consul> {
@@ -203,11 +206,7 @@ impl Consul {
             match consul.boot().await {
                 Ok(()) => return Ok(consul),
                 Err(e) => {
-                    let clash = consul
-                        .log
-                        .lines()
-                        .iter()
-                        .any(|l| l.text.contains("address already in use"));
+                    let clash = consul.port_clash(&e, 0);
                     if !clash {
                         return Err(e);
                     }
@@ -326,11 +325,30 @@ impl Consul {
         Ok(())
     }
 
-    /// Start a stopped agent again, on the same ports. Dev mode keeps no state: every
+    /// Whether `failed` (a boot) came from a port taken by someone else: the agent logged
+    /// it after `seen` such lines, or the error carries the agent's last words.
+    fn port_clash(&self, failed: &Error, seen: usize) -> bool {
+        self.log.matching(PORT_CLASH).len() > seen || failed.to_string().contains(PORT_CLASH)
+    }
+
+    /// Start a stopped agent again, on the same HTTP port. Dev mode keeps no state: every
     /// registration is gone, and indexes start over.
     pub async fn start_again(&mut self) -> Result<()> {
         if self.running.is_some() {
             return Err(Error::Invalid("the agent is already running".into()));
+        }
+        for _attempt in 0..2 {
+            let clashes = self.log.matching(PORT_CLASH).len();
+            match self.boot().await {
+                Err(e) if self.port_clash(&e, clashes) => {
+                    // One of its own ports (Serf, RPC) was taken while it was down: only the
+                    // agent uses those, so new ones do; the HTTP port stays.
+                    self.stop().await?;
+                    self.spec.ports = Ports::repick_keeping_http(self.spec.ports.http)?;
+                    tracing::info!(ports = ?self.spec.ports, "agent port taken meanwhile; new Serf and RPC ports");
+                }
+                other => return other,
+            }
         }
         self.boot().await
     }
