@@ -7,7 +7,7 @@
 
 use std::{io, time::Duration};
 
-use echo_server::codec::EchoCodec;
+use echo_wire::EchoCodec;
 use futures::{SinkExt, StreamExt};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_util::codec::Framed;

@@ -17,7 +17,7 @@
 use std::{collections::VecDeque, io, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use echo_server::codec::{CodecError, DEFAULT_MAX_FRAME, EchoCodec};
+use echo_wire::{CodecError, DEFAULT_MAX_FRAME, EchoCodec};
 use futures::{SinkExt, StreamExt};
 use tokio::{
     net::{

@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use echo_client::{ConsulState, EchoClient, Error, Instance, SessionConfig, Snapshot};
-use echo_server::codec::EchoCodec;
+use echo_wire::EchoCodec;
 use futures::{SinkExt, StreamExt, future::join_all};
 use tokio::{
     io::AsyncWriteExt,

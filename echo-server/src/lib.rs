@@ -1,6 +1,6 @@
 //! echo-server: a TCP echo service that registers itself with the local Consul agent.
 //!
-//! * [`codec`] — the newline-delimited wire format, shared with echo-client;
+//! * [`codec`] — the newline-delimited wire format (the `echo-wire` crate, re-exported);
 //! * [`config`] — the settings of one server and the registration they imply;
 //! * [`server`] — [`Server`]: the listener (connection cap, accept backoff), one handler per
 //!   connection (idle timeout, bounded buffers, oversized frames refused), the shutdown order;
@@ -27,7 +27,7 @@
 
 pub mod check;
 pub mod cli;
-pub mod codec;
+pub use echo_wire as codec;
 pub mod config;
 pub mod error;
 mod registration;

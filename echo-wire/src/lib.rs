@@ -1,6 +1,18 @@
-//! The wire format shared by echo-server and echo-client: newline-delimited frames of
-//! arbitrary bytes (not necessarily UTF-8), so `nc 127.0.0.1 9527` works by hand. A frame
-//! longer than the limit is an error, never an unbounded buffer.
+//! echo-wire: the echo protocol's wire format, shared by echo-server and echo-client:
+//! newline-delimited frames of arbitrary bytes (not necessarily UTF-8), so `nc 127.0.0.1
+//! 9527` works by hand. A frame longer than the limit is an error, never an unbounded buffer.
+//!
+//! ```
+//! use bytes::BytesMut;
+//! use echo_wire::EchoCodec;
+//! use tokio_util::codec::{Decoder, Encoder};
+//!
+//! let mut codec = EchoCodec::new(16);
+//! let mut wire = BytesMut::new();
+//! codec.encode(&b"hello"[..], &mut wire).unwrap();
+//! assert_eq!(&wire[..], b"hello\n");
+//! assert_eq!(codec.decode(&mut wire).unwrap().as_deref(), Some(&b"hello"[..]));
+//! ```
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
