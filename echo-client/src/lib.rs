@@ -1,11 +1,8 @@
 //! echo-client: finds healthy echo servers through Consul and fails over without losing a
 //! message.
 //!
-//! * [`discovery`] — a task following the service's passing instances by Consul blocking
-//!   queries, publishing [`Snapshot`]s on a watch channel;
-//! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
-//!   ejection with cooldown);
-//! * [`backoff`] — jittered exponential backoff (backon), for Consul and for reconnecting;
+//! * [`discovery`], [`balancer`], [`backoff`] — consul-registry's, re-exported: the passing
+//!   instances as [`Snapshot`]s, which instance to use, the one backoff;
 //! * [`session`] — the connection and the queue of un-answered messages: resend on failure,
 //!   exactly one reply per message, in order;
 //! * [`client`] — [`EchoClient`], the handle: `send(bytes) -> Reply`, and discovery changes;
@@ -13,11 +10,9 @@
 //! * [`cli`] — the command line shared by `echo-client` and `testbed echo-client`;
 //! * [`error`] — the one [`Error`] enum.
 
-pub mod backoff;
-pub mod balancer;
+pub use consul_registry::{backoff, balancer, discovery};
 pub mod cli;
 pub mod client;
-pub mod discovery;
 pub mod error;
 pub mod naive;
 pub mod session;

@@ -26,12 +26,8 @@ pub enum Error {
 
     /// Consul refused the registration for good (a 403, a rejected definition): retrying
     /// would not help.
-    #[error("cannot register service {id:?} with Consul")]
-    Register {
-        id: String,
-        #[source]
-        source: consul_api::Error,
-    },
+    #[error(transparent)]
+    Registration(#[from] consul_registry::Error),
 
     /// The Consul client could not be built (bad `CONSUL_HTTP_ADDR`, unreadable token file).
     #[error(transparent)]
@@ -55,15 +51,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_printed_chain_names_the_cause_once() {
-        let e = Error::Register {
+    fn a_registration_error_keeps_its_chain() {
+        let e = Error::from(consul_registry::Error::Register {
             id: "servernode_1".into(),
             source: consul_api::Error::PermissionDenied {
                 method: "PUT",
                 path: "/v1/agent/service/register".into(),
                 message: "Permission denied".into(),
             },
-        };
+        });
         let printed = format!("{:#}", anyhow::Error::from(e));
         assert!(printed.starts_with("cannot register service \"servernode_1\" with Consul: "));
         assert_eq!(

@@ -4,9 +4,9 @@
 //! * [`config`] — the settings of one server and the registration they imply;
 //! * [`server`] — [`Server`]: the listener (connection cap, accept backoff), one handler per
 //!   connection (idle timeout, bounded buffers, oversized frames refused), the shutdown order;
-//! * [`check`] — the HTTP `/check` Consul calls, and the [`Health`] handle that forces it 503;
-//! * [`registration`] — register with retries, re-register when the entry disappears,
-//!   deregister on shutdown;
+//! * [`check`] — the HTTP `/check` Consul calls, and the [`Health`] handle that forces it 503
+//!   (consul-registry's, re-exported); registration is consul-registry's
+//!   [`Registrar`](consul_registry::Registrar);
 //! * [`shutdown`] — SIGINT/SIGTERM (and SIGHUP) start the shutdown, SIGUSR1 flips `/check`;
 //! * [`cli`] — the command line ([`cli::Args`]) and [`cli::run`];
 //! * [`error`] — the one error type.
@@ -25,12 +25,11 @@
 //! # Ok(()) }
 //! ```
 
-pub mod check;
+pub use consul_registry::check;
 pub mod cli;
 pub use echo_wire as codec;
 pub mod config;
 pub mod error;
-mod registration;
 pub mod server;
 pub mod shutdown;
 

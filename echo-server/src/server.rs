@@ -1,5 +1,5 @@
-//! The server: a [`Listener`] accepts echo connections under a connection cap and hands each
-//! to its own [`Handler`]; [`Server::run`] ties in `/check`, the Consul registration and the
+//! The server: a `Listener` accepts echo connections under a connection cap and hands each
+//! to its own `Handler`; [`Server::run`] ties in `/check`, the Consul registration and the
 //! shutdown order (`/check` 503 → deregister → stop accepting → drain with a deadline).
 
 use std::{
@@ -20,11 +20,13 @@ use tokio::{
 use tokio_util::{codec::Framed, sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    check::{self, Health},
     codec::{CodecError, EchoCodec},
     config::Config,
     error::{Error, Result},
-    registration::Registrar,
+};
+use consul_registry::{
+    Registrar,
+    check::{self, Health},
 };
 
 /// While draining, a connection is closed once its peer has sent nothing for this long.
@@ -166,7 +168,7 @@ impl Server {
         let mut registration: Option<JoinHandle<Result<()>>> = registrar.as_ref().map(|r| {
             let r = r.clone();
             let stop = stop_registration.clone();
-            tokio::spawn(async move { r.maintain(stop).await })
+            tokio::spawn(async move { Ok(r.maintain(stop).await?) })
         });
 
         let outcome = tokio::select! {

@@ -434,7 +434,7 @@ mod tests {
 
     #[test]
     fn takes_the_error_field_of_a_log_line() {
-        let line = "2026-11-25T13:32:04Z  WARN echo_server::registration: Consul: cannot watch \
+        let line = "2026-11-25T13:32:04Z  WARN consul_registry::registration: Consul: cannot watch \
                     its registration, retrying with backoff error=Consul answered 500 to GET \
                     /v1/agent/service/x: injected 500 retry_in=61ms";
         assert_eq!(

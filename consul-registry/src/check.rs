@@ -98,13 +98,13 @@ impl Health {
     }
 
     /// From now on `/check` answers 503: the first step of shutdown.
-    pub(crate) fn set_draining(&self) {
+    pub fn set_draining(&self) {
         self.inner.draining.store(true, Ordering::SeqCst);
     }
 }
 
 /// Serve `/check` on `listener` until `stop` is cancelled.
-pub(crate) async fn serve(
+pub async fn serve(
     listener: TcpListener,
     path: String,
     health: Health,

@@ -24,7 +24,7 @@ const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Registers one service and keeps it registered.
 #[derive(Debug, Clone)]
-pub(crate) struct Registrar {
+pub struct Registrar {
     client: Client,
     registration: Arc<AgentServiceRegistration>,
     id: String,
@@ -42,11 +42,7 @@ enum Attempt {
 }
 
 impl Registrar {
-    pub(crate) fn new(
-        client: Client,
-        registration: AgentServiceRegistration,
-        interval: Duration,
-    ) -> Self {
+    pub fn new(client: Client, registration: AgentServiceRegistration, interval: Duration) -> Self {
         let id = registration
             .id
             .clone()
@@ -63,7 +59,7 @@ impl Registrar {
 
     /// Register, then keep the registration in place until `stop`. Returns `Ok` when
     /// stopped, an error when Consul refuses for good.
-    pub(crate) async fn maintain(&self, stop: CancellationToken) -> Result<()> {
+    pub async fn maintain(&self, stop: CancellationToken) -> Result<()> {
         if !self.register(&stop, Attempt::First).await? {
             return Ok(());
         }
@@ -134,7 +130,7 @@ impl Registrar {
 
     /// Deregister if registered; failures are logged, never fatal (Consul drops the service
     /// by itself once its check has failed for `DeregisterCriticalServiceAfter`).
-    pub(crate) async fn deregister(&self) {
+    pub async fn deregister(&self) {
         let confirmed = self.registered.swap(false, Ordering::SeqCst);
         if !confirmed && !self.attempted.load(Ordering::SeqCst) {
             tracing::info!(id = %self.id, "never registered: nothing to deregister");

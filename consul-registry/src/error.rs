@@ -1,0 +1,53 @@
+//! The one error type of consul-registry: why a registration had to stop.
+
+/// A `Result` whose error is this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What ends a registration for good. The cause is the `source()`, not part of the message:
+/// print the chain (`{:#}` of an `anyhow::Error`) to see both, each once.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Consul refused the registration for good (a 403, a rejected definition): retrying
+    /// would not help.
+    #[error("cannot register service {id:?} with Consul")]
+    Register {
+        /// The service ID.
+        id: String,
+        /// Consul's answer.
+        #[source]
+        source: consul_api::Error,
+    },
+}
+
+impl Error {
+    /// The Consul error underneath.
+    pub fn consul(&self) -> &consul_api::Error {
+        match self {
+            Error::Register { source, .. } => source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_chain_names_the_cause_once() {
+        let e = Error::Register {
+            id: "servernode_1".into(),
+            source: consul_api::Error::PermissionDenied {
+                method: "PUT",
+                path: "/v1/agent/service/register".into(),
+                message: "Permission denied".into(),
+            },
+        };
+        let printed = format!("{:#}", anyhow::Error::from(e));
+        assert!(printed.starts_with("cannot register service \"servernode_1\" with Consul: "));
+        assert_eq!(
+            printed.matches("refused the ACL token").count(),
+            1,
+            "{printed}"
+        );
+    }
+}

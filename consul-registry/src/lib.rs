@@ -1,0 +1,30 @@
+//! consul-registry: self-registration, health checks, discovery and failover over Consul,
+//! for any tokio service. It knows nothing of the service it registers or discovers.
+//!
+//! * [`registration`] — [`Registrar`]: register (retrying while the agent is not up yet),
+//!   watch the entry and register again when it is lost, deregister on shutdown; a refused
+//!   token is fatal, never retried in a loop;
+//! * [`check`] — the HTTP check endpoint Consul's agent calls, and the [`Health`] handle that
+//!   turns it 503 (draining, or forced by an operator);
+//! * [`discovery`] — a task following a service's passing instances with blocking queries,
+//!   publishing [`Snapshot`]s on a watch channel;
+//! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
+//!   ejection with a cooldown);
+//! * [`backoff`] — the one jittered exponential backoff;
+//! * [`error`] — the one error type.
+//!
+//! Everything speaks to Consul through [`consul_api::Client`], configured the way Consul's
+//! own tools are (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`).
+
+pub mod backoff;
+pub mod balancer;
+pub mod check;
+pub mod discovery;
+pub mod error;
+pub mod registration;
+
+pub use balancer::{Balancer, Strategy};
+pub use check::{CheckStatus, Health};
+pub use discovery::{ConsulState, DiscoveryConfig, Instance, Snapshot};
+pub use error::{Error, Result};
+pub use registration::Registrar;
