@@ -23,10 +23,10 @@ use benches::{
     results::{MEASURED, Recorder, RunInfo},
     servers::ServerThread,
 };
+use consul_harness::Consul;
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use echo_client::{ClientConfig, ConsulState, EchoClient, Snapshot};
 use echo_server::Config;
-use testbed::Consul;
 use tokio::{sync::watch, time::Instant};
 
 const SERVICE: &str = "discovery-propagation";

@@ -31,14 +31,14 @@ use benches::{
     servers::ServerThread,
     traffic::{self, CloseProbe, Message, Streamer},
 };
-use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, measurement::WallTime};
-use echo_client::{ClientConfig, EchoClient, Instance, SessionConfig, Snapshot};
-use echo_server::Config;
-use testbed::{
+use consul_harness::{
     Consul,
     procs::{Launcher, ServerProcess, ServerSpec},
     signal::Signal,
 };
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, measurement::WallTime};
+use echo_client::{ClientConfig, EchoClient, Instance, SessionConfig, Snapshot};
+use echo_server::Config;
 use tokio::{
     runtime::Runtime,
     sync::{OnceCell, watch},

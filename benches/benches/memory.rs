@@ -20,11 +20,11 @@ use benches::{
     results::{self, MemoryRecord, MemoryRun},
     traffic::Message,
 };
-use nix::sys::resource::{Resource, getrlimit, setrlimit};
-use testbed::{
+use consul_harness::{
     procs::{Launcher, ServerProcess, ServerSpec},
     signal::Signal,
 };
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,

@@ -28,9 +28,9 @@ pub enum Error {
     #[error(transparent)]
     Client(#[from] echo_client::Error),
 
-    /// The testbed (Consul, processes) failed.
+    /// The harness (Consul, processes) failed.
     #[error(transparent)]
-    Testbed(#[from] testbed::Error),
+    Harness(#[from] consul_harness::Error),
 
     /// Consul's API failed.
     #[error(transparent)]

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use testbed::Consul;
+use consul_harness::Consul;
 use tokio::{runtime::Runtime, sync::OnceCell};
 
 use crate::{error::Result, results::RunInfo};
@@ -116,8 +116,8 @@ impl SharedConsul {
         };
         run.consul_version = Some(consul.version().to_owned());
         run.consul_backend = Some(consul.backend().name().to_owned());
-        if consul.backend() == testbed::BackendKind::Docker
-            && let Ok(engine) = testbed::consul::docker::connect().await
+        if consul.backend() == consul_harness::BackendKind::Docker
+            && let Ok(engine) = consul_harness::consul::docker::connect().await
             && let Ok(version) = engine.version().await
         {
             run.docker_version = version.version;

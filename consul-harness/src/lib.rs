@@ -1,0 +1,24 @@
+//! consul-harness: real Consul for this workspace's tests, experiments and benches, and the
+//! processes that run against it.
+//!
+//! * [`consul`] — one Consul agent, in a container (the real backend) or as a local process
+//!   (the fallback where Docker is missing, said loudly), host networking, its own loopback
+//!   ports; start, stop, pause, restart;
+//! * [`provision`] — fetching Consul 1.8.7 and building its `FROM scratch` image on a
+//!   registry-less machine;
+//! * [`procs`] — echo servers and clients as child processes, and free loopback addresses;
+//! * [`logbuf`] — a child's output, line by line, waitable;
+//! * [`wait`] — waiting on Consul's state by blocking queries, with deadlines;
+//! * [`signal`] — the signals used to kill, stop and resume processes;
+//! * [`error`] — the one error type.
+
+pub mod consul;
+pub mod error;
+pub mod logbuf;
+pub mod procs;
+pub mod provision;
+pub mod signal;
+pub mod wait;
+
+pub use consul::{BackendChoice, BackendKind, Consul, ConsulOptions};
+pub use error::{Error, Result};
