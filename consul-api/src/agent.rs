@@ -9,7 +9,7 @@ use crate::{
     client::Client,
     duration::GoDuration,
     error::Result,
-    health::HealthCheck,
+    health::{HealthCheck, HealthStatus},
     query::{QueryMeta, QueryOptions},
 };
 
@@ -123,6 +123,14 @@ impl AgentSelf {
     }
 }
 
+/// The body of `PUT /v1/agent/check/update/:check_id`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CheckUpdate<'a> {
+    status: HealthStatus,
+    output: &'a str,
+}
+
 /// The local agent's endpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct Agent<'a> {
@@ -146,6 +154,45 @@ impl<'a> Agent<'a> {
     pub async fn service_deregister(&self, service_id: &str) -> Result<()> {
         self.client
             .put::<()>(&["agent", "service", "deregister", service_id], &[], None)
+            .await
+            .map(drop)
+    }
+
+    /// `PUT /v1/agent/service/maintenance/:service_id`: put a service in maintenance mode
+    /// (`enable`, with `reason` shown in its maintenance check) or take it out. While in
+    /// maintenance the agent adds a critical check, so health queries for passing instances
+    /// leave it out; the service stays registered.
+    pub async fn service_maintenance(
+        &self,
+        service_id: &str,
+        enable: bool,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        let mut params = vec![("enable", enable.to_string())];
+        if let Some(reason) = reason.filter(|r| !r.is_empty()) {
+            params.push(("reason", reason.to_owned()));
+        }
+        self.client
+            .put::<()>(
+                &["agent", "service", "maintenance", service_id],
+                &params,
+                None,
+            )
+            .await
+            .map(drop)
+    }
+
+    /// `PUT /v1/agent/check/update/:check_id`: set a TTL check's status and output (Go's
+    /// `UpdateTTL`). Each update restarts the check's TTL.
+    pub async fn check_update(
+        &self,
+        check_id: &str,
+        status: HealthStatus,
+        output: &str,
+    ) -> Result<()> {
+        let update = CheckUpdate { status, output };
+        self.client
+            .put(&["agent", "check", "update", check_id], &[], Some(&update))
             .await
             .map(drop)
     }
@@ -222,6 +269,18 @@ mod tests {
                     "DeregisterCriticalServiceAfter": "1m30s"
                 }
             })
+        );
+    }
+
+    #[test]
+    fn a_ttl_update_uses_consuls_names() {
+        let update = CheckUpdate {
+            status: HealthStatus::Warning,
+            output: "queue 90% full",
+        };
+        assert_eq!(
+            serde_json::to_value(&update).unwrap(),
+            serde_json::json!({"Status": "warning", "Output": "queue 90% full"})
         );
     }
 

@@ -1,4 +1,7 @@
-//! [`Watch`] drives one blocking query by Consul's rules, so callers only say what to read:
+//! [`Watch`] drives one blocking query by Consul's rules, so callers only say what to read.
+//! It blocks on the index (`X-Consul-Index`, most endpoints) or, with [`Watch::hash`], on the
+//! content hash (`X-Consul-ContentHash`, the agent's own endpoints), like the Go `api/watch`
+//! package's `BlockingParamVal`. By index:
 //!
 //! * the first read does not block (index 0 is never sent as a wait);
 //! * each later read blocks on the last `X-Consul-Index`, for at most `wait` (≤ 10 min); the
@@ -24,6 +27,9 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Watch {
     base: QueryOptions,
+    /// Block on the content hash instead of the index.
+    by_hash: bool,
+    hash: Option<String>,
     index: u64,
     delivered: bool,
     wait: Duration,
@@ -48,11 +54,23 @@ impl Watch {
     pub fn new(base: QueryOptions, wait: Duration) -> Self {
         Watch {
             base,
+            by_hash: false,
+            hash: None,
             index: 0,
             delivered: false,
             wait: wait.clamp(Duration::from_millis(1), MAX_WAIT),
             min_interval: Duration::from_millis(20),
             last_start: None,
+        }
+    }
+
+    /// A watch of one of the agent's own endpoints (`/v1/agent/service/:id`, ...), which
+    /// block on a content hash rather than an index: each read after the first sends the
+    /// last `X-Consul-ContentHash` and waits up to `wait` for the content to differ.
+    pub fn hash(base: QueryOptions, wait: Duration) -> Self {
+        Watch {
+            by_hash: true,
+            ..Watch::new(base, wait)
         }
     }
 
@@ -67,14 +85,22 @@ impl Watch {
         self.index
     }
 
-    /// Forget the index: the next read does not block and its result is delivered.
+    /// Forget the index (or hash): the next read does not block and its result is delivered.
     pub fn reset(&mut self) {
         self.index = 0;
+        self.hash = None;
         self.delivered = false;
     }
 
     /// The options of the next read.
     pub fn options(&self) -> QueryOptions {
+        if self.by_hash {
+            return QueryOptions {
+                wait_hash: self.hash.clone(),
+                wait_time: self.hash.is_some().then_some(self.wait),
+                ..self.base.clone()
+            };
+        }
         QueryOptions {
             wait_index: self.index,
             wait_time: (self.index > 0).then_some(self.wait),
@@ -84,6 +110,9 @@ impl Watch {
 
     /// Account for an answer's metadata.
     pub fn observe(&mut self, meta: &QueryMeta) -> Observed {
+        if self.by_hash {
+            return self.observe_hash(meta);
+        }
         let new = meta.last_index.max(1);
         let old = self.index;
         if old > 0 && new < old {
@@ -94,6 +123,21 @@ impl Watch {
         self.index = new;
         if !self.delivered || new != old {
             self.delivered = true;
+            Observed::Changed
+        } else {
+            Observed::Unchanged
+        }
+    }
+
+    /// Hash mode: a new hash is a change; the same hash means the wait timed out. An
+    /// answer without a hash cannot be blocked on: it is delivered, and the next read
+    /// does not block (reads stay `min_interval` apart).
+    fn observe_hash(&mut self, meta: &QueryMeta) -> Observed {
+        let new = meta.content_hash.clone().filter(|h| !h.is_empty());
+        let changed = !self.delivered || new.is_none() || new != self.hash;
+        self.hash = new;
+        self.delivered = true;
+        if changed {
             Observed::Changed
         } else {
             Observed::Unchanged
@@ -164,6 +208,41 @@ mod tests {
         assert_eq!(w.observe(&meta(0)), Observed::Changed);
         assert_eq!(w.options().wait_index, 1);
         assert_eq!(w.observe(&meta(0)), Observed::Unchanged);
+    }
+
+    fn hashed(hash: Option<&str>) -> QueryMeta {
+        QueryMeta {
+            content_hash: hash.map(str::to_owned),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hash_mode_blocks_on_the_content_hash() {
+        let mut w = Watch::hash(QueryOptions::default(), Duration::from_secs(30));
+        assert_eq!(w.options().wait_hash, None, "the first read does not block");
+        assert_eq!(w.options().wait_time, None);
+        assert_eq!(w.observe(&hashed(Some("a1"))), Observed::Changed);
+        let opts = w.options();
+        assert_eq!(opts.wait_hash.as_deref(), Some("a1"));
+        assert_eq!(opts.wait_index, 0, "never an index in hash mode");
+        assert_eq!(opts.wait_time, Some(Duration::from_secs(30)));
+        assert_eq!(w.observe(&hashed(Some("a1"))), Observed::Unchanged);
+        assert_eq!(w.observe(&hashed(Some("b2"))), Observed::Changed);
+        assert_eq!(
+            w.observe(&hashed(None)),
+            Observed::Changed,
+            "no hash: delivered, not taken for a timeout"
+        );
+        assert_eq!(
+            w.options().wait_hash,
+            None,
+            "and the next read does not block"
+        );
+        w.observe(&hashed(Some("c3")));
+        w.reset();
+        assert_eq!(w.options().wait_hash, None);
+        assert_eq!(w.observe(&hashed(Some("c3"))), Observed::Changed);
     }
 
     #[test]
