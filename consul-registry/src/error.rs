@@ -17,13 +17,24 @@ pub enum Error {
         #[source]
         source: consul_api::Error,
     },
+
+    /// Consul refused the token a TTL heartbeat updates its check with, before any update
+    /// was accepted.
+    #[error("cannot update TTL check {check_id:?}")]
+    Heartbeat {
+        /// The check ID.
+        check_id: String,
+        /// Consul's answer.
+        #[source]
+        source: consul_api::Error,
+    },
 }
 
 impl Error {
     /// The Consul error underneath.
     pub fn consul(&self) -> &consul_api::Error {
         match self {
-            Error::Register { source, .. } => source,
+            Error::Register { source, .. } | Error::Heartbeat { source, .. } => source,
         }
     }
 }

@@ -6,6 +6,8 @@
 //!   token is fatal, never retried in a loop;
 //! * [`check`] — the HTTP check endpoint Consul's agent calls, and the [`Health`] handle that
 //!   turns it 503 (draining, or forced by an operator);
+//! * [`ttl`] — [`Heartbeat`]: a TTL check kept passing by the service itself, for services
+//!   that cannot expose an HTTP endpoint;
 //! * [`discovery`] — a task following a service's passing instances with blocking queries,
 //!   publishing [`Snapshot`]s on a watch channel;
 //! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
@@ -22,9 +24,11 @@ pub mod check;
 pub mod discovery;
 pub mod error;
 pub mod registration;
+pub mod ttl;
 
 pub use balancer::{Balancer, Strategy};
 pub use check::{CheckStatus, Health};
 pub use discovery::{ConsulState, DiscoveryConfig, Instance, Snapshot};
 pub use error::{Error, Result};
 pub use registration::Registrar;
+pub use ttl::Heartbeat;

@@ -5,6 +5,7 @@
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
 //! * [`faults`] — fault and security scenarios: hung server, paused and restarted Consul, a
 //!   faulty proxy, ACLs, hostile input;
+//! * [`framework`] — consul-registry without echo: TTL heartbeats, maintenance mode;
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors;
 //! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs;
 //! * [`timeline`] — the seed article's story for the naive and the resilient client.
@@ -15,6 +16,7 @@ mod client;
 mod common;
 mod deregistration;
 mod faults;
+mod framework;
 mod harness;
 mod server;
 mod timeline;
