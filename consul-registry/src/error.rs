@@ -18,6 +18,13 @@ pub enum Error {
         source: consul_api::Error,
     },
 
+    /// Discovery stopped for good (a refused token, an invalid query).
+    #[error("service discovery failed: {reason}")]
+    Discovery {
+        /// What Consul said.
+        reason: String,
+    },
+
     /// Consul refused the token a TTL heartbeat updates its check with, before any update
     /// was accepted.
     #[error("cannot update TTL check {check_id:?}")]
@@ -31,10 +38,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// The Consul error underneath.
-    pub fn consul(&self) -> &consul_api::Error {
+    /// The Consul error underneath, where there is one.
+    pub fn consul(&self) -> Option<&consul_api::Error> {
         match self {
-            Error::Register { source, .. } | Error::Heartbeat { source, .. } => source,
+            Error::Register { source, .. } | Error::Heartbeat { source, .. } => Some(source),
+            Error::Discovery { .. } => None,
         }
     }
 }

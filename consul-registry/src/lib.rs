@@ -10,6 +10,7 @@
 //!   that cannot expose an HTTP endpoint;
 //! * [`discovery`] — a task following a service's passing instances with blocking queries,
 //!   publishing [`Snapshot`]s on a watch channel;
+//! * [`discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
 //! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
 //!   ejection with a cooldown);
 //! * [`backoff`] — the one jittered exponential backoff;
@@ -21,6 +22,7 @@
 pub mod backoff;
 pub mod balancer;
 pub mod check;
+pub mod discover;
 pub mod discovery;
 pub mod error;
 pub mod registration;
