@@ -147,11 +147,13 @@ mod tests {
         let mut changes = changes(rx, |i: &Instance| i.address());
         assert_eq!(keys(&take(&mut changes, 1).await), ["+a=127.0.0.1:1"]);
 
-        tx.send(Snapshot::fixed(vec![a.clone(), b.clone()])).unwrap();
+        tx.send(Snapshot::fixed(vec![a.clone(), b.clone()]))
+            .unwrap();
         assert_eq!(keys(&take(&mut changes, 1).await), ["+b=127.0.0.1:2"]);
 
         // The same set again (a blocking query that timed out): nothing.
-        tx.send(Snapshot::fixed(vec![b.clone(), a.clone()])).unwrap();
+        tx.send(Snapshot::fixed(vec![b.clone(), a.clone()]))
+            .unwrap();
         // b moves to another port: removed, then inserted with a service for the new address.
         let moved = Instance::new("b", "127.0.0.1", 3);
         tx.send(Snapshot::fixed(vec![moved])).unwrap();

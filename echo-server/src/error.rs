@@ -27,7 +27,7 @@ pub enum Error {
     /// Consul refused the registration for good (a 403, a rejected definition): retrying
     /// would not help.
     #[error(transparent)]
-    Registration(#[from] consul_registry::Error),
+    Registration(Box<consul_registry::Error>),
 
     /// The Consul client could not be built (bad `CONSUL_HTTP_ADDR`, unreadable token file).
     #[error(transparent)]
@@ -44,6 +44,12 @@ pub enum Error {
     /// A task of the server panicked or was cancelled: a bug.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<consul_registry::Error> for Error {
+    fn from(e: consul_registry::Error) -> Self {
+        Error::Registration(Box::new(e))
+    }
 }
 
 #[cfg(test)]
