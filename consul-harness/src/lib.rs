@@ -9,12 +9,14 @@
 //! * [`procs`] — echo servers and clients as child processes, and free loopback addresses;
 //! * [`logbuf`] — a child's output, line by line, waitable;
 //! * [`wait`] — waiting on Consul's state by blocking queries, with deadlines;
+//! * [`procfs`] — what `/proc` says of a process: resident set, CPU time, stopped or not;
 //! * [`signal`] — the signals used to kill, stop and resume processes;
 //! * [`error`] — the one error type.
 
 pub mod consul;
 pub mod error;
 pub mod logbuf;
+pub mod procfs;
 pub mod procs;
 pub mod provision;
 pub mod signal;

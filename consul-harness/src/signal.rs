@@ -22,22 +22,7 @@ pub fn send(pid: u32, sig: Signal) -> Result<()> {
     })
 }
 
-/// Whether every thread of process `pid` is stopped (state `T` or `t` in
-/// `/proc/<pid>/task/*/stat`).
-pub fn is_stopped(pid: u32) -> Result<bool> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))?;
-    for task in tasks {
-        let stat = std::fs::read_to_string(task?.path().join("stat"))?;
-        // The state follows the command name, which is in parentheses and may hold anything.
-        let state = stat
-            .rfind(')')
-            .and_then(|end| stat[end + 1..].split_whitespace().next());
-        if !matches!(state, Some("T" | "t")) {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
+pub use crate::procfs::is_stopped;
 
 /// SIGSTOP process `pid` and wait, at most `timeout`, until every one of its threads is
 /// stopped: from then on it handles nothing at all.

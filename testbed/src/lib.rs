@@ -1,6 +1,6 @@
 //! The testbed: real Consul, real echo servers and clients, real faults, and measurements.
 //!
-//! * [`consul`], [`provision`], [`procs`], [`logbuf`], [`wait`], [`signal`], [`error`] — the
+//! * [`consul`], [`provision`], [`procs`], [`procfs`], [`logbuf`], [`wait`], [`signal`], [`error`] — the
 //!   harness (the `consul-harness` crate, re-exported): real Consul, child processes, logs,
 //!   waits;
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
@@ -21,6 +21,6 @@ pub mod smoke;
 pub mod timeline;
 
 pub use consul_harness::{
-    BackendChoice, BackendKind, Consul, ConsulOptions, Error, Result, consul, error, logbuf, procs,
-    provision, signal, wait,
+    BackendChoice, BackendKind, Consul, ConsulOptions, Error, Result, consul, error, logbuf,
+    procfs, procs, provision, signal, wait,
 };

@@ -404,7 +404,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
     }
 
     outputs.push(("the Consul agent".into(), consul.log().clone()));
-    let peak_rss_kib = super::proc_status_kib(server.process.pid(), "VmHWM");
+    let peak_rss_kib = crate::procfs::status_kib(server.process.pid(), "VmHWM");
     server.process.kill().await?;
     let tokens_printed: Vec<String> = outputs
         .iter()

@@ -404,8 +404,8 @@ async fn attack(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = msg;
     };
-    let rss = || super::proc_status_kib(pid, "VmRSS").unwrap_or(0);
-    let cpu = || super::proc_cpu_time(pid).unwrap_or_default();
+    let rss = || crate::procfs::status_kib(pid, "VmRSS").unwrap_or(0);
+    let cpu = || crate::procfs::cpu_time(pid).unwrap_or_default();
     let mut phases = Vec::new();
     let mut began = (Instant::now(), cpu());
     let mut phase_done = |name: &'static str| {
@@ -512,7 +512,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
     let ids = super::ids(&servers);
     let addr = servers[0].spec.echo_addr();
     let pid = servers[0].process.pid();
-    let rss = || super::proc_status_kib(pid, "VmRSS").unwrap_or(0);
+    let rss = || crate::procfs::status_kib(pid, "VmRSS").unwrap_or(0);
     let client = super::client(consul.config(), Duration::from_secs(2))?;
     let discovery = DiscoveryLog::start(&client);
     discovery
@@ -568,7 +568,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
         .await
         .is_ok_and(|(e, _)| e.iter().any(|e| e.service.id == ids[0]));
     let rss_end_kib = rss();
-    let peak_rss_kib = super::proc_status_kib(pid, "VmHWM").unwrap_or(0);
+    let peak_rss_kib = crate::procfs::status_kib(pid, "VmHWM").unwrap_or(0);
     let panics = super::casualties(&mut servers);
 
     let quiet_p99 = latency_quantile(&quiet_outcomes, 0.99);

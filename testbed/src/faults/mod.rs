@@ -385,32 +385,11 @@ pub(crate) fn client(consul: consul_api::Config, reply_timeout: Duration) -> Res
     EchoClient::start(config).map_err(|e| Error::Invalid(format!("echo client: {e}")))
 }
 
-/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
-pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// The CPU time (user + system) process `pid` has used, from `/proc/<pid>/stat`.
-pub fn proc_cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start at field 3, the state.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
-    // utime and stime are fields 14 and 15, in USER_HZ (100 per second on Linux).
-    let total = ticks(14 - 3)? + ticks(15 - 3)?;
-    Some(Duration::from_millis(total * 10))
-}
-
 /// The highest VmHWM among `servers`.
 pub(crate) fn peak_rss(servers: &[ServerProcess]) -> Option<u64> {
     servers
         .iter()
-        .filter_map(|s| proc_status_kib(s.process.pid(), "VmHWM"))
+        .filter_map(|s| crate::procfs::status_kib(s.process.pid(), "VmHWM"))
         .max()
 }
 
@@ -494,28 +473,6 @@ pub(crate) mod ms {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_proc_status() {
-        let pid = std::process::id();
-        let rss = proc_status_kib(pid, "VmRSS").unwrap();
-        let hwm = proc_status_kib(pid, "VmHWM").unwrap();
-        assert!(rss > 0 && hwm >= rss, "{rss} {hwm}");
-        assert_eq!(proc_status_kib(pid, "NoSuchField"), None);
-        // Spinning uses CPU time, which shows within a few ticks.
-        let before = proc_cpu_time(pid).unwrap();
-        let spin = Instant::now();
-        let mut x = 0u64;
-        while proc_cpu_time(pid).unwrap() < before + Duration::from_millis(50) {
-            assert!(
-                spin.elapsed() < Duration::from_secs(10),
-                "CPU time never grew"
-            );
-            for _ in 0..100_000 {
-                x = std::hint::black_box(x.wrapping_add(1));
-            }
-        }
-    }
 
     #[test]
     fn the_table_says_what_broke() {

@@ -1,0 +1,135 @@
+//! What Linux's `/proc` says of a process, parsed in one place: its resident set
+//! (`/proc/<pid>/status`: `VmRSS` now, `VmHWM` at its peak), the CPU time it has used
+//! (`/proc/<pid>/stat`) and whether every thread is stopped (`/proc/<pid>/task/*/stat`).
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// A process's resident set now and at its peak, in KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rss {
+    /// `VmRSS`.
+    pub now_kib: u64,
+    /// `VmHWM`.
+    pub peak_kib: u64,
+}
+
+/// The resident set of process `pid` (`std::process::id()` for this one).
+pub fn rss(pid: u32) -> Result<Rss> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path)?;
+    parse_rss(&status).ok_or_else(|| Error::Process {
+        what: format!("read the resident set of {pid}"),
+        reason: format!("no VmRSS/VmHWM in {path}"),
+    })
+}
+
+/// One `kB` field (`VmRSS`, `VmHWM`, ...) of process `pid`'s status; `None` if the process
+/// is gone or has no such field.
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_status_kib(&status, field)
+}
+
+/// One `kB` field of a `/proc/<pid>/status` text.
+pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// `VmRSS` and `VmHWM` of a `/proc/<pid>/status` text.
+pub fn parse_rss(status: &str) -> Option<Rss> {
+    Some(Rss {
+        now_kib: parse_status_kib(status, "VmRSS")?,
+        peak_kib: parse_status_kib(status, "VmHWM")?,
+    })
+}
+
+/// The fields of a `/proc/<pid>/stat` line after the command name (which is in
+/// parentheses and may hold anything), starting with the state (field 3).
+fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    Some(rest.split_whitespace().collect())
+}
+
+/// The CPU time (user + system) process `pid` has used.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_time(&stat)
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line (fields 14 and 15, in USER_HZ: 100 per second
+/// on Linux).
+pub fn parse_cpu_time(stat: &str) -> Option<Duration> {
+    let fields = stat_fields(stat)?;
+    let ticks = |field: usize| fields.get(field - 3)?.parse::<u64>().ok();
+    Some(Duration::from_millis((ticks(14)? + ticks(15)?) * 10))
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` or `t`).
+pub fn is_stopped(pid: u32) -> Result<bool> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))?;
+    for task in tasks {
+        let stat = std::fs::read_to_string(task?.path().join("stat"))?;
+        let state = stat_fields(&stat).and_then(|f| f.first().copied());
+        if !matches!(state, Some("T" | "t")) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_rss_and_peak() {
+        let status = "Name:\tx\nVmPeak:\t  9000 kB\nVmHWM:\t    4321 kB\nVmRSS:\t    1234 kB\n";
+        assert_eq!(
+            parse_rss(status),
+            Some(Rss {
+                now_kib: 1234,
+                peak_kib: 4321
+            })
+        );
+        assert_eq!(parse_status_kib(status, "VmPeak"), Some(9000));
+        assert!(status_kib(std::process::id(), "VmRSS").is_some());
+        assert_eq!(status_kib(std::process::id(), "NoSuchField"), None);
+        assert_eq!(parse_rss("Name:\tkthread\n"), None);
+        let me = rss(std::process::id()).unwrap();
+        assert!(me.now_kib > 0 && me.peak_kib >= me.now_kib);
+    }
+
+    #[test]
+    fn reads_cpu_time_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 5 0 0";
+        assert_eq!(parse_cpu_time(stat), Some(Duration::from_secs(3)));
+        assert_eq!(parse_cpu_time("garbage"), None);
+        assert!(cpu_time(std::process::id()).is_some());
+        assert!(
+            !is_stopped(std::process::id()).unwrap(),
+            "this process runs"
+        );
+    }
+
+    #[test]
+    fn cpu_time_grows_while_spinning() {
+        let pid = std::process::id();
+        let before = cpu_time(pid).unwrap();
+        let spin = std::time::Instant::now();
+        let mut x = 0u64;
+        while cpu_time(pid).unwrap() < before + Duration::from_millis(50) {
+            assert!(
+                spin.elapsed() < Duration::from_secs(10),
+                "CPU time never grew"
+            );
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+    }
+}
