@@ -7,6 +7,7 @@
 //! * [`check`] — the HTTP `/check` Consul calls, and the [`Health`] handle that forces it 503;
 //! * [`registration`] — register with retries, re-register when the entry disappears,
 //!   deregister on shutdown;
+//! * `shed` — when every slot is taken, the connection idle longest makes room;
 //! * [`shutdown`] — SIGINT/SIGTERM (and SIGHUP) start the shutdown, SIGUSR1 flips `/check`;
 //! * [`cli`] — the command line ([`cli::Args`]) and [`cli::run`];
 //! * [`error`] — the one error type.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod error;
 mod registration;
 pub mod server;
+mod shed;
 pub mod shutdown;
 
 pub use check::{CheckStatus, Health};
