@@ -5,7 +5,7 @@
 //! * [`server`] — [`Server`]: the listener (connection cap, accept backoff), one handler per
 //!   connection (idle timeout, bounded buffers, oversized frames refused), the shutdown order;
 //! * [`check`] — the HTTP `/check` Consul calls, and the [`Health`] handle that forces it 503;
-//! * [`registration`] — register with retries, re-register when the entry disappears,
+//! * `registration` — register with retries, re-register when the entry disappears,
 //!   deregister on shutdown;
 //! * `shed` — when every slot is taken, the connection idle longest makes room;
 //! * [`shutdown`] — SIGINT/SIGTERM (and SIGHUP) start the shutdown, SIGUSR1 flips `/check`;

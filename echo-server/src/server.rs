@@ -1,5 +1,5 @@
-//! The server: a [`Listener`] accepts echo connections under a connection cap and hands each
-//! to its own [`Handler`]; [`Server::run`] ties in `/check`, the Consul registration and the
+//! The server: a `Listener` accepts echo connections under a connection cap and hands each
+//! to its own `Handler`; [`Server::run`] ties in `/check`, the Consul registration and the
 //! shutdown order (`/check` 503 → deregister → stop accepting → drain with a deadline).
 
 use std::{
