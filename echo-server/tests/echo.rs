@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{LIMIT, Running, connect, echo};
+use common::{LIMIT, Running, answers_across_shutdown, connect, echo};
 use echo_server::{Config, codec::DEFAULT_MAX_FRAME};
 use futures::{SinkExt, StreamExt};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -255,19 +255,8 @@ async fn when_every_slot_is_taken_the_longest_idle_peer_makes_room() {
 async fn shutdown_answers_in_flight_frames_then_stops_accepting() {
     let mut server = Running::local().await;
     let addr = server.echo;
-    let mut socket = TcpStream::connect(addr).await.unwrap();
-    let mut burst = Vec::new();
-    for i in 0..2000 {
-        burst.extend_from_slice(format!("frame {i}\n").as_bytes());
-    }
     // Everything is sent, then the shutdown starts before a single answer is read.
-    socket.write_all(&burst).await.unwrap();
-    server.begin_shutdown();
-    let mut answers = Vec::new();
-    tokio::time::timeout(LIMIT, socket.read_to_end(&mut answers))
-        .await
-        .expect("closed after the drain")
-        .expect("closed cleanly");
+    let (burst, answers) = answers_across_shutdown(&mut server).await;
     assert_eq!(answers.len(), burst.len(), "every in-flight frame answered");
     assert_eq!(answers, burst);
     server.stopped().await.unwrap();

@@ -74,9 +74,8 @@ impl ServerProcess {
     }
 }
 
-/// A raw connection (no client-side framing) that has echoed `frame` once.
-async fn echoed_once(addr: SocketAddr, frame: &[u8]) -> TcpStream {
-    let mut socket = TcpStream::connect(addr).await.unwrap();
+/// Send `frame` on a raw connection (no client-side framing) and check its echo.
+async fn round_trip(socket: &mut TcpStream, frame: &[u8]) {
     socket.write_all(frame).await.unwrap();
     socket.write_all(b"\n").await.unwrap();
     let mut answer = vec![0u8; frame.len() + 1];
@@ -85,6 +84,12 @@ async fn echoed_once(addr: SocketAddr, frame: &[u8]) -> TcpStream {
         .expect("an answer in time")
         .unwrap();
     assert_eq!(&answer[..frame.len()], frame);
+}
+
+/// A raw connection that has echoed `frame` once.
+async fn echoed_once(addr: SocketAddr, frame: &[u8]) -> TcpStream {
+    let mut socket = TcpStream::connect(addr).await.unwrap();
+    round_trip(&mut socket, frame).await;
     socket
 }
 
@@ -128,13 +133,7 @@ async fn an_idle_connection_costs_what_the_readme_says_even_after_a_large_frame(
         .step_by(97)
         .chain(large.into_iter().step_by(47))
     {
-        socket.write_all(b"wake up\n").await.unwrap();
-        let mut answer = [0u8; 8];
-        tokio::time::timeout(LIMIT, socket.read_exact(&mut answer))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&answer, b"wake up\n");
+        round_trip(&mut socket, b"wake up").await;
     }
 }
 
@@ -170,13 +169,7 @@ async fn a_parked_frame_and_a_newline_less_flood_leave_memory_bounded() {
     );
 
     // Everyone else is still served.
-    probe.write_all(b"still served\n").await.unwrap();
-    let mut echoed = [0u8; 13];
-    tokio::time::timeout(LIMIT, probe.read_exact(&mut echoed))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&echoed, b"still served\n");
+    round_trip(&mut probe, b"still served").await;
     echoed_once(server.echo, b"newcomer").await;
     let after = server.rss_kib();
     eprintln!(

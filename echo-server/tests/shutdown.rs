@@ -6,11 +6,7 @@
 
 mod common;
 
-use common::{LIMIT, Running};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use common::{Running, answers_across_shutdown};
 
 /// A tracing layer that panics at the first event whose message contains its needle: a
 /// way to make one of the server's own tasks panic, in process, without a hook in the server.
@@ -45,18 +41,7 @@ async fn a_task_that_panics_does_not_skip_the_drain() {
         tracing_subscriber::registry().with(PanicAt("echo port closed")),
     );
     let mut server = Running::local().await;
-    let mut socket = TcpStream::connect(server.echo).await.unwrap();
-    let mut burst = Vec::new();
-    for i in 0..2000 {
-        burst.extend_from_slice(format!("frame {i}\n").as_bytes());
-    }
-    socket.write_all(&burst).await.unwrap();
-    server.begin_shutdown();
-    let mut answers = Vec::new();
-    tokio::time::timeout(LIMIT, socket.read_to_end(&mut answers))
-        .await
-        .expect("closed by the drain")
-        .expect("closed cleanly");
+    let (burst, answers) = answers_across_shutdown(&mut server).await;
     assert_eq!(answers, burst, "every in-flight frame answered");
     let result = server.stopped().await;
     assert!(
