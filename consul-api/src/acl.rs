@@ -70,6 +70,14 @@ impl<'a> Acl<'a> {
         self.client.put_json(&["acl", "policy"], policy).await
     }
 
+    /// `PUT /v1/acl/policy/:id`: replace the policy with ID `policy.id` (its rules, say);
+    /// returns it as stored.
+    pub async fn policy_update(&self, policy: &AclPolicy) -> Result<AclPolicy> {
+        self.client
+            .put_json(&["acl", "policy", &policy.id], policy)
+            .await
+    }
+
     /// `PUT /v1/acl/token`: create a token; returns it with its secret.
     pub async fn token_create(&self, token: &AclToken) -> Result<AclToken> {
         self.client.put_json(&["acl", "token"], token).await

@@ -1,6 +1,9 @@
 //! The HTTP health check Consul's agent calls: `GET {check_path}` answers 200 while the echo
 //! listener accepts, 503 while the server drains or is forced unhealthy; any other path is a
-//! 404. Served by hyper on its own port, so a stuck echo connection cannot block it.
+//! 404. Served by hyper on its own port, so a stuck echo connection cannot block it, and
+//! silent connections cannot starve it: when every slot is taken, the oldest connection is
+//! closed to make room for the new one (the agent's request, which comes with its
+//! connection, is answered long before it could become the oldest).
 
 use std::{
     convert::Infallible,
@@ -19,7 +22,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-/// Check connections served at once; the agent needs one.
+use crate::shed::Shedder;
+
+/// Check connections served at once; the agent needs one. A new connection beyond this
+/// closes the oldest.
 const MAX_CHECK_CONNECTIONS: usize = 64;
 /// A client must send its request head within this.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -113,15 +119,9 @@ pub async fn serve(
 ) {
     let path: Arc<str> = path.into();
     let limit = Arc::new(Semaphore::new(MAX_CHECK_CONNECTIONS));
+    let shed = Shedder::default();
     let tracker = TaskTracker::new();
     loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            permit = limit.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -135,9 +135,19 @@ pub async fn serve(
                 }
             },
         };
+        // Every slot taken: the oldest connection (silent, since a request is answered in
+        // well under a millisecond) is closed to make room.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            permit = shed.slot(&limit) => match permit {
+                Some(permit) => permit,
+                None => break,
+            },
+        };
         let path = path.clone();
         let health = health.clone();
         let stop = stop.clone();
+        let shed = shed.clone();
         tracker.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let response = respond(&req, &path, &health, peer, log_requests);
@@ -152,6 +162,9 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = stop.cancelled() => {}
+                () = shed.picked() => {
+                    tracing::debug!(%peer, "check connection closed to make room for a new one");
+                }
                 result = conn => if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "check connection ended with an error");
                 },

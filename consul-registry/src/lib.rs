@@ -6,6 +6,8 @@
 //!   token is fatal, never retried in a loop;
 //! * [`check`] — the HTTP check endpoint Consul's agent calls, and the [`Health`] handle that
 //!   turns it 503 (draining, or forced by an operator);
+//! * [`shed`] — when every connection slot is taken, the connection idle longest makes room
+//!   (the check endpoint's, and any capped listener's);
 //! * [`ttl`] — [`Heartbeat`]: a TTL check kept passing by the service itself, for services
 //!   that cannot expose an HTTP endpoint;
 //! * [`discovery`] — a task following a service's passing instances with blocking queries,
@@ -26,6 +28,7 @@ pub mod discover;
 pub mod discovery;
 pub mod error;
 pub mod registration;
+pub mod shed;
 pub mod ttl;
 
 pub use balancer::{Balancer, Strategy};

@@ -1,7 +1,10 @@
 //! The server's entry in Consul: register at start (retrying with backoff and jitter while
 //! the agent is not up yet), watch the entry with a blocking query on the agent and register
 //! again when it disappears (an agent restarted in dev mode, an operator's deregistration),
-//! and deregister on clean shutdown. A refused token (403) is fatal, never retried.
+//! and deregister on clean shutdown. A refused token (403) before the first registration
+//! worked is fatal, never retried; after it worked (the token was deleted or rotated, the
+//! agent restarted without it) it is logged at error level and retried with backoff while
+//! the server keeps serving.
 
 use std::{
     sync::{
@@ -111,7 +114,10 @@ impl Registrar {
                         return Ok(());
                     }
                 }
-                Err(e) if !e.is_retryable() => return Err(self.fatal(e)),
+                Err(e) if !e.is_retryable() && !e.is_permission_denied() => {
+                    return Err(self.fatal(e));
+                }
+                // A retryable error, or a 403 now that the registration has worked.
                 Err(e) => {
                     hash = None;
                     let delay = backoff
@@ -167,7 +173,8 @@ impl Registrar {
     }
 
     /// Register, retrying transient failures with backoff and jitter until it works, Consul
-    /// refuses for good (an error), or `stop` (`Ok(false)`).
+    /// refuses for good (an error), or `stop` (`Ok(false)`). Registering again, a 403 is
+    /// retried too: the first registration worked, so the token may come back.
     async fn register(&self, stop: &CancellationToken, attempt: Attempt) -> Result<bool> {
         let mut errors = ErrorLog::new(match attempt {
             Attempt::First => "register (is the agent up yet?)",
@@ -183,7 +190,7 @@ impl Registrar {
         };
         let retrying = call
             .retry(self.backoff())
-            .when(consul_api::Error::is_retryable)
+            .when(|e| e.is_retryable() || (attempt == Attempt::Again && e.is_permission_denied()))
             .notify(|e, delay| errors.retrying(e, delay));
         let result = tokio::select! {
             _ = stop.cancelled() => return Ok(false),
@@ -270,7 +277,10 @@ impl ErrorLog {
     fn retrying(&mut self, e: &consul_api::Error, delay: Duration) {
         self.failures += 1;
         let kind = e.kind();
-        if self.last == Some(kind) {
+        if self.last != Some(kind) && e.is_permission_denied() {
+            tracing::error!(error = %e, retry_in = ?delay, "Consul refused the ACL token after it had worked (token deleted or rotated? agent restarted?): still serving; cannot {}, retrying with backoff until the token works again", self.what);
+            self.last = Some(kind);
+        } else if self.last == Some(kind) {
             tracing::debug!(error = %e, retry_in = ?delay, failures = self.failures, "Consul: cannot {} yet, retrying", self.what);
         } else {
             tracing::warn!(error = %e, retry_in = ?delay, "Consul: cannot {}, retrying with backoff", self.what);

@@ -9,10 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinHandle,
@@ -27,14 +27,20 @@ use crate::{
 use consul_registry::{
     Registrar,
     check::{self, Health},
+    shed::Shedder,
 };
 
 /// While draining, a connection is closed once its peer has sent nothing for this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
-/// Initial capacity of a connection's read and write buffers; they grow up to one frame.
+/// Initial capacity of a connection's read and write buffers. They grow to hold a frame (and
+/// the answers waiting to be written), and shrink back to this when the connection waits
+/// for its peer after more than this much went through.
 const BUFFER_CAPACITY: usize = 2 << 10;
-/// Answers are flushed at the latest when this much is waiting to be written.
+/// Answers are flushed at the latest when this much is waiting to be written: the write
+/// buffer's back-pressure boundary.
 const MAX_PENDING_WRITE: usize = 64 << 10;
+/// A connection idle this long may be closed to make room when every slot is taken.
+const IDLE_BEFORE_SHED: Duration = Duration::from_secs(1);
 /// After an oversized frame: how long, and how much, of what the peer still sends is read
 /// and dropped before closing, so the error line reaches it instead of a reset.
 const LINGER_TIME: Duration = Duration::from_secs(1);
@@ -140,6 +146,7 @@ impl Server {
         let listener = Listener {
             listener: echo,
             limit: limit.clone(),
+            shed: Shedder::default(),
             codec: EchoCodec::new(config.max_frame),
             idle_timeout: config.idle_timeout,
             tracker: tracker.clone(),
@@ -147,7 +154,7 @@ impl Server {
             drain: drain.clone(),
             cut: cut.clone(),
         };
-        let accept_task = tokio::spawn(listener.run());
+        let mut accept_task = Some(tokio::spawn(listener.run()));
         let check_task = tokio::spawn(check::serve(
             check,
             config.check_path.clone(),
@@ -174,7 +181,13 @@ impl Server {
         let outcome = tokio::select! {
             () = shutdown => Ok(()),
             result = registration_failed(&mut registration) => result,
+            () = ended(&mut accept_task) => Err(Error::Internal(
+                "the echo listener stopped by itself".into(),
+            )),
         };
+        // From here on every step runs whatever an earlier one or a task did: a task that
+        // panicked is reported once the shutdown is done, never skips deregistration or drain.
+        let mut failed = Vec::new();
 
         // 1. `/check` answers 503, so nothing new is routed here.
         health.set_draining();
@@ -183,7 +196,7 @@ impl Server {
         // 2. Leave Consul's catalog: stop re-registering first, then deregister.
         stop_registration.cancel();
         if let Some(task) = registration.take() {
-            join(task).await?.ok();
+            join("registration", task, &mut failed).await;
         }
         if let Some(registrar) = &registrar {
             registrar.deregister().await;
@@ -191,7 +204,9 @@ impl Server {
 
         // 3. Stop accepting: the listening socket is closed.
         stop_accepting.cancel();
-        join(accept_task).await?;
+        if let Some(task) = accept_task.take() {
+            join("echo listener", task, &mut failed).await;
+        }
 
         // 4. Drain: every open connection answers what it has received, then closes.
         let open = config.max_connections - limit.available_permits();
@@ -221,7 +236,11 @@ impl Server {
 
         // 5. Last, `/check` itself stops.
         stop_check.cancel();
-        join(check_task).await?;
+        join("/check", check_task, &mut failed).await;
+        let outcome = match outcome {
+            Ok(()) if !failed.is_empty() => Err(Error::Internal(failed.join("; "))),
+            outcome => outcome,
+        };
         if outcome.is_ok() {
             tracing::info!("echo-server stopped cleanly");
         }
@@ -248,9 +267,27 @@ async fn registration_failed(task: &mut Option<JoinHandle<Result<()>>>) -> Resul
     }
 }
 
-async fn join<T>(task: JoinHandle<T>) -> Result<T> {
-    task.await
-        .map_err(|e| Error::Internal(format!("a server task failed: {e}")))
+/// Completes when `task` ends (it then is `None`); never if it is `None`.
+async fn ended(task: &mut Option<JoinHandle<()>>) {
+    let Some(handle) = task.as_mut() else {
+        return std::future::pending().await;
+    };
+    if let Err(e) = handle.await {
+        tracing::error!(error = %e, "the echo listener failed");
+    }
+    *task = None;
+}
+
+/// Wait for `task`; if it panicked or was cancelled, log it and add it to `failed`.
+async fn join<T>(what: &str, task: JoinHandle<T>, failed: &mut Vec<String>) -> Option<T> {
+    match task.await {
+        Ok(value) => Some(value),
+        Err(e) => {
+            tracing::error!(task = what, error = %e, "a server task failed; shutting down in order all the same");
+            failed.push(format!("the {what} task failed: {e}"));
+            None
+        }
+    }
 }
 
 /// Accepts echo connections while a permit is free, until told to stop.
@@ -258,6 +295,7 @@ async fn join<T>(task: JoinHandle<T>) -> Result<T> {
 struct Listener {
     listener: TcpListener,
     limit: Arc<Semaphore>,
+    shed: Shedder,
     codec: EchoCodec,
     idle_timeout: Duration,
     tracker: TaskTracker,
@@ -269,30 +307,33 @@ struct Listener {
 impl Listener {
     async fn run(self) {
         loop {
-            // Wait for a free slot before accepting: excess peers wait in the backlog.
-            let permit = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => break,
-                permit = self.limit.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-            };
             let (socket, peer) = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
                 accepted = self.accept() => accepted,
             };
+            // Every slot taken: the peer idle longest is closed to make room (if none has
+            // been idle long enough yet, the new peer waits for the first that is).
+            let permit = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                permit = self.shed.slot(&self.limit) => match permit {
+                    Some(permit) => permit,
+                    None => break,
+                },
+            };
             if let Err(e) = socket.set_nodelay(true) {
                 tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
             }
-            let handler = Handler {
-                framed: Framed::with_capacity(socket, self.codec.clone(), BUFFER_CAPACITY),
+            let handler = Handler::new(
+                socket,
+                self.codec.clone(),
                 peer,
-                idle_timeout: self.idle_timeout,
-                drain: self.drain.clone(),
-                cut: self.cut.clone(),
-            };
+                self.idle_timeout,
+                self.drain.clone(),
+                self.cut.clone(),
+                self.shed.clone(),
+            );
             self.tracker.spawn(handler.run(permit));
         }
         tracing::info!("echo port closed: no new connections");
@@ -315,14 +356,18 @@ impl Listener {
     }
 }
 
-/// One echo connection: reads frames, writes each back byte-exact.
+/// One echo connection: reads frames, writes each back byte-exact. Generic over the socket
+/// so unit tests can drive it through an in-memory pipe.
 #[derive(Debug)]
-struct Handler {
-    framed: Framed<TcpStream, EchoCodec>,
+struct Handler<S> {
+    framed: Framed<S, EchoCodec>,
     peer: SocketAddr,
     idle_timeout: Duration,
     drain: CancellationToken,
     cut: CancellationToken,
+    shed: Shedder,
+    /// Bytes answered since the buffers were last set back to their initial capacity.
+    passed: usize,
 }
 
 /// Why a connection ended.
@@ -330,6 +375,8 @@ struct Handler {
 enum End {
     PeerClosed,
     Idle,
+    /// Closed while idle to make room for a new peer.
+    Shed,
     Drained,
     FrameTooLong,
     Cut,
@@ -367,7 +414,30 @@ async fn bounded<T>(
     }
 }
 
-impl Handler {
+impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
+    fn new(
+        socket: S,
+        codec: EchoCodec,
+        peer: SocketAddr,
+        idle_timeout: Duration,
+        drain: CancellationToken,
+        cut: CancellationToken,
+        shed: Shedder,
+    ) -> Self {
+        // `with_capacity` also sets the flush threshold to the capacity: set it apart.
+        let mut framed = Framed::with_capacity(socket, codec, BUFFER_CAPACITY);
+        framed.set_backpressure_boundary(MAX_PENDING_WRITE);
+        Handler {
+            framed,
+            peer,
+            idle_timeout,
+            drain,
+            cut,
+            shed,
+            passed: 0,
+        }
+    }
+
     async fn run(mut self, permit: OwnedSemaphorePermit) {
         let end = self.serve().await;
         match end {
@@ -392,18 +462,26 @@ impl Handler {
         let cut = self.cut.clone();
         let drain = self.drain.clone();
         loop {
-            let wait = if draining {
-                DRAIN_QUIET
-            } else {
-                self.idle_timeout
-            };
-            let next = tokio::select! {
-                biased;
-                _ = drain.cancelled(), if !draining => {
-                    draining = true;
-                    continue;
+            let next = match self.framed.next().now_or_never() {
+                Some(next) => Step::Done(next),
+                None if cut.is_cancelled() => Step::Cut,
+                None if draining => bounded(&cut, DRAIN_QUIET, self.framed.next()).await,
+                None => {
+                    // Nothing to do until the peer sends more: give back what a large frame
+                    // or a burst grew.
+                    self.shrink_buffers();
+                    tokio::select! {
+                        biased;
+                        _ = drain.cancelled() => {
+                            draining = true;
+                            continue;
+                        }
+                        waited = self.wait_for_frame(&cut) => match waited {
+                            Some(step) => step,
+                            None => return Ok(End::Shed),
+                        },
+                    }
                 }
-                step = bounded(&cut, wait, self.framed.next()) => step,
             };
             let frame = match next {
                 Step::Cut => return Ok(End::Cut),
@@ -416,6 +494,7 @@ impl Handler {
                 Step::Done(Some(Err(e))) => return Err(e),
                 Step::Done(Some(Ok(frame))) => frame,
             };
+            self.passed += frame.len() + 1;
             if !self.answer(frame).await? {
                 return Ok(if cut.is_cancelled() {
                     End::Cut
@@ -426,6 +505,38 @@ impl Handler {
         }
     }
 
+    /// Wait for the peer's next frame, up to the idle timeout; `None` if, once idle for
+    /// [`IDLE_BEFORE_SHED`], this connection was picked to make room for a new peer.
+    async fn wait_for_frame(
+        &mut self,
+        cut: &CancellationToken,
+    ) -> Option<Step<Option<std::result::Result<Bytes, CodecError>>>> {
+        let before_shed = self.idle_timeout.min(IDLE_BEFORE_SHED);
+        match bounded(cut, before_shed, self.framed.next()).await {
+            Step::TimedOut if self.idle_timeout > before_shed => {}
+            step => return Some(step),
+        }
+        tokio::select! {
+            biased;
+            step = bounded(cut, self.idle_timeout - before_shed, self.framed.next()) => Some(step),
+            () = self.shed.picked() => None,
+        }
+    }
+
+    /// Once more than the initial capacity has gone through, set empty buffers back to it,
+    /// so that a connection idle after a large frame holds kilobytes, not the frame's size.
+    fn shrink_buffers(&mut self) {
+        if self.passed <= BUFFER_CAPACITY
+            || !self.framed.read_buffer().is_empty()
+            || !self.framed.write_buffer().is_empty()
+        {
+            return;
+        }
+        *self.framed.read_buffer_mut() = BytesMut::with_capacity(BUFFER_CAPACITY);
+        *self.framed.write_buffer_mut() = BytesMut::with_capacity(BUFFER_CAPACITY);
+        self.passed = 0;
+    }
+
     /// Queue the echo of `frame`; flush unless another whole frame is already buffered (so
     /// pipelined frames go out in one write). `false` if the peer stopped taking data.
     async fn answer(&mut self, frame: Bytes) -> std::result::Result<bool, CodecError> {
@@ -434,8 +545,9 @@ impl Handler {
             Step::Done(result) => result?,
             Step::TimedOut | Step::Cut => return Ok(false),
         }
+        // Past MAX_PENDING_WRITE, `feed` itself flushes first (the back-pressure boundary).
         let more = memchr::memchr(b'\n', self.framed.read_buffer()).is_some();
-        if !more || self.framed.write_buffer().len() >= MAX_PENDING_WRITE {
+        if !more {
             match bounded(&cut, idle, SinkExt::<Bytes>::flush(&mut self.framed)).await {
                 Step::Done(result) => result?,
                 Step::TimedOut | Step::Cut => return Ok(false),
@@ -473,7 +585,8 @@ impl Handler {
             return;
         }
         let linger = async {
-            let mut buf = [0u8; 4096];
+            // On the heap: an array here would make every connection's task this much larger.
+            let mut buf = vec![0u8; 4096];
             let mut dropped = 0;
             while dropped < LINGER_BYTES {
                 match socket.read(&mut buf).await {
@@ -483,5 +596,100 @@ impl Handler {
             }
         };
         let _ = bounded(&cut, LINGER_TIME, linger).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io,
+        pin::Pin,
+        task::{Context, Poll},
+    };
+
+    use tokio::io::ReadBuf;
+
+    use super::*;
+
+    /// A peer that has sent all of `input` at once and takes every write whole, recording
+    /// the size of each.
+    struct Recorder {
+        input: std::io::Cursor<Vec<u8>>,
+        output: Vec<u8>,
+        writes: Vec<usize>,
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.input).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.output.extend_from_slice(buf);
+            self.writes.push(buf.len());
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_answers_are_flushed_at_max_pending_write() {
+        // One frame at the limit (the read buffer grows to hold it), then 200 KiB of small
+        // frames already there: their answers may gather up to MAX_PENDING_WRITE per write.
+        let max_frame = 64 << 10;
+        let mut input = vec![b'L'; max_frame];
+        input.push(b'\n');
+        for i in 0..2000 {
+            input.extend_from_slice(format!("{i:099}\n").as_bytes());
+        }
+        let peer = Recorder {
+            input: std::io::Cursor::new(input.clone()),
+            output: Vec::new(),
+            writes: Vec::new(),
+        };
+        let mut handler = Handler::new(
+            peer,
+            EchoCodec::new(max_frame),
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            Duration::from_secs(60),
+            CancellationToken::new(),
+            CancellationToken::new(),
+            Shedder::default(),
+        );
+        let end = handler.serve().await.expect("served");
+        assert_eq!(end, End::PeerClosed);
+        let peer = handler.framed.get_ref();
+        assert_eq!(peer.output, input, "every frame echoed, in order");
+        let largest_small = peer.writes[1..].iter().copied().max().unwrap_or(0);
+        assert!(
+            largest_small >= MAX_PENDING_WRITE,
+            "small answers are gathered up to {MAX_PENDING_WRITE} bytes per write, not \
+             flushed earlier: writes {:?}",
+            peer.writes
+        );
+        assert!(
+            peer.writes
+                .iter()
+                .all(|&w| w <= MAX_PENDING_WRITE + max_frame + 1),
+            "no more than the limit and one frame waits: {:?}",
+            peer.writes
+        );
     }
 }

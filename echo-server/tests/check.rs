@@ -112,3 +112,22 @@ async fn check_is_503_while_draining_and_gone_after() {
         "/check stops last, after the drain"
     );
 }
+
+#[tokio::test]
+async fn silent_connections_cannot_starve_the_check() {
+    let server = Running::local().await;
+    // Far more connections than /check serves at once, connected and silent: each would
+    // hold a slot until the header timeout.
+    let mut silent = Vec::new();
+    for _ in 0..256 {
+        silent.push(TcpStream::connect(server.check).await.unwrap());
+    }
+    // The agent's request is still answered within the check's timeout (3 s by default).
+    let timeout = Config::default().timeout;
+    let (status, _) = tokio::time::timeout(timeout, get(&server.url("/check")))
+        .await
+        .expect("answered within the check timeout");
+    assert_eq!(status, 200);
+    drop(silent);
+    server.shutdown().await.unwrap();
+}

@@ -7,7 +7,12 @@ use std::{net::SocketAddr, time::Duration};
 
 use echo_server::{Config, Health, Server, codec::EchoCodec};
 use futures::{SinkExt, StreamExt};
-use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::oneshot,
+    task::JoinHandle,
+};
 use tokio_util::codec::Framed;
 
 /// A generous bound that only proves "no hang".
@@ -102,4 +107,23 @@ pub async fn get(url: &str) -> (u16, String) {
     let response = client.get(url).send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.text().await.unwrap())
+}
+
+/// Write 2,000 short frames to a new connection, start the shutdown before reading a single
+/// answer, and read until the server closes the connection (within [`LIMIT`]). Returns the
+/// frames sent and the answers read.
+pub async fn answers_across_shutdown(server: &mut Running) -> (Vec<u8>, Vec<u8>) {
+    let mut socket = TcpStream::connect(server.echo).await.unwrap();
+    let mut burst = Vec::new();
+    for i in 0..2000 {
+        burst.extend_from_slice(format!("frame {i}\n").as_bytes());
+    }
+    socket.write_all(&burst).await.unwrap();
+    server.begin_shutdown();
+    let mut answers = Vec::new();
+    tokio::time::timeout(LIMIT, socket.read_to_end(&mut answers))
+        .await
+        .expect("closed by the drain")
+        .expect("closed cleanly");
+    (burst, answers)
 }

@@ -254,17 +254,29 @@ async fn sigterm_deregisters_at_once_answers_in_flight_frames_and_exits_0() {
         mut server,
     } = passing_server(|_| {}).await;
 
-    // 2,000 frames written at once; SIGTERM as soon as the first answer is back.
-    let socket = TcpStream::connect(spec.echo_addr()).await.unwrap();
+    // 2,048 frames of 8 KiB (16 MiB) written at once to a peer with a 4 KiB receive buffer
+    // that reads nothing until the server is gone from the catalog: far more than every
+    // socket buffer on the way holds, so at SIGTERM the server still has frames to read and
+    // answer, and does so in its drain.
+    let peer = tokio::net::TcpSocket::new_v4().unwrap();
+    peer.set_recv_buffer_size(4096).unwrap();
+    let socket = peer.connect(spec.echo_addr()).await.unwrap();
     let (mut reader, mut writer) = socket.into_split();
     let mut burst = Vec::new();
-    for i in 0..2000 {
-        burst.extend_from_slice(format!("in-flight frame {i}\n").as_bytes());
+    for i in 0..2048 {
+        burst.extend_from_slice(format!("in-flight frame {i:08} ").as_bytes());
+        burst.extend_from_slice(&[b'.'; 8166]);
+        burst.push(b'\n');
     }
+    let frame_len = burst.len() / 2048;
     let sent = burst.clone();
     let writing = tokio::spawn(async move { writer.write_all(&sent).await });
-    let mut answers = vec![0u8; "in-flight frame 0\n".len()];
+    let mut answers = vec![0u8; frame_len];
     reader.read_exact(&mut answers).await.unwrap();
+    assert!(
+        !writing.is_finished(),
+        "the server has not even read every frame when SIGTERM comes"
+    );
 
     let signalled = tokio::time::Instant::now();
     server.process.signal(Signal::SIGTERM).unwrap();
@@ -449,12 +461,20 @@ async fn sigusr1_flips_the_check_while_echo_keeps_answering() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn with_acls_a_wrong_token_is_fatal_and_the_right_one_registers() {
-    init_tracing();
+/// Consul with ACLs (default deny), the fast spec, and a policy and token that may write
+/// the spec's service.
+struct AclFixture {
+    consul: Consul,
+    admin: Client,
+    spec: ServerSpec,
+    policy: AclPolicy,
+    token: AclToken,
+}
+
+async fn acl_fixture(management_token: &str) -> AclFixture {
     let options = ConsulOptions::from_env()
         .unwrap()
-        .with_acl("server-test-management");
+        .with_acl(management_token);
     let consul = Consul::start_with(options).await.unwrap();
     let admin = consul.client();
     let spec = fast_spec(&consul);
@@ -472,13 +492,32 @@ async fn with_acls_a_wrong_token_is_fatal_and_the_right_one_registers() {
         .token_create(&AclToken {
             description: "echo-server".into(),
             policies: vec![AclPolicyLink {
-                id: policy.id,
+                id: policy.id.clone(),
                 ..Default::default()
             }],
             ..Default::default()
         })
         .await
         .unwrap();
+    AclFixture {
+        consul,
+        admin,
+        spec,
+        policy,
+        token,
+    }
+}
+
+#[tokio::test]
+async fn with_acls_a_wrong_token_is_fatal_and_the_right_one_registers() {
+    init_tracing();
+    let AclFixture {
+        consul,
+        admin,
+        spec,
+        token,
+        ..
+    } = acl_fixture("server-test-management").await;
 
     // A wrong token: a clear error, a non-zero exit, no retry loop, the token never printed.
     let wrong = "0b5c6d2e-wrong-token";
@@ -535,6 +574,72 @@ async fn with_acls_a_wrong_token_is_fatal_and_the_right_one_registers() {
         .collect();
     assert!(
         output.iter().all(|l| !l.contains(&token.secret_id)),
+        "the token is never printed"
+    );
+}
+
+#[tokio::test]
+async fn with_acls_a_403_after_registering_is_retried_while_the_server_keeps_serving() {
+    init_tracing();
+    let AclFixture {
+        consul,
+        admin,
+        mut spec,
+        policy,
+        token,
+    } = acl_fixture("server-test-403-management").await;
+    spec.consul = consul.config().with_token(Some(token.secret_id.clone()));
+    let mut server = ServerProcess::spawn(&launcher(), spec.clone())
+        .await
+        .unwrap();
+    check_status(&admin, &spec, HealthStatus::Passing).await;
+    let output = server.process.output().clone();
+    let mark = output.mark();
+
+    // The token loses its rights, as a rotated one would: every call of the server's now
+    // gets a 403. Logged loudly, not fatal.
+    admin
+        .acl()
+        .policy_update(&AclPolicy {
+            rules: "service \"other\" { policy = \"write\" }".into(),
+            ..policy.clone()
+        })
+        .await
+        .unwrap();
+    let refused = output
+        .wait_for_after(mark, "refused the ACL token after it had worked", LIMIT)
+        .await
+        .unwrap();
+    assert!(refused.text.contains("ERROR"), "{}", refused.text);
+    assert!(
+        !server.process.has_exited(),
+        "a 403 after success is not fatal"
+    );
+    assert_eq!(echo_once(&spec, b"still serving").await, b"still serving");
+
+    // Meanwhile the agent loses its entry (an operator, or an agent restarted without it).
+    // The catalog keeps a stale copy: the agent syncs the removal with the service's own
+    // token, refused too, so the agent's own list is what tells.
+    admin.agent().service_deregister(&spec.id).await.unwrap();
+    let on_agent = admin.agent().services().await.unwrap();
+    assert!(!on_agent.contains_key(&spec.id), "{on_agent:?}");
+    assert!(!server.process.has_exited());
+
+    // The token works again: the server registers again by itself and passes.
+    admin.acl().policy_update(&policy).await.unwrap();
+    output
+        .wait_for_after(mark, "re-registered with Consul", LIMIT)
+        .await
+        .unwrap();
+    let on_agent = admin.agent().services().await.unwrap();
+    assert!(on_agent.contains_key(&spec.id), "{on_agent:?}");
+    check_status(&admin, &spec, HealthStatus::Passing).await;
+    assert!(!server.process.has_exited());
+    assert!(
+        output
+            .lines()
+            .iter()
+            .all(|l| !l.text.contains(&token.secret_id)),
         "the token is never printed"
     );
 }
