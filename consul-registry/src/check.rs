@@ -1,23 +1,44 @@
-//! The HTTP health check Consul's agent calls: `GET {check_path}` answers 200 while the echo
-//! listener accepts, 503 while the server drains or is forced unhealthy; any other path is a
-//! 404. Served by hyper on its own port, so a stuck echo connection cannot block it, and
+//! The HTTP health check Consul's agent calls: `GET {check_path}` answers 200 while the
+//! service serves, 503 while it drains or is forced unhealthy; any other path is a 404. The
+//! [`Health`] handle decides what it answers. Two ways to serve it:
+//!
+//! * [`serve`] — on a port of its own, so a stuck service connection cannot block it, and
 //! silent connections cannot starve it: when every slot is taken, the oldest connection is
 //! closed to make room for the new one (the agent's request, which comes with its
-//! connection, is answered long before it could become the oldest).
+//! connection, is answered long before it could become the oldest);
+//! * [`CheckService`] — a `tower::Service` to mount in the service's own hyper or axum
+//!   router, where the service already has an HTTP port:
+//!
+//! ```
+//! use consul_registry::{Health, check::CheckService};
+//! use tower::Service;
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let health = Health::default();
+//! let mut check = CheckService::new("/check", health.clone());
+//! let get = |path| hyper::Request::get(path).body(()).unwrap();
+//! assert_eq!(check.call(get("/check")).await.unwrap().status(), 200);
+//! health.set_draining();
+//! assert_eq!(check.call(get("/check")).await.unwrap().status(), 503);
+//! assert_eq!(check.call(get("/other")).await.unwrap().status(), 404);
+//! # });
+//! ```
 
 use std::{
     convert::Infallible,
+    future::{Ready, ready},
     net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Incoming, header};
+use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -150,7 +171,7 @@ pub async fn serve(
         let shed = shed.clone();
         tracker.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let response = respond(&req, &path, &health, peer, log_requests);
+                let response = respond(&req, &path, &health, Some(peer), log_requests);
                 async move { Ok::<_, Infallible>(response) }
             });
             // One request per connection (Consul's checker opens a new one each time), so
@@ -177,11 +198,43 @@ pub async fn serve(
     tracker.wait().await;
 }
 
-fn respond(
-    req: &Request<Incoming>,
+/// The check endpoint as a `tower::Service`, to mount in a service's own HTTP router (axum's
+/// `route_service`, a hyper `service_fn` that delegates). Answers like [`serve`] does.
+#[derive(Debug, Clone)]
+pub struct CheckService {
+    path: Arc<str>,
+    health: Health,
+}
+
+impl CheckService {
+    /// Answer on `path` with what `health` says.
+    pub fn new(path: impl Into<String>, health: Health) -> Self {
+        CheckService {
+            path: path.into().into(),
+            health,
+        }
+    }
+}
+
+impl<B> tower::Service<Request<B>> for CheckService {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        ready(Ok(respond(&req, &self.path, &self.health, None, false)))
+    }
+}
+
+fn respond<B>(
+    req: &Request<B>,
     path: &str,
     health: &Health,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
     log_requests: bool,
 ) -> Response<Full<Bytes>> {
     let (status, body) = if req.uri().path() != path {
@@ -204,6 +257,7 @@ fn respond(
     let (method, uri) = (req.method().as_str(), req.uri().path());
     let (host, agent) = (header(header::HOST), header(header::USER_AGENT));
     let code = status.as_u16();
+    let peer = peer.map(|p| p.to_string()).unwrap_or_default();
     if log_requests {
         tracing::info!(%peer, method, path = uri, host, user_agent = agent, status = code, "check request");
     } else {
