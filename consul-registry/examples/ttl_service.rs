@@ -5,16 +5,14 @@
 //!
 //! The agent is found as Consul's own tools find it (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`).
 
-use std::{convert::Infallible, time::Duration};
+use std::convert::Infallible;
 
 use consul_api::{AgentServiceCheck, AgentServiceRegistration, Client, GoDuration};
-use consul_registry::{Health, Heartbeat, Registrar};
+use consul_registry::Registration;
 use hyper::{Response, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-const TTL: Duration = Duration::from_secs(10);
 
 /// Serve `hello from <id>` on `listener`, registered as an instance of `name`, until `stop`.
 pub async fn run(
@@ -25,33 +23,24 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let id = format!("{name}-{}", addr.port());
-    let registration = AgentServiceRegistration {
+    let service = AgentServiceRegistration {
         id: Some(id.clone()),
         name: name.into(),
         address: Some(addr.ip().to_string()),
         port: Some(addr.port()),
         check: Some(AgentServiceCheck {
-            ttl: Some(GoDuration(TTL)),
-            deregister_critical_service_after: Some(GoDuration(Duration::from_secs(60))),
+            ttl: Some(GoDuration::from_secs(10)),
+            deregister_critical_service_after: Some(GoDuration::from_secs(60)),
             ..Default::default()
         }),
         ..Default::default()
     };
-    let registrar = Registrar::new(consul.clone(), registration, TTL);
-    let health = Health::default();
-    let heartbeat = Heartbeat::new(consul, format!("service:{id}"), TTL, health.clone());
-    let registered = tokio::spawn({
-        let (registrar, stop) = (registrar.clone(), stop.clone());
-        async move { registrar.maintain(stop).await }
-    });
-    let beating = tokio::spawn({
-        let stop = stop.clone();
-        async move { heartbeat.run(stop).await }
-    });
-
+    // Registers, beats the TTL check, and on `stop` reports critical and deregisters.
+    let mut registration = Registration::start(consul, service, stop.clone());
     loop {
         let (stream, _) = tokio::select! {
             () = stop.cancelled() => break,
+            failed = registration.wait() => return Ok(failed?),
             accepted = listener.accept() => accepted?,
         };
         let (body, stop) = (format!("hello from {id}\n"), stop.clone());
@@ -72,12 +61,7 @@ pub async fn run(
             }
         });
     }
-    // Out of rotation first, then out of the catalog.
-    health.set_draining();
-    beating.await??;
-    registered.await??;
-    registrar.deregister().await;
-    Ok(())
+    Ok(registration.wait().await?)
 }
 
 #[allow(dead_code)] // a test includes this file and calls `run` itself

@@ -3,9 +3,9 @@
 //! [`Health`] handle decides what it answers. Two ways to serve it:
 //!
 //! * [`serve`] — on a port of its own, so a stuck service connection cannot block it, and
-//! silent connections cannot starve it: when every slot is taken, the oldest connection is
-//! closed to make room for the new one (the agent's request, which comes with its
-//! connection, is answered long before it could become the oldest);
+//!   silent connections cannot starve it: when every slot is taken, the oldest connection is
+//!   closed to make room for the new one (the agent's request, which comes with its
+//!   connection, is answered long before it could become the oldest);
 //! * [`CheckService`] — a `tower::Service` to mount in the service's own hyper or axum
 //!   router, where the service already has an HTTP port:
 //!

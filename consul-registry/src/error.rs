@@ -18,6 +18,20 @@ pub enum Error {
         source: consul_api::Error,
     },
 
+    /// Consul refused to put a service in or out of maintenance mode.
+    #[error("cannot change maintenance mode of service {id:?}")]
+    Maintenance {
+        /// The service ID.
+        id: String,
+        /// Consul's answer.
+        #[source]
+        source: consul_api::Error,
+    },
+
+    /// A task of the registration panicked or was cancelled: a bug.
+    #[error("internal error: {0}")]
+    Task(String),
+
     /// Discovery stopped for good (a refused token, an invalid query).
     #[error("service discovery failed: {reason}")]
     Discovery {
@@ -41,8 +55,10 @@ impl Error {
     /// The Consul error underneath, where there is one.
     pub fn consul(&self) -> Option<&consul_api::Error> {
         match self {
-            Error::Register { source, .. } | Error::Heartbeat { source, .. } => Some(source),
-            Error::Discovery { .. } => None,
+            Error::Register { source, .. }
+            | Error::Heartbeat { source, .. }
+            | Error::Maintenance { source, .. } => Some(source),
+            Error::Discovery { .. } | Error::Task(_) => None,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! consul-registry: self-registration, health checks, discovery and failover over Consul,
 //! for any tokio service. It knows nothing of the service it registers or discovers.
 //!
-//! * [`registration`] — [`Registrar`]: register (retrying while the agent is not up yet),
+//! * [`registration`] — [`Registration`], a service's whole life in Consul (register, keep
+//!   registered, TTL heartbeat, maintenance, deregister on shutdown), built on
+//!   [`Registrar`]: register (retrying while the agent is not up yet),
 //!   watch the entry and register again when it is lost, deregister on shutdown; a refused
 //!   token is fatal, never retried in a loop;
 //! * [`check`] — the HTTP check endpoint Consul's agent calls, and the [`Health`] handle that
@@ -35,5 +37,5 @@ pub use balancer::{Balancer, Strategy};
 pub use check::{CheckStatus, Health};
 pub use discovery::{ConsulState, DiscoveryConfig, Instance, Snapshot};
 pub use error::{Error, Result};
-pub use registration::Registrar;
+pub use registration::{Registrar, Registration};
 pub use ttl::Heartbeat;

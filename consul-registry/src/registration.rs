@@ -1,4 +1,6 @@
-//! The server's entry in Consul: register at start (retrying with backoff and jitter while
+//! A service's entry in Consul. [`Registration`] is the whole of it for a service: register,
+//! keep it registered, beat its TTL check, deregister on shutdown. [`Registrar`] is the
+//! registering part alone: register at start (retrying with backoff and jitter while
 //! the agent is not up yet), watch the entry with a blocking query on the agent and register
 //! again when it disappears (an agent restarted in dev mode, an operator's deregistration),
 //! and deregister on clean shutdown. A refused token (403) before the first registration
@@ -16,12 +18,19 @@ use std::{
 
 use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use consul_api::{AgentServiceRegistration, Client, QueryOptions, error::ErrorKind};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{Error, Result};
+use crate::{
+    check::Health,
+    error::{Error, Result},
+    ttl::Heartbeat,
+};
 
 /// Successive reads of the watch start at least this far apart.
 const MIN_READ_INTERVAL: Duration = Duration::from_millis(50);
+/// The watch's pace when the registration names neither a TTL nor a check interval.
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
 /// Deregistration may take this long before shutdown goes on without it.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -45,6 +54,9 @@ enum Attempt {
 }
 
 impl Registrar {
+    /// Keep `registration` registered through `client`'s agent; `interval` paces the watch
+    /// (one blocking read waits about that long) and bounds the retry delays, so that a
+    /// lost entry is back within two intervals.
     pub fn new(client: Client, registration: AgentServiceRegistration, interval: Duration) -> Self {
         let id = registration
             .id
@@ -58,6 +70,24 @@ impl Registrar {
             registered: Arc::new(AtomicBool::new(false)),
             attempted: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The service ID it registers.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Put the service in maintenance mode, or take it out; see
+    /// [`Registration::maintenance`].
+    pub async fn maintenance(&self, enable: bool, reason: Option<&str>) -> Result<()> {
+        self.client
+            .agent()
+            .service_maintenance(&self.id, enable, reason)
+            .await
+            .map_err(|source| Error::Maintenance {
+                id: self.id.clone(),
+                source,
+            })
     }
 
     /// Register, then keep the registration in place until `stop`. Returns `Ok` when
@@ -297,6 +327,126 @@ impl ErrorLog {
             );
         }
         self.failures = 0;
+    }
+}
+
+/// A service registered for as long as it runs, with the pieces wired together the way a
+/// service needs them: [`Registration::start`] registers it (a [`Registrar`]), keeps a TTL
+/// check passing if the registration has one (a [`Heartbeat`]), and when `shutdown` is
+/// cancelled turns the check critical and deregisters, in that order. Its [`Health`] is the
+/// one to serve on an HTTP check ([`check::serve`](crate::check::serve) or
+/// [`CheckService`](crate::check::CheckService)).
+///
+/// ```no_run
+/// use consul_api::{AgentServiceCheck, AgentServiceRegistration, Client, GoDuration};
+/// use consul_registry::Registration;
+/// use tokio_util::sync::CancellationToken;
+///
+/// # async fn demo() -> anyhow::Result<()> {
+/// let service = AgentServiceRegistration {
+///     id: Some("billing-1".into()),
+///     name: "billing".into(),
+///     port: Some(7000),
+///     check: Some(AgentServiceCheck {
+///         ttl: Some(GoDuration::from_secs(10)),
+///         ..Default::default()
+///     }),
+///     ..Default::default()
+/// };
+/// let shutdown = CancellationToken::new();
+/// let mut registration = Registration::start(Client::from_env()?, service, shutdown.clone());
+/// // ... serve; on Ctrl-C: `shutdown.cancel()` ...
+/// registration.maintenance(true, Some("draining for a deploy")).await?;
+/// registration.wait().await?; // the check is critical and the service deregistered
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Registration {
+    registrar: Registrar,
+    health: Health,
+    task: Option<JoinHandle<Result<()>>>,
+}
+
+impl Registration {
+    /// Register `service` through `client`'s agent and keep it registered until `shutdown`
+    /// is cancelled; then report it critical and deregister it. Must be called within a
+    /// tokio runtime.
+    pub fn start(
+        client: Client,
+        service: AgentServiceRegistration,
+        shutdown: CancellationToken,
+    ) -> Registration {
+        let health = Health::default();
+        let ttl = service.check.as_ref().and_then(|c| Some((c.ttl?.0, c)));
+        let interval = ttl.map(|(ttl, _)| ttl).or_else(|| {
+            let check = service.check.as_ref()?;
+            check.interval.map(|i| i.0)
+        });
+        let registrar = Registrar::new(
+            client.clone(),
+            service.clone(),
+            interval.unwrap_or(DEFAULT_INTERVAL),
+        );
+        let heartbeat = ttl.map(|(ttl, check)| {
+            let check_id = check
+                .check_id
+                .clone()
+                .unwrap_or_else(|| format!("service:{}", registrar.id()));
+            Heartbeat::new(client, check_id, ttl, health.clone())
+        });
+        let task = tokio::spawn({
+            let (registrar, health) = (registrar.clone(), health.clone());
+            async move {
+                let beat = async {
+                    match heartbeat {
+                        Some(h) => h.run(shutdown.clone()).await,
+                        None => Ok(()),
+                    }
+                };
+                let kept = tokio::try_join!(registrar.maintain(shutdown.clone()), beat);
+                // Shutdown (or a fatal error): out of rotation, then out of the catalog.
+                health.set_draining();
+                registrar.deregister().await;
+                kept.map(drop)
+            }
+        });
+        Registration {
+            registrar,
+            health,
+            task: Some(task),
+        }
+    }
+
+    /// The service's health: what its HTTP check answers and its TTL check reports.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Put the service in maintenance mode (out of every passing set, still registered) or
+    /// take it out, with `reason` shown by Consul.
+    pub async fn maintenance(&self, enable: bool, reason: Option<&str>) -> Result<()> {
+        self.registrar.maintenance(enable, reason).await
+    }
+
+    /// Deregister now, before shutdown (it stays deregistered only if shutdown follows: the
+    /// registration is kept in place until then).
+    pub async fn deregister(&self) {
+        self.registrar.deregister().await;
+    }
+
+    /// Until the registration has ended: after shutdown, once it is deregistered (`Ok`), or
+    /// at once when Consul refused it for good (a 403 before it ever worked). Cancel-safe;
+    /// after it returned, it returns `Ok` at once.
+    pub async fn wait(&mut self) -> Result<()> {
+        let Some(task) = self.task.as_mut() else {
+            return Ok(());
+        };
+        let result = task.await;
+        self.task = None;
+        match result {
+            Ok(result) => result,
+            Err(e) => Err(Error::Task(e.to_string())),
+        }
     }
 }
 

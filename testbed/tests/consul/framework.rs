@@ -1,10 +1,11 @@
 //! consul-registry used as a framework, without echo: a TTL heartbeat that keeps its check
-//! passing and what happens when it stops, and maintenance mode.
+//! passing and what happens when it stops, and a whole `Registration` (heartbeat,
+//! maintenance mode, deregistration on shutdown).
 
 use std::time::Duration;
 
 use consul_api::{AgentServiceCheck, AgentServiceRegistration, GoDuration, HealthStatus};
-use consul_registry::{Health, Heartbeat};
+use consul_registry::{Health, Heartbeat, Registration};
 use testbed::{Consul, wait};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -155,31 +156,36 @@ async fn a_draining_service_reports_critical_at_once_instead_of_waiting_for_the_
 }
 
 #[tokio::test]
-async fn maintenance_mode_takes_an_instance_out_of_the_passing_set_and_back() {
+async fn a_registration_registers_beats_goes_into_maintenance_and_deregisters_on_shutdown() {
     init_tracing();
     let consul = Consul::start().await.unwrap();
     let client = consul.client();
-    let check_id = register_ttl_service(&consul, "maint").await;
-    client
-        .agent()
-        .check_update(&check_id, HealthStatus::Passing, "ok")
-        .await
-        .unwrap();
+    let service = AgentServiceRegistration {
+        id: Some("maint-1".into()),
+        name: "maint".into(),
+        port: Some(1),
+        address: Some("127.0.0.1".into()),
+        check: Some(AgentServiceCheck {
+            ttl: Some(GoDuration(TTL)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let shutdown = CancellationToken::new();
+    let mut registration = Registration::start(client.clone(), service, shutdown.clone());
     wait::passing(&client, "maint", Duration::from_secs(30))
         .await
-        .unwrap();
+        .expect("registered, and passing by its heartbeat");
 
-    client
-        .agent()
-        .service_maintenance("maint-1", true, Some("deploying v2"))
+    registration
+        .maintenance(true, Some("deploying v2"))
         .await
         .unwrap();
-    let (entries, _) = wait::health_until(&client, "maint", true, Duration::from_secs(30), |e| {
+    wait::health_until(&client, "maint", true, Duration::from_secs(30), |e| {
         e.is_empty()
     })
     .await
-    .unwrap();
-    assert!(entries.is_empty());
+    .expect("out of the passing set");
     let (all, _) = wait::health_until(&client, "maint", false, Duration::from_secs(30), |e| {
         !e.is_empty()
     })
@@ -189,20 +195,27 @@ async fn maintenance_mode_takes_an_instance_out_of_the_passing_set_and_back() {
         .checks
         .iter()
         .find(|c| {
-            c.status == HealthStatus::Maintenance || c.check_id.starts_with("_service_maintenance")
+            c.status == HealthStatus::Critical && c.check_id.starts_with("_service_maintenance")
         })
-        .expect("the agent adds a maintenance check");
+        .expect("the agent adds a critical maintenance check");
     assert!(
-        maintenance.notes.contains("deploying v2") || maintenance.output.contains("deploying v2"),
+        maintenance.notes.contains("deploying v2"),
         "{maintenance:?}"
     );
 
-    client
-        .agent()
-        .service_maintenance("maint-1", false, None)
-        .await
-        .unwrap();
+    registration.maintenance(false, None).await.unwrap();
     wait::passing(&client, "maint", Duration::from_secs(30))
         .await
+        .expect("back in the passing set");
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), registration.wait())
+        .await
+        .expect("the registration ends after shutdown")
         .unwrap();
+    let services = client.agent().services().await.unwrap();
+    assert!(
+        !services.contains_key("maint-1"),
+        "deregistered: {services:?}"
+    );
 }
