@@ -2,9 +2,11 @@
 //!
 //! Names follow Consul's own Go `api` package so that its documentation reads across:
 //!
-//! * [`client`] — [`Client`] and its [`Config`] (address and ACL token, read from
-//!   `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN` like Consul's CLI), the request plumbing and
-//!   response-size cap.
+//! * [`client`] — [`Client`] and its [`Config`] (address, ACL token and TLS, read from
+//!   `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`, `CONSUL_CACERT`, ... like Consul's CLI), the
+//!   request plumbing and response-size cap.
+//! * [`tls`] — [`TlsConfig`]: HTTPS and mutual TLS (rustls), with errors that name the
+//!   setting to fix.
 //! * [`agent`] — the local agent: `ServiceRegister` ([`AgentServiceRegistration`] with an
 //!   [`AgentServiceCheck`]), `ServiceDeregister`, `Services`, `Service`, `Checks`, `Self`.
 //! * [`health`] — `Service` (healthy instances as [`ServiceEntry`], blocking), `Checks`, `State`.
@@ -29,6 +31,7 @@ pub mod error;
 pub mod health;
 pub mod query;
 pub mod status;
+pub mod tls;
 pub mod watch;
 
 pub use acl::{AclPolicy, AclPolicyLink, AclToken};
@@ -39,4 +42,5 @@ pub use duration::GoDuration;
 pub use error::{Error, Result};
 pub use health::{HealthCheck, HealthStatus, Node, ServiceEntry};
 pub use query::{QueryMeta, QueryOptions};
+pub use tls::TlsConfig;
 pub use watch::Watch;
