@@ -7,7 +7,8 @@
 //!   faulty proxy, ACLs, hostile input;
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors;
 //! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs;
-//! * [`timeline`] — the seed article's story for the naive and the resilient client.
+//! * [`timeline`] — the seed article's story for the naive and the resilient client;
+//! * [`tls`] — HTTPS and mutual TLS: the whole path, and refusals that name the setting.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,3 +19,4 @@ mod faults;
 mod harness;
 mod server;
 mod timeline;
+mod tls;
