@@ -206,7 +206,7 @@ fn parse_bool(name: &str, value: &str) -> Result<bool> {
 }
 
 /// `host:port` to `host`, as Go's `api` does with `CONSUL_TLS_SERVER_NAME`.
-fn strip_port(name: &str) -> String {
+pub(crate) fn strip_port(name: &str) -> String {
     let name = name.trim();
     if let Some(bracketed) = name.strip_prefix('[') {
         return bracketed.split(']').next().unwrap_or_default().to_owned();

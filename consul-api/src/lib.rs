@@ -5,6 +5,8 @@
 //! * [`client`] — [`Client`] and its [`Config`] (address, ACL token and TLS, read from
 //!   `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`, `CONSUL_CACERT`, ... like Consul's CLI), the
 //!   request plumbing and response-size cap.
+//! * `args` (feature `clap`) — `ConsulArgs`, the Consul CLI's connection flags
+//!   (`--http-addr`, `--ca-file`, ...) for binaries.
 //! * [`tls`] — [`TlsConfig`]: HTTPS and mutual TLS (rustls), with errors that name the
 //!   setting to fix.
 //! * [`agent`] — the local agent: `ServiceRegister` ([`AgentServiceRegistration`] with an
@@ -24,6 +26,8 @@
 
 pub mod acl;
 pub mod agent;
+#[cfg(feature = "clap")]
+pub mod args;
 pub mod catalog;
 pub mod client;
 pub mod duration;
@@ -36,6 +40,8 @@ pub mod watch;
 
 pub use acl::{AclPolicy, AclPolicyLink, AclToken};
 pub use agent::{AgentCheck, AgentSelf, AgentService, AgentServiceCheck, AgentServiceRegistration};
+#[cfg(feature = "clap")]
+pub use args::ConsulArgs;
 pub use catalog::CatalogService;
 pub use client::{Client, Config};
 pub use duration::GoDuration;

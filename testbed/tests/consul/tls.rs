@@ -89,7 +89,9 @@ async fn over_https_with_client_certificates_servers_register_clients_discover_a
         check.output
     );
 
-    let args: Vec<String> = [
+    // The client gets its TLS settings as flags (the server got them as variables).
+    let tls = consul.config().tls;
+    let mut args: Vec<String> = [
         "--service",
         &spec.name,
         "--count",
@@ -99,7 +101,15 @@ async fn over_https_with_client_certificates_servers_register_clients_discover_a
     ]
     .map(String::from)
     .to_vec();
-    let mut client = ClientProcess::spawn(&launcher(), &consul.config(), &args).unwrap();
+    for (flag, file) in [
+        ("--ca-file", &tls.ca_file),
+        ("--client-cert", &tls.client_cert),
+        ("--client-key", &tls.client_key),
+    ] {
+        args.extend([flag.into(), file.as_ref().unwrap().display().to_string()]);
+    }
+    let no_tls_env = consul.config().with_tls(TlsConfig::default());
+    let mut client = ClientProcess::spawn(&launcher(), &no_tls_env, &args).unwrap();
     let status = client.process.wait_exit(LIMIT).await.unwrap();
     let client_out = printed(&client.process);
     assert!(status.success(), "{client_out}");
