@@ -56,26 +56,27 @@ impl TlsConfig {
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Config(format!("cannot set up TLS: {e}")))?;
-        let verifier: Arc<dyn ServerCertVerifier> = if self.insecure_skip_verify {
+        let verifier = if self.insecure_skip_verify {
             tracing::warn!(
                 "CONSUL_HTTP_SSL_VERIFY=false: the Consul agent's certificate is NOT verified; \
                  anyone on the path can impersonate the agent and read the ACL token"
             );
-            Arc::new(AcceptAnyCertificate(provider))
+            AgentVerifier {
+                provider,
+                webpki: None,
+                name: None,
+            }
         } else {
             let roots = Arc::new(self.roots()?);
-            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
                 .build()
                 .map_err(|e| Error::Config(format!("cannot set up TLS verification: {e}")))?;
-            match &self.server_name {
-                Some(name) => Arc::new(FixedServerName {
-                    inner: webpki,
-                    name: ServerName::try_from(name.clone()).map_err(|_| {
-                        Error::Config(format!(
-                            "CONSUL_TLS_SERVER_NAME {name:?} is not a DNS name or IP address"
-                        ))
-                    })?,
-                }),
+            let name = match &self.server_name {
+                Some(name) => Some(ServerName::try_from(name.clone()).map_err(|_| {
+                    Error::Config(format!(
+                        "CONSUL_TLS_SERVER_NAME {name:?} is not a DNS name or IP address"
+                    ))
+                })?),
                 None => {
                     ServerName::try_from(host).map_err(|_| {
                         Error::Config(format!(
@@ -83,13 +84,18 @@ impl TlsConfig {
                              set CONSUL_TLS_SERVER_NAME"
                         ))
                     })?;
-                    webpki
+                    None
                 }
+            };
+            AgentVerifier {
+                provider,
+                webpki: Some(webpki),
+                name,
             }
         };
         let builder = builder
             .dangerous()
-            .with_custom_certificate_verifier(verifier);
+            .with_custom_certificate_verifier(Arc::new(verifier));
         let mut config = match (&self.client_cert, &self.client_key) {
             (Some(cert), Some(key)) => {
                 let chain = read_certs(cert, "CONSUL_CLIENT_CERT")?;
@@ -322,32 +328,46 @@ fn pem_reason(e: &pem::Error) -> String {
     }
 }
 
-/// Verifies the agent's certificate against a fixed name (`CONSUL_TLS_SERVER_NAME`) instead
-/// of the address's host, like Go's `tls.Config.ServerName`.
-struct FixedServerName {
-    inner: Arc<WebPkiServerVerifier>,
-    name: ServerName<'static>,
+/// How the agent's certificate is checked: by webpki against the CAs, for the address's
+/// host or a fixed name (`CONSUL_TLS_SERVER_NAME`, like Go's `tls.Config.ServerName`), or not
+/// at all (`CONSUL_HTTP_SSL_VERIFY=false`). The handshake's signatures are checked in every
+/// case, so the session is at least with the holder of the certificate's key.
+struct AgentVerifier {
+    provider: Arc<CryptoProvider>,
+    /// `None`: any certificate is accepted.
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    /// The name to check instead of the address's host.
+    name: Option<ServerName<'static>>,
 }
 
-impl fmt::Debug for FixedServerName {
+impl fmt::Debug for AgentVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FixedServerName")
+        f.debug_struct("AgentVerifier")
+            .field("verify", &self.webpki.is_some())
             .field("name", &self.name)
             .finish()
     }
 }
 
-impl ServerCertVerifier for FixedServerName {
+impl ServerCertVerifier for AgentVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+        match &self.webpki {
+            Some(webpki) => webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                self.name.as_ref().unwrap_or(server_name),
+                ocsp_response,
+                now,
+            ),
+            None => Ok(ServerCertVerified::assertion()),
+        }
     }
 
     fn verify_tls12_signature(
@@ -356,7 +376,8 @@ impl ServerCertVerifier for FixedServerName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -365,61 +386,14 @@ impl ServerCertVerifier for FixedServerName {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// `CONSUL_HTTP_SSL_VERIFY=false`: any certificate is accepted (the handshake's signatures
-/// are still checked, so the session is at least with the certificate's key holder).
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -550,6 +550,7 @@ mod tests {
             proxy: None,
             acl: None,
             hostile: None,
+            rotated: None,
             failed: Vec::new(),
             wall_time: 1.0,
         };

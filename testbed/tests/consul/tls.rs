@@ -183,6 +183,19 @@ async fn refusals_name_the_missing_client_certificate_the_ca_and_the_server_name
         "a TLS refusal is not retried: {out}"
     );
 
+    // CONSUL_HTTP_SSL_VERIFY=false: the wrong CA no longer matters (a warning is logged).
+    let unverified = consul.config().with_tls(TlsConfig {
+        ca_file: Some(pki.other_ca_file()),
+        insecure_skip_verify: true,
+        ..pki.client_tls(true)
+    });
+    Client::new(unverified)
+        .unwrap()
+        .agent()
+        .agent_self()
+        .await
+        .unwrap();
+
     // Plain HTTP to the HTTPS port: told to use https.
     let plain = consul
         .config()
