@@ -261,9 +261,7 @@ impl Client {
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30));
         if base.scheme() == "https" {
-            let host = base.host_str().unwrap_or_default();
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            builder = builder.use_preconfigured_tls(config.tls.client_config(host)?);
+            builder = builder.use_preconfigured_tls(config.tls.client_config(&host_of(&base))?);
         } else if config.tls.is_set() {
             tracing::warn!(
                 address = %base,
@@ -297,14 +295,6 @@ impl Client {
     /// The agent's base URL.
     pub fn base_url(&self) -> &Url {
         &self.inner.base
-    }
-
-    /// The agent's host, without IPv6 brackets.
-    fn host(&self) -> String {
-        let host = self.inner.base.host_str().unwrap_or_default();
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned()
     }
 
     /// The local agent's endpoints (`/v1/agent/...`).
@@ -443,7 +433,11 @@ impl Client {
                 method: method_name,
                 url: url(),
                 path: path.clone(),
-                problem: self.inner.config.tls.explain(tls, &self.host()),
+                problem: self
+                    .inner
+                    .config
+                    .tls
+                    .explain(tls, &host_of(&self.inner.base)),
             },
             None => Error::Transport {
                 method: method_name,
@@ -500,6 +494,14 @@ impl Client {
             },
         )
     }
+}
+
+/// The host of `url`, without IPv6 brackets: the name its certificate is checked against.
+fn host_of(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
 }
 
 fn decode<T: DeserializeOwned>(method: &'static str, path: &str, body: &[u8]) -> Result<T> {

@@ -219,7 +219,11 @@ impl TlsConfig {
                      ({name_setting}); it holds {}: connect by one of those names, or set \
                      CONSUL_TLS_SERVER_NAME to it",
                     expected.to_str(),
-                    presented.join(", ")
+                    presented
+                        .iter()
+                        .map(|name| plain_name(name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 CertificateError::Expired
                 | CertificateError::ExpiredContext { .. }
@@ -234,13 +238,13 @@ impl TlsConfig {
                     self.ca_source()
                 ),
             },
-            rustls::Error::AlertReceived(alert) => match (&self.client_cert, alert) {
-                (None, _) => format!(
+            rustls::Error::AlertReceived(alert) => match &self.client_cert {
+                None => format!(
                     "the agent ended the TLS session with alert {alert:?}: it requires a client \
                      certificate (verify_incoming) and none is configured: set \
                      CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY"
                 ),
-                (Some(cert), _) => format!(
+                Some(cert) => format!(
                     "the agent ended the TLS session with alert {alert:?}: it refused the client \
                      certificate CONSUL_CLIENT_CERT {} (is it signed by a CA the agent trusts, \
                      and still valid?)",
@@ -279,6 +283,14 @@ pub(crate) fn rustls_error<'a>(
         current = e.source();
     }
     None
+}
+
+/// `consul.example` for rustls's `DnsName("consul.example")`; other forms as they are.
+fn plain_name(presented: &str) -> &str {
+    presented
+        .strip_prefix("DnsName(\"")
+        .and_then(|rest| rest.strip_suffix("\")"))
+        .unwrap_or(presented)
 }
 
 /// Every file under `dir`, recursively (Go's `rootcerts.LoadCAPath` walks the tree too).
@@ -552,6 +564,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("CONSUL_TLS_SERVER_NAME"), "{text}");
+
+        let context = rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+            expected: ServerName::try_from("127.0.0.1").unwrap(),
+            presented: vec!["DnsName(\"consul.example\")".into()],
+        });
+        let text = tls.explain(&context, "127.0.0.1");
+        assert!(text.contains("it holds consul.example:"), "{text}");
 
         let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
         let text = tls.explain(&alert, "127.0.0.1");

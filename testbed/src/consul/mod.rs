@@ -312,7 +312,7 @@ impl Consul {
         }
     }
 
-    /// The agent's HTTP address on loopback.
+    /// The agent's API address on loopback (its HTTPS port when it serves TLS).
     pub fn http_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.spec.ports.http))
     }

@@ -148,14 +148,21 @@ async fn refusals_name_the_missing_client_certificate_the_ca_and_the_server_name
     let no_cert = consul.config().with_tls(pki.client_tls(false));
     let err = refused(no_cert.clone()).await;
     assert!(matches!(err, Error::Tls { .. }), "{err}");
-    let (error, took) = failing_cli(&no_cert, &args, LIMIT).await;
-    eprintln!("MEASURED no client certificate, echo-client after {took:?}: {error}");
+    let started = std::time::Instant::now();
+    let mut cli = ClientProcess::spawn(&launcher(), &no_cert, &args).unwrap();
+    let status = cli.process.wait_exit(LIMIT).await.unwrap();
+    let took = started.elapsed();
+    let out = printed(&cli.process);
+    let error = out.lines().last().unwrap_or_default();
+    eprintln!("MEASURED no client certificate, echo-client {status} after {took:?}: {error}");
+    assert!(!status.success(), "{out}");
+    assert!(error.starts_with("error: "), "{out}");
     assert!(error.contains("failed permanently"), "{error}");
     assert!(
         error.contains("set CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY"),
         "{error}"
     );
-    assert!(!error.contains(token), "{error}");
+    assert!(!out.contains(token), "the token is never printed: {out}");
 
     // A CA that did not sign the agent's certificate: the server exits with an error that
     // names the CA file and the server name it checked.
@@ -227,7 +234,8 @@ async fn a_certificate_for_another_host_is_refused_unless_tls_server_name_says_i
     let args: Vec<String> = ["--count", "1", "--timeout", "5m"]
         .map(String::from)
         .to_vec();
-    let (error, _) = failing_cli(&consul.config(), &args, LIMIT).await;
+    let (error, took) = failing_cli(&consul.config(), &args, LIMIT).await;
+    eprintln!("MEASURED certificate for another host, echo-client after {took:?}: {error}");
     assert!(error.contains("not valid for server name"), "{error}");
     assert!(!error.contains(token), "{error}");
 
