@@ -1,7 +1,7 @@
 //! The HTTP client: where the agent is, which ACL token to send, and the one request path
 //! every endpoint goes through (timeouts, response-size cap, error mapping).
 
-use std::{error::Error as _, fmt, sync::Arc, time::Duration};
+use std::{error::Error as _, fmt, path::PathBuf, sync::Arc, time::Duration};
 
 use reqwest::{Method, StatusCode, Url, header::HeaderValue};
 use serde::{Serialize, de::DeserializeOwned};
@@ -14,16 +14,36 @@ use crate::{
     health::Health,
     query::{QueryMeta, QueryOptions},
     status::Status,
+    tls::{TlsConfig, rustls_error},
 };
 
 /// The agent's default address, as in Consul's CLI.
 pub const DEFAULT_ADDRESS: &str = "127.0.0.1:8500";
 
+/// Every environment variable [`Config::from_env`] reads, as Consul's CLI names them.
+pub const ENV_VARS: &[&str] = &[
+    "CONSUL_HTTP_ADDR",
+    "CONSUL_HTTP_TOKEN",
+    "CONSUL_HTTP_TOKEN_FILE",
+    "CONSUL_HTTP_SSL",
+    "CONSUL_HTTP_SSL_VERIFY",
+    "CONSUL_CACERT",
+    "CONSUL_CAPATH",
+    "CONSUL_CLIENT_CERT",
+    "CONSUL_CLIENT_KEY",
+    "CONSUL_TLS_SERVER_NAME",
+];
+
 /// Where and how to reach a Consul agent.
 #[derive(Clone)]
 pub struct Config {
-    /// `host:port` or `http://host:port`, like `CONSUL_HTTP_ADDR`.
+    /// `host:port`, `http://host:port` or `https://host:port`, like `CONSUL_HTTP_ADDR`.
     pub address: String,
+    /// HTTPS even when the address has no scheme or says `http://`, like
+    /// `CONSUL_HTTP_SSL=true` (Go's `api` never reverts to HTTP once TLS is asked for).
+    pub ssl: bool,
+    /// Certificates and verification for HTTPS (`CONSUL_CACERT`, ...).
+    pub tls: TlsConfig,
     /// ACL token sent as `X-Consul-Token`, like `CONSUL_HTTP_TOKEN`. Never logged.
     pub token: Option<String>,
     /// Deadline of a non-blocking request.
@@ -38,6 +58,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             address: DEFAULT_ADDRESS.to_owned(),
+            ssl: false,
+            tls: TlsConfig::default(),
             token: None,
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
@@ -50,6 +72,8 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("address", &self.address)
+            .field("ssl", &self.ssl)
+            .field("tls", &self.tls)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -59,22 +83,73 @@ impl fmt::Debug for Config {
 }
 
 impl Config {
-    /// Defaults overridden by `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN` and
-    /// `CONSUL_HTTP_TOKEN_FILE`, like Consul's own CLI.
+    /// Defaults overridden by Consul's CLI variables ([`ENV_VARS`]): `CONSUL_HTTP_ADDR`,
+    /// `CONSUL_HTTP_TOKEN` / `CONSUL_HTTP_TOKEN_FILE`, `CONSUL_HTTP_SSL`, `CONSUL_CACERT`,
+    /// `CONSUL_CAPATH`, `CONSUL_CLIENT_CERT`, `CONSUL_CLIENT_KEY`, `CONSUL_TLS_SERVER_NAME`
+    /// and `CONSUL_HTTP_SSL_VERIFY`.
     pub fn from_env() -> Result<Config> {
+        Config::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::from_env`] with the variables looked up by `var`.
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let path = |name: &str| var(name).map(PathBuf::from);
         let mut config = Config::default();
-        if let Some(addr) = env_nonempty("CONSUL_HTTP_ADDR") {
+        if let Some(addr) = var("CONSUL_HTTP_ADDR") {
             config.address = addr;
         }
-        if let Some(token) = env_nonempty("CONSUL_HTTP_TOKEN") {
+        if let Some(token) = var("CONSUL_HTTP_TOKEN") {
             config.token = Some(token);
-        } else if let Some(path) = env_nonempty("CONSUL_HTTP_TOKEN_FILE") {
+        } else if let Some(path) = var("CONSUL_HTTP_TOKEN_FILE") {
             let token = std::fs::read_to_string(&path).map_err(|e| {
                 Error::Config(format!("cannot read CONSUL_HTTP_TOKEN_FILE {path:?}: {e}"))
             })?;
             config.token = Some(token.trim().to_owned());
         }
+        if let Some(ssl) = var("CONSUL_HTTP_SSL") {
+            config.ssl = parse_bool("CONSUL_HTTP_SSL", &ssl)?;
+        }
+        if let Some(verify) = var("CONSUL_HTTP_SSL_VERIFY") {
+            config.tls.insecure_skip_verify = !parse_bool("CONSUL_HTTP_SSL_VERIFY", &verify)?;
+        }
+        config.tls.ca_file = path("CONSUL_CACERT");
+        config.tls.ca_path = path("CONSUL_CAPATH");
+        config.tls.client_cert = path("CONSUL_CLIENT_CERT");
+        config.tls.client_key = path("CONSUL_CLIENT_KEY");
+        config.tls.server_name = var("CONSUL_TLS_SERVER_NAME").map(|name| strip_port(&name));
         Ok(config)
+    }
+
+    /// The variables that give this configuration to a child process (the inverse of
+    /// [`Config::from_env`]; the token included, so pass them as its environment, never on
+    /// its command line).
+    pub fn to_env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        let mut vars = vec![("CONSUL_HTTP_ADDR", self.address.clone().into())];
+        if let Some(token) = &self.token {
+            vars.push(("CONSUL_HTTP_TOKEN", token.into()));
+        }
+        if self.ssl {
+            vars.push(("CONSUL_HTTP_SSL", "true".into()));
+        }
+        if self.tls.insecure_skip_verify {
+            vars.push(("CONSUL_HTTP_SSL_VERIFY", "false".into()));
+        }
+        let paths = [
+            ("CONSUL_CACERT", &self.tls.ca_file),
+            ("CONSUL_CAPATH", &self.tls.ca_path),
+            ("CONSUL_CLIENT_CERT", &self.tls.client_cert),
+            ("CONSUL_CLIENT_KEY", &self.tls.client_key),
+        ];
+        for (name, value) in paths {
+            if let Some(path) = value {
+                vars.push((name, path.clone().into_os_string()));
+            }
+        }
+        if let Some(name) = &self.tls.server_name {
+            vars.push(("CONSUL_TLS_SERVER_NAME", name.into()));
+        }
+        vars
     }
 
     /// This configuration with another address.
@@ -89,25 +164,26 @@ impl Config {
         self
     }
 
-    /// The base URL the address designates.
+    /// This configuration with other TLS settings.
+    pub fn with_tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The base URL the address designates: `http`, or `https` for an `https://` address or
+    /// with [`Config::ssl`].
     pub fn base_url(&self) -> Result<Url> {
         let raw = self.address.trim();
-        let with_scheme = if raw.contains("://") {
-            raw.to_owned()
-        } else {
-            format!("http://{raw}")
-        };
         let bad = |why: &str| Error::Config(format!("CONSUL_HTTP_ADDR {raw:?} {why}"));
-        let url = Url::parse(&with_scheme).map_err(|e| bad(&format!("is not an address: {e}")))?;
-        match url.scheme() {
-            "http" => {}
-            "https" => {
-                return Err(bad(
-                    "uses https, which this build does not support: use the agent's HTTP port",
-                ));
-            }
-            other => return Err(bad(&format!("has unsupported scheme {other:?}"))),
-        }
+        let (scheme, rest) = match raw.split_once("://") {
+            Some(("http", rest)) if self.ssl => ("https", rest),
+            Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+            Some((other, _)) => return Err(bad(&format!("has unsupported scheme {other:?}"))),
+            None if self.ssl => ("https", raw),
+            None => ("http", raw),
+        };
+        let url = Url::parse(&format!("{scheme}://{rest}"))
+            .map_err(|e| bad(&format!("is not an address: {e}")))?;
         if url.host_str().is_none_or(str::is_empty) {
             return Err(bad("has no host"));
         }
@@ -118,8 +194,27 @@ impl Config {
     }
 }
 
-fn env_nonempty(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+/// Go's `strconv.ParseBool`, which Consul's CLI uses for its boolean variables.
+fn parse_bool(name: &str, value: &str) -> Result<bool> {
+    match value.trim() {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(Error::Config(format!(
+            "{name}={other:?} is not a boolean: use true or false"
+        ))),
+    }
+}
+
+/// `host:port` to `host`, as Go's `api` does with `CONSUL_TLS_SERVER_NAME`.
+pub(crate) fn strip_port(name: &str) -> String {
+    let name = name.trim();
+    if let Some(bracketed) = name.strip_prefix('[') {
+        return bracketed.split(']').next().unwrap_or_default().to_owned();
+    }
+    match name.split_once(':') {
+        Some((host, port)) if !port.contains(':') && port.parse::<u16>().is_ok() => host.to_owned(),
+        _ => name.to_owned(),
+    }
 }
 
 /// A handle to one Consul agent's HTTP API. Cheap to clone.
@@ -161,10 +256,20 @@ impl Client {
             }
             None => None,
         };
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .no_proxy()
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(30));
+        if base.scheme() == "https" {
+            builder = builder.use_preconfigured_tls(config.tls.client_config(&host_of(&base))?);
+        } else if config.tls.is_set() {
+            tracing::warn!(
+                address = %base,
+                "TLS settings (CONSUL_CACERT, CONSUL_CLIENT_CERT, ...) are given but the address \
+                 is http: they are unused; use an https:// address or CONSUL_HTTP_SSL=true"
+            );
+        }
+        let http = builder
             .build()
             .map_err(|e| Error::Config(format!("cannot build the HTTP client: {e}")))?;
         Ok(Client {
@@ -322,12 +427,25 @@ impl Client {
                 .body(json);
         }
         tracing::trace!(method = method_name, %path, "consul request");
-        let transport = |e: reqwest::Error| Error::Transport {
-            method: method_name,
-            url: self.inner.base.as_str().trim_end_matches('/').to_owned(),
-            path: path.clone(),
-            timeout: e.is_timeout(),
-            reason: error_chain(&e),
+        let url = || self.inner.base.as_str().trim_end_matches('/').to_owned();
+        let transport = |e: reqwest::Error| match rustls_error(&e) {
+            Some(tls) => Error::Tls {
+                method: method_name,
+                url: url(),
+                path: path.clone(),
+                problem: self
+                    .inner
+                    .config
+                    .tls
+                    .explain(tls, &host_of(&self.inner.base)),
+            },
+            None => Error::Transport {
+                method: method_name,
+                url: url(),
+                path: path.clone(),
+                timeout: e.is_timeout(),
+                reason: error_chain(&e),
+            },
         };
         let mut response = request.send().await.map_err(transport)?;
         let status = response.status();
@@ -350,21 +468,40 @@ impl Client {
             return Ok((body, meta, path));
         }
         let message = message_of(&body);
-        Err(if status == StatusCode::FORBIDDEN {
-            Error::PermissionDenied {
-                method: method_name,
-                path,
-                message,
-            }
-        } else {
-            Error::Status {
-                method: method_name,
-                path,
-                status: status.as_u16(),
-                message,
-            }
-        })
+        Err(
+            if status == StatusCode::BAD_REQUEST && message.contains("to an HTTPS server") {
+                Error::Tls {
+                    method: method_name,
+                    url: url(),
+                    path,
+                    problem: "the agent's port speaks HTTPS and we spoke plain HTTP: use an \
+                          https:// address or CONSUL_HTTP_SSL=true"
+                        .into(),
+                }
+            } else if status == StatusCode::FORBIDDEN {
+                Error::PermissionDenied {
+                    method: method_name,
+                    path,
+                    message,
+                }
+            } else {
+                Error::Status {
+                    method: method_name,
+                    path,
+                    status: status.as_u16(),
+                    message,
+                }
+            },
+        )
     }
+}
+
+/// The host of `url`, without IPv6 brackets: the name its certificate is checked against.
+fn host_of(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
 }
 
 fn decode<T: DeserializeOwned>(method: &'static str, path: &str, body: &[u8]) -> Result<T> {
@@ -415,6 +552,8 @@ fn error_chain(e: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -428,8 +567,11 @@ mod tests {
             url("http://localhost:18500").unwrap().as_str(),
             "http://localhost:18500/"
         );
+        assert_eq!(
+            url("https://127.0.0.1:8501").unwrap().as_str(),
+            "https://127.0.0.1:8501/"
+        );
         for bad in [
-            "https://127.0.0.1:8501",
             "unix:///tmp/consul.sock",
             "http://",
             "127.0.0.1:8500/v1",
@@ -439,6 +581,86 @@ mod tests {
             assert!(matches!(err, Error::Config(_)), "{bad}: {err}");
             assert!(err.to_string().contains("CONSUL_HTTP_ADDR"), "{err}");
         }
+    }
+
+    #[test]
+    fn tls_settings_from_consuls_variables() {
+        let vars = |pairs: &[(&str, &str)]| {
+            let map: std::collections::HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::from_vars(move |name| map.get(name).cloned())
+        };
+        let config = vars(&[
+            ("CONSUL_HTTP_ADDR", "127.0.0.1:8501"),
+            ("CONSUL_HTTP_SSL", "true"),
+            ("CONSUL_CACERT", "/etc/consul/ca.pem"),
+            ("CONSUL_CAPATH", "/etc/consul/cas"),
+            ("CONSUL_CLIENT_CERT", "/etc/consul/client.pem"),
+            ("CONSUL_CLIENT_KEY", "/etc/consul/client-key.pem"),
+            ("CONSUL_TLS_SERVER_NAME", "server.dc1.consul:8501"),
+            ("CONSUL_HTTP_SSL_VERIFY", "0"),
+            ("CONSUL_HTTP_TOKEN", "s3cr3t"),
+        ])
+        .unwrap();
+        assert_eq!(
+            config.base_url().unwrap().as_str(),
+            "https://127.0.0.1:8501/"
+        );
+        let tls = &config.tls;
+        assert_eq!(
+            tls.ca_file.as_deref(),
+            Some(Path::new("/etc/consul/ca.pem"))
+        );
+        assert_eq!(tls.ca_path.as_deref(), Some(Path::new("/etc/consul/cas")));
+        assert_eq!(
+            tls.client_cert.as_deref(),
+            Some(Path::new("/etc/consul/client.pem"))
+        );
+        assert_eq!(
+            tls.client_key.as_deref(),
+            Some(Path::new("/etc/consul/client-key.pem"))
+        );
+        assert_eq!(tls.server_name.as_deref(), Some("server.dc1.consul"));
+        assert!(tls.insecure_skip_verify);
+
+        // The child's environment gives back the same configuration.
+        let env = config.to_env();
+        let again = Config::from_vars(|name| {
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+        })
+        .unwrap();
+        assert_eq!(again.tls, config.tls);
+        assert_eq!((again.ssl, &again.address), (config.ssl, &config.address));
+        assert_eq!(again.token, config.token);
+        assert!(env.iter().all(|(k, _)| ENV_VARS.contains(k)));
+
+        // Go's `api`: TLS asked for is never reverted by an http:// address.
+        let forced = vars(&[
+            ("CONSUL_HTTP_ADDR", "http://localhost:8501"),
+            ("CONSUL_HTTP_SSL", "true"),
+        ])
+        .unwrap();
+        assert_eq!(forced.base_url().unwrap().scheme(), "https");
+        let plain = vars(&[("CONSUL_HTTP_SSL", "false")]).unwrap();
+        assert_eq!(plain.base_url().unwrap().scheme(), "http");
+        assert!(!plain.tls.is_set());
+
+        let err = vars(&[("CONSUL_HTTP_SSL", "yes")]).unwrap_err();
+        assert!(err.to_string().contains("CONSUL_HTTP_SSL"), "{err}");
+        let err = vars(&[("CONSUL_HTTP_SSL_VERIFY", "nope")]).unwrap_err();
+        assert!(err.to_string().contains("CONSUL_HTTP_SSL_VERIFY"), "{err}");
+    }
+
+    #[test]
+    fn server_names_lose_their_port_like_gos() {
+        assert_eq!(strip_port("server.dc1.consul:8501"), "server.dc1.consul");
+        assert_eq!(strip_port("server.dc1.consul"), "server.dc1.consul");
+        assert_eq!(strip_port("[::1]:8501"), "::1");
+        assert_eq!(strip_port("::1"), "::1");
     }
 
     #[test]

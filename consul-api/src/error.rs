@@ -23,6 +23,17 @@ pub enum Error {
         timeout: bool,
     },
 
+    /// The TLS exchange with the agent failed: its certificate was refused, it refused ours
+    /// (or the lack of one), or one side does not speak TLS. `problem` names the setting to
+    /// look at. Not retried: it takes a change of configuration on one side.
+    #[error("TLS with Consul at {url} failed for {method} {path}: {problem}")]
+    Tls {
+        method: &'static str,
+        url: String,
+        path: String,
+        problem: String,
+    },
+
     /// Consul answered 403: the ACL token was refused or lacks the permission.
     #[error(
         "Consul refused the ACL token for {method} {path} (403 {message}): \
@@ -79,7 +90,7 @@ impl Error {
         match self {
             Error::Transport { .. } | Error::Decode { .. } | Error::BodyTooLarge { .. } => true,
             Error::Status { status, .. } => *status >= 500 || *status == 429,
-            Error::Config(_) | Error::PermissionDenied { .. } => false,
+            Error::Config(_) | Error::Tls { .. } | Error::PermissionDenied { .. } => false,
         }
     }
 
@@ -98,6 +109,7 @@ impl Error {
         match self {
             Error::Config(_) => ErrorKind::Config,
             Error::Transport { .. } => ErrorKind::Unreachable,
+            Error::Tls { .. } => ErrorKind::Tls,
             Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,
             Error::Status { status, .. } => ErrorKind::Status(*status),
             Error::Decode { .. } | Error::BodyTooLarge { .. } => ErrorKind::Malformed,
@@ -110,6 +122,7 @@ impl Error {
 pub enum ErrorKind {
     Config,
     Unreachable,
+    Tls,
     PermissionDenied,
     Status(u16),
     Malformed,
@@ -120,6 +133,7 @@ impl fmt::Display for ErrorKind {
         match self {
             ErrorKind::Config => f.write_str("configuration error"),
             ErrorKind::Unreachable => f.write_str("unreachable"),
+            ErrorKind::Tls => f.write_str("TLS refused"),
             ErrorKind::PermissionDenied => f.write_str("permission denied"),
             ErrorKind::Status(s) => write!(f, "HTTP {s}"),
             ErrorKind::Malformed => f.write_str("malformed answer"),

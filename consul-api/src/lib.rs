@@ -2,9 +2,13 @@
 //!
 //! Names follow Consul's own Go `api` package so that its documentation reads across:
 //!
-//! * [`client`] — [`Client`] and its [`Config`] (address and ACL token, read from
-//!   `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN` like Consul's CLI), the request plumbing and
-//!   response-size cap.
+//! * [`client`] — [`Client`] and its [`Config`] (address, ACL token and TLS, read from
+//!   `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`, `CONSUL_CACERT`, ... like Consul's CLI), the
+//!   request plumbing and response-size cap.
+//! * `args` (feature `clap`) — `ConsulArgs`, the Consul CLI's connection flags
+//!   (`--http-addr`, `--ca-file`, ...) for binaries.
+//! * [`tls`] — [`TlsConfig`]: HTTPS and mutual TLS (rustls), with errors that name the
+//!   setting to fix.
 //! * [`agent`] — the local agent: `ServiceRegister` ([`AgentServiceRegistration`] with an
 //!   [`AgentServiceCheck`]), `ServiceDeregister`, `Services`, `Service`, `Checks`, `Self`.
 //! * [`health`] — `Service` (healthy instances as [`ServiceEntry`], blocking), `Checks`, `State`.
@@ -22,6 +26,8 @@
 
 pub mod acl;
 pub mod agent;
+#[cfg(feature = "clap")]
+pub mod args;
 pub mod catalog;
 pub mod client;
 pub mod duration;
@@ -29,14 +35,18 @@ pub mod error;
 pub mod health;
 pub mod query;
 pub mod status;
+pub mod tls;
 pub mod watch;
 
 pub use acl::{AclPolicy, AclPolicyLink, AclToken};
 pub use agent::{AgentCheck, AgentSelf, AgentService, AgentServiceCheck, AgentServiceRegistration};
+#[cfg(feature = "clap")]
+pub use args::ConsulArgs;
 pub use catalog::CatalogService;
 pub use client::{Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};
 pub use health::{HealthCheck, HealthStatus, Node, ServiceEntry};
 pub use query::{QueryMeta, QueryOptions};
+pub use tls::TlsConfig;
 pub use watch::Watch;

@@ -4,8 +4,8 @@
 //! Children run the same CLI users run. The testbed binary embeds it (`testbed echo-server
 //! ...`, `testbed echo-client ...`), so one `cargo run -p testbed` builds everything an
 //! experiment needs; a [`Launcher`] names the binary and the subcommand prefix. Consul's
-//! address and token reach the child as `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN`, never on
-//! its command line.
+//! address, token and TLS settings reach the child as Consul's variables (`CONSUL_HTTP_ADDR`,
+//! `CONSUL_HTTP_TOKEN`, `CONSUL_CACERT`, ...), never on its command line.
 
 use std::{
     ffi::OsString,
@@ -53,19 +53,18 @@ impl Launcher {
 
     fn command(&self, prefix: &[OsString], consul: &consul_api::Config) -> Command {
         let mut cmd = Command::new(&self.program);
-        cmd.args(prefix)
-            .env("CONSUL_HTTP_ADDR", &consul.address)
-            .env_remove("CONSUL_HTTP_TOKEN")
-            .env_remove("CONSUL_HTTP_TOKEN_FILE")
+        cmd.args(prefix);
+        // Only what `consul` says: none of the testbed's own CONSUL_* settings leak in.
+        for name in consul_api::client::ENV_VARS {
+            cmd.env_remove(name);
+        }
+        cmd.envs(consul.to_env())
             .env("NO_COLOR", "1")
             .env("RUST_LOG", child_log_filter())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(token) = &consul.token {
-            cmd.env("CONSUL_HTTP_TOKEN", token);
-        }
         cmd
     }
 }

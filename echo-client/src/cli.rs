@@ -31,8 +31,11 @@ pub enum Balance {
     P2c,
 }
 
-/// Send messages to an echo service found through Consul (CONSUL_HTTP_ADDR,
-/// CONSUL_HTTP_TOKEN) and print each reply with the instance that served it.
+/// Send messages to an echo service found through Consul and print each reply with the
+/// instance that served it. Consul's address and TLS settings come from the flags below or
+/// Consul's own variables (CONSUL_HTTP_ADDR, CONSUL_HTTP_SSL, CONSUL_CACERT, CONSUL_CAPATH,
+/// CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, CONSUL_TLS_SERVER_NAME, CONSUL_HTTP_SSL_VERIFY); the
+/// ACL token from CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "echo-client", version)]
 pub struct Args {
@@ -75,6 +78,9 @@ pub struct Args {
     /// How to choose among passing instances.
     #[arg(long, value_enum, default_value_t = Balance::RoundRobin)]
     pub balance: Balance,
+    /// Where the Consul agent is and how to speak TLS to it.
+    #[command(flatten)]
+    pub consul: consul_api::ConsulArgs,
 }
 
 /// Run the client the arguments describe.
@@ -84,7 +90,10 @@ pub async fn run(args: Args) -> Result<()> {
             "--message cannot contain a newline".into(),
         ));
     }
-    let consul = consul_api::Config::from_env().map_err(|e| Error::Config(e.to_string()))?;
+    let consul = args
+        .consul
+        .config()
+        .map_err(|e| Error::Config(e.to_string()))?;
     match args.mode {
         Mode::Naive => run_naive(args, consul).await,
         Mode::Resilient => run_resilient(args, consul).await,

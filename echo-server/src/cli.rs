@@ -1,6 +1,7 @@
 //! The command line: every setting as a flag or an `ECHO_*` environment variable (Consul's
-//! address and token come from `CONSUL_HTTP_ADDR` / `CONSUL_HTTP_TOKEN`, as for Consul's own
-//! CLI), and [`run`], which the `echo-server` binary and `testbed echo-server` both call.
+//! address, token and TLS settings as for Consul's own CLI: `--http-addr` / `CONSUL_HTTP_ADDR`,
+//! `--ca-file` / `CONSUL_CACERT`, ..., `CONSUL_HTTP_TOKEN`), and [`run`], which the
+//! `echo-server` binary and `testbed echo-server` both call.
 
 use std::net::IpAddr;
 
@@ -14,8 +15,11 @@ use crate::{config::Config, error::Result, server::Server, shutdown};
 /// and deregisters on SIGINT/SIGTERM (or SIGHUP). SIGUSR1 flips /check between 200 and a
 /// forced 503.
 ///
-/// Consul's address and ACL token come from CONSUL_HTTP_ADDR and CONSUL_HTTP_TOKEN (or
-/// CONSUL_HTTP_TOKEN_FILE). Durations are written as Go writes them: 5s, 250ms, 1m30s.
+/// Consul's address and TLS settings come from the flags below or Consul's own variables
+/// (CONSUL_HTTP_ADDR, CONSUL_HTTP_SSL, CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT,
+/// CONSUL_CLIENT_KEY, CONSUL_TLS_SERVER_NAME, CONSUL_HTTP_SSL_VERIFY); the ACL token from
+/// CONSUL_HTTP_TOKEN or CONSUL_HTTP_TOKEN_FILE. Durations are written as Go writes them: 5s,
+/// 250ms, 1m30s.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "echo-server", version)]
 pub struct Args {
@@ -92,11 +96,15 @@ pub struct Args {
     /// Log every /check request (peer, Host, User-Agent, status) at info level.
     #[arg(long, env = "ECHO_LOG_CHECKS")]
     pub log_checks: bool,
+
+    /// Where the Consul agent is and how to speak TLS to it.
+    #[command(flatten)]
+    pub consul: consul_api::ConsulArgs,
 }
 
 impl Args {
-    /// The server settings these arguments give, with Consul's address and token from the
-    /// environment.
+    /// The server settings these arguments give, with Consul's token (and what no flag
+    /// gives) from Consul's variables.
     pub fn config(&self) -> Result<Config> {
         Ok(Config {
             name: self.name.clone(),
@@ -116,7 +124,7 @@ impl Args {
             drain_timeout: self.drain_timeout.as_duration(),
             register: !self.no_register,
             log_checks: self.log_checks,
-            consul: consul_api::Config::from_env()?,
+            consul: self.consul.config()?,
         })
     }
 }
@@ -136,6 +144,7 @@ pub async fn run(args: Args) -> Result<()> {
         id = %config.id,
         name = %config.name,
         consul = %config.consul.address,
+        https = config.consul.base_url().is_ok_and(|u| u.scheme() == "https"),
         acl_token = if config.consul.token.is_some() { "set" } else { "none" },
         register = config.register,
         "echo-server starting"
@@ -222,7 +231,12 @@ mod tests {
                 continue;
             }
             let env = arg.get_env().unwrap_or_else(|| panic!("--{id} has no env"));
-            assert!(env.to_string_lossy().starts_with("ECHO_"), "{id}: {env:?}");
+            let env = env.to_string_lossy();
+            // Ours are ECHO_*; Consul's connection settings keep Consul's own names.
+            assert!(
+                env.starts_with("ECHO_") || env.starts_with("CONSUL_"),
+                "{id}: {env:?}"
+            );
         }
     }
 }

@@ -5,7 +5,7 @@
 //!   waits;
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
 //! * [`faults`] — the fault and security scenarios (hung server, paused and restarted Consul,
-//!   a misbehaving proxy, ACLs, hostile input), with their figures;
+//!   a misbehaving proxy, ACLs, hostile input, a TLS certificate rotated), with their figures;
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
 //! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`timeline`] — the seed article's story, timestamped, naive and resilient clients;

@@ -25,7 +25,7 @@ enum Command {
     /// The echo client (the same as the `echo-client` binary).
     EchoClient(Box<echo_client::cli::Args>),
     /// Fault and security scenarios (hung server, paused/restarted Consul, a faulty proxy,
-    /// ACLs, hostile input), each measured.
+    /// ACLs, hostile input, a TLS certificate rotated), each measured.
     Faults(FaultsArgs),
     /// Build the local Consul image (idempotent: instant when it exists).
     Image,

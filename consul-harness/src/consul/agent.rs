@@ -3,7 +3,10 @@
 //! networking several such agents run side by side, and each reaches HTTP checks served at
 //! 127.0.0.1 by processes on the host.
 
-use std::net::{TcpListener, UdpSocket};
+use std::{
+    net::{TcpListener, UdpSocket},
+    path::PathBuf,
+};
 
 use crate::error::{Error, Result};
 
@@ -107,14 +110,41 @@ fn below_ephemeral_range() -> Option<std::ops::Range<u16>> {
     (low >= 12_000).then_some(10_000..low)
 }
 
+/// The agent's TLS files and whether it requires client certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentTls {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// `verify_incoming`: every client must present a certificate signed by `ca_file`.
+    pub verify_incoming: bool,
+}
+
+impl AgentTls {
+    /// The directories holding its files, which a container must mount.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = [&self.ca_file, &self.cert_file, &self.key_file]
+            .iter()
+            .filter_map(|f| f.parent().map(PathBuf::from))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+}
+
 /// Everything that defines one agent's command line.
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
     pub node_name: String,
+    /// The API port (`ports.http`, or `ports.https` with [`AgentSpec::tls`]), Serf and RPC.
     pub ports: Ports,
     pub flavor: Flavor,
     /// With ACLs: the management token (also used as the agent's own token).
     pub acl_management_token: Option<String>,
+    /// With TLS: the API on HTTPS only (the HTTP port off). The agent's own checks of
+    /// services' `http://` endpoints stay plain HTTP.
+    pub tls: Option<AgentTls>,
 }
 
 impl AgentSpec {
@@ -148,6 +178,19 @@ impl AgentSpec {
         .collect();
         if self.flavor == Flavor::Modern {
             args.extend(["-hcl".into(), "ports { grpc_tls = -1 }".into()]);
+        }
+        if let Some(tls) = &self.tls {
+            // `-hcl` comes after the flags in Consul's merge order, so it wins over
+            // `-http-port`.
+            args.extend([
+                "-hcl".into(),
+                format!("ports {{ http = -1 https = {} }}", p.http),
+                "-hcl".into(),
+                format!(
+                    "ca_file = {:?} cert_file = {:?} key_file = {:?} verify_incoming = {}",
+                    tls.ca_file, tls.cert_file, tls.key_file, tls.verify_incoming
+                ),
+            ]);
         }
         if let Some(token) = &self.acl_management_token {
             let key = match self.flavor {
@@ -208,6 +251,7 @@ mod tests {
             ports,
             flavor: Flavor::Legacy,
             acl_management_token: Some("root-token".into()),
+            tls: None,
         };
         let args = spec.args().join(" ");
         assert!(args.starts_with("agent -dev -node n1 -bind 127.0.0.1 -client 127.0.0.1"));
@@ -222,5 +266,24 @@ mod tests {
         let args = modern.args().join(" ");
         assert!(args.contains("grpc_tls = -1"));
         assert!(args.contains("initial_management = \"root-token\""));
+        assert!(!args.contains("https"));
+        let tls = AgentSpec {
+            tls: Some(AgentTls {
+                ca_file: "/tmp/pki/ca.pem".into(),
+                cert_file: "/tmp/pki/agent.pem".into(),
+                key_file: "/tmp/pki/agent-key.pem".into(),
+                verify_incoming: true,
+            }),
+            ..modern
+        };
+        let args = tls.args().join(" ");
+        assert!(
+            args.contains(&format!("ports {{ http = -1 https = {} }}", ports.http)),
+            "{args}"
+        );
+        assert!(
+            args.contains("ca_file = \"/tmp/pki/ca.pem\" cert_file = \"/tmp/pki/agent.pem\" key_file = \"/tmp/pki/agent-key.pem\" verify_incoming = true"),
+            "{args}"
+        );
     }
 }

@@ -8,11 +8,11 @@ use std::{borrow::Cow, sync::OnceLock, time::Duration};
 use bollard::Docker;
 use testcontainers::{
     ContainerAsync, Image, ImageExt,
-    core::{WaitFor, logs::LogFrame},
+    core::{Mount, WaitFor, logs::LogFrame},
     runners::AsyncRunner,
 };
 
-use super::agent::AgentSpec;
+use super::agent::{AgentSpec, AgentTls};
 use crate::logbuf::LogBuffer;
 use crate::{
     error::{Error, Result},
@@ -179,18 +179,24 @@ pub async fn start(
     timeout: Duration,
 ) -> Result<ContainerAsync<ConsulImage>> {
     let sink = log.clone();
-    let request = ConsulImage {
+    let mut request = ConsulImage {
         image: image.clone(),
         args: spec.args(),
     }
-    .with_network("host")
-    .with_container_name(format!("testbed-{}", spec.node_name))
-    .with_label(OWNER_LABEL, OWNER_VALUE)
-    .with_label(PID_LABEL, std::process::id().to_string())
-    .with_startup_timeout(timeout)
-    .with_log_consumer(move |frame: &LogFrame| match frame {
-        LogFrame::StdOut(bytes) | LogFrame::StdErr(bytes) => sink.push_bytes(bytes),
-    });
+    .with_network("host");
+    // TLS files are read at the same path as on the host.
+    for dir in spec.tls.iter().flat_map(AgentTls::dirs) {
+        let dir = dir.to_string_lossy().into_owned();
+        request = request.with_mount(Mount::bind_mount(dir.clone(), dir));
+    }
+    let request = request
+        .with_container_name(format!("testbed-{}", spec.node_name))
+        .with_label(OWNER_LABEL, OWNER_VALUE)
+        .with_label(PID_LABEL, std::process::id().to_string())
+        .with_startup_timeout(timeout)
+        .with_log_consumer(move |frame: &LogFrame| match frame {
+            LogFrame::StdOut(bytes) | LogFrame::StdErr(bytes) => sink.push_bytes(bytes),
+        });
     request.start().await.map_err(|e| {
         let text = e.to_string();
         if text.contains("No such image") || text.contains("pull") || text.contains("manifest") {
@@ -206,6 +212,21 @@ pub async fn start(
             Error::Container(e)
         }
     })
+}
+
+/// Send `signal` (`"SIGHUP"`, ...) to the container's main process.
+pub async fn signal(container: &ContainerAsync<ConsulImage>, signal: &str) -> Result<()> {
+    let docker = connect().await?;
+    let options = bollard::query_parameters::KillContainerOptions {
+        signal: signal.to_owned(),
+    };
+    docker
+        .kill_container(container.id(), Some(options))
+        .await
+        .map_err(|e| Error::Process {
+            what: format!("send {signal} to container {}", container.id()),
+            reason: e.to_string(),
+        })
 }
 
 #[cfg(test)]

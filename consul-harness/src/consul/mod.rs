@@ -5,24 +5,27 @@
 //! * [`agent`] — the agent's command line, ports and ACL settings, whoever runs it;
 //! * [`docker`] — the image and the container backend;
 //! * [`process`] — the local-process backend;
+//! * [`pki`] — test certificates (rcgen) for an agent with HTTPS and `verify_incoming`;
 //!
 //! The agent's output goes to a [`LogBuffer`], waitable, with Consul's own timestamps.
 
 pub mod agent;
 pub mod docker;
+pub mod pki;
 pub mod process;
 
 use std::{
     net::SocketAddr,
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
 
 use testcontainers::ContainerAsync;
 
 pub use self::{
-    agent::{AgentSpec, Flavor, Ports},
+    agent::{AgentSpec, AgentTls, Flavor, Ports},
     docker::{ConsulImage, ImageRef},
+    pki::{Issuer, TestPki},
 };
 use crate::{
     error::{Error, Result},
@@ -78,8 +81,19 @@ pub struct ConsulOptions {
     pub image: ImageRef,
     /// With ACLs on and default deny: the management token.
     pub acl_management_token: Option<String>,
+    /// With TLS: the API on HTTPS only, with these certificates.
+    pub tls: Option<TlsOptions>,
     /// How long the agent may take to run and elect itself leader.
     pub startup_timeout: Duration,
+}
+
+/// An agent's HTTPS settings.
+#[derive(Debug, Clone)]
+pub struct TlsOptions {
+    /// The CA and the agent's and a client's certificates.
+    pub pki: Arc<TestPki>,
+    /// `verify_incoming`: clients must present a certificate signed by the CA.
+    pub verify_incoming: bool,
 }
 
 impl ConsulOptions {
@@ -89,6 +103,7 @@ impl ConsulOptions {
             backend: BackendChoice::from_env()?,
             image: ImageRef::from_env(),
             acl_management_token: None,
+            tls: None,
             startup_timeout: Duration::from_secs(60),
         })
     }
@@ -96,6 +111,16 @@ impl ConsulOptions {
     /// These options with ACLs enabled, default policy deny, and `token` as management token.
     pub fn with_acl(mut self, token: impl Into<String>) -> Self {
         self.acl_management_token = Some(token.into());
+        self
+    }
+
+    /// These options with the API on HTTPS only (HTTP port off), certificates from `pki`,
+    /// and client certificates required when `verify_incoming`.
+    pub fn with_tls(mut self, pki: Arc<TestPki>, verify_incoming: bool) -> Self {
+        self.tls = Some(TlsOptions {
+            pki,
+            verify_incoming,
+        });
         self
     }
 
@@ -157,6 +182,28 @@ async fn resolve_backend(choice: BackendChoice) -> Result<BackendKind> {
     }
 }
 
+/// The API address of an agent on `port` with `options`.
+fn address(options: &ConsulOptions, port: u16) -> String {
+    let scheme = if options.tls.is_some() {
+        "https://"
+    } else {
+        ""
+    };
+    format!("{scheme}127.0.0.1:{port}")
+}
+
+/// The client configuration for an agent on `port` with `options`: the management token,
+/// and with TLS the CA (and the client certificate when the agent verifies clients).
+fn client_config(options: &ConsulOptions, port: u16) -> consul_api::Config {
+    let mut config = consul_api::Config::default()
+        .with_address(address(options, port))
+        .with_token(options.acl_management_token.clone());
+    if let Some(tls) = &options.tls {
+        config = config.with_tls(tls.pki.client_tls(tls.verify_incoming));
+    }
+    config
+}
+
 /// What an agent logs when one of its ports is taken.
 const PORT_CLASH: &str = "address already in use";
 
@@ -189,10 +236,14 @@ impl Consul {
                 ports: Ports::pick()?,
                 flavor,
                 acl_management_token: options.acl_management_token.clone(),
+                tls: options.tls.as_ref().map(|t| AgentTls {
+                    ca_file: t.pki.ca_file(),
+                    cert_file: t.pki.agent_cert(),
+                    key_file: t.pki.agent_key(),
+                    verify_incoming: t.verify_incoming,
+                }),
             };
-            let config = consul_api::Config::default()
-                .with_address(format!("127.0.0.1:{}", spec.ports.http))
-                .with_token(options.acl_management_token.clone());
+            let config = client_config(&options, spec.ports.http);
             let mut consul = Consul {
                 options: options.clone(),
                 kind,
@@ -261,21 +312,80 @@ impl Consul {
         }
     }
 
-    /// The agent's HTTP address on loopback.
+    /// The agent's API address on loopback (its HTTPS port when it serves TLS).
     pub fn http_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.spec.ports.http))
     }
 
-    /// `127.0.0.1:port`, as `CONSUL_HTTP_ADDR` takes it.
+    /// `127.0.0.1:port` (`https://127.0.0.1:port` with TLS), as `CONSUL_HTTP_ADDR` takes it.
     pub fn address(&self) -> String {
-        self.http_addr().to_string()
+        address(&self.options, self.spec.ports.http)
     }
 
-    /// A client configuration for this agent, with the management token when ACLs are on.
+    /// A client configuration for this agent, with the management token when ACLs are on,
+    /// and with TLS on: its CA, and the client certificate when it verifies clients.
     pub fn config(&self) -> consul_api::Config {
-        consul_api::Config::default()
-            .with_address(self.address())
-            .with_token(self.options.acl_management_token.clone())
+        client_config(&self.options, self.spec.ports.http)
+    }
+
+    /// The agent's certificates, when it serves HTTPS.
+    pub fn pki(&self) -> Option<&Arc<TestPki>> {
+        self.options.tls.as_ref().map(|t| &t.pki)
+    }
+
+    /// Re-issue the agent's certificate for `names` (signed by `issuer`) and make the
+    /// running agent load it (SIGHUP: Consul reloads its TLS files; new connections get the
+    /// new certificate, open ones keep their session). Returns once a new connection is
+    /// served the new certificate.
+    pub async fn rotate_certificate(&self, names: &[&str], issuer: Issuer) -> Result<()> {
+        let tls = self
+            .options
+            .tls
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("the agent does not serve HTTPS".into()))?;
+        let marker = tls.pki.reissue_agent(names, issuer)?;
+        self.reload().await?;
+        // Only the new certificate holds `marker`, and only its CA signed it.
+        let probe = consul_api::Client::new(self.config().with_tls(consul_api::TlsConfig {
+            ca_file: Some(tls.pki.agent_ca_file()),
+            server_name: Some(marker),
+            ..tls.pki.client_tls(tls.verify_incoming)
+        }))?;
+        let timeout = Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match probe.status().leader().await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::Timeout {
+                        what: format!("the agent to serve its new certificate (last: {e})"),
+                        timeout,
+                    });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Make the agent reload its configuration files (SIGHUP), and wait until it logs the
+    /// signal (it reloads right after, and logs nothing when that succeeds).
+    pub async fn reload(&self) -> Result<()> {
+        let mark = self.log.mark();
+        match &self.running {
+            Some(Running::Docker(c)) => docker::signal(c, "SIGHUP").await?,
+            Some(Running::Process(child)) => {
+                let pid = child.id().ok_or_else(|| Error::Process {
+                    what: "consul agent".into(),
+                    reason: "already exited".into(),
+                })?;
+                crate::signal::send(pid, crate::signal::Signal::SIGHUP)?;
+            }
+            None => return Err(Error::Invalid("the agent is not running".into())),
+        }
+        self.log
+            .wait_for_after(mark, "signal=hangup", Duration::from_secs(10))
+            .await?;
+        Ok(())
     }
 
     /// A client for this agent (management token when ACLs are on).

@@ -10,6 +10,8 @@
 //!   and corrupted answers, then healed;
 //! * [`acl`] — ACLs on with default deny: missing, wrong and too narrow tokens;
 //! * [`hostile`] — garbage, oversized frames, stalled, reset and short-lived connections;
+//! * [`rotated`] — the agent's TLS certificate re-issued and reloaded under running mTLS
+//!   processes: same CA, an unknown CA, and back;
 //! * [`observe`] — the echo traffic and the discovery views the scenarios watch.
 //!
 //! Every scenario starts its own agent and processes, bounds every loop in count and time,
@@ -22,6 +24,7 @@ pub mod observe;
 pub mod paused;
 pub mod proxy;
 pub mod restarted;
+pub mod rotated;
 
 use std::{
     fmt::Write as _,
@@ -62,17 +65,20 @@ pub enum Scenario {
     Acl,
     /// Hostile input at an echo server.
     Hostile,
+    /// The agent's TLS certificate changed under running mTLS processes.
+    Rotated,
 }
 
 impl Scenario {
     /// All of them, in the report's order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Hung,
         Scenario::Paused,
         Scenario::Restarted,
         Scenario::Proxy,
         Scenario::Acl,
         Scenario::Hostile,
+        Scenario::Rotated,
     ];
 
     /// The table's name for it.
@@ -84,6 +90,7 @@ impl Scenario {
             Scenario::Proxy => "4. fault proxy",
             Scenario::Acl => "5. ACLs, default deny",
             Scenario::Hostile => "6. hostile input",
+            Scenario::Rotated => "7. TLS certificate rotated",
         }
     }
 }
@@ -97,6 +104,7 @@ pub struct FaultsConfig {
     pub proxy: proxy::Config,
     pub acl: acl::Config,
     pub hostile: hostile::Config,
+    pub rotated: rotated::Config,
 }
 
 /// One line of the table.
@@ -133,6 +141,7 @@ pub struct Report {
     pub proxy: Option<proxy::Outcome>,
     pub acl: Option<acl::Outcome>,
     pub hostile: Option<hostile::Outcome>,
+    pub rotated: Option<rotated::Outcome>,
     /// Scenarios that could not run to the end, with why.
     pub failed: Vec<(Scenario, String)>,
     /// Wall time of the whole run, seconds.
@@ -166,6 +175,7 @@ pub async fn run(
         proxy: None,
         acl: None,
         hostile: None,
+        rotated: None,
         failed: Vec::new(),
         wall_time: 0.0,
     };
@@ -194,6 +204,7 @@ pub async fn run(
             Scenario::Proxy => record!(proxy, proxy),
             Scenario::Acl => record!(acl, acl),
             Scenario::Hostile => record!(hostile, hostile),
+            Scenario::Rotated => record!(rotated, rotated),
         };
         if let Err(e) = result {
             tracing::error!(scenario = scenario.title(), error = %e, "scenario failed");
@@ -253,13 +264,14 @@ pub fn markdown(report: &Report) -> String {
         );
     }
     out.push('\n');
-    let details: [Option<String>; 6] = [
+    let details: [Option<String>; 7] = [
         report.hung.as_ref().map(hung::Outcome::details),
         report.paused.as_ref().map(paused::Outcome::details),
         report.restarted.as_ref().map(restarted::Outcome::details),
         report.proxy.as_ref().map(proxy::Outcome::details),
         report.acl.as_ref().map(acl::Outcome::details),
         report.hostile.as_ref().map(hostile::Outcome::details),
+        report.rotated.as_ref().map(rotated::Outcome::details),
     ];
     for d in details.into_iter().flatten() {
         out.push_str(&d);
@@ -495,6 +507,7 @@ mod tests {
             proxy: None,
             acl: None,
             hostile: None,
+            rotated: None,
             failed: Vec::new(),
             wall_time: 1.0,
         };

@@ -637,7 +637,7 @@ async fn a_service_that_never_appears_fails_after_timeout() {
 
 /// Runs the echo-client CLI with `args` against `consul`, expects it to fail within
 /// `limit`, and returns its error line and how long it ran.
-async fn failing_cli(
+pub(crate) async fn failing_cli(
     consul: &consul_api::Config,
     args: &[String],
     limit: Duration,

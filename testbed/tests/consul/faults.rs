@@ -167,3 +167,31 @@ async fn hostile_input_leaves_the_server_up_and_its_memory_bounded() {
     assert_eq!(o.quiet.lost + o.attack.lost, 0);
     assert!(o.p99_ratio.is_some());
 }
+
+#[tokio::test]
+async fn a_rotated_tls_certificate_reaches_new_connections_and_costs_no_echo() {
+    init_tracing();
+    let config = faults::rotated::Config {
+        window: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let o = faults::rotated::run(&launcher(), &config, &step)
+        .await
+        .unwrap();
+    show(&o);
+    assert!(o.violations().is_empty(), "{:?}", o.violations());
+    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.phases.len(), 3);
+    for phase in &o.phases {
+        assert!(phase.tally.sent > 0, "{phase:?}");
+        assert!(phase.reload < Duration::from_secs(10), "{phase:?}");
+    }
+    let refused = o.phases[1].fresh_client_error.as_deref().unwrap();
+    assert!(
+        refused.contains("is not signed by a CA in CONSUL_CACERT"),
+        "{refused}"
+    );
+    assert!(o.phases[0].fresh_client_error.is_none());
+    assert!(o.phases[2].fresh_client_error.is_none());
+    assert_eq!(o.rows()[0].scenario, Scenario::Rotated.title());
+}

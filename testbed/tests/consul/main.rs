@@ -8,7 +8,8 @@
 //! * [`framework`] — consul-registry without echo: TTL heartbeats, maintenance mode;
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors;
 //! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs;
-//! * [`timeline`] — the seed article's story for the naive and the resilient client.
+//! * [`timeline`] — the seed article's story for the naive and the resilient client;
+//! * [`tls`] — HTTPS and mutual TLS: the whole path, and refusals that name the setting.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -20,3 +21,4 @@ mod framework;
 mod harness;
 mod server;
 mod timeline;
+mod tls;
