@@ -14,11 +14,10 @@ use crate::common::init_tracing;
 
 const TTL: Duration = Duration::from_secs(2);
 
-/// A service with only a TTL check, as a service without an HTTP endpoint registers.
-async fn register_ttl_service(consul: &Consul, name: &str) -> String {
-    let id = format!("{name}-1");
-    let registration = AgentServiceRegistration {
-        id: Some(id.clone()),
+/// A service with only a TTL check, as a service without an HTTP endpoint registers it.
+fn ttl_service(name: &str) -> AgentServiceRegistration {
+    AgentServiceRegistration {
+        id: Some(format!("{name}-1")),
         name: name.into(),
         port: Some(1),
         address: Some("127.0.0.1".into()),
@@ -27,14 +26,19 @@ async fn register_ttl_service(consul: &Consul, name: &str) -> String {
             ..Default::default()
         }),
         ..Default::default()
-    };
+    }
+}
+
+/// Register [`ttl_service`] directly; returns its check's ID.
+async fn register_ttl_service(consul: &Consul, name: &str) -> String {
+    let registration = ttl_service(name);
     consul
         .client()
         .agent()
         .service_register(&registration)
         .await
         .unwrap();
-    format!("service:{id}")
+    format!("service:{name}-1")
 }
 
 /// The status and output of `check_id`, once it satisfies `done`; `None` past `timeout`.
@@ -160,17 +164,7 @@ async fn a_registration_registers_beats_goes_into_maintenance_and_deregisters_on
     init_tracing();
     let consul = Consul::start().await.unwrap();
     let client = consul.client();
-    let service = AgentServiceRegistration {
-        id: Some("maint-1".into()),
-        name: "maint".into(),
-        port: Some(1),
-        address: Some("127.0.0.1".into()),
-        check: Some(AgentServiceCheck {
-            ttl: Some(GoDuration(TTL)),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let service = ttl_service("maint");
     let shutdown = CancellationToken::new();
     let mut registration = Registration::start(client.clone(), service, shutdown.clone());
     wait::passing(&client, "maint", Duration::from_secs(30))
