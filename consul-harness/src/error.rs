@@ -45,7 +45,23 @@ pub enum Error {
 
     /// An option or flag makes no sense.
     #[error("invalid setting: {0}")]
-    Invalid(String),
+    Setting(String),
+
+    /// The agent is not in the state the call needs ("is not running", "is already
+    /// running", "does not serve HTTPS").
+    #[error("the Consul agent {0}")]
+    AgentState(&'static str),
+
+    /// No free loopback port below the kernel's ephemeral range.
+    #[error("cannot find a free loopback port below {below}")]
+    NoFreePort {
+        /// The start of the kernel's ephemeral range.
+        below: u16,
+    },
+
+    /// rcgen could not make the test certificates.
+    #[error("cannot make test certificates")]
+    Certificates(#[source] rcgen::Error),
 
     /// The Docker engine or testcontainers reported an error.
     #[error("container: {0}")]

@@ -15,7 +15,10 @@ use crate::error::{Error, Result};
 
 /// Send `sig` to process `pid`.
 pub fn send(pid: u32, sig: Signal) -> Result<()> {
-    let raw = i32::try_from(pid).map_err(|_| Error::Invalid(format!("pid {pid} out of range")))?;
+    let raw = i32::try_from(pid).map_err(|_| Error::Process {
+        what: format!("send {sig} to {pid}"),
+        reason: "no such process id (out of range)".into(),
+    })?;
     nix::sys::signal::kill(Pid::from_raw(raw), sig).map_err(|e| Error::Process {
         what: format!("send {sig} to {pid}"),
         reason: e.to_string(),

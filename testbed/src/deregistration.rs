@@ -207,7 +207,7 @@ pub async fn run(
     progress: &ProgressBar,
 ) -> Result<Report> {
     if config.trials == 0 || config.settings.is_empty() || config.intervals.is_empty() {
-        return Err(Error::Invalid("the sweep has no trials".into()));
+        return Err(Error::Setting("the sweep has no trials".into()));
     }
     let began = SystemTime::now();
     let t0 = epoch_secs(began);
@@ -274,7 +274,7 @@ pub async fn run(
                 what: "every trial server to pass its check".into(),
                 timeout: Duration::from_secs(60),
             })?
-            .map_err(|_| Error::Invalid("a trial watcher stopped early".into()))?;
+            .map_err(|_| Error::Stopped("a trial watcher".into()))?;
         done_rxs.push(done_rx);
     }
 
@@ -310,8 +310,7 @@ pub async fn run(
     use futures::StreamExt;
     let collect = async {
         while let Some((i, result)) = pending.next().await {
-            let lifecycle =
-                result.map_err(|_| Error::Invalid("a trial watcher stopped early".into()))??;
+            let lifecycle = result.map_err(|_| Error::Stopped("a trial watcher".into()))??;
             measured[i] = Some(Events {
                 critical_at: epoch_secs(lifecycle.critical_at),
                 removed_at: epoch_secs(lifecycle.removed_at),

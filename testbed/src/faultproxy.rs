@@ -118,7 +118,7 @@ impl FaultProxy {
     /// Listen on a free port of 127.0.0.1 and forward to `upstream` (a loopback address).
     pub async fn start(upstream: SocketAddr) -> Result<FaultProxy> {
         if !upstream.ip().is_loopback() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Setting(format!(
                 "the fault proxy forwards to loopback only, not {upstream}"
             )));
         }

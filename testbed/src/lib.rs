@@ -1,6 +1,6 @@
 //! The testbed: real Consul, real echo servers and clients, real faults, and measurements.
 //!
-//! * [`consul`], [`provision`], [`procs`], [`procfs`], [`logbuf`], [`wait`], [`signal`], [`error`] — the
+//! * [`consul`], [`provision`], [`procs`], [`procfs`], [`logbuf`], [`wait`], [`signal`] — the
 //!   harness (the `consul-harness` crate, re-exported): real Consul, child processes, logs,
 //!   waits;
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
@@ -10,7 +10,8 @@
 //! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`timeline`] — the seed article's story, timestamped, naive and resilient clients;
 //! * [`report`] — markdown, JSON and SVG output;
-//! * [`smoke`] — the harness's own end-to-end check.
+//! * [`smoke`] — the harness's own end-to-end check;
+//! * [`error`] — the one error type.
 
 pub mod deregistration;
 pub mod faultproxy;
@@ -20,7 +21,10 @@ pub mod report;
 pub mod smoke;
 pub mod timeline;
 
+pub mod error;
+
 pub use consul_harness::{
-    BackendChoice, BackendKind, Consul, ConsulOptions, Error, Result, consul, error, logbuf,
-    procfs, procs, provision, signal, wait,
+    BackendChoice, BackendKind, Consul, ConsulOptions, consul, logbuf, procfs, procs, provision,
+    signal, wait,
 };
+pub use error::{Error, Result};

@@ -121,8 +121,10 @@ pub fn write_json_and_markdown(
 ) -> Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(dir)?;
     let json = dir.join(format!("{name}.json"));
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::Invalid(format!("cannot encode the report: {e}")))?;
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Report {
+        path: json.clone(),
+        reason: e.to_string(),
+    })?;
     std::fs::write(&json, text)?;
     let md = dir.join(format!("{name}.md"));
     std::fs::write(&md, markdown)?;
@@ -131,8 +133,10 @@ pub fn write_json_and_markdown(
 
 /// Plot critical→removed of every trial against its window, as SVG.
 pub fn deregistration_svg(report: &Report, path: &Path) -> Result<()> {
-    let plot_err =
-        |e: &dyn std::fmt::Display| Error::Invalid(format!("cannot draw {}: {e}", path.display()));
+    let plot_err = |e: &dyn std::fmt::Display| Error::Report {
+        path: path.to_owned(),
+        reason: format!("cannot draw: {e}"),
+    };
     let cells = by_cell(&report.trials);
     let mut settings: Vec<consul_api::GoDuration> = cells.keys().map(|(s, _)| *s).collect();
     settings.dedup();

@@ -250,7 +250,7 @@ pub async fn story(
     };
     passing_rx
         .await
-        .map_err(|_| Error::Invalid(format!("the watch on {victim} ended early")))?;
+        .map_err(|_| Error::Stopped(format!("the watch on {victim}")))?;
     let killed = servers[index].process.kill().await?;
     actions.push((
         killed,
@@ -268,7 +268,10 @@ pub async fn story(
             what: format!("Consul to remove {victim}"),
             timeout: limit,
         })?
-        .map_err(|e| Error::Invalid(format!("the watch on {victim} failed: {e}")))??;
+        .map_err(|source| Error::Task {
+            what: "the watch on the killed server",
+            source,
+        })??;
 
     // The client's view after the removal.
     let after = output.mark();

@@ -28,7 +28,7 @@ impl Flavor {
             return match forced.as_str() {
                 "legacy" => Ok(Flavor::Legacy),
                 "modern" => Ok(Flavor::Modern),
-                other => Err(Error::Invalid(format!(
+                other => Err(Error::Setting(format!(
                     "TESTBED_CONSUL_FLAVOR={other:?}: use legacy (Consul < 1.11) or modern"
                 ))),
             };
@@ -90,7 +90,9 @@ impl Ports {
                 held.push(tcp);
                 return Ok(port);
             }
-            Err(Error::Invalid("cannot find a free loopback port".into()))
+            Err(Error::NoFreePort {
+                below: range.as_ref().map_or(0, |r| r.end),
+            })
         };
         Ok(Ports {
             http: take(false)?,

@@ -50,7 +50,7 @@ impl BackendChoice {
             Err(_) | Ok("") | Ok("auto") => Ok(BackendChoice::Auto),
             Ok("docker") => Ok(BackendChoice::Docker),
             Ok("process") => Ok(BackendChoice::Process),
-            Ok(other) => Err(Error::Invalid(format!(
+            Ok(other) => Err(Error::Setting(format!(
                 "TESTBED_BACKEND={other:?}: use auto, docker or process"
             ))),
         }
@@ -228,9 +228,10 @@ impl Consul {
             docker::remove_orphans(&engine).await;
             docker::ensure_image(&engine, &options.image).await?;
         }
-        let mut last_error = None;
         // Ports are free when picked but may be taken before the agent binds them: retry.
-        for _attempt in 0..3 {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             let spec = AgentSpec {
                 node_name: format!("testbed-{:08x}", rand::random::<u32>()),
                 ports: Ports::pick()?,
@@ -257,15 +258,12 @@ impl Consul {
             match consul.boot().await {
                 Ok(()) => return Ok(consul),
                 Err(e) => {
-                    let clash = consul.port_clash(&e, 0);
-                    if !clash {
+                    if attempt >= 3 || !consul.port_clash(&e, 0) {
                         return Err(e);
                     }
-                    last_error = Some(e);
                 }
             }
         }
-        Err(last_error.unwrap_or_else(|| Error::Invalid("could not start Consul".into())))
     }
 
     async fn boot(&mut self) -> Result<()> {
@@ -342,7 +340,7 @@ impl Consul {
             .options
             .tls
             .as_ref()
-            .ok_or_else(|| Error::Invalid("the agent does not serve HTTPS".into()))?;
+            .ok_or_else(|| Error::AgentState("does not serve HTTPS"))?;
         let marker = tls.pki.reissue_agent(names, issuer)?;
         self.reload().await?;
         // Only the new certificate holds `marker`, and only its CA signed it.
@@ -380,7 +378,7 @@ impl Consul {
                 })?;
                 crate::signal::send(pid, crate::signal::Signal::SIGHUP)?;
             }
-            None => return Err(Error::Invalid("the agent is not running".into())),
+            None => return Err(Error::AgentState("is not running")),
         }
         self.log
             .wait_for_after(mark, "signal=hangup", Duration::from_secs(10))
@@ -445,7 +443,7 @@ impl Consul {
     /// registration is gone, and indexes start over.
     pub async fn start_again(&mut self) -> Result<()> {
         if self.running.is_some() {
-            return Err(Error::Invalid("the agent is already running".into()));
+            return Err(Error::AgentState("is already running"));
         }
         for _attempt in 0..2 {
             let clashes = self.log.matching(PORT_CLASH).len();
@@ -502,7 +500,7 @@ impl Consul {
                     },
                 )?;
             }
-            None => return Err(Error::Invalid("the agent is not running".into())),
+            None => return Err(Error::AgentState("is not running")),
         }
         Ok(())
     }

@@ -55,7 +55,7 @@ impl Ca {
 }
 
 fn pki_error(e: rcgen::Error) -> Error {
-    Error::Invalid(format!("cannot make test certificates: {e}"))
+    Error::Certificates(e)
 }
 
 /// Which CA signs a re-issued agent certificate.

@@ -416,7 +416,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
         .map(|(who, _)| who.clone())
         .collect();
     if outputs.iter().all(|(_, o)| o.lines().is_empty()) {
-        return Err(Error::Invalid("no output captured at all".into()));
+        return Err(Error::Scenario("no output captured at all".into()));
     }
     Ok(Outcome {
         consul: super::consul_label(&consul),

@@ -557,8 +557,10 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
             }
         }
     };
-    let hostile =
-        hostile.map_err(|e| crate::Error::Invalid(format!("the attack thread failed: {e}")))??;
+    let hostile = hostile.map_err(|source| crate::Error::Task {
+        what: "the attack thread",
+        source,
+    })??;
     let attack_outcomes = traffic.finish().await;
 
     step("checking the server after the attack");

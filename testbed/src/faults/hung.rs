@@ -149,7 +149,7 @@ impl Outcome {
 /// Run the scenario.
 pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     if config.servers < 2 {
-        return Err(Error::Invalid(
+        return Err(Error::Setting(
             "the hung-server scenario needs at least 2 servers".into(),
         ));
     }
@@ -177,11 +177,11 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
     // Freeze the instance the client is connected to.
     let frozen = traffic
         .last_instance()
-        .ok_or_else(|| Error::Invalid("no reply yet".into()))?;
+        .ok_or_else(|| Error::Scenario("no reply yet".into()))?;
     let victim = servers
         .iter()
         .position(|s| s.spec.id == frozen)
-        .ok_or_else(|| Error::Invalid(format!("{frozen} is not one of ours")))?;
+        .ok_or_else(|| Error::Scenario(format!("{frozen} is not one of ours")))?;
     step(&format!(
         "SIGSTOP {frozen}; waiting for Consul and the client to notice"
     ));

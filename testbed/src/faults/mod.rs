@@ -37,7 +37,7 @@ use serde::Serialize;
 
 use crate::{
     consul::Consul,
-    error::{Error, Result},
+    error::Result,
     logbuf::LogBuffer,
     procs::{Launcher, ServerProcess, ServerSpec},
     wait,
@@ -394,7 +394,7 @@ pub(crate) fn client(consul: consul_api::Config, reply_timeout: Duration) -> Res
     config.session.reply_timeout = reply_timeout;
     config.session.connect_timeout = Duration::from_millis(500);
     config.session.cooldown = Duration::from_secs(1);
-    EchoClient::start(config).map_err(|e| Error::Invalid(format!("echo client: {e}")))
+    Ok(EchoClient::start(config)?)
 }
 
 /// The highest VmHWM among `servers`.

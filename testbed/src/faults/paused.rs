@@ -301,7 +301,7 @@ async fn stable_all_passing(
         match broke {
             Err(_) => return Ok(at),
             Ok(Ok(_)) => continue,
-            Ok(Err(e)) => return Err(e),
+            Ok(Err(e)) => return Err(e.into()),
         }
     }
 }
