@@ -14,6 +14,39 @@ use crate::{
 };
 
 /// A service registration, as `PUT /v1/agent/service/register` takes it.
+///
+/// ```
+/// use consul_api::{AgentServiceCheck, AgentServiceRegistration, GoDuration};
+///
+/// let registration = AgentServiceRegistration {
+///     id: Some("web-1".into()),
+///     name: "web".into(),
+///     port: Some(8080),
+///     address: Some("127.0.0.1".into()),
+///     check: Some(AgentServiceCheck {
+///         http: Some("http://127.0.0.1:8080/health".into()),
+///         interval: Some(GoDuration::from_secs(5)),
+///         deregister_critical_service_after: Some(GoDuration::from_secs(90)),
+///         ..Default::default()
+///     }),
+///     ..Default::default()
+/// };
+/// // Unset fields are left out; names and durations are Consul's.
+/// assert_eq!(
+///     serde_json::to_value(&registration).unwrap(),
+///     serde_json::json!({
+///         "ID": "web-1", "Name": "web", "Port": 8080, "Address": "127.0.0.1",
+///         "Check": {
+///             "HTTP": "http://127.0.0.1:8080/health",
+///             "Interval": "5s",
+///             "DeregisterCriticalServiceAfter": "1m30s"
+///         }
+///     })
+/// );
+/// ```
+///
+/// Register it with [`Agent::service_register`]
+/// (`client.agent().service_register(&registration).await`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct AgentServiceRegistration {
