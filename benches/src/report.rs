@@ -124,10 +124,15 @@ fn load_one(new_dir: &Path) -> Result<CriterionBench> {
 /// The machine the report is written on.
 #[derive(Debug, Clone)]
 pub struct Machine {
+    /// CPUs available to this process; 0 if unknown.
     pub cpus: usize,
+    /// `model name` from `/proc/cpuinfo`, or `unknown`.
     pub cpu_model: String,
+    /// The kernel release, from `/proc/sys/kernel/osrelease`.
     pub kernel: String,
+    /// `PRETTY_NAME` from `/etc/os-release`, or `unknown`.
     pub os: String,
+    /// Total memory, for example `7.8 GiB`, or `unknown`.
     pub memory: String,
 }
 
@@ -172,8 +177,11 @@ pub enum Goal {
 /// What the report knows of a bench: what it times, its baseline, its goal.
 #[derive(Debug, Clone)]
 pub struct Spec {
+    /// What the bench times, in words, for the table.
     pub times: String,
+    /// The id of the bench it is compared with, if any.
     pub baseline: Option<String>,
+    /// The goal for it, if it has one.
     pub goal: Option<Goal>,
     /// Other series of the same record shown as rows of their own: (series, row id, times).
     pub extra_rows: Vec<(&'static str, &'static str, &'static str)>,

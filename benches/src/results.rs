@@ -66,12 +66,19 @@ fn measuring_with(args: impl IntoIterator<Item = String>) -> bool {
 /// Percentiles of one series, in nanoseconds (negative values allowed: a signed difference).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
+    /// How many finite values it summarises.
     pub count: usize,
+    /// The smallest value.
     pub min: f64,
+    /// The median.
     pub p50: f64,
+    /// The 90th percentile.
     pub p90: f64,
+    /// The 99th percentile.
     pub p99: f64,
+    /// The largest value.
     pub max: f64,
+    /// The arithmetic mean.
     pub mean: f64,
 }
 
@@ -116,8 +123,11 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ResultFile {
+    /// `"kind": "series"`: one bench's timed intervals.
     Series(SeriesRecord),
+    /// `"kind": "run"`: one bench binary's run.
     Run(RunInfo),
+    /// `"kind": "memory"`: the memory measurement.
     Memory(MemoryRecord),
 }
 
@@ -142,11 +152,17 @@ pub const MEASURED: &str = "measured";
 /// One bench binary's run: when, and what it ran against.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunInfo {
+    /// The bench binary's name.
     pub bench: String,
+    /// When it started (Unix milliseconds).
     pub started_unix_ms: u64,
+    /// When it finished (Unix milliseconds); 0 until [`RunInfo::finish`].
     pub finished_unix_ms: u64,
+    /// Consul's version, as the agent reports it; `None` if the run started no Consul.
     pub consul_version: Option<String>,
+    /// Which backend ran Consul (`docker` or `process`); `None` if the run started none.
     pub consul_backend: Option<String>,
+    /// The Docker engine's version, when Consul ran in Docker and the engine said.
     pub docker_version: Option<String>,
 }
 
@@ -175,6 +191,8 @@ impl RunInfo {
 /// The memory measurement: an echo-server process's resident set with idle connections.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemoryRecord {
+    /// The measurement's id (`memory/idle_connections/<size>`), the report's row; also in
+    /// its file name.
     pub id: String,
     /// Idle connections held.
     pub connections: usize,

@@ -40,8 +40,9 @@ pub struct LastReply {
     pub at: Instant,
     /// Correct replies so far.
     pub replies: u64,
-    /// Failed sends and wrong echoes so far, and the last of them.
+    /// Failed sends and wrong echoes so far.
     pub errors: u64,
+    /// The last of those errors, if any.
     pub last_error: Option<String>,
 }
 

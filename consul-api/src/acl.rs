@@ -9,9 +9,12 @@ use crate::{client::Client, error::Result};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct AclPolicy {
+    /// `ID`: assigned by Consul; leave empty when creating.
     #[serde(rename = "ID", skip_serializing_if = "String::is_empty")]
     pub id: String,
+    /// `Name`: unique among policies; tokens can link to it by name.
     pub name: String,
+    /// `Description`: free text.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub description: String,
     /// HCL rules, for example `service "web" { policy = "write" }`.
@@ -22,8 +25,10 @@ pub struct AclPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct AclPolicyLink {
+    /// `ID`: the policy's ID; give this or `name`.
     #[serde(rename = "ID", skip_serializing_if = "String::is_empty")]
     pub id: String,
+    /// `Name`: the policy's name; give this or `id`.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub name: String,
 }
@@ -32,14 +37,18 @@ pub struct AclPolicyLink {
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct AclToken {
+    /// `AccessorID`: the token's public ID, safe to log; assigned by Consul when empty.
     #[serde(rename = "AccessorID", skip_serializing_if = "String::is_empty")]
     pub accessor_id: String,
     /// The secret sent as `X-Consul-Token`. Not printed by `Debug`.
     #[serde(rename = "SecretID", skip_serializing_if = "String::is_empty")]
     pub secret_id: String,
+    /// `Description`: free text.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub description: String,
+    /// `Policies`: the policies whose rules the token grants.
     pub policies: Vec<AclPolicyLink>,
+    /// `Local`: valid only in the datacenter that created it (not replicated).
     pub local: bool,
 }
 

@@ -14,52 +14,119 @@ use crate::{
 };
 
 /// A service registration, as `PUT /v1/agent/service/register` takes it.
+///
+/// ```
+/// use consul_api::{AgentServiceCheck, AgentServiceRegistration, GoDuration};
+///
+/// let registration = AgentServiceRegistration {
+///     id: Some("web-1".into()),
+///     name: "web".into(),
+///     port: Some(8080),
+///     address: Some("127.0.0.1".into()),
+///     check: Some(AgentServiceCheck {
+///         http: Some("http://127.0.0.1:8080/health".into()),
+///         interval: Some(GoDuration::from_secs(5)),
+///         deregister_critical_service_after: Some(GoDuration::from_secs(90)),
+///         ..Default::default()
+///     }),
+///     ..Default::default()
+/// };
+/// // Unset fields are left out; names and durations are Consul's.
+/// assert_eq!(
+///     serde_json::to_value(&registration).unwrap(),
+///     serde_json::json!({
+///         "ID": "web-1", "Name": "web", "Port": 8080, "Address": "127.0.0.1",
+///         "Check": {
+///             "HTTP": "http://127.0.0.1:8080/health",
+///             "Interval": "5s",
+///             "DeregisterCriticalServiceAfter": "1m30s"
+///         }
+///     })
+/// );
+/// ```
+///
+/// Register it with [`Agent::service_register`]
+/// (`client.agent().service_register(&registration).await`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct AgentServiceRegistration {
+    /// `ID`: the instance's ID, unique on this agent. `None`: Consul uses `name`.
+    /// Registering an ID the agent already holds replaces that service.
     #[serde(rename = "ID", skip_serializing_if = "Option::is_none", default)]
     pub id: Option<String>,
+    /// `Name`: the service name that discovery asks for. Required (Consul answers 400
+    /// without it).
     pub name: String,
+    /// `Tags`: free-form labels; health and catalog queries can filter on one (`tag`).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub tags: Vec<String>,
+    /// `Port`: the port clients dial. `None` is sent as nothing, which Consul stores as 0.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub port: Option<u16>,
+    /// `Address`: the address clients dial. `None` (or empty): clients use the node's
+    /// address (see [`ServiceEntry::address`](crate::ServiceEntry::address)).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub address: Option<String>,
+    /// `Meta`: string key/value pairs. Consul 1.8 allows at most 64 pairs, keys of
+    /// `[a-zA-Z0-9_-]` up to 128 characters not starting with `consul-`, values up to 512.
     #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
     pub meta: BTreeMap<String, String>,
+    /// `Check`: one check of the service. Without its own `CheckID` it gets
+    /// `service:<service ID>` (with `:1`, `:2`, ... when the service has several checks).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub check: Option<AgentServiceCheck>,
+    /// `Checks`: further checks, numbered after `check`.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub checks: Vec<AgentServiceCheck>,
 }
 
-/// A check attached to a service registration.
+/// A check attached to a service registration (Go's `AgentServiceCheck`).
+///
+/// Set exactly one kind: `http` or `tcp` with an `interval`, or a `ttl`. Consul rejects a
+/// check with both `interval` and `ttl`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct AgentServiceCheck {
+    /// `CheckID`: the check's ID on the agent, the one [`Agent::check_update`] takes.
+    /// `None`: `service:<service ID>` (`:1`, `:2`, ... appended when the service has
+    /// several checks).
     #[serde(rename = "CheckID", skip_serializing_if = "Option::is_none", default)]
     pub check_id: Option<String>,
+    /// `Name`: a human-readable name. `None`: `Service '<name>' check`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub name: Option<String>,
+    /// `Interval`: how often an HTTP or TCP check runs. Consul raises anything under 1 s
+    /// to 1 s; the first run comes after a random part of one interval.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub interval: Option<GoDuration>,
+    /// `Timeout`: how long one HTTP request or TCP connect may take. `None`: 10 s.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub timeout: Option<GoDuration>,
+    /// `HTTP`: the URL an HTTP check requests. A 2xx answer is `passing`, 429 is
+    /// `warning`, anything else (or no answer) is `critical`.
     #[serde(rename = "HTTP", skip_serializing_if = "Option::is_none", default)]
     pub http: Option<String>,
+    /// `Method`: the HTTP check's method. `None`: `GET`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub method: Option<String>,
+    /// `TCP`: `host:port` a TCP check connects to; `passing` if the connect succeeds.
     #[serde(rename = "TCP", skip_serializing_if = "Option::is_none", default)]
     pub tcp: Option<String>,
+    /// `TTL`: makes this a TTL check. The service reports its own status with
+    /// [`Agent::check_update`]; if no update comes within the TTL the check turns
+    /// `critical`.
     #[serde(rename = "TTL", skip_serializing_if = "Option::is_none", default)]
     pub ttl: Option<GoDuration>,
     /// Initial status (`passing`, `warning`, `critical`); Consul's default is `critical`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub status: Option<String>,
+    /// `Notes`: free text shown with the check.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub notes: Option<String>,
-    /// Consul clamps this to at least its `CheckDeregisterIntervalMin` (1 minute).
+    /// `DeregisterCriticalServiceAfter`: once the check has been `critical` this long, the
+    /// agent deregisters the whole service. `None`: never. Consul raises it to at least its
+    /// `CheckDeregisterIntervalMin` (1 minute), and its reaper acts on a 30 s grid
+    /// (`CheckReapInterval`), so removal comes up to 30 s later than that.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub deregister_critical_service_after: Option<GoDuration>,
 }
@@ -69,15 +136,24 @@ pub struct AgentServiceCheck {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct AgentService {
+    /// `ID`: the instance's ID.
     #[serde(rename = "ID")]
     pub id: String,
+    /// `Service`: the service name.
     pub service: String,
+    /// `Tags`; `None` when Consul sends `null`. Read them with [`AgentService::tags`].
     pub tags: Option<Vec<String>>,
+    /// `Meta`; `None` when Consul sends `null`.
     pub meta: Option<BTreeMap<String, String>>,
+    /// `Port`; 0 when the registration gave none.
     pub port: u16,
+    /// `Address`; empty when the registration gave none, meaning the node's address.
     pub address: String,
+    /// `Datacenter`; Consul 1.8 does not send it, so `None` there.
     pub datacenter: Option<String>,
+    /// `CreateIndex`: the Raft index at which the entry was created.
     pub create_index: u64,
+    /// `ModifyIndex`: the Raft index of the entry's last change.
     pub modify_index: u64,
 }
 
@@ -95,6 +171,7 @@ pub type AgentCheck = HealthCheck;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct AgentSelf {
+    /// `Config`: datacenter, node, version.
     pub config: AgentSelfConfig,
     /// The agent's runtime configuration, as Consul dumps it (keys vary by version).
     pub debug_config: serde_json::Map<String, serde_json::Value>,
@@ -104,11 +181,16 @@ pub struct AgentSelf {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct AgentSelfConfig {
+    /// `Datacenter`: the agent's datacenter, for example `dc1`.
     pub datacenter: String,
+    /// `NodeName`: the agent's node name.
     pub node_name: String,
+    /// `NodeID`: the node's UUID.
     #[serde(rename = "NodeID")]
     pub node_id: String,
+    /// `Version`: Consul's version, for example `1.8.7`.
     pub version: String,
+    /// `Server`: true for a server agent, false for a client agent.
     pub server: bool,
 }
 

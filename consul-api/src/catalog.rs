@@ -15,19 +15,31 @@ use crate::{
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct CatalogService {
+    /// `ID`: the UUID of the node the instance runs on (not the service's ID).
     #[serde(rename = "ID")]
     pub id: String,
+    /// `Node`: the node's name.
     pub node: String,
+    /// `Address`: the node's address.
     pub address: String,
+    /// `Datacenter`: the node's datacenter.
     pub datacenter: String,
+    /// `ServiceID`: the instance's ID.
     #[serde(rename = "ServiceID")]
     pub service_id: String,
+    /// `ServiceName`: the service name.
     pub service_name: String,
+    /// `ServiceAddress`: the instance's address; empty means the node's `address`.
     pub service_address: String,
+    /// `ServicePort`: the instance's port; 0 when it registered none.
     pub service_port: u16,
+    /// `ServiceTags`; `None` when Consul sends `null`.
     pub service_tags: Option<Vec<String>>,
+    /// `ServiceMeta`; `None` when Consul sends `null`.
     pub service_meta: Option<BTreeMap<String, String>>,
+    /// `CreateIndex`: the Raft index at which the entry was created.
     pub create_index: u64,
+    /// `ModifyIndex`: the Raft index of the entry's last change.
     pub modify_index: u64,
 }
 

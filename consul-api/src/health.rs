@@ -13,15 +13,23 @@ use crate::{
     query::{QueryMeta, QueryOptions},
 };
 
-/// A check's status.
+/// A check's status, as Consul writes it (`passing`, `warning`, `critical`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthStatus {
+    /// `passing`: healthy.
     Passing,
+    /// `warning`: up but degraded (an HTTP check answered 429, or a TTL update said so).
+    /// Not counted as passing by `?passing` queries.
     Warning,
+    /// `critical`: failing, and the status a new check starts in unless its registration
+    /// sets another. The default.
     #[default]
     Critical,
+    /// `maintenance`: Go's `api` uses this name for an aggregated status. Consul 1.8 itself
+    /// reports a maintenance check as `critical`.
     Maintenance,
+    /// Any other string Consul sends; decoding never fails on a new status.
     #[serde(other)]
     Unknown,
 }
@@ -42,11 +50,16 @@ impl fmt::Display for HealthStatus {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct Node {
+    /// `ID`: the node's UUID.
     #[serde(rename = "ID")]
     pub id: String,
+    /// `Node`: the node's name.
     pub node: String,
+    /// `Address`: the node's address, used for services registered without one.
     pub address: String,
+    /// `Datacenter`: the node's datacenter.
     pub datacenter: String,
+    /// `Meta`: node metadata; `None` when Consul sends `null`.
     pub meta: Option<BTreeMap<String, String>>,
 }
 
@@ -54,22 +67,36 @@ pub struct Node {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct HealthCheck {
+    /// `Node`: the name of the node the check runs on.
     pub node: String,
+    /// `CheckID`: for example `serfHealth` (the node's own check), `service:<service ID>`,
+    /// or `_service_maintenance:<service ID>` while the service is in maintenance.
     #[serde(rename = "CheckID")]
     pub check_id: String,
+    /// `Name`: the check's human-readable name.
     pub name: String,
+    /// `Status`: the check's current status.
     pub status: HealthStatus,
+    /// `Notes`: free text from the registration (a maintenance check holds its reason).
     pub notes: String,
+    /// `Output`: what the last run said, for example the HTTP status line and body, or the
+    /// output of the last TTL update.
     pub output: String,
+    /// `ServiceID`: the service instance the check belongs to; empty for node checks.
     #[serde(rename = "ServiceID")]
     pub service_id: String,
+    /// `ServiceName`: that instance's service name; empty for node checks.
     pub service_name: String,
+    /// `ServiceTags`; `None` when Consul sends `null`.
     pub service_tags: Option<Vec<String>>,
+    /// `Type`: `http`, `tcp`, `ttl`, `maintenance`, ...; empty for `serfHealth`.
     #[serde(rename = "Type")]
     pub check_type: String,
     /// The check's definition. Consul 1.8 sends it empty: verify check settings by behaviour.
     pub definition: HealthCheckDefinition,
+    /// `CreateIndex`: the Raft index at which the check was created.
     pub create_index: u64,
+    /// `ModifyIndex`: the Raft index of the check's last change (a status change moves it).
     pub modify_index: u64,
 }
 
@@ -77,10 +104,14 @@ pub struct HealthCheck {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct HealthCheckDefinition {
+    /// `HTTP`: the URL of an HTTP check.
     #[serde(rename = "HTTP")]
     pub http: Option<String>,
+    /// `Interval`: how often the check runs.
     pub interval: Option<GoDuration>,
+    /// `Timeout`: the check's timeout.
     pub timeout: Option<GoDuration>,
+    /// `DeregisterCriticalServiceAfter`.
     pub deregister_critical_service_after: Option<GoDuration>,
 }
 
@@ -88,8 +119,11 @@ pub struct HealthCheckDefinition {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct ServiceEntry {
+    /// `Node`: the node the instance runs on.
     pub node: Node,
+    /// `Service`: the instance itself (ID, name, address, port, tags, meta).
     pub service: AgentService,
+    /// `Checks`: the node's checks (such as `serfHealth`) and the instance's own checks.
     pub checks: Vec<HealthCheck>,
 }
 

@@ -89,14 +89,22 @@ fn child_log_filter() -> String {
 /// Everything an echo server is started with.
 #[derive(Debug, Clone)]
 pub struct ServerSpec {
+    /// `--name`: the Consul service name it registers.
     pub name: String,
+    /// `--id`: its Consul service ID.
     pub id: String,
     /// The loopback address it listens on and registers (its own, see [`loopback_ip`]).
     pub ip: Ipv4Addr,
+    /// `--port`: the echo port.
     pub port: u16,
+    /// `--check-port`: the port of its HTTP `/check`.
     pub check_port: u16,
+    /// `--interval`: the check's `Interval`.
     pub interval: Duration,
+    /// `--timeout`: the check's `Timeout`.
     pub timeout: Duration,
+    /// `--deregister-after`: the check's `DeregisterCriticalServiceAfter` (Consul raises
+    /// anything under 1 minute to 1 minute).
     pub deregister_after: Duration,
     /// Where Consul is, and the token to use.
     pub consul: consul_api::Config,
@@ -295,7 +303,9 @@ impl ChildProcess {
 /// An echo server process.
 #[derive(Debug)]
 pub struct ServerProcess {
+    /// What it was started with (after [`ServerProcess::spawn`], the ports it bound).
     pub spec: ServerSpec,
+    /// The child itself: signals, output, exit.
     pub process: ChildProcess,
 }
 
@@ -364,6 +374,7 @@ impl ServerProcess {
 /// An echo client process.
 #[derive(Debug)]
 pub struct ClientProcess {
+    /// The child itself: signals, output, exit.
     pub process: ChildProcess,
 }
 

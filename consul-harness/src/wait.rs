@@ -89,7 +89,10 @@ pub async fn deregistered(
 /// moments the blocking queries returned).
 #[derive(Debug, Clone, Copy)]
 pub struct Lifecycle {
+    /// When a blocking query first showed one of its checks critical after it had passed;
+    /// `removed_at` if it disappeared before being seen critical.
     pub critical_at: SystemTime,
+    /// When a blocking query first showed the instance gone.
     pub removed_at: SystemTime,
 }
 

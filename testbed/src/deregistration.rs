@@ -129,23 +129,34 @@ struct Plan {
 /// One trial's measurements and predictions. Instants are seconds since the sweep began.
 #[derive(Debug, Clone, Serialize)]
 pub struct Trial {
+    /// The trial server's Consul service ID (also its name), for example
+    /// `dereg-30s-every-5s-t1`.
     pub service_id: String,
     /// `DeregisterCriticalServiceAfter` as registered.
     pub setting: GoDuration,
-    /// What the agent applies.
+    /// What the agent applies: the setting raised to `CheckDeregisterIntervalMin`.
     pub effective: GoDuration,
+    /// The HTTP check's `Interval`.
     pub interval: GoDuration,
+    /// The trial's number within its (setting, interval) cell, from 1.
     pub trial: usize,
+    /// When the server was sent SIGKILL.
     pub killed_at: f64,
+    /// When a blocking query first showed its check critical.
     pub critical_at: f64,
+    /// When a blocking query first showed the service gone.
     pub removed_at: f64,
+    /// `critical_at − killed_at`, seconds: waiting for the next check run.
     pub kill_to_critical: f64,
+    /// `removed_at − critical_at`, seconds: the part Consul's reaper decides.
     pub critical_to_removed: f64,
+    /// `removed_at − killed_at`, seconds: what a client of Consul sees.
     pub kill_to_removed: f64,
     /// Where critical → removed must fall: (max(setting, 1m), + 30 s].
     pub critical_window: Window,
     /// Where kill → removed must fall.
     pub kill_window: Window,
+    /// Whether both measured spans fall in their windows (with 0.1 s of slack).
     pub in_window: bool,
     /// Predicted removal from the reaper's phase at the agent's start.
     pub predicted_from_start: f64,
@@ -153,19 +164,27 @@ pub struct Trial {
     pub error_from_start_ms: f64,
     /// Predicted removal from the latest earlier removal, if there was one.
     pub predicted_from_earlier: Option<f64>,
+    /// Measured minus `predicted_from_earlier`, in milliseconds; `None` without an earlier
+    /// removal.
     pub error_from_earlier_ms: Option<f64>,
-    /// The agent's own log times of "is now critical" and "deregistered service".
+    /// The agent's own log time of the check's "is now critical" line; `None` if the log
+    /// has no such line or no parseable time.
     pub agent_logged_critical: Option<f64>,
+    /// The agent's own log time of its "critical for too long; deregistered service" line;
+    /// `None` likewise.
     pub agent_logged_removed: Option<f64>,
 }
 
 /// The clean-shutdown contrast.
 #[derive(Debug, Clone, Serialize)]
 pub struct Contrast {
+    /// The contrast server's service ID (`sigterm-contrast`).
     pub service_id: String,
+    /// The signal sent (`SIGTERM`).
     pub signal: &'static str,
     /// Milliseconds from SIGTERM to the service gone from the health endpoint.
     pub removed_after_ms: f64,
+    /// The server's exit code; `None` if a signal ended it.
     pub exit_code: Option<i32>,
 }
 
@@ -174,19 +193,28 @@ pub struct Contrast {
 pub struct Report {
     /// When the sweep began (RFC 3339, UTC).
     pub date: String,
+    /// Consul's version, as the agent reports it.
     pub consul_version: String,
+    /// Which backend ran Consul (`docker` or `process`).
     pub backend: &'static str,
     /// Read from the agent (`/v1/agent/self`), or Consul's defaults if it would not say.
     pub model: ReaperModel,
+    /// Where `model` came from, in words.
     pub model_source: &'static str,
     /// The reaper's start, seconds since the sweep began, from the agent's log.
     pub reaper_anchor: f64,
+    /// Where `reaper_anchor` came from: the log line, or the harness's own start time.
     pub anchor_source: String,
+    /// Every trial that was measured, in plan order.
     pub trials: Vec<Trial>,
+    /// The SIGTERM contrast, if it was asked for.
     pub contrast: Option<Contrast>,
     /// Largest |measured − predicted| over all trials, in milliseconds.
     pub max_error_from_start_ms: f64,
+    /// Largest |measured − predicted from an earlier removal|, in milliseconds; `None` if
+    /// no trial had an earlier removal.
     pub max_error_from_earlier_ms: Option<f64>,
+    /// Whether every trial fell in its windows.
     pub all_in_window: bool,
     /// Wall time of the whole run, seconds.
     pub wall_time: f64,

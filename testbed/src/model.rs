@@ -34,7 +34,9 @@ pub struct ReaperModel {
 /// A half-open interval `(lo, hi]` of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Window {
+    /// The open lower bound, seconds.
     pub lo: f64,
+    /// The closed upper bound, seconds.
     pub hi: f64,
 }
 

@@ -23,8 +23,11 @@ use crate::{consul::Consul, error::Result, wait};
 /// What the smoke run saw.
 #[derive(Debug, Clone, Serialize)]
 pub struct SmokeReport {
+    /// Which backend ran Consul (`docker` or `process`).
     pub backend: &'static str,
+    /// Consul's version, as the agent reports it.
     pub consul_version: String,
+    /// The agent's HTTP address, `127.0.0.1:port`.
     pub consul_http: String,
     /// Milliseconds from registration to the check passing (a blocking query saw it).
     pub passing_after_ms: f64,
@@ -37,6 +40,7 @@ pub struct SmokeReport {
 /// A minimal HTTP responder for Consul's check: answers 200 to any request, counting them.
 #[derive(Debug)]
 pub struct CheckResponder {
+    /// Where it listens (127.0.0.1, a free port).
     pub addr: std::net::SocketAddr,
     hits: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,

@@ -47,9 +47,12 @@ pub struct TimelineConfig {
     pub client_alone: Duration,
     /// Replies to wait for before the kill (the seed article's log shows 8).
     pub replies_before_kill: usize,
-    /// The seed article's settings: every 5s, 3s timeout, deregister after 30s.
+    /// The servers' check `Interval` (the seed article's: 5s).
     pub interval: Duration,
+    /// The servers' check `Timeout` (the seed article's: 3s).
     pub timeout: Duration,
+    /// The servers' `DeregisterCriticalServiceAfter` (the seed article's: 30s, which
+    /// Consul raises to 1m).
     pub deregister_after: Duration,
     /// Messages every this often.
     pub message_interval: Duration,
@@ -75,22 +78,33 @@ pub struct Event {
     pub at: f64,
     /// Until when the repeated line went on, if it repeated.
     pub until: Option<f64>,
+    /// How many identical lines in a row this event stands for (1 if it did not repeat).
     pub count: usize,
     /// `client`, `testbed` or `consul`.
     pub source: &'static str,
+    /// What happened: the client's line (log lines without timestamp and target), the
+    /// testbed's action, or what Consul published.
     pub text: String,
 }
 
 /// One story's timeline and what the client went through.
 #[derive(Debug, Clone, Serialize)]
 pub struct Story {
+    /// Which client this story ran.
     pub mode: ClientMode,
+    /// Consul's version, as the agent reports it.
     pub consul_version: String,
+    /// Everything that happened, in time order.
     pub events: Vec<Event>,
+    /// When the server the client used was sent SIGKILL, seconds since the story began.
     pub killed_at: f64,
+    /// When a blocking query first showed its check critical, seconds since the story began.
     pub critical_at: f64,
+    /// When a blocking query first showed it gone, seconds since the story began.
     pub removed_at: f64,
+    /// Replies the client printed before the kill.
     pub replies_before_kill: usize,
+    /// Replies the client printed after the kill.
     pub replies_after_kill: usize,
     /// Failed dials and reads the client printed after the kill.
     pub failures_after_kill: usize,
@@ -126,7 +140,9 @@ impl Story {
 /// Both stories.
 #[derive(Debug, Clone, Serialize)]
 pub struct TimelineReport {
+    /// When the run began (RFC 3339, UTC).
     pub date: String,
+    /// The naive story, then the resilient one.
     pub stories: Vec<Story>,
 }
 

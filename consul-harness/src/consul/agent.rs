@@ -48,9 +48,13 @@ impl Flavor {
 /// The loopback ports one agent listens on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ports {
+    /// The HTTP API (`-http-port`), what clients and tests talk to.
     pub http: u16,
+    /// Serf LAN gossip (`-serf-lan-port`), TCP and UDP.
     pub serf_lan: u16,
+    /// Serf WAN gossip between datacenters (`-serf-wan-port`), TCP and UDP.
     pub serf_wan: u16,
+    /// Server RPC (`-server-port`).
     pub server: u16,
 }
 
@@ -138,9 +142,11 @@ impl AgentTls {
 /// Everything that defines one agent's command line.
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
+    /// `-node`: the agent's node name, unique so that agents side by side do not clash.
     pub node_name: String,
     /// The API port (`ports.http`, or `ports.https` with [`AgentSpec::tls`]), Serf and RPC.
     pub ports: Ports,
+    /// Which generation of flags and ACL configuration to write.
     pub flavor: Flavor,
     /// With ACLs: the management token (also used as the agent's own token).
     pub acl_management_token: Option<String>,

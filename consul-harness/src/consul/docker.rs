@@ -27,7 +27,9 @@ const PID_LABEL: &str = "testbed.pid";
 /// A Consul image by name and tag, for example `hashicorp/consul:1.20`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRef {
+    /// The repository, registry host included if any: `hashicorp/consul`.
     pub name: String,
+    /// The tag: `1.20`, `latest`.
     pub tag: String,
 }
 
