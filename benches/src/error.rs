@@ -10,7 +10,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// Something did not happen in time.
     #[error("timed out after {timeout:?} waiting for {what}")]
-    Timeout { what: String, timeout: Duration },
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        timeout: Duration,
+    },
 
     /// An echo came back different from what was sent, or not at all.
     #[error("bad echo: {0}")]
@@ -39,7 +44,9 @@ pub enum Error {
     /// A results file could not be read or written.
     #[error("{path}: {source}")]
     Json {
+        /// The file.
         path: String,
+        /// What serde_json said.
         #[source]
         source: serde_json::Error,
     },

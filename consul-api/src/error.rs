@@ -16,10 +16,15 @@ pub enum Error {
     /// No HTTP answer: connection refused, reset, timed out, DNS failure.
     #[error("Consul at {url} did not answer {method} {path}: {reason}")]
     Transport {
+        /// The HTTP method (`GET`, `PUT`).
         method: &'static str,
+        /// The agent's base URL.
         url: String,
+        /// The request's path (`/v1/...`), without the query.
         path: String,
+        /// What went wrong, in a few words.
         reason: String,
+        /// Whether the request timed out (rather than being refused or reset).
         timeout: bool,
     },
 
@@ -28,9 +33,13 @@ pub enum Error {
     /// look at. Not retried: it takes a change of configuration on one side.
     #[error("TLS with Consul at {url} failed for {method} {path}: {problem}")]
     Tls {
+        /// The HTTP method (`GET`, `PUT`).
         method: &'static str,
+        /// The agent's base URL.
         url: String,
+        /// The request's path (`/v1/...`), without the query.
         path: String,
+        /// What failed, naming the setting to look at.
         problem: String,
     },
 
@@ -40,17 +49,24 @@ pub enum Error {
          check CONSUL_HTTP_TOKEN and the token's policy"
     )]
     PermissionDenied {
+        /// The HTTP method (`GET`, `PUT`).
         method: &'static str,
+        /// The request's path (`/v1/...`), without the query.
         path: String,
+        /// Consul's own message (the body of its answer).
         message: String,
     },
 
     /// Consul answered with another non-success status.
     #[error("Consul answered {status} to {method} {path}: {message}")]
     Status {
+        /// The HTTP method (`GET`, `PUT`).
         method: &'static str,
+        /// The request's path (`/v1/...`), without the query.
         path: String,
+        /// The HTTP status.
         status: u16,
+        /// Consul's own message (the body of its answer).
         message: String,
     },
 
@@ -59,17 +75,24 @@ pub enum Error {
         "Consul sent a malformed answer to {method} {path}: {reason} (body starts {snippet:?})"
     )]
     Decode {
+        /// The HTTP method (`GET`, `PUT`).
         method: &'static str,
+        /// The request's path (`/v1/...`), without the query.
         path: String,
+        /// What went wrong, in a few words.
         reason: String,
+        /// The first bytes of the body.
         snippet: String,
     },
 
     /// The answer was larger than the configured cap.
     #[error("Consul's answer to {method} {path} exceeds {limit} bytes")]
     BodyTooLarge {
+        /// The HTTP method (`GET`, `PUT`).
         method: &'static str,
+        /// The request's path (`/v1/...`), without the query.
         path: String,
+        /// The cap, in bytes.
         limit: usize,
     },
 }
@@ -120,11 +143,17 @@ impl Error {
 /// The kind of an [`Error`], without its details.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
+    /// [`Error::Config`].
     Config,
+    /// [`Error::Transport`].
     Unreachable,
+    /// [`Error::Tls`].
     Tls,
+    /// [`Error::PermissionDenied`].
     PermissionDenied,
+    /// [`Error::Status`], with its status.
     Status(u16),
+    /// [`Error::Decode`] or [`Error::BodyTooLarge`].
     Malformed,
 }
 

@@ -13,35 +13,61 @@ pub enum Error {
     #[error(
         "no Docker engine answers at {endpoint}: {reason} (start Docker, or set TESTBED_BACKEND=process to run a local consul binary instead)"
     )]
-    DockerUnavailable { endpoint: String, reason: String },
+    DockerUnavailable {
+        /// Where the engine was looked for (`DOCKER_HOST`).
+        endpoint: String,
+        /// What the engine (or its absence) said.
+        reason: String,
+    },
 
     /// The Consul image is neither present nor obtainable.
     #[error("image {image} is not available: {reason}")]
-    ImageUnavailable { image: String, reason: String },
+    ImageUnavailable {
+        /// The image reference.
+        image: String,
+        /// Why it cannot be had.
+        reason: String,
+    },
 
     /// Fetching or unpacking Consul, or building its image, failed.
     #[error("cannot provision Consul {version} ({step}): {reason}")]
     Provision {
+        /// The Consul version being provisioned.
         version: &'static str,
+        /// The step that failed (download, unpack, build).
         step: &'static str,
+        /// What the step said.
         reason: String,
     },
 
     /// The agent did not come up in time.
     #[error("Consul ({backend}) did not become ready within {timeout:?}: {reason}")]
     StartTimeout {
+        /// `docker` or `process`.
         backend: &'static str,
+        /// How long it was given.
         timeout: Duration,
+        /// The last thing seen (its log, the leader query's error).
         reason: String,
     },
 
     /// A condition waited for did not happen before its deadline.
     #[error("timed out after {timeout:?} waiting for {what}")]
-    Timeout { what: String, timeout: Duration },
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        timeout: Duration,
+    },
 
     /// A child process could not be run or controlled.
     #[error("process {what}: {reason}")]
-    Process { what: String, reason: String },
+    Process {
+        /// What was being done to which process.
+        what: String,
+        /// What the system said.
+        reason: String,
+    },
 
     /// An option or flag makes no sense.
     #[error("invalid setting: {0}")]

@@ -18,8 +18,11 @@ pub enum Error {
     /// A listening socket could not be opened.
     #[error("cannot listen for {what} on {addr}")]
     Bind {
+        /// `echo` or `/check`.
         what: &'static str,
+        /// The address it was to listen on.
         addr: SocketAddr,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },
@@ -36,7 +39,9 @@ pub enum Error {
     /// Signal handlers could not be installed.
     #[error("cannot listen for {signal}")]
     Signal {
+        /// The signal (`SIGTERM`, ...).
         signal: &'static str,
+        /// What the system said.
         #[source]
         source: std::io::Error,
     },

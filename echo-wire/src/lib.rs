@@ -25,7 +25,10 @@ pub const DEFAULT_MAX_FRAME: usize = 64 << 10;
 pub enum CodecError {
     /// The peer sent more than `max` bytes without a newline.
     #[error("frame longer than {max} bytes")]
-    FrameTooLong { max: usize },
+    FrameTooLong {
+        /// The limit, in bytes (the newline not counted).
+        max: usize,
+    },
     /// A frame to send contains a newline, which would split it in two.
     #[error("a frame cannot contain a newline byte")]
     NewlineInFrame,

@@ -119,8 +119,11 @@ fn below_ephemeral_range() -> Option<std::ops::Range<u16>> {
 /// The agent's TLS files and whether it requires client certificates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentTls {
+    /// `ca_file`: the CA that signed the agent's certificate (and clients' certificates).
     pub ca_file: PathBuf,
+    /// `cert_file`: the agent's certificate.
     pub cert_file: PathBuf,
+    /// `key_file`: the agent's private key.
     pub key_file: PathBuf,
     /// `verify_incoming`: every client must present a certificate signed by `ca_file`.
     pub verify_incoming: bool,

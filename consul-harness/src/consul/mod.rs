@@ -60,7 +60,9 @@ impl BackendChoice {
 /// The backend an agent actually runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
+    /// A container of the Consul image, host networking.
     Docker,
+    /// A local `consul` child process (the fallback without Docker).
     Process,
 }
 
@@ -77,7 +79,9 @@ impl BackendKind {
 /// How to start an agent.
 #[derive(Debug, Clone)]
 pub struct ConsulOptions {
+    /// Which backend to run on (`TESTBED_BACKEND`).
     pub backend: BackendChoice,
+    /// The image to run (`CONSUL_IMAGE`, or the locally built one).
     pub image: ImageRef,
     /// With ACLs on and default deny: the management token.
     pub acl_management_token: Option<String>,
