@@ -14,6 +14,8 @@
 //! * [`query`] — [`QueryOptions`] (`index`, `wait`, `dc`, ...) and [`QueryMeta`]
 //!   (`X-Consul-Index`, ...).
 //! * [`watch`] — [`Watch`], which drives a blocking query by Consul's rules.
+//! * [`backoff`] — [`Backoff`], the one jittered exponential backoff (backon) of the workspace:
+//!   the watch's polling without an index, the client's Consul retries and reconnects.
 //! * [`duration`] — [`GoDuration`], durations written and read the way Go does (`5s`, `1m30s`).
 //! * [`error`] — the one [`Error`] enum, carrying HTTP status and Consul's message.
 //!
@@ -22,6 +24,7 @@
 
 pub mod acl;
 pub mod agent;
+pub mod backoff;
 pub mod catalog;
 pub mod client;
 pub mod duration;
@@ -33,6 +36,7 @@ pub mod watch;
 
 pub use acl::{AclPolicy, AclPolicyLink, AclToken};
 pub use agent::{AgentCheck, AgentSelf, AgentService, AgentServiceCheck, AgentServiceRegistration};
+pub use backoff::Backoff;
 pub use catalog::CatalogService;
 pub use client::{Client, Config};
 pub use duration::GoDuration;

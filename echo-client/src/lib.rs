@@ -5,7 +5,8 @@
 //!   queries, publishing [`Snapshot`]s on a watch channel;
 //! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
 //!   ejection with cooldown);
-//! * [`backoff`] — jittered exponential backoff (backon), for Consul and for reconnecting;
+//! * [`backoff`] — jittered exponential backoff (consul-api's, re-exported), for Consul and
+//!   for reconnecting;
 //! * [`session`] — the connection and the queue of un-answered messages: resend on failure,
 //!   exactly one reply per message, in order;
 //! * [`client`] — [`EchoClient`], the handle: `send(bytes) -> Reply`, and discovery changes;
@@ -13,7 +14,7 @@
 //! * [`cli`] — the command line shared by `echo-client` and `testbed echo-client`;
 //! * [`error`] — the one [`Error`] enum.
 
-pub mod backoff;
+pub use consul_api::backoff;
 pub mod balancer;
 pub mod cli;
 pub mod client;
