@@ -10,18 +10,24 @@
 //!   and corrupted answers, then healed;
 //! * [`acl`] — ACLs on with default deny: missing, wrong and too narrow tokens;
 //! * [`hostile`] — garbage, oversized frames, stalled, reset and short-lived connections;
+//! * [`blackholed`] — passing instances that drop SYNs, and one healthy server;
+//! * [`batch`] — 1,000 concurrent 64 KiB messages to one server;
+//! * [`stripped`] — Consul behind a proxy that strips `X-Consul-Index`;
 //! * [`observe`] — the echo traffic and the discovery views the scenarios watch.
 //!
 //! Every scenario starts its own agent and processes, bounds every loop in count and time,
 //! and talks only to 127.0.0.1 and the agent's container.
 
 pub mod acl;
+pub mod batch;
+pub mod blackholed;
 pub mod hostile;
 pub mod hung;
 pub mod observe;
 pub mod paused;
 pub mod proxy;
 pub mod restarted;
+pub mod stripped;
 
 use std::{
     fmt::Write as _,
@@ -62,17 +68,26 @@ pub enum Scenario {
     Acl,
     /// Hostile input at an echo server.
     Hostile,
+    /// Passing instances that drop SYNs.
+    Blackholed,
+    /// A large pipelined batch.
+    Batch,
+    /// Consul's index stripped by a proxy.
+    Stripped,
 }
 
 impl Scenario {
     /// All of them, in the report's order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 9] = [
         Scenario::Hung,
         Scenario::Paused,
         Scenario::Restarted,
         Scenario::Proxy,
         Scenario::Acl,
         Scenario::Hostile,
+        Scenario::Blackholed,
+        Scenario::Batch,
+        Scenario::Stripped,
     ];
 
     /// The table's name for it.
@@ -84,6 +99,9 @@ impl Scenario {
             Scenario::Proxy => "4. fault proxy",
             Scenario::Acl => "5. ACLs, default deny",
             Scenario::Hostile => "6. hostile input",
+            Scenario::Blackholed => "7. blackholed instances",
+            Scenario::Batch => "8. large pipelined batch",
+            Scenario::Stripped => "9. stripped X-Consul-Index",
         }
     }
 }
@@ -97,6 +115,9 @@ pub struct FaultsConfig {
     pub proxy: proxy::Config,
     pub acl: acl::Config,
     pub hostile: hostile::Config,
+    pub blackholed: blackholed::Config,
+    pub batch: batch::Config,
+    pub stripped: stripped::Config,
 }
 
 /// One line of the table.
@@ -133,6 +154,9 @@ pub struct Report {
     pub proxy: Option<proxy::Outcome>,
     pub acl: Option<acl::Outcome>,
     pub hostile: Option<hostile::Outcome>,
+    pub blackholed: Option<blackholed::Outcome>,
+    pub batch: Option<batch::Outcome>,
+    pub stripped: Option<stripped::Outcome>,
     /// Scenarios that could not run to the end, with why.
     pub failed: Vec<(Scenario, String)>,
     /// Wall time of the whole run, seconds.
@@ -166,6 +190,9 @@ pub async fn run(
         proxy: None,
         acl: None,
         hostile: None,
+        blackholed: None,
+        batch: None,
+        stripped: None,
         failed: Vec::new(),
         wall_time: 0.0,
     };
@@ -194,6 +221,9 @@ pub async fn run(
             Scenario::Proxy => record!(proxy, proxy),
             Scenario::Acl => record!(acl, acl),
             Scenario::Hostile => record!(hostile, hostile),
+            Scenario::Blackholed => record!(blackholed, blackholed),
+            Scenario::Batch => record!(batch, batch),
+            Scenario::Stripped => record!(stripped, stripped),
         };
         if let Err(e) = result {
             tracing::error!(scenario = scenario.title(), error = %e, "scenario failed");
@@ -253,13 +283,16 @@ pub fn markdown(report: &Report) -> String {
         );
     }
     out.push('\n');
-    let details: [Option<String>; 6] = [
+    let details: [Option<String>; 9] = [
         report.hung.as_ref().map(hung::Outcome::details),
         report.paused.as_ref().map(paused::Outcome::details),
         report.restarted.as_ref().map(restarted::Outcome::details),
         report.proxy.as_ref().map(proxy::Outcome::details),
         report.acl.as_ref().map(acl::Outcome::details),
         report.hostile.as_ref().map(hostile::Outcome::details),
+        report.blackholed.as_ref().map(blackholed::Outcome::details),
+        report.batch.as_ref().map(batch::Outcome::details),
+        report.stripped.as_ref().map(stripped::Outcome::details),
     ];
     for d in details.into_iter().flatten() {
         out.push_str(&d);
@@ -538,6 +571,9 @@ mod tests {
             proxy: None,
             acl: None,
             hostile: None,
+            blackholed: None,
+            batch: None,
+            stripped: None,
             failed: Vec::new(),
             wall_time: 1.0,
         };
