@@ -8,7 +8,7 @@
 //! * [`agent`] — the local agent: `ServiceRegister` ([`AgentServiceRegistration`] with an
 //!   [`AgentServiceCheck`]), `ServiceDeregister`, `Services`, `Service`, `Checks`, `Self`.
 //! * [`health`] — `Service` (healthy instances as [`ServiceEntry`], blocking), `Checks`, `State`.
-//! * [`catalog`] — `Service` and `Services`.
+//! * [`catalog`] — `Service`, `Services` and `Register`.
 //! * [`status`] — `Leader`.
 //! * [`acl`] — policies and tokens, enough to set up ACL scenarios.
 //! * [`query`] — [`QueryOptions`] (`index`, `wait`, `dc`, ...) and [`QueryMeta`]
@@ -37,7 +37,7 @@ pub mod watch;
 pub use acl::{AclPolicy, AclPolicyLink, AclToken};
 pub use agent::{AgentCheck, AgentSelf, AgentService, AgentServiceCheck, AgentServiceRegistration};
 pub use backoff::Backoff;
-pub use catalog::CatalogService;
+pub use catalog::{CatalogRegistration, CatalogService, CatalogServiceRegistration};
 pub use client::{Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};

@@ -656,3 +656,80 @@ async fn failing_cli(
         .text;
     (error, took)
 }
+
+/// An in-process echo server (not registered by itself); stopping it returns once it has
+/// closed every connection.
+async fn local_server() -> (
+    std::net::SocketAddr,
+    impl FnOnce() -> tokio::task::JoinHandle<()>,
+) {
+    let mut config = echo_server::Config::local();
+    config.drain_timeout = Duration::from_millis(100);
+    let server = echo_server::Server::bind(config).await.unwrap();
+    let addr = server.echo_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async move {
+        stopped.await.ok();
+    }));
+    let stop = move || {
+        stop.send(()).unwrap();
+        tokio::spawn(async move {
+            running.await.unwrap().unwrap();
+        })
+    };
+    (addr, stop)
+}
+
+#[tokio::test]
+async fn two_instances_with_one_id_on_two_nodes_are_two_instances() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    // Consul's service IDs are unique per agent, not per cluster: servernode_1 on node-a and
+    // servernode_1 on node-b (registered in the catalog as if by their own agents).
+    let mut servers = BTreeMap::new();
+    for node in ["node-a", "node-b"] {
+        let (addr, stop) = local_server().await;
+        let registration = consul_api::CatalogRegistration {
+            node: node.into(),
+            address: "127.0.0.1".into(),
+            service: Some(consul_api::CatalogServiceRegistration {
+                id: "servernode_1".into(),
+                service: SERVICE.into(),
+                address: "127.0.0.1".into(),
+                port: addr.port(),
+                ..Default::default()
+            }),
+        };
+        consul
+            .client()
+            .catalog()
+            .register(&registration)
+            .await
+            .unwrap();
+        servers.insert(addr.port(), (node, stop));
+    }
+    let mut config = ClientConfig::new(consul.config(), SERVICE);
+    config.session.cooldown = Duration::from_secs(20);
+    let client = EchoClient::start(config).unwrap();
+    let listed = discovered(&client, |s| s.instances.len() == 2).await;
+    assert_eq!(ids(&listed), ["servernode_1", "servernode_1"]);
+    let nodes: Vec<&str> = listed.instances.iter().map(|i| i.node.as_str()).collect();
+    assert_eq!(nodes.len(), 2);
+    assert_ne!(nodes[0], nodes[1]);
+
+    let first = echo(&client, 1).await;
+    let (node, stop) = servers.remove(&first.instance.port).unwrap();
+    assert_eq!(first.instance.node, node);
+    tokio::time::timeout(Duration::from_secs(10), stop())
+        .await
+        .expect("the server stops")
+        .unwrap();
+    // The namesake on the other node must not share the stopped one's ejection (20 s).
+    let started = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(5), echo(&client, 2))
+        .await
+        .expect("the other servernode_1 answers at once");
+    let (&other, _) = servers.iter().next().unwrap();
+    assert_eq!(reply.instance.port, other);
+    eprintln!("failover between two servernode_1: {:?}", started.elapsed());
+}

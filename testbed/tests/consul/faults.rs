@@ -177,3 +177,48 @@ async fn hostile_input_leaves_the_server_up_and_its_memory_bounded() {
     assert_eq!(o.quiet.lost + o.attack.lost, 0);
     assert!(o.p99_ratio.is_some());
 }
+
+#[tokio::test]
+async fn blackholed_instances_cost_at_most_one_connect_timeout() {
+    init_tracing();
+    let config = faults::blackholed::Config::default();
+    let o = faults::blackholed::run(&launcher(), &config, &step)
+        .await
+        .unwrap();
+    show(&o);
+    assert!(o.violations().is_empty(), "{:?}", o.violations());
+    assert_eq!((o.tally.sent, o.tally.lost), (config.messages, 0));
+    assert_eq!(o.served_by, [o.healthy.clone()]);
+    // One healthy instance behind 3 that drop SYNs: about the stream plus one connect
+    // timeout (tried one after another, they cost 3).
+    assert!(o.extra() <= o.connect_timeout, "{:?} extra", o.extra());
+}
+
+#[tokio::test]
+async fn a_large_pipelined_batch_is_answered_without_ejecting_the_server() {
+    init_tracing();
+    let config = faults::batch::Config::default();
+    let o = faults::batch::run(&launcher(), &config, &step)
+        .await
+        .unwrap();
+    show(&o);
+    assert!(o.violations().is_empty(), "{:?}", o.violations());
+    assert_eq!(o.tally.sent, config.messages as u64);
+    assert_eq!(o.exact, config.messages as u64);
+    assert_eq!(o.tally.resent, 0, "no reply timeout, no ejection");
+}
+
+#[tokio::test]
+async fn without_x_consul_index_discovery_polls_with_backoff_and_sees_changes() {
+    init_tracing();
+    let config = faults::stripped::Config::default();
+    let o = faults::stripped::run(&launcher(), &config, &step)
+        .await
+        .unwrap();
+    show(&o);
+    assert!(o.violations().is_empty(), "{:?}", o.violations());
+    assert_eq!(o.max_index_seen, 0, "the proxy stripped every index");
+    assert!(o.new_server_seen.unwrap() < Duration::from_secs(15));
+    assert!(o.request_rate <= config.max_rate, "{}", o.request_rate);
+    assert_eq!(o.tally.lost, 0);
+}
