@@ -281,7 +281,8 @@ pub(crate) async fn follow<F, Fut>(
                     tracing::info!(service, "passing: [{}]", listed.join(", "));
                 }
             }
-            Err(e) if !e.is_retryable() && !(answered && e.is_permission_denied()) => {
+            // A 403 after an answer (a token rotated, an agent restarted) is retried below.
+            Err(e) if !(e.is_retryable() || answered && e.is_permission_denied()) => {
                 let error = permanent_message(&e);
                 tracing::error!(service, "{error}");
                 publish(&tx, |s| s.with_state(ConsulState::Failed { error }));

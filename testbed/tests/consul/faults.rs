@@ -188,7 +188,7 @@ async fn blackholed_instances_cost_at_most_one_connect_timeout() {
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!((o.tally.sent, o.tally.lost), (config.messages, 0));
-    assert_eq!(o.served_by, [o.healthy.clone()]);
+    assert_eq!(o.served_by, std::slice::from_ref(&o.healthy));
     // One healthy instance behind 3 that drop SYNs: about the stream plus one connect
     // timeout (tried one after another, they cost 3).
     assert!(o.extra() <= o.connect_timeout, "{:?} extra", o.extra());
