@@ -5,7 +5,7 @@
 //! 127.0.0.1 only, forwards to one upstream address, and knows nothing of Consul's API.
 //!
 //! The fault is switched at run time with [`FaultProxy::set`] and applies at once: while a
-//! fault fails answers, no request waits on the upstream more than [`FAULT_DEADLINE`] (a
+//! fault fails answers, no request waits on the upstream more than `FAULT_DEADLINE` (a
 //! blocking query would otherwise hold its failure back for minutes), so the upstream's real
 //! answer is corrupted when it comes that fast, and a stand-in body is used otherwise.
 
