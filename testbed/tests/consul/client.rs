@@ -657,29 +657,6 @@ async fn failing_cli(
     (error, took)
 }
 
-/// An in-process echo server (not registered by itself); stopping it returns once it has
-/// closed every connection.
-async fn local_server() -> (
-    std::net::SocketAddr,
-    impl FnOnce() -> tokio::task::JoinHandle<()>,
-) {
-    let mut config = echo_server::Config::local();
-    config.drain_timeout = Duration::from_millis(100);
-    let server = echo_server::Server::bind(config).await.unwrap();
-    let addr = server.echo_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(server.run(async move {
-        stopped.await.ok();
-    }));
-    let stop = move || {
-        stop.send(()).unwrap();
-        tokio::spawn(async move {
-            running.await.unwrap().unwrap();
-        })
-    };
-    (addr, stop)
-}
-
 #[tokio::test]
 async fn two_instances_with_one_id_on_two_nodes_are_two_instances() {
     init_tracing();
@@ -688,14 +665,17 @@ async fn two_instances_with_one_id_on_two_nodes_are_two_instances() {
     // servernode_1 on node-b (registered in the catalog as if by their own agents).
     let mut servers = BTreeMap::new();
     for node in ["node-a", "node-b"] {
-        let (addr, stop) = local_server().await;
+        let mut spec = ServerSpec::seed(consul.config()).unwrap();
+        spec.extra_args.push("--no-register".into());
+        let server = ServerProcess::spawn(&launcher(), spec).await.unwrap();
+        let addr = server.spec.echo_addr();
         let registration = consul_api::CatalogRegistration {
             node: node.into(),
-            address: "127.0.0.1".into(),
+            address: addr.ip().to_string(),
             service: Some(consul_api::CatalogServiceRegistration {
                 id: "servernode_1".into(),
                 service: SERVICE.into(),
-                address: "127.0.0.1".into(),
+                address: addr.ip().to_string(),
                 port: addr.port(),
                 ..Default::default()
             }),
@@ -706,7 +686,7 @@ async fn two_instances_with_one_id_on_two_nodes_are_two_instances() {
             .register(&registration)
             .await
             .unwrap();
-        servers.insert(addr.port(), (node, stop));
+        servers.insert(addr.port(), (node, server));
     }
     let mut config = ClientConfig::new(consul.config(), SERVICE);
     config.session.cooldown = Duration::from_secs(20);
@@ -718,12 +698,9 @@ async fn two_instances_with_one_id_on_two_nodes_are_two_instances() {
     assert_ne!(nodes[0], nodes[1]);
 
     let first = echo(&client, 1).await;
-    let (node, stop) = servers.remove(&first.instance.port).unwrap();
+    let (node, mut served) = servers.remove(&first.instance.port).unwrap();
     assert_eq!(first.instance.node, node);
-    tokio::time::timeout(Duration::from_secs(10), stop())
-        .await
-        .expect("the server stops")
-        .unwrap();
+    served.process.kill().await.unwrap();
     // The namesake on the other node must not share the stopped one's ejection (20 s).
     let started = Instant::now();
     let reply = tokio::time::timeout(Duration::from_secs(5), echo(&client, 2))
