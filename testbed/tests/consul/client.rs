@@ -710,3 +710,64 @@ async fn two_instances_with_one_id_on_two_nodes_are_two_instances() {
     assert_eq!(reply.instance.port, other);
     eprintln!("failover between two servernode_1: {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn a_token_revoked_after_success_keeps_the_client_serving() {
+    init_tracing();
+    let options = ConsulOptions::from_env()
+        .unwrap()
+        .with_acl("revoke-root-token");
+    let consul = Consul::start_with(options).await.unwrap();
+    let _a = server(&consul, "servernode_1").await;
+    passing(&consul, &["servernode_1"]).await;
+    let admin = consul.client();
+    let policy = admin
+        .acl()
+        .policy_create(&consul_api::AclPolicy {
+            name: "echo-client".into(),
+            rules: format!(
+                "service \"{SERVICE}\" {{ policy = \"read\" }}\nnode_prefix \"\" {{ policy = \"read\" }}"
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let token = admin
+        .acl()
+        .token_create(&consul_api::AclToken {
+            description: "echo-client".into(),
+            policies: vec![consul_api::AclPolicyLink {
+                id: policy.id,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut config = ClientConfig::new(
+        consul.config().with_token(Some(token.secret_id.clone())),
+        SERVICE,
+    );
+    // Short blocking queries, so the revocation is seen within a second.
+    config.discovery.wait = Duration::from_secs(1);
+    let client = EchoClient::start(config).unwrap();
+    discovered(&client, |s| ids(s) == ["servernode_1"]).await;
+    let first = echo(&client, 1).await;
+
+    admin.acl().token_delete(&token.accessor_id).await.unwrap();
+    let refused = discovered(&client, |s| {
+        matches!(&s.consul, ConsulState::Unreachable { error, .. } if error.contains("403"))
+            || s.failure().is_some()
+    })
+    .await;
+    assert_eq!(refused.failure(), None, "not permanent after a success");
+    assert_eq!(ids(&refused), ["servernode_1"], "the last view is kept");
+    // The working connection keeps serving, nothing resent.
+    for seq in 2..=5 {
+        let reply = echo(&client, seq).await;
+        assert_eq!(
+            (reply.instance, reply.attempts),
+            (first.instance.clone(), 1)
+        );
+    }
+}
