@@ -61,6 +61,9 @@ pub struct Outcome {
     /// First send to last reply.
     #[serde(with = "ms")]
     pub took: Duration,
+    /// The longest a message waited for its reply (the first ones wait for the connect).
+    #[serde(with = "ms")]
+    pub slowest: Duration,
     /// The instances that answered.
     pub served_by: Vec<String>,
     pub healthy: String,
@@ -81,10 +84,12 @@ impl Outcome {
         if self.tally.sent == 0 {
             v.push("no echo was sent".into());
         }
-        if self.extra() > self.connect_timeout {
+        if self.extra() > self.connect_timeout || self.slowest > self.connect_timeout {
             v.push(format!(
-                "the stream took {} beyond its length: more than one connect timeout ({})",
+                "the stream took {} beyond its length, its slowest reply {}: more than one \
+                 connect timeout ({})",
                 super::secs(self.extra()),
+                super::secs(self.slowest),
                 super::secs(self.connect_timeout)
             ));
         }
@@ -105,10 +110,11 @@ impl Outcome {
             sent: self.tally.sent,
             lost: self.tally.lost,
             recovery: format!(
-                "stream of {} answered in {} ({} extra; connect timeout {})",
+                "stream of {} answered in {} ({} extra; slowest reply {}; connect timeout {})",
                 super::secs(self.stream),
                 super::secs(self.took),
                 super::secs(self.extra()),
+                super::secs(self.slowest),
                 super::secs(self.connect_timeout)
             ),
             recovery_ms: Some(self.extra().as_secs_f64() * 1e3),
@@ -124,12 +130,14 @@ impl Outcome {
              listeners whose accept queue is full, so their SYNs are dropped, sorted before the \
              one healthy server. A client at its defaults sent {} echoes {} apart from the \
              moment its discovery listed all of them: the last reply came {} after the first \
-             send, {} beyond the stream's own length (connect timeout {}). {} lost.\n",
+             send, {} beyond the stream's own length; the slowest reply (the first message's, \
+             waiting for a connect) took {} (connect timeout {}). {} lost.\n",
             self.holes,
             self.tally.sent,
             super::secs(self.stream / (self.tally.sent.max(2) as u32 - 1)),
             super::secs(self.took),
             super::secs(self.extra()),
+            super::secs(self.slowest),
             super::secs(self.connect_timeout),
             self.tally.lost,
         )
@@ -237,6 +245,11 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
         (Some(f), Some(l)) => l.saturating_duration_since(f),
         _ => Duration::ZERO,
     };
+    let slowest = outcomes
+        .iter()
+        .map(|o| o.done.saturating_duration_since(o.sent))
+        .max()
+        .unwrap_or_default();
     let mut served_by: Vec<String> = outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().ok().map(|s| s.instance.clone()))
@@ -250,6 +263,7 @@ pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> R
         connect_timeout,
         stream: config.every * (config.messages.max(1) as u32 - 1),
         took,
+        slowest,
         served_by,
         healthy,
         tally: Tally::of(&outcomes),

@@ -192,6 +192,11 @@ async fn blackholed_instances_cost_at_most_one_connect_timeout() {
     // One healthy instance behind 3 that drop SYNs: about the stream plus one connect
     // timeout (tried one after another, they cost 3).
     assert!(o.extra() <= o.connect_timeout, "{:?} extra", o.extra());
+    assert!(
+        o.slowest <= o.connect_timeout,
+        "slowest reply {:?}",
+        o.slowest
+    );
 }
 
 #[tokio::test]
