@@ -316,12 +316,15 @@ async fn a_silent_instance_times_out_and_is_skipped() {
     assert_eq!(a.received(), 1, "a got the first message only");
 }
 
+/// An instance whose port refuses connections (bound, then closed).
+fn refusing(id: &str) -> Instance {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    Instance::new(id, "127.0.0.1", l.local_addr().unwrap().port())
+}
+
 #[tokio::test]
 async fn a_refused_connection_moves_on_at_once() {
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        Instance::new("a", "127.0.0.1", l.local_addr().unwrap().port())
-    };
+    let closed = refusing("a");
     let b = Peer::start("b", Behaviour::Echo).await;
     let (client, _tx) = client_over(vec![closed, b.instance()], config());
     let reply = tokio::time::timeout(BOUND, client.send(msg(1)))
@@ -578,10 +581,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountEvents {
 async fn waiting_for_an_instance_backs_off_instead_of_spinning() {
     use tracing_subscriber::layer::SubscriberExt;
     // One refusing instance, then one that drops SYNs (set up on the real clock).
-    let refusing = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        Instance::new("a", "127.0.0.1", l.local_addr().unwrap().port())
-    };
+    let refusing = refusing("a");
     let hole = Blackhole::start().await;
     tokio::time::pause();
     // Connect timeout 2 s: longer than the longest cooldown (1.6 s).
@@ -623,10 +623,7 @@ async fn waiting_for_an_instance_backs_off_instead_of_spinning() {
 #[tokio::test]
 async fn a_zero_cooldown_backs_off_instead_of_spinning() {
     use tracing_subscriber::layer::SubscriberExt;
-    let refusing = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        Instance::new("a", "127.0.0.1", l.local_addr().unwrap().port())
-    };
+    let refusing = refusing("a");
     tokio::time::pause();
     let events = CountEvents::default();
     let _guard =
