@@ -91,4 +91,12 @@ impl<'a> Acl<'a> {
     pub async fn token_create(&self, token: &AclToken) -> Result<AclToken> {
         self.client.put_json(&["acl", "token"], token).await
     }
+
+    /// `DELETE /v1/acl/token/:accessor_id`: revoke a token.
+    pub async fn token_delete(&self, accessor_id: &str) -> Result<()> {
+        self.client
+            .delete(&["acl", "token", accessor_id])
+            .await
+            .map(drop)
+    }
 }

@@ -1,5 +1,6 @@
 //! The catalog endpoints (`/v1/catalog/...`): what the servers know of every service,
-//! regardless of health.
+//! regardless of health, and direct registration of a node and its service (an external
+//! service, or an instance on another node).
 
 use std::collections::BTreeMap;
 
@@ -43,6 +44,31 @@ pub struct CatalogService {
     pub modify_index: u64,
 }
 
+/// A registration as `PUT /v1/catalog/register` takes it: a node (created if new) and a
+/// service on it. A node registered this way has no health checks, so its services count
+/// as passing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CatalogRegistration {
+    pub node: String,
+    pub address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<CatalogServiceRegistration>,
+}
+
+/// The service of a [`CatalogRegistration`] (Consul decodes it strictly: only these fields).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CatalogServiceRegistration {
+    #[serde(rename = "ID")]
+    pub id: String,
+    pub service: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    pub address: String,
+    pub port: u16,
+}
+
 /// The catalog endpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct Catalog<'a> {
@@ -67,6 +93,14 @@ impl<'a> Catalog<'a> {
             .get(&["catalog", "service", service], &params, Some(opts))
             .await?;
         Ok((services.unwrap_or_default(), meta))
+    }
+
+    /// `PUT /v1/catalog/register`: add or update a node and its service.
+    pub async fn register(&self, registration: &CatalogRegistration) -> Result<()> {
+        self.client
+            .put(&["catalog", "register"], &[], Some(registration))
+            .await
+            .map(drop)
     }
 
     /// `GET /v1/catalog/services`: every service name with its tags.

@@ -359,6 +359,14 @@ impl Client {
         Ok(body)
     }
 
+    /// DELETE; the answer's body is returned raw (often `true`).
+    pub(crate) async fn delete(&self, segments: &[&str]) -> Result<Vec<u8>> {
+        let (body, _, _) = self
+            .send(Method::DELETE, segments, &[], None, None::<&()>)
+            .await?;
+        Ok(body)
+    }
+
     /// PUT and decode the JSON answer.
     pub(crate) async fn put_json<B: Serialize, T: DeserializeOwned>(
         &self,
@@ -379,7 +387,11 @@ impl Client {
         opts: Option<&QueryOptions>,
         body: Option<&B>,
     ) -> Result<(Vec<u8>, QueryMeta, String)> {
-        let method_name: &'static str = if method == Method::PUT { "PUT" } else { "GET" };
+        let method_name: &'static str = match method {
+            Method::PUT => "PUT",
+            Method::DELETE => "DELETE",
+            _ => "GET",
+        };
         let mut url = self.inner.base.clone();
         {
             let mut path = url

@@ -12,12 +12,14 @@
 //! * [`agent`] — the local agent: `ServiceRegister` ([`AgentServiceRegistration`] with an
 //!   [`AgentServiceCheck`]), `ServiceDeregister`, `Services`, `Service`, `Checks`, `Self`.
 //! * [`health`] — `Service` (healthy instances as [`ServiceEntry`], blocking), `Checks`, `State`.
-//! * [`catalog`] — `Service` and `Services`.
+//! * [`catalog`] — `Service`, `Services` and `Register`.
 //! * [`status`] — `Leader`.
 //! * [`acl`] — policies and tokens, enough to set up ACL scenarios.
 //! * [`query`] — [`QueryOptions`] (`index`, `wait`, `dc`, ...) and [`QueryMeta`]
 //!   (`X-Consul-Index`, ...).
 //! * [`watch`] — [`Watch`], which drives a blocking query by Consul's rules.
+//! * [`backoff`] — [`Backoff`], the one jittered exponential backoff (backon) of the workspace:
+//!   the watch's polling without an index, the client's Consul retries and reconnects.
 //! * [`duration`] — [`GoDuration`], durations written and read the way Go does (`5s`, `1m30s`).
 //! * [`error`] — the one [`Error`] enum, carrying HTTP status and Consul's message.
 //!
@@ -28,6 +30,7 @@ pub mod acl;
 pub mod agent;
 #[cfg(feature = "clap")]
 pub mod args;
+pub mod backoff;
 pub mod catalog;
 pub mod client;
 pub mod duration;
@@ -42,7 +45,8 @@ pub use acl::{AclPolicy, AclPolicyLink, AclToken};
 pub use agent::{AgentCheck, AgentSelf, AgentService, AgentServiceCheck, AgentServiceRegistration};
 #[cfg(feature = "clap")]
 pub use args::ConsulArgs;
-pub use catalog::CatalogService;
+pub use backoff::Backoff;
+pub use catalog::{CatalogRegistration, CatalogService, CatalogServiceRegistration};
 pub use client::{Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};

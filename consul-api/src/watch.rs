@@ -6,8 +6,13 @@
 //! * the first read does not block (index 0 is never sent as a wait);
 //! * each later read blocks on the last `X-Consul-Index`, for at most `wait` (≤ 10 min); the
 //!   client's timeout is already above `wait × 17/16` (see [`QueryOptions`]);
-//! * an index that goes backwards (a restarted agent, a snapshot restore) resets to 0, and an
-//!   index of 0 from Consul is treated as 1;
+//! * an index that goes backwards (a restarted agent, a snapshot restore) resets to 0;
+//! * an answer without a usable index (`X-Consul-Index` missing or 0: a proxy stripped it)
+//!   cannot be blocked on nor compared: it is delivered as it is, and the next read does not
+//!   block but waits a [`Backoff::poll`] delay (200 ms doubling to 2 s, jittered), until an
+//!   index shows up again;
+//! * by hash, the same: a new hash is a change, the same hash a wait that timed out, an
+//!   answer without a hash is delivered and the next read polls;
 //! * successive reads are at least `min_interval` apart, so a misbehaving server cannot make
 //!   the loop spin.
 //!
@@ -19,12 +24,13 @@ use std::{future::Future, time::Duration};
 use tokio::time::Instant;
 
 use crate::{
+    backoff::Backoff,
     error::Result,
     query::{MAX_WAIT, QueryMeta, QueryOptions},
 };
 
 /// The state of one blocking query.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Watch {
     base: QueryOptions,
     /// Block on the content hash instead of the index.
@@ -35,6 +41,8 @@ pub struct Watch {
     wait: Duration,
     min_interval: Duration,
     last_start: Option<Instant>,
+    /// The last answer had no usable index: poll with this backoff.
+    polling: Option<Backoff>,
 }
 
 /// What one answer means for the watch.
@@ -46,6 +54,8 @@ pub enum Observed {
     Unchanged,
     /// The index went backwards: Consul's state was replaced; deliver it and start over.
     Reset,
+    /// No usable index: deliver it, and poll (with backoff) instead of blocking.
+    NoIndex,
 }
 
 impl Watch {
@@ -61,6 +71,7 @@ impl Watch {
             wait: wait.clamp(Duration::from_millis(1), MAX_WAIT),
             min_interval: Duration::from_millis(20),
             last_start: None,
+            polling: None,
         }
     }
 
@@ -113,7 +124,14 @@ impl Watch {
         if self.by_hash {
             return self.observe_hash(meta);
         }
-        let new = meta.last_index.max(1);
+        if meta.last_index == 0 {
+            self.index = 0;
+            self.delivered = true;
+            self.polling.get_or_insert_with(Backoff::poll);
+            return Observed::NoIndex;
+        }
+        self.polling = None;
+        let new = meta.last_index;
         let old = self.index;
         if old > 0 && new < old {
             self.index = 0;
@@ -129,13 +147,16 @@ impl Watch {
         }
     }
 
-    /// Hash mode: a new hash is a change; the same hash means the wait timed out. An
-    /// answer without a hash cannot be blocked on: it is delivered, and the next read
-    /// does not block (reads stay `min_interval` apart).
     fn observe_hash(&mut self, meta: &QueryMeta) -> Observed {
-        let new = meta.content_hash.clone().filter(|h| !h.is_empty());
-        let changed = !self.delivered || new.is_none() || new != self.hash;
-        self.hash = new;
+        let Some(new) = meta.content_hash.clone().filter(|h| !h.is_empty()) else {
+            self.hash = None;
+            self.delivered = true;
+            self.polling.get_or_insert_with(Backoff::poll);
+            return Observed::NoIndex;
+        };
+        self.polling = None;
+        let changed = !self.delivered || self.hash.as_deref() != Some(new.as_str());
+        self.hash = Some(new);
         self.delivered = true;
         if changed {
             Observed::Changed
@@ -153,12 +174,16 @@ impl Watch {
     {
         loop {
             if let Some(last) = self.last_start {
-                tokio::time::sleep_until(last + self.min_interval).await;
+                let delay = match &mut self.polling {
+                    Some(backoff) => backoff.next_delay().max(self.min_interval),
+                    None => self.min_interval,
+                };
+                tokio::time::sleep_until(last + delay).await;
             }
             self.last_start = Some(Instant::now());
             let (value, meta) = fetch(self.options()).await?;
             match self.observe(&meta) {
-                Observed::Changed | Observed::Reset => return Ok(value),
+                Observed::Changed | Observed::Reset | Observed::NoIndex => return Ok(value),
                 Observed::Unchanged => {}
             }
         }
@@ -205,9 +230,42 @@ mod tests {
     #[test]
     fn zero_index_is_never_sent_as_a_wait() {
         let mut w = Watch::new(QueryOptions::default(), Duration::from_secs(30));
-        assert_eq!(w.observe(&meta(0)), Observed::Changed);
-        assert_eq!(w.options().wait_index, 1);
-        assert_eq!(w.observe(&meta(0)), Observed::Unchanged);
+        assert_eq!(w.observe(&meta(0)), Observed::NoIndex);
+        assert_eq!(w.options().wait_index, 0);
+        assert_eq!(w.options().wait_time, None, "nothing to block on");
+        assert_eq!(w.observe(&meta(0)), Observed::NoIndex, "delivered again");
+        assert_eq!(w.observe(&meta(4)), Observed::Changed, "an index again");
+        assert_eq!(w.options().wait_index, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_index_every_answer_is_delivered_and_reads_back_off() {
+        let mut w = Watch::new(QueryOptions::default(), Duration::from_secs(30));
+        let mut starts = Vec::new();
+        for expected in 1..=6u64 {
+            let got = tokio::time::timeout(
+                Duration::from_secs(10),
+                w.next(|opts| {
+                    assert_eq!(opts.wait_index, 0, "never blocks on a made-up index");
+                    starts.push(Instant::now());
+                    async move { Ok::<_, crate::Error>((expected, meta(0))) }
+                }),
+            )
+            .await
+            .expect("an answer without index is delivered")
+            .unwrap();
+            assert_eq!(got, expected);
+        }
+        let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps.iter().all(|g| *g >= Duration::from_millis(200)),
+            "polls back off: {gaps:?}"
+        );
+        assert!(gaps[4] >= Duration::from_secs(2), "and grow: {gaps:?}");
+        assert!(
+            gaps.iter().all(|g| *g < Duration::from_secs(4)),
+            "capped: {gaps:?}"
+        );
     }
 
     fn hashed(hash: Option<&str>) -> QueryMeta {
@@ -231,15 +289,11 @@ mod tests {
         assert_eq!(w.observe(&hashed(Some("b2"))), Observed::Changed);
         assert_eq!(
             w.observe(&hashed(None)),
-            Observed::Changed,
-            "no hash: delivered, not taken for a timeout"
+            Observed::NoIndex,
+            "no hash: delivered, and polled"
         );
-        assert_eq!(
-            w.options().wait_hash,
-            None,
-            "and the next read does not block"
-        );
-        w.observe(&hashed(Some("c3")));
+        assert_eq!(w.options().wait_hash, None, "the next read does not block");
+        assert_eq!(w.observe(&hashed(Some("c3"))), Observed::Changed);
         w.reset();
         assert_eq!(w.options().wait_hash, None);
         assert_eq!(w.observe(&hashed(Some("c3"))), Observed::Changed);

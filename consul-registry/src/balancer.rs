@@ -3,6 +3,9 @@
 //!
 //! * It chooses among the instances discovery last published, round-robin or by
 //!   power-of-two-choices (the lower smoothed round-trip time of two random candidates).
+//! * An instance is identified by its address (`host:port`): Consul's service IDs are unique
+//!   per agent, not per cluster (two nodes may each run a `servernode_1`), and an agent that
+//!   comes back under a new node name still lists the same server.
 //! * An instance that failed locally (refused, reset, timed out) is ejected for a cooldown
 //!   that doubles with consecutive failures (capped), and skipped until it expires; a success
 //!   clears its record. Records are forgotten when an instance leaves the passing set, so an
@@ -10,7 +13,10 @@
 //! * The session stays on a working connection; the balancer only says whether the current
 //!   instance is still listed and whether there is somewhere else to go.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::time::Instant;
@@ -28,10 +34,9 @@ pub enum Strategy {
     PowerOfTwoChoices,
 }
 
-/// The local record of one instance.
+/// The local record of one instance (keyed by its address).
 #[derive(Debug, Clone, Default)]
 struct Local {
-    address: String,
     failures: u32,
     ejected_until: Option<Instant>,
     rtt: Option<Duration>,
@@ -70,16 +75,11 @@ impl Balancer {
         self
     }
 
-    /// Replace the passing set. Records of instances that left it (or moved to another
-    /// address) are forgotten.
+    /// Replace the passing set. Records of addresses that left it are forgotten.
     pub fn update(&mut self, instances: &[Instance]) {
         self.instances = instances.to_vec();
-        let keep: HashMap<&str, String> = instances
-            .iter()
-            .map(|i| (i.id.as_str(), i.address()))
-            .collect();
-        self.local
-            .retain(|id, l| keep.get(id.as_str()).is_some_and(|a| *a == l.address));
+        let keep: HashSet<String> = instances.iter().map(Instance::address).collect();
+        self.local.retain(|address, _| keep.contains(address));
     }
 
     /// The passing set.
@@ -87,30 +87,41 @@ impl Balancer {
         &self.instances
     }
 
-    /// Whether `instance` (same ID and address) is in the passing set.
+    /// Whether `instance`'s address is in the passing set.
     pub fn contains(&self, instance: &Instance) -> bool {
-        self.instances.iter().any(|i| i == instance)
+        let address = instance.address();
+        self.instances.iter().any(|i| i.address() == address)
     }
 
     fn usable(&self, instance: &Instance, now: Instant) -> bool {
         self.local
-            .get(&instance.id)
+            .get(&instance.address())
             .and_then(|l| l.ejected_until)
             .is_none_or(|until| until <= now)
     }
 
     /// Whether some usable instance other than `current` exists.
     pub fn has_alternative(&self, current: &Instance, now: Instant) -> bool {
+        let address = current.address();
         self.instances
             .iter()
-            .any(|i| i != current && self.usable(i, now))
+            .any(|i| i.address() != address && self.usable(i, now))
     }
 
     /// Choose an instance to connect to, or `None` when every passing instance is ejected
     /// (or there is none).
     pub fn pick(&mut self, now: Instant) -> Option<Instance> {
+        self.pick_except(now, &[])
+    }
+
+    /// Like [`pick`](Self::pick), skipping the addresses in `except` (connects in flight,
+    /// instances that just failed).
+    pub fn pick_except(&mut self, now: Instant, except: &[String]) -> Option<Instance> {
         let usable: Vec<usize> = (0..self.instances.len())
-            .filter(|&i| self.usable(&self.instances[i], now))
+            .filter(|&i| {
+                let instance = &self.instances[i];
+                self.usable(instance, now) && !except.contains(&instance.address())
+            })
             .collect();
         if usable.is_empty() {
             return None;
@@ -137,7 +148,7 @@ impl Balancer {
                     let (a, b) = (usable[a], usable[b]);
                     let rtt = |i: usize| {
                         self.local
-                            .get(&self.instances[i].id)
+                            .get(&self.instances[i].address())
                             .and_then(|l| l.rtt)
                             .unwrap_or(Duration::ZERO)
                     };
@@ -149,15 +160,7 @@ impl Balancer {
     }
 
     fn record(&mut self, instance: &Instance) -> &mut Local {
-        let local = self.local.entry(instance.id.clone()).or_default();
-        let address = instance.address();
-        if local.address != address {
-            *local = Local {
-                address,
-                ..Local::default()
-            };
-        }
-        local
+        self.local.entry(instance.address()).or_default()
     }
 
     /// `instance` failed: skip it until its cooldown expires. Returns the cooldown applied.
@@ -186,7 +189,7 @@ impl Balancer {
     pub fn next_unejection(&self, now: Instant) -> Option<Instant> {
         self.instances
             .iter()
-            .filter_map(|i| self.local.get(&i.id)?.ejected_until)
+            .filter_map(|i| self.local.get(&i.address())?.ejected_until)
             .filter(|until| *until > now)
             .min()
     }
@@ -263,6 +266,29 @@ mod tests {
         b.update(&[moved.clone(), all[1].clone()]);
         assert!(b.contains(&moved) && !b.contains(&all[0]));
         assert!(b.has_alternative(&all[1], now));
+    }
+
+    #[test]
+    fn same_id_on_two_nodes_are_two_instances_and_a_renamed_node_is_the_same() {
+        let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(10));
+        let now = Instant::now();
+        let on = |node: &str, port| Instance {
+            node: node.into(),
+            ..Instance::new("servernode_1", "127.0.0.1", port)
+        };
+        let (x, y) = (on("node-a", 1), on("node-b", 2));
+        b.update(&[x.clone(), y.clone()]);
+        b.eject(&x, now);
+        assert_eq!(b.pick(now), Some(y.clone()), "its namesake is not ejected");
+        assert_eq!(b.pick(now), Some(y.clone()));
+        b.update(&[x.clone(), y.clone()]);
+        assert_eq!(b.pick(now), Some(y.clone()), "an update keeps the ejection");
+        // node-b's agent came back as node-c: same address, same instance.
+        let renamed = on("node-c", 2);
+        b.update(&[x.clone(), renamed.clone()]);
+        assert!(b.contains(&y));
+        assert!(!b.has_alternative(&renamed, now));
+        assert_eq!(b.pick_except(now, &[renamed.address()]), None);
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //!
 //! When Consul does not answer, the last known instances stay published (marked
 //! [`ConsulState::Unreachable`]), the task keeps trying with jittered backoff, and it logs once
-//! per state change, not once per retry. A refused token (403) or an invalid query ends it with
-//! [`ConsulState::Failed`].
+//! per state change, not once per retry. A refused token (403) before any answer, or an invalid
+//! query, ends it with [`ConsulState::Failed`]. A 403 after Consul has answered (a token
+//! rotated or revoked, an agent restarted without it) is logged as an error and retried with
+//! backoff like an outage: the last known instances stay published meanwhile.
 
 use std::{
     fmt,
@@ -80,7 +82,8 @@ pub enum ConsulState {
     Starting,
     /// The last query was answered.
     Reachable,
-    /// Consul stopped answering at `since`; the instances are the last known ones.
+    /// Consul stopped answering (or refused a token that had worked) at `since`; the
+    /// instances are the last known ones.
     Unreachable { since: SystemTime, error: String },
     /// Discovery stopped for good (refused token, invalid query).
     Failed { error: String },
@@ -250,6 +253,7 @@ pub(crate) async fn follow<F, Fut>(
     };
     let mut watch = Watch::new(base, config.wait);
     let mut tracker = StateTracker::default();
+    let mut answered = false;
     let service = config.service.as_str();
     loop {
         let answer = tokio::select! {
@@ -265,6 +269,7 @@ pub(crate) async fn follow<F, Fut>(
         match answer {
             Ok((entries, index)) => {
                 backoff.reset();
+                answered = true;
                 if tracker.on_answer() {
                     tracing::info!(service, passing = entries.len(), "Consul answers");
                 }
@@ -276,7 +281,8 @@ pub(crate) async fn follow<F, Fut>(
                     tracing::info!(service, "passing: [{}]", listed.join(", "));
                 }
             }
-            Err(e) if !e.is_retryable() => {
+            // A 403 after an answer (a token rotated, an agent restarted) is retried below.
+            Err(e) if !(e.is_retryable() || answered && e.is_permission_denied()) => {
                 let error = permanent_message(&e);
                 tracing::error!(service, "{error}");
                 publish(&tx, |s| s.with_state(ConsulState::Failed { error }));
@@ -287,12 +293,21 @@ pub(crate) async fn follow<F, Fut>(
                 // query on our old index would then sit out its whole wait on stale data.
                 watch.reset();
                 if let Some(kind) = tracker.on_error(&e) {
-                    tracing::warn!(
-                        service,
-                        state = %kind,
-                        "Consul does not answer ({e}); keeping the last known instances and \
-                         retrying with backoff"
-                    );
+                    if e.is_permission_denied() {
+                        tracing::error!(
+                            service,
+                            "Consul refused the token after it had worked ({}); keeping the \
+                             last known instances and retrying with backoff",
+                            permanent_message(&e)
+                        );
+                    } else {
+                        tracing::warn!(
+                            service,
+                            state = %kind,
+                            "Consul does not answer ({e}); keeping the last known instances and \
+                             retrying with backoff"
+                        );
+                    }
                     let error = e.to_string();
                     publish(&tx, |s| {
                         s.with_state(ConsulState::Unreachable {
@@ -560,16 +575,56 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refused_token_is_permanent() {
-        let (mut rx, _seen, task) = scripted(vec![
-            Ok((vec![entry("a", "127.0.0.1", "", 1)], meta(10))),
-            Err(denied()),
-        ]);
-        let s = wait_version(&mut rx, 2).await;
+        let (mut rx, _seen, task) = scripted(vec![Err(denied())]);
+        let s = wait_version(&mut rx, 1).await;
         let error = s.failure().unwrap();
         assert!(error.contains("403"), "{error}");
         assert!(error.contains("CONSUL_HTTP_TOKEN"), "{error}");
         task.await.unwrap();
         assert!(rx.has_changed().is_err(), "the task ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_token_after_success_keeps_the_last_view_and_retries() {
+        let (mut rx, mut seen, _task) = scripted(vec![
+            Ok((vec![entry("a", "127.0.0.1", "", 1)], meta(10))),
+            Err(denied()),
+            Err(denied()),
+            Err(denied()),
+            Ok((
+                vec![
+                    entry("a", "127.0.0.1", "", 1),
+                    entry("b", "127.0.0.1", "", 2),
+                ],
+                meta(11),
+            )),
+        ]);
+        let s = wait_version(&mut rx, 2).await;
+        assert_eq!(s.failure(), None, "not permanent after a success");
+        assert!(
+            matches!(&s.consul, ConsulState::Unreachable { error, .. } if error.contains("403")),
+            "{:?}",
+            s.consul
+        );
+        assert_eq!(s.instances.len(), 1, "the last view is kept");
+        let s = tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.wait_for(|s| s.instances.len() == 2),
+        )
+        .await
+        .expect("retried with backoff until the token works again")
+        .unwrap()
+        .clone();
+        assert_eq!(s.consul, ConsulState::Reachable);
+        let seen = tokio::time::timeout(Duration::from_secs(1), seen.wait_for(|s| s.len() >= 6))
+            .await
+            .expect("then a blocking read")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            seen[5].wait_index, 11,
+            "3 refusals retried, then a blocking read"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -17,13 +17,13 @@
 //! * [`discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
 //! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
 //!   ejection with a cooldown);
-//! * [`backoff`] — the one jittered exponential backoff;
+//! * [`backoff`] — the one jittered exponential backoff (consul-api's, re-exported);
 //! * [`error`] — the one error type.
 //!
 //! Everything speaks to Consul through [`consul_api::Client`], configured the way Consul's
 //! own tools are (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`).
 
-pub mod backoff;
+pub use consul_api::backoff;
 pub mod balancer;
 pub mod check;
 pub mod discover;

@@ -31,6 +31,28 @@ pub enum Error {
         last: String,
     },
 
+    /// The instance answered with bytes that are not the message: an echo must be byte-exact.
+    #[error("{instance} answered {got:?} to a {sent}-byte message: not an echo")]
+    NotAnEcho {
+        instance: String,
+        sent: usize,
+        /// The start of the reply, escaped.
+        got: String,
+    },
+
+    /// The instance refused the message as longer than its frame limit (its `--max-frame`
+    /// is smaller than this client's) and closed the connection.
+    #[error(
+        "{instance} refused the message: {line:?} (its --max-frame is smaller than this \
+         {sent}-byte message)"
+    )]
+    FrameTooLong {
+        instance: String,
+        sent: usize,
+        /// The server's error line.
+        line: String,
+    },
+
     /// Replies differed from their messages (an echo must be byte-exact).
     #[error("{mismatched} of {replies} replies differed from their message")]
     Mismatch { mismatched: u64, replies: u64 },

@@ -1,25 +1,43 @@
 //! The session: one task that owns the connection to the current instance and the queue of
 //! un-answered messages, so that every message gets exactly one answer, in order.
 //!
-//! * Messages are written in order on the current connection (pipelined) and matched with
-//!   replies first-in first-out; a reply is handed to its caller once, when it arrives.
-//! * On a connect error, a reset, a close, a partial frame or a reply timeout, the instance is
-//!   ejected in the [`Balancer`] for a cooldown and every un-answered message is written again,
-//!   in order, on another passing instance at once.
-//! * With no usable instance, messages stay queued; the session waits for discovery to change
-//!   or for a jittered backoff to expire (never a busy loop). A message still un-answered at
-//!   its deadline is answered with [`Error::Timeout`].
+//! It is a state machine driven by one `select!` over events: a request, a reply frame, a
+//! write that made progress, a connect that finished, a discovery update, a timer. Nothing
+//! else awaits, so while a connect is pending or a large batch is being written, deadlines,
+//! discovery updates, new requests and replies are all still served.
+//!
+//! * Messages are written in order on the current connection (pipelined, at most
+//!   [`MAX_UNANSWERED_BYTES`] un-answered at a time, replies read while writing) and matched
+//!   with replies first-in first-out; a reply is handed to its caller once, when it arrives.
+//!   A reply that is not byte-equal to its message is [`Error::NotAnEcho`]; a server's
+//!   frame-limit error line is [`Error::FrameTooLong`].
+//! * A connect is an event: it may take up to the connect timeout; if it has not completed
+//!   after [`RACE_DELAY`], a connect to another usable instance races it (happy-eyeballs
+//!   style), and the first to complete wins. A failed connect ejects its instance in the
+//!   [`Balancer`] (with the time of the failure) and another usable instance is tried at once;
+//!   once every instance failed, the jittered backoff applies, even with a zero cooldown.
+//! * On a reset, a close, a partial frame or no reply within the reply timeout while
+//!   messages are un-answered, the instance is ejected for a cooldown and every un-answered
+//!   message is written again, in order, on another instance. A close with nothing
+//!   un-answered (the server's idle timeout) only drops the connection.
+//! * A message still un-answered at its deadline is answered with [`Error::Timeout`]; if it
+//!   was already written, its reply is still consumed in order and discarded (never given to
+//!   the next message), and the instance is not ejected for it; if not, it is never written.
 //! * It stays on a working connection, and leaves it only when Consul stops listing the
-//!   instance while another one is passing: an empty passing set is "no better choice", not a
-//!   reason to drop a connection that works (Consul restarting, say).
-//! * A permanent discovery failure (a refused token) answers every message with it.
+//!   instance's address while another one is passing: an empty passing set is "no better
+//!   choice", not a reason to drop a connection that works (Consul restarting, say).
+//! * A permanent discovery failure (a refused token before anything worked) answers every
+//!   message with it.
 
-use std::{collections::VecDeque, io, time::Duration};
+use std::{
+    collections::HashSet, collections::VecDeque, future::Future, io, pin::Pin, time::Duration,
+};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use echo_wire::{CodecError, DEFAULT_MAX_FRAME, EchoCodec};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use tokio::{
+    io::AsyncWriteExt,
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -27,7 +45,7 @@ use tokio::{
     sync::{mpsc, oneshot, watch},
     time::Instant,
 };
-use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, FramedRead};
 
 use crate::{
     backoff::Backoff,
@@ -36,6 +54,20 @@ use crate::{
     discovery::{Instance, Snapshot},
     error::{Error, Result},
 };
+
+/// How long a connect may stay pending before a connect to another instance races it
+/// (capped at half the connect timeout).
+pub const RACE_DELAY: Duration = Duration::from_millis(250);
+
+/// Most connects in flight at once.
+const MAX_CONNECTS: usize = 4;
+
+/// Most bytes written on a connection and not yet answered (at least one message is always
+/// allowed). Keeps the reply timeout about replies, not about queueing behind megabytes.
+pub const MAX_UNANSWERED_BYTES: usize = 256 << 10;
+
+/// What a server answers to a frame over its limit, before closing.
+const FRAME_LIMIT_LINE: &[u8] = b"error: frame longer than ";
 
 /// How a session behaves.
 #[derive(Debug, Clone)]
@@ -46,12 +78,14 @@ pub struct SessionConfig {
     pub strategy: Strategy,
     /// Deadline to establish a TCP connection.
     pub connect_timeout: Duration,
-    /// Deadline for the reply to the oldest message written on a connection; past it the
-    /// instance is treated as failed.
+    /// Longest wait for the next reply while messages are un-answered on a connection (from
+    /// the oldest one's write or the last reply, whichever is later); past it the instance is
+    /// treated as failed.
     pub reply_timeout: Duration,
     /// Deadline for a message to be answered by any instance, from the moment it was sent.
     pub message_timeout: Duration,
-    /// First ejection cooldown of a failed instance (doubling per consecutive failure).
+    /// First ejection cooldown of a failed instance (doubling per consecutive failure). Zero
+    /// is allowed: once every instance failed, the reconnect backoff still applies.
     pub cooldown: Duration,
     /// Most messages queued un-answered; senders wait beyond it.
     pub queue_capacity: usize,
@@ -118,7 +152,9 @@ pub(crate) fn spawn(
 #[derive(Debug)]
 struct Pending {
     bytes: Bytes,
-    reply: oneshot::Sender<Result<Reply>>,
+    /// `None`: answered already (its deadline passed after it was written); its reply is
+    /// still to be read and discarded.
+    reply: Option<oneshot::Sender<Result<Reply>>>,
     sent_at: Instant,
     deadline: Instant,
     /// When it was written on the current connection; `None`: not written there yet.
@@ -131,17 +167,29 @@ struct Pending {
 struct Conn {
     instance: Instance,
     reader: FramedRead<OwnedReadHalf, ReplyCodec>,
-    writer: FramedWrite<OwnedWriteHalf, EchoCodec>,
+    writer: OwnedWriteHalf,
+    /// Encoded messages not yet taken by the socket.
+    out: BytesMut,
     /// How many messages at the front of the queue are written on it, un-answered.
     written: usize,
+    /// Their size on the wire.
+    unanswered_bytes: usize,
+    /// When the last reply came.
+    last_reply: Option<Instant>,
 }
+
+type Connecting =
+    Pin<Box<dyn Future<Output = (Instance, std::result::Result<TcpStream, String>)> + Send>>;
 
 #[derive(Debug)]
 enum Event {
     Request(Option<Request>),
     Frame(Option<std::result::Result<Bytes, CodecError>>),
+    Wrote(io::Result<usize>),
+    Connected(Instance, std::result::Result<TcpStream, String>),
     Discovery(bool),
     ReplyTimeout,
+    Race,
     Tick,
 }
 
@@ -157,9 +205,19 @@ struct Session {
     backoff: Backoff,
     pending: VecDeque<Pending>,
     conn: Option<Conn>,
+    /// Connects in flight, and to which instances.
+    connecting: FuturesUnordered<Connecting>,
+    connecting_to: Vec<Instance>,
+    /// When to start a racing connect, while one is pending.
+    race_at: Option<Instant>,
+    /// Addresses that failed since the last reply: not tried again before the backoff.
+    failed_round: Vec<String>,
+    /// When a new round of connects may start (backoff); `None`: at once.
     retry_at: Option<Instant>,
     failed: Option<Error>,
     last_failure: Option<String>,
+    /// Addresses whose frame limit was reported already.
+    frame_limit_reported: HashSet<String>,
 }
 
 impl Session {
@@ -180,9 +238,14 @@ impl Session {
             backoff: Backoff::reconnect(),
             pending: VecDeque::new(),
             conn: None,
+            connecting: FuturesUnordered::new(),
+            connecting_to: Vec::new(),
+            race_at: None,
+            failed_round: Vec::new(),
             retry_at: None,
             failed: None,
             last_failure: None,
+            frame_limit_reported: HashSet::new(),
             config,
         }
     }
@@ -194,23 +257,31 @@ impl Session {
             if !self.requests_open && self.pending.is_empty() {
                 return;
             }
-            self.expire(Instant::now());
+            let now = Instant::now();
+            self.expire(now);
             if let Some(error) = self.failed.clone() {
                 self.conn = None;
+                self.stop_connecting();
                 for p in self.pending.drain(..) {
-                    let _ = p.reply.send(Err(error.clone()));
+                    if let Some(reply) = p.reply {
+                        let _ = reply.send(Err(error.clone()));
+                    }
                 }
             } else {
                 // Callers that gave up need no write.
-                self.pending
-                    .retain(|p| p.written_at.is_some() || !p.reply.is_closed());
-                let retry_due = self.retry_at.is_none_or(|t| t <= Instant::now());
-                if self.conn.is_none() && !self.pending.is_empty() && retry_due {
-                    self.connect().await;
+                self.pending.retain(|p| {
+                    p.written_at.is_some() || p.reply.as_ref().is_some_and(|r| !r.is_closed())
+                });
+                self.check_idle_close();
+                let retry_due = self.retry_at.is_none_or(|t| t <= now);
+                if self.conn.is_none()
+                    && self.connecting.is_empty()
+                    && !self.pending.is_empty()
+                    && retry_due
+                {
+                    self.connect_more(now);
                 }
-                if self.conn.is_some() && !self.write().await {
-                    continue; // the connection failed: reconnect at once
-                }
+                self.fill(now);
             }
             let event = self.next_event().await;
             self.handle(event);
@@ -223,14 +294,18 @@ impl Session {
             Event::Request(Some(r)) => self.pending.push_back(Pending {
                 deadline: r.sent_at + self.config.message_timeout,
                 bytes: r.bytes,
-                reply: r.reply,
+                reply: Some(r.reply),
                 sent_at: r.sent_at,
                 written_at: None,
                 attempts: 0,
             }),
             Event::Frame(Some(Ok(frame))) => self.on_reply(frame),
-            Event::Frame(Some(Err(e))) => self.fail_conn(&e.to_string()),
-            Event::Frame(None) => self.fail_conn("connection closed by the instance"),
+            Event::Frame(Some(Err(e))) => self.conn_ended(&e.to_string()),
+            Event::Frame(None) => self.conn_ended("connection closed by the instance"),
+            Event::Wrote(Ok(0)) => self.fail_conn("write: the connection took no more bytes"),
+            Event::Wrote(Ok(_)) => {}
+            Event::Wrote(Err(e)) => self.fail_conn(&format!("write: {e}")),
+            Event::Connected(instance, result) => self.on_connected(instance, result),
             Event::ReplyTimeout => {
                 let timeout = self.config.reply_timeout;
                 self.fail_conn(&format!("no reply within {timeout:?}"));
@@ -241,7 +316,15 @@ impl Session {
             }
             // No more updates: keep using the last set.
             Event::Discovery(false) => self.discovery_open = false,
-            Event::Tick => self.retry_at = None,
+            Event::Race => {
+                self.race_at = None;
+                if self.conn.is_none() {
+                    self.connect_more(Instant::now());
+                }
+            }
+            // The loop re-checks deadlines and the backoff; a timer firing changes nothing
+            // by itself (a message deadline must not cut the backoff short).
+            Event::Tick => {}
         }
     }
 
@@ -251,27 +334,57 @@ impl Session {
                 .pending
                 .front()
                 .and_then(|p| p.written_at)
-                .map(|t| t + self.config.reply_timeout),
+                .map(|t| c.last_reply.map_or(t, |r| r.max(t)) + self.config.reply_timeout),
             _ => None,
         };
-        let retry_at = if self.conn.is_none() && !self.pending.is_empty() {
+        let idle = self.conn.is_none() && self.connecting.is_empty();
+        let retry_at = if idle && !self.pending.is_empty() {
             self.retry_at
         } else {
             None
         };
-        let message_deadline = self.pending.front().map(|p| p.deadline);
+        let race_at = if self.conn.is_none() && !self.connecting.is_empty() {
+            self.race_at
+        } else {
+            None
+        };
+        let message_deadline = self.first_deadline();
         let wake_at = [retry_at, message_deadline].into_iter().flatten().min();
         let accept = self.requests_open && self.pending.len() < self.config.queue_capacity;
+        let (reader, writer) = match &mut self.conn {
+            Some(Conn {
+                reader,
+                writer,
+                out,
+                ..
+            }) => (Some(reader), Some((writer, out))),
+            None => (None, None),
+        };
+        let connecting = !self.connecting.is_empty();
         tokio::select! {
             biased;
-            frame = read_frame(&mut self.conn) => Event::Frame(frame),
+            frame = read_frame(reader) => Event::Frame(frame),
+            wrote = write_some(writer) => Event::Wrote(wrote),
+            Some((instance, result)) = self.connecting.next(), if connecting => {
+                Event::Connected(instance, result)
+            }
             changed = self.discovery.changed(), if self.discovery_open => {
                 Event::Discovery(changed.is_ok())
             }
             () = sleep_until(reply_deadline) => Event::ReplyTimeout,
+            () = sleep_until(race_at) => Event::Race,
             () = sleep_until(wake_at) => Event::Tick,
             request = self.requests.recv(), if accept => Event::Request(request),
         }
+    }
+
+    /// The earliest deadline of a message not answered yet.
+    fn first_deadline(&self) -> Option<Instant> {
+        self.pending
+            .iter()
+            .filter(|p| p.reply.is_some())
+            .map(|p| p.deadline)
+            .min()
     }
 
     /// Take in a new snapshot from discovery.
@@ -282,10 +395,17 @@ impl Session {
                 reason: error.to_owned(),
             });
         }
+        let news = snapshot.instances != self.snapshot.instances;
         self.balancer.update(&snapshot.instances);
         self.snapshot = snapshot;
-        self.retry_at = None; // news: try at once
         let now = Instant::now();
+        if news {
+            // Try at once: a new instance may work.
+            self.retry_at = None;
+            if !self.connecting.is_empty() {
+                self.race_at = Some(now);
+            }
+        }
         let leave = match &self.conn {
             Some(c) => {
                 !self.balancer.contains(&c.instance)
@@ -303,23 +423,24 @@ impl Session {
         }
     }
 
-    /// Answer, with a timeout error, messages past their deadline.
+    /// Answer, with a timeout error, messages past their deadline. One not written yet is
+    /// dropped; one written stays queued, answered, so that its reply is read and discarded.
     fn expire(&mut self, now: Instant) {
-        while self.pending.front().is_some_and(|p| p.deadline <= now) {
-            if self.conn.as_ref().is_some_and(|c| c.written > 0) {
-                // Its reply may still come on this connection: it must not answer the next
-                // message. Drop the connection (and resend the rest elsewhere).
-                self.fail_conn("a message passed its deadline on this connection");
-            }
-            let Some(p) = self.pending.pop_front() else {
-                break;
-            };
-            let _ = p.reply.send(Err(Error::Timeout {
-                service: self.config.service.clone(),
-                waited: self.config.message_timeout,
-                last: self.why_unanswered(),
-            }));
+        if self.first_deadline().is_none_or(|d| d > now) {
+            return;
         }
+        let error = Error::Timeout {
+            service: self.config.service.clone(),
+            waited: self.config.message_timeout,
+            last: self.why_unanswered(),
+        };
+        for p in self.pending.iter_mut().filter(|p| p.deadline <= now) {
+            if let Some(reply) = p.reply.take() {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+        self.pending
+            .retain(|p| p.reply.is_some() || p.written_at.is_some());
     }
 
     fn why_unanswered(&self) -> String {
@@ -330,11 +451,20 @@ impl Session {
         }
     }
 
-    /// Connect to a usable instance, trying each in turn; with none, schedule a retry.
-    async fn connect(&mut self) {
-        loop {
-            let now = Instant::now();
-            let Some(instance) = self.balancer.pick(now) else {
+    /// Start a connect to a usable instance not tried in this round; with none (and none in
+    /// flight), schedule the next round after the backoff.
+    fn connect_more(&mut self, now: Instant) {
+        if self.conn.is_some() || self.connecting.len() >= MAX_CONNECTS {
+            return;
+        }
+        let except: Vec<String> = self
+            .connecting_to
+            .iter()
+            .map(Instance::address)
+            .chain(self.failed_round.iter().cloned())
+            .collect();
+        let Some(instance) = self.balancer.pick_except(now, &except) else {
+            if self.connecting.is_empty() {
                 let delay = self.backoff.next_delay();
                 let unejected = self.balancer.next_unejection(now).unwrap_or(now);
                 let at = (now + delay).max(unejected);
@@ -345,79 +475,110 @@ impl Session {
                     "no usable instance: {}", self.why_unanswered()
                 );
                 self.retry_at = Some(at);
-                return;
-            };
+                self.failed_round.clear();
+            }
+            self.race_at = None;
+            return;
+        };
+        self.retry_at = None;
+        let timeout = self.config.connect_timeout;
+        self.race_at = Some(now + RACE_DELAY.min(timeout / 2));
+        self.connecting_to.push(instance.clone());
+        self.connecting.push(Box::pin(async move {
             let address = instance.address();
             let attempt = tokio::time::timeout(
-                self.config.connect_timeout,
+                timeout,
                 TcpStream::connect((instance.host.as_str(), instance.port)),
             )
             .await;
-            let reason = match attempt {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    let (read, write) = stream.into_split();
-                    tracing::info!(instance = %instance, "connected");
-                    self.conn = Some(Conn {
-                        reader: FramedRead::new(read, ReplyCodec::new(self.config.max_frame)),
-                        writer: FramedWrite::new(write, EchoCodec::new(self.config.max_frame)),
-                        instance,
-                        written: 0,
-                    });
-                    return;
-                }
-                Ok(Err(e)) => format!("connect to {address}: {e}"),
-                Err(_) => format!(
-                    "connect to {address}: no answer within {:?}",
-                    self.config.connect_timeout
-                ),
+            let result = match attempt {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(e)) => Err(format!("connect to {address}: {e}")),
+                Err(_) => Err(format!(
+                    "connect to {address}: no answer within {timeout:?}"
+                )),
             };
-            let cooldown = self.balancer.eject(&instance, now);
-            tracing::warn!(
-                instance = %instance,
-                ?cooldown,
-                "{reason}; ejected, trying another instance"
-            );
-            self.last_failure = Some(format!("{}: {reason}", instance.id));
+            (instance, result)
+        }));
+    }
+
+    fn stop_connecting(&mut self) {
+        self.connecting = FuturesUnordered::new();
+        self.connecting_to.clear();
+        self.race_at = None;
+    }
+
+    fn on_connected(&mut self, instance: Instance, result: std::result::Result<TcpStream, String>) {
+        self.connecting_to.retain(|i| *i != instance);
+        let now = Instant::now();
+        match result {
+            Ok(stream) if self.conn.is_none() => {
+                let _ = stream.set_nodelay(true);
+                let (read, write) = stream.into_split();
+                tracing::info!(instance = %instance, "connected");
+                self.conn = Some(Conn {
+                    reader: FramedRead::new(read, ReplyCodec::new(self.config.max_frame)),
+                    writer: write,
+                    out: BytesMut::new(),
+                    instance,
+                    written: 0,
+                    unanswered_bytes: 0,
+                    last_reply: None,
+                });
+                // The others lose the race.
+                self.stop_connecting();
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                let cooldown = self.balancer.eject(&instance, now);
+                tracing::warn!(
+                    instance = %instance,
+                    ?cooldown,
+                    "{reason}; ejected, trying another instance"
+                );
+                self.last_failure = Some(format!("{instance}: {reason}"));
+                self.failed_round.push(instance.address());
+                if self.conn.is_none() && !self.pending.is_empty() {
+                    self.connect_more(now);
+                }
+            }
         }
     }
 
-    /// Write the messages not yet written on the connection. False if the connection failed.
-    async fn write(&mut self) -> bool {
+    /// Encode the messages not yet written on the connection, up to the un-answered cap.
+    fn fill(&mut self, now: Instant) {
         let Some(conn) = self.conn.as_mut() else {
-            return false;
+            return;
         };
-        if conn.written == self.pending.len() {
-            return true;
+        for p in self.pending.iter_mut().skip(conn.written) {
+            let size = p.bytes.len() + 1;
+            if conn.unanswered_bytes > 0 && conn.unanswered_bytes + size > MAX_UNANSWERED_BYTES {
+                break;
+            }
+            conn.out.reserve(size);
+            conn.out.put_slice(&p.bytes);
+            conn.out.put_u8(b'\n');
+            p.written_at = Some(now);
+            p.attempts += 1;
+            conn.written += 1;
+            conn.unanswered_bytes += size;
         }
-        let now = Instant::now();
-        let start = conn.written;
-        let pending = &self.pending;
-        let result = tokio::time::timeout(self.config.reply_timeout, async {
-            for p in pending.iter().skip(start) {
-                conn.writer.feed(p.bytes.clone()).await?;
-            }
-            SinkExt::<Bytes>::flush(&mut conn.writer).await
-        })
-        .await;
-        match result {
-            Ok(Ok(())) => {
-                for p in self.pending.iter_mut().skip(start) {
-                    p.written_at = Some(now);
-                    p.attempts += 1;
-                }
-                conn.written = self.pending.len();
-                true
-            }
-            Ok(Err(e)) => {
-                self.fail_conn(&format!("write: {e}"));
-                false
-            }
-            Err(_) => {
-                let timeout = self.config.reply_timeout;
-                self.fail_conn(&format!("write blocked for {timeout:?}"));
-                false
-            }
+    }
+
+    /// A connection with nothing un-answered may have been closed by the server meanwhile
+    /// (its idle timeout): find out before writing on it, and drop it quietly.
+    fn check_idle_close(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if conn.written > 0 || self.pending.is_empty() {
+            return;
+        }
+        match conn.reader.next().now_or_never() {
+            None => {}
+            Some(Some(Ok(frame))) => self.on_reply(frame),
+            Some(Some(Err(e))) => self.conn_ended(&e.to_string()),
+            Some(None) => self.conn_ended("connection closed by the instance"),
         }
     }
 
@@ -433,17 +594,73 @@ impl Session {
             return;
         };
         conn.written -= 1;
+        conn.unanswered_bytes = conn.unanswered_bytes.saturating_sub(p.bytes.len() + 1);
         let now = Instant::now();
+        conn.last_reply = Some(now);
         let rtt = now - p.written_at.unwrap_or(now);
-        self.balancer.succeeded(&conn.instance, rtt);
+        let instance = conn.instance.clone();
+        self.balancer.succeeded(&instance, rtt);
         self.backoff.reset();
-        let _ = p.reply.send(Ok(Reply {
-            bytes: frame,
-            instance: conn.instance.clone(),
-            rtt,
-            latency: now - p.sent_at,
-            attempts: p.attempts,
-        }));
+        self.failed_round.clear();
+        let outcome = if frame == p.bytes {
+            Ok(Reply {
+                bytes: frame,
+                instance,
+                rtt,
+                latency: now - p.sent_at,
+                attempts: p.attempts,
+            })
+        } else if frame.starts_with(FRAME_LIMIT_LINE) {
+            let line = String::from_utf8_lossy(&frame).into_owned();
+            if self.frame_limit_reported.insert(instance.address()) {
+                tracing::error!(
+                    instance = %instance,
+                    client_max_frame = self.config.max_frame,
+                    "the instance refuses frames this client may send ({line}); such messages \
+                     are answered with an error"
+                );
+            }
+            // The server closes after that line: leave without ejecting it; the messages
+            // after this one are written again on a new connection.
+            self.drop_conn();
+            Err(Error::FrameTooLong {
+                instance: instance.to_string(),
+                sent: p.bytes.len(),
+                line,
+            })
+        } else {
+            Err(Error::NotAnEcho {
+                instance: instance.to_string(),
+                sent: p.bytes.len(),
+                got: frame
+                    .slice(..frame.len().min(64))
+                    .escape_ascii()
+                    .to_string(),
+            })
+        };
+        if let Some(reply) = p.reply {
+            let _ = reply.send(outcome);
+        }
+    }
+
+    /// The connection ended (closed, reset, bad frame): a failure of the instance if messages
+    /// were un-answered on it, otherwise (an idle timeout, say) just the end of it.
+    fn conn_ended(&mut self, reason: &str) {
+        match &self.conn {
+            Some(c) if c.written == 0 => {
+                tracing::debug!(instance = %c.instance, "idle connection ended ({reason})");
+                self.drop_conn();
+            }
+            _ => self.fail_conn(reason),
+        }
+    }
+
+    /// Leave the connection without blaming the instance.
+    fn drop_conn(&mut self) {
+        if self.conn.take().is_some() {
+            self.unwrite();
+            self.retry_at = None;
+        }
     }
 
     /// The current instance failed: eject it and make every un-answered message unwritten.
@@ -458,22 +675,36 @@ impl Session {
             resend = conn.written,
             "instance failed ({reason}); ejected, resending un-answered messages elsewhere"
         );
-        self.last_failure = Some(format!("{}: {reason}", conn.instance.id));
+        self.last_failure = Some(format!("{}: {reason}", conn.instance));
+        self.failed_round.push(conn.instance.address());
         self.unwrite();
         self.retry_at = None;
     }
 
+    /// Every message is to be written again; those answered already (past their deadline)
+    /// are dropped.
     fn unwrite(&mut self) {
+        self.pending.retain(|p| p.reply.is_some());
         for p in &mut self.pending {
             p.written_at = None;
         }
     }
 }
 
-async fn read_frame(conn: &mut Option<Conn>) -> Option<std::result::Result<Bytes, CodecError>> {
-    match conn {
-        Some(c) => c.reader.next().await,
+async fn read_frame(
+    reader: Option<&mut FramedRead<OwnedReadHalf, ReplyCodec>>,
+) -> Option<std::result::Result<Bytes, CodecError>> {
+    match reader {
+        Some(r) => r.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Hand encoded bytes to the socket; pending while there are none.
+async fn write_some(writer: Option<(&mut OwnedWriteHalf, &mut BytesMut)>) -> io::Result<usize> {
+    match writer {
+        Some((w, out)) if !out.is_empty() => w.write_buf(out).await,
+        _ => std::future::pending().await,
     }
 }
 

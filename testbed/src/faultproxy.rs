@@ -1,5 +1,6 @@
 //! A fault-injecting HTTP proxy in front of a real Consul agent: it forwards requests and
-//! answers byte for byte, and on demand delays, drops, cuts or corrupts the answers, so that
+//! answers byte for byte, and on demand delays, drops, cuts or corrupts the answers (or strips
+//! their `X-Consul-Index`), so that
 //! servers and clients can be shown a misbehaving Consul without a mock. It listens on
 //! 127.0.0.1 only, forwards to one upstream address, and knows nothing of Consul's API.
 //!
@@ -48,6 +49,8 @@ pub enum Fault {
     Truncated,
     /// Answer this status (500, 429, ...) with a short text body.
     Status(u16),
+    /// Forward, without the `X-Consul-Index` header (a proxy that strips it).
+    StripIndex,
 }
 
 impl Serialize for Fault {
@@ -57,9 +60,10 @@ impl Serialize for Fault {
 }
 
 impl Fault {
-    /// Whether the answer fails (everything but [`Fault::Pass`] and [`Fault::Delay`]).
+    /// Whether the answer fails (everything but [`Fault::Pass`], [`Fault::Delay`] and
+    /// [`Fault::StripIndex`]).
     pub fn is_failure(self) -> bool {
-        !matches!(self, Fault::Pass | Fault::Delay(_))
+        !matches!(self, Fault::Pass | Fault::Delay(_) | Fault::StripIndex)
     }
 }
 
@@ -73,6 +77,7 @@ impl fmt::Display for Fault {
             Fault::BadJson => f.write_str("bad JSON"),
             Fault::Truncated => f.write_str("truncated body"),
             Fault::Status(code) => write!(f, "HTTP {code}"),
+            Fault::StripIndex => f.write_str("X-Consul-Index stripped"),
         }
     }
 }
@@ -367,6 +372,11 @@ async fn apply(
             tokio::time::sleep(d).await;
             Ok(answer(status, &headers, full(body)))
         }
+        Fault::StripIndex => {
+            let mut headers = headers;
+            headers.remove("x-consul-index");
+            Ok(answer(status, &headers, full(body)))
+        }
         Fault::Drop => hold(ctx, watch).await,
         Fault::Cut => {
             let half = body.slice(..body.len() / 2);
@@ -532,6 +542,18 @@ mod tests {
         );
         assert!(ok.ends_with("[{\"ID\":\"a\"},{\"ID\":\"b\"}]"), "{ok}");
 
+        proxy.set(Fault::StripIndex);
+        let stripped = raw_get(proxy.addr(), "").await.unwrap();
+        assert!(stripped.starts_with("HTTP/1.1 200"), "{stripped}");
+        assert!(
+            !stripped.to_ascii_lowercase().contains("x-consul-index"),
+            "{stripped}"
+        );
+        assert!(
+            stripped.ends_with("[{\"ID\":\"a\"},{\"ID\":\"b\"}]"),
+            "{stripped}"
+        );
+
         proxy.set(Fault::BadJson);
         let bad = raw_get(proxy.addr(), "").await.unwrap();
         assert!(bad.starts_with("HTTP/1.1 200"), "{bad}");
@@ -555,8 +577,12 @@ mod tests {
         proxy.heal();
         assert!(raw_get(proxy.addr(), "").await.unwrap().ends_with("}]"));
         let stats = proxy.stats();
-        assert_eq!(stats.requests, 6);
-        assert_eq!((stats.forwarded, stats.faulted), (2, 4));
+        assert_eq!(stats.requests, 7);
+        assert_eq!(
+            (stats.forwarded, stats.faulted),
+            (3, 4),
+            "a stripped index is no failure"
+        );
     }
 
     #[tokio::test]

@@ -10,6 +10,9 @@
 //!   and corrupted answers, then healed;
 //! * [`acl`] — ACLs on with default deny: missing, wrong and too narrow tokens;
 //! * [`hostile`] — garbage, oversized frames, stalled, reset and short-lived connections;
+//! * [`blackholed`] — passing instances that drop SYNs, and one healthy server;
+//! * [`batch`] — 1,000 concurrent 64 KiB messages to one server;
+//! * [`stripped`] — Consul behind a proxy that strips `X-Consul-Index`;
 //! * [`rotated`] — the agent's TLS certificate re-issued and reloaded under running mTLS
 //!   processes: same CA, an unknown CA, and back;
 //! * [`observe`] — the echo traffic and the discovery views the scenarios watch.
@@ -18,6 +21,8 @@
 //! and talks only to 127.0.0.1 and the agent's container.
 
 pub mod acl;
+pub mod batch;
+pub mod blackholed;
 pub mod hostile;
 pub mod hung;
 pub mod observe;
@@ -25,6 +30,7 @@ pub mod paused;
 pub mod proxy;
 pub mod restarted;
 pub mod rotated;
+pub mod stripped;
 
 use std::{
     fmt::Write as _,
@@ -65,19 +71,28 @@ pub enum Scenario {
     Acl,
     /// Hostile input at an echo server.
     Hostile,
+    /// Passing instances that drop SYNs.
+    Blackholed,
+    /// A large pipelined batch.
+    Batch,
+    /// Consul's index stripped by a proxy.
+    Stripped,
     /// The agent's TLS certificate changed under running mTLS processes.
     Rotated,
 }
 
 impl Scenario {
     /// All of them, in the report's order.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 10] = [
         Scenario::Hung,
         Scenario::Paused,
         Scenario::Restarted,
         Scenario::Proxy,
         Scenario::Acl,
         Scenario::Hostile,
+        Scenario::Blackholed,
+        Scenario::Batch,
+        Scenario::Stripped,
         Scenario::Rotated,
     ];
 
@@ -90,7 +105,10 @@ impl Scenario {
             Scenario::Proxy => "4. fault proxy",
             Scenario::Acl => "5. ACLs, default deny",
             Scenario::Hostile => "6. hostile input",
-            Scenario::Rotated => "7. TLS certificate rotated",
+            Scenario::Blackholed => "7. blackholed instances",
+            Scenario::Batch => "8. large pipelined batch",
+            Scenario::Stripped => "9. stripped X-Consul-Index",
+            Scenario::Rotated => "10. TLS certificate rotated",
         }
     }
 }
@@ -104,6 +122,9 @@ pub struct FaultsConfig {
     pub proxy: proxy::Config,
     pub acl: acl::Config,
     pub hostile: hostile::Config,
+    pub blackholed: blackholed::Config,
+    pub batch: batch::Config,
+    pub stripped: stripped::Config,
     pub rotated: rotated::Config,
 }
 
@@ -141,6 +162,9 @@ pub struct Report {
     pub proxy: Option<proxy::Outcome>,
     pub acl: Option<acl::Outcome>,
     pub hostile: Option<hostile::Outcome>,
+    pub blackholed: Option<blackholed::Outcome>,
+    pub batch: Option<batch::Outcome>,
+    pub stripped: Option<stripped::Outcome>,
     pub rotated: Option<rotated::Outcome>,
     /// Scenarios that could not run to the end, with why.
     pub failed: Vec<(Scenario, String)>,
@@ -175,6 +199,9 @@ pub async fn run(
         proxy: None,
         acl: None,
         hostile: None,
+        blackholed: None,
+        batch: None,
+        stripped: None,
         rotated: None,
         failed: Vec::new(),
         wall_time: 0.0,
@@ -204,6 +231,9 @@ pub async fn run(
             Scenario::Proxy => record!(proxy, proxy),
             Scenario::Acl => record!(acl, acl),
             Scenario::Hostile => record!(hostile, hostile),
+            Scenario::Blackholed => record!(blackholed, blackholed),
+            Scenario::Batch => record!(batch, batch),
+            Scenario::Stripped => record!(stripped, stripped),
             Scenario::Rotated => record!(rotated, rotated),
         };
         if let Err(e) = result {
@@ -264,13 +294,16 @@ pub fn markdown(report: &Report) -> String {
         );
     }
     out.push('\n');
-    let details: [Option<String>; 7] = [
+    let details: [Option<String>; 10] = [
         report.hung.as_ref().map(hung::Outcome::details),
         report.paused.as_ref().map(paused::Outcome::details),
         report.restarted.as_ref().map(restarted::Outcome::details),
         report.proxy.as_ref().map(proxy::Outcome::details),
         report.acl.as_ref().map(acl::Outcome::details),
         report.hostile.as_ref().map(hostile::Outcome::details),
+        report.blackholed.as_ref().map(blackholed::Outcome::details),
+        report.batch.as_ref().map(batch::Outcome::details),
+        report.stripped.as_ref().map(stripped::Outcome::details),
         report.rotated.as_ref().map(rotated::Outcome::details),
     ];
     for d in details.into_iter().flatten() {
@@ -507,6 +540,9 @@ mod tests {
             proxy: None,
             acl: None,
             hostile: None,
+            blackholed: None,
+            batch: None,
+            stripped: None,
             rotated: None,
             failed: Vec::new(),
             wall_time: 1.0,

@@ -226,7 +226,7 @@ impl Outcome {
 /// What an error caused by `fault` should say.
 fn hint(fault: Fault) -> &'static str {
     match fault {
-        Fault::Pass | Fault::Delay(_) => "",
+        Fault::Pass | Fault::Delay(_) | Fault::StripIndex => "",
         Fault::Drop | Fault::Cut => "did not answer",
         Fault::BadJson | Fault::Truncated => "malformed answer",
         Fault::Status(500) => "answered 500",

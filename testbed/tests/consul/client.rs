@@ -656,3 +656,118 @@ pub(crate) async fn failing_cli(
         .text;
     (error, took)
 }
+
+#[tokio::test]
+async fn two_instances_with_one_id_on_two_nodes_are_two_instances() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    // Consul's service IDs are unique per agent, not per cluster: servernode_1 on node-a and
+    // servernode_1 on node-b (registered in the catalog as if by their own agents).
+    let mut servers = BTreeMap::new();
+    for node in ["node-a", "node-b"] {
+        let mut spec = ServerSpec::seed(consul.config()).unwrap();
+        spec.extra_args.push("--no-register".into());
+        let server = ServerProcess::spawn(&launcher(), spec).await.unwrap();
+        let addr = server.spec.echo_addr();
+        let registration = consul_api::CatalogRegistration {
+            node: node.into(),
+            address: addr.ip().to_string(),
+            service: Some(consul_api::CatalogServiceRegistration {
+                id: "servernode_1".into(),
+                service: SERVICE.into(),
+                address: addr.ip().to_string(),
+                port: addr.port(),
+                ..Default::default()
+            }),
+        };
+        consul
+            .client()
+            .catalog()
+            .register(&registration)
+            .await
+            .unwrap();
+        servers.insert(addr.port(), (node, server));
+    }
+    let mut config = ClientConfig::new(consul.config(), SERVICE);
+    config.session.cooldown = Duration::from_secs(20);
+    let client = EchoClient::start(config).unwrap();
+    let listed = discovered(&client, |s| s.instances.len() == 2).await;
+    assert_eq!(ids(&listed), ["servernode_1", "servernode_1"]);
+    let nodes: Vec<&str> = listed.instances.iter().map(|i| i.node.as_str()).collect();
+    assert_eq!(nodes.len(), 2);
+    assert_ne!(nodes[0], nodes[1]);
+
+    let first = echo(&client, 1).await;
+    let (node, mut served) = servers.remove(&first.instance.port).unwrap();
+    assert_eq!(first.instance.node, node);
+    served.process.kill().await.unwrap();
+    // The namesake on the other node must not share the stopped one's ejection (20 s).
+    let started = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(5), echo(&client, 2))
+        .await
+        .expect("the other servernode_1 answers at once");
+    let (&other, _) = servers.iter().next().unwrap();
+    assert_eq!(reply.instance.port, other);
+    eprintln!("failover between two servernode_1: {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_token_revoked_after_success_keeps_the_client_serving() {
+    init_tracing();
+    let options = ConsulOptions::from_env()
+        .unwrap()
+        .with_acl("revoke-root-token");
+    let consul = Consul::start_with(options).await.unwrap();
+    let _a = server(&consul, "servernode_1").await;
+    passing(&consul, &["servernode_1"]).await;
+    let admin = consul.client();
+    let policy = admin
+        .acl()
+        .policy_create(&consul_api::AclPolicy {
+            name: "echo-client".into(),
+            rules: format!(
+                "service \"{SERVICE}\" {{ policy = \"read\" }}\nnode_prefix \"\" {{ policy = \"read\" }}"
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let token = admin
+        .acl()
+        .token_create(&consul_api::AclToken {
+            description: "echo-client".into(),
+            policies: vec![consul_api::AclPolicyLink {
+                id: policy.id,
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut config = ClientConfig::new(
+        consul.config().with_token(Some(token.secret_id.clone())),
+        SERVICE,
+    );
+    // Short blocking queries, so the revocation is seen within a second.
+    config.discovery.wait = Duration::from_secs(1);
+    let client = EchoClient::start(config).unwrap();
+    discovered(&client, |s| ids(s) == ["servernode_1"]).await;
+    let first = echo(&client, 1).await;
+
+    admin.acl().token_delete(&token.accessor_id).await.unwrap();
+    let refused = discovered(&client, |s| {
+        matches!(&s.consul, ConsulState::Unreachable { error, .. } if error.contains("403"))
+            || s.failure().is_some()
+    })
+    .await;
+    assert_eq!(refused.failure(), None, "not permanent after a success");
+    assert_eq!(ids(&refused), ["servernode_1"], "the last view is kept");
+    // The working connection keeps serving, nothing resent.
+    for seq in 2..=5 {
+        let reply = echo(&client, seq).await;
+        assert_eq!(
+            (reply.instance, reply.attempts),
+            (first.instance.clone(), 1)
+        );
+    }
+}

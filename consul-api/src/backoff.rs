@@ -1,5 +1,5 @@
 //! The backoff policy: how long to wait before trying again when nothing works (Consul
-//! unreachable, no usable instance), growing exponentially with jitter (backon's exponential
+//! unreachable, no usable instance, no index to block on), growing exponentially with jitter (backon's exponential
 //! backoff) and never giving up by itself — callers bound their loops with deadlines.
 
 use std::time::Duration;
@@ -43,6 +43,12 @@ impl Backoff {
     /// The policy a session uses while no instance is usable: 50 ms doubling to 1 s.
     pub fn reconnect() -> Self {
         Backoff::new(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// The policy a [`Watch`](crate::Watch) polls with when answers carry no usable index:
+    /// 200 ms doubling to 2 s.
+    pub fn poll() -> Self {
+        Backoff::new(Duration::from_millis(200), Duration::from_secs(2))
     }
 
     /// The next delay.
