@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use consul_api::{QueryOptions, Watch};
+use consul_api::{Backoff, QueryOptions, Watch};
 use echo_client::{Instance, Snapshot};
 use tokio::{
     sync::{oneshot, watch},
@@ -96,6 +96,7 @@ impl Observer {
 async fn follow(client: consul_api::Client, service: String, tx: watch::Sender<Seen>) {
     let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(30))
         .with_min_interval(Duration::from_millis(1));
+    let mut backoff = Backoff::consul();
     while !tx.is_closed() {
         let answer = watch
             .next(|opts| {
@@ -105,6 +106,7 @@ async fn follow(client: consul_api::Client, service: String, tx: watch::Sender<S
             .await;
         match answer {
             Ok(entries) => {
+                backoff.reset();
                 let at = Instant::now();
                 tx.send_modify(|s| {
                     s.instances = entries.iter().map(Instance::from_entry).collect();
@@ -113,8 +115,10 @@ async fn follow(client: consul_api::Client, service: String, tx: watch::Sender<S
                 });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "observer: Consul did not answer; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let pause = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?pause, "observer: Consul did not answer; retrying");
+                watch.reset();
+                tokio::time::sleep(pause).await;
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use consul_api::{Client, HealthStatus, QueryOptions, ServiceEntry, Watch};
+use consul_api::{Backoff, Client, HealthStatus, QueryOptions, ServiceEntry, Watch};
 use tokio::{sync::oneshot, time::Instant};
 
 use crate::error::{Error, Result};
@@ -26,6 +26,7 @@ where
         timeout.min(Duration::from_secs(60)),
     );
     let mut last_error = None;
+    let mut backoff = Backoff::consul();
     loop {
         let next = watch.next(|opts| {
             let client = client.clone();
@@ -38,13 +39,17 @@ where
         });
         match tokio::time::timeout_at(deadline, next).await {
             Ok(Ok(entries)) => {
+                backoff.reset();
                 if done(&entries) {
                     return Ok((entries, Instant::now()));
                 }
             }
             Ok(Err(e)) if e.is_retryable() => {
                 last_error = Some(e.to_string());
-                tokio::time::sleep(Duration::from_millis(100).min(deadline - Instant::now())).await;
+                watch.reset();
+                let pause = backoff.next_delay();
+                tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
             }
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => {
@@ -110,16 +115,21 @@ pub async fn follow_instance(
     let mut passing = Some(passing);
     let mut critical_at = None;
     let mut errors = 0u32;
+    let mut backoff = Backoff::consul();
     loop {
         let next = watch
             .next(|opts| async move { client.health().service(service, None, false, &opts).await })
             .await;
         let now = SystemTime::now();
         let entries = match next {
-            Ok(entries) => entries,
+            Ok(entries) => {
+                backoff.reset();
+                entries
+            }
             Err(e) if e.is_retryable() && errors < 50 => {
                 errors += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                watch.reset();
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
             Err(e) => return Err(e.into()),

@@ -16,8 +16,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
-use consul_api::{AgentServiceRegistration, Client, QueryOptions, error::ErrorKind};
+use consul_api::{
+    AgentServiceRegistration, Backoff, Client, QueryMeta, QueryOptions, Watch, error::ErrorKind,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -96,45 +97,35 @@ impl Registrar {
         if !self.register(&stop, Attempt::First).await? {
             return Ok(());
         }
-        let mut hash: Option<String> = None;
-        let mut backoff = None;
+        // The agent's endpoints block on a content hash: the one blocking-query driver, in
+        // hash mode. A 404 (the entry is gone) is an answer without a hash: delivered.
+        let mut watch = Watch::hash(QueryOptions::default(), self.watch_wait())
+            .with_min_interval(MIN_READ_INTERVAL);
+        let mut backoff = self.backoff();
         let mut errors = ErrorLog::new("watch its registration");
-        let mut last_start: Option<Instant> = None;
         loop {
-            if let Some(last) = last_start {
-                let pause = if hash.is_some() {
-                    MIN_READ_INTERVAL
-                } else {
-                    // The agent gave no content hash to block on: poll, twice an interval.
-                    self.interval / 2
-                };
-                let until = tokio::time::Instant::from_std(last + pause);
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
-                    () = tokio::time::sleep_until(until) => {}
+            let read = watch.next(|opts| {
+                let (client, id) = (self.client.clone(), self.id.clone());
+                async move {
+                    Ok(match client.agent().service(&id, &opts).await? {
+                        Some((service, meta)) => (Some(service), meta),
+                        None => (None, QueryMeta::default()),
+                    })
                 }
-            }
-            last_start = Some(Instant::now());
-            let opts = QueryOptions {
-                wait_hash: hash.clone(),
-                wait_time: Some(self.watch_wait()),
-                ..QueryOptions::default()
-            };
-            let agent = self.client.agent();
+            });
             let read = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
-                read = agent.service(&self.id, &opts) => read,
+                read = read => read,
             };
             match read {
-                Ok(Some((_, meta))) => {
+                Ok(Some(_)) => {
                     errors.recovered();
-                    backoff = None;
-                    hash = meta.content_hash;
+                    backoff.reset();
                 }
                 Ok(None) => {
                     errors.recovered();
-                    backoff = None;
-                    hash = None;
+                    backoff.reset();
+                    watch.reset();
                     self.registered.store(false, Ordering::SeqCst);
                     tracing::warn!(
                         id = %self.id,
@@ -149,11 +140,8 @@ impl Registrar {
                 }
                 // A retryable error, or a 403 now that the registration has worked.
                 Err(e) => {
-                    hash = None;
-                    let delay = backoff
-                        .get_or_insert_with(|| self.backoff().build())
-                        .next()
-                        .unwrap_or(self.interval);
+                    watch.reset();
+                    let delay = backoff.next_delay();
                     errors.retrying(&e, delay);
                     tokio::select! {
                         _ = stop.cancelled() => return Ok(()),
@@ -211,22 +199,30 @@ impl Registrar {
             Attempt::Again => "register again",
         });
         let started = Instant::now();
-        let call = || async {
+        let mut backoff = self.backoff();
+        loop {
             self.attempted.store(true, Ordering::SeqCst);
-            self.client
-                .agent()
-                .service_register(&self.registration)
-                .await
-        };
-        let retrying = call
-            .retry(self.backoff())
-            .when(|e| e.is_retryable() || (attempt == Attempt::Again && e.is_permission_denied()))
-            .notify(|e, delay| errors.retrying(e, delay));
-        let result = tokio::select! {
-            _ = stop.cancelled() => return Ok(false),
-            result = retrying => result,
-        };
-        result.map_err(|e| self.fatal(e))?;
+            let agent = self.client.agent();
+            let result = tokio::select! {
+                _ = stop.cancelled() => return Ok(false),
+                result = agent.service_register(&self.registration) => result,
+            };
+            match result {
+                Ok(()) => break,
+                Err(e)
+                    if e.is_retryable()
+                        || (attempt == Attempt::Again && e.is_permission_denied()) =>
+                {
+                    let delay = backoff.next_delay();
+                    errors.retrying(&e, delay);
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(false),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => return Err(self.fatal(e)),
+            }
+        }
         self.registered.store(true, Ordering::SeqCst);
         let r = &self.registration;
         let check = r.check.as_ref();
@@ -273,18 +269,14 @@ impl Registrar {
 
     /// Retries back off from 50 ms to a quarter interval (jitter adds up to as much again),
     /// so a registration lost while the agent restarts is back within two intervals.
-    fn backoff(&self) -> ExponentialBuilder {
+    fn backoff(&self) -> Backoff {
         backoff_for(self.interval)
     }
 }
 
-fn backoff_for(interval: Duration) -> ExponentialBuilder {
+fn backoff_for(interval: Duration) -> Backoff {
     let max = (interval / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(max)
-        .with_jitter()
-        .without_max_times()
+    Backoff::new(Duration::from_millis(50), max)
 }
 
 /// Logs a failure when its kind changes (at warn), repeats at debug, and the recovery once.
@@ -458,8 +450,8 @@ mod tests {
     fn retries_stay_within_half_an_interval() {
         for secs in [1, 5, 30] {
             let interval = Duration::from_secs(secs);
-            let delays: Vec<_> = backoff_for(interval).build().take(50).collect();
-            assert_eq!(delays.len(), 50, "never gives up");
+            let mut backoff = backoff_for(interval);
+            let delays: Vec<_> = (0..50).map(|_| backoff.next_delay()).collect();
             assert!(delays[0] <= Duration::from_millis(100));
             for d in &delays {
                 assert!(
@@ -472,14 +464,11 @@ mod tests {
 
     #[test]
     fn retries_are_jittered() {
-        let a: Vec<_> = backoff_for(Duration::from_secs(5))
-            .build()
-            .take(8)
-            .collect();
-        let b: Vec<_> = backoff_for(Duration::from_secs(5))
-            .build()
-            .take(8)
-            .collect();
+        let delays = || {
+            let mut backoff = backoff_for(Duration::from_secs(5));
+            (0..8).map(|_| backoff.next_delay()).collect::<Vec<_>>()
+        };
+        let (a, b) = (delays(), delays());
         assert_ne!(a, b, "two servers do not retry in lockstep");
     }
 }
