@@ -104,6 +104,8 @@ pub struct Snapshot {
     pub index: u64,
     /// Counts published snapshots, from 0.
     pub version: u64,
+    /// Consul's error, when discovery failed for good: its kind and source chain.
+    pub cause: Option<Arc<consul_api::Error>>,
 }
 
 impl Snapshot {
@@ -117,6 +119,7 @@ impl Snapshot {
             changed_at: now,
             index: 0,
             version: 0,
+            cause: None,
         }
     }
 
@@ -140,6 +143,7 @@ impl Snapshot {
             changed_at: if changed { now } else { self.changed_at },
             index,
             version: self.version + 1,
+            cause: None,
         }
     }
 
@@ -285,7 +289,11 @@ pub(crate) async fn follow<F, Fut>(
             Err(e) if !(e.is_retryable() || answered && e.is_permission_denied()) => {
                 let error = permanent_message(&e);
                 tracing::error!(service, "{error}");
-                publish(&tx, |s| s.with_state(ConsulState::Failed { error }));
+                let cause = Arc::new(e);
+                publish(&tx, |s| Snapshot {
+                    cause: Some(cause),
+                    ..s.with_state(ConsulState::Failed { error })
+                });
                 return;
             }
             Err(e) => {
@@ -580,6 +588,8 @@ mod tests {
         let error = s.failure().unwrap();
         assert!(error.contains("403"), "{error}");
         assert!(error.contains("CONSUL_HTTP_TOKEN"), "{error}");
+        let cause = s.cause.as_deref().expect("Consul's error itself is kept");
+        assert!(cause.is_permission_denied() && !cause.is_retryable());
         task.await.unwrap();
         assert!(rx.has_changed().is_err(), "the task ended");
     }

@@ -90,10 +90,7 @@ pub async fn run(args: Args) -> Result<()> {
             "--message cannot contain a newline".into(),
         ));
     }
-    let consul = args
-        .consul
-        .config()
-        .map_err(|e| Error::Config(e.to_string()))?;
+    let consul = args.consul.config()?;
     match args.mode {
         Mode::Naive => run_naive(args, consul).await,
         Mode::Resilient => run_resilient(args, consul).await,

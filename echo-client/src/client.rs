@@ -102,8 +102,7 @@ impl EchoClient {
         if config.discovery.service.trim().is_empty() {
             return Err(Error::Config("the service name is empty".into()));
         }
-        let consul =
-            consul_api::Client::new(config.consul).map_err(|e| Error::Config(e.to_string()))?;
+        let consul = consul_api::Client::new(config.consul)?;
         let rx = discovery::spawn(consul, config.discovery);
         EchoClient::with_discovery(rx, config.session)
     }

@@ -1,18 +1,24 @@
 //! The one error type of echo-client: why a message could not be answered, or why the client
 //! could not start.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 /// A `Result` whose error is this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong for a caller of echo-client. Cloneable, so one permanent
-/// failure can answer every queued message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// failure can answer every queued message; Consul's errors are kept as the source (shared),
+/// so [`consul_api::Error::is_retryable`] and the whole chain reach the caller.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
-    /// The settings cannot work (bad Consul address, zero capacity, ...).
+    /// The settings cannot work (zero capacity, empty service name, ...).
     #[error("invalid configuration: {0}")]
     Config(String),
+
+    /// The Consul client could not be built (bad `CONSUL_HTTP_ADDR`, unreadable CA or token
+    /// file, ...).
+    #[error("cannot set up the Consul client")]
+    Consul(#[source] Arc<consul_api::Error>),
 
     /// The message cannot be sent as one frame.
     #[error("invalid message: {0}")]
@@ -20,7 +26,15 @@ pub enum Error {
 
     /// Discovery stopped for good: Consul refused the token (403) or the query is invalid.
     #[error("service discovery of {service:?} failed permanently: {reason}")]
-    Discovery { service: String, reason: String },
+    Discovery {
+        /// The service.
+        service: String,
+        /// What discovery said: Consul's message and a hint at what to check.
+        reason: String,
+        /// Consul's error itself (its message is already in `reason`, so it is not the
+        /// `source()`: a printed chain would say it twice); see [`Error::consul`].
+        cause: Option<Arc<consul_api::Error>>,
+    },
 
     /// No passing instance answered the message before its deadline.
     #[error("no instance of {service:?} answered within {waited:?}: {last}")]
@@ -62,9 +76,77 @@ pub enum Error {
     Closed,
 }
 
+impl From<consul_api::Error> for Error {
+    fn from(e: consul_api::Error) -> Self {
+        Error::Consul(Arc::new(e))
+    }
+}
+
 impl Error {
+    /// The Consul error behind this one, if any: its status, kind and
+    /// [`is_retryable`](consul_api::Error::is_retryable).
+    pub fn consul(&self) -> Option<&consul_api::Error> {
+        match self {
+            Error::Consul(e) => Some(e),
+            Error::Discovery { cause, .. } => cause.as_deref(),
+            _ => None,
+        }
+    }
+
     /// True when waiting and trying again cannot help (bad input, refused token, shut down).
     pub fn is_permanent(&self) -> bool {
         !matches!(self, Error::Timeout { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unreachable() -> consul_api::Error {
+        consul_api::Error::Transport {
+            method: "GET",
+            url: "http://127.0.0.1:1".into(),
+            path: "/v1/health/service/web".into(),
+            reason: "connection refused".into(),
+            timeout: false,
+        }
+    }
+
+    #[test]
+    fn consuls_error_is_the_source_and_reaches_the_caller() {
+        let e = Error::from(unreachable());
+        assert!(e.consul().is_some_and(consul_api::Error::is_retryable));
+        let printed = format!("{:#}", anyhow::Error::from(e.clone()));
+        assert!(
+            printed.starts_with("cannot set up the Consul client: "),
+            "{printed}"
+        );
+        assert_eq!(
+            printed.matches("connection refused").count(),
+            1,
+            "{printed}"
+        );
+        let copy = e.clone();
+        assert!(
+            std::ptr::eq(e.consul().unwrap(), copy.consul().unwrap()),
+            "shared, not copied"
+        );
+    }
+
+    #[test]
+    fn a_discovery_failure_keeps_consuls_error_without_printing_it_twice() {
+        let e = Error::Discovery {
+            service: "web".into(),
+            reason: unreachable().to_string(),
+            cause: Some(Arc::new(unreachable())),
+        };
+        assert!(e.consul().is_some_and(|c| c.status().is_none()));
+        let printed = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(
+            printed.matches("connection refused").count(),
+            1,
+            "{printed}"
+        );
     }
 }

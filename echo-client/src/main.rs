@@ -18,7 +18,8 @@ async fn main() -> ExitCode {
     match cli::run(Args::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The whole chain, each cause once (Consul's own error is the source).
+            eprintln!("error: {:#}", anyhow::Error::from(e));
             ExitCode::FAILURE
         }
     }

@@ -56,8 +56,7 @@ pub struct NaiveSummary {
 
 /// Run until `count` replies, or fail after `timeout` without one.
 pub async fn run(config: NaiveConfig) -> Result<NaiveSummary> {
-    let client =
-        consul_api::Client::new(config.consul.clone()).map_err(|e| Error::Config(e.to_string()))?;
+    let client = consul_api::Client::new(config.consul.clone())?;
     let mut summary = NaiveSummary::default();
     let mut last_reply = Instant::now();
     let mut last_problem = String::from("nothing tried yet");

@@ -393,6 +393,7 @@ impl Session {
             self.failed = Some(Error::Discovery {
                 service: self.config.service.clone(),
                 reason: error.to_owned(),
+                cause: snapshot.cause.clone(),
             });
         }
         let news = snapshot.instances != self.snapshot.instances;
