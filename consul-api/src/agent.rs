@@ -151,6 +151,9 @@ pub struct AgentService {
     pub address: String,
     /// `Datacenter`; Consul 1.8 does not send it, so `None` there.
     pub datacenter: Option<String>,
+    /// `Weights`: how much traffic a client should send it, passing and warning (Consul's
+    /// default is 1 and 1); `None` when Consul sends none.
+    pub weights: Option<AgentWeights>,
     /// `CreateIndex`: the Raft index at which the entry was created.
     pub create_index: u64,
     /// `ModifyIndex`: the Raft index of the entry's last change.
@@ -202,6 +205,26 @@ impl AgentSelf {
         serde_json::from_value::<GoDuration>(value.clone())
             .ok()
             .map(GoDuration::as_duration)
+    }
+}
+
+/// A service's `Weights` (DNS SRV weights, and a hint to any balancer): relative shares of
+/// traffic while its checks pass, and while the worst of them warns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AgentWeights {
+    /// `Passing`: the weight while every check passes.
+    pub passing: u32,
+    /// `Warning`: the weight while a check warns.
+    pub warning: u32,
+}
+
+impl Default for AgentWeights {
+    fn default() -> Self {
+        AgentWeights {
+            passing: 1,
+            warning: 1,
+        }
     }
 }
 
@@ -374,6 +397,12 @@ mod tests {
         .unwrap();
         assert_eq!(s.tags(), &[] as &[String]);
         assert_eq!(s.port, 1);
+        let weights = s.weights.expect("Weights is read");
+        assert_eq!(weights.passing, 1);
+        assert_eq!(
+            weights.warning, 1,
+            "a missing weight is Consul's default, 1"
+        );
     }
 
     #[test]

@@ -42,7 +42,9 @@ pub mod tls;
 pub mod watch;
 
 pub use acl::{AclPolicy, AclPolicyLink, AclToken};
-pub use agent::{AgentCheck, AgentSelf, AgentService, AgentServiceCheck, AgentServiceRegistration};
+pub use agent::{
+    AgentCheck, AgentSelf, AgentService, AgentServiceCheck, AgentServiceRegistration, AgentWeights,
+};
 #[cfg(feature = "clap")]
 pub use args::ConsulArgs;
 pub use backoff::Backoff;

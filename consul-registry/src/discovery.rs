@@ -10,6 +10,7 @@
 //! backoff like an outage: the last known instances stay published meanwhile.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     future::Future,
     sync::Arc,
@@ -35,6 +36,12 @@ pub struct Instance {
     pub host: String,
     /// Port to dial.
     pub port: u16,
+    /// The service's tags.
+    pub tags: Vec<String>,
+    /// The service's metadata.
+    pub meta: BTreeMap<String, String>,
+    /// The service's weight while passing (Consul's `Weights.Passing`; 1 when it sets none).
+    pub weight: u32,
 }
 
 impl Instance {
@@ -45,16 +52,23 @@ impl Instance {
             node: String::new(),
             host: host.into(),
             port,
+            tags: Vec::new(),
+            meta: BTreeMap::new(),
+            weight: 1,
         }
     }
 
     /// The instance a health entry describes.
     pub fn from_entry(entry: &ServiceEntry) -> Self {
+        let service = &entry.service;
         Instance {
-            id: entry.service.id.clone(),
+            id: service.id.clone(),
             node: entry.node.node.clone(),
             host: entry.address().to_owned(),
-            port: entry.service.port,
+            port: service.port,
+            tags: service.tags().to_vec(),
+            meta: service.meta.clone().unwrap_or_default(),
+            weight: service.weights.unwrap_or_default().passing,
         }
     }
 
@@ -447,6 +461,18 @@ mod tests {
         assert_eq!(b.address(), "127.0.0.1:2");
         assert_eq!(Instance::new("c", "::1", 3).address(), "[::1]:3");
         assert_eq!(b.to_string(), "b@127.0.0.1:2");
+        assert_eq!(b.weight, 1, "Consul's default weight when it sends none");
+
+        let mut tagged = entry("t", "127.0.0.1", "", 4);
+        tagged.service.tags = Some(vec!["v2".into()]);
+        tagged.service.meta = Some(BTreeMap::from([("zone".into(), "a".into())]));
+        tagged.service.weights = Some(consul_api::AgentWeights {
+            passing: 10,
+            warning: 1,
+        });
+        let t = Instance::from_entry(&tagged);
+        assert_eq!((t.tags.as_slice(), t.weight), (&["v2".to_string()][..], 10));
+        assert_eq!(t.meta.get("zone").map(String::as_str), Some("a"));
     }
 
     #[test]
