@@ -34,7 +34,7 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use echo_wire::{CodecError, DEFAULT_MAX_FRAME, EchoCodec};
+use echo_wire::{CodecError, DEFAULT_MAX_FRAME, EchoCodec, ReplyCodec};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use tokio::{
     io::AsyncWriteExt,
@@ -713,36 +713,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// [`EchoCodec`] for replies, except that a connection closed in the middle of a frame is an
-/// error: the partial bytes are not a reply (`EchoCodec` at end of input yields them).
-#[derive(Debug)]
-struct ReplyCodec(EchoCodec);
-
-impl ReplyCodec {
-    fn new(max_frame: usize) -> Self {
-        ReplyCodec(EchoCodec::new(max_frame))
-    }
-}
-
-impl Decoder for ReplyCodec {
-    type Item = Bytes;
-    type Error = CodecError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> std::result::Result<Option<Bytes>, CodecError> {
-        self.0.decode(src)
-    }
-
-    fn decode_eof(&mut self, src: &mut BytesMut) -> std::result::Result<Option<Bytes>, CodecError> {
-        match self.0.decode(src)? {
-            Some(frame) => Ok(Some(frame)),
-            None if src.is_empty() => Ok(None),
-            None => Err(CodecError::Io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("connection closed after {} bytes of a reply", src.len()),
-            ))),
-        }
     }
 }

@@ -155,9 +155,69 @@ impl<T: AsRef<[u8]>> Encoder<T> for EchoCodec {
     }
 }
 
+/// [`EchoCodec`] for the client's side: a connection closed in the middle of a frame is an
+/// error, not a reply (`EchoCodec` at the end of input yields the partial bytes, as a server
+/// echoing the last line of `nc` should).
+#[derive(Debug, Clone)]
+pub struct ReplyCodec(EchoCodec);
+
+impl ReplyCodec {
+    /// Replies of at most `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        ReplyCodec(EchoCodec::new(max_frame))
+    }
+}
+
+impl Decoder for ReplyCodec {
+    type Item = Bytes;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, CodecError> {
+        self.0.decode(src)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>, CodecError> {
+        match self.0.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() => Ok(None),
+            None => Err(CodecError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("connection closed after {} bytes of a reply", src.len()),
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reply_cut_mid_frame_is_an_error_not_a_reply() {
+        let mut codec = ReplyCodec::new(16);
+        let mut src = BytesMut::from(&b"whole\npart"[..]);
+        assert_eq!(
+            codec.decode_eof(&mut src).unwrap().as_deref(),
+            Some(&b"whole"[..])
+        );
+        let err = codec.decode_eof(&mut src).unwrap_err();
+        assert!(
+            err.to_string().contains("after 4 bytes of a reply"),
+            "{err}"
+        );
+        let mut server = EchoCodec::new(16);
+        let mut src = BytesMut::from(&b"part"[..]);
+        assert_eq!(
+            server.decode_eof(&mut src).unwrap().as_deref(),
+            Some(&b"part"[..]),
+            "the server's codec echoes a last line without newline"
+        );
+        assert_eq!(
+            codec.decode_eof(&mut BytesMut::new()).unwrap(),
+            None,
+            "a clean end"
+        );
+    }
 
     #[test]
     fn round_trips_non_utf8_bytes() {
