@@ -34,7 +34,7 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use echo_wire::{CodecError, DEFAULT_MAX_FRAME, EchoCodec, ReplyCodec};
+use echo_wire::{CodecError, DEFAULT_MAX_FRAME, ReplyCodec};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use tokio::{
     io::AsyncWriteExt,
@@ -45,7 +45,7 @@ use tokio::{
     sync::{mpsc, oneshot, watch},
     time::Instant,
 };
-use tokio_util::codec::{Decoder, FramedRead};
+use tokio_util::codec::FramedRead;
 
 use crate::{
     backoff::Backoff,
