@@ -25,6 +25,29 @@
 //!
 //! The client never retries by itself: callers decide (reads may be retried with backoff,
 //! writes are not), using [`Error::is_retryable`].
+//!
+//! Follow a service's passing instances with blocking queries, as discovery does:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use consul_api::{Client, QueryOptions, Watch};
+//!
+//! # async fn demo() -> consul_api::Result<()> {
+//! // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, ... as Consul's CLI reads them.
+//! let client = Client::from_env()?;
+//! let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(60));
+//! loop {
+//!     let passing = watch
+//!         .next(|opts| {
+//!             let client = client.clone();
+//!             async move { client.health().service("web", None, true, &opts).await }
+//!         })
+//!         .await?; // returns each time the set changes
+//!     println!("{} passing instance(s) of web", passing.len());
+//! }
+//! # }
+//! ```
 
 pub mod acl;
 pub mod agent;

@@ -12,6 +12,15 @@
 //! * [`procfs`] — what `/proc` says of a process: resident set, CPU time, stopped or not;
 //! * [`signal`] — the signals used to kill, stop and resume processes;
 //! * [`error`] — the one error type.
+//!
+//! ```no_run
+//! # async fn demo() -> consul_harness::Result<()> {
+//! // Real Consul 1.8.7 (its image is built on first use), on free loopback ports.
+//! let consul = consul_harness::Consul::start().await?;
+//! let leader = consul.client().status().leader().await?;
+//! println!("Consul {} at {}, leader {leader}", consul.version(), consul.address());
+//! # Ok(()) } // the container is removed when `consul` is dropped
+//! ```
 
 pub mod consul;
 pub mod error;

@@ -22,6 +22,56 @@
 //!
 //! Everything speaks to Consul through [`consul_api::Client`], configured the way Consul's
 //! own tools are (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`).
+//!
+//! A service that registers itself with an HTTP check, and a client that follows the passing
+//! instances of another service and picks one:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! use consul_api::{AgentServiceCheck, AgentServiceRegistration, Client, GoDuration};
+//! use consul_registry::{
+//!     Balancer, DiscoveryConfig, Registration, Strategy, check, discovery,
+//! };
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! let consul = Client::from_env()?;
+//! let shutdown = CancellationToken::new();
+//!
+//! // 1. Serve the check on a port of its own, then register with it.
+//! let checks = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! let service = AgentServiceRegistration {
+//!     id: Some("billing-1".into()),
+//!     name: "billing".into(),
+//!     address: Some("127.0.0.1".into()),
+//!     port: Some(7000),
+//!     check: Some(AgentServiceCheck {
+//!         http: Some("http://127.0.0.1:8080/check".into()),
+//!         interval: Some(GoDuration::from_secs(5)),
+//!         timeout: Some(GoDuration::from_secs(3)),
+//!         ..Default::default()
+//!     }),
+//!     ..Default::default()
+//! };
+//! let mut registration = Registration::start(consul.clone(), service, shutdown.clone());
+//! let health = registration.health().clone();
+//! tokio::spawn(check::serve(checks, "/check".into(), health, false, shutdown.clone()));
+//!
+//! // 2. Discover another service and choose among its passing instances.
+//! let mut ledger = discovery::spawn(consul, DiscoveryConfig::new("ledger"));
+//! let mut balancer = Balancer::new(Strategy::PowerOfTwoChoices, Duration::from_secs(2));
+//! ledger.changed().await?;
+//! balancer.update(&ledger.borrow_and_update().instances);
+//! if let Some(instance) = balancer.pick(tokio::time::Instant::now()) {
+//!     println!("ledger at {}", instance.address());
+//! }
+//!
+//! // 3. On shutdown: the check turns critical, then the service is deregistered.
+//! shutdown.cancel();
+//! registration.wait().await?;
+//! # Ok(()) }
+//! ```
 
 pub use consul_api::backoff;
 pub mod balancer;

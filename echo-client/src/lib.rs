@@ -9,6 +9,16 @@
 //! * [`naive`] — the seed article's client, for comparison;
 //! * [`cli`] — the command line shared by `echo-client` and `testbed echo-client`;
 //! * [`error`] — the one [`Error`] enum.
+//!
+//! ```no_run
+//! use echo_client::{ClientConfig, EchoClient};
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! let client = EchoClient::start(ClientConfig::new(consul_api::Config::from_env()?, "servernode"))?;
+//! let reply = client.send("hello").await?; // fails over to another instance if need be
+//! println!("{} answered in {:?}", reply.instance, reply.latency);
+//! # Ok(()) }
+//! ```
 
 pub use consul_registry::{backoff, balancer, discovery};
 pub mod cli;
