@@ -50,8 +50,11 @@ pub struct CatalogService {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct CatalogRegistration {
+    /// `Node`: the node's name (created if Consul does not know it).
     pub node: String,
+    /// `Address`: the node's address.
     pub address: String,
+    /// `Service`: a service to register on the node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<CatalogServiceRegistration>,
 }
@@ -60,12 +63,17 @@ pub struct CatalogRegistration {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct CatalogServiceRegistration {
+    /// `ID`: the instance's ID, unique on its node.
     #[serde(rename = "ID")]
     pub id: String,
+    /// `Service`: the service name.
     pub service: String,
+    /// `Tags`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// `Address`: where to dial it (empty: the node's address).
     pub address: String,
+    /// `Port`.
     pub port: u16,
 }
 

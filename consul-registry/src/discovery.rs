@@ -98,9 +98,17 @@ pub enum ConsulState {
     Reachable,
     /// Consul stopped answering (or refused a token that had worked) at `since`; the
     /// instances are the last known ones.
-    Unreachable { since: SystemTime, error: String },
+    Unreachable {
+        /// When the first failed read ended.
+        since: SystemTime,
+        /// The last error, as text.
+        error: String,
+    },
     /// Discovery stopped for good (refused token, invalid query).
-    Failed { error: String },
+    Failed {
+        /// The error with a hint at what to check; the error itself is [`Snapshot::cause`].
+        error: String,
+    },
 }
 
 /// What discovery knows at one moment.

@@ -27,7 +27,9 @@ pub enum Mode {
 /// How to choose among passing instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Balance {
+    /// Each new connection to the next instance.
     RoundRobin,
+    /// Power of two choices: the faster of two random instances.
     P2c,
 }
 

@@ -39,7 +39,9 @@ pub enum Error {
     /// No passing instance answered the message before its deadline.
     #[error("no instance of {service:?} answered within {waited:?}: {last}")]
     Timeout {
+        /// The service.
         service: String,
+        /// How long the message waited (the message timeout).
         waited: Duration,
         /// The last thing that went wrong (no passing instance, connection refused, ...).
         last: String,
@@ -48,7 +50,9 @@ pub enum Error {
     /// The instance answered with bytes that are not the message: an echo must be byte-exact.
     #[error("{instance} answered {got:?} to a {sent}-byte message: not an echo")]
     NotAnEcho {
+        /// The instance that answered.
         instance: String,
+        /// The message's length, in bytes.
         sent: usize,
         /// The start of the reply, escaped.
         got: String,
@@ -61,7 +65,9 @@ pub enum Error {
          {sent}-byte message)"
     )]
     FrameTooLong {
+        /// The instance that refused it.
         instance: String,
+        /// The message's length, in bytes.
         sent: usize,
         /// The server's error line.
         line: String,
@@ -69,7 +75,12 @@ pub enum Error {
 
     /// Replies differed from their messages (an echo must be byte-exact).
     #[error("{mismatched} of {replies} replies differed from their message")]
-    Mismatch { mismatched: u64, replies: u64 },
+    Mismatch {
+        /// Replies that were not their message.
+        mismatched: u64,
+        /// Replies in all.
+        replies: u64,
+    },
 
     /// The client was shut down before the message was answered.
     #[error("the client has shut down")]
