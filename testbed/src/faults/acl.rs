@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use consul_api::{AclPolicy, AclPolicyLink, AclToken, Client};
 use serde::Serialize;
 
-use super::{LIMIT, Row, SERVICE, ms, observe::Tally};
+use super::{Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms, observe::Tally};
 use crate::{
     Consul, ConsulOptions,
     error::{Error, Result},
@@ -85,9 +85,15 @@ impl Outcome {
         }
         v
     }
+}
+
+impl Findings for Outcome {
+    fn consul(&self) -> &str {
+        &self.consul
+    }
 
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         let kind = |prefix: &str| {
             self.cases
                 .iter()
@@ -101,7 +107,7 @@ impl Outcome {
             .map(|c| c.took)
             .max();
         vec![Row {
-            scenario: super::Scenario::Acl.title().into(),
+            scenario: Scenario::Acl.title().into(),
             injected: format!(
                 "{} tokens refused with 403 (servers: none, wrong, other name; client: wrong), \
                  {} filtered to nothing (client: none, no node:read), {} permitted",
@@ -124,7 +130,7 @@ impl Outcome {
     }
 
     /// Each case as it went.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         let mut out = String::from(
             "**5. ACLs, default deny.** Every process gets its token through \
              `CONSUL_HTTP_TOKEN`; each output (and the agent's log) is searched for every secret \
@@ -205,8 +211,17 @@ async fn stopped(p: &mut ChildProcess, started: Instant) -> (String, Option<i32>
     (line, code, took)
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Acl;
+    type Outcome = Outcome;
+
+    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
+        run(launcher, self, step).await
+    }
+}
+
+/// Run the scenario with `config`.
+async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     step("starting Consul with ACLs (default deny)");
     let management = secret();
     let consul = Consul::start_with(ConsulOptions::from_env()?.with_acl(&management)).await?;

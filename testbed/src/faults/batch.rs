@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use serde::Serialize;
 
-use super::{LIMIT, Row, ms, observe::Tally};
+use super::{Experiment, Findings, LIMIT, Row, Scenario, ms, observe::Tally};
 use crate::{
     Consul, ConsulOptions,
     error::{Error, Result},
@@ -64,12 +64,18 @@ impl Outcome {
         }
         v
     }
+}
+
+impl Findings for Outcome {
+    fn consul(&self) -> &str {
+        &self.consul
+    }
 
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         let mib = self.tally.sent as f64 * self.size as f64 / f64::from(1 << 20);
         vec![Row {
-            scenario: super::Scenario::Batch.title().into(),
+            scenario: Scenario::Batch.title().into(),
             injected: format!(
                 "{} concurrent messages of {} KiB ({mib:.0} MiB) to one server",
                 self.tally.sent,
@@ -89,7 +95,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**8. Large pipelined batch.** {} messages of {} bytes sent at once through a \
              client just started (queued while its discovery started, then written on one \
@@ -104,8 +110,17 @@ impl Outcome {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Batch;
+    type Outcome = Outcome;
+
+    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
+        run(launcher, self, step).await
+    }
+}
+
+/// Run the scenario with `config`.
+async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     step("starting Consul and one echo server");
     let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
     let servers = super::start_servers(

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
+    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{DiscoveryLog, Tally, Traffic, errors, shared_violations},
 };
 use crate::{
@@ -98,11 +98,17 @@ impl Outcome {
         }
         v
     }
+}
+
+impl Findings for Outcome {
+    fn consul(&self) -> &str {
+        &self.consul
+    }
 
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Blackholed.title().into(),
+            scenario: Scenario::Blackholed.title().into(),
             injected: format!(
                 "{} passing instances that drop SYNs, 1 healthy; {} echoes 50 ms apart",
                 self.holes, self.tally.sent
@@ -124,7 +130,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**7. Blackholed instances.** {} instances registered passing (TTL check) on \
              listeners whose accept queue is full, so their SYNs are dropped, sorted before the \
@@ -185,8 +191,17 @@ impl Blackhole {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Blackholed;
+    type Outcome = Outcome;
+
+    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
+        run(launcher, self, step).await
+    }
+}
+
+/// Run the scenario with `config`.
+async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     step("starting Consul");
     let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
     step("registering blackholed instances and a healthy server");

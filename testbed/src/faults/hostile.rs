@@ -22,7 +22,7 @@ use tokio::{
 };
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
+    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{DiscoveryLog, Tally, Traffic, errors, latency_quantile},
 };
 use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
@@ -169,11 +169,17 @@ impl Outcome {
         }
         v
     }
+}
+
+impl Findings for Outcome {
+    fn consul(&self) -> &str {
+        &self.consul
+    }
 
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Hostile.title().into(),
+            scenario: Scenario::Hostile.title().into(),
             injected: self.injected.clone(),
             sent: self.quiet.sent + self.attack.sent,
             lost: self.quiet.lost + self.attack.lost,
@@ -193,7 +199,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         let phases: Vec<String> = self
             .phases
             .iter()
@@ -502,8 +508,17 @@ async fn attack(
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Hostile;
+    type Outcome = Outcome;
+
+    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
+        run(launcher, self, step).await
+    }
+}
+
+/// Run the scenario with `config`.
+async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     raise_fd_limit();
     step("starting Consul and an echo server");
     let consul = Consul::start_with(ConsulOptions::from_env()?).await?;

@@ -10,7 +10,7 @@ use consul_api::HealthStatus;
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
+    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{Tally, errors, sent_between, shared_violations},
 };
 use crate::{
@@ -101,11 +101,17 @@ impl Outcome {
         }
         v
     }
+}
+
+impl Findings for Outcome {
+    fn consul(&self) -> &str {
+        &self.consul
+    }
 
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Hung.title().into(),
+            scenario: Scenario::Hung.title().into(),
             injected: format!(
                 "SIGSTOP of the serving instance {} for {}, then SIGCONT",
                 self.frozen,
@@ -126,7 +132,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**1. Hung server.** {} was frozen while it served the client. Consul marked its check \
              critical {} after SIGSTOP (check output: \"{}\"); the client's discovery dropped it \
@@ -146,8 +152,17 @@ impl Outcome {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Hung;
+    type Outcome = Outcome;
+
+    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
+        run(launcher, self, step).await
+    }
+}
+
+/// Run the scenario with `config`.
+async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     if config.servers < 2 {
         return Err(Error::Setting(
             "the hung-server scenario needs at least 2 servers".into(),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
+    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{Tally, View, ViewState, errors, sent_between, shared_violations},
 };
 use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
@@ -95,11 +95,17 @@ impl Outcome {
         }
         v
     }
+}
+
+impl Findings for Outcome {
+    fn consul(&self) -> &str {
+        &self.consul
+    }
 
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Paused.title().into(),
+            scenario: Scenario::Paused.title().into(),
             injected: format!("agent frozen for {}", super::secs(self.paused_for)),
             sent: self.tally.sent,
             lost: self.tally.lost,
@@ -115,7 +121,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**2. Consul paused.** The agent was frozen for {}. {} echoes went through the \
              client meanwhile ({} failed), and the servers answered {} of {} echoes sent straight \
@@ -138,8 +144,17 @@ impl Outcome {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Paused;
+    type Outcome = Outcome;
+
+    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
+        run(launcher, self, step).await
+    }
+}
+
+/// Run the scenario with `config`.
+async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     step("starting Consul");
     let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
     step("starting echo servers");

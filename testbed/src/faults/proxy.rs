@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
+    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{Tally, ViewState, errors, shared_violations},
 };
 use crate::{
@@ -148,9 +148,15 @@ impl Outcome {
         }
         v
     }
+}
+
+impl Findings for Outcome {
+    fn consul(&self) -> &str {
+        &self.consul
+    }
 
     /// One row per fault.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         let common = {
             let mut v = Vec::new();
             if !self.all_registered {
@@ -167,7 +173,7 @@ impl Outcome {
                 let mut violations = p.violations(self.servers);
                 violations.extend(common.iter().cloned());
                 Row {
-                    scenario: format!("{}: {}", super::Scenario::Proxy.title(), p.fault),
+                    scenario: format!("{}: {}", Scenario::Proxy.title(), p.fault),
                     injected: format!(
                         "{} on every answer to {} servers and the client, {}",
                         p.fault,
@@ -198,7 +204,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the errors as logged.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         let mut out = format!(
             "**4. Fault proxy.** {} servers and the client reach Consul only through the proxy \
              (the agent still checks the servers directly). For each fault: the time from \
@@ -245,8 +251,17 @@ fn error_field(line: &str) -> String {
     rest[..end].to_owned()
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Proxy;
+    type Outcome = Outcome;
+
+    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
+        run(launcher, self, step).await
+    }
+}
+
+/// Run the scenario with `config`.
+async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     step("starting Consul and the fault proxy");
     let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
     let proxy = FaultProxy::start(consul.http_addr()).await?;

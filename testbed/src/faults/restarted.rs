@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
+    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{Tally, ViewState, errors, sent_between, shared_violations},
 };
 use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
@@ -84,11 +84,17 @@ impl Outcome {
         }
         v
     }
+}
+
+impl Findings for Outcome {
+    fn consul(&self) -> &str {
+        &self.consul
+    }
 
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Restarted.title().into(),
+            scenario: Scenario::Restarted.title().into(),
             injected: format!(
                 "agent stopped and started again (down {}), state lost",
                 super::secs(self.agent_down)
@@ -108,7 +114,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**3. Consul restarted.** The agent was down (stop → new agent ready) for {}. \
              Counting from the moment it was ready again: every server was registered after {} \
@@ -131,8 +137,17 @@ impl Outcome {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Restarted;
+    type Outcome = Outcome;
+
+    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
+        run(launcher, self, step).await
+    }
+}
+
+/// Run the scenario with `config`.
+async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     step("starting Consul");
     let mut consul = Consul::start_with(ConsulOptions::from_env()?).await?;
     step("starting echo servers");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, ms,
+    Experiment, Findings, LIMIT, Row, Scenario, ms,
     observe::{Tally, ViewState, errors, sent_between, shared_violations},
 };
 use crate::{
@@ -108,9 +108,15 @@ impl Outcome {
         }
         v
     }
+}
+
+impl Findings for Outcome {
+    fn consul(&self) -> &str {
+        &self.consul
+    }
 
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         let noticed = |p: &Phase| {
             let mut what = Vec::new();
             if !p.server_tls_lines.is_empty() {
@@ -147,7 +153,7 @@ impl Outcome {
             )
         };
         vec![Row {
-            scenario: super::Scenario::Rotated.title().into(),
+            scenario: Scenario::Rotated.title().into(),
             injected: "the agent's certificate re-issued and reloaded (SIGHUP) under running \
                        mTLS servers and client: same CA, then an unknown CA, then back"
                 .into(),
@@ -161,7 +167,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         let mut out = format!(
             "**7. TLS certificate rotated.** The agent serves HTTPS only, with \
              `verify_incoming`; servers and client use mutual TLS. For each rotation the \
@@ -206,8 +212,17 @@ impl Outcome {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Rotated;
+    type Outcome = Outcome;
+
+    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
+        run(launcher, self, step).await
+    }
+}
+
+/// Run the scenario with `config`.
+async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     step("making certificates and starting Consul with HTTPS and verify_incoming");
     let pki = std::sync::Arc::new(TestPki::new()?);
     let consul = Consul::start_with(ConsulOptions::from_env()?.with_tls(pki, true)).await?;

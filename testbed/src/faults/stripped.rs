@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, ms,
+    Experiment, Findings, LIMIT, Row, Scenario, ms,
     observe::{DiscoveryLog, Tally, Traffic, errors, shared_violations},
 };
 use crate::{
@@ -73,11 +73,17 @@ impl Outcome {
         }
         v
     }
+}
+
+impl Findings for Outcome {
+    fn consul(&self) -> &str {
+        &self.consul
+    }
 
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Stripped.title().into(),
+            scenario: Scenario::Stripped.title().into(),
             injected: "X-Consul-Index stripped from every answer; a second server started".into(),
             sent: self.tally.sent,
             lost: self.tally.lost,
@@ -93,7 +99,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**9. Stripped index.** The client's Consul requests went through a proxy removing \
              `X-Consul-Index` (highest index the client saw: {}). A second server started \
@@ -108,8 +114,17 @@ impl Outcome {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Stripped;
+    type Outcome = Outcome;
+
+    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
+        run(launcher, self, step).await
+    }
+}
+
+/// Run the scenario with `config`.
+async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
     step("starting Consul and the proxy");
     let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
     let proxy = FaultProxy::start(consul.http_addr()).await?;
