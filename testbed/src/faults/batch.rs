@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::{Experiment, Findings, LIMIT, Row, Scenario, ms, observe::Tally};
 use crate::{
-    Consul, ConsulOptions,
+    Consul,
     error::{Error, Result},
     procs::{Launcher, ServerProcess},
 };
@@ -39,7 +39,6 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
     pub size: usize,
     /// Messages answered byte-exact.
     pub exact: u64,
@@ -67,10 +66,6 @@ impl Outcome {
 }
 
 impl Findings for Outcome {
-    fn consul(&self) -> &str {
-        &self.consul
-    }
-
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         let mib = self.tally.sent as f64 * self.size as f64 / f64::from(1 << 20);
@@ -114,70 +109,63 @@ impl Experiment for Config {
     const SCENARIO: Scenario = Scenario::Batch;
     type Outcome = Outcome;
 
-    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
-        run(launcher, self, step).await
-    }
-}
-
-/// Run the scenario with `config`.
-async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul and one echo server");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let servers = super::start_servers(
-        launcher,
-        &consul,
-        consul.config(),
-        1,
-        Duration::from_secs(1),
-    )
-    .await?;
-    let mut servers: Vec<ServerProcess> = servers;
-    let client = super::client(consul.config(), Duration::from_secs(2))?;
-    step("sending the batch");
-    let started = Instant::now();
-    let sends = (0..config.messages).map(|i| {
-        let client = client.clone();
-        let message = Bytes::from(vec![b'a' + (i % 26) as u8; config.size]);
-        async move {
-            let result = client.send(message.clone()).await;
-            (message, result)
-        }
-    });
-    let results = tokio::time::timeout(LIMIT, join_all(sends))
-        .await
-        .map_err(|_| Error::Timeout {
-            what: "the batch's replies".into(),
-            timeout: LIMIT,
-        })?;
-    let took = started.elapsed();
-    let mut tally = Tally::default();
-    let mut exact = 0;
-    let mut errors = Vec::new();
-    for (message, result) in results {
-        tally.sent += 1;
-        match result {
-            Ok(reply) if reply.bytes == message => {
-                exact += 1;
-                tally.resent += u64::from(reply.attempts > 1);
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("starting one echo server");
+        let servers =
+            super::start_servers(launcher, consul, consul.config(), 1, Duration::from_secs(1))
+                .await?;
+        let mut servers: Vec<ServerProcess> = servers;
+        let client = super::client(consul.config(), Duration::from_secs(2))?;
+        step("sending the batch");
+        let started = Instant::now();
+        let sends = (0..self.messages).map(|i| {
+            let client = client.clone();
+            let message = Bytes::from(vec![b'a' + (i % 26) as u8; self.size]);
+            async move {
+                let result = client.send(message.clone()).await;
+                (message, result)
             }
-            Ok(_) => tally.lost += 1,
-            Err(e) => {
-                tally.lost += 1;
-                if errors.len() < 5 {
-                    errors.push(e.to_string());
+        });
+        let results = tokio::time::timeout(LIMIT, join_all(sends))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "the batch's replies".into(),
+                timeout: LIMIT,
+            })?;
+        let took = started.elapsed();
+        let mut tally = Tally::default();
+        let mut exact = 0;
+        let mut errors = Vec::new();
+        for (message, result) in results {
+            tally.sent += 1;
+            match result {
+                Ok(reply) if reply.bytes == message => {
+                    exact += 1;
+                    tally.resent += u64::from(reply.attempts > 1);
+                }
+                Ok(_) => tally.lost += 1,
+                Err(e) => {
+                    tally.lost += 1;
+                    if errors.len() < 5 {
+                        errors.push(e.to_string());
+                    }
                 }
             }
         }
+        let panics = super::casualties(&mut servers);
+        Ok(Outcome {
+            size: self.size,
+            exact,
+            took,
+            tally,
+            errors,
+            panics,
+            peak_rss_kib: super::peak_rss(&servers),
+        })
     }
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        size: config.size,
-        exact,
-        took,
-        tally,
-        errors,
-        panics,
-        peak_rss_kib: super::peak_rss(&servers),
-    })
 }

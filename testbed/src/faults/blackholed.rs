@@ -21,7 +21,7 @@ use super::{
     observe::{DiscoveryLog, Tally, Traffic, errors, shared_violations},
 };
 use crate::{
-    Consul, ConsulOptions,
+    Consul,
     error::{Error, Result},
     procs::{Launcher, ServerProcess},
 };
@@ -50,7 +50,6 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
     pub holes: usize,
     /// The client's connect timeout.
     #[serde(with = "ms")]
@@ -101,10 +100,6 @@ impl Outcome {
 }
 
 impl Findings for Outcome {
-    fn consul(&self) -> &str {
-        &self.consul
-    }
-
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
@@ -195,93 +190,90 @@ impl Experiment for Config {
     const SCENARIO: Scenario = Scenario::Blackholed;
     type Outcome = Outcome;
 
-    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
-        run(launcher, self, step).await
-    }
-}
-
-/// Run the scenario with `config`.
-async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    step("registering blackholed instances and a healthy server");
-    let mut holes = Vec::new();
-    let mut ids = Vec::new();
-    for i in 1..=config.holes {
-        let hole = Blackhole::start().await?;
-        let id = format!("{SERVICE}_{i}");
-        let registration = AgentServiceRegistration {
-            id: Some(id.clone()),
-            name: SERVICE.into(),
-            address: Some(hole.addr().ip().to_string()),
-            port: Some(hole.addr().port()),
-            check: Some(AgentServiceCheck {
-                ttl: Some(GoDuration::from_secs(600)),
-                status: Some("passing".into()),
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("registering blackholed instances and a healthy server");
+        let mut holes = Vec::new();
+        let mut ids = Vec::new();
+        for i in 1..=self.holes {
+            let hole = Blackhole::start().await?;
+            let id = format!("{SERVICE}_{i}");
+            let registration = AgentServiceRegistration {
+                id: Some(id.clone()),
+                name: SERVICE.into(),
+                address: Some(hole.addr().ip().to_string()),
+                port: Some(hole.addr().port()),
+                check: Some(AgentServiceCheck {
+                    ttl: Some(GoDuration::from_secs(600)),
+                    status: Some("passing".into()),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        };
-        consul
-            .client()
-            .agent()
-            .service_register(&registration)
-            .await?;
-        holes.push(hole);
-        ids.push(id);
-    }
-    let healthy = format!("{SERVICE}_{}", config.holes + 1);
-    let spec = super::server_spec(consul.config(), &healthy, Duration::from_secs(1))?;
-    let mut servers = vec![ServerProcess::spawn(launcher, spec).await?];
-    ids.push(healthy.clone());
+            };
+            consul
+                .client()
+                .agent()
+                .service_register(&registration)
+                .await?;
+            holes.push(hole);
+            ids.push(id);
+        }
+        let healthy = format!("{SERVICE}_{}", self.holes + 1);
+        let spec = super::server_spec(consul.config(), &healthy, Duration::from_secs(1))?;
+        let mut servers = vec![ServerProcess::spawn(launcher, spec).await?];
+        ids.push(healthy.clone());
 
-    let client_config = ClientConfig::new(consul.config(), SERVICE);
-    let connect_timeout = client_config.session.connect_timeout;
-    let client = EchoClient::start(client_config)?;
-    let discovery = DiscoveryLog::start(&client);
-    discovery
-        .wait_for(
-            "discovery to list every instance",
-            Instant::now(),
-            LIMIT,
-            |v| v.lists_all(&ids),
-        )
-        .await?;
-    step("sending the stream");
-    let traffic = Traffic::start(&client, "blackholed", config.every, config.messages);
-    traffic
-        .wait_for("the last echo", LIMIT, |o| o.seq == config.messages)
-        .await?;
-    let outcomes = traffic.finish().await;
-    let first = outcomes.iter().map(|o| o.sent).min();
-    let last = outcomes.iter().map(|o| o.done).max();
-    let took = match (first, last) {
-        (Some(f), Some(l)) => l.saturating_duration_since(f),
-        _ => Duration::ZERO,
-    };
-    let slowest = outcomes
-        .iter()
-        .map(|o| o.done.saturating_duration_since(o.sent))
-        .max()
-        .unwrap_or_default();
-    let mut served_by: Vec<String> = outcomes
-        .iter()
-        .filter_map(|o| o.result.as_ref().ok().map(|s| s.instance.clone()))
-        .collect();
-    served_by.sort();
-    served_by.dedup();
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        holes: config.holes,
-        connect_timeout,
-        stream: config.every * (config.messages.max(1) as u32 - 1),
-        took,
-        slowest,
-        served_by,
-        healthy,
-        tally: Tally::of(&outcomes),
-        errors: errors(&outcomes),
-        panics,
-    })
+        let client_config = ClientConfig::new(consul.config(), SERVICE);
+        let connect_timeout = client_config.session.connect_timeout;
+        let client = EchoClient::start(client_config)?;
+        let discovery = DiscoveryLog::start(&client);
+        discovery
+            .wait_for(
+                "discovery to list every instance",
+                Instant::now(),
+                LIMIT,
+                |v| v.lists_all(&ids),
+            )
+            .await?;
+        step("sending the stream");
+        let traffic = Traffic::start(&client, "blackholed", self.every, self.messages);
+        traffic
+            .wait_for("the last echo", LIMIT, |o| o.seq == self.messages)
+            .await?;
+        let outcomes = traffic.finish().await;
+        let first = outcomes.iter().map(|o| o.sent).min();
+        let last = outcomes.iter().map(|o| o.done).max();
+        let took = match (first, last) {
+            (Some(f), Some(l)) => l.saturating_duration_since(f),
+            _ => Duration::ZERO,
+        };
+        let slowest = outcomes
+            .iter()
+            .map(|o| o.done.saturating_duration_since(o.sent))
+            .max()
+            .unwrap_or_default();
+        let mut served_by: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.result.as_ref().ok().map(|s| s.instance.clone()))
+            .collect();
+        served_by.sort();
+        served_by.dedup();
+        let panics = super::casualties(&mut servers);
+        Ok(Outcome {
+            holes: self.holes,
+            connect_timeout,
+            stream: self.every * (self.messages.max(1) as u32 - 1),
+            took,
+            slowest,
+            served_by,
+            healthy,
+            tally: Tally::of(&outcomes),
+            errors: errors(&outcomes),
+            panics,
+        })
+    }
 }

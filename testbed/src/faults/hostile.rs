@@ -25,7 +25,7 @@ use super::{
     Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{DiscoveryLog, Tally, Traffic, errors, latency_quantile},
 };
-use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
+use crate::{Consul, error::Result, procs::Launcher, wait};
 
 /// Deadline of one hostile connection's whole exchange.
 const CONN_LIMIT: Duration = Duration::from_secs(20);
@@ -76,7 +76,6 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
     /// What was sent, in words.
     pub injected: String,
     /// Random bytes sent, and echoed back.
@@ -172,10 +171,6 @@ impl Outcome {
 }
 
 impl Findings for Outcome {
-    fn consul(&self) -> &str {
-        &self.consul
-    }
-
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
@@ -512,152 +507,150 @@ impl Experiment for Config {
     const SCENARIO: Scenario = Scenario::Hostile;
     type Outcome = Outcome;
 
-    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
-        run(launcher, self, step).await
-    }
-}
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        raise_fd_limit();
+        step("starting an echo server");
+        let mut servers =
+            super::start_servers(launcher, consul, consul.config(), 1, self.interval).await?;
+        let ids = super::ids(&servers);
+        let addr = servers[0].spec.echo_addr();
+        let pid = servers[0].process.pid();
+        let rss = || crate::procfs::status_kib(pid, "VmRSS").unwrap_or(0);
+        let client = super::client(consul.config(), Duration::from_secs(2))?;
+        let discovery = DiscoveryLog::start(&client);
+        discovery
+            .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
+                v.lists_all(&ids)
+            })
+            .await?;
+        let rss_start_kib = rss();
 
-/// Run the scenario with `config`.
-async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    raise_fd_limit();
-    step("starting Consul and an echo server");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let mut servers =
-        super::start_servers(launcher, &consul, consul.config(), 1, config.interval).await?;
-    let ids = super::ids(&servers);
-    let addr = servers[0].spec.echo_addr();
-    let pid = servers[0].process.pid();
-    let rss = || crate::procfs::status_kib(pid, "VmRSS").unwrap_or(0);
-    let client = super::client(consul.config(), Duration::from_secs(2))?;
-    let discovery = DiscoveryLog::start(&client);
-    discovery
-        .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
-            v.lists_all(&ids)
+        step("quiet run of the well-behaved client");
+        let quiet = Traffic::start(&client, "quiet", self.every, self.quiet_messages);
+        let quiet_outcomes = tokio::time::timeout(LIMIT, async {
+            quiet
+                .wait_for("the quiet run", LIMIT, |o| o.seq == self.quiet_messages)
+                .await
+                .ok();
+            quiet.finish().await
         })
-        .await?;
-    let rss_start_kib = rss();
+        .await
+        .unwrap_or_default();
 
-    step("quiet run of the well-behaved client");
-    let quiet = Traffic::start(&client, "quiet", config.every, config.quiet_messages);
-    let quiet_outcomes = tokio::time::timeout(LIMIT, async {
-        quiet
-            .wait_for("the quiet run", LIMIT, |o| o.seq == config.quiet_messages)
-            .await
-            .ok();
-        quiet.finish().await
-    })
-    .await
-    .unwrap_or_default();
-
-    let traffic = Traffic::start(&client, "under attack", config.every, 10_000_000);
-    // The attackers get a thread and a runtime of their own, so that the well-behaved client
-    // competes with them for the CPU only, not for its runtime.
-    let hostile = {
-        let config = config.clone();
-        let progress: Arc<std::sync::Mutex<String>> = Arc::default();
-        let report = progress.clone();
-        let thread = tokio::task::spawn_blocking(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            std::io::Result::Ok(rt.block_on(attack(addr, pid, &config, &report)))
-        });
-        tokio::pin!(thread);
-        loop {
-            tokio::select! {
-                done = &mut thread => break done,
-                () = tokio::time::sleep(Duration::from_millis(200)) => {
-                    step(&progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let traffic = Traffic::start(&client, "under attack", self.every, 10_000_000);
+        // The attackers get a thread and a runtime of their own, so that the well-behaved client
+        // competes with them for the CPU only, not for its runtime.
+        let hostile = {
+            let config = self.clone();
+            let progress: Arc<std::sync::Mutex<String>> = Arc::default();
+            let report = progress.clone();
+            let thread = tokio::task::spawn_blocking(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                std::io::Result::Ok(rt.block_on(attack(addr, pid, &config, &report)))
+            });
+            tokio::pin!(thread);
+            loop {
+                tokio::select! {
+                    done = &mut thread => break done,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {
+                        step(&progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                    }
                 }
             }
-        }
-    };
-    let hostile = hostile.map_err(|source| crate::Error::Task {
-        what: "the attack thread",
-        source,
-    })??;
-    let attack_outcomes = traffic.finish().await;
+        };
+        let hostile = hostile.map_err(|source| crate::Error::Task {
+            what: "the attack thread",
+            source,
+        })??;
+        let attack_outcomes = traffic.finish().await;
 
-    step("checking the server after the attack");
-    let alive = !servers[0].process.has_exited();
-    let fresh_echo = super::echo_direct(addr, b"fresh after the attack").await;
-    let still_passing = wait::passing(&consul.client(), SERVICE, Duration::from_secs(10))
-        .await
-        .is_ok_and(|(e, _)| e.iter().any(|e| e.service.id == ids[0]));
-    let rss_end_kib = rss();
-    let peak_rss_kib = crate::procfs::status_kib(pid, "VmHWM").unwrap_or(0);
-    let panics = super::casualties(&mut servers);
+        step("checking the server after the attack");
+        let alive = !servers[0].process.has_exited();
+        let fresh_echo = super::echo_direct(addr, b"fresh after the attack").await;
+        let still_passing = wait::passing(&consul.client(), SERVICE, Duration::from_secs(10))
+            .await
+            .is_ok_and(|(e, _)| e.iter().any(|e| e.service.id == ids[0]));
+        let rss_end_kib = rss();
+        let peak_rss_kib = crate::procfs::status_kib(pid, "VmHWM").unwrap_or(0);
+        let panics = super::casualties(&mut servers);
 
-    let quiet_p99 = latency_quantile(&quiet_outcomes, 0.99);
-    let attack_p99 = latency_quantile(&attack_outcomes, 0.99);
-    let phases = hostile
-        .phases
-        .iter()
-        .map(|&(phase, from, to, cpu)| {
-            let during: Vec<_> = attack_outcomes
-                .iter()
-                .filter(|o| o.sent >= from && o.sent < to)
-                .cloned()
-                .collect();
-            PhaseLatency {
-                phase,
-                lasted: to - from,
-                server_cpu: cpu.as_secs_f64() / (to - from).as_secs_f64().max(1e-3),
-                messages: during.len() as u64,
-                p50: latency_quantile(&during, 0.5),
-                p99: latency_quantile(&during, 0.99),
-            }
-        })
-        .collect();
-    let mut all = quiet_outcomes.clone();
-    all.extend(attack_outcomes.iter().cloned());
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        injected: format!(
-            "{} × {} KiB garbage, {} × {} KiB frames (limit 64 KiB), {} stalled frames, {} \
+        let quiet_p99 = latency_quantile(&quiet_outcomes, 0.99);
+        let attack_p99 = latency_quantile(&attack_outcomes, 0.99);
+        let phases = hostile
+            .phases
+            .iter()
+            .map(|&(phase, from, to, cpu)| {
+                let during: Vec<_> = attack_outcomes
+                    .iter()
+                    .filter(|o| o.sent >= from && o.sent < to)
+                    .cloned()
+                    .collect();
+                PhaseLatency {
+                    phase,
+                    lasted: to - from,
+                    server_cpu: cpu.as_secs_f64() / (to - from).as_secs_f64().max(1e-3),
+                    messages: during.len() as u64,
+                    p50: latency_quantile(&during, 0.5),
+                    p99: latency_quantile(&during, 0.99),
+                }
+            })
+            .collect();
+        let mut all = quiet_outcomes.clone();
+        all.extend(attack_outcomes.iter().cloned());
+        Ok(Outcome {
+            injected: format!(
+                "{} × {} KiB garbage, {} × {} KiB frames (limit 64 KiB), {} stalled frames, {} \
              resets, {} short-lived connections",
-            config.garbage_conns,
-            config.garbage_bytes >> 10,
-            config.oversize_conns,
-            config.oversize_bytes >> 10,
-            config.stalled_conns,
-            config.resets,
-            config.short_lived
-        ),
-        garbage_sent: hostile.garbage_sent,
-        garbage_echoed: hostile.garbage_echoed,
-        oversize_refused: hostile.oversize_refused,
-        oversize_conns: config.oversize_conns,
-        stalled: hostile.stalled,
-        resets: hostile.resets,
-        short_lived_ok: hostile.short_lived_ok,
-        short_lived: config.short_lived,
-        short_lived_took: hostile.short_lived_took,
-        rss_start_kib,
-        rss_before_stalled_kib: hostile.rss_before_stalled_kib,
-        rss_with_stalled_kib: hostile.rss_with_stalled_kib,
-        rss_end_kib,
-        peak_rss_kib,
-        bytes_per_stalled_conn: (hostile
-            .rss_with_stalled_kib
-            .saturating_sub(hostile.rss_before_stalled_kib)
-            * 1024) as f64
-            / hostile.stalled.max(1) as f64,
-        quiet: Tally::of(&quiet_outcomes),
-        attack: Tally::of(&attack_outcomes),
-        quiet_p50: latency_quantile(&quiet_outcomes, 0.5),
-        quiet_p99,
-        attack_p50: latency_quantile(&attack_outcomes, 0.5),
-        attack_p99,
-        p99_ratio: match (quiet_p99, attack_p99) {
-            (Some(q), Some(a)) if !q.is_zero() => Some(a.as_secs_f64() / q.as_secs_f64()),
-            _ => None,
-        },
-        phases,
-        errors: errors(&all),
-        alive,
-        fresh_echo,
-        still_passing,
-        panics,
-    })
+                self.garbage_conns,
+                self.garbage_bytes >> 10,
+                self.oversize_conns,
+                self.oversize_bytes >> 10,
+                self.stalled_conns,
+                self.resets,
+                self.short_lived
+            ),
+            garbage_sent: hostile.garbage_sent,
+            garbage_echoed: hostile.garbage_echoed,
+            oversize_refused: hostile.oversize_refused,
+            oversize_conns: self.oversize_conns,
+            stalled: hostile.stalled,
+            resets: hostile.resets,
+            short_lived_ok: hostile.short_lived_ok,
+            short_lived: self.short_lived,
+            short_lived_took: hostile.short_lived_took,
+            rss_start_kib,
+            rss_before_stalled_kib: hostile.rss_before_stalled_kib,
+            rss_with_stalled_kib: hostile.rss_with_stalled_kib,
+            rss_end_kib,
+            peak_rss_kib,
+            bytes_per_stalled_conn: (hostile
+                .rss_with_stalled_kib
+                .saturating_sub(hostile.rss_before_stalled_kib)
+                * 1024) as f64
+                / hostile.stalled.max(1) as f64,
+            quiet: Tally::of(&quiet_outcomes),
+            attack: Tally::of(&attack_outcomes),
+            quiet_p50: latency_quantile(&quiet_outcomes, 0.5),
+            quiet_p99,
+            attack_p50: latency_quantile(&attack_outcomes, 0.5),
+            attack_p99,
+            p99_ratio: match (quiet_p99, attack_p99) {
+                (Some(q), Some(a)) if !q.is_zero() => Some(a.as_secs_f64() / q.as_secs_f64()),
+                _ => None,
+            },
+            phases,
+            errors: errors(&all),
+            alive,
+            fresh_echo,
+            still_passing,
+            panics,
+        })
+    }
 }

@@ -14,7 +14,7 @@ use super::{
     observe::{Tally, errors, sent_between, shared_violations},
 };
 use crate::{
-    Consul, ConsulOptions,
+    Consul,
     error::{Error, Result},
     procs::Launcher,
     signal::Signal,
@@ -51,7 +51,6 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
     /// The server frozen: the one serving the client at that moment.
     pub frozen: String,
     /// How long it stayed frozen.
@@ -104,10 +103,6 @@ impl Outcome {
 }
 
 impl Findings for Outcome {
-    fn consul(&self) -> &str {
-        &self.consul
-    }
-
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
@@ -156,125 +151,122 @@ impl Experiment for Config {
     const SCENARIO: Scenario = Scenario::Hung;
     type Outcome = Outcome;
 
-    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
-        run(launcher, self, step).await
-    }
-}
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        if self.servers < 2 {
+            return Err(Error::Setting(
+                "the hung-server scenario needs at least 2 servers".into(),
+            ));
+        }
+        let direct = consul.client();
+        step("starting echo servers");
+        let super::Stage {
+            mut servers,
+            client: _client,
+            discovery,
+            traffic,
+            ..
+        } = super::Stage::set_up(
+            launcher,
+            consul,
+            consul.config(),
+            self.servers,
+            self.interval,
+            self.reply_timeout,
+            ("hung", self.every, 100_000),
+        )
+        .await?;
 
-/// Run the scenario with `config`.
-async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    if config.servers < 2 {
-        return Err(Error::Setting(
-            "the hung-server scenario needs at least 2 servers".into(),
+        // Freeze the instance the client is connected to.
+        let frozen = traffic
+            .last_instance()
+            .ok_or_else(|| Error::Scenario("no reply yet".into()))?;
+        let victim = servers
+            .iter()
+            .position(|s| s.spec.id == frozen)
+            .ok_or_else(|| Error::Scenario(format!("{frozen} is not one of ours")))?;
+        step(&format!(
+            "SIGSTOP {frozen}; waiting for Consul and the client to notice"
         ));
-    }
-    step("starting Consul");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let direct = consul.client();
-    step("starting echo servers");
-    let super::Stage {
-        mut servers,
-        client: _client,
-        discovery,
-        traffic,
-        ..
-    } = super::Stage::set_up(
-        launcher,
-        &consul,
-        consul.config(),
-        config.servers,
-        config.interval,
-        config.reply_timeout,
-        ("hung", config.every, 100_000),
-    )
-    .await?;
+        let t0 = Instant::now();
+        servers[victim].process.freeze().await?;
 
-    // Freeze the instance the client is connected to.
-    let frozen = traffic
-        .last_instance()
-        .ok_or_else(|| Error::Scenario("no reply yet".into()))?;
-    let victim = servers
-        .iter()
-        .position(|s| s.spec.id == frozen)
-        .ok_or_else(|| Error::Scenario(format!("{frozen} is not one of ours")))?;
-    step(&format!(
-        "SIGSTOP {frozen}; waiting for Consul and the client to notice"
-    ));
-    let t0 = Instant::now();
-    servers[victim].process.freeze().await?;
-
-    let check_id = format!("service:{frozen}");
-    let critical = async {
-        wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
-            entries.iter().any(|e| {
-                e.service.id == frozen
-                    && e.checks
-                        .iter()
-                        .any(|c| c.check_id == check_id && c.status == HealthStatus::Critical)
+        let check_id = format!("service:{frozen}");
+        let critical = async {
+            wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
+                entries.iter().any(|e| {
+                    e.service.id == frozen
+                        && e.checks
+                            .iter()
+                            .any(|c| c.check_id == check_id && c.status == HealthStatus::Critical)
+                })
             })
-        })
-        .await
-        .map(|(entries, _)| {
-            let output = entries
-                .iter()
-                .flat_map(|e| e.checks.iter())
-                .find(|c| c.check_id == check_id)
-                .map(|c| c.output.clone())
-                .unwrap_or_default();
-            (Instant::now(), output)
-        })
-    };
-    let left = discovery.wait_for("discovery to drop the frozen server", t0, LIMIT, |v| {
-        v.state == super::observe::ViewState::Reachable && !v.lists(&frozen)
-    });
-    let failover = traffic.wait_for("a reply from another instance", LIMIT, |o| {
-        o.done >= t0 && o.result.as_ref().is_ok_and(|s| s.instance != frozen)
-    });
-    let (critical, left, failover) = tokio::join!(critical, left, failover);
-    let (critical_at, check_output) = match critical {
-        Ok((at, output)) => (Some(at), output),
-        Err(e) => (None, e.to_string()),
-    };
-    let left_at = left.ok().map(|v| v.at);
-    let failover_at = failover.ok().map(|o| o.done);
+            .await
+            .map(|(entries, _)| {
+                let output = entries
+                    .iter()
+                    .flat_map(|e| e.checks.iter())
+                    .find(|c| c.check_id == check_id)
+                    .map(|c| c.output.clone())
+                    .unwrap_or_default();
+                (Instant::now(), output)
+            })
+        };
+        let left = discovery.wait_for("discovery to drop the frozen server", t0, LIMIT, |v| {
+            v.state == super::observe::ViewState::Reachable && !v.lists(&frozen)
+        });
+        let failover = traffic.wait_for("a reply from another instance", LIMIT, |o| {
+            o.done >= t0 && o.result.as_ref().is_ok_and(|s| s.instance != frozen)
+        });
+        let (critical, left, failover) = tokio::join!(critical, left, failover);
+        let (critical_at, check_output) = match critical {
+            Ok((at, output)) => (Some(at), output),
+            Err(e) => (None, e.to_string()),
+        };
+        let left_at = left.ok().map(|v| v.at);
+        let failover_at = failover.ok().map(|o| o.done);
 
-    step(&format!("{frozen} out of rotation; holding it frozen"));
-    tokio::time::sleep(config.hold).await;
-    let t1 = Instant::now();
-    servers[victim].process.signal(Signal::SIGCONT)?;
-    step(&format!(
-        "SIGCONT {frozen}; waiting for it to rejoin rotation"
-    ));
-    let rejoined = discovery
-        .wait_for("discovery to list the server again", t1, LIMIT, |v| {
-            v.lists(&frozen)
-        })
-        .await
-        .ok()
-        .map(|v| v.at);
-    let fault_end = rejoined.unwrap_or_else(Instant::now);
+        step(&format!("{frozen} out of rotation; holding it frozen"));
+        tokio::time::sleep(self.hold).await;
+        let t1 = Instant::now();
+        servers[victim].process.signal(Signal::SIGCONT)?;
+        step(&format!(
+            "SIGCONT {frozen}; waiting for it to rejoin rotation"
+        ));
+        let rejoined = discovery
+            .wait_for("discovery to list the server again", t1, LIMIT, |v| {
+                v.lists(&frozen)
+            })
+            .await
+            .ok()
+            .map(|v| v.at);
+        let fault_end = rejoined.unwrap_or_else(Instant::now);
 
-    // A little more traffic after the rejoin, then the tally.
-    tokio::time::sleep(config.interval).await;
-    let survived = super::echo_direct(servers[victim].spec.echo_addr(), b"still alive").await
-        && !servers[victim].process.has_exited();
-    let outcomes = traffic.finish().await;
-    let during = sent_between(&outcomes, t0, fault_end);
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        frozen,
-        frozen_for: t1 - t0,
-        failover: failover_at.map(|t| t - t0),
-        critical: critical_at.map(|t| t - t0),
-        check_output,
-        left_rotation: left_at.map(|t| t - t0),
-        rejoined_rotation: rejoined.map(|t| t - t1),
-        tally: Tally::of(&outcomes),
-        during_fault: Tally::of(&during),
-        errors: errors(&outcomes),
-        survived,
-        panics,
-        peak_rss_kib: super::peak_rss(&servers),
-    })
+        // A little more traffic after the rejoin, then the tally.
+        tokio::time::sleep(self.interval).await;
+        let survived = super::echo_direct(servers[victim].spec.echo_addr(), b"still alive").await
+            && !servers[victim].process.has_exited();
+        let outcomes = traffic.finish().await;
+        let during = sent_between(&outcomes, t0, fault_end);
+        let panics = super::casualties(&mut servers);
+        Ok(Outcome {
+            frozen,
+            frozen_for: t1 - t0,
+            failover: failover_at.map(|t| t - t0),
+            critical: critical_at.map(|t| t - t0),
+            check_output,
+            left_rotation: left_at.map(|t| t - t0),
+            rejoined_rotation: rejoined.map(|t| t - t1),
+            tally: Tally::of(&outcomes),
+            during_fault: Tally::of(&during),
+            errors: errors(&outcomes),
+            survived,
+            panics,
+            peak_rss_kib: super::peak_rss(&servers),
+        })
+    }
 }

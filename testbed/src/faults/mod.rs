@@ -43,7 +43,7 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::{
-    consul::Consul,
+    consul::{Consul, ConsulOptions},
     error::{Error, Result},
     logbuf::LogBuffer,
     procs::{Launcher, ServerProcess, ServerSpec},
@@ -114,26 +114,51 @@ impl Scenario {
     }
 }
 
-/// The one shape of a scenario: its settings run it once and return what it measured.
-/// Adding a scenario is a module implementing this (on its `Config`) and a line in
-/// [`Scenario::plan`].
+/// The one shape of a scenario: its settings run it once against a fresh agent and return
+/// what it measured. Adding a scenario is a module implementing this (on its `Config`) and a
+/// line in [`Scenario::plan`].
 pub trait Experiment: Default {
     /// Which scenario these settings run.
     const SCENARIO: Scenario;
     /// What one run measured.
     type Outcome: Findings;
-    /// Run the scenario once, with its own agent and processes; `step` hears each stage.
+
+    /// How to start its agent: the environment's backend and image, no ACLs, plain HTTP.
+    fn consul_options(&self) -> Result<ConsulOptions> {
+        Ok(ConsulOptions::from_env()?)
+    }
+
+    /// Run the scenario once against `consul`, just started from
+    /// [`consul_options`](Self::consul_options), with its own processes; `step` hears each
+    /// stage.
+    fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> impl Future<Output = Result<Self::Outcome>>;
+
+    /// Start its agent, then run the scenario once against it.
     fn run(
         &self,
         launcher: &Launcher,
         step: &dyn Fn(&str),
-    ) -> impl Future<Output = Result<Self::Outcome>>;
+    ) -> impl Future<Output = Result<Self::Outcome>> {
+        async move {
+            let mut consul = start(self, step).await?;
+            self.run_on(launcher, &mut consul, step).await
+        }
+    }
+}
+
+/// The agent of `experiment`, started.
+async fn start(experiment: &impl Experiment, step: &dyn Fn(&str)) -> Result<Consul> {
+    step("starting Consul");
+    Ok(Consul::start_with(experiment.consul_options()?).await?)
 }
 
 /// What a scenario's outcome gives the report.
 pub trait Findings: Serialize {
-    /// The `Consul x.y.z (backend)` label of the agent it ran against.
-    fn consul(&self) -> &str;
     /// Its rows of the table.
     fn rows(&self) -> Vec<Row>;
     /// How each figure was measured, with the figures: one markdown paragraph.
@@ -164,22 +189,23 @@ impl<E: Experiment> Plan for E {
     ) -> LocalBoxFuture<'a, Recorded> {
         Box::pin(async move {
             let scenario = E::SCENARIO;
-            let outcome = self.run(launcher, step).await.and_then(|o| {
-                let json = serde_json::to_value(&o)
+            let recorded = async {
+                let mut consul = start(self, step).await?;
+                let outcome = self.run_on(launcher, &mut consul, step).await?;
+                let json = serde_json::to_value(&outcome)
                     .map_err(|e| Error::Scenario(format!("outcome as JSON: {e}")))?;
-                Ok((o, json))
-            });
-            match outcome {
-                Ok((o, json)) => Recorded {
+                Ok(Recorded {
                     scenario,
-                    consul: o.consul().to_owned(),
-                    rows: o.rows(),
-                    details: o.details(),
+                    consul: consul_label(&consul),
+                    rows: outcome.rows(),
+                    details: outcome.details(),
                     outcome: Some(json),
                     error: None,
-                },
-                Err(e) => Recorded::failed(scenario, &e),
-            }
+                })
+            };
+            recorded
+                .await
+                .unwrap_or_else(|e| Recorded::failed(scenario, &e))
         })
     }
 }

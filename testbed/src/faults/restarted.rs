@@ -11,7 +11,7 @@ use super::{
     Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{Tally, ViewState, errors, sent_between, shared_violations},
 };
-use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
+use crate::{Consul, error::Result, procs::Launcher, wait};
 
 /// Settings.
 #[derive(Debug, Clone)]
@@ -36,7 +36,6 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
     #[serde(with = "ms")]
     pub interval: Duration,
     /// Stop → the new agent answers and has a leader.
@@ -87,10 +86,6 @@ impl Outcome {
 }
 
 impl Findings for Outcome {
-    fn consul(&self) -> &str {
-        &self.consul
-    }
-
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
@@ -141,102 +136,99 @@ impl Experiment for Config {
     const SCENARIO: Scenario = Scenario::Restarted;
     type Outcome = Outcome;
 
-    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
-        run(launcher, self, step).await
-    }
-}
-
-/// Run the scenario with `config`.
-async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul");
-    let mut consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    step("starting echo servers");
-    let super::Stage {
-        mut servers,
-        ids,
-        client: _client,
-        discovery,
-        listed: before,
-        traffic,
-    } = super::Stage::set_up(
-        launcher,
-        &consul,
-        consul.config(),
-        config.servers,
-        config.interval,
-        Duration::from_secs(2),
-        ("restarted", config.every, 100_000),
-    )
-    .await?;
-    let index_before = discovery.latest().map_or(before.index, |v| v.index);
-
-    step("restarting Consul");
-    let t0 = Instant::now();
-    consul.restart().await?;
-    let ready = Instant::now();
-    step("Consul is back; waiting for every server to register again");
-    let direct = consul.client();
-    let registered = wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
-        ids.iter()
-            .all(|id| entries.iter().any(|e| &e.service.id == id))
-    })
-    .await
-    .ok()
-    .map(|(_, at)| at.into_std().saturating_duration_since(ready));
-    let passing = wait::health_until(&direct, SERVICE, true, LIMIT, |entries| {
-        ids.iter()
-            .all(|id| entries.iter().any(|e| &e.service.id == id))
-    })
-    .await
-    .ok()
-    .map(|(_, at)| at.into_std().saturating_duration_since(ready));
-    let after = discovery
-        .wait_for(
-            "the client's view to list every server",
-            ready,
-            LIMIT,
-            |v| v.lists_all(&ids) && v.state == ViewState::Reachable,
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("starting echo servers");
+        let super::Stage {
+            mut servers,
+            ids,
+            client: _client,
+            discovery,
+            listed: before,
+            traffic,
+        } = super::Stage::set_up(
+            launcher,
+            consul,
+            consul.config(),
+            self.servers,
+            self.interval,
+            Duration::from_secs(2),
+            ("restarted", self.every, 100_000),
         )
-        .await
-        .ok();
-    let client_view = after
-        .as_ref()
-        .map(|v| v.at.saturating_duration_since(ready));
-    let first_index_after = discovery
-        .views()
-        .iter()
-        .find(|v| v.at >= t0 && v.state == ViewState::Reachable)
-        .map_or(0, |v| v.index);
-    let view_end = after.as_ref().map_or_else(Instant::now, |v| v.at);
-    let servers_re_registered = servers
-        .iter()
-        .filter(|s| {
-            !s.process
-                .output()
-                .matching("re-registered with Consul")
-                .is_empty()
-        })
-        .count();
+        .await?;
+        let index_before = discovery.latest().map_or(before.index, |v| v.index);
 
-    tokio::time::sleep(config.interval).await;
-    let outcomes = traffic.finish().await;
-    let during = sent_between(&outcomes, t0, view_end);
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        interval: config.interval,
-        agent_down: ready - t0,
-        re_registered: registered,
-        passing,
-        client_view,
-        index_before,
-        first_index_after,
-        index_after: after.map_or(0, |v| v.index),
-        servers_re_registered,
-        during_restart: Tally::of(&during),
-        tally: Tally::of(&outcomes),
-        errors: errors(&outcomes),
-        panics,
-        peak_rss_kib: super::peak_rss(&servers),
-    })
+        step("restarting Consul");
+        let t0 = Instant::now();
+        consul.restart().await?;
+        let ready = Instant::now();
+        step("Consul is back; waiting for every server to register again");
+        let direct = consul.client();
+        let registered = wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
+            ids.iter()
+                .all(|id| entries.iter().any(|e| &e.service.id == id))
+        })
+        .await
+        .ok()
+        .map(|(_, at)| at.into_std().saturating_duration_since(ready));
+        let passing = wait::health_until(&direct, SERVICE, true, LIMIT, |entries| {
+            ids.iter()
+                .all(|id| entries.iter().any(|e| &e.service.id == id))
+        })
+        .await
+        .ok()
+        .map(|(_, at)| at.into_std().saturating_duration_since(ready));
+        let after = discovery
+            .wait_for(
+                "the client's view to list every server",
+                ready,
+                LIMIT,
+                |v| v.lists_all(&ids) && v.state == ViewState::Reachable,
+            )
+            .await
+            .ok();
+        let client_view = after
+            .as_ref()
+            .map(|v| v.at.saturating_duration_since(ready));
+        let first_index_after = discovery
+            .views()
+            .iter()
+            .find(|v| v.at >= t0 && v.state == ViewState::Reachable)
+            .map_or(0, |v| v.index);
+        let view_end = after.as_ref().map_or_else(Instant::now, |v| v.at);
+        let servers_re_registered = servers
+            .iter()
+            .filter(|s| {
+                !s.process
+                    .output()
+                    .matching("re-registered with Consul")
+                    .is_empty()
+            })
+            .count();
+
+        tokio::time::sleep(self.interval).await;
+        let outcomes = traffic.finish().await;
+        let during = sent_between(&outcomes, t0, view_end);
+        let panics = super::casualties(&mut servers);
+        Ok(Outcome {
+            interval: self.interval,
+            agent_down: ready - t0,
+            re_registered: registered,
+            passing,
+            client_view,
+            index_before,
+            first_index_after,
+            index_after: after.map_or(0, |v| v.index),
+            servers_re_registered,
+            during_restart: Tally::of(&during),
+            tally: Tally::of(&outcomes),
+            errors: errors(&outcomes),
+            panics,
+            peak_rss_kib: super::peak_rss(&servers),
+        })
+    }
 }

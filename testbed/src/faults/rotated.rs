@@ -75,7 +75,6 @@ pub struct Phase {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
     #[serde(with = "ms")]
     pub window: Duration,
     pub phases: Vec<Phase>,
@@ -111,10 +110,6 @@ impl Outcome {
 }
 
 impl Findings for Outcome {
-    fn consul(&self) -> &str {
-        &self.consul
-    }
-
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         let noticed = |p: &Phase| {
@@ -216,92 +211,93 @@ impl Experiment for Config {
     const SCENARIO: Scenario = Scenario::Rotated;
     type Outcome = Outcome;
 
-    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
-        run(launcher, self, step).await
+    fn consul_options(&self) -> Result<ConsulOptions> {
+        let pki = std::sync::Arc::new(TestPki::new()?);
+        Ok(ConsulOptions::from_env()?.with_tls(pki, true))
     }
-}
 
-/// Run the scenario with `config`.
-async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("making certificates and starting Consul with HTTPS and verify_incoming");
-    let pki = std::sync::Arc::new(TestPki::new()?);
-    let consul = Consul::start_with(ConsulOptions::from_env()?.with_tls(pki, true)).await?;
-    step("starting echo servers and a client over mutual TLS");
-    let super::Stage {
-        mut servers,
-        ids: _,
-        client: _client,
-        discovery,
-        listed: _,
-        traffic,
-    } = super::Stage::set_up(
-        launcher,
-        &consul,
-        consul.config(),
-        config.servers,
-        config.interval,
-        Duration::from_secs(2),
-        ("rotated", config.every, 100_000),
-    )
-    .await?;
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("starting echo servers and a client over mutual TLS");
+        let super::Stage {
+            mut servers,
+            ids: _,
+            client: _client,
+            discovery,
+            listed: _,
+            traffic,
+        } = super::Stage::set_up(
+            launcher,
+            consul,
+            consul.config(),
+            self.servers,
+            self.interval,
+            Duration::from_secs(2),
+            ("rotated", self.every, 100_000),
+        )
+        .await?;
 
-    let mut phases = Vec::new();
-    for (rotation, issuer) in [
-        ("same CA", Issuer::SameCa),
-        ("unknown CA", Issuer::UnknownCa),
-        ("same CA again", Issuer::SameCa),
-    ] {
-        step(&format!("rotating the agent's certificate: {rotation}"));
-        let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
-        let t0 = Instant::now();
-        let t0_wall = SystemTime::now();
-        consul.rotate_certificate(AGENT_NAMES, issuer).await?;
-        let reload = t0.elapsed();
-        let asked = Instant::now();
-        let fresh = consul_api::Client::new(consul.config())?;
-        let answer = tokio::time::timeout(LIMIT, fresh.agent().agent_self()).await;
-        let fresh_client_took = asked.elapsed();
-        let fresh_client_error = match answer {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("no answer within {}", super::secs(LIMIT))),
-        };
-        let window_start = Instant::now();
-        tokio::time::sleep(config.window).await;
-        let window_end = Instant::now();
-        let (server_tls_lines, re_registered) = since(&servers, &marks);
-        let client_view_reachable = discovery
-            .views()
-            .iter()
-            .filter(|v| v.at >= t0)
-            .all(|v| v.state == ViewState::Reachable);
-        phases.push(Phase {
-            rotation: rotation.into(),
-            reload,
-            fresh_client_error,
-            fresh_client_took,
-            tally: Tally::of(&sent_between(&traffic.outcomes(), window_start, window_end)),
-            server_tls_lines,
-            re_registrations: re_registered.len(),
-            re_registered_after: re_registered
+        let mut phases = Vec::new();
+        for (rotation, issuer) in [
+            ("same CA", Issuer::SameCa),
+            ("unknown CA", Issuer::UnknownCa),
+            ("same CA again", Issuer::SameCa),
+        ] {
+            step(&format!("rotating the agent's certificate: {rotation}"));
+            let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+            let t0 = Instant::now();
+            let t0_wall = SystemTime::now();
+            consul.rotate_certificate(AGENT_NAMES, issuer).await?;
+            let reload = t0.elapsed();
+            let asked = Instant::now();
+            let fresh = consul_api::Client::new(consul.config())?;
+            let answer = tokio::time::timeout(LIMIT, fresh.agent().agent_self()).await;
+            let fresh_client_took = asked.elapsed();
+            let fresh_client_error = match answer {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {}", super::secs(LIMIT))),
+            };
+            let window_start = Instant::now();
+            tokio::time::sleep(self.window).await;
+            let window_end = Instant::now();
+            let (server_tls_lines, re_registered) = since(&servers, &marks);
+            let client_view_reachable = discovery
+                .views()
                 .iter()
-                .max()
-                .map(|at| super::since_wall(t0_wall, *at)),
-            client_view_reachable,
-        });
-    }
+                .filter(|v| v.at >= t0)
+                .all(|v| v.state == ViewState::Reachable);
+            phases.push(Phase {
+                rotation: rotation.into(),
+                reload,
+                fresh_client_error,
+                fresh_client_took,
+                tally: Tally::of(&sent_between(&traffic.outcomes(), window_start, window_end)),
+                server_tls_lines,
+                re_registrations: re_registered.len(),
+                re_registered_after: re_registered
+                    .iter()
+                    .max()
+                    .map(|at| super::since_wall(t0_wall, *at)),
+                client_view_reachable,
+            });
+        }
 
-    let outcomes = traffic.finish().await;
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        window: config.window,
-        phases,
-        tally: Tally::of(&outcomes),
-        errors: errors(&outcomes),
-        panics,
-        peak_rss_kib: super::peak_rss(&servers),
-    })
+        let outcomes = traffic.finish().await;
+        let panics = super::casualties(&mut servers);
+        Ok(Outcome {
+            window: self.window,
+            phases,
+            tally: Tally::of(&outcomes),
+            errors: errors(&outcomes),
+            panics,
+            peak_rss_kib: super::peak_rss(&servers),
+        })
+    }
 }
 
 /// The servers' lines since `marks` that speak of TLS, and when each "re-registered" line

@@ -14,7 +14,7 @@ use super::{
     observe::{DiscoveryLog, Tally, Traffic, errors, shared_violations},
 };
 use crate::{
-    Consul, ConsulOptions,
+    Consul,
     error::Result,
     faultproxy::{Fault, FaultProxy},
     procs::{Launcher, ServerProcess},
@@ -44,7 +44,6 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
     /// Second server started → the client's discovery lists it.
     #[serde(with = "ms::opt")]
     pub new_server_seen: Option<Duration>,
@@ -76,10 +75,6 @@ impl Outcome {
 }
 
 impl Findings for Outcome {
-    fn consul(&self) -> &str {
-        &self.consul
-    }
-
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
@@ -118,75 +113,68 @@ impl Experiment for Config {
     const SCENARIO: Scenario = Scenario::Stripped;
     type Outcome = Outcome;
 
-    async fn run(&self, launcher: &Launcher, step: &dyn Fn(&str)) -> Result<Outcome> {
-        run(launcher, self, step).await
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("starting the proxy");
+        let proxy = FaultProxy::start(consul.http_addr()).await?;
+        proxy.set(Fault::StripIndex);
+        let via = consul.config().with_address(proxy.address());
+        step("starting one server; the client behind the proxy");
+        let mut servers =
+            super::start_servers(launcher, consul, consul.config(), 1, Duration::from_secs(1))
+                .await?;
+        let ids = super::ids(&servers);
+        let client = super::client(via, Duration::from_secs(1))?;
+        let discovery = DiscoveryLog::start(&client);
+        discovery
+            .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
+                v.lists_all(&ids)
+            })
+            .await?;
+        let traffic = Traffic::start(&client, "stripped", self.every, 100_000);
+        traffic
+            .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
+            .await?;
+        step("measuring the request rate");
+        let before = proxy.stats().requests;
+        let window = Instant::now();
+        traffic
+            .wait_for("the window to pass", self.window + LIMIT, |o| {
+                o.sent >= window + self.window
+            })
+            .await?;
+        let requests = proxy.stats().requests - before;
+        let request_rate = requests as f64 / window.elapsed().as_secs_f64();
+        step("starting a second server");
+        let spec = super::server_spec(
+            consul.config(),
+            &format!("{}_2", super::SERVICE),
+            Duration::from_secs(1),
+        )?;
+        let t0 = Instant::now();
+        servers.push(ServerProcess::spawn(launcher, spec.clone()).await?);
+        let new_server_seen = discovery
+            .wait_for("the client to list the new server", t0, LIMIT, |v| {
+                v.lists(&spec.id)
+            })
+            .await
+            .ok()
+            .map(|v| v.at.saturating_duration_since(t0));
+        let max_index_seen = discovery.views().iter().map(|v| v.index).max().unwrap_or(0);
+        let outcomes = traffic.finish().await;
+        let panics = super::casualties(&mut servers);
+        Ok(Outcome {
+            new_server_seen,
+            request_rate,
+            max_rate: self.max_rate,
+            max_index_seen,
+            tally: Tally::of(&outcomes),
+            errors: errors(&outcomes),
+            panics,
+        })
     }
-}
-
-/// Run the scenario with `config`.
-async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul and the proxy");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let proxy = FaultProxy::start(consul.http_addr()).await?;
-    proxy.set(Fault::StripIndex);
-    let via = consul.config().with_address(proxy.address());
-    step("starting one server; the client behind the proxy");
-    let mut servers = super::start_servers(
-        launcher,
-        &consul,
-        consul.config(),
-        1,
-        Duration::from_secs(1),
-    )
-    .await?;
-    let ids = super::ids(&servers);
-    let client = super::client(via, Duration::from_secs(1))?;
-    let discovery = DiscoveryLog::start(&client);
-    discovery
-        .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
-            v.lists_all(&ids)
-        })
-        .await?;
-    let traffic = Traffic::start(&client, "stripped", config.every, 100_000);
-    traffic
-        .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
-        .await?;
-    step("measuring the request rate");
-    let before = proxy.stats().requests;
-    let window = Instant::now();
-    traffic
-        .wait_for("the window to pass", config.window + LIMIT, |o| {
-            o.sent >= window + config.window
-        })
-        .await?;
-    let requests = proxy.stats().requests - before;
-    let request_rate = requests as f64 / window.elapsed().as_secs_f64();
-    step("starting a second server");
-    let spec = super::server_spec(
-        consul.config(),
-        &format!("{}_2", super::SERVICE),
-        Duration::from_secs(1),
-    )?;
-    let t0 = Instant::now();
-    servers.push(ServerProcess::spawn(launcher, spec.clone()).await?);
-    let new_server_seen = discovery
-        .wait_for("the client to list the new server", t0, LIMIT, |v| {
-            v.lists(&spec.id)
-        })
-        .await
-        .ok()
-        .map(|v| v.at.saturating_duration_since(t0));
-    let max_index_seen = discovery.views().iter().map(|v| v.index).max().unwrap_or(0);
-    let outcomes = traffic.finish().await;
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        new_server_seen,
-        request_rate,
-        max_rate: config.max_rate,
-        max_index_seen,
-        tally: Tally::of(&outcomes),
-        errors: errors(&outcomes),
-        panics,
-    })
 }
