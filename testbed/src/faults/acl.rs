@@ -47,12 +47,14 @@ pub struct Case {
     /// Start → exit (for those expected to stop) or → success.
     #[serde(with = "ms")]
     pub took: Duration,
+    /// What happened is what must happen.
     pub ok: bool,
 }
 
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
+    /// Every attempt, each with its verdict.
     pub cases: Vec<Case>,
     /// The permitted client's echoes.
     pub client: Tally,
@@ -60,6 +62,7 @@ pub struct Outcome {
     pub secrets_checked: usize,
     /// Outputs that contained a secret (which process, never the secret).
     pub tokens_printed: Vec<String>,
+    /// Highest resident set (VmHWM) of the echo server, KiB.
     pub peak_rss_kib: Option<u64>,
 }
 

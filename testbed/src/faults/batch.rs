@@ -39,15 +39,20 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
+    /// Bytes per message.
     pub size: usize,
     /// Messages answered byte-exact.
     pub exact: u64,
     /// First send to last reply.
     #[serde(with = "ms")]
     pub took: Duration,
+    /// Every echo of the run.
     pub tally: Tally,
+    /// The first errors of the client's echoes (at most 5).
     pub errors: Vec<String>,
+    /// Panics in the echo servers' output, and servers that exited (none should).
     pub panics: Vec<String>,
+    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
     pub peak_rss_kib: Option<u64>,
 }
 

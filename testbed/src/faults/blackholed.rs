@@ -50,6 +50,7 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
+    /// Blackholed instances listed as passing.
     pub holes: usize,
     /// The client's connect timeout.
     #[serde(with = "ms")]
@@ -65,9 +66,13 @@ pub struct Outcome {
     pub slowest: Duration,
     /// The instances that answered.
     pub served_by: Vec<String>,
+    /// The one healthy server's ID.
     pub healthy: String,
+    /// Every echo of the run.
     pub tally: Tally,
+    /// The first errors of the client's echoes (at most 5).
     pub errors: Vec<String>,
+    /// Panics in the echo servers' output, and servers that exited (none should).
     pub panics: Vec<String>,
 }
 

@@ -35,11 +35,13 @@ const CONN_LIMIT: Duration = Duration::from_secs(20);
 pub struct Config {
     /// Check interval of the server.
     pub interval: Duration,
-    /// Connections sending random bytes, and how many bytes each.
+    /// Connections sending random bytes.
     pub garbage_conns: usize,
+    /// Random bytes each of them sends.
     pub garbage_bytes: usize,
-    /// Connections sending one frame over the limit, and its size.
+    /// Connections sending one frame over the limit.
     pub oversize_conns: usize,
+    /// The size of that frame, bytes.
     pub oversize_bytes: usize,
     /// Connections left holding an unfinished frame for the rest of the attack.
     pub stalled_conns: usize,
@@ -78,50 +80,66 @@ impl Default for Config {
 pub struct Outcome {
     /// What was sent, in words.
     pub injected: String,
-    /// Random bytes sent, and echoed back.
+    /// Random bytes sent.
     pub garbage_sent: u64,
+    /// Of those, bytes the server echoed back.
     pub garbage_echoed: u64,
     /// Oversized frames answered with the error line (of `oversize_conns`).
     pub oversize_refused: u64,
+    /// Connections that sent an oversized frame.
     pub oversize_conns: usize,
     /// Stalled connections held open at once.
     pub stalled: usize,
+    /// Connections reset in the middle of a frame.
     pub resets: u64,
-    /// Short-lived connections answered correctly, and tried.
+    /// Short-lived connections answered correctly.
     pub short_lived_ok: u64,
+    /// Short-lived connections tried.
     pub short_lived: usize,
+    /// First short-lived connection to the last one's end.
     #[serde(with = "ms")]
     pub short_lived_took: Duration,
-    /// The server's RSS (KiB) at the start, before and with the stalled connections, at the
-    /// end; and its peak (VmHWM).
+    /// The server's RSS at the start, KiB.
     pub rss_start_kib: u64,
+    /// Its RSS before the stalled connections, KiB.
     pub rss_before_stalled_kib: u64,
+    /// Its RSS with the stalled connections open, KiB.
     pub rss_with_stalled_kib: u64,
+    /// Its RSS at the end, KiB.
     pub rss_end_kib: u64,
+    /// Its peak resident set (VmHWM), KiB.
     pub peak_rss_kib: u64,
     /// (RSS with − before the stalled connections) / their number.
     pub bytes_per_stalled_conn: f64,
-    /// The well-behaved client, quiet and under attack.
+    /// The well-behaved client's echoes before the attack.
     pub quiet: Tally,
+    /// Its echoes during the attack.
     pub attack: Tally,
+    /// Median echo latency before the attack.
     #[serde(with = "ms::opt")]
     pub quiet_p50: Option<Duration>,
+    /// 99th percentile echo latency before the attack.
     #[serde(with = "ms::opt")]
     pub quiet_p99: Option<Duration>,
+    /// Median echo latency during the attack.
     #[serde(with = "ms::opt")]
     pub attack_p50: Option<Duration>,
+    /// 99th percentile echo latency during the attack.
     #[serde(with = "ms::opt")]
     pub attack_p99: Option<Duration>,
     /// attack p99 / quiet p99.
     pub p99_ratio: Option<f64>,
     /// The client's latency during each hostile phase.
     pub phases: Vec<PhaseLatency>,
+    /// The first errors of the client's echoes, quiet and under attack (at most 5).
     pub errors: Vec<String>,
-    /// After the attack: the process runs, answers a fresh connection, and Consul lists it
-    /// passing.
+    /// After the attack the server process still runs.
     pub alive: bool,
+    /// After the attack it echoes on a fresh connection.
     pub fresh_echo: bool,
+    /// After the attack Consul lists it passing.
     pub still_passing: bool,
+    /// Panics in the server's output, and whether it exited.
     pub panics: Vec<String>,
 }
 
@@ -252,14 +270,19 @@ impl Findings for Outcome {
 /// The well-behaved client's latency while one hostile phase ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseLatency {
+    /// The phase's name (`garbage`, `oversize`, ...).
     pub phase: &'static str,
+    /// How long it ran.
     #[serde(with = "ms")]
     pub lasted: Duration,
     /// The server process's CPU time over the phase's wall time (1.0 = one core busy).
     pub server_cpu: f64,
+    /// The client's echoes sent during the phase.
     pub messages: u64,
+    /// Their median latency.
     #[serde(with = "ms::opt")]
     pub p50: Option<Duration>,
+    /// Their 99th percentile latency.
     #[serde(with = "ms::opt")]
     pub p99: Option<Duration>,
 }

@@ -78,7 +78,9 @@ pub struct Outcome {
     pub errors: Vec<String>,
     /// The frozen server still runs and echoes after SIGCONT.
     pub survived: bool,
+    /// Panics in the echo servers' output, and servers that exited (none should).
     pub panics: Vec<String>,
+    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
     pub peak_rss_kib: Option<u64>,
 }
 

@@ -16,6 +16,7 @@ use crate::{Consul, error::Result, procs::Launcher, wait};
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Echo servers started.
     pub servers: usize,
     /// Check interval of the servers.
     pub interval: Duration,
@@ -39,12 +40,14 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
+    /// How long the agent stayed frozen.
     #[serde(with = "ms")]
     pub paused_for: Duration,
     /// Echoes sent while the agent was frozen.
     pub during_pause: Tally,
     /// Every echo of the run.
     pub tally: Tally,
+    /// The first errors of the client's echoes (at most 5).
     pub errors: Vec<String>,
     /// Echoes straight to each server's port during the pause, answered / tried.
     pub direct_echoes: (u32, u32),
@@ -69,7 +72,9 @@ pub struct Outcome {
     pub registrations_lost: Vec<String>,
     /// How many times a server had to register again.
     pub re_registrations: usize,
+    /// Panics in the echo servers' output, and servers that exited (none should).
     pub panics: Vec<String>,
+    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
     pub peak_rss_kib: Option<u64>,
 }
 

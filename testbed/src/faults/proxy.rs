@@ -27,6 +27,7 @@ const MAX_RETRY_RATE: f64 = 100.0;
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Echo servers started.
     pub servers: usize,
     /// Check interval of the servers (their registration watch blocks this long).
     pub interval: Duration,
@@ -61,6 +62,7 @@ impl Default for Config {
 /// One fault, from injection to recovery.
 #[derive(Debug, Clone, Serialize)]
 pub struct Phase {
+    /// The fault the proxy injected.
     pub fault: Fault,
     /// From injection to healing.
     #[serde(with = "ms")]
@@ -123,13 +125,19 @@ impl Phase {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
+    /// Echo servers started.
     pub servers: usize,
+    /// Each fault, in turn.
     pub phases: Vec<Phase>,
+    /// Every echo of the run.
     pub tally: Tally,
+    /// The first errors of the client's echoes (at most 5).
     pub errors: Vec<String>,
     /// After the last fault, Consul lists every server passing.
     pub all_registered: bool,
+    /// Panics in the echo servers' output, and servers that exited (none should).
     pub panics: Vec<String>,
+    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
     pub peak_rss_kib: Option<u64>,
 }
 

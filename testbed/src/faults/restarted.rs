@@ -16,6 +16,7 @@ use crate::{Consul, error::Result, procs::Launcher, wait};
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Echo servers started.
     pub servers: usize,
     /// Check interval of the servers.
     pub interval: Duration,
@@ -36,6 +37,7 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
+    /// The servers' check interval.
     #[serde(with = "ms")]
     pub interval: Duration,
     /// Stop → the new agent answers and has a leader.
@@ -50,18 +52,23 @@ pub struct Outcome {
     /// Agent ready → the client's discovery lists every server again.
     #[serde(with = "ms::opt")]
     pub client_view: Option<Duration>,
-    /// Consul's index of the client's view before the restart, of its first answer from the
-    /// new agent (dev mode starts over), and once it lists every server again.
+    /// Consul's index of the client's view before the restart.
     pub index_before: u64,
+    /// The index of its first answer from the new agent (dev mode starts over).
     pub first_index_after: u64,
+    /// The index once it lists every server again.
     pub index_after: u64,
     /// Servers that logged their re-registration.
     pub servers_re_registered: usize,
     /// Echoes sent from the stop until the client listed every server again.
     pub during_restart: Tally,
+    /// Every echo of the run.
     pub tally: Tally,
+    /// The first errors of the client's echoes (at most 5).
     pub errors: Vec<String>,
+    /// Panics in the echo servers' output, and servers that exited (none should).
     pub panics: Vec<String>,
+    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
     pub peak_rss_kib: Option<u64>,
 }
 

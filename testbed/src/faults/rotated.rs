@@ -24,6 +24,7 @@ use crate::{
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Echo servers started.
     pub servers: usize,
     /// Check interval of the servers.
     pub interval: Duration,
@@ -75,12 +76,18 @@ pub struct Phase {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
+    /// How long each phase was watched after the agent served the new certificate.
     #[serde(with = "ms")]
     pub window: Duration,
+    /// Each rotation, in turn.
     pub phases: Vec<Phase>,
+    /// Every echo of the run.
     pub tally: Tally,
+    /// The first errors of the client's echoes (at most 5).
     pub errors: Vec<String>,
+    /// Panics in the echo servers' output, and servers that exited (none should).
     pub panics: Vec<String>,
+    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
     pub peak_rss_kib: Option<u64>,
 }
 

@@ -49,11 +49,16 @@ pub struct Outcome {
     pub new_server_seen: Option<Duration>,
     /// Requests per second through the proxy over the window.
     pub request_rate: f64,
+    /// Most requests per second allowed.
     pub max_rate: f64,
-    /// Every discovery snapshot index the client published (all 0 without the header).
+    /// The highest Consul index among the client's discovery snapshots (0: every index was
+    /// stripped).
     pub max_index_seen: u64,
+    /// Every echo of the run.
     pub tally: Tally,
+    /// The first errors of the client's echoes (at most 5).
     pub errors: Vec<String>,
+    /// Panics in the echo servers' output, and servers that exited (none should).
     pub panics: Vec<String>,
 }
 
