@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use serde::Serialize;
 
-use super::{Experiment, Findings, LIMIT, Row, Scenario, ms, observe::Tally};
+use super::{Basics, Experiment, Findings, LIMIT, Row, Scenario, ms, observe::Tally};
 use crate::{
     Consul,
     error::{Error, Result},
@@ -46,24 +46,19 @@ pub struct Outcome {
     /// First send to last reply.
     #[serde(with = "ms")]
     pub took: Duration,
-    /// Every echo of the run.
-    pub tally: Tally,
-    /// The first errors of the client's echoes (at most 5).
-    pub errors: Vec<String>,
-    /// Panics in the echo servers' output, and servers that exited (none should).
-    pub panics: Vec<String>,
-    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = super::observe::shared_violations(&self.tally, &self.panics);
-        if self.tally.resent > 0 {
+        let mut v = self.basics.violations();
+        if self.basics.tally.resent > 0 {
             v.push(format!(
                 "{} messages written twice: the healthy server was dropped",
-                self.tally.resent
+                self.basics.tally.resent
             ));
         }
         v
@@ -73,23 +68,23 @@ impl Outcome {
 impl Findings for Outcome {
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
-        let mib = self.tally.sent as f64 * self.size as f64 / f64::from(1 << 20);
+        let mib = self.basics.tally.sent as f64 * self.size as f64 / f64::from(1 << 20);
         vec![Row {
             scenario: Scenario::Batch.title().into(),
             injected: format!(
                 "{} concurrent messages of {} KiB ({mib:.0} MiB) to one server",
-                self.tally.sent,
+                self.basics.tally.sent,
                 self.size >> 10
             ),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "all answered in {}, {} resent",
                 super::secs(self.took),
-                self.tally.resent
+                self.basics.tally.resent
             ),
             recovery_ms: Some(self.took.as_secs_f64() * 1e3),
-            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_kib: self.basics.peak_rss_kib,
             violations: self.violations(),
         }]
     }
@@ -100,12 +95,12 @@ impl Findings for Outcome {
             "**8. Large pipelined batch.** {} messages of {} bytes sent at once through a \
              client just started (queued while its discovery started, then written on one \
              connection): {} answered byte-exact in {}, {} written more than once, {} lost.\n",
-            self.tally.sent,
+            self.basics.tally.sent,
             self.size,
             self.exact,
             super::secs(self.took),
-            self.tally.resent,
-            self.tally.lost,
+            self.basics.tally.resent,
+            self.basics.tally.lost,
         )
     }
 }
@@ -162,15 +157,11 @@ impl Experiment for Config {
                 }
             }
         }
-        let panics = super::casualties(&mut servers);
         Ok(Outcome {
             size: self.size,
             exact,
             took,
-            tally,
-            errors,
-            panics,
-            peak_rss_kib: super::peak_rss(&servers),
+            basics: Basics::new(tally, errors, &mut servers),
         })
     }
 }

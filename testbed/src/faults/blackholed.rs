@@ -17,8 +17,8 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{DiscoveryLog, Tally, Traffic, errors, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
+    observe::{DiscoveryLog, Traffic},
 };
 use crate::{
     Consul,
@@ -68,12 +68,9 @@ pub struct Outcome {
     pub served_by: Vec<String>,
     /// The one healthy server's ID.
     pub healthy: String,
-    /// Every echo of the run.
-    pub tally: Tally,
-    /// The first errors of the client's echoes (at most 5).
-    pub errors: Vec<String>,
-    /// Panics in the echo servers' output, and servers that exited (none should).
-    pub panics: Vec<String>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
@@ -84,8 +81,8 @@ impl Outcome {
 
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
-        if self.tally.sent == 0 {
+        let mut v = self.basics.violations();
+        if self.basics.tally.sent == 0 {
             v.push("no echo was sent".into());
         }
         if self.extra() > self.connect_timeout || self.slowest > self.connect_timeout {
@@ -111,10 +108,10 @@ impl Findings for Outcome {
             scenario: Scenario::Blackholed.title().into(),
             injected: format!(
                 "{} passing instances that drop SYNs, 1 healthy; {} echoes 50 ms apart",
-                self.holes, self.tally.sent
+                self.holes, self.basics.tally.sent
             ),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "stream of {} answered in {} ({} extra; slowest reply {}; connect timeout {})",
                 super::secs(self.stream),
@@ -139,13 +136,13 @@ impl Findings for Outcome {
              send, {} beyond the stream's own length; the slowest reply (the first message's, \
              waiting for a connect) took {} (connect timeout {}). {} lost.\n",
             self.holes,
-            self.tally.sent,
-            super::secs(self.stream / (self.tally.sent.max(2) as u32 - 1)),
+            self.basics.tally.sent,
+            super::secs(self.stream / (self.basics.tally.sent.max(2) as u32 - 1)),
             super::secs(self.took),
             super::secs(self.extra()),
             super::secs(self.slowest),
             super::secs(self.connect_timeout),
-            self.tally.lost,
+            self.basics.tally.lost,
         )
     }
 }
@@ -267,7 +264,6 @@ impl Experiment for Config {
             .collect();
         served_by.sort();
         served_by.dedup();
-        let panics = super::casualties(&mut servers);
         Ok(Outcome {
             holes: self.holes,
             connect_timeout,
@@ -276,9 +272,7 @@ impl Experiment for Config {
             slowest,
             served_by,
             healthy,
-            tally: Tally::of(&outcomes),
-            errors: errors(&outcomes),
-            panics,
+            basics: Basics::of(&outcomes, &mut servers),
         })
     }
 }

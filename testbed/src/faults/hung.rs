@@ -10,8 +10,8 @@ use consul_api::HealthStatus;
 use serde::Serialize;
 
 use super::{
-    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{Tally, errors, sent_between, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
+    observe::{Tally, sent_between},
 };
 use crate::{
     Consul,
@@ -70,24 +70,19 @@ pub struct Outcome {
     /// SIGCONT → the client's discovery lists it again.
     #[serde(with = "ms::opt")]
     pub rejoined_rotation: Option<Duration>,
-    /// Every echo of the run.
-    pub tally: Tally,
     /// Echoes sent between SIGSTOP and the rejoin.
     pub during_fault: Tally,
-    /// The first errors, if any.
-    pub errors: Vec<String>,
     /// The frozen server still runs and echoes after SIGCONT.
     pub survived: bool,
-    /// Panics in the echo servers' output, and servers that exited (none should).
-    pub panics: Vec<String>,
-    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
+        let mut v = self.basics.violations();
         if self.critical.is_none() {
             v.push("Consul never marked the frozen server critical".into());
         }
@@ -114,8 +109,8 @@ impl Findings for Outcome {
                 self.frozen,
                 super::secs(self.frozen_for)
             ),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "out of rotation {} after SIGSTOP (client failed over in {}); back {} after SIGCONT",
                 super::secs_or(self.left_rotation, "never"),
@@ -123,7 +118,7 @@ impl Findings for Outcome {
                 super::secs_or(self.rejoined_rotation, "never")
             ),
             recovery_ms: self.rejoined_rotation.map(|d| d.as_secs_f64() * 1e3),
-            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_kib: self.basics.peak_rss_kib,
             violations: self.violations(),
         }]
     }
@@ -141,7 +136,7 @@ impl Findings for Outcome {
             self.check_output.trim(),
             super::secs_or(self.left_rotation, "never"),
             super::secs_or(self.failover, "never"),
-            self.tally.resent,
+            self.basics.tally.resent,
             super::secs_or(self.rejoined_rotation, "never"),
             self.during_fault.sent,
             self.during_fault.lost,
@@ -254,7 +249,6 @@ impl Experiment for Config {
             && !servers[victim].process.has_exited();
         let outcomes = traffic.finish().await;
         let during = sent_between(&outcomes, t0, fault_end);
-        let panics = super::casualties(&mut servers);
         Ok(Outcome {
             frozen,
             frozen_for: t1 - t0,
@@ -263,12 +257,9 @@ impl Experiment for Config {
             check_output,
             left_rotation: left_at.map(|t| t - t0),
             rejoined_rotation: rejoined.map(|t| t - t1),
-            tally: Tally::of(&outcomes),
             during_fault: Tally::of(&during),
-            errors: errors(&outcomes),
             survived,
-            panics,
-            peak_rss_kib: super::peak_rss(&servers),
+            basics: Basics::of(&outcomes, &mut servers),
         })
     }
 }

@@ -488,6 +488,50 @@ impl Stage {
     }
 }
 
+/// What every traffic scenario reports the same way: its echoes, and what became of its echo
+/// servers. A scenario's outcome holds it (flattened into the outcome's JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct Basics {
+    /// Every echo of the run.
+    pub tally: observe::Tally,
+    /// The first errors of the client's echoes (at most 5).
+    pub errors: Vec<String>,
+    /// Panics in the echo servers' output, and servers that exited (none should).
+    pub panics: Vec<String>,
+    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl Basics {
+    /// The echoes counted in `tally` (first errors: `errors`), and the fate of `servers`.
+    pub(crate) fn new(
+        tally: observe::Tally,
+        errors: Vec<String>,
+        servers: &mut [ServerProcess],
+    ) -> Basics {
+        Basics {
+            tally,
+            errors,
+            panics: casualties(servers),
+            peak_rss_kib: peak_rss(servers),
+        }
+    }
+
+    /// The echoes of `outcomes`, and the fate of `servers`.
+    pub(crate) fn of(outcomes: &[observe::Outcome], servers: &mut [ServerProcess]) -> Basics {
+        Basics::new(
+            observe::Tally::of(outcomes),
+            observe::errors(outcomes),
+            servers,
+        )
+    }
+
+    /// The invariants every scenario shares that did not hold: no echo lost, no panic.
+    pub fn violations(&self) -> Vec<String> {
+        observe::shared_violations(&self.tally, &self.panics)
+    }
+}
+
 /// The service IDs of `servers`.
 pub(crate) fn ids(servers: &[ServerProcess]) -> Vec<String> {
     servers.iter().map(|s| s.spec.id.clone()).collect()

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::{
-    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{Tally, View, ViewState, errors, sent_between, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
+    observe::{Tally, View, ViewState, sent_between},
 };
 use crate::{Consul, error::Result, procs::Launcher, wait};
 
@@ -45,10 +45,6 @@ pub struct Outcome {
     pub paused_for: Duration,
     /// Echoes sent while the agent was frozen.
     pub during_pause: Tally,
-    /// Every echo of the run.
-    pub tally: Tally,
-    /// The first errors of the client's echoes (at most 5).
-    pub errors: Vec<String>,
     /// Echoes straight to each server's port during the pause, answered / tried.
     pub direct_echoes: (u32, u32),
     /// At the end of the pause the client still listed every server.
@@ -72,16 +68,15 @@ pub struct Outcome {
     pub registrations_lost: Vec<String>,
     /// How many times a server had to register again.
     pub re_registrations: usize,
-    /// Panics in the echo servers' output, and servers that exited (none should).
-    pub panics: Vec<String>,
-    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
+        let mut v = self.basics.violations();
         if self.direct_echoes.0 != self.direct_echoes.1 {
             v.push(format!(
                 "servers answered {} of {} direct echoes during the pause",
@@ -107,15 +102,15 @@ impl Findings for Outcome {
         vec![Row {
             scenario: Scenario::Paused.title().into(),
             injected: format!("agent frozen for {}", super::secs(self.paused_for)),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "converged {} after resume ({} failed echoes during the pause)",
                 super::secs_or(self.converged, "never"),
                 self.during_pause.lost
             ),
             recovery_ms: self.converged.map(|d| d.as_secs_f64() * 1e3),
-            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_kib: self.basics.peak_rss_kib,
             violations: self.violations(),
         }]
     }
@@ -268,12 +263,9 @@ impl Experiment for Config {
         tokio::time::sleep(self.interval).await;
         let outcomes = traffic.finish().await;
         let during = sent_between(&outcomes, t0, t1);
-        let panics = super::casualties(&mut servers);
         Ok(Outcome {
             paused_for: t1 - t0,
             during_pause: Tally::of(&during),
-            tally: Tally::of(&outcomes),
-            errors: errors(&outcomes),
             direct_echoes: direct,
             view_kept,
             servers_noticed: noticed,
@@ -283,8 +275,7 @@ impl Experiment for Config {
             converged,
             registrations_lost,
             re_registrations,
-            panics,
-            peak_rss_kib: super::peak_rss(&servers),
+            basics: Basics::of(&outcomes, &mut servers),
         })
     }
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::{
-    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{Tally, ViewState, errors, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
+    observe::{Tally, ViewState},
 };
 use crate::{
     Consul,
@@ -129,16 +129,11 @@ pub struct Outcome {
     pub servers: usize,
     /// Each fault, in turn.
     pub phases: Vec<Phase>,
-    /// Every echo of the run.
-    pub tally: Tally,
-    /// The first errors of the client's echoes (at most 5).
-    pub errors: Vec<String>,
     /// After the last fault, Consul lists every server passing.
     pub all_registered: bool,
-    /// Panics in the echo servers' output, and servers that exited (none should).
-    pub panics: Vec<String>,
-    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
@@ -149,7 +144,7 @@ impl Outcome {
             .iter()
             .flat_map(|p| p.violations(self.servers))
             .collect();
-        v.extend(shared_violations(&self.tally, &self.panics));
+        v.extend(self.basics.violations());
         if !self.all_registered {
             v.push("a server is no longer registered and passing".into());
         }
@@ -165,8 +160,8 @@ impl Findings for Outcome {
             if !self.all_registered {
                 v.push("a server is no longer registered and passing".to_owned());
             }
-            if !self.panics.is_empty() {
-                v.push(format!("panics: {:?}", self.panics));
+            if !self.basics.panics.is_empty() {
+                v.push(format!("panics: {:?}", self.basics.panics));
             }
             v
         };
@@ -199,7 +194,7 @@ impl Findings for Outcome {
                         )
                     },
                     recovery_ms: p.recovered.map(|d| d.as_secs_f64() * 1e3),
-                    peak_rss_kib: self.peak_rss_kib,
+                    peak_rss_kib: self.basics.peak_rss_kib,
                     violations,
                 }
             })
@@ -431,15 +426,11 @@ impl Experiment for Config {
         .await
         .is_ok_and(|r| r.is_ok());
         let outcomes = traffic.finish().await;
-        let panics = super::casualties(&mut servers);
         Ok(Outcome {
             servers: self.servers,
             phases,
-            tally: Tally::of(&outcomes),
-            errors: errors(&outcomes),
             all_registered,
-            panics,
-            peak_rss_kib: super::peak_rss(&servers),
+            basics: Basics::of(&outcomes, &mut servers),
         })
     }
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{
-    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{Tally, ViewState, errors, sent_between, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
+    observe::{Tally, ViewState, sent_between},
 };
 use crate::{Consul, error::Result, procs::Launcher, wait};
 
@@ -62,20 +62,15 @@ pub struct Outcome {
     pub servers_re_registered: usize,
     /// Echoes sent from the stop until the client listed every server again.
     pub during_restart: Tally,
-    /// Every echo of the run.
-    pub tally: Tally,
-    /// The first errors of the client's echoes (at most 5).
-    pub errors: Vec<String>,
-    /// Panics in the echo servers' output, and servers that exited (none should).
-    pub panics: Vec<String>,
-    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
+        let mut v = self.basics.violations();
         match self.re_registered {
             None => v.push("not every server registered again".into()),
             Some(d) if d >= 2 * self.interval => v.push(format!(
@@ -101,8 +96,8 @@ impl Findings for Outcome {
                 "agent stopped and started again (down {}), state lost",
                 super::secs(self.agent_down)
             ),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "all re-registered {} after the agent was back (limit {}); client view {}",
                 super::secs_or(self.re_registered, "never"),
@@ -110,7 +105,7 @@ impl Findings for Outcome {
                 super::secs_or(self.client_view, "never")
             ),
             recovery_ms: self.re_registered.map(|d| d.as_secs_f64() * 1e3),
-            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_kib: self.basics.peak_rss_kib,
             violations: self.violations(),
         }]
     }
@@ -220,7 +215,6 @@ impl Experiment for Config {
         tokio::time::sleep(self.interval).await;
         let outcomes = traffic.finish().await;
         let during = sent_between(&outcomes, t0, view_end);
-        let panics = super::casualties(&mut servers);
         Ok(Outcome {
             interval: self.interval,
             agent_down: ready - t0,
@@ -232,10 +226,7 @@ impl Experiment for Config {
             index_after: after.map_or(0, |v| v.index),
             servers_re_registered,
             during_restart: Tally::of(&during),
-            tally: Tally::of(&outcomes),
-            errors: errors(&outcomes),
-            panics,
-            peak_rss_kib: super::peak_rss(&servers),
+            basics: Basics::of(&outcomes, &mut servers),
         })
     }
 }

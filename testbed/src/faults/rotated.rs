@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::{
-    Experiment, Findings, LIMIT, Row, Scenario, ms,
-    observe::{Tally, ViewState, errors, sent_between, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, Scenario, ms,
+    observe::{Tally, ViewState, sent_between},
 };
 use crate::{
     Consul, ConsulOptions,
@@ -81,20 +81,15 @@ pub struct Outcome {
     pub window: Duration,
     /// Each rotation, in turn.
     pub phases: Vec<Phase>,
-    /// Every echo of the run.
-    pub tally: Tally,
-    /// The first errors of the client's echoes (at most 5).
-    pub errors: Vec<String>,
-    /// Panics in the echo servers' output, and servers that exited (none should).
-    pub panics: Vec<String>,
-    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
+        let mut v = self.basics.violations();
         for phase in &self.phases {
             let trusted = !phase.rotation.starts_with("unknown");
             match (&phase.fresh_client_error, trusted) {
@@ -159,11 +154,11 @@ impl Findings for Outcome {
             injected: "the agent's certificate re-issued and reloaded (SIGHUP) under running \
                        mTLS servers and client: same CA, then an unknown CA, then back"
                 .into(),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: self.phases.iter().map(phase).collect::<Vec<_>>().join("; "),
             recovery_ms: self.phases.first().map(|p| p.reload.as_secs_f64() * 1e3),
-            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_kib: self.basics.peak_rss_kib,
             violations: self.violations(),
         }]
     }
@@ -295,14 +290,10 @@ impl Experiment for Config {
         }
 
         let outcomes = traffic.finish().await;
-        let panics = super::casualties(&mut servers);
         Ok(Outcome {
             window: self.window,
             phases,
-            tally: Tally::of(&outcomes),
-            errors: errors(&outcomes),
-            panics,
-            peak_rss_kib: super::peak_rss(&servers),
+            basics: Basics::of(&outcomes, &mut servers),
         })
     }
 }

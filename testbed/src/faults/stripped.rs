@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{
-    Experiment, Findings, LIMIT, Row, Scenario, ms,
-    observe::{DiscoveryLog, Tally, Traffic, errors, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, Scenario, ms,
+    observe::{DiscoveryLog, Traffic},
 };
 use crate::{
     Consul,
@@ -54,18 +54,15 @@ pub struct Outcome {
     /// The highest Consul index among the client's discovery snapshots (0: every index was
     /// stripped).
     pub max_index_seen: u64,
-    /// Every echo of the run.
-    pub tally: Tally,
-    /// The first errors of the client's echoes (at most 5).
-    pub errors: Vec<String>,
-    /// Panics in the echo servers' output, and servers that exited (none should).
-    pub panics: Vec<String>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
+        let mut v = self.basics.violations();
         if self.new_server_seen.is_none() {
             v.push("the client never saw the new server".into());
         }
@@ -85,8 +82,8 @@ impl Findings for Outcome {
         vec![Row {
             scenario: Scenario::Stripped.title().into(),
             injected: "X-Consul-Index stripped from every answer; a second server started".into(),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "new server seen in {}; {:.1} Consul requests/s",
                 super::secs_or(self.new_server_seen, "never"),
@@ -108,8 +105,8 @@ impl Findings for Outcome {
             self.max_index_seen,
             super::secs_or(self.new_server_seen, "never"),
             self.request_rate,
-            self.tally.sent,
-            self.tally.lost,
+            self.basics.tally.sent,
+            self.basics.tally.lost,
         )
     }
 }
@@ -171,15 +168,12 @@ impl Experiment for Config {
             .map(|v| v.at.saturating_duration_since(t0));
         let max_index_seen = discovery.views().iter().map(|v| v.index).max().unwrap_or(0);
         let outcomes = traffic.finish().await;
-        let panics = super::casualties(&mut servers);
         Ok(Outcome {
             new_server_seen,
             request_rate,
             max_rate: self.max_rate,
             max_index_seen,
-            tally: Tally::of(&outcomes),
-            errors: errors(&outcomes),
-            panics,
+            basics: Basics::of(&outcomes, &mut servers),
         })
     }
 }

@@ -29,7 +29,7 @@ async fn hung_server_leaves_and_rejoins_rotation_without_losing_an_echo() {
     let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
-    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.basics.tally.lost, 0);
     assert!(o.during_fault.sent > 0);
     assert!(
         o.check_output.contains("Timeout exceeded"),
@@ -86,7 +86,7 @@ async fn restarted_consul_gets_every_registration_back_within_two_intervals() {
         o.index_after
     );
     assert!(o.client_view.is_some());
-    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.basics.tally.lost, 0);
 }
 
 #[tokio::test]
@@ -124,7 +124,7 @@ async fn behind_a_faulty_proxy_servers_and_clients_log_back_off_and_recover() {
         );
     }
     assert!(o.all_registered);
-    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.basics.tally.lost, 0);
 }
 
 #[tokio::test]
@@ -175,7 +175,10 @@ async fn blackholed_instances_cost_at_most_one_connect_timeout() {
     let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
-    assert_eq!((o.tally.sent, o.tally.lost), (config.messages, 0));
+    assert_eq!(
+        (o.basics.tally.sent, o.basics.tally.lost),
+        (config.messages, 0)
+    );
     assert_eq!(o.served_by, std::slice::from_ref(&o.healthy));
     // One healthy instance behind 3 that drop SYNs: about the stream plus one connect
     // timeout (tried one after another, they cost 3).
@@ -194,9 +197,9 @@ async fn a_large_pipelined_batch_is_answered_without_ejecting_the_server() {
     let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
-    assert_eq!(o.tally.sent, config.messages as u64);
+    assert_eq!(o.basics.tally.sent, config.messages as u64);
     assert_eq!(o.exact, config.messages as u64);
-    assert_eq!(o.tally.resent, 0, "no reply timeout, no ejection");
+    assert_eq!(o.basics.tally.resent, 0, "no reply timeout, no ejection");
 }
 
 #[tokio::test]
@@ -209,7 +212,7 @@ async fn without_x_consul_index_discovery_polls_with_backoff_and_sees_changes() 
     assert_eq!(o.max_index_seen, 0, "the proxy stripped every index");
     assert!(o.new_server_seen.unwrap() < Duration::from_secs(15));
     assert!(o.request_rate <= config.max_rate, "{}", o.request_rate);
-    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.basics.tally.lost, 0);
 }
 
 #[tokio::test]
@@ -222,7 +225,7 @@ async fn a_rotated_tls_certificate_reaches_new_connections_and_costs_no_echo() {
     let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
-    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.basics.tally.lost, 0);
     assert_eq!(o.phases.len(), 3);
     for phase in &o.phases {
         assert!(phase.tally.sent > 0, "{phase:?}");
