@@ -17,6 +17,10 @@
 //!   processes: same CA, an unknown CA, and back;
 //! * [`observe`] — the echo traffic and the discovery views the scenarios watch.
 //!
+//! Every scenario has one shape, [`Experiment`]: its `Config` runs it against an agent of its
+//! own, its `Outcome` gives the report its rows and paragraph ([`Findings`]). [`run`] takes a
+//! list of them ([`Plan`]) and records each in the [`Report`].
+//!
 //! Every scenario starts its own agent and processes, bounds every loop in count and time,
 //! and talks only to 127.0.0.1 and the agent's container.
 
