@@ -198,20 +198,28 @@ async fn timeline(args: TimelineArgs) -> Result<()> {
 }
 
 async fn faults(args: FaultsArgs) -> Result<()> {
-    let mut config = faults::FaultsConfig::default();
-    config.paused.pause = args.pause.as_duration();
     let only = if args.only.is_empty() {
         faults::Scenario::ALL.to_vec()
     } else {
         args.only
     };
-    let progress = ProgressBar::new(only.len() as u64);
+    let plans: Vec<Box<dyn faults::Plan>> = only
+        .iter()
+        .map(|&scenario| match scenario {
+            faults::Scenario::Paused => Box::new(faults::paused::Config {
+                pause: args.pause.as_duration(),
+                ..Default::default()
+            }),
+            scenario => scenario.plan(),
+        })
+        .collect();
+    let progress = ProgressBar::new(plans.len() as u64);
     progress.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} {prefix}: {msg}")
             .context("progress template")?,
     );
     progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    let report = faults::run(&Launcher::current_exe()?, &config, &only, &progress).await?;
+    let report = faults::run(&Launcher::current_exe()?, &plans, &progress).await;
     progress.finish_and_clear();
     let markdown = faults::markdown(&report);
     println!("{markdown}");

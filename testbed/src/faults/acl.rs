@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use consul_api::{AclPolicy, AclPolicyLink, AclToken, Client};
 use serde::Serialize;
 
-use super::{LIMIT, Row, SERVICE, ms, observe::Tally};
+use super::{Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms, observe::Tally};
 use crate::{
     Consul, ConsulOptions,
     error::{Error, Result},
@@ -47,13 +47,14 @@ pub struct Case {
     /// Start → exit (for those expected to stop) or → success.
     #[serde(with = "ms")]
     pub took: Duration,
+    /// What happened is what must happen.
     pub ok: bool,
 }
 
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
+    /// Every attempt, each with its verdict.
     pub cases: Vec<Case>,
     /// The permitted client's echoes.
     pub client: Tally,
@@ -61,6 +62,7 @@ pub struct Outcome {
     pub secrets_checked: usize,
     /// Outputs that contained a secret (which process, never the secret).
     pub tokens_printed: Vec<String>,
+    /// Highest resident set (VmHWM) of the echo server, KiB.
     pub peak_rss_kib: Option<u64>,
 }
 
@@ -85,9 +87,11 @@ impl Outcome {
         }
         v
     }
+}
 
+impl Findings for Outcome {
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         let kind = |prefix: &str| {
             self.cases
                 .iter()
@@ -101,7 +105,7 @@ impl Outcome {
             .map(|c| c.took)
             .max();
         vec![Row {
-            scenario: super::Scenario::Acl.title().into(),
+            scenario: Scenario::Acl.title().into(),
             injected: format!(
                 "{} tokens refused with 403 (servers: none, wrong, other name; client: wrong), \
                  {} filtered to nothing (client: none, no node:read), {} permitted",
@@ -124,7 +128,7 @@ impl Outcome {
     }
 
     /// Each case as it went.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         let mut out = String::from(
             "**5. ACLs, default deny.** Every process gets its token through \
              `CONSUL_HTTP_TOKEN`; each output (and the agent's log) is searched for every secret \
@@ -205,225 +209,240 @@ async fn stopped(p: &mut ChildProcess, started: Instant) -> (String, Option<i32>
     (line, code, took)
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul with ACLs (default deny)");
-    let management = secret();
-    let consul = Consul::start_with(ConsulOptions::from_env()?.with_acl(&management)).await?;
-    let admin = consul.client();
-    let server_token = token_for(
-        &admin,
-        "echo-server-servernode",
-        &format!("service \"{SERVICE}\" {{ policy = \"write\" }}"),
-    )
-    .await?;
-    let client_token = token_for(
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Acl;
+    type Outcome = Outcome;
+
+    fn consul_options(&self) -> Result<ConsulOptions> {
+        Ok(ConsulOptions::from_env()?.with_acl(secret()))
+    }
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        let management = consul
+            .spec()
+            .acl_management_token
+            .clone()
+            .ok_or_else(|| Error::Scenario("the agent has no management token".into()))?;
+        let admin = consul.client();
+        let server_token = token_for(
+            &admin,
+            "echo-server-servernode",
+            &format!("service \"{SERVICE}\" {{ policy = \"write\" }}"),
+        )
+        .await?;
+        let client_token = token_for(
         &admin,
         "echo-client-servernode",
         &format!("service \"{SERVICE}\" {{ policy = \"read\" }}\nnode_prefix \"\" {{ policy = \"read\" }}"),
     )
     .await?;
-    let narrow_token = token_for(
-        &admin,
-        "echo-client-no-node-read",
-        &format!("service \"{SERVICE}\" {{ policy = \"read\" }}"),
-    )
-    .await?;
-    let wrong = secret();
-    let secrets = [
-        &management,
-        &server_token,
-        &client_token,
-        &narrow_token,
-        &wrong,
-    ];
-    let base = consul.config().with_token(None);
-    let mut cases = Vec::new();
-    let mut outputs: Vec<(String, crate::logbuf::LogBuffer)> = Vec::new();
+        let narrow_token = token_for(
+            &admin,
+            "echo-client-no-node-read",
+            &format!("service \"{SERVICE}\" {{ policy = \"read\" }}"),
+        )
+        .await?;
+        let wrong = secret();
+        let secrets = [
+            &management,
+            &server_token,
+            &client_token,
+            &narrow_token,
+            &wrong,
+        ];
+        let base = consul.config().with_token(None);
+        let mut cases = Vec::new();
+        let mut outputs: Vec<(String, crate::logbuf::LogBuffer)> = Vec::new();
 
-    // Servers that must be refused.
-    let refused = |observed: &str, code: Option<i32>| {
-        code.is_some_and(|c| c != 0)
-            && observed.contains("refused the ACL token")
-            && observed.contains("403")
-    };
-    for (who, id, name, token) in [
-        ("echo-server, no token", "servernode_1", SERVICE, None),
-        (
-            "echo-server, wrong token",
+        // Servers that must be refused.
+        let refused = |observed: &str, code: Option<i32>| {
+            code.is_some_and(|c| c != 0)
+                && observed.contains("refused the ACL token")
+                && observed.contains("403")
+        };
+        for (who, id, name, token) in [
+            ("echo-server, no token", "servernode_1", SERVICE, None),
+            (
+                "echo-server, wrong token",
+                "servernode_1",
+                SERVICE,
+                Some(wrong.clone()),
+            ),
+            (
+                "echo-server, token for servernode, registering \"intruder\"",
+                "intruder_1",
+                "intruder",
+                Some(server_token.clone()),
+            ),
+        ] {
+            step(&format!("{who}: expecting a refusal"));
+            let mut spec = super::server_spec(base.clone().with_token(token), id, self.interval)?;
+            spec.name = name.into();
+            let started = Instant::now();
+            let mut server = ServerProcess::start(launcher, spec)?;
+            let (observed, code, took) = stopped(&mut server.process, started).await;
+            cases.push(Case {
+                who: who.into(),
+                expected: "refused: clear 403 error, non-zero exit, no retry".into(),
+                ok: refused(&observed, code)
+                    && server.process.output().matching("retrying").is_empty(),
+                observed,
+                took,
+            });
+            outputs.push((who.into(), server.process.output().clone()));
+        }
+
+        // The server with its own token.
+        step("echo-server with its token: registering");
+        let started = Instant::now();
+        let spec = super::server_spec(
+            base.clone().with_token(Some(server_token.clone())),
             "servernode_1",
-            SERVICE,
-            Some(wrong.clone()),
-        ),
-        (
-            "echo-server, token for servernode, registering \"intruder\"",
-            "intruder_1",
-            "intruder",
-            Some(server_token.clone()),
-        ),
-    ] {
-        step(&format!("{who}: expecting a refusal"));
-        let mut spec = super::server_spec(base.clone().with_token(token), id, config.interval)?;
-        spec.name = name.into();
-        let started = Instant::now();
-        let mut server = ServerProcess::start(launcher, spec)?;
-        let (observed, code, took) = stopped(&mut server.process, started).await;
-        cases.push(Case {
-            who: who.into(),
-            expected: "refused: clear 403 error, non-zero exit, no retry".into(),
-            ok: refused(&observed, code) && server.process.output().matching("retrying").is_empty(),
-            observed,
-            took,
-        });
-        outputs.push((who.into(), server.process.output().clone()));
-    }
-
-    // The server with its own token.
-    step("echo-server with its token: registering");
-    let started = Instant::now();
-    let spec = super::server_spec(
-        base.clone().with_token(Some(server_token.clone())),
-        "servernode_1",
-        config.interval,
-    )?;
-    let mut server = ServerProcess::spawn(launcher, spec).await?;
-    let passing = wait::passing(&admin, SERVICE, LIMIT).await;
-    cases.push(Case {
-        who: "echo-server, token with service:write on servernode".into(),
-        expected: "registers and passes".into(),
-        observed: match &passing {
-            Ok(_) => "registered, check passing".into(),
-            Err(e) => e.to_string(),
-        },
-        took: started.elapsed(),
-        ok: passing.is_ok(),
-    });
-    outputs.push((
-        "echo-server with its token".into(),
-        server.process.output().clone(),
-    ));
-
-    // Clients.
-    let client_args = |count: u64, timeout: &str| -> Vec<String> {
-        [
-            "--service",
-            SERVICE,
-            "--count",
-            &count.to_string(),
-            "--interval",
-            "100ms",
-            "--timeout",
-            timeout,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    step("echo-client with service:read and node:read");
-    let started = Instant::now();
-    let mut good = ClientProcess::spawn(
-        launcher,
-        &base.clone().with_token(Some(client_token.clone())),
-        &client_args(config.messages, "10s"),
-    )?;
-    let status = good.process.wait_exit(LIMIT).await;
-    let done = good.process.output().matching("done mode=resilient");
-    let field = |line: &str, key: &str| -> Option<u64> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
-    };
-    let client = match done.first() {
-        Some(l) => Tally {
-            sent: field(&l.text, "sent").unwrap_or(0),
-            lost: field(&l.text, "lost").unwrap_or(0),
-            resent: field(&l.text, "resent").unwrap_or(0),
-        },
-        None => Tally {
-            sent: config.messages,
-            lost: config.messages,
-            resent: 0,
-        },
-    };
-    cases.push(Case {
-        who: "echo-client, token with service:read + node:read".into(),
-        expected: "discovers and echoes".into(),
-        observed: done
-            .first()
-            .map(|l| l.text.clone())
-            .unwrap_or_else(|| last_error(&good.process)),
-        took: started.elapsed(),
-        ok: status.as_ref().is_ok_and(|s| s.success()) && client.lost == 0,
-    });
-    outputs.push((
-        "echo-client, permitted".into(),
-        good.process.output().clone(),
-    ));
-
-    for (who, token, expected) in [
-        (
-            "echo-client, wrong token",
-            Some(wrong.clone()),
-            "refused: clear 403 error, non-zero exit",
-        ),
-        (
-            "echo-client, no token",
-            None,
-            "sees no instance: clear error, non-zero exit",
-        ),
-        (
-            "echo-client, service:read without node:read",
-            Some(narrow_token.clone()),
-            "sees no instance: clear error, non-zero exit",
-        ),
-    ] {
-        step(&format!("{who}: expecting no service"));
-        let started = Instant::now();
-        let mut c = ClientProcess::spawn(
-            launcher,
-            &base.clone().with_token(token),
-            &client_args(3, "3s"),
+            self.interval,
         )?;
-        let (observed, code, took) = stopped(&mut c.process, started).await;
-        let failed = code.is_some_and(|c| c != 0) && observed.starts_with("error:");
-        let ok = if expected.starts_with("refused") {
-            failed && observed.contains("refused the ACL token")
-        } else {
-            // Consul filters what a token may not read instead of refusing the query.
-            failed
-                && (observed.contains("no passing instance")
-                    || observed.contains("refused the ACL token"))
+        let mut server = ServerProcess::spawn(launcher, spec).await?;
+        let passing = wait::passing(&admin, SERVICE, LIMIT).await;
+        cases.push(Case {
+            who: "echo-server, token with service:write on servernode".into(),
+            expected: "registers and passes".into(),
+            observed: match &passing {
+                Ok(_) => "registered, check passing".into(),
+                Err(e) => e.to_string(),
+            },
+            took: started.elapsed(),
+            ok: passing.is_ok(),
+        });
+        outputs.push((
+            "echo-server with its token".into(),
+            server.process.output().clone(),
+        ));
+
+        // Clients.
+        let client_args = |count: u64, timeout: &str| -> Vec<String> {
+            [
+                "--service",
+                SERVICE,
+                "--count",
+                &count.to_string(),
+                "--interval",
+                "100ms",
+                "--timeout",
+                timeout,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
+        step("echo-client with service:read and node:read");
+        let started = Instant::now();
+        let mut good = ClientProcess::spawn(
+            launcher,
+            &base.clone().with_token(Some(client_token.clone())),
+            &client_args(self.messages, "10s"),
+        )?;
+        let status = good.process.wait_exit(LIMIT).await;
+        let done = good.process.output().matching("done mode=resilient");
+        let field = |line: &str, key: &str| -> Option<u64> {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        };
+        let client = match done.first() {
+            Some(l) => Tally {
+                sent: field(&l.text, "sent").unwrap_or(0),
+                lost: field(&l.text, "lost").unwrap_or(0),
+                resent: field(&l.text, "resent").unwrap_or(0),
+            },
+            None => Tally {
+                sent: self.messages,
+                lost: self.messages,
+                resent: 0,
+            },
         };
         cases.push(Case {
-            who: who.into(),
-            expected: expected.into(),
-            observed,
-            took,
-            ok,
+            who: "echo-client, token with service:read + node:read".into(),
+            expected: "discovers and echoes".into(),
+            observed: done
+                .first()
+                .map(|l| l.text.clone())
+                .unwrap_or_else(|| last_error(&good.process)),
+            took: started.elapsed(),
+            ok: status.as_ref().is_ok_and(|s| s.success()) && client.lost == 0,
         });
-        outputs.push((who.into(), c.process.output().clone()));
-    }
+        outputs.push((
+            "echo-client, permitted".into(),
+            good.process.output().clone(),
+        ));
 
-    outputs.push(("the Consul agent".into(), consul.log().clone()));
-    let peak_rss_kib = crate::procfs::status_kib(server.process.pid(), "VmHWM");
-    server.process.kill().await?;
-    let tokens_printed: Vec<String> = outputs
-        .iter()
-        .filter(|(_, out)| {
-            out.lines()
-                .iter()
-                .any(|l| secrets.iter().any(|s| l.text.contains(s.as_str())))
+        for (who, token, expected) in [
+            (
+                "echo-client, wrong token",
+                Some(wrong.clone()),
+                "refused: clear 403 error, non-zero exit",
+            ),
+            (
+                "echo-client, no token",
+                None,
+                "sees no instance: clear error, non-zero exit",
+            ),
+            (
+                "echo-client, service:read without node:read",
+                Some(narrow_token.clone()),
+                "sees no instance: clear error, non-zero exit",
+            ),
+        ] {
+            step(&format!("{who}: expecting no service"));
+            let started = Instant::now();
+            let mut c = ClientProcess::spawn(
+                launcher,
+                &base.clone().with_token(token),
+                &client_args(3, "3s"),
+            )?;
+            let (observed, code, took) = stopped(&mut c.process, started).await;
+            let failed = code.is_some_and(|c| c != 0) && observed.starts_with("error:");
+            let ok = if expected.starts_with("refused") {
+                failed && observed.contains("refused the ACL token")
+            } else {
+                // Consul filters what a token may not read instead of refusing the query.
+                failed
+                    && (observed.contains("no passing instance")
+                        || observed.contains("refused the ACL token"))
+            };
+            cases.push(Case {
+                who: who.into(),
+                expected: expected.into(),
+                observed,
+                took,
+                ok,
+            });
+            outputs.push((who.into(), c.process.output().clone()));
+        }
+
+        outputs.push(("the Consul agent".into(), consul.log().clone()));
+        let peak_rss_kib = crate::procfs::status_kib(server.process.pid(), "VmHWM");
+        server.process.kill().await?;
+        let tokens_printed: Vec<String> = outputs
+            .iter()
+            .filter(|(_, out)| {
+                out.lines()
+                    .iter()
+                    .any(|l| secrets.iter().any(|s| l.text.contains(s.as_str())))
+            })
+            .map(|(who, _)| who.clone())
+            .collect();
+        if outputs.iter().all(|(_, o)| o.lines().is_empty()) {
+            return Err(Error::Scenario("no output captured at all".into()));
+        }
+        Ok(Outcome {
+            cases,
+            client,
+            secrets_checked: secrets.len(),
+            tokens_printed,
+            peak_rss_kib,
         })
-        .map(|(who, _)| who.clone())
-        .collect();
-    if outputs.iter().all(|(_, o)| o.lines().is_empty()) {
-        return Err(Error::Scenario("no output captured at all".into()));
     }
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        cases,
-        client,
-        secrets_checked: secrets.len(),
-        tokens_printed,
-        peak_rss_kib,
-    })
 }

@@ -11,9 +11,9 @@ use bytes::Bytes;
 use futures::future::join_all;
 use serde::Serialize;
 
-use super::{LIMIT, Row, ms, observe::Tally};
+use super::{Basics, Experiment, Findings, LIMIT, Row, Scenario, ms, observe::Tally};
 use crate::{
-    Consul, ConsulOptions,
+    Consul,
     error::{Error, Result},
     procs::{Launcher, ServerProcess},
 };
@@ -39,130 +39,129 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
+    /// Bytes per message.
     pub size: usize,
     /// Messages answered byte-exact.
     pub exact: u64,
     /// First send to last reply.
     #[serde(with = "ms")]
     pub took: Duration,
-    pub tally: Tally,
-    pub errors: Vec<String>,
-    pub panics: Vec<String>,
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = super::observe::shared_violations(&self.tally, &self.panics);
-        if self.tally.resent > 0 {
+        let mut v = self.basics.violations();
+        if self.basics.tally.resent > 0 {
             v.push(format!(
                 "{} messages written twice: the healthy server was dropped",
-                self.tally.resent
+                self.basics.tally.resent
             ));
         }
         v
     }
+}
 
+impl Findings for Outcome {
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
-        let mib = self.tally.sent as f64 * self.size as f64 / f64::from(1 << 20);
+    fn rows(&self) -> Vec<Row> {
+        let mib = self.basics.tally.sent as f64 * self.size as f64 / f64::from(1 << 20);
         vec![Row {
-            scenario: super::Scenario::Batch.title().into(),
+            scenario: Scenario::Batch.title().into(),
             injected: format!(
                 "{} concurrent messages of {} KiB ({mib:.0} MiB) to one server",
-                self.tally.sent,
+                self.basics.tally.sent,
                 self.size >> 10
             ),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "all answered in {}, {} resent",
                 super::secs(self.took),
-                self.tally.resent
+                self.basics.tally.resent
             ),
             recovery_ms: Some(self.took.as_secs_f64() * 1e3),
-            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_kib: self.basics.peak_rss_kib,
             violations: self.violations(),
         }]
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**8. Large pipelined batch.** {} messages of {} bytes sent at once through a \
              client just started (queued while its discovery started, then written on one \
              connection): {} answered byte-exact in {}, {} written more than once, {} lost.\n",
-            self.tally.sent,
+            self.basics.tally.sent,
             self.size,
             self.exact,
             super::secs(self.took),
-            self.tally.resent,
-            self.tally.lost,
+            self.basics.tally.resent,
+            self.basics.tally.lost,
         )
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul and one echo server");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let servers = super::start_servers(
-        launcher,
-        &consul,
-        consul.config(),
-        1,
-        Duration::from_secs(1),
-    )
-    .await?;
-    let mut servers: Vec<ServerProcess> = servers;
-    let client = super::client(consul.config(), Duration::from_secs(2))?;
-    step("sending the batch");
-    let started = Instant::now();
-    let sends = (0..config.messages).map(|i| {
-        let client = client.clone();
-        let message = Bytes::from(vec![b'a' + (i % 26) as u8; config.size]);
-        async move {
-            let result = client.send(message.clone()).await;
-            (message, result)
-        }
-    });
-    let results = tokio::time::timeout(LIMIT, join_all(sends))
-        .await
-        .map_err(|_| Error::Timeout {
-            what: "the batch's replies".into(),
-            timeout: LIMIT,
-        })?;
-    let took = started.elapsed();
-    let mut tally = Tally::default();
-    let mut exact = 0;
-    let mut errors = Vec::new();
-    for (message, result) in results {
-        tally.sent += 1;
-        match result {
-            Ok(reply) if reply.bytes == message => {
-                exact += 1;
-                tally.resent += u64::from(reply.attempts > 1);
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Batch;
+    type Outcome = Outcome;
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("starting one echo server");
+        let servers =
+            super::start_servers(launcher, consul, consul.config(), 1, Duration::from_secs(1))
+                .await?;
+        let mut servers: Vec<ServerProcess> = servers;
+        let client = super::client(consul.config(), Duration::from_secs(2))?;
+        step("sending the batch");
+        let started = Instant::now();
+        let sends = (0..self.messages).map(|i| {
+            let client = client.clone();
+            let message = Bytes::from(vec![b'a' + (i % 26) as u8; self.size]);
+            async move {
+                let result = client.send(message.clone()).await;
+                (message, result)
             }
-            Ok(_) => tally.lost += 1,
-            Err(e) => {
-                tally.lost += 1;
-                if errors.len() < 5 {
-                    errors.push(e.to_string());
+        });
+        let results = tokio::time::timeout(LIMIT, join_all(sends))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "the batch's replies".into(),
+                timeout: LIMIT,
+            })?;
+        let took = started.elapsed();
+        let mut tally = Tally::default();
+        let mut exact = 0;
+        let mut errors = Vec::new();
+        for (message, result) in results {
+            tally.sent += 1;
+            match result {
+                Ok(reply) if reply.bytes == message => {
+                    exact += 1;
+                    tally.resent += u64::from(reply.attempts > 1);
+                }
+                Ok(_) => tally.lost += 1,
+                Err(e) => {
+                    tally.lost += 1;
+                    if errors.len() < 5 {
+                        errors.push(e.to_string());
+                    }
                 }
             }
         }
+        Ok(Outcome {
+            size: self.size,
+            exact,
+            took,
+            basics: Basics::new(tally, errors, &mut servers),
+        })
     }
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        size: config.size,
-        exact,
-        took,
-        tally,
-        errors,
-        panics,
-        peak_rss_kib: super::peak_rss(&servers),
-    })
 }

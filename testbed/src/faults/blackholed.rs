@@ -17,11 +17,11 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
-    observe::{DiscoveryLog, Tally, Traffic, errors, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
+    observe::{DiscoveryLog, Traffic},
 };
 use crate::{
-    Consul, ConsulOptions,
+    Consul,
     error::{Error, Result},
     procs::{Launcher, ServerProcess},
 };
@@ -50,7 +50,7 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
+    /// Blackholed instances listed as passing.
     pub holes: usize,
     /// The client's connect timeout.
     #[serde(with = "ms")]
@@ -66,10 +66,11 @@ pub struct Outcome {
     pub slowest: Duration,
     /// The instances that answered.
     pub served_by: Vec<String>,
+    /// The one healthy server's ID.
     pub healthy: String,
-    pub tally: Tally,
-    pub errors: Vec<String>,
-    pub panics: Vec<String>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
@@ -80,8 +81,8 @@ impl Outcome {
 
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
-        if self.tally.sent == 0 {
+        let mut v = self.basics.violations();
+        if self.basics.tally.sent == 0 {
             v.push("no echo was sent".into());
         }
         if self.extra() > self.connect_timeout || self.slowest > self.connect_timeout {
@@ -98,17 +99,19 @@ impl Outcome {
         }
         v
     }
+}
 
+impl Findings for Outcome {
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Blackholed.title().into(),
+            scenario: Scenario::Blackholed.title().into(),
             injected: format!(
                 "{} passing instances that drop SYNs, 1 healthy; {} echoes 50 ms apart",
-                self.holes, self.tally.sent
+                self.holes, self.basics.tally.sent
             ),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "stream of {} answered in {} ({} extra; slowest reply {}; connect timeout {})",
                 super::secs(self.stream),
@@ -124,7 +127,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**7. Blackholed instances.** {} instances registered passing (TTL check) on \
              listeners whose accept queue is full, so their SYNs are dropped, sorted before the \
@@ -133,13 +136,13 @@ impl Outcome {
              send, {} beyond the stream's own length; the slowest reply (the first message's, \
              waiting for a connect) took {} (connect timeout {}). {} lost.\n",
             self.holes,
-            self.tally.sent,
-            super::secs(self.stream / (self.tally.sent.max(2) as u32 - 1)),
+            self.basics.tally.sent,
+            super::secs(self.stream / (self.basics.tally.sent.max(2) as u32 - 1)),
             super::secs(self.took),
             super::secs(self.extra()),
             super::secs(self.slowest),
             super::secs(self.connect_timeout),
-            self.tally.lost,
+            self.basics.tally.lost,
         )
     }
 }
@@ -185,88 +188,91 @@ impl Blackhole {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    step("registering blackholed instances and a healthy server");
-    let mut holes = Vec::new();
-    let mut ids = Vec::new();
-    for i in 1..=config.holes {
-        let hole = Blackhole::start().await?;
-        let id = format!("{SERVICE}_{i}");
-        let registration = AgentServiceRegistration {
-            id: Some(id.clone()),
-            name: SERVICE.into(),
-            address: Some(hole.addr().ip().to_string()),
-            port: Some(hole.addr().port()),
-            check: Some(AgentServiceCheck {
-                ttl: Some(GoDuration::from_secs(600)),
-                status: Some("passing".into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        consul
-            .client()
-            .agent()
-            .service_register(&registration)
-            .await?;
-        holes.push(hole);
-        ids.push(id);
-    }
-    let healthy = format!("{SERVICE}_{}", config.holes + 1);
-    let spec = super::server_spec(consul.config(), &healthy, Duration::from_secs(1))?;
-    let mut servers = vec![ServerProcess::spawn(launcher, spec).await?];
-    ids.push(healthy.clone());
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Blackholed;
+    type Outcome = Outcome;
 
-    let client_config = ClientConfig::new(consul.config(), SERVICE);
-    let connect_timeout = client_config.session.connect_timeout;
-    let client = EchoClient::start(client_config)?;
-    let discovery = DiscoveryLog::start(&client);
-    discovery
-        .wait_for(
-            "discovery to list every instance",
-            Instant::now(),
-            LIMIT,
-            |v| v.lists_all(&ids),
-        )
-        .await?;
-    step("sending the stream");
-    let traffic = Traffic::start(&client, "blackholed", config.every, config.messages);
-    traffic
-        .wait_for("the last echo", LIMIT, |o| o.seq == config.messages)
-        .await?;
-    let outcomes = traffic.finish().await;
-    let first = outcomes.iter().map(|o| o.sent).min();
-    let last = outcomes.iter().map(|o| o.done).max();
-    let took = match (first, last) {
-        (Some(f), Some(l)) => l.saturating_duration_since(f),
-        _ => Duration::ZERO,
-    };
-    let slowest = outcomes
-        .iter()
-        .map(|o| o.done.saturating_duration_since(o.sent))
-        .max()
-        .unwrap_or_default();
-    let mut served_by: Vec<String> = outcomes
-        .iter()
-        .filter_map(|o| o.result.as_ref().ok().map(|s| s.instance.clone()))
-        .collect();
-    served_by.sort();
-    served_by.dedup();
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        holes: config.holes,
-        connect_timeout,
-        stream: config.every * (config.messages.max(1) as u32 - 1),
-        took,
-        slowest,
-        served_by,
-        healthy,
-        tally: Tally::of(&outcomes),
-        errors: errors(&outcomes),
-        panics,
-    })
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("registering blackholed instances and a healthy server");
+        let mut holes = Vec::new();
+        let mut ids = Vec::new();
+        for i in 1..=self.holes {
+            let hole = Blackhole::start().await?;
+            let id = format!("{SERVICE}_{i}");
+            let registration = AgentServiceRegistration {
+                id: Some(id.clone()),
+                name: SERVICE.into(),
+                address: Some(hole.addr().ip().to_string()),
+                port: Some(hole.addr().port()),
+                check: Some(AgentServiceCheck {
+                    ttl: Some(GoDuration::from_secs(600)),
+                    status: Some("passing".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            consul
+                .client()
+                .agent()
+                .service_register(&registration)
+                .await?;
+            holes.push(hole);
+            ids.push(id);
+        }
+        let healthy = format!("{SERVICE}_{}", self.holes + 1);
+        let spec = super::server_spec(consul.config(), &healthy, Duration::from_secs(1))?;
+        let mut servers = vec![ServerProcess::spawn(launcher, spec).await?];
+        ids.push(healthy.clone());
+
+        let client_config = ClientConfig::new(consul.config(), SERVICE);
+        let connect_timeout = client_config.session.connect_timeout;
+        let client = EchoClient::start(client_config)?;
+        let discovery = DiscoveryLog::start(&client);
+        discovery
+            .wait_for(
+                "discovery to list every instance",
+                Instant::now(),
+                LIMIT,
+                |v| v.lists_all(&ids),
+            )
+            .await?;
+        step("sending the stream");
+        let traffic = Traffic::start(&client, "blackholed", self.every, self.messages);
+        traffic
+            .wait_for("the last echo", LIMIT, |o| o.seq == self.messages)
+            .await?;
+        let outcomes = traffic.finish().await;
+        let first = outcomes.iter().map(|o| o.sent).min();
+        let last = outcomes.iter().map(|o| o.done).max();
+        let took = match (first, last) {
+            (Some(f), Some(l)) => l.saturating_duration_since(f),
+            _ => Duration::ZERO,
+        };
+        let slowest = outcomes
+            .iter()
+            .map(|o| o.done.saturating_duration_since(o.sent))
+            .max()
+            .unwrap_or_default();
+        let mut served_by: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.result.as_ref().ok().map(|s| s.instance.clone()))
+            .collect();
+        served_by.sort();
+        served_by.dedup();
+        Ok(Outcome {
+            holes: self.holes,
+            connect_timeout,
+            stream: self.every * (self.messages.max(1) as u32 - 1),
+            took,
+            slowest,
+            served_by,
+            healthy,
+            basics: Basics::of(&outcomes, &mut servers),
+        })
+    }
 }

@@ -22,10 +22,10 @@ use tokio::{
 };
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
+    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{DiscoveryLog, Tally, Traffic, errors, latency_quantile},
 };
-use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
+use crate::{Consul, error::Result, procs::Launcher, wait};
 
 /// Deadline of one hostile connection's whole exchange.
 const CONN_LIMIT: Duration = Duration::from_secs(20);
@@ -35,11 +35,13 @@ const CONN_LIMIT: Duration = Duration::from_secs(20);
 pub struct Config {
     /// Check interval of the server.
     pub interval: Duration,
-    /// Connections sending random bytes, and how many bytes each.
+    /// Connections sending random bytes.
     pub garbage_conns: usize,
+    /// Random bytes each of them sends.
     pub garbage_bytes: usize,
-    /// Connections sending one frame over the limit, and its size.
+    /// Connections sending one frame over the limit.
     pub oversize_conns: usize,
+    /// The size of that frame, bytes.
     pub oversize_bytes: usize,
     /// Connections left holding an unfinished frame for the rest of the attack.
     pub stalled_conns: usize,
@@ -76,53 +78,68 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
     /// What was sent, in words.
     pub injected: String,
-    /// Random bytes sent, and echoed back.
+    /// Random bytes sent.
     pub garbage_sent: u64,
+    /// Of those, bytes the server echoed back.
     pub garbage_echoed: u64,
     /// Oversized frames answered with the error line (of `oversize_conns`).
     pub oversize_refused: u64,
+    /// Connections that sent an oversized frame.
     pub oversize_conns: usize,
     /// Stalled connections held open at once.
     pub stalled: usize,
+    /// Connections reset in the middle of a frame.
     pub resets: u64,
-    /// Short-lived connections answered correctly, and tried.
+    /// Short-lived connections answered correctly.
     pub short_lived_ok: u64,
+    /// Short-lived connections tried.
     pub short_lived: usize,
+    /// First short-lived connection to the last one's end.
     #[serde(with = "ms")]
     pub short_lived_took: Duration,
-    /// The server's RSS (KiB) at the start, before and with the stalled connections, at the
-    /// end; and its peak (VmHWM).
+    /// The server's RSS at the start, KiB.
     pub rss_start_kib: u64,
+    /// Its RSS before the stalled connections, KiB.
     pub rss_before_stalled_kib: u64,
+    /// Its RSS with the stalled connections open, KiB.
     pub rss_with_stalled_kib: u64,
+    /// Its RSS at the end, KiB.
     pub rss_end_kib: u64,
+    /// Its peak resident set (VmHWM), KiB.
     pub peak_rss_kib: u64,
     /// (RSS with − before the stalled connections) / their number.
     pub bytes_per_stalled_conn: f64,
-    /// The well-behaved client, quiet and under attack.
+    /// The well-behaved client's echoes before the attack.
     pub quiet: Tally,
+    /// Its echoes during the attack.
     pub attack: Tally,
+    /// Median echo latency before the attack.
     #[serde(with = "ms::opt")]
     pub quiet_p50: Option<Duration>,
+    /// 99th percentile echo latency before the attack.
     #[serde(with = "ms::opt")]
     pub quiet_p99: Option<Duration>,
+    /// Median echo latency during the attack.
     #[serde(with = "ms::opt")]
     pub attack_p50: Option<Duration>,
+    /// 99th percentile echo latency during the attack.
     #[serde(with = "ms::opt")]
     pub attack_p99: Option<Duration>,
     /// attack p99 / quiet p99.
     pub p99_ratio: Option<f64>,
     /// The client's latency during each hostile phase.
     pub phases: Vec<PhaseLatency>,
+    /// The first errors of the client's echoes, quiet and under attack (at most 5).
     pub errors: Vec<String>,
-    /// After the attack: the process runs, answers a fresh connection, and Consul lists it
-    /// passing.
+    /// After the attack the server process still runs.
     pub alive: bool,
+    /// After the attack it echoes on a fresh connection.
     pub fresh_echo: bool,
+    /// After the attack Consul lists it passing.
     pub still_passing: bool,
+    /// Panics in the server's output, and whether it exited.
     pub panics: Vec<String>,
 }
 
@@ -169,11 +186,13 @@ impl Outcome {
         }
         v
     }
+}
 
+impl Findings for Outcome {
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Hostile.title().into(),
+            scenario: Scenario::Hostile.title().into(),
             injected: self.injected.clone(),
             sent: self.quiet.sent + self.attack.sent,
             lost: self.quiet.lost + self.attack.lost,
@@ -193,7 +212,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         let phases: Vec<String> = self
             .phases
             .iter()
@@ -251,14 +270,19 @@ impl Outcome {
 /// The well-behaved client's latency while one hostile phase ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseLatency {
+    /// The phase's name (`garbage`, `oversize`, ...).
     pub phase: &'static str,
+    /// How long it ran.
     #[serde(with = "ms")]
     pub lasted: Duration,
     /// The server process's CPU time over the phase's wall time (1.0 = one core busy).
     pub server_cpu: f64,
+    /// The client's echoes sent during the phase.
     pub messages: u64,
+    /// Their median latency.
     #[serde(with = "ms::opt")]
     pub p50: Option<Duration>,
+    /// Their 99th percentile latency.
     #[serde(with = "ms::opt")]
     pub p99: Option<Duration>,
 }
@@ -502,147 +526,154 @@ async fn attack(
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    raise_fd_limit();
-    step("starting Consul and an echo server");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let mut servers =
-        super::start_servers(launcher, &consul, consul.config(), 1, config.interval).await?;
-    let ids = super::ids(&servers);
-    let addr = servers[0].spec.echo_addr();
-    let pid = servers[0].process.pid();
-    let rss = || crate::procfs::status_kib(pid, "VmRSS").unwrap_or(0);
-    let client = super::client(consul.config(), Duration::from_secs(2))?;
-    let discovery = DiscoveryLog::start(&client);
-    discovery
-        .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
-            v.lists_all(&ids)
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Hostile;
+    type Outcome = Outcome;
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        raise_fd_limit();
+        step("starting an echo server");
+        let mut servers =
+            super::start_servers(launcher, consul, consul.config(), 1, self.interval).await?;
+        let ids = super::ids(&servers);
+        let addr = servers[0].spec.echo_addr();
+        let pid = servers[0].process.pid();
+        let rss = || crate::procfs::status_kib(pid, "VmRSS").unwrap_or(0);
+        let client = super::client(consul.config(), Duration::from_secs(2))?;
+        let discovery = DiscoveryLog::start(&client);
+        discovery
+            .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
+                v.lists_all(&ids)
+            })
+            .await?;
+        let rss_start_kib = rss();
+
+        step("quiet run of the well-behaved client");
+        let quiet = Traffic::start(&client, "quiet", self.every, self.quiet_messages);
+        let quiet_outcomes = tokio::time::timeout(LIMIT, async {
+            quiet
+                .wait_for("the quiet run", LIMIT, |o| o.seq == self.quiet_messages)
+                .await
+                .ok();
+            quiet.finish().await
         })
-        .await?;
-    let rss_start_kib = rss();
+        .await
+        .unwrap_or_default();
 
-    step("quiet run of the well-behaved client");
-    let quiet = Traffic::start(&client, "quiet", config.every, config.quiet_messages);
-    let quiet_outcomes = tokio::time::timeout(LIMIT, async {
-        quiet
-            .wait_for("the quiet run", LIMIT, |o| o.seq == config.quiet_messages)
-            .await
-            .ok();
-        quiet.finish().await
-    })
-    .await
-    .unwrap_or_default();
-
-    let traffic = Traffic::start(&client, "under attack", config.every, 10_000_000);
-    // The attackers get a thread and a runtime of their own, so that the well-behaved client
-    // competes with them for the CPU only, not for its runtime.
-    let hostile = {
-        let config = config.clone();
-        let progress: Arc<std::sync::Mutex<String>> = Arc::default();
-        let report = progress.clone();
-        let thread = tokio::task::spawn_blocking(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            std::io::Result::Ok(rt.block_on(attack(addr, pid, &config, &report)))
-        });
-        tokio::pin!(thread);
-        loop {
-            tokio::select! {
-                done = &mut thread => break done,
-                () = tokio::time::sleep(Duration::from_millis(200)) => {
-                    step(&progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let traffic = Traffic::start(&client, "under attack", self.every, 10_000_000);
+        // The attackers get a thread and a runtime of their own, so that the well-behaved client
+        // competes with them for the CPU only, not for its runtime.
+        let hostile = {
+            let config = self.clone();
+            let progress: Arc<std::sync::Mutex<String>> = Arc::default();
+            let report = progress.clone();
+            let thread = tokio::task::spawn_blocking(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                std::io::Result::Ok(rt.block_on(attack(addr, pid, &config, &report)))
+            });
+            tokio::pin!(thread);
+            loop {
+                tokio::select! {
+                    done = &mut thread => break done,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {
+                        step(&progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                    }
                 }
             }
-        }
-    };
-    let hostile = hostile.map_err(|source| crate::Error::Task {
-        what: "the attack thread",
-        source,
-    })??;
-    let attack_outcomes = traffic.finish().await;
+        };
+        let hostile = hostile.map_err(|source| crate::Error::Task {
+            what: "the attack thread",
+            source,
+        })??;
+        let attack_outcomes = traffic.finish().await;
 
-    step("checking the server after the attack");
-    let alive = !servers[0].process.has_exited();
-    let fresh_echo = super::echo_direct(addr, b"fresh after the attack").await;
-    let still_passing = wait::passing(&consul.client(), SERVICE, Duration::from_secs(10))
-        .await
-        .is_ok_and(|(e, _)| e.iter().any(|e| e.service.id == ids[0]));
-    let rss_end_kib = rss();
-    let peak_rss_kib = crate::procfs::status_kib(pid, "VmHWM").unwrap_or(0);
-    let panics = super::casualties(&mut servers);
+        step("checking the server after the attack");
+        let alive = !servers[0].process.has_exited();
+        let fresh_echo = super::echo_direct(addr, b"fresh after the attack").await;
+        let still_passing = wait::passing(&consul.client(), SERVICE, Duration::from_secs(10))
+            .await
+            .is_ok_and(|(e, _)| e.iter().any(|e| e.service.id == ids[0]));
+        let rss_end_kib = rss();
+        let peak_rss_kib = crate::procfs::status_kib(pid, "VmHWM").unwrap_or(0);
+        let panics = super::casualties(&mut servers);
 
-    let quiet_p99 = latency_quantile(&quiet_outcomes, 0.99);
-    let attack_p99 = latency_quantile(&attack_outcomes, 0.99);
-    let phases = hostile
-        .phases
-        .iter()
-        .map(|&(phase, from, to, cpu)| {
-            let during: Vec<_> = attack_outcomes
-                .iter()
-                .filter(|o| o.sent >= from && o.sent < to)
-                .cloned()
-                .collect();
-            PhaseLatency {
-                phase,
-                lasted: to - from,
-                server_cpu: cpu.as_secs_f64() / (to - from).as_secs_f64().max(1e-3),
-                messages: during.len() as u64,
-                p50: latency_quantile(&during, 0.5),
-                p99: latency_quantile(&during, 0.99),
-            }
-        })
-        .collect();
-    let mut all = quiet_outcomes.clone();
-    all.extend(attack_outcomes.iter().cloned());
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        injected: format!(
-            "{} × {} KiB garbage, {} × {} KiB frames (limit 64 KiB), {} stalled frames, {} \
+        let quiet_p99 = latency_quantile(&quiet_outcomes, 0.99);
+        let attack_p99 = latency_quantile(&attack_outcomes, 0.99);
+        let phases = hostile
+            .phases
+            .iter()
+            .map(|&(phase, from, to, cpu)| {
+                let during: Vec<_> = attack_outcomes
+                    .iter()
+                    .filter(|o| o.sent >= from && o.sent < to)
+                    .cloned()
+                    .collect();
+                PhaseLatency {
+                    phase,
+                    lasted: to - from,
+                    server_cpu: cpu.as_secs_f64() / (to - from).as_secs_f64().max(1e-3),
+                    messages: during.len() as u64,
+                    p50: latency_quantile(&during, 0.5),
+                    p99: latency_quantile(&during, 0.99),
+                }
+            })
+            .collect();
+        let mut all = quiet_outcomes.clone();
+        all.extend(attack_outcomes.iter().cloned());
+        Ok(Outcome {
+            injected: format!(
+                "{} × {} KiB garbage, {} × {} KiB frames (limit 64 KiB), {} stalled frames, {} \
              resets, {} short-lived connections",
-            config.garbage_conns,
-            config.garbage_bytes >> 10,
-            config.oversize_conns,
-            config.oversize_bytes >> 10,
-            config.stalled_conns,
-            config.resets,
-            config.short_lived
-        ),
-        garbage_sent: hostile.garbage_sent,
-        garbage_echoed: hostile.garbage_echoed,
-        oversize_refused: hostile.oversize_refused,
-        oversize_conns: config.oversize_conns,
-        stalled: hostile.stalled,
-        resets: hostile.resets,
-        short_lived_ok: hostile.short_lived_ok,
-        short_lived: config.short_lived,
-        short_lived_took: hostile.short_lived_took,
-        rss_start_kib,
-        rss_before_stalled_kib: hostile.rss_before_stalled_kib,
-        rss_with_stalled_kib: hostile.rss_with_stalled_kib,
-        rss_end_kib,
-        peak_rss_kib,
-        bytes_per_stalled_conn: (hostile
-            .rss_with_stalled_kib
-            .saturating_sub(hostile.rss_before_stalled_kib)
-            * 1024) as f64
-            / hostile.stalled.max(1) as f64,
-        quiet: Tally::of(&quiet_outcomes),
-        attack: Tally::of(&attack_outcomes),
-        quiet_p50: latency_quantile(&quiet_outcomes, 0.5),
-        quiet_p99,
-        attack_p50: latency_quantile(&attack_outcomes, 0.5),
-        attack_p99,
-        p99_ratio: match (quiet_p99, attack_p99) {
-            (Some(q), Some(a)) if !q.is_zero() => Some(a.as_secs_f64() / q.as_secs_f64()),
-            _ => None,
-        },
-        phases,
-        errors: errors(&all),
-        alive,
-        fresh_echo,
-        still_passing,
-        panics,
-    })
+                self.garbage_conns,
+                self.garbage_bytes >> 10,
+                self.oversize_conns,
+                self.oversize_bytes >> 10,
+                self.stalled_conns,
+                self.resets,
+                self.short_lived
+            ),
+            garbage_sent: hostile.garbage_sent,
+            garbage_echoed: hostile.garbage_echoed,
+            oversize_refused: hostile.oversize_refused,
+            oversize_conns: self.oversize_conns,
+            stalled: hostile.stalled,
+            resets: hostile.resets,
+            short_lived_ok: hostile.short_lived_ok,
+            short_lived: self.short_lived,
+            short_lived_took: hostile.short_lived_took,
+            rss_start_kib,
+            rss_before_stalled_kib: hostile.rss_before_stalled_kib,
+            rss_with_stalled_kib: hostile.rss_with_stalled_kib,
+            rss_end_kib,
+            peak_rss_kib,
+            bytes_per_stalled_conn: (hostile
+                .rss_with_stalled_kib
+                .saturating_sub(hostile.rss_before_stalled_kib)
+                * 1024) as f64
+                / hostile.stalled.max(1) as f64,
+            quiet: Tally::of(&quiet_outcomes),
+            attack: Tally::of(&attack_outcomes),
+            quiet_p50: latency_quantile(&quiet_outcomes, 0.5),
+            quiet_p99,
+            attack_p50: latency_quantile(&attack_outcomes, 0.5),
+            attack_p99,
+            p99_ratio: match (quiet_p99, attack_p99) {
+                (Some(q), Some(a)) if !q.is_zero() => Some(a.as_secs_f64() / q.as_secs_f64()),
+                _ => None,
+            },
+            phases,
+            errors: errors(&all),
+            alive,
+            fresh_echo,
+            still_passing,
+            panics,
+        })
+    }
 }

@@ -10,11 +10,11 @@ use consul_api::HealthStatus;
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
-    observe::{Tally, errors, sent_between, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
+    observe::{Tally, sent_between},
 };
 use crate::{
-    Consul, ConsulOptions,
+    Consul,
     error::{Error, Result},
     procs::Launcher,
     signal::Signal,
@@ -51,7 +51,6 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
     /// The server frozen: the one serving the client at that moment.
     pub frozen: String,
     /// How long it stayed frozen.
@@ -71,22 +70,19 @@ pub struct Outcome {
     /// SIGCONT → the client's discovery lists it again.
     #[serde(with = "ms::opt")]
     pub rejoined_rotation: Option<Duration>,
-    /// Every echo of the run.
-    pub tally: Tally,
     /// Echoes sent between SIGSTOP and the rejoin.
     pub during_fault: Tally,
-    /// The first errors, if any.
-    pub errors: Vec<String>,
     /// The frozen server still runs and echoes after SIGCONT.
     pub survived: bool,
-    pub panics: Vec<String>,
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
+        let mut v = self.basics.violations();
         if self.critical.is_none() {
             v.push("Consul never marked the frozen server critical".into());
         }
@@ -101,18 +97,20 @@ impl Outcome {
         }
         v
     }
+}
 
+impl Findings for Outcome {
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Hung.title().into(),
+            scenario: Scenario::Hung.title().into(),
             injected: format!(
                 "SIGSTOP of the serving instance {} for {}, then SIGCONT",
                 self.frozen,
                 super::secs(self.frozen_for)
             ),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "out of rotation {} after SIGSTOP (client failed over in {}); back {} after SIGCONT",
                 super::secs_or(self.left_rotation, "never"),
@@ -120,13 +118,13 @@ impl Outcome {
                 super::secs_or(self.rejoined_rotation, "never")
             ),
             recovery_ms: self.rejoined_rotation.map(|d| d.as_secs_f64() * 1e3),
-            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_kib: self.basics.peak_rss_kib,
             violations: self.violations(),
         }]
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**1. Hung server.** {} was frozen while it served the client. Consul marked its check \
              critical {} after SIGSTOP (check output: \"{}\"); the client's discovery dropped it \
@@ -138,7 +136,7 @@ impl Outcome {
             self.check_output.trim(),
             super::secs_or(self.left_rotation, "never"),
             super::secs_or(self.failover, "never"),
-            self.tally.resent,
+            self.basics.tally.resent,
             super::secs_or(self.rejoined_rotation, "never"),
             self.during_fault.sent,
             self.during_fault.lost,
@@ -146,120 +144,122 @@ impl Outcome {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    if config.servers < 2 {
-        return Err(Error::Setting(
-            "the hung-server scenario needs at least 2 servers".into(),
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Hung;
+    type Outcome = Outcome;
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        if self.servers < 2 {
+            return Err(Error::Setting(
+                "the hung-server scenario needs at least 2 servers".into(),
+            ));
+        }
+        let direct = consul.client();
+        step("starting echo servers");
+        let super::Stage {
+            mut servers,
+            client: _client,
+            discovery,
+            traffic,
+            ..
+        } = super::Stage::set_up(
+            launcher,
+            consul,
+            consul.config(),
+            self.servers,
+            self.interval,
+            self.reply_timeout,
+            ("hung", self.every, 100_000),
+        )
+        .await?;
+
+        // Freeze the instance the client is connected to.
+        let frozen = traffic
+            .last_instance()
+            .ok_or_else(|| Error::Scenario("no reply yet".into()))?;
+        let victim = servers
+            .iter()
+            .position(|s| s.spec.id == frozen)
+            .ok_or_else(|| Error::Scenario(format!("{frozen} is not one of ours")))?;
+        step(&format!(
+            "SIGSTOP {frozen}; waiting for Consul and the client to notice"
         ));
-    }
-    step("starting Consul");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let direct = consul.client();
-    step("starting echo servers");
-    let super::Stage {
-        mut servers,
-        client: _client,
-        discovery,
-        traffic,
-        ..
-    } = super::Stage::set_up(
-        launcher,
-        &consul,
-        consul.config(),
-        config.servers,
-        config.interval,
-        config.reply_timeout,
-        ("hung", config.every, 100_000),
-    )
-    .await?;
+        let t0 = Instant::now();
+        servers[victim].process.freeze().await?;
 
-    // Freeze the instance the client is connected to.
-    let frozen = traffic
-        .last_instance()
-        .ok_or_else(|| Error::Scenario("no reply yet".into()))?;
-    let victim = servers
-        .iter()
-        .position(|s| s.spec.id == frozen)
-        .ok_or_else(|| Error::Scenario(format!("{frozen} is not one of ours")))?;
-    step(&format!(
-        "SIGSTOP {frozen}; waiting for Consul and the client to notice"
-    ));
-    let t0 = Instant::now();
-    servers[victim].process.freeze().await?;
-
-    let check_id = format!("service:{frozen}");
-    let critical = async {
-        wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
-            entries.iter().any(|e| {
-                e.service.id == frozen
-                    && e.checks
-                        .iter()
-                        .any(|c| c.check_id == check_id && c.status == HealthStatus::Critical)
+        let check_id = format!("service:{frozen}");
+        let critical = async {
+            wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
+                entries.iter().any(|e| {
+                    e.service.id == frozen
+                        && e.checks
+                            .iter()
+                            .any(|c| c.check_id == check_id && c.status == HealthStatus::Critical)
+                })
             })
-        })
-        .await
-        .map(|(entries, _)| {
-            let output = entries
-                .iter()
-                .flat_map(|e| e.checks.iter())
-                .find(|c| c.check_id == check_id)
-                .map(|c| c.output.clone())
-                .unwrap_or_default();
-            (Instant::now(), output)
-        })
-    };
-    let left = discovery.wait_for("discovery to drop the frozen server", t0, LIMIT, |v| {
-        v.state == super::observe::ViewState::Reachable && !v.lists(&frozen)
-    });
-    let failover = traffic.wait_for("a reply from another instance", LIMIT, |o| {
-        o.done >= t0 && o.result.as_ref().is_ok_and(|s| s.instance != frozen)
-    });
-    let (critical, left, failover) = tokio::join!(critical, left, failover);
-    let (critical_at, check_output) = match critical {
-        Ok((at, output)) => (Some(at), output),
-        Err(e) => (None, e.to_string()),
-    };
-    let left_at = left.ok().map(|v| v.at);
-    let failover_at = failover.ok().map(|o| o.done);
+            .await
+            .map(|(entries, _)| {
+                let output = entries
+                    .iter()
+                    .flat_map(|e| e.checks.iter())
+                    .find(|c| c.check_id == check_id)
+                    .map(|c| c.output.clone())
+                    .unwrap_or_default();
+                (Instant::now(), output)
+            })
+        };
+        let left = discovery.wait_for("discovery to drop the frozen server", t0, LIMIT, |v| {
+            v.state == super::observe::ViewState::Reachable && !v.lists(&frozen)
+        });
+        let failover = traffic.wait_for("a reply from another instance", LIMIT, |o| {
+            o.done >= t0 && o.result.as_ref().is_ok_and(|s| s.instance != frozen)
+        });
+        let (critical, left, failover) = tokio::join!(critical, left, failover);
+        let (critical_at, check_output) = match critical {
+            Ok((at, output)) => (Some(at), output),
+            Err(e) => (None, e.to_string()),
+        };
+        let left_at = left.ok().map(|v| v.at);
+        let failover_at = failover.ok().map(|o| o.done);
 
-    step(&format!("{frozen} out of rotation; holding it frozen"));
-    tokio::time::sleep(config.hold).await;
-    let t1 = Instant::now();
-    servers[victim].process.signal(Signal::SIGCONT)?;
-    step(&format!(
-        "SIGCONT {frozen}; waiting for it to rejoin rotation"
-    ));
-    let rejoined = discovery
-        .wait_for("discovery to list the server again", t1, LIMIT, |v| {
-            v.lists(&frozen)
-        })
-        .await
-        .ok()
-        .map(|v| v.at);
-    let fault_end = rejoined.unwrap_or_else(Instant::now);
+        step(&format!("{frozen} out of rotation; holding it frozen"));
+        tokio::time::sleep(self.hold).await;
+        let t1 = Instant::now();
+        servers[victim].process.signal(Signal::SIGCONT)?;
+        step(&format!(
+            "SIGCONT {frozen}; waiting for it to rejoin rotation"
+        ));
+        let rejoined = discovery
+            .wait_for("discovery to list the server again", t1, LIMIT, |v| {
+                v.lists(&frozen)
+            })
+            .await
+            .ok()
+            .map(|v| v.at);
+        let fault_end = rejoined.unwrap_or_else(Instant::now);
 
-    // A little more traffic after the rejoin, then the tally.
-    tokio::time::sleep(config.interval).await;
-    let survived = super::echo_direct(servers[victim].spec.echo_addr(), b"still alive").await
-        && !servers[victim].process.has_exited();
-    let outcomes = traffic.finish().await;
-    let during = sent_between(&outcomes, t0, fault_end);
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        frozen,
-        frozen_for: t1 - t0,
-        failover: failover_at.map(|t| t - t0),
-        critical: critical_at.map(|t| t - t0),
-        check_output,
-        left_rotation: left_at.map(|t| t - t0),
-        rejoined_rotation: rejoined.map(|t| t - t1),
-        tally: Tally::of(&outcomes),
-        during_fault: Tally::of(&during),
-        errors: errors(&outcomes),
-        survived,
-        panics,
-        peak_rss_kib: super::peak_rss(&servers),
-    })
+        // A little more traffic after the rejoin, then the tally.
+        tokio::time::sleep(self.interval).await;
+        let survived = super::echo_direct(servers[victim].spec.echo_addr(), b"still alive").await
+            && !servers[victim].process.has_exited();
+        let outcomes = traffic.finish().await;
+        let during = sent_between(&outcomes, t0, fault_end);
+        Ok(Outcome {
+            frozen,
+            frozen_for: t1 - t0,
+            failover: failover_at.map(|t| t - t0),
+            critical: critical_at.map(|t| t - t0),
+            check_output,
+            left_rotation: left_at.map(|t| t - t0),
+            rejoined_rotation: rejoined.map(|t| t - t1),
+            during_fault: Tally::of(&during),
+            survived,
+            basics: Basics::of(&outcomes, &mut servers),
+        })
+    }
 }

@@ -17,6 +17,10 @@
 //!   processes: same CA, an unknown CA, and back;
 //! * [`observe`] — the echo traffic and the discovery views the scenarios watch.
 //!
+//! Every scenario has one shape, [`Experiment`]: its `Config` runs it against an agent of its
+//! own, its `Outcome` gives the report its rows and paragraph ([`Findings`]). [`run`] takes a
+//! list of them ([`Plan`]) and records each in the [`Report`].
+//!
 //! Every scenario starts its own agent and processes, bounds every loop in count and time,
 //! and talks only to 127.0.0.1 and the agent's container.
 
@@ -38,12 +42,13 @@ use std::{
 };
 
 use echo_client::{ClientConfig, EchoClient};
+use futures::future::LocalBoxFuture;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::{
-    consul::Consul,
-    error::Result,
+    consul::{Consul, ConsulOptions},
+    error::{Error, Result},
     logbuf::LogBuffer,
     procs::{Launcher, ServerProcess, ServerSpec},
     wait,
@@ -113,24 +118,126 @@ impl Scenario {
     }
 }
 
-/// The settings of every scenario.
-#[derive(Debug, Clone, Default)]
-pub struct FaultsConfig {
-    pub hung: hung::Config,
-    pub paused: paused::Config,
-    pub restarted: restarted::Config,
-    pub proxy: proxy::Config,
-    pub acl: acl::Config,
-    pub hostile: hostile::Config,
-    pub blackholed: blackholed::Config,
-    pub batch: batch::Config,
-    pub stripped: stripped::Config,
-    pub rotated: rotated::Config,
+/// The one shape of a scenario: its settings run it once against a fresh agent and return
+/// what it measured. Adding a scenario is a module implementing this (on its `Config`) and
+/// its variant of [`Scenario`]: name, title, and a line in [`Scenario::plan`].
+pub trait Experiment: Default {
+    /// Which scenario these settings run.
+    const SCENARIO: Scenario;
+    /// What one run measured.
+    type Outcome: Findings;
+
+    /// How to start its agent: the environment's backend and image, no ACLs, plain HTTP.
+    fn consul_options(&self) -> Result<ConsulOptions> {
+        Ok(ConsulOptions::from_env()?)
+    }
+
+    /// Run the scenario once against `consul`, just started from
+    /// [`consul_options`](Self::consul_options), with its own processes; `step` hears each
+    /// stage.
+    fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> impl Future<Output = Result<Self::Outcome>>;
+
+    /// Start its agent, then run the scenario once against it.
+    fn run(
+        &self,
+        launcher: &Launcher,
+        step: &dyn Fn(&str),
+    ) -> impl Future<Output = Result<Self::Outcome>> {
+        async move {
+            let mut consul = start(self, step).await?;
+            self.run_on(launcher, &mut consul, step).await
+        }
+    }
+}
+
+/// The agent of `experiment`, started.
+async fn start(experiment: &impl Experiment, step: &dyn Fn(&str)) -> Result<Consul> {
+    step("starting Consul");
+    Ok(Consul::start_with(experiment.consul_options()?).await?)
+}
+
+/// What a scenario's outcome gives the report.
+pub trait Findings: Serialize {
+    /// Its rows of the table.
+    fn rows(&self) -> Vec<Row>;
+    /// How each figure was measured, with the figures: one markdown paragraph.
+    fn details(&self) -> String;
+}
+
+/// A scenario with its settings, ready for [`run`]: any [`Experiment`], behind a pointer.
+pub trait Plan {
+    /// Which scenario it runs.
+    fn scenario(&self) -> Scenario;
+    /// Run it and record what it measured, or why it did not complete.
+    fn record<'a>(
+        &'a self,
+        launcher: &'a Launcher,
+        step: &'a dyn Fn(&str),
+    ) -> LocalBoxFuture<'a, Recorded>;
+}
+
+impl<E: Experiment> Plan for E {
+    fn scenario(&self) -> Scenario {
+        E::SCENARIO
+    }
+
+    fn record<'a>(
+        &'a self,
+        launcher: &'a Launcher,
+        step: &'a dyn Fn(&str),
+    ) -> LocalBoxFuture<'a, Recorded> {
+        Box::pin(async move {
+            let scenario = E::SCENARIO;
+            let recorded = async {
+                let mut consul = start(self, step).await?;
+                let outcome = self.run_on(launcher, &mut consul, step).await?;
+                // Derived `Serialize` on plain data cannot fail; should it, the report says so.
+                let json = serde_json::to_value(&outcome).unwrap_or_else(|e| {
+                    serde_json::Value::String(format!("(the outcome as JSON failed: {e})"))
+                });
+                Ok::<_, Error>(Recorded {
+                    scenario,
+                    consul: consul_label(&consul),
+                    rows: outcome.rows(),
+                    details: outcome.details(),
+                    outcome: Some(json),
+                    error: None,
+                })
+            };
+            recorded
+                .await
+                .unwrap_or_else(|e| Recorded::failed(scenario, &e))
+        })
+    }
+}
+
+impl Scenario {
+    /// The scenario with its default settings.
+    pub fn plan(self) -> Box<dyn Plan> {
+        match self {
+            Scenario::Hung => Box::new(hung::Config::default()),
+            Scenario::Paused => Box::new(paused::Config::default()),
+            Scenario::Restarted => Box::new(restarted::Config::default()),
+            Scenario::Proxy => Box::new(proxy::Config::default()),
+            Scenario::Acl => Box::new(acl::Config::default()),
+            Scenario::Hostile => Box::new(hostile::Config::default()),
+            Scenario::Blackholed => Box::new(blackholed::Config::default()),
+            Scenario::Batch => Box::new(batch::Config::default()),
+            Scenario::Stripped => Box::new(stripped::Config::default()),
+            Scenario::Rotated => Box::new(rotated::Config::default()),
+        }
+    }
 }
 
 /// One line of the table.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
+    /// The scenario's title ([`Scenario::title`]), with the case when it has several rows.
     pub scenario: String,
     /// What was injected, and for how long.
     pub injected: String,
@@ -148,97 +255,31 @@ pub struct Row {
     pub violations: Vec<String>,
 }
 
-/// Everything `testbed faults` measured.
+/// One scenario as run: its rows, its paragraph and its outcome, or why it failed.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    /// When the run began (RFC 3339, UTC).
-    pub date: String,
-    /// Consul's version and backend, as the first agent reported them.
+pub struct Recorded {
+    /// Which scenario.
+    pub scenario: Scenario,
+    /// The `Consul x.y.z (backend)` label of its agent (empty if it failed).
     pub consul: String,
+    /// Its rows of the table.
     pub rows: Vec<Row>,
-    pub hung: Option<hung::Outcome>,
-    pub paused: Option<paused::Outcome>,
-    pub restarted: Option<restarted::Outcome>,
-    pub proxy: Option<proxy::Outcome>,
-    pub acl: Option<acl::Outcome>,
-    pub hostile: Option<hostile::Outcome>,
-    pub blackholed: Option<blackholed::Outcome>,
-    pub batch: Option<batch::Outcome>,
-    pub stripped: Option<stripped::Outcome>,
-    pub rotated: Option<rotated::Outcome>,
-    /// Scenarios that could not run to the end, with why.
-    pub failed: Vec<(Scenario, String)>,
-    /// Wall time of the whole run, seconds.
-    pub wall_time: f64,
+    /// How each figure was measured (empty if it failed).
+    pub details: String,
+    /// Everything it measured, as JSON (`None` if it failed).
+    pub outcome: Option<serde_json::Value>,
+    /// Why it could not run to the end.
+    pub error: Option<String>,
 }
 
-impl Report {
-    /// True when every scenario ran and every invariant held.
-    pub fn all_held(&self) -> bool {
-        self.failed.is_empty() && self.rows.iter().all(|r| r.violations.is_empty())
-    }
-}
-
-/// Run `scenarios` one after the other (each with its own agent), through `launcher`.
-/// A scenario that fails is reported as such; the others still run.
-pub async fn run(
-    launcher: &Launcher,
-    config: &FaultsConfig,
-    scenarios: &[Scenario],
-    progress: &ProgressBar,
-) -> Result<Report> {
-    let began = SystemTime::now();
-    let started = Instant::now();
-    let mut report = Report {
-        date: crate::report::rfc3339(began),
-        consul: String::new(),
-        rows: Vec::new(),
-        hung: None,
-        paused: None,
-        restarted: None,
-        proxy: None,
-        acl: None,
-        hostile: None,
-        blackholed: None,
-        batch: None,
-        stripped: None,
-        rotated: None,
-        failed: Vec::new(),
-        wall_time: 0.0,
-    };
-    let mut order = scenarios.to_vec();
-    order.sort();
-    order.dedup();
-    progress.set_length(order.len() as u64);
-    for scenario in order {
-        progress.set_prefix(scenario.title());
-        let step = |msg: &str| progress.set_message(msg.to_owned());
-        // Each scenario's outcome: its rows in the table, its Consul in the header, itself in
-        // the JSON.
-        macro_rules! record {
-            ($module:ident, $slot:ident) => {
-                $module::run(launcher, &config.$slot, &step).await.map(|o| {
-                    report.rows.extend(o.rows());
-                    set_consul(&mut report.consul, &o.consul);
-                    report.$slot = Some(o);
-                })
-            };
-        }
-        let result = match scenario {
-            Scenario::Hung => record!(hung, hung),
-            Scenario::Paused => record!(paused, paused),
-            Scenario::Restarted => record!(restarted, restarted),
-            Scenario::Proxy => record!(proxy, proxy),
-            Scenario::Acl => record!(acl, acl),
-            Scenario::Hostile => record!(hostile, hostile),
-            Scenario::Blackholed => record!(blackholed, blackholed),
-            Scenario::Batch => record!(batch, batch),
-            Scenario::Stripped => record!(stripped, stripped),
-            Scenario::Rotated => record!(rotated, rotated),
-        };
-        if let Err(e) = result {
-            tracing::error!(scenario = scenario.title(), error = %e, "scenario failed");
-            report.rows.push(Row {
+impl Recorded {
+    /// A scenario that could not run to the end: one row saying so.
+    fn failed(scenario: Scenario, e: &Error) -> Recorded {
+        tracing::error!(scenario = scenario.title(), error = %e, "scenario failed");
+        Recorded {
+            scenario,
+            consul: String::new(),
+            rows: vec![Row {
                 scenario: scenario.title().into(),
                 injected: "(did not complete)".into(),
                 sent: 0,
@@ -247,18 +288,67 @@ pub async fn run(
                 recovery_ms: None,
                 peak_rss_kib: None,
                 violations: vec![format!("error: {e}")],
-            });
-            report.failed.push((scenario, e.to_string()));
+            }],
+            details: String::new(),
+            outcome: None,
+            error: Some(e.to_string()),
         }
-        progress.inc(1);
     }
-    report.wall_time = started.elapsed().as_secs_f64();
-    Ok(report)
 }
 
-fn set_consul(slot: &mut String, consul: &str) {
-    if slot.is_empty() {
-        consul.clone_into(slot);
+/// Everything `testbed faults` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// When the run began (RFC 3339, UTC).
+    pub date: String,
+    /// Consul's version and backend, as the first agent reported them.
+    pub consul: String,
+    /// The scenarios, in the report's order.
+    pub scenarios: Vec<Recorded>,
+    /// Wall time of the whole run, seconds.
+    pub wall_time: f64,
+}
+
+impl Report {
+    /// True when every scenario ran and every invariant held.
+    pub fn all_held(&self) -> bool {
+        self.scenarios
+            .iter()
+            .all(|s| s.error.is_none() && s.rows.iter().all(|r| r.violations.is_empty()))
+    }
+
+    /// Every row of the table, in order.
+    pub fn rows(&self) -> impl Iterator<Item = &Row> {
+        self.scenarios.iter().flat_map(|s| &s.rows)
+    }
+}
+
+/// Run `plans` one after the other (each with its own agent), in the report's order and once
+/// per scenario, through `launcher`. A scenario that fails is reported as such; the others
+/// still run.
+pub async fn run(launcher: &Launcher, plans: &[Box<dyn Plan>], progress: &ProgressBar) -> Report {
+    let began = SystemTime::now();
+    let started = Instant::now();
+    let mut order: Vec<&dyn Plan> = plans.iter().map(|p| &**p).collect();
+    order.sort_by_key(|p| p.scenario());
+    order.dedup_by_key(|p| p.scenario());
+    progress.set_length(order.len() as u64);
+    let mut scenarios = Vec::with_capacity(order.len());
+    for plan in order {
+        progress.set_prefix(plan.scenario().title());
+        let step = |msg: &str| progress.set_message(msg.to_owned());
+        scenarios.push(plan.record(launcher, &step).await);
+        progress.inc(1);
+    }
+    Report {
+        date: crate::report::rfc3339(began),
+        consul: scenarios
+            .iter()
+            .map(|s| s.consul.clone())
+            .find(|c| !c.is_empty())
+            .unwrap_or_default(),
+        scenarios,
+        wall_time: started.elapsed().as_secs_f64(),
     }
 }
 
@@ -274,7 +364,7 @@ pub fn markdown(report: &Report) -> String {
         "| scenario | injected | messages sent / lost | recovery | peak RSS (echo-server) | invariants |\n",
     );
     out.push_str("|---|---|---:|---|---:|---|\n");
-    for r in &report.rows {
+    for r in report.rows() {
         let _ = writeln!(
             out,
             "| {} | {} | {} / {} | {} | {} | {} |",
@@ -294,20 +384,8 @@ pub fn markdown(report: &Report) -> String {
         );
     }
     out.push('\n');
-    let details: [Option<String>; 10] = [
-        report.hung.as_ref().map(hung::Outcome::details),
-        report.paused.as_ref().map(paused::Outcome::details),
-        report.restarted.as_ref().map(restarted::Outcome::details),
-        report.proxy.as_ref().map(proxy::Outcome::details),
-        report.acl.as_ref().map(acl::Outcome::details),
-        report.hostile.as_ref().map(hostile::Outcome::details),
-        report.blackholed.as_ref().map(blackholed::Outcome::details),
-        report.batch.as_ref().map(batch::Outcome::details),
-        report.stripped.as_ref().map(stripped::Outcome::details),
-        report.rotated.as_ref().map(rotated::Outcome::details),
-    ];
-    for d in details.into_iter().flatten() {
-        out.push_str(&d);
+    for s in report.scenarios.iter().filter(|s| !s.details.is_empty()) {
+        out.push_str(&s.details);
         out.push('\n');
     }
     out.push_str(
@@ -413,6 +491,50 @@ impl Stage {
             listed,
             traffic,
         })
+    }
+}
+
+/// What every traffic scenario reports the same way: its echoes, and what became of its echo
+/// servers. A scenario's outcome holds it (flattened into the outcome's JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct Basics {
+    /// Every echo of the run.
+    pub tally: observe::Tally,
+    /// The first errors of the client's echoes (at most 5).
+    pub errors: Vec<String>,
+    /// Panics in the echo servers' output, and servers that exited (none should).
+    pub panics: Vec<String>,
+    /// Highest resident set (VmHWM) of the scenario's echo-server processes, KiB.
+    pub peak_rss_kib: Option<u64>,
+}
+
+impl Basics {
+    /// The echoes counted in `tally` (first errors: `errors`), and the fate of `servers`.
+    pub(crate) fn new(
+        tally: observe::Tally,
+        errors: Vec<String>,
+        servers: &mut [ServerProcess],
+    ) -> Basics {
+        Basics {
+            tally,
+            errors,
+            panics: casualties(servers),
+            peak_rss_kib: peak_rss(servers),
+        }
+    }
+
+    /// The echoes of `outcomes`, and the fate of `servers`.
+    pub(crate) fn of(outcomes: &[observe::Outcome], servers: &mut [ServerProcess]) -> Basics {
+        Basics::new(
+            observe::Tally::of(outcomes),
+            observe::errors(outcomes),
+            servers,
+        )
+    }
+
+    /// The invariants every scenario shares that did not hold: no echo lost, no panic.
+    pub fn violations(&self) -> Vec<String> {
+        observe::shared_violations(&self.tally, &self.panics)
     }
 }
 
@@ -524,27 +646,23 @@ mod tests {
         let report = Report {
             date: "2026-11-25T13:32:04Z".into(),
             consul: "1.8.7 (docker)".into(),
-            rows: vec![Row {
-                scenario: Scenario::Hung.title().into(),
-                injected: "SIGSTOP".into(),
-                sent: 10,
-                lost: 1,
-                recovery: "1.00 s".into(),
-                recovery_ms: Some(1000.0),
-                peak_rss_kib: Some(2048),
-                violations: vec!["1 echo lost".into()],
+            scenarios: vec![Recorded {
+                scenario: Scenario::Hung,
+                consul: "1.8.7 (docker)".into(),
+                rows: vec![Row {
+                    scenario: Scenario::Hung.title().into(),
+                    injected: "SIGSTOP".into(),
+                    sent: 10,
+                    lost: 1,
+                    recovery: "1.00 s".into(),
+                    recovery_ms: Some(1000.0),
+                    peak_rss_kib: Some(2048),
+                    violations: vec!["1 echo lost".into()],
+                }],
+                details: String::new(),
+                outcome: None,
+                error: None,
             }],
-            hung: None,
-            paused: None,
-            restarted: None,
-            proxy: None,
-            acl: None,
-            hostile: None,
-            blackholed: None,
-            batch: None,
-            stripped: None,
-            rotated: None,
-            failed: Vec::new(),
             wall_time: 1.0,
         };
         let md = markdown(&report);

@@ -23,9 +23,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The outcome of one message.
 #[derive(Debug, Clone)]
 pub struct Outcome {
+    /// Its number in the stream, from 1.
     pub seq: u64,
+    /// When it was handed to the client.
     pub sent: Instant,
+    /// When the client answered.
     pub done: Instant,
+    /// The reply, or the client's error as text.
     pub result: std::result::Result<Served, String>,
 }
 
@@ -202,7 +206,9 @@ async fn send_loop(
 /// Counts over a set of outcomes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Tally {
+    /// Messages sent.
     pub sent: u64,
+    /// Of those, answered with an error or with other bytes.
     pub lost: u64,
     /// Answered after being written more than once (failover).
     pub resent: u64,
@@ -282,6 +288,7 @@ pub struct View {
     pub at: Instant,
     /// The passing instances' IDs, sorted.
     pub ids: Vec<String>,
+    /// How discovery stood with Consul.
     pub state: ViewState,
     /// Consul's index of the answer.
     pub index: u64,
@@ -290,9 +297,13 @@ pub struct View {
 /// Discovery's standing with Consul, without timestamps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ViewState {
+    /// No answer yet.
     Starting,
+    /// The last query was answered.
     Reachable,
+    /// Consul stopped answering, with the error; the instances are the last known ones.
     Unreachable(String),
+    /// Discovery stopped for good, with the error.
     Failed(String),
 }
 

@@ -8,14 +8,15 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
-    observe::{Tally, View, ViewState, errors, sent_between, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
+    observe::{Tally, View, ViewState, sent_between},
 };
-use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
+use crate::{Consul, error::Result, procs::Launcher, wait};
 
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Echo servers started.
     pub servers: usize,
     /// Check interval of the servers.
     pub interval: Duration,
@@ -39,14 +40,11 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
+    /// How long the agent stayed frozen.
     #[serde(with = "ms")]
     pub paused_for: Duration,
     /// Echoes sent while the agent was frozen.
     pub during_pause: Tally,
-    /// Every echo of the run.
-    pub tally: Tally,
-    pub errors: Vec<String>,
     /// Echoes straight to each server's port during the pause, answered / tried.
     pub direct_echoes: (u32, u32),
     /// At the end of the pause the client still listed every server.
@@ -70,14 +68,15 @@ pub struct Outcome {
     pub registrations_lost: Vec<String>,
     /// How many times a server had to register again.
     pub re_registrations: usize,
-    pub panics: Vec<String>,
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
+        let mut v = self.basics.violations();
         if self.direct_echoes.0 != self.direct_echoes.1 {
             v.push(format!(
                 "servers answered {} of {} direct echoes during the pause",
@@ -95,27 +94,29 @@ impl Outcome {
         }
         v
     }
+}
 
+impl Findings for Outcome {
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Paused.title().into(),
+            scenario: Scenario::Paused.title().into(),
             injected: format!("agent frozen for {}", super::secs(self.paused_for)),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "converged {} after resume ({} failed echoes during the pause)",
                 super::secs_or(self.converged, "never"),
                 self.during_pause.lost
             ),
             recovery_ms: self.converged.map(|d| d.as_secs_f64() * 1e3),
-            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_kib: self.basics.peak_rss_kib,
             violations: self.violations(),
         }]
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**2. Consul paused.** The agent was frozen for {}. {} echoes went through the \
              client meanwhile ({} failed), and the servers answered {} of {} echoes sent straight \
@@ -138,143 +139,145 @@ impl Outcome {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    step("starting echo servers");
-    let super::Stage {
-        mut servers,
-        ids,
-        client: _client,
-        discovery,
-        traffic,
-        ..
-    } = super::Stage::set_up(
-        launcher,
-        &consul,
-        consul.config(),
-        config.servers,
-        config.interval,
-        Duration::from_secs(2),
-        ("paused", config.every, 100_000),
-    )
-    .await?;
-    let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Paused;
+    type Outcome = Outcome;
 
-    step(&format!(
-        "Consul frozen for {}",
-        consul_api::GoDuration(config.pause)
-    ));
-    let t0 = Instant::now();
-    consul.pause().await?;
-    // The fault lasts `pause`; half-way and at the end, every server is asked directly.
-    let mut direct = (0, 0);
-    for _ in 0..2 {
-        tokio::time::sleep(config.pause / 2).await;
-        for s in &servers {
-            direct.1 += 1;
-            if super::echo_direct(s.spec.echo_addr(), b"during the pause").await {
-                direct.0 += 1;
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("starting echo servers");
+        let super::Stage {
+            mut servers,
+            ids,
+            client: _client,
+            discovery,
+            traffic,
+            ..
+        } = super::Stage::set_up(
+            launcher,
+            consul,
+            consul.config(),
+            self.servers,
+            self.interval,
+            Duration::from_secs(2),
+            ("paused", self.every, 100_000),
+        )
+        .await?;
+        let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+
+        step(&format!(
+            "Consul frozen for {}",
+            consul_api::GoDuration(self.pause)
+        ));
+        let t0 = Instant::now();
+        consul.pause().await?;
+        // The fault lasts `pause`; half-way and at the end, every server is asked directly.
+        let mut direct = (0, 0);
+        for _ in 0..2 {
+            tokio::time::sleep(self.pause / 2).await;
+            for s in &servers {
+                direct.1 += 1;
+                if super::echo_direct(s.spec.echo_addr(), b"during the pause").await {
+                    direct.0 += 1;
+                }
             }
         }
-    }
-    let view_kept = discovery.latest().is_some_and(|v| {
-        ids.iter().all(|id| v.lists(id)) && !matches!(v.state, ViewState::Failed(_))
-    });
-    let t1 = Instant::now();
-    let t1_wall = SystemTime::now();
-    consul.resume().await?;
-    step("Consul resumed; waiting for everything to converge");
+        let view_kept = discovery.latest().is_some_and(|v| {
+            ids.iter().all(|id| v.lists(id)) && !matches!(v.state, ViewState::Failed(_))
+        });
+        let t1 = Instant::now();
+        let t1_wall = SystemTime::now();
+        consul.resume().await?;
+        step("Consul resumed; waiting for everything to converge");
 
-    let consul_converged = stable_all_passing(&consul, &ids, 2 * config.interval + config.interval)
-        .await
-        .ok()
-        .map(|at| at.into_std().saturating_duration_since(t1));
-    // The client's view converged when its current run of complete views began (at the
-    // resume if it never broke).
-    let complete = |v: &View| v.lists_all(&ids);
-    let client_at = match discovery.latest() {
-        Some(v) if complete(&v) => discovery.holds_since(t1, complete),
-        _ => discovery
-            .wait_for(
-                "the client's view to list every server",
-                t1,
-                LIMIT,
-                complete,
-            )
+        let consul_converged = stable_all_passing(consul, &ids, 2 * self.interval + self.interval)
             .await
             .ok()
-            .and_then(|_| discovery.holds_since(t1, complete)),
-    };
-    let client_converged = client_at.map(|at| at.saturating_duration_since(t1));
+            .map(|at| at.into_std().saturating_duration_since(t1));
+        // The client's view converged when its current run of complete views began (at the
+        // resume if it never broke).
+        let complete = |v: &View| v.lists_all(&ids);
+        let client_at = match discovery.latest() {
+            Some(v) if complete(&v) => discovery.holds_since(t1, complete),
+            _ => discovery
+                .wait_for(
+                    "the client's view to list every server",
+                    t1,
+                    LIMIT,
+                    complete,
+                )
+                .await
+                .ok()
+                .and_then(|_| discovery.holds_since(t1, complete)),
+        };
+        let client_converged = client_at.map(|at| at.saturating_duration_since(t1));
 
-    let mut noticed = 0;
-    let mut recovered: Option<Duration> = Some(Duration::ZERO);
-    for (s, mark) in servers.iter().zip(&marks) {
-        let output = s.process.output();
-        if output.find_after(*mark, "retrying with backoff").is_none() {
-            continue;
+        let mut noticed = 0;
+        let mut recovered: Option<Duration> = Some(Duration::ZERO);
+        for (s, mark) in servers.iter().zip(&marks) {
+            let output = s.process.output();
+            if output.find_after(*mark, "retrying with backoff").is_none() {
+                continue;
+            }
+            noticed += 1;
+            let back = output
+                .wait_for_after(*mark, "Consul answers again", LIMIT)
+                .await
+                .ok()
+                .map(|l| super::since_wall(t1_wall, l.received));
+            recovered = match (recovered, back) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
         }
-        noticed += 1;
-        let back = output
-            .wait_for_after(*mark, "Consul answers again", LIMIT)
-            .await
-            .ok()
-            .map(|l| super::since_wall(t1_wall, l.received));
-        recovered = match (recovered, back) {
-            (Some(a), Some(b)) => Some(a.max(b)),
+        let servers_recovered = if noticed == 0 { None } else { recovered };
+        let converged = match (consul_converged, client_converged) {
+            (Some(a), Some(b)) => Some(a.max(b).max(servers_recovered.unwrap_or_default())),
             _ => None,
         };
-    }
-    let servers_recovered = if noticed == 0 { None } else { recovered };
-    let converged = match (consul_converged, client_converged) {
-        (Some(a), Some(b)) => Some(a.max(b).max(servers_recovered.unwrap_or_default())),
-        _ => None,
-    };
 
-    let (entries, _) = consul
-        .client()
-        .health()
-        .service(SERVICE, None, false, &Default::default())
-        .await?;
-    let registrations_lost: Vec<String> = ids
-        .iter()
-        .filter(|id| !entries.iter().any(|e| &&e.service.id == id))
-        .cloned()
-        .collect();
-    let re_registrations = servers
-        .iter()
-        .map(|s| {
-            s.process
-                .output()
-                .matching("re-registered with Consul")
-                .len()
+        let (entries, _) = consul
+            .client()
+            .health()
+            .service(SERVICE, None, false, &Default::default())
+            .await?;
+        let registrations_lost: Vec<String> = ids
+            .iter()
+            .filter(|id| !entries.iter().any(|e| &&e.service.id == id))
+            .cloned()
+            .collect();
+        let re_registrations = servers
+            .iter()
+            .map(|s| {
+                s.process
+                    .output()
+                    .matching("re-registered with Consul")
+                    .len()
+            })
+            .sum();
+
+        tokio::time::sleep(self.interval).await;
+        let outcomes = traffic.finish().await;
+        let during = sent_between(&outcomes, t0, t1);
+        Ok(Outcome {
+            paused_for: t1 - t0,
+            during_pause: Tally::of(&during),
+            direct_echoes: direct,
+            view_kept,
+            servers_noticed: noticed,
+            servers_recovered,
+            consul_converged,
+            client_converged,
+            converged,
+            registrations_lost,
+            re_registrations,
+            basics: Basics::of(&outcomes, &mut servers),
         })
-        .sum();
-
-    tokio::time::sleep(config.interval).await;
-    let outcomes = traffic.finish().await;
-    let during = sent_between(&outcomes, t0, t1);
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        paused_for: t1 - t0,
-        during_pause: Tally::of(&during),
-        tally: Tally::of(&outcomes),
-        errors: errors(&outcomes),
-        direct_echoes: direct,
-        view_kept,
-        servers_noticed: noticed,
-        servers_recovered,
-        consul_converged,
-        client_converged,
-        converged,
-        registrations_lost,
-        re_registrations,
-        panics,
-        peak_rss_kib: super::peak_rss(&servers),
-    })
+    }
 }
 
 /// The moment Consul first listed every one of `ids` passing and then kept doing so for

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
-    observe::{Tally, ViewState, errors, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
+    observe::{Tally, ViewState},
 };
 use crate::{
-    Consul, ConsulOptions,
+    Consul,
     error::Result,
     faultproxy::{Fault, FaultProxy},
     procs::Launcher,
@@ -27,6 +27,7 @@ const MAX_RETRY_RATE: f64 = 100.0;
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Echo servers started.
     pub servers: usize,
     /// Check interval of the servers (their registration watch blocks this long).
     pub interval: Duration,
@@ -61,6 +62,7 @@ impl Default for Config {
 /// One fault, from injection to recovery.
 #[derive(Debug, Clone, Serialize)]
 pub struct Phase {
+    /// The fault the proxy injected.
     pub fault: Fault,
     /// From injection to healing.
     #[serde(with = "ms")]
@@ -123,15 +125,15 @@ impl Phase {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
+    /// Echo servers started.
     pub servers: usize,
+    /// Each fault, in turn.
     pub phases: Vec<Phase>,
-    pub tally: Tally,
-    pub errors: Vec<String>,
     /// After the last fault, Consul lists every server passing.
     pub all_registered: bool,
-    pub panics: Vec<String>,
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
@@ -142,22 +144,24 @@ impl Outcome {
             .iter()
             .flat_map(|p| p.violations(self.servers))
             .collect();
-        v.extend(shared_violations(&self.tally, &self.panics));
+        v.extend(self.basics.violations());
         if !self.all_registered {
             v.push("a server is no longer registered and passing".into());
         }
         v
     }
+}
 
+impl Findings for Outcome {
     /// One row per fault.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         let common = {
             let mut v = Vec::new();
             if !self.all_registered {
                 v.push("a server is no longer registered and passing".to_owned());
             }
-            if !self.panics.is_empty() {
-                v.push(format!("panics: {:?}", self.panics));
+            if !self.basics.panics.is_empty() {
+                v.push(format!("panics: {:?}", self.basics.panics));
             }
             v
         };
@@ -167,7 +171,7 @@ impl Outcome {
                 let mut violations = p.violations(self.servers);
                 violations.extend(common.iter().cloned());
                 Row {
-                    scenario: format!("{}: {}", super::Scenario::Proxy.title(), p.fault),
+                    scenario: format!("{}: {}", Scenario::Proxy.title(), p.fault),
                     injected: format!(
                         "{} on every answer to {} servers and the client, {}",
                         p.fault,
@@ -190,7 +194,7 @@ impl Outcome {
                         )
                     },
                     recovery_ms: p.recovered.map(|d| d.as_secs_f64() * 1e3),
-                    peak_rss_kib: self.peak_rss_kib,
+                    peak_rss_kib: self.basics.peak_rss_kib,
                     violations,
                 }
             })
@@ -198,7 +202,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the errors as logged.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         let mut out = format!(
             "**4. Fault proxy.** {} servers and the client reach Consul only through the proxy \
              (the agent still checks the servers directly). For each fault: the time from \
@@ -245,187 +249,190 @@ fn error_field(line: &str) -> String {
     rest[..end].to_owned()
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul and the fault proxy");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let proxy = FaultProxy::start(consul.http_addr()).await?;
-    let via = consul.config().with_address(proxy.address());
-    step("starting echo servers behind the proxy");
-    let super::Stage {
-        mut servers,
-        ids,
-        client: _client,
-        discovery,
-        traffic,
-        ..
-    } = super::Stage::set_up(
-        launcher,
-        &consul,
-        via,
-        config.servers,
-        config.interval,
-        Duration::from_secs(2),
-        ("proxy", config.every, 1_000_000),
-    )
-    .await?;
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Proxy;
+    type Outcome = Outcome;
 
-    let mut phases = Vec::new();
-    for &fault in &config.faults {
-        step(&format!("proxy: {fault}"));
-        let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
-        let before = proxy.stats();
-        let t0 = Instant::now();
-        proxy.set(fault);
-        match fault {
-            Fault::Drop => {
-                // Nothing comes back, so nothing can fail yet: wait until every server and
-                // the client have a request held.
-                let held = (config.servers + 1) as u64;
-                if let Err(e) = proxy.wait_held(held, LIMIT / 4).await {
-                    tracing::warn!(error = %e, "not every party had a request held");
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("starting the fault proxy");
+        let proxy = FaultProxy::start(consul.http_addr()).await?;
+        let via = consul.config().with_address(proxy.address());
+        step("starting echo servers behind the proxy");
+        let super::Stage {
+            mut servers,
+            ids,
+            client: _client,
+            discovery,
+            traffic,
+            ..
+        } = super::Stage::set_up(
+            launcher,
+            consul,
+            via,
+            self.servers,
+            self.interval,
+            Duration::from_secs(2),
+            ("proxy", self.every, 1_000_000),
+        )
+        .await?;
+
+        let mut phases = Vec::new();
+        for &fault in &self.faults {
+            step(&format!("proxy: {fault}"));
+            let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+            let before = proxy.stats();
+            let t0 = Instant::now();
+            proxy.set(fault);
+            match fault {
+                Fault::Drop => {
+                    // Nothing comes back, so nothing can fail yet: wait until every server and
+                    // the client have a request held.
+                    let held = (self.servers + 1) as u64;
+                    if let Err(e) = proxy.wait_held(held, LIMIT / 4).await {
+                        tracing::warn!(error = %e, "not every party had a request held");
+                    }
                 }
-            }
-            f if f.is_failure() => {
-                for (s, mark) in servers.iter().zip(&marks) {
-                    let _ = s
-                        .process
-                        .output()
-                        .wait_for_after(*mark, "retrying with backoff", LIMIT / 4)
+                f if f.is_failure() => {
+                    for (s, mark) in servers.iter().zip(&marks) {
+                        let _ = s
+                            .process
+                            .output()
+                            .wait_for_after(*mark, "retrying with backoff", LIMIT / 4)
+                            .await;
+                    }
+                    let _ = discovery
+                        .wait_for("the client to see the fault", t0, LIMIT / 4, |v| {
+                            matches!(v.state, ViewState::Unreachable(_))
+                        })
                         .await;
                 }
-                let _ = discovery
-                    .wait_for("the client to see the fault", t0, LIMIT / 4, |v| {
-                        matches!(v.state, ViewState::Unreachable(_))
-                    })
-                    .await;
+                _ => {}
             }
-            _ => {}
-        }
-        tokio::time::sleep(config.hold).await;
-        let lasted = t0.elapsed();
-        let requests = proxy.stats().requests - before.requests;
-        let t1 = Instant::now();
-        let t1_wall = SystemTime::now();
-        proxy.heal();
-        step(&format!("proxy healed after {fault}; waiting for recovery"));
+            tokio::time::sleep(self.hold).await;
+            let lasted = t0.elapsed();
+            let requests = proxy.stats().requests - before.requests;
+            let t1 = Instant::now();
+            let t1_wall = SystemTime::now();
+            proxy.heal();
+            step(&format!("proxy healed after {fault}; waiting for recovery"));
 
-        // Who met the fault, and how they came back.
-        let mut server_errors = Vec::new();
-        let mut servers_recovered = Some(Duration::ZERO);
-        for (s, mark) in servers.iter().zip(&marks) {
-            let output = s.process.output();
-            let error = if fault.is_failure() {
-                // A dropped request fails only when the proxy lets go of it, at healing.
-                output
-                    .wait_for_after(*mark, "retrying with backoff", LIMIT / 4)
+            // Who met the fault, and how they came back.
+            let mut server_errors = Vec::new();
+            let mut servers_recovered = Some(Duration::ZERO);
+            for (s, mark) in servers.iter().zip(&marks) {
+                let output = s.process.output();
+                let error = if fault.is_failure() {
+                    // A dropped request fails only when the proxy lets go of it, at healing.
+                    output
+                        .wait_for_after(*mark, "retrying with backoff", LIMIT / 4)
+                        .await
+                        .ok()
+                } else {
+                    output.find_after(*mark, "retrying with backoff")
+                };
+                let Some(error) = error else {
+                    continue;
+                };
+                server_errors.push(error_field(&error.text));
+                let back = output
+                    .wait_for_after(*mark, "Consul answers again", LIMIT)
+                    .await
+                    .ok()
+                    .map(|l| super::since_wall(t1_wall, l.received));
+                servers_recovered = match (servers_recovered, back) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+            }
+            let unreachable = |v: &super::observe::View| match &v.state {
+                ViewState::Unreachable(e) => Some(e.clone()),
+                _ => None,
+            };
+            let client_failed = if fault.is_failure() {
+                discovery
+                    .wait_for("the client to see the fault", t0, LIMIT / 4, |v| {
+                        unreachable(v).is_some()
+                    })
                     .await
                     .ok()
             } else {
-                output.find_after(*mark, "retrying with backoff")
+                discovery
+                    .views()
+                    .into_iter()
+                    .find(|v| v.at >= t0 && unreachable(v).is_some())
             };
-            let Some(error) = error else {
-                continue;
+            let client_error = client_failed.as_ref().and_then(unreachable);
+            let client_recovered = match &client_failed {
+                Some(failed) => discovery
+                    .wait_for("the client to be answered again", failed.at, LIMIT, |v| {
+                        v.state == ViewState::Reachable
+                    })
+                    .await
+                    .ok()
+                    .map(|v| v.at.saturating_duration_since(t1)),
+                None => None,
             };
-            server_errors.push(error_field(&error.text));
-            let back = output
-                .wait_for_after(*mark, "Consul answers again", LIMIT)
-                .await
-                .ok()
-                .map(|l| super::since_wall(t1_wall, l.received));
-            servers_recovered = match (servers_recovered, back) {
+            let (servers_recovered, client_recovered) = if fault.is_failure() {
+                (
+                    servers_recovered.filter(|_| !server_errors.is_empty()),
+                    client_recovered,
+                )
+            } else {
+                (None, None)
+            };
+            let recovered = match (servers_recovered, client_recovered) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 _ => None,
             };
-        }
-        let unreachable = |v: &super::observe::View| match &v.state {
-            ViewState::Unreachable(e) => Some(e.clone()),
-            _ => None,
-        };
-        let client_failed = if fault.is_failure() {
-            discovery
-                .wait_for("the client to see the fault", t0, LIMIT / 4, |v| {
-                    unreachable(v).is_some()
-                })
-                .await
-                .ok()
-        } else {
-            discovery
-                .views()
+            let want = hint(fault);
+            let clear = server_errors
+                .iter()
+                .chain(client_error.iter())
+                .all(|e| e.contains(want));
+            let end = Instant::now();
+            let echoes: Vec<_> = traffic
+                .outcomes()
                 .into_iter()
-                .find(|v| v.at >= t0 && unreachable(v).is_some())
-        };
-        let client_error = client_failed.as_ref().and_then(unreachable);
-        let client_recovered = match &client_failed {
-            Some(failed) => discovery
-                .wait_for("the client to be answered again", failed.at, LIMIT, |v| {
-                    v.state == ViewState::Reachable
-                })
-                .await
-                .ok()
-                .map(|v| v.at.saturating_duration_since(t1)),
-            None => None,
-        };
-        let (servers_recovered, client_recovered) = if fault.is_failure() {
-            (
-                servers_recovered.filter(|_| !server_errors.is_empty()),
+                .filter(|o| o.sent >= t0 && o.sent <= end)
+                .collect();
+            phases.push(Phase {
+                fault,
+                lasted,
+                server_errors,
+                client_error,
+                clear,
+                servers_recovered,
                 client_recovered,
-            )
-        } else {
-            (None, None)
-        };
-        let recovered = match (servers_recovered, client_recovered) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            _ => None,
-        };
-        let want = hint(fault);
-        let clear = server_errors
-            .iter()
-            .chain(client_error.iter())
-            .all(|e| e.contains(want));
-        let end = Instant::now();
-        let echoes: Vec<_> = traffic
-            .outcomes()
-            .into_iter()
-            .filter(|o| o.sent >= t0 && o.sent <= end)
-            .collect();
-        phases.push(Phase {
-            fault,
-            lasted,
-            server_errors,
-            client_error,
-            clear,
-            servers_recovered,
-            client_recovered,
-            recovered,
-            requests_per_sec: requests as f64 / lasted.as_secs_f64(),
-            echoes: Tally::of(&echoes),
-        });
-    }
+                recovered,
+                requests_per_sec: requests as f64 / lasted.as_secs_f64(),
+                echoes: Tally::of(&echoes),
+            });
+        }
 
-    step("all faults done; checking the servers");
-    let direct = consul.client();
-    let all_registered = tokio::time::timeout(
-        Duration::from_secs(10),
-        wait::health_until(&direct, SERVICE, true, LIMIT, |entries| {
-            ids.iter()
-                .all(|id| entries.iter().any(|e| &e.service.id == id))
-        }),
-    )
-    .await
-    .is_ok_and(|r| r.is_ok());
-    let outcomes = traffic.finish().await;
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        servers: config.servers,
-        phases,
-        tally: Tally::of(&outcomes),
-        errors: errors(&outcomes),
-        all_registered,
-        panics,
-        peak_rss_kib: super::peak_rss(&servers),
-    })
+        step("all faults done; checking the servers");
+        let direct = consul.client();
+        let all_registered = tokio::time::timeout(
+            Duration::from_secs(10),
+            wait::health_until(&direct, SERVICE, true, LIMIT, |entries| {
+                ids.iter()
+                    .all(|id| entries.iter().any(|e| &e.service.id == id))
+            }),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        let outcomes = traffic.finish().await;
+        Ok(Outcome {
+            servers: self.servers,
+            phases,
+            all_registered,
+            basics: Basics::of(&outcomes, &mut servers),
+        })
+    }
 }
 
 #[cfg(test)]

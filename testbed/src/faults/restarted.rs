@@ -8,14 +8,15 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, SERVICE, ms,
-    observe::{Tally, ViewState, errors, sent_between, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
+    observe::{Tally, ViewState, sent_between},
 };
-use crate::{Consul, ConsulOptions, error::Result, procs::Launcher, wait};
+use crate::{Consul, error::Result, procs::Launcher, wait};
 
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Echo servers started.
     pub servers: usize,
     /// Check interval of the servers.
     pub interval: Duration,
@@ -36,7 +37,7 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
+    /// The servers' check interval.
     #[serde(with = "ms")]
     pub interval: Duration,
     /// Stop → the new agent answers and has a leader.
@@ -51,25 +52,25 @@ pub struct Outcome {
     /// Agent ready → the client's discovery lists every server again.
     #[serde(with = "ms::opt")]
     pub client_view: Option<Duration>,
-    /// Consul's index of the client's view before the restart, of its first answer from the
-    /// new agent (dev mode starts over), and once it lists every server again.
+    /// Consul's index of the client's view before the restart.
     pub index_before: u64,
+    /// The index of its first answer from the new agent (dev mode starts over).
     pub first_index_after: u64,
+    /// The index once it lists every server again.
     pub index_after: u64,
     /// Servers that logged their re-registration.
     pub servers_re_registered: usize,
     /// Echoes sent from the stop until the client listed every server again.
     pub during_restart: Tally,
-    pub tally: Tally,
-    pub errors: Vec<String>,
-    pub panics: Vec<String>,
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
+        let mut v = self.basics.violations();
         match self.re_registered {
             None => v.push("not every server registered again".into()),
             Some(d) if d >= 2 * self.interval => v.push(format!(
@@ -84,17 +85,19 @@ impl Outcome {
         }
         v
     }
+}
 
+impl Findings for Outcome {
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Restarted.title().into(),
+            scenario: Scenario::Restarted.title().into(),
             injected: format!(
                 "agent stopped and started again (down {}), state lost",
                 super::secs(self.agent_down)
             ),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "all re-registered {} after the agent was back (limit {}); client view {}",
                 super::secs_or(self.re_registered, "never"),
@@ -102,13 +105,13 @@ impl Outcome {
                 super::secs_or(self.client_view, "never")
             ),
             recovery_ms: self.re_registered.map(|d| d.as_secs_f64() * 1e3),
-            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_kib: self.basics.peak_rss_kib,
             violations: self.violations(),
         }]
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**3. Consul restarted.** The agent was down (stop → new agent ready) for {}. \
              Counting from the moment it was ready again: every server was registered after {} \
@@ -131,97 +134,99 @@ impl Outcome {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul");
-    let mut consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    step("starting echo servers");
-    let super::Stage {
-        mut servers,
-        ids,
-        client: _client,
-        discovery,
-        listed: before,
-        traffic,
-    } = super::Stage::set_up(
-        launcher,
-        &consul,
-        consul.config(),
-        config.servers,
-        config.interval,
-        Duration::from_secs(2),
-        ("restarted", config.every, 100_000),
-    )
-    .await?;
-    let index_before = discovery.latest().map_or(before.index, |v| v.index);
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Restarted;
+    type Outcome = Outcome;
 
-    step("restarting Consul");
-    let t0 = Instant::now();
-    consul.restart().await?;
-    let ready = Instant::now();
-    step("Consul is back; waiting for every server to register again");
-    let direct = consul.client();
-    let registered = wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
-        ids.iter()
-            .all(|id| entries.iter().any(|e| &e.service.id == id))
-    })
-    .await
-    .ok()
-    .map(|(_, at)| at.into_std().saturating_duration_since(ready));
-    let passing = wait::health_until(&direct, SERVICE, true, LIMIT, |entries| {
-        ids.iter()
-            .all(|id| entries.iter().any(|e| &e.service.id == id))
-    })
-    .await
-    .ok()
-    .map(|(_, at)| at.into_std().saturating_duration_since(ready));
-    let after = discovery
-        .wait_for(
-            "the client's view to list every server",
-            ready,
-            LIMIT,
-            |v| v.lists_all(&ids) && v.state == ViewState::Reachable,
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("starting echo servers");
+        let super::Stage {
+            mut servers,
+            ids,
+            client: _client,
+            discovery,
+            listed: before,
+            traffic,
+        } = super::Stage::set_up(
+            launcher,
+            consul,
+            consul.config(),
+            self.servers,
+            self.interval,
+            Duration::from_secs(2),
+            ("restarted", self.every, 100_000),
         )
-        .await
-        .ok();
-    let client_view = after
-        .as_ref()
-        .map(|v| v.at.saturating_duration_since(ready));
-    let first_index_after = discovery
-        .views()
-        .iter()
-        .find(|v| v.at >= t0 && v.state == ViewState::Reachable)
-        .map_or(0, |v| v.index);
-    let view_end = after.as_ref().map_or_else(Instant::now, |v| v.at);
-    let servers_re_registered = servers
-        .iter()
-        .filter(|s| {
-            !s.process
-                .output()
-                .matching("re-registered with Consul")
-                .is_empty()
-        })
-        .count();
+        .await?;
+        let index_before = discovery.latest().map_or(before.index, |v| v.index);
 
-    tokio::time::sleep(config.interval).await;
-    let outcomes = traffic.finish().await;
-    let during = sent_between(&outcomes, t0, view_end);
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        interval: config.interval,
-        agent_down: ready - t0,
-        re_registered: registered,
-        passing,
-        client_view,
-        index_before,
-        first_index_after,
-        index_after: after.map_or(0, |v| v.index),
-        servers_re_registered,
-        during_restart: Tally::of(&during),
-        tally: Tally::of(&outcomes),
-        errors: errors(&outcomes),
-        panics,
-        peak_rss_kib: super::peak_rss(&servers),
-    })
+        step("restarting Consul");
+        let t0 = Instant::now();
+        consul.restart().await?;
+        let ready = Instant::now();
+        step("Consul is back; waiting for every server to register again");
+        let direct = consul.client();
+        let registered = wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
+            ids.iter()
+                .all(|id| entries.iter().any(|e| &e.service.id == id))
+        })
+        .await
+        .ok()
+        .map(|(_, at)| at.into_std().saturating_duration_since(ready));
+        let passing = wait::health_until(&direct, SERVICE, true, LIMIT, |entries| {
+            ids.iter()
+                .all(|id| entries.iter().any(|e| &e.service.id == id))
+        })
+        .await
+        .ok()
+        .map(|(_, at)| at.into_std().saturating_duration_since(ready));
+        let after = discovery
+            .wait_for(
+                "the client's view to list every server",
+                ready,
+                LIMIT,
+                |v| v.lists_all(&ids) && v.state == ViewState::Reachable,
+            )
+            .await
+            .ok();
+        let client_view = after
+            .as_ref()
+            .map(|v| v.at.saturating_duration_since(ready));
+        let first_index_after = discovery
+            .views()
+            .iter()
+            .find(|v| v.at >= t0 && v.state == ViewState::Reachable)
+            .map_or(0, |v| v.index);
+        let view_end = after.as_ref().map_or_else(Instant::now, |v| v.at);
+        let servers_re_registered = servers
+            .iter()
+            .filter(|s| {
+                !s.process
+                    .output()
+                    .matching("re-registered with Consul")
+                    .is_empty()
+            })
+            .count();
+
+        tokio::time::sleep(self.interval).await;
+        let outcomes = traffic.finish().await;
+        let during = sent_between(&outcomes, t0, view_end);
+        Ok(Outcome {
+            interval: self.interval,
+            agent_down: ready - t0,
+            re_registered: registered,
+            passing,
+            client_view,
+            index_before,
+            first_index_after,
+            index_after: after.map_or(0, |v| v.index),
+            servers_re_registered,
+            during_restart: Tally::of(&during),
+            basics: Basics::of(&outcomes, &mut servers),
+        })
+    }
 }

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, ms,
-    observe::{Tally, ViewState, errors, sent_between, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, Scenario, ms,
+    observe::{Tally, ViewState, sent_between},
 };
 use crate::{
     Consul, ConsulOptions,
@@ -24,6 +24,7 @@ use crate::{
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Echo servers started.
     pub servers: usize,
     /// Check interval of the servers.
     pub interval: Duration,
@@ -75,20 +76,20 @@ pub struct Phase {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
+    /// How long each phase was watched after the agent served the new certificate.
     #[serde(with = "ms")]
     pub window: Duration,
+    /// Each rotation, in turn.
     pub phases: Vec<Phase>,
-    pub tally: Tally,
-    pub errors: Vec<String>,
-    pub panics: Vec<String>,
-    pub peak_rss_kib: Option<u64>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
+        let mut v = self.basics.violations();
         for phase in &self.phases {
             let trusted = !phase.rotation.starts_with("unknown");
             match (&phase.fresh_client_error, trusted) {
@@ -108,9 +109,11 @@ impl Outcome {
         }
         v
     }
+}
 
+impl Findings for Outcome {
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         let noticed = |p: &Phase| {
             let mut what = Vec::new();
             if !p.server_tls_lines.is_empty() {
@@ -147,21 +150,21 @@ impl Outcome {
             )
         };
         vec![Row {
-            scenario: super::Scenario::Rotated.title().into(),
+            scenario: Scenario::Rotated.title().into(),
             injected: "the agent's certificate re-issued and reloaded (SIGHUP) under running \
                        mTLS servers and client: same CA, then an unknown CA, then back"
                 .into(),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: self.phases.iter().map(phase).collect::<Vec<_>>().join("; "),
             recovery_ms: self.phases.first().map(|p| p.reload.as_secs_f64() * 1e3),
-            peak_rss_kib: self.peak_rss_kib,
+            peak_rss_kib: self.basics.peak_rss_kib,
             violations: self.violations(),
         }]
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         let mut out = format!(
             "**7. TLS certificate rotated.** The agent serves HTTPS only, with \
              `verify_incoming`; servers and client use mutual TLS. For each rotation the \
@@ -206,87 +209,93 @@ impl Outcome {
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("making certificates and starting Consul with HTTPS and verify_incoming");
-    let pki = std::sync::Arc::new(TestPki::new()?);
-    let consul = Consul::start_with(ConsulOptions::from_env()?.with_tls(pki, true)).await?;
-    step("starting echo servers and a client over mutual TLS");
-    let super::Stage {
-        mut servers,
-        ids: _,
-        client: _client,
-        discovery,
-        listed: _,
-        traffic,
-    } = super::Stage::set_up(
-        launcher,
-        &consul,
-        consul.config(),
-        config.servers,
-        config.interval,
-        Duration::from_secs(2),
-        ("rotated", config.every, 100_000),
-    )
-    .await?;
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Rotated;
+    type Outcome = Outcome;
 
-    let mut phases = Vec::new();
-    for (rotation, issuer) in [
-        ("same CA", Issuer::SameCa),
-        ("unknown CA", Issuer::UnknownCa),
-        ("same CA again", Issuer::SameCa),
-    ] {
-        step(&format!("rotating the agent's certificate: {rotation}"));
-        let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
-        let t0 = Instant::now();
-        let t0_wall = SystemTime::now();
-        consul.rotate_certificate(AGENT_NAMES, issuer).await?;
-        let reload = t0.elapsed();
-        let asked = Instant::now();
-        let fresh = consul_api::Client::new(consul.config())?;
-        let answer = tokio::time::timeout(LIMIT, fresh.agent().agent_self()).await;
-        let fresh_client_took = asked.elapsed();
-        let fresh_client_error = match answer {
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some(format!("no answer within {}", super::secs(LIMIT))),
-        };
-        let window_start = Instant::now();
-        tokio::time::sleep(config.window).await;
-        let window_end = Instant::now();
-        let (server_tls_lines, re_registered) = since(&servers, &marks);
-        let client_view_reachable = discovery
-            .views()
-            .iter()
-            .filter(|v| v.at >= t0)
-            .all(|v| v.state == ViewState::Reachable);
-        phases.push(Phase {
-            rotation: rotation.into(),
-            reload,
-            fresh_client_error,
-            fresh_client_took,
-            tally: Tally::of(&sent_between(&traffic.outcomes(), window_start, window_end)),
-            server_tls_lines,
-            re_registrations: re_registered.len(),
-            re_registered_after: re_registered
-                .iter()
-                .max()
-                .map(|at| super::since_wall(t0_wall, *at)),
-            client_view_reachable,
-        });
+    fn consul_options(&self) -> Result<ConsulOptions> {
+        let pki = std::sync::Arc::new(TestPki::new()?);
+        Ok(ConsulOptions::from_env()?.with_tls(pki, true))
     }
 
-    let outcomes = traffic.finish().await;
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        window: config.window,
-        phases,
-        tally: Tally::of(&outcomes),
-        errors: errors(&outcomes),
-        panics,
-        peak_rss_kib: super::peak_rss(&servers),
-    })
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("starting echo servers and a client over mutual TLS");
+        let super::Stage {
+            mut servers,
+            ids: _,
+            client: _client,
+            discovery,
+            listed: _,
+            traffic,
+        } = super::Stage::set_up(
+            launcher,
+            consul,
+            consul.config(),
+            self.servers,
+            self.interval,
+            Duration::from_secs(2),
+            ("rotated", self.every, 100_000),
+        )
+        .await?;
+
+        let mut phases = Vec::new();
+        for (rotation, issuer) in [
+            ("same CA", Issuer::SameCa),
+            ("unknown CA", Issuer::UnknownCa),
+            ("same CA again", Issuer::SameCa),
+        ] {
+            step(&format!("rotating the agent's certificate: {rotation}"));
+            let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+            let t0 = Instant::now();
+            let t0_wall = SystemTime::now();
+            consul.rotate_certificate(AGENT_NAMES, issuer).await?;
+            let reload = t0.elapsed();
+            let asked = Instant::now();
+            let fresh = consul_api::Client::new(consul.config())?;
+            let answer = tokio::time::timeout(LIMIT, fresh.agent().agent_self()).await;
+            let fresh_client_took = asked.elapsed();
+            let fresh_client_error = match answer {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {}", super::secs(LIMIT))),
+            };
+            let window_start = Instant::now();
+            tokio::time::sleep(self.window).await;
+            let window_end = Instant::now();
+            let (server_tls_lines, re_registered) = since(&servers, &marks);
+            let client_view_reachable = discovery
+                .views()
+                .iter()
+                .filter(|v| v.at >= t0)
+                .all(|v| v.state == ViewState::Reachable);
+            phases.push(Phase {
+                rotation: rotation.into(),
+                reload,
+                fresh_client_error,
+                fresh_client_took,
+                tally: Tally::of(&sent_between(&traffic.outcomes(), window_start, window_end)),
+                server_tls_lines,
+                re_registrations: re_registered.len(),
+                re_registered_after: re_registered
+                    .iter()
+                    .max()
+                    .map(|at| super::since_wall(t0_wall, *at)),
+                client_view_reachable,
+            });
+        }
+
+        let outcomes = traffic.finish().await;
+        Ok(Outcome {
+            window: self.window,
+            phases,
+            basics: Basics::of(&outcomes, &mut servers),
+        })
+    }
 }
 
 /// The servers' lines since `marks` that speak of TLS, and when each "re-registered" line

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Row, ms,
-    observe::{DiscoveryLog, Tally, Traffic, errors, shared_violations},
+    Basics, Experiment, Findings, LIMIT, Row, Scenario, ms,
+    observe::{DiscoveryLog, Traffic},
 };
 use crate::{
-    Consul, ConsulOptions,
+    Consul,
     error::Result,
     faultproxy::{Fault, FaultProxy},
     procs::{Launcher, ServerProcess},
@@ -44,24 +44,25 @@ impl Default for Config {
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub consul: String,
     /// Second server started → the client's discovery lists it.
     #[serde(with = "ms::opt")]
     pub new_server_seen: Option<Duration>,
     /// Requests per second through the proxy over the window.
     pub request_rate: f64,
+    /// Most requests per second allowed.
     pub max_rate: f64,
-    /// Every discovery snapshot index the client published (all 0 without the header).
+    /// The highest Consul index among the client's discovery snapshots (0: every index was
+    /// stripped).
     pub max_index_seen: u64,
-    pub tally: Tally,
-    pub errors: Vec<String>,
-    pub panics: Vec<String>,
+    /// Its echoes and what became of its echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
 }
 
 impl Outcome {
     /// The invariants that did not hold.
     pub fn violations(&self) -> Vec<String> {
-        let mut v = shared_violations(&self.tally, &self.panics);
+        let mut v = self.basics.violations();
         if self.new_server_seen.is_none() {
             v.push("the client never saw the new server".into());
         }
@@ -73,14 +74,16 @@ impl Outcome {
         }
         v
     }
+}
 
+impl Findings for Outcome {
     /// The table's row.
-    pub fn rows(&self) -> Vec<Row> {
+    fn rows(&self) -> Vec<Row> {
         vec![Row {
-            scenario: super::Scenario::Stripped.title().into(),
+            scenario: Scenario::Stripped.title().into(),
             injected: "X-Consul-Index stripped from every answer; a second server started".into(),
-            sent: self.tally.sent,
-            lost: self.tally.lost,
+            sent: self.basics.tally.sent,
+            lost: self.basics.tally.lost,
             recovery: format!(
                 "new server seen in {}; {:.1} Consul requests/s",
                 super::secs_or(self.new_server_seen, "never"),
@@ -93,7 +96,7 @@ impl Outcome {
     }
 
     /// How each figure was measured, with the figures.
-    pub fn details(&self) -> String {
+    fn details(&self) -> String {
         format!(
             "**9. Stripped index.** The client's Consul requests went through a proxy removing \
              `X-Consul-Index` (highest index the client saw: {}). A second server started \
@@ -102,76 +105,75 @@ impl Outcome {
             self.max_index_seen,
             super::secs_or(self.new_server_seen, "never"),
             self.request_rate,
-            self.tally.sent,
-            self.tally.lost,
+            self.basics.tally.sent,
+            self.basics.tally.lost,
         )
     }
 }
 
-/// Run the scenario.
-pub async fn run(launcher: &Launcher, config: &Config, step: &dyn Fn(&str)) -> Result<Outcome> {
-    step("starting Consul and the proxy");
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let proxy = FaultProxy::start(consul.http_addr()).await?;
-    proxy.set(Fault::StripIndex);
-    let via = consul.config().with_address(proxy.address());
-    step("starting one server; the client behind the proxy");
-    let mut servers = super::start_servers(
-        launcher,
-        &consul,
-        consul.config(),
-        1,
-        Duration::from_secs(1),
-    )
-    .await?;
-    let ids = super::ids(&servers);
-    let client = super::client(via, Duration::from_secs(1))?;
-    let discovery = DiscoveryLog::start(&client);
-    discovery
-        .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
-            v.lists_all(&ids)
+impl Experiment for Config {
+    const SCENARIO: Scenario = Scenario::Stripped;
+    type Outcome = Outcome;
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("starting the proxy");
+        let proxy = FaultProxy::start(consul.http_addr()).await?;
+        proxy.set(Fault::StripIndex);
+        let via = consul.config().with_address(proxy.address());
+        step("starting one server; the client behind the proxy");
+        let mut servers =
+            super::start_servers(launcher, consul, consul.config(), 1, Duration::from_secs(1))
+                .await?;
+        let ids = super::ids(&servers);
+        let client = super::client(via, Duration::from_secs(1))?;
+        let discovery = DiscoveryLog::start(&client);
+        discovery
+            .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
+                v.lists_all(&ids)
+            })
+            .await?;
+        let traffic = Traffic::start(&client, "stripped", self.every, 100_000);
+        traffic
+            .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
+            .await?;
+        step("measuring the request rate");
+        let before = proxy.stats().requests;
+        let window = Instant::now();
+        traffic
+            .wait_for("the window to pass", self.window + LIMIT, |o| {
+                o.sent >= window + self.window
+            })
+            .await?;
+        let requests = proxy.stats().requests - before;
+        let request_rate = requests as f64 / window.elapsed().as_secs_f64();
+        step("starting a second server");
+        let spec = super::server_spec(
+            consul.config(),
+            &format!("{}_2", super::SERVICE),
+            Duration::from_secs(1),
+        )?;
+        let t0 = Instant::now();
+        servers.push(ServerProcess::spawn(launcher, spec.clone()).await?);
+        let new_server_seen = discovery
+            .wait_for("the client to list the new server", t0, LIMIT, |v| {
+                v.lists(&spec.id)
+            })
+            .await
+            .ok()
+            .map(|v| v.at.saturating_duration_since(t0));
+        let max_index_seen = discovery.views().iter().map(|v| v.index).max().unwrap_or(0);
+        let outcomes = traffic.finish().await;
+        Ok(Outcome {
+            new_server_seen,
+            request_rate,
+            max_rate: self.max_rate,
+            max_index_seen,
+            basics: Basics::of(&outcomes, &mut servers),
         })
-        .await?;
-    let traffic = Traffic::start(&client, "stripped", config.every, 100_000);
-    traffic
-        .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
-        .await?;
-    step("measuring the request rate");
-    let before = proxy.stats().requests;
-    let window = Instant::now();
-    traffic
-        .wait_for("the window to pass", config.window + LIMIT, |o| {
-            o.sent >= window + config.window
-        })
-        .await?;
-    let requests = proxy.stats().requests - before;
-    let request_rate = requests as f64 / window.elapsed().as_secs_f64();
-    step("starting a second server");
-    let spec = super::server_spec(
-        consul.config(),
-        &format!("{}_2", super::SERVICE),
-        Duration::from_secs(1),
-    )?;
-    let t0 = Instant::now();
-    servers.push(ServerProcess::spawn(launcher, spec.clone()).await?);
-    let new_server_seen = discovery
-        .wait_for("the client to list the new server", t0, LIMIT, |v| {
-            v.lists(&spec.id)
-        })
-        .await
-        .ok()
-        .map(|v| v.at.saturating_duration_since(t0));
-    let max_index_seen = discovery.views().iter().map(|v| v.index).max().unwrap_or(0);
-    let outcomes = traffic.finish().await;
-    let panics = super::casualties(&mut servers);
-    Ok(Outcome {
-        consul: super::consul_label(&consul),
-        new_server_seen,
-        request_rate,
-        max_rate: config.max_rate,
-        max_index_seen,
-        tally: Tally::of(&outcomes),
-        errors: errors(&outcomes),
-        panics,
-    })
+    }
 }

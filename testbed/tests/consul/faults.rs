@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use testbed::{
     faultproxy::Fault,
-    faults::{self, Scenario},
+    faults::{self, Experiment, Findings, Scenario},
 };
 
 use crate::common::{init_tracing, launcher};
@@ -26,12 +26,10 @@ async fn hung_server_leaves_and_rejoins_rotation_without_losing_an_echo() {
         hold: Duration::from_secs(1),
         ..Default::default()
     };
-    let o = faults::hung::run(&launcher(), &config, &step)
-        .await
-        .unwrap();
+    let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
-    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.basics.tally.lost, 0);
     assert!(o.during_fault.sent > 0);
     assert!(
         o.check_output.contains("Timeout exceeded"),
@@ -54,9 +52,7 @@ async fn paused_consul_costs_no_echo_and_everything_converges() {
         pause: Duration::from_secs(6),
         ..Default::default()
     };
-    let o = faults::paused::run(&launcher(), &config, &step)
-        .await
-        .unwrap();
+    let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(o.during_pause.lost, 0);
@@ -70,9 +66,7 @@ async fn paused_consul_costs_no_echo_and_everything_converges() {
 async fn restarted_consul_gets_every_registration_back_within_two_intervals() {
     init_tracing();
     let config = faults::restarted::Config::default();
-    let o = faults::restarted::run(&launcher(), &config, &step)
-        .await
-        .unwrap();
+    let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert!(o.re_registered.unwrap() < 2 * config.interval);
@@ -92,7 +86,7 @@ async fn restarted_consul_gets_every_registration_back_within_two_intervals() {
         o.index_after
     );
     assert!(o.client_view.is_some());
-    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.basics.tally.lost, 0);
 }
 
 #[tokio::test]
@@ -111,9 +105,7 @@ async fn behind_a_faulty_proxy_servers_and_clients_log_back_off_and_recover() {
         ],
         ..Default::default()
     };
-    let o = faults::proxy::run(&launcher(), &config, &step)
-        .await
-        .unwrap();
+    let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(o.phases.len(), config.faults.len());
@@ -132,7 +124,7 @@ async fn behind_a_faulty_proxy_servers_and_clients_log_back_off_and_recover() {
         );
     }
     assert!(o.all_registered);
-    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.basics.tally.lost, 0);
 }
 
 #[tokio::test]
@@ -142,7 +134,7 @@ async fn with_acls_refusals_are_clear_permissions_are_narrow_and_no_token_is_pri
         messages: 5,
         ..Default::default()
     };
-    let o = faults::acl::run(&launcher(), &config, &step).await.unwrap();
+    let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert!(o.cases.len() >= 7);
@@ -161,9 +153,7 @@ async fn with_acls_refusals_are_clear_permissions_are_narrow_and_no_token_is_pri
 async fn hostile_input_leaves_the_server_up_and_its_memory_bounded() {
     init_tracing();
     let config = faults::hostile::Config::default();
-    let o = faults::hostile::run(&launcher(), &config, &step)
-        .await
-        .unwrap();
+    let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert!(o.alive && o.fresh_echo && o.still_passing);
@@ -182,12 +172,13 @@ async fn hostile_input_leaves_the_server_up_and_its_memory_bounded() {
 async fn blackholed_instances_cost_at_most_one_connect_timeout() {
     init_tracing();
     let config = faults::blackholed::Config::default();
-    let o = faults::blackholed::run(&launcher(), &config, &step)
-        .await
-        .unwrap();
+    let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
-    assert_eq!((o.tally.sent, o.tally.lost), (config.messages, 0));
+    assert_eq!(
+        (o.basics.tally.sent, o.basics.tally.lost),
+        (config.messages, 0)
+    );
     assert_eq!(o.served_by, std::slice::from_ref(&o.healthy));
     // One healthy instance behind 3 that drop SYNs: about the stream plus one connect
     // timeout (tried one after another, they cost 3).
@@ -203,29 +194,25 @@ async fn blackholed_instances_cost_at_most_one_connect_timeout() {
 async fn a_large_pipelined_batch_is_answered_without_ejecting_the_server() {
     init_tracing();
     let config = faults::batch::Config::default();
-    let o = faults::batch::run(&launcher(), &config, &step)
-        .await
-        .unwrap();
+    let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
-    assert_eq!(o.tally.sent, config.messages as u64);
+    assert_eq!(o.basics.tally.sent, config.messages as u64);
     assert_eq!(o.exact, config.messages as u64);
-    assert_eq!(o.tally.resent, 0, "no reply timeout, no ejection");
+    assert_eq!(o.basics.tally.resent, 0, "no reply timeout, no ejection");
 }
 
 #[tokio::test]
 async fn without_x_consul_index_discovery_polls_with_backoff_and_sees_changes() {
     init_tracing();
     let config = faults::stripped::Config::default();
-    let o = faults::stripped::run(&launcher(), &config, &step)
-        .await
-        .unwrap();
+    let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(o.max_index_seen, 0, "the proxy stripped every index");
     assert!(o.new_server_seen.unwrap() < Duration::from_secs(15));
     assert!(o.request_rate <= config.max_rate, "{}", o.request_rate);
-    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.basics.tally.lost, 0);
 }
 
 #[tokio::test]
@@ -235,12 +222,10 @@ async fn a_rotated_tls_certificate_reaches_new_connections_and_costs_no_echo() {
         window: Duration::from_secs(2),
         ..Default::default()
     };
-    let o = faults::rotated::run(&launcher(), &config, &step)
-        .await
-        .unwrap();
+    let o = config.run(&launcher(), &step).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
-    assert_eq!(o.tally.lost, 0);
+    assert_eq!(o.basics.tally.lost, 0);
     assert_eq!(o.phases.len(), 3);
     for phase in &o.phases {
         assert!(phase.tally.sent > 0, "{phase:?}");
