@@ -11,6 +11,9 @@
 //! timed part it shuts down cleanly (deregisters) and both views are waited on to drop it.
 //! One real Consul serves the group, started on first use.
 
+// criterion_group! and criterion_main! generate public functions without docs.
+#![allow(missing_docs)]
+
 use std::{
     sync::{Arc, Mutex},
     time::Duration,

@@ -10,6 +10,9 @@
 //! * `echo/latency/<server>/<size>-<n>conn`: one message in flight per connection; every
 //!   round trip is recorded, so the p99 is per message.
 
+// criterion_group! and criterion_main! generate public functions without docs.
+#![allow(missing_docs)]
+
 use std::{sync::Arc, time::Duration};
 
 use benches::{

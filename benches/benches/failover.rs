@@ -17,6 +17,9 @@
 //! the timed part (a new server for the killed one, `/check` healthy again), so the roles of
 //! A and B alternate. One real Consul serves the group, started on first use.
 
+// criterion_group! and criterion_main! generate public functions without docs.
+#![allow(missing_docs)]
+
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},

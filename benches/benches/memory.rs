@@ -12,6 +12,9 @@
 //! Arguments as criterion takes them: a filter (substring of the id), `--list`, and without
 //! `--bench` (as `cargo test --benches` runs it) a quick smoke run that records nothing.
 
+// criterion_group! and criterion_main! generate public functions without docs.
+#![allow(missing_docs)]
+
 use std::time::Duration;
 
 use benches::{
