@@ -11,7 +11,12 @@ use super::{
     Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{Tally, ViewState, sent_between},
 };
+use consul_api::{AgentServiceCheck, AgentServiceRegistration, GoDuration, QueryOptions};
+
 use crate::{Consul, error::Result, procs::Launcher, wait};
+
+/// Registrations that raise the service's index before the restart.
+const INDEX_BUMPS: usize = 30;
 
 /// Settings.
 #[derive(Debug, Clone)]
@@ -162,14 +167,50 @@ impl Experiment for Config {
             ("restarted", self.every, 100_000),
         )
         .await?;
-        let index_before = discovery.latest().map_or(before.index, |v| v.index);
+        // Raise the service's index on the old agent well above where the new one's will be
+        // once the servers are back, so that the client visibly sees it go backwards: without
+        // this the new agent's index can be back at the old value by the time the client's
+        // first read after the outage arrives. A namesake whose TTL check never passes is
+        // re-registered with a new tag each time: never in the passing set, never dialled.
+        step("raising the service's index on the old agent");
+        let bumped_from = Instant::now();
+        let direct = consul.client();
+        let mut bump = AgentServiceRegistration {
+            id: Some(format!("{SERVICE}_index_bump")),
+            name: SERVICE.into(),
+            address: Some("127.0.0.1".into()),
+            port: Some(1),
+            check: Some(AgentServiceCheck {
+                ttl: Some(GoDuration::from_secs(600)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        for i in 0..INDEX_BUMPS {
+            bump.tags = vec![format!("bump-{i}")];
+            direct.agent().service_register(&bump).await?;
+        }
+        let bump_id = bump.id.clone().unwrap_or_default();
+        direct.agent().service_deregister(&bump_id).await?;
+        let (_, meta) = direct
+            .health()
+            .service(SERVICE, None, true, &QueryOptions::default())
+            .await?;
+        let raised = discovery
+            .wait_for(
+                "the client's view to reach the raised index",
+                bumped_from,
+                LIMIT,
+                |v| v.index >= meta.last_index,
+            )
+            .await?;
+        let index_before = raised.index.max(before.index);
 
         step("restarting Consul");
         let t0 = Instant::now();
         consul.restart().await?;
         let ready = Instant::now();
         step("Consul is back; waiting for every server to register again");
-        let direct = consul.client();
         let registered = wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
             ids.iter()
                 .all(|id| entries.iter().any(|e| &e.service.id == id))
