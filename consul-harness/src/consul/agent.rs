@@ -4,8 +4,10 @@
 //! 127.0.0.1 by processes on the host.
 
 use std::{
+    collections::BTreeSet,
     net::{TcpListener, UdpSocket},
     path::PathBuf,
+    sync::{Mutex, PoisonError},
 };
 
 use crate::error::{Error, Result};
@@ -63,7 +65,9 @@ impl Ports {
     ///
     /// They are taken below the kernel's ephemeral range: once we let go of them, nothing
     /// takes them implicitly (an outgoing connection's local port, another program's bind
-    /// to port 0), so a stopped agent can start again on the same HTTP port.
+    /// to port 0), so a stopped agent can start again on the same HTTP port. They stay
+    /// reserved in this process until [`Ports::release`]: another agent started meanwhile
+    /// (tests run side by side) never picks the ports of one that is stopped for a moment.
     pub fn pick() -> Result<Ports> {
         Ports::pick_avoiding(None)
     }
@@ -71,27 +75,43 @@ impl Ports {
     /// New ports for the agent's own traffic (Serf, RPC), keeping `http`: what its clients
     /// already know.
     pub fn repick_keeping_http(http: u16) -> Result<Ports> {
-        Ok(Ports {
-            http,
-            ..Ports::pick_avoiding(Some(http))?
-        })
+        let fresh = Ports::pick_avoiding(Some(http))?;
+        release(&[fresh.http]);
+        Ok(Ports { http, ..fresh })
+    }
+
+    /// Give the ports back to this process's pool (the agent that owned them is gone).
+    pub fn release(&self) {
+        release(&[self.http, self.serf_lan, self.serf_wan, self.server]);
+    }
+
+    /// Give back the Serf and RPC ports only (the HTTP port stays with its agent).
+    pub fn release_all_but_http(&self) {
+        release(&[self.serf_lan, self.serf_wan, self.server]);
     }
 
     fn pick_avoiding(avoid: Option<u16>) -> Result<Ports> {
         let range = below_ephemeral_range();
         let mut held = Vec::new();
+        let mut owned = OWNED.lock().unwrap_or_else(PoisonError::into_inner);
         let mut take = |udp_too: bool| -> Result<u16> {
             for _ in 0..200 {
                 let candidate = range.as_ref().map_or(0, |r| rand::random_range(r.clone()));
+                if owned.contains(&candidate) {
+                    continue;
+                }
                 let Ok(tcp) = TcpListener::bind(("127.0.0.1", candidate)) else {
                     continue;
                 };
                 let port = tcp.local_addr()?.port();
-                if Some(port) == avoid || (udp_too && UdpSocket::bind(("127.0.0.1", port)).is_err())
+                if Some(port) == avoid
+                    || owned.contains(&port)
+                    || (udp_too && UdpSocket::bind(("127.0.0.1", port)).is_err())
                 {
                     continue;
                 }
                 held.push(tcp);
+                owned.insert(port);
                 return Ok(port);
             }
             Err(Error::NoFreePort {
@@ -104,6 +124,16 @@ impl Ports {
             serf_wan: take(true)?,
             server: take(false)?,
         })
+    }
+}
+
+/// The agent ports handed out in this process and not yet released.
+static OWNED: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+fn release(ports: &[u16]) {
+    let mut owned = OWNED.lock().unwrap_or_else(PoisonError::into_inner);
+    for port in ports {
+        owned.remove(port);
     }
 }
 
@@ -235,6 +265,34 @@ mod tests {
         assert_eq!(Flavor::guess("1.20").unwrap(), Flavor::Modern);
         assert_eq!(Flavor::guess("1.21.3-ent").unwrap(), Flavor::Modern);
         assert_eq!(Flavor::guess("latest").unwrap(), Flavor::Modern);
+    }
+
+    #[test]
+    fn picked_ports_stay_reserved_in_this_process_until_released() {
+        let owned = |p: u16| OWNED.lock().unwrap().contains(&p);
+        let a = Ports::pick().unwrap();
+        let all = [a.http, a.serf_lan, a.serf_wan, a.server];
+        assert!(all.iter().all(|p| owned(*p)), "{a:?}");
+        // Another agent picking meanwhile never gets them.
+        let others: Vec<Ports> = (0..50).map(|_| Ports::pick().unwrap()).collect();
+        for o in &others {
+            let theirs = [o.http, o.serf_lan, o.serf_wan, o.server];
+            assert!(
+                theirs.iter().all(|p| !all.contains(p)),
+                "{o:?} took one of {a:?}"
+            );
+            o.release();
+        }
+        let again = Ports::repick_keeping_http(a.http).unwrap();
+        a.release_all_but_http();
+        assert!(owned(a.http), "the HTTP port stays with its agent");
+        assert!(
+            !owned(a.serf_lan) && !owned(a.server),
+            "old Serf/RPC ports given back"
+        );
+        assert!(owned(again.serf_lan) && owned(again.server));
+        again.release();
+        assert!(!owned(a.http) && !owned(again.serf_lan));
     }
 
     #[test]

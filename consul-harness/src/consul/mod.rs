@@ -211,6 +211,14 @@ fn client_config(options: &ConsulOptions, port: u16) -> consul_api::Config {
 /// What an agent logs when one of its ports is taken.
 const PORT_CLASH: &str = "address already in use";
 
+impl Drop for Consul {
+    /// Its ports go back to the pool (the container or process itself is removed by its own
+    /// handle's drop).
+    fn drop(&mut self) {
+        self.spec.ports.release();
+    }
+}
+
 impl Consul {
     /// Start an agent with options from the environment.
     pub async fn start() -> Result<Consul> {
@@ -456,7 +464,9 @@ impl Consul {
                     // One of its own ports (Serf, RPC) was taken while it was down: only the
                     // agent uses those, so new ones do; the HTTP port stays.
                     self.stop().await?;
-                    self.spec.ports = Ports::repick_keeping_http(self.spec.ports.http)?;
+                    let old = self.spec.ports;
+                    self.spec.ports = Ports::repick_keeping_http(old.http)?;
+                    old.release_all_but_http();
                     tracing::info!(ports = ?self.spec.ports, "agent port taken meanwhile; new Serf and RPC ports");
                 }
                 other => return other,
