@@ -76,6 +76,6 @@ pub use client::{Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};
 pub use health::{HealthCheck, HealthStatus, Node, ServiceEntry};
-pub use query::{QueryMeta, QueryOptions};
+pub use query::{Consistency, QueryMeta, QueryOptions};
 pub use tls::TlsConfig;
 pub use watch::Watch;

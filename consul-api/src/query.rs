@@ -21,8 +21,70 @@ pub struct QueryOptions {
     pub wait_time: Option<Duration>,
     /// Content hash for the agent endpoints that block on hashes (`hash`).
     pub wait_hash: Option<String>,
-    /// Allow any server to answer, possibly stale (`stale`).
-    pub allow_stale: bool,
+    /// Which server may answer and how fresh the answer must be (`stale`, `consistent`).
+    pub consistency: Consistency,
+    /// Answer from the local agent's cache (`cached`): one upstream query shared by every
+    /// client of that agent; blocking queries block on the cache's index. Health and catalog
+    /// service reads support it in Consul 1.8.
+    pub cached: bool,
+    /// A server-side filter expression (`filter`, Consul ≥ 1.5), e.g.
+    /// `Service.Meta.version == "2"`.
+    pub filter: Option<String>,
+}
+
+/// The consistency mode of a read, as Consul's HTTP API names them.
+///
+/// * `Default`: the leader answers, unless it lost contact with a quorum for a moment (a
+///   rare stale read, for speed);
+/// * `Stale`: any server answers from its own copy (`X-Consul-LastContact` says how old);
+///   the read keeps working without a leader, even without quorum;
+/// * `Consistent`: the leader confirms its leadership with a quorum before answering
+///   (an extra round trip per read).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Consistency {
+    /// Consul's default mode.
+    #[default]
+    Default,
+    /// `?stale`: any server answers.
+    Stale,
+    /// `?consistent`: the leader, after a quorum check.
+    Consistent,
+}
+
+impl Consistency {
+    /// The query-string key, if any.
+    fn key(self) -> Option<&'static str> {
+        match self {
+            Consistency::Default => None,
+            Consistency::Stale => Some("stale"),
+            Consistency::Consistent => Some("consistent"),
+        }
+    }
+}
+
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Consistency::Default => "default",
+            Consistency::Stale => "stale",
+            Consistency::Consistent => "consistent",
+        })
+    }
+}
+
+impl std::str::FromStr for Consistency {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "default" => Ok(Consistency::Default),
+            "stale" => Ok(Consistency::Stale),
+            "consistent" => Ok(Consistency::Consistent),
+            other => Err(format!(
+                "unknown consistency mode {other:?}: use default, stale or consistent"
+            )),
+        }
+    }
 }
 
 impl QueryOptions {
@@ -42,8 +104,14 @@ impl QueryOptions {
         if blocking && let Some(wait) = self.wait_time {
             pairs.push(("wait", GoDuration(wait.min(MAX_WAIT)).to_string()));
         }
-        if self.allow_stale {
-            pairs.push(("stale", String::new()));
+        if let Some(key) = self.consistency.key() {
+            pairs.push((key, String::new()));
+        }
+        if self.cached {
+            pairs.push(("cached", String::new()));
+        }
+        if let Some(filter) = &self.filter {
+            pairs.push(("filter", filter.clone()));
         }
         pairs
     }
@@ -74,6 +142,8 @@ pub struct QueryMeta {
     pub last_contact_ms: u64,
     /// `X-Consul-ContentHash`, for the agent's hash-blocking endpoints.
     pub content_hash: Option<String>,
+    /// `X-Cache` of a `cached` read: `Some(true)` for `HIT`, `Some(false)` for `MISS`.
+    pub cache_hit: Option<bool>,
 }
 
 impl QueryMeta {
@@ -88,6 +158,7 @@ impl QueryMeta {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
             content_hash: get("X-Consul-ContentHash").map(str::to_owned),
+            cache_hit: get("X-Cache").map(|v| v == "HIT"),
         }
     }
 }
@@ -122,5 +193,30 @@ mod tests {
             q.blocking_budget(),
             Some(Duration::from_secs(600) + Duration::from_millis(37_500))
         );
+    }
+
+    #[test]
+    fn consistency_cache_and_filter_pairs() {
+        let q = QueryOptions {
+            consistency: Consistency::Stale,
+            cached: true,
+            filter: Some("Service.Port == 1".into()),
+            ..Default::default()
+        };
+        let pairs = q.pairs();
+        assert!(pairs.contains(&("stale", String::new())));
+        assert!(pairs.contains(&("cached", String::new())));
+        assert!(pairs.contains(&("filter", "Service.Port == 1".into())));
+        let consistent = QueryOptions {
+            consistency: Consistency::Consistent,
+            ..Default::default()
+        };
+        assert_eq!(consistent.pairs(), vec![("consistent", String::new())]);
+        assert!(QueryOptions::default().pairs().is_empty());
+        assert_eq!("stale".parse::<Consistency>(), Ok(Consistency::Stale));
+        assert!("eventual".parse::<Consistency>().is_err());
+        for mode in [Consistency::Default, Consistency::Stale, Consistency::Consistent] {
+            assert_eq!(mode.to_string().parse::<Consistency>(), Ok(mode));
+        }
     }
 }
