@@ -797,7 +797,10 @@ mod tests {
         assert_eq!(reaper.next_deadline(), None, "passing: nothing to do");
         reaper.observe(&scene.obs(2.5, vec![check("web-1", HealthStatus::Critical)]));
         assert_eq!(reaper.next_deadline(), Some(scene.at(7.5)), "2.5 s + 5 s");
-        assert!(reaper.due(scene.at(7.499)).is_empty(), "not a millisecond early");
+        assert!(
+            reaper.due(scene.at(7.499)).is_empty(),
+            "not a millisecond early"
+        );
         let due = reaper.due(scene.at(7.5));
         assert_eq!(ids(&due), ["web-1"]);
         assert_eq!(due[0].deadline(), scene.at(7.5));
@@ -908,7 +911,10 @@ mod tests {
         reaper.finished("web-1", Outcome::Refused);
         reaper.observe(&scene.obs(6.0, vec![check("web-1", HealthStatus::Critical)]));
         assert_eq!(reaper.next_deadline(), None);
-        assert!(reaper.due(scene.at(600.0)).is_empty(), "no loop of removals");
+        assert!(
+            reaper.due(scene.at(600.0)).is_empty(),
+            "no loop of removals"
+        );
         // Recovered, then critical again: a new spell, a new try.
         reaper.observe(&scene.obs(601.0, vec![check("web-1", HealthStatus::Passing)]));
         reaper.observe(&scene.obs(602.0, vec![check("web-1", HealthStatus::Critical)]));
@@ -1126,7 +1132,13 @@ mod tests {
 
     type Events = Arc<Mutex<Vec<Event>>>;
 
-    fn start(fake: &Fake) -> (Events, CancellationToken, tokio::task::JoinHandle<Result<()>>) {
+    fn start(
+        fake: &Fake,
+    ) -> (
+        Events,
+        CancellationToken,
+        tokio::task::JoinHandle<Result<()>>,
+    ) {
         let events: Events = Arc::default();
         let stop = CancellationToken::new();
         let sink = events.clone();

@@ -425,7 +425,11 @@ pub async fn run(
             };
             twins.push(ReaperTrial {
                 service_id: id.clone(),
-                twin_of: Plan { twin: false, ..plan.clone() }.service_id(),
+                twin_of: Plan {
+                    twin: false,
+                    ..plan.clone()
+                }
+                .service_id(),
                 setting: GoDuration(plan.setting),
                 interval: GoDuration(plan.interval),
                 trial: plan.trial,

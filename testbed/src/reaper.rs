@@ -198,7 +198,10 @@ mod tests {
         assert!(!ReaperSection::new(vec![trial(60, 1.0, "consul")]).all_within);
         assert!(!ReaperSection::new(vec![]).all_within, "nothing measured");
         let md = markdown(&ok, &[]);
-        assert!(md.contains("| 5s | – | 5.012 – 5.012 | 12.0 / 12.0 | 1/1 |"), "{md}");
+        assert!(
+            md.contains("| 5s | – | 5.012 – 5.012 | 12.0 / 12.0 | 1/1 |"),
+            "{md}"
+        );
     }
 
     #[test]

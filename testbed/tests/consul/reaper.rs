@@ -7,9 +7,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use consul_api::{
-    AgentServiceCheck, AgentServiceRegistration, Client, GoDuration, HealthStatus,
-};
+use consul_api::{AgentServiceCheck, AgentServiceRegistration, Client, GoDuration, HealthStatus};
 use consul_registry::reaper::{self, Event, FOLLOWING, META_KEY, Notice, REMOVED, ReaperConfig};
 use testbed::{Consul, ConsulOptions, faults::acl, wait};
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
@@ -21,7 +19,11 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 /// A service with a TTL check (an hour: only the test changes its status), opted in with
 /// `reap_after` if given.
-fn ttl_service(id: &str, reap_after: Option<&str>, status: HealthStatus) -> AgentServiceRegistration {
+fn ttl_service(
+    id: &str,
+    reap_after: Option<&str>,
+    status: HealthStatus,
+) -> AgentServiceRegistration {
     AgentServiceRegistration {
         id: Some(id.into()),
         name: id.into(),
@@ -142,7 +144,11 @@ async fn removes_each_opted_in_service_at_its_setting_and_nothing_else() {
         ttl_service("not-opted-in", None, HealthStatus::Critical),
         ttl_service("misconfigured", Some("soon"), HealthStatus::Critical),
     ] {
-        client.agent().service_register(&registration).await.unwrap();
+        client
+            .agent()
+            .service_register(&registration)
+            .await
+            .unwrap();
     }
     reaper.until(tracking(2)).await;
     let dies = gone(&client, "dies", LIMIT);
@@ -226,7 +232,11 @@ async fn a_check_flapping_every_second_is_never_removed() {
     // Left critical, it goes at its setting.
     let flapping = gone(&client, "flapping", LIMIT);
     let at = set(&client, "flapping", HealthStatus::Critical).await;
-    assert_on_time("flapping", flapping.await.unwrap() - at, Duration::from_secs(5));
+    assert_on_time(
+        "flapping",
+        flapping.await.unwrap() - at,
+        Duration::from_secs(5),
+    );
     reaper.stop().await;
 }
 
@@ -305,7 +315,10 @@ async fn a_consul_restart_starts_the_clocks_over() {
         Duration::from_secs(10),
     );
     let seen = reaper.drain();
-    assert!(seen.iter().any(|e| matches!(e, Event::Lost { .. })), "{seen:#?}");
+    assert!(
+        seen.iter().any(|e| matches!(e, Event::Lost { .. })),
+        "{seen:#?}"
+    );
     reaper.stop().await;
 }
 
@@ -334,9 +347,8 @@ async fn with_acls_a_token_without_service_write_is_refused_once_with_the_hint()
     )
     .await
     .unwrap();
-    let with_token = |token: Option<String>| {
-        Client::new(consul.config().with_token(token)).unwrap()
-    };
+    let with_token =
+        |token: Option<String>| Client::new(consul.config().with_token(token)).unwrap();
 
     // No token at all: it cannot even follow, and says what the token needs.
     let anonymous = reaper::run(
@@ -350,7 +362,10 @@ async fn with_acls_a_token_without_service_write_is_refused_once_with_the_hint()
         .expect("ends at once")
         .unwrap_err();
     let printed = format!("{:#}", anyhow::Error::from(error));
-    assert!(printed.contains("node:read") && printed.contains("403"), "{printed}");
+    assert!(
+        printed.contains("node:read") && printed.contains("403"),
+        "{printed}"
+    );
 
     // Read-only: the removal is refused once, with the permission named.
     client_register(&admin, "guarded").await;
@@ -377,7 +392,12 @@ async fn with_acls_a_token_without_service_write_is_refused_once_with_the_hint()
     let seen = read_only.drain();
     let tries = seen
         .iter()
-        .filter(|e| matches!(e, Event::Refused { .. } | Event::Failed { .. } | Event::Removed { .. }))
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Refused { .. } | Event::Failed { .. } | Event::Removed { .. }
+            )
+        })
         .count();
     assert_eq!(tries, 1, "{seen:#?}");
     read_only.stop().await;
