@@ -44,7 +44,7 @@
 //! [`Reaper`] is the pure state machine (answers and `now` in, deadlines and removals out);
 //! [`run`] drives it against an agent.
 
-use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use consul_api::{
     AgentService, AgentServiceRegistration, Client, GoDuration, HealthCheck, HealthStatus,
@@ -572,7 +572,7 @@ pub(crate) async fn drive(
                         ),
                         source: e,
                     };
-                    tracing::error!("{}", DisplayChain(&error));
+                    log_refusal(&error);
                     report(Event::Refused { removal, error });
                 }
                 Err(e) => {
@@ -618,19 +618,10 @@ fn log_notice(notice: &Notice) {
     }
 }
 
-/// An error with its sources, `a: b: c`.
-struct DisplayChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
-    }
+/// Log a refusal with its cause (Consul's 403, which names `CONSUL_HTTP_TOKEN`).
+fn log_refusal(error: &Error) {
+    let cause = error.consul().map(ToString::to_string).unwrap_or_default();
+    tracing::error!("{error}: {cause}");
 }
 
 /// Follow the agent's checks and send each answer; on failure say so once, retry with
@@ -674,7 +665,7 @@ async fn follow(
                     what: format!("follow the agent's checks (its token needs {READ_NEEDS})"),
                     source: e,
                 };
-                tracing::error!("{}", DisplayChain(&error));
+                log_refusal(&error);
                 let _ = tx.send(Msg::Fatal(error)).await;
                 return;
             }
@@ -1195,20 +1186,20 @@ mod tests {
         });
         let (events, stop, task) = start(&fake);
         tokio::time::sleep(secs(600)).await;
-        {
-            let events = events.lock().unwrap();
-            let refused: Vec<&Error> = events
-                .iter()
-                .filter_map(|e| match e {
-                    Event::Refused { error, .. } => Some(error),
-                    _ => None,
-                })
-                .collect();
-            assert_eq!(refused.len(), 1, "one try in 10 minutes: {events:?}");
-            let printed = DisplayChain(refused[0]).to_string();
-            assert!(printed.contains("service:write"), "{printed}");
-            assert!(printed.contains("CONSUL_HTTP_TOKEN"), "{printed}");
-        }
+        let refused: Vec<Error> = std::mem::take(&mut *events.lock().unwrap())
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Refused { error, .. } => Some(error),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(refused.len(), 1, "one try in 10 minutes");
+        let printed = format!(
+            "{:#}",
+            anyhow::Error::from(refused.into_iter().next().expect("one"))
+        );
+        assert!(printed.contains("service:write"), "{printed}");
+        assert!(printed.contains("CONSUL_HTTP_TOKEN"), "{printed}");
         assert_eq!(fake.0.borrow().deregister_calls, 1);
         // The check recovers and fails again: one more try (refused again).
         fake.set_status("web-1", HealthStatus::Passing);
@@ -1261,12 +1252,12 @@ mod tests {
             .expect("ends at once")
             .unwrap()
             .unwrap_err();
-        let printed = DisplayChain(&error).to_string();
-        assert!(printed.contains("node:read"), "{printed}");
         assert!(
             error
                 .consul()
                 .is_some_and(consul_api::Error::is_permission_denied)
         );
+        let printed = format!("{:#}", anyhow::Error::from(error));
+        assert!(printed.contains("node:read"), "{printed}");
     }
 }
