@@ -410,6 +410,16 @@ pub async fn run(
         .iter()
         .filter_map(|l| l.consul_time().map(epoch_secs))
         .collect();
+    if let Some(p) = &sidecar {
+        // Its log line for the last removal may trail the catalog by a moment; a twin whose
+        // line never comes is reported as removed by Consul.
+        let twins = plans.iter().filter(|p| p.twin).count();
+        let removed = consul_registry::reaper::REMOVED;
+        let _ = p
+            .output()
+            .wait_for_count(0, removed, twins, Duration::from_secs(2))
+            .await;
+    }
     let mut trials = Vec::with_capacity(plans.len());
     let mut twins = Vec::new();
     for (i, plan) in plans.iter().enumerate() {

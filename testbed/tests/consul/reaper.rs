@@ -1,9 +1,10 @@
 //! The opt-in reaper (`consul_registry::reaper`, the `consul-reaper` sidecar) against real
-//! Consul: removal at the service's `reap-after` to within 50 ms (500 ms here, where every test
-//! runs in parallel on a loaded machine; the experiment measures the 50 ms), a check that
-//! recovers resets its clock, a flapping check is never removed, the reaper killed and
-//! restarted mid-deadline, Consul restarted, and a token without `service:write`. TTL checks
-//! set by the test make "critical" an instant the test knows. Each test takes 12 to 20 s.
+//! Consul: removal at the service's `reap-after`, never before it and at most 1 s after here,
+//! where every test runs in parallel on a loaded machine (the experiment measures the 50 ms);
+//! a check that recovers resets its clock, a flapping check is never removed, the reaper
+//! killed and restarted mid-deadline, Consul restarted, and a token without `service:write`.
+//! TTL checks set by the test make "critical" an instant the test knows. Each test takes 12
+//! to 20 s.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -39,14 +40,23 @@ fn ttl_service(
     }
 }
 
-/// Set `id`'s check; returns when the agent has taken it.
+/// Set `id`'s check; returns the instant just before the request, which the change cannot
+/// precede (under load the answer may reach the test well after the reaper saw the change).
 async fn set(client: &Client, id: &str, status: HealthStatus) -> Instant {
+    let before = Instant::now();
     client
         .agent()
         .check_update(&format!("service:{id}"), status, "set by the test")
         .await
         .unwrap();
-    Instant::now()
+    before
+}
+
+/// Register `registration`; returns the instant just before the request.
+async fn register(client: &Client, registration: &AgentServiceRegistration) -> Instant {
+    let before = Instant::now();
+    client.agent().service_register(registration).await.unwrap();
+    before
 }
 
 /// Follow `id` until it is gone from the catalog, in the background: the instant it went.
@@ -60,10 +70,11 @@ fn gone(client: &Client, id: &str, timeout: Duration) -> JoinHandle<Instant> {
     })
 }
 
-/// `took` is `setting` to within the test's slack: never 50 ms early, at most 500 ms late.
+/// `took` (from just before the change) is `setting`: never less, at most 1 s more (the
+/// request's own latency included, on a machine running every test at once).
 fn assert_on_time(what: &str, took: Duration, setting: Duration) {
     assert!(
-        took + Duration::from_millis(50) >= setting && took <= setting + Duration::from_millis(500),
+        took >= setting && took <= setting + Duration::from_secs(1),
         "{what}: removed {took:?} after turning critical, for a setting of {setting:?}"
     );
 }
@@ -156,12 +167,7 @@ async fn removes_each_opted_in_service_at_its_setting_and_nothing_else() {
 
     // Never passing: critical from its registration on.
     let never_registration = ttl_service("never-passing", Some("5s"), HealthStatus::Critical);
-    client
-        .agent()
-        .service_register(&never_registration)
-        .await
-        .unwrap();
-    let never_at = Instant::now();
+    let never_at = register(&client, &never_registration).await;
     let never = gone(&client, "never-passing", LIMIT);
     let dies_at = set(&client, "dies", HealthStatus::Critical).await;
     // Critical for 3 s, passing for 1 s, critical again: the clock starts over.
@@ -306,9 +312,8 @@ async fn a_consul_restart_starts_the_clocks_over() {
         .until(|e| matches!(e, Event::Notice(Notice::AgentReplaced)))
         .await;
     // Its owner registers it again, still failing: a new clock, not the old one's.
+    let registered_at = register(&client, &phoenix).await;
     let phoenix_gone = gone(&client, "phoenix", LIMIT);
-    client.agent().service_register(&phoenix).await.unwrap();
-    let registered_at = Instant::now();
     assert_on_time(
         "phoenix after the restart",
         phoenix_gone.await.unwrap() - registered_at,
