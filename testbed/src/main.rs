@@ -35,6 +35,8 @@ enum Command {
     Timeline(TimelineArgs),
     /// Run an echo server (the same flags as the `echo-server` binary).
     EchoServer(Box<echo_server::cli::Args>),
+    /// Run the reaper sidecar (the same flags as the `consul-reaper` binary).
+    Reaper(Box<consul_reaper::cli::Args>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -57,6 +59,10 @@ struct DeregistrationArgs {
     /// Skip the SIGTERM contrast.
     #[arg(long)]
     no_contrast: bool,
+    /// Also run the reaper sidecar, with a twin of every trial server opted in to it
+    /// (Meta reap-after = the setting): both removals side by side.
+    #[arg(long)]
+    reaper: bool,
     /// Where to write the JSON report, the markdown table and the SVG plot.
     #[arg(long, default_value = "target/testbed")]
     out: PathBuf,
@@ -129,6 +135,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::EchoServer(args) => Ok(echo_server::cli::run(*args).await?),
+        Command::Reaper(args) => consul_reaper::cli::run(*args).await,
     }
 }
 
@@ -136,6 +143,7 @@ async fn deregistration(args: DeregistrationArgs) -> Result<()> {
     let config = if args.seed {
         deregistration::SweepConfig {
             contrast: !args.no_contrast,
+            reaper: args.reaper,
             ..deregistration::SweepConfig::seed()
         }
     } else {
@@ -145,6 +153,7 @@ async fn deregistration(args: DeregistrationArgs) -> Result<()> {
             trials: usize::from(args.trials),
             stagger: args.stagger.as_duration(),
             contrast: !args.no_contrast,
+            reaper: args.reaper,
             ..Default::default()
         }
     };
@@ -161,7 +170,11 @@ async fn deregistration(args: DeregistrationArgs) -> Result<()> {
     progress.finish_and_clear();
     drop(consul);
 
-    let markdown = report::deregistration_markdown(&report);
+    let mut markdown = report::deregistration_markdown(&report);
+    if let Some(section) = &report.reaper {
+        markdown.push('\n');
+        markdown.push_str(&testbed::reaper::markdown(section, &report.trials));
+    }
     println!("{markdown}");
     println!("{}\n", report::explanation(&report));
     let (json, md) =
