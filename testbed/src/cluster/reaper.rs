@@ -249,8 +249,17 @@ impl Experiment for Config {
             let log = agent.log();
             let logged_critical =
                 logged_time(log, "is now critical", &format!("check=service:{id}"));
-            let logged_removed =
-                logged_time(log, "critical for too long", &format!("service={id}"));
+            // The container's log stream may deliver the removal line after the blocking
+            // query saw the removal: wait for it a little.
+            let mut logged_removed = None;
+            for _ in 0..50 {
+                logged_removed =
+                    logged_time(log, "critical for too long", &format!("service={id}"));
+                if logged_removed.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             let logged_error_ms = match (logged_critical, logged_removed) {
                 (Some(c), Some(r)) => {
                     Some((r - model.predict_removal(self.setting, c, &phases[i])) * 1e3)
