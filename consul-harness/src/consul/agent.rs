@@ -442,6 +442,63 @@ mod tests {
     }
 
     #[test]
+    fn cluster_members_use_their_own_address_and_default_ports() {
+        let membership = Membership {
+            datacenter: "dc2".into(),
+            retry_join: vec![Ipv4Addr::new(127, 9, 0, 2), Ipv4Addr::new(127, 9, 0, 3)],
+            retry_join_wan: vec![Ipv4Addr::new(127, 8, 0, 2)],
+            data_dir: "/tmp/c/server-1".into(),
+            reconnect_timeout: Some(Duration::from_secs(120)),
+        };
+        let server = AgentSpec {
+            node_name: "dc2-server-1".into(),
+            address: Ipv4Addr::new(127, 9, 0, 1),
+            mode: AgentMode::Server {
+                bootstrap_expect: 3,
+                membership: membership.clone(),
+            },
+            ports: Ports::CONSUL_DEFAULTS,
+            flavor: Flavor::Legacy,
+            acl_management_token: None,
+            tls: None,
+        };
+        let args = server.args().join(" ");
+        assert!(!args.contains("-dev"), "{args}");
+        assert!(
+            args.contains("-bind 127.9.0.1 -advertise 127.9.0.1 -client 127.9.0.1"),
+            "{args}"
+        );
+        assert!(
+            !args.contains("-http-port"),
+            "Consul's default ports: {args}"
+        );
+        assert!(
+            args.contains("-datacenter dc2 -data-dir /tmp/c/server-1"),
+            "{args}"
+        );
+        assert!(args.contains("-server -bootstrap-expect 3"), "{args}");
+        assert!(
+            args.contains("-retry-join 127.9.0.2 -retry-join 127.9.0.3"),
+            "{args}"
+        );
+        assert!(args.contains("-retry-join-wan 127.8.0.2"), "{args}");
+        assert!(args.contains("reconnect_timeout = \"2m\""), "{args}");
+        assert!(args.contains("disable_update_check = true"), "{args}");
+        let client = AgentSpec {
+            mode: AgentMode::Client(Membership {
+                reconnect_timeout: None,
+                ..membership
+            }),
+            ..server
+        };
+        let args = client.args().join(" ");
+        assert!(!args.contains("-server"), "{args}");
+        assert!(!args.contains("-retry-join-wan"), "{args}");
+        assert!(!args.contains("reconnect_timeout"), "72 h default: {args}");
+        assert!(!client.mode.is_server() && client.mode.membership().is_some());
+    }
+
+    #[test]
     fn args_pin_every_port_to_loopback() {
         let ports = Ports::pick().unwrap();
         let all = [ports.http, ports.serf_lan, ports.serf_wan, ports.server];

@@ -200,14 +200,13 @@ impl Experiment for Config {
         // The client lives on node 2, which survives.
         let home = Member::Client(1);
         passing_exactly(cluster.agent(home), &ids).await?;
+        // Views are recorded from here on: every wait below counts them all.
+        let t0 = Instant::now();
         let client = node_client(cluster.agent(home), Consistency::Default, None)?;
         let log = DiscoveryLog::start(&client);
-        log.wait_for(
-            "discovery to list every server",
-            Instant::now(),
-            LIMIT,
-            |v| v.lists_all(&ids),
-        )
+        log.wait_for("discovery to list every server", t0, LIMIT, |v| {
+            v.lists_all(&ids)
+        })
         .await?;
         let traffic = Traffic::start(&client, "node", self.every, 20 * 60 * 10);
         traffic
@@ -286,12 +285,14 @@ impl Experiment for Config {
         if self.contrast && nodes >= 3 {
             step("contrast: SIGTERM to node 3's agent (it leaves)");
             let leaving = ids[2].clone();
+            // Watch the catalog while the agent leaves: its exit takes longer than the leave.
             let signalled = tokio::time::Instant::now();
-            cluster.stop(Member::Client(2)).await?;
-            let (_, gone) = wait::health_until(&server_api, SERVICE, false, LIMIT, |entries| {
+            let gone = wait::health_until(&server_api, SERVICE, false, LIMIT, |entries| {
                 entries.iter().all(|e| e.service.id != leaving)
-            })
-            .await?;
+            });
+            let (stopped, gone) = tokio::join!(cluster.stop(Member::Client(2)), gone);
+            stopped?;
+            let (_, gone) = gone?;
             leave_removed_ms = Some(ms_between(signalled, gone));
             servers[2].process.kill().await?;
         }

@@ -163,17 +163,16 @@ impl Experiment for Config {
             ),
         ];
         let mut clients = Vec::new();
+        // Views are recorded from here on: every wait below counts them all.
+        let t0 = Instant::now();
         for (_, consistency, max_stale) in &reads {
             clients.push(node_client(cluster.agent(node), *consistency, *max_stale)?);
         }
         let logs: Vec<DiscoveryLog> = clients.iter().map(DiscoveryLog::start).collect();
         for log in &logs {
-            log.wait_for(
-                "discovery to list both servers",
-                Instant::now(),
-                LIMIT,
-                |v| v.lists_all(&ids),
-            )
+            log.wait_for("discovery to list both servers", t0, LIMIT, |v| {
+                v.lists_all(&ids)
+            })
             .await?;
         }
         let max = 20 * 60 * 1000 / self.every.as_millis().max(1) as u64;
