@@ -80,10 +80,10 @@ pub struct Args {
     /// How to choose among passing instances.
     #[arg(long, value_enum, default_value_t = Balance::RoundRobin)]
     pub balance: Balance,
-    /// Discovery's read consistency: default (the leader answers; errors during an
-    /// election), stale (any server answers, also without a leader) or consistent (the
-    /// leader after a quorum check).
-    #[arg(long, default_value = "default")]
+    /// Discovery's read consistency: stale (any server answers, also during an election or
+    /// without quorum), default (the leader answers; reads fail during an election) or
+    /// consistent (the leader after a quorum check).
+    #[arg(long, default_value = "stale")]
     pub consistency: consul_api::Consistency,
     /// With stale reads: the oldest answer applied (its X-Consul-LastContact); an older one
     /// is treated as an outage and the last known instances kept. Unbounded when unset.
@@ -244,6 +244,11 @@ mod tests {
         assert!(err.to_string().contains("Go"), "{err}");
         assert!(Args::try_parse_from(["echo-client", "--count", "0"]).is_err());
         assert!(Args::try_parse_from(["echo-client", "--mode", "fast"]).is_err());
+        assert_eq!(
+            Args::try_parse_from(["echo-client"]).unwrap().consistency,
+            consul_api::Consistency::Stale,
+            "stale by default (see the README's cluster section)"
+        );
         let err = Args::try_parse_from(["echo-client", "--consistency", "eventual"]).unwrap_err();
         assert!(
             err.to_string().contains("default, stale or consistent"),

@@ -397,12 +397,19 @@ impl ViewFigures {
         let mut down_since: Option<Instant> = None;
         let mut first_error = None;
         let mut current_after = None;
-        // The view in force at `from` counts if it was already unreachable.
+        // The view in force at `from` counts: already unreachable, or already current (a
+        // view that never broke publishes nothing new).
         let before = views.iter().rev().find(|v| v.at < from);
-        if let Some(ViewState::Unreachable(e)) = before.map(|v| &v.state) {
-            down_since = Some(from);
-            episodes += 1;
-            first_error = Some(e.clone());
+        match before.map(|v| &v.state) {
+            Some(ViewState::Unreachable(e)) => {
+                down_since = Some(from);
+                episodes += 1;
+                first_error = Some(e.clone());
+            }
+            Some(ViewState::Reachable) if before.is_some_and(&current) => {
+                current_after = Some(Duration::ZERO);
+            }
+            _ => {}
         }
         for v in views.iter().filter(|v| v.at >= from) {
             match (&v.state, down_since) {
@@ -443,6 +450,28 @@ impl ViewFigures {
                 .map(|m| format!("{:.1} s", m / 1e3))
                 .unwrap_or_else(|| "never".into())
         )
+    }
+}
+
+/// Until the latest view of `log` satisfies `pred` (it may have for a while: a view that does
+/// not change publishes nothing new); returns since when it has, not before `after`.
+pub(crate) async fn settled(
+    log: &DiscoveryLog,
+    what: &str,
+    after: Instant,
+    pred: impl Fn(&View) -> bool,
+) -> Result<Instant> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if log.latest().is_some_and(|v| pred(&v))
+            && let Some(since) = log.holds_since(after, &pred)
+        {
+            return Ok(since);
+        }
+        if Instant::now() >= deadline {
+            return Err(timeout(what, LIMIT));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

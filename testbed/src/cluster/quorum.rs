@@ -13,7 +13,8 @@ use consul_harness::cluster::{Cluster, ClusterSpec, Data, Member};
 use serde::Serialize;
 
 use super::{
-    Experiment, Findings, LIMIT, ViewFigures, ms_between, node_client, node_server, passing_exactly,
+    Experiment, Findings, LIMIT, ViewFigures, ms_between, node_client, node_server,
+    passing_exactly, settled,
 };
 use crate::{
     error::Result,
@@ -62,6 +63,9 @@ pub struct Outcome {
     pub reachable_at_end_of_outage: Vec<(String, bool)>,
     /// Restart of the two servers → a leader, milliseconds.
     pub leader_after_restart_ms: f64,
+    /// Restart → each client's view reachable and listing both servers (0: it already was),
+    /// milliseconds.
+    pub view_after_restart_ms: Vec<f64>,
     /// Echoes per client during the outage (kill → restart).
     pub during_outage: Vec<(String, Tally)>,
     /// Every echo, and the fate of the echo servers.
@@ -95,6 +99,12 @@ impl Findings for Outcome {
             "restart → leader".into(),
             format!("{:.1} s", self.leader_after_restart_ms / 1e3),
         ));
+        for (v, ms) in self.views.iter().zip(&self.view_after_restart_ms) {
+            rows.push((
+                format!("restart → {} view current", v.reads),
+                format!("{:.1} s", ms / 1e3),
+            ));
+        }
         rows
     }
 
@@ -212,21 +222,19 @@ impl Experiment for Config {
             cluster.start_again(Member::Server(v), Data::Keep).await?;
         }
         let (_, elected) = cluster.wait_leader(None, LIMIT).await?;
+        let mut recovered = Vec::new();
         for log in &logs {
-            log.wait_for("discovery to recover", restarted_std, LIMIT, |v| {
+            let since = settled(log, "discovery to recover", restarted_std, |v| {
                 v.lists_all(&ids)
             })
             .await?;
+            recovered.push(super::ms(since - restarted_std));
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         let views = logs
             .iter()
             .zip(&reads)
-            .map(|(log, (label, _, _))| {
-                ViewFigures::of(label, log, killed, |v| {
-                    v.at >= restarted_std && v.lists_all(&ids)
-                })
-            })
+            .map(|(log, (label, _, _))| ViewFigures::of(label, log, killed, |v| v.lists_all(&ids)))
             .collect();
         let mut during = Vec::new();
         let mut everything = Vec::new();
@@ -245,6 +253,7 @@ impl Experiment for Config {
             views,
             reachable_at_end_of_outage: reachable_at_end,
             leader_after_restart_ms: ms_between(restarted, elected),
+            view_after_restart_ms: recovered,
             during_outage: during,
             basics: Basics::of(&everything, &mut servers),
         })
