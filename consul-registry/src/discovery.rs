@@ -297,17 +297,30 @@ pub(crate) async fn follow<F, Fut>(
         consistency: config.consistency,
         ..Default::default()
     };
-    let mut watch = Watch::new(base, config.wait);
+    // With a bound on staleness, block at most that long: a server cut off from its leader
+    // sees no change, and its answer's age is only known when it answers.
+    let wait = config.max_stale.map_or(config.wait, |bound| {
+        config.wait.min(bound.max(MIN_STALE_WAIT))
+    });
+    let mut watch = Watch::new(base, wait);
     let mut tracker = StateTracker::default();
     let mut answered = false;
     let service = config.service.as_str();
+    let max_stale = config.max_stale;
     loop {
         let answer = tokio::select! {
             answer = watch.next(|opts| {
                 let fut = fetch(opts);
                 async move {
                     let (entries, meta) = fut.await?;
-                    Ok(((entries, meta.clone()), meta))
+                    // A too-stale answer is delivered even when its index did not move (as
+                    // an answer without index), so that it can be refused below.
+                    let observed = if too_stale(&meta, max_stale).is_some() {
+                        QueryMeta { last_index: 0, ..meta.clone() }
+                    } else {
+                        meta.clone()
+                    };
+                    Ok(((entries, meta), observed))
                 }
             }) => answer,
             () = tx.closed() => return,
@@ -321,7 +334,8 @@ pub(crate) async fn follow<F, Fut>(
                 // Not applied: the last known instances stay, and the read is retried.
                 watch.reset();
                 let error = format!(
-                    "the answering server last heard from a leader {age_ms} ms ago, more than                      max_stale {bound:?}; answer not applied"
+                    "the answering server last heard from a leader {age_ms} ms ago, more than \
+                     max_stale {bound:?}; answer not applied"
                 );
                 if tracker.on_too_stale() {
                     tracing::warn!(service, "{error}; keeping the last known instances");
@@ -400,6 +414,9 @@ pub(crate) async fn follow<F, Fut>(
         }
     }
 }
+
+/// The shortest blocking wait used to check staleness.
+const MIN_STALE_WAIT: Duration = Duration::from_secs(1);
 
 /// `Some((age in ms, bound))` when `meta` says the answer is older than `max_stale`.
 fn too_stale(meta: &QueryMeta, max_stale: Option<Duration>) -> Option<(u64, Duration)> {
@@ -685,8 +702,9 @@ mod tests {
         let script: Script = Arc::new(Mutex::new(
             vec![
                 Ok((vec![entry("a", "127.0.0.1", "", 1)], stale_meta(10, 50))),
-                // No leader for 12 s: the server's copy may be missing changes.
-                Ok((vec![], stale_meta(11, 12_000))),
+                // No leader for 12 s: the server's copy may be missing changes (its index
+                // has not moved: a blocking query on it returned at the end of its wait).
+                Ok((vec![], stale_meta(10, 12_000))),
                 Ok((vec![], stale_meta(11, 13_000))),
                 // A leader again: applied.
                 Ok((vec![entry("b", "127.0.0.1", "", 2)], stale_meta(12, 20))),
@@ -729,6 +747,11 @@ mod tests {
         assert_eq!(
             seen[2].wait_index, 0,
             "retried without blocking after a stale answer"
+        );
+        assert_eq!(
+            seen[1].wait_time,
+            Some(Duration::from_secs(10)),
+            "blocks at most max_stale, so staleness is checked that often"
         );
         assert_eq!(
             too_stale(&stale_meta(1, 10_000), Some(Duration::from_secs(10))),

@@ -440,6 +440,15 @@ impl ViewFigures {
         }
     }
 
+    /// Episodes and time unreachable.
+    pub fn errors_cell(&self) -> String {
+        format!(
+            "{} unreachable episode(s), {:.1} s unreachable",
+            self.unreachable_episodes,
+            self.unreachable_ms / 1e3
+        )
+    }
+
     /// One table cell: episodes, time unreachable, time to a current view.
     pub fn cell(&self) -> String {
         format!(

@@ -84,7 +84,7 @@ impl Findings for Outcome {
                 format!("discovery, {} reads", v.reads),
                 format!(
                     "{}; at the end of the outage {}",
-                    v.cell(),
+                    v.errors_cell(),
                     if *up { "answering" } else { "failing" }
                 ),
             ));
@@ -118,7 +118,7 @@ impl Findings for Outcome {
         format!(
             "Two of the three servers were killed and kept down {:.0} s, then started again \
              with their data; a leader was back {:.1} s after the restart. Default reads \
-             failed (first error: {}); unbounded stale reads: {}; stale reads bounded to 10 s \
+             failed (first error: {}); unbounded stale reads, first error: {}; stale reads bounded to 10 s \
              stopped being applied once the surviving server had not heard from a leader for \
              10 s (first error: {}). Without a leader nothing changes in the catalog, so a \
              stale answer during the outage is the last committed state. Echoes went on from \
