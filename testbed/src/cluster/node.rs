@@ -217,8 +217,11 @@ impl Experiment for Config {
         let dead = ids[0].clone();
         let killed = tokio::time::Instant::now();
         let killed_std = Instant::now();
-        servers[0].process.kill().await?;
+        // The agent first: were the echo server first, the agent might run its check and
+        // report it critical before dying, and the node would leave `?passing` by that
+        // check rather than by gossip.
         cluster.crash(Member::Client(0)).await?;
+        servers[0].process.kill().await?;
         let server_api = cluster.agent(Member::Server(0)).client();
         step("waiting for gossip to mark the node failed (4 to 24 s)");
         let (_, passing_dropped) =
