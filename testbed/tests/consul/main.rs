@@ -2,6 +2,7 @@
 //! starts its own agent (a container, or a local process where no Docker engine answers).
 //!
 //! * [`client`] — echo-client: failover, Consul down, failing checks, the naive client;
+//! * [`cluster`] — real clusters: the leader killed, a node crashed, per-agent reapers;
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
 //! * [`faults`] — fault and security scenarios: hung server, paused and restarted Consul, a
 //!   faulty proxy, ACLs, hostile input;
@@ -16,6 +17,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod client;
+mod cluster;
 mod common;
 mod deregistration;
 mod faults;
