@@ -13,6 +13,7 @@
 //!   [`AgentServiceCheck`]), `ServiceDeregister`, `Services`, `Service`, `Checks`, `Self`.
 //! * [`health`] — `Service` (healthy instances as [`ServiceEntry`], blocking), `Checks`, `State`.
 //! * [`catalog`] — `Service`, `Services` and `Register`.
+//! * [`prepared`] — prepared queries: `Create`, `Execute` (polled: it cannot block), `Delete`.
 //! * [`status`] — `Leader`.
 //! * [`acl`] — policies and tokens, enough to set up ACL scenarios.
 //! * [`query`] — [`QueryOptions`] (`index`, `wait`, `dc`, ...) and [`QueryMeta`]
@@ -59,6 +60,7 @@ pub mod client;
 pub mod duration;
 pub mod error;
 pub mod health;
+pub mod prepared;
 pub mod query;
 pub mod status;
 pub mod tls;
@@ -76,6 +78,9 @@ pub use client::{Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};
 pub use health::{HealthCheck, HealthStatus, Node, ServiceEntry};
+pub use prepared::{
+    PreparedQueryDefinition, PreparedQueryExecuteResponse, QueryFailover, ServiceQuery,
+};
 pub use query::{Consistency, QueryMeta, QueryOptions};
 pub use tls::TlsConfig;
 pub use watch::Watch;

@@ -215,7 +215,11 @@ mod tests {
         assert!(QueryOptions::default().pairs().is_empty());
         assert_eq!("stale".parse::<Consistency>(), Ok(Consistency::Stale));
         assert!("eventual".parse::<Consistency>().is_err());
-        for mode in [Consistency::Default, Consistency::Stale, Consistency::Consistent] {
+        for mode in [
+            Consistency::Default,
+            Consistency::Stale,
+            Consistency::Consistent,
+        ] {
             assert_eq!(mode.to_string().parse::<Consistency>(), Ok(mode));
         }
     }

@@ -4,6 +4,8 @@
 //!   harness (the `consul-harness` crate, re-exported): real Consul, child processes, logs,
 //!   waits;
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
+//! * [`discovery`] — every way to discover side by side (health, catalog, agent list, prepared
+//!   query, DNS) through one SIGKILL;
 //! * [`faults`] — the fault and security scenarios (hung server, paused and restarted Consul,
 //!   a misbehaving proxy, ACLs, hostile input, a TLS certificate rotated), with their figures;
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
@@ -14,6 +16,7 @@
 //! * [`error`] — the one error type.
 
 pub mod deregistration;
+pub mod discovery;
 pub mod faultproxy;
 pub mod faults;
 pub mod model;

@@ -22,6 +22,9 @@ struct Cli {
 enum Command {
     /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
     Deregistration(DeregistrationArgs),
+    /// Every way to discover (health, catalog, agent list, prepared query, DNS) side by side
+    /// through one SIGKILL, with a resilient session on each and the naive client.
+    Discovery(DiscoveryArgs),
     /// The echo client (the same as the `echo-client` binary).
     EchoClient(Box<echo_client::cli::Args>),
     /// Fault and security scenarios (hung server, paused/restarted Consul, a faulty proxy,
@@ -58,6 +61,22 @@ struct DeregistrationArgs {
     #[arg(long)]
     no_contrast: bool,
     /// Where to write the JSON report, the markdown table and the SVG plot.
+    #[arg(long, default_value = "target/testbed")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct DiscoveryArgs {
+    /// Echo servers to start (the first one is killed).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=20))]
+    servers: u16,
+    /// How often the polled sources (agent list, prepared query, DNS) read.
+    #[arg(long, default_value = "1s")]
+    poll: GoDuration,
+    /// How long after the kill to keep watching (the agent's list needs 60-95 s).
+    #[arg(long, default_value = "110s")]
+    horizon: GoDuration,
+    /// Where to write discovery.json and discovery.md.
     #[arg(long, default_value = "target/testbed")]
     out: PathBuf,
 }
@@ -106,6 +125,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Deregistration(args) => deregistration(args).await,
         Command::Timeline(args) => timeline(args).await,
+        Command::Discovery(args) => discovery(args).await,
         Command::EchoClient(args) => Ok(echo_client::cli::run(*args).await?),
         Command::Faults(args) => faults(args).await,
         Command::Image => {
@@ -174,6 +194,37 @@ async fn deregistration(args: DeregistrationArgs) -> Result<()> {
         md.display(),
         svg.display()
     );
+    Ok(())
+}
+
+async fn discovery(args: DiscoveryArgs) -> Result<()> {
+    if args.poll.as_duration().is_zero() {
+        anyhow::bail!("--poll must be above zero");
+    }
+    let config = testbed::discovery::SourcesConfig {
+        servers: usize::from(args.servers),
+        poll: args.poll,
+        horizon: args.horizon,
+        ..Default::default()
+    };
+    let progress = ProgressBar::new_spinner();
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .context("progress template")?,
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+    progress.set_message("starting Consul");
+    let tell = |msg: String| progress.set_message(msg);
+    let report = testbed::discovery::run_sources(&Launcher::current_exe()?, &config, &tell).await?;
+    progress.finish_and_clear();
+    let markdown = testbed::discovery::sources_markdown(&report);
+    println!("{markdown}");
+    let (json, md) = report::write_json_and_markdown(&args.out, "discovery", &report, &markdown)?;
+    println!("Report: {}\nTable:  {}", json.display(), md.display());
+    let lost: u64 = report.rows.iter().map(|r| r.lost).sum();
+    if lost > 0 {
+        anyhow::bail!("{lost} message(s) lost (see the table): every source must lose none");
+    }
     Ok(())
 }
 

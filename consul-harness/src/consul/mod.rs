@@ -327,6 +327,11 @@ impl Consul {
         SocketAddr::from(([127, 0, 0, 1], self.spec.ports.http))
     }
 
+    /// The agent's DNS interface (UDP and TCP).
+    pub fn dns_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.spec.ports.dns))
+    }
+
     /// `127.0.0.1:port` (`https://127.0.0.1:port` with TLS), as `CONSUL_HTTP_ADDR` takes it.
     pub fn address(&self) -> String {
         address(&self.options, self.spec.ports.http)
