@@ -947,3 +947,50 @@ async fn message_deadlines_do_not_skip_the_backoff() {
     // would be over 100.
     assert!((1..=20).contains(&n), "{n} tries");
 }
+
+#[tokio::test]
+async fn a_scale_out_spreads_sessions_over_the_new_instances_and_loses_nothing() {
+    let a = Peer::start("a", Behaviour::Echo).await;
+    let (tx, rx) = watch::channel(Snapshot::fixed(vec![a.instance()]));
+    let sessions: Vec<EchoClient> = (0..100)
+        .map(|_| EchoClient::with_discovery(rx.clone(), config()).unwrap())
+        .collect();
+    for s in &sessions {
+        let reply = tokio::time::timeout(BOUND, s.send(msg(0)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.instance.id, "a");
+    }
+    let b = Peer::start("b", Behaviour::Echo).await;
+    let c = Peer::start("c", Behaviour::Echo).await;
+    let d = Peer::start("d", Behaviour::Echo).await;
+    tx.send(Snapshot::fixed(vec![
+        a.instance(),
+        b.instance(),
+        c.instance(),
+        d.instance(),
+    ]))
+    .unwrap();
+    let mut per_instance = std::collections::BTreeMap::<String, usize>::new();
+    for s in &sessions {
+        let mut last = String::new();
+        for i in 1..=3 {
+            let reply = tokio::time::timeout(BOUND, s.send(msg(i)))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(reply.bytes, msg(i), "byte-exact, nothing lost");
+            assert_eq!(reply.attempts, 1, "moved between messages: nothing resent");
+            last = reply.instance.id.clone();
+        }
+        *per_instance.entry(last).or_default() += 1;
+    }
+    eprintln!("sessions per instance after the scale-out: {per_instance:?}");
+    // 25 each expected; fewer than 5 is 4.6 standard deviations off. Without spreading, all
+    // 100 stay on a.
+    for id in ["a", "b", "c", "d"] {
+        let n = per_instance.get(id).copied().unwrap_or(0);
+        assert!(n >= 5, "{id}: {n} of 100 sessions ({per_instance:?})");
+    }
+}
