@@ -28,7 +28,8 @@ use crate::discovery::Instance;
 /// How to choose among usable instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Strategy {
-    /// Each new connection goes to the next instance in ID order.
+    /// Each new connection goes to the next instance in ID order, starting at a random one
+    /// (so that many clients do not all start on the first).
     #[default]
     RoundRobin,
     /// Two random candidates; the one with the lower smoothed round-trip time wins (an
@@ -66,14 +67,15 @@ impl Balancer {
             max_cooldown: cooldown.saturating_mul(16),
             instances: Vec::new(),
             local: HashMap::new(),
-            next: 0,
+            next: rand::random_range(0..usize::MAX / 2),
             rng: StdRng::from_rng(&mut rand::rng()),
         }
     }
 
-    /// Make random choices reproducible.
+    /// Make random choices reproducible; round-robin then starts at the first instance.
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.rng = StdRng::seed_from_u64(seed);
+        self.next = 0;
         self
     }
 
@@ -244,7 +246,7 @@ mod tests {
 
     #[test]
     fn round_robin_cycles_and_skips_ejected() {
-        let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1));
+        let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1)).with_seed(1);
         let now = Instant::now();
         assert_eq!(b.pick(now), None, "nothing to pick from");
         b.update(&set(3));
@@ -378,5 +380,19 @@ mod tests {
             let n = per_instance.get(&instance.address()).copied().unwrap_or(0);
             assert!((850..=1150).contains(&n), "{instance}: {n} of {clients}");
         }
+    }
+
+    #[test]
+    fn unseeded_round_robin_starts_anywhere() {
+        let now = Instant::now();
+        let firsts: HashSet<String> = (0..200)
+            .map(|_| {
+                let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1));
+                b.update(&set(4));
+                b.pick(now).unwrap().id
+            })
+            .collect();
+        // Each of the 4 is missed by 200 independent draws with probability (3/4)^200.
+        assert_eq!(firsts.len(), 4, "{firsts:?}");
     }
 }

@@ -97,6 +97,10 @@ pub struct SessionConfig {
     /// When Consul lists new instances, move to one of them with probability added / total
     /// (see [`Balancer::update_spreading`]), so that a scale-out takes load.
     pub spread: bool,
+    /// Seed the balancer's random choices (round-robin's start, power-of-two candidates, the
+    /// spread) for a reproducible run: round-robin then starts at the first instance by ID.
+    /// `None` (the default): random, so that many clients do not all start on one instance.
+    pub seed: Option<u64>,
 }
 
 impl SessionConfig {
@@ -113,6 +117,7 @@ impl SessionConfig {
             queue_capacity: 1024,
             max_frame: DEFAULT_MAX_FRAME,
             spread: true,
+            seed: None,
         }
     }
 
@@ -236,7 +241,10 @@ impl Session {
         discovery: watch::Receiver<Snapshot>,
         config: SessionConfig,
     ) -> Self {
-        let balancer = Balancer::new(config.strategy, config.cooldown);
+        let mut balancer = Balancer::new(config.strategy, config.cooldown);
+        if let Some(seed) = config.seed {
+            balancer = balancer.with_seed(seed);
+        }
         let snapshot = discovery.borrow().clone();
         Session {
             requests,

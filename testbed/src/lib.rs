@@ -6,6 +6,7 @@
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
 //! * [`discovery`] — every way to discover side by side (health, catalog, agent list, prepared
 //!   query, DNS) through one SIGKILL;
+//! * [`elastic`] — scale out and in under load: shares, propagation, nothing lost;
 //! * [`faults`] — the fault and security scenarios (hung server, paused and restarted Consul,
 //!   a misbehaving proxy, ACLs, hostile input, a TLS certificate rotated), with their figures;
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
@@ -17,6 +18,7 @@
 
 pub mod deregistration;
 pub mod discovery;
+pub mod elastic;
 pub mod faultproxy;
 pub mod faults;
 pub mod model;

@@ -65,6 +65,15 @@ struct DeregistrationArgs {
     out: PathBuf,
 }
 
+/// The parts of `testbed discovery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DiscoveryPart {
+    /// Every discovery source through one SIGKILL.
+    Sources,
+    /// Scale out and in under load.
+    Scale,
+}
+
 #[derive(clap::Args, Debug)]
 struct DiscoveryArgs {
     /// Echo servers to start (the first one is killed).
@@ -76,6 +85,9 @@ struct DiscoveryArgs {
     /// How long after the kill to keep watching (the agent's list needs 60-95 s).
     #[arg(long, default_value = "110s")]
     horizon: GoDuration,
+    /// Parts to run (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<DiscoveryPart>,
     /// Where to write discovery.json and discovery.md.
     #[arg(long, default_value = "target/testbed")]
     out: PathBuf,
@@ -201,11 +213,10 @@ async fn discovery(args: DiscoveryArgs) -> Result<()> {
     if args.poll.as_duration().is_zero() {
         anyhow::bail!("--poll must be above zero");
     }
-    let config = testbed::discovery::SourcesConfig {
-        servers: usize::from(args.servers),
-        poll: args.poll,
-        horizon: args.horizon,
-        ..Default::default()
+    let parts = if args.only.is_empty() {
+        vec![DiscoveryPart::Sources, DiscoveryPart::Scale]
+    } else {
+        args.only.clone()
     };
     let progress = ProgressBar::new_spinner();
     progress.set_style(
@@ -215,15 +226,35 @@ async fn discovery(args: DiscoveryArgs) -> Result<()> {
     progress.enable_steady_tick(std::time::Duration::from_millis(200));
     progress.set_message("starting Consul");
     let tell = |msg: String| progress.set_message(msg);
-    let report = testbed::discovery::run_sources(&Launcher::current_exe()?, &config, &tell).await?;
+    let launcher = Launcher::current_exe()?;
+    let mut markdown = String::new();
+    let mut json = serde_json::Map::new();
+    let mut lost = 0;
+    if parts.contains(&DiscoveryPart::Sources) {
+        let config = testbed::discovery::SourcesConfig {
+            servers: usize::from(args.servers),
+            poll: args.poll,
+            horizon: args.horizon,
+            ..Default::default()
+        };
+        let report = testbed::discovery::run_sources(&launcher, &config, &tell).await?;
+        lost += report.rows.iter().map(|r| r.lost).sum::<u64>();
+        markdown.push_str(&testbed::discovery::sources_markdown(&report));
+        json.insert("sources".into(), serde_json::to_value(&report)?);
+    }
+    if parts.contains(&DiscoveryPart::Scale) {
+        let report = testbed::elastic::run(&launcher, &Default::default(), &tell).await?;
+        lost += report.runs.iter().map(|r| r.lost).sum::<u64>();
+        markdown.push('\n');
+        markdown.push_str(&testbed::elastic::markdown(&report));
+        json.insert("scale".into(), serde_json::to_value(&report)?);
+    }
     progress.finish_and_clear();
-    let markdown = testbed::discovery::sources_markdown(&report);
     println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "discovery", &report, &markdown)?;
+    let (json, md) = report::write_json_and_markdown(&args.out, "discovery", &json, &markdown)?;
     println!("Report: {}\nTable:  {}", json.display(), md.display());
-    let lost: u64 = report.rows.iter().map(|r| r.lost).sum();
     if lost > 0 {
-        anyhow::bail!("{lost} message(s) lost (see the table): every source must lose none");
+        anyhow::bail!("{lost} message(s) lost (see the tables): every source must lose none");
     }
     Ok(())
 }
