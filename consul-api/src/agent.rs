@@ -228,6 +228,43 @@ impl Default for AgentWeights {
     }
 }
 
+/// One member of the agent's LAN gossip pool, as `GET /v1/agent/members` lists it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct AgentMember {
+    /// `Name`: the member's node name.
+    pub name: String,
+    /// `Addr`: its gossip address.
+    pub addr: String,
+    /// `Port`: its gossip port.
+    pub port: u16,
+    /// `Tags`: Serf tags (`role` is `consul` for a server, `node` for a client; `dc`, ...).
+    pub tags: BTreeMap<String, String>,
+    /// `Status`: Serf's member status, see [`AgentMember::status_name`].
+    pub status: u8,
+}
+
+impl AgentMember {
+    /// Serf's status 1: the member answers gossip.
+    pub const ALIVE: u8 = 1;
+
+    /// `alive`, `leaving`, `left`, `failed` (Serf's 1 to 4), or `none`.
+    pub fn status_name(&self) -> &'static str {
+        match self.status {
+            1 => "alive",
+            2 => "leaving",
+            3 => "left",
+            4 => "failed",
+            _ => "none",
+        }
+    }
+
+    /// Whether the member is a server (Serf tag `role=consul`).
+    pub fn is_server(&self) -> bool {
+        self.tags.get("role").map(String::as_str) == Some("consul")
+    }
+}
+
 /// The body of `PUT /v1/agent/check/update/:check_id`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "PascalCase")]
@@ -324,6 +361,22 @@ impl<'a> Agent<'a> {
     pub async fn checks(&self) -> Result<BTreeMap<String, AgentCheck>> {
         let (checks, _) = self.client.get(&["agent", "checks"], &[], None).await?;
         Ok(checks)
+    }
+
+    /// `GET /v1/agent/members`: the LAN gossip pool as this agent sees it.
+    pub async fn members(&self) -> Result<Vec<AgentMember>> {
+        let (members, _) = self.client.get(&["agent", "members"], &[], None).await?;
+        Ok(members)
+    }
+
+    /// `PUT /v1/agent/force-leave/:node`: mark a failed member as left, so the leader
+    /// removes its node (and every service on it) from the catalog now rather than after
+    /// `reconnect_timeout`.
+    pub async fn force_leave(&self, node: &str) -> Result<()> {
+        self.client
+            .put::<()>(&["agent", "force-leave", node], &[], None)
+            .await
+            .map(drop)
     }
 
     /// `GET /v1/agent/self`: the agent's configuration and version.

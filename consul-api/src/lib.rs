@@ -68,7 +68,8 @@ pub mod watch;
 
 pub use acl::{AclPolicy, AclPolicyLink, AclToken};
 pub use agent::{
-    AgentCheck, AgentSelf, AgentService, AgentServiceCheck, AgentServiceRegistration, AgentWeights,
+    AgentCheck, AgentMember, AgentSelf, AgentService, AgentServiceCheck, AgentServiceRegistration,
+    AgentWeights,
 };
 #[cfg(feature = "clap")]
 pub use args::ConsulArgs;

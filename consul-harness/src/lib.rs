@@ -4,6 +4,8 @@
 //! * [`consul`] — one Consul agent, in a container (the real backend) or as a local process
 //!   (the fallback where Docker is missing, said loudly), host networking, its own loopback
 //!   ports; start, stop, pause, restart;
+//! * [`cluster`] — a real cluster of servers and client agents, each on its own loopback
+//!   address; crash, leave, pause, restart with or without data;
 //! * [`provision`] — fetching Consul 1.8.7 and building its `FROM scratch` image on a
 //!   registry-less machine;
 //! * [`procs`] — echo servers and clients as child processes, and free loopback addresses;
@@ -22,6 +24,7 @@
 //! # Ok(()) } // the container is removed when `consul` is dropped
 //! ```
 
+pub mod cluster;
 pub mod consul;
 pub mod error;
 pub mod logbuf;
@@ -31,5 +34,6 @@ pub mod provision;
 pub mod signal;
 pub mod wait;
 
+pub use cluster::{Cluster, ClusterSpec, Member};
 pub use consul::{BackendChoice, BackendKind, Consul, ConsulOptions};
 pub use error::{Error, Result};

@@ -131,6 +131,15 @@ impl ServerSpec {
         })
     }
 
+    /// This spec on another loopback address (a cluster node's, so that the server binds
+    /// and advertises its node's address), with free ports there.
+    pub fn on_address(mut self, ip: Ipv4Addr) -> Result<Self> {
+        self.ip = ip;
+        self.port = free_port_on(ip)?;
+        self.check_port = free_port_on(ip)?;
+        Ok(self)
+    }
+
     /// This spec with another service ID.
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
         self.id = id.into();

@@ -113,6 +113,15 @@ pub struct Args {
     /// added/total, so that many clients spread over a scale-out).
     #[arg(long)]
     pub no_spread: bool,
+    /// Discovery's read consistency: stale (any server answers, also during an election or
+    /// without quorum), default (the leader answers; reads fail during an election) or
+    /// consistent (the leader after a quorum check).
+    #[arg(long, default_value = "stale")]
+    pub consistency: consul_api::Consistency,
+    /// With stale reads: the oldest answer applied (its X-Consul-LastContact); an older one
+    /// is treated as an outage and the last known instances kept. Unbounded when unset.
+    #[arg(long)]
+    pub max_stale: Option<GoDuration>,
     /// Where the Consul agent is and how to speak TLS to it.
     #[command(flatten)]
     pub consul: consul_api::ConsulArgs,
@@ -124,6 +133,12 @@ pub async fn run(args: Args) -> Result<()> {
         return Err(Error::InvalidMessage(
             "--message cannot contain a newline".into(),
         ));
+    }
+    if args.max_stale.is_some() && args.consistency != consul_api::Consistency::Stale {
+        return Err(Error::Config(format!(
+            "--max-stale bounds stale reads: it needs --consistency stale (not {})",
+            args.consistency
+        )));
     }
     let consul = args.consul.config()?;
     match args.mode {
@@ -207,7 +222,8 @@ async fn run_resilient(args: Args, consul: consul_api::Config) -> Result<()> {
     let consul_address = consul.address.clone();
     let mut config = ClientConfig::new(consul, &args.service)
         .with_tag(args.tag.clone())
-        .with_datacenter(args.datacenter.clone());
+        .with_datacenter(args.datacenter.clone())
+        .with_consistency(args.consistency, args.max_stale.map(Into::into));
     config.session.message_timeout = args.timeout.into();
     config.session.reply_timeout = args.reply_timeout.into();
     config.session.connect_timeout = args.connect_timeout.into();
@@ -307,6 +323,26 @@ mod tests {
         assert!(err.to_string().contains("Go"), "{err}");
         assert!(Args::try_parse_from(["echo-client", "--count", "0"]).is_err());
         assert!(Args::try_parse_from(["echo-client", "--mode", "fast"]).is_err());
+        assert_eq!(
+            Args::try_parse_from(["echo-client"]).unwrap().consistency,
+            consul_api::Consistency::Stale,
+            "stale by default (see the README's cluster section)"
+        );
+        let err = Args::try_parse_from(["echo-client", "--consistency", "eventual"]).unwrap_err();
+        assert!(
+            err.to_string().contains("default, stale or consistent"),
+            "{err}"
+        );
+        let args = Args::try_parse_from([
+            "echo-client",
+            "--consistency",
+            "stale",
+            "--max-stale",
+            "10s",
+        ])
+        .unwrap();
+        assert_eq!(args.consistency, consul_api::Consistency::Stale);
+        assert_eq!(args.max_stale, Some(GoDuration::from_secs(10)));
     }
 
     #[test]

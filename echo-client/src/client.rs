@@ -45,6 +45,17 @@ impl ClientConfig {
         self
     }
 
+    /// Read with `consistency`; with `max_stale`, answers older than that are not applied.
+    pub fn with_consistency(
+        mut self,
+        consistency: consul_api::Consistency,
+        max_stale: Option<Duration>,
+    ) -> Self {
+        self.discovery.consistency = consistency;
+        self.discovery.max_stale = max_stale;
+        self
+    }
+
     /// Ask datacenter `dc` instead of the agent's own.
     pub fn with_datacenter(mut self, dc: Option<String>) -> Self {
         self.discovery.datacenter = dc;

@@ -464,7 +464,7 @@ pub async fn run(
 }
 
 /// The reaper's start: the agent starts it right before it logs "Started HTTP server".
-async fn reaper_anchor(consul: &Consul) -> (f64, String) {
+pub async fn reaper_anchor(consul: &Consul) -> (f64, String) {
     let line = consul
         .log()
         .wait_for("Started HTTP server", Duration::from_secs(5))
@@ -482,7 +482,7 @@ async fn reaper_anchor(consul: &Consul) -> (f64, String) {
 }
 
 /// The agent-log time of the first line containing `kind` and the exact token `token`.
-fn logged_time(log: &LogBuffer, kind: &str, token: &str) -> Option<f64> {
+pub fn logged_time(log: &LogBuffer, kind: &str, token: &str) -> Option<f64> {
     log.lines()
         .iter()
         .find(|l| l.text.contains(kind) && l.text.split_whitespace().any(|w| w == token))

@@ -55,8 +55,8 @@ impl Default for ElasticConfig {
         ElasticConfig {
             initial: 2,
             added: 4,
-            sessions: 24,
-            message_interval: GoDuration(Duration::from_millis(40)),
+            sessions: 48,
+            message_interval: GoDuration(Duration::from_millis(80)),
             interval: GoDuration::from_secs(1),
             steady: GoDuration::from_secs(5),
         }
@@ -68,10 +68,12 @@ impl Default for ElasticConfig {
 pub struct NewServer {
     /// Its service ID.
     pub id: String,
-    /// From its start (it listens) to Consul listing it passing, seconds.
-    pub listed_after: f64,
-    /// From Consul listing it to its first reply through the fleet, seconds.
-    pub first_reply_after_listed: Option<f64>,
+    /// From its start (it listens) to the gateway's discovery listing it passing, seconds
+    /// (its first check, Consul's blocking query answering, discovery publishing).
+    pub in_view_after: Option<f64>,
+    /// From the gateway's view listing it to its first reply through the fleet, seconds (the
+    /// sessions' move).
+    pub first_reply_after_view: Option<f64>,
 }
 
 /// One strategy's run.
@@ -85,6 +87,11 @@ pub struct ElasticRun {
     pub shares: BTreeMap<String, f64>,
     /// The largest share divided by the smallest.
     pub max_over_min: f64,
+    /// Sessions per server at the end of the steady window (each session is one connection).
+    pub sessions_per_server: BTreeMap<String, usize>,
+    /// What independent random choices give: the standard deviation of one server's share
+    /// of sessions, sqrt(p(1-p)/sessions) with p = 1/servers.
+    pub expected_share_sd: f64,
     /// Messages sent over the whole run.
     pub sent: u64,
     /// Of them, lost (failed or not byte-exact): must be 0.
@@ -112,6 +119,7 @@ struct Served {
     at: SystemTime,
     id: String,
     attempts: u32,
+    session: usize,
 }
 
 #[derive(Debug, Default)]
@@ -180,8 +188,23 @@ async fn run_one(
     })
     .await?;
 
-    // The gateway: sessions over one discovery.
+    // The gateway: sessions over one discovery, whose view is watched.
     let rx = discovery::spawn(client.clone(), DiscoveryConfig::new(SERVICE));
+    let in_view: Arc<Mutex<BTreeMap<String, SystemTime>>> = Arc::default();
+    let viewer = tokio::spawn({
+        let mut rx = rx.clone();
+        let in_view = in_view.clone();
+        async move {
+            while rx.changed().await.is_ok() {
+                let now = SystemTime::now();
+                let ids: Vec<String> = rx.borrow().instances.iter().map(|i| i.id.clone()).collect();
+                let mut seen = in_view.lock().unwrap_or_else(PoisonError::into_inner);
+                for id in ids {
+                    seen.entry(id).or_insert(now);
+                }
+            }
+        }
+    });
     let tally = Arc::new(Mutex::new(Tally::default()));
     let stop = CancellationToken::new();
     let mut senders = Vec::new();
@@ -203,13 +226,10 @@ async fn run_one(
     // Scale out.
     let total = config.initial + config.added;
     let added = start_servers(launcher, &consul, config, config.initial + 1..=total).await?;
-    let listed_at = {
-        let (_, at) = wait::health_until(&client, SERVICE, true, Duration::from_secs(30), |e| {
-            e.len() == total
-        })
-        .await?;
-        SystemTime::now() - at.elapsed()
-    };
+    wait::health_until(&client, SERVICE, true, Duration::from_secs(30), |e| {
+        e.len() == total
+    })
+    .await?;
     // Until every new server has answered, at most 10 s.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline {
@@ -246,19 +266,31 @@ async fn run_one(
         })?;
     }
 
+    viewer.abort();
     let t = tally.lock().unwrap_or_else(PoisonError::into_inner);
+    let in_view = in_view.lock().unwrap_or_else(PoisonError::into_inner);
     let new_servers = added
         .iter()
         .map(|(server, started)| {
             let id = server.spec.id.clone();
             let first = t.served.iter().filter(|r| r.id == id).map(|r| r.at).min();
+            let viewed = in_view.get(&id).copied();
             NewServer {
-                listed_after: secs(listed_at, *started),
-                first_reply_after_listed: first.map(|f| secs(f, listed_at)),
+                in_view_after: viewed.map(|v| secs(v, *started)),
+                first_reply_after_view: first.zip(viewed).map(|(f, v)| secs(f, v)),
                 id,
             }
         })
         .collect();
+    let mut last_server: BTreeMap<usize, (SystemTime, String)> = BTreeMap::new();
+    for r in t.served.iter().filter(|r| r.at < steady_to) {
+        last_server.insert(r.session, (r.at, r.id.clone()));
+    }
+    let mut sessions_per_server: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, id) in last_server.values() {
+        *sessions_per_server.entry(id.clone()).or_default() += 1;
+    }
+    let p = 1.0 / total as f64;
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     for r in t
         .served
@@ -291,6 +323,8 @@ async fn run_one(
         new_servers,
         shares,
         max_over_min: if min > 0.0 { max / min } else { f64::INFINITY },
+        sessions_per_server,
+        expected_share_sd: (p * (1.0 - p) / config.sessions as f64).sqrt(),
         sent: t.sent,
         lost: t.lost,
         drained_after: drained,
@@ -326,6 +360,7 @@ async fn stream(
                     at: SystemTime::now(),
                     id: reply.instance.id,
                     attempts: reply.attempts,
+                    session,
                 }),
                 Ok(_) => t.lost += 1,
                 Err(e) => {
@@ -349,26 +384,27 @@ pub fn markdown(report: &ElasticReport) -> String {
          Consul {}, one agent. A gateway of {} resilient sessions (one discovery, health \
          blocking queries) streams, each session one message every {} after the last reply, \
          over {} echo servers checked every {}; {} more start, then get SIGTERM.\n\n\
-         | sessions | new server | start → passing in Consul | passing → first reply |\n\
+         | sessions | new server | start → in the gateway's view | in view → first reply |\n\
          |---|---|---|---|\n",
         report.consul_version, c.sessions, c.message_interval, c.initial, c.interval, c.added
     );
     for run in &report.runs {
         for s in &run.new_servers {
             md.push_str(&format!(
-                "| {} | {} | {:.2} s | {} |\n",
+                "| {} | {} | {} | {} |\n",
                 run.strategy,
                 s.id,
-                s.listed_after,
-                s.first_reply_after_listed
+                s.in_view_after
+                    .map_or("never".into(), |v| format!("{v:.2} s")),
+                s.first_reply_after_view
                     .map_or("never".into(), |f| format!("{:.0} ms", f * 1e3)),
             ));
         }
     }
     md.push_str(&format!(
-        "\n| sessions | shares over the {} steady window | largest / smallest | sent | lost | \
-         SIGTERM → last reply from a stopped server | resent after the SIGTERMs |\n\
-         |---|---|---|---|---|---|---|\n",
+        "\n| sessions | shares over the {} steady window | largest / smallest | sessions per \
+         server | sent | lost | SIGTERM → last reply from a stopped server | resent after the \
+         SIGTERMs |\n|---|---|---|---|---|---|---|---|\n",
         c.steady
     ));
     for run in &report.runs {
@@ -377,15 +413,31 @@ pub fn markdown(report: &ElasticReport) -> String {
             .iter()
             .map(|(id, s)| format!("{id} {:.0}%", s * 100.0))
             .collect();
+        let per_server: Vec<String> = run
+            .sessions_per_server
+            .iter()
+            .map(|(id, n)| format!("{id} {n}"))
+            .collect();
         md.push_str(&format!(
-            "| {} | {} | {:.2} | {} | {} | {:.0} ms | {} |\n",
+            "| {} | {} | {:.2} | {} | {} | {} | {:.0} ms | {} |\n",
             run.strategy,
             shares.join(", "),
             run.max_over_min,
+            per_server.join(", "),
             run.sent,
             run.lost,
             run.drained_after * 1e3,
             run.resent_after_stop
+        ));
+    }
+    if let Some(run) = report.runs.first() {
+        md.push_str(&format!(
+            "\nEach session is one connection and chooses on its own: a new server takes the \
+             sessions that draw it (probability added/total each), so shares follow independent \
+             random choices, with a standard deviation of {:.1} points per server at {} sessions \
+             — the unevenness above is that, not a lag.\n",
+            run.expected_share_sd * 100.0,
+            c.sessions
         ));
     }
     md

@@ -3,6 +3,8 @@
 //! * [`consul`], [`provision`], [`procs`], [`procfs`], [`logbuf`], [`wait`], [`signal`] — the
 //!   harness (the `consul-harness` crate, re-exported): real Consul, child processes, logs,
 //!   waits;
+//! * [`cluster`] — real clusters (servers, client agents): node crash, agent crash, leader
+//!   loss, quorum loss, per-agent reapers;
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
 //! * [`discovery`] — every way to discover side by side (health, catalog, agent list, prepared
 //!   query, DNS) through one SIGKILL;
@@ -16,6 +18,7 @@
 //! * [`smoke`] — the harness's own end-to-end check;
 //! * [`error`] — the one error type.
 
+pub mod cluster;
 pub mod deregistration;
 pub mod discovery;
 pub mod elastic;
@@ -29,7 +32,7 @@ pub mod timeline;
 pub mod error;
 
 pub use consul_harness::{
-    BackendChoice, BackendKind, Consul, ConsulOptions, consul, logbuf, procfs, procs, provision,
-    signal, wait,
+    BackendChoice, BackendKind, Cluster, ClusterSpec, Consul, ConsulOptions, Member, consul,
+    logbuf, procfs, procs, provision, signal, wait,
 };
 pub use error::{Error, Result};

@@ -20,6 +20,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// A real cluster (3 servers, client agents, production timings): a node dies, an agent
+    /// dies, the leader is killed, quorum is lost, per-agent reapers; each measured.
+    Cluster(ClusterArgs),
     /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
     Deregistration(DeregistrationArgs),
     /// Every way to discover (health, catalog, agent list, prepared query, DNS) side by side
@@ -101,6 +104,16 @@ struct TimelineArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct ClusterArgs {
+    /// Scenarios to run (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<testbed::cluster::Scenario>,
+    /// Where to write cluster.json and cluster.md.
+    #[arg(long, default_value = "target/testbed")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
 struct FaultsArgs {
     /// Scenarios to run (comma-separated); all by default.
     #[arg(long, value_delimiter = ',', value_enum)]
@@ -135,6 +148,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Cluster(args) => cluster(args).await,
         Command::Deregistration(args) => deregistration(args).await,
         Command::Timeline(args) => timeline(args).await,
         Command::Discovery(args) => discovery(args).await,
@@ -276,6 +290,30 @@ async fn timeline(args: TimelineArgs) -> Result<()> {
     println!("{markdown}");
     let (json, md) = report::write_json_and_markdown(&args.out, "timeline", &report, &markdown)?;
     println!("Report: {}\nTable:  {}", json.display(), md.display());
+    Ok(())
+}
+
+async fn cluster(args: ClusterArgs) -> Result<()> {
+    let only = if args.only.is_empty() {
+        testbed::cluster::Scenario::ALL.to_vec()
+    } else {
+        args.only
+    };
+    let progress = ProgressBar::new(only.len() as u64);
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} {prefix}: {msg}")
+            .context("progress template")?,
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+    let report = testbed::cluster::run(&Launcher::current_exe()?, &only, &progress).await;
+    progress.finish_and_clear();
+    let markdown = testbed::cluster::markdown(&report);
+    println!("{markdown}");
+    let (json, md) = report::write_json_and_markdown(&args.out, "cluster", &report, &markdown)?;
+    println!("Report: {}\nTable:  {}", json.display(), md.display());
+    if !report.all_held() {
+        anyhow::bail!("some invariants did not hold (see the report)");
+    }
     Ok(())
 }
 

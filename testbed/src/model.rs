@@ -124,6 +124,13 @@ impl Phase {
         (t - self.anchor).rem_euclid(self.interval)
     }
 
+    /// How far this schedule's ticks fall after `other`'s, in `[0, interval)`. Every agent
+    /// runs its own reaper, anchored at its own start: two agents started `d` apart reap
+    /// `d mod interval` apart, and a removal on one is predicted from its own phase only.
+    pub fn lag_behind(&self, other: &Phase) -> f64 {
+        other.offset_of(self.anchor)
+    }
+
     /// How close `t` is to a tick boundary, in seconds: predictions of instants this close
     /// to a tick may land one tick off from measurement noise alone.
     pub fn distance_to_tick(&self, t: f64) -> f64 {
@@ -196,6 +203,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn each_agent_predicts_from_its_own_phase() {
+        // Three agents started 0 s, 7.2 s and 44.5 s after the first: their reapers tick
+        // 0, 7.2 and 14.5 s into the first one's cycle.
+        let first = Phase::new(1000.0, secs(30));
+        let second = Phase::new(1007.2, secs(30));
+        let third = Phase::new(1044.5, secs(30));
+        assert!((second.lag_behind(&first) - 7.2).abs() < 1e-9);
+        assert!((third.lag_behind(&first) - 14.5).abs() < 1e-9);
+        assert!((first.lag_behind(&second) - 22.8).abs() < 1e-9);
+        // One kill, critical at 1100 on every agent: each removes at its own next tick.
+        let critical = 1100.0;
+        let removals: Vec<f64> = [first, second, third]
+            .iter()
+            .map(|p| M.predict_removal(secs(30), critical, p))
+            .collect();
+        assert_eq!(removals[0], 1180.0);
+        assert!((removals[1] - 1187.2).abs() < 1e-9);
+        assert!((removals[2] - 1164.5).abs() < 1e-9);
     }
 
     #[test]

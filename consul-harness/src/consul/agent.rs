@@ -1,14 +1,18 @@
 //! How a test agent is started, whatever runs it: a dev-mode agent on free loopback ports with
-//! a unique node name, optionally with ACLs on and `default_policy = "deny"`. With host
-//! networking several such agents run side by side, and each reaches HTTP checks served at
-//! 127.0.0.1 by processes on the host.
+//! a unique node name, optionally with ACLs on and `default_policy = "deny"`; or a member of a
+//! real cluster (server or client, see [`AgentMode`]) on its own loopback address with
+//! Consul's default ports. With host networking several such agents run side by side, and
+//! each reaches HTTP checks served on loopback by processes on the host.
 
 use std::{
     collections::BTreeSet,
-    net::{TcpListener, UdpSocket},
+    net::{Ipv4Addr, TcpListener, UdpSocket},
     path::PathBuf,
     sync::{Mutex, PoisonError},
+    time::Duration,
 };
+
+use consul_api::GoDuration;
 
 use crate::error::{Error, Result};
 
@@ -63,6 +67,16 @@ pub struct Ports {
 }
 
 impl Ports {
+    /// Consul's own defaults (HTTP 8500, Serf LAN 8301, Serf WAN 8302, server RPC 8300, DNS
+    /// 8600), what a cluster member on its own loopback address listens on.
+    pub const CONSUL_DEFAULTS: Ports = Ports {
+        http: 8500,
+        serf_lan: 8301,
+        serf_wan: 8302,
+        server: 8300,
+        dns: 8600,
+    };
+
     /// Five ports free right now on 127.0.0.1 (TCP, and UDP for the Serf and DNS ones).
     ///
     /// They are taken below the kernel's ephemeral range: once we let go of them, nothing
@@ -181,11 +195,69 @@ impl AgentTls {
     }
 }
 
+/// Whether the agent runs alone in dev mode or as a member of a real cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentMode {
+    /// `-dev`: a server that elects itself at once, in memory, with dev-mode timings (100 ms
+    /// gossip probes, fast Raft). Never carry its figures over to a cluster.
+    Dev,
+    /// `-server -bootstrap-expect N`: a server of a real cluster, production timings.
+    Server {
+        /// `-bootstrap-expect`: how many servers must join before the first election.
+        bootstrap_expect: usize,
+        /// Datacenter, joins, data directory.
+        membership: Membership,
+    },
+    /// A client agent of a real cluster: it holds its node's services and checks and forwards
+    /// reads to the servers.
+    Client(Membership),
+}
+
+impl AgentMode {
+    /// The cluster membership, `None` in dev mode.
+    pub fn membership(&self) -> Option<&Membership> {
+        match self {
+            AgentMode::Dev => None,
+            AgentMode::Server { membership, .. } | AgentMode::Client(membership) => {
+                Some(membership)
+            }
+        }
+    }
+
+    /// Whether the agent is a server (dev mode included).
+    pub fn is_server(&self) -> bool {
+        !matches!(self, AgentMode::Client(_))
+    }
+}
+
+/// What makes an agent a member of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// `-datacenter`.
+    pub datacenter: String,
+    /// `-retry-join`: LAN addresses to join (the servers), retried every second.
+    pub retry_join: Vec<Ipv4Addr>,
+    /// `-retry-join-wan`: another datacenter's servers, for servers only.
+    pub retry_join_wan: Vec<Ipv4Addr>,
+    /// `-data-dir`: where the agent keeps its state (node ID, Raft log, services). A host
+    /// directory, mounted at the same path in a container, so that it outlives the agent.
+    pub data_dir: PathBuf,
+    /// `reconnect_timeout`: how long a failed member stays in the pool (and its node in the
+    /// catalog) before it is reaped; Consul's default, 72 h, when `None`. Consul 1.8.7's
+    /// documentation asks for at least 8 h but its configuration does not enforce it.
+    pub reconnect_timeout: Option<Duration>,
+}
+
 /// Everything that defines one agent's command line.
 #[derive(Debug, Clone)]
 pub struct AgentSpec {
     /// `-node`: the agent's node name, unique so that agents side by side do not clash.
     pub node_name: String,
+    /// `-bind`, `-client` (and for a cluster member `-advertise`): the loopback address the
+    /// agent listens on; 127.0.0.1 for a dev agent, its own 127.x.y.z in a cluster.
+    pub address: Ipv4Addr,
+    /// Dev agent, cluster server or cluster client.
+    pub mode: AgentMode,
     /// The API port (`ports.http`, or `ports.https` with [`AgentSpec::tls`]), Serf and RPC.
     pub ports: Ports,
     /// Which generation of flags and ACL configuration to write.
@@ -201,31 +273,38 @@ impl AgentSpec {
     /// The arguments after `consul`.
     pub fn args(&self) -> Vec<String> {
         let p = self.ports;
-        let mut args: Vec<String> = [
-            "agent",
-            "-dev",
-            "-node",
-            &self.node_name,
-            "-bind",
-            "127.0.0.1",
-            "-client",
-            "127.0.0.1",
-            "-http-port",
-            &p.http.to_string(),
-            "-dns-port",
-            &p.dns.to_string(),
-            "-grpc-port",
-            "-1",
-            "-serf-lan-port",
-            &p.serf_lan.to_string(),
-            "-serf-wan-port",
-            &p.serf_wan.to_string(),
-            "-server-port",
-            &p.server.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let address = self.address.to_string();
+        let dns = p.dns.to_string();
+        let mut args: Vec<String> = match &self.mode {
+            AgentMode::Dev => vec![
+                "agent",
+                "-dev",
+                "-node",
+                &self.node_name,
+                "-bind",
+                &address,
+                "-client",
+                &address,
+                "-http-port",
+                &p.http.to_string(),
+                "-dns-port",
+                &dns,
+                "-grpc-port",
+                "-1",
+                "-serf-lan-port",
+                &p.serf_lan.to_string(),
+                "-serf-wan-port",
+                &p.serf_wan.to_string(),
+                "-server-port",
+                &p.server.to_string(),
+            ]
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+            AgentMode::Server { membership, .. } | AgentMode::Client(membership) => {
+                self.member_args(membership)
+            }
+        };
         if self.flavor == Flavor::Modern {
             args.extend(["-hcl".into(), "ports { grpc_tls = -1 }".into()]);
         }
@@ -253,6 +332,76 @@ impl AgentSpec {
                     "acl {{ enabled = true default_policy = \"deny\" down_policy = \"extend-cache\" \
                      enable_token_persistence = false tokens {{ {key} = \"{token}\" agent = \"{token}\" }} }}"
                 ),
+            ]);
+        }
+        args
+    }
+
+    /// A cluster member's flags: its own address for everything, Consul's default ports
+    /// unless told otherwise, joins retried every second (Consul's default is 30 s), no
+    /// update check (no traffic off the machine).
+    fn member_args(&self, m: &Membership) -> Vec<String> {
+        let p = self.ports;
+        let address = self.address.to_string();
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "-node".into(),
+            self.node_name.clone(),
+            "-datacenter".into(),
+            m.datacenter.clone(),
+            "-data-dir".into(),
+            m.data_dir.to_string_lossy().into_owned(),
+            "-bind".into(),
+            address.clone(),
+            "-advertise".into(),
+            address.clone(),
+            "-client".into(),
+            address,
+            "-retry-interval".into(),
+            "1s".into(),
+            "-hcl".into(),
+            "disable_update_check = true".into(),
+        ];
+        for (flag, port, default) in [
+            ("-http-port", p.http, Ports::CONSUL_DEFAULTS.http),
+            (
+                "-serf-lan-port",
+                p.serf_lan,
+                Ports::CONSUL_DEFAULTS.serf_lan,
+            ),
+            (
+                "-serf-wan-port",
+                p.serf_wan,
+                Ports::CONSUL_DEFAULTS.serf_wan,
+            ),
+            ("-server-port", p.server, Ports::CONSUL_DEFAULTS.server),
+            ("-dns-port", p.dns, Ports::CONSUL_DEFAULTS.dns),
+        ] {
+            if port != default {
+                args.extend([flag.into(), port.to_string()]);
+            }
+        }
+        if let AgentMode::Server {
+            bootstrap_expect, ..
+        } = &self.mode
+        {
+            args.extend([
+                "-server".into(),
+                "-bootstrap-expect".into(),
+                bootstrap_expect.to_string(),
+            ]);
+            for wan in &m.retry_join_wan {
+                args.extend(["-retry-join-wan".into(), wan.to_string()]);
+            }
+            args.extend(["-retry-interval-wan".into(), "1s".into()]);
+        }
+        for lan in &m.retry_join {
+            args.extend(["-retry-join".into(), lan.to_string()]);
+        }
+        if let Some(timeout) = m.reconnect_timeout {
+            args.extend([
+                "-hcl".into(),
+                format!("reconnect_timeout = \"{}\"", GoDuration(timeout)),
             ]);
         }
         args
@@ -305,6 +454,63 @@ mod tests {
     }
 
     #[test]
+    fn cluster_members_use_their_own_address_and_default_ports() {
+        let membership = Membership {
+            datacenter: "dc2".into(),
+            retry_join: vec![Ipv4Addr::new(127, 9, 0, 2), Ipv4Addr::new(127, 9, 0, 3)],
+            retry_join_wan: vec![Ipv4Addr::new(127, 8, 0, 2)],
+            data_dir: "/tmp/c/server-1".into(),
+            reconnect_timeout: Some(Duration::from_secs(120)),
+        };
+        let server = AgentSpec {
+            node_name: "dc2-server-1".into(),
+            address: Ipv4Addr::new(127, 9, 0, 1),
+            mode: AgentMode::Server {
+                bootstrap_expect: 3,
+                membership: membership.clone(),
+            },
+            ports: Ports::CONSUL_DEFAULTS,
+            flavor: Flavor::Legacy,
+            acl_management_token: None,
+            tls: None,
+        };
+        let args = server.args().join(" ");
+        assert!(!args.contains("-dev"), "{args}");
+        assert!(
+            args.contains("-bind 127.9.0.1 -advertise 127.9.0.1 -client 127.9.0.1"),
+            "{args}"
+        );
+        assert!(
+            !args.contains("-http-port"),
+            "Consul's default ports: {args}"
+        );
+        assert!(
+            args.contains("-datacenter dc2 -data-dir /tmp/c/server-1"),
+            "{args}"
+        );
+        assert!(args.contains("-server -bootstrap-expect 3"), "{args}");
+        assert!(
+            args.contains("-retry-join 127.9.0.2 -retry-join 127.9.0.3"),
+            "{args}"
+        );
+        assert!(args.contains("-retry-join-wan 127.8.0.2"), "{args}");
+        assert!(args.contains("reconnect_timeout = \"2m\""), "{args}");
+        assert!(args.contains("disable_update_check = true"), "{args}");
+        let client = AgentSpec {
+            mode: AgentMode::Client(Membership {
+                reconnect_timeout: None,
+                ..membership
+            }),
+            ..server
+        };
+        let args = client.args().join(" ");
+        assert!(!client.args().iter().any(|a| a == "-server"), "{args}");
+        assert!(!args.contains("-retry-join-wan"), "{args}");
+        assert!(!args.contains("reconnect_timeout"), "72 h default: {args}");
+        assert!(!client.mode.is_server() && client.mode.membership().is_some());
+    }
+
+    #[test]
     fn args_pin_every_port_to_loopback() {
         let ports = Ports::pick().unwrap();
         let all = [
@@ -332,6 +538,8 @@ mod tests {
         );
         let spec = AgentSpec {
             node_name: "n1".into(),
+            address: Ipv4Addr::LOCALHOST,
+            mode: AgentMode::Dev,
             ports,
             flavor: Flavor::Legacy,
             acl_management_token: Some("root-token".into()),

@@ -186,8 +186,9 @@ pub async fn start(
         args: spec.args(),
     }
     .with_network("host");
-    // TLS files are read at the same path as on the host.
-    for dir in spec.tls.iter().flat_map(AgentTls::dirs) {
+    // TLS files, and a cluster member's data directory, are at the same path as on the host.
+    let data_dir = spec.mode.membership().map(|m| m.data_dir.clone());
+    for dir in spec.tls.iter().flat_map(AgentTls::dirs).chain(data_dir) {
         let dir = dir.to_string_lossy().into_owned();
         request = request.with_mount(Mount::bind_mount(dir.clone(), dir));
     }

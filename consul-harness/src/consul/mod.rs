@@ -15,7 +15,7 @@ pub mod pki;
 pub mod process;
 
 use std::{
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
@@ -23,7 +23,7 @@ use std::{
 use testcontainers::ContainerAsync;
 
 pub use self::{
-    agent::{AgentSpec, AgentTls, Flavor, Ports},
+    agent::{AgentMode, AgentSpec, AgentTls, Flavor, Membership, Ports},
     docker::{ConsulImage, ImageRef},
     pki::{Issuer, TestPki},
 };
@@ -186,26 +186,44 @@ async fn resolve_backend(choice: BackendChoice) -> Result<BackendKind> {
     }
 }
 
-/// The API address of an agent on `port` with `options`.
-fn address(options: &ConsulOptions, port: u16) -> String {
+/// The API address of an agent on `ip:port` with `options`.
+fn address(options: &ConsulOptions, ip: Ipv4Addr, port: u16) -> String {
     let scheme = if options.tls.is_some() {
         "https://"
     } else {
         ""
     };
-    format!("{scheme}127.0.0.1:{port}")
+    format!("{scheme}{ip}:{port}")
 }
 
-/// The client configuration for an agent on `port` with `options`: the management token,
+/// The client configuration for an agent on `ip:port` with `options`: the management token,
 /// and with TLS the CA (and the client certificate when the agent verifies clients).
-fn client_config(options: &ConsulOptions, port: u16) -> consul_api::Config {
+fn client_config(options: &ConsulOptions, ip: Ipv4Addr, port: u16) -> consul_api::Config {
     let mut config = consul_api::Config::default()
-        .with_address(address(options, port))
+        .with_address(address(options, ip, port))
         .with_token(options.acl_management_token.clone());
     if let Some(tls) = &options.tls {
         config = config.with_tls(tls.pki.client_tls(tls.verify_incoming));
     }
     config
+}
+
+/// Before the first agent on `kind`: the orphan sweep and the image; returns the flavor of
+/// Consul the backend runs.
+async fn prepare(options: &ConsulOptions, kind: BackendKind) -> Result<Flavor> {
+    let flavor = match kind {
+        BackendKind::Docker => Flavor::guess(&options.image.tag)?,
+        BackendKind::Process if std::env::var_os("TESTBED_CONSUL_BIN").is_some() => {
+            Flavor::guess(&std::env::var("TESTBED_CONSUL_VERSION").unwrap_or_default())?
+        }
+        BackendKind::Process => Flavor::Legacy,
+    };
+    if kind == BackendKind::Docker {
+        let engine = docker::connect().await?;
+        docker::remove_orphans(&engine).await;
+        docker::ensure_image(&engine, &options.image).await?;
+    }
+    Ok(flavor)
 }
 
 /// What an agent logs when one of its ports is taken.
@@ -228,24 +246,15 @@ impl Consul {
     /// Start an agent with `options`, and wait until it has a leader.
     pub async fn start_with(options: ConsulOptions) -> Result<Consul> {
         let kind = resolve_backend(options.backend).await?;
-        let flavor = match kind {
-            BackendKind::Docker => Flavor::guess(&options.image.tag)?,
-            BackendKind::Process if std::env::var_os("TESTBED_CONSUL_BIN").is_some() => {
-                Flavor::guess(&std::env::var("TESTBED_CONSUL_VERSION").unwrap_or_default())?
-            }
-            BackendKind::Process => Flavor::Legacy,
-        };
-        if kind == BackendKind::Docker {
-            let engine = docker::connect().await?;
-            docker::remove_orphans(&engine).await;
-            docker::ensure_image(&engine, &options.image).await?;
-        }
+        let flavor = prepare(&options, kind).await?;
         // Ports are free when picked but may be taken before the agent binds them: retry.
         let mut attempt = 0;
         loop {
             attempt += 1;
             let spec = AgentSpec {
                 node_name: format!("testbed-{:08x}", rand::random::<u32>()),
+                address: Ipv4Addr::LOCALHOST,
+                mode: AgentMode::Dev,
                 ports: Ports::pick()?,
                 flavor,
                 acl_management_token: options.acl_management_token.clone(),
@@ -256,7 +265,7 @@ impl Consul {
                     verify_incoming: t.verify_incoming,
                 }),
             };
-            let config = client_config(&options, spec.ports.http);
+            let config = client_config(&options, spec.address, spec.ports.http);
             let mut consul = Consul {
                 options: options.clone(),
                 kind,
@@ -278,6 +287,35 @@ impl Consul {
         }
     }
 
+    /// Start one member of a cluster as `spec` describes (its mode is not [`AgentMode::Dev`]),
+    /// on the backend `options` name, and return once its HTTP API answers: a cluster member
+    /// does not wait for a leader, which only exists once enough servers have joined
+    /// ([`crate::cluster::Cluster`] waits for that). The spec's flavor is replaced by the
+    /// backend's.
+    pub async fn start_member(options: ConsulOptions, mut spec: AgentSpec) -> Result<Consul> {
+        if spec.mode == AgentMode::Dev {
+            return Err(Error::Setting(
+                "Consul::start_member starts cluster members; use Consul::start_with for a dev agent"
+                    .into(),
+            ));
+        }
+        let kind = resolve_backend(options.backend).await?;
+        spec.flavor = prepare(&options, kind).await?;
+        let config = client_config(&options, spec.address, spec.ports.http);
+        let mut consul = Consul {
+            options,
+            kind,
+            spec,
+            log: LogBuffer::new(),
+            client: consul_api::Client::new(config)?,
+            running: None,
+            started_at: SystemTime::now(),
+            version: String::new(),
+        };
+        consul.boot().await?;
+        Ok(consul)
+    }
+
     async fn boot(&mut self) -> Result<()> {
         let timeout = self.options.startup_timeout;
         self.started_at = SystemTime::now();
@@ -289,7 +327,11 @@ impl Consul {
                 Running::Process(process::start(&self.spec, &self.log, timeout).await?)
             }
         });
-        self.wait_ready(timeout).await?;
+        if self.spec.mode == AgentMode::Dev {
+            self.wait_ready(timeout).await?;
+        } else {
+            self.wait_answers(timeout).await?;
+        }
         self.version = self.client().agent().agent_self().await?.config.version;
         tracing::info!(backend = self.kind.name(), http = %self.http_addr(), version = %self.version, "consul ready");
         Ok(())
@@ -322,25 +364,44 @@ impl Consul {
         }
     }
 
+    /// Wait until the agent's HTTP API answers (`/v1/agent/self`), leader or not.
+    async fn wait_answers(&self, timeout: Duration) -> Result<()> {
+        let client = self.client();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match client.agent().agent_self().await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Error::StartTimeout {
+                        backend: self.kind.name(),
+                        timeout,
+                        reason: e.to_string(),
+                    });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
     /// The agent's API address on loopback (its HTTPS port when it serves TLS).
     pub fn http_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.spec.ports.http))
+        SocketAddr::from((self.spec.address, self.spec.ports.http))
     }
 
     /// The agent's DNS interface (UDP and TCP).
     pub fn dns_addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.spec.ports.dns))
+        SocketAddr::from((self.spec.address, self.spec.ports.dns))
     }
 
-    /// `127.0.0.1:port` (`https://127.0.0.1:port` with TLS), as `CONSUL_HTTP_ADDR` takes it.
+    /// `127.x.y.z:port` (`https://...` with TLS), as `CONSUL_HTTP_ADDR` takes it.
     pub fn address(&self) -> String {
-        address(&self.options, self.spec.ports.http)
+        address(&self.options, self.spec.address, self.spec.ports.http)
     }
 
     /// A client configuration for this agent, with the management token when ACLs are on,
     /// and with TLS on: its CA, and the client certificate when it verifies clients.
     pub fn config(&self) -> consul_api::Config {
-        client_config(&self.options, self.spec.ports.http)
+        client_config(&self.options, self.spec.address, self.spec.ports.http)
     }
 
     /// The agent's certificates, when it serves HTTPS.
@@ -438,7 +499,47 @@ impl Consul {
         self.running.is_some()
     }
 
-    /// Stop the agent: remove the container or kill the process. Its ports stop answering.
+    /// Send the agent SIGTERM and wait (at most `timeout`) until it has exited, then remove
+    /// its container. A client agent leaves the cluster on SIGTERM (`leave_on_terminate`
+    /// defaults to true for clients, false for servers), deregistering its node's services.
+    pub async fn terminate(&mut self, timeout: Duration) -> Result<()> {
+        let exited = match &mut self.running {
+            Some(Running::Docker(c)) => {
+                docker::signal(c, "SIGTERM").await?;
+                let deadline = tokio::time::Instant::now() + timeout;
+                loop {
+                    if !c.is_running().await? {
+                        break true;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        break false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Some(Running::Process(child)) => {
+                let pid = child.id().ok_or_else(|| Error::Process {
+                    what: "consul agent".into(),
+                    reason: "already exited".into(),
+                })?;
+                crate::signal::send(pid, crate::signal::Signal::SIGTERM)?;
+                tokio::time::timeout(timeout, child.wait()).await.is_ok()
+            }
+            None => return Err(Error::AgentState("is not running")),
+        };
+        self.stop().await?;
+        if exited {
+            Ok(())
+        } else {
+            Err(Error::Timeout {
+                what: "the agent to exit after SIGTERM (it was killed)".into(),
+                timeout,
+            })
+        }
+    }
+
+    /// Stop the agent at once: remove the container (`docker rm -f`: SIGKILL) or kill the
+    /// process. A crash, for a cluster member: it does not leave. Its ports stop answering.
     pub async fn stop(&mut self) -> Result<()> {
         match self.running.take() {
             Some(Running::Docker(container)) => container.rm().await?,
@@ -465,7 +566,7 @@ impl Consul {
         for _attempt in 0..2 {
             let clashes = self.log.matching(PORT_CLASH).len();
             match self.boot().await {
-                Err(e) if self.port_clash(&e, clashes) => {
+                Err(e) if self.spec.mode == AgentMode::Dev && self.port_clash(&e, clashes) => {
                     // One of its own ports (Serf, RPC) was taken while it was down: only the
                     // agent uses those, so new ones do; the HTTP port stays.
                     self.stop().await?;

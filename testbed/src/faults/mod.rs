@@ -545,7 +545,22 @@ pub(crate) fn ids(servers: &[ServerProcess]) -> Vec<String> {
 
 /// A resilient client of [`SERVICE`] through `consul`, quick to give up on a silent instance.
 pub(crate) fn client(consul: consul_api::Config, reply_timeout: Duration) -> Result<EchoClient> {
-    let mut config = ClientConfig::new(consul, SERVICE);
+    client_reading(
+        consul,
+        reply_timeout,
+        consul_api::Consistency::Default,
+        None,
+    )
+}
+
+/// [`client`], its discovery reading with `consistency` (and `max_stale` for stale reads).
+pub(crate) fn client_reading(
+    consul: consul_api::Config,
+    reply_timeout: Duration,
+    consistency: consul_api::Consistency,
+    max_stale: Option<Duration>,
+) -> Result<EchoClient> {
+    let mut config = ClientConfig::new(consul, SERVICE).with_consistency(consistency, max_stale);
     config.session.reply_timeout = reply_timeout;
     config.session.connect_timeout = Duration::from_millis(500);
     config.session.cooldown = Duration::from_secs(1);

@@ -2,6 +2,7 @@
 //! starts its own agent (a container, or a local process where no Docker engine answers).
 //!
 //! * [`client`] — echo-client: failover, Consul down, failing checks, the naive client;
+//! * [`cluster`] — real clusters: the leader killed, a node crashed, per-agent reapers;
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
 //! * [`discovery`] — every discovery source (health, catalog, agent list, prepared query,
 //!   DNS) through a SIGKILL, and the clear errors of one that cannot work;
@@ -16,6 +17,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod client;
+mod cluster;
 mod common;
 mod deregistration;
 mod discovery;

@@ -1,0 +1,238 @@
+//! Scenario c, the leader is killed (SIGKILL). Two echo servers run on a client node; two
+//! resilient clients on that node stream echoes, one reading with Consul's default
+//! consistency, one with `stale`. Right after the kill a third echo server starts on the node
+//! and registers with its agent (accepted locally; synced once a leader exists). Measured:
+//! kill → a new leader; for each client, its failed reads and how long until its view lists
+//! the server registered during the election; kill → that registration visible in the
+//! catalog. Every echo must be answered.
+
+use std::time::{Duration, Instant};
+
+use consul_api::Consistency;
+use consul_harness::cluster::{Cluster, ClusterSpec, Member};
+use serde::Serialize;
+
+use super::{
+    Experiment, Findings, LIMIT, ViewFigures, ms, ms_between, node_client, node_server,
+    passing_exactly, secs_or_never,
+};
+use crate::{
+    error::Result,
+    faults::{
+        Basics,
+        observe::{DiscoveryLog, Tally, Traffic},
+    },
+    procs::Launcher,
+};
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Servers (at least 3 for a leader to be lost and another elected).
+    pub servers: usize,
+    /// Check interval of the echo servers.
+    pub interval: Duration,
+    /// One echo every this long, per client.
+    pub every: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            servers: 3,
+            interval: Duration::from_secs(1),
+            every: Duration::from_millis(100),
+        }
+    }
+}
+
+/// What was measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    /// The server killed.
+    pub old_leader: String,
+    /// The server elected after it.
+    pub new_leader: String,
+    /// Kill → a running server names a new leader, milliseconds.
+    pub election_ms: f64,
+    /// Kill → the echo server started during the election listened (its registration was
+    /// accepted by its client agent), milliseconds.
+    pub registered_locally_ms: f64,
+    /// Kill → the catalog lists that server passing (a default read through the node's
+    /// agent, retried through the election), milliseconds.
+    pub registration_visible_ms: f64,
+    /// Each client's discovery after the kill; "current" = lists all three servers.
+    pub views: Vec<ViewFigures>,
+    /// The default-consistency client's echoes.
+    pub default_traffic: Tally,
+    /// The stale client's echoes.
+    pub stale_traffic: Tally,
+    /// Every echo, and the fate of the echo servers.
+    #[serde(flatten)]
+    pub basics: Basics,
+}
+
+impl Findings for Outcome {
+    fn figures(&self) -> Vec<(String, String)> {
+        let mut rows = vec![
+            (
+                "kill → new leader".into(),
+                format!(
+                    "{:.1} s ({} → {})",
+                    self.election_ms / 1e3,
+                    self.old_leader,
+                    self.new_leader
+                ),
+            ),
+            (
+                "registration during the election: accepted by the client agent".into(),
+                format!("{:.2} s after the kill", self.registered_locally_ms / 1e3),
+            ),
+            (
+                "… visible in the catalog".into(),
+                format!("{:.1} s after the kill", self.registration_visible_ms / 1e3),
+            ),
+        ];
+        for v in &self.views {
+            rows.push((format!("discovery, {} reads", v.reads), v.cell()));
+        }
+        rows.push((
+            "echoes (default / stale client), lost".into(),
+            format!(
+                "{} / {} sent, {} lost",
+                self.default_traffic.sent, self.stale_traffic.sent, self.basics.tally.lost
+            ),
+        ));
+        rows
+    }
+
+    fn details(&self) -> String {
+        let v = |i: usize| self.views.get(i);
+        format!(
+            "The leader ({}) was sent SIGKILL; {} was named leader {:.1} s later (Raft in \
+             production timings: 5 s heartbeat and election timeouts with Consul's \
+             `raft_multiplier` 5). The client reading with default consistency saw {} \
+             unreachable episode(s) ({}); the stale one {} ({}). An echo server started right \
+             after the kill was accepted by its client agent {:.2} s after the kill and \
+             became visible in the catalog {:.1} s after it; the clients' views listed it \
+             after {} (default) and {} (stale). Echoes: {} sent, {} lost.",
+            self.old_leader,
+            self.new_leader,
+            self.election_ms / 1e3,
+            v(0).map_or(0, |v| v.unreachable_episodes),
+            v(0).and_then(|v| v.first_error.clone())
+                .unwrap_or_else(|| "no error".into()),
+            v(1).map_or(0, |v| v.unreachable_episodes),
+            v(1).and_then(|v| v.first_error.clone())
+                .unwrap_or_else(|| "no error".into()),
+            self.registered_locally_ms / 1e3,
+            self.registration_visible_ms / 1e3,
+            secs_or_never(v(0).and_then(|v| v.current_after_ms)),
+            secs_or_never(v(1).and_then(|v| v.current_after_ms)),
+            self.basics.tally.sent,
+            self.basics.tally.lost,
+        )
+    }
+
+    fn violations(&self) -> Vec<String> {
+        let mut v = self.basics.violations();
+        for view in &self.views {
+            if view.current_after_ms.is_none() {
+                v.push(format!("the {} client's view never recovered", view.reads));
+            }
+        }
+        if self.old_leader == self.new_leader {
+            v.push("no new leader".into());
+        }
+        v
+    }
+}
+
+impl Experiment for Config {
+    type Outcome = Outcome;
+
+    fn topology(&self) -> ClusterSpec {
+        ClusterSpec::new(self.servers, 1)
+    }
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        cluster: &mut Cluster,
+        step: &dyn Fn(&str),
+    ) -> Result<Outcome> {
+        step("echo servers on the client node");
+        let node = Member::Client(0);
+        let mut servers = Vec::new();
+        for id in ["servernode_1", "servernode_2"] {
+            servers.push(node_server(launcher, cluster.agent(node), id, self.interval).await?);
+        }
+        let ids: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
+        passing_exactly(cluster.agent(node), &ids).await?;
+        // Views are recorded from here on: every wait below counts them all.
+        let t0 = Instant::now();
+        let default = node_client(cluster.agent(node), Consistency::Default, None)?;
+        let stale = node_client(cluster.agent(node), Consistency::Stale, None)?;
+        let logs = [DiscoveryLog::start(&default), DiscoveryLog::start(&stale)];
+        for log in &logs {
+            log.wait_for("discovery to list both servers", t0, LIMIT, |v| {
+                v.lists_all(&ids)
+            })
+            .await?;
+        }
+        let max = 20 * 60 * 1000 / self.every.as_millis().max(1) as u64;
+        let traffic = [
+            Traffic::start(&default, "default", self.every, max),
+            Traffic::start(&stale, "stale", self.every, max),
+        ];
+        for t in &traffic {
+            t.wait_for("10 echoes", LIMIT, |o| o.seq >= 10 && !o.lost())
+                .await?;
+        }
+
+        let (old, _) = cluster.wait_leader(None, LIMIT).await?;
+        step(&format!("killing the leader (server-{})", old + 1));
+        let killed = tokio::time::Instant::now();
+        let killed_std = Instant::now();
+        cluster.crash(Member::Server(old)).await?;
+        let third =
+            node_server(launcher, cluster.agent(node), "servernode_3", self.interval).await?;
+        let registered_locally = killed.elapsed();
+        servers.push(third);
+        step("waiting for a new leader (Raft: 5 s timeouts in production)");
+        let (new, elected) = cluster.wait_leader(Some(old), LIMIT).await?;
+        step("waiting for the registration made during the election to show");
+        let all: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
+        let visible = passing_exactly(cluster.agent(node), &all).await?;
+        for log in &logs {
+            log.wait_for("discovery to list all three", killed_std, LIMIT, |v| {
+                v.lists_all(&all)
+            })
+            .await?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let views = vec![
+            ViewFigures::of("default", &logs[0], killed_std, |v| v.lists_all(&all)),
+            ViewFigures::of("stale", &logs[1], killed_std, |v| v.lists_all(&all)),
+        ];
+        let [t_default, t_stale] = traffic;
+        let default_outcomes = t_default.finish().await;
+        let stale_outcomes = t_stale.finish().await;
+        let everything: Vec<_> = default_outcomes
+            .iter()
+            .chain(&stale_outcomes)
+            .cloned()
+            .collect();
+        Ok(Outcome {
+            old_leader: Member::Server(old).to_string(),
+            new_leader: Member::Server(new).to_string(),
+            election_ms: ms_between(killed, elected),
+            registered_locally_ms: ms(registered_locally),
+            registration_visible_ms: ms_between(killed, visible),
+            views,
+            default_traffic: Tally::of(&default_outcomes),
+            stale_traffic: Tally::of(&stale_outcomes),
+            basics: Basics::of(&everything, &mut servers),
+        })
+    }
+}

@@ -1,0 +1,520 @@
+//! `testbed cluster`: what a real Consul cluster (servers elsewhere, a client agent on every
+//! node) does to echo servers and resilient clients, scenario by scenario, each against a
+//! cluster of its own ([`consul_harness::cluster`]), production timings, never `-dev`.
+//!
+//! * [`node`] — a node dies (its client agent and its echo servers killed), and by contrast
+//!   a node leaves gracefully;
+//! * [`agent`] — a client agent dies but its echo servers do not; it comes back with its data
+//!   and with an empty data directory;
+//! * [`leader`] — the leader is killed: election time, default against stale discovery, a
+//!   registration made during the election;
+//! * [`quorum`] — two of three servers down for a minute: default, stale and bounded-stale
+//!   discovery, traffic from the cached view, recovery;
+//! * [`reaper`] — services on client agents started at different times, killed together:
+//!   each removal at its own agent's reaper tick.
+//!
+//! In every scenario a resilient client streams echoes through the fault (the traffic and
+//! discovery observers of [`crate::faults::observe`]); every wait has a deadline and every
+//! loop a bound.
+
+pub mod agent;
+pub mod leader;
+pub mod node;
+pub mod quorum;
+pub mod reaper;
+
+use std::{
+    fmt::Write as _,
+    time::{Duration, Instant, SystemTime},
+};
+
+use echo_client::EchoClient;
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use consul_harness::cluster::{Cluster, ClusterSpec};
+
+use crate::{
+    Consul,
+    error::{Error, Result},
+    faults::{
+        self, SERVICE,
+        observe::{DiscoveryLog, View, ViewState},
+    },
+    procs::{Launcher, ServerProcess},
+    wait,
+};
+
+pub use consul_harness::cluster as topology;
+
+/// Deadline of one wait on the cluster (an election, a failure detection, a sync).
+pub(crate) const LIMIT: Duration = Duration::from_secs(90);
+
+/// A scenario, as `testbed cluster --only` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// a. A node dies: its client agent and echo servers killed; contrast: a node leaves.
+    NodeDies,
+    /// b. A client agent dies, its echo servers live on; it returns with and without data.
+    AgentDies,
+    /// c. The leader is killed.
+    LeaderKilled,
+    /// d. Two of three servers down (quorum lost), then back.
+    QuorumLost,
+    /// e. Services on three client agents started apart, killed together.
+    Reaper,
+}
+
+impl Scenario {
+    /// All of them, in the report's order.
+    pub const ALL: [Scenario; 5] = [
+        Scenario::NodeDies,
+        Scenario::AgentDies,
+        Scenario::LeaderKilled,
+        Scenario::QuorumLost,
+        Scenario::Reaper,
+    ];
+
+    /// The report's title for it.
+    pub fn title(self) -> &'static str {
+        match self {
+            Scenario::NodeDies => "a. a node dies",
+            Scenario::AgentDies => "b. an agent dies, its services do not",
+            Scenario::LeaderKilled => "c. the leader is killed",
+            Scenario::QuorumLost => "d. quorum lost",
+            Scenario::Reaper => "e. deregistration across agents",
+        }
+    }
+}
+
+/// What a scenario gives the report: its figures as a table and a paragraph, and whether
+/// its invariants held.
+pub trait Findings: Serialize {
+    /// `(figure, value)` rows.
+    fn figures(&self) -> Vec<(String, String)>;
+    /// How it was measured, with the figures: one markdown paragraph.
+    fn details(&self) -> String;
+    /// The invariants that did not hold (empty: all held).
+    fn violations(&self) -> Vec<String>;
+}
+
+/// One scenario as run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recorded {
+    /// Which scenario.
+    pub scenario: Scenario,
+    /// Its title.
+    pub title: &'static str,
+    /// The cluster it ran on: servers, clients, `reconnect_timeout`.
+    pub topology: String,
+    /// `(figure, value)` rows.
+    pub figures: Vec<(String, String)>,
+    /// How each figure was measured.
+    pub details: String,
+    /// Invariants that did not hold.
+    pub violations: Vec<String>,
+    /// Everything it measured, as JSON (`None` if it failed).
+    pub outcome: Option<serde_json::Value>,
+    /// Why it could not run to the end.
+    pub error: Option<String>,
+    /// Its wall time, seconds.
+    pub wall_time: f64,
+}
+
+/// Everything `testbed cluster` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// When the run began (RFC 3339, UTC).
+    pub date: String,
+    /// Consul's version and backend.
+    pub consul: String,
+    /// The scenarios, in order.
+    pub scenarios: Vec<Recorded>,
+    /// Wall time of the whole run, seconds.
+    pub wall_time: f64,
+}
+
+impl Report {
+    /// True when every scenario ran and every invariant held.
+    pub fn all_held(&self) -> bool {
+        self.scenarios
+            .iter()
+            .all(|s| s.error.is_none() && s.violations.is_empty())
+    }
+}
+
+/// Run `scenarios` one after the other, each on a cluster of its own; a scenario that fails
+/// is reported as such and the others still run.
+pub async fn run(launcher: &Launcher, scenarios: &[Scenario], progress: &ProgressBar) -> Report {
+    let began = SystemTime::now();
+    let started = Instant::now();
+    let mut order = scenarios.to_vec();
+    order.sort();
+    order.dedup();
+    progress.set_length(order.len() as u64);
+    let mut recorded = Vec::new();
+    let mut consul = String::new();
+    for scenario in order {
+        progress.set_prefix(scenario.title());
+        let step = |msg: &str| progress.set_message(msg.to_owned());
+        let t = Instant::now();
+        let result = match scenario {
+            Scenario::NodeDies => record(launcher, &node::Config::default(), &step).await,
+            Scenario::AgentDies => record(launcher, &agent::Config::default(), &step).await,
+            Scenario::LeaderKilled => record(launcher, &leader::Config::default(), &step).await,
+            Scenario::QuorumLost => record(launcher, &quorum::Config::default(), &step).await,
+            Scenario::Reaper => record(launcher, &reaper::Config::default(), &step).await,
+        };
+        let mut r = match result {
+            Ok((r, label)) => {
+                consul = label;
+                r
+            }
+            Err(e) => {
+                tracing::error!(scenario = scenario.title(), error = %e, "scenario failed");
+                Recorded {
+                    scenario,
+                    title: scenario.title(),
+                    topology: String::new(),
+                    figures: Vec::new(),
+                    details: String::new(),
+                    violations: vec![format!("error: {e}")],
+                    outcome: None,
+                    error: Some(format!("{e:#}")),
+                    wall_time: 0.0,
+                }
+            }
+        };
+        r.scenario = scenario;
+        r.title = scenario.title();
+        r.wall_time = t.elapsed().as_secs_f64();
+        recorded.push(r);
+        progress.inc(1);
+    }
+    Report {
+        date: crate::report::rfc3339(began),
+        consul,
+        scenarios: recorded,
+        wall_time: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// A scenario's settings: the cluster it needs, and how to run it on that cluster.
+pub trait Experiment {
+    /// What one run measured.
+    type Outcome: Findings;
+    /// The cluster to start.
+    fn topology(&self) -> ClusterSpec;
+    /// Run once on `cluster`, just started from [`Experiment::topology`].
+    fn run_on(
+        &self,
+        launcher: &Launcher,
+        cluster: &mut Cluster,
+        step: &dyn Fn(&str),
+    ) -> impl Future<Output = Result<Self::Outcome>>;
+
+    /// Start the cluster, then run once on it.
+    fn run(
+        &self,
+        launcher: &Launcher,
+        step: &dyn Fn(&str),
+    ) -> impl Future<Output = Result<Self::Outcome>> {
+        async move {
+            let mut cluster = start(&self.topology(), step).await?;
+            self.run_on(launcher, &mut cluster, step).await
+        }
+    }
+}
+
+async fn start(spec: &ClusterSpec, step: &dyn Fn(&str)) -> Result<Cluster> {
+    step(&format!(
+        "starting {} servers and {} client agents, waiting for a leader",
+        spec.servers, spec.clients
+    ));
+    Ok(Cluster::start(spec.clone()).await?)
+}
+
+async fn record<E: Experiment>(
+    launcher: &Launcher,
+    experiment: &E,
+    step: &dyn Fn(&str),
+) -> Result<(Recorded, String)> {
+    let spec = experiment.topology();
+    let mut cluster = start(&spec, step).await?;
+    let label = faults::consul_label(&cluster.servers()[0]);
+    let outcome = experiment.run_on(launcher, &mut cluster, step).await?;
+    let json = serde_json::to_value(&outcome).unwrap_or_else(|e| {
+        serde_json::Value::String(format!("(the outcome as JSON failed: {e})"))
+    });
+    Ok((
+        Recorded {
+            scenario: Scenario::NodeDies,
+            title: "",
+            topology: describe(&spec),
+            figures: outcome.figures(),
+            details: outcome.details(),
+            violations: outcome.violations(),
+            outcome: Some(json),
+            error: None,
+            wall_time: 0.0,
+        },
+        label,
+    ))
+}
+
+/// "3 servers + 3 clients, reconnect_timeout 72h (default)".
+pub fn describe(spec: &ClusterSpec) -> String {
+    format!(
+        "{} servers + {} client agents, reconnect_timeout {}",
+        spec.servers,
+        spec.clients,
+        spec.reconnect_timeout
+            .map(|d| consul_api::GoDuration(d).to_string())
+            .unwrap_or_else(|| "72h (Consul's default)".into())
+    )
+}
+
+/// The report as markdown: one section per scenario.
+pub fn markdown(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## testbed cluster — {} — Consul {}\n",
+        report.date, report.consul
+    );
+    for s in &report.scenarios {
+        let _ = writeln!(out, "### {}\n", s.title);
+        if !s.topology.is_empty() {
+            let _ = writeln!(
+                out,
+                "Cluster: {}. Wall time {:.0} s.\n",
+                s.topology, s.wall_time
+            );
+        }
+        if !s.figures.is_empty() {
+            out.push_str("| figure | value |\n|---|---|\n");
+            for (k, v) in &s.figures {
+                let _ = writeln!(out, "| {k} | {v} |");
+            }
+            out.push('\n');
+        }
+        let held = if s.violations.is_empty() {
+            "all invariants held".to_owned()
+        } else {
+            format!("**broken**: {}", s.violations.join("; "))
+        };
+        let _ = writeln!(out, "Invariants: {held}.\n");
+        if !s.details.is_empty() {
+            let _ = writeln!(out, "{}\n", s.details);
+        }
+    }
+    out.push_str(
+        "Every agent runs in its own container (host networking) on its own loopback address \
+         with Consul's default ports, production timings (not `-dev`). Messages are echoes \
+         sent through resilient `EchoClient`s, each talking to the client agent of its own \
+         node; lost = answered with an error or with other bytes. Times are taken by the \
+         testbed when it injects a fault and when it observes the effect (a discovery \
+         snapshot, a blocking query's answer, an agent's log line with Consul's own \
+         timestamp).\n",
+    );
+    let _ = writeln!(out, "\nRun wall time: {:.0} s.", report.wall_time);
+    out
+}
+
+// === helpers shared by the scenarios ===
+
+/// An echo server of [`SERVICE`] with ID `id` on client node `agent`: registered with that
+/// agent, bound to and advertising the node's loopback address, checked every `interval`.
+pub(crate) async fn node_server(
+    launcher: &Launcher,
+    agent: &Consul,
+    id: &str,
+    interval: Duration,
+) -> Result<ServerProcess> {
+    let spec =
+        faults::server_spec(agent.config(), id, interval)?.on_address(agent.spec().address)?;
+    Ok(ServerProcess::spawn(launcher, spec).await?)
+}
+
+/// A resilient client on the node of `agent` (its discovery reads through that agent).
+pub(crate) fn node_client(
+    agent: &Consul,
+    consistency: consul_api::Consistency,
+    max_stale: Option<Duration>,
+) -> Result<EchoClient> {
+    faults::client_reading(
+        agent.config(),
+        Duration::from_secs(1),
+        consistency,
+        max_stale,
+    )
+}
+
+/// Until `agent` lists exactly the passing instances `ids` (in any order).
+pub(crate) async fn passing_exactly(
+    agent: &Consul,
+    ids: &[String],
+) -> Result<tokio::time::Instant> {
+    let mut want = ids.to_vec();
+    want.sort();
+    let (_, at) = wait::health_until(&agent.client(), SERVICE, true, LIMIT, |entries| {
+        let mut got: Vec<String> = entries.iter().map(|e| e.service.id.clone()).collect();
+        got.sort();
+        got == want
+    })
+    .await?;
+    Ok(at)
+}
+
+/// What a client's discovery went through after `from`: how often and how long it could not
+/// read, its first error, and when it first showed what `current` asks for.
+#[derive(Debug, Clone, Serialize)]
+pub struct ViewFigures {
+    /// The client's read consistency (`default`, `stale`, `stale ≤ 10s`).
+    pub reads: String,
+    /// Times discovery turned unreachable (each a run of failed or refused reads).
+    pub unreachable_episodes: usize,
+    /// Total time discovery was unreachable, milliseconds.
+    pub unreachable_ms: f64,
+    /// The first error it published.
+    pub first_error: Option<String>,
+    /// `from` → the first reachable view satisfying the scenario's condition, milliseconds.
+    pub current_after_ms: Option<f64>,
+}
+
+impl ViewFigures {
+    /// The figures of `log` after `from`, until now; `current` names the view awaited.
+    pub(crate) fn of(
+        reads: &str,
+        log: &DiscoveryLog,
+        from: Instant,
+        current: impl Fn(&View) -> bool,
+    ) -> ViewFigures {
+        let views: Vec<View> = log.views();
+        let mut episodes = 0;
+        let mut total = Duration::ZERO;
+        let mut down_since: Option<Instant> = None;
+        let mut first_error = None;
+        let mut current_after = None;
+        // The view in force at `from` counts: already unreachable, or already current (a
+        // view that never broke publishes nothing new).
+        let before = views.iter().rev().find(|v| v.at < from);
+        match before.map(|v| &v.state) {
+            Some(ViewState::Unreachable(e)) => {
+                down_since = Some(from);
+                episodes += 1;
+                first_error = Some(e.clone());
+            }
+            Some(ViewState::Reachable) if before.is_some_and(&current) => {
+                current_after = Some(Duration::ZERO);
+            }
+            _ => {}
+        }
+        for v in views.iter().filter(|v| v.at >= from) {
+            match (&v.state, down_since) {
+                (ViewState::Unreachable(e), None) => {
+                    down_since = Some(v.at);
+                    episodes += 1;
+                    first_error.get_or_insert_with(|| e.clone());
+                }
+                (ViewState::Reachable, Some(since)) => {
+                    total += v.at - since;
+                    down_since = None;
+                }
+                _ => {}
+            }
+            if current_after.is_none() && v.state == ViewState::Reachable && current(v) {
+                current_after = Some(v.at - from);
+            }
+        }
+        if let Some(since) = down_since {
+            total += since.elapsed();
+        }
+        ViewFigures {
+            reads: reads.to_owned(),
+            unreachable_episodes: episodes,
+            unreachable_ms: ms(total),
+            first_error,
+            current_after_ms: current_after.map(ms),
+        }
+    }
+
+    /// One table cell: episodes, time unreachable, time to a current view.
+    pub fn cell(&self) -> String {
+        format!(
+            "{} unreachable episode(s), {:.1} s unreachable; current after {}",
+            self.unreachable_episodes,
+            self.unreachable_ms / 1e3,
+            self.current_after_ms
+                .map(|m| format!("{:.1} s", m / 1e3))
+                .unwrap_or_else(|| "never".into())
+        )
+    }
+}
+
+/// Until the latest view of `log` satisfies `pred` (it may have for a while: a view that does
+/// not change publishes nothing new); returns since when it has, not before `after`.
+pub(crate) async fn settled(
+    log: &DiscoveryLog,
+    what: &str,
+    after: Instant,
+    pred: impl Fn(&View) -> bool,
+) -> Result<Instant> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        if log.latest().is_some_and(|v| pred(&v))
+            && let Some(since) = log.holds_since(after, &pred)
+        {
+            return Ok(since);
+        }
+        if Instant::now() >= deadline {
+            return Err(timeout(what, LIMIT));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Milliseconds of `d`, as a float.
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Milliseconds from `from` to `to` (tokio instants).
+pub(crate) fn ms_between(from: tokio::time::Instant, to: tokio::time::Instant) -> f64 {
+    ms(to.saturating_duration_since(from))
+}
+
+/// `Some(ms)` as seconds with one decimal, `None` as `never`.
+pub(crate) fn secs_or_never(ms: Option<f64>) -> String {
+    ms.map(|m| format!("{:.1} s", m / 1e3))
+        .unwrap_or_else(|| "never".into())
+}
+
+/// A deadline error for a scenario step.
+pub(crate) fn timeout(what: &str, after: Duration) -> Error {
+    Error::Timeout {
+        what: what.to_owned(),
+        timeout: after,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clusters_describe_themselves() {
+        let mut spec = ClusterSpec::new(3, 3);
+        assert_eq!(
+            describe(&spec),
+            "3 servers + 3 client agents, reconnect_timeout 72h (Consul's default)"
+        );
+        spec.reconnect_timeout = Some(Duration::from_secs(120));
+        assert!(
+            describe(&spec).ends_with("reconnect_timeout 2m"),
+            "{}",
+            describe(&spec)
+        );
+    }
+}
