@@ -200,6 +200,21 @@ impl<'a> Health<'a> {
         Ok((checks.unwrap_or_default(), meta))
     }
 
+    /// `GET /v1/health/node/:node`: every check of one node (its `serfHealth` and the checks
+    /// of the services it holds), as the catalog has them. Blocks on `opts.wait_index`; the
+    /// agent's own `/v1/agent/checks` does not block at all in Consul 1.8.
+    pub async fn node(
+        &self,
+        node: &str,
+        opts: &QueryOptions,
+    ) -> Result<(Vec<HealthCheck>, QueryMeta)> {
+        let (checks, meta): (Option<Vec<HealthCheck>>, _) = self
+            .client
+            .get(&["health", "node", node], &[], Some(opts))
+            .await?;
+        Ok((checks.unwrap_or_default(), meta))
+    }
+
     /// `GET /v1/health/state/:state`: every check in a state (`any`, `passing`, `warning`,
     /// `critical`).
     pub async fn state(

@@ -11,7 +11,8 @@
 //!   setting to fix.
 //! * [`agent`] — the local agent: `ServiceRegister` ([`AgentServiceRegistration`] with an
 //!   [`AgentServiceCheck`]), `ServiceDeregister`, `Services`, `Service`, `Checks`, `Self`.
-//! * [`health`] — `Service` (healthy instances as [`ServiceEntry`], blocking), `Checks`, `State`.
+//! * [`health`] — `Service` (healthy instances as [`ServiceEntry`], blocking), `Checks`, `Node`,
+//!   `State`.
 //! * [`catalog`] — `Service`, `Services` and `Register`.
 //! * [`prepared`] — prepared queries: `Create`, `Execute` (polled: it cannot block), `Delete`.
 //! * [`status`] — `Leader`.

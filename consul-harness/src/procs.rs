@@ -51,6 +51,19 @@ impl Launcher {
         Ok(Launcher::testbed(std::env::current_exe()?))
     }
 
+    /// Start another subcommand of the binary (a sidecar: `testbed reaper ...`) with `args`,
+    /// Consul's settings passed as Consul's variables.
+    pub fn spawn_subcommand(
+        &self,
+        subcommand: &str,
+        consul: &consul_api::Config,
+        args: &[String],
+    ) -> Result<ChildProcess> {
+        let mut cmd = self.command(&[subcommand.into()], consul);
+        cmd.args(args);
+        ChildProcess::spawn(cmd, subcommand.to_owned())
+    }
+
     fn command(&self, prefix: &[OsString], consul: &consul_api::Config) -> Command {
         let mut cmd = Command::new(&self.program);
         cmd.args(prefix);

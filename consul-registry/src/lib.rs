@@ -19,6 +19,10 @@
 //! * [`discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
 //! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
 //!   ejection with a cooldown);
+//! * [`reaper`] — [`reaper::run`]: an opt-in sidecar reaper that deregisters a service of
+//!   its agent once its check has been critical for the service's `reap-after` Meta, to the
+//!   millisecond (Consul's own `DeregisterCriticalServiceAfter` has a 1 m floor and a 30 s
+//!   grid); [`Reaper`] is its pure state machine;
 //! * [`backoff`] — the one jittered exponential backoff (consul-api's, re-exported);
 //! * [`error`] — the one error type.
 //!
@@ -81,6 +85,7 @@ pub mod check;
 pub mod discover;
 pub mod discovery;
 pub mod error;
+pub mod reaper;
 pub mod registration;
 pub mod shed;
 pub mod source;
@@ -90,6 +95,7 @@ pub use balancer::{Balancer, Strategy};
 pub use check::{CheckStatus, Health};
 pub use discovery::{ConsulState, DiscoveryConfig, Instance, Snapshot};
 pub use error::{Error, Result};
+pub use reaper::Reaper;
 pub use registration::{Registrar, Registration};
 pub use source::Source;
 pub use ttl::Heartbeat;

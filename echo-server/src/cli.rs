@@ -55,6 +55,11 @@ pub struct Args {
     #[arg(long, env = "ECHO_DEREGISTER_AFTER", default_value = "30s")]
     pub deregister_after: GoDuration,
 
+    /// Opt in to a consul-reaper sidecar: Meta reap-after, how long the check may stay
+    /// critical before the reaper deregisters the service (no 1m floor, no 30s grid).
+    #[arg(long, env = "ECHO_REAP_AFTER", value_name = "DURATION")]
+    pub reap_after: Option<GoDuration>,
+
     /// Address advertised to Consul, also the host of the check URL.
     #[arg(long, env = "ECHO_ADDRESS", default_value = "127.0.0.1")]
     pub address: String,
@@ -118,6 +123,7 @@ impl Args {
             interval: self.interval.as_duration(),
             timeout: self.timeout.as_duration(),
             deregister_after: self.deregister_after.as_duration(),
+            reap_after: self.reap_after.map(GoDuration::as_duration),
             max_frame: self.max_frame,
             max_connections: self.max_connections,
             idle_timeout: self.idle_timeout.as_duration(),

@@ -40,6 +40,8 @@ pub struct Config {
     pub timeout: Duration,
     /// `DeregisterCriticalServiceAfter` (Consul clamps it to at least 1m).
     pub deregister_after: Duration,
+    /// Meta `reap-after` (see `consul_registry::reaper`): opts in to the reaper sidecar.
+    pub reap_after: Option<Duration>,
     /// Largest frame accepted, in bytes, the newline not counted.
     pub max_frame: usize,
     /// Connections served at once; more wait in the accept backlog.
@@ -70,6 +72,7 @@ impl Default for Config {
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(3),
             deregister_after: Duration::from_secs(30),
+            reap_after: None,
             max_frame: DEFAULT_MAX_FRAME,
             max_connections: 1024,
             idle_timeout: Duration::from_secs(300),
@@ -162,7 +165,7 @@ impl Config {
     /// The registration sent to the agent, for a server listening on `echo_port` and
     /// `check_port` (the real ports, when the configured ones were 0).
     pub fn registration(&self, echo_port: u16, check_port: u16) -> AgentServiceRegistration {
-        AgentServiceRegistration {
+        let mut registration = AgentServiceRegistration {
             id: Some(self.id.clone()),
             name: self.name.clone(),
             tags: self.tags.clone(),
@@ -179,7 +182,11 @@ impl Config {
                 ..Default::default()
             }),
             checks: Vec::new(),
+        };
+        if let Some(after) = self.reap_after {
+            consul_registry::reaper::opt_in(&mut registration, after);
         }
+        registration
     }
 }
 

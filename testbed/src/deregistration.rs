@@ -9,6 +9,8 @@
 //! predicts each removal from the reaper's phase, taken from the agent's start as its log
 //! dates it, and again from earlier removals; the report gives predicted against measured.
 //! A SIGTERM trial shows the contrast: a clean shutdown deregisters in milliseconds.
+//! With [`SweepConfig::reaper`], each trial also has a twin removed by the reaper sidecar
+//! ([`crate::reaper`]), measured the same way.
 //!
 //! [`model`]: crate::model
 
@@ -28,6 +30,7 @@ use crate::{
     logbuf::LogBuffer,
     model::{Phase, ReaperModel, Window},
     procs::{Launcher, ServerProcess, ServerSpec},
+    reaper::{ReaperSection, ReaperTrial},
     signal::Signal,
     wait,
 };
@@ -47,6 +50,9 @@ pub struct SweepConfig {
     pub check_timeout: Duration,
     /// Also measure a clean shutdown (SIGTERM).
     pub contrast: bool,
+    /// Give each trial a twin with Meta `reap-after` = the setting, removed by the reaper
+    /// sidecar (see [`crate::reaper`]).
+    pub reaper: bool,
 }
 
 impl Default for SweepConfig {
@@ -59,6 +65,7 @@ impl Default for SweepConfig {
             stagger: Duration::from_secs(30),
             check_timeout: Duration::from_secs(3),
             contrast: true,
+            reaper: false,
         }
     }
 }
@@ -73,6 +80,7 @@ impl SweepConfig {
             stagger: Duration::ZERO,
             check_timeout: Duration::from_secs(3),
             contrast: false,
+            reaper: false,
         }
     }
 
@@ -94,12 +102,18 @@ impl SweepConfig {
                 } else {
                     Duration::ZERO
                 };
-                plans.push(Plan {
+                let plan = Plan {
                     setting: *setting,
                     interval: *interval,
                     trial: trial + 1,
                     kill_offset: offset,
-                });
+                    twin: false,
+                };
+                plans.push(plan.clone());
+                if self.reaper {
+                    // Killed right after the original, at the same offset.
+                    plans.push(Plan { twin: true, ..plan });
+                }
             }
         }
         plans
@@ -124,6 +138,20 @@ struct Plan {
     interval: Duration,
     trial: usize,
     kill_offset: Duration,
+    /// The reaper's twin of the trial before it.
+    twin: bool,
+}
+
+impl Plan {
+    fn service_id(&self) -> String {
+        format!(
+            "{}-{}-every-{}-t{}",
+            if self.twin { "reap" } else { "dereg" },
+            GoDuration(self.setting),
+            GoDuration(self.interval),
+            self.trial
+        )
+    }
 }
 
 /// One trial's measurements and predictions. Instants are seconds since the sweep began.
@@ -209,6 +237,8 @@ pub struct Report {
     pub trials: Vec<Trial>,
     /// The SIGTERM contrast, if it was asked for.
     pub contrast: Option<Contrast>,
+    /// The reaper's twins, with `--reaper`.
+    pub reaper: Option<ReaperSection>,
     /// Largest |measured − predicted| over all trials, in milliseconds.
     pub max_error_from_start_ms: f64,
     /// Largest |measured − predicted from an earlier removal|, in milliseconds; `None` if
@@ -262,24 +292,30 @@ pub async fn run(
     let (anchor, anchor_source) = reaper_anchor(consul).await;
     let phase = Phase::new(anchor, model.reap_interval);
 
+    // The reaper sidecar first, so it follows the twins from their registration.
+    let sidecar = if config.reaper {
+        progress.set_message("starting the reaper sidecar");
+        Some(crate::reaper::spawn(launcher, &consul.config()).await?)
+    } else {
+        None
+    };
+
     // Start every server, and wait until each passes.
     let plans = config.plan();
     progress.set_length(plans.len() as u64);
     progress.set_message(format!("starting {} echo servers", plans.len()));
     let mut servers = Vec::with_capacity(plans.len());
     for plan in &plans {
-        let id = format!(
-            "dereg-{}-every-{}-t{}",
-            GoDuration(plan.setting),
-            GoDuration(plan.interval),
-            plan.trial
-        );
-        let spec = ServerSpec {
+        let id = plan.service_id();
+        let mut spec = ServerSpec {
             interval: plan.interval,
             timeout: config.check_timeout.min(plan.interval),
             deregister_after: plan.setting,
             ..ServerSpec::seed(consul.config())?.named(id.clone(), id)
         };
+        if plan.twin {
+            spec.extra_args = vec!["--reap-after".into(), GoDuration(plan.setting).to_string()];
+        }
         servers.push(ServerProcess::spawn(launcher, spec).await?);
     }
     let mut watchers = Vec::with_capacity(servers.len());
@@ -374,12 +410,48 @@ pub async fn run(
         .iter()
         .filter_map(|l| l.consul_time().map(epoch_secs))
         .collect();
+    if let Some(p) = &sidecar {
+        // Its log line for the last removal may trail the catalog by a moment; a twin whose
+        // line never comes is reported as removed by Consul.
+        let twins = plans.iter().filter(|p| p.twin).count();
+        let removed = consul_registry::reaper::REMOVED;
+        let _ = p
+            .output()
+            .wait_for_count(0, removed, twins, Duration::from_secs(2))
+            .await;
+    }
     let mut trials = Vec::with_capacity(plans.len());
+    let mut twins = Vec::new();
     for (i, plan) in plans.iter().enumerate() {
         let Some(events) = measured[i] else {
             continue;
         };
         let id = &servers[i].spec.id;
+        if plan.twin {
+            let critical_to_removed = events.removed_at - events.critical_at;
+            let removed_by = match &sidecar {
+                Some(p) if crate::reaper::removed_by_reaper(p.output(), id) => "reaper",
+                _ => "consul",
+            };
+            twins.push(ReaperTrial {
+                service_id: id.clone(),
+                twin_of: Plan {
+                    twin: false,
+                    ..plan.clone()
+                }
+                .service_id(),
+                setting: GoDuration(plan.setting),
+                interval: GoDuration(plan.interval),
+                trial: plan.trial,
+                killed_at: killed_at[i] - t0,
+                critical_at: events.critical_at - t0,
+                removed_at: events.removed_at - t0,
+                critical_to_removed,
+                error_ms: (critical_to_removed - plan.setting.as_secs_f64()) * 1e3,
+                removed_by,
+            });
+            continue;
+        }
         let predicted = model.predict_removal(plan.setting, events.critical_at, &phase);
         // The latest removal (any trial's, as the agent logged it) before this one's.
         let earlier = logged_removals
@@ -456,6 +528,7 @@ pub async fn run(
         all_in_window: trials.iter().all(|t| t.in_window),
         trials,
         contrast,
+        reaper: sidecar.is_some().then(|| ReaperSection::new(twins)),
         max_error_from_start_ms,
         max_error_from_earlier_ms: (!earlier_errors.is_empty())
             .then(|| earlier_errors.iter().copied().fold(0.0, f64::max)),

@@ -12,6 +12,7 @@
 //! * [`faults`] — the fault and security scenarios (hung server, paused and restarted Consul,
 //!   a misbehaving proxy, ACLs, hostile input, a TLS certificate rotated), with their figures;
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
+//! * [`reaper`] — the reaper sidecar's rows of the deregistration experiment;
 //! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`timeline`] — the seed article's story, timestamped, naive and resilient clients;
 //! * [`report`] — markdown, JSON and SVG output;
@@ -25,6 +26,7 @@ pub mod elastic;
 pub mod faultproxy;
 pub mod faults;
 pub mod model;
+pub mod reaper;
 pub mod report;
 pub mod smoke;
 pub mod timeline;

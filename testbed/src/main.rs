@@ -41,6 +41,8 @@ enum Command {
     Timeline(TimelineArgs),
     /// Run an echo server (the same flags as the `echo-server` binary).
     EchoServer(Box<echo_server::cli::Args>),
+    /// Run the reaper sidecar (the same flags as the `consul-reaper` binary).
+    Reaper(Box<consul_reaper::cli::Args>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -63,6 +65,10 @@ struct DeregistrationArgs {
     /// Skip the SIGTERM contrast.
     #[arg(long)]
     no_contrast: bool,
+    /// Also run the reaper sidecar, with a twin of every trial server opted in to it
+    /// (Meta reap-after = the setting): both removals side by side.
+    #[arg(long)]
+    reaper: bool,
     /// Where to write the JSON report, the markdown table and the SVG plot.
     #[arg(long, default_value = "target/testbed")]
     out: PathBuf,
@@ -175,6 +181,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::EchoServer(args) => Ok(echo_server::cli::run(*args).await?),
+        Command::Reaper(args) => consul_reaper::cli::run(*args).await,
     }
 }
 
@@ -182,6 +189,7 @@ async fn deregistration(args: DeregistrationArgs) -> Result<()> {
     let config = if args.seed {
         deregistration::SweepConfig {
             contrast: !args.no_contrast,
+            reaper: args.reaper,
             ..deregistration::SweepConfig::seed()
         }
     } else {
@@ -191,6 +199,7 @@ async fn deregistration(args: DeregistrationArgs) -> Result<()> {
             trials: usize::from(args.trials),
             stagger: args.stagger.as_duration(),
             contrast: !args.no_contrast,
+            reaper: args.reaper,
             ..Default::default()
         }
     };
@@ -207,7 +216,11 @@ async fn deregistration(args: DeregistrationArgs) -> Result<()> {
     progress.finish_and_clear();
     drop(consul);
 
-    let markdown = report::deregistration_markdown(&report);
+    let mut markdown = report::deregistration_markdown(&report);
+    if let Some(section) = &report.reaper {
+        markdown.push('\n');
+        markdown.push_str(&testbed::reaper::markdown(section, &report.trials));
+    }
     println!("{markdown}");
     println!("{}\n", report::explanation(&report));
     let (json, md) =

@@ -322,6 +322,7 @@ mod tests {
             anchor_source: "test".into(),
             trials,
             contrast: None,
+            reaper: None,
             max_error_from_start_ms: 7.0,
             max_error_from_earlier_ms: None,
             all_in_window: true,

@@ -149,7 +149,8 @@ impl Findings for Outcome {
     }
 }
 
-fn secret() -> String {
+/// A random ACL secret, UUID-shaped as Consul wants it.
+pub fn secret() -> String {
     let r: u128 = rand::random();
     let h = format!("{r:032x}");
     format!(
@@ -162,7 +163,8 @@ fn secret() -> String {
     )
 }
 
-async fn token_for(admin: &Client, name: &str, rules: &str) -> Result<String> {
+/// A token (its secret) with one new policy named `name` holding `rules`, made by `admin`.
+pub async fn token_for(admin: &Client, name: &str, rules: &str) -> Result<String> {
     let policy = admin
         .acl()
         .policy_create(&AclPolicy {

@@ -10,6 +10,8 @@
 //!   faulty proxy, ACLs, hostile input;
 //! * [`framework`] — consul-registry without echo: TTL heartbeats, maintenance mode;
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors;
+//! * [`reaper`] — the opt-in reaper sidecar: removal at `reap-after`, resets, flapping, the
+//!   reaper and Consul restarted, a token without `service:write`;
 //! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs;
 //! * [`timeline`] — the seed article's story for the naive and the resilient client;
 //! * [`tls`] — HTTPS and mutual TLS: the whole path, and refusals that name the setting.
@@ -24,6 +26,7 @@ mod discovery;
 mod faults;
 mod framework;
 mod harness;
+mod reaper;
 mod server;
 mod timeline;
 mod tls;
