@@ -16,6 +16,8 @@
 //!   publishing [`Snapshot`]s on a watch channel;
 //! * [`source`] — which of Consul's interfaces discovery reads: health or catalog blocking
 //!   queries, the agent's list, a prepared query, or DNS SRV records;
+//! * [`failover`] — failover across datacenters: one discovery per datacenter, the first
+//!   that lists an instance wins;
 //! * [`discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
 //! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
 //!   ejection with a cooldown);
@@ -85,6 +87,7 @@ pub mod check;
 pub mod discover;
 pub mod discovery;
 pub mod error;
+pub mod failover;
 pub mod reaper;
 pub mod registration;
 pub mod shed;

@@ -69,6 +69,10 @@ pub struct Args {
     /// Ask this datacenter instead of the agent's own.
     #[arg(long)]
     pub datacenter: Option<String>,
+    /// Datacenters to fail over to, in order (comma-separated), when the own one lists no
+    /// passing instance.
+    #[arg(long, value_delimiter = ',')]
+    pub failover_dc: Vec<String>,
     /// How many replies to get.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
@@ -223,7 +227,8 @@ async fn run_resilient(args: Args, consul: consul_api::Config) -> Result<()> {
     let mut config = ClientConfig::new(consul, &args.service)
         .with_tag(args.tag.clone())
         .with_datacenter(args.datacenter.clone())
-        .with_consistency(args.consistency, args.max_stale.map(Into::into));
+        .with_consistency(args.consistency, args.max_stale.map(Into::into))
+        .with_failover(args.failover_dc.clone());
     config.session.message_timeout = args.timeout.into();
     config.session.reply_timeout = args.reply_timeout.into();
     config.session.connect_timeout = args.connect_timeout.into();

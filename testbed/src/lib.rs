@@ -6,6 +6,8 @@
 //! * [`cluster`] — real clusters (servers, client agents): node crash, agent crash, leader
 //!   loss, quorum loss, per-agent reapers;
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
+//! * [`datacenters`] — failover to a second datacenter (blocking queries, a prepared query,
+//!   DNS);
 //! * [`discovery`] — every way to discover side by side (health, catalog, agent list, prepared
 //!   query, DNS) through one SIGKILL;
 //! * [`elastic`] — scale out and in under load: shares, propagation, nothing lost;
@@ -20,6 +22,7 @@
 //! * [`error`] — the one error type.
 
 pub mod cluster;
+pub mod datacenters;
 pub mod deregistration;
 pub mod discovery;
 pub mod elastic;

@@ -81,6 +81,8 @@ enum DiscoveryPart {
     Sources,
     /// Scale out and in under load.
     Scale,
+    /// Two datacenters: failover to dc2 and back.
+    Datacenters,
 }
 
 #[derive(clap::Args, Debug)]
@@ -241,7 +243,11 @@ async fn discovery(args: DiscoveryArgs) -> Result<()> {
         anyhow::bail!("--poll must be above zero");
     }
     let parts = if args.only.is_empty() {
-        vec![DiscoveryPart::Sources, DiscoveryPart::Scale]
+        vec![
+            DiscoveryPart::Sources,
+            DiscoveryPart::Scale,
+            DiscoveryPart::Datacenters,
+        ]
     } else {
         args.only.clone()
     };
@@ -275,6 +281,14 @@ async fn discovery(args: DiscoveryArgs) -> Result<()> {
         markdown.push('\n');
         markdown.push_str(&testbed::elastic::markdown(&report));
         json.insert("scale".into(), serde_json::to_value(&report)?);
+    }
+    if parts.contains(&DiscoveryPart::Datacenters) {
+        let report =
+            testbed::datacenters::run(&launcher, 2, args.poll.as_duration(), &tell).await?;
+        lost += report.rows.iter().map(|r| r.lost).sum::<u64>();
+        markdown.push('\n');
+        markdown.push_str(&testbed::datacenters::markdown(&report));
+        json.insert("datacenters".into(), serde_json::to_value(&report)?);
     }
     progress.finish_and_clear();
     println!("{markdown}");
