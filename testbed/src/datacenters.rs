@@ -80,6 +80,7 @@ pub struct DatacentersReport {
 
 #[derive(Debug, Default)]
 struct Tally {
+    /// (when, the answering instance's host).
     replies: Vec<(SystemTime, String)>,
     sent_after_kill: u64,
     lost_after_kill: u64,
@@ -142,6 +143,8 @@ pub async fn run(
     .await?;
     let local = dc1.agent(Member::Client(0));
     let client = local.client();
+    let dc1_host = local.spec().address.to_string();
+    let dc2_host = dc2.agent(Member::Client(0)).spec().address.to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let dcs = client.catalog().datacenters().await.unwrap_or_default();
@@ -253,7 +256,7 @@ pub async fn run(
             let t = t.lock().unwrap_or_else(PoisonError::into_inner);
             t.replies
                 .iter()
-                .any(|(at, id)| *at >= killed_at && id.contains("_dc2_"))
+                .any(|(at, host)| *at >= killed_at && *host == dc2_host)
         });
         if all {
             break;
@@ -276,7 +279,7 @@ pub async fn run(
             let t = t.lock().unwrap_or_else(PoisonError::into_inner);
             t.replies
                 .iter()
-                .any(|(at, id)| *at >= passing_again && id.contains("_dc1_"))
+                .any(|(at, host)| *at >= passing_again && *host == dc1_host)
         });
         if all {
             break;
@@ -294,15 +297,15 @@ pub async fn run(
         let first_after = |from: SystemTime, dc: &str| {
             t.replies
                 .iter()
-                .filter(|(at, id)| *at >= from && id.contains(dc))
+                .filter(|(at, host)| *at >= from && host == dc)
                 .map(|(at, _)| *at)
                 .min()
                 .and_then(|at| at.duration_since(from).ok())
         };
         rows.push(DcRow {
             client: name.into(),
-            first_dc2_reply_ms: first_after(killed_at, "_dc2_").map(|d| d.as_secs_f64() * 1e3),
-            back_to_dc1_s: first_after(passing_again, "_dc1_").map(|d| d.as_secs_f64()),
+            first_dc2_reply_ms: first_after(killed_at, &dc2_host).map(|d| d.as_secs_f64() * 1e3),
+            back_to_dc1_s: first_after(passing_again, &dc1_host).map(|d| d.as_secs_f64()),
             sent: t.sent_after_kill,
             lost: t.lost_after_kill,
         });
@@ -336,8 +339,10 @@ async fn stream(
         {
             let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
             let ok = match result {
+                // Every server of a datacenter runs on its client node's address; DNS
+                // answers carry no service ID, so the address tells the datacenter.
                 Ok(reply) if reply.bytes == payload => {
-                    t.replies.push((SystemTime::now(), reply.instance.id));
+                    t.replies.push((SystemTime::now(), reply.instance.host));
                     true
                 }
                 Ok(_) => false,

@@ -248,3 +248,74 @@ async fn a_source_that_cannot_work_says_why() {
     .await;
     assert!(empty.instances.is_empty());
 }
+
+#[tokio::test]
+async fn two_datacenters_fail_over_to_dc2_and_back_losing_nothing() {
+    init_tracing();
+    let report = testbed::datacenters::run(&launcher(), 1, Duration::from_millis(500), &|msg| {
+        tracing::info!("{msg}")
+    })
+    .await
+    .unwrap();
+    eprintln!("{}", testbed::datacenters::markdown(&report));
+    assert_eq!(
+        (
+            report.query_before.datacenter.as_str(),
+            report.query_before.failovers
+        ),
+        ("dc1", 0)
+    );
+    assert_eq!(
+        (
+            report.query_during.datacenter.as_str(),
+            report.query_during.failovers
+        ),
+        ("dc2", 1),
+        "the prepared query failed over"
+    );
+    assert_eq!(report.rows.len(), 3);
+    for row in &report.rows {
+        assert_eq!(row.lost, 0, "{}", row.client);
+        assert!(
+            row.first_dc2_reply_ms.is_some(),
+            "{}: never served by dc2",
+            row.client
+        );
+        assert!(
+            row.back_to_dc1_s.is_some(),
+            "{}: never back on dc1",
+            row.client
+        );
+        assert!(row.sent > 0, "{}", row.client);
+    }
+}
+
+#[tokio::test]
+async fn a_scale_out_takes_load_and_a_scale_in_loses_nothing() {
+    init_tracing();
+    let config = testbed::elastic::ElasticConfig {
+        sessions: 96,
+        message_interval: consul_api::GoDuration(Duration::from_millis(200)),
+        steady: consul_api::GoDuration::from_secs(2),
+        ..Default::default()
+    };
+    let report = testbed::elastic::run(&launcher(), &config, &|msg| tracing::info!("{msg}"))
+        .await
+        .unwrap();
+    eprintln!("{}", testbed::elastic::markdown(&report));
+    for run in &report.runs {
+        assert_eq!(run.lost, 0, "{}", run.strategy);
+        assert!(run.sent > 0);
+        for s in &run.new_servers {
+            // Each of 96 sessions moves to a given new server with probability 1/6: none
+            // doing so has probability (5/6)^96 ≈ 2.5e-8. Without spreading, none moves.
+            assert!(
+                s.first_reply_after_view.is_some(),
+                "{}: {} never served",
+                run.strategy,
+                s.id
+            );
+        }
+        assert_eq!(run.shares.len(), 6, "{}: {:?}", run.strategy, run.shares);
+    }
+}
