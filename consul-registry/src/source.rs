@@ -108,7 +108,7 @@ pub(crate) enum Reader {
         config: DiscoveryConfig,
     },
     Dns {
-        resolver: TokioResolver,
+        resolver: Box<TokioResolver>,
         server: SocketAddr,
         name: String,
     },
@@ -123,7 +123,7 @@ impl Reader {
                 query,
                 every: _,
             } => Reader::Dns {
-                resolver: dns_resolver(*server),
+                resolver: Box::new(dns_resolver(*server)),
                 server: *server,
                 name: dns_name(&config, query.as_deref()),
             },
