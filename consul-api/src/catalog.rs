@@ -111,6 +111,16 @@ impl<'a> Catalog<'a> {
             .map(drop)
     }
 
+    /// `GET /v1/catalog/datacenters`: every datacenter the agent's servers know over the
+    /// WAN, nearest first.
+    pub async fn datacenters(&self) -> Result<Vec<String>> {
+        let (dcs, _): (Vec<String>, _) = self
+            .client
+            .get(&["catalog", "datacenters"], &[], None)
+            .await?;
+        Ok(dcs)
+    }
+
     /// `GET /v1/catalog/services`: every service name with its tags.
     pub async fn services(
         &self,

@@ -317,6 +317,11 @@ impl Client {
         Status::new(self)
     }
 
+    /// The prepared-query endpoints (`/v1/query/...`).
+    pub fn prepared_query(&self) -> crate::prepared::PreparedQuery<'_> {
+        crate::prepared::PreparedQuery::new(self)
+    }
+
     /// The ACL endpoints (`/v1/acl/...`).
     pub fn acl(&self) -> Acl<'_> {
         Acl::new(self)
@@ -367,6 +372,18 @@ impl Client {
         Ok(body)
     }
 
+    /// POST a JSON body and decode the JSON answer.
+    pub(crate) async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        body: &B,
+    ) -> Result<T> {
+        let (raw, _, path) = self
+            .send(Method::POST, segments, &[], None, Some(body))
+            .await?;
+        decode("POST", &path, &raw)
+    }
+
     /// PUT and decode the JSON answer.
     pub(crate) async fn put_json<B: Serialize, T: DeserializeOwned>(
         &self,
@@ -389,6 +406,7 @@ impl Client {
     ) -> Result<(Vec<u8>, QueryMeta, String)> {
         let method_name: &'static str = match method {
             Method::PUT => "PUT",
+            Method::POST => "POST",
             Method::DELETE => "DELETE",
             _ => "GET",
         };

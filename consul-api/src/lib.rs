@@ -14,6 +14,7 @@
 //! * [`health`] — `Service` (healthy instances as [`ServiceEntry`], blocking), `Checks`, `Node`,
 //!   `State`.
 //! * [`catalog`] — `Service`, `Services` and `Register`.
+//! * [`prepared`] — prepared queries: `Create`, `Execute` (polled: it cannot block), `Delete`.
 //! * [`status`] — `Leader`.
 //! * [`acl`] — policies and tokens, enough to set up ACL scenarios.
 //! * [`query`] — [`QueryOptions`] (`index`, `wait`, `dc`, ...) and [`QueryMeta`]
@@ -60,6 +61,7 @@ pub mod client;
 pub mod duration;
 pub mod error;
 pub mod health;
+pub mod prepared;
 pub mod query;
 pub mod status;
 pub mod tls;
@@ -78,6 +80,9 @@ pub use client::{Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};
 pub use health::{HealthCheck, HealthStatus, Node, ServiceEntry};
+pub use prepared::{
+    PreparedQueryDefinition, PreparedQueryExecuteResponse, QueryFailover, ServiceQuery,
+};
 pub use query::{Consistency, QueryMeta, QueryOptions};
 pub use tls::TlsConfig;
 pub use watch::Watch;

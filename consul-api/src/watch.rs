@@ -14,7 +14,9 @@
 //! * by hash, the same: a new hash is a change, the same hash a wait that timed out, an
 //!   answer without a hash is delivered and the next read polls;
 //! * successive reads are at least `min_interval` apart, so a misbehaving server cannot make
-//!   the loop spin.
+//!   the loop spin;
+//! * with [`Watch::poll`], for what cannot block (a prepared query's execution, the agent's
+//!   service list), every read is delivered and reads start `every` apart.
 //!
 //! Errors are handed back: the caller decides whether to back off and call again (the index
 //! is kept) or to give up (a 403, say).
@@ -43,6 +45,8 @@ pub struct Watch {
     last_start: Option<Instant>,
     /// The last answer had no usable index: poll with this backoff.
     polling: Option<Backoff>,
+    /// Never block: read at this fixed rate and deliver every answer.
+    poll_every: Option<Duration>,
 }
 
 /// What one answer means for the watch.
@@ -72,6 +76,18 @@ impl Watch {
             min_interval: Duration::from_millis(20),
             last_start: None,
             polling: None,
+            poll_every: None,
+        }
+    }
+
+    /// A watch of an endpoint that cannot block: reads start `every` apart (at least 1 ms)
+    /// and every answer is delivered, changed or not.
+    pub fn poll(base: QueryOptions, every: Duration) -> Self {
+        let every = every.max(Duration::from_millis(1));
+        Watch {
+            poll_every: Some(every),
+            min_interval: every,
+            ..Watch::new(base, every)
         }
     }
 
@@ -85,7 +101,7 @@ impl Watch {
         }
     }
 
-    /// Reads start at least `interval` apart (default 20 ms).
+    /// Reads start at least `interval` apart (default 20 ms; a polling watch's period).
     pub fn with_min_interval(mut self, interval: Duration) -> Self {
         self.min_interval = interval;
         self
@@ -105,6 +121,9 @@ impl Watch {
 
     /// The options of the next read.
     pub fn options(&self) -> QueryOptions {
+        if self.poll_every.is_some() {
+            return self.base.clone();
+        }
         if self.by_hash {
             return QueryOptions {
                 wait_hash: self.hash.clone(),
@@ -121,6 +140,11 @@ impl Watch {
 
     /// Account for an answer's metadata.
     pub fn observe(&mut self, meta: &QueryMeta) -> Observed {
+        if self.poll_every.is_some() {
+            self.index = meta.last_index;
+            self.delivered = true;
+            return Observed::Changed;
+        }
         if self.by_hash {
             return self.observe_hash(meta);
         }
@@ -337,6 +361,35 @@ mod tests {
         assert!(
             start.elapsed() >= Duration::from_millis(300),
             "4 reads, 100 ms apart"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_polling_watch_never_blocks_and_delivers_every_answer_at_its_rate() {
+        let base = QueryOptions {
+            datacenter: Some("dc2".into()),
+            ..Default::default()
+        };
+        let mut w = Watch::poll(base, Duration::from_millis(500));
+        let start = Instant::now();
+        let mut starts = Vec::new();
+        for expected in [7u64, 7, 9] {
+            let got = w
+                .next(|opts| {
+                    assert_eq!(opts.wait_index, 0, "a poll never blocks");
+                    assert_eq!(opts.wait_time, None);
+                    assert_eq!(opts.datacenter.as_deref(), Some("dc2"));
+                    starts.push(start.elapsed());
+                    async move { Ok::<_, crate::Error>((expected, meta(expected))) }
+                })
+                .await
+                .unwrap();
+            assert_eq!(got, expected, "the same answer twice is delivered twice");
+        }
+        assert_eq!(
+            starts,
+            [0, 500, 1000].map(Duration::from_millis).to_vec(),
+            "reads start every 500 ms"
         );
     }
 }

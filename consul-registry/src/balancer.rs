@@ -11,7 +11,9 @@
 //!   clears its record. Records are forgotten when an instance leaves the passing set, so an
 //!   instance Consul lists again starts clean.
 //! * The session stays on a working connection; the balancer only says whether the current
-//!   instance is still listed and whether there is somewhere else to go.
+//!   instance is still listed and whether there is somewhere else to go — and, when instances
+//!   are added (a scale-out), whether this client should move to one of them
+//!   ([`Balancer::update_spreading`]) so that many clients spread evenly.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -26,7 +28,8 @@ use crate::discovery::Instance;
 /// How to choose among usable instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Strategy {
-    /// Each new connection goes to the next instance in ID order.
+    /// Each new connection goes to the next instance in ID order, starting at a random one
+    /// (so that many clients do not all start on the first).
     #[default]
     RoundRobin,
     /// Two random candidates; the one with the lower smoothed round-trip time wins (an
@@ -64,14 +67,15 @@ impl Balancer {
             max_cooldown: cooldown.saturating_mul(16),
             instances: Vec::new(),
             local: HashMap::new(),
-            next: 0,
+            next: rand::random_range(0..usize::MAX / 2),
             rng: StdRng::from_rng(&mut rand::rng()),
         }
     }
 
-    /// Make random choices reproducible.
+    /// Make random choices reproducible; round-robin then starts at the first instance.
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.rng = StdRng::seed_from_u64(seed);
+        self.next = 0;
         self
     }
 
@@ -80,6 +84,34 @@ impl Balancer {
         self.instances = instances.to_vec();
         let keep: HashSet<String> = instances.iter().map(Instance::address).collect();
         self.local.retain(|address, _| keep.contains(address));
+    }
+
+    /// Replace the passing set (like [`update`](Self::update)), and say whether a client
+    /// connected to one of the instances listed before should move to one just added: with
+    /// probability added / total, to an added usable instance chosen uniformly. Many clients
+    /// each deciding so end up evenly spread in expectation, the old instances keeping
+    /// 1 / total each. `None` when nothing was added, or on the first set.
+    pub fn update_spreading(&mut self, instances: &[Instance], now: Instant) -> Option<Instance> {
+        let before: HashSet<String> = self.instances.iter().map(Instance::address).collect();
+        self.update(instances);
+        if before.is_empty() {
+            return None;
+        }
+        let added: Vec<usize> = (0..self.instances.len())
+            .filter(|&i| {
+                let instance = &self.instances[i];
+                !before.contains(&instance.address()) && self.usable(instance, now)
+            })
+            .collect();
+        if added.is_empty() {
+            return None;
+        }
+        let p = added.len() as f64 / self.instances.len() as f64;
+        if !self.rng.random_bool(p.clamp(0.0, 1.0)) {
+            return None;
+        }
+        let pick = added[self.rng.random_range(0..added.len())];
+        Some(self.instances[pick].clone())
     }
 
     /// The passing set.
@@ -214,7 +246,7 @@ mod tests {
 
     #[test]
     fn round_robin_cycles_and_skips_ejected() {
-        let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1));
+        let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1)).with_seed(1);
         let now = Instant::now();
         assert_eq!(b.pick(now), None, "nothing to pick from");
         b.update(&set(3));
@@ -315,5 +347,52 @@ mod tests {
             seen.len() >= 3,
             "unmeasured instances all get tried: {seen:?}"
         );
+    }
+
+    #[test]
+    fn a_scale_out_moves_the_share_of_clients_the_new_instances_should_take() {
+        let now = Instant::now();
+        let old = vec![
+            Instance::new("a", "127.0.0.1", 1),
+            Instance::new("b", "127.0.0.1", 2),
+        ];
+        let mut grown = old.clone();
+        grown.extend((3..=6).map(|p| Instance::new(format!("n{p}"), "127.0.0.1", p)));
+        let clients = 6_000;
+        let mut per_instance: HashMap<String, u32> = HashMap::new();
+        for seed in 0..clients {
+            let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1)).with_seed(seed);
+            assert!(
+                b.update_spreading(&old, now).is_none(),
+                "the first set moves nobody"
+            );
+            // Each client sits on one of the old instances.
+            let current = old[(seed % 2) as usize].address();
+            let target = b.update_spreading(&grown, now).map(|i| i.address());
+            *per_instance.entry(target.unwrap_or(current)).or_default() += 1;
+            assert!(
+                b.update_spreading(&grown, now).is_none(),
+                "the same set again moves nobody"
+            );
+        }
+        // 1,000 each expected; 5 standard deviations (~29 each) of slack.
+        for instance in &grown {
+            let n = per_instance.get(&instance.address()).copied().unwrap_or(0);
+            assert!((850..=1150).contains(&n), "{instance}: {n} of {clients}");
+        }
+    }
+
+    #[test]
+    fn unseeded_round_robin_starts_anywhere() {
+        let now = Instant::now();
+        let firsts: HashSet<String> = (0..200)
+            .map(|_| {
+                let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1));
+                b.update(&set(4));
+                b.pick(now).unwrap().id
+            })
+            .collect();
+        // Each of the 4 is missed by 200 independent draws with probability (3/4)^200.
+        assert_eq!(firsts.len(), 4, "{firsts:?}");
     }
 }

@@ -1,6 +1,6 @@
 //! Discovery: one task that follows a service's passing instances with Consul blocking queries
-//! (`/v1/health/service/<name>?passing`) and publishes each result as a [`Snapshot`] on a
-//! `tokio::sync::watch` channel. It exits when every receiver is gone.
+//! (`/v1/health/service/<name>?passing`, or another [`Source`]) and publishes each result as a
+//! [`Snapshot`] on a `tokio::sync::watch` channel. It exits when every receiver is gone.
 //!
 //! When Consul does not answer, the last known instances stay published (marked
 //! [`ConsulState::Unreachable`]), the task keeps trying with jittered backoff, and it logs once
@@ -24,12 +24,13 @@ use std::{
 };
 
 use consul_api::{
-    Consistency, QueryMeta, QueryOptions, ServiceEntry, Watch,
+    Consistency, QueryMeta, QueryOptions, ServiceEntry,
     error::{Error as ConsulError, ErrorKind},
 };
 use tokio::sync::watch;
 
-use crate::backoff::Backoff;
+pub use crate::source::Source;
+use crate::{backoff::Backoff, source::Reader};
 
 /// One passing instance of the service, as Consul lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -232,6 +233,8 @@ pub struct DiscoveryConfig {
     pub datacenter: Option<String>,
     /// How long one blocking query waits for a change (Consul caps it at 10 minutes).
     pub wait: Duration,
+    /// Which of Consul's interfaces to read (default: passing-only health blocking queries).
+    pub source: Source,
     /// Which server may answer (`default`: the leader; `stale`: any server, also during an
     /// election or without quorum; `consistent`: the leader after a quorum check). Stale by
     /// default: measured on a 3-server cluster (`testbed cluster`), stale reads never failed
@@ -253,6 +256,7 @@ impl DiscoveryConfig {
             tag: None,
             datacenter: None,
             wait: Duration::from_secs(60),
+            source: Source::Health,
             consistency: Consistency::Stale,
             max_stale: None,
         }
@@ -264,25 +268,17 @@ impl DiscoveryConfig {
 pub fn spawn(client: consul_api::Client, config: DiscoveryConfig) -> watch::Receiver<Snapshot> {
     let (tx, rx) = watch::channel(Snapshot::starting());
     tokio::spawn(async move {
-        let service = config.service.clone();
-        let tag = config.tag.clone();
+        let reader = Reader::new(client, config.clone());
         let fetch = move |opts: QueryOptions| {
-            let client = client.clone();
-            let service = service.clone();
-            let tag = tag.clone();
-            async move {
-                client
-                    .health()
-                    .service(&service, tag.as_deref(), true, &opts)
-                    .await
-            }
+            let reader = reader.clone();
+            async move { reader.read(opts).await }
         };
         follow(fetch, tx, config, Backoff::consul()).await;
     });
     rx
 }
 
-/// The discovery loop, over any `fetch` of the health endpoint (tests pass a scripted one).
+/// The discovery loop, over any `fetch` of instances (tests pass a scripted one).
 pub(crate) async fn follow<F, Fut>(
     mut fetch: F,
     tx: watch::Sender<Snapshot>,
@@ -290,7 +286,7 @@ pub(crate) async fn follow<F, Fut>(
     mut backoff: Backoff,
 ) where
     F: FnMut(QueryOptions) -> Fut,
-    Fut: Future<Output = consul_api::Result<(Vec<ServiceEntry>, QueryMeta)>>,
+    Fut: Future<Output = consul_api::Result<(Vec<Instance>, QueryMeta)>>,
 {
     let base = QueryOptions {
         datacenter: config.datacenter.clone(),
@@ -302,7 +298,7 @@ pub(crate) async fn follow<F, Fut>(
     let wait = config.max_stale.map_or(config.wait, |bound| {
         config.wait.min(bound.max(MIN_STALE_WAIT))
     });
-    let mut watch = Watch::new(base, wait);
+    let mut watch = config.source.watch(base, wait);
     let mut tracker = StateTracker::default();
     let mut answered = false;
     let service = config.service.as_str();
@@ -352,13 +348,12 @@ pub(crate) async fn follow<F, Fut>(
                     () = tx.closed() => return,
                 }
             }
-            Ok((entries, index, None)) => {
+            Ok((instances, index, None)) => {
                 backoff.reset();
                 answered = true;
                 if tracker.on_answer() {
-                    tracing::info!(service, passing = entries.len(), "Consul answers");
+                    tracing::info!(service, passing = instances.len(), "Consul answers");
                 }
-                let instances = entries.iter().map(Instance::from_entry).collect();
                 publish(&tx, |s| s.with_instances(instances, index));
                 let now = tx.borrow();
                 if now.changed_at == now.at {
@@ -630,7 +625,9 @@ mod tests {
             let next = script.lock().unwrap().pop_front();
             async move {
                 match next {
-                    Some(answer) => answer,
+                    Some(answer) => answer.map(|(entries, meta)| {
+                        (entries.iter().map(Instance::from_entry).collect(), meta)
+                    }),
                     None => std::future::pending().await,
                 }
             }
@@ -718,7 +715,9 @@ mod tests {
             let next = script.lock().unwrap().pop_front();
             async move {
                 match next {
-                    Some(answer) => answer,
+                    Some(answer) => answer.map(|(entries, meta)| {
+                        (entries.iter().map(Instance::from_entry).collect(), meta)
+                    }),
                     None => std::future::pending().await,
                 }
             }

@@ -14,6 +14,10 @@
 //!   that cannot expose an HTTP endpoint;
 //! * [`discovery`] — a task following a service's passing instances with blocking queries,
 //!   publishing [`Snapshot`]s on a watch channel;
+//! * [`source`] — which of Consul's interfaces discovery reads: health or catalog blocking
+//!   queries, the agent's list, a prepared query, or DNS SRV records;
+//! * [`failover`] — failover across datacenters: one discovery per datacenter, the first
+//!   that lists an instance wins;
 //! * [`discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
 //! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
 //!   ejection with a cooldown);
@@ -83,9 +87,11 @@ pub mod check;
 pub mod discover;
 pub mod discovery;
 pub mod error;
+pub mod failover;
 pub mod reaper;
 pub mod registration;
 pub mod shed;
+pub mod source;
 pub mod ttl;
 
 pub use balancer::{Balancer, Strategy};
@@ -94,4 +100,5 @@ pub use discovery::{ConsulState, DiscoveryConfig, Instance, Snapshot};
 pub use error::{Error, Result};
 pub use reaper::Reaper;
 pub use registration::{Registrar, Registration};
+pub use source::Source;
 pub use ttl::Heartbeat;

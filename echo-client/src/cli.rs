@@ -11,6 +11,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::{
     balancer::Strategy,
     client::{ClientConfig, EchoClient, Reply},
+    discovery::Source,
     error::{Error, Result},
     naive::{self, NaiveConfig},
 };
@@ -33,6 +34,21 @@ pub enum Balance {
     P2c,
 }
 
+/// Which of Consul's interfaces the resilient client discovers through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// Passing instances by health blocking queries (the default, and the one to use).
+    Health,
+    /// Every registered instance by catalog blocking queries, healthy or not.
+    Catalog,
+    /// The agent's own list, polled (the seed article's way): healthy or not.
+    Agent,
+    /// A prepared query (`--query`), polled; fails over to other datacenters if it says so.
+    Query,
+    /// SRV records from the agent's DNS interface (`--dns-addr`), polled, over TCP.
+    Dns,
+}
+
 /// Send messages to an echo service found through Consul and print each reply with the
 /// instance that served it. Consul's address and TLS settings come from the flags below or
 /// Consul's own variables (CONSUL_HTTP_ADDR, CONSUL_HTTP_SSL, CONSUL_CACERT, CONSUL_CAPATH,
@@ -53,6 +69,10 @@ pub struct Args {
     /// Ask this datacenter instead of the agent's own.
     #[arg(long)]
     pub datacenter: Option<String>,
+    /// Datacenters to fail over to, in order (comma-separated), when the own one lists no
+    /// passing instance.
+    #[arg(long, value_delimiter = ',')]
+    pub failover_dc: Vec<String>,
     /// How many replies to get.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
@@ -80,6 +100,23 @@ pub struct Args {
     /// How to choose among passing instances.
     #[arg(long, value_enum, default_value_t = Balance::RoundRobin)]
     pub balance: Balance,
+    /// Where the resilient client learns instances from.
+    #[arg(long, value_enum, default_value_t = SourceKind::Health)]
+    pub source: SourceKind,
+    /// The prepared query to execute (`--source query`), or to resolve as
+    /// `<query>.query.consul` (`--source dns`).
+    #[arg(long)]
+    pub query: Option<String>,
+    /// The agent's DNS interface (`--source dns`); default: the Consul agent's host, port 8600.
+    #[arg(long)]
+    pub dns_addr: Option<std::net::SocketAddr>,
+    /// How often the polled sources (agent, query, dns) read.
+    #[arg(long, default_value = "1s")]
+    pub poll: GoDuration,
+    /// Stay on the current instance when new ones are listed (default: move with probability
+    /// added/total, so that many clients spread over a scale-out).
+    #[arg(long)]
+    pub no_spread: bool,
     /// Discovery's read consistency: stale (any server answers, also during an election or
     /// without quorum), default (the leader answers; reads fail during an election) or
     /// consistent (the leader after a quorum check).
@@ -142,11 +179,56 @@ async fn run_naive(args: Args, consul: consul_api::Config) -> Result<()> {
     mismatch_check(summary.mismatched, summary.replies)
 }
 
+/// The discovery source the flags ask for.
+fn source(args: &Args, consul: &str) -> Result<Source> {
+    let every: Duration = args.poll.into();
+    if every.is_zero() && !matches!(args.source, SourceKind::Health | SourceKind::Catalog) {
+        return Err(Error::Config("--poll must be above zero".into()));
+    }
+    Ok(match args.source {
+        SourceKind::Health => Source::Health,
+        SourceKind::Catalog => Source::Catalog,
+        SourceKind::Agent => Source::Agent { every },
+        SourceKind::Query => Source::PreparedQuery {
+            name: args.query.clone().ok_or_else(|| {
+                Error::Config("--source query needs --query <prepared query name>".into())
+            })?,
+            every,
+        },
+        SourceKind::Dns => Source::Dns {
+            server: match args.dns_addr {
+                Some(addr) => addr,
+                None => default_dns_addr(consul)?,
+            },
+            query: args.query.clone(),
+            every,
+        },
+    })
+}
+
+/// The agent's DNS interface on the host of its HTTP address, Consul's default port 8600.
+fn default_dns_addr(consul: &str) -> Result<std::net::SocketAddr> {
+    let host = consul
+        .split_once("://")
+        .map_or(consul, |(_, rest)| rest)
+        .rsplit_once(':')
+        .map_or(consul, |(host, _)| host)
+        .trim_matches(['[', ']']);
+    let ip: std::net::IpAddr = host.parse().map_err(|_| {
+        Error::Config(format!(
+            "--source dns: the Consul address {consul:?} is not an IP address; give --dns-addr"
+        ))
+    })?;
+    Ok(std::net::SocketAddr::new(ip, 8600))
+}
+
 async fn run_resilient(args: Args, consul: consul_api::Config) -> Result<()> {
+    let consul_address = consul.address.clone();
     let mut config = ClientConfig::new(consul, &args.service)
         .with_tag(args.tag.clone())
         .with_datacenter(args.datacenter.clone())
-        .with_consistency(args.consistency, args.max_stale.map(Into::into));
+        .with_consistency(args.consistency, args.max_stale.map(Into::into))
+        .with_failover(args.failover_dc.clone());
     config.session.message_timeout = args.timeout.into();
     config.session.reply_timeout = args.reply_timeout.into();
     config.session.connect_timeout = args.connect_timeout.into();
@@ -155,6 +237,8 @@ async fn run_resilient(args: Args, consul: consul_api::Config) -> Result<()> {
         Balance::RoundRobin => Strategy::RoundRobin,
         Balance::P2c => Strategy::PowerOfTwoChoices,
     };
+    config.session.spread = !args.no_spread;
+    config.discovery.source = source(&args, &consul_address)?;
     let client = EchoClient::start(config)?;
     let started = Instant::now();
     let mut ticker = tokio::time::interval(args.interval.into());
@@ -264,5 +348,41 @@ mod tests {
         .unwrap();
         assert_eq!(args.consistency, consul_api::Consistency::Stale);
         assert_eq!(args.max_stale, Some(GoDuration::from_secs(10)));
+    }
+
+    #[test]
+    fn sources_from_flags_with_clear_errors() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["echo-client"];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).unwrap()
+        };
+        let consul = "http://127.0.0.9:8500";
+        assert_eq!(source(&parse(&[]), consul).unwrap(), Source::Health);
+        let err = source(&parse(&["--source", "query"]), consul).unwrap_err();
+        assert!(err.to_string().contains("--query"), "{err}");
+        assert_eq!(
+            source(
+                &parse(&["--source", "query", "--query", "q", "--poll", "250ms"]),
+                consul
+            )
+            .unwrap(),
+            Source::PreparedQuery {
+                name: "q".into(),
+                every: Duration::from_millis(250)
+            }
+        );
+        assert_eq!(
+            source(&parse(&["--source", "dns"]), consul).unwrap(),
+            Source::Dns {
+                server: "127.0.0.9:8600".parse().unwrap(),
+                query: None,
+                every: Duration::from_secs(1)
+            }
+        );
+        let err = source(&parse(&["--source", "dns"]), "consul.service:8500").unwrap_err();
+        assert!(err.to_string().contains("--dns-addr"), "{err}");
+        let err = source(&parse(&["--source", "agent", "--poll", "0s"]), consul).unwrap_err();
+        assert!(err.to_string().contains("--poll"), "{err}");
     }
 }

@@ -26,6 +26,9 @@ pub struct ClientConfig {
     pub discovery: DiscoveryConfig,
     /// How to talk to instances (timeouts, cooldown, queue).
     pub session: SessionConfig,
+    /// Datacenters to fail over to, in order, when the own one lists no passing instance
+    /// (through the local agent; see [`consul_registry::failover`]).
+    pub failover: Vec<String>,
 }
 
 impl ClientConfig {
@@ -36,6 +39,7 @@ impl ClientConfig {
             consul,
             discovery: DiscoveryConfig::new(service.clone()),
             session: SessionConfig::new(service),
+            failover: Vec::new(),
         }
     }
 
@@ -59,6 +63,12 @@ impl ClientConfig {
     /// Ask datacenter `dc` instead of the agent's own.
     pub fn with_datacenter(mut self, dc: Option<String>) -> Self {
         self.discovery.datacenter = dc;
+        self
+    }
+
+    /// Fail over to these datacenters, in order, when the own one lists no passing instance.
+    pub fn with_failover(mut self, datacenters: Vec<String>) -> Self {
+        self.failover = datacenters;
         self
     }
 }
@@ -114,7 +124,11 @@ impl EchoClient {
             return Err(Error::Config("the service name is empty".into()));
         }
         let consul = consul_api::Client::new(config.consul)?;
-        let rx = discovery::spawn(consul, config.discovery);
+        let rx = if config.failover.is_empty() {
+            discovery::spawn(consul, config.discovery)
+        } else {
+            consul_registry::failover::spawn(consul, config.discovery, &config.failover)
+        };
         EchoClient::with_discovery(rx, config.session)
     }
 

@@ -25,7 +25,10 @@
 //!   the next message), and the instance is not ejected for it; if not, it is never written.
 //! * It stays on a working connection, and leaves it only when Consul stops listing the
 //!   instance's address while another one is passing: an empty passing set is "no better
-//!   choice", not a reason to drop a connection that works (Consul restarting, say).
+//!   choice", not a reason to drop a connection that works (Consul restarting, say). Or, with
+//!   [`SessionConfig::spread`], when instances are added: with probability added / total it
+//!   moves to one of them at the next moment nothing is un-answered (nothing resent, nothing
+//!   lost), so that many sessions spread evenly over a scaled-out service.
 //! * A permanent discovery failure (a refused token before anything worked) answers every
 //!   message with it.
 
@@ -91,10 +94,18 @@ pub struct SessionConfig {
     pub queue_capacity: usize,
     /// Largest message and reply, in bytes.
     pub max_frame: usize,
+    /// When Consul lists new instances, move to one of them with probability added / total
+    /// (see [`Balancer::update_spreading`]), so that a scale-out takes load.
+    pub spread: bool,
+    /// Seed the balancer's random choices (round-robin's start, power-of-two candidates, the
+    /// spread) for a reproducible run: round-robin then starts at the first instance by ID.
+    /// `None` (the default): random, so that many clients do not all start on one instance.
+    pub seed: Option<u64>,
 }
 
 impl SessionConfig {
-    /// Defaults: round-robin, connect 1 s, reply 2 s, message 30 s, cooldown 2 s, 1024 queued.
+    /// Defaults: round-robin, connect 1 s, reply 2 s, message 30 s, cooldown 2 s, 1024 queued,
+    /// spreading over new instances.
     pub fn new(service: impl Into<String>) -> Self {
         SessionConfig {
             service: service.into(),
@@ -105,6 +116,8 @@ impl SessionConfig {
             cooldown: Duration::from_secs(2),
             queue_capacity: 1024,
             max_frame: DEFAULT_MAX_FRAME,
+            spread: true,
+            seed: None,
         }
     }
 
@@ -218,6 +231,8 @@ struct Session {
     last_failure: Option<String>,
     /// Addresses whose frame limit was reported already.
     frame_limit_reported: HashSet<String>,
+    /// A new instance to move to once nothing is un-answered (spreading a scale-out).
+    move_to: Option<Instance>,
 }
 
 impl Session {
@@ -226,7 +241,10 @@ impl Session {
         discovery: watch::Receiver<Snapshot>,
         config: SessionConfig,
     ) -> Self {
-        let balancer = Balancer::new(config.strategy, config.cooldown);
+        let mut balancer = Balancer::new(config.strategy, config.cooldown);
+        if let Some(seed) = config.seed {
+            balancer = balancer.with_seed(seed);
+        }
         let snapshot = discovery.borrow().clone();
         Session {
             requests,
@@ -246,6 +264,7 @@ impl Session {
             failed: None,
             last_failure: None,
             frame_limit_reported: HashSet::new(),
+            move_to: None,
             config,
         }
     }
@@ -273,6 +292,7 @@ impl Session {
                     p.written_at.is_some() || p.reply.as_ref().is_some_and(|r| !r.is_closed())
                 });
                 self.check_idle_close();
+                self.check_move();
                 let retry_due = self.retry_at.is_none_or(|t| t <= now);
                 if self.conn.is_none()
                     && self.connecting.is_empty()
@@ -397,9 +417,12 @@ impl Session {
             });
         }
         let news = snapshot.instances != self.snapshot.instances;
-        self.balancer.update(&snapshot.instances);
-        self.snapshot = snapshot;
         let now = Instant::now();
+        let spread_to = self.balancer.update_spreading(&snapshot.instances, now);
+        if self.config.spread && self.conn.is_some() && spread_to.is_some() {
+            self.move_to = spread_to;
+        }
+        self.snapshot = snapshot;
         if news {
             // Try at once: a new instance may work.
             self.retry_at = None;
@@ -452,6 +475,30 @@ impl Session {
         }
     }
 
+    /// Spreading a scale-out: leave the connection for the chosen new instance once nothing
+    /// on it is un-answered (so nothing is resent); the next message connects there.
+    fn check_move(&mut self) {
+        let Some(target) = &self.move_to else {
+            return;
+        };
+        let Some(conn) = &self.conn else {
+            return;
+        };
+        if conn.written > 0 || !conn.out.is_empty() {
+            return;
+        }
+        if conn.instance.address() == target.address() || !self.balancer.contains(target) {
+            self.move_to = None;
+            return;
+        }
+        tracing::info!(
+            from = %conn.instance,
+            to = %target,
+            "new instances listed; moving to one of them to spread the load"
+        );
+        self.conn = None;
+    }
+
     /// Start a connect to a usable instance not tried in this round; with none (and none in
     /// flight), schedule the next round after the backoff.
     fn connect_more(&mut self, now: Instant) {
@@ -464,7 +511,18 @@ impl Session {
             .map(Instance::address)
             .chain(self.failed_round.iter().cloned())
             .collect();
-        let Some(instance) = self.balancer.pick_except(now, &except) else {
+        let preferred = self.move_to.take().and_then(|target| {
+            let others: Vec<String> = self
+                .balancer
+                .instances()
+                .iter()
+                .map(Instance::address)
+                .filter(|a| *a != target.address())
+                .chain(except.iter().cloned())
+                .collect();
+            self.balancer.pick_except(now, &others)
+        });
+        let Some(instance) = preferred.or_else(|| self.balancer.pick_except(now, &except)) else {
             if self.connecting.is_empty() {
                 let delay = self.backoff.next_delay();
                 let unejected = self.balancer.next_unejection(now).unwrap_or(now);

@@ -178,6 +178,8 @@ async fn serve_freezable(
 
 fn config() -> SessionConfig {
     let mut c = SessionConfig::new("servernode");
+    // Round-robin from the first instance: the tests name who answers.
+    c.seed = Some(1);
     c.reply_timeout = Duration::from_millis(500);
     c.connect_timeout = Duration::from_millis(500);
     c.message_timeout = Duration::from_secs(10);
@@ -236,9 +238,17 @@ async fn concurrent_senders_get_their_own_bytes_back_in_order() {
 async fn a_reset_mid_stream_resends_on_another_instance_and_stays_there() {
     let a = Peer::start("a", Behaviour::CloseAfter(5)).await;
     let b = Peer::start("b", Behaviour::Echo).await;
-    let (client, _tx) = client_over(vec![a.instance(), b.instance()], config());
+    // Start on a (round-robin starts at a random instance): b is listed after the first
+    // message, and the session does not move to it by itself.
+    let mut c = config();
+    c.spread = false;
+    let (client, tx) = client_over(vec![a.instance()], c);
     let mut served = Vec::new();
     for i in 1..=20 {
+        if i == 2 {
+            tx.send(Snapshot::fixed(vec![a.instance(), b.instance()]))
+                .unwrap();
+        }
         let reply = tokio::time::timeout(BOUND, client.send(msg(i)))
             .await
             .unwrap()
@@ -261,9 +271,13 @@ async fn pipelined_messages_survive_a_kill_exactly_once_each() {
     let (echo, frozen) = watch::channel(true);
     let mut a = Peer::start("a", Behaviour::Freezable(frozen)).await;
     let b = Peer::start("b", Behaviour::Echo).await;
-    let (client, _tx) = client_over(vec![a.instance(), b.instance()], config());
+    let mut c = config();
+    c.spread = false;
+    let (client, tx) = client_over(vec![a.instance()], c);
     // Warm up on a, then freeze it: it reads the next messages and holds them.
     assert_eq!(client.send(msg(0)).await.unwrap().instance.id, "a");
+    tx.send(Snapshot::fixed(vec![a.instance(), b.instance()]))
+        .unwrap();
     echo.send(false).unwrap();
     let sends = join_all((1..=200).map(|i| {
         let client = client.clone();
@@ -785,13 +799,19 @@ async fn a_thousand_concurrent_64k_messages_through_one_real_server() {
 
 #[tokio::test]
 async fn a_deadline_answers_timeout_and_never_ejects_an_answering_instance() {
-    let (echo, frozen) = watch::channel(false);
+    let (echo, frozen) = watch::channel(true);
     let a = Peer::start("a", Behaviour::Freezable(frozen)).await;
     let b = Peer::start("b", Behaviour::Echo).await;
     let mut c = config();
     c.message_timeout = Duration::from_millis(300);
     c.reply_timeout = Duration::from_secs(5);
-    let (client, _tx) = client_over(vec![a.instance(), b.instance()], c);
+    c.spread = false;
+    // On a first (round-robin starts at a random instance), then b is listed too.
+    let (client, tx) = client_over(vec![a.instance()], c);
+    assert_eq!(client.send(msg(0)).await.unwrap().instance.id, "a");
+    tx.send(Snapshot::fixed(vec![a.instance(), b.instance()]))
+        .unwrap();
+    echo.send(false).unwrap();
     // a holds the message past its deadline: the caller gets Timeout.
     let err = tokio::time::timeout(BOUND, client.send(msg(1)))
         .await
@@ -913,12 +933,14 @@ async fn a_renamed_node_keeps_the_working_connection() {
         ..p.instance()
     };
     let (client, tx) = client_over(vec![on(&a, "n1"), on(&b, "n1")], config());
-    assert_eq!(client.send(msg(1)).await.unwrap().instance.id, "a");
-    // The agent came back under a new node name: same address, same instance.
+    let first = client.send(msg(1)).await.unwrap().instance.id;
+    // The agent came back under a new node name: same address, same instance (and nothing
+    // new to spread to).
     tx.send(Snapshot::fixed(vec![on(&a, "n2"), on(&b, "n2")]))
         .unwrap();
-    assert_eq!(client.send(msg(2)).await.unwrap().instance.id, "a");
-    assert_eq!(a.connections.load(Ordering::SeqCst), 1, "kept");
+    assert_eq!(client.send(msg(2)).await.unwrap().instance.id, first);
+    let connections = a.connections.load(Ordering::SeqCst) + b.connections.load(Ordering::SeqCst);
+    assert_eq!(connections, 1, "kept");
 }
 
 #[tokio::test(start_paused = true)]
@@ -946,4 +968,92 @@ async fn message_deadlines_do_not_skip_the_backoff() {
     // The backoff (50 ms doubling to 1 s) allows about 6 tries in 2 s; one per deadline
     // would be over 100.
     assert!((1..=20).contains(&n), "{n} tries");
+}
+
+#[tokio::test]
+async fn a_scale_out_spreads_sessions_over_the_new_instances_and_loses_nothing() {
+    let a = Peer::start("a", Behaviour::Echo).await;
+    let (tx, rx) = watch::channel(Snapshot::fixed(vec![a.instance()]));
+    // Unseeded: each session draws for itself.
+    let unseeded = || SessionConfig {
+        seed: None,
+        ..config()
+    };
+    let sessions: Vec<EchoClient> = (0..100)
+        .map(|_| EchoClient::with_discovery(rx.clone(), unseeded()).unwrap())
+        .collect();
+    for s in &sessions {
+        let reply = tokio::time::timeout(BOUND, s.send(msg(0)))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.instance.id, "a");
+    }
+    let b = Peer::start("b", Behaviour::Echo).await;
+    let c = Peer::start("c", Behaviour::Echo).await;
+    let d = Peer::start("d", Behaviour::Echo).await;
+    tx.send(Snapshot::fixed(vec![
+        a.instance(),
+        b.instance(),
+        c.instance(),
+        d.instance(),
+    ]))
+    .unwrap();
+    let mut per_instance = std::collections::BTreeMap::<String, usize>::new();
+    for s in &sessions {
+        let mut last = String::new();
+        for i in 1..=3 {
+            let reply = tokio::time::timeout(BOUND, s.send(msg(i)))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(reply.bytes, msg(i), "byte-exact, nothing lost");
+            assert_eq!(reply.attempts, 1, "moved between messages: nothing resent");
+            last = reply.instance.id.clone();
+        }
+        *per_instance.entry(last).or_default() += 1;
+    }
+    eprintln!("sessions per instance after the scale-out: {per_instance:?}");
+    // 25 each expected; fewer than 5 is 4.6 standard deviations off. Without spreading, all
+    // 100 stay on a.
+    for id in ["a", "b", "c", "d"] {
+        let n = per_instance.get(id).copied().unwrap_or(0);
+        assert!(n >= 5, "{id}: {n} of 100 sessions ({per_instance:?})");
+    }
+}
+
+#[tokio::test]
+async fn many_round_robin_sessions_do_not_all_start_on_the_first_instance() {
+    let peers = [
+        Peer::start("a", Behaviour::Echo).await,
+        Peer::start("b", Behaviour::Echo).await,
+        Peer::start("c", Behaviour::Echo).await,
+        Peer::start("d", Behaviour::Echo).await,
+    ];
+    let (_tx, rx) = watch::channel(Snapshot::fixed(peers.iter().map(Peer::instance).collect()));
+    let mut per_instance = std::collections::BTreeMap::<String, usize>::new();
+    let mut sessions = Vec::new();
+    for _ in 0..100 {
+        let session = EchoClient::with_discovery(
+            rx.clone(),
+            SessionConfig {
+                seed: None,
+                ..config()
+            },
+        )
+        .unwrap();
+        let reply = tokio::time::timeout(BOUND, session.send(msg(1)))
+            .await
+            .unwrap()
+            .unwrap();
+        *per_instance.entry(reply.instance.id).or_default() += 1;
+        sessions.push(session);
+    }
+    eprintln!("first instance of 100 sessions: {per_instance:?}");
+    // 25 each expected; fewer than 5 is 4.6 standard deviations off. A fixed start puts all
+    // 100 on a.
+    for id in ["a", "b", "c", "d"] {
+        let n = per_instance.get(id).copied().unwrap_or(0);
+        assert!(n >= 5, "{id}: {n} of 100 ({per_instance:?})");
+    }
 }

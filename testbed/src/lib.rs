@@ -6,6 +6,11 @@
 //! * [`cluster`] — real clusters (servers, client agents): node crash, agent crash, leader
 //!   loss, quorum loss, per-agent reapers;
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
+//! * [`datacenters`] — failover to a second datacenter (blocking queries, a prepared query,
+//!   DNS);
+//! * [`discovery`] — every way to discover side by side (health, catalog, agent list, prepared
+//!   query, DNS) through one SIGKILL;
+//! * [`elastic`] — scale out and in under load: shares, propagation, nothing lost;
 //! * [`faults`] — the fault and security scenarios (hung server, paused and restarted Consul,
 //!   a misbehaving proxy, ACLs, hostile input, a TLS certificate rotated), with their figures;
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
@@ -17,7 +22,10 @@
 //! * [`error`] — the one error type.
 
 pub mod cluster;
+pub mod datacenters;
 pub mod deregistration;
+pub mod discovery;
+pub mod elastic;
 pub mod faultproxy;
 pub mod faults;
 pub mod model;

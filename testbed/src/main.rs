@@ -25,6 +25,9 @@ enum Command {
     Cluster(ClusterArgs),
     /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
     Deregistration(DeregistrationArgs),
+    /// Every way to discover (health, catalog, agent list, prepared query, DNS) side by side
+    /// through one SIGKILL, with a resilient session on each and the naive client.
+    Discovery(DiscoveryArgs),
     /// The echo client (the same as the `echo-client` binary).
     EchoClient(Box<echo_client::cli::Args>),
     /// Fault and security scenarios (hung server, paused/restarted Consul, a faulty proxy,
@@ -67,6 +70,36 @@ struct DeregistrationArgs {
     #[arg(long)]
     reaper: bool,
     /// Where to write the JSON report, the markdown table and the SVG plot.
+    #[arg(long, default_value = "target/testbed")]
+    out: PathBuf,
+}
+
+/// The parts of `testbed discovery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DiscoveryPart {
+    /// Every discovery source through one SIGKILL.
+    Sources,
+    /// Scale out and in under load.
+    Scale,
+    /// Two datacenters: failover to dc2 and back.
+    Datacenters,
+}
+
+#[derive(clap::Args, Debug)]
+struct DiscoveryArgs {
+    /// Echo servers to start (the first one is killed).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=20))]
+    servers: u16,
+    /// How often the polled sources (agent list, prepared query, DNS) read.
+    #[arg(long, default_value = "1s")]
+    poll: GoDuration,
+    /// How long after the kill to keep watching (the agent's list needs 60-95 s).
+    #[arg(long, default_value = "110s")]
+    horizon: GoDuration,
+    /// Parts to run (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<DiscoveryPart>,
+    /// Where to write discovery.json and discovery.md.
     #[arg(long, default_value = "target/testbed")]
     out: PathBuf,
 }
@@ -126,6 +159,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Cluster(args) => cluster(args).await,
         Command::Deregistration(args) => deregistration(args).await,
         Command::Timeline(args) => timeline(args).await,
+        Command::Discovery(args) => discovery(args).await,
         Command::EchoClient(args) => Ok(echo_client::cli::run(*args).await?),
         Command::Faults(args) => faults(args).await,
         Command::Image => {
@@ -201,6 +235,68 @@ async fn deregistration(args: DeregistrationArgs) -> Result<()> {
         md.display(),
         svg.display()
     );
+    Ok(())
+}
+
+async fn discovery(args: DiscoveryArgs) -> Result<()> {
+    if args.poll.as_duration().is_zero() {
+        anyhow::bail!("--poll must be above zero");
+    }
+    let parts = if args.only.is_empty() {
+        vec![
+            DiscoveryPart::Sources,
+            DiscoveryPart::Scale,
+            DiscoveryPart::Datacenters,
+        ]
+    } else {
+        args.only.clone()
+    };
+    let progress = ProgressBar::new_spinner();
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .context("progress template")?,
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+    progress.set_message("starting Consul");
+    let tell = |msg: String| progress.set_message(msg);
+    let launcher = Launcher::current_exe()?;
+    let mut markdown = String::new();
+    let mut json = serde_json::Map::new();
+    let mut lost = 0;
+    if parts.contains(&DiscoveryPart::Sources) {
+        let config = testbed::discovery::SourcesConfig {
+            servers: usize::from(args.servers),
+            poll: args.poll,
+            horizon: args.horizon,
+            ..Default::default()
+        };
+        let report = testbed::discovery::run_sources(&launcher, &config, &tell).await?;
+        lost += report.rows.iter().map(|r| r.lost).sum::<u64>();
+        markdown.push_str(&testbed::discovery::sources_markdown(&report));
+        json.insert("sources".into(), serde_json::to_value(&report)?);
+    }
+    if parts.contains(&DiscoveryPart::Scale) {
+        let report = testbed::elastic::run(&launcher, &Default::default(), &tell).await?;
+        lost += report.runs.iter().map(|r| r.lost).sum::<u64>();
+        markdown.push('\n');
+        markdown.push_str(&testbed::elastic::markdown(&report));
+        json.insert("scale".into(), serde_json::to_value(&report)?);
+    }
+    if parts.contains(&DiscoveryPart::Datacenters) {
+        let report =
+            testbed::datacenters::run(&launcher, 2, args.poll.as_duration(), &tell).await?;
+        lost += report.rows.iter().map(|r| r.lost).sum::<u64>();
+        markdown.push('\n');
+        markdown.push_str(&testbed::datacenters::markdown(&report));
+        json.insert("datacenters".into(), serde_json::to_value(&report)?);
+    }
+    progress.finish_and_clear();
+    println!("{markdown}");
+    let (json, md) = report::write_json_and_markdown(&args.out, "discovery", &json, &markdown)?;
+    println!("Report: {}\nTable:  {}", json.display(), md.display());
+    if lost > 0 {
+        anyhow::bail!("{lost} message(s) lost (see the tables): every source must lose none");
+    }
     Ok(())
 }
 

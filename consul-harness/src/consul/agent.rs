@@ -62,19 +62,22 @@ pub struct Ports {
     pub serf_wan: u16,
     /// Server RPC (`-server-port`).
     pub server: u16,
+    /// The DNS interface (`-dns-port`), UDP and TCP.
+    pub dns: u16,
 }
 
 impl Ports {
-    /// Consul's own defaults (HTTP 8500, Serf LAN 8301, Serf WAN 8302, server RPC 8300), what
-    /// a cluster member on its own loopback address listens on.
+    /// Consul's own defaults (HTTP 8500, Serf LAN 8301, Serf WAN 8302, server RPC 8300, DNS
+    /// 8600), what a cluster member on its own loopback address listens on.
     pub const CONSUL_DEFAULTS: Ports = Ports {
         http: 8500,
         serf_lan: 8301,
         serf_wan: 8302,
         server: 8300,
+        dns: 8600,
     };
 
-    /// Four ports free right now on 127.0.0.1 (TCP, and UDP for the Serf ones).
+    /// Five ports free right now on 127.0.0.1 (TCP, and UDP for the Serf and DNS ones).
     ///
     /// They are taken below the kernel's ephemeral range: once we let go of them, nothing
     /// takes them implicitly (an outgoing connection's local port, another program's bind
@@ -95,12 +98,18 @@ impl Ports {
 
     /// Give the ports back to this process's pool (the agent that owned them is gone).
     pub fn release(&self) {
-        release(&[self.http, self.serf_lan, self.serf_wan, self.server]);
+        release(&[
+            self.http,
+            self.serf_lan,
+            self.serf_wan,
+            self.server,
+            self.dns,
+        ]);
     }
 
     /// Give back the Serf and RPC ports only (the HTTP port stays with its agent).
     pub fn release_all_but_http(&self) {
-        release(&[self.serf_lan, self.serf_wan, self.server]);
+        release(&[self.serf_lan, self.serf_wan, self.server, self.dns]);
     }
 
     fn pick_avoiding(avoid: Option<u16>) -> Result<Ports> {
@@ -136,6 +145,7 @@ impl Ports {
             serf_lan: take(true)?,
             serf_wan: take(true)?,
             server: take(false)?,
+            dns: take(true)?,
         })
     }
 }
@@ -264,6 +274,7 @@ impl AgentSpec {
     pub fn args(&self) -> Vec<String> {
         let p = self.ports;
         let address = self.address.to_string();
+        let dns = p.dns.to_string();
         let mut args: Vec<String> = match &self.mode {
             AgentMode::Dev => vec![
                 "agent",
@@ -277,7 +288,7 @@ impl AgentSpec {
                 "-http-port",
                 &p.http.to_string(),
                 "-dns-port",
-                "-1",
+                &dns,
                 "-grpc-port",
                 "-1",
                 "-serf-lan-port",
@@ -364,6 +375,7 @@ impl AgentSpec {
                 Ports::CONSUL_DEFAULTS.serf_wan,
             ),
             ("-server-port", p.server, Ports::CONSUL_DEFAULTS.server),
+            ("-dns-port", p.dns, Ports::CONSUL_DEFAULTS.dns),
         ] {
             if port != default {
                 args.extend([flag.into(), port.to_string()]);
@@ -501,11 +513,17 @@ mod tests {
     #[test]
     fn args_pin_every_port_to_loopback() {
         let ports = Ports::pick().unwrap();
-        let all = [ports.http, ports.serf_lan, ports.serf_wan, ports.server];
+        let all = [
+            ports.http,
+            ports.serf_lan,
+            ports.serf_wan,
+            ports.server,
+            ports.dns,
+        ];
         let mut sorted = all.to_vec();
         sorted.sort();
         sorted.dedup();
-        assert_eq!(sorted.len(), 4, "distinct ports: {all:?}");
+        assert_eq!(sorted.len(), 5, "distinct ports: {all:?}");
         if let Some(range) = below_ephemeral_range() {
             assert!(
                 all.iter().all(|p| range.contains(p)),
@@ -530,7 +548,7 @@ mod tests {
         let args = spec.args().join(" ");
         assert!(args.starts_with("agent -dev -node n1 -bind 127.0.0.1 -client 127.0.0.1"));
         assert!(args.contains(&format!("-http-port {}", ports.http)));
-        assert!(args.contains("-dns-port -1"));
+        assert!(args.contains(&format!("-dns-port {}", ports.dns)));
         assert!(args.contains("master = \"root-token\""));
         assert!(!args.contains("grpc_tls"));
         let modern = AgentSpec {

@@ -388,6 +388,11 @@ impl Consul {
         SocketAddr::from((self.spec.address, self.spec.ports.http))
     }
 
+    /// The agent's DNS interface (UDP and TCP).
+    pub fn dns_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.spec.address, self.spec.ports.dns))
+    }
+
     /// `127.x.y.z:port` (`https://...` with TLS), as `CONSUL_HTTP_ADDR` takes it.
     pub fn address(&self) -> String {
         address(&self.options, self.spec.address, self.spec.ports.http)

@@ -4,6 +4,8 @@
 //! * [`client`] — echo-client: failover, Consul down, failing checks, the naive client;
 //! * [`cluster`] — real clusters: the leader killed, a node crashed, per-agent reapers;
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
+//! * [`discovery`] — every discovery source (health, catalog, agent list, prepared query,
+//!   DNS) through a SIGKILL, and the clear errors of one that cannot work;
 //! * [`faults`] — fault and security scenarios: hung server, paused and restarted Consul, a
 //!   faulty proxy, ACLs, hostile input;
 //! * [`framework`] — consul-registry without echo: TTL heartbeats, maintenance mode;
@@ -20,6 +22,7 @@ mod client;
 mod cluster;
 mod common;
 mod deregistration;
+mod discovery;
 mod faults;
 mod framework;
 mod harness;

@@ -1,0 +1,404 @@
+//! Failover to a second datacenter: dc1 and dc2 (each a server and a client agent on their
+//! own loopback addresses, WAN-joined), echo servers in both. Clients on dc1's client node
+//! stream through the loss of every dc1 instance and their return, each finding instances its
+//! own way: blocking health queries on dc1 then dc2 through the local agent
+//! ([`consul_registry::failover`]), a prepared query with `Failover.Datacenters` (polled over
+//! HTTP), and the same query through DNS (`<query>.query.consul`).
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime},
+};
+
+use bytes::Bytes;
+use consul_api::{
+    Client, GoDuration, PreparedQueryDefinition, QueryFailover, QueryOptions, ServiceQuery,
+};
+use consul_harness::cluster::{Cluster, ClusterSpec, Member};
+use consul_registry::{DiscoveryConfig, Snapshot, Source, discovery, failover};
+use echo_client::{EchoClient, session::SessionConfig};
+use futures::future::try_join_all;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::{Error, Result},
+    procs::{Launcher, ServerProcess, ServerSpec},
+    wait,
+};
+
+/// The service in both datacenters.
+pub const SERVICE: &str = "echo-dc";
+/// The prepared query (in dc1) that fails over to dc2.
+pub const QUERY: &str = "echo-dc-failover";
+
+/// What the prepared query answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryAnswer {
+    /// `Datacenter`.
+    pub datacenter: String,
+    /// `Failovers`.
+    pub failovers: u32,
+    /// Instances listed.
+    pub instances: usize,
+}
+
+/// One client's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct DcRow {
+    /// `health dc1→dc2`, `prepared query`, `prepared query over DNS`.
+    pub client: String,
+    /// From the kill of every dc1 instance to the first reply from dc2, ms.
+    pub first_dc2_reply_ms: Option<f64>,
+    /// From dc1's instances passing again to the first reply from dc1 again, seconds.
+    pub back_to_dc1_s: Option<f64>,
+    /// Messages sent from the kill on.
+    pub sent: u64,
+    /// Of them, lost: must be 0.
+    pub lost: u64,
+}
+
+/// The report.
+#[derive(Debug, Clone, Serialize)]
+pub struct DatacentersReport {
+    /// The agents' version.
+    pub consul_version: String,
+    /// Echo servers per datacenter.
+    pub servers_per_dc: usize,
+    /// How often the polled clients read.
+    pub poll: GoDuration,
+    /// The prepared query's answer with dc1 healthy.
+    pub query_before: QueryAnswer,
+    /// Its answer with every dc1 instance dead.
+    pub query_during: QueryAnswer,
+    /// One row per client.
+    pub rows: Vec<DcRow>,
+    /// From the restart of dc1's servers to Consul listing them passing, seconds.
+    pub dc1_passing_again_s: f64,
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    /// (when, the answering instance's host).
+    replies: Vec<(SystemTime, String)>,
+    sent_after_kill: u64,
+    lost_after_kill: u64,
+}
+
+async fn dc_servers(
+    launcher: &Launcher,
+    cluster: &Cluster,
+    dc: &str,
+    n: usize,
+) -> Result<Vec<ServerProcess>> {
+    let agent = cluster.agent(Member::Client(0));
+    try_join_all((1..=n).map(|i| async move {
+        let mut spec = ServerSpec::seed(agent.config())?
+            .named(SERVICE, format!("{SERVICE}_{dc}_{i}"))
+            .on_address(agent.spec().address)?;
+        spec.interval = Duration::from_secs(1);
+        spec.timeout = Duration::from_secs(1);
+        Ok::<_, Error>(ServerProcess::spawn(launcher, spec).await?)
+    }))
+    .await
+}
+
+async fn query_answer(client: &Client) -> Result<QueryAnswer> {
+    let (answer, _) = client
+        .prepared_query()
+        .execute(QUERY, &QueryOptions::default())
+        .await?;
+    Ok(QueryAnswer {
+        datacenter: answer.datacenter,
+        failovers: answer.failovers,
+        instances: answer.nodes.len(),
+    })
+}
+
+/// Run the two-datacenter experiment.
+pub async fn run(
+    launcher: &Launcher,
+    servers_per_dc: usize,
+    poll: Duration,
+    progress: &(dyn Fn(String) + Sync),
+) -> Result<DatacentersReport> {
+    if servers_per_dc == 0 || poll.is_zero() {
+        return Err(Error::Setting(
+            "two datacenters need at least one server each and a poll above zero".into(),
+        ));
+    }
+    progress("starting dc1 (1 server, 1 client agent)".into());
+    let dc1 = Cluster::start(ClusterSpec {
+        datacenter: "dc1".into(),
+        ..ClusterSpec::new(1, 1)
+    })
+    .await?;
+    progress("starting dc2 (1 server, 1 client agent), WAN-joined to dc1".into());
+    let dc2 = Cluster::start(ClusterSpec {
+        datacenter: "dc2".into(),
+        join_wan: dc1.server_addresses(),
+        ..ClusterSpec::new(1, 1)
+    })
+    .await?;
+    let local = dc1.agent(Member::Client(0));
+    let client = local.client();
+    let dc1_host = local.spec().address.to_string();
+    let dc2_host = dc2.agent(Member::Client(0)).spec().address.to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let dcs = client.catalog().datacenters().await.unwrap_or_default();
+        if dcs.iter().any(|d| d == "dc2") {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: "dc1 to see dc2 over the WAN".into(),
+                timeout: Duration::from_secs(60),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    progress("echo servers in both datacenters".into());
+    let mut dc1_servers = dc_servers(launcher, &dc1, "dc1", servers_per_dc).await?;
+    let _dc2_servers = dc_servers(launcher, &dc2, "dc2", servers_per_dc).await?;
+    let dc2_client = dc2.agent(Member::Client(0)).client();
+    for (c, name) in [(&client, "dc1"), (&dc2_client, "dc2")] {
+        wait::health_until(c, SERVICE, true, Duration::from_secs(30), |e| {
+            e.len() == servers_per_dc
+        })
+        .await
+        .map_err(|e| Error::Scenario(format!("{name}'s servers never passed: {e}")))?;
+    }
+    client
+        .prepared_query()
+        .create(&PreparedQueryDefinition {
+            name: QUERY.into(),
+            service: ServiceQuery {
+                service: SERVICE.into(),
+                only_passing: true,
+                failover: QueryFailover {
+                    nearest_n: 0,
+                    datacenters: vec!["dc2".into()],
+                },
+                ..Default::default()
+            },
+        })
+        .await?;
+    let query_before = query_answer(&client).await?;
+
+    let clients: Vec<(&str, watch::Receiver<Snapshot>)> = vec![
+        (
+            "health dc1→dc2 (blocking, local agent)",
+            failover::spawn(
+                client.clone(),
+                DiscoveryConfig::new(SERVICE),
+                &["dc2".into()],
+            ),
+        ),
+        ("prepared query (polled)", {
+            let mut c = DiscoveryConfig::new(SERVICE);
+            c.source = Source::PreparedQuery {
+                name: QUERY.into(),
+                every: poll,
+            };
+            discovery::spawn(client.clone(), c)
+        }),
+        ("prepared query over DNS (polled)", {
+            let mut c = DiscoveryConfig::new(SERVICE);
+            c.source = Source::Dns {
+                server: local.dns_addr(),
+                query: Some(QUERY.into()),
+                every: poll,
+            };
+            discovery::spawn(client.clone(), c)
+        }),
+    ];
+    let killed: Arc<std::sync::OnceLock<SystemTime>> = Arc::default();
+    let stop = CancellationToken::new();
+    let mut running = Vec::new();
+    for (name, mut rx) in clients {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            rx.wait_for(|s| s.instances.len() == servers_per_dc),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("the {name} client to list dc1's instances"),
+            timeout: Duration::from_secs(20),
+        })?
+        .map_err(|_| Error::Stopped(name.into()))?;
+        let mut session = SessionConfig::new(SERVICE);
+        session.message_timeout = Duration::from_secs(20);
+        let echo = EchoClient::with_discovery(rx, session)?;
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let task = tokio::spawn(stream(
+            echo,
+            name,
+            tally.clone(),
+            killed.clone(),
+            stop.clone(),
+        ));
+        running.push((name, tally, task));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    progress("SIGKILL to every dc1 echo server".into());
+    let killed_at = SystemTime::now();
+    let _ = killed.set(killed_at);
+    for server in &mut dc1_servers {
+        server.process.kill().await?;
+    }
+    // Until every client has a reply from dc2 (at most 30 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        let all = running.iter().all(|(_, t, _)| {
+            let t = t.lock().unwrap_or_else(PoisonError::into_inner);
+            t.replies
+                .iter()
+                .any(|(at, host)| *at >= killed_at && *host == dc2_host)
+        });
+        if all {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let query_during = query_answer(&client).await?;
+
+    progress("dc1's echo servers start again".into());
+    let back_at = SystemTime::now();
+    let _dc1_again = dc_servers(launcher, &dc1, "dc1", servers_per_dc).await?;
+    wait::health_until(&client, SERVICE, true, Duration::from_secs(30), |e| {
+        e.len() == servers_per_dc
+    })
+    .await?;
+    let passing_again = SystemTime::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        let all = running.iter().all(|(_, t, _)| {
+            let t = t.lock().unwrap_or_else(PoisonError::into_inner);
+            t.replies
+                .iter()
+                .any(|(at, host)| *at >= passing_again && *host == dc1_host)
+        });
+        if all {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let mut rows = Vec::new();
+    for (name, tally, task) in running {
+        task.await.map_err(|source| Error::Task {
+            what: "a datacenter client's sender",
+            source,
+        })?;
+        let t = tally.lock().unwrap_or_else(PoisonError::into_inner);
+        let first_after = |from: SystemTime, dc: &str| {
+            t.replies
+                .iter()
+                .filter(|(at, host)| *at >= from && host == dc)
+                .map(|(at, _)| *at)
+                .min()
+                .and_then(|at| at.duration_since(from).ok())
+        };
+        rows.push(DcRow {
+            client: name.into(),
+            first_dc2_reply_ms: first_after(killed_at, &dc2_host).map(|d| d.as_secs_f64() * 1e3),
+            back_to_dc1_s: first_after(passing_again, &dc1_host).map(|d| d.as_secs_f64()),
+            sent: t.sent_after_kill,
+            lost: t.lost_after_kill,
+        });
+    }
+    Ok(DatacentersReport {
+        consul_version: local.version().to_owned(),
+        servers_per_dc,
+        poll: GoDuration(poll),
+        query_before,
+        query_during,
+        rows,
+        dc1_passing_again_s: passing_again
+            .duration_since(back_at)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    })
+}
+
+async fn stream(
+    echo: EchoClient,
+    name: &'static str,
+    tally: Arc<Mutex<Tally>>,
+    killed: Arc<std::sync::OnceLock<SystemTime>>,
+    stop: CancellationToken,
+) {
+    let mut seq = 0u64;
+    while !stop.is_cancelled() {
+        seq += 1;
+        let payload = Bytes::from(format!("{name} {seq}"));
+        let after_kill = killed.get().is_some();
+        let result = echo.send(payload.clone()).await;
+        {
+            let mut t = tally.lock().unwrap_or_else(PoisonError::into_inner);
+            let ok = match result {
+                // Every server of a datacenter runs on its client node's address; DNS
+                // answers carry no service ID, so the address tells the datacenter.
+                Ok(reply) if reply.bytes == payload => {
+                    t.replies.push((SystemTime::now(), reply.instance.host));
+                    true
+                }
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::error!(name, seq, "message lost: {e}");
+                    false
+                }
+            };
+            if after_kill {
+                t.sent_after_kill += 1;
+                t.lost_after_kill += u64::from(!ok);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            () = stop.cancelled() => {}
+        }
+    }
+}
+
+/// The report as markdown.
+pub fn markdown(r: &DatacentersReport) -> String {
+    let mut md = format!(
+        "## Failover to a second datacenter\n\n\
+         Consul {}: dc1 and dc2, each one server and one client agent on their own loopback \
+         addresses, WAN-joined; {} echo servers in each (checked every 1s), registered with \
+         their datacenter's client agent. The clients run on dc1's client node, each sending one \
+         message every 50 ms; every dc1 instance is killed, then dc1's servers start again \
+         (passing {:.2} s after their start). Polled clients read every {}.\n\n\
+         The prepared query `{QUERY}` (`Failover.Datacenters = [\"dc2\"]`) answered \
+         Datacenter `{}`, Failovers {} ({} instances) with dc1 healthy, and Datacenter `{}`, \
+         Failovers {} ({} instances) with every dc1 instance dead.\n\n\
+         | client | kill → first reply from dc2 | dc1 passing again → first reply from dc1 | \
+         sent from the kill on | lost |\n|---|---|---|---|---|\n",
+        r.consul_version,
+        r.servers_per_dc,
+        r.dc1_passing_again_s,
+        r.poll,
+        r.query_before.datacenter,
+        r.query_before.failovers,
+        r.query_before.instances,
+        r.query_during.datacenter,
+        r.query_during.failovers,
+        r.query_during.instances,
+    );
+    for row in &r.rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            row.client,
+            row.first_dc2_reply_ms
+                .map_or("never".into(), |ms| format!("{ms:.0} ms")),
+            row.back_to_dc1_s
+                .map_or("never".into(), |s| format!("{s:.2} s")),
+            row.sent,
+            row.lost
+        ));
+    }
+    md
+}
