@@ -90,8 +90,14 @@ impl Instance {
 }
 
 impl fmt::Display for Instance {
+    /// `id@host:port`, or only `host:port` when the address is the ID (DNS answers).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.id, self.address())
+        let address = self.address();
+        if self.id == address {
+            f.write_str(&address)
+        } else {
+            write!(f, "{}@{address}", self.id)
+        }
     }
 }
 
@@ -538,6 +544,9 @@ mod tests {
         assert_eq!(b.address(), "127.0.0.1:2");
         assert_eq!(Instance::new("c", "::1", 3).address(), "[::1]:3");
         assert_eq!(b.to_string(), "b@127.0.0.1:2");
+        let mut by_dns = Instance::new("", "127.0.0.1", 3);
+        by_dns.id = by_dns.address();
+        assert_eq!(by_dns.to_string(), "127.0.0.1:3", "no ID of its own: the address once");
         assert_eq!(b.weight, 1, "Consul's default weight when it sends none");
 
         let mut tagged = entry("t", "127.0.0.1", "", 4);
