@@ -1056,13 +1056,37 @@ mod tests {
                 &[1000.0, 1100.0],
             ),
             bench(
-                "echo/throughput/raw-copy/1KiB-1conn",
+                "echo/throughput/raw-buf/1KiB-1conn",
                 Some(1024),
                 &[800.0, 800.0],
             ),
+            bench(
+                "echo/throughput/raw-copy/1KiB-1conn",
+                Some(1024),
+                &[2100.0, 2100.0],
+            ),
+            bench(
+                "echo/throughput/echo-server/16B-32conn",
+                Some(512),
+                &[1000.0],
+            ),
+            bench("echo/throughput/raw-buf/16B-32conn", Some(512), &[1000.0]),
         ];
         let files = vec![
             recorded("failover/kill/floor_connect_echo", &[50, 50, 60], &[]),
+            recorded("echo/latency/echo-server/16B-1conn", &[104, 104, 104], &[]),
+            recorded("echo/latency/raw-buf/16B-1conn", &[100, 100, 100], &[]),
+            recorded("echo/latency/raw-copy/16B-1conn", &[100, 100, 100], &[]),
+            recorded("echo/cpu/echo-server/1KiB-1conn", &[3], &[]),
+            recorded("echo/cpu/raw-buf/1KiB-1conn", &[2], &[]),
+            ResultFile::Fairness(FairnessRecord {
+                id: "fairness/hostile_input".into(),
+                placement: "pinned".into(),
+                attack: "garbage".into(),
+                quiet: Summary::of(&[100_000.0]).unwrap(),
+                attacked: Summary::of(&[500_000.0]).unwrap(),
+                phases: vec![("garbage".into(), 0.5, Summary::of(&[500_000.0]).unwrap())],
+            }),
             recorded(
                 "failover/kill/sigkill_process",
                 &[400, 500, 3000],
@@ -1116,8 +1140,57 @@ mod tests {
             .lines()
             .find(|l| l.contains("`echo/throughput/echo-server/1KiB-1conn`"))
             .unwrap();
-        assert!(tput.contains("0.76× raw-copy"), "{tput}");
-        assert!(tput.contains("**NOT met**"), "{tput}");
+        assert!(tput.contains("0.76× raw-buf's throughput"), "{tput}");
+        assert!(tput.contains("2.00× raw-copy's"), "{tput}");
+        assert!(tput.contains("≥ 0.95× raw-buf | **NOT met**"), "{tput}");
+        let lat = md
+            .lines()
+            .find(|l| l.contains("`echo/latency/echo-server/16B-1conn`"))
+            .unwrap();
+        assert!(
+            lat.contains("1.04× (median), 1.04× (p99) of raw-buf"),
+            "{lat}"
+        );
+        assert!(lat.contains("| met |"), "within 1.05×: {lat}");
+        // The goals, each with its worst case.
+        assert!(
+            md.contains("lowest 0.76× over 2 rows | **NOT met**: 1KiB-1conn 0.76× |"),
+            "{md}"
+        );
+        assert!(md.contains("highest 1.04× (median), 1.04× (p99) over 1 rows | met |"));
+        assert!(
+            md.contains(
+                "100.0 µs quiet, 500.0 µs under attack: 5.00× | **NOT met**: 1.67× the goal |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("highest 4.1 KiB (16B: 4.1 KiB) | met |"),
+            "{md}"
+        );
+        // Messages per second and CPU per message, side by side.
+        let rates = md
+            .lines()
+            .find(|l| l.starts_with("| 1KiB-1conn |"))
+            .unwrap();
+        assert!(
+            rates.contains("| 952.4 k | 1.25 M | 476.2 k | 3.0 µs | 2.0 µs | — | 1.50× |"),
+            "{rates}"
+        );
+        assert!(
+            !md.contains("`echo/cpu/"),
+            "CPU rows only in their own table"
+        );
+        // Side by side: echo-server right above its baselines, sizes in order.
+        let pos = |s: &str| md.find(s).unwrap();
+        assert!(
+            pos("`echo/throughput/echo-server/1KiB-1conn`")
+                < pos("`echo/throughput/raw-buf/1KiB-1conn`")
+        );
+        assert!(
+            pos("`echo/throughput/raw-buf/16B-32conn`")
+                < pos("`echo/throughput/echo-server/1KiB-1conn`")
+        );
         let switch = md
             .lines()
             .find(|l| l.contains("`failover/unhealthy/consul_to_switch`"))
@@ -1137,7 +1210,7 @@ mod tests {
             breakdown.find("| kill → EOF").unwrap() < breakdown.find("| measured |").unwrap(),
             "described series first, then the others: {breakdown}"
         );
-        assert!(md.contains("| 4194 B (4.1 KiB) |"), "{md}");
+        assert!(md.contains("| 4194 B (4.1 KiB) | met |"), "{md}");
         // Floor before the kills, kills before the echo rows.
         let pos = |s: &str| md.find(s).unwrap();
         assert!(pos("`failover/kill/floor") < pos("`failover/kill/sigkill"));

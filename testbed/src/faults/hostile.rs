@@ -225,7 +225,8 @@ impl Findings for Outcome {
              KiB with the {} stalled connections ({:.0} bytes each), {} KiB at the end; peak \
              (`VmHWM`) {} KiB. The well-behaved client, one echo every few ms through Consul \
              discovery: p50/p99 {}/{} quiet ({} echoes), {}/{} under attack ({} echoes, {} \
-             lost): p99 ×{} (reported, not asserted; the attack runs on the same 2 cores).\n",
+             lost): p99 ×{} (reported, not asserted; with 2 CPUs or more the server runs on CPU 0 and \
+             the attacker on CPU 1, the client wherever the scheduler puts it).\n",
             self.injected,
             self.garbage_sent,
             self.garbage_echoed,
