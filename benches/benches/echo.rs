@@ -1,12 +1,16 @@
-//! echo/throughput and echo/latency: the echo-server against the raw `tokio::io::copy` echo
-//! server, messages of 16 B, 1 KiB and 64 KiB, on one and on 32 connections at once. Both
-//! servers run in this process on a runtime of their own (multi-threaded, one worker per CPU,
-//! as the echo-server binary runs); the load runs on criterion's runtime and is the same for
-//! both: raw sockets writing newline-terminated messages and checking every echoed byte.
+//! echo/throughput and echo/latency: the echo-server against two raw copiers, messages of
+//! 16 B, 1 KiB and 64 KiB, on one and on 32 connections at once. `raw-buf` reads and writes
+//! back with a buffer of the echo-server's read size (the fair baseline), `raw-copy` is
+//! `tokio::io::copy` (8 KiB, reading ahead while a write waits). All three run in this
+//! process on one runtime of their own (threads `servers`, multi-threaded, one worker per
+//! CPU, as the echo-server binary runs), one after the other for each size: ratios come from
+//! the same minutes of the same run. The load runs on criterion's runtime and is the same for
+//! all: raw sockets writing newline-terminated messages and checking every echoed byte.
 //!
 //! * `echo/throughput/<server>/<size>-<n>conn`: one iteration = one message per connection;
 //!   each connection writes its messages back to back (in blocks of up to 64 KiB) while
-//!   reading the echoes. Throughput counts payload bytes echoed.
+//!   reading the echoes. Throughput counts payload bytes echoed. The servers' CPU time over
+//!   each measured sample, per message, is recorded as `echo/cpu/<server>/<size>-<n>conn`.
 //! * `echo/latency/<server>/<size>-<n>conn`: one message in flight per connection; every
 //!   round trip is recorded, so the p99 is per message.
 
@@ -18,7 +22,7 @@ use std::{sync::Arc, time::Duration};
 use benches::{
     harness,
     results::{MEASURED, Recorder, RunInfo},
-    servers::RawEcho,
+    servers::{Copier, RawEcho},
     traffic::{self, Message},
 };
 use criterion::{
@@ -34,6 +38,8 @@ use tokio::{
 const SIZES: [(usize, &str); 3] = [(16, "16B"), (1 << 10, "1KiB"), (64 << 10, "64KiB")];
 const CONNECTIONS: [usize; 2] = [1, 32];
 const SAMPLES: usize = 20;
+/// The servers' runtime threads: their CPU time is the servers' CPU time.
+const SERVER_THREADS: &str = "servers";
 
 type Conns = Vec<Arc<Mutex<TcpStream>>>;
 
@@ -43,7 +49,7 @@ fn echo(c: &mut Criterion) {
     let rt = harness::runtime().expect("the client runtime");
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_name("servers")
+        .thread_name(SERVER_THREADS)
         .build()
         .expect("the servers' runtime");
     // The largest message is exactly 64 KiB, the codec's default limit; set it explicitly so
@@ -60,10 +66,18 @@ fn echo(c: &mut Criterion) {
     let running = server_rt.spawn(server.run(async move {
         let _ = stopped.await;
     }));
-    let raw = server_rt
-        .block_on(RawEcho::start(server_rt.handle()))
-        .expect("start the raw echo server");
-    let servers = [("echo-server", echo_addr), ("raw-copy", raw.addr())];
+    let start_raw = |copier| {
+        server_rt
+            .block_on(RawEcho::start_with(server_rt.handle(), copier))
+            .expect("start a raw echo server")
+    };
+    let fair = start_raw(Copier::Buffer(echo_server::server::READ_CHUNK));
+    let raw = start_raw(Copier::IoCopy);
+    let servers = [
+        ("echo-server", echo_addr),
+        ("raw-buf", fair.addr()),
+        ("raw-copy", raw.addr()),
+    ];
 
     let mut group = c.benchmark_group("echo/throughput");
     configure(&mut group);
@@ -75,22 +89,37 @@ fn echo(c: &mut Criterion) {
                 let id = BenchmarkId::new(name, format!("{label}-{n}conn"));
                 let conns: Arc<OnceCell<Conns>> = Arc::default();
                 let message = Arc::new(Message::new(size));
+                let cpu = Arc::new(std::sync::Mutex::new(
+                    Recorder::new(format!("echo/cpu/{name}/{label}-{n}conn"), SAMPLES).describe(
+                        MEASURED,
+                        "the servers' CPU time per message echoed, over one sample",
+                    ),
+                ));
                 group.bench_function(id, |b| {
                     b.to_async(&rt).iter_custom(|iters| {
-                        let (conns, message) = (conns.clone(), message.clone());
+                        let (conns, message, cpu) = (conns.clone(), message.clone(), cpu.clone());
                         async move {
                             let conns = conns
                                 .get_or_try_init(|| traffic::connect_all(addr, n))
                                 .await
                                 .expect("connect to the server");
+                            let cpu_before = server_cpu();
                             let start = Instant::now();
                             traffic::pipelined(conns, &message, iters)
                                 .await
                                 .expect("pipelined echo traffic");
-                            start.elapsed()
+                            let elapsed = start.elapsed();
+                            let used = server_cpu().saturating_sub(cpu_before);
+                            let mut cpu = cpu.lock().expect("recorder lock");
+                            cpu.start_call();
+                            let messages = (iters * n as u64).max(1) as f64;
+                            cpu.push_signed(MEASURED, used.as_nanos() as f64 / messages);
+                            elapsed
                         }
                     })
                 });
+                let saved = cpu.lock().expect("recorder lock").save();
+                saved.expect("save the CPU recording");
             }
         }
     }
@@ -144,15 +173,21 @@ fn echo(c: &mut Criterion) {
         .block_on(running)
         .expect("the echo-server task")
         .expect("the echo-server stops cleanly");
-    drop(raw);
+    drop((fair, raw));
     run.finish().expect("save the run's record");
+}
+
+/// CPU time used so far by the servers' runtime threads.
+fn server_cpu() -> Duration {
+    consul_harness::procfs::threads_cpu_time(std::process::id(), SERVER_THREADS)
+        .expect("the servers' CPU time from /proc")
 }
 
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
     group
         .sample_size(SAMPLES)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(1500));
+        .warm_up_time(Duration::from_millis(250))
+        .measurement_time(Duration::from_millis(1200));
 }
 
 fn configure_latency(group: &mut BenchmarkGroup<'_, WallTime>) {

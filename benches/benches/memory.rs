@@ -5,7 +5,8 @@
 //! For each message size, three times, a fresh `bench-echo-server` process (no Consul
 //! registration) is started; after one warm-up echo its `VmRSS` is the base; then 1,000
 //! connections each exchange one message and stay open, idle; the server's `VmRSS` and
-//! `VmHWM` (peak) are read while it holds them. Per connection = (RSS holding them − base) /
+//! `VmHWM` (peak) are read while it holds them, once the last has been idle for one period
+//! (twice `echo_server::server::SHRINK_AFTER`: the buffers shrink after one). Per connection = (RSS holding them − base) /
 //! 1,000. Kernel socket buffers are kernel memory, not the process's RSS, and are not
 //! counted; the client's sockets live in this process, not the server's.
 //!
@@ -139,6 +140,10 @@ async fn one_run(launcher: &Launcher, message: &Message, connections: usize) -> 
             echo(&mut stream, message).await?;
             idle.push(stream);
         }
+        // Measured once the last connection has been idle for one period (a connection
+        // gives back what its buffer grew SHRINK_AFTER after its last frame): the goal's
+        // definition, not a guess at how long something takes.
+        tokio::time::sleep(echo_server::server::SHRINK_AFTER * 2).await;
         let holding: Rss = rss_of(pid)?;
         drop(idle);
         Ok::<_, Error>(MemoryRun {

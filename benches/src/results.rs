@@ -129,6 +129,39 @@ pub enum ResultFile {
     Run(RunInfo),
     /// `"kind": "memory"`: the memory measurement.
     Memory(MemoryRecord),
+    /// `"kind": "fairness"`: a well-behaved client's latency, quiet and under attack.
+    Fairness(FairnessRecord),
+}
+
+/// The fairness measurement: a well-behaved client's round trips to an echo-server process,
+/// quiet and while the hostile-input attack runs, with the attacker on a CPU of its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FairnessRecord {
+    /// The measurement's id, the report's row.
+    pub id: String,
+    /// Where each side ran, in words (which CPU, or unpinned).
+    pub placement: String,
+    /// What the attacker sent, in words.
+    pub attack: String,
+    /// The client's round trips before the attack.
+    pub quiet: Summary,
+    /// Its round trips during the attack.
+    pub attacked: Summary,
+    /// Its round trips during each phase of the attack, with the server's CPU use (1.0 =
+    /// one CPU busy) over the phase.
+    pub phases: Vec<(String, f64, Summary)>,
+}
+
+impl FairnessRecord {
+    /// Save it (only when [`measuring`]).
+    pub fn save(&self) -> Result<Option<PathBuf>> {
+        if !measuring() {
+            return Ok(None);
+        }
+        let path = results_dir().join(format!("fairness.{}.json", file_safe(&self.id)));
+        write_json(&path, &ResultFile::Fairness(self.clone()))?;
+        Ok(Some(path))
+    }
 }
 
 /// The intervals a bench timed in criterion's measured samples, and their parts.

@@ -4,13 +4,17 @@
 //!   either cleanly (`/check` 503, deregister, drain: [`ServerThread::shutdown`]) or at once
 //!   ([`ServerThread::abort`]): the runtime is torn down with every task in it, so every socket
 //!   closes without a goodbye, as when the process dies — the in-process crash.
-//! * [`RawEcho`]: the baseline, a plain `tokio::io::copy` of each connection onto itself: no
-//!   framing, no limits, nothing but the bytes.
+//! * [`RawEcho`]: the baselines, copiers of each connection onto itself: no framing, no
+//!   limits, nothing but the bytes. [`Copier::Buffer`] reads and writes back with a buffer
+//!   of a given size (the fair baseline: the echo-server's read size,
+//!   [`echo_server::server::READ_CHUNK`]); [`Copier::IoCopy`] is `tokio::io::copy` (its own
+//!   8 KiB buffer, reading ahead while a write waits).
 
 use std::{net::SocketAddr, thread::JoinHandle};
 
 use echo_server::{Config, Health, Server};
 use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
     runtime::{Builder, Handle},
     sync::oneshot,
@@ -163,7 +167,16 @@ fn serve(
     outcome.unwrap_or(Ok(()))
 }
 
-/// The baseline echo server: each connection is `tokio::io::copy`-ed onto itself.
+/// How a [`RawEcho`] copies each connection onto itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copier {
+    /// Read up to this many bytes, write them all back, repeat: one buffer per connection.
+    Buffer(usize),
+    /// `tokio::io::copy` of the read half onto the write half.
+    IoCopy,
+}
+
+/// A baseline echo server: each connection copied onto itself (see [`Copier`]).
 #[derive(Debug)]
 pub struct RawEcho {
     addr: SocketAddr,
@@ -171,8 +184,13 @@ pub struct RawEcho {
 }
 
 impl RawEcho {
-    /// Listen on a free loopback port and serve on `runtime`.
+    /// The `tokio::io::copy` server on a free loopback port, served on `runtime`.
     pub async fn start(runtime: &Handle) -> Result<RawEcho> {
+        Self::start_with(runtime, Copier::IoCopy).await
+    }
+
+    /// A server copying as `copier` says, on a free loopback port, served on `runtime`.
+    pub async fn start_with(runtime: &Handle, copier: Copier) -> Result<RawEcho> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let task = runtime.spawn(async move {
@@ -180,8 +198,20 @@ impl RawEcho {
             while let Ok((mut stream, _)) = listener.accept().await {
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(async move {
-                    let (mut read, mut write) = stream.split();
-                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                    match copier {
+                        Copier::IoCopy => {
+                            let (mut read, mut write) = stream.split();
+                            let _ = tokio::io::copy(&mut read, &mut write).await;
+                        }
+                        Copier::Buffer(size) => {
+                            let mut buf = vec![0u8; size.max(1)];
+                            while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
                 });
             }
         });
@@ -202,8 +232,6 @@ impl Drop for RawEcho {
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     use super::*;
 
     async fn echo_once(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
@@ -235,8 +263,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_raw_server_echoes_bytes() {
-        let raw = RawEcho::start(&Handle::current()).await.unwrap();
-        assert_eq!(echo_once(raw.addr()).await.unwrap(), b"hello\n");
+    async fn the_raw_servers_echo_bytes() {
+        for copier in [Copier::IoCopy, Copier::Buffer(4)] {
+            let raw = RawEcho::start_with(&Handle::current(), copier)
+                .await
+                .unwrap();
+            assert_eq!(
+                echo_once(raw.addr()).await.unwrap(),
+                b"hello\n",
+                "{copier:?}"
+            );
+        }
     }
 }

@@ -11,6 +11,8 @@
 //! * [`procs`] — echo servers and clients as child processes, and free loopback addresses;
 //! * [`logbuf`] — a child's output, line by line, waitable;
 //! * [`wait`] — waiting on Consul's state by blocking queries, with deadlines;
+//! * [`hostile`] — hostile input at an echo server (garbage, oversized, stalled, resets,
+//!   short-lived connections), and pinning attacker and attacked to CPUs of their own;
 //! * [`procfs`] — what `/proc` says of a process: resident set, CPU time, stopped or not;
 //! * [`signal`] — the signals used to kill, stop and resume processes;
 //! * [`error`] — the one error type.
@@ -27,6 +29,7 @@
 pub mod cluster;
 pub mod consul;
 pub mod error;
+pub mod hostile;
 pub mod logbuf;
 pub mod procfs;
 pub mod procs;

@@ -1,6 +1,7 @@
 //! What Linux's `/proc` says of a process, parsed in one place: its resident set
 //! (`/proc/<pid>/status`: `VmRSS` now, `VmHWM` at its peak), the CPU time it has used
-//! (`/proc/<pid>/stat`) and whether every thread is stopped (`/proc/<pid>/task/*/stat`).
+//! (`/proc/<pid>/stat`; per thread name, to the nanosecond: `/proc/<pid>/task/*/schedstat`)
+//! and whether every thread is stopped (`/proc/<pid>/task/*/stat`).
 
 use std::time::Duration;
 
@@ -69,6 +70,35 @@ pub fn parse_cpu_time(stat: &str) -> Option<Duration> {
     Some(Duration::from_millis((ticks(14)? + ticks(15)?) * 10))
 }
 
+/// The CPU time used so far by the threads of process `pid` named `name` (their `comm`, which
+/// Linux cuts to 15 bytes), to the nanosecond: the first field of each thread's
+/// `/proc/<pid>/task/<tid>/schedstat`. Threads that ended are not counted.
+pub fn threads_cpu_time(pid: u32, name: &str) -> Result<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        // A thread may end between the listing and the reads: skip it.
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if comm.trim_end_matches('\n') != name {
+            continue;
+        }
+        if let Ok(schedstat) = std::fs::read_to_string(dir.join("schedstat")) {
+            total += parse_schedstat_ns(&schedstat).ok_or_else(|| Error::Process {
+                what: format!("read the CPU time of {pid}'s threads {name:?}"),
+                reason: format!("unexpected schedstat {schedstat:?}"),
+            })?;
+        }
+    }
+    Ok(Duration::from_nanos(total))
+}
+
+/// Nanoseconds on CPU, the first field of a `schedstat` line.
+pub fn parse_schedstat_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().next()?.parse().ok()
+}
+
 /// Whether every thread of process `pid` is stopped (state `T` or `t`).
 pub fn is_stopped(pid: u32) -> Result<bool> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))?;
@@ -113,6 +143,34 @@ mod tests {
         assert!(
             !is_stopped(std::process::id()).unwrap(),
             "this process runs"
+        );
+    }
+
+    #[test]
+    fn thread_cpu_time_counts_the_named_threads_only() {
+        assert_eq!(
+            parse_schedstat_ns("134959952 904615856 259\n"),
+            Some(134_959_952)
+        );
+        assert_eq!(parse_schedstat_ns(""), None);
+        let pid = std::process::id();
+        let spinner = std::thread::Builder::new()
+            .name("procfs-spin".into())
+            .spawn(move || {
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while threads_cpu_time(pid, "procfs-spin").unwrap() < Duration::from_millis(20) {
+                    assert!(start.elapsed() < Duration::from_secs(10), "never counted");
+                    for _ in 0..100_000 {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                }
+            })
+            .unwrap();
+        spinner.join().unwrap();
+        assert_eq!(
+            threads_cpu_time(pid, "no-such-thread").unwrap(),
+            Duration::ZERO
         );
     }
 

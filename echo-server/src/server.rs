@@ -2,25 +2,21 @@
 //! to its own `Handler`; [`Server::run`] ties in `/check`, the Consul registration and the
 //! shutdown order (`/check` 503 → deregister → stop accepting → drain with a deadline).
 
-use std::{
-    future::Future,
-    net::SocketAddr,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use bytes::{Bytes, BytesMut};
-use futures::{FutureExt, SinkExt, StreamExt};
+use bytes::BufMut;
+use futures::FutureExt;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinHandle,
+    time::Instant,
 };
-use tokio_util::{codec::Framed, sync::CancellationToken, task::TaskTracker};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    codec::{CodecError, EchoCodec},
+    codec::{Batch, CodecError},
     config::Config,
     error::{Error, Result},
 };
@@ -32,13 +28,22 @@ use consul_registry::{
 
 /// While draining, a connection is closed once its peer has sent nothing for this long.
 const DRAIN_QUIET: Duration = Duration::from_millis(250);
-/// Initial capacity of a connection's read and write buffers. They grow to hold a frame (and
-/// the answers waiting to be written), and shrink back to this when the connection waits
-/// for its peer after more than this much went through.
-const BUFFER_CAPACITY: usize = 2 << 10;
-/// Answers are flushed at the latest when this much is waiting to be written: the write
-/// buffer's back-pressure boundary.
-const MAX_PENDING_WRITE: usize = 64 << 10;
+/// How much room a busy connection's reads get: the most it reads, and so echoes, per
+/// system call. The fair baseline of the benches copies with a buffer of this size.
+pub const READ_CHUNK: usize = 16 << 10;
+/// The buffer of a connection that reads little, and of one idle for [`SHRINK_AFTER`]: a
+/// large frame or a burst grows it (to [`READ_CHUNK`] of room, or a whole frame), and it
+/// shrinks back once the peer is quiet.
+const IDLE_CAPACITY: usize = 2 << 10;
+/// Quiet this long after its last frame, a connection gives back what its buffer grew: one
+/// idle period, then an idle connection costs what a fresh one does.
+pub const SHRINK_AFTER: Duration = Duration::from_millis(50);
+/// A buffer larger than this grew for a large frame (a busy connection's stays below it):
+/// it is given back as soon as the connection waits with nothing buffered.
+const LARGE_BUFFER: usize = 4 * READ_CHUNK;
+/// The cooperative budget: after reading this much without waiting, a connection yields,
+/// so that a peer that always has more to send cannot hold a worker thread from the rest.
+const MAX_READ_PER_WAKE: usize = 64 << 10;
 /// A connection idle this long may be closed to make room when every slot is taken.
 const IDLE_BEFORE_SHED: Duration = Duration::from_secs(1);
 /// After an oversized frame: how long, and how much, of what the peer still sends is read
@@ -147,7 +152,7 @@ impl Server {
             listener: echo,
             limit: limit.clone(),
             shed: Shedder::default(),
-            codec: EchoCodec::new(config.max_frame),
+            max_frame: config.max_frame,
             idle_timeout: config.idle_timeout,
             tracker: tracker.clone(),
             stop: stop_accepting.clone(),
@@ -296,7 +301,7 @@ struct Listener {
     listener: TcpListener,
     limit: Arc<Semaphore>,
     shed: Shedder,
-    codec: EchoCodec,
+    max_frame: usize,
     idle_timeout: Duration,
     tracker: TaskTracker,
     stop: CancellationToken,
@@ -327,7 +332,7 @@ impl Listener {
             }
             let handler = Handler::new(
                 socket,
-                self.codec.clone(),
+                self.max_frame,
                 peer,
                 self.idle_timeout,
                 self.drain.clone(),
@@ -356,18 +361,30 @@ impl Listener {
     }
 }
 
-/// One echo connection: reads frames, writes each back byte-exact. Generic over the socket
-/// so unit tests can drive it through an in-memory pipe.
+/// One echo connection. Every read is followed by one write of every complete frame it
+/// completed, straight from the read buffer (frames are echoed byte-exact, so the complete
+/// frames in the buffer are their own answer): no per-frame allocation, copy, write or
+/// wake-up. Each frame still has to fit the limit ([`Batch`]); the first that does not ends
+/// the connection with one error line, after the answers to the frames before it. Generic
+/// over the socket so unit tests can drive it through an in-memory pipe.
 #[derive(Debug)]
 struct Handler<S> {
-    framed: Framed<S, EchoCodec>,
+    socket: S,
+    /// Bytes read and not yet answered: at most one unfinished frame once a batch is out.
+    buf: Vec<u8>,
+    /// How many bytes of `buf` are known to hold no newline.
+    searched: usize,
+    max_frame: usize,
+    /// The last read filled all the room it had: the next gets [`READ_CHUNK`] of room.
+    busy: bool,
+    /// When the last complete frame was answered (or the connection opened): the idle
+    /// timeout, the shed eligibility and the buffer shrink count from here.
+    last_frame: Instant,
     peer: SocketAddr,
     idle_timeout: Duration,
     drain: CancellationToken,
     cut: CancellationToken,
     shed: Shedder,
-    /// Bytes answered since the buffers were last set back to their initial capacity.
-    passed: usize,
 }
 
 /// Why a connection ended.
@@ -397,9 +414,7 @@ async fn bounded<T>(
     if cut.is_cancelled() {
         return Step::Cut;
     }
-    // Most steps are ready at once (a frame already buffered, room in the write buffer):
-    // those need no timer. Profiles of pipelined small frames showed timers and the select
-    // as a third of the server's time.
+    // Most steps are ready at once (room in the socket's send buffer): those need no timer.
     let mut io = std::pin::pin!(io);
     if let Some(value) = io.as_mut().now_or_never() {
         return Step::Done(value);
@@ -414,27 +429,39 @@ async fn bounded<T>(
     }
 }
 
+/// What ended a wait for the peer's bytes.
+enum Wake {
+    Read(std::io::Result<usize>),
+    /// The drain began: from now on the connection closes once its peer is quiet.
+    Drain,
+    /// No complete frame within the idle timeout (or, draining, within [`DRAIN_QUIET`]).
+    Quiet,
+    Shed,
+    Cut,
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
     fn new(
         socket: S,
-        codec: EchoCodec,
+        max_frame: usize,
         peer: SocketAddr,
         idle_timeout: Duration,
         drain: CancellationToken,
         cut: CancellationToken,
         shed: Shedder,
     ) -> Self {
-        // `with_capacity` also sets the flush threshold to the capacity: set it apart.
-        let mut framed = Framed::with_capacity(socket, codec, BUFFER_CAPACITY);
-        framed.set_backpressure_boundary(MAX_PENDING_WRITE);
         Handler {
-            framed,
+            socket,
+            buf: Vec::with_capacity(IDLE_CAPACITY),
+            searched: 0,
+            max_frame,
+            busy: false,
+            last_frame: Instant::now(),
             peer,
             idle_timeout,
             drain,
             cut,
             shed,
-            passed: 0,
         }
     }
 
@@ -445,11 +472,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             Ok(End::Cut) => {}
             Ok(end) => {
                 let (cut, idle) = (self.cut.clone(), self.idle_timeout);
-                if let Step::Done(Ok(())) =
-                    bounded(&cut, idle, SinkExt::<Bytes>::flush(&mut self.framed)).await
-                {
-                    let _ = bounded(&cut, idle, self.framed.get_mut().shutdown()).await;
-                }
+                let _ = bounded(&cut, idle, self.socket.shutdown()).await;
                 tracing::debug!(peer = %self.peer, ?end, "connection closed");
             }
             Err(e) => tracing::debug!(peer = %self.peer, error = %e, "connection failed"),
@@ -457,125 +480,172 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         drop(permit);
     }
 
-    async fn serve(&mut self) -> std::result::Result<End, CodecError> {
+    async fn serve(&mut self) -> std::io::Result<End> {
         let mut draining = false;
-        let cut = self.cut.clone();
-        let drain = self.drain.clone();
+        // Bytes read since the task last waited: the cooperative budget.
+        let mut since_wait = 0;
         loop {
-            let next = match self.framed.next().now_or_never() {
-                Some(next) => Step::Done(next),
-                None if cut.is_cancelled() => Step::Cut,
-                None if draining => bounded(&cut, DRAIN_QUIET, self.framed.next()).await,
+            if self.cut.is_cancelled() {
+                return Ok(End::Cut);
+            }
+            if since_wait >= MAX_READ_PER_WAKE {
+                // A peer that always has more to send gives the others a turn.
+                since_wait = 0;
+                tokio::task::yield_now().await;
+            }
+            self.make_room();
+            let read = match self
+                .socket
+                .read_buf(&mut (&mut self.buf).limit(READ_CHUNK))
+                .now_or_never()
+            {
+                Some(read) => read,
                 None => {
-                    // Nothing to do until the peer sends more: give back what a large frame
-                    // or a burst grew.
-                    self.shrink_buffers();
-                    tokio::select! {
-                        biased;
-                        _ = drain.cancelled() => {
+                    since_wait = 0;
+                    match self.wait(draining).await {
+                        Wake::Read(read) => read,
+                        Wake::Drain => {
                             draining = true;
                             continue;
                         }
-                        waited = self.wait_for_frame(&cut) => match waited {
-                            Some(step) => step,
-                            None => return Ok(End::Shed),
-                        },
+                        Wake::Quiet if draining => return Ok(End::Drained),
+                        Wake::Quiet => return Ok(End::Idle),
+                        Wake::Shed => return Ok(End::Shed),
+                        Wake::Cut => return Ok(End::Cut),
                     }
                 }
             };
-            let frame = match next {
-                Step::Cut => return Ok(End::Cut),
-                Step::TimedOut if draining => return Ok(End::Drained),
-                Step::TimedOut => return Ok(End::Idle),
-                Step::Done(None) => return Ok(End::PeerClosed),
-                Step::Done(Some(Err(CodecError::FrameTooLong { .. }))) => {
-                    return Ok(End::FrameTooLong);
-                }
-                Step::Done(Some(Err(e))) => return Err(e),
-                Step::Done(Some(Ok(frame))) => frame,
-            };
-            self.passed += frame.len() + 1;
-            if !self.answer(frame).await? {
-                return Ok(if cut.is_cancelled() {
+            let n = read?;
+            if n == 0 {
+                return self.answer_last().await;
+            }
+            self.busy = n == READ_CHUNK || self.buf.len() == self.buf.capacity();
+            since_wait += n;
+            let batch = Batch::scan(&self.buf, self.searched, self.max_frame);
+            if batch.complete > 0 && !self.answer(batch.complete).await? {
+                return Ok(if self.cut.is_cancelled() {
                     End::Cut
                 } else {
                     End::Idle
                 });
             }
+            if batch.too_long {
+                return Ok(End::FrameTooLong);
+            }
+            self.searched = self.buf.len();
         }
     }
 
-    /// Wait for the peer's next frame, up to the idle timeout; `None` if, once idle for
-    /// [`IDLE_BEFORE_SHED`], this connection was picked to make room for a new peer.
-    async fn wait_for_frame(
-        &mut self,
-        cut: &CancellationToken,
-    ) -> Option<Step<Option<std::result::Result<Bytes, CodecError>>>> {
-        let before_shed = self.idle_timeout.min(IDLE_BEFORE_SHED);
-        match bounded(cut, before_shed, self.framed.next()).await {
-            Step::TimedOut if self.idle_timeout > before_shed => {}
-            step => return Some(step),
-        }
-        tokio::select! {
-            biased;
-            step = bounded(cut, self.idle_timeout - before_shed, self.framed.next()) => Some(step),
-            () = self.shed.picked() => None,
+    /// Room for the next read: the unfinished frame moves to the front (it is short unless
+    /// it is a large frame arriving), and a connection whose last read filled its buffer
+    /// gets [`READ_CHUNK`] of room. One that reads little keeps its small buffer.
+    fn make_room(&mut self) {
+        let room = self.buf.capacity() - self.buf.len();
+        if self.busy && room < READ_CHUNK {
+            self.buf.reserve(READ_CHUNK);
+        } else if room == 0 {
+            self.buf.reserve(IDLE_CAPACITY);
         }
     }
 
-    /// Once more than the initial capacity has gone through, set empty buffers back to it,
-    /// so that a connection idle after a large frame holds kilobytes, not the frame's size.
-    fn shrink_buffers(&mut self) {
-        if self.passed <= BUFFER_CAPACITY
-            || !self.framed.read_buffer().is_empty()
-            || !self.framed.write_buffer().is_empty()
-        {
-            return;
-        }
-        *self.framed.read_buffer_mut() = BytesMut::with_capacity(BUFFER_CAPACITY);
-        *self.framed.write_buffer_mut() = BytesMut::with_capacity(BUFFER_CAPACITY);
-        self.passed = 0;
-    }
-
-    /// Queue the echo of `frame`; flush unless another whole frame is already buffered (so
-    /// pipelined frames go out in one write). `false` if the peer stopped taking data.
-    async fn answer(&mut self, frame: Bytes) -> std::result::Result<bool, CodecError> {
+    /// Echo the first `complete` bytes of the buffer (whole frames) with one write, and keep
+    /// the rest. `false` if the peer stopped taking data.
+    async fn answer(&mut self, complete: usize) -> std::io::Result<bool> {
         let (cut, idle) = (self.cut.clone(), self.idle_timeout);
-        match bounded(&cut, idle, self.framed.feed(frame)).await {
+        let write = async {
+            self.socket.write_all(&self.buf[..complete]).await?;
+            self.socket.flush().await
+        };
+        match bounded(&cut, idle, write).await {
             Step::Done(result) => result?,
             Step::TimedOut | Step::Cut => return Ok(false),
         }
-        // Past MAX_PENDING_WRITE, `feed` itself flushes first (the back-pressure boundary).
-        let more = memchr::memchr(b'\n', self.framed.read_buffer()).is_some();
-        if !more {
-            match bounded(&cut, idle, SinkExt::<Bytes>::flush(&mut self.framed)).await {
-                Step::Done(result) => result?,
-                Step::TimedOut | Step::Cut => return Ok(false),
+        self.buf.drain(..complete);
+        self.last_frame = Instant::now();
+        Ok(true)
+    }
+
+    /// The peer closed its side: an unfinished last frame is answered as it is, newline
+    /// added (as `nc` sends a last line without one).
+    async fn answer_last(&mut self) -> std::io::Result<End> {
+        if !self.buf.is_empty() {
+            self.buf.push(b'\n');
+            let complete = self.buf.len();
+            if !self.answer(complete).await? {
+                return Ok(End::Idle);
             }
         }
-        Ok(true)
+        Ok(End::PeerClosed)
+    }
+
+    /// Wait for the peer's bytes, until the idle timeout (or, draining, [`DRAIN_QUIET`])
+    /// passes without a complete frame. On the way: once quiet for [`SHRINK_AFTER`], an empty
+    /// buffer goes back to its small size; once idle for [`IDLE_BEFORE_SHED`], the connection
+    /// may be picked to make room for a new peer. One timer at a time.
+    async fn wait(&mut self, draining: bool) -> Wake {
+        let quiet_for = if draining {
+            DRAIN_QUIET
+        } else {
+            self.idle_timeout
+        };
+        // Draining: quiet for DRAIN_QUIET from now or from the last frame, whichever is later.
+        let quiet_at = if draining {
+            self.last_frame.max(Instant::now()) + quiet_for
+        } else {
+            self.last_frame + quiet_for
+        };
+        let shed_at = self.last_frame + self.idle_timeout.min(IDLE_BEFORE_SHED);
+        let may_shed = !draining && self.idle_timeout > IDLE_BEFORE_SHED;
+        loop {
+            let now = Instant::now();
+            if now >= quiet_at {
+                return Wake::Quiet;
+            }
+            let shrink_at = self.last_frame + SHRINK_AFTER;
+            let capacity = self.buf.capacity();
+            // A buffer grown for a large frame goes at once: were it kept for a while, every
+            // connection sending one would hold one at a time and the allocator would keep
+            // their memory resident after they go; one grown for a burst of small frames
+            // stays for the next burst, for one idle period.
+            let large = capacity > LARGE_BUFFER;
+            if (large || now >= shrink_at) && self.buf.is_empty() && capacity > IDLE_CAPACITY {
+                self.buf = Vec::with_capacity(IDLE_CAPACITY);
+                self.busy = false;
+            }
+            let shed_ready = may_shed && now >= shed_at;
+            let mut next = quiet_at;
+            if self.buf.capacity() > IDLE_CAPACITY && now < shrink_at {
+                next = next.min(shrink_at);
+            }
+            if may_shed && !shed_ready {
+                next = next.min(shed_at);
+            }
+            let mut room = (&mut self.buf).limit(READ_CHUNK);
+            tokio::select! {
+                biased;
+                _ = self.cut.cancelled() => return Wake::Cut,
+                _ = self.drain.cancelled(), if !draining => return Wake::Drain,
+                read = self.socket.read_buf(&mut room) => return Wake::Read(read),
+                () = self.shed.picked(), if shed_ready => return Wake::Shed,
+                () = tokio::time::sleep_until(next) => {}
+            }
+        }
     }
 
     /// The peer sent a frame over the limit: answer one error line, close our side, and
     /// drop what it still sends for a moment, so the line is read rather than reset away.
     async fn refuse_and_linger(mut self) {
-        let max = self.framed.codec().max_frame();
-        let line = format!("error: {}", CodecError::FrameTooLong { max });
+        let max = self.max_frame;
+        let line = format!("error: {}\n", CodecError::FrameTooLong { max });
         tracing::info!(peer = %self.peer, max_frame = max, "frame too long: answered an error line and closed the connection");
         let cut = self.cut.clone();
         let limit = self.idle_timeout.min(LINGER_TIME);
-        // Answers to the frames before go out first. The line is written raw: with a tiny
-        // limit it may be longer than a frame may be.
-        if !matches!(
-            bounded(&cut, limit, SinkExt::<Bytes>::flush(&mut self.framed)).await,
-            Step::Done(Ok(()))
-        ) {
-            return;
-        }
-        let mut socket = self.framed.into_inner();
+        // The answers to the frames before it are out already. The line is written raw:
+        // with a tiny limit it may be longer than a frame may be.
+        self.buf = Vec::new();
+        let mut socket = self.socket;
         let write_and_close = async {
             socket.write_all(line.as_bytes()).await?;
-            socket.write_all(b"\n").await?;
             socket.shutdown().await
         };
         if !matches!(
@@ -604,6 +674,7 @@ mod tests {
     use std::{
         io,
         pin::Pin,
+        sync::atomic::{AtomicUsize, Ordering::SeqCst},
         task::{Context, Poll},
     };
 
@@ -611,21 +682,45 @@ mod tests {
 
     use super::*;
 
-    /// A peer that has sent all of `input` at once and takes every write whole, recording
-    /// the size of each.
+    /// A peer whose bytes arrive in the given pieces (one read returns at most one piece,
+    /// the end of input after the last) and that takes every write whole, recording the
+    /// size of each read and write.
     struct Recorder {
-        input: std::io::Cursor<Vec<u8>>,
+        input: std::collections::VecDeque<Vec<u8>>,
         output: Vec<u8>,
+        reads: Vec<usize>,
         writes: Vec<usize>,
+        /// Bytes written so far, for other tasks to see.
+        echoed: Arc<AtomicUsize>,
+    }
+
+    impl Recorder {
+        fn new(pieces: &[&[u8]]) -> Self {
+            Recorder {
+                input: pieces.iter().map(|p| p.to_vec()).collect(),
+                output: Vec::new(),
+                reads: Vec::new(),
+                writes: Vec::new(),
+                echoed: Arc::default(),
+            }
+        }
     }
 
     impl AsyncRead for Recorder {
         fn poll_read(
             mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
+            _: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
-            Pin::new(&mut self.input).poll_read(cx, buf)
+            if let Some(mut piece) = self.input.pop_front() {
+                let n = piece.len().min(buf.remaining());
+                buf.put_slice(&piece[..n]);
+                self.reads.push(n);
+                if n < piece.len() {
+                    self.input.push_front(piece.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
         }
     }
 
@@ -637,6 +732,7 @@ mod tests {
         ) -> Poll<io::Result<usize>> {
             self.output.extend_from_slice(buf);
             self.writes.push(buf.len());
+            self.echoed.fetch_add(buf.len(), SeqCst);
             Poll::Ready(Ok(buf.len()))
         }
 
@@ -649,24 +745,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn pipelined_answers_are_flushed_at_max_pending_write() {
-        // One frame at the limit (the read buffer grows to hold it), then 200 KiB of small
-        // frames already there: their answers may gather up to MAX_PENDING_WRITE per write.
-        let max_frame = 64 << 10;
-        let mut input = vec![b'L'; max_frame];
-        input.push(b'\n');
-        for i in 0..2000 {
-            input.extend_from_slice(format!("{i:099}\n").as_bytes());
-        }
-        let peer = Recorder {
-            input: std::io::Cursor::new(input.clone()),
-            output: Vec::new(),
-            writes: Vec::new(),
-        };
+    async fn serve(max_frame: usize, pieces: &[&[u8]]) -> (End, Recorder) {
         let mut handler = Handler::new(
-            peer,
-            EchoCodec::new(max_frame),
+            Recorder::new(pieces),
+            max_frame,
             SocketAddr::from(([127, 0, 0, 1], 1)),
             Duration::from_secs(60),
             CancellationToken::new(),
@@ -674,22 +756,143 @@ mod tests {
             Shedder::default(),
         );
         let end = handler.serve().await.expect("served");
+        (end, handler.socket)
+    }
+
+    #[tokio::test]
+    async fn many_frames_in_one_read_go_out_in_one_write() {
+        // 5,000 frames of 1–30 bytes, in pieces of 40 KiB: more than a read takes.
+        let mut input = Vec::new();
+        for i in 0..5000 {
+            input.extend(std::iter::repeat_n(b'a' + (i % 26) as u8, 1 + i % 30));
+            input.push(b'\n');
+        }
+        let pieces: Vec<&[u8]> = input.chunks(40 << 10).collect();
+        let (end, peer) = serve(64, &pieces).await;
         assert_eq!(end, End::PeerClosed);
-        let peer = handler.framed.get_ref();
-        assert_eq!(peer.output, input, "every frame echoed, in order");
-        let largest_small = peer.writes[1..].iter().copied().max().unwrap_or(0);
-        assert!(
-            largest_small >= MAX_PENDING_WRITE,
-            "small answers are gathered up to {MAX_PENDING_WRITE} bytes per write, not \
-             flushed earlier: writes {:?}",
+        assert_eq!(
+            peer.output, input,
+            "every frame echoed, byte-exact, in order"
+        );
+        assert_eq!(
+            peer.writes.len(),
+            peer.reads.iter().filter(|&&n| n > 0).count(),
+            "one write per read: reads {:?}, writes {:?}",
+            peer.reads,
             peer.writes
         );
         assert!(
-            peer.writes
-                .iter()
-                .all(|&w| w <= MAX_PENDING_WRITE + max_frame + 1),
-            "no more than the limit and one frame waits: {:?}",
-            peer.writes
+            peer.reads.iter().skip(1).all(|&n| n <= READ_CHUNK)
+                && peer.reads.iter().filter(|&&n| n == READ_CHUNK).count() >= 3,
+            "a busy connection reads {READ_CHUNK} bytes at a time: {:?}",
+            peer.reads
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_split_across_reads_are_answered_once_whole() {
+        let (end, peer) = serve(16, &[b"hel", b"lo\nwor", b"ld\n\nla", b"st"]).await;
+        assert_eq!(end, End::PeerClosed);
+        assert_eq!(
+            peer.output, b"hello\nworld\n\nlast\n",
+            "an unfinished last frame is answered at the end of input, newline added"
+        );
+        assert_eq!(
+            peer.writes,
+            [6, 7, 5],
+            "nothing written before a frame is whole"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_limit_mid_batch_ends_the_batch_there() {
+        // In one read: two frames, one over the limit, one more.
+        let (end, peer) = serve(8, &[b"ok\nfine\n123456789\nafter\n"]).await;
+        assert_eq!(end, End::FrameTooLong);
+        assert_eq!(
+            peer.output, b"ok\nfine\n",
+            "the frames before it are answered"
+        );
+        // Over the limit before its newline arrives, after a whole frame in the same read.
+        let (end, peer) = serve(8, &[b"ok\n123456", b"789", b"more\n"]).await;
+        assert_eq!(end, End::FrameTooLong);
+        assert_eq!(peer.output, b"ok\n");
+        // Exactly the limit passes, split or not.
+        let (end, peer) = serve(8, &[b"1234", b"5678\n12345678\n"]).await;
+        assert_eq!(end, End::PeerClosed);
+        assert_eq!(peer.output, b"12345678\n12345678\n");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_always_has_more_lets_other_tasks_run() {
+        // On one thread: a peer with 4 MiB always ready to read, and another task. Without a
+        // budget per wake-up the handler would echo all of it before the task got a turn.
+        let total = 4 << 20;
+        let input = b"0123456789abcde\n".repeat(total / 16);
+        let pieces: Vec<&[u8]> = input.chunks(1024).collect();
+        let peer = Recorder::new(&pieces);
+        let echoed = peer.echoed.clone();
+        let seen = Arc::new(AtomicUsize::new(usize::MAX));
+        let other = {
+            let (seen, echoed) = (seen.clone(), echoed.clone());
+            tokio::spawn(async move { seen.store(echoed.load(SeqCst), SeqCst) })
+        };
+        let mut handler = Handler::new(
+            peer,
+            64,
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            Duration::from_secs(60),
+            CancellationToken::new(),
+            CancellationToken::new(),
+            Shedder::default(),
+        );
+        assert_eq!(handler.serve().await.expect("served"), End::PeerClosed);
+        other.await.unwrap();
+        assert_eq!(echoed.load(SeqCst), total);
+        let seen = seen.load(SeqCst);
+        assert!(
+            seen <= MAX_READ_PER_WAKE + READ_CHUNK,
+            "the other task first ran after {seen} of {total} bytes were echoed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_grows_the_buffer_and_a_quiet_period_shrinks_it() {
+        let frame = [vec![b'L'; 64 << 10], vec![b'\n']].concat();
+        let (end, peer) = serve(64 << 10, &[&frame]).await;
+        assert_eq!(end, End::PeerClosed);
+        assert_eq!(peer.output, frame);
+
+        // A peer that sends the frame, then stays quiet (a duplex pipe held open).
+        tokio::time::pause();
+        let (mut client, server) = tokio::io::duplex(256 << 10);
+        let mut handler = Handler::new(
+            server,
+            64 << 10,
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            Duration::from_secs(60),
+            CancellationToken::new(),
+            CancellationToken::new(),
+            Shedder::default(),
+        );
+        client.write_all(&frame).await.unwrap();
+        let serving = async {
+            let _ = handler.serve().await;
+            handler.buf.capacity()
+        };
+        let checking = async {
+            let mut back = vec![0u8; frame.len()];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, frame);
+            tokio::time::sleep(SHRINK_AFTER * 2).await;
+            client
+        };
+        // The handler runs until the idle timeout; look at its buffer through a second
+        // frame's absence: serve's return gives it back.
+        let (capacity, _client) = tokio::join!(serving, checking);
+        assert!(
+            capacity <= IDLE_CAPACITY,
+            "after one quiet period the buffer is back to {IDLE_CAPACITY} bytes, not {capacity}"
         );
     }
 }

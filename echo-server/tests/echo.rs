@@ -129,6 +129,49 @@ async fn an_oversized_frame_closes_only_its_connection() {
 }
 
 #[tokio::test]
+async fn a_megabyte_of_frames_in_one_write_is_answered_up_to_the_frame_over_the_limit() {
+    // 1 MiB of frames of every length up to the limit, written at once (the server reads it
+    // in batches that end anywhere, mid-frame included), then one frame over the limit,
+    // then more: everything before it comes back byte-exact, then the error line, then EOF.
+    let max = 100;
+    let server = Running::start(Config {
+        max_frame: max,
+        ..Config::local()
+    })
+    .await;
+    let mut rng = StdRng::seed_from_u64(16);
+    let mut before = Vec::new();
+    while before.len() < 1 << 20 {
+        let len = rng.random_range(0..=max);
+        before.extend(payload(&mut rng, len));
+        before.push(b'\n');
+    }
+    let mut wire = before.clone();
+    wire.extend(payload(&mut rng, max + 1));
+    wire.extend_from_slice(b"\nnever answered\n");
+    let (mut read, mut write) = TcpStream::connect(server.echo).await.unwrap().into_split();
+    let writer = tokio::spawn(async move {
+        // The server may close before taking the rest: that is its answer.
+        let _ = write.write_all(&wire).await;
+        write
+    });
+    let mut answer = Vec::new();
+    tokio::time::timeout(LIMIT, read.read_to_end(&mut answer))
+        .await
+        .expect("closed in time")
+        .expect("closed cleanly, not reset");
+    let error = format!("error: frame longer than {max} bytes\n");
+    assert_eq!(answer.len(), before.len() + error.len());
+    assert!(
+        answer[..before.len()] == before[..],
+        "the frames before, byte-exact"
+    );
+    assert_eq!(String::from_utf8_lossy(&answer[before.len()..]), error);
+    drop(writer.await.unwrap());
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_tiny_frame_limit_still_gets_the_whole_error_line() {
     let server = Running::start(Config {
         max_frame: 4,

@@ -155,6 +155,65 @@ impl<T: AsRef<[u8]>> Encoder<T> for EchoCodec {
     }
 }
 
+/// How buffered bytes split into frames, for a server that echoes every complete frame it
+/// holds at once, byte-exact and newlines included, instead of decoding them one by one: the
+/// frames to echo are then one slice of its read buffer, written with one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batch {
+    /// Length of the prefix made of complete frames, each within the limit (newlines
+    /// included): the bytes to echo as they are.
+    pub complete: usize,
+    /// The frame right after that prefix is over the limit, whether its newline has arrived
+    /// or not: the peer gets the error line after the prefix's echo.
+    pub too_long: bool,
+}
+
+impl Batch {
+    /// Split `buf`, the bytes after the last frame echoed, into frames of at most
+    /// `max_frame` bytes (the newline not counted). Its first `searched` bytes are known to
+    /// hold no newline (what a previous call left unfinished: `buf.len() - complete` then),
+    /// so no byte is searched twice while a large frame arrives. Same limits as
+    /// [`EchoCodec`]: a frame is too long once more than `max_frame` bytes of it are there.
+    ///
+    /// Cost: one backward search for the last newline; each newline is looked at only when
+    /// the complete frames together exceed `max_frame`, so small frames cost nothing each.
+    ///
+    /// ```
+    /// use echo_wire::Batch;
+    /// let b = Batch::scan(b"ab\ncd\nef", 0, 4);
+    /// assert_eq!(b, Batch { complete: 6, too_long: false });
+    /// let b = Batch::scan(b"ab\ntoolong\ncd\n", 0, 4);
+    /// assert_eq!(b, Batch { complete: 3, too_long: true });
+    /// ```
+    pub fn scan(buf: &[u8], searched: usize, max_frame: usize) -> Batch {
+        let from = searched.min(buf.len());
+        let Some(last) = memchr::memrchr(b'\n', &buf[from..]).map(|i| from + i) else {
+            return Batch {
+                complete: 0,
+                too_long: buf.len() > max_frame,
+            };
+        };
+        // The first frame starts at 0; every frame in `..=last` is at most `last` long.
+        if last > max_frame {
+            let mut start = 0;
+            for newline in memchr::memchr_iter(b'\n', &buf[from..=last]).map(|i| from + i) {
+                if newline - start > max_frame {
+                    return Batch {
+                        complete: start,
+                        too_long: true,
+                    };
+                }
+                start = newline + 1;
+            }
+        }
+        let complete = last + 1;
+        Batch {
+            complete,
+            too_long: buf.len() - complete > max_frame,
+        }
+    }
+}
+
 /// [`EchoCodec`] for the client's side: a connection closed in the middle of a frame is an
 /// error, not a reply (`EchoCodec` at the end of input yields the partial bytes, as a server
 /// echoing the last line of `nc` should).
@@ -307,5 +366,137 @@ mod tests {
         }
         buf.extend_from_slice(b"\n");
         assert_eq!(codec.decode(&mut buf).unwrap().map(|f| f.len()), Some(1000));
+    }
+
+    #[test]
+    fn a_batch_is_every_complete_frame_within_the_limit() {
+        let none = Batch::scan(b"partial", 0, 16);
+        assert_eq!(
+            none,
+            Batch {
+                complete: 0,
+                too_long: false
+            }
+        );
+        assert_eq!(
+            Batch::scan(b"a\n\nbc\nde", 0, 16),
+            Batch {
+                complete: 6,
+                too_long: false
+            },
+            "empty frames count, the partial one waits"
+        );
+        assert_eq!(
+            Batch::scan(b"", 0, 16),
+            Batch {
+                complete: 0,
+                too_long: false
+            }
+        );
+        // Exactly the limit passes, one more does not, wherever it is in the batch.
+        assert_eq!(
+            Batch::scan(b"1234\n12\n", 0, 4),
+            Batch {
+                complete: 8,
+                too_long: false
+            }
+        );
+        assert_eq!(
+            Batch::scan(b"12\n12345\n12\n", 0, 4),
+            Batch {
+                complete: 3,
+                too_long: true
+            }
+        );
+        assert_eq!(
+            Batch::scan(b"12345\n12\n", 0, 4),
+            Batch {
+                complete: 0,
+                too_long: true
+            }
+        );
+        assert_eq!(
+            Batch::scan(b"12\n12345", 0, 4),
+            Batch {
+                complete: 3,
+                too_long: true
+            },
+            "an unfinished frame already over the limit"
+        );
+        assert_eq!(
+            Batch::scan(b"12\n1234", 0, 4),
+            Batch {
+                complete: 3,
+                too_long: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_batch_agrees_with_the_codec_frame_by_frame() {
+        // Random frames, some over the limit, split at random points: the prefix a batch
+        // echoes is exactly the frames the codec decodes before its first error.
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..300 {
+            let max = 1 + (next() % 40) as usize;
+            let mut wire = Vec::new();
+            for _ in 0..(next() % 12) {
+                let len = (next() % (max as u64 + 3)) as usize;
+                wire.extend(std::iter::repeat_n(b'x', len));
+                wire.push(b'\n');
+            }
+            wire.extend(std::iter::repeat_n(
+                b'y',
+                (next() % (max as u64 + 2)) as usize,
+            ));
+            // The codec's answer: frames until the first error.
+            let mut codec = EchoCodec::new(max);
+            let mut src = BytesMut::from(&wire[..]);
+            let mut expected = 0;
+            let mut error = false;
+            loop {
+                match codec.decode(&mut src) {
+                    Ok(Some(frame)) => expected += frame.len() + 1,
+                    Ok(None) => break,
+                    Err(_) => {
+                        error = true;
+                        break;
+                    }
+                }
+            }
+            // The batch's, fed in random pieces as reads would deliver them.
+            let mut buf: Vec<u8> = Vec::new();
+            let (mut echoed, mut searched, mut at) = (0, 0, 0);
+            let mut too_long = false;
+            while at < wire.len() && !too_long {
+                let take = 1 + (next() % 20) as usize;
+                let end = (at + take).min(wire.len());
+                buf.extend_from_slice(&wire[at..end]);
+                at = end;
+                let b = Batch::scan(&buf, searched, max);
+                echoed += b.complete;
+                buf.drain(..b.complete);
+                searched = buf.len();
+                too_long = b.too_long;
+            }
+            assert_eq!(
+                echoed,
+                expected,
+                "max {max}, wire {:?}",
+                String::from_utf8_lossy(&wire)
+            );
+            assert_eq!(
+                too_long,
+                error,
+                "max {max}, wire {:?}",
+                String::from_utf8_lossy(&wire)
+            );
+        }
     }
 }

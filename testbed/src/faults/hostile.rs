@@ -5,30 +5,18 @@
 //! stalled connection); the client's latency is measured quiet and under attack.
 
 use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use rand::RngCore;
+use consul_harness::hostile::Attack;
 use serde::Serialize;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    task::JoinSet,
-};
 
 use super::{
     Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
     observe::{DiscoveryLog, Tally, Traffic, errors, latency_quantile},
 };
 use crate::{Consul, error::Result, procs::Launcher, wait};
-
-/// Deadline of one hostile connection's whole exchange.
-const CONN_LIMIT: Duration = Duration::from_secs(20);
 
 /// Settings.
 #[derive(Debug, Clone)]
@@ -59,16 +47,17 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
+        let attack = Attack::default();
         Config {
             interval: Duration::from_secs(1),
-            garbage_conns: 200,
-            garbage_bytes: 32 << 10,
-            oversize_conns: 50,
-            oversize_bytes: 256 << 10,
-            stalled_conns: 1000,
-            resets: 1000,
-            short_lived: 10_000,
-            concurrency: 32,
+            garbage_conns: attack.garbage_conns,
+            garbage_bytes: attack.garbage_bytes,
+            oversize_conns: attack.oversize_conns,
+            oversize_bytes: attack.oversize_bytes,
+            stalled_conns: attack.stalled_conns,
+            resets: attack.resets,
+            short_lived: attack.short_lived,
+            concurrency: attack.concurrency,
             every: Duration::from_millis(5),
             quiet_messages: 400,
         }
@@ -236,7 +225,8 @@ impl Findings for Outcome {
              KiB with the {} stalled connections ({:.0} bytes each), {} KiB at the end; peak \
              (`VmHWM`) {} KiB. The well-behaved client, one echo every few ms through Consul \
              discovery: p50/p99 {}/{} quiet ({} echoes), {}/{} under attack ({} echoes, {} \
-             lost): p99 ×{} (reported, not asserted; the attack runs on the same 2 cores).\n",
+             lost): p99 ×{} (reported, not asserted; with 2 CPUs or more the server runs on CPU 0 and \
+             the attacker on CPU 1, the client wherever the scheduler puts it).\n",
             self.injected,
             self.garbage_sent,
             self.garbage_echoed,
@@ -294,235 +284,19 @@ fn opt_ms(d: Option<Duration>) -> String {
     )
 }
 
-/// Raise this process's open-file limit to its hard limit (children inherit it): the attack
-/// holds over a thousand sockets at once. Best effort.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-    {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
-}
-
-/// Run `n` copies of `job` (given its index), at most `concurrency` at once.
-async fn bounded<F, Fut>(n: usize, concurrency: usize, job: F)
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let mut set = JoinSet::new();
-    for i in 0..n {
-        if set.len() >= concurrency.max(1) {
-            set.join_next().await;
+impl Config {
+    /// What the attacker sends.
+    pub fn attack(&self) -> Attack {
+        Attack {
+            garbage_conns: self.garbage_conns,
+            garbage_bytes: self.garbage_bytes,
+            oversize_conns: self.oversize_conns,
+            oversize_bytes: self.oversize_bytes,
+            stalled_conns: self.stalled_conns,
+            resets: self.resets,
+            short_lived: self.short_lived,
+            concurrency: self.concurrency,
         }
-        set.spawn(job(i));
-    }
-    while set.join_next().await.is_some() {}
-}
-
-/// Random bytes (newlines included, at random), then EOF; read whatever comes back.
-async fn garbage(addr: SocketAddr, bytes: usize, sent: Arc<AtomicU64>, echoed: Arc<AtomicU64>) {
-    let mut data = vec![0u8; bytes];
-    rand::rng().fill_bytes(&mut data);
-    let exchange = async {
-        let stream = TcpStream::connect(addr).await?;
-        let (mut rd, mut wr) = stream.into_split();
-        let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; 16 << 10];
-            let mut n = 0u64;
-            while let Ok(k @ 1..) = rd.read(&mut buf).await {
-                n += k as u64;
-            }
-            n
-        });
-        wr.write_all(&data).await?;
-        sent.fetch_add(data.len() as u64, Ordering::Relaxed);
-        wr.shutdown().await?;
-        echoed.fetch_add(reader.await.unwrap_or(0), Ordering::Relaxed);
-        std::io::Result::Ok(())
-    };
-    let _ = tokio::time::timeout(CONN_LIMIT, exchange).await;
-}
-
-/// One frame over the limit; true if the server answered with its error line.
-async fn oversize(addr: SocketAddr, bytes: usize) -> bool {
-    let exchange = async {
-        let stream = TcpStream::connect(addr).await?;
-        let (mut rd, mut wr) = stream.into_split();
-        let reader = tokio::spawn(async move {
-            let mut out = Vec::new();
-            let mut buf = [0u8; 1024];
-            while let Ok(k @ 1..) = rd.read(&mut buf).await {
-                if out.len() < 4096 {
-                    out.extend_from_slice(&buf[..k]);
-                }
-            }
-            out
-        });
-        // The server may close before all of it is written: that is its answer.
-        let _ = wr.write_all(&vec![b'x'; bytes]).await;
-        let answer = reader.await.unwrap_or_default();
-        std::io::Result::Ok(answer.starts_with(b"error: frame longer than"))
-    };
-    matches!(
-        tokio::time::timeout(CONN_LIMIT, exchange).await,
-        Ok(Ok(true))
-    )
-}
-
-/// Half a frame, then a reset (SO_LINGER 0).
-async fn reset(addr: SocketAddr) -> bool {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.write_all(b"half a frame, then a reset").await?;
-        stream.set_zero_linger()?;
-        drop(stream);
-        std::io::Result::Ok(())
-    };
-    matches!(tokio::time::timeout(CONN_LIMIT, exchange).await, Ok(Ok(())))
-}
-
-/// Connect, echo one frame, close.
-async fn short_lived(addr: SocketAddr, i: usize) -> bool {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let frame = format!("short-lived {i}\n");
-        stream.write_all(frame.as_bytes()).await?;
-        let mut back = vec![0u8; frame.len()];
-        stream.read_exact(&mut back).await?;
-        std::io::Result::Ok(back == frame.as_bytes())
-    };
-    matches!(
-        tokio::time::timeout(CONN_LIMIT, exchange).await,
-        Ok(Ok(true))
-    )
-}
-
-/// What the attackers did.
-#[derive(Debug)]
-struct Attack {
-    garbage_sent: u64,
-    garbage_echoed: u64,
-    oversize_refused: u64,
-    stalled: usize,
-    rss_before_stalled_kib: u64,
-    rss_with_stalled_kib: u64,
-    resets: u64,
-    short_lived_ok: u64,
-    short_lived_took: Duration,
-    /// Each phase's name, start, end, and the server's CPU time in it.
-    phases: Vec<(&'static str, Instant, Instant, Duration)>,
-}
-
-/// Every hostile phase in turn against the server at `addr` (process `pid`); `progress` says
-/// which phase runs.
-async fn attack(
-    addr: SocketAddr,
-    pid: u32,
-    config: &Config,
-    progress: &std::sync::Mutex<String>,
-) -> Attack {
-    let step = |msg: String| {
-        *progress
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = msg;
-    };
-    let rss = || crate::procfs::status_kib(pid, "VmRSS").unwrap_or(0);
-    let cpu = || crate::procfs::cpu_time(pid).unwrap_or_default();
-    let mut phases = Vec::new();
-    let mut began = (Instant::now(), cpu());
-    let mut phase_done = |name: &'static str| {
-        let now = (Instant::now(), cpu());
-        phases.push((name, began.0, now.0, now.1.saturating_sub(began.1)));
-        began = now;
-    };
-
-    step(format!("{} garbage connections", config.garbage_conns));
-    let (sent, echoed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    bounded(config.garbage_conns, config.concurrency, |_| {
-        garbage(addr, config.garbage_bytes, sent.clone(), echoed.clone())
-    })
-    .await;
-    phase_done("garbage");
-
-    step(format!("{} oversized frames", config.oversize_conns));
-    let refused = Arc::new(AtomicU64::new(0));
-    bounded(config.oversize_conns, config.concurrency, |_| {
-        let refused = refused.clone();
-        let bytes = config.oversize_bytes;
-        async move {
-            if oversize(addr, bytes).await {
-                refused.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    })
-    .await;
-    phase_done("oversized frames");
-
-    step(format!(
-        "{} connections holding an unfinished frame",
-        config.stalled_conns
-    ));
-    let rss_before_stalled_kib = rss();
-    let mut stalled = Vec::with_capacity(config.stalled_conns);
-    let started = Instant::now();
-    while stalled.len() < config.stalled_conns && started.elapsed() < LIMIT {
-        let Ok(Ok(mut s)) = tokio::time::timeout(CONN_LIMIT, TcpStream::connect(addr)).await else {
-            continue;
-        };
-        if s.write_all(b"a frame that never ends ").await.is_ok() {
-            stalled.push(s);
-        }
-    }
-    // Accepts are first come, first served: once a later connection is answered, every
-    // stalled one has been accepted and has read its bytes.
-    super::echo_direct(addr, b"after the stalled ones").await;
-    let rss_with_stalled_kib = rss();
-    phase_done("stalled frames");
-
-    step(format!("{} resets mid-frame", config.resets));
-    let resets = Arc::new(AtomicU64::new(0));
-    bounded(config.resets, config.concurrency, |_| {
-        let resets = resets.clone();
-        async move {
-            if reset(addr).await {
-                resets.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    })
-    .await;
-    phase_done("resets");
-
-    step(format!(
-        "{} short-lived connections (with {} stalled)",
-        config.short_lived,
-        stalled.len()
-    ));
-    let ok = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    bounded(config.short_lived, config.concurrency, |i| {
-        let ok = ok.clone();
-        async move {
-            if short_lived(addr, i).await {
-                ok.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    })
-    .await;
-    let short_lived_took = started.elapsed();
-    phase_done("short-lived");
-    Attack {
-        garbage_sent: sent.load(Ordering::Relaxed),
-        garbage_echoed: echoed.load(Ordering::Relaxed),
-        oversize_refused: refused.load(Ordering::Relaxed),
-        stalled: stalled.len(),
-        rss_before_stalled_kib,
-        rss_with_stalled_kib,
-        resets: resets.load(Ordering::Relaxed),
-        short_lived_ok: ok.load(Ordering::Relaxed),
-        short_lived_took,
-        phases,
     }
 }
 
@@ -536,7 +310,7 @@ impl Experiment for Config {
         consul: &mut Consul,
         step: &dyn Fn(&str),
     ) -> Result<Outcome> {
-        raise_fd_limit();
+        consul_harness::hostile::raise_fd_limit();
         step("starting an echo server");
         let mut servers =
             super::start_servers(launcher, consul, consul.config(), 1, self.interval).await?;
@@ -566,18 +340,18 @@ impl Experiment for Config {
         .unwrap_or_default();
 
         let traffic = Traffic::start(&client, "under attack", self.every, 10_000_000);
-        // The attackers get a thread and a runtime of their own, so that the well-behaved client
-        // competes with them for the CPU only, not for its runtime.
+        // The attacker gets a thread and a runtime of its own, pinned to the second CPU,
+        // and the server the first, so that the attacker's own work does not compete with
+        // the server for a CPU: what the client sees is the server's fairness (the client
+        // itself runs on this process's runtime, wherever the scheduler puts it).
+        let two_cpus = consul_harness::hostile::cpus() >= 2;
+        if two_cpus {
+            consul_harness::hostile::pin_process(pid, 0)?;
+        }
         let hostile = {
-            let config = self.clone();
             let progress: Arc<std::sync::Mutex<String>> = Arc::default();
-            let report = progress.clone();
-            let thread = tokio::task::spawn_blocking(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                std::io::Result::Ok(rt.block_on(attack(addr, pid, &config, &report)))
-            });
+            let attack = self.attack();
+            let thread = attack.run_on_thread(addr, pid, two_cpus.then_some(1), progress.clone());
             tokio::pin!(thread);
             loop {
                 tokio::select! {
@@ -587,16 +361,13 @@ impl Experiment for Config {
                     }
                 }
             }
-        };
-        let hostile = hostile.map_err(|source| crate::Error::Task {
-            what: "the attack thread",
-            source,
-        })??;
+        }?;
         let attack_outcomes = traffic.finish().await;
 
         step("checking the server after the attack");
         let alive = !servers[0].process.has_exited();
-        let fresh_echo = super::echo_direct(addr, b"fresh after the attack").await;
+        let fresh_echo =
+            consul_harness::hostile::echo_direct(addr, b"fresh after the attack").await;
         let still_passing = wait::passing(&consul.client(), SERVICE, Duration::from_secs(10))
             .await
             .is_ok_and(|(e, _)| e.iter().any(|e| e.service.id == ids[0]));
@@ -609,7 +380,8 @@ impl Experiment for Config {
         let phases = hostile
             .phases
             .iter()
-            .map(|&(phase, from, to, cpu)| {
+            .map(|p| {
+                let (phase, from, to, cpu) = (p.name, p.from, p.to, p.server_cpu);
                 let during: Vec<_> = attack_outcomes
                     .iter()
                     .filter(|o| o.sent >= from && o.sent < to)

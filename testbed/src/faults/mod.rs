@@ -599,20 +599,7 @@ pub(crate) fn casualties(servers: &mut [ServerProcess]) -> Vec<String> {
 
 /// One echo straight to a server's port (not through discovery).
 pub(crate) async fn echo_direct(addr: std::net::SocketAddr, payload: &[u8]) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let mut frame = payload.to_vec();
-        frame.push(b'\n');
-        s.write_all(&frame).await?;
-        let mut back = vec![0u8; frame.len()];
-        s.read_exact(&mut back).await?;
-        std::io::Result::Ok(back == frame)
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), attempt).await,
-        Ok(Ok(true))
-    )
+    consul_harness::hostile::echo_direct(addr, payload).await
 }
 
 /// `d` as seconds with two decimals, for the table.

@@ -1,0 +1,281 @@
+//! fairness: does a well-behaved client keep its latency while others attack the same
+//! echo-server? Not a criterion timing: a plain bench binary (`harness = false`) that prints
+//! its numbers and records them for the report.
+//!
+//! A `bench-echo-server` process (no Consul registration) runs on CPU 0; the well-behaved
+//! client, a thread of its own with its own runtime, runs on CPU 0 too and sends one
+//! message every [`EVERY`] on one connection, waiting for each echo; the attacker, the
+//! testbed's hostile-input scenario (`consul_harness::hostile::Attack::default()`: garbage,
+//! oversized frames, stalled frames, resets, short-lived connections), runs on a thread of
+//! its own on CPU 1. So the attacker's own work never takes the client's or the server's
+//! CPU: what the client sees is what the server gives it while it also serves the attack.
+//! The client's round trips are recorded first quiet ([`QUIET`] messages), then for the
+//! whole attack. The goal: its p99 under attack at most [`GOAL`]× the quiet p99.
+//!
+//! With fewer than 2 CPUs nothing is pinned (and the report says so). Arguments as criterion
+//! takes them: a filter, `--list`, and without `--bench` (as `cargo test --benches` runs it)
+//! a quick smoke run with a smaller attack that records nothing.
+
+// A bench binary: its items need no docs.
+#![allow(missing_docs)]
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use benches::{
+    Error, Result,
+    results::{self, FairnessRecord, Summary},
+    traffic::Message,
+};
+use consul_harness::{
+    hostile::{self, Attack},
+    procs::{Launcher, ServerProcess, ServerSpec},
+    signal::Signal,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const ID: &str = "fairness/hostile_input";
+/// Between the well-behaved client's messages.
+const EVERY: Duration = Duration::from_millis(2);
+/// The well-behaved client's messages before the attack.
+const QUIET: usize = 1000;
+/// A round trip longer than this is an error: the server is not merely slow.
+const REPLY_LIMIT: Duration = Duration::from_secs(10);
+const WAIT: Duration = Duration::from_secs(20);
+/// Well-behaved p99 under attack at most this multiple of the quiet p99.
+pub const GOAL: f64 = 3.0;
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        println!("{ID}: benchmark");
+        return std::process::ExitCode::SUCCESS;
+    }
+    let filters = benches::harness::filters(&args);
+    if !filters.is_empty() && !filters.iter().any(|f| ID.contains(f.as_str())) {
+        return std::process::ExitCode::SUCCESS;
+    }
+    let quick = !results::measuring();
+    let outcome = benches::harness::runtime().and_then(|rt| rt.block_on(measure(quick)));
+    match outcome.and_then(|record| record.save().map(|_| ())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {ID}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn measure(quick: bool) -> Result<FairnessRecord> {
+    hostile::raise_fd_limit();
+    let attack = if quick {
+        Attack {
+            garbage_conns: 10,
+            oversize_conns: 4,
+            stalled_conns: 50,
+            resets: 50,
+            short_lived: 200,
+            ..Attack::default()
+        }
+    } else {
+        Attack::default()
+    };
+    let quiet_messages = if quick { 100 } else { QUIET };
+    let pinned = hostile::cpus() >= 2;
+    let launcher = Launcher::testbed(env!("CARGO_BIN_EXE_bench-echo-server"));
+    let mut spec = ServerSpec::seed(consul_api::Config::default())?;
+    spec.extra_args = vec![
+        "--no-register".into(),
+        "--max-connections".into(),
+        "4096".into(),
+    ];
+    let mut server = ServerProcess::spawn(&launcher, spec).await?;
+    let pid = server.process.pid();
+    let addr = server.spec.echo_addr();
+    let outcome = async {
+        if pinned {
+            hostile::pin_process(pid, 0)?;
+        }
+        let client = Client::start(addr, pinned.then_some(0))?;
+        client.wait_for(quiet_messages, WAIT).await?;
+        let quiet_until = Instant::now();
+        let progress = Arc::default();
+        let attacked = attack
+            .run_on_thread(addr, pid, pinned.then_some(1), progress)
+            .await?;
+        let rtts = client.stop().await?;
+        let quiet: Vec<f64> = rtts
+            .iter()
+            .filter(|(at, _)| *at < quiet_until)
+            .map(|(_, rtt)| rtt.as_nanos() as f64)
+            .collect();
+        let during = |from: Instant, to: Instant| -> Vec<f64> {
+            rtts.iter()
+                .filter(|(at, _)| *at >= from && *at < to)
+                .map(|(_, rtt)| rtt.as_nanos() as f64)
+                .collect()
+        };
+        let (first, last) = match (attacked.phases.first(), attacked.phases.last()) {
+            (Some(f), Some(l)) => (f.from, l.to),
+            _ => return Err(Error::Invalid("the attack ran no phase".into())),
+        };
+        let summary = |v: &[f64], what: &str| {
+            Summary::of(v).ok_or_else(|| Error::Invalid(format!("no round trip {what}")))
+        };
+        let mut phases = Vec::new();
+        for p in &attacked.phases {
+            let lasted = (p.to - p.from).as_secs_f64().max(1e-3);
+            if let Some(s) = Summary::of(&during(p.from, p.to)) {
+                phases.push((p.name.to_owned(), p.server_cpu.as_secs_f64() / lasted, s));
+            }
+        }
+        Ok(FairnessRecord {
+            id: ID.into(),
+            placement: if pinned {
+                "server and well-behaved client on CPU 0, attacker on CPU 1 (sched_setaffinity)"
+                    .into()
+            } else {
+                "unpinned: fewer than 2 CPUs".into()
+            },
+            attack: format!(
+                "{} × {} KiB garbage, {} × {} KiB frames (limit 64 KiB), {} stalled frames, {} \
+                 resets, {} short-lived connections, {} at once",
+                attack.garbage_conns,
+                attack.garbage_bytes >> 10,
+                attack.oversize_conns,
+                attack.oversize_bytes >> 10,
+                attack.stalled_conns,
+                attack.resets,
+                attack.short_lived,
+                attack.concurrency
+            ),
+            quiet: summary(&quiet, "before the attack")?,
+            attacked: summary(&during(first, last), "during the attack")?,
+            phases,
+        })
+    }
+    .await;
+    server.process.signal(Signal::SIGTERM)?;
+    server.process.wait_exit(WAIT).await?;
+    let record = outcome?;
+    let ms = |ns: f64| ns / 1e6;
+    println!("{ID} ({})", record.placement);
+    println!(
+        "    quiet: p50 {:.3} ms, p99 {:.3} ms ({} echoes)",
+        ms(record.quiet.p50),
+        ms(record.quiet.p99),
+        record.quiet.count
+    );
+    println!(
+        "    under attack: p50 {:.3} ms, p99 {:.3} ms ({} echoes): p99 {:.2}× quiet (goal ≤ {GOAL}×){}",
+        ms(record.attacked.p50),
+        ms(record.attacked.p99),
+        record.attacked.count,
+        record.attacked.p99 / record.quiet.p99,
+        if quick {
+            " [quick check, not recorded]"
+        } else {
+            ""
+        }
+    );
+    for (phase, cpu, s) in &record.phases {
+        println!(
+            "    {phase}: server CPU {:.0}%, p50 {:.3} ms, p99 {:.3} ms ({} echoes)",
+            cpu * 100.0,
+            ms(s.p50),
+            ms(s.p99),
+            s.count
+        );
+    }
+    Ok(record)
+}
+
+/// The well-behaved client: on a thread of its own (pinned to `cpu` when given) with its own
+/// runtime, one message every [`EVERY`] on one connection, each echo awaited and checked.
+struct Client {
+    stop: Arc<AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicUsize>,
+    done: tokio::sync::oneshot::Receiver<Result<Vec<(Instant, Duration)>>>,
+}
+
+impl Client {
+    fn start(addr: std::net::SocketAddr, cpu: Option<usize>) -> Result<Client> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (tx, done) = tokio::sync::oneshot::channel();
+        let (stop2, sent2) = (stop.clone(), sent.clone());
+        std::thread::Builder::new()
+            .name("well-behaved".into())
+            .spawn(move || {
+                let run = || -> Result<Vec<(Instant, Duration)>> {
+                    if let Some(cpu) = cpu {
+                        hostile::pin_thread(cpu)?;
+                    }
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(send_loop(addr, &stop2, &sent2))
+                };
+                let _ = tx.send(run());
+            })?;
+        Ok(Client { stop, sent, done })
+    }
+
+    /// Wait until `n` echoes have come back.
+    async fn wait_for(&self, n: usize, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        while self.sent.load(Ordering::SeqCst) < n {
+            if started.elapsed() > timeout {
+                return Err(Error::timeout("the quiet echoes", timeout));
+            }
+            tokio::time::sleep(EVERY).await;
+        }
+        Ok(())
+    }
+
+    /// Stop and return every (sent at, round trip).
+    async fn stop(self) -> Result<Vec<(Instant, Duration)>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.done
+            .await
+            .map_err(|_| Error::Invalid("the well-behaved client's thread died".into()))?
+    }
+}
+
+async fn send_loop(
+    addr: std::net::SocketAddr,
+    stop: &AtomicBool,
+    sent: &std::sync::atomic::AtomicUsize,
+) -> Result<Vec<(Instant, Duration)>> {
+    let message = Message::new(16);
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut back = vec![0u8; message.wire().len()];
+    let mut rtts = Vec::new();
+    let mut next = tokio::time::Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        let at = Instant::now();
+        stream.write_all(message.wire()).await?;
+        tokio::time::timeout(REPLY_LIMIT, stream.read_exact(&mut back))
+            .await
+            .map_err(|_| Error::timeout("a well-behaved echo", REPLY_LIMIT))??;
+        rtts.push((at, at.elapsed()));
+        if back != message.wire() {
+            return Err(Error::BadEcho(
+                "the well-behaved client's echo differs".into(),
+            ));
+        }
+        sent.fetch_add(1, Ordering::SeqCst);
+        next += EVERY;
+        tokio::time::sleep_until(next).await;
+    }
+    Ok(rtts)
+}
