@@ -546,7 +546,11 @@ mod tests {
         assert_eq!(b.to_string(), "b@127.0.0.1:2");
         let mut by_dns = Instance::new("", "127.0.0.1", 3);
         by_dns.id = by_dns.address();
-        assert_eq!(by_dns.to_string(), "127.0.0.1:3", "no ID of its own: the address once");
+        assert_eq!(
+            by_dns.to_string(),
+            "127.0.0.1:3",
+            "no ID of its own: the address once"
+        );
         assert_eq!(b.weight, 1, "Consul's default weight when it sends none");
 
         let mut tagged = entry("t", "127.0.0.1", "", 4);
