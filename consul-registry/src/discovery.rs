@@ -622,9 +622,24 @@ mod tests {
 
     type Script = Arc<Mutex<VecDeque<consul_api::Result<(Vec<ServiceEntry>, QueryMeta)>>>>;
 
-    /// Runs `follow` over a scripted fetch; when the script runs out, fetch never answers.
+    /// Runs `follow` over a scripted fetch for `servernode` in dc1; when the script runs
+    /// out, fetch never answers.
     fn scripted(
         answers: Vec<consul_api::Result<(Vec<ServiceEntry>, QueryMeta)>>,
+    ) -> (
+        watch::Receiver<Snapshot>,
+        watch::Receiver<Vec<QueryOptions>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let mut config = DiscoveryConfig::new("servernode");
+        config.datacenter = Some("dc1".into());
+        scripted_with(answers, config)
+    }
+
+    /// [`scripted`] with a configuration of the test's own.
+    fn scripted_with(
+        answers: Vec<consul_api::Result<(Vec<ServiceEntry>, QueryMeta)>>,
+        config: DiscoveryConfig,
     ) -> (
         watch::Receiver<Snapshot>,
         watch::Receiver<Vec<QueryOptions>>,
@@ -645,8 +660,6 @@ mod tests {
                 }
             }
         };
-        let mut config = DiscoveryConfig::new("servernode");
-        config.datacenter = Some("dc1".into());
         let task = tokio::spawn(follow(fetch, tx, config, Backoff::consul()));
         (rx, seen, task)
     }
@@ -709,7 +722,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn answers_older_than_max_stale_are_not_applied() {
-        let script: Script = Arc::new(Mutex::new(
+        let mut config = DiscoveryConfig::new("servernode");
+        config.consistency = Consistency::Stale;
+        config.max_stale = Some(Duration::from_secs(10));
+        let (mut rx, seen, _task) = scripted_with(
             vec![
                 Ok((vec![entry("a", "127.0.0.1", "", 1)], stale_meta(10, 50))),
                 // No leader for 12 s: the server's copy may be missing changes (its index
@@ -718,27 +734,9 @@ mod tests {
                 Ok((vec![], stale_meta(11, 13_000))),
                 // A leader again: applied.
                 Ok((vec![entry("b", "127.0.0.1", "", 2)], stale_meta(12, 20))),
-            ]
-            .into(),
-        ));
-        let (seen_tx, seen) = watch::channel(Vec::new());
-        let (tx, mut rx) = watch::channel(Snapshot::starting());
-        let fetch = move |opts: QueryOptions| {
-            seen_tx.send_modify(|seen: &mut Vec<QueryOptions>| seen.push(opts));
-            let next = script.lock().unwrap().pop_front();
-            async move {
-                match next {
-                    Some(answer) => answer.map(|(entries, meta)| {
-                        (entries.iter().map(Instance::from_entry).collect(), meta)
-                    }),
-                    None => std::future::pending().await,
-                }
-            }
-        };
-        let mut config = DiscoveryConfig::new("servernode");
-        config.consistency = Consistency::Stale;
-        config.max_stale = Some(Duration::from_secs(10));
-        let _task = tokio::spawn(follow(fetch, tx, config, Backoff::consul()));
+            ],
+            config,
+        );
         let s = wait_version(&mut rx, 1).await;
         assert_eq!(s.instances[0].id, "a");
         let s = wait_version(&mut rx, 2).await;

@@ -141,7 +141,15 @@ async fn every_source_drops_or_keeps_a_killed_instance_as_consul_says_and_no_ses
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every session is streaming (a message answered) before the kill.
+    for (source, _, echo) in &running {
+        let probe = Bytes::from(format!("{} before the kill", label(source)));
+        let reply = tokio::time::timeout(Duration::from_secs(10), echo.send(probe.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.bytes, probe);
+    }
     servers[0].process.kill().await.unwrap();
 
     // Sources that know health drop it within a few check intervals...
