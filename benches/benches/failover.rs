@@ -225,8 +225,9 @@ impl Rig for InProcessRig {
         let fresh = ServerThread::start(Config::local()).await?;
         self.servers.insert(victim.id.clone(), fresh);
         let instances = Self::instances(&self.servers);
-        self.feed
-            .send_modify(|s| *s = s.with_instances(instances, s.index + 1));
+        self.feed.send_modify(|s| {
+            *s = s.with_instances(instances, s.index + 1, std::time::SystemTime::now())
+        });
         Ok(measured)
     }
 }

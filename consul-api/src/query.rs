@@ -1,7 +1,7 @@
 //! Options every read takes (`dc`, `index`, `wait`, ...) and the metadata every read returns
 //! (`X-Consul-Index`, ...), as Consul's Go `api` names them.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use reqwest::header::HeaderMap;
 
@@ -144,6 +144,9 @@ pub struct QueryMeta {
     pub content_hash: Option<String>,
     /// `X-Cache` of a `cached` read: `Some(true)` for `HIT`, `Some(false)` for `MISS`.
     pub cache_hit: Option<bool>,
+    /// When the answer's headers arrived (before its body was read and decoded): where
+    /// Consul's share of a read ends and the client's begins. `None` when not read over HTTP.
+    pub received_at: Option<SystemTime>,
 }
 
 impl QueryMeta {
@@ -159,6 +162,7 @@ impl QueryMeta {
                 .unwrap_or(0),
             content_hash: get("X-Consul-ContentHash").map(str::to_owned),
             cache_hit: get("X-Cache").map(|v| v == "HIT"),
+            received_at: Some(SystemTime::now()),
         }
     }
 }

@@ -139,6 +139,10 @@ pub struct Snapshot {
     pub index: u64,
     /// Counts published snapshots, from 0.
     pub version: u64,
+    /// When the answer the instances come from began to arrive (its headers; for DNS, when
+    /// the lookup returned): `at - received_at` is what the client added to propagation
+    /// (reading the body, decoding, building the view).
+    pub received_at: SystemTime,
     /// Consul's error, when discovery failed for good: its kind and source chain.
     pub cause: Option<Arc<consul_api::Error>>,
 }
@@ -154,6 +158,7 @@ impl Snapshot {
             changed_at: now,
             index: 0,
             version: 0,
+            received_at: now,
             cause: None,
         }
     }
@@ -166,8 +171,14 @@ impl Snapshot {
         s
     }
 
-    /// This snapshot's successor with `instances` (a new answer from Consul).
-    pub fn with_instances(&self, instances: Vec<Instance>, index: u64) -> Self {
+    /// This snapshot's successor with `instances` (a new answer from Consul, received at
+    /// `received_at`).
+    pub fn with_instances(
+        &self,
+        instances: Vec<Instance>,
+        index: u64,
+        received_at: SystemTime,
+    ) -> Self {
         let now = SystemTime::now();
         let instances = sorted(instances);
         let changed = instances != self.instances || self.consul == ConsulState::Starting;
@@ -178,6 +189,7 @@ impl Snapshot {
             changed_at: if changed { now } else { self.changed_at },
             index,
             version: self.version + 1,
+            received_at,
             cause: None,
         }
     }
@@ -251,6 +263,13 @@ pub struct DiscoveryConfig {
     /// answering server last heard from the leader) exceeds this is treated as an outage.
     /// `None`: any age. Only `stale` reads can be that old.
     pub max_stale: Option<Duration>,
+    /// Read through the local agent's cache (`?cached`, health and catalog sources): one
+    /// upstream query per agent, shared by all its clients. Off by default: a cached read is
+    /// not re-authorized on every change (a revoked token keeps being answered).
+    pub cached: bool,
+    /// A server-side filter expression (`filter`, e.g. `Service.Meta.version == "2"`),
+    /// applied by Consul before the answer is sent.
+    pub filter: Option<String>,
 }
 
 impl DiscoveryConfig {
@@ -265,6 +284,8 @@ impl DiscoveryConfig {
             source: Source::Health,
             consistency: Consistency::Stale,
             max_stale: None,
+            cached: false,
+            filter: None,
         }
     }
 }
@@ -297,6 +318,8 @@ pub(crate) async fn follow<F, Fut>(
     let base = QueryOptions {
         datacenter: config.datacenter.clone(),
         consistency: config.consistency,
+        cached: config.cached,
+        filter: config.filter.clone(),
         ..Default::default()
     };
     // With a bound on staleness, block at most that long: a server cut off from its leader
@@ -329,7 +352,7 @@ pub(crate) async fn follow<F, Fut>(
         };
         let answer = answer.map(|(entries, meta)| {
             let stale_ms = too_stale(&meta, config.max_stale);
-            (entries, meta.last_index, stale_ms)
+            (entries, meta, stale_ms)
         });
         match answer {
             Ok((_, _, Some((age_ms, bound)))) => {
@@ -354,13 +377,16 @@ pub(crate) async fn follow<F, Fut>(
                     () = tx.closed() => return,
                 }
             }
-            Ok((instances, index, None)) => {
+            Ok((instances, meta, None)) => {
                 backoff.reset();
                 answered = true;
                 if tracker.on_answer() {
                     tracing::info!(service, passing = instances.len(), "Consul answers");
                 }
-                publish(&tx, |s| s.with_instances(instances, index));
+                let received_at = meta.received_at.unwrap_or_else(SystemTime::now);
+                publish(&tx, |s| {
+                    s.with_instances(instances, meta.last_index, received_at)
+                });
                 let now = tx.borrow();
                 if now.changed_at == now.at {
                     let listed: Vec<String> = now.instances.iter().map(|i| i.to_string()).collect();
@@ -573,6 +599,7 @@ mod tests {
                 Instance::new("a", "127.0.0.1", 1),
             ],
             5,
+            SystemTime::now(),
         );
         assert_eq!(first.instances[0].id, "a");
         assert_eq!(first.version, 1);
@@ -583,6 +610,7 @@ mod tests {
                 Instance::new("b", "127.0.0.1", 2),
             ],
             6,
+            SystemTime::now(),
         );
         assert_eq!(same.changed_at, first.changed_at, "same set: not a change");
         let down = same.with_state(ConsulState::Unreachable {
