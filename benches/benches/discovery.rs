@@ -83,7 +83,9 @@ impl Rig {
         let (server, seen, viewed) = tokio::join!(
             ServerThread::start(config),
             self.observer.until(&id, WAIT, listed),
-            observe::view_until(&self.view, &id, WAIT, |s| listed(&s.instances)),
+            observe::view_until(&self.view, &id, WAIT, |s| {
+                observe::lists_id(&s.instances, &id)
+            }),
         );
         let (server, seen, viewed) = (server?, seen?.at, viewed?);
         // Both are woken by the same change; Consul answers the two blocking queries one
@@ -108,7 +110,7 @@ impl Rig {
             .until(&format!("{id} gone"), WAIT, gone)
             .await?;
         observe::view_until(&self.view, &format!("{id} gone"), WAIT, |s| {
-            gone(&s.instances)
+            !observe::lists_id(&s.instances, &id)
         })
         .await?;
         Ok(Duration::from_nanos(measured.max(1.0) as u64))

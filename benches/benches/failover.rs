@@ -494,7 +494,10 @@ impl UnhealthyRig {
     async fn both_listed(&self) -> Result<()> {
         let both = |instances: &[Instance]| IDS.iter().all(|id| observe::lists_id(instances, id));
         self.observer.until("a and b", WAIT, both).await?;
-        observe::view_until(&self.view, "a and b", WAIT, |s| both(&s.instances)).await?;
+        observe::view_until(&self.view, "a and b", WAIT, |s| {
+            IDS.iter().all(|id| observe::lists_id(&s.instances, id))
+        })
+        .await?;
         Ok(())
     }
 
@@ -531,7 +534,9 @@ impl Rig for UnhealthyRig {
         let what = format!("{} gone", victim.id);
         let (seen, viewed, replied) = tokio::join!(
             self.observer.until(&what, WAIT, gone),
-            observe::view_until(&self.view, &what, WAIT, |s| gone(&s.instances)),
+            observe::view_until(&self.view, &what, WAIT, |s| {
+                !observe::lists_id(&s.instances, &victim.id)
+            }),
             self.streamer.reply_from_other_than(&victim.id, WAIT),
         );
         self.streamer.arm(false);

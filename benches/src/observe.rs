@@ -27,13 +27,15 @@ pub struct Seen {
 }
 
 /// Whether `instances` lists an instance with ID `id`.
-pub fn lists_id(instances: &[Instance], id: &str) -> bool {
-    instances.iter().any(|i| i.id == id)
+pub fn lists_id<I: std::borrow::Borrow<Instance>>(instances: &[I], id: &str) -> bool {
+    instances.iter().any(|i| i.borrow().id == id)
 }
 
 /// Whether `instances` lists an instance with ID `id` on `port`.
-pub fn lists_at(instances: &[Instance], id: &str, port: u16) -> bool {
-    instances.iter().any(|i| i.id == id && i.port == port)
+pub fn lists_at<I: std::borrow::Borrow<Instance>>(instances: &[I], id: &str, port: u16) -> bool {
+    instances
+        .iter()
+        .any(|i| i.borrow().id == id && i.borrow().port == port)
 }
 
 /// The observer; see the module documentation. It runs on a thread and runtime of its own,

@@ -50,7 +50,8 @@ pub struct Config {
     pub timeout: Duration,
     /// Deadline to establish a connection.
     pub connect_timeout: Duration,
-    /// Largest response body accepted, in bytes.
+    /// Largest response body accepted, in bytes (64 MiB by default: a health answer is about
+    /// 1.1 KB an instance, 2.5 KB from a `-dev` agent, which indents its JSON).
     pub max_body_bytes: usize,
 }
 
@@ -63,7 +64,7 @@ impl Default for Config {
             token: None,
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
-            max_body_bytes: 16 << 20,
+            max_body_bytes: 64 << 20,
         }
     }
 }
@@ -340,6 +341,17 @@ impl Client {
         Ok((decode("GET", &path, &body)?, meta))
     }
 
+    /// GET a body without decoding it; with the answer's metadata and the request path.
+    pub(crate) async fn get_raw(
+        &self,
+        segments: &[&str],
+        params: &[(&'static str, String)],
+        opts: Option<&QueryOptions>,
+    ) -> Result<(Vec<u8>, QueryMeta, String)> {
+        self.send(Method::GET, segments, params, opts, None::<&()>)
+            .await
+    }
+
     /// GET a JSON value; `None` when Consul answers 404.
     pub(crate) async fn get_optional<T: DeserializeOwned>(
         &self,
@@ -482,7 +494,12 @@ impl Client {
         let meta = QueryMeta::from_headers(response.headers());
 
         let limit = self.inner.config.max_body_bytes;
-        let mut body = Vec::new();
+        // Large answers (thousands of instances) are read without regrowing the buffer.
+        let mut body = Vec::with_capacity(
+            response
+                .content_length()
+                .map_or(0, |n| usize::try_from(n).unwrap_or(0).min(limit)),
+        );
         while let Some(chunk) = response.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > limit {
                 return Err(Error::BodyTooLarge {
@@ -534,7 +551,11 @@ fn host_of(url: &Url) -> String {
         .to_owned()
 }
 
-fn decode<T: DeserializeOwned>(method: &'static str, path: &str, body: &[u8]) -> Result<T> {
+pub(crate) fn decode<'a, T: serde::Deserialize<'a>>(
+    method: &'static str,
+    path: &str,
+    body: &'a [u8],
+) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| Error::Decode {
         method,
         path: path.to_owned(),

@@ -1,13 +1,13 @@
 //! The health endpoints (`/v1/health/...`): which instances of a service are healthy, and the
 //! state of checks. These are what discovery reads, usually as blocking queries.
 
-use std::{collections::BTreeMap, fmt};
+use std::{borrow::Cow, collections::BTreeMap, fmt};
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    agent::AgentService,
-    client::Client,
+    agent::{AgentService, AgentWeights},
+    client::{Client, decode},
     duration::GoDuration,
     error::Result,
     query::{QueryMeta, QueryOptions},
@@ -153,6 +153,125 @@ impl ServiceEntry {
     }
 }
 
+/// A `/v1/health/service/:service` answer, not decoded yet: the caller decodes what it needs
+/// ([`ServiceAnswer::entries`], or a part of [`ServiceAnswer::body`] that changed since the
+/// last answer). A full [`ServiceEntry`] carries tagged addresses, proxy and connect settings
+/// and every check's output (1.1 KB an instance, 2.5 KB from a `-dev` agent, which indents
+/// its JSON); discovery needs a tenth of it.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceAnswer {
+    body: Vec<u8>,
+    path: String,
+}
+
+impl ServiceAnswer {
+    /// An answer's raw JSON body, as read from `path` (for errors).
+    pub fn new(body: Vec<u8>, path: impl Into<String>) -> Self {
+        ServiceAnswer {
+            body,
+            path: path.into(),
+        }
+    }
+
+    /// The raw JSON body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The body, given up.
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
+    }
+
+    /// The request path the answer came from.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Every entry, decoded into views that borrow from the body (Consul sends `null` for
+    /// no entry).
+    pub fn entries(&self) -> Result<Vec<EntryView<'_>>> {
+        let entries: Option<Vec<EntryView<'_>>> = decode("GET", &self.path, &self.body)?;
+        Ok(entries.unwrap_or_default())
+    }
+}
+
+/// What discovery needs of a health entry, borrowed from the answer's body: the node's name
+/// and address, the service's ID, address, port, tags, meta and weights, and each check's
+/// status. Everything else is skipped by the parser without being built.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct EntryView<'a> {
+    /// `Node`.
+    #[serde(borrow)]
+    pub node: NodeView<'a>,
+    /// `Service`.
+    #[serde(borrow)]
+    pub service: ServiceView<'a>,
+    /// `Checks`: their statuses only.
+    pub checks: Vec<CheckView>,
+}
+
+impl EntryView<'_> {
+    /// The address to dial: the service's own, or its node's when the service has none.
+    pub fn address(&self) -> &str {
+        if self.service.address.is_empty() {
+            &self.node.address
+        } else {
+            &self.service.address
+        }
+    }
+
+    /// Whether every check passes (no check: passing).
+    pub fn passing(&self) -> bool {
+        self.checks
+            .iter()
+            .all(|c| c.status == HealthStatus::Passing)
+    }
+}
+
+/// The part of a [`Node`] discovery reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct NodeView<'a> {
+    /// `Node`: the node's name.
+    #[serde(borrow)]
+    pub node: Cow<'a, str>,
+    /// `Address`.
+    #[serde(borrow)]
+    pub address: Cow<'a, str>,
+}
+
+/// The part of an [`AgentService`] discovery reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct ServiceView<'a> {
+    /// `ID`.
+    #[serde(rename = "ID", borrow)]
+    pub id: Cow<'a, str>,
+    /// `Address`; empty when the service uses its node's.
+    #[serde(borrow)]
+    pub address: Cow<'a, str>,
+    /// `Port`.
+    pub port: u16,
+    /// `Tags`; `None` when Consul sends `null`.
+    #[serde(borrow)]
+    pub tags: Option<Vec<Cow<'a, str>>>,
+    /// `Meta`; `None` when Consul sends `null`.
+    #[serde(borrow)]
+    pub meta: Option<BTreeMap<Cow<'a, str>, Cow<'a, str>>>,
+    /// `Weights`.
+    pub weights: Option<AgentWeights>,
+}
+
+/// The part of a [`HealthCheck`] discovery reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct CheckView {
+    /// `Status`.
+    pub status: HealthStatus,
+}
+
 /// The health endpoints.
 #[derive(Debug, Clone, Copy)]
 pub struct Health<'a> {
@@ -185,6 +304,29 @@ impl<'a> Health<'a> {
             .get(&["health", "service", service], &params, Some(opts))
             .await?;
         Ok((entries.unwrap_or_default(), meta))
+    }
+
+    /// Like [`service`](Self::service), the answer left undecoded ([`ServiceAnswer`]): for
+    /// callers that decode only what they need, or only what changed.
+    pub async fn service_answer(
+        &self,
+        service: &str,
+        tag: Option<&str>,
+        passing_only: bool,
+        opts: &QueryOptions,
+    ) -> Result<(ServiceAnswer, QueryMeta)> {
+        let mut params = Vec::new();
+        if let Some(tag) = tag {
+            params.push(("tag", tag.to_owned()));
+        }
+        if passing_only {
+            params.push(("passing", String::new()));
+        }
+        let (body, meta, path) = self
+            .client
+            .get_raw(&["health", "service", service], &params, Some(opts))
+            .await?;
+        Ok((ServiceAnswer::new(body, path), meta))
     }
 
     /// `GET /v1/health/checks/:service`: the checks of every instance of a service.

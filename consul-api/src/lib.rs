@@ -79,7 +79,10 @@ pub use catalog::{CatalogRegistration, CatalogService, CatalogServiceRegistratio
 pub use client::{Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};
-pub use health::{HealthCheck, HealthStatus, Node, ServiceEntry};
+pub use health::{
+    CheckView, EntryView, HealthCheck, HealthStatus, Node, NodeView, ServiceAnswer, ServiceEntry,
+    ServiceView,
+};
 pub use prepared::{
     PreparedQueryDefinition, PreparedQueryExecuteResponse, QueryFailover, ServiceQuery,
 };

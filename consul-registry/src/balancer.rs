@@ -17,6 +17,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    sync::Arc,
     time::Duration,
 };
 
@@ -51,8 +52,10 @@ pub struct Balancer {
     strategy: Strategy,
     cooldown: Duration,
     max_cooldown: Duration,
-    instances: Vec<Instance>,
-    local: HashMap<String, Local>,
+    /// The passing set, shared with the snapshot it came from (not copied).
+    instances: Arc<[Arc<Instance>]>,
+    /// Local records by host, then port (looked up without formatting an address).
+    local: HashMap<String, HashMap<u16, Local>>,
     next: usize,
     rng: StdRng,
 }
@@ -65,7 +68,7 @@ impl Balancer {
             strategy,
             cooldown,
             max_cooldown: cooldown.saturating_mul(16),
-            instances: Vec::new(),
+            instances: Arc::from(Vec::new()),
             local: HashMap::new(),
             next: rand::random_range(0..usize::MAX / 2),
             rng: StdRng::from_rng(&mut rand::rng()),
@@ -79,11 +82,21 @@ impl Balancer {
         self
     }
 
-    /// Replace the passing set. Records of addresses that left it are forgotten.
-    pub fn update(&mut self, instances: &[Instance]) {
-        self.instances = instances.to_vec();
-        let keep: HashSet<String> = instances.iter().map(Instance::address).collect();
-        self.local.retain(|address, _| keep.contains(address));
+    /// Replace the passing set (a snapshot's, shared: nothing is copied). Records of
+    /// addresses that left it are forgotten.
+    pub fn update(&mut self, instances: &Arc<[Arc<Instance>]>) {
+        self.instances = Arc::clone(instances);
+        if self.local.is_empty() {
+            return;
+        }
+        let keep: HashSet<(&str, u16)> = instances
+            .iter()
+            .map(|i| (i.host.as_str(), i.port))
+            .collect();
+        self.local.retain(|host, ports| {
+            ports.retain(|port, _| keep.contains(&(host.as_str(), *port)));
+            !ports.is_empty()
+        });
     }
 
     /// Replace the passing set (like [`update`](Self::update)), and say whether a client
@@ -91,16 +104,23 @@ impl Balancer {
     /// probability added / total, to an added usable instance chosen uniformly. Many clients
     /// each deciding so end up evenly spread in expectation, the old instances keeping
     /// 1 / total each. `None` when nothing was added, or on the first set.
-    pub fn update_spreading(&mut self, instances: &[Instance], now: Instant) -> Option<Instance> {
-        let before: HashSet<String> = self.instances.iter().map(Instance::address).collect();
+    pub fn update_spreading(
+        &mut self,
+        instances: &Arc<[Arc<Instance>]>,
+        now: Instant,
+    ) -> Option<Instance> {
+        let before = Arc::clone(&self.instances);
         self.update(instances);
-        if before.is_empty() {
+        if before.is_empty() || Arc::ptr_eq(&before, instances) {
             return None;
         }
+        let listed: HashSet<(&str, u16)> =
+            before.iter().map(|i| (i.host.as_str(), i.port)).collect();
         let added: Vec<usize> = (0..self.instances.len())
             .filter(|&i| {
                 let instance = &self.instances[i];
-                !before.contains(&instance.address()) && self.usable(instance, now)
+                !listed.contains(&(instance.host.as_str(), instance.port))
+                    && self.usable(instance, now)
             })
             .collect();
         if added.is_empty() {
@@ -111,33 +131,36 @@ impl Balancer {
             return None;
         }
         let pick = added[self.rng.random_range(0..added.len())];
-        Some(self.instances[pick].clone())
+        Some((*self.instances[pick]).clone())
     }
 
     /// The passing set.
-    pub fn instances(&self) -> &[Instance] {
+    pub fn instances(&self) -> &[Arc<Instance>] {
         &self.instances
     }
 
     /// Whether `instance`'s address is in the passing set.
     pub fn contains(&self, instance: &Instance) -> bool {
-        let address = instance.address();
-        self.instances.iter().any(|i| i.address() == address)
+        self.instances
+            .iter()
+            .any(|i| i.port == instance.port && i.host == instance.host)
+    }
+
+    fn local(&self, instance: &Instance) -> Option<&Local> {
+        self.local.get(instance.host.as_str())?.get(&instance.port)
     }
 
     fn usable(&self, instance: &Instance, now: Instant) -> bool {
-        self.local
-            .get(&instance.address())
+        self.local(instance)
             .and_then(|l| l.ejected_until)
             .is_none_or(|until| until <= now)
     }
 
     /// Whether some usable instance other than `current` exists.
     pub fn has_alternative(&self, current: &Instance, now: Instant) -> bool {
-        let address = current.address();
         self.instances
             .iter()
-            .any(|i| i.address() != address && self.usable(i, now))
+            .any(|i| (i.port != current.port || i.host != current.host) && self.usable(i, now))
     }
 
     /// Choose an instance to connect to, or `None` when every passing instance is ejected
@@ -152,7 +175,8 @@ impl Balancer {
         let usable: Vec<usize> = (0..self.instances.len())
             .filter(|&i| {
                 let instance = &self.instances[i];
-                self.usable(instance, now) && !except.contains(&instance.address())
+                self.usable(instance, now)
+                    && (except.is_empty() || !except.contains(&instance.address()))
             })
             .collect();
         if usable.is_empty() {
@@ -179,8 +203,7 @@ impl Balancer {
                     }
                     let (a, b) = (usable[a], usable[b]);
                     let rtt = |i: usize| {
-                        self.local
-                            .get(&self.instances[i].address())
+                        self.local(&self.instances[i])
                             .and_then(|l| l.rtt)
                             .unwrap_or(Duration::ZERO)
                     };
@@ -188,11 +211,15 @@ impl Balancer {
                 }
             }
         };
-        Some(self.instances[chosen].clone())
+        Some((*self.instances[chosen]).clone())
     }
 
     fn record(&mut self, instance: &Instance) -> &mut Local {
-        self.local.entry(instance.address()).or_default()
+        self.local
+            .entry(instance.host.clone())
+            .or_default()
+            .entry(instance.port)
+            .or_default()
     }
 
     /// `instance` failed: skip it until its cooldown expires. Returns the cooldown applied.
@@ -221,7 +248,7 @@ impl Balancer {
     pub fn next_unejection(&self, now: Instant) -> Option<Instant> {
         self.instances
             .iter()
-            .filter_map(|i| self.local.get(&i.address())?.ejected_until)
+            .filter_map(|i| self.local(i)?.ejected_until)
             .filter(|until| *until > now)
             .min()
     }
@@ -230,6 +257,10 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn arcs(instances: &[Instance]) -> Arc<[Arc<Instance>]> {
+        instances.iter().cloned().map(Arc::new).collect()
+    }
 
     fn set(n: u16) -> Vec<Instance> {
         (1..=n)
@@ -249,7 +280,7 @@ mod tests {
         let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1)).with_seed(1);
         let now = Instant::now();
         assert_eq!(b.pick(now), None, "nothing to pick from");
-        b.update(&set(3));
+        b.update(&arcs(&set(3)));
         let picks: Vec<_> = (0..4).map(|_| b.pick(now)).collect();
         assert_eq!(ids(&picks), ["s1", "s2", "s3", "s1"]);
         b.eject(&set(3)[1], now);
@@ -261,7 +292,7 @@ mod tests {
     fn cooldown_expires_and_doubles_per_consecutive_failure() {
         let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1));
         let s1 = Instance::new("s1", "127.0.0.1", 1);
-        b.update(std::slice::from_ref(&s1));
+        b.update(&arcs(std::slice::from_ref(&s1)));
         let t0 = Instant::now();
         assert_eq!(b.eject(&s1, t0), Duration::from_secs(1));
         assert_eq!(b.pick(t0), None);
@@ -284,18 +315,18 @@ mod tests {
         let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(10));
         let now = Instant::now();
         let all = set(2);
-        b.update(&all);
+        b.update(&arcs(&all));
         b.eject(&all[0], now);
         assert!(!b.has_alternative(&all[1], now), "s1 is ejected");
         assert!(b.has_alternative(&all[0], now));
-        b.update(&all[1..]);
+        b.update(&arcs(&all[1..]));
         assert!(!b.contains(&all[0]));
-        b.update(&all);
+        b.update(&arcs(&all));
         assert!(b.has_alternative(&all[1], now), "s1 is listed again: clean");
         // Same ID, new address (restarted elsewhere): a new instance.
         b.eject(&all[0], now);
         let moved = Instance::new("s1", "127.0.0.1", 1234);
-        b.update(&[moved.clone(), all[1].clone()]);
+        b.update(&arcs(&[moved.clone(), all[1].clone()]));
         assert!(b.contains(&moved) && !b.contains(&all[0]));
         assert!(b.has_alternative(&all[1], now));
     }
@@ -309,15 +340,15 @@ mod tests {
             ..Instance::new("servernode_1", "127.0.0.1", port)
         };
         let (x, y) = (on("node-a", 1), on("node-b", 2));
-        b.update(&[x.clone(), y.clone()]);
+        b.update(&arcs(&[x.clone(), y.clone()]));
         b.eject(&x, now);
         assert_eq!(b.pick(now), Some(y.clone()), "its namesake is not ejected");
         assert_eq!(b.pick(now), Some(y.clone()));
-        b.update(&[x.clone(), y.clone()]);
+        b.update(&arcs(&[x.clone(), y.clone()]));
         assert_eq!(b.pick(now), Some(y.clone()), "an update keeps the ejection");
         // node-b's agent came back as node-c: same address, same instance.
         let renamed = on("node-c", 2);
-        b.update(&[x.clone(), renamed.clone()]);
+        b.update(&arcs(&[x.clone(), renamed.clone()]));
         assert!(b.contains(&y));
         assert!(!b.has_alternative(&renamed, now));
         assert_eq!(b.pick_except(now, &[renamed.address()]), None);
@@ -327,7 +358,7 @@ mod tests {
     fn power_of_two_choices_prefers_the_faster_and_spreads() {
         let mut b = Balancer::new(Strategy::PowerOfTwoChoices, Duration::from_secs(1)).with_seed(7);
         let all = set(2);
-        b.update(&all);
+        b.update(&arcs(&all));
         b.succeeded(&all[0], Duration::from_millis(50));
         b.succeeded(&all[1], Duration::from_millis(1));
         let now = Instant::now();
@@ -338,7 +369,7 @@ mod tests {
         assert_eq!(b.pick(now).unwrap().id, "s1", "the only usable one");
 
         let mut b = Balancer::new(Strategy::PowerOfTwoChoices, Duration::from_secs(1)).with_seed(1);
-        b.update(&set(4));
+        b.update(&arcs(&set(4)));
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..200 {
             seen.insert(b.pick(now).unwrap().id);
@@ -363,15 +394,15 @@ mod tests {
         for seed in 0..clients {
             let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1)).with_seed(seed);
             assert!(
-                b.update_spreading(&old, now).is_none(),
+                b.update_spreading(&arcs(&old), now).is_none(),
                 "the first set moves nobody"
             );
             // Each client sits on one of the old instances.
             let current = old[(seed % 2) as usize].address();
-            let target = b.update_spreading(&grown, now).map(|i| i.address());
+            let target = b.update_spreading(&arcs(&grown), now).map(|i| i.address());
             *per_instance.entry(target.unwrap_or(current)).or_default() += 1;
             assert!(
-                b.update_spreading(&grown, now).is_none(),
+                b.update_spreading(&arcs(&grown), now).is_none(),
                 "the same set again moves nobody"
             );
         }
@@ -388,7 +419,7 @@ mod tests {
         let firsts: HashSet<String> = (0..200)
             .map(|_| {
                 let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1));
-                b.update(&set(4));
+                b.update(&arcs(&set(4)));
                 b.pick(now).unwrap().id
             })
             .collect();

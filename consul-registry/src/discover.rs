@@ -28,7 +28,10 @@
 //! # }
 //! ```
 
-use std::collections::{HashSet, VecDeque};
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::Arc,
+};
 
 use futures::Stream;
 use tokio::sync::watch;
@@ -66,7 +69,7 @@ where
 struct Diff<S, M> {
     snapshots: watch::Receiver<Snapshot>,
     make: M,
-    current: HashSet<Instance>,
+    current: HashSet<Arc<Instance>>,
     queued: VecDeque<Change<Instance, S>>,
     first: bool,
     failed: bool,
@@ -98,14 +101,15 @@ impl<S, M: FnMut(&Instance) -> S> Diff<S, M> {
         }
     }
 
-    fn apply(&mut self, instances: &[Instance]) {
-        let next: HashSet<Instance> = instances.iter().cloned().collect();
+    fn apply(&mut self, instances: &[Arc<Instance>]) {
+        let next: HashSet<Arc<Instance>> = instances.iter().cloned().collect();
         for gone in self.current.difference(&next) {
-            self.queued.push_back(Change::Remove(gone.clone()));
+            self.queued.push_back(Change::Remove((**gone).clone()));
         }
         for new in instances.iter().filter(|i| !self.current.contains(*i)) {
             let service = (self.make)(new);
-            self.queued.push_back(Change::Insert(new.clone(), service));
+            self.queued
+                .push_back(Change::Insert((**new).clone(), service));
         }
         self.current = next;
     }

@@ -127,8 +127,9 @@ pub enum ConsulState {
 /// What discovery knows at one moment.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
-    /// The passing instances, sorted by ID.
-    pub instances: Arc<[Instance]>,
+    /// The passing instances, sorted by ID. An instance that did not change between two
+    /// answers is the same `Arc` in both snapshots (its entry was not even parsed again).
+    pub instances: Arc<[Arc<Instance>]>,
     /// How discovery stands with Consul.
     pub consul: ConsulState,
     /// When this snapshot was published.
@@ -173,9 +174,9 @@ impl Snapshot {
 
     /// This snapshot's successor with `instances` (a new answer from Consul, received at
     /// `received_at`).
-    pub fn with_instances(
+    pub fn with_instances<I: Into<Arc<Instance>>>(
         &self,
-        instances: Vec<Instance>,
+        instances: impl IntoIterator<Item = I>,
         index: u64,
         received_at: SystemTime,
     ) -> Self {
@@ -234,8 +235,12 @@ impl Snapshot {
     }
 }
 
-fn sorted(mut instances: Vec<Instance>) -> Arc<[Instance]> {
-    instances.sort_by(|a, b| a.id.cmp(&b.id).then_with(|| a.address().cmp(&b.address())));
+fn sorted<I: Into<Arc<Instance>>>(instances: impl IntoIterator<Item = I>) -> Arc<[Arc<Instance>]> {
+    let mut instances: Vec<Arc<Instance>> = instances.into_iter().map(Into::into).collect();
+    // Consul lists by node, then ID: nearly sorted already, which the sort notices.
+    instances.sort_by(|a, b| {
+        (a.id.as_str(), a.host.as_str(), a.port).cmp(&(b.id.as_str(), b.host.as_str(), b.port))
+    });
     instances.dedup();
     Arc::from(instances)
 }
@@ -313,7 +318,7 @@ pub(crate) async fn follow<F, Fut>(
     mut backoff: Backoff,
 ) where
     F: FnMut(QueryOptions) -> Fut,
-    Fut: Future<Output = consul_api::Result<(Vec<Instance>, QueryMeta)>>,
+    Fut: Future<Output = consul_api::Result<(Vec<Arc<Instance>>, QueryMeta)>>,
 {
     let base = QueryOptions {
         datacenter: config.datacenter.clone(),
@@ -389,8 +394,7 @@ pub(crate) async fn follow<F, Fut>(
                 });
                 let now = tx.borrow();
                 if now.changed_at == now.at {
-                    let listed: Vec<String> = now.instances.iter().map(|i| i.to_string()).collect();
-                    tracing::info!(service, "passing: [{}]", listed.join(", "));
+                    tracing::info!(service, "passing: {}", listing(&now.instances));
                 }
             }
             // A 403 after an answer (a token rotated, an agent restarted) is retried below.
@@ -441,6 +445,23 @@ pub(crate) async fn follow<F, Fut>(
         }
     }
 }
+
+/// The instances for a log line: every one up to [`LISTED`], then how many more (a line per
+/// change must not grow with thousands of instances).
+fn listing(instances: &[Arc<Instance>]) -> String {
+    let mut listed: Vec<String> = instances
+        .iter()
+        .take(LISTED)
+        .map(|i| i.to_string())
+        .collect();
+    if instances.len() > LISTED {
+        listed.push(format!("... {} more", instances.len() - LISTED));
+    }
+    format!("[{}] ({})", listed.join(", "), instances.len())
+}
+
+/// How many instances a log line names.
+const LISTED: usize = 8;
 
 /// The shortest blocking wait used to check staleness.
 const MIN_STALE_WAIT: Duration = Duration::from_secs(1);
@@ -682,7 +703,13 @@ mod tests {
             async move {
                 match next {
                     Some(answer) => answer.map(|(entries, meta)| {
-                        (entries.iter().map(Instance::from_entry).collect(), meta)
+                        (
+                            entries
+                                .iter()
+                                .map(|e| Arc::new(Instance::from_entry(e)))
+                                .collect(),
+                            meta,
+                        )
                     }),
                     None => std::future::pending().await,
                 }

@@ -14,6 +14,8 @@
 //!   that cannot expose an HTTP endpoint;
 //! * [`discovery`] — a task following a service's passing instances with blocking queries,
 //!   publishing [`Snapshot`]s on a watch channel;
+//! * [`decode`] — [`decode::Decoder`]: a service's health answers decoded by what changed
+//!   (unchanged entries are not parsed again; their instances are reused);
 //! * [`source`] — which of Consul's interfaces discovery reads: health or catalog blocking
 //!   queries, the agent's list, a prepared query, or DNS SRV records;
 //! * [`failover`] — failover across datacenters: one discovery per datacenter, the first
@@ -84,6 +86,7 @@
 pub use consul_api::backoff;
 pub mod balancer;
 pub mod check;
+pub mod decode;
 pub mod discover;
 pub mod discovery;
 pub mod error;

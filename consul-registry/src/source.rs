@@ -18,7 +18,11 @@
 //! answer carries at most 3 records (Consul's `udp_answer_limit`), a TCP one every instance up
 //! to 64 KiB; Consul's DNS TTL is 0, so nothing is cached in between.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use consul_api::{
     Client, QueryMeta, QueryOptions, Watch,
@@ -35,7 +39,10 @@ use hickory_resolver::{
     },
 };
 
-use crate::discovery::{DiscoveryConfig, Instance};
+use crate::{
+    decode::Decoder,
+    discovery::{DiscoveryConfig, Instance},
+};
 
 /// Which of Consul's interfaces discovery reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,7 +105,7 @@ impl Source {
 }
 
 /// One read of a source: its instances, and the answer's metadata (index 0 for DNS).
-pub(crate) type Read = ConsulResult<(Vec<Instance>, QueryMeta)>;
+pub(crate) type Read = ConsulResult<(Vec<Arc<Instance>>, QueryMeta)>;
 
 /// The reader of one source, made once per discovery task.
 #[derive(Debug, Clone)]
@@ -106,6 +113,8 @@ pub(crate) enum Reader {
     Consul {
         client: Client,
         config: DiscoveryConfig,
+        /// Health answers decoded by what changed (one read at a time, so never contended).
+        decoder: Arc<Mutex<Decoder>>,
     },
     Dns {
         resolver: Box<TokioResolver>,
@@ -127,14 +136,22 @@ impl Reader {
                 server: *server,
                 name: dns_name(&config, query.as_deref()),
             },
-            _ => Reader::Consul { client, config },
+            _ => Reader::Consul {
+                client,
+                config,
+                decoder: Arc::default(),
+            },
         }
     }
 
     /// Read once.
     pub(crate) async fn read(&self, opts: QueryOptions) -> Read {
         match self {
-            Reader::Consul { client, config } => read_consul(client, config, opts).await,
+            Reader::Consul {
+                client,
+                config,
+                decoder,
+            } => read_consul(client, config, decoder, opts).await,
             Reader::Dns {
                 resolver,
                 server,
@@ -144,13 +161,25 @@ impl Reader {
     }
 }
 
-async fn read_consul(client: &Client, config: &DiscoveryConfig, opts: QueryOptions) -> Read {
+async fn read_consul(
+    client: &Client,
+    config: &DiscoveryConfig,
+    decoder: &Mutex<Decoder>,
+    opts: QueryOptions,
+) -> Read {
     let service = config.service.as_str();
     let tag = config.tag.as_deref();
     match &config.source {
         Source::Health => {
-            let (entries, meta) = client.health().service(service, tag, true, &opts).await?;
-            Ok((entries.iter().map(Instance::from_entry).collect(), meta))
+            let (answer, meta) = client
+                .health()
+                .service_answer(service, tag, true, &opts)
+                .await?;
+            let instances = decoder
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .decode(answer)?;
+            Ok((instances, meta))
         }
         Source::Catalog => {
             let (entries, meta) = client.catalog().service(service, tag, &opts).await?;
@@ -169,6 +198,7 @@ async fn read_consul(client: &Client, config: &DiscoveryConfig, opts: QueryOptio
                     meta: e.service_meta.clone().unwrap_or_default(),
                     weight: 1,
                 })
+                .map(Arc::new)
                 .collect();
             Ok((instances, meta))
         }
@@ -197,6 +227,7 @@ async fn read_consul(client: &Client, config: &DiscoveryConfig, opts: QueryOptio
                     meta: s.meta.clone().unwrap_or_default(),
                     weight: s.weights.unwrap_or_default().passing,
                 })
+                .map(Arc::new)
                 .collect();
             Ok((instances, QueryMeta::default()))
         }
@@ -211,7 +242,11 @@ async fn read_consul(client: &Client, config: &DiscoveryConfig, opts: QueryOptio
                 );
             }
             Ok((
-                answer.nodes.iter().map(Instance::from_entry).collect(),
+                answer
+                    .nodes
+                    .iter()
+                    .map(|e| Arc::new(Instance::from_entry(e)))
+                    .collect(),
                 meta,
             ))
         }
@@ -304,7 +339,7 @@ async fn read_dns(resolver: &TokioResolver, server: SocketAddr, name: &str) -> R
                 Err(e) => return Err(transport(&e, &target.to_ascii())),
             },
         };
-        instances.push(instance_from_srv(srv, host));
+        instances.push(Arc::new(instance_from_srv(srv, host)));
     }
     Ok((instances, QueryMeta::default()))
 }

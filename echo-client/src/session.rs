@@ -516,7 +516,7 @@ impl Session {
                 .balancer
                 .instances()
                 .iter()
-                .map(Instance::address)
+                .map(|i| i.address())
                 .filter(|a| *a != target.address())
                 .chain(except.iter().cloned())
                 .collect();

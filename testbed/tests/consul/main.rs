@@ -12,6 +12,8 @@
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors;
 //! * [`reaper`] — the opt-in reaper sidecar: removal at `reap-after`, resets, flapping, the
 //!   reaper and Consul restarted, a token without `service:write`;
+//! * [`scale`] — 500 instances churning under a streaming client: nothing lost, the view
+//!   follows Consul, unchanged instances are not rebuilt;
 //! * [`server`] — echo-server: registration, check behaviour, shutdown, re-registration, ACLs;
 //! * [`timeline`] — the seed article's story for the naive and the resilient client;
 //! * [`tls`] — HTTPS and mutual TLS: the whole path, and refusals that name the setting.
@@ -27,6 +29,7 @@ mod faults;
 mod framework;
 mod harness;
 mod reaper;
+mod scale;
 mod server;
 mod timeline;
 mod tls;
