@@ -2,8 +2,9 @@
 //! 16 B, 1 KiB and 64 KiB, on one and on 32 connections at once. `raw-buf` reads and writes
 //! back with a buffer of the echo-server's read size (the fair baseline), `raw-copy` is
 //! `tokio::io::copy` (8 KiB, reading ahead while a write waits). All three run in this
-//! process on one runtime of their own (threads `servers`, multi-threaded, one worker per
-//! CPU, as the echo-server binary runs), one after the other for each size: ratios come from
+//! process on one runtime of their own ([`benches::rig`]: threads `servers`, multi-threaded,
+//! one worker per CPU, as the echo-server binary runs; `echo-probe` drives the same servers
+//! without criterion, for profiles), one after the other for each size: ratios come from
 //! the same minutes of the same run. The load runs on criterion's runtime and is the same for
 //! all: raw sockets writing newline-terminated messages and checking every echoed byte.
 //!
@@ -142,9 +143,7 @@ fn echo(c: &mut Criterion) {
     }
     group.finish();
 
-    servers_rig
-        .stop()
-        .expect("the echo-server stops cleanly");
+    servers_rig.stop().expect("the echo-server stops cleanly");
     run.finish().expect("save the run's record");
 }
 

@@ -9,11 +9,15 @@ use tokio::{runtime::Runtime, sync::OnceCell};
 
 use crate::{error::Result, results::RunInfo};
 
-/// The runtime the benches drive their clients on: multi-threaded, one worker per CPU.
+/// The name of the threads of [`runtime`].
+pub const CLIENT_THREADS: &str = "bench";
+
+/// The runtime the benches drive their clients on: multi-threaded, one worker per CPU, its
+/// threads named [`CLIENT_THREADS`].
 pub fn runtime() -> Result<Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_name("bench")
+        .thread_name(CLIENT_THREADS)
         .build()?)
 }
 

@@ -2,7 +2,7 @@
 //! ([`benches::rig`]), without criterion, so the run can be profiled and its instructions
 //! counted (`perf record`, `valgrind --tool=callgrind`): the same messages through each
 //! server, the same runtimes, the same client. Prints, per server, the messages per second
-//! and the servers' CPU time per message (their threads' user and system time).
+//! and the CPU time per message of the servers' threads and of the client's.
 //!
 //! ```text
 //! echo-probe --size 16 --conns 1 --messages 200000 [--server raw-buf] [--lockstep]
@@ -55,6 +55,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// CPU time used so far by the client runtime's threads (`harness::runtime`'s).
+fn client_cpu() -> benches::Result<std::time::Duration> {
+    Ok(consul_harness::procfs::threads_cpu_time(
+        std::process::id(),
+        harness::CLIENT_THREADS,
+    )?)
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     harness::init_tracing();
     if args.size == 0 || args.conns == 0 || args.messages == 0 {
@@ -70,12 +78,19 @@ fn run(args: Args) -> anyhow::Result<()> {
     let client = harness::runtime().context("the client runtime")?;
     let message = Arc::new(Message::new(args.size));
     println!(
-        "{:<12} {:>7} {:>5} {:>10} {:>10} {:>14} {:>14}",
-        "server", "size", "conns", "messages", "seconds", "messages/s", "cpu ns/message"
+        "{:<12} {:>7} {:>5} {:>10} {:>10} {:>14} {:>14} {:>14}",
+        "server",
+        "size",
+        "conns",
+        "messages",
+        "seconds",
+        "messages/s",
+        "cpu ns/message",
+        "client ns/msg"
     );
     for name in &servers {
         let addr = rig.addr(name).context("a server of the rig")?;
-        let (elapsed, cpu) = client.block_on(async {
+        let (elapsed, cpu, client_cpu) = client.block_on(async {
             let conns = traffic::connect_all(addr, args.conns).await?;
             let traffic = |count| {
                 let (conns, message) = (&conns, &message);
@@ -89,22 +104,25 @@ fn run(args: Args) -> anyhow::Result<()> {
             };
             traffic(args.warm_up).await?;
             let cpu_before = rig.cpu_time()?;
+            let client_before = client_cpu()?;
             let start = Instant::now();
             traffic(args.messages).await?;
             let elapsed = start.elapsed();
             let cpu = rig.cpu_time()?.saturating_sub(cpu_before);
-            Ok::<_, benches::Error>((elapsed, cpu))
+            let client_cpu = client_cpu()?.saturating_sub(client_before);
+            Ok::<_, benches::Error>((elapsed, cpu, client_cpu))
         })?;
         let total = (args.messages * args.conns as u64) as f64;
         println!(
-            "{:<12} {:>7} {:>5} {:>10} {:>10.3} {:>14.0} {:>14.1}",
+            "{:<12} {:>7} {:>5} {:>10} {:>10.3} {:>14.0} {:>14.1} {:>14.1}",
             name,
             args.size,
             args.conns,
             total,
             elapsed.as_secs_f64(),
             total / elapsed.as_secs_f64(),
-            cpu.as_nanos() as f64 / total
+            cpu.as_nanos() as f64 / total,
+            client_cpu.as_nanos() as f64 / total
         );
     }
     drop(client);
