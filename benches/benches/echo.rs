@@ -150,6 +150,7 @@ fn echo(c: &mut Criterion) {
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
     group
         .sample_size(SAMPLES)
+        .nresamples(harness::NRESAMPLES)
         .warm_up_time(Duration::from_millis(250))
         .measurement_time(Duration::from_millis(1200));
 }
