@@ -140,6 +140,7 @@ fn discovery(c: &mut Criterion) {
     // that is by design) and a single warm-up event.
     group
         .sample_size(SAMPLES)
+        .nresamples(benches::harness::NRESAMPLES)
         .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_millis(1));

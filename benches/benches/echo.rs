@@ -2,8 +2,9 @@
 //! 16 B, 1 KiB and 64 KiB, on one and on 32 connections at once. `raw-buf` reads and writes
 //! back with a buffer of the echo-server's read size (the fair baseline), `raw-copy` is
 //! `tokio::io::copy` (8 KiB, reading ahead while a write waits). All three run in this
-//! process on one runtime of their own (threads `servers`, multi-threaded, one worker per
-//! CPU, as the echo-server binary runs), one after the other for each size: ratios come from
+//! process on one runtime of their own ([`benches::rig`]: threads `servers`, multi-threaded,
+//! one worker per CPU, as the echo-server binary runs; `echo-probe` drives the same servers
+//! without criterion, for profiles), one after the other for each size: ratios come from
 //! the same minutes of the same run. The load runs on criterion's runtime and is the same for
 //! all: raw sockets writing newline-terminated messages and checking every echoed byte.
 //!
@@ -22,13 +23,12 @@ use std::{sync::Arc, time::Duration};
 use benches::{
     harness,
     results::{MEASURED, Recorder, RunInfo},
-    servers::{Copier, RawEcho},
+    rig::EchoRig,
     traffic::{self, Message},
 };
 use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput, measurement::WallTime,
 };
-use echo_server::{Config, Server};
 use tokio::{
     net::TcpStream,
     sync::{Mutex, OnceCell},
@@ -38,8 +38,6 @@ use tokio::{
 const SIZES: [(usize, &str); 3] = [(16, "16B"), (1 << 10, "1KiB"), (64 << 10, "64KiB")];
 const CONNECTIONS: [usize; 2] = [1, 32];
 const SAMPLES: usize = 20;
-/// The servers' runtime threads: their CPU time is the servers' CPU time.
-const SERVER_THREADS: &str = "servers";
 
 type Conns = Vec<Arc<Mutex<TcpStream>>>;
 
@@ -47,37 +45,11 @@ fn echo(c: &mut Criterion) {
     harness::init_tracing();
     let run = RunInfo::start("echo");
     let rt = harness::runtime().expect("the client runtime");
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name(SERVER_THREADS)
-        .build()
-        .expect("the servers' runtime");
     // The largest message is exactly 64 KiB, the codec's default limit; set it explicitly so
     // a change of default cannot make the 64 KiB benches measure error lines.
-    let config = Config {
-        max_frame: SIZES[2].0,
-        ..Config::local()
-    };
-    let server = server_rt
-        .block_on(Server::bind(config))
-        .expect("bind the echo-server");
-    let echo_addr = server.echo_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = server_rt.spawn(server.run(async move {
-        let _ = stopped.await;
-    }));
-    let start_raw = |copier| {
-        server_rt
-            .block_on(RawEcho::start_with(server_rt.handle(), copier))
-            .expect("start a raw echo server")
-    };
-    let fair = start_raw(Copier::Buffer(echo_server::server::READ_CHUNK));
-    let raw = start_raw(Copier::IoCopy);
-    let servers = [
-        ("echo-server", echo_addr),
-        ("raw-buf", fair.addr()),
-        ("raw-copy", raw.addr()),
-    ];
+    let servers_rig = EchoRig::start(SIZES[2].0).expect("start the servers");
+    let servers = servers_rig.servers();
+    let rig = &servers_rig;
 
     let mut group = c.benchmark_group("echo/throughput");
     configure(&mut group);
@@ -103,13 +75,16 @@ fn echo(c: &mut Criterion) {
                                 .get_or_try_init(|| traffic::connect_all(addr, n))
                                 .await
                                 .expect("connect to the server");
-                            let cpu_before = server_cpu();
+                            let cpu_before = rig.cpu_time().expect("the servers' CPU time");
                             let start = Instant::now();
                             traffic::pipelined(conns, &message, iters)
                                 .await
                                 .expect("pipelined echo traffic");
                             let elapsed = start.elapsed();
-                            let used = server_cpu().saturating_sub(cpu_before);
+                            let used = rig
+                                .cpu_time()
+                                .expect("the servers' CPU time")
+                                .saturating_sub(cpu_before);
                             let mut cpu = cpu.lock().expect("recorder lock");
                             cpu.start_call();
                             let messages = (iters * n as u64).max(1) as f64;
@@ -168,24 +143,14 @@ fn echo(c: &mut Criterion) {
     }
     group.finish();
 
-    let _ = stop.send(());
-    server_rt
-        .block_on(running)
-        .expect("the echo-server task")
-        .expect("the echo-server stops cleanly");
-    drop((fair, raw));
+    servers_rig.stop().expect("the echo-server stops cleanly");
     run.finish().expect("save the run's record");
-}
-
-/// CPU time used so far by the servers' runtime threads.
-fn server_cpu() -> Duration {
-    consul_harness::procfs::threads_cpu_time(std::process::id(), SERVER_THREADS)
-        .expect("the servers' CPU time from /proc")
 }
 
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
     group
         .sample_size(SAMPLES)
+        .nresamples(harness::NRESAMPLES)
         .warm_up_time(Duration::from_millis(250))
         .measurement_time(Duration::from_millis(1200));
 }

@@ -88,6 +88,7 @@ fn failover(c: &mut Criterion) {
 fn one_event_per_sample(group: &mut BenchmarkGroup<'_, WallTime>, samples: usize) {
     group
         .sample_size(samples)
+        .nresamples(benches::harness::NRESAMPLES)
         .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_millis(1));
@@ -121,6 +122,7 @@ fn floor(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
     let server: Arc<OnceCell<ServerThread>> = Arc::default();
     group
         .sample_size(SAMPLES)
+        .nresamples(benches::harness::NRESAMPLES)
         .sampling_mode(SamplingMode::Auto)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(2));
@@ -305,6 +307,7 @@ fn inprocess_abort(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
     // Cheap iterations: several per sample.
     group
         .sample_size(SAMPLES)
+        .nresamples(benches::harness::NRESAMPLES)
         .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(4));

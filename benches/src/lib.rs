@@ -4,6 +4,8 @@
 //! * [`servers`] — echo servers to bench against: an in-process echo-server on its own runtime
 //!   thread that can be shut down cleanly or torn down at once (the in-process "crash"), and
 //!   the raw `tokio::io::copy` echo server that is the throughput baseline;
+//! * [`rig`] — the echo path's three servers side by side on one runtime, as the `echo` bench
+//!   and `echo-probe` run them;
 //! * [`traffic`] — load: a client streaming messages through a failover (and noticing the
 //!   first reply from another instance), pipelined and lockstep echo traffic on raw sockets;
 //! * [`observe`] — an independent view of Consul by blocking queries, with the moment each
@@ -16,7 +18,8 @@
 //! * [`error`] — the one error type.
 //!
 //! Binaries: `bench-echo-server` (the echo-server CLI, so benches can spawn and SIGKILL real
-//! server processes) and `bench-report` (rewrites the table in `BENCHMARKS.md`).
+//! server processes), `bench-report` (rewrites the table in `BENCHMARKS.md`) and `echo-probe`
+//! (a fixed amount of the echo bench's traffic, to profile or count instructions).
 
 pub mod error;
 pub mod harness;
@@ -24,6 +27,7 @@ pub mod memory;
 pub mod observe;
 pub mod report;
 pub mod results;
+pub mod rig;
 pub mod servers;
 pub mod traffic;
 

@@ -2,7 +2,7 @@
 //! to its own `Handler`; [`Server::run`] ties in `/check`, the Consul registration and the
 //! shutdown order (`/check` 503 → deregister → stop accepting → drain with a deadline).
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::BufMut;
 use futures::FutureExt;
@@ -11,7 +11,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore},
     task::JoinHandle,
-    time::Instant,
+    time::{Instant, Sleep},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -43,7 +43,13 @@ pub const SHRINK_AFTER: Duration = Duration::from_millis(50);
 const LARGE_BUFFER: usize = 4 * READ_CHUNK;
 /// The cooperative budget: after reading this much without waiting, a connection yields,
 /// so that a peer that always has more to send cannot hold a worker thread from the rest.
-const MAX_READ_PER_WAKE: usize = 64 << 10;
+/// Sixty-four full reads, each with its write: as far as tokio's own budget (128 socket
+/// operations per poll of a task) lets a copy loop like the benches' `raw-buf` go. A yield
+/// is not free: on the multi-threaded runtime the yielding worker finds its queue empty,
+/// searches, and wakes a parked one when it takes its own task back (a write to the
+/// driver's eventfd, two context switches); yielding every 64 KiB cost the pipelined echo
+/// ~20% of its CPU per message (measured with `echo-probe`, see BENCHMARKS.md).
+const MAX_READ_PER_WAKE: usize = 64 * READ_CHUNK;
 /// A connection idle this long may be closed to make room when every slot is taken.
 const IDLE_BEFORE_SHED: Duration = Duration::from_secs(1);
 /// After an oversized frame: how long, and how much, of what the peer still sends is read
@@ -380,6 +386,10 @@ struct Handler<S> {
     /// When the last complete frame was answered (or the connection opened): the idle
     /// timeout, the shed eligibility and the buffer shrink count from here.
     last_frame: Instant,
+    /// The one timer of [`Handler::wait`], kept across waits: moving its deadline later (as
+    /// `last_frame` moves) is an atomic update, where a new timer per wait takes the time
+    /// driver's lock twice and may wake a parked worker to re-arm the driver.
+    timer: Pin<Box<Sleep>>,
     peer: SocketAddr,
     idle_timeout: Duration,
     drain: CancellationToken,
@@ -411,10 +421,8 @@ async fn bounded<T>(
     limit: Duration,
     io: impl Future<Output = T>,
 ) -> Step<T> {
-    if cut.is_cancelled() {
-        return Step::Cut;
-    }
-    // Most steps are ready at once (room in the socket's send buffer): those need no timer.
+    // Most steps are ready at once (room in the socket's send buffer): those need no timer,
+    // and no look at `cut` (a lock shared by every connection): a cut stops what would wait.
     let mut io = std::pin::pin!(io);
     if let Some(value) = io.as_mut().now_or_never() {
         return Step::Done(value);
@@ -450,13 +458,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         cut: CancellationToken,
         shed: Shedder,
     ) -> Self {
+        let last_frame = Instant::now();
         Handler {
             socket,
             buf: Vec::with_capacity(IDLE_CAPACITY),
             searched: 0,
             max_frame,
             busy: false,
-            last_frame: Instant::now(),
+            last_frame,
+            timer: Box::pin(tokio::time::sleep_until(last_frame + idle_timeout)),
             peer,
             idle_timeout,
             drain,
@@ -485,11 +495,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         // Bytes read since the task last waited: the cooperative budget.
         let mut since_wait = 0;
         loop {
-            if self.cut.is_cancelled() {
-                return Ok(End::Cut);
-            }
             if since_wait >= MAX_READ_PER_WAKE {
-                // A peer that always has more to send gives the others a turn.
+                // A peer that always has more to send gives the others a turn. The cut is
+                // looked at here and in every wait, not on each read (its lock is shared by
+                // every connection).
+                if self.cut.is_cancelled() {
+                    return Ok(End::Cut);
+                }
                 since_wait = 0;
                 tokio::task::yield_now().await;
             }
@@ -551,12 +563,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
     /// Echo the first `complete` bytes of the buffer (whole frames) with one write, and keep
     /// the rest. `false` if the peer stopped taking data.
     async fn answer(&mut self, complete: usize) -> std::io::Result<bool> {
-        let (cut, idle) = (self.cut.clone(), self.idle_timeout);
+        // Borrowed field by field: no clone of the token (its count is behind a lock).
+        let Handler {
+            socket, buf, cut, ..
+        } = self;
         let write = async {
-            self.socket.write_all(&self.buf[..complete]).await?;
-            self.socket.flush().await
+            socket.write_all(&buf[..complete]).await?;
+            socket.flush().await
         };
-        match bounded(&cut, idle, write).await {
+        match bounded(cut, self.idle_timeout, write).await {
             Step::Done(result) => result?,
             Step::TimedOut | Step::Cut => return Ok(false),
         }
@@ -620,6 +635,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             if may_shed && !shed_ready {
                 next = next.min(shed_at);
             }
+            if self.timer.deadline() != next {
+                self.timer.as_mut().reset(next);
+            }
             let mut room = (&mut self.buf).limit(READ_CHUNK);
             tokio::select! {
                 biased;
@@ -627,7 +645,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
                 _ = self.drain.cancelled(), if !draining => return Wake::Drain,
                 read = self.socket.read_buf(&mut room) => return Wake::Read(read),
                 () = self.shed.picked(), if shed_ready => return Wake::Shed,
-                () = tokio::time::sleep_until(next) => {}
+                () = self.timer.as_mut() => {}
             }
         }
     }

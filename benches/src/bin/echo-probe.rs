@@ -1,0 +1,131 @@
+//! `echo-probe`: a fixed amount of the `echo` bench's traffic through the bench's servers
+//! ([`benches::rig`]), without criterion, so the run can be profiled and its instructions
+//! counted (`perf record`, `valgrind --tool=callgrind`): the same messages through each
+//! server, the same runtimes, the same client. Prints, per server, the messages per second
+//! and the CPU time per message of the servers' threads and of the client's.
+//!
+//! ```text
+//! echo-probe --size 16 --conns 1 --messages 200000 [--server raw-buf] [--lockstep]
+//! ```
+
+use std::{process::ExitCode, sync::Arc, time::Instant};
+
+use anyhow::{Context, bail};
+use benches::{
+    harness,
+    rig::{EchoRig, SERVERS},
+    traffic::{self, Message},
+};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "echo-probe",
+    about = "A fixed amount of echo bench traffic, to profile or count instructions"
+)]
+struct Args {
+    /// The servers to drive, one after the other (default: all three).
+    #[arg(long = "server", value_parser = clap::builder::PossibleValuesParser::new(SERVERS))]
+    servers: Vec<String>,
+    /// Payload bytes per message (a newline is added).
+    #[arg(long, default_value_t = 16)]
+    size: usize,
+    /// Connections, all sending at once.
+    #[arg(long, default_value_t = 1)]
+    conns: usize,
+    /// Messages per connection (after the warm-up).
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Messages per connection sent first and not counted.
+    #[arg(long, default_value_t = 1_000)]
+    warm_up: u64,
+    /// One message in flight per connection (the latency bench's traffic) instead of
+    /// pipelined.
+    #[arg(long)]
+    lockstep: bool,
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// CPU time used so far by the client runtime's threads (`harness::runtime`'s).
+fn client_cpu() -> benches::Result<std::time::Duration> {
+    Ok(consul_harness::procfs::threads_cpu_time(
+        std::process::id(),
+        harness::CLIENT_THREADS,
+    )?)
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    harness::init_tracing();
+    if args.size == 0 || args.conns == 0 || args.messages == 0 {
+        bail!("--size, --conns and --messages must be positive");
+    }
+    let servers: Vec<String> = if args.servers.is_empty() {
+        SERVERS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.servers.clone()
+    };
+    let rig = EchoRig::start(args.size.max(echo_server::codec::DEFAULT_MAX_FRAME))
+        .context("start the servers")?;
+    let client = harness::runtime().context("the client runtime")?;
+    let message = Arc::new(Message::new(args.size));
+    println!(
+        "{:<12} {:>7} {:>5} {:>10} {:>10} {:>14} {:>14} {:>14}",
+        "server",
+        "size",
+        "conns",
+        "messages",
+        "seconds",
+        "messages/s",
+        "cpu ns/message",
+        "client ns/msg"
+    );
+    for name in &servers {
+        let addr = rig.addr(name).context("a server of the rig")?;
+        let (elapsed, cpu, client_cpu) = client.block_on(async {
+            let conns = traffic::connect_all(addr, args.conns).await?;
+            let traffic = |count| {
+                let (conns, message) = (&conns, &message);
+                async move {
+                    if args.lockstep {
+                        traffic::lockstep(conns, message, count).await.map(drop)
+                    } else {
+                        traffic::pipelined(conns, message, count).await
+                    }
+                }
+            };
+            traffic(args.warm_up).await?;
+            let cpu_before = rig.cpu_time()?;
+            let client_before = client_cpu()?;
+            let start = Instant::now();
+            traffic(args.messages).await?;
+            let elapsed = start.elapsed();
+            let cpu = rig.cpu_time()?.saturating_sub(cpu_before);
+            let client_cpu = client_cpu()?.saturating_sub(client_before);
+            Ok::<_, benches::Error>((elapsed, cpu, client_cpu))
+        })?;
+        let total = (args.messages * args.conns as u64) as f64;
+        println!(
+            "{:<12} {:>7} {:>5} {:>10} {:>10.3} {:>14.0} {:>14.1} {:>14.1}",
+            name,
+            args.size,
+            args.conns,
+            total,
+            elapsed.as_secs_f64(),
+            total / elapsed.as_secs_f64(),
+            cpu.as_nanos() as f64 / total,
+            client_cpu.as_nanos() as f64 / total
+        );
+    }
+    drop(client);
+    rig.stop().context("stop the servers")?;
+    Ok(())
+}

@@ -1,0 +1,108 @@
+//! The echo path's servers side by side, as the `echo` bench measures them and the
+//! `echo-probe` binary profiles them: the echo-server (default settings, the frame limit set
+//! to the largest message) and the two raw copiers (`raw-buf`, the fair baseline, and
+//! `raw-copy`), all on one multi-threaded runtime of their own whose threads are named
+//! [`SERVER_THREADS`], so the servers' CPU time is those threads' and every server runs under
+//! the same scheduler. One place, so the bench and the profile measure the same thing.
+
+use std::{net::SocketAddr, time::Duration};
+
+use echo_server::{Config, Server};
+use tokio::{runtime::Runtime, sync::oneshot, task::JoinHandle};
+
+use crate::{
+    error::{Error, Result},
+    servers::{Copier, RawEcho},
+};
+
+/// The name of the servers' runtime threads.
+pub const SERVER_THREADS: &str = "servers";
+
+/// The servers, in the order the bench measures them: this project's, the fair baseline
+/// (reads and writes with the echo-server's read size), `tokio::io::copy`.
+pub const SERVERS: [&str; 3] = ["echo-server", "raw-buf", "raw-copy"];
+
+/// The three servers running; see the module documentation. Dropping it stops them.
+#[derive(Debug)]
+pub struct EchoRig {
+    runtime: Runtime,
+    echo_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    running: Option<JoinHandle<echo_server::Result<()>>>,
+    fair: RawEcho,
+    copy: RawEcho,
+}
+
+impl EchoRig {
+    /// Start the three servers; the echo-server takes frames of up to `max_frame` bytes.
+    /// Call it outside any runtime (it builds and blocks on its own).
+    pub fn start(max_frame: usize) -> Result<EchoRig> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name(SERVER_THREADS)
+            .build()?;
+        let config = Config {
+            max_frame,
+            ..Config::local()
+        };
+        let server = runtime.block_on(Server::bind(config))?;
+        let echo_addr = server.echo_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let running = runtime.spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        let fair = runtime.block_on(RawEcho::start_with(
+            runtime.handle(),
+            Copier::Buffer(echo_server::server::READ_CHUNK),
+        ))?;
+        let copy = runtime.block_on(RawEcho::start_with(runtime.handle(), Copier::IoCopy))?;
+        Ok(EchoRig {
+            runtime,
+            echo_addr,
+            stop: Some(stop),
+            running: Some(running),
+            fair,
+            copy,
+        })
+    }
+
+    /// Each server's name (as in [`SERVERS`]) and echo address, in that order.
+    pub fn servers(&self) -> [(&'static str, SocketAddr); 3] {
+        [
+            (SERVERS[0], self.echo_addr),
+            (SERVERS[1], self.fair.addr()),
+            (SERVERS[2], self.copy.addr()),
+        ]
+    }
+
+    /// The echo address of the server called `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.servers()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, addr)| addr)
+    }
+
+    /// CPU time used so far by the servers' runtime threads (user and system).
+    pub fn cpu_time(&self) -> Result<Duration> {
+        Ok(consul_harness::procfs::threads_cpu_time(
+            std::process::id(),
+            SERVER_THREADS,
+        )?)
+    }
+
+    /// Stop the echo-server cleanly (drain included) and the copiers; an error if the
+    /// echo-server did not stop cleanly.
+    pub fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let Some(running) = self.running.take() else {
+            return Ok(());
+        };
+        match self.runtime.block_on(running) {
+            Ok(result) => Ok(result?),
+            Err(e) => Err(Error::Invalid(format!("the echo-server task: {e}"))),
+        }
+    }
+}
