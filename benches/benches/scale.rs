@@ -26,7 +26,7 @@ use std::{sync::Arc, time::Duration};
 
 use consul_api::{ServiceAnswer, ServiceEntry};
 use consul_registry::{Balancer, Instance, Snapshot, Strategy, decode::Decoder};
-use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -136,12 +136,12 @@ fn scale(c: &mut Criterion) {
     let mut group = c.benchmark_group("scale");
     group
         .sample_size(20)
+        .nresamples(benches::harness::NRESAMPLES)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     for n in COUNTS {
         for (dev, layout) in [(false, "compact"), (true, "dev")] {
             let answers = Answers::new(n, dev);
-            group.throughput(Throughput::Bytes(answers.all.len() as u64));
             let id = |name: &str| BenchmarkId::new(name, format!("{n}/{layout}"));
 
             // Each iteration is one change; the bodies alternate, as a flipping check's do.

@@ -301,6 +301,23 @@ pub fn spec(id: &str) -> Spec {
             6,
             "one message's round trip through `tokio::io::copy` (second baseline)",
         ),
+        _ if id.starts_with("scale/change/") => Spec {
+            baseline: Some(id.replacen("/change/", "/change_full/", 1)),
+            // Issue 19's goal: at most 10 ms of client CPU per change at 5,000 instances.
+            goal: if id.contains("/5000/") { ms(10) } else { None },
+            ..plain(
+                8,
+                "one change (one check flips) at `<n>` instances: the answer decoded by what changed, the view and the balancer updated (client CPU)",
+            )
+        },
+        _ if id.starts_with("scale/change_full/") => plain(
+            8,
+            "the same change with every entry decoded in full and every instance rebuilt (the client before)",
+        ),
+        _ if id.starts_with("scale/first/") => plain(
+            8,
+            "the first answer at `<n>` instances (nothing to reuse), decoded by the views",
+        ),
         _ if id.starts_with(CPU_PREFIX) => plain(
             7,
             "the servers' CPU time per message echoed (pipelined), one value per sample",
