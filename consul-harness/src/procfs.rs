@@ -75,19 +75,31 @@ pub fn parse_cpu_time(stat: &str) -> Option<Duration> {
 /// Linux cuts to 15 bytes), to the nanosecond: the first field of each thread's
 /// `/proc/<pid>/task/<tid>/schedstat`. Threads that ended are not counted.
 pub fn threads_cpu_time(pid: u32, name: &str) -> Result<Duration> {
+    tasks_cpu_time(pid, Some(name))
+}
+
+/// The CPU time used so far by every live thread of process `pid`, to the nanosecond (see
+/// [`threads_cpu_time`]; [`cpu_time`] also counts ended threads, in 10 ms ticks).
+pub fn process_cpu_time_ns(pid: u32) -> Result<Duration> {
+    tasks_cpu_time(pid, None)
+}
+
+fn tasks_cpu_time(pid: u32, name: Option<&str>) -> Result<Duration> {
     let mut total = 0u64;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let dir = task?.path();
-        // A thread may end between the listing and the reads: skip it.
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        if comm.trim_end_matches('\n') != name {
-            continue;
+        if let Some(name) = name {
+            // A thread may end between the listing and the reads: skip it.
+            let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+                continue;
+            };
+            if comm.trim_end_matches('\n') != name {
+                continue;
+            }
         }
         if let Ok(schedstat) = std::fs::read_to_string(dir.join("schedstat")) {
             total += parse_schedstat_ns(&schedstat).ok_or_else(|| Error::Process {
-                what: format!("read the CPU time of {pid}'s threads {name:?}"),
+                what: format!("read the CPU time of {pid}'s threads"),
                 reason: format!("unexpected schedstat {schedstat:?}"),
             })?;
         }
@@ -215,6 +227,7 @@ mod tests {
             threads_cpu_time(pid, "no-such-thread").unwrap(),
             Duration::ZERO
         );
+        assert!(process_cpu_time_ns(pid).unwrap() >= Duration::from_millis(20));
     }
 
     #[test]

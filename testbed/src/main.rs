@@ -122,7 +122,12 @@ struct ScaleArgs {
     #[arg(long, value_enum, default_value = "default")]
     grid_mode: testbed::scale::Mode,
     /// The read modes compared (comma-separated).
-    #[arg(long, value_delimiter = ',', value_enum, default_value = "default,stale,cached,filter")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "default,stale,cached,filter"
+    )]
     modes: Vec<testbed::scale::Mode>,
     /// Instances in the modes comparison.
     #[arg(long, default_value_t = 1000)]
@@ -371,8 +376,7 @@ async fn scale(args: ScaleArgs) -> Result<()> {
     );
     progress.enable_steady_tick(std::time::Duration::from_millis(200));
     let tell = |msg: String| progress.set_message(msg);
-    let report =
-        testbed::scale::run(&Launcher::current_exe()?, &config, &parts, &tell).await?;
+    let report = testbed::scale::run(&Launcher::current_exe()?, &config, &parts, &tell).await?;
     progress.finish_and_clear();
     let markdown = testbed::scale::markdown(&report);
     println!("{markdown}");

@@ -230,6 +230,8 @@ pub struct AgentCpu {
     pub per_flip_ms: f64,
     /// Where it was read: `cgroup` or `process`.
     pub source: String,
+    /// The agent process's peak resident set at the window's end, MiB.
+    pub peak_rss_mib: Option<f64>,
 }
 
 /// One cell: a mode, an instance count, a client count.
@@ -554,6 +556,14 @@ async fn flip(
     flips
 }
 
+/// A client's CPU time: every live thread's, to the nanosecond (a client's threads live as
+/// long as it does), else `/proc/<pid>/stat`'s 10 ms ticks.
+fn client_cpu(pid: u32) -> Option<Duration> {
+    procfs::process_cpu_time_ns(pid)
+        .ok()
+        .or_else(|| procfs::cpu_time(pid))
+}
+
 fn views_of(process: &ChildProcess) -> Vec<View> {
     process
         .output()
@@ -563,10 +573,19 @@ fn views_of(process: &ChildProcess) -> Vec<View> {
         .collect()
 }
 
-async fn agents_cpu(agents: &[(&'static str, &Consul)]) -> Result<Vec<(Duration, &'static str)>> {
+/// Each agent's CPU time so far, where it was read, and its peak resident set (KiB).
+async fn agents_cpu(
+    agents: &[(&'static str, &Consul)],
+) -> Result<Vec<(Duration, &'static str, Option<u64>)>> {
     let mut out = Vec::new();
     for (_, agent) in agents {
-        out.push(agent.cpu_time().await?);
+        let (used, source) = agent.cpu_time().await?;
+        let rss = agent
+            .pid()
+            .await
+            .ok()
+            .and_then(|pid| procfs::status_kib(pid, "VmHWM"));
+        out.push((used, source, rss));
     }
     Ok(out)
 }
@@ -587,7 +606,10 @@ async fn run_cell(
         holder,
         agents,
     } = setup;
-    let label = format!("{part} {}: {instances} instances × {clients} clients", mode.name());
+    let label = format!(
+        "{part} {}: {instances} instances × {clients} clients",
+        mode.name()
+    );
     let listed = mode.expected(instances);
     let mut notes = Vec::new();
 
@@ -645,7 +667,7 @@ async fn run_cell(
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let pids: Vec<u32> = procs.iter().map(ChildProcess::pid).collect();
-    let cpu_before: Vec<Option<Duration>> = pids.iter().map(|p| procfs::cpu_time(*p)).collect();
+    let cpu_before: Vec<Option<Duration>> = pids.iter().map(|p| client_cpu(*p)).collect();
     let consul_before = agents_cpu(&agents).await?;
     let t0 = SystemTime::now();
     let started = std::time::Instant::now();
@@ -692,7 +714,7 @@ async fn run_cell(
     let t1 = SystemTime::now();
     let window = started.elapsed();
     let consul_after = agents_cpu(&agents).await?;
-    let cpu_after: Vec<Option<Duration>> = pids.iter().map(|p| procfs::cpu_time(*p)).collect();
+    let cpu_after: Vec<Option<Duration>> = pids.iter().map(|p| client_cpu(*p)).collect();
     let rss_max_kib = pids
         .iter()
         .filter_map(|p| procfs::status_kib(*p, "VmHWM"))
@@ -729,7 +751,7 @@ async fn run_cell(
     let consul = agents
         .iter()
         .zip(consul_before.iter().zip(&consul_after))
-        .map(|((name, _), ((a, source), (b, _)))| {
+        .map(|((name, _), ((a, source, _), (b, _, rss)))| {
             let used = b.saturating_sub(*a).as_secs_f64();
             AgentCpu {
                 agent: (*name).to_owned(),
@@ -737,6 +759,7 @@ async fn run_cell(
                 share_of_core: used / window.as_secs_f64().max(1e-3),
                 per_flip_ms: used * 1e3 / n_flips,
                 source: (*source).to_owned(),
+                peak_rss_mib: rss.map(|kib| kib as f64 / 1024.0),
             }
         })
         .collect();
@@ -888,11 +911,13 @@ fn consul_cpu(cell: &Cell) -> String {
         .iter()
         .map(|a| {
             format!(
-                "{}: {:.2} s ({:.0} % of a core, {:.1} ms/flip)",
+                "{}: {:.2} s ({:.0} % of a core, {:.1} ms/flip{})",
                 a.agent,
                 a.cpu_s,
                 a.share_of_core * 100.0,
-                a.per_flip_ms
+                a.per_flip_ms,
+                a.peak_rss_mib
+                    .map_or(String::new(), |m| format!(", peak RSS {m:.0} MiB"))
             )
         })
         .collect::<Vec<_>>()
@@ -1042,12 +1067,21 @@ pub fn svg(report: &ScaleReport, path: &Path) -> Result<()> {
             .filter(|(_, y)| *y > 0.0)
             .collect();
         chart
-            .draw_series(LineSeries::new(client_points.clone(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                client_points.clone(),
+                color.stroke_width(2),
+            ))
             .map_err(|e| plot_err(&e))?
             .label(format!("client CPU per answer, {n} client(s)"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2))
+            });
         chart
-            .draw_series(client_points.into_iter().map(|p| Circle::new(p, 4, color.filled())))
+            .draw_series(
+                client_points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 4, color.filled())),
+            )
             .map_err(|e| plot_err(&e))?;
         let consul_points: Vec<(f64, f64)> = row
             .iter()
@@ -1061,7 +1095,11 @@ pub fn svg(report: &ScaleReport, path: &Path) -> Result<()> {
             .label(format!("Consul CPU per flip, {n} client(s)"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], dashed));
         chart
-            .draw_series(consul_points.into_iter().map(|p| TriangleMarker::new(p, 5, color.filled())))
+            .draw_series(
+                consul_points
+                    .into_iter()
+                    .map(|p| TriangleMarker::new(p, 5, color.filled())),
+            )
             .map_err(|e| plot_err(&e))?;
     }
     chart
@@ -1118,7 +1156,10 @@ mod tests {
         assert_eq!(parsed.at, t(7));
         assert_eq!(parsed.received_at, t(5));
         assert_eq!(parse_view("2026-01-01 INFO consul answers"), None);
-        assert_eq!(parse_view("view version=1 instances=x index=1 at=1 received_at=1"), None);
+        assert_eq!(
+            parse_view("view version=1 instances=x index=1 at=1 received_at=1"),
+            None
+        );
         assert_eq!(parse_view("view version=1 instances=3 index=1 at=1"), None);
     }
 
@@ -1137,7 +1178,11 @@ mod tests {
             vec![Some(1), Some(2), Some(3), Some(4)]
         );
         assert_eq!(ms_between(f[3].returned, views[4].at), 6.0);
-        assert_eq!(ms_between(views[4].at, f[3].returned), 0.0, "never negative");
+        assert_eq!(
+            ms_between(views[4].at, f[3].returned),
+            0.0,
+            "never negative"
+        );
     }
 
     #[test]
@@ -1183,7 +1228,10 @@ mod tests {
         assert!(q.cached);
         assert_eq!(q.filter.as_deref(), Some(SHARD_FILTER));
         assert_eq!(Mode::Stale.query_options().consistency, Consistency::Stale);
-        assert_eq!(Mode::Default.discovery(SERVICE).consistency, Consistency::Default);
+        assert_eq!(
+            Mode::Default.discovery(SERVICE).consistency,
+            Consistency::Default
+        );
         assert!(!Mode::Default.discovery(SERVICE).cached);
         assert_eq!(Mode::Filter.expected(1_000), 100);
         assert_eq!(Mode::Filter.expected(5), 1);
@@ -1192,7 +1240,11 @@ mod tests {
             .filter(|i| registration(*i).meta["shard"] == "0")
             .count();
         assert_eq!(shard0, Mode::Filter.expected(1_000));
-        assert_eq!(registration(0).meta["shard"], "0", "the flipped instance is in shard 0");
+        assert_eq!(
+            registration(0).meta["shard"],
+            "0",
+            "the flipped instance is in shard 0"
+        );
     }
 
     #[test]
@@ -1229,6 +1281,7 @@ mod tests {
                 share_of_core: 0.05,
                 per_flip_ms: cpu * 2.0,
                 source: "cgroup".into(),
+                peak_rss_mib: Some(50.0),
             }],
             saturated: false,
             notes: vec!["a note".into()],
