@@ -488,7 +488,7 @@ async fn register(
             async move {
                 client.agent().service_register(&registration(i)).await?;
                 let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if n % 250 == 0 {
+                if n.is_multiple_of(250) {
                     progress(format!("registered {n}/{to} instances"));
                 }
                 Ok(())
