@@ -1177,7 +1177,7 @@ mod tests {
             match_flips(&f, &views, t(2_000)),
             vec![Some(1), Some(2), Some(3), Some(4)]
         );
-        assert_eq!(ms_between(f[3].returned, views[4].at), 6.0);
+        assert_eq!(ms_between(f[3].returned, views[4].at), 10.0);
         assert_eq!(
             ms_between(views[4].at, f[3].returned),
             0.0,
