@@ -318,13 +318,25 @@ pub struct ClientArgs {
     /// How to read.
     #[arg(long, value_enum, default_value = "default")]
     pub mode: Mode,
+    /// How long one blocking query waits (short: Consul keeps a killed client's blocking
+    /// query, and its connection, until the wait ends).
+    #[arg(long, default_value = "15s")]
+    pub wait: GoDuration,
 }
+
+/// The clients' blocking wait; after each cell the experiment rests a little longer, so that
+/// the killed clients' blocking queries have ended: Consul does not notice a client gone
+/// while its query blocks, and counts its connection against `http_max_conns_per_client`
+/// (200 per address), which otherwise refuses the next cell's flipper.
+pub const CLIENT_WAIT: Duration = Duration::from_secs(15);
 
 /// Run discovery only (Consul's address from `CONSUL_HTTP_ADDR` and friends) and print each
 /// snapshot as a [`View`] line until stdout closes.
 pub async fn client(args: ClientArgs) -> Result<()> {
     let client = Client::new(consul_api::Config::from_env()?)?;
-    let mut rx = discovery::spawn(client, args.mode.discovery(&args.service));
+    let mut config = args.mode.discovery(&args.service);
+    config.wait = args.wait.0;
+    let mut rx = discovery::spawn(client, config);
     let mut out = std::io::stdout();
     while rx.changed().await.is_ok() {
         let line = view_line(&rx.borrow_and_update());
@@ -638,6 +650,8 @@ async fn run_cell(
         SERVICE.to_owned(),
         "--mode".to_owned(),
         mode.name().to_owned(),
+        "--wait".to_owned(),
+        GoDuration(CLIENT_WAIT).to_string(),
     ];
     let mut procs = Vec::with_capacity(clients);
     for _ in 0..clients {
@@ -723,6 +737,10 @@ async fn run_cell(
     for p in &mut procs {
         let _ = p.kill().await;
     }
+    progress(format!(
+        "{label}: resting until the killed clients' blocking queries have ended"
+    ));
+    tokio::time::sleep(CLIENT_WAIT + CLIENT_WAIT / 16 + Duration::from_secs(2)).await;
 
     // Per client: answers in the window, flips matched.
     let horizon = t1;
