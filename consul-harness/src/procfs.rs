@@ -1,7 +1,8 @@
 //! What Linux's `/proc` says of a process, parsed in one place: its resident set
 //! (`/proc/<pid>/status`: `VmRSS` now, `VmHWM` at its peak), the CPU time it has used
 //! (`/proc/<pid>/stat`; per thread name, to the nanosecond: `/proc/<pid>/task/*/schedstat`)
-//! and whether every thread is stopped (`/proc/<pid>/task/*/stat`).
+//! and whether every thread is stopped (`/proc/<pid>/task/*/stat`); and what a container's
+//! cgroup says of the CPU time its processes used (cgroup v1 `cpuacct.usage`, v2 `cpu.stat`).
 
 use std::time::Duration;
 
@@ -74,19 +75,31 @@ pub fn parse_cpu_time(stat: &str) -> Option<Duration> {
 /// Linux cuts to 15 bytes), to the nanosecond: the first field of each thread's
 /// `/proc/<pid>/task/<tid>/schedstat`. Threads that ended are not counted.
 pub fn threads_cpu_time(pid: u32, name: &str) -> Result<Duration> {
+    tasks_cpu_time(pid, Some(name))
+}
+
+/// The CPU time used so far by every live thread of process `pid`, to the nanosecond (see
+/// [`threads_cpu_time`]; [`cpu_time`] also counts ended threads, in 10 ms ticks).
+pub fn process_cpu_time_ns(pid: u32) -> Result<Duration> {
+    tasks_cpu_time(pid, None)
+}
+
+fn tasks_cpu_time(pid: u32, name: Option<&str>) -> Result<Duration> {
     let mut total = 0u64;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let dir = task?.path();
-        // A thread may end between the listing and the reads: skip it.
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        if comm.trim_end_matches('\n') != name {
-            continue;
+        if let Some(name) = name {
+            // A thread may end between the listing and the reads: skip it.
+            let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+                continue;
+            };
+            if comm.trim_end_matches('\n') != name {
+                continue;
+            }
         }
         if let Ok(schedstat) = std::fs::read_to_string(dir.join("schedstat")) {
             total += parse_schedstat_ns(&schedstat).ok_or_else(|| Error::Process {
-                what: format!("read the CPU time of {pid}'s threads {name:?}"),
+                what: format!("read the CPU time of {pid}'s threads"),
                 reason: format!("unexpected schedstat {schedstat:?}"),
             })?;
         }
@@ -97,6 +110,40 @@ pub fn threads_cpu_time(pid: u32, name: &str) -> Result<Duration> {
 /// Nanoseconds on CPU, the first field of a `schedstat` line.
 pub fn parse_schedstat_ns(schedstat: &str) -> Option<u64> {
     schedstat.split_whitespace().next()?.parse().ok()
+}
+
+/// The CPU time used by the processes of Docker container `id` (its full ID), from its
+/// cgroup: v1 `cpuacct.usage` (nanoseconds) or v2 `cpu.stat`'s `usage_usec`, under the
+/// layouts of the `cgroupfs` and `systemd` drivers. `None` when no such cgroup is visible
+/// here (a rootless or nested engine): read the container's main process instead.
+pub fn container_cpu_time(id: &str) -> Option<Duration> {
+    let v1 = [
+        format!("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage"),
+        format!("/sys/fs/cgroup/cpu,cpuacct/docker/{id}/cpuacct.usage"),
+        format!("/sys/fs/cgroup/cpuacct/system.slice/docker-{id}.scope/cpuacct.usage"),
+    ];
+    for path in v1 {
+        if let Some(ns) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            return Some(Duration::from_nanos(ns));
+        }
+    }
+    let v2 = [
+        format!("/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat"),
+        format!("/sys/fs/cgroup/docker/{id}/cpu.stat"),
+    ];
+    v2.iter()
+        .find_map(|path| parse_cpu_stat(&std::fs::read_to_string(path).ok()?))
+}
+
+/// `usage_usec` of a cgroup v2 `cpu.stat` text.
+pub fn parse_cpu_stat(stat: &str) -> Option<Duration> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+        .map(Duration::from_micros)
 }
 
 /// Whether every thread of process `pid` is stopped (state `T` or `t`).
@@ -147,6 +194,14 @@ mod tests {
     }
 
     #[test]
+    fn reads_a_cgroup_v2_cpu_stat() {
+        let stat = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
+        assert_eq!(parse_cpu_stat(stat), Some(Duration::from_micros(1_234_567)));
+        assert_eq!(parse_cpu_stat("user_usec 5\n"), None);
+        assert_eq!(container_cpu_time("no-such-container"), None);
+    }
+
+    #[test]
     fn thread_cpu_time_counts_the_named_threads_only() {
         assert_eq!(
             parse_schedstat_ns("134959952 904615856 259\n"),
@@ -172,6 +227,7 @@ mod tests {
             threads_cpu_time(pid, "no-such-thread").unwrap(),
             Duration::ZERO
         );
+        assert!(process_cpu_time_ns(pid).unwrap() >= Duration::from_millis(20));
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub struct ProxyStats {
     pub held: u64,
     /// Requests the upstream failed (answered 502).
     pub upstream_errors: u64,
+    /// Bytes of answer bodies read from the upstream.
+    pub upstream_bytes: u64,
 }
 
 /// The proxy; it stops when dropped.
@@ -353,6 +355,10 @@ async fn apply(
     upstream: Option<Answer>,
     watch: &mut watch::Receiver<Fault>,
 ) -> std::result::Result<Response<Body>, Closed> {
+    if let Some(a) = &upstream {
+        let len = a.body.len() as u64;
+        ctx.count(|s| s.upstream_bytes += len);
+    }
     if fault.is_failure() {
         ctx.count(|s| s.faulted += 1);
     } else {

@@ -15,6 +15,8 @@
 //!   a misbehaving proxy, ACLs, hostile input, a TLS certificate rotated), with their figures;
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
 //! * [`reaper`] — the reaper sidecar's rows of the deregistration experiment;
+//! * [`scale`] — discovery at scale: instances × clients, and Consul's read modes (`stale`,
+//!   `cached`, `filter`) compared, with client and Consul CPU, memory, bytes and propagation;
 //! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`timeline`] — the seed article's story, timestamped, naive and resilient clients;
 //! * [`report`] — markdown, JSON and SVG output;
@@ -31,6 +33,7 @@ pub mod faults;
 pub mod model;
 pub mod reaper;
 pub mod report;
+pub mod scale;
 pub mod smoke;
 pub mod timeline;
 

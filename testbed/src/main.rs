@@ -35,6 +35,12 @@ enum Command {
     Faults(FaultsArgs),
     /// Build the local Consul image (idempotent: instant when it exists).
     Image,
+    /// Discovery at scale: instances × clients (CPU, memory, bytes, propagation per change),
+    /// and Consul's read modes (stale, cached, filter) with many clients on one agent.
+    Scale(ScaleArgs),
+    /// One discovery client of `testbed scale` (prints one line per snapshot).
+    #[command(hide = true)]
+    ScaleClient(testbed::scale::ClientArgs),
     /// Start Consul, register a checked service, see it pass, deregister it.
     Smoke,
     /// The seed article's story, timestamped, for the naive and the resilient client.
@@ -105,6 +111,42 @@ struct DiscoveryArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct ScaleArgs {
+    /// Instance counts of the grid (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,5000")]
+    instances: Vec<usize>,
+    /// Client counts of the grid (comma-separated); each client is a process.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    clients: Vec<usize>,
+    /// How the grid's clients read.
+    #[arg(long, value_enum, default_value = "default")]
+    grid_mode: testbed::scale::Mode,
+    /// The read modes compared (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "default,stale,cached,filter"
+    )]
+    modes: Vec<testbed::scale::Mode>,
+    /// Instances in the modes comparison.
+    #[arg(long, default_value_t = 1000)]
+    modes_instances: usize,
+    /// Clients in the modes comparison.
+    #[arg(long, default_value_t = 100)]
+    modes_clients: usize,
+    /// How long the flipper flips (5 times a second).
+    #[arg(long, default_value = "20s")]
+    flip_for: GoDuration,
+    /// Parts to run (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<testbed::scale::Part>,
+    /// Where to write scale.json, scale.md and scale.svg.
+    #[arg(long, default_value = "target/testbed")]
+    out: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
 struct TimelineArgs {
     /// Where to write timeline.json and timeline.md.
     #[arg(long, default_value = "target/testbed")]
@@ -136,16 +178,22 @@ struct FaultsArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A scale client logs warnings only: its cost is discovery's, not the log's (the info
+    // line lists every instance on each change).
+    let filter = if matches!(cli.command, Command::ScaleClient(_)) {
+        tracing_subscriber::EnvFilter::new("warn")
+    } else {
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            "warn,testbed=info,echo_server=info,echo_client=info,consul_registry=info".into()
+        })
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "warn,testbed=info,echo_server=info,echo_client=info,consul_registry=info".into()
-            }),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Cli::parse()).await {
+    match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -160,6 +208,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Deregistration(args) => deregistration(args).await,
         Command::Timeline(args) => timeline(args).await,
         Command::Discovery(args) => discovery(args).await,
+        Command::Scale(args) => scale(args).await,
+        Command::ScaleClient(args) => Ok(testbed::scale::client(args).await?),
         Command::EchoClient(args) => Ok(echo_client::cli::run(*args).await?),
         Command::Faults(args) => faults(args).await,
         Command::Image => {
@@ -296,6 +346,46 @@ async fn discovery(args: DiscoveryArgs) -> Result<()> {
     println!("Report: {}\nTable:  {}", json.display(), md.display());
     if lost > 0 {
         anyhow::bail!("{lost} message(s) lost (see the tables): every source must lose none");
+    }
+    Ok(())
+}
+
+async fn scale(args: ScaleArgs) -> Result<()> {
+    let parts = if args.only.is_empty() {
+        vec![testbed::scale::Part::Grid, testbed::scale::Part::Modes]
+    } else {
+        args.only.clone()
+    };
+    let config = testbed::scale::ScaleConfig {
+        instances: args.instances,
+        clients: args.clients,
+        grid_mode: args.grid_mode,
+        modes: args.modes,
+        modes_instances: args.modes_instances,
+        modes_clients: args.modes_clients,
+        flip_for: args.flip_for,
+        ..Default::default()
+    };
+    if config.instances.contains(&0) || config.clients.contains(&0) || config.modes_clients == 0 {
+        anyhow::bail!("instance and client counts must be above zero");
+    }
+    let progress = ProgressBar::new_spinner();
+    progress.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+            .context("progress template")?,
+    );
+    progress.enable_steady_tick(std::time::Duration::from_millis(200));
+    let tell = |msg: String| progress.set_message(msg);
+    let report = testbed::scale::run(&Launcher::current_exe()?, &config, &parts, &tell).await?;
+    progress.finish_and_clear();
+    let markdown = testbed::scale::markdown(&report);
+    println!("{markdown}");
+    let (json, md) = report::write_json_and_markdown(&args.out, "scale", &report, &markdown)?;
+    println!("Report: {}\nTable:  {}", json.display(), md.display());
+    if !report.grid.is_empty() {
+        let svg = args.out.join("scale.svg");
+        testbed::scale::svg(&report, &svg)?;
+        println!("Plot:   {}", svg.display());
     }
     Ok(())
 }

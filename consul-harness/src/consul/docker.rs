@@ -217,6 +217,26 @@ pub async fn start(
     })
 }
 
+/// The host PID of the container's main process (the agent itself: the image holds nothing
+/// else).
+pub async fn main_pid(container: &ContainerAsync<ConsulImage>) -> Result<u32> {
+    let docker = connect().await?;
+    let fail = |reason: String| Error::Process {
+        what: format!("find the main process of container {}", container.id()),
+        reason,
+    };
+    let inspected = docker
+        .inspect_container(container.id(), None)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    inspected
+        .state
+        .and_then(|s| s.pid)
+        .and_then(|pid| u32::try_from(pid).ok())
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| fail("not running".into()))
+}
+
 /// Send `signal` (`"SIGHUP"`, ...) to the container's main process.
 pub async fn signal(container: &ContainerAsync<ConsulImage>, signal: &str) -> Result<()> {
     let docker = connect().await?;

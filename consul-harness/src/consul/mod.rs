@@ -587,6 +587,33 @@ impl Consul {
         self.start_again().await
     }
 
+    /// The host PID of the agent's process (the container's main process on Docker).
+    pub async fn pid(&self) -> Result<u32> {
+        match &self.running {
+            Some(Running::Docker(c)) => docker::main_pid(c).await,
+            Some(Running::Process(child)) => child.id().ok_or(Error::AgentState("has exited")),
+            None => Err(Error::AgentState("is not running")),
+        }
+    }
+
+    /// The CPU time the agent has used so far, and where it was read: the container's
+    /// cgroup (`"cgroup"`) when it is visible from here, else the agent's process
+    /// (`"process"`; the same figure, as the image runs nothing else).
+    pub async fn cpu_time(&self) -> Result<(Duration, &'static str)> {
+        if let Some(Running::Docker(c)) = &self.running
+            && let Some(used) = crate::procfs::container_cpu_time(c.id())
+        {
+            return Ok((used, "cgroup"));
+        }
+        let pid = self.pid().await?;
+        crate::procfs::cpu_time(pid)
+            .map(|used| (used, "process"))
+            .ok_or_else(|| Error::Process {
+                what: format!("read the CPU time of the agent (pid {pid})"),
+                reason: "no /proc entry".into(),
+            })
+    }
+
     /// Freeze the agent (`docker pause`, or SIGSTOP): its ports accept but never answer.
     pub async fn pause(&self) -> Result<()> {
         self.signal_or(true).await

@@ -1,0 +1,1324 @@
+//! Discovery at scale: how the cost of following a service grows with its instance count and
+//! the number of clients, measured against real Consul, and what Consul's read modes
+//! (`?stale`, `?cached`, a server-side `filter`) change.
+//!
+//! One service of N instances with TTL checks (passing, a TTL of an hour) is registered on an
+//! agent with bounded concurrency; C discovery clients run as processes of their own
+//! (`testbed scale-client`, which prints one line per published snapshot), so that each one's
+//! CPU time and resident set come from `/proc`. A flipper turns ONE instance's check critical
+//! and passing again, 5 times a second for 20 s, and records when each PUT was sent and
+//! returned. Per cell: client CPU per answer, peak client RSS, propagation from the flip's PUT
+//! to each client's view (p50/p99), the client's own share of it (`at - received_at`),
+//! Consul's CPU over the window (the container's cgroup, else the agent's process), and the
+//! bytes served per flip (one answer's body, read through a counting [`FaultProxy`], times the
+//! answers served). Every wait has a deadline: a cell that saturates (Consul cannot render the
+//! answers as fast as the flips come) is reported with its missed flips, not waited on.
+//!
+//! * the grid: one dev agent; instances × clients;
+//! * the modes: a cluster of one server and one client agent (where `?cached` is meant to
+//!   be used: the clients' agent answers them from its cache), many clients on the client
+//!   agent, today's query against `?stale`, `?cached` and a `filter`; the server's and the
+//!   client agent's CPU apart.
+//!
+//! The pure parts (the client's line, matching flips to views, percentiles) are tested here.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::Path,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use consul_api::{
+    AgentServiceCheck, AgentServiceRegistration, Client, Consistency, GoDuration, HealthStatus,
+    QueryOptions,
+};
+use consul_registry::{DiscoveryConfig, Snapshot, discovery};
+use futures::{StreamExt, TryStreamExt};
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::{
+    Cluster, ClusterSpec,
+    consul::Consul,
+    error::{Error, Result},
+    faultproxy::FaultProxy,
+    procfs,
+    procs::{ChildProcess, Launcher},
+    wait,
+};
+
+/// The service every instance registers as.
+pub const SERVICE: &str = "scalenode";
+/// The filter the `filter` mode sends: one shard of ten (instance `i` has `Meta.shard` = i %
+/// 10). Consul 1.8 cannot drop fields from an answer, only entries: a filter helps a client
+/// that needs a subset (a shard, a zone, a version).
+pub const SHARD_FILTER: &str = "Service.Meta.shard == \"0\"";
+/// How many shards the instances are spread over.
+pub const SHARDS: usize = 10;
+/// The prefix of every line `testbed scale-client` prints.
+pub const VIEW_PREFIX: &str = "view ";
+
+/// How a client reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Today's query: `?passing`, default consistency (the leader answers).
+    Default,
+    /// `?passing&stale`: any server answers from its own copy.
+    Stale,
+    /// `?passing&cached`: the client's agent answers from its cache, one upstream blocking
+    /// query shared by all its clients.
+    Cached,
+    /// `?passing&filter=Service.Meta.shard == "0"`: only one shard of ten, filtered by Consul.
+    Filter,
+    /// `?passing&cached&filter=...`: both.
+    CachedFilter,
+}
+
+impl Mode {
+    /// Every mode, in the report's order.
+    pub const ALL: [Mode; 5] = [
+        Mode::Default,
+        Mode::Stale,
+        Mode::Cached,
+        Mode::Filter,
+        Mode::CachedFilter,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Default => "default",
+            Mode::Stale => "stale",
+            Mode::Cached => "cached",
+            Mode::Filter => "filter",
+            Mode::CachedFilter => "cached-filter",
+        }
+    }
+
+    /// The query string it adds to `/v1/health/service/<name>?passing`.
+    pub fn query(self) -> &'static str {
+        match self {
+            Mode::Default => "(none)",
+            Mode::Stale => "`stale`",
+            Mode::Cached => "`cached`",
+            Mode::Filter => "`filter=Service.Meta.shard == \"0\"`",
+            Mode::CachedFilter => "`cached&filter=Service.Meta.shard == \"0\"`",
+        }
+    }
+
+    fn cached(self) -> bool {
+        matches!(self, Mode::Cached | Mode::CachedFilter)
+    }
+
+    fn filter(self) -> Option<String> {
+        matches!(self, Mode::Filter | Mode::CachedFilter).then(|| SHARD_FILTER.to_owned())
+    }
+
+    fn consistency(self) -> Consistency {
+        match self {
+            Mode::Stale => Consistency::Stale,
+            _ => Consistency::Default,
+        }
+    }
+
+    /// The discovery configuration a client of this mode runs with.
+    pub fn discovery(self, service: &str) -> DiscoveryConfig {
+        let mut config = DiscoveryConfig::new(service);
+        config.consistency = self.consistency();
+        config.cached = self.cached();
+        config.filter = self.filter();
+        config
+    }
+
+    /// The same query, once, without blocking.
+    pub fn query_options(self) -> QueryOptions {
+        QueryOptions {
+            consistency: self.consistency(),
+            cached: self.cached(),
+            filter: self.filter(),
+            ..Default::default()
+        }
+    }
+
+    /// How many of `instances` (all passing) this mode's answer lists.
+    pub fn expected(self, instances: usize) -> usize {
+        if self.filter().is_some() {
+            instances.div_ceil(SHARDS)
+        } else {
+            instances
+        }
+    }
+}
+
+/// The parts of `testbed scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Instances × clients on one dev agent.
+    Grid,
+    /// The read modes compared, many clients on one client agent of a cluster.
+    Modes,
+}
+
+/// How the experiment is set up.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleConfig {
+    /// Instance counts of the grid.
+    pub instances: Vec<usize>,
+    /// Client counts of the grid.
+    pub clients: Vec<usize>,
+    /// The grid's read mode.
+    pub grid_mode: Mode,
+    /// Instances in the modes comparison.
+    pub modes_instances: usize,
+    /// Clients in the modes comparison.
+    pub modes_clients: usize,
+    /// The modes compared.
+    pub modes: Vec<Mode>,
+    /// Flips per second.
+    pub flips_per_second: u32,
+    /// How long the flipper flips.
+    pub flip_for: GoDuration,
+    /// Registrations in flight at once.
+    pub register_concurrency: usize,
+    /// How long every client may take to show every instance before the flips.
+    pub ready_timeout: GoDuration,
+    /// How long after the last flip the clients may take to show the final state.
+    pub drain_timeout: GoDuration,
+}
+
+impl Default for ScaleConfig {
+    fn default() -> Self {
+        ScaleConfig {
+            instances: vec![10, 1_000, 5_000],
+            clients: vec![1, 10, 100],
+            grid_mode: Mode::Default,
+            modes_instances: 1_000,
+            modes_clients: 100,
+            modes: vec![Mode::Default, Mode::Stale, Mode::Cached, Mode::Filter],
+            flips_per_second: 5,
+            flip_for: GoDuration::from_secs(20),
+            register_concurrency: 16,
+            ready_timeout: GoDuration::from_secs(180),
+            drain_timeout: GoDuration::from_secs(15),
+        }
+    }
+}
+
+impl ScaleConfig {
+    fn flips(&self) -> usize {
+        (self.flip_for.0.as_secs_f64() * f64::from(self.flips_per_second)).round() as usize
+    }
+
+    fn flip_period(&self) -> Duration {
+        Duration::from_secs_f64(1.0 / f64::from(self.flips_per_second.max(1)))
+    }
+}
+
+/// One agent's CPU over a cell's window.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentCpu {
+    /// `agent`, `server`, `client agent`.
+    pub agent: String,
+    /// CPU seconds used over the window.
+    pub cpu_s: f64,
+    /// Of one core, on average over the window.
+    pub share_of_core: f64,
+    /// Per flip, milliseconds.
+    pub per_flip_ms: f64,
+    /// Where it was read: `cgroup` or `process`.
+    pub source: String,
+    /// The agent process's peak resident set at the window's end, MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// One cell: a mode, an instance count, a client count.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// `grid` or `modes`.
+    pub part: String,
+    /// The read mode.
+    pub mode: Mode,
+    /// Instances registered (all passing but the flipped one, half the time).
+    pub instances: usize,
+    /// The clients' answer lists this many while all pass.
+    pub listed: usize,
+    /// Client processes.
+    pub clients: usize,
+    /// Of them, with a full first view before the flips (within the ready timeout).
+    pub clients_ready: usize,
+    /// Seconds from spawning the clients to the last one's full first view.
+    pub ready_s: f64,
+    /// Flips made (PUTs that returned 200).
+    pub flips: usize,
+    /// The window measured: first flip to every client's final view (or the drain deadline).
+    pub window_s: f64,
+    /// One answer's body, bytes (a direct GET of the same query).
+    pub answer_bytes: u64,
+    /// How long that direct GET took, milliseconds.
+    pub answer_ms: f64,
+    /// Answers the clients received in the window, all clients together.
+    pub answers: u64,
+    /// Answers per client per flip (1: every flip seen apart; below: coalesced).
+    pub answers_per_flip: f64,
+    /// Bytes served per flip, all clients together: `answer_bytes × answers / flips`.
+    pub bytes_per_flip: f64,
+    /// Client CPU per answer received, milliseconds (all clients' CPU / all answers).
+    pub client_cpu_per_answer_ms: Option<f64>,
+    /// Client CPU per flip per client, milliseconds.
+    pub client_cpu_per_flip_ms: f64,
+    /// The largest peak resident set of a client, MiB.
+    pub client_rss_max_mib: f64,
+    /// (flip, client) pairs whose change a client showed.
+    pub seen: usize,
+    /// (flip, client) pairs a client never showed (coalesced with the next flip, or late).
+    pub missed: usize,
+    /// From the flip's PUT returning to a client's view showing it, ms: p50.
+    pub propagation_p50_ms: Option<f64>,
+    /// The same, p99.
+    pub propagation_p99_ms: Option<f64>,
+    /// The client's share (answer's headers arrived → view published), ms: p50.
+    pub client_added_p50_ms: Option<f64>,
+    /// The same, p99.
+    pub client_added_p99_ms: Option<f64>,
+    /// Each agent's CPU over the window.
+    pub consul: Vec<AgentCpu>,
+    /// Whether the cell saturated: a client not ready, or under 90 % of (flip, client)
+    /// pairs seen.
+    pub saturated: bool,
+    /// What went wrong or is worth knowing.
+    pub notes: Vec<String>,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleReport {
+    /// Consul's version.
+    pub consul_version: String,
+    /// How the run was set up.
+    pub config: ScaleConfig,
+    /// The grid's cells.
+    pub grid: Vec<Cell>,
+    /// The modes' cells.
+    pub modes: Vec<Cell>,
+    /// The cluster the modes ran on, in words.
+    pub modes_setup: String,
+}
+
+// === the client process ===
+
+/// `testbed scale-client`: follow a service and print one line per published snapshot.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// The service to follow.
+    #[arg(long, default_value = SERVICE)]
+    pub service: String,
+    /// How to read.
+    #[arg(long, value_enum, default_value = "default")]
+    pub mode: Mode,
+    /// How long one blocking query waits (short: Consul keeps a killed client's blocking
+    /// query, and its connection, until the wait ends).
+    #[arg(long, default_value = "15s")]
+    pub wait: GoDuration,
+}
+
+/// The clients' blocking wait; after each cell the experiment rests a little longer, so that
+/// the killed clients' blocking queries have ended: Consul does not notice a client gone
+/// while its query blocks, and counts its connection against `http_max_conns_per_client`
+/// (200 per address), which otherwise refuses the next cell's flipper.
+pub const CLIENT_WAIT: Duration = Duration::from_secs(15);
+
+/// Run discovery only (Consul's address from `CONSUL_HTTP_ADDR` and friends) and print each
+/// snapshot as a [`View`] line until stdout closes.
+pub async fn client(args: ClientArgs) -> Result<()> {
+    let client = Client::new(consul_api::Config::from_env()?)?;
+    let mut config = args.mode.discovery(&args.service);
+    config.wait = args.wait.0;
+    let mut rx = discovery::spawn(client, config);
+    let mut out = std::io::stdout();
+    while rx.changed().await.is_ok() {
+        let line = view_line(&rx.borrow_and_update());
+        if writeln!(out, "{line}").is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn unix_ns(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+/// The line a client prints for `snapshot`.
+pub fn view_line(snapshot: &Snapshot) -> String {
+    format!(
+        "{VIEW_PREFIX}version={} instances={} index={} at={} received_at={}",
+        snapshot.version,
+        snapshot.instances.len(),
+        snapshot.index,
+        unix_ns(snapshot.at),
+        unix_ns(snapshot.received_at)
+    )
+}
+
+/// One published snapshot, as a client printed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    /// The snapshot's version.
+    pub version: u64,
+    /// How many instances it lists.
+    pub instances: usize,
+    /// Consul's index of the answer.
+    pub index: u64,
+    /// When it was published.
+    pub at: SystemTime,
+    /// When its answer's headers arrived.
+    pub received_at: SystemTime,
+}
+
+/// A client's line, parsed; `None` for any other line (logs).
+pub fn parse_view(line: &str) -> Option<View> {
+    let rest = line.trim().strip_prefix(VIEW_PREFIX)?;
+    let mut fields = BTreeMap::new();
+    for pair in rest.split_whitespace() {
+        let (k, v) = pair.split_once('=')?;
+        fields.insert(k, v);
+    }
+    let num = |k: &str| fields.get(k)?.parse::<u64>().ok();
+    let time = |k: &str| {
+        let ns: u64 = fields.get(k)?.parse().ok()?;
+        Some(UNIX_EPOCH + Duration::from_nanos(ns))
+    };
+    Some(View {
+        version: num("version")?,
+        instances: usize::try_from(num("instances")?).ok()?,
+        index: num("index")?,
+        at: time("at")?,
+        received_at: time("received_at")?,
+    })
+}
+
+// === matching and statistics (pure) ===
+
+/// One flip of the flipped instance's check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flip {
+    /// When its PUT was sent.
+    pub sent: SystemTime,
+    /// When its PUT returned: the change time.
+    pub returned: SystemTime,
+    /// How many instances an answer lists once it shows this flip.
+    pub expect: usize,
+}
+
+/// For each flip, the index in `views` of the first view that shows it: its answer's headers
+/// arrived after the flip was sent, it lists the flip's count, it comes after the view matched
+/// to the previous flip, and it was published before the flip after next was sent (by then
+/// the same count may be that flip's: a later view is counted as missed). `horizon` stands
+/// in for the flip after next of the last two flips.
+pub fn match_flips(flips: &[Flip], views: &[View], horizon: SystemTime) -> Vec<Option<usize>> {
+    let mut cursor = 0;
+    let mut matched = Vec::with_capacity(flips.len());
+    for (k, flip) in flips.iter().enumerate() {
+        let upper = flips.get(k + 2).map_or(horizon, |f| f.sent);
+        let found = views
+            .iter()
+            .enumerate()
+            .skip(cursor)
+            .take_while(|(_, v)| v.at < upper)
+            .find(|(_, v)| v.received_at >= flip.sent && v.instances == flip.expect)
+            .map(|(j, _)| j);
+        if let Some(j) = found {
+            cursor = j + 1;
+        }
+        matched.push(found);
+    }
+    matched
+}
+
+/// `later - earlier` in milliseconds, 0 when `later` is earlier.
+pub fn ms_between(earlier: SystemTime, later: SystemTime) -> f64 {
+    later
+        .duration_since(earlier)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+/// The `p`-th percentile (nearest rank) of `values`; `None` when empty.
+pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+// === the experiment ===
+
+fn registration(i: usize) -> AgentServiceRegistration {
+    AgentServiceRegistration {
+        id: Some(instance_id(i)),
+        name: SERVICE.into(),
+        address: Some("127.0.0.1".into()),
+        port: Some(10_000 + (i % 50_000) as u16),
+        meta: BTreeMap::from([("shard".to_owned(), (i % SHARDS).to_string())]),
+        check: Some(AgentServiceCheck {
+            check_id: Some(check_id(i)),
+            ttl: Some(GoDuration::from_secs(3600)),
+            status: Some("passing".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn instance_id(i: usize) -> String {
+    format!("{SERVICE}-{i:05}")
+}
+
+fn check_id(i: usize) -> String {
+    format!("scale-ttl-{i:05}")
+}
+
+/// Register instances `from..to` on `client`'s agent, `concurrency` at a time, and wait until
+/// the health endpoint lists `to` passing.
+async fn register(
+    client: &Client,
+    from: usize,
+    to: usize,
+    concurrency: usize,
+    progress: &(dyn Fn(String) + Sync),
+) -> Result<()> {
+    let done = AtomicUsize::new(from);
+    futures::stream::iter(from..to)
+        .map(Ok::<usize, Error>)
+        .try_for_each_concurrent(concurrency.max(1), |i| {
+            let done = &done;
+            async move {
+                client.agent().service_register(&registration(i)).await?;
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_multiple_of(250) {
+                    progress(format!("registered {n}/{to} instances"));
+                }
+                Ok(())
+            }
+        })
+        .await?;
+    progress(format!("waiting until Consul lists {to} passing instances"));
+    let timeout = Duration::from_secs(120 + to as u64 / 20);
+    wait::health_until(client, SERVICE, true, timeout, |e| e.len() == to).await?;
+    Ok(())
+}
+
+/// Where a cell's clients read, who holds the registrations, and whose CPU counts.
+struct Setup<'a> {
+    part: &'static str,
+    mode: Mode,
+    instances: usize,
+    clients: usize,
+    read_from: &'a Consul,
+    holder: Client,
+    agents: Vec<(&'static str, &'a Consul)>,
+}
+
+/// The flipper: `count` flips of instance 0's check, one every `period`; returns the flips
+/// whose PUT succeeded. Ends passing (an even count).
+async fn flip(
+    holder: &Client,
+    listed: usize,
+    count: usize,
+    period: Duration,
+    notes: &mut Vec<String>,
+) -> Vec<Flip> {
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flips = Vec::with_capacity(count);
+    let mut failed = 0;
+    let id = check_id(0);
+    for k in 0..count {
+        ticker.tick().await;
+        let (status, expect) = if k % 2 == 0 {
+            (HealthStatus::Critical, listed - 1)
+        } else {
+            (HealthStatus::Passing, listed)
+        };
+        let sent = SystemTime::now();
+        let agent = holder.agent();
+        let put = agent.check_update(&id, status, "testbed scale flip");
+        match tokio::time::timeout(Duration::from_secs(2), put).await {
+            Ok(Ok(())) => flips.push(Flip {
+                sent,
+                returned: SystemTime::now(),
+                expect,
+            }),
+            _ => failed += 1,
+        }
+    }
+    if failed > 0 {
+        notes.push(format!("{failed} flip PUT(s) failed or took over 2 s"));
+        // Whatever happened, leave the instance passing for the next cell.
+        let _ = holder
+            .agent()
+            .check_update(&id, HealthStatus::Passing, "testbed scale end")
+            .await;
+    }
+    flips
+}
+
+/// A client's CPU time: every live thread's, to the nanosecond (a client's threads live as
+/// long as it does), else `/proc/<pid>/stat`'s 10 ms ticks.
+fn client_cpu(pid: u32) -> Option<Duration> {
+    procfs::process_cpu_time_ns(pid)
+        .ok()
+        .or_else(|| procfs::cpu_time(pid))
+}
+
+fn views_of(process: &ChildProcess) -> Vec<View> {
+    process
+        .output()
+        .lines()
+        .iter()
+        .filter_map(|l| parse_view(&l.text))
+        .collect()
+}
+
+/// Each agent's CPU time so far, where it was read, and its peak resident set (KiB).
+async fn agents_cpu(
+    agents: &[(&'static str, &Consul)],
+) -> Result<Vec<(Duration, &'static str, Option<u64>)>> {
+    let mut out = Vec::new();
+    for (_, agent) in agents {
+        let (used, source) = agent.cpu_time().await?;
+        let rss = agent
+            .pid()
+            .await
+            .ok()
+            .and_then(|pid| procfs::status_kib(pid, "VmHWM"));
+        out.push((used, source, rss));
+    }
+    Ok(out)
+}
+
+/// Run one cell.
+async fn run_cell(
+    launcher: &Launcher,
+    config: &ScaleConfig,
+    setup: Setup<'_>,
+    progress: &(dyn Fn(String) + Sync),
+) -> Result<Cell> {
+    let Setup {
+        part,
+        mode,
+        instances,
+        clients,
+        read_from,
+        holder,
+        agents,
+    } = setup;
+    let label = format!(
+        "{part} {}: {instances} instances × {clients} clients",
+        mode.name()
+    );
+    let listed = mode.expected(instances);
+    let mut notes = Vec::new();
+
+    // One answer's size, through a counting proxy.
+    let proxy = FaultProxy::start(read_from.http_addr()).await?;
+    let direct = Client::new(read_from.config().with_address(proxy.address()))?;
+    let asked = std::time::Instant::now();
+    let (entries, _) = direct
+        .health()
+        .service(SERVICE, None, true, &mode.query_options())
+        .await?;
+    let answer_ms = asked.elapsed().as_secs_f64() * 1e3;
+    let answer_bytes = proxy.stats().upstream_bytes;
+    drop(proxy);
+    if entries.len() != listed {
+        notes.push(format!(
+            "the direct GET listed {} instances, expected {listed}",
+            entries.len()
+        ));
+    }
+
+    progress(format!("{label}: starting the clients"));
+    let spawned = std::time::Instant::now();
+    let args = vec![
+        "--service".to_owned(),
+        SERVICE.to_owned(),
+        "--mode".to_owned(),
+        mode.name().to_owned(),
+        "--wait".to_owned(),
+        GoDuration(CLIENT_WAIT).to_string(),
+    ];
+    let mut procs = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        procs.push(launcher.spawn_subcommand("scale-client", &read_from.config(), &args)?);
+    }
+    let ready_deadline = tokio::time::Instant::now() + config.ready_timeout.0;
+    let full = |p: &ChildProcess| views_of(p).iter().any(|v| v.instances == listed);
+    let mut ready;
+    loop {
+        ready = procs.iter().filter(|p| full(p)).count();
+        if ready == clients || tokio::time::Instant::now() >= ready_deadline {
+            break;
+        }
+        progress(format!(
+            "{label}: {ready}/{clients} clients list {listed} instances ({:.0} s)",
+            spawned.elapsed().as_secs_f64()
+        ));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let ready_s = spawned.elapsed().as_secs_f64();
+    if ready < clients {
+        notes.push(format!(
+            "only {ready}/{clients} clients listed all {listed} instances within {}",
+            config.ready_timeout
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let pids: Vec<u32> = procs.iter().map(ChildProcess::pid).collect();
+    let cpu_before: Vec<Option<Duration>> = pids.iter().map(|p| client_cpu(*p)).collect();
+    let consul_before = agents_cpu(&agents).await?;
+    let t0 = SystemTime::now();
+    let started = std::time::Instant::now();
+    progress(format!(
+        "{label}: flipping one check {} times a second for {}",
+        config.flips_per_second, config.flip_for
+    ));
+    let flips = flip(
+        &holder,
+        listed,
+        config.flips(),
+        config.flip_period(),
+        &mut notes,
+    )
+    .await;
+
+    // Until every client shows the final state (all passing) after the last flip.
+    let last_sent = flips.last().map_or(t0, |f| f.sent);
+    let drain_deadline = tokio::time::Instant::now() + config.drain_timeout.0;
+    loop {
+        let behind = procs
+            .iter()
+            .filter(|p| {
+                views_of(p)
+                    .last()
+                    .is_none_or(|v| v.received_at < last_sent || v.instances != listed)
+            })
+            .count();
+        if behind == 0 {
+            break;
+        }
+        if tokio::time::Instant::now() >= drain_deadline {
+            notes.push(format!(
+                "{behind} client(s) had not shown the final state {} after the last flip",
+                config.drain_timeout
+            ));
+            break;
+        }
+        progress(format!(
+            "{label}: {behind}/{clients} clients still behind the last flip"
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let t1 = SystemTime::now();
+    let window = started.elapsed();
+    let consul_after = agents_cpu(&agents).await?;
+    let cpu_after: Vec<Option<Duration>> = pids.iter().map(|p| client_cpu(*p)).collect();
+    let rss_max_kib = pids
+        .iter()
+        .filter_map(|p| procfs::status_kib(*p, "VmHWM"))
+        .max()
+        .unwrap_or(0);
+    for p in &mut procs {
+        let _ = p.kill().await;
+    }
+    progress(format!(
+        "{label}: resting until the killed clients' blocking queries have ended"
+    ));
+    tokio::time::sleep(CLIENT_WAIT + CLIENT_WAIT / 16 + Duration::from_secs(2)).await;
+
+    // Per client: answers in the window, flips matched.
+    let horizon = t1;
+    let mut propagation = Vec::new();
+    let mut client_added = Vec::new();
+    let mut answers = 0u64;
+    let mut seen = 0;
+    let mut client_cpu = Duration::ZERO;
+    for (i, p) in procs.iter().enumerate() {
+        let views = views_of(p);
+        answers += views.iter().filter(|v| v.at >= t0 && v.at <= t1).count() as u64;
+        for (flip, m) in flips.iter().zip(match_flips(&flips, &views, horizon)) {
+            if let Some(j) = m {
+                seen += 1;
+                propagation.push(ms_between(flip.returned, views[j].at));
+                client_added.push(ms_between(views[j].received_at, views[j].at));
+            }
+        }
+        if let (Some(Some(a)), Some(Some(b))) = (cpu_before.get(i), cpu_after.get(i)) {
+            client_cpu += b.saturating_sub(*a);
+        }
+    }
+    let pairs = flips.len() * clients;
+    let missed = pairs - seen;
+    let n_flips = flips.len().max(1) as f64;
+    let consul = agents
+        .iter()
+        .zip(consul_before.iter().zip(&consul_after))
+        .map(|((name, _), ((a, source, _), (b, _, rss)))| {
+            let used = b.saturating_sub(*a).as_secs_f64();
+            AgentCpu {
+                agent: (*name).to_owned(),
+                cpu_s: used,
+                share_of_core: used / window.as_secs_f64().max(1e-3),
+                per_flip_ms: used * 1e3 / n_flips,
+                source: (*source).to_owned(),
+                peak_rss_mib: rss.map(|kib| kib as f64 / 1024.0),
+            }
+        })
+        .collect();
+    let saturated = ready < clients || (seen as f64) < 0.9 * pairs as f64;
+    Ok(Cell {
+        part: part.to_owned(),
+        mode,
+        instances,
+        listed,
+        clients,
+        clients_ready: ready,
+        ready_s,
+        flips: flips.len(),
+        window_s: window.as_secs_f64(),
+        answer_bytes,
+        answer_ms,
+        answers,
+        answers_per_flip: answers as f64 / (n_flips * clients as f64),
+        bytes_per_flip: answer_bytes as f64 * answers as f64 / n_flips,
+        client_cpu_per_answer_ms: (answers > 0)
+            .then(|| client_cpu.as_secs_f64() * 1e3 / answers as f64),
+        client_cpu_per_flip_ms: client_cpu.as_secs_f64() * 1e3 / (n_flips * clients as f64),
+        client_rss_max_mib: rss_max_kib as f64 / 1024.0,
+        seen,
+        missed,
+        propagation_p50_ms: percentile(&propagation, 50.0),
+        propagation_p99_ms: percentile(&propagation, 99.0),
+        client_added_p50_ms: percentile(&client_added, 50.0),
+        client_added_p99_ms: percentile(&client_added, 99.0),
+        consul,
+        saturated,
+        notes,
+    })
+}
+
+/// Run the parts asked for; `progress` is told what happens on the long waits.
+pub async fn run(
+    launcher: &Launcher,
+    config: &ScaleConfig,
+    parts: &[Part],
+    progress: &(dyn Fn(String) + Sync),
+) -> Result<ScaleReport> {
+    if config.flips_per_second == 0 || config.flips() < 2 {
+        return Err(Error::Setting(
+            "at least 2 flips are needed (--flips-per-second × --flip-for)".into(),
+        ));
+    }
+    let mut report = ScaleReport {
+        consul_version: String::new(),
+        config: config.clone(),
+        grid: Vec::new(),
+        modes: Vec::new(),
+        modes_setup: String::new(),
+    };
+    if parts.contains(&Part::Grid) {
+        progress("grid: starting Consul (one dev agent)".into());
+        let consul = Consul::start().await?;
+        report.consul_version = consul.version().to_owned();
+        let holder = consul.client();
+        let mut instances = config.instances.clone();
+        instances.sort_unstable();
+        instances.dedup();
+        let mut registered = 0;
+        for &n in &instances {
+            register(
+                &holder,
+                registered,
+                n,
+                config.register_concurrency,
+                progress,
+            )
+            .await?;
+            registered = n;
+            for &c in &config.clients {
+                let setup = Setup {
+                    part: "grid",
+                    mode: config.grid_mode,
+                    instances: n,
+                    clients: c,
+                    read_from: &consul,
+                    holder: holder.clone(),
+                    agents: vec![("agent", &consul)],
+                };
+                let cell = run_cell(launcher, config, setup, progress).await?;
+                tracing::info!(instances = n, clients = c, "cell done");
+                report.grid.push(cell);
+            }
+        }
+    }
+    if parts.contains(&Part::Modes) {
+        progress("modes: starting a cluster (1 server, 1 client agent)".into());
+        let cluster = Cluster::start(ClusterSpec::new(1, 1)).await?;
+        let server = &cluster.servers()[0];
+        let agent = &cluster.clients()[0];
+        if report.consul_version.is_empty() {
+            report.consul_version = agent.version().to_owned();
+        }
+        report.modes_setup = format!(
+            "a cluster of 1 server ({}) and 1 client agent ({}); the instances are registered \
+             on the client agent and every client reads from it",
+            server.spec().address,
+            agent.spec().address
+        );
+        let holder = agent.client();
+        register(
+            &holder,
+            0,
+            config.modes_instances,
+            config.register_concurrency,
+            progress,
+        )
+        .await?;
+        for &mode in &config.modes {
+            let setup = Setup {
+                part: "modes",
+                mode,
+                instances: config.modes_instances,
+                clients: config.modes_clients,
+                read_from: agent,
+                holder: holder.clone(),
+                agents: vec![("server", server), ("client agent", agent)],
+            };
+            report
+                .modes
+                .push(run_cell(launcher, config, setup, progress).await?);
+        }
+    }
+    Ok(report)
+}
+
+// === report ===
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or("–".into(), |v| format!("{v:.1}"))
+}
+
+fn bytes(b: f64) -> String {
+    if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} KB", b / 1e3)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+fn consul_cpu(cell: &Cell) -> String {
+    cell.consul
+        .iter()
+        .map(|a| {
+            format!(
+                "{}: {:.2} s ({:.0} % of a core, {:.1} ms/flip{})",
+                a.agent,
+                a.cpu_s,
+                a.share_of_core * 100.0,
+                a.per_flip_ms,
+                a.peak_rss_mib
+                    .map_or(String::new(), |m| format!(", peak RSS {m:.0} MiB"))
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn table(cells: &[Cell], first: &str, key: impl Fn(&Cell) -> String) -> String {
+    let mut md = format!(
+        "| {first} | listed | answer | Consul's answer time | answers/client/flip | bytes served/flip | \
+         client CPU/answer | client CPU/flip | client RSS max | seen / missed | propagation \
+         p50 / p99 | client's share p50 / p99 | Consul CPU over the window |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for c in cells {
+        let mark = if c.saturated { " **saturated**" } else { "" };
+        md.push_str(&format!(
+            "| {}{mark} | {} | {} | {:.0} ms | {:.2} | {} | {} ms | {:.2} ms | {:.1} MiB | {} / {} | \
+             {} / {} ms | {} / {} ms | {} |\n",
+            key(c),
+            c.listed,
+            bytes(c.answer_bytes as f64),
+            c.answer_ms,
+            c.answers_per_flip,
+            bytes(c.bytes_per_flip),
+            opt_ms(c.client_cpu_per_answer_ms),
+            c.client_cpu_per_flip_ms,
+            c.client_rss_max_mib,
+            c.seen,
+            c.missed,
+            opt_ms(c.propagation_p50_ms),
+            opt_ms(c.propagation_p99_ms),
+            opt_ms(c.client_added_p50_ms),
+            opt_ms(c.client_added_p99_ms),
+            consul_cpu(c),
+        ));
+    }
+    let notes: Vec<String> = cells
+        .iter()
+        .flat_map(|c| {
+            let k = key(c);
+            c.notes.iter().map(move |n| format!("- {k}: {n}"))
+        })
+        .collect();
+    if !notes.is_empty() {
+        md.push('\n');
+        md.push_str(&notes.join("\n"));
+        md.push('\n');
+    }
+    md
+}
+
+/// The report as markdown: one table per part.
+pub fn markdown(report: &ScaleReport) -> String {
+    let c = &report.config;
+    let mut md = String::new();
+    let explain = format!(
+        "One instance's TTL check flipped critical/passing {} times a second for {} ({} flips); \
+         each client is a process of its own running discovery only (`testbed scale-client`, \
+         logging at warn). *answers/client/flip*: 1 means every flip reached every client as an \
+         answer of its own; below 1 flips were coalesced. *propagation*: from the flip's PUT \
+         returning to a client's view showing it (0 when the view came first); a flip not shown \
+         before the flip after next was sent counts as missed. *client's share*: from the \
+         answer's headers arriving to the view being published (reading, decoding, building \
+         it). CPU from `/proc` (clients) and the agent's container (cgroup, else its process).",
+        c.flips_per_second,
+        c.flip_for,
+        c.flips()
+    );
+    if !report.grid.is_empty() {
+        md.push_str(&format!(
+            "## Discovery at scale: instances × clients\n\nConsul {}, one dev agent; reads: \
+             `/v1/health/service/{SERVICE}?passing` + {} (mode `{}`). {explain}\n\n",
+            report.consul_version,
+            report.config.grid_mode.query(),
+            report.config.grid_mode.name()
+        ));
+        md.push_str(&table(&report.grid, "instances × clients", |c| {
+            format!("{} × {}", c.instances, c.clients)
+        }));
+    }
+    if !report.modes.is_empty() {
+        md.push_str(&format!(
+            "\n## Read modes: {} instances, {} clients on one client agent\n\nConsul {}, {}. \
+             {explain}\n\n",
+            c.modes_instances, c.modes_clients, report.consul_version, report.modes_setup
+        ));
+        md.push_str(&table(&report.modes, "mode (query)", |c| {
+            format!("{} ({})", c.mode.name(), c.mode.query())
+        }));
+    }
+    md
+}
+
+/// Plot the grid: client CPU per answer and Consul CPU per flip against the instance count,
+/// one line per client count, both axes logarithmic.
+pub fn svg(report: &ScaleReport, path: &Path) -> Result<()> {
+    let plot_err = |e: &dyn std::fmt::Display| Error::Report {
+        path: path.to_owned(),
+        reason: format!("cannot draw: {e}"),
+    };
+    let cells = &report.grid;
+    let x_max = cells.iter().map(|c| c.instances).max().unwrap_or(10) as f64 * 1.5;
+    let x_min = cells.iter().map(|c| c.instances).min().unwrap_or(10) as f64 / 1.5;
+    let ys: Vec<f64> = cells
+        .iter()
+        .flat_map(|c| {
+            c.client_cpu_per_answer_ms
+                .into_iter()
+                .chain(c.consul.iter().map(|a| a.per_flip_ms))
+        })
+        .filter(|v| *v > 0.0)
+        .collect();
+    let y_max = ys.iter().copied().fold(1.0, f64::max) * 2.0;
+    let y_min = ys.iter().copied().fold(y_max, f64::min).max(0.001) / 2.0;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| plot_err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "Consul {}: the cost of one change against the instance count",
+                report.consul_version
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
+        .map_err(|e| plot_err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("instances of the service")
+        .y_desc("CPU milliseconds")
+        .draw()
+        .map_err(|e| plot_err(&e))?;
+    let mut clients: Vec<usize> = cells.iter().map(|c| c.clients).collect();
+    clients.sort_unstable();
+    clients.dedup();
+    let palette = [BLUE, RED, GREEN, MAGENTA, BLACK];
+    for (k, &n) in clients.iter().enumerate() {
+        let color = palette[k % palette.len()];
+        let mut row: Vec<&Cell> = cells.iter().filter(|c| c.clients == n).collect();
+        row.sort_by_key(|c| c.instances);
+        let client_points: Vec<(f64, f64)> = row
+            .iter()
+            .filter_map(|c| Some((c.instances as f64, c.client_cpu_per_answer_ms?)))
+            .filter(|(_, y)| *y > 0.0)
+            .collect();
+        chart
+            .draw_series(LineSeries::new(
+                client_points.clone(),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| plot_err(&e))?
+            .label(format!("client CPU per answer, {n} client(s)"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2))
+            });
+        chart
+            .draw_series(
+                client_points
+                    .into_iter()
+                    .map(|p| Circle::new(p, 4, color.filled())),
+            )
+            .map_err(|e| plot_err(&e))?;
+        let consul_points: Vec<(f64, f64)> = row
+            .iter()
+            .filter_map(|c| Some((c.instances as f64, c.consul.first()?.per_flip_ms)))
+            .filter(|(_, y)| *y > 0.0)
+            .collect();
+        let dashed = color.mix(0.5).stroke_width(2);
+        chart
+            .draw_series(LineSeries::new(consul_points.clone(), dashed))
+            .map_err(|e| plot_err(&e))?
+            .label(format!("Consul CPU per flip, {n} client(s)"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], dashed));
+        chart
+            .draw_series(
+                consul_points
+                    .into_iter()
+                    .map(|p| TriangleMarker::new(p, 5, color.filled())),
+            )
+            .map_err(|e| plot_err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(|e| plot_err(&e))?;
+    root.present().map_err(|e| plot_err(&e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(ms)
+    }
+
+    fn view(received: u64, at: u64, instances: usize) -> View {
+        View {
+            version: 0,
+            instances,
+            index: 0,
+            at: t(at),
+            received_at: t(received),
+        }
+    }
+
+    fn flips(n: usize, listed: usize) -> Vec<Flip> {
+        (0..n)
+            .map(|k| Flip {
+                sent: t(200 * k as u64),
+                returned: t(200 * k as u64 + 2),
+                expect: if k % 2 == 0 { listed - 1 } else { listed },
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_view_line_round_trips() {
+        let mut snapshot = Snapshot::starting();
+        snapshot.index = 42;
+        snapshot.version = 3;
+        snapshot.received_at = t(5);
+        snapshot.at = t(7);
+        let line = view_line(&snapshot);
+        let parsed = parse_view(&line).unwrap();
+        assert_eq!(parsed.instances, 0);
+        assert_eq!(parsed.index, 42);
+        assert_eq!(parsed.version, 3);
+        assert_eq!(parsed.at, t(7));
+        assert_eq!(parsed.received_at, t(5));
+        assert_eq!(parse_view("2026-01-01 INFO consul answers"), None);
+        assert_eq!(
+            parse_view("view version=1 instances=x index=1 at=1 received_at=1"),
+            None
+        );
+        assert_eq!(parse_view("view version=1 instances=3 index=1 at=1"), None);
+    }
+
+    #[test]
+    fn every_flip_is_matched_to_the_first_view_showing_it() {
+        let f = flips(4, 10);
+        let views = [
+            view(0, 1, 10), // before the first flip's effect: the old count
+            view(5, 6, 9),  // flip 0
+            view(205, 207, 10),
+            view(405, 409, 9),
+            view(605, 612, 10),
+        ];
+        assert_eq!(
+            match_flips(&f, &views, t(2_000)),
+            vec![Some(1), Some(2), Some(3), Some(4)]
+        );
+        assert_eq!(ms_between(f[3].returned, views[4].at), 10.0);
+        assert_eq!(
+            ms_between(views[4].at, f[3].returned),
+            0.0,
+            "never negative"
+        );
+    }
+
+    #[test]
+    fn a_coalesced_flip_is_missed_and_the_next_one_still_matches() {
+        let f = flips(4, 10);
+        // Flips 0 and 1 land in one answer (it shows 10 again), flip 2 is seen, flip 3 late
+        // but before the horizon.
+        let views = [view(250, 255, 10), view(410, 420, 9), view(900, 905, 10)];
+        assert_eq!(
+            match_flips(&f, &views, t(2_000)),
+            vec![None, Some(0), Some(1), Some(2)]
+        );
+        // An answer received before the flip was sent does not show it.
+        let early = [view(590, 650, 10)];
+        assert_eq!(match_flips(&f[3..], &early, t(2_000)), vec![None]);
+        // A view published after the flip after next was sent is not this flip's.
+        let late = [view(10, 450, 9)];
+        assert_eq!(match_flips(&f, &late, t(2_000))[0], None);
+    }
+
+    #[test]
+    fn one_view_never_shows_two_flips() {
+        let f = flips(3, 10);
+        // One view with the count of flips 0 and 2: it is flip 0's; flip 2 needs a later one.
+        let views = [view(5, 6, 9)];
+        assert_eq!(match_flips(&f, &views, t(2_000)), vec![Some(0), None, None]);
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 100.0), Some(100.0));
+        assert_eq!(percentile(&[3.0, 1.0, 2.0], 50.0), Some(2.0));
+        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn modes_ask_what_they_say() {
+        let q = Mode::CachedFilter.query_options();
+        assert!(q.cached);
+        assert_eq!(q.filter.as_deref(), Some(SHARD_FILTER));
+        assert_eq!(Mode::Stale.query_options().consistency, Consistency::Stale);
+        assert_eq!(
+            Mode::Default.discovery(SERVICE).consistency,
+            Consistency::Default
+        );
+        assert!(!Mode::Default.discovery(SERVICE).cached);
+        assert_eq!(Mode::Filter.expected(1_000), 100);
+        assert_eq!(Mode::Filter.expected(5), 1);
+        assert_eq!(Mode::Cached.expected(5_000), 5_000);
+        let shard0 = (0..1_000)
+            .filter(|i| registration(*i).meta["shard"] == "0")
+            .count();
+        assert_eq!(shard0, Mode::Filter.expected(1_000));
+        assert_eq!(
+            registration(0).meta["shard"],
+            "0",
+            "the flipped instance is in shard 0"
+        );
+    }
+
+    #[test]
+    fn the_plot_is_written() {
+        let dir = std::env::temp_dir().join(format!("scale-svg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cell = |instances, clients, cpu| Cell {
+            part: "grid".into(),
+            mode: Mode::Default,
+            instances,
+            listed: instances,
+            clients,
+            clients_ready: clients,
+            ready_s: 1.0,
+            flips: 100,
+            window_s: 20.0,
+            answer_bytes: 24_000,
+            answer_ms: 1.0,
+            answers: 100,
+            answers_per_flip: 1.0,
+            bytes_per_flip: 24_000.0,
+            client_cpu_per_answer_ms: Some(cpu),
+            client_cpu_per_flip_ms: cpu,
+            client_rss_max_mib: 10.0,
+            seen: 100,
+            missed: 0,
+            propagation_p50_ms: Some(1.0),
+            propagation_p99_ms: Some(2.0),
+            client_added_p50_ms: Some(0.5),
+            client_added_p99_ms: None,
+            consul: vec![AgentCpu {
+                agent: "agent".into(),
+                cpu_s: 1.0,
+                share_of_core: 0.05,
+                per_flip_ms: cpu * 2.0,
+                source: "cgroup".into(),
+                peak_rss_mib: Some(50.0),
+            }],
+            saturated: false,
+            notes: vec!["a note".into()],
+        };
+        let report = ScaleReport {
+            consul_version: "1.8.7".into(),
+            config: ScaleConfig::default(),
+            grid: vec![cell(10, 1, 0.5), cell(1000, 1, 15.0), cell(10, 10, 0.6)],
+            modes: vec![],
+            modes_setup: String::new(),
+        };
+        let path = dir.join("scale.svg");
+        svg(&report, &path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("<svg"));
+        assert!(text.contains("client CPU per answer, 10 client(s)"));
+        let md = markdown(&report);
+        assert!(md.contains("| 1000 × 1 | 1000 | 24.0 KB |"), "{md}");
+        assert!(md.contains("- 10 × 1: a note"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
