@@ -126,6 +126,16 @@ pub struct Args {
     /// is treated as an outage and the last known instances kept. Unbounded when unset.
     #[arg(long)]
     pub max_stale: Option<GoDuration>,
+    /// Read through the agent's cache (`?cached`, health and catalog sources): one query to
+    /// the servers per agent, shared by all its clients (7× less server CPU with 100 clients
+    /// in `testbed scale`), but not re-authorized on every change (a revoked token keeps
+    /// being answered from the cache).
+    #[arg(long)]
+    pub cached: bool,
+    /// A server-side filter (Consul's `filter`, e.g. 'Service.Meta.shard == "0"'): only the
+    /// instances it selects are sent and used.
+    #[arg(long)]
+    pub filter: Option<String>,
     /// Where the Consul agent is and how to speak TLS to it.
     #[command(flatten)]
     pub consul: consul_api::ConsulArgs,
@@ -229,6 +239,8 @@ async fn run_resilient(args: Args, consul: consul_api::Config) -> Result<()> {
         .with_datacenter(args.datacenter.clone())
         .with_consistency(args.consistency, args.max_stale.map(Into::into))
         .with_failover(args.failover_dc.clone());
+    config.discovery.cached = args.cached;
+    config.discovery.filter = args.filter.clone();
     config.session.message_timeout = args.timeout.into();
     config.session.reply_timeout = args.reply_timeout.into();
     config.session.connect_timeout = args.connect_timeout.into();
