@@ -547,7 +547,7 @@ fn results_table(
                 n.p99 / b.p99,
             ),
             (Some(b), None) => format!(
-                "{:.1}× (median), {:.1}× (p99) of {}",
+                "{:.2}× (median), {:.2}× (p99) of {}",
                 n.p50 / b.p50,
                 n.p99 / b.p99,
                 short(spec.baseline.as_deref().unwrap_or(""))
@@ -858,6 +858,10 @@ pub fn fmt_count(n: f64) -> String {
 }
 
 fn short(id: &str) -> &str {
+    // `scale/change_full/5000/dev` → `change_full`: the scale rows differ by their function.
+    if let Some(rest) = id.strip_prefix("scale/") {
+        return rest.split('/').next().unwrap_or(rest);
+    }
     id.rsplit('/').next().unwrap_or(id)
 }
 
