@@ -269,8 +269,9 @@ pub struct DiscoveryConfig {
     /// `None`: any age. Only `stale` reads can be that old.
     pub max_stale: Option<Duration>,
     /// Read through the local agent's cache (`?cached`, health and catalog sources): one
-    /// upstream query per agent, shared by all its clients. Off by default: a cached read is
-    /// not re-authorized on every change (a revoked token keeps being answered).
+    /// upstream query per agent, shared by all its clients. Off by default: the agent
+    /// notices a revoked token only when its background refresh of the entry returns (the
+    /// next change, or up to 10 minutes), where an uncached read sees the 403 at once.
     pub cached: bool,
     /// A server-side filter expression (`filter`, e.g. `Service.Meta.version == "2"`),
     /// applied by Consul before the answer is sent.

@@ -128,8 +128,8 @@ pub struct Args {
     pub max_stale: Option<GoDuration>,
     /// Read through the agent's cache (`?cached`, health and catalog sources): one query to
     /// the servers per agent, shared by all its clients (7× less server CPU with 100 clients
-    /// in `testbed scale`), but not re-authorized on every change (a revoked token keeps
-    /// being answered from the cache).
+    /// in `testbed scale`); a revoked token is noticed only when the agent's background
+    /// refresh of the entry returns (the next change, or up to 10 minutes).
     #[arg(long)]
     pub cached: bool,
     /// A server-side filter (Consul's `filter`, e.g. 'Service.Meta.shard == "0"'): only the
