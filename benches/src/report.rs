@@ -547,9 +547,9 @@ fn results_table(
                 n.p99 / b.p99,
             ),
             (Some(b), None) => format!(
-                "{:.2}× (median), {:.2}× (p99) of {}",
-                n.p50 / b.p50,
-                n.p99 / b.p99,
+                "{}× (median), {}× (p99) of {}",
+                fmt_ratio(n.p50 / b.p50),
+                fmt_ratio(n.p99 / b.p99),
                 short(spec.baseline.as_deref().unwrap_or(""))
             ),
             (None, _) if spec.baseline.is_some() => "baseline not run".into(),
@@ -854,6 +854,15 @@ pub fn fmt_count(n: f64) -> String {
         format!("{:.1} k", n / 1e3)
     } else {
         format!("{n:.0}")
+    }
+}
+
+/// A ratio to one decimal, or two below 1 (`0.03×` must not print as `0.0×`).
+fn fmt_ratio(r: f64) -> String {
+    if r >= 1.0 {
+        format!("{r:.1}")
+    } else {
+        format!("{r:.2}")
     }
 }
 

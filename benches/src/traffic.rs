@@ -426,7 +426,10 @@ mod tests {
             Instance::new("b", "127.0.0.1", b.echo_addr().port()),
         ];
         let (_feed, rx) = watch::channel(echo_client::Snapshot::fixed(set));
-        let client = EchoClient::with_discovery(rx, echo_client::SessionConfig::new("t")).unwrap();
+        let mut session = echo_client::SessionConfig::new("t");
+        // Seeded: round-robin then starts at the first instance by ID (unseeded, anywhere).
+        session.seed = Some(1);
+        let client = EchoClient::with_discovery(rx, session).unwrap();
         let streamer = Streamer::start(client, Duration::from_secs(60));
         let first = streamer.replies(3, Duration::from_secs(5)).await.unwrap();
         assert_eq!(
