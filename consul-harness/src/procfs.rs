@@ -220,6 +220,8 @@ mod tests {
                         x = std::hint::black_box(x.wrapping_add(1));
                     }
                 }
+                // While this thread lives: a thread that has ended is no longer listed.
+                assert!(process_cpu_time_ns(pid).unwrap() >= Duration::from_millis(20));
             })
             .unwrap();
         spinner.join().unwrap();
@@ -227,7 +229,6 @@ mod tests {
             threads_cpu_time(pid, "no-such-thread").unwrap(),
             Duration::ZERO
         );
-        assert!(process_cpu_time_ns(pid).unwrap() >= Duration::from_millis(20));
     }
 
     #[test]
