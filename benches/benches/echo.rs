@@ -4,16 +4,23 @@
 //! `tokio::io::copy` (8 KiB, reading ahead while a write waits). All three run in this
 //! process on one runtime of their own ([`benches::rig`]: threads `servers`, multi-threaded,
 //! one worker per CPU, as the echo-server binary runs; `echo-probe` drives the same servers
-//! without criterion, for profiles), one after the other for each size: ratios come from
-//! the same minutes of the same run. The load runs on criterion's runtime and is the same for
-//! all: raw sockets writing newline-terminated messages and checking every echoed byte.
+//! without criterion, for profiles). Throughput: one server after the other for each size, so
+//! its ratios come from the same minutes of the same run; latency: interleaved (below). The
+//! load runs on criterion's runtime and is the same for all: raw sockets writing
+//! newline-terminated messages and checking every echoed byte.
 //!
 //! * `echo/throughput/<server>/<size>-<n>conn`: one iteration = one message per connection;
 //!   each connection writes its messages back to back (in blocks of up to 64 KiB) while
 //!   reading the echoes. Throughput counts payload bytes echoed. The servers' CPU time over
 //!   each measured sample, per message, is recorded as `echo/cpu/<server>/<size>-<n>conn`.
 //! * `echo/latency/<server>/<size>-<n>conn`: one message in flight per connection; every
-//!   round trip is recorded, so the p99 is per message.
+//!   round trip is recorded, so the p99 is per message. The three servers are measured in
+//!   alternation, not one after the other: one criterion bench per size and connection count,
+//!   `echo/latency/interleaved/<size>-<n>conn`, whose iteration is one round on each server
+//!   in turn (every connection of that server one round trip, all at once; the order rotating,
+//!   [`traffic::lockstep`]), each server's round trips recorded under its own id. A drift of
+//!   the machine's load within the bench then falls on the three alike, and the latency
+//!   ratios compare round trips of the same seconds.
 
 // criterion_group! and criterion_main! generate public functions without docs.
 #![allow(missing_docs)]
@@ -21,7 +28,7 @@
 use std::{sync::Arc, time::Duration};
 
 use benches::{
-    harness,
+    harness, report,
     results::{MEASURED, Recorder, RunInfo},
     rig::EchoRig,
     traffic::{self, Message},
@@ -104,40 +111,57 @@ fn echo(c: &mut Criterion) {
     configure_latency(&mut group);
     for (size, label) in SIZES {
         for n in CONNECTIONS {
-            for (name, addr) in servers {
-                let id = BenchmarkId::new(name, format!("{label}-{n}conn"));
-                let recorder = Arc::new(std::sync::Mutex::new(
-                    Recorder::new(format!("echo/latency/{name}/{label}-{n}conn"), SAMPLES)
-                        .describe(MEASURED, "round trip of one message, each connection's own"),
-                ));
-                let conns: Arc<OnceCell<Conns>> = Arc::default();
-                let message = Arc::new(Message::new(size));
-                group.bench_function(id, |b| {
-                    b.to_async(&rt).iter_custom(|iters| {
-                        let (conns, message, recorder) =
-                            (conns.clone(), message.clone(), recorder.clone());
-                        async move {
-                            let conns = conns
-                                .get_or_try_init(|| traffic::connect_all(addr, n))
-                                .await
-                                .expect("connect to the server");
-                            let start = Instant::now();
-                            let rtts = traffic::lockstep(conns, &message, iters)
-                                .await
-                                .expect("lockstep echo traffic");
-                            // Each connection made `iters` round trips one after another,
-                            // all connections at once: wall time per iteration ≈ one round
-                            // trip under that concurrency.
-                            let elapsed = start.elapsed();
-                            let mut recorder = recorder.lock().expect("recorder lock");
+            // One bench for all three servers: an iteration is one round on each, in turn.
+            let id = BenchmarkId::new(report::INTERLEAVED, format!("{label}-{n}conn"));
+            let recorders: Arc<std::sync::Mutex<Vec<Recorder>>> = Arc::new(std::sync::Mutex::new(
+                servers
+                    .iter()
+                    .map(|(name, _)| {
+                        Recorder::new(format!("echo/latency/{name}/{label}-{n}conn"), SAMPLES)
+                            .describe(
+                                MEASURED,
+                                "round trip of one message, each connection's own, the \
+                                 servers in alternation",
+                            )
+                    })
+                    .collect(),
+            ));
+            let conns: Arc<OnceCell<Vec<Conns>>> = Arc::default();
+            let message = Arc::new(Message::new(size));
+            group.bench_function(id, |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let (conns, message, recorders) =
+                        (conns.clone(), message.clone(), recorders.clone());
+                    async move {
+                        let conns = conns
+                            .get_or_try_init(|| async {
+                                let mut all = Vec::with_capacity(servers.len());
+                                for (_, addr) in servers {
+                                    all.push(traffic::connect_all(addr, n).await?);
+                                }
+                                Ok::<_, benches::Error>(all)
+                            })
+                            .await
+                            .expect("connect to the servers");
+                        let start = Instant::now();
+                        let rtts = traffic::lockstep(conns, &message, iters)
+                            .await
+                            .expect("lockstep echo traffic");
+                        // Each connection made `iters` round trips on each server, one
+                        // server's round at a time: wall time per iteration ≈ one round
+                        // trip on each server under that concurrency.
+                        let elapsed = start.elapsed();
+                        let mut recorders = recorders.lock().expect("recorder lock");
+                        for (recorder, rtts) in recorders.iter_mut().zip(rtts) {
                             recorder.start_call();
                             recorder.extend(MEASURED, rtts);
-                            elapsed
                         }
-                    })
-                });
-                let saved = recorder.lock().expect("recorder lock").save();
-                saved.expect("save the latency recording");
+                        elapsed
+                    }
+                })
+            });
+            for recorder in recorders.lock().expect("recorder lock").iter() {
+                recorder.save().expect("save the latency recording");
             }
         }
     }
@@ -157,6 +181,8 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
 
 fn configure_latency(group: &mut BenchmarkGroup<'_, WallTime>) {
     configure(group);
+    // One bench measures the three servers: each gets the time it had alone.
+    group.measurement_time(Duration::from_millis(3 * 1200));
     // One value per message is recorded anyway; flat sampling keeps the slowest (64 KiB on
     // 32 connections) within its time.
     group.sampling_mode(SamplingMode::Flat);

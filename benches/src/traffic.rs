@@ -5,8 +5,9 @@
 //!   bench can wait for the first correct reply from another instance after a fault.
 //! * [`Message`]: a payload of a given size and its newline-terminated wire form.
 //! * [`pipelined`] and [`lockstep`]: echo traffic on raw sockets, the same for every server
-//!   (the echo-server and the raw baseline answer the same bytes): pipelined for throughput,
-//!   one message at a time for latency.
+//!   (the echo-server and the raw baselines answer the same bytes): pipelined for throughput,
+//!   one message at a time for latency, several servers in alternation so that their round
+//!   trips compare like with like.
 
 use std::{
     net::SocketAddr,
@@ -21,7 +22,7 @@ use echo_client::{EchoClient, Instance};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::{Mutex, watch},
+    sync::{Barrier, Mutex, watch},
     task::JoinHandle,
     time::Instant,
 };
@@ -289,43 +290,82 @@ async fn pipeline_one(stream: &mut TcpStream, message: &Message, count: u64) -> 
     Ok(())
 }
 
-/// On every connection at once, `per_conn` times: write `message`, wait for its echo.
-/// Returns every round trip.
+/// One message in flight per connection, on one server or several in alternation, so that
+/// their round trips come from the same seconds: `servers[s]` holds server `s`'s connections
+/// (every server as many). `rounds` times, each server in turn gets one round: each of its
+/// connections writes `message` and waits for its echo, all its connections at once; the
+/// next server's round starts once every echo of this one is back. The order of the servers
+/// goes through every rotation forwards, then backwards (for three servers, all six orders),
+/// so each server comes first, last and after each other server equally often. Each server
+/// so carries the same load as alone (one message in flight on each of its connections,
+/// nothing on the others'), and a change of the machine's load falls on all of them alike.
+/// Returns every round trip, per server.
 pub async fn lockstep(
-    conns: &[Arc<Mutex<TcpStream>>],
+    servers: &[Vec<Arc<Mutex<TcpStream>>>],
     message: &Arc<Message>,
-    per_conn: u64,
-) -> Result<Vec<Duration>> {
-    let tasks: Vec<JoinHandle<Result<Vec<Duration>>>> = conns
-        .iter()
-        .map(|conn| {
-            let (conn, message) = (conn.clone(), message.clone());
+    rounds: u64,
+) -> Result<Vec<Vec<Duration>>> {
+    let per_server = servers.first().map_or(0, Vec::len);
+    if servers.iter().any(|conns| conns.len() != per_server) {
+        return Err(Error::Invalid(
+            "lockstep: every server needs as many connections".into(),
+        ));
+    }
+    // One task per connection slot, holding that slot's connection to every server.
+    let barrier = Arc::new(Barrier::new(per_server.max(1)));
+    let tasks: Vec<JoinHandle<Result<Vec<Vec<Duration>>>>> = (0..per_server)
+        .map(|slot| {
+            let conns: Vec<_> = servers.iter().map(|c| c[slot].clone()).collect();
+            let (message, barrier) = (message.clone(), barrier.clone());
             tokio::spawn(async move {
-                let mut stream = conn.lock_owned().await;
+                let mut streams = Vec::with_capacity(conns.len());
+                for conn in conns {
+                    streams.push(conn.lock_owned().await);
+                }
                 let wire = message.wire();
                 let mut buf = vec![0u8; wire.len()];
-                let mut rtts = Vec::with_capacity(per_conn as usize);
-                for _ in 0..per_conn {
-                    let start = Instant::now();
-                    stream.write_all(wire).await?;
-                    stream.read_exact(&mut buf).await?;
-                    rtts.push(start.elapsed());
-                    if buf != wire {
-                        return Err(Error::BadEcho("a lockstep echo differs".into()));
+                let mut rtts = vec![Vec::with_capacity(rounds as usize); streams.len()];
+                for round in 0..rounds {
+                    for server in round_order(round, streams.len()) {
+                        // Every connection of the slot's servers is idle here: the round
+                        // starts on all of this server's connections together.
+                        barrier.wait().await;
+                        let stream = &mut *streams[server];
+                        let start = Instant::now();
+                        stream.write_all(wire).await?;
+                        stream.read_exact(&mut buf).await?;
+                        rtts[server].push(start.elapsed());
+                        if buf != wire {
+                            return Err(Error::BadEcho("a lockstep echo differs".into()));
+                        }
                     }
                 }
                 Ok(rtts)
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let mut all = vec![Vec::new(); servers.len()];
     for task in tasks {
-        all.extend(
-            task.await
-                .map_err(|e| Error::Invalid(format!("traffic task: {e}")))??,
-        );
+        let rtts = task
+            .await
+            .map_err(|e| Error::Invalid(format!("traffic task: {e}")))??;
+        for (all, rtts) in all.iter_mut().zip(rtts) {
+            all.extend(rtts);
+        }
     }
     Ok(all)
+}
+
+/// The order of `servers` servers in round `round` of [`lockstep`]: rotations forwards, then
+/// the same rotations backwards.
+fn round_order(round: u64, servers: usize) -> impl Iterator<Item = usize> {
+    let m = servers.max(1) as u64;
+    let start = round % m;
+    let forwards = (round / m).is_multiple_of(2);
+    (0..m).map(move |j| {
+        let at = if forwards { start + j } else { start + m - j };
+        (at % m) as usize
+    })
 }
 
 /// One fresh connection to `addr`, one echo of `message`, closed: the floor of a failover.
@@ -382,7 +422,7 @@ mod tests {
     use tokio::runtime::Handle;
 
     use super::*;
-    use crate::servers::{RawEcho, ServerThread};
+    use crate::servers::{Copier, RawEcho, ServerThread};
 
     #[test]
     fn messages_verify_at_any_offset() {
@@ -405,12 +445,46 @@ mod tests {
                 let message = Arc::new(Message::new(size));
                 let conns = connect_all(addr, 3).await.unwrap();
                 pipelined(&conns, &message, 50).await.unwrap();
-                let rtts = lockstep(&conns, &message, 5).await.unwrap();
-                assert_eq!(rtts.len(), 15);
+                let rtts = lockstep(&[conns], &message, 5).await.unwrap();
+                assert_eq!(rtts[0].len(), 15);
                 connect_and_echo(addr, &message).await.unwrap();
             }
         }
         echo.shutdown().await.unwrap();
+    }
+
+    #[test]
+    fn lockstep_orders_go_through_every_permutation() {
+        let orders: Vec<Vec<usize>> = (0..6).map(|r| round_order(r, 3).collect()).collect();
+        let mut distinct = orders.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 6, "all six orders of three: {orders:?}");
+        assert_eq!(orders[0], [0, 1, 2]);
+        assert_eq!(
+            round_order(6, 3).collect::<Vec<_>>(),
+            orders[0],
+            "then again"
+        );
+        assert_eq!(round_order(7, 1).collect::<Vec<_>>(), [0]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lockstep_alternates_servers_and_keeps_their_round_trips_apart() {
+        let a = RawEcho::start(&Handle::current()).await.unwrap();
+        let b = RawEcho::start_with(&Handle::current(), Copier::Buffer(64))
+            .await
+            .unwrap();
+        let message = Arc::new(Message::new(100));
+        let servers = vec![
+            connect_all(a.addr(), 4).await.unwrap(),
+            connect_all(b.addr(), 4).await.unwrap(),
+        ];
+        let rtts = lockstep(&servers, &message, 7).await.unwrap();
+        assert_eq!(rtts.len(), 2);
+        assert!(rtts.iter().all(|r| r.len() == 4 * 7), "{rtts:?}");
+        let uneven = vec![servers[0].clone(), servers[1][..3].to_vec()];
+        assert!(lockstep(&uneven, &message, 1).await.is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

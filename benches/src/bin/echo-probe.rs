@@ -2,10 +2,14 @@
 //! ([`benches::rig`]), without criterion, so the run can be profiled and its instructions
 //! counted (`perf record`, `valgrind --tool=callgrind`): the same messages through each
 //! server, the same runtimes, the same client. Prints, per server, the messages per second
-//! and the CPU time per message of the servers' threads and of the client's.
+//! and the CPU time per message of the servers' threads and of the client's. With
+//! `--interleaved`, the latency bench's traffic instead: one message in flight per
+//! connection, the servers in alternation ([`traffic::lockstep`]), and per server the median
+//! and p99 of its round trips and their ratios to `raw-buf`'s.
 //!
 //! ```text
 //! echo-probe --size 16 --conns 1 --messages 200000 [--server raw-buf] [--lockstep]
+//! echo-probe --size 16 --conns 32 --messages 2000 --interleaved
 //! ```
 
 use std::{process::ExitCode, sync::Arc, time::Instant};
@@ -13,6 +17,7 @@ use std::{process::ExitCode, sync::Arc, time::Instant};
 use anyhow::{Context, bail};
 use benches::{
     harness,
+    results::Summary,
     rig::{EchoRig, SERVERS},
     traffic::{self, Message},
 };
@@ -43,6 +48,10 @@ struct Args {
     /// pipelined.
     #[arg(long)]
     lockstep: bool,
+    /// One message in flight per connection, the servers in alternation, as the latency
+    /// bench runs them: prints each server's round trips instead of its CPU time.
+    #[arg(long, conflicts_with = "lockstep")]
+    interleaved: bool,
 }
 
 fn main() -> ExitCode {
@@ -77,6 +86,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("start the servers")?;
     let client = harness::runtime().context("the client runtime")?;
     let message = Arc::new(Message::new(args.size));
+    if args.interleaved {
+        let result = interleaved(&args, &rig, &client, &servers, &message);
+        drop(client);
+        rig.stop().context("stop the servers")?;
+        return result;
+    }
     println!(
         "{:<12} {:>7} {:>5} {:>10} {:>10} {:>14} {:>14} {:>14}",
         "server",
@@ -96,7 +111,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let (conns, message) = (&conns, &message);
                 async move {
                     if args.lockstep {
-                        traffic::lockstep(conns, message, count).await.map(drop)
+                        traffic::lockstep(std::slice::from_ref(conns), message, count)
+                            .await
+                            .map(drop)
                     } else {
                         traffic::pipelined(conns, message, count).await
                     }
@@ -127,5 +144,61 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(client);
     rig.stop().context("stop the servers")?;
+    Ok(())
+}
+
+/// The latency bench's traffic through `servers` in alternation; prints each one's round trips.
+fn interleaved(
+    args: &Args,
+    rig: &EchoRig,
+    client: &tokio::runtime::Runtime,
+    servers: &[String],
+    message: &Arc<Message>,
+) -> anyhow::Result<()> {
+    let addrs = servers
+        .iter()
+        .map(|name| rig.addr(name).context("a server of the rig"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (elapsed, rtts) = client.block_on(async {
+        let mut conns = Vec::with_capacity(addrs.len());
+        for addr in &addrs {
+            conns.push(traffic::connect_all(*addr, args.conns).await?);
+        }
+        traffic::lockstep(&conns, message, args.warm_up).await?;
+        let start = Instant::now();
+        let rtts = traffic::lockstep(&conns, message, args.messages).await?;
+        Ok::<_, benches::Error>((start.elapsed(), rtts))
+    })?;
+    let summaries: Vec<Summary> = rtts
+        .iter()
+        .map(|r| {
+            let ns: Vec<f64> = r.iter().map(|d| d.as_nanos() as f64).collect();
+            Summary::of(&ns).context("no round trips")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let base = servers
+        .iter()
+        .position(|s| s == SERVERS[1])
+        .map(|i| summaries[i]);
+    println!(
+        "{:<12} {:>7} {:>5} {:>10} {:>12} {:>12} {:>12} {:>12}",
+        "server", "size", "conns", "rtts", "median µs", "p99 µs", "÷ raw-buf", "p99 ÷"
+    );
+    for (name, s) in servers.iter().zip(&summaries) {
+        let ratio =
+            |f: fn(&Summary) -> f64| base.map_or("—".into(), |b| format!("{:.3}", f(s) / f(&b)));
+        println!(
+            "{:<12} {:>7} {:>5} {:>10} {:>12.1} {:>12.1} {:>12} {:>12}",
+            name,
+            args.size,
+            args.conns,
+            s.count,
+            s.p50 / 1e3,
+            s.p99 / 1e3,
+            ratio(|s| s.p50),
+            ratio(|s| s.p99),
+        );
+    }
+    println!("{:.3} s in all", elapsed.as_secs_f64());
     Ok(())
 }
