@@ -8,6 +8,8 @@
 //!   (consul-registry's, re-exported); registration is consul-registry's
 //!   [`Registrar`](consul_registry::Registrar);
 //! * [`shutdown`] — SIGINT/SIGTERM (and SIGHUP) start the shutdown, SIGUSR1 flips `/check`;
+//! * `stop` (private) — the drain and the cut as the open connections see them, for one
+//!   atomic load per wait;
 //! * [`cli`] — the command line ([`cli::Args`]) and [`cli::run`];
 //! * [`error`] — the one error type.
 //!
@@ -32,6 +34,7 @@ pub mod config;
 pub mod error;
 pub mod server;
 pub mod shutdown;
+mod stop;
 
 pub use check::{CheckStatus, Health};
 pub use config::Config;

@@ -19,6 +19,7 @@ use crate::{
     codec::{Batch, CodecError},
     config::Config,
     error::{Error, Result},
+    stop::{Phase, Stop, Watch},
 };
 use consul_registry::{
     Registrar,
@@ -148,8 +149,8 @@ impl Server {
         } = self;
 
         let stop_accepting = CancellationToken::new();
-        let drain = CancellationToken::new();
-        let cut = CancellationToken::new();
+        // The drain, then the cut, as the open connections see it.
+        let connections = Stop::default();
         let stop_check = CancellationToken::new();
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -162,8 +163,7 @@ impl Server {
             idle_timeout: config.idle_timeout,
             tracker: tracker.clone(),
             stop: stop_accepting.clone(),
-            drain: drain.clone(),
-            cut: cut.clone(),
+            connections: connections.clone(),
         };
         let mut accept_task = Some(tokio::spawn(listener.run()));
         let check_task = tokio::spawn(check::serve(
@@ -223,7 +223,7 @@ impl Server {
         let open = config.max_connections - limit.available_permits();
         let started = Instant::now();
         tracker.close();
-        drain.cancel();
+        connections.set(Phase::Draining);
         let drained = tokio::time::timeout(config.drain_timeout, tracker.wait())
             .await
             .is_ok();
@@ -235,7 +235,7 @@ impl Server {
             );
         } else {
             let left = config.max_connections - limit.available_permits();
-            cut.cancel();
+            connections.set(Phase::Cut);
             tracker.wait().await;
             tracing::warn!(
                 connections = open,
@@ -311,8 +311,7 @@ struct Listener {
     idle_timeout: Duration,
     tracker: TaskTracker,
     stop: CancellationToken,
-    drain: CancellationToken,
-    cut: CancellationToken,
+    connections: Stop,
 }
 
 impl Listener {
@@ -341,8 +340,7 @@ impl Listener {
                 self.max_frame,
                 peer,
                 self.idle_timeout,
-                self.drain.clone(),
-                self.cut.clone(),
+                self.connections.watch(),
                 self.shed.clone(),
             );
             self.tracker.spawn(handler.run(permit));
@@ -384,16 +382,20 @@ struct Handler<S> {
     /// The last read filled all the room it had: the next gets [`READ_CHUNK`] of room.
     busy: bool,
     /// When the last complete frame was answered (or the connection opened): the idle
-    /// timeout, the shed eligibility and the buffer shrink count from here.
+    /// timeout, the shed eligibility and the buffer shrink count from here. Taken when the
+    /// connection next waits (see `answered`): one clock read per wait, not per answer.
     last_frame: Instant,
-    /// The one timer of [`Handler::wait`], kept across waits: moving its deadline later (as
-    /// `last_frame` moves) is an atomic update, where a new timer per wait takes the time
-    /// driver's lock twice and may wake a parked worker to re-arm the driver.
+    /// A frame was answered since the last wait.
+    answered: bool,
+    /// The one timer of [`Handler::wait`], kept across waits (a new timer per wait takes the
+    /// time driver's lock twice and may wake a parked worker to re-arm the driver) and moved
+    /// only when it must fire sooner or has fired (moving it later on every wait, as
+    /// `last_frame` moves, cost ~80 instructions per one-in-flight round trip).
     timer: Pin<Box<Sleep>>,
     peer: SocketAddr,
     idle_timeout: Duration,
-    drain: CancellationToken,
-    cut: CancellationToken,
+    /// The drain and the cut: looked at in every wait, for one atomic load.
+    stop: Watch,
     shed: Shedder,
 }
 
@@ -416,20 +418,16 @@ enum Step<T> {
     Cut,
 }
 
-async fn bounded<T>(
-    cut: &CancellationToken,
-    limit: Duration,
-    io: impl Future<Output = T>,
-) -> Step<T> {
-    // Most steps are ready at once (room in the socket's send buffer): those need no timer,
-    // and no look at `cut` (a lock shared by every connection): a cut stops what would wait.
+async fn bounded<T>(stop: &Watch, limit: Duration, io: impl Future<Output = T>) -> Step<T> {
+    // Most steps are ready at once (room in the socket's send buffer): those need no timer
+    // and no look at the cut: a cut stops what would wait.
     let mut io = std::pin::pin!(io);
     if let Some(value) = io.as_mut().now_or_never() {
         return Step::Done(value);
     }
     tokio::select! {
         biased;
-        _ = cut.cancelled() => Step::Cut,
+        _ = stop.reached(Phase::Cut) => Step::Cut,
         result = tokio::time::timeout(limit, io) => match result {
             Ok(value) => Step::Done(value),
             Err(_) => Step::TimedOut,
@@ -454,8 +452,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         max_frame: usize,
         peer: SocketAddr,
         idle_timeout: Duration,
-        drain: CancellationToken,
-        cut: CancellationToken,
+        stop: Watch,
         shed: Shedder,
     ) -> Self {
         let last_frame = Instant::now();
@@ -466,11 +463,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             max_frame,
             busy: false,
             last_frame,
+            answered: false,
             timer: Box::pin(tokio::time::sleep_until(last_frame + idle_timeout)),
             peer,
             idle_timeout,
-            drain,
-            cut,
+            stop,
             shed,
         }
     }
@@ -481,8 +478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             Ok(End::FrameTooLong) => self.refuse_and_linger().await,
             Ok(End::Cut) => {}
             Ok(end) => {
-                let (cut, idle) = (self.cut.clone(), self.idle_timeout);
-                let _ = bounded(&cut, idle, self.socket.shutdown()).await;
+                let _ = bounded(&self.stop, self.idle_timeout, self.socket.shutdown()).await;
                 tracing::debug!(peer = %self.peer, ?end, "connection closed");
             }
             Err(e) => tracing::debug!(peer = %self.peer, error = %e, "connection failed"),
@@ -497,23 +493,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         loop {
             if since_wait >= MAX_READ_PER_WAKE {
                 // A peer that always has more to send gives the others a turn. The cut is
-                // looked at here and in every wait, not on each read (its lock is shared by
-                // every connection).
-                if self.cut.is_cancelled() {
+                // looked at here and in every wait, not on each read.
+                if self.stop.phase() == Phase::Cut {
                     return Ok(End::Cut);
                 }
                 since_wait = 0;
                 tokio::task::yield_now().await;
             }
             self.make_room();
-            let read = match self
-                .socket
-                .read_buf(&mut (&mut self.buf).limit(READ_CHUNK))
-                .now_or_never()
-            {
+            // A read that did not fill its room emptied the socket, and tokio then forgets
+            // the socket's readiness: another try would only return Pending (no system
+            // call, but a second pass through tokio's readiness checks, ~100 instructions
+            // per one-in-flight round trip). Such a connection goes straight to waiting.
+            let tried = self.busy;
+            let ready = if tried {
+                self.socket
+                    .read_buf(&mut (&mut self.buf).limit(READ_CHUNK))
+                    .now_or_never()
+            } else {
+                None
+            };
+            let read = match ready {
                 Some(read) => read,
                 None => {
-                    since_wait = 0;
+                    if tried {
+                        // The socket would block: this wait gives the others their turn.
+                        // (Untried, it may not: the budget keeps counting.)
+                        since_wait = 0;
+                    }
                     match self.wait(draining).await {
                         Wake::Read(read) => read,
                         Wake::Drain => {
@@ -535,7 +542,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             since_wait += n;
             let batch = Batch::scan(&self.buf, self.searched, self.max_frame);
             if batch.complete > 0 && !self.answer(batch.complete).await? {
-                return Ok(if self.cut.is_cancelled() {
+                return Ok(if self.stop.phase() == Phase::Cut {
                     End::Cut
                 } else {
                     End::Idle
@@ -563,20 +570,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
     /// Echo the first `complete` bytes of the buffer (whole frames) with one write, and keep
     /// the rest. `false` if the peer stopped taking data.
     async fn answer(&mut self, complete: usize) -> std::io::Result<bool> {
-        // Borrowed field by field: no clone of the token (its count is behind a lock).
         let Handler {
-            socket, buf, cut, ..
+            socket, buf, stop, ..
         } = self;
         let write = async {
             socket.write_all(&buf[..complete]).await?;
             socket.flush().await
         };
-        match bounded(cut, self.idle_timeout, write).await {
+        match bounded(stop, self.idle_timeout, write).await {
             Step::Done(result) => result?,
             Step::TimedOut | Step::Cut => return Ok(false),
         }
         self.buf.drain(..complete);
-        self.last_frame = Instant::now();
+        self.answered = true;
         Ok(true)
     }
 
@@ -598,6 +604,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
     /// buffer goes back to its small size; once idle for [`IDLE_BEFORE_SHED`], the connection
     /// may be picked to make room for a new peer. One timer at a time.
     async fn wait(&mut self, draining: bool) -> Wake {
+        let mut now = Instant::now();
+        if std::mem::take(&mut self.answered) {
+            // The answers since the last wait went out just now (a busy connection's within
+            // its budget of reads, a millisecond): one clock read serves both.
+            self.last_frame = now;
+        }
         let quiet_for = if draining {
             DRAIN_QUIET
         } else {
@@ -605,14 +617,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         };
         // Draining: quiet for DRAIN_QUIET from now or from the last frame, whichever is later.
         let quiet_at = if draining {
-            self.last_frame.max(Instant::now()) + quiet_for
+            self.last_frame.max(now) + quiet_for
         } else {
             self.last_frame + quiet_for
         };
         let shed_at = self.last_frame + self.idle_timeout.min(IDLE_BEFORE_SHED);
         let may_shed = !draining && self.idle_timeout > IDLE_BEFORE_SHED;
         loop {
-            let now = Instant::now();
             if now >= quiet_at {
                 return Wake::Quiet;
             }
@@ -635,18 +646,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             if may_shed && !shed_ready {
                 next = next.min(shed_at);
             }
-            if self.timer.deadline() != next {
+            // The timer need only fire no later than `next`. One set earlier (the last frame
+            // has since moved `next` later) wakes the loop once, early, which moves it: a
+            // connection answering frames moves its timer once per period, not once per wait.
+            let deadline = self.timer.deadline();
+            if deadline > next || deadline <= now {
                 self.timer.as_mut().reset(next);
+            }
+            let next_phase = if draining {
+                Phase::Cut
+            } else {
+                Phase::Draining
+            };
+            let phase_wake = |phase| match phase {
+                Phase::Cut => Wake::Cut,
+                _ => Wake::Drain,
+            };
+            // The drain or the cut, if either began, before anything else. While waiting,
+            // the peer's bytes come first: a connection woken by them (most wake-ups) reads
+            // without registering for the shutdown again. Its next wait sees the shutdown.
+            let phase = self.stop.phase();
+            if phase >= next_phase {
+                return phase_wake(phase);
             }
             let mut room = (&mut self.buf).limit(READ_CHUNK);
             tokio::select! {
                 biased;
-                _ = self.cut.cancelled() => return Wake::Cut,
-                _ = self.drain.cancelled(), if !draining => return Wake::Drain,
                 read = self.socket.read_buf(&mut room) => return Wake::Read(read),
+                phase = self.stop.reached(next_phase) => return phase_wake(phase),
                 () = self.shed.picked(), if shed_ready => return Wake::Shed,
                 () = self.timer.as_mut() => {}
             }
+            now = Instant::now();
         }
     }
 
@@ -656,7 +687,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         let max = self.max_frame;
         let line = format!("error: {}\n", CodecError::FrameTooLong { max });
         tracing::info!(peer = %self.peer, max_frame = max, "frame too long: answered an error line and closed the connection");
-        let cut = self.cut.clone();
+        let stop = self.stop;
         let limit = self.idle_timeout.min(LINGER_TIME);
         // The answers to the frames before it are out already. The line is written raw:
         // with a tiny limit it may be longer than a frame may be.
@@ -667,7 +698,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             socket.shutdown().await
         };
         if !matches!(
-            bounded(&cut, limit, write_and_close).await,
+            bounded(&stop, limit, write_and_close).await,
             Step::Done(Ok(()))
         ) {
             return;
@@ -683,7 +714,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
                 }
             }
         };
-        let _ = bounded(&cut, LINGER_TIME, linger).await;
+        let _ = bounded(&stop, LINGER_TIME, linger).await;
     }
 }
 
@@ -769,8 +800,7 @@ mod tests {
             max_frame,
             SocketAddr::from(([127, 0, 0, 1], 1)),
             Duration::from_secs(60),
-            CancellationToken::new(),
-            CancellationToken::new(),
+            Stop::default().watch(),
             Shedder::default(),
         );
         let end = handler.serve().await.expect("served");
@@ -860,8 +890,7 @@ mod tests {
             64,
             SocketAddr::from(([127, 0, 0, 1], 1)),
             Duration::from_secs(60),
-            CancellationToken::new(),
-            CancellationToken::new(),
+            Stop::default().watch(),
             Shedder::default(),
         );
         assert_eq!(handler.serve().await.expect("served"), End::PeerClosed);
@@ -889,8 +918,7 @@ mod tests {
             64 << 10,
             SocketAddr::from(([127, 0, 0, 1], 1)),
             Duration::from_secs(60),
-            CancellationToken::new(),
-            CancellationToken::new(),
+            Stop::default().watch(),
             Shedder::default(),
         );
         client.write_all(&frame).await.unwrap();
