@@ -1,7 +1,13 @@
 //! The HTTP client: where the agent is, which ACL token to send, and the one request path
 //! every endpoint goes through (timeouts, response-size cap, error mapping).
 
-use std::{error::Error as _, fmt, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    error::Error as _,
+    fmt,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use reqwest::{Method, StatusCode, Url, header::HeaderValue};
 use serde::{Serialize, de::DeserializeOwned};
@@ -336,19 +342,22 @@ impl Client {
         opts: Option<&QueryOptions>,
     ) -> Result<(T, QueryMeta)> {
         let (body, meta, path) = self
-            .send(Method::GET, segments, params, opts, None::<&()>)
+            .send(Method::GET, segments, params, opts, None::<&()>, Vec::new())
             .await?;
         Ok((decode("GET", &path, &body)?, meta))
     }
 
-    /// GET a body without decoding it; with the answer's metadata and the request path.
+    /// GET a body without decoding it, read into `buffer` (emptied first; its capacity is
+    /// kept, so a caller reading answers of similar size reuses one allocation); with the
+    /// answer's metadata and the request path.
     pub(crate) async fn get_raw(
         &self,
         segments: &[&str],
         params: &[(&'static str, String)],
         opts: Option<&QueryOptions>,
+        buffer: Vec<u8>,
     ) -> Result<(Vec<u8>, QueryMeta, String)> {
-        self.send(Method::GET, segments, params, opts, None::<&()>)
+        self.send(Method::GET, segments, params, opts, None::<&()>, buffer)
             .await
     }
 
@@ -372,14 +381,16 @@ impl Client {
         params: &[(&'static str, String)],
         body: Option<&B>,
     ) -> Result<Vec<u8>> {
-        let (body, _, _) = self.send(Method::PUT, segments, params, None, body).await?;
+        let (body, _, _) = self
+            .send(Method::PUT, segments, params, None, body, Vec::new())
+            .await?;
         Ok(body)
     }
 
     /// DELETE; the answer's body is returned raw (often `true`).
     pub(crate) async fn delete(&self, segments: &[&str]) -> Result<Vec<u8>> {
         let (body, _, _) = self
-            .send(Method::DELETE, segments, &[], None, None::<&()>)
+            .send(Method::DELETE, segments, &[], None, None::<&()>, Vec::new())
             .await?;
         Ok(body)
     }
@@ -391,7 +402,7 @@ impl Client {
         body: &B,
     ) -> Result<T> {
         let (raw, _, path) = self
-            .send(Method::POST, segments, &[], None, Some(body))
+            .send(Method::POST, segments, &[], None, Some(body), Vec::new())
             .await?;
         decode("POST", &path, &raw)
     }
@@ -403,7 +414,7 @@ impl Client {
         body: &B,
     ) -> Result<T> {
         let (raw, _, path) = self
-            .send(Method::PUT, segments, &[], None, Some(body))
+            .send(Method::PUT, segments, &[], None, Some(body), Vec::new())
             .await?;
         decode("PUT", &path, &raw)
     }
@@ -415,6 +426,7 @@ impl Client {
         params: &[(&'static str, String)],
         opts: Option<&QueryOptions>,
         body: Option<&B>,
+        buffer: Vec<u8>,
     ) -> Result<(Vec<u8>, QueryMeta, String)> {
         let method_name: &'static str = match method {
             Method::PUT => "PUT",
@@ -491,15 +503,17 @@ impl Client {
         };
         let mut response = request.send().await.map_err(transport)?;
         let status = response.status();
-        let meta = QueryMeta::from_headers(response.headers());
+        let mut meta = QueryMeta::from_headers(response.headers());
 
         let limit = self.inner.config.max_body_bytes;
-        // Large answers (thousands of instances) are read without regrowing the buffer.
-        let mut body = Vec::with_capacity(
-            response
-                .content_length()
-                .map_or(0, |n| usize::try_from(n).unwrap_or(0).min(limit)),
-        );
+        // Large answers (thousands of instances) are read without regrowing the buffer: to
+        // their announced length, or (Consul sends large answers chunked, without a length)
+        // into the caller's buffer, as large as the last answer it held.
+        let mut body = buffer;
+        body.clear();
+        if let Some(n) = response.content_length() {
+            body.reserve(usize::try_from(n).unwrap_or(0).min(limit));
+        }
         while let Some(chunk) = response.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > limit {
                 return Err(Error::BodyTooLarge {
@@ -510,6 +524,7 @@ impl Client {
             }
             body.extend_from_slice(&chunk);
         }
+        meta.read_at = Some(SystemTime::now());
 
         if status.is_success() {
             return Ok((body, meta, path));

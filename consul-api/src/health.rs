@@ -315,6 +315,22 @@ impl<'a> Health<'a> {
         passing_only: bool,
         opts: &QueryOptions,
     ) -> Result<(ServiceAnswer, QueryMeta)> {
+        self.service_answer_into(service, tag, passing_only, opts, Vec::new())
+            .await
+    }
+
+    /// Like [`service_answer`](Self::service_answer), the body read into `buffer` (emptied
+    /// first): a caller following thousands of instances passes back the body of an answer
+    /// it no longer needs ([`ServiceAnswer::into_body`]), and a 12 MB answer is read without
+    /// a new allocation, its page faults, or copies as the buffer grows.
+    pub async fn service_answer_into(
+        &self,
+        service: &str,
+        tag: Option<&str>,
+        passing_only: bool,
+        opts: &QueryOptions,
+        buffer: Vec<u8>,
+    ) -> Result<(ServiceAnswer, QueryMeta)> {
         let mut params = Vec::new();
         if let Some(tag) = tag {
             params.push(("tag", tag.to_owned()));
@@ -324,7 +340,7 @@ impl<'a> Health<'a> {
         }
         let (body, meta, path) = self
             .client
-            .get_raw(&["health", "service", service], &params, Some(opts))
+            .get_raw(&["health", "service", service], &params, Some(opts), buffer)
             .await?;
         Ok((ServiceAnswer::new(body, path), meta))
     }

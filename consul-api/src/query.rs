@@ -147,6 +147,10 @@ pub struct QueryMeta {
     /// When the answer's headers arrived (before its body was read and decoded): where
     /// Consul's share of a read ends and the client's begins. `None` when not read over HTTP.
     pub received_at: Option<SystemTime>,
+    /// When the answer's body had been read to its end: the whole answer has arrived (from
+    /// `received_at` to here, Consul sends and the client reads). `None` when not read over
+    /// HTTP.
+    pub read_at: Option<SystemTime>,
 }
 
 impl QueryMeta {
@@ -163,6 +167,7 @@ impl QueryMeta {
             content_hash: get("X-Consul-ContentHash").map(str::to_owned),
             cache_hit: get("X-Cache").map(|v| v == "HIT"),
             received_at: Some(SystemTime::now()),
+            read_at: None,
         }
     }
 }

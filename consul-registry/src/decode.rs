@@ -3,21 +3,27 @@
 //! `-dev` agent), and parsing all of it on every change is most of a client's cost.
 //!
 //! [`Decoder`] keeps the last answer's body, where each of its entries lies, and the instance
-//! each became. A new answer is compared with the last one byte for byte from both ends (a
-//! `memcmp`, not a parse): entries wholly inside the common prefix or the common suffix are
-//! the same entries, and their [`Instance`]s are reused as they are (the same `Arc`); only the
-//! bytes between are parsed, into views that borrow from the body and skip every field
-//! discovery does not use ([`consul_api::EntryView`]).
+//! each became. A new answer is walked entry by entry; at each entry the bytes ahead are
+//! compared (a `memcmp`, not a parse) with the last answer's entry expected there (the one
+//! after the last match, or the one after that: an entry removed; else the last answer's last
+//! entry, see below). Equal bytes are the same entry, and its [`Instance`] is reused as it is
+//! (the same `Arc`). Only an entry that matches none is parsed, into a view that borrows from the body and skips every field discovery
+//! does not use ([`consul_api::EntryView`]); a parsed entry found in the last answer by its
+//! node and ID, with the same bytes, keeps its `Arc` too.
 //!
-//! Why this is exact: a JSON parser's state at a byte depends only on the bytes before it, so
-//! the entries that end inside the common prefix parse the same in both bodies. At the other
-//! end, when parsing the new body reaches the start of an entry at the same distance from the
-//! end as an entry of the last body, and that point lies in the common suffix, both parsers
-//! stand at the start of an entry with the same bytes ahead: the rest parses the same. When
-//! that does not happen, parsing simply goes on to the end. Anything unexpected falls back to
-//! a full parse, whose error (if any) is the one returned.
+//! Why the walk follows entries rather than a common prefix and suffix: Consul 1.8.7's
+//! `?passing` filter (`filterNonPassing`, agent/health_endpoint.go) removes an entry by moving
+//! the *last* entry into its place, so one check turning critical changes two places of the
+//! list, one of them anywhere. The walk finds the moved entry by its bytes and takes the rest
+//! as they are; when the check passes again, the two entries back in their places are parsed.
+//!
+//! Why this is exact: an entry is a complete JSON object; a parser that starts at its first
+//! byte ends at its closing brace, and what it reads depends only on the bytes in between. So
+//! bytes equal to an entry of the last answer parse to that entry's instance. The list's
+//! punctuation between entries is checked by the walk itself. Anything unexpected falls back
+//! to a full parse, whose error (if any) is the one returned.
 
-use std::{ops::Range, sync::Arc};
+use std::{collections::HashMap, ops::Range, sync::Arc};
 
 use consul_api::{EntryView, ServiceAnswer};
 
@@ -34,6 +40,8 @@ pub struct Decoder {
     instances: Vec<Arc<Instance>>,
     /// How many entries the last decode parsed.
     parsed: usize,
+    /// The body before the last one, emptied: the next answer is read into it.
+    spare: Vec<u8>,
 }
 
 impl Decoder {
@@ -47,26 +55,31 @@ impl Decoder {
     /// (and the next answer is parsed in full).
     pub fn decode(&mut self, answer: ServiceAnswer) -> consul_api::Result<Vec<Arc<Instance>>> {
         let body = answer.body();
-        let decoded = if self.spans.is_empty() {
-            None
-        } else {
-            self.incremental(body)
+        let last = Last {
+            body: &self.body,
+            spans: &self.spans,
+            instances: &self.instances,
         };
-        let (spans, instances, parsed) = match decoded.or_else(|| parse_from(body, None)) {
-            Some(decoded) => decoded,
-            None => {
-                // Not a list we can walk: `null`, or malformed. Decode it the plain way, for
-                // the precise error (or the rare body the walk does not take, such as `null`).
-                self.clear();
-                let entries = answer.entries()?;
-                return Ok(entries.iter().map(|e| Arc::new(instance(e))).collect());
-            }
+        let Some((spans, instances, parsed)) = walk(body, &last) else {
+            // Not a list we can walk: `null`, or malformed. Decode it the plain way, for the
+            // precise error (or the rare body the walk does not take, such as `null`).
+            self.clear();
+            let entries = answer.entries()?;
+            return Ok(entries.iter().map(|e| Arc::new(instance(e))).collect());
         };
         self.spans = spans;
-        self.instances = instances.clone();
+        self.instances.clone_from(&instances);
         self.parsed = parsed;
-        self.body = answer.into_body();
+        let mut old = std::mem::replace(&mut self.body, answer.into_body());
+        old.clear();
+        self.spare = old;
         Ok(instances)
+    }
+
+    /// An empty buffer to read the next answer into: the body of the answer before the last,
+    /// with its capacity (see [`consul_api::HealthEndpoint::service_answer_into`]).
+    pub fn buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.spare)
     }
 
     /// How many entries the last decode parsed (the rest were reused).
@@ -80,85 +93,75 @@ impl Decoder {
         self.instances.clear();
         self.parsed = 0;
     }
-
-    /// Decode `new` against the last body, or `None` if the walk fails (then a full parse).
-    fn incremental(&self, new: &[u8]) -> Option<Decoded> {
-        let old = self.body.as_slice();
-        let prefix = common_prefix(old, new);
-        // Measured over the whole bodies: it may overlap the prefix (an entry removed between
-        // two that start alike), which is right, as only the bytes after a point matter.
-        let suffix = common_suffix(old, new);
-        // Entries wholly in the common prefix are kept as they are.
-        let kept = self.spans.partition_point(|r| r.end <= prefix);
-        let reuse = Reuse {
-            spans: &self.spans,
-            instances: &self.instances,
-            // Old entries starting in the common suffix, with the shift to the new body.
-            suffix_from: old.len() - suffix,
-            old_len: old.len(),
-            new_len: new.len(),
-        };
-        let start = Start {
-            spans: self.spans[..kept].to_vec(),
-            instances: self.instances[..kept].to_vec(),
-            at: self.spans[..kept].last().map(|r| r.end),
-        };
-        parse_from(new, Some((start, reuse)))
-    }
 }
 
 /// The spans, instances and number of entries parsed of one decoded body.
 type Decoded = (Vec<Range<usize>>, Vec<Arc<Instance>>, usize);
 
-/// Where a walk starts: the entries kept so far and the end of the last (`None`: at the top).
-struct Start {
-    spans: Vec<Range<usize>>,
-    instances: Vec<Arc<Instance>>,
-    at: Option<usize>,
-}
-
-/// The last body's entries that a walk may take over once it reaches the common suffix.
-struct Reuse<'a> {
+/// The last answer, as the walk of the next one sees it.
+struct Last<'a> {
+    body: &'a [u8],
     spans: &'a [Range<usize>],
     instances: &'a [Arc<Instance>],
-    suffix_from: usize,
-    old_len: usize,
-    new_len: usize,
 }
 
-impl Reuse<'_> {
-    /// The index of the last body's entry that starts where `new_at` lies in the new body,
-    /// if that point is in the common suffix.
-    fn entry_at(&self, new_at: usize) -> Option<usize> {
-        let old_at = (new_at + self.old_len).checked_sub(self.new_len)?;
-        if old_at < self.suffix_from {
-            return None;
+impl Last<'_> {
+    /// Whether `new` holds the last answer's entry `j` at `at`.
+    fn matches(&self, j: usize, new: &[u8], at: usize) -> bool {
+        self.spans.get(j).is_some_and(|span| {
+            new.get(at..at + span.len())
+                .is_some_and(|ahead| ahead == &self.body[span.clone()])
+        })
+    }
+
+    /// The last answer's entry of `node` and `id`: found by a scan while few entries have
+    /// been parsed (one change parses one or two), by an index built once after that.
+    fn find<'a>(
+        &'a self,
+        index: &mut Option<HashMap<(&'a str, &'a str), usize>>,
+        lookups: &mut usize,
+        node: &str,
+        id: &str,
+    ) -> Option<usize> {
+        *lookups += 1;
+        if *lookups <= SCANS {
+            return self
+                .instances
+                .iter()
+                .position(|i| i.id == id && i.node == node);
         }
-        self.spans.binary_search_by_key(&old_at, |r| r.start).ok()
+        let index = index.get_or_insert_with(|| {
+            let mut index = HashMap::with_capacity(self.instances.len());
+            for (j, i) in self.instances.iter().enumerate() {
+                index.entry((i.node.as_str(), i.id.as_str())).or_insert(j);
+            }
+            index
+        });
+        index.get(&(node, id)).copied()
     }
 }
 
-/// Walk the top-level array of `body`: from its start, or from `start` taking over the last
-/// body's entries from `reuse` once the walk reaches them. `None` if `body` is not an array
-/// of entries.
-fn parse_from(body: &[u8], from: Option<(Start, Reuse<'_>)>) -> Option<Decoded> {
-    let (mut spans, mut instances, at, reuse) = match from {
-        Some((start, reuse)) => (start.spans, start.instances, start.at, Some(reuse)),
-        None => (Vec::new(), Vec::new(), None, None),
-    };
+/// Parsed entries looked up by a scan of the last answer before an index is built.
+const SCANS: usize = 8;
+
+/// Walk `body`'s list entry by entry, reusing `last`'s entries where the bytes are equal;
+/// `None` if `body` is not a list of entries.
+fn walk(body: &[u8], last: &Last<'_>) -> Option<Decoded> {
+    let mut spans = Vec::with_capacity(last.spans.len() + 1);
+    let mut instances = Vec::with_capacity(last.spans.len() + 1);
     let mut parsed = 0;
-    // Position after the last entry, or after the opening bracket when none is behind us.
-    let mut pos = match at {
-        Some(end) => end,
-        None => {
-            let open = skip_ws(body, 0);
-            if body.get(open) != Some(&b'[') {
-                return None;
-            }
-            open + 1
-        }
-    };
-    let mut first = at.is_none();
+    // The last answer's entry expected next, and how parsed entries are found in it.
+    let mut cursor = 0;
+    let mut index = None;
+    let mut lookups = 0;
+    // Where Consul's `passing` filter takes the entry that fills a removed one's place.
+    let moved = last.spans.len().checked_sub(1);
+    let open = skip_ws(body, 0);
+    if body.get(open) != Some(&b'[') {
+        return None;
+    }
+    let mut pos = open + 1;
+    let mut first = true;
     loop {
         pos = skip_ws(body, pos);
         match body.get(pos)? {
@@ -171,22 +174,53 @@ fn parse_from(body: &[u8], from: Option<(Start, Reuse<'_>)>) -> Option<Decoded> 
             _ => return None,
         }
         first = false;
-        if let Some(reuse) = &reuse
-            && let Some(j) = reuse.entry_at(pos)
-        {
-            let shift = |r: &Range<usize>| {
-                (r.start + reuse.new_len - reuse.old_len)..(r.end + reuse.new_len - reuse.old_len)
-            };
-            spans.extend(reuse.spans[j..].iter().map(shift));
-            instances.extend(reuse.instances[j..].iter().cloned());
-            return Some((spans, instances, parsed));
+        if let Some(j) = (cursor..cursor + 2).find(|&j| last.matches(j, body, pos)) {
+            let len = last.spans[j].len();
+            spans.push(pos..pos + len);
+            instances.push(Arc::clone(&last.instances[j]));
+            pos += len;
+            cursor = j + 1;
+            continue;
+        }
+        if let Some(j) = moved.filter(|&j| j > cursor + 1 && last.matches(j, body, pos)) {
+            // The last entry, moved here; the cursor stays for the entries that follow.
+            let len = last.spans[j].len();
+            spans.push(pos..pos + len);
+            instances.push(Arc::clone(&last.instances[j]));
+            pos += len;
+            continue;
         }
         let mut stream = serde_json::Deserializer::from_slice(&body[pos..]).into_iter();
         let entry: EntryView<'_> = stream.next()?.ok()?;
         let end = pos + stream.byte_offset();
-        spans.push(pos..end);
-        instances.push(Arc::new(instance(&entry)));
         parsed += 1;
+        let found = last.find(
+            &mut index,
+            &mut lookups,
+            &entry.node.node,
+            &entry.service.id,
+        );
+        let reused =
+            found.filter(|&j| last.matches(j, body, pos) && last.spans[j].len() == end - pos);
+        instances.push(match reused {
+            Some(j) => Arc::clone(&last.instances[j]),
+            None => Arc::new(instance(&entry)),
+        });
+        spans.push(pos..end);
+        if let Some(j) = found {
+            // The same entry changed in place, or a run of entries removed before it (the
+            // next entry follows it in both answers): go on from there. An entry moved from
+            // elsewhere (the last, by the `passing` filter) leaves the cursor where it is.
+            let next = skip_ws(body, end);
+            let next = if body.get(next) == Some(&b',') {
+                skip_ws(body, next + 1)
+            } else {
+                next
+            };
+            if j <= cursor + 1 || last.matches(j + 1, body, next) {
+                cursor = j + 1;
+            }
+        }
         pos = end;
     }
 }
@@ -220,39 +254,6 @@ fn skip_ws(body: &[u8], mut pos: usize) -> usize {
         pos += 1;
     }
     pos
-}
-
-/// Length of the common prefix, compared a block at a time (`memcmp`), then byte by byte.
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    const BLOCK: usize = 4096;
-    let n = a.len().min(b.len());
-    let mut i = 0;
-    while i + BLOCK <= n && a[i..i + BLOCK] == b[i..i + BLOCK] {
-        i += BLOCK;
-    }
-    i + a[i..n]
-        .iter()
-        .zip(&b[i..n])
-        .take_while(|(x, y)| x == y)
-        .count()
-}
-
-/// Length of the common suffix, likewise from the end.
-fn common_suffix(a: &[u8], b: &[u8]) -> usize {
-    const BLOCK: usize = 4096;
-    let n = a.len().min(b.len());
-    let mut i = 0;
-    while i + BLOCK <= n
-        && a[a.len() - i - BLOCK..a.len() - i] == b[b.len() - i - BLOCK..b.len() - i]
-    {
-        i += BLOCK;
-    }
-    i + a[..a.len() - i]
-        .iter()
-        .rev()
-        .zip(b[..b.len() - i].iter().rev())
-        .take_while(|(x, y)| x == y)
-        .count()
 }
 
 #[cfg(test)]
@@ -347,6 +348,58 @@ mod tests {
         }
     }
 
+    /// Consul 1.8.7's `?passing` filter removes an entry by moving the last one into its
+    /// place (`filterNonPassing`); when the check passes again the list is back in order.
+    fn swap_remove(entries: &[Value], at: usize) -> Vec<Value> {
+        let mut out = entries.to_vec();
+        out.swap_remove(at);
+        out
+    }
+
+    #[test]
+    fn consuls_passing_filter_moving_the_last_entry_costs_no_parse() {
+        for pretty in [false, true] {
+            let entries: Vec<Value> = (0..200).map(|i| entry(i, "passing", "1")).collect();
+            let mut decoder = Decoder::new();
+            let mut ordered = decode(&mut decoder, &body(&entries, pretty));
+            for at in [0, 77, 198, 199] {
+                // The check of entry `at` turns critical: the last entry takes its place.
+                let critical = swap_remove(&entries, at);
+                let moved = decode(&mut decoder, &body(&critical, pretty));
+                assert_eq!(plain(&moved), full(&body(&critical, pretty)), "at {at}");
+                assert_eq!(decoder.parsed_last(), 0, "at {at}");
+                for (i, instance) in moved.iter().enumerate() {
+                    let was = if i == at { 199 } else { i };
+                    assert!(
+                        Arc::ptr_eq(instance, &ordered[was]),
+                        "at {at}: entry {i} reused"
+                    );
+                }
+                // It passes again: the list is back in order, two entries in new places.
+                let back = decode(&mut decoder, &body(&entries, pretty));
+                assert_eq!(plain(&back), full(&body(&entries, pretty)), "at {at}");
+                assert!(
+                    decoder.parsed_last() <= 2,
+                    "at {at}: {}",
+                    decoder.parsed_last()
+                );
+                // All but the one that was gone are the same `Arc`s as before it went.
+                let reused = back
+                    .iter()
+                    .zip(&ordered)
+                    .filter(|(a, b)| Arc::ptr_eq(a, b))
+                    .count();
+                assert_eq!(reused, 199, "at {at}");
+                ordered = back;
+            }
+            // Ten entries in a row go: the rest are found again after one parse.
+            let mut fewer = entries.clone();
+            fewer.drain(100..110);
+            decode(&mut decoder, &body(&fewer, pretty));
+            assert_eq!(decoder.parsed_last(), 1, "a run of removals");
+        }
+    }
+
     #[test]
     fn random_edits_decode_exactly_as_a_full_parse() {
         let mut rng = StdRng::seed_from_u64(7);
@@ -355,7 +408,7 @@ mod tests {
             let mut entries: Vec<Value> = (0..30).map(|i| entry(i, "passing", "1")).collect();
             let mut next = 30;
             for round in 0..400 {
-                match rng.random_range(0..6) {
+                match rng.random_range(0..7) {
                     0 if !entries.is_empty() => {
                         let at = rng.random_range(0..entries.len());
                         entries.remove(at);
@@ -373,6 +426,10 @@ mod tests {
                     3 if !entries.is_empty() => {
                         let at = rng.random_range(0..entries.len());
                         entries[at]["Checks"][1]["Status"] = json!("warning");
+                    }
+                    5 if !entries.is_empty() => {
+                        let at = rng.random_range(0..entries.len());
+                        entries = swap_remove(&entries, at);
                     }
                     4 if entries.len() > 1 => {
                         // Two edits far apart.
@@ -420,16 +477,5 @@ mod tests {
                 .decode(ServiceAnswer::new(trailing, "/v1/health/service/scale"))
                 .is_err()
         );
-    }
-
-    #[test]
-    fn common_prefix_and_suffix_across_blocks() {
-        let a: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
-        let mut b = a.clone();
-        b[9_000] = 0xff;
-        assert_eq!(common_prefix(&a, &b), 9_000);
-        assert_eq!(common_suffix(&a, &b), 999);
-        assert_eq!(common_prefix(&a, &a), a.len());
-        assert_eq!(common_suffix(&a[1..], &a), a.len() - 1);
     }
 }

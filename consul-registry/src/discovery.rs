@@ -141,9 +141,13 @@ pub struct Snapshot {
     /// Counts published snapshots, from 0.
     pub version: u64,
     /// When the answer the instances come from began to arrive (its headers; for DNS, when
-    /// the lookup returned): `at - received_at` is what the client added to propagation
-    /// (reading the body, decoding, building the view).
+    /// the lookup returned).
     pub received_at: SystemTime,
+    /// When that answer had arrived whole (its body read to the end; else `received_at`):
+    /// `at - read_at` is what the client added to propagation once Consul's answer was in
+    /// (decoding, building the view); `read_at - received_at` is the body's transfer, Consul
+    /// sending and the client reading.
+    pub read_at: SystemTime,
     /// Consul's error, when discovery failed for good: its kind and source chain.
     pub cause: Option<Arc<consul_api::Error>>,
 }
@@ -160,6 +164,7 @@ impl Snapshot {
             index: 0,
             version: 0,
             received_at: now,
+            read_at: now,
             cause: None,
         }
     }
@@ -191,6 +196,7 @@ impl Snapshot {
             index,
             version: self.version + 1,
             received_at,
+            read_at: received_at,
             cause: None,
         }
     }
@@ -390,8 +396,10 @@ pub(crate) async fn follow<F, Fut>(
                     tracing::info!(service, passing = instances.len(), "Consul answers");
                 }
                 let received_at = meta.received_at.unwrap_or_else(SystemTime::now);
-                publish(&tx, |s| {
-                    s.with_instances(instances, meta.last_index, received_at)
+                let read_at = meta.read_at.unwrap_or(received_at);
+                publish(&tx, |s| Snapshot {
+                    read_at,
+                    ..s.with_instances(instances, meta.last_index, received_at)
                 });
                 let now = tx.borrow();
                 if now.changed_at == now.at {

@@ -171,9 +171,13 @@ async fn read_consul(
     let tag = config.tag.as_deref();
     match &config.source {
         Source::Health => {
+            let buffer = decoder
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .buffer();
             let (answer, meta) = client
                 .health()
-                .service_answer(service, tag, true, &opts)
+                .service_answer_into(service, tag, true, &opts, buffer)
                 .await?;
             let instances = decoder
                 .lock()

@@ -8,7 +8,9 @@
 //! CPU time and resident set come from `/proc`. A flipper turns ONE instance's check critical
 //! and passing again, 5 times a second for 20 s, and records when each PUT was sent and
 //! returned. Per cell: client CPU per answer, peak client RSS, propagation from the flip's PUT
-//! to each client's view (p50/p99), the client's own share of it (`at - received_at`),
+//! to each client's view (p50/p99), split into the answer's transfer (`read_at - received_at`:
+//! Consul sending the body, the client reading it) and the client's own share once the answer
+//! is in (`at - read_at`: decoding, building the view, updating the balancer),
 //! Consul's CPU over the window (the container's cgroup, else the agent's process), and the
 //! bytes served per flip (one answer's body, read through a counting [`FaultProxy`], times the
 //! answers served). Every wait has a deadline: a cell that saturates (Consul cannot render the
@@ -279,7 +281,12 @@ pub struct Cell {
     pub propagation_p50_ms: Option<f64>,
     /// The same, p99.
     pub propagation_p99_ms: Option<f64>,
-    /// The client's share (answer's headers arrived → view published), ms: p50.
+    /// The answer's transfer (headers arrived → body read: Consul sending, the client
+    /// reading), ms: p50.
+    pub transfer_p50_ms: Option<f64>,
+    /// The same, p99.
+    pub transfer_p99_ms: Option<f64>,
+    /// The client's share once the answer is in (body read → view published), ms: p50.
     pub client_added_p50_ms: Option<f64>,
     /// The same, p99.
     pub client_added_p99_ms: Option<f64>,
@@ -354,12 +361,13 @@ fn unix_ns(t: SystemTime) -> u128 {
 /// The line a client prints for `snapshot`.
 pub fn view_line(snapshot: &Snapshot) -> String {
     format!(
-        "{VIEW_PREFIX}version={} instances={} index={} at={} received_at={}",
+        "{VIEW_PREFIX}version={} instances={} index={} at={} received_at={} read_at={}",
         snapshot.version,
         snapshot.instances.len(),
         snapshot.index,
         unix_ns(snapshot.at),
-        unix_ns(snapshot.received_at)
+        unix_ns(snapshot.received_at),
+        unix_ns(snapshot.read_at)
     )
 }
 
@@ -376,6 +384,8 @@ pub struct View {
     pub at: SystemTime,
     /// When its answer's headers arrived.
     pub received_at: SystemTime,
+    /// When its answer's body had been read.
+    pub read_at: SystemTime,
 }
 
 /// A client's line, parsed; `None` for any other line (logs).
@@ -397,6 +407,7 @@ pub fn parse_view(line: &str) -> Option<View> {
         index: num("index")?,
         at: time("at")?,
         received_at: time("received_at")?,
+        read_at: time("read_at")?,
     })
 }
 
@@ -746,6 +757,7 @@ async fn run_cell(
     let horizon = t1;
     let mut propagation = Vec::new();
     let mut client_added = Vec::new();
+    let mut transfer = Vec::new();
     let mut answers = 0u64;
     let mut seen = 0;
     let mut client_cpu = Duration::ZERO;
@@ -756,7 +768,8 @@ async fn run_cell(
             if let Some(j) = m {
                 seen += 1;
                 propagation.push(ms_between(flip.returned, views[j].at));
-                client_added.push(ms_between(views[j].received_at, views[j].at));
+                transfer.push(ms_between(views[j].received_at, views[j].read_at));
+                client_added.push(ms_between(views[j].read_at, views[j].at));
             }
         }
         if let (Some(Some(a)), Some(Some(b))) = (cpu_before.get(i), cpu_after.get(i)) {
@@ -805,6 +818,8 @@ async fn run_cell(
         missed,
         propagation_p50_ms: percentile(&propagation, 50.0),
         propagation_p99_ms: percentile(&propagation, 99.0),
+        transfer_p50_ms: percentile(&transfer, 50.0),
+        transfer_p99_ms: percentile(&transfer, 99.0),
         client_added_p50_ms: percentile(&client_added, 50.0),
         client_added_p99_ms: percentile(&client_added, 99.0),
         consul,
@@ -946,14 +961,15 @@ fn table(cells: &[Cell], first: &str, key: impl Fn(&Cell) -> String) -> String {
     let mut md = format!(
         "| {first} | listed | answer | Consul's answer time | answers/client/flip | bytes served/flip | \
          client CPU/answer | client CPU/flip | client RSS max | seen / missed | propagation \
-         p50 / p99 | client's share p50 / p99 | Consul CPU over the window |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+         p50 / p99 | transfer p50 / p99 | client's share p50 / p99 | Consul CPU over the \
+         window |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for c in cells {
         let mark = if c.saturated { " **saturated**" } else { "" };
         md.push_str(&format!(
             "| {}{mark} | {} | {} | {:.0} ms | {:.2} | {} | {} ms | {:.2} ms | {:.1} MiB | {} / {} | \
-             {} / {} ms | {} / {} ms | {} |\n",
+             {} / {} ms | {} / {} ms | {} / {} ms | {} |\n",
             key(c),
             c.listed,
             bytes(c.answer_bytes as f64),
@@ -967,6 +983,8 @@ fn table(cells: &[Cell], first: &str, key: impl Fn(&Cell) -> String) -> String {
             c.missed,
             opt_ms(c.propagation_p50_ms),
             opt_ms(c.propagation_p99_ms),
+            opt_ms(c.transfer_p50_ms),
+            opt_ms(c.transfer_p99_ms),
             opt_ms(c.client_added_p50_ms),
             opt_ms(c.client_added_p99_ms),
             consul_cpu(c),
@@ -997,9 +1015,10 @@ pub fn markdown(report: &ScaleReport) -> String {
          logging at warn). *answers/client/flip*: 1 means every flip reached every client as an \
          answer of its own; below 1 flips were coalesced. *propagation*: from the flip's PUT \
          returning to a client's view showing it (0 when the view came first); a flip not shown \
-         before the flip after next was sent counts as missed. *client's share*: from the \
-         answer's headers arriving to the view being published (reading, decoding, building \
-         it). CPU from `/proc` (clients) and the agent's container (cgroup, else its process).",
+         before the flip after next was sent counts as missed. *transfer*: from the answer's \
+         headers arriving to its body read (Consul sending, the client reading). *client's \
+         share*: from the body read to the view being published (decoding, building the view, \
+         updating the balancer). CPU from `/proc` (clients) and the agent's container (cgroup, else its process).",
         c.flips_per_second,
         c.flip_for,
         c.flips()
@@ -1146,6 +1165,7 @@ mod tests {
             index: 0,
             at: t(at),
             received_at: t(received),
+            read_at: t(received),
         }
     }
 
@@ -1165,6 +1185,7 @@ mod tests {
         snapshot.index = 42;
         snapshot.version = 3;
         snapshot.received_at = t(5);
+        snapshot.read_at = t(6);
         snapshot.at = t(7);
         let line = view_line(&snapshot);
         let parsed = parse_view(&line).unwrap();
@@ -1173,6 +1194,7 @@ mod tests {
         assert_eq!(parsed.version, 3);
         assert_eq!(parsed.at, t(7));
         assert_eq!(parsed.received_at, t(5));
+        assert_eq!(parsed.read_at, t(6));
         assert_eq!(parse_view("2026-01-01 INFO consul answers"), None);
         assert_eq!(
             parse_view("view version=1 instances=x index=1 at=1 received_at=1"),
@@ -1291,6 +1313,8 @@ mod tests {
             missed: 0,
             propagation_p50_ms: Some(1.0),
             propagation_p99_ms: Some(2.0),
+            transfer_p50_ms: Some(0.2),
+            transfer_p99_ms: None,
             client_added_p50_ms: Some(0.5),
             client_added_p99_ms: None,
             consul: vec![AgentCpu {

@@ -233,3 +233,99 @@ async fn five_hundred_churning_instances_lose_no_message_and_the_view_follows_co
         member.task.await.unwrap();
     }
 }
+
+/// Consul 1.8.7's `?passing` filter removes a critical entry by moving the last entry into its
+/// place (`filterNonPassing`), so one check flipping changes the list in two places. The client
+/// decodes each answer by what changed: this must cost it one or two entries parsed, with the
+/// others kept as the same instances — not a parse of everything after the flipped entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipping_check_under_the_passing_filter_is_decoded_by_what_changed() {
+    use consul_api::{AgentServiceCheck, GoDuration, HealthStatus, QueryOptions};
+    use consul_registry::decode::Decoder;
+
+    init_tracing();
+    const N: usize = 60;
+    let consul = Consul::start().await.unwrap();
+    let client = consul.client();
+    let check = |i: usize| format!("flip-ttl-{i:02}");
+    stream::iter(0..N)
+        .for_each_concurrent(8, |i| {
+            let client = &client;
+            async move {
+                client
+                    .agent()
+                    .service_register(&AgentServiceRegistration {
+                        id: Some(format!("flip-{i:02}")),
+                        name: "flip".into(),
+                        address: Some("127.0.0.1".into()),
+                        port: Some(20_000 + i as u16),
+                        check: Some(AgentServiceCheck {
+                            check_id: Some(check(i)),
+                            ttl: Some(GoDuration::from_secs(3600)),
+                            status: Some("passing".into()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    // Wait (blocking queries) until the answer lists `want` instances, then read it raw.
+    let answer = |want: usize| {
+        let client = &client;
+        async move {
+            wait::health_until(client, "flip", true, Duration::from_secs(20), |e| {
+                e.len() == want
+            })
+            .await
+            .unwrap();
+            let (answer, _) = client
+                .health()
+                .service_answer("flip", None, true, &QueryOptions::default())
+                .await
+                .unwrap();
+            answer
+        }
+    };
+    let mut decoder = Decoder::new();
+    let mut listed = decoder.decode(answer(N).await).unwrap();
+    assert_eq!(listed.len(), N);
+
+    // The first entry's check turns critical (the last entry takes its place), then passes.
+    for (status, want) in [(HealthStatus::Critical, N - 1), (HealthStatus::Passing, N)] {
+        client
+            .agent()
+            .check_update(&check(0), status, "flipped by the test")
+            .await
+            .unwrap();
+        let answer = answer(want).await;
+        let ids: Vec<String> = answer
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|e| e.service.id.to_string())
+            .collect();
+        let next = decoder.decode(answer).unwrap();
+        assert_eq!(
+            next.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+            ids,
+            "the decoded instances are the answer's, in its order"
+        );
+        assert!(
+            decoder.parsed_last() <= 2,
+            "{status:?}: {} of {want} entries parsed",
+            decoder.parsed_last()
+        );
+        let kept = next
+            .iter()
+            .filter(|i| listed.iter().any(|l| Arc::ptr_eq(l, i)))
+            .count();
+        assert!(
+            kept >= want - 1,
+            "{status:?}: {kept} of {want} instances kept"
+        );
+        listed = next;
+    }
+}
