@@ -714,14 +714,22 @@ async fn two_instances_with_one_id_on_two_nodes_are_two_instances() {
     eprintln!("failover between two servernode_1: {:?}", started.elapsed());
 }
 
-#[tokio::test]
-async fn a_token_revoked_after_success_keeps_the_client_serving() {
-    init_tracing();
-    let options = ConsulOptions::from_env()
-        .unwrap()
-        .with_acl("revoke-root-token");
+/// An ACL-enabled agent with one passing echo-server, and an echo-client whose token (read on
+/// the service and nodes) the returned admin client can revoke; blocking queries of 1 s, so
+/// that a revocation is seen within a second when the agent checks the token at all.
+async fn revocable(
+    root: &str,
+    cached: bool,
+) -> (
+    Consul,
+    ServerProcess,
+    consul_api::Client,
+    consul_api::AclToken,
+    EchoClient,
+) {
+    let options = ConsulOptions::from_env().unwrap().with_acl(root);
     let consul = Consul::start_with(options).await.unwrap();
-    let _a = server(&consul, "servernode_1").await;
+    let a = server(&consul, "servernode_1").await;
     passing(&consul, &["servernode_1"]).await;
     let admin = consul.client();
     let policy = admin
@@ -751,20 +759,55 @@ async fn a_token_revoked_after_success_keeps_the_client_serving() {
         consul.config().with_token(Some(token.secret_id.clone())),
         SERVICE,
     );
-    // Short blocking queries, so the revocation is seen within a second.
     config.discovery.wait = Duration::from_secs(1);
+    config.discovery.cached = cached;
     let client = EchoClient::start(config).unwrap();
+    (consul, a, admin, token, client)
+}
+
+fn refused(s: &Snapshot) -> bool {
+    matches!(&s.consul, ConsulState::Unreachable { error, .. } if error.contains("403"))
+        || s.failure().is_some()
+}
+
+/// Why `cached` is not discovery's default, by behaviour: the agent answers a cached read
+/// from its cache, which it refreshes in the background with a blocking query, so a revoked
+/// token goes unnoticed until the service changes (an uncached client sees the 403 at its
+/// next read: 18 ms in the test above's setup; a cached one had not after 150 s, when tried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_client_sees_a_revoked_token_only_when_the_service_changes() {
+    init_tracing();
+    let (consul, _a, admin, token, client) = revocable("revoke-cached-root-token", true).await;
+    discovered(&client, |s| ids(s) == ["servernode_1"]).await;
+    admin.acl().token_delete(&token.accessor_id).await.unwrap();
+    // Five of its 1 s blocking reads go by, answered from the cache as if nothing happened
+    // (uncached, the 403 comes at the next read: well within the first second).
+    let mut rx = client.discovery();
+    let early = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(refused))
+        .await
+        .map(|s| s.map(|s| format!("{:?}", s.consul)));
+    assert!(
+        early.is_err(),
+        "the cache noticed the revocation within 5 s: {early:?}"
+    );
+    // The service changes: the agent's refresh runs with the revoked token and fails.
+    let _b = server(&consul, "servernode_2").await;
+    let late = discovered(&client, refused).await;
+    assert_eq!(late.failure(), None, "not permanent after a success");
+    assert_eq!(ids(&late), ["servernode_1"], "the last view is kept");
+}
+
+#[tokio::test]
+async fn a_token_revoked_after_success_keeps_the_client_serving() {
+    init_tracing();
+    let (_consul, _a, admin, token, client) = revocable("revoke-root-token", false).await;
     discovered(&client, |s| ids(s) == ["servernode_1"]).await;
     let first = echo(&client, 1).await;
 
     admin.acl().token_delete(&token.accessor_id).await.unwrap();
-    let refused = discovered(&client, |s| {
-        matches!(&s.consul, ConsulState::Unreachable { error, .. } if error.contains("403"))
-            || s.failure().is_some()
-    })
-    .await;
-    assert_eq!(refused.failure(), None, "not permanent after a success");
-    assert_eq!(ids(&refused), ["servernode_1"], "the last view is kept");
+    let seen = discovered(&client, refused).await;
+    assert_eq!(seen.failure(), None, "not permanent after a success");
+    assert_eq!(ids(&seen), ["servernode_1"], "the last view is kept");
     // The working connection keeps serving, nothing resent.
     for seq in 2..=5 {
         let reply = echo(&client, seq).await;
