@@ -77,7 +77,7 @@ impl Decoder {
     }
 
     /// An empty buffer to read the next answer into: the body of the answer before the last,
-    /// with its capacity (see [`consul_api::HealthEndpoint::service_answer_into`]).
+    /// with its capacity (see [`consul_api::health::Health::service_answer_into`]).
     pub fn buffer(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.spare)
     }
