@@ -40,6 +40,34 @@ pub const ENV_VARS: &[&str] = &[
     "CONSUL_TLS_SERVER_NAME",
 ];
 
+/// Where a successful answer's body goes, chunk by chunk, as it arrives: a `Vec<u8>`
+/// collects it; a decoder can do its work while the rest is still in flight (see
+/// [`Health::service_answer_to`](crate::health::Health::service_answer_to)).
+pub trait BodySink: Send {
+    /// How many bytes it has been given.
+    fn received(&self) -> usize;
+    /// The answer announced its length: room for that much more.
+    fn reserve(&mut self, additional: usize) {
+        let _ = additional;
+    }
+    /// The next chunk of the body.
+    fn extend(&mut self, chunk: &[u8]);
+}
+
+impl BodySink for Vec<u8> {
+    fn received(&self) -> usize {
+        self.len()
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        Vec::reserve(self, additional);
+    }
+
+    fn extend(&mut self, chunk: &[u8]) {
+        self.extend_from_slice(chunk);
+    }
+}
+
 /// Where and how to reach a Consul agent.
 #[derive(Clone)]
 pub struct Config {
@@ -342,22 +370,22 @@ impl Client {
         opts: Option<&QueryOptions>,
     ) -> Result<(T, QueryMeta)> {
         let (body, meta, path) = self
-            .send(Method::GET, segments, params, opts, None::<&()>, Vec::new())
+            .send(Method::GET, segments, params, opts, None::<&()>)
             .await?;
         Ok((decode("GET", &path, &body)?, meta))
     }
 
-    /// GET a body without decoding it, read into `buffer` (emptied first; its capacity is
-    /// kept, so a caller reading answers of similar size reuses one allocation); with the
-    /// answer's metadata and the request path.
-    pub(crate) async fn get_raw(
+    /// GET a body without decoding it, handed to `sink` chunk by chunk as it arrives (only
+    /// a successful answer's body: an error's is read for its message); with the answer's
+    /// metadata and the request path.
+    pub(crate) async fn get_to(
         &self,
         segments: &[&str],
         params: &[(&'static str, String)],
         opts: Option<&QueryOptions>,
-        buffer: Vec<u8>,
-    ) -> Result<(Vec<u8>, QueryMeta, String)> {
-        self.send(Method::GET, segments, params, opts, None::<&()>, buffer)
+        sink: &mut dyn BodySink,
+    ) -> Result<(QueryMeta, String)> {
+        self.send_to(Method::GET, segments, params, opts, None::<&()>, sink)
             .await
     }
 
@@ -381,16 +409,14 @@ impl Client {
         params: &[(&'static str, String)],
         body: Option<&B>,
     ) -> Result<Vec<u8>> {
-        let (body, _, _) = self
-            .send(Method::PUT, segments, params, None, body, Vec::new())
-            .await?;
+        let (body, _, _) = self.send(Method::PUT, segments, params, None, body).await?;
         Ok(body)
     }
 
     /// DELETE; the answer's body is returned raw (often `true`).
     pub(crate) async fn delete(&self, segments: &[&str]) -> Result<Vec<u8>> {
         let (body, _, _) = self
-            .send(Method::DELETE, segments, &[], None, None::<&()>, Vec::new())
+            .send(Method::DELETE, segments, &[], None, None::<&()>)
             .await?;
         Ok(body)
     }
@@ -402,7 +428,7 @@ impl Client {
         body: &B,
     ) -> Result<T> {
         let (raw, _, path) = self
-            .send(Method::POST, segments, &[], None, Some(body), Vec::new())
+            .send(Method::POST, segments, &[], None, Some(body))
             .await?;
         decode("POST", &path, &raw)
     }
@@ -414,11 +440,12 @@ impl Client {
         body: &B,
     ) -> Result<T> {
         let (raw, _, path) = self
-            .send(Method::PUT, segments, &[], None, Some(body), Vec::new())
+            .send(Method::PUT, segments, &[], None, Some(body))
             .await?;
         decode("PUT", &path, &raw)
     }
 
+    /// [`send_to`](Self::send_to), the body collected in a `Vec`.
     async fn send<B: Serialize>(
         &self,
         method: Method,
@@ -426,8 +453,26 @@ impl Client {
         params: &[(&'static str, String)],
         opts: Option<&QueryOptions>,
         body: Option<&B>,
-        buffer: Vec<u8>,
     ) -> Result<(Vec<u8>, QueryMeta, String)> {
+        let mut answer = Vec::new();
+        let (meta, path) = self
+            .send_to(method, segments, params, opts, body, &mut answer)
+            .await?;
+        Ok((answer, meta, path))
+    }
+
+    /// The one request path: build the URL, send with the token and the deadline, map
+    /// transport and TLS failures, hand a successful answer's body to `sink` as it arrives,
+    /// and turn an error status into an [`Error`] with Consul's message.
+    async fn send_to<B: Serialize>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        params: &[(&'static str, String)],
+        opts: Option<&QueryOptions>,
+        body: Option<&B>,
+        sink: &mut dyn BodySink,
+    ) -> Result<(QueryMeta, String)> {
         let method_name: &'static str = match method {
             Method::PUT => "PUT",
             Method::POST => "POST",
@@ -506,28 +551,32 @@ impl Client {
         let mut meta = QueryMeta::from_headers(response.headers());
 
         let limit = self.inner.config.max_body_bytes;
-        // Large answers (thousands of instances) are read without regrowing the buffer: to
-        // their announced length, or (Consul sends large answers chunked, without a length)
-        // into the caller's buffer, as large as the last answer it held.
-        let mut body = buffer;
-        body.clear();
-        if let Some(n) = response.content_length() {
-            body.reserve(usize::try_from(n).unwrap_or(0).min(limit));
+        let too_large = || Error::BodyTooLarge {
+            method: method_name,
+            path: path.clone(),
+            limit,
+        };
+        if status.is_success() {
+            // Large answers (thousands of instances) are handed on as they arrive: a sink
+            // that decodes by what changed does most of its work while the rest is in flight.
+            if let Some(n) = response.content_length() {
+                sink.reserve(usize::try_from(n).unwrap_or(0).min(limit));
+            }
+            while let Some(chunk) = response.chunk().await.map_err(transport)? {
+                if sink.received() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                sink.extend(&chunk);
+            }
+            meta.read_at = Some(SystemTime::now());
+            return Ok((meta, path));
         }
+        let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(transport)? {
             if body.len() + chunk.len() > limit {
-                return Err(Error::BodyTooLarge {
-                    method: method_name,
-                    path,
-                    limit,
-                });
+                return Err(too_large());
             }
             body.extend_from_slice(&chunk);
-        }
-        meta.read_at = Some(SystemTime::now());
-
-        if status.is_success() {
-            return Ok((body, meta, path));
         }
         let message = message_of(&body);
         Err(

@@ -76,7 +76,7 @@ pub use agent::{
 pub use args::ConsulArgs;
 pub use backoff::Backoff;
 pub use catalog::{CatalogRegistration, CatalogService, CatalogServiceRegistration};
-pub use client::{Client, Config};
+pub use client::{BodySink, Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};
 pub use health::{

@@ -25,7 +25,7 @@
 
 use std::{collections::HashMap, ops::Range, sync::Arc};
 
-use consul_api::{EntryView, ServiceAnswer};
+use consul_api::{BodySink, EntryView, ServiceAnswer};
 
 use crate::discovery::Instance;
 
@@ -40,7 +40,8 @@ pub struct Decoder {
     instances: Vec<Arc<Instance>>,
     /// How many entries the last decode parsed.
     parsed: usize,
-    /// The body before the last one, emptied: the next answer is read into it.
+    /// The body before the last one, emptied: the next answer is read into it (no 12 MB
+    /// allocation, page faults and regrowing per answer).
     spare: Vec<u8>,
 }
 
@@ -50,36 +51,27 @@ impl Decoder {
         Decoder::default()
     }
 
-    /// The instances of `answer`, in the answer's order: unchanged entries as the same `Arc`s
-    /// as before, changed ones parsed. An answer that is not a list of entries is an error
-    /// (and the next answer is parsed in full).
-    pub fn decode(&mut self, answer: ServiceAnswer) -> consul_api::Result<Vec<Arc<Instance>>> {
-        let body = answer.body();
-        let last = Last {
-            body: &self.body,
-            spans: &self.spans,
-            instances: &self.instances,
-        };
-        let Some((spans, instances, parsed)) = walk(body, &last) else {
-            // Not a list we can walk: `null`, or malformed. Decode it the plain way, for the
-            // precise error (or the rare body the walk does not take, such as `null`).
-            self.clear();
-            let entries = answer.entries()?;
-            return Ok(entries.iter().map(|e| Arc::new(instance(e))).collect());
-        };
-        self.spans = spans;
-        self.instances.clone_from(&instances);
-        self.parsed = parsed;
-        let mut old = std::mem::replace(&mut self.body, answer.into_body());
-        old.clear();
-        self.spare = old;
-        Ok(instances)
+    /// Start decoding the next answer as its body arrives: give the [`Decoding`] to
+    /// [`Health::service_answer_to`](consul_api::health::Health::service_answer_to), then
+    /// [`finish`](Decoding::finish) it. Most of the work is done chunk by chunk while the
+    /// rest is in flight, each chunk compared while it is still in the CPU's cache.
+    pub fn start(&mut self) -> Decoding<'_> {
+        let mut body = std::mem::take(&mut self.spare);
+        body.clear();
+        let walk = Walk::new(self.spans.len() + 1);
+        Decoding {
+            decoder: self,
+            body,
+            walk,
+        }
     }
 
-    /// An empty buffer to read the next answer into: the body of the answer before the last,
-    /// with its capacity (see [`consul_api::health::Health::service_answer_into`]).
-    pub fn buffer(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.spare)
+    /// The instances of a whole `answer` (see [`start`](Self::start) to decode one as it
+    /// arrives).
+    pub fn decode(&mut self, answer: ServiceAnswer) -> consul_api::Result<Vec<Arc<Instance>>> {
+        let mut decoding = self.start();
+        BodySink::extend(&mut decoding, answer.body());
+        decoding.finish(answer.path())
     }
 
     /// How many entries the last decode parsed (the rest were reused).
@@ -87,16 +79,80 @@ impl Decoder {
         self.parsed
     }
 
-    fn clear(&mut self) {
-        self.body.clear();
-        self.spans.clear();
-        self.instances.clear();
-        self.parsed = 0;
+    fn last(&self) -> Last<'_> {
+        Last {
+            body: &self.body,
+            spans: &self.spans,
+            instances: &self.instances,
+        }
     }
 }
 
-/// The spans, instances and number of entries parsed of one decoded body.
-type Decoded = (Vec<Range<usize>>, Vec<Arc<Instance>>, usize);
+/// One answer being decoded as it arrives ([`Decoder::start`]): a [`BodySink`] that walks
+/// each chunk as it comes. Dropped unfinished (the read failed), it leaves the decoder as
+/// it was.
+#[derive(Debug)]
+pub struct Decoding<'a> {
+    decoder: &'a mut Decoder,
+    /// The new answer's body so far.
+    body: Vec<u8>,
+    walk: Walk,
+}
+
+impl BodySink for Decoding<'_> {
+    fn received(&self) -> usize {
+        self.body.len()
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        self.body.reserve(additional);
+    }
+
+    fn extend(&mut self, chunk: &[u8]) {
+        self.body.extend_from_slice(chunk);
+        self.walk.run(&self.body, false, &self.decoder.last());
+    }
+}
+
+impl Decoding<'_> {
+    /// The whole answer has arrived (from `path`, for errors): its instances, in the answer's
+    /// order, unchanged entries as the same `Arc`s as before, changed ones parsed. An answer
+    /// that is not a list of entries is an error (and the next answer is parsed in full).
+    pub fn finish(mut self, path: &str) -> consul_api::Result<Vec<Arc<Instance>>> {
+        let body = std::mem::take(&mut self.body);
+        self.walk.run(&body, true, &self.decoder.last());
+        let decoder = &mut *self.decoder;
+        if self.walk.state == State::Ended {
+            let walk = std::mem::take(&mut self.walk);
+            decoder.spans = walk.spans;
+            decoder.instances.clone_from(&walk.instances);
+            decoder.parsed = walk.parsed;
+            decoder.spare = std::mem::replace(&mut decoder.body, body);
+            return Ok(walk.instances);
+        }
+        // Not a list we can walk: `null`, or malformed. Decode it the plain way, for the
+        // precise error (or the rare body the walk does not take, such as `null`); the next
+        // answer is parsed in full.
+        decoder.body.clear();
+        decoder.spans.clear();
+        decoder.instances.clear();
+        decoder.parsed = 0;
+        let answer = ServiceAnswer::new(body, path);
+        let instances = answer
+            .entries()
+            .map(|entries| entries.iter().map(|e| Arc::new(instance(e))).collect());
+        decoder.spare = answer.into_body();
+        instances
+    }
+}
+
+impl Drop for Decoding<'_> {
+    fn drop(&mut self) {
+        if self.body.capacity() > self.decoder.spare.capacity() {
+            self.decoder.spare = std::mem::take(&mut self.body);
+        }
+    }
+}
 
 /// The last answer, as the walk of the next one sees it.
 struct Last<'a> {
@@ -105,123 +161,231 @@ struct Last<'a> {
     instances: &'a [Arc<Instance>],
 }
 
+/// Whether the bytes ahead are a given entry of the last answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Same {
+    Yes,
+    No,
+    /// What has arrived so far agrees; the rest has not arrived.
+    Unknown,
+}
+
 impl Last<'_> {
-    /// Whether `new` holds the last answer's entry `j` at `at`.
-    fn matches(&self, j: usize, new: &[u8], at: usize) -> bool {
-        self.spans.get(j).is_some_and(|span| {
-            new.get(at..at + span.len())
-                .is_some_and(|ahead| ahead == &self.body[span.clone()])
-        })
+    /// Whether `new` holds the last answer's entry `j` at `at` (`complete`: nothing more of
+    /// `new` is coming).
+    fn compare(&self, j: usize, new: &[u8], at: usize, complete: bool) -> Same {
+        let Some(span) = self.spans.get(j) else {
+            return Same::No;
+        };
+        let old = &self.body[span.clone()];
+        let ahead = new.get(at..).unwrap_or_default();
+        if let Some(ahead) = ahead.get(..old.len()) {
+            return if ahead == old { Same::Yes } else { Same::No };
+        }
+        if !complete && old.starts_with(ahead) {
+            Same::Unknown
+        } else {
+            Same::No
+        }
     }
 
     /// The last answer's entry of `node` and `id`: found by a scan while few entries have
     /// been parsed (one change parses one or two), by an index built once after that.
-    fn find<'a>(
-        &'a self,
-        index: &mut Option<HashMap<(&'a str, &'a str), usize>>,
-        lookups: &mut usize,
+    fn find(
+        &self,
+        index: &mut Option<Index>,
+        lookups: usize,
         node: &str,
         id: &str,
     ) -> Option<usize> {
-        *lookups += 1;
-        if *lookups <= SCANS {
+        if lookups <= SCANS {
             return self
                 .instances
                 .iter()
                 .position(|i| i.id == id && i.node == node);
         }
         let index = index.get_or_insert_with(|| {
-            let mut index = HashMap::with_capacity(self.instances.len());
+            let mut index = Index::new();
             for (j, i) in self.instances.iter().enumerate() {
-                index.entry((i.node.as_str(), i.id.as_str())).or_insert(j);
+                index
+                    .entry(i.node.clone())
+                    .or_default()
+                    .entry(i.id.clone())
+                    .or_insert(j);
             }
             index
         });
-        index.get(&(node, id)).copied()
+        index.get(node)?.get(id).copied()
     }
 }
+
+/// The last answer's entries by node, then ID.
+type Index = HashMap<String, HashMap<String, usize>>;
 
 /// Parsed entries looked up by a scan of the last answer before an index is built.
 const SCANS: usize = 8;
 
-/// Walk `body`'s list entry by entry, reusing `last`'s entries where the bytes are equal;
-/// `None` if `body` is not a list of entries.
-fn walk(body: &[u8], last: &Last<'_>) -> Option<Decoded> {
-    let mut spans = Vec::with_capacity(last.spans.len() + 1);
-    let mut instances = Vec::with_capacity(last.spans.len() + 1);
-    let mut parsed = 0;
-    // The last answer's entry expected next, and how parsed entries are found in it.
-    let mut cursor = 0;
-    let mut index = None;
-    let mut lookups = 0;
-    // Where Consul's `passing` filter takes the entry that fills a removed one's place.
-    let moved = last.spans.len().checked_sub(1);
-    let open = skip_ws(body, 0);
-    if body.get(open) != Some(&b'[') {
-        return None;
+/// Where a walk is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum State {
+    #[default]
+    Walking,
+    /// The list ended, with nothing after it.
+    Ended,
+    /// Not a list of entries.
+    Failed,
+}
+
+/// What one step of a walk did.
+enum Step {
+    /// Took one entry (or the list's opening bracket).
+    Took,
+    /// Needs more of the body.
+    More,
+    End,
+    Bad,
+}
+
+/// A walk of one answer's list, entry by entry, reusing the last answer's entries where the
+/// bytes are equal; it can stop wherever the body arrived so far ends, and go on from there.
+/// A step that needs bytes not yet arrived changes nothing, and is taken again with more:
+/// the outcome is the same however the body was cut into chunks.
+#[derive(Debug, Default)]
+struct Walk {
+    spans: Vec<Range<usize>>,
+    instances: Vec<Arc<Instance>>,
+    parsed: usize,
+    /// The last answer's entry expected next.
+    cursor: usize,
+    /// How parsed entries are found in the last answer.
+    index: Option<Index>,
+    lookups: usize,
+    /// Where the next step starts; `None` before the list's `[`.
+    pos: Option<usize>,
+    state: State,
+}
+
+impl Walk {
+    fn new(entries: usize) -> Self {
+        Walk {
+            spans: Vec::with_capacity(entries),
+            instances: Vec::with_capacity(entries),
+            ..Walk::default()
+        }
     }
-    let mut pos = open + 1;
-    let mut first = true;
-    loop {
-        pos = skip_ws(body, pos);
-        match body.get(pos)? {
-            b']' => {
-                return (skip_ws(body, pos + 1) == body.len())
-                    .then_some((spans, instances, parsed));
+
+    /// Walk as far as `body` allows (`complete`: all of it has arrived).
+    fn run(&mut self, body: &[u8], complete: bool, last: &Last<'_>) {
+        while self.state == State::Walking {
+            match self.step(body, complete, last) {
+                Step::Took => {}
+                Step::More if complete => self.state = State::Failed,
+                Step::More => return,
+                Step::End => self.state = State::Ended,
+                Step::Bad => self.state = State::Failed,
             }
-            b',' if !first => pos = skip_ws(body, pos + 1),
-            _ if first => {}
-            _ => return None,
         }
-        first = false;
-        if let Some(j) = (cursor..cursor + 2).find(|&j| last.matches(j, body, pos)) {
-            let len = last.spans[j].len();
-            spans.push(pos..pos + len);
-            instances.push(Arc::clone(&last.instances[j]));
-            pos += len;
-            cursor = j + 1;
-            continue;
+    }
+
+    fn step(&mut self, body: &[u8], complete: bool, last: &Last<'_>) -> Step {
+        let more = if complete { Step::Bad } else { Step::More };
+        let Some(start) = self.pos else {
+            let open = skip_ws(body, 0);
+            return match body.get(open) {
+                None => more,
+                Some(b'[') => {
+                    self.pos = Some(open + 1);
+                    Step::Took
+                }
+                Some(_) => Step::Bad,
+            };
+        };
+        let first = self.spans.is_empty();
+        let mut pos = skip_ws(body, start);
+        match body.get(pos) {
+            None => return more,
+            Some(b']') if !complete => return Step::More,
+            Some(b']') => {
+                return if skip_ws(body, pos + 1) == body.len() {
+                    Step::End
+                } else {
+                    Step::Bad
+                };
+            }
+            Some(b',') if !first => pos = skip_ws(body, pos + 1),
+            Some(_) if first => {}
+            Some(_) => return Step::Bad,
         }
-        if let Some(j) = moved.filter(|&j| j > cursor + 1 && last.matches(j, body, pos)) {
-            // The last entry, moved here; the cursor stays for the entries that follow.
-            let len = last.spans[j].len();
-            spans.push(pos..pos + len);
-            instances.push(Arc::clone(&last.instances[j]));
-            pos += len;
-            continue;
+        // The last answer's entry expected here, or the one after it (an entry removed), or
+        // its last entry (moved here by Consul's `passing` filter: the cursor stays for the
+        // entries that follow).
+        let cursor = self.cursor;
+        let moved = last.spans.len().checked_sub(1).filter(|&j| j > cursor + 1);
+        let expected = [(cursor, true), (cursor + 1, true)];
+        for (j, in_order) in expected.into_iter().chain(moved.map(|j| (j, false))) {
+            match last.compare(j, body, pos, complete) {
+                Same::Yes => {
+                    let end = pos + last.spans[j].len();
+                    self.spans.push(pos..end);
+                    self.instances.push(Arc::clone(&last.instances[j]));
+                    self.pos = Some(end);
+                    if in_order {
+                        self.cursor = j + 1;
+                    }
+                    return Step::Took;
+                }
+                Same::No => {}
+                Same::Unknown => return Step::More,
+            }
         }
         let mut stream = serde_json::Deserializer::from_slice(&body[pos..]).into_iter();
-        let entry: EntryView<'_> = stream.next()?.ok()?;
+        let entry: EntryView<'_> = match stream.next() {
+            Some(Ok(entry)) => entry,
+            Some(Err(e)) if !e.is_eof() => return Step::Bad,
+            _ => return more,
+        };
         let end = pos + stream.byte_offset();
-        parsed += 1;
+        let lookups = self.lookups + 1;
         let found = last.find(
-            &mut index,
-            &mut lookups,
+            &mut self.index,
+            lookups,
             &entry.node.node,
             &entry.service.id,
         );
-        let reused =
-            found.filter(|&j| last.matches(j, body, pos) && last.spans[j].len() == end - pos);
-        instances.push(match reused {
-            Some(j) => Arc::clone(&last.instances[j]),
-            None => Arc::new(instance(&entry)),
-        });
-        spans.push(pos..end);
+        let mut cursor = self.cursor;
         if let Some(j) = found {
             // The same entry changed in place, or a run of entries removed before it (the
             // next entry follows it in both answers): go on from there. An entry moved from
             // elsewhere (the last, by the `passing` filter) leaves the cursor where it is.
-            let next = skip_ws(body, end);
-            let next = if body.get(next) == Some(&b',') {
-                skip_ws(body, next + 1)
-            } else {
-                next
-            };
-            if j <= cursor + 1 || last.matches(j + 1, body, next) {
+            if j <= cursor + 1 {
                 cursor = j + 1;
+            } else {
+                let next = skip_ws(body, end);
+                let next = if body.get(next) == Some(&b',') {
+                    skip_ws(body, next + 1)
+                } else {
+                    next
+                };
+                match last.compare(j + 1, body, next, complete) {
+                    Same::Yes => cursor = j + 1,
+                    Same::No => {}
+                    Same::Unknown => return Step::More,
+                }
             }
         }
-        pos = end;
+        let reused = found.filter(|&j| {
+            last.spans[j].len() == end - pos && last.compare(j, body, pos, true) == Same::Yes
+        });
+        self.instances.push(match reused {
+            Some(j) => Arc::clone(&last.instances[j]),
+            None => Arc::new(instance(&entry)),
+        });
+        self.spans.push(pos..end);
+        self.parsed += 1;
+        self.lookups = lookups;
+        self.cursor = cursor;
+        self.pos = Some(end);
+        Step::Took
     }
 }
 
@@ -306,6 +470,26 @@ mod tests {
                 body.to_vec(),
                 "/v1/health/service/scale",
             ))
+            .expect("decodes")
+    }
+
+    /// As [`decode`], the body arriving in chunks of random sizes (from one byte).
+    fn decode_in_chunks(
+        decoder: &mut Decoder,
+        body: &[u8],
+        rng: &mut StdRng,
+    ) -> Vec<Arc<Instance>> {
+        let mut decoding = decoder.start();
+        let mut rest = body;
+        while !rest.is_empty() {
+            let most = if rng.random_bool(0.5) { 7 } else { 3000 };
+            let n = rng.random_range(1..=rest.len().min(most));
+            let (chunk, after) = rest.split_at(n);
+            BodySink::extend(&mut decoding, chunk);
+            rest = after;
+        }
+        decoding
+            .finish("/v1/health/service/scale")
             .expect("decodes")
     }
 
@@ -446,6 +630,74 @@ mod tests {
                 assert_eq!(got, full(&bytes), "round {round}, pretty {pretty}");
             }
         }
+    }
+
+    #[test]
+    fn an_answer_decoded_as_it_arrives_is_decoded_as_if_whole() {
+        // Two decoders see the same answers, one whole, one in chunks cut anywhere (inside
+        // an entry, a string, a number, between a comma and the next entry): the same
+        // instances, the same reuse, the same number parsed.
+        let mut rng = StdRng::seed_from_u64(11);
+        for pretty in [false, true] {
+            let (mut whole, mut chunked) = (Decoder::new(), Decoder::new());
+            let mut entries: Vec<Value> = (0..40).map(|i| entry(i, "passing", "1")).collect();
+            let (mut before_whole, mut before_chunked) = (Vec::new(), Vec::new());
+            for round in 0..120 {
+                let at = rng.random_range(0..entries.len());
+                match round % 4 {
+                    0 => entries = swap_remove(&entries, at),
+                    1 => entries.insert(at, entry(100 + round, "passing", "1")),
+                    2 => entries[at]["Service"]["Meta"]["version"] = json!(round.to_string()),
+                    _ => {}
+                }
+                let bytes = body(&entries, pretty);
+                let a = decode(&mut whole, &bytes);
+                let b = decode_in_chunks(&mut chunked, &bytes, &mut rng);
+                assert_eq!(plain(&a), plain(&b), "round {round}");
+                assert_eq!(plain(&b), full(&bytes), "round {round}");
+                assert_eq!(whole.parsed_last(), chunked.parsed_last(), "round {round}");
+                let reused = |now: &[Arc<Instance>], before: &[Arc<Instance>]| {
+                    now.iter()
+                        .map(|i| before.iter().position(|o| Arc::ptr_eq(i, o)))
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    reused(&a, &before_whole),
+                    reused(&b, &before_chunked),
+                    "round {round}: the same entries reused"
+                );
+                (before_whole, before_chunked) = (a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn an_answer_that_never_finishes_arriving_leaves_the_decoder_as_it_was() {
+        let entries: Vec<Value> = (0..20).map(|i| entry(i, "passing", "1")).collect();
+        let bytes = body(&entries, true);
+        let mut decoder = Decoder::new();
+        let first = decode(&mut decoder, &bytes);
+        // A read cut off half-way: the decoding is dropped unfinished.
+        let mut decoding = decoder.start();
+        BodySink::extend(&mut decoding, &bytes[..bytes.len() / 2]);
+        drop(decoding);
+        // The next answer is still decoded against the last whole one.
+        let again = decode(&mut decoder, &bytes);
+        assert_eq!(decoder.parsed_last(), 0);
+        assert!(first.iter().zip(&again).all(|(a, b)| Arc::ptr_eq(a, b)));
+        // While it arrives, every entry whose bytes are in has been taken.
+        let mut decoding = decoder.start();
+        BodySink::extend(&mut decoding, &bytes[..bytes.len() - 10]);
+        assert_eq!(
+            decoding.walk.spans.len(),
+            19,
+            "all but the last, cut-off entry"
+        );
+        drop(decoding);
+        // A body cut off is an error when finished, not a shorter list.
+        let mut decoding = decoder.start();
+        BodySink::extend(&mut decoding, &bytes[..bytes.len() - 3]);
+        assert!(decoding.finish("/v1/health/service/scale").is_err());
     }
 
     #[test]

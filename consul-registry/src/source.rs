@@ -18,11 +18,7 @@
 //! answer carries at most 3 records (Consul's `udp_answer_limit`), a TCP one every instance up
 //! to 64 KiB; Consul's DNS TTL is 0, so nothing is cached in between.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use consul_api::{
     Client, QueryMeta, QueryOptions, Watch,
@@ -113,8 +109,9 @@ pub(crate) enum Reader {
     Consul {
         client: Client,
         config: DiscoveryConfig,
-        /// Health answers decoded by what changed (one read at a time, so never contended).
-        decoder: Arc<Mutex<Decoder>>,
+        /// Health answers decoded by what changed (one read at a time, so never contended;
+        /// held while an answer arrives).
+        decoder: Arc<tokio::sync::Mutex<Decoder>>,
     },
     Dns {
         resolver: Box<TokioResolver>,
@@ -164,26 +161,22 @@ impl Reader {
 async fn read_consul(
     client: &Client,
     config: &DiscoveryConfig,
-    decoder: &Mutex<Decoder>,
+    decoder: &tokio::sync::Mutex<Decoder>,
     opts: QueryOptions,
 ) -> Read {
     let service = config.service.as_str();
     let tag = config.tag.as_deref();
     match &config.source {
         Source::Health => {
-            let buffer = decoder
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .buffer();
-            let (answer, meta) = client
+            // Decoded as it arrives: by the time the last chunk is in, all but the last
+            // chunk's entries have been compared (or parsed).
+            let mut decoder = decoder.lock().await;
+            let mut decoding = decoder.start();
+            let (meta, path) = client
                 .health()
-                .service_answer_into(service, tag, true, &opts, buffer)
+                .service_answer_to(service, tag, true, &opts, &mut decoding)
                 .await?;
-            let instances = decoder
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .decode(answer)?;
-            Ok((instances, meta))
+            Ok((decoding.finish(&path)?, meta))
         }
         Source::Catalog => {
             let (entries, meta) = client.catalog().service(service, tag, &opts).await?;

@@ -272,25 +272,38 @@ async fn a_flipping_check_under_the_passing_filter_is_decoded_by_what_changed() 
             }
         })
         .await;
-    // Wait (blocking queries) until the answer lists `want` instances, then read it raw.
-    let answer = |want: usize| {
+    // Wait (blocking queries) until the answer lists `want` instances (their IDs in Consul's
+    // order), then read it again the way discovery does: decoded as it arrives, in the
+    // chunks the socket gives (a 150 KB answer from this `-dev` agent).
+    let ids = |want: usize| {
         let client = &client;
         async move {
             wait::health_until(client, "flip", true, Duration::from_secs(20), |e| {
                 e.len() == want
             })
             .await
-            .unwrap();
-            let (answer, _) = client
-                .health()
-                .service_answer("flip", None, true, &QueryOptions::default())
-                .await
-                .unwrap();
-            answer
+            .unwrap()
+            .0
+            .iter()
+            .map(|e| e.service.id.clone())
+            .collect::<Vec<String>>()
         }
     };
+    async fn read(
+        client: &consul_api::Client,
+        decoder: &mut Decoder,
+    ) -> Vec<Arc<consul_registry::Instance>> {
+        let mut decoding = decoder.start();
+        let (_, path) = client
+            .health()
+            .service_answer_to("flip", None, true, &QueryOptions::default(), &mut decoding)
+            .await
+            .unwrap();
+        decoding.finish(&path).unwrap()
+    }
     let mut decoder = Decoder::new();
-    let mut listed = decoder.decode(answer(N).await).unwrap();
+    assert_eq!(ids(N).await.len(), N);
+    let mut listed = read(&client, &mut decoder).await;
     assert_eq!(listed.len(), N);
 
     // The first entry's check turns critical (the last entry takes its place), then passes.
@@ -300,14 +313,8 @@ async fn a_flipping_check_under_the_passing_filter_is_decoded_by_what_changed() 
             .check_update(&check(0), status, "flipped by the test")
             .await
             .unwrap();
-        let answer = answer(want).await;
-        let ids: Vec<String> = answer
-            .entries()
-            .unwrap()
-            .iter()
-            .map(|e| e.service.id.to_string())
-            .collect();
-        let next = decoder.decode(answer).unwrap();
+        let ids = ids(want).await;
+        let next = read(&client, &mut decoder).await;
         assert_eq!(
             next.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
             ids,
