@@ -14,7 +14,10 @@
 //!   `critical + max(setting, 1m)`, where ticks fall at `anchor + k × 30s`. The anchor is
 //!   the reaper's start, which the agent's log dates to the millisecond (the reaper starts
 //!   right before the agent logs "Started HTTP server"), or any earlier observed removal,
-//!   which is itself a tick.
+//!   which is itself a tick. Strictly, each tick comes 30 s after the previous pass *ended*
+//!   (`reapServices` waits on `time.After` in a loop, agent/agent.go in 1.8.7), so a pass
+//!   slowed by a loaded machine pushes the later ticks; an anchor at a recent removal keeps
+//!   that slip to the passes since.
 //!
 //! All instants are seconds (f64) on one clock, for example since the UNIX epoch.
 
