@@ -551,32 +551,27 @@ impl Client {
         let mut meta = QueryMeta::from_headers(response.headers());
 
         let limit = self.inner.config.max_body_bytes;
-        let too_large = || Error::BodyTooLarge {
-            method: method_name,
-            path: path.clone(),
-            limit,
-        };
-        if status.is_success() {
-            // Large answers (thousands of instances) are handed on as they arrive: a sink
-            // that decodes by what changed does most of its work while the rest is in flight.
-            if let Some(n) = response.content_length() {
-                sink.reserve(usize::try_from(n).unwrap_or(0).min(limit));
-            }
-            while let Some(chunk) = response.chunk().await.map_err(transport)? {
-                if sink.received() + chunk.len() > limit {
-                    return Err(too_large());
-                }
-                sink.extend(&chunk);
-            }
-            meta.read_at = Some(SystemTime::now());
-            return Ok((meta, path));
-        }
+        // Large answers (thousands of instances) are handed on as they arrive: a sink that
+        // decodes by what changed does most of its work while the rest is in flight. An
+        // error's body is read for its message.
         let mut body = Vec::new();
+        let target: &mut dyn BodySink = if status.is_success() { sink } else { &mut body };
+        if let Some(n) = response.content_length() {
+            target.reserve(usize::try_from(n).unwrap_or(0).min(limit));
+        }
         while let Some(chunk) = response.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > limit {
-                return Err(too_large());
+            if target.received() + chunk.len() > limit {
+                return Err(Error::BodyTooLarge {
+                    method: method_name,
+                    path,
+                    limit,
+                });
             }
-            body.extend_from_slice(&chunk);
+            target.extend(&chunk);
+        }
+        meta.read_at = Some(SystemTime::now());
+        if status.is_success() {
+            return Ok((meta, path));
         }
         let message = message_of(&body);
         Err(

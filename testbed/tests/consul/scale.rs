@@ -335,4 +335,29 @@ async fn a_flipping_check_under_the_passing_filter_is_decoded_by_what_changed() 
         );
         listed = next;
     }
+
+    // An answer over the client's size cap is refused while it arrives, and the decoder is
+    // left as it was: the next answer (read with the cap lifted) reuses every entry.
+    let capped = consul_api::Client::new(consul_api::Config {
+        max_body_bytes: 10_000,
+        ..consul.config()
+    })
+    .unwrap();
+    let mut decoding = decoder.start();
+    let refused = capped
+        .health()
+        .service_answer_to("flip", None, true, &QueryOptions::default(), &mut decoding)
+        .await
+        .expect_err("a 150 KB answer over a 10 KB cap");
+    drop(decoding);
+    assert!(
+        matches!(
+            refused,
+            consul_api::Error::BodyTooLarge { limit: 10_000, .. }
+        ),
+        "{refused}"
+    );
+    let again = read(&client, &mut decoder).await;
+    assert_eq!(decoder.parsed_last(), 0, "the last whole answer was kept");
+    assert!(again.iter().zip(&listed).all(|(a, b)| Arc::ptr_eq(a, b)));
 }
