@@ -51,11 +51,6 @@ const LARGE_BUFFER: usize = 4 * READ_CHUNK;
 /// driver's eventfd, two context switches); yielding every 64 KiB cost the pipelined echo
 /// ~20% of its CPU per message (measured with `echo-probe`, see BENCHMARKS.md).
 const MAX_READ_PER_WAKE: usize = 64 * READ_CHUNK;
-/// How many connections may read more than once per wake-up at the same time: one fewer
-/// than the runtime has workers (one per CPU), at least one. See [`Handler::take_turn`].
-fn heavy_readers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
-}
 /// A connection idle this long may be closed to make room when every slot is taken.
 const IDLE_BEFORE_SHED: Duration = Duration::from_secs(1);
 /// After an oversized frame: how long, and how much, of what the peer still sends is read
@@ -164,7 +159,6 @@ impl Server {
             listener: echo,
             limit: limit.clone(),
             shed: Shedder::default(),
-            heavy: Arc::new(Semaphore::new(heavy_readers())),
             max_frame: config.max_frame,
             idle_timeout: config.idle_timeout,
             tracker: tracker.clone(),
@@ -313,8 +307,6 @@ struct Listener {
     listener: TcpListener,
     limit: Arc<Semaphore>,
     shed: Shedder,
-    /// The turns of connections that read more than once per wake-up.
-    heavy: Arc<Semaphore>,
     max_frame: usize,
     idle_timeout: Duration,
     tracker: TaskTracker,
@@ -350,7 +342,6 @@ impl Listener {
                 self.idle_timeout,
                 self.connections.watch(),
                 self.shed.clone(),
-                self.heavy.clone(),
             );
             self.tracker.spawn(handler.run(permit));
         }
@@ -406,10 +397,6 @@ struct Handler<S> {
     /// The drain and the cut: looked at in every wait, for one atomic load.
     stop: Watch,
     shed: Shedder,
-    /// The server's turns for heavy connections ([`Handler::take_turn`]).
-    heavy: Arc<Semaphore>,
-    /// This connection's turn, held from its second read of a wake-up until it waits.
-    turn: Option<OwnedSemaphorePermit>,
 }
 
 /// Why a connection ended.
@@ -467,7 +454,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         idle_timeout: Duration,
         stop: Watch,
         shed: Shedder,
-        heavy: Arc<Semaphore>,
     ) -> Self {
         let last_frame = Instant::now();
         Handler {
@@ -483,15 +469,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             idle_timeout,
             stop,
             shed,
-            heavy,
-            turn: None,
         }
     }
 
     async fn run(mut self, permit: OwnedSemaphorePermit) {
         let end = self.serve().await;
-        // What follows may wait on the peer (the error line, the linger, the close).
-        self.turn = None;
         match end {
             Ok(End::FrameTooLong) => self.refuse_and_linger().await,
             Ok(End::Cut) => {}
@@ -516,7 +498,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
                     return Ok(End::Cut);
                 }
                 since_wait = 0;
-                self.turn = None;
                 tokio::task::yield_now().await;
             }
             self.make_room();
@@ -526,10 +507,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             // per one-in-flight round trip). Such a connection goes straight to waiting.
             let tried = self.busy;
             let ready = if tried {
-                // A read right after a read: the peer sends more than a read takes.
-                if self.turn.is_none() && !self.take_turn().await {
-                    return Ok(End::Cut);
-                }
                 self.socket
                     .read_buf(&mut (&mut self.buf).limit(READ_CHUNK))
                     .now_or_never()
@@ -544,7 +521,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
                         // (Untried, it may not: the budget keeps counting.)
                         since_wait = 0;
                     }
-                    self.turn = None;
                     match self.wait(draining).await {
                         Wake::Read(read) => read,
                         Wake::Drain => {
@@ -591,57 +567,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         }
     }
 
-    /// A heavy connection's turn: a connection about to read again without having waited
-    /// (its last read filled the room it had: its peer sends faster than one read takes)
-    /// first takes one of the server's few turns ([`heavy_readers`]), and keeps it until
-    /// it waits (for the peer's bytes or for room to write) or yields. A light connection
-    /// (one read per wake-up, as a client with one message in flight makes) never takes one.
-    /// So however many peers flood the server, at most that many connections do more than
-    /// one read per wake-up at once: the others wait here, not in the runtime's run queue
-    /// ahead of the light connections, and one worker is left free for those. `false` if
-    /// the cut came first.
-    async fn take_turn(&mut self) -> bool {
-        if let Ok(turn) = self.heavy.clone().try_acquire_owned() {
-            self.turn = Some(turn);
-            return true;
-        }
-        tokio::select! {
-            biased;
-            _ = self.stop.reached(Phase::Cut) => false,
-            turn = self.heavy.clone().acquire_owned() => {
-                // The semaphore is never closed; were it, the connection reads ungated.
-                self.turn = turn.ok();
-                true
-            }
-        }
-    }
-
     /// Echo the first `complete` bytes of the buffer (whole frames) with one write, and keep
     /// the rest. `false` if the peer stopped taking data.
     async fn answer(&mut self, complete: usize) -> std::io::Result<bool> {
-        let idle_timeout = self.idle_timeout;
         let Handler {
-            socket,
-            buf,
-            stop,
-            turn,
-            ..
+            socket, buf, stop, ..
         } = self;
         let write = async {
             socket.write_all(&buf[..complete]).await?;
             socket.flush().await
         };
-        let mut write = std::pin::pin!(write);
-        let step = match write.as_mut().now_or_never() {
-            Some(result) => Step::Done(result),
-            None => {
-                // The peer does not take its answers as fast as it sends: no turn is held
-                // while waiting for it.
-                *turn = None;
-                bounded(stop, idle_timeout, write).await
-            }
-        };
-        match step {
+        match bounded(stop, self.idle_timeout, write).await {
             Step::Done(result) => result?,
             Step::TimedOut | Step::Cut => return Ok(false),
         }
@@ -866,7 +802,6 @@ mod tests {
             Duration::from_secs(60),
             Stop::default().watch(),
             Shedder::default(),
-            Arc::new(Semaphore::new(1)),
         );
         let end = handler.serve().await.expect("served");
         (end, handler.socket)
@@ -957,7 +892,6 @@ mod tests {
             Duration::from_secs(60),
             Stop::default().watch(),
             Shedder::default(),
-            Arc::new(Semaphore::new(1)),
         );
         assert_eq!(handler.serve().await.expect("served"), End::PeerClosed);
         other.await.unwrap();
@@ -967,62 +901,6 @@ mod tests {
             seen <= MAX_READ_PER_WAKE + READ_CHUNK,
             "the other task first ran after {seen} of {total} bytes were echoed"
         );
-    }
-
-    fn handler(peer: Recorder, heavy: &Arc<Semaphore>) -> Handler<Recorder> {
-        Handler::new(
-            peer,
-            64,
-            SocketAddr::from(([127, 0, 0, 1], 1)),
-            Duration::from_secs(60),
-            Stop::default().watch(),
-            Shedder::default(),
-            heavy.clone(),
-        )
-    }
-
-    #[tokio::test]
-    async fn heavy_connections_take_turns_and_light_ones_never_wait_for_one() {
-        // The one turn is taken (another heavy connection reading).
-        let heavy = Arc::new(Semaphore::new(1));
-        let held = heavy.clone().try_acquire_owned().unwrap();
-        // A flood: 256 KiB always ready, more than any read takes.
-        let flood = b"0123456789abcde\n".repeat(16 << 10);
-        let peer = Recorder::new(&[&flood]);
-        let flooded = peer.echoed.clone();
-        let mut flooding = handler(peer, &heavy);
-        let flooding =
-            tokio::spawn(async move { flooding.serve().await.map(|end| (end, flooding)) });
-        // Its first read of the wake-up is its own: it is answered.
-        for _ in 0..1000 {
-            if flooded.load(SeqCst) > 0 {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        let first = flooded.load(SeqCst);
-        assert!(
-            first > 0 && first <= READ_CHUNK,
-            "one read answered before the turn is needed: {first} bytes"
-        );
-        // A light connection, meanwhile: one frame per read, never a turn.
-        let mut light = handler(Recorder::new(&[b"hello\n", b"again\n"]), &heavy);
-        assert_eq!(light.serve().await.unwrap(), End::PeerClosed);
-        assert_eq!(light.socket.output, b"hello\nagain\n");
-        assert_eq!(
-            flooded.load(SeqCst),
-            first,
-            "the flood reads no further without the turn"
-        );
-        drop(held);
-        let (end, flooding) = flooding.await.unwrap().unwrap();
-        assert_eq!(end, End::PeerClosed);
-        assert_eq!(
-            flooding.socket.output, flood,
-            "all of it, once its turn came"
-        );
-        drop(flooding);
-        assert_eq!(heavy.available_permits(), 1, "the turn is given back");
     }
 
     #[tokio::test]
@@ -1042,7 +920,6 @@ mod tests {
             Duration::from_secs(60),
             Stop::default().watch(),
             Shedder::default(),
-            Arc::new(Semaphore::new(1)),
         );
         client.write_all(&frame).await.unwrap();
         let serving = async {
