@@ -4,28 +4,34 @@
 //! `tokio::io::copy` (8 KiB, reading ahead while a write waits). All three run in this
 //! process on one runtime of their own ([`benches::rig`]: threads `servers`, multi-threaded,
 //! one worker per CPU, as the echo-server binary runs; `echo-probe` drives the same servers
-//! without criterion, for profiles). Throughput: one server after the other for each size, so
-//! its ratios come from the same minutes of the same run; latency: interleaved (below). The
-//! load runs on criterion's runtime and is the same for all: raw sockets writing
-//! newline-terminated messages and checking every echoed byte.
+//! without criterion, for profiles). Both measure the three servers in alternation, not one
+//! after the other, so a drift of the machine's load falls on the three alike and the ratios
+//! compare the same seconds. The load runs on criterion's runtime and is the same for all:
+//! raw sockets writing newline-terminated messages and checking every echoed byte.
 //!
-//! * `echo/throughput/<server>/<size>-<n>conn`: one iteration = one message per connection;
-//!   each connection writes its messages back to back (in blocks of up to 64 KiB) while
-//!   reading the echoes. Throughput counts payload bytes echoed. The servers' CPU time over
-//!   each measured sample, per message, is recorded as `echo/cpu/<server>/<size>-<n>conn`.
+//! * `echo/throughput/<server>/<size>-<n>conn`: one criterion bench per size and connection
+//!   count, `echo/throughput/interleaved/<size>-<n>conn`, whose sample of `iters`
+//!   iterations is one turn on each server in a rotating order ([`traffic::round_order`]):
+//!   in a turn each of that server's connections writes `iters` messages back to back (in
+//!   blocks of up to 64 KiB) while reading the echoes ([`traffic::pipelined`]). Each turn's
+//!   time per iteration is recorded under its server's id, one value per sample, with the
+//!   payload bytes per iteration, so the report shows bytes per second per server. The
+//!   servers' CPU time over each turn, per message, is recorded as
+//!   `echo/cpu/<server>/<size>-<n>conn` (only that server has traffic in its turn).
 //! * `echo/latency/<server>/<size>-<n>conn`: one message in flight per connection; every
-//!   round trip is recorded, so the p99 is per message. The three servers are measured in
-//!   alternation, not one after the other: one criterion bench per size and connection count,
-//!   `echo/latency/interleaved/<size>-<n>conn`, whose iteration is one round on each server
-//!   in turn (every connection of that server one round trip, all at once; the order rotating,
-//!   [`traffic::lockstep`]), each server's round trips recorded under its own id. A drift of
-//!   the machine's load within the bench then falls on the three alike, and the latency
-//!   ratios compare round trips of the same seconds.
+//!   round trip is recorded, so the p99 is per message. One criterion bench per size and
+//!   connection count, `echo/latency/interleaved/<size>-<n>conn`, whose iteration is one
+//!   round on each server in turn (every connection of that server one round trip, all at
+//!   once; the order rotating, [`traffic::lockstep`]), each server's round trips recorded
+//!   under its own id.
+//!
+//! The interleaved benches' own times (three servers together) are no server's; the report
+//! leaves them out.
 
 // criterion_group! and criterion_main! generate public functions without docs.
 #![allow(missing_docs)]
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use benches::{
     harness, report,
@@ -33,9 +39,7 @@ use benches::{
     rig::EchoRig,
     traffic::{self, Message},
 };
-use criterion::{
-    BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, Throughput, measurement::WallTime,
-};
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, measurement::WallTime};
 use tokio::{
     net::TcpStream,
     sync::{Mutex, OnceCell},
@@ -59,49 +63,93 @@ fn echo(c: &mut Criterion) {
     let rig = &servers_rig;
 
     let mut group = c.benchmark_group("echo/throughput");
-    configure(&mut group);
+    configure_interleaved(&mut group);
     for (size, label) in SIZES {
         for n in CONNECTIONS {
-            // Each server in turn, so both see the same background load.
-            for (name, addr) in servers {
-                group.throughput(Throughput::Bytes((size * n) as u64));
-                let id = BenchmarkId::new(name, format!("{label}-{n}conn"));
-                let conns: Arc<OnceCell<Conns>> = Arc::default();
-                let message = Arc::new(Message::new(size));
-                let cpu = Arc::new(std::sync::Mutex::new(
-                    Recorder::new(format!("echo/cpu/{name}/{label}-{n}conn"), SAMPLES).describe(
-                        MEASURED,
-                        "the servers' CPU time per message echoed, over one sample",
-                    ),
-                ));
-                group.bench_function(id, |b| {
-                    b.to_async(&rt).iter_custom(|iters| {
-                        let (conns, message, cpu) = (conns.clone(), message.clone(), cpu.clone());
-                        async move {
-                            let conns = conns
-                                .get_or_try_init(|| traffic::connect_all(addr, n))
-                                .await
-                                .expect("connect to the server");
+            // One bench for all three servers: an iteration is one message per connection on
+            // each server, the servers one after the other in a rotating order.
+            let id = BenchmarkId::new(report::INTERLEAVED, format!("{label}-{n}conn"));
+            let bytes = (size * n) as u64;
+            let recorders = Arc::new(std::sync::Mutex::new(Turns {
+                calls: 0,
+                time: servers
+                    .iter()
+                    .map(|(name, _)| {
+                        Recorder::new(format!("echo/throughput/{name}/{label}-{n}conn"), SAMPLES)
+                            .describe(
+                                MEASURED,
+                                "time per iteration (one message per connection) of this \
+                                 server's turn in one sample, the servers in alternation",
+                            )
+                            .throughput(bytes)
+                    })
+                    .collect(),
+                cpu: servers
+                    .iter()
+                    .map(|(name, _)| {
+                        Recorder::new(format!("echo/cpu/{name}/{label}-{n}conn"), SAMPLES).describe(
+                            MEASURED,
+                            "the servers' CPU time per message echoed, over this \
+                                 server's turn in one sample",
+                        )
+                    })
+                    .collect(),
+            }));
+            let conns: Arc<OnceCell<Vec<Conns>>> = Arc::default();
+            let message = Arc::new(Message::new(size));
+            group.bench_function(id, |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let (conns, message, recorders) =
+                        (conns.clone(), message.clone(), recorders.clone());
+                    async move {
+                        let conns = conns
+                            .get_or_try_init(|| connect_each(servers, n))
+                            .await
+                            .expect("connect to the servers");
+                        let call = {
+                            let mut turns = recorders.lock().expect("recorder lock");
+                            turns.calls += 1;
+                            turns.calls - 1
+                        };
+                        // Each server's (wall time, servers' CPU time) of its turn. Only that
+                        // server has traffic in its turn, so the runtime's CPU time is its.
+                        let mut took = vec![(Duration::ZERO, Duration::ZERO); conns.len()];
+                        let start = Instant::now();
+                        for s in traffic::round_order(call, conns.len()) {
                             let cpu_before = rig.cpu_time().expect("the servers' CPU time");
-                            let start = Instant::now();
-                            traffic::pipelined(conns, &message, iters)
+                            let turn = Instant::now();
+                            traffic::pipelined(&conns[s], &message, iters)
                                 .await
                                 .expect("pipelined echo traffic");
-                            let elapsed = start.elapsed();
+                            let elapsed = turn.elapsed();
                             let used = rig
                                 .cpu_time()
                                 .expect("the servers' CPU time")
                                 .saturating_sub(cpu_before);
-                            let mut cpu = cpu.lock().expect("recorder lock");
-                            cpu.start_call();
-                            let messages = (iters * n as u64).max(1) as f64;
-                            cpu.push_signed(MEASURED, used.as_nanos() as f64 / messages);
-                            elapsed
+                            took[s] = (elapsed, used);
                         }
-                    })
-                });
-                let saved = cpu.lock().expect("recorder lock").save();
-                saved.expect("save the CPU recording");
+                        let elapsed = start.elapsed();
+                        let mut turns = recorders.lock().expect("recorder lock");
+                        let Turns { time, cpu, .. } = &mut *turns;
+                        let messages = (iters * n as u64).max(1) as f64;
+                        for ((time, cpu), (elapsed, used)) in
+                            time.iter_mut().zip(cpu.iter_mut()).zip(took)
+                        {
+                            time.start_call();
+                            time.push_signed(
+                                MEASURED,
+                                elapsed.as_nanos() as f64 / iters.max(1) as f64,
+                            );
+                            cpu.start_call();
+                            cpu.push_signed(MEASURED, used.as_nanos() as f64 / messages);
+                        }
+                        elapsed
+                    }
+                })
+            });
+            let turns = recorders.lock().expect("recorder lock");
+            for recorder in turns.time.iter().chain(&turns.cpu) {
+                recorder.save().expect("save the throughput recording");
             }
         }
     }
@@ -134,13 +182,7 @@ fn echo(c: &mut Criterion) {
                         (conns.clone(), message.clone(), recorders.clone());
                     async move {
                         let conns = conns
-                            .get_or_try_init(|| async {
-                                let mut all = Vec::with_capacity(servers.len());
-                                for (_, addr) in servers {
-                                    all.push(traffic::connect_all(addr, n).await?);
-                                }
-                                Ok::<_, benches::Error>(all)
-                            })
+                            .get_or_try_init(|| connect_each(servers, n))
                             .await
                             .expect("connect to the servers");
                         let start = Instant::now();
@@ -179,13 +221,37 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
         .measurement_time(Duration::from_millis(1200));
 }
 
-fn configure_latency(group: &mut BenchmarkGroup<'_, WallTime>) {
+/// One bench measures the three servers: each gets the time it had alone.
+fn configure_interleaved(group: &mut BenchmarkGroup<'_, WallTime>) {
     configure(group);
-    // One bench measures the three servers: each gets the time it had alone.
     group.measurement_time(Duration::from_millis(3 * 1200));
+}
+
+fn configure_latency(group: &mut BenchmarkGroup<'_, WallTime>) {
+    configure_interleaved(group);
     // One value per message is recorded anyway; flat sampling keeps the slowest (64 KiB on
     // 32 connections) within its time.
     group.sampling_mode(SamplingMode::Flat);
+}
+
+/// Each server's per-server recordings of the interleaved throughput bench, in the order of
+/// the rig's servers, and how many times the timed routine has been called (the rotation).
+struct Turns {
+    calls: u64,
+    time: Vec<Recorder>,
+    cpu: Vec<Recorder>,
+}
+
+/// `n` connections to each of `servers`, in their order.
+async fn connect_each(
+    servers: [(&'static str, SocketAddr); 3],
+    n: usize,
+) -> benches::Result<Vec<Conns>> {
+    let mut all = Vec::with_capacity(servers.len());
+    for (_, addr) in servers {
+        all.push(traffic::connect_all(addr, n).await?);
+    }
+    Ok(all)
 }
 
 criterion::criterion_group!(benches, echo);

@@ -5,8 +5,9 @@
 //! of each timed interval, and the memory measurement.
 //!
 //! Medians and p99s come from every timed interval of the measured samples where the bench
-//! recorded them (failover, discovery, latency: one value per event or per message), else
-//! from criterion's samples (throughput: one value per sample, the time per iteration).
+//! recorded them (failover, discovery, latency: one value per event or per message;
+//! throughput: one value per sample, the server's time per iteration in its turn), else from
+//! criterion's samples (time per iteration).
 
 use std::{
     collections::BTreeMap,
@@ -352,18 +353,20 @@ fn numbers_of(
     criterion: &BTreeMap<String, CriterionBench>,
     series: &BTreeMap<String, SeriesRecord>,
 ) -> Option<Numbers> {
-    let bytes = criterion.get(id).and_then(|c| c.bytes_per_iter);
-    if let Some(s) = series.get(id).and_then(|r| r.series.get(MEASURED))
-        && bytes.is_none()
+    // A bench's own recording first: the interleaved echo benches record each server's
+    // numbers there, and criterion's directory for the same id, if any, is an older run's.
+    if let Some(record) = series.get(id)
+        && let Some(s) = record.series.get(MEASURED)
     {
         return Some(Numbers {
             p50: s.p50,
             p99: s.p99,
             count: s.count,
-            bytes,
+            bytes: record.bytes_per_iter,
         });
     }
     let c = criterion.get(id)?;
+    let bytes = c.bytes_per_iter;
     let s = Summary::of(&c.per_iter_ns)?;
     Some(Numbers {
         p50: s.p50,
@@ -776,10 +779,10 @@ fn echo_goals(
     let _ = writeln!(out, "### The echo path's goals\n");
     let _ = writeln!(
         out,
-        "Every ratio from this run. Throughput: the servers one after the other for each size \
-         and connection count. Latency: the servers in alternation, one round (a round trip on \
-         each of the server's connections) on each in turn, so the ratios compare round trips \
-         of the same seconds.\n"
+        "Every ratio from this run, the servers measured in alternation so that the ratios \
+         compare the same seconds. Throughput: each criterion sample is one pipelined turn on \
+         each server, the order rotating. Latency: one round (a round trip on each of the \
+         server's connections) on each server in turn.\n"
     );
     let _ = writeln!(out, "| Goal | Measured | Met? |\n|---|---|---|");
     for line in lines {
@@ -797,6 +800,7 @@ fn echo_rates(
 ) {
     let mut labels: Vec<(usize, usize, String)> = criterion
         .keys()
+        .chain(series.keys())
         .filter_map(|id| {
             let (group, _, size, conns) = echo_parts(id)?;
             (group == "throughput").then(|| (size, conns, short(id).to_owned()))
@@ -816,8 +820,8 @@ fn echo_rates(
         out,
         "Pipelined, all connections at once. Messages/s: connections ÷ the median time per \
          iteration. CPU: the servers' runtime threads' CPU time (`/proc/self/task/*/schedstat`) \
-         over each measured sample ÷ the messages it echoed, median over the samples; all three \
-         servers share that runtime and run one at a time.\n"
+         over each server's turn in each measured sample ÷ the messages it echoed, median over \
+         the samples; all three servers share that runtime and take turns, in alternation.\n"
     );
     let mut header = String::from("| Messages |");
     let mut rule = String::from("|---|");
@@ -835,10 +839,12 @@ fn echo_rates(
     for (_, conns, label) in labels {
         let mut row = format!("| {label} |");
         for server in ECHO_SERVERS {
-            let rate = criterion
-                .get(&format!("echo/throughput/{server}/{label}"))
-                .and_then(|c| Summary::of(&c.per_iter_ns))
-                .map_or("—".into(), |s| fmt_count(conns as f64 / (s.p50 / 1e9)));
+            let rate = numbers_of(
+                &format!("echo/throughput/{server}/{label}"),
+                criterion,
+                series,
+            )
+            .map_or("—".into(), |n| fmt_count(conns as f64 / (n.p50 / 1e9)));
             let _ = write!(row, " {rate} |");
         }
         let cpu = |server: &str| {
@@ -1074,6 +1080,17 @@ mod tests {
         }
     }
 
+    /// An interleaved throughput bench's recording of one server: one time per iteration
+    /// per sample.
+    fn recorded_throughput(id: &str, bytes: u64, ns: &[f64]) -> ResultFile {
+        let mut r = Recorder::new(id, ns.len()).throughput(bytes);
+        for v in ns {
+            r.start_call();
+            r.push_signed(MEASURED, *v);
+        }
+        ResultFile::Series(r.record())
+    }
+
     fn recorded(id: &str, measured_us: &[u64], parts: &[(&str, &str, u64)]) -> ResultFile {
         let mut r = Recorder::new(id, 1);
         for (name, text, _) in parts {
@@ -1093,15 +1110,18 @@ mod tests {
     fn rows_show_ratios_goals_and_verdicts() {
         let criterion = vec![
             bench("failover/kill/floor_connect_echo", None, &[50_000.0]),
+            // An older run's criterion data for a server the interleaved bench now records:
+            // the recording wins.
             bench(
                 "echo/throughput/echo-server/1KiB-1conn",
                 Some(1024),
-                &[1000.0, 1100.0],
+                &[5.0, 5.0],
             ),
+            // The interleaved throughput bench's own time: no server's.
             bench(
-                "echo/throughput/raw-buf/1KiB-1conn",
-                Some(1024),
-                &[800.0, 800.0],
+                "echo/throughput/interleaved/1KiB-1conn",
+                Some(3072),
+                &[4000.0],
             ),
             bench(
                 "echo/throughput/raw-copy/1KiB-1conn",
@@ -1118,6 +1138,12 @@ mod tests {
             bench("echo/latency/interleaved/16B-1conn", None, &[300_000.0]),
         ];
         let files = vec![
+            recorded_throughput(
+                "echo/throughput/echo-server/1KiB-1conn",
+                1024,
+                &[1000.0, 1100.0],
+            ),
+            recorded_throughput("echo/throughput/raw-buf/1KiB-1conn", 1024, &[800.0, 800.0]),
             recorded("failover/kill/floor_connect_echo", &[50, 50, 60], &[]),
             recorded("echo/latency/echo-server/16B-1conn", &[104, 104, 104], &[]),
             recorded("echo/latency/raw-buf/16B-1conn", &[100, 100, 100], &[]),
@@ -1198,10 +1224,15 @@ mod tests {
         );
         assert!(lat.contains("| met |"), "within 1.05×: {lat}");
         assert!(
-            !md.contains("`echo/latency/interleaved/"),
-            "no row for the three servers' rounds together: {md}"
+            tput.contains("| 930 MiB/s ("),
+            "bytes per second from the recording's bytes per iteration: {tput}"
         );
-        assert!(md.contains("Latency: the servers in alternation"), "{md}");
+        assert!(
+            !md.contains("`echo/latency/interleaved/")
+                && !md.contains("`echo/throughput/interleaved/"),
+            "no row for the three servers' turns together: {md}"
+        );
+        assert!(md.contains("the servers measured in alternation"), "{md}");
         // The goals, each with its worst case.
         assert!(
             md.contains("lowest 0.76× over 2 rows | **NOT met**: 1KiB-1conn 0.76× |"),

@@ -175,6 +175,10 @@ pub struct SeriesRecord {
     pub series: BTreeMap<String, Summary>,
     /// What each series is, in the order to show them.
     pub descriptions: Vec<(String, String)>,
+    /// Payload bytes per iteration, when [`MEASURED`] is a time per iteration of a
+    /// throughput (the report turns it into bytes per second).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_iter: Option<u64>,
     /// When it was recorded (Unix milliseconds).
     pub recorded_unix_ms: u64,
 }
@@ -269,6 +273,7 @@ pub struct Recorder {
     keep: usize,
     calls: VecDeque<BTreeMap<String, Vec<f64>>>,
     descriptions: Vec<(String, String)>,
+    bytes_per_iter: Option<u64>,
 }
 
 impl Recorder {
@@ -279,7 +284,14 @@ impl Recorder {
             keep: keep.max(1),
             calls: VecDeque::new(),
             descriptions: Vec::new(),
+            bytes_per_iter: None,
         }
+    }
+
+    /// [`MEASURED`] is the time per iteration of a throughput of `bytes` per iteration.
+    pub fn throughput(mut self, bytes: u64) -> Self {
+        self.bytes_per_iter = Some(bytes);
+        self
     }
 
     /// Say what `series` is (shown in the report, in the order described).
@@ -347,6 +359,7 @@ impl Recorder {
                 .filter_map(|(name, values)| Summary::of(&values).map(|s| (name, s)))
                 .collect(),
             descriptions: self.descriptions.clone(),
+            bytes_per_iter: self.bytes_per_iter,
             recorded_unix_ms: unix_ms(SystemTime::now()),
         }
     }

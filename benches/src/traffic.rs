@@ -356,9 +356,11 @@ pub async fn lockstep(
     Ok(all)
 }
 
-/// The order of `servers` servers in round `round` of [`lockstep`]: rotations forwards, then
-/// the same rotations backwards.
-fn round_order(round: u64, servers: usize) -> impl Iterator<Item = usize> {
+/// The order of `servers` servers in round `round` of [`lockstep`] (and in each sample of the
+/// interleaved throughput bench): rotations forwards, then the same rotations backwards, so
+/// in every `2 × servers` rounds each server comes first, last and after each other server
+/// equally often (for three servers, all six orders).
+pub fn round_order(round: u64, servers: usize) -> impl Iterator<Item = usize> {
     let m = servers.max(1) as u64;
     let start = round % m;
     let forwards = (round / m).is_multiple_of(2);
