@@ -240,8 +240,8 @@ enum State {
 enum Step {
     /// Took one entry (or the list's opening bracket).
     Took,
-    /// Needs more of the body.
-    More,
+    /// Needs more of the body: worth trying again once it is this long.
+    More(usize),
     End,
     Bad,
 }
@@ -262,6 +262,13 @@ struct Walk {
     lookups: usize,
     /// Where the next step starts; `None` before the list's `[`.
     pos: Option<usize>,
+    /// The body's length at which the step that needed more is worth taking again: the end
+    /// of the entry it compares with, or twice what it had for a parse, so an entry arriving
+    /// in many small chunks costs a bounded number of attempts, not one per chunk.
+    resume_at: usize,
+    /// Parses started, finished or not (for the tests' bound on retries).
+    #[cfg_attr(not(test), allow(dead_code))]
+    parses: usize,
     state: State,
 }
 
@@ -276,11 +283,17 @@ impl Walk {
 
     /// Walk as far as `body` allows (`complete`: all of it has arrived).
     fn run(&mut self, body: &[u8], complete: bool, last: &Last<'_>) {
+        if !complete && body.len() < self.resume_at {
+            return;
+        }
         while self.state == State::Walking {
             match self.step(body, complete, last) {
                 Step::Took => {}
-                Step::More if complete => self.state = State::Failed,
-                Step::More => return,
+                Step::More(_) if complete => self.state = State::Failed,
+                Step::More(need) => {
+                    self.resume_at = need;
+                    return;
+                }
                 Step::End => self.state = State::Ended,
                 Step::Bad => self.state = State::Failed,
             }
@@ -288,11 +301,17 @@ impl Walk {
     }
 
     fn step(&mut self, body: &[u8], complete: bool, last: &Last<'_>) -> Step {
-        let more = if complete { Step::Bad } else { Step::More };
+        let more = |need: usize| {
+            if complete {
+                Step::Bad
+            } else {
+                Step::More(need)
+            }
+        };
         let Some(start) = self.pos else {
             let open = skip_ws(body, 0);
             return match body.get(open) {
-                None => more,
+                None => more(body.len() + 1),
                 Some(b'[') => {
                     self.pos = Some(open + 1);
                     Step::Took
@@ -303,8 +322,9 @@ impl Walk {
         let first = self.spans.is_empty();
         let mut pos = skip_ws(body, start);
         match body.get(pos) {
-            None => return more,
-            Some(b']') if !complete => return Step::More,
+            None => return more(body.len() + 1),
+            // Whether anything follows the list is known only at the end.
+            Some(b']') if !complete => return Step::More(usize::MAX),
             Some(b']') => {
                 return if skip_ws(body, pos + 1) == body.len() {
                     Step::End
@@ -335,14 +355,15 @@ impl Walk {
                     return Step::Took;
                 }
                 Same::No => {}
-                Same::Unknown => return Step::More,
+                Same::Unknown => return Step::More(pos + last.spans[j].len()),
             }
         }
+        self.parses += 1;
         let mut stream = serde_json::Deserializer::from_slice(&body[pos..]).into_iter();
         let entry: EntryView<'_> = match stream.next() {
             Some(Ok(entry)) => entry,
             Some(Err(e)) if !e.is_eof() => return Step::Bad,
-            _ => return more,
+            _ => return more(body.len() + (body.len() - pos).max(1)),
         };
         let end = pos + stream.byte_offset();
         let lookups = self.lookups + 1;
@@ -369,7 +390,7 @@ impl Walk {
                 match last.compare(j + 1, body, next, complete) {
                     Same::Yes => cursor = j + 1,
                     Same::No => {}
-                    Same::Unknown => return Step::More,
+                    Same::Unknown => return Step::More(next + last.spans[j + 1].len()),
                 }
             }
         }
@@ -669,6 +690,31 @@ mod tests {
                 (before_whole, before_chunked) = (a, b);
             }
         }
+    }
+
+    #[test]
+    fn an_entry_arriving_byte_by_byte_is_not_parsed_once_per_byte() {
+        // A first answer (nothing to reuse: every entry is parsed), one byte per chunk. A
+        // retry after every byte would start ~1,000 parses per entry; waiting for twice the
+        // bytes before each new attempt starts about log2(entry size) + 1.
+        let entries: Vec<Value> = (0..5).map(|i| entry(i, "passing", "1")).collect();
+        let bytes = body(&entries, true);
+        let mut decoder = Decoder::new();
+        let mut decoding = decoder.start();
+        for byte in bytes.chunks(1) {
+            BodySink::extend(&mut decoding, byte);
+        }
+        let parses = decoding.walk.parses;
+        // The last entry's next attempt may lie beyond the body's end: `finish` takes it.
+        assert!(
+            decoding.walk.spans.len() >= 4,
+            "entries taken as they arrived"
+        );
+        assert!(parses <= 5 * 14, "{parses} parses for 5 entries of ~1 KB");
+        let instances = decoding
+            .finish("/v1/health/service/scale")
+            .expect("decodes");
+        assert_eq!(plain(&instances), full(&bytes));
     }
 
     #[test]
