@@ -16,7 +16,7 @@ use std::{
 };
 
 use nix::{
-    sched::{CpuSet, sched_setaffinity},
+    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
     unistd::Pid,
 };
 use rand::RngCore;
@@ -382,6 +382,38 @@ pub fn pin_thread(cpu: usize) -> Result<()> {
     })
 }
 
+/// This thread pinned to one CPU until the guard is dropped, then back on the CPUs it had:
+/// a process started meanwhile inherits the one CPU from its first instruction, as under
+/// `taskset -c <cpu>`, so a runtime that sizes its thread pool by the CPUs it may use
+/// (tokio's default: `available_parallelism`, which reads the affinity) starts one worker.
+/// Pinning a process after it started ([`pin_process`]) leaves it with the pool it sized
+/// for every CPU, its workers then taking turns on the one.
+#[derive(Debug)]
+#[must_use = "the thread is pinned only while the guard lives"]
+pub struct PinnedHere {
+    before: CpuSet,
+}
+
+impl PinnedHere {
+    /// Pin the calling thread to `cpu`.
+    pub fn to(cpu: usize) -> Result<PinnedHere> {
+        let before = sched_getaffinity(Pid::from_raw(0)).map_err(|e| Error::Process {
+            what: "read this thread's CPUs".into(),
+            reason: e.to_string(),
+        })?;
+        pin_thread(cpu)?;
+        Ok(PinnedHere { before })
+    }
+}
+
+impl Drop for PinnedHere {
+    fn drop(&mut self) {
+        if let Err(e) = sched_setaffinity(Pid::from_raw(0), &self.before) {
+            tracing::warn!(error = %e, "could not give this thread its CPUs back");
+        }
+    }
+}
+
 /// Run every thread of process `pid` on CPU `cpu` only (threads it starts later inherit it
 /// from the thread that starts them). Returns how many threads were pinned.
 pub fn pin_process(pid: u32, cpu: usize) -> Result<usize> {
@@ -446,5 +478,29 @@ mod tests {
         assert!(set.is_set(0).unwrap());
         assert!(cpus() < 2 || !set.is_set(1).unwrap());
         child.kill().await.unwrap();
+    }
+
+    #[test]
+    fn a_process_started_while_pinned_starts_on_that_cpu_alone() {
+        // A thread of its own: the pin must not leak into other tests' threads.
+        std::thread::spawn(|| {
+            let before = sched_getaffinity(Pid::from_raw(0)).unwrap();
+            let mut child = {
+                let _pinned = PinnedHere::to(0).unwrap();
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .unwrap()
+            };
+            let set = sched_getaffinity(Pid::from_raw(child.id() as i32)).unwrap();
+            let after = sched_getaffinity(Pid::from_raw(0)).unwrap();
+            child.kill().unwrap();
+            child.wait().unwrap();
+            assert!(set.is_set(0).unwrap());
+            assert!(cpus() < 2 || !set.is_set(1).unwrap(), "the child has CPU 1");
+            assert_eq!(after, before, "the thread has its CPUs back");
+        })
+        .join()
+        .unwrap();
     }
 }

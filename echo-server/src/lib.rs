@@ -8,6 +8,8 @@
 //!   (consul-registry's, re-exported); registration is consul-registry's
 //!   [`Registrar`](consul_registry::Registrar);
 //! * [`shutdown`] — SIGINT/SIGTERM (and SIGHUP) start the shutdown, SIGUSR1 flips `/check`;
+//! * `descriptors` (private) — the descriptor table grown once at start, so that no accept
+//!   under load waits for the kernel to grow it;
 //! * `stop` (private) — the drain and the cut as the open connections see them, for one
 //!   atomic load per wait;
 //! * [`cli`] — the command line ([`cli::Args`]) and [`cli::run`];
@@ -31,6 +33,7 @@ pub use consul_registry::check;
 pub mod cli;
 pub use echo_wire as codec;
 pub mod config;
+mod descriptors;
 pub mod error;
 pub mod server;
 pub mod shutdown;

@@ -89,6 +89,11 @@ impl Server {
                 .map_err(|source| Error::Bind { what, addr, source })
         };
         let echo_addr = local("echo", &echo, config.echo_bind_addr())?;
+        // Every doubling of the descriptor table now, not in an accept under load.
+        match crate::descriptors::reserve(&echo, config.max_connections) {
+            Ok(top) => tracing::debug!(top, "descriptor table reserved"),
+            Err(e) => tracing::warn!(error = %e, "could not reserve the descriptor table"),
+        }
         let check_addr = local("/check", &check, config.check_bind_addr())?;
         let registrar = if config.register {
             let client = consul_api::Client::new(config.consul.clone())?;
@@ -908,6 +913,56 @@ mod tests {
             seen <= MAX_READ_PER_WAKE + READ_CHUNK,
             "the other task first ran after {seen} of {total} bytes were echoed"
         );
+    }
+
+    /// The size of this process's descriptor table (`FDSize` in `/proc/self/status`).
+    #[cfg(target_os = "linux")]
+    fn descriptor_table_size() -> usize {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("FDSize:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn binding_grows_the_descriptor_table_for_the_connection_limit() {
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        // Below the soft limit, and far above the 64 or 256 slots a test process has.
+        let connections = soft
+            .saturating_sub(crate::descriptors::SPARE as u64 + 1)
+            .min(3000);
+        assert!(
+            connections >= 512,
+            "soft RLIMIT_NOFILE {soft} is too low to tell"
+        );
+        let before = descriptor_table_size();
+        assert!(
+            before as u64 <= connections,
+            "the table is already {before} slots"
+        );
+        let server = Server::bind(Config {
+            max_connections: connections as usize,
+            ..Config::local()
+        })
+        .await
+        .unwrap();
+        let after = descriptor_table_size();
+        // Every doubling done at bind: the accepts a burst of connections makes later find
+        // room (no accept waits for the kernel's RCU grace period to grow the table).
+        assert!(
+            after as u64 > connections + crate::descriptors::SPARE as u64,
+            "table {before} → {after} slots for {connections} connections"
+        );
+        // Nothing was left open: the next descriptor is a low number again.
+        let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        use std::os::fd::AsRawFd;
+        assert!((next.as_raw_fd() as u64) < connections);
+        drop(server);
     }
 
     #[tokio::test]
