@@ -62,6 +62,14 @@ fn echo(c: &mut Criterion) {
     let servers = servers_rig.servers();
     let rig = &servers_rig;
 
+    let at = |name: &str| {
+        servers
+            .iter()
+            .position(|(n, _)| *n == name)
+            .expect("the rig runs this server")
+    };
+    let (ours_at, fair_at) = (at(report::ECHO_SERVERS[0]), at(report::ECHO_SERVERS[1]));
+
     let mut group = c.benchmark_group("echo/throughput");
     configure_interleaved(&mut group);
     for (size, label) in SIZES {
@@ -94,6 +102,13 @@ fn echo(c: &mut Criterion) {
                         )
                     })
                     .collect(),
+                paired: Recorder::new(format!("{}{label}-{n}conn", report::PAIRED_PREFIX), SAMPLES)
+                    .describe(
+                        MEASURED,
+                        "the fair baseline's time ÷ echo-server's in the same sample (their \
+                         turns adjacent, the same iterations): echo-server's throughput as a \
+                         multiple of the baseline's, one value per sample",
+                    ),
             }));
             let conns: Arc<OnceCell<Vec<Conns>>> = Arc::default();
             let message = Arc::new(Message::new(size));
@@ -130,7 +145,14 @@ fn echo(c: &mut Criterion) {
                         }
                         let elapsed = start.elapsed();
                         let mut turns = recorders.lock().expect("recorder lock");
-                        let Turns { time, cpu, .. } = &mut *turns;
+                        let Turns {
+                            time, cpu, paired, ..
+                        } = &mut *turns;
+                        paired.start_call();
+                        let (ours, fair) = (took[ours_at].0, took[fair_at].0);
+                        if !ours.is_zero() {
+                            paired.push_signed(MEASURED, fair.as_secs_f64() / ours.as_secs_f64());
+                        }
                         let messages = (iters * n as u64).max(1) as f64;
                         for ((time, cpu), (elapsed, used)) in
                             time.iter_mut().zip(cpu.iter_mut()).zip(took)
@@ -148,7 +170,7 @@ fn echo(c: &mut Criterion) {
                 })
             });
             let turns = recorders.lock().expect("recorder lock");
-            for recorder in turns.time.iter().chain(&turns.cpu) {
+            for recorder in turns.time.iter().chain(&turns.cpu).chain([&turns.paired]) {
                 recorder.save().expect("save the throughput recording");
             }
         }
@@ -221,17 +243,21 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
         .measurement_time(Duration::from_millis(1200));
 }
 
-/// One bench measures the three servers: each gets the time it had alone.
+/// One bench measures the three servers: each gets the time it had alone. Flat sampling:
+/// every sample the same number of iterations, so no server's turn is the few milliseconds
+/// the first samples of a linear sampling get (turns that short are as much the machine's
+/// noise as the server's time).
 fn configure_interleaved(group: &mut BenchmarkGroup<'_, WallTime>) {
     configure(group);
-    group.measurement_time(Duration::from_millis(3 * 1200));
+    group
+        .measurement_time(Duration::from_millis(3 * 1200))
+        .sampling_mode(SamplingMode::Flat);
 }
 
 fn configure_latency(group: &mut BenchmarkGroup<'_, WallTime>) {
+    // One value per message is recorded anyway; flat sampling also keeps the slowest (64 KiB
+    // on 32 connections) within its time.
     configure_interleaved(group);
-    // One value per message is recorded anyway; flat sampling keeps the slowest (64 KiB on
-    // 32 connections) within its time.
-    group.sampling_mode(SamplingMode::Flat);
 }
 
 /// Each server's per-server recordings of the interleaved throughput bench, in the order of
@@ -240,6 +266,9 @@ struct Turns {
     calls: u64,
     time: Vec<Recorder>,
     cpu: Vec<Recorder>,
+    /// Per sample, `raw-buf`'s turn time ÷ echo-server's: the throughput ratio of two
+    /// turns run back to back, so a drift of the machine's load between samples cancels.
+    paired: Recorder,
 }
 
 /// `n` connections to each of `servers`, in their order.
