@@ -130,12 +130,13 @@ impl ServerSpec {
     /// timeout, deregister after 30s), on free ports of its own loopback address.
     pub fn seed(consul: consul_api::Config) -> Result<ServerSpec> {
         let ip = loopback_ip();
+        let (port, check_port) = two_free_ports_on(ip)?;
         Ok(ServerSpec {
             name: "servernode".into(),
             id: "servernode_1".into(),
             ip,
-            port: free_port_on(ip)?,
-            check_port: free_port_on(ip)?,
+            port,
+            check_port,
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(3),
             deregister_after: Duration::from_secs(30),
@@ -148,8 +149,7 @@ impl ServerSpec {
     /// and advertises its node's address), with free ports there.
     pub fn on_address(mut self, ip: Ipv4Addr) -> Result<Self> {
         self.ip = ip;
-        self.port = free_port_on(ip)?;
-        self.check_port = free_port_on(ip)?;
+        (self.port, self.check_port) = two_free_ports_on(ip)?;
         Ok(self)
     }
 
@@ -211,6 +211,15 @@ pub fn free_port() -> Result<u16> {
 /// A free TCP port on `ip`, right now.
 pub fn free_port_on(ip: Ipv4Addr) -> Result<u16> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+/// Two different free TCP ports on `ip`, right now: both held while the second is picked,
+/// because two [`free_port_on`] in a row may return the same port (the first is released
+/// before the second is asked for; a failover bench got `--port` = `--check-port` so).
+pub fn two_free_ports_on(ip: Ipv4Addr) -> Result<(u16, u16)> {
+    let first = std::net::TcpListener::bind((ip, 0))?;
+    let second = std::net::TcpListener::bind((ip, 0))?;
+    Ok((first.local_addr()?.port(), second.local_addr()?.port()))
 }
 
 /// A random address in 127.0.0.0/8 other than 127.0.0.1. Each server gets its own, so that
@@ -381,8 +390,7 @@ impl ServerProcess {
             let clash = tail.iter().any(|l| l.contains("cannot listen"));
             if clash && attempt < 3 {
                 tracing::info!(id = %spec.id, "a port was taken before the server bound it; new ports");
-                spec.port = free_port_on(spec.ip)?;
-                spec.check_port = free_port_on(spec.ip)?;
+                (spec.port, spec.check_port) = two_free_ports_on(spec.ip)?;
                 continue;
             }
             return Err(Error::Process {
