@@ -388,10 +388,15 @@ pub fn pin_thread(cpu: usize) -> Result<()> {
 /// (tokio's default: `available_parallelism`, which reads the affinity) starts one worker.
 /// Pinning a process after it started ([`pin_process`]) leaves it with the pool it sized
 /// for every CPU, its workers then taking turns on the one.
+///
+/// Not `Send`: the guard gives back the CPUs of the thread that dropped it, so it must not
+/// move to another thread (held across an `.await` of a task that a multi-threaded runtime
+/// may resume elsewhere, it would not compile).
 #[derive(Debug)]
 #[must_use = "the thread is pinned only while the guard lives"]
 pub struct PinnedHere {
     before: CpuSet,
+    _this_thread: std::marker::PhantomData<*const ()>,
 }
 
 impl PinnedHere {
@@ -402,7 +407,10 @@ impl PinnedHere {
             reason: e.to_string(),
         })?;
         pin_thread(cpu)?;
-        Ok(PinnedHere { before })
+        Ok(PinnedHere {
+            before,
+            _this_thread: std::marker::PhantomData,
+        })
     }
 }
 
