@@ -37,6 +37,7 @@ use benches::{
     harness, report,
     results::{MEASURED, Recorder, RunInfo},
     rig::EchoRig,
+    spread,
     traffic::{self, Message},
 };
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, measurement::WallTime};
@@ -169,7 +170,11 @@ fn echo(c: &mut Criterion) {
                     }
                 })
             });
-            let turns = recorders.lock().expect("recorder lock");
+            let mut turns = recorders.lock().expect("recorder lock");
+            let ratios: Vec<f64> = turns.paired.per_call(MEASURED).concat();
+            turns
+                .paired
+                .bound(report::MEDIAN_INTERVAL, spread::median_interval(&ratios));
             for recorder in turns.time.iter().chain(&turns.cpu).chain([&turns.paired]) {
                 recorder.save().expect("save the throughput recording");
             }
@@ -224,7 +229,25 @@ fn echo(c: &mut Criterion) {
                     }
                 })
             });
-            for recorder in recorders.lock().expect("recorder lock").iter() {
+            let mut recorders = recorders.lock().expect("recorder lock");
+            // How sure the latency ratios are: a bootstrap over the samples, each sample's
+            // round trips on both servers kept together (they share its seconds).
+            let bounds: Vec<_> = report::LATENCY_INTERVALS
+                .iter()
+                .map(|&(what, p)| {
+                    let (ours, fair) = (&recorders[ours_at], &recorders[fair_at]);
+                    let interval = spread::ratio_interval(
+                        &ours.per_call(MEASURED),
+                        &fair.per_call(MEASURED),
+                        p,
+                    );
+                    (what, interval)
+                })
+                .collect();
+            for (what, interval) in bounds {
+                recorders[ours_at].bound(what, interval);
+            }
+            for recorder in recorders.iter() {
                 recorder.save().expect("save the latency recording");
             }
         }

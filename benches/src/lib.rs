@@ -13,6 +13,8 @@
 //! * [`results`] — where results go, per-iteration recordings and their percentiles, the run's
 //!   environment, the memory measurement's record;
 //! * [`memory`] — the resident set of a process, from `/proc`;
+//! * [`spread`] — 95 % intervals from one run's own samples, for the ratios the echo goals
+//!   judge;
 //! * [`report`] — reading criterion's data and ours back, and writing the markdown table;
 //! * [`harness`] — the runtime, logging, and the one Consul a bench group shares;
 //! * [`error`] — the one error type.
@@ -29,6 +31,7 @@ pub mod report;
 pub mod results;
 pub mod rig;
 pub mod servers;
+pub mod spread;
 pub mod traffic;
 
 pub use error::{Error, Result};

@@ -23,6 +23,7 @@ use crate::{
     results::{
         self, FairnessRecord, MEASURED, MemoryRecord, ResultFile, RunInfo, SeriesRecord, Summary,
     },
+    spread::Interval,
 };
 
 /// The line after which the generated section starts.
@@ -47,6 +48,12 @@ pub const CPU_PREFIX: &str = "echo/cpu/";
 /// echo-server's: `echo/paired/<size>-<n>conn`. Its median is the throughput ratio the goal
 /// is judged by (the two turns of a sample run back to back, with the same iterations).
 pub const PAIRED_PREFIX: &str = "echo/paired/";
+/// The interval ([`crate::spread::median_interval`]) the paired recording keeps for its
+/// median: how sure this run's throughput ratio is.
+pub const MEDIAN_INTERVAL: &str = "median";
+/// The intervals ([`crate::spread::ratio_interval`]) echo-server's latency recording keeps
+/// for its median and p99 ÷ the fair baseline's.
+pub const LATENCY_INTERVALS: [(&str, f64); 2] = [("p50 ÷ raw-buf", 50.0), ("p99 ÷ raw-buf", 99.0)];
 /// The echo servers in the order they are shown: this project's, the fair baseline, the
 /// second baseline.
 pub const ECHO_SERVERS: [&str; 3] = ["echo-server", "raw-buf", "raw-copy"];
@@ -557,18 +564,25 @@ fn results_table(
         let mut ratio = match (&base, n.bytes) {
             (Some(b), Some(_)) => match paired {
                 Some(p) => format!(
-                    "{:.2}× {base_name}'s throughput (median of {} samples' pairs; ratio of the medians {:.2}×)",
-                    p.p50,
+                    "{}{base_name}'s throughput (median of {} samples' pairs{}; ratio of the medians {:.2}×)",
+                    format_args!("{:.2}× ", p.p50),
                     p.count,
+                    paired_interval(id, series).map_or(String::new(), |i| format!(
+                        ", 95 % interval {:.2}–{:.2}",
+                        i.low, i.high
+                    )),
                     b.p50 / n.p50
                 ),
                 None => format!("{:.2}× {base_name}'s throughput", b.p50 / n.p50),
             },
-            (Some(b), None) if spec.also.is_some() => format!(
-                "{:.2}× (median), {:.2}× (p99) of {base_name}",
-                n.p50 / b.p50,
-                n.p99 / b.p99,
-            ),
+            (Some(b), None) if spec.also.is_some() => {
+                let [p50, p99] = latency_intervals(id, series);
+                format!(
+                    "{} (median), {} (p99) of {base_name}",
+                    with_interval(n.p50 / b.p50, p50),
+                    with_interval(n.p99 / b.p99, p99),
+                )
+            }
             (Some(b), None) => format!(
                 "{}× (median), {}× (p99) of {}",
                 fmt_ratio(n.p50 / b.p50),
@@ -600,14 +614,26 @@ fn results_table(
             Some(Goal::ThroughputAtLeast(r)) => (
                 format!("≥ {r}× {base_name}"),
                 match &base {
-                    Some(b) => verdict(paired.map_or(b.p50 / n.p50, |p| p.p50) >= r),
+                    Some(b) if paired.map_or(b.p50 / n.p50, |p| p.p50) >= r => verdict(true),
+                    Some(_) => match paired_interval(id, series) {
+                        Some(i) => miss(i.high >= r).into(),
+                        None => verdict(false),
+                    },
                     None => "no baseline".into(),
                 },
             ),
             Some(Goal::LatencyWithin(r)) => (
                 format!("median and p99 ≤ {r}× {base_name}"),
                 match &base {
-                    Some(b) => verdict(n.p50 <= r * b.p50 && n.p99 <= r * b.p99),
+                    Some(b) if n.p50 <= r * b.p50 && n.p99 <= r * b.p99 => verdict(true),
+                    Some(b) => match latency_intervals(id, series) {
+                        [Some(p50), Some(p99)] => miss(
+                            (n.p50 <= r * b.p50 || p50.low <= r)
+                                && (n.p99 <= r * b.p99 || p99.low <= r),
+                        )
+                        .into(),
+                        _ => verdict(false),
+                    },
                     None => "no baseline".into(),
                 },
             ),
@@ -719,7 +745,16 @@ fn echo_goals(
         let misses: Vec<String> = ratios
             .iter()
             .filter(|(_, r)| *r < THROUGHPUT_GOAL)
-            .map(|(label, r)| format!("{label} {r:.2}×"))
+            .map(|(label, r)| {
+                let id = format!("echo/throughput/echo-server/{label}");
+                let interval = paired_interval(&id, series);
+                let spread = match interval {
+                    Some(i) if i.high >= THROUGHPUT_GOAL => ", within the run's spread",
+                    Some(_) => ", beyond the run's spread",
+                    None => "",
+                };
+                format!("{label} {}{spread}", with_interval(*r, interval))
+            })
             .collect();
         let worst = ratios.iter().map(|(_, r)| *r).fold(f64::INFINITY, f64::min);
         lines.push(format!(
@@ -737,7 +772,24 @@ fn echo_goals(
         let misses: Vec<String> = latency
             .iter()
             .filter(|(_, n, b)| n.p50 > LATENCY_GOAL * b.p50 || n.p99 > LATENCY_GOAL * b.p99)
-            .map(|(label, n, b)| format!("{label} {:.2}×/{:.2}×", n.p50 / b.p50, n.p99 / b.p99))
+            .map(|(label, n, b)| {
+                let [p50, p99] =
+                    latency_intervals(&format!("echo/latency/echo-server/{label}"), series);
+                let over = |r: f64, i: Option<Interval>| match i {
+                    Some(i) if r > LATENCY_GOAL && i.low <= LATENCY_GOAL => {
+                        format!("{}, within the run's spread", with_interval(r, Some(i)))
+                    }
+                    Some(i) if r > LATENCY_GOAL => {
+                        format!("{}, beyond the run's spread", with_interval(r, Some(i)))
+                    }
+                    i => with_interval(r, i),
+                };
+                format!(
+                    "{label} median {}, p99 {}",
+                    over(n.p50 / b.p50, p50),
+                    over(n.p99 / b.p99, p99)
+                )
+            })
             .collect();
         let worst_p50 = latency
             .iter()
@@ -753,7 +805,7 @@ fn echo_goals(
             if misses.is_empty() {
                 "met".to_owned()
             } else {
-                format!("**NOT met** (median/p99): {}", misses.join(", "))
+                format!("**NOT met**: {}", misses.join("; "))
             }
         ));
     }
@@ -802,7 +854,10 @@ fn echo_goals(
          compare the same seconds. Throughput: each criterion sample is one pipelined turn on \
          each server, the order rotating; the ratio is the median over the samples of \
          `raw-buf`'s turn time ÷ echo-server's in the same sample. Latency: one round (a round trip on each of the \
-         server's connections) on each server in turn.\n"
+         server's connections) on each server in turn. 95 %: the interval from this run's own \
+         samples (throughput: the order statistics of the paired ratios' median; latency: a \
+         bootstrap over whole samples, both servers' round trips of a sample kept together); \
+         a miss whose interval reaches the goal is one this run cannot tell from its noise.\n"
     );
     let _ = writeln!(out, "| Goal | Measured | Met? |\n|---|---|---|");
     for line in lines {
@@ -923,6 +978,38 @@ fn paired_ratio(id: &str, series: &BTreeMap<String, SeriesRecord>) -> Option<Sum
         .get(&format!("{PAIRED_PREFIX}{}", short(id)))
         .and_then(|r| r.series.get(MEASURED))
         .copied()
+}
+
+/// The 95 % interval of [`paired_ratio`]'s median, when the bench recorded one.
+fn paired_interval(id: &str, series: &BTreeMap<String, SeriesRecord>) -> Option<Interval> {
+    series
+        .get(&format!("{PAIRED_PREFIX}{}", short(id)))
+        .and_then(|r| r.intervals.get(MEDIAN_INTERVAL))
+        .copied()
+}
+
+/// The 95 % intervals of echo-server's latency median and p99 ÷ the fair baseline's
+/// ([`LATENCY_INTERVALS`]), when the bench recorded them.
+fn latency_intervals(id: &str, series: &BTreeMap<String, SeriesRecord>) -> [Option<Interval>; 2] {
+    LATENCY_INTERVALS.map(|(what, _)| series.get(id).and_then(|r| r.intervals.get(what)).copied())
+}
+
+/// A ratio with its 95 % interval, if known: `0.94× (95 %: 0.90–0.99)`.
+fn with_interval(ratio: f64, interval: Option<Interval>) -> String {
+    match interval {
+        Some(i) => format!("{ratio:.2}× (95 %: {:.2}–{:.2})", i.low, i.high),
+        None => format!("{ratio:.2}×"),
+    }
+}
+
+/// How a missed goal reads: whether this run's own spread reaches the goal (then the run
+/// cannot tell the miss from the noise) or not (a real difference).
+fn miss(reaches_goal: bool) -> &'static str {
+    if reaches_goal {
+        "**NOT met**, within this run's spread (the 95 % interval reaches the goal)"
+    } else {
+        "**NOT met**, beyond this run's spread"
+    }
 }
 
 /// `echo/throughput/raw-buf/16B-1conn` → `raw-buf`.
@@ -1136,6 +1223,105 @@ mod tests {
             r.push(name, Duration::from_micros(*us));
         }
         ResultFile::Series(r.record())
+    }
+
+    #[test]
+    fn a_miss_says_whether_the_runs_own_spread_reaches_the_goal() {
+        use crate::spread;
+        // Throughput: 20 paired samples, median 0.94×; at 1 conn they scatter (the interval
+        // reaches 0.95), at 32 they are tight (it does not).
+        let paired = |label: &str, ratios: &[f64]| {
+            let mut r = Recorder::new(format!("{PAIRED_PREFIX}{label}"), ratios.len());
+            for v in ratios {
+                r.start_call();
+                r.push_signed(MEASURED, *v);
+            }
+            let all = r.per_call(MEASURED).concat();
+            r.bound(MEDIAN_INTERVAL, spread::median_interval(&all));
+            ResultFile::Series(r.record())
+        };
+        let scattered: Vec<f64> = (0..20).map(|i| 0.842 + 0.01 * f64::from(i)).collect();
+        let tight: Vec<f64> = (0..20).map(|i| 0.935 + 0.001 * f64::from(i)).collect();
+        // Latency: echo-server's p99 1.10× in every sample (beyond the spread), its median
+        // 1.06× overall but 0.98×, 1.06× or 1.14× from sample to sample (within it).
+        let latency = |server: &str, scale: f64| {
+            let mut r = Recorder::new(format!("echo/latency/{server}/16B-32conn"), 20);
+            for s in 0..20 {
+                r.start_call();
+                let level = if server == "echo-server" {
+                    [0.98, 1.06, 1.14][s % 3]
+                } else {
+                    1.0
+                };
+                for i in 0..100 {
+                    let v = if i >= 98 {
+                        1000.0 * scale
+                    } else {
+                        100.0 * level
+                    };
+                    r.push(MEASURED, Duration::from_nanos(v as u64));
+                }
+            }
+            r
+        };
+        let (mut ours, base) = (latency("echo-server", 1.1), latency("raw-buf", 1.0));
+        for (what, p) in LATENCY_INTERVALS {
+            let interval =
+                spread::ratio_interval(&ours.per_call(MEASURED), &base.per_call(MEASURED), p);
+            ours.bound(what, interval);
+        }
+        let files = vec![
+            recorded_throughput(
+                "echo/throughput/echo-server/1KiB-1conn",
+                1024,
+                &[1000.0; 20],
+            ),
+            recorded_throughput("echo/throughput/raw-buf/1KiB-1conn", 1024, &[940.0; 20]),
+            paired("1KiB-1conn", &scattered),
+            recorded_throughput(
+                "echo/throughput/echo-server/1KiB-32conn",
+                1024,
+                &[1000.0; 20],
+            ),
+            recorded_throughput("echo/throughput/raw-buf/1KiB-32conn", 1024, &[940.0; 20]),
+            paired("1KiB-32conn", &tight),
+            ResultFile::Series(ours.record()),
+            ResultFile::Series(base.record()),
+        ];
+        let md = render(&[], &files, &machine());
+        let row = |id: &str| {
+            md.lines()
+                .find(|l| l.contains(&format!("`{id}`")))
+                .unwrap_or_else(|| panic!("no row {id}: {md}"))
+                .to_owned()
+        };
+        let one = row("echo/throughput/echo-server/1KiB-1conn");
+        assert!(one.contains("95 % interval 0.89–0.98"), "{one}");
+        assert!(one.contains("within this run's spread"), "{one}");
+        let many = row("echo/throughput/echo-server/1KiB-32conn");
+        assert!(many.contains("95 % interval 0.94–0.95"), "{many}");
+        assert!(many.contains("beyond this run's spread"), "{many}");
+        let lat = row("echo/latency/echo-server/16B-32conn");
+        assert!(lat.contains("1.10× (95 %: 1.10–1.10) (p99)"), "{lat}");
+        assert!(lat.contains("beyond this run's spread"), "{lat}");
+        let goals = md
+            .lines()
+            .find(|l| l.starts_with("| Pipelined throughput"))
+            .unwrap();
+        assert!(
+            goals.contains("1KiB-1conn 0.94× (95 %: 0.89–0.98), within the run's spread")
+                && goals.contains("beyond the run's spread"),
+            "{goals}"
+        );
+        let goals = md
+            .lines()
+            .find(|l| l.starts_with("| One-in-flight latency"))
+            .unwrap();
+        assert!(
+            goals.contains("p99 1.10× (95 %: 1.10–1.10), beyond the run's spread"),
+            "{goals}"
+        );
+        assert!(goals.contains(", within the run's spread"), "{goals}");
     }
 
     #[test]

@@ -13,7 +13,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    spread::Interval,
+};
 
 /// Criterion's output directory, found the way criterion finds it: `CRITERION_HOME`, else
 /// `$CARGO_TARGET_DIR/criterion`, else the target directory `cargo metadata` names, else
@@ -179,6 +182,10 @@ pub struct SeriesRecord {
     /// throughput (the report turns it into bytes per second).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_per_iter: Option<u64>,
+    /// 95 % intervals the bench computed from its samples ([`crate::spread`]), by what they
+    /// bound (see [`Recorder::bound`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub intervals: BTreeMap<String, Interval>,
     /// When it was recorded (Unix milliseconds).
     pub recorded_unix_ms: u64,
 }
@@ -274,6 +281,7 @@ pub struct Recorder {
     calls: VecDeque<BTreeMap<String, Vec<f64>>>,
     descriptions: Vec<(String, String)>,
     bytes_per_iter: Option<u64>,
+    intervals: BTreeMap<String, Interval>,
 }
 
 impl Recorder {
@@ -285,6 +293,7 @@ impl Recorder {
             calls: VecDeque::new(),
             descriptions: Vec::new(),
             bytes_per_iter: None,
+            intervals: BTreeMap::new(),
         }
     }
 
@@ -343,6 +352,22 @@ impl Recorder {
         self.calls.len()
     }
 
+    /// The kept values of `series`, one slice per call (empty for a call without any).
+    pub fn per_call(&self, series: &str) -> Vec<&[f64]> {
+        self.calls
+            .iter()
+            .map(|call| call.get(series).map_or(&[][..], Vec::as_slice))
+            .collect()
+    }
+
+    /// Record `interval` as the 95 % interval of `what` (a name the report looks up, such as
+    /// [`crate::report::MEDIAN_INTERVAL`]); `None` records nothing.
+    pub fn bound(&mut self, what: &str, interval: Option<Interval>) {
+        if let Some(interval) = interval {
+            self.intervals.insert(what.to_owned(), interval);
+        }
+    }
+
     /// The summaries of what is kept.
     pub fn record(&self) -> SeriesRecord {
         let mut all: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -360,6 +385,7 @@ impl Recorder {
                 .collect(),
             descriptions: self.descriptions.clone(),
             bytes_per_iter: self.bytes_per_iter,
+            intervals: self.intervals.clone(),
             recorded_unix_ms: unix_ms(SystemTime::now()),
         }
     }
