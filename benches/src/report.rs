@@ -565,7 +565,7 @@ fn results_table(
             (Some(b), Some(_)) => match paired {
                 Some(p) => format!(
                     "{}{base_name}'s throughput (median of {} samples' pairs{}; ratio of the medians {:.2}×)",
-                    format_args!("{:.2}× ", p.p50),
+                    format_args!("{}× ", near_goal(p.p50, THROUGHPUT_GOAL)),
                     p.count,
                     paired_interval(id, series).map_or(String::new(), |i| format!(
                         ", 95 % interval {:.2}–{:.2}",
@@ -579,8 +579,8 @@ fn results_table(
                 let [p50, p99] = latency_intervals(id, series);
                 format!(
                     "{} (median), {} (p99) of {base_name}",
-                    with_interval(n.p50 / b.p50, p50),
-                    with_interval(n.p99 / b.p99, p99),
+                    with_interval(n.p50 / b.p50, LATENCY_GOAL, p50),
+                    with_interval(n.p99 / b.p99, LATENCY_GOAL, p99),
                 )
             }
             (Some(b), None) => format!(
@@ -753,7 +753,10 @@ fn echo_goals(
                     Some(_) => ", beyond the run's spread",
                     None => "",
                 };
-                format!("{label} {}{spread}", with_interval(*r, interval))
+                format!(
+                    "{label} {}{spread}",
+                    with_interval(*r, THROUGHPUT_GOAL, interval)
+                )
             })
             .collect();
         let worst = ratios.iter().map(|(_, r)| *r).fold(f64::INFINITY, f64::min);
@@ -777,12 +780,18 @@ fn echo_goals(
                     latency_intervals(&format!("echo/latency/echo-server/{label}"), series);
                 let over = |r: f64, i: Option<Interval>| match i {
                     Some(i) if r > LATENCY_GOAL && i.low <= LATENCY_GOAL => {
-                        format!("{}, within the run's spread", with_interval(r, Some(i)))
+                        format!(
+                            "{}, within the run's spread",
+                            with_interval(r, LATENCY_GOAL, Some(i))
+                        )
                     }
                     Some(i) if r > LATENCY_GOAL => {
-                        format!("{}, beyond the run's spread", with_interval(r, Some(i)))
+                        format!(
+                            "{}, beyond the run's spread",
+                            with_interval(r, LATENCY_GOAL, Some(i))
+                        )
                     }
-                    i => with_interval(r, i),
+                    i => with_interval(r, LATENCY_GOAL, i),
                 };
                 format!(
                     "{label} median {}, p99 {}",
@@ -994,12 +1003,26 @@ fn latency_intervals(id: &str, series: &BTreeMap<String, SeriesRecord>) -> [Opti
     LATENCY_INTERVALS.map(|(what, _)| series.get(id).and_then(|r| r.intervals.get(what)).copied())
 }
 
-/// A ratio with its 95 % interval, if known: `0.94× (95 %: 0.90–0.99)`.
-fn with_interval(ratio: f64, interval: Option<Interval>) -> String {
+/// A ratio with its 95 % interval, if known: `0.94× (95 %: 0.90–0.99)`; the ratio as
+/// [`near_goal`] prints it.
+fn with_interval(ratio: f64, goal: f64, interval: Option<Interval>) -> String {
+    let ratio = near_goal(ratio, goal);
     match interval {
-        Some(i) => format!("{ratio:.2}× (95 %: {:.2}–{:.2})", i.low, i.high),
-        None => format!("{ratio:.2}×"),
+        Some(i) => format!("{ratio}× (95 %: {:.2}–{:.2})", i.low, i.high),
+        None => format!("{ratio}×"),
     }
+}
+
+/// A ratio to two decimals, or as many more (up to four) as it takes not to print the goal
+/// itself (0.947 against 0.95: a miss must not read as the goal).
+fn near_goal(ratio: f64, goal: f64) -> String {
+    for places in 2..4 {
+        let shown = format!("{ratio:.places$}");
+        if ratio == goal || shown != format!("{goal:.places$}") {
+            return shown;
+        }
+    }
+    format!("{ratio:.4}")
 }
 
 /// How a missed goal reads: whether this run's own spread reaches the goal (then the run
@@ -1322,6 +1345,15 @@ mod tests {
             "{goals}"
         );
         assert!(goals.contains(", within the run's spread"), "{goals}");
+    }
+
+    #[test]
+    fn a_ratio_next_to_its_goal_is_not_shown_as_the_goal() {
+        assert_eq!(near_goal(0.9467, 0.95), "0.947");
+        assert_eq!(near_goal(1.0504, 1.05), "1.0504");
+        assert_eq!(near_goal(0.94, 0.95), "0.94");
+        assert_eq!(near_goal(0.95, 0.95), "0.95");
+        assert_eq!(near_goal(1.07, 1.05), "1.07");
     }
 
     #[test]
