@@ -1214,6 +1214,13 @@ mod tests {
         }
     }
 
+    /// The rendered page's line that starts with `start` (a table row).
+    fn line<'a>(md: &'a str, start: &str) -> &'a str {
+        md.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no line starting {start:?} in:\n{md}"))
+    }
+
     fn bench(id: &str, bytes: Option<u64>, ns: &[f64]) -> CriterionBench {
         CriterionBench {
             id: id.into(),
@@ -1312,12 +1319,7 @@ mod tests {
             ResultFile::Series(base.record()),
         ];
         let md = render(&[], &files, &machine());
-        let row = |id: &str| {
-            md.lines()
-                .find(|l| l.contains(&format!("`{id}`")))
-                .unwrap_or_else(|| panic!("no row {id}: {md}"))
-                .to_owned()
-        };
+        let row = |id: &str| line(&md, &format!("| `{id}` |")).to_owned();
         let one = row("echo/throughput/echo-server/1KiB-1conn");
         assert!(one.contains("95 % interval 0.89–0.98"), "{one}");
         assert!(one.contains("within this run's spread"), "{one}");
@@ -1327,19 +1329,13 @@ mod tests {
         let lat = row("echo/latency/echo-server/16B-32conn");
         assert!(lat.contains("1.10× (95 %: 1.10–1.10) (p99)"), "{lat}");
         assert!(lat.contains("beyond this run's spread"), "{lat}");
-        let goals = md
-            .lines()
-            .find(|l| l.starts_with("| Pipelined throughput"))
-            .unwrap();
+        let goals = line(&md, "| Pipelined throughput");
         assert!(
             goals.contains("1KiB-1conn 0.94× (95 %: 0.89–0.98), within the run's spread")
                 && goals.contains("beyond the run's spread"),
             "{goals}"
         );
-        let goals = md
-            .lines()
-            .find(|l| l.starts_with("| One-in-flight latency"))
-            .unwrap();
+        let goals = line(&md, "| One-in-flight latency");
         assert!(
             goals.contains("p99 1.10× (95 %: 1.10–1.10), beyond the run's spread"),
             "{goals}"
@@ -1541,10 +1537,7 @@ mod tests {
             "{md}"
         );
         // Messages per second and CPU per message, side by side.
-        let rates = md
-            .lines()
-            .find(|l| l.starts_with("| 1KiB-1conn |"))
-            .unwrap();
+        let rates = line(&md, "| 1KiB-1conn |");
         assert!(
             rates.contains("| 952.4 k | 1.25 M | 476.2 k | 3.0 µs | 2.0 µs | — | 1.50× |"),
             "{rates}"
