@@ -1377,10 +1377,7 @@ mod tests {
             },
         ];
         let md = render(&[], &files, &machine());
-        let tput = md
-            .lines()
-            .find(|l| l.contains("`echo/throughput/echo-server/16B-1conn`"))
-            .unwrap();
+        let tput = line(&md, "| `echo/throughput/echo-server/16B-1conn` |");
         assert!(
             tput.contains("0.96× raw-buf's throughput (median of 3 samples' pairs; ratio of the medians 0.80×)"),
             "{tput}"
@@ -1487,24 +1484,15 @@ mod tests {
         assert!(md.contains("1970-01-01 00:00 UTC"), "{md}");
         assert!(md.contains("61 s (failover 61 s)"), "{md}");
         assert!(md.contains("| 125 s (2.1 min) |"), "the whole run: {md}");
-        let kill = md
-            .lines()
-            .find(|l| l.contains("`failover/kill/sigkill_process`"))
-            .unwrap();
+        let kill = line(&md, "| `failover/kill/sigkill_process` |");
         assert!(kill.contains("| 500.0 µs |"), "{kill}");
         assert!(kill.contains("**NOT met**"), "p99 is near 3 ms: {kill}");
         assert!(kill.contains("10.0× (median)"), "{kill}");
-        let tput = md
-            .lines()
-            .find(|l| l.contains("`echo/throughput/echo-server/1KiB-1conn`"))
-            .unwrap();
+        let tput = line(&md, "| `echo/throughput/echo-server/1KiB-1conn` |");
         assert!(tput.contains("0.76× raw-buf's throughput"), "{tput}");
         assert!(tput.contains("2.00× raw-copy's"), "{tput}");
         assert!(tput.contains("≥ 0.95× raw-buf | **NOT met**"), "{tput}");
-        let lat = md
-            .lines()
-            .find(|l| l.contains("`echo/latency/echo-server/16B-1conn`"))
-            .unwrap();
+        let lat = line(&md, "| `echo/latency/echo-server/16B-1conn` |");
         assert!(
             lat.contains("1.04× (median), 1.04× (p99) of raw-buf"),
             "{lat}"
@@ -1556,10 +1544,7 @@ mod tests {
             pos("`echo/throughput/raw-buf/16B-32conn`")
                 < pos("`echo/throughput/echo-server/1KiB-1conn`")
         );
-        let switch = md
-            .lines()
-            .find(|l| l.contains("`failover/unhealthy/consul_to_switch`"))
-            .unwrap();
+        let switch = line(&md, "| `failover/unhealthy/consul_to_switch` |");
         assert!(switch.contains("| met |"), "{switch}");
         assert!(
             md.contains("`failover/unhealthy/503_to_switch`"),
