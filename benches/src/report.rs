@@ -1300,24 +1300,17 @@ mod tests {
                 spread::ratio_interval(&ours.per_call(MEASURED), &base.per_call(MEASURED), p);
             ours.bound(what, interval);
         }
-        let files = vec![
-            recorded_throughput(
-                "echo/throughput/echo-server/1KiB-1conn",
-                1024,
-                &[1000.0; 20],
-            ),
-            recorded_throughput("echo/throughput/raw-buf/1KiB-1conn", 1024, &[940.0; 20]),
-            paired("1KiB-1conn", &scattered),
-            recorded_throughput(
-                "echo/throughput/echo-server/1KiB-32conn",
-                1024,
-                &[1000.0; 20],
-            ),
-            recorded_throughput("echo/throughput/raw-buf/1KiB-32conn", 1024, &[940.0; 20]),
-            paired("1KiB-32conn", &tight),
+        let mut files = Vec::new();
+        for (label, ratios) in [("1KiB-1conn", &scattered), ("1KiB-32conn", &tight)] {
+            let id = |server: &str| format!("echo/throughput/{server}/{label}");
+            files.push(recorded_throughput(&id("echo-server"), 1024, &[1000.0; 20]));
+            files.push(recorded_throughput(&id("raw-buf"), 1024, &[940.0; 20]));
+            files.push(paired(label, ratios));
+        }
+        files.extend([
             ResultFile::Series(ours.record()),
             ResultFile::Series(base.record()),
-        ];
+        ]);
         let md = render(&[], &files, &machine());
         let row = |id: &str| line(&md, &format!("| `{id}` |")).to_owned();
         let one = row("echo/throughput/echo-server/1KiB-1conn");
