@@ -616,7 +616,7 @@ fn results_table(
                 match &base {
                     Some(b) if paired.map_or(b.p50 / n.p50, |p| p.p50) >= r => verdict(true),
                     Some(_) => match paired_interval(id, series) {
-                        Some(i) => miss(i.high >= r).into(),
+                        Some(i) => miss(i.high >= r),
                         None => verdict(false),
                     },
                     None => "no baseline".into(),
@@ -630,8 +630,7 @@ fn results_table(
                         [Some(p50), Some(p99)] => miss(
                             (n.p50 <= r * b.p50 || p50.low <= r)
                                 && (n.p99 <= r * b.p99 || p99.low <= r),
-                        )
-                        .into(),
+                        ),
                         _ => verdict(false),
                     },
                     None => "no baseline".into(),
@@ -748,11 +747,9 @@ fn echo_goals(
             .map(|(label, r)| {
                 let id = format!("echo/throughput/echo-server/{label}");
                 let interval = paired_interval(&id, series);
-                let spread = match interval {
-                    Some(i) if i.high >= THROUGHPUT_GOAL => ", within the run's spread",
-                    Some(_) => ", beyond the run's spread",
-                    None => "",
-                };
+                let spread = interval.map_or(String::new(), |i| {
+                    format!(", {}", spread_word(i.high >= THROUGHPUT_GOAL))
+                });
                 format!(
                     "{label} {}{spread}",
                     with_interval(*r, THROUGHPUT_GOAL, interval)
@@ -779,18 +776,11 @@ fn echo_goals(
                 let [p50, p99] =
                     latency_intervals(&format!("echo/latency/echo-server/{label}"), series);
                 let over = |r: f64, i: Option<Interval>| match i {
-                    Some(i) if r > LATENCY_GOAL && i.low <= LATENCY_GOAL => {
-                        format!(
-                            "{}, within the run's spread",
-                            with_interval(r, LATENCY_GOAL, Some(i))
-                        )
-                    }
-                    Some(i) if r > LATENCY_GOAL => {
-                        format!(
-                            "{}, beyond the run's spread",
-                            with_interval(r, LATENCY_GOAL, Some(i))
-                        )
-                    }
+                    Some(i) if r > LATENCY_GOAL => format!(
+                        "{}, {}",
+                        with_interval(r, LATENCY_GOAL, Some(i)),
+                        spread_word(i.low <= LATENCY_GOAL)
+                    ),
                     i => with_interval(r, LATENCY_GOAL, i),
                 };
                 format!(
@@ -1027,11 +1017,21 @@ fn near_goal(ratio: f64, goal: f64) -> String {
 
 /// How a missed goal reads: whether this run's own spread reaches the goal (then the run
 /// cannot tell the miss from the noise) or not (a real difference).
-fn miss(reaches_goal: bool) -> &'static str {
-    if reaches_goal {
-        "**NOT met**, within this run's spread (the 95 % interval reaches the goal)"
+fn miss(reaches_goal: bool) -> String {
+    let why = if reaches_goal {
+        " (the 95 % interval reaches the goal)"
     } else {
-        "**NOT met**, beyond this run's spread"
+        ""
+    };
+    format!("**NOT met**, {}{why}", spread_word(reaches_goal))
+}
+
+/// Whether a miss lies within the run's own spread (its 95 % interval reaches the goal).
+fn spread_word(reaches_goal: bool) -> &'static str {
+    if reaches_goal {
+        "within this run's spread"
+    } else {
+        "beyond this run's spread"
     }
 }
 
@@ -1324,16 +1324,16 @@ mod tests {
         assert!(lat.contains("beyond this run's spread"), "{lat}");
         let goals = line(&md, "| Pipelined throughput");
         assert!(
-            goals.contains("1KiB-1conn 0.94× (95 %: 0.89–0.98), within the run's spread")
-                && goals.contains("beyond the run's spread"),
+            goals.contains("1KiB-1conn 0.94× (95 %: 0.89–0.98), within this run's spread")
+                && goals.contains("beyond this run's spread"),
             "{goals}"
         );
         let goals = line(&md, "| One-in-flight latency");
         assert!(
-            goals.contains("p99 1.10× (95 %: 1.10–1.10), beyond the run's spread"),
+            goals.contains("p99 1.10× (95 %: 1.10–1.10), beyond this run's spread"),
             "{goals}"
         );
-        assert!(goals.contains(", within the run's spread"), "{goals}");
+        assert!(goals.contains(", within this run's spread"), "{goals}");
     }
 
     #[test]

@@ -113,13 +113,20 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
         0 => f64::NAN,
         1 => sorted[0],
         n => {
-            let rank = (p.clamp(0.0, 100.0) / 100.0) * (n - 1) as f64;
-            let below = rank.floor() as usize;
+            let (below, frac) = rank(n, p);
             let above = (below + 1).min(n - 1);
-            let frac = rank - below as f64;
             sorted[below] + (sorted[above] - sorted[below]) * frac
         }
     }
+}
+
+/// Where the `p`-th percentile of `n` sorted values lies: the index of the value below it
+/// and the fraction of the way to the next one (`n` ≥ 1). The one rule of every percentile
+/// here, [`percentile`]'s and the bootstrap's ([`crate::spread`]).
+pub(crate) fn rank(n: usize, p: f64) -> (usize, f64) {
+    let rank = (p.clamp(0.0, 100.0) / 100.0) * n.saturating_sub(1) as f64;
+    let below = rank.floor() as usize;
+    (below, rank - below as f64)
 }
 
 /// One file in [`results_dir`].

@@ -113,12 +113,11 @@ fn select_percentile(values: &mut [f64], p: f64) -> Option<f64> {
     if n == 0 {
         return None;
     }
-    let rank = (p.clamp(0.0, 100.0) / 100.0) * (n - 1) as f64;
-    let below = rank.floor() as usize;
+    let (below, frac) = crate::results::rank(n, p);
     let (_, at, above) = values.select_nth_unstable_by(below, f64::total_cmp);
     let low = *at;
     let high = above.iter().copied().min_by(f64::total_cmp).unwrap_or(low);
-    Some(low + (high - low) * (rank - below as f64))
+    Some(low + (high - low) * frac)
 }
 
 #[cfg(test)]
