@@ -1,11 +1,13 @@
 //! echo/throughput and echo/latency: the echo-server against two raw copiers, messages of
 //! 16 B, 1 KiB and 64 KiB, on one and on 32 connections at once. `raw-buf` reads and writes
 //! back with a buffer of the echo-server's read size (the fair baseline), `raw-copy` is
-//! `tokio::io::copy` (8 KiB, reading ahead while a write waits). All three run in this
+//! `tokio::io::copy` (8 KiB, reading ahead while a write waits), `raw-buf-twin` is a second
+//! `raw-buf` (the control: its ratio to `raw-buf`, measured the same way as echo-server's, is
+//! how far two identical servers read apart in this run). All four run in this
 //! process on one runtime of their own ([`benches::rig`]: threads `servers`, multi-threaded,
 //! one worker per CPU, as the echo-server binary runs; `echo-probe` drives the same servers
-//! without criterion, for profiles). Both measure the three servers in alternation, not one
-//! after the other, so a drift of the machine's load falls on the three alike and the ratios
+//! without criterion, for profiles). Both measure the servers in alternation, not one
+//! after the other, so a drift of the machine's load falls on all alike and the ratios
 //! compare the same seconds. The load runs on criterion's runtime and is the same for all:
 //! raw sockets writing newline-terminated messages and checking every echoed byte.
 //!
@@ -25,7 +27,7 @@
 //!   once; the order rotating, [`traffic::lockstep`]), each server's round trips recorded
 //!   under its own id.
 //!
-//! The interleaved benches' own times (three servers together) are no server's; the report
+//! The interleaved benches' own times (all servers together) are no server's; the report
 //! leaves them out.
 
 // criterion_group! and criterion_main! generate public functions without docs.
@@ -36,7 +38,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use benches::{
     harness, report,
     results::{MEASURED, Recorder, RunInfo},
-    rig::EchoRig,
+    rig::{self, EchoRig},
     spread,
     traffic::{self, Message},
 };
@@ -70,12 +72,13 @@ fn echo(c: &mut Criterion) {
             .expect("the rig runs this server")
     };
     let (ours_at, fair_at) = (at(report::ECHO_SERVERS[0]), at(report::ECHO_SERVERS[1]));
+    let twin_at = at(report::TWIN);
 
     let mut group = c.benchmark_group("echo/throughput");
     configure_interleaved(&mut group);
     for (size, label) in SIZES {
         for n in CONNECTIONS {
-            // One bench for all three servers: an iteration is one message per connection on
+            // One bench for all the servers: an iteration is one message per connection on
             // each server, the servers one after the other in a rotating order.
             let id = BenchmarkId::new(report::INTERLEAVED, format!("{label}-{n}conn"));
             let bytes = (size * n) as u64;
@@ -109,6 +112,12 @@ fn echo(c: &mut Criterion) {
                         "the fair baseline's time ÷ echo-server's in the same sample (their \
                          turns adjacent, the same iterations): echo-server's throughput as a \
                          multiple of the baseline's, one value per sample",
+                    ),
+                twin: Recorder::new(format!("{}{label}-{n}conn", report::TWIN_PREFIX), SAMPLES)
+                    .describe(
+                        MEASURED,
+                        "the fair baseline's time ÷ its twin's in the same sample: the \
+                         control, the ratio two identical servers give, one value per sample",
                     ),
             }));
             let conns: Arc<OnceCell<Vec<Conns>>> = Arc::default();
@@ -147,12 +156,22 @@ fn echo(c: &mut Criterion) {
                         let elapsed = start.elapsed();
                         let mut turns = recorders.lock().expect("recorder lock");
                         let Turns {
-                            time, cpu, paired, ..
+                            time,
+                            cpu,
+                            paired,
+                            twin,
+                            ..
                         } = &mut *turns;
-                        paired.start_call();
-                        let (ours, fair) = (took[ours_at].0, took[fair_at].0);
-                        if !ours.is_zero() {
-                            paired.push_signed(MEASURED, fair.as_secs_f64() / ours.as_secs_f64());
+                        let fair = took[fair_at].0;
+                        for (recorder, at) in [(paired, ours_at), (twin, twin_at)] {
+                            recorder.start_call();
+                            let other = took[at].0;
+                            if !other.is_zero() {
+                                recorder.push_signed(
+                                    MEASURED,
+                                    fair.as_secs_f64() / other.as_secs_f64(),
+                                );
+                            }
                         }
                         let messages = (iters * n as u64).max(1) as f64;
                         for ((time, cpu), (elapsed, used)) in
@@ -170,12 +189,18 @@ fn echo(c: &mut Criterion) {
                     }
                 })
             });
-            let mut turns = recorders.lock().expect("recorder lock");
-            let ratios: Vec<f64> = turns.paired.per_call(MEASURED).concat();
-            turns
-                .paired
-                .bound(report::MEDIAN_INTERVAL, spread::median_interval(&ratios));
-            for recorder in turns.time.iter().chain(&turns.cpu).chain([&turns.paired]) {
+            let mut guard = recorders.lock().expect("recorder lock");
+            let turns = &mut *guard;
+            for recorder in [&mut turns.paired, &mut turns.twin] {
+                let ratios: Vec<f64> = recorder.per_call(MEASURED).concat();
+                recorder.bound(report::MEDIAN_INTERVAL, spread::median_interval(&ratios));
+            }
+            for recorder in turns
+                .time
+                .iter()
+                .chain(&turns.cpu)
+                .chain([&turns.paired, &turns.twin])
+            {
                 recorder.save().expect("save the throughput recording");
             }
         }
@@ -186,7 +211,7 @@ fn echo(c: &mut Criterion) {
     configure_latency(&mut group);
     for (size, label) in SIZES {
         for n in CONNECTIONS {
-            // One bench for all three servers: an iteration is one round on each, in turn.
+            // One bench for all the servers: an iteration is one round on each, in turn.
             let id = BenchmarkId::new(report::INTERLEAVED, format!("{label}-{n}conn"));
             let recorders: Arc<std::sync::Mutex<Vec<Recorder>>> = Arc::new(std::sync::Mutex::new(
                 servers
@@ -231,21 +256,24 @@ fn echo(c: &mut Criterion) {
             });
             let mut recorders = recorders.lock().expect("recorder lock");
             // How sure the latency ratios are: a bootstrap over the samples, each sample's
-            // round trips on both servers kept together (they share its seconds).
-            let bounds: Vec<_> = report::LATENCY_INTERVALS
-                .iter()
-                .map(|&(what, p)| {
-                    let (ours, fair) = (&recorders[ours_at], &recorders[fair_at]);
-                    let interval = spread::ratio_interval(
-                        &ours.per_call(MEASURED),
-                        &fair.per_call(MEASURED),
-                        p,
-                    );
-                    (what, interval)
-                })
-                .collect();
-            for (what, interval) in bounds {
-                recorders[ours_at].bound(what, interval);
+            // round trips on both servers kept together (they share its seconds). The twin's
+            // too: how far an identical server reads from the baseline.
+            for at in [ours_at, twin_at] {
+                let bounds: Vec<_> = report::LATENCY_INTERVALS
+                    .iter()
+                    .map(|&(what, p)| {
+                        let (ours, fair) = (&recorders[at], &recorders[fair_at]);
+                        let interval = spread::ratio_interval(
+                            &ours.per_call(MEASURED),
+                            &fair.per_call(MEASURED),
+                            p,
+                        );
+                        (what, interval)
+                    })
+                    .collect();
+                for (what, interval) in bounds {
+                    recorders[at].bound(what, interval);
+                }
             }
             for recorder in recorders.iter() {
                 recorder.save().expect("save the latency recording");
@@ -266,14 +294,14 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
         .measurement_time(Duration::from_millis(1200));
 }
 
-/// One bench measures the three servers: each gets the time it had alone. Flat sampling:
+/// One bench measures all the servers: each gets the time it had alone. Flat sampling:
 /// every sample the same number of iterations, so no server's turn is the few milliseconds
 /// the first samples of a linear sampling get (turns that short are as much the machine's
 /// noise as the server's time).
 fn configure_interleaved(group: &mut BenchmarkGroup<'_, WallTime>) {
     configure(group);
     group
-        .measurement_time(Duration::from_millis(3 * 1200))
+        .measurement_time(Duration::from_millis(rig::SERVERS.len() as u64 * 1200))
         .sampling_mode(SamplingMode::Flat);
 }
 
@@ -292,11 +320,13 @@ struct Turns {
     /// Per sample, `raw-buf`'s turn time ÷ echo-server's: the throughput ratio of two
     /// turns run back to back, so a drift of the machine's load between samples cancels.
     paired: Recorder,
+    /// The same for `raw-buf`'s twin: the ratio of two identical servers.
+    twin: Recorder,
 }
 
 /// `n` connections to each of `servers`, in their order.
 async fn connect_each(
-    servers: [(&'static str, SocketAddr); 3],
+    servers: [(&'static str, SocketAddr); rig::SERVERS.len()],
     n: usize,
 ) -> benches::Result<Vec<Conns>> {
     let mut all = Vec::with_capacity(servers.len());

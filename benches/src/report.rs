@@ -54,9 +54,15 @@ pub const MEDIAN_INTERVAL: &str = "median";
 /// The intervals ([`crate::spread::ratio_interval`]) echo-server's latency recording keeps
 /// for its median and p99 ÷ the fair baseline's.
 pub const LATENCY_INTERVALS: [(&str, f64); 2] = [("p50 ÷ raw-buf", 50.0), ("p99 ÷ raw-buf", 99.0)];
+/// The fair baseline's twin: the same copier as `raw-buf`, measured as echo-server is, so
+/// its ratio to `raw-buf` is what two identical servers give in the run (the control).
+pub const TWIN: &str = "raw-buf-twin";
+/// Where the echo throughput bench records, per sample, `raw-buf`'s turn time ÷ its twin's:
+/// `echo/paired-twin/<size>-<n>conn`, the control for [`PAIRED_PREFIX`].
+pub const TWIN_PREFIX: &str = "echo/paired-twin/";
 /// The echo servers in the order they are shown: this project's, the fair baseline, the
-/// second baseline.
-pub const ECHO_SERVERS: [&str; 3] = ["echo-server", "raw-buf", "raw-copy"];
+/// second baseline, the control.
+pub const ECHO_SERVERS: [&str; 4] = ["echo-server", "raw-buf", "raw-copy", TWIN];
 
 /// The echo latency bench's criterion benchmarks are `echo/latency/<this>/<size>-<n>conn`:
 /// one iteration is one round on each server in turn, so criterion's own time per iteration
@@ -298,6 +304,13 @@ pub fn spec(id: &str) -> Spec {
             5,
             "pipelined echo through a raw copier reading and writing with the echo-server's read size (the fair baseline)",
         ),
+        _ if id.starts_with("echo/throughput/raw-buf-twin/") => Spec {
+            baseline: Some(id.replacen("/raw-buf-twin/", "/raw-buf/", 1)),
+            ..plain(
+                5,
+                "pipelined echo through a second copy of the fair baseline (the control: its ratio to the baseline is what two identical servers give in this run)",
+            )
+        },
         _ if id.starts_with("echo/throughput/raw-copy/") => plain(
             5,
             "pipelined echo through the raw `tokio::io::copy` server (second baseline)",
@@ -308,12 +321,19 @@ pub fn spec(id: &str) -> Spec {
             goal: Some(Goal::LatencyWithin(LATENCY_GOAL)),
             ..plain(
                 6,
-                "one message's round trip through echo-server (one in flight per connection; the three servers in alternation)",
+                "one message's round trip through echo-server (one in flight per connection; the servers in alternation)",
             )
         },
         _ if id.starts_with("echo/latency/raw-buf/") => {
             plain(6, "one message's round trip through the fair baseline")
         }
+        _ if id.starts_with("echo/latency/raw-buf-twin/") => Spec {
+            baseline: Some(id.replacen("/raw-buf-twin/", "/raw-buf/", 1)),
+            ..plain(
+                6,
+                "one message's round trip through the fair baseline's twin (the control)",
+            )
+        },
         _ if id.starts_with("echo/latency/raw-copy/") => plain(
             6,
             "one message's round trip through `tokio::io::copy` (second baseline)",
@@ -521,7 +541,10 @@ fn results_table(
         .keys()
         .chain(series.keys())
         .filter(|id| {
-            !id.starts_with(CPU_PREFIX) && !id.starts_with(PAIRED_PREFIX) && !interleaved(id)
+            !id.starts_with(CPU_PREFIX)
+                && !id.starts_with(PAIRED_PREFIX)
+                && !id.starts_with(TWIN_PREFIX)
+                && !interleaved(id)
         })
         .collect();
     ids.sort_by_key(|id| order(id));
@@ -575,7 +598,7 @@ fn results_table(
                 ),
                 None => format!("{:.2}× {base_name}'s throughput", b.p50 / n.p50),
             },
-            (Some(b), None) if spec.also.is_some() => {
+            (Some(b), None) if echo_parts(id).is_some() => {
                 let [p50, p99] = latency_intervals(id, series);
                 format!(
                     "{} (median), {} (p99) of {base_name}",
@@ -741,6 +764,9 @@ fn echo_goals(
                 (label.clone(), r)
             })
             .collect();
+        let twin_ratio = |label: &str| {
+            paired_ratio(&format!("echo/throughput/{TWIN}/{label}"), series).map(|p| p.p50)
+        };
         let misses: Vec<String> = ratios
             .iter()
             .filter(|(_, r)| *r < THROUGHPUT_GOAL)
@@ -751,15 +777,19 @@ fn echo_goals(
                     format!(", {}", spread_word(i.high >= THROUGHPUT_GOAL))
                 });
                 format!(
-                    "{label} {}{spread}",
-                    with_interval(*r, THROUGHPUT_GOAL, interval)
+                    "{label} {}{spread}{}",
+                    with_interval(*r, THROUGHPUT_GOAL, interval),
+                    twin_ratio(label).map_or(String::new(), |t| twin_said(*r, t))
                 )
             })
             .collect();
         let worst = ratios.iter().map(|(_, r)| *r).fold(f64::INFINITY, f64::min);
+        let twins: Vec<f64> = ratios.iter().filter_map(|(l, _)| twin_ratio(l)).collect();
+        let twins = span(&twins).map_or(String::new(), |s| format!("{TWIN_OVER_ROWS} {s}"));
         lines.push(format!(
-            "| Pipelined throughput ≥ {THROUGHPUT_GOAL}× the fair baseline (`raw-buf`), every size, 1 and 32 connections | lowest {worst:.2}× over {} rows | {} |",
+            "| Pipelined throughput ≥ {THROUGHPUT_GOAL}× the fair baseline (`raw-buf`), every size, 1 and 32 connections | lowest {worst:.2}× over {} rows{} | {} |",
             ratios.len(),
+            twins,
             if misses.is_empty() {
                 "met".to_owned()
             } else {
@@ -769,24 +799,35 @@ fn echo_goals(
     }
     let latency = pairs("latency");
     if !latency.is_empty() {
+        // The twin's median and p99 ÷ the baseline's, by label.
+        let twin_latency = |label: &str| {
+            let twin = numbers_of(&format!("echo/latency/{TWIN}/{label}"), criterion, series)?;
+            let base = numbers_of(&format!("echo/latency/raw-buf/{label}"), criterion, series)?;
+            Some((twin.p50 / base.p50, twin.p99 / base.p99))
+        };
         let misses: Vec<String> = latency
             .iter()
             .filter(|(_, n, b)| n.p50 > LATENCY_GOAL * b.p50 || n.p99 > LATENCY_GOAL * b.p99)
             .map(|(label, n, b)| {
+                let twin = twin_latency(label);
                 let [p50, p99] =
                     latency_intervals(&format!("echo/latency/echo-server/{label}"), series);
-                let over = |r: f64, i: Option<Interval>| match i {
-                    Some(i) if r > LATENCY_GOAL => format!(
-                        "{}, {}",
-                        with_interval(r, LATENCY_GOAL, Some(i)),
-                        spread_word(i.low <= LATENCY_GOAL)
-                    ),
-                    i => with_interval(r, LATENCY_GOAL, i),
+                let over = |r: f64, i: Option<Interval>, t: Option<f64>| {
+                    let mut text = with_interval(r, LATENCY_GOAL, i);
+                    if r > LATENCY_GOAL {
+                        if let Some(i) = i {
+                            let _ = write!(text, ", {}", spread_word(i.low <= LATENCY_GOAL));
+                        }
+                        if let Some(t) = t {
+                            text.push_str(&twin_said(r, t));
+                        }
+                    }
+                    text
                 };
                 format!(
                     "{label} median {}, p99 {}",
-                    over(n.p50 / b.p50, p50),
-                    over(n.p99 / b.p99, p99)
+                    over(n.p50 / b.p50, p50, twin.map(|t| t.0)),
+                    over(n.p99 / b.p99, p99, twin.map(|t| t.1))
                 )
             })
             .collect();
@@ -798,8 +839,16 @@ fn echo_goals(
             .iter()
             .map(|(_, n, b)| n.p99 / b.p99)
             .fold(0.0, f64::max);
+        let (medians, p99s): (Vec<f64>, Vec<f64>) = latency
+            .iter()
+            .filter_map(|(label, _, _)| twin_latency(label))
+            .unzip();
+        let twin_text = match (span(&medians), span(&p99s)) {
+            (Some(m), Some(p)) => format!("{TWIN_OVER_ROWS} {m} (median), {p} (p99)"),
+            _ => String::new(),
+        };
         lines.push(format!(
-            "| One-in-flight latency: median and p99 ≤ {LATENCY_GOAL}× the fair baseline's, every size | highest {worst_p50:.2}× (median), {worst_p99:.2}× (p99) over {} rows | {} |",
+            "| One-in-flight latency: median and p99 ≤ {LATENCY_GOAL}× the fair baseline's, every size | highest {worst_p50:.2}× (median), {worst_p99:.2}× (p99) over {} rows{twin_text} | {} |",
             latency.len(),
             if misses.is_empty() {
                 "met".to_owned()
@@ -856,7 +905,13 @@ fn echo_goals(
          server's connections) on each server in turn. 95 %: the interval from this run's own \
          samples (throughput: the order statistics of the paired ratios' median; latency: a \
          bootstrap over whole samples, both servers' round trips of a sample kept together); \
-         a miss whose interval reaches the goal is one this run cannot tell from its noise.\n"
+         a miss whose interval reaches the goal is one this run cannot tell from its noise. \
+         The twin, `raw-buf-twin`, is a second copy of the baseline measured exactly as \
+         echo-server is: its ratios are what this run gives two identical servers. An \
+         interval comes from the samples of one set of connections, opened once per bench; \
+         the twin also shows what differs between sets of connections, which no interval \
+         of one set can: a miss no further from 1 than the twin's is one the run cannot \
+         tell from a copy of the baseline.\n"
     );
     let _ = writeln!(out, "| Goal | Measured | Met? |\n|---|---|---|");
     for line in lines {
@@ -895,7 +950,9 @@ fn echo_rates(
         "Pipelined, all connections at once. Messages/s: connections ÷ the median time per \
          iteration. CPU: the servers' runtime threads' CPU time (`/proc/self/task/*/schedstat`) \
          over each server's turn in each measured sample ÷ the messages it echoed, median over \
-         the samples; all three servers share that runtime and take turns, in alternation.\n"
+         the samples; all the servers share that runtime and take turns, in alternation. \
+         The twin's column is the control: the same copier as `raw-buf`, so how far it reads \
+         from 1 is how far two identical servers read apart in this run.\n"
     );
     let mut header = String::from("| Messages |");
     let mut rule = String::from("|---|");
@@ -907,8 +964,8 @@ fn echo_rates(
         let _ = write!(header, " {server} CPU/msg |");
         rule.push_str("---:|");
     }
-    header.push_str(" echo-server CPU/msg ÷ raw-buf's |");
-    rule.push_str("---:|");
+    header.push_str(" echo-server CPU/msg ÷ raw-buf's | the twin's ÷ raw-buf's |");
+    rule.push_str("---:|---:|");
     let _ = writeln!(out, "{header}\n{rule}");
     for (_, conns, label) in labels {
         let mut row = format!("| {label} |");
@@ -930,11 +987,11 @@ fn echo_rates(
         for server in ECHO_SERVERS {
             let _ = write!(row, " {} |", cpu(server).map_or("—".into(), fmt_ns));
         }
-        let ratio = match (cpu("echo-server"), cpu("raw-buf")) {
+        let ratio = |server: &str| match (cpu(server), cpu("raw-buf")) {
             (Some(e), Some(b)) if b > 0.0 => format!("{:.2}×", e / b),
             _ => "—".into(),
         };
-        let _ = writeln!(out, "{row} {ratio} |");
+        let _ = writeln!(out, "{row} {} | {} |", ratio("echo-server"), ratio(TWIN));
     }
     let _ = writeln!(out);
 }
@@ -967,14 +1024,23 @@ fn short(id: &str) -> &str {
     id.rsplit('/').next().unwrap_or(id)
 }
 
-/// For echo-server's throughput row `id`, the per-sample ratios `raw-buf`'s time ÷ its
-/// own ([`PAIRED_PREFIX`]), when the bench recorded them.
+/// Where the per-sample ratios of throughput row `id` are recorded: echo-server's
+/// ([`PAIRED_PREFIX`]) or the twin's ([`TWIN_PREFIX`]); none for other rows.
+fn paired_id(id: &str) -> Option<String> {
+    let (group, server, _, _) = echo_parts(id)?;
+    let prefix = match (group, server) {
+        ("throughput", "echo-server") => PAIRED_PREFIX,
+        ("throughput", TWIN) => TWIN_PREFIX,
+        _ => return None,
+    };
+    Some(format!("{prefix}{}", short(id)))
+}
+
+/// For throughput row `id` (echo-server's or the twin's), the per-sample ratios `raw-buf`'s
+/// time ÷ its own, when the bench recorded them.
 fn paired_ratio(id: &str, series: &BTreeMap<String, SeriesRecord>) -> Option<Summary> {
-    if !id.starts_with("echo/throughput/echo-server/") {
-        return None;
-    }
     series
-        .get(&format!("{PAIRED_PREFIX}{}", short(id)))
+        .get(&paired_id(id)?)
         .and_then(|r| r.series.get(MEASURED))
         .copied()
 }
@@ -982,7 +1048,7 @@ fn paired_ratio(id: &str, series: &BTreeMap<String, SeriesRecord>) -> Option<Sum
 /// The 95 % interval of [`paired_ratio`]'s median, when the bench recorded one.
 fn paired_interval(id: &str, series: &BTreeMap<String, SeriesRecord>) -> Option<Interval> {
     series
-        .get(&format!("{PAIRED_PREFIX}{}", short(id)))
+        .get(&paired_id(id)?)
         .and_then(|r| r.intervals.get(MEDIAN_INTERVAL))
         .copied()
 }
@@ -1034,6 +1100,28 @@ fn spread_word(reaches_goal: bool) -> &'static str {
         "beyond this run's spread"
     }
 }
+
+/// What the twin read beside a miss of ratio `r`: `; the twin 0.93×, as far from 1` when the
+/// twin (the same code as the baseline) is at least as far from 1 as `r` (this run cannot
+/// tell echo-server from a copy of the baseline), else `; the twin 0.99×`.
+fn twin_said(r: f64, twin: f64) -> String {
+    let as_far = if (1.0 - twin).abs() >= (1.0 - r).abs() {
+        ", as far from 1"
+    } else {
+        ""
+    };
+    format!("; the twin {twin:.2}×{as_far}")
+}
+
+/// The lowest and highest of `ratios` (`0.93–1.04×`), none if there are none.
+fn span(ratios: &[f64]) -> Option<String> {
+    let low = ratios.iter().copied().reduce(f64::min)?;
+    let high = ratios.iter().copied().reduce(f64::max)?;
+    Some(format!("{low:.2}–{high:.2}×"))
+}
+
+/// How the goals table introduces the twin's ratios over the rows.
+const TWIN_OVER_ROWS: &str = "; the twin (`raw-buf` against itself)";
 
 /// `echo/throughput/raw-buf/16B-1conn` → `raw-buf`.
 fn server_of(id: &str) -> &str {
@@ -1346,6 +1434,77 @@ mod tests {
     }
 
     #[test]
+    fn a_miss_is_set_beside_what_the_twin_read() {
+        // Two throughput rows missing the goal by the same 0.06: at 1 connection the twin,
+        // the baseline's copy, read 0.92× (as far from 1: the run cannot tell echo-server
+        // from a copy of the baseline), at 32 it read 0.99×.
+        let paired = |prefix: &str, label: &str, ratio: f64| {
+            let mut r = Recorder::new(format!("{prefix}{label}"), 3);
+            for v in [ratio - 0.01, ratio, ratio + 0.01] {
+                r.start_call();
+                r.push_signed(MEASURED, v);
+            }
+            ResultFile::Series(r.record())
+        };
+        let mut files = Vec::new();
+        for (label, twin) in [("16B-1conn", 0.92), ("16B-32conn", 0.99)] {
+            for server in ["echo-server", "raw-buf", TWIN] {
+                let id = format!("echo/throughput/{server}/{label}");
+                files.push(recorded_throughput(&id, 16, &[1000.0; 3]));
+            }
+            files.push(paired(PAIRED_PREFIX, label, 0.94));
+            files.push(paired(TWIN_PREFIX, label, twin));
+            for (server, cpu) in [("echo-server", 30.0), ("raw-buf", 20.0), (TWIN, 21.0)] {
+                files.push(recorded_throughput(
+                    &format!("{CPU_PREFIX}{server}/{label}"),
+                    16,
+                    &[cpu; 3],
+                ));
+            }
+        }
+        // Latency on 32 connections: echo-server's p99 1.10×, the twin's 1.12×.
+        for (server, p99) in [("echo-server", 1100), ("raw-buf", 1000), (TWIN, 1120)] {
+            files.push(recorded(
+                &format!("echo/latency/{server}/16B-32conn"),
+                &[&[100; 98][..], &[p99; 2][..]].concat(),
+                &[],
+            ));
+        }
+        let md = render(&[], &files, &machine());
+        let goals = line(&md, "| Pipelined throughput");
+        assert!(
+            goals.contains("16B-1conn 0.94×; the twin 0.92×, as far from 1"),
+            "{goals}"
+        );
+        assert!(
+            goals.contains("16B-32conn 0.94×; the twin 0.99× |"),
+            "{goals}"
+        );
+        assert!(
+            goals.contains("over 2 rows; the twin (`raw-buf` against itself) 0.92–0.99× |"),
+            "{goals}"
+        );
+        let twin = line(&md, "| `echo/throughput/raw-buf-twin/16B-1conn` |");
+        assert!(
+            twin.contains("0.92× raw-buf's throughput (median of 3 samples' pairs"),
+            "{twin}"
+        );
+        let goals = line(&md, "| One-in-flight latency");
+        assert!(
+            goals.contains("p99 1.10×; the twin 1.12×, as far from 1"),
+            "{goals}"
+        );
+        assert!(
+            goals.contains(
+                "the twin (`raw-buf` against itself) 1.00–1.00× (median), 1.12–1.12× (p99)"
+            ),
+            "{goals}"
+        );
+        let rates = line(&md, "| 16B-32conn |");
+        assert!(rates.ends_with("| 1.50× | 1.05× |"), "{rates}");
+    }
+
+    #[test]
     fn the_throughput_goal_is_judged_by_the_paired_samples() {
         // The medians of each server's own samples say 0.80× (a slow stretch fell on more
         // of echo-server's turns); the samples' pairs say 0.96×: the pairs decide.
@@ -1520,7 +1679,9 @@ mod tests {
         // Messages per second and CPU per message, side by side.
         let rates = line(&md, "| 1KiB-1conn |");
         assert!(
-            rates.contains("| 952.4 k | 1.25 M | 476.2 k | 3.0 µs | 2.0 µs | — | 1.50× |"),
+            rates.contains(
+                "| 952.4 k | 1.25 M | 476.2 k | — | 3.0 µs | 2.0 µs | — | — | 1.50× | — |"
+            ),
             "{rates}"
         );
         assert!(

@@ -1,7 +1,9 @@
 //! The echo path's servers side by side, as the `echo` bench measures them and the
 //! `echo-probe` binary profiles them: the echo-server (default settings, the frame limit set
-//! to the largest message) and the two raw copiers (`raw-buf`, the fair baseline, and
-//! `raw-copy`), all on one multi-threaded runtime of their own whose threads are named
+//! to the largest message), the two raw copiers (`raw-buf`, the fair baseline, and
+//! `raw-copy`) and a second `raw-buf` (`raw-buf-twin`, the control: the same code as the
+//! baseline, so its ratio to the baseline shows how far two identical servers read apart in
+//! one run), all on one multi-threaded runtime of their own whose threads are named
 //! [`SERVER_THREADS`], so the servers' CPU time is those threads' and every server runs under
 //! the same scheduler. One place, so the bench and the profile measure the same thing.
 
@@ -19,10 +21,13 @@ use crate::{
 pub const SERVER_THREADS: &str = "servers";
 
 /// The servers, in the order the bench measures them: this project's, the fair baseline
-/// (reads and writes with the echo-server's read size), `tokio::io::copy`.
-pub const SERVERS: [&str; 3] = ["echo-server", "raw-buf", "raw-copy"];
+/// (reads and writes with the echo-server's read size), the fair baseline's twin (the
+/// control), `tokio::io::copy`. The baseline sits between echo-server and the twin, so in
+/// the bench's rotating order ([`crate::traffic::round_order`]) each of the two is next to
+/// the baseline as often as the other.
+pub const SERVERS: [&str; 4] = ["echo-server", "raw-buf", "raw-buf-twin", "raw-copy"];
 
-/// The three servers running; see the module documentation. Dropping it stops them.
+/// The servers running; see the module documentation. Dropping it stops them.
 #[derive(Debug)]
 pub struct EchoRig {
     runtime: Runtime,
@@ -31,10 +36,11 @@ pub struct EchoRig {
     running: Option<JoinHandle<echo_server::Result<()>>>,
     fair: RawEcho,
     copy: RawEcho,
+    twin: RawEcho,
 }
 
 impl EchoRig {
-    /// Start the three servers; the echo-server takes frames of up to `max_frame` bytes.
+    /// Start the servers; the echo-server takes frames of up to `max_frame` bytes.
     /// Call it outside any runtime (it builds and blocks on its own).
     pub fn start(max_frame: usize) -> Result<EchoRig> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -56,6 +62,10 @@ impl EchoRig {
             Copier::Buffer(echo_server::server::READ_CHUNK),
         ))?;
         let copy = runtime.block_on(RawEcho::start_with(runtime.handle(), Copier::IoCopy))?;
+        let twin = runtime.block_on(RawEcho::start_with(
+            runtime.handle(),
+            Copier::Buffer(echo_server::server::READ_CHUNK),
+        ))?;
         Ok(EchoRig {
             runtime,
             echo_addr,
@@ -63,15 +73,17 @@ impl EchoRig {
             running: Some(running),
             fair,
             copy,
+            twin,
         })
     }
 
     /// Each server's name (as in [`SERVERS`]) and echo address, in that order.
-    pub fn servers(&self) -> [(&'static str, SocketAddr); 3] {
+    pub fn servers(&self) -> [(&'static str, SocketAddr); SERVERS.len()] {
         [
             (SERVERS[0], self.echo_addr),
             (SERVERS[1], self.fair.addr()),
-            (SERVERS[2], self.copy.addr()),
+            (SERVERS[2], self.twin.addr()),
+            (SERVERS[3], self.copy.addr()),
         ]
     }
 

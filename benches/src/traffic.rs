@@ -358,8 +358,9 @@ pub async fn lockstep(
 
 /// The order of `servers` servers in round `round` of [`lockstep`] (and in each sample of the
 /// interleaved throughput bench): rotations forwards, then the same rotations backwards, so
-/// in every `2 × servers` rounds each server comes first, last and after each other server
-/// equally often (for three servers, all six orders).
+/// in every `2 × servers` rounds each server comes first and last equally often, and directly
+/// before and directly after each of its two neighbours in the list equally often (for three
+/// servers, all six orders).
 pub fn round_order(round: u64, servers: usize) -> impl Iterator<Item = usize> {
     let m = servers.max(1) as u64;
     let start = round % m;
@@ -469,6 +470,29 @@ mod tests {
             "then again"
         );
         assert_eq!(round_order(7, 1).collect::<Vec<_>>(), [0]);
+    }
+
+    #[test]
+    fn four_servers_take_each_place_and_meet_their_neighbours_equally_often() {
+        let orders: Vec<Vec<usize>> = (0..8).map(|r| round_order(r, 4).collect()).collect();
+        for server in 0..4 {
+            let first = orders.iter().filter(|o| o[0] == server).count();
+            let last = orders.iter().filter(|o| o[3] == server).count();
+            assert_eq!((first, last), (2, 2), "server {server} in {orders:?}");
+        }
+        // How often `a` runs directly before `b`.
+        let before = |a: usize, b: usize| {
+            orders
+                .iter()
+                .filter(|o| o.windows(2).any(|w| w == [a, b]))
+                .count()
+        };
+        // The bench's baseline (1) between echo-server (0) and the twin (2): each of them
+        // next to it, on either side, as often as the other.
+        assert_eq!(before(0, 1), before(2, 1), "{orders:?}");
+        assert_eq!(before(1, 0), before(1, 2), "{orders:?}");
+        assert_eq!(before(0, 1), before(1, 0), "{orders:?}");
+        assert!(before(0, 1) > 0, "{orders:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,7 +29,7 @@ use clap::Parser;
     about = "A fixed amount of echo bench traffic, to profile or count instructions"
 )]
 struct Args {
-    /// The servers to drive, one after the other (default: all three).
+    /// The servers to drive, one after the other (default: all of them).
     #[arg(long = "server", value_parser = clap::builder::PossibleValuesParser::new(SERVERS))]
     servers: Vec<String>,
     /// Payload bytes per message (a newline is added).
