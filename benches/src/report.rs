@@ -793,7 +793,7 @@ fn echo_goals(
             if misses.is_empty() {
                 "met".to_owned()
             } else {
-                format!("**NOT met**: {}", misses.join(", "))
+                format!("**NOT met**: {}", misses.join("; "))
             }
         ));
     }
@@ -1101,16 +1101,16 @@ fn spread_word(reaches_goal: bool) -> &'static str {
     }
 }
 
-/// What the twin read beside a miss of ratio `r`: `; the twin 0.93×, as far from 1` when the
+/// What the twin read beside a miss of ratio `r`: ` — the twin 0.93×, as far from 1` when the
 /// twin (the same code as the baseline) is at least as far from 1 as `r` (this run cannot
-/// tell echo-server from a copy of the baseline), else `; the twin 0.99×`.
+/// tell echo-server from a copy of the baseline), else ` — the twin 0.99×`.
 fn twin_said(r: f64, twin: f64) -> String {
     let as_far = if (1.0 - twin).abs() >= (1.0 - r).abs() {
         ", as far from 1"
     } else {
         ""
     };
-    format!("; the twin {twin:.2}×{as_far}")
+    format!(" — the twin {twin:.2}×{as_far}")
 }
 
 /// The lowest and highest of `ratios` (`0.93–1.04×`), none if there are none.
@@ -1473,11 +1473,11 @@ mod tests {
         let md = render(&[], &files, &machine());
         let goals = line(&md, "| Pipelined throughput");
         assert!(
-            goals.contains("16B-1conn 0.94×; the twin 0.92×, as far from 1"),
+            goals.contains("16B-1conn 0.94× — the twin 0.92×, as far from 1; 16B-32conn"),
             "{goals}"
         );
         assert!(
-            goals.contains("16B-32conn 0.94×; the twin 0.99× |"),
+            goals.contains("16B-32conn 0.94× — the twin 0.99× |"),
             "{goals}"
         );
         assert!(
@@ -1491,7 +1491,7 @@ mod tests {
         );
         let goals = line(&md, "| One-in-flight latency");
         assert!(
-            goals.contains("p99 1.10×; the twin 1.12×, as far from 1"),
+            goals.contains("p99 1.10× — the twin 1.12×, as far from 1"),
             "{goals}"
         );
         assert!(
