@@ -1309,6 +1309,11 @@ mod tests {
             .unwrap_or_else(|| panic!("no line starting {start:?} in:\n{md}"))
     }
 
+    /// Assert that `text` (a rendered line) contains `part`, showing the line if not.
+    fn has(text: &str, part: &str) {
+        assert!(text.contains(part), "no {part:?} in:\n{text}");
+    }
+
     fn bench(id: &str, bytes: Option<u64>, ns: &[f64]) -> CriterionBench {
         CriterionBench {
             id: id.into(),
@@ -1472,33 +1477,25 @@ mod tests {
         }
         let md = render(&[], &files, &machine());
         let goals = line(&md, "| Pipelined throughput");
-        assert!(
-            goals.contains("16B-1conn 0.94× — the twin 0.92×, as far from 1; 16B-32conn"),
-            "{goals}"
+        has(
+            goals,
+            "16B-1conn 0.94× — the twin 0.92×, as far from 1; 16B-32conn",
         );
-        assert!(
-            goals.contains("16B-32conn 0.94× — the twin 0.99× |"),
-            "{goals}"
-        );
-        assert!(
-            goals.contains("over 2 rows; the twin (`raw-buf` against itself) 0.92–0.99× |"),
-            "{goals}"
+        has(goals, "16B-32conn 0.94× — the twin 0.99× |");
+        has(
+            goals,
+            "over 2 rows; the twin (`raw-buf` against itself) 0.92–0.99× |",
         );
         let twin = line(&md, "| `echo/throughput/raw-buf-twin/16B-1conn` |");
-        assert!(
-            twin.contains("0.92× raw-buf's throughput (median of 3 samples' pairs"),
-            "{twin}"
+        has(
+            twin,
+            "0.92× raw-buf's throughput (median of 3 samples' pairs",
         );
         let goals = line(&md, "| One-in-flight latency");
-        assert!(
-            goals.contains("p99 1.10× — the twin 1.12×, as far from 1"),
-            "{goals}"
-        );
-        assert!(
-            goals.contains(
-                "the twin (`raw-buf` against itself) 1.00–1.00× (median), 1.12–1.12× (p99)"
-            ),
-            "{goals}"
+        has(goals, "p99 1.10× — the twin 1.12×, as far from 1");
+        has(
+            goals,
+            "the twin (`raw-buf` against itself) 1.00–1.00× (median), 1.12–1.12× (p99)",
         );
         let rates = line(&md, "| 16B-32conn |");
         assert!(rates.ends_with("| 1.50× | 1.05× |"), "{rates}");
