@@ -4,8 +4,8 @@
 //! * [`servers`] — echo servers to bench against: an in-process echo-server on its own runtime
 //!   thread that can be shut down cleanly or torn down at once (the in-process "crash"), and
 //!   the raw `tokio::io::copy` echo server that is the throughput baseline;
-//! * [`rig`] — the echo path's three servers side by side on one runtime, as the `echo` bench
-//!   and `echo-probe` run them;
+//! * [`rig`] — the echo path's servers (echo-server, two baselines, a control) side by side
+//!   on one runtime, as the `echo` bench and `echo-probe` run them;
 //! * [`traffic`] — load: a client streaming messages through a failover (and noticing the
 //!   first reply from another instance), pipelined and lockstep echo traffic on raw sockets;
 //! * [`observe`] — an independent view of Consul by blocking queries, with the moment each
