@@ -14,6 +14,7 @@
 //! * [`hostile`] — hostile input at an echo server (garbage, oversized, stalled, resets,
 //!   short-lived connections), and pinning attacker and attacked to CPUs of their own;
 //! * [`procfs`] — what `/proc` says of a process: resident set, CPU time, stopped or not;
+//! * [`scoped_log`] — a test's own log subscriber that sees every event of its thread;
 //! * [`signal`] — the signals used to kill, stop and resume processes;
 //! * [`error`] — the one error type.
 //!
@@ -34,6 +35,7 @@ pub mod logbuf;
 pub mod procfs;
 pub mod procs;
 pub mod provision;
+pub mod scoped_log;
 pub mod signal;
 pub mod wait;
 

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{
     net::SocketAddr,
     sync::{
@@ -14,6 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use common::SessionEvents;
 use echo_client::{ConsulState, EchoClient, Error, Instance, SessionConfig, Snapshot};
 use echo_wire::EchoCodec;
 use futures::{SinkExt, StreamExt, future::join_all};
@@ -579,21 +582,8 @@ async fn with_real_echo_servers_a_shutdown_mid_stream_loses_nothing() {
     assert_eq!(by.values().sum::<usize>(), 200);
 }
 
-/// Counts the session's log events (each retry logs one), on this thread.
-#[derive(Clone, Default)]
-struct CountEvents(Arc<AtomicUsize>);
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CountEvents {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        if event.metadata().target() == "echo_client::session" {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-}
-
 #[tokio::test]
 async fn waiting_for_an_instance_backs_off_instead_of_spinning() {
-    use tracing_subscriber::layer::SubscriberExt;
     // One refusing instance, then one that drops SYNs (set up on the real clock).
     let refusing = refusing("a");
     let hole = Blackhole::start().await;
@@ -608,9 +598,7 @@ async fn waiting_for_an_instance_backs_off_instead_of_spinning() {
         ),
     ];
     for (instance, expect, connect_timeout) in cases {
-        let events = CountEvents::default();
-        let _guard =
-            tracing::subscriber::set_default(tracing_subscriber::registry().with(events.clone()));
+        let events = SessionEvents::start();
         // Ejected after each try, and 30 s of waiting (paused clock).
         let mut c = config();
         c.message_timeout = Duration::from_secs(30);
@@ -623,7 +611,7 @@ async fn waiting_for_an_instance_backs_off_instead_of_spinning() {
             .unwrap_err();
         assert!(matches!(err, Error::Timeout { .. }), "{err}");
         assert!(err.to_string().contains(expect), "{err}");
-        let n = events.0.load(Ordering::SeqCst);
+        let n = events.count();
         eprintln!("{expect}: {n} session events while waiting 30 s");
         // Cooldowns double from 100 ms to 1.6 s and backoff grows to 1-2 s: a few dozen
         // tries in 30 s. A busy loop would log thousands.
@@ -636,12 +624,9 @@ async fn waiting_for_an_instance_backs_off_instead_of_spinning() {
 
 #[tokio::test]
 async fn a_zero_cooldown_backs_off_instead_of_spinning() {
-    use tracing_subscriber::layer::SubscriberExt;
     let refusing = refusing("a");
     tokio::time::pause();
-    let events = CountEvents::default();
-    let _guard =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(events.clone()));
+    let events = SessionEvents::start();
     let mut c = config();
     c.message_timeout = Duration::from_secs(10);
     c.cooldown = Duration::ZERO;
@@ -651,7 +636,7 @@ async fn a_zero_cooldown_backs_off_instead_of_spinning() {
         .expect("the deadline fires")
         .unwrap_err();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
-    let n = events.0.load(Ordering::SeqCst);
+    let n = events.count();
     eprintln!("cooldown 0: {n} session events while waiting 10 s");
     assert!((2..=60).contains(&n), "{n} retries logged in 10 s");
 }
@@ -945,10 +930,7 @@ async fn a_renamed_node_keeps_the_working_connection() {
 
 #[tokio::test(start_paused = true)]
 async fn message_deadlines_do_not_skip_the_backoff() {
-    use tracing_subscriber::layer::SubscriberExt;
-    let events = CountEvents::default();
-    let _guard =
-        tracing::subscriber::set_default(tracing_subscriber::registry().with(events.clone()));
+    let events = SessionEvents::start();
     let mut c = config();
     c.message_timeout = Duration::from_secs(1);
     let (client, _tx) = client_over(vec![], c);
@@ -963,7 +945,7 @@ async fn message_deadlines_do_not_skip_the_backoff() {
     for send in sends {
         assert!(matches!(send.await.unwrap(), Err(Error::Timeout { .. })));
     }
-    let n = events.0.load(Ordering::SeqCst);
+    let n = events.count();
     eprintln!("{n} session events over 2 s of 100 deadlines");
     // The backoff (50 ms doubling to 1 s) allows about 6 tries in 2 s; one per deadline
     // would be over 100.

@@ -37,7 +37,7 @@ async fn a_task_that_panics_does_not_skip_the_drain() {
     use tracing_subscriber::layer::SubscriberExt;
     // The accept task panics as it stops accepting, between deregistration and the drain.
     // The test runtime has one thread, so every task of the server logs through this layer.
-    let _panics = tracing::subscriber::set_default(
+    let _panics = consul_harness::scoped_log::scoped(
         tracing_subscriber::registry().with(PanicAt("echo port closed")),
     );
     let mut server = Running::local().await;
