@@ -181,13 +181,13 @@ async fn blackholed_instances_cost_at_most_one_connect_timeout() {
     );
     assert_eq!(o.served_by, std::slice::from_ref(&o.healthy));
     // One healthy instance behind 3 that drop SYNs: about the stream plus one connect
-    // timeout (tried one after another, they cost 3).
-    assert!(o.extra() <= o.connect_timeout, "{:?} extra", o.extra());
-    assert!(
-        o.slowest <= o.connect_timeout,
-        "slowest reply {:?}",
-        o.slowest
-    );
+    // timeout (tried one after another, they cost 3), beyond what a reply on an open
+    // connection took in the same stream (on a loaded machine: 1.07 s slowest once, the
+    // timeout 1 s).
+    let allowed = o.connect_timeout + o.connected_slowest;
+    assert!(o.connected_slowest < o.connect_timeout, "{o:?}");
+    assert!(o.extra() <= allowed, "{:?} extra", o.extra());
+    assert!(o.slowest <= allowed, "slowest reply {:?}", o.slowest);
 }
 
 #[tokio::test]
