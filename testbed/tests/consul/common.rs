@@ -18,3 +18,14 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// Every line a process printed.
+pub fn printed(process: &testbed::procs::ChildProcess) -> String {
+    process
+        .output()
+        .lines()
+        .into_iter()
+        .map(|l| l.text)
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -21,7 +21,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::common::{init_tracing, launcher};
+use crate::common::{init_tracing, launcher, printed};
 
 /// Deadlines that only prove "no hang".
 const LIMIT: Duration = Duration::from_secs(30);
@@ -301,14 +301,7 @@ async fn sigterm_deregisters_at_once_answers_in_flight_frames_and_exits_0() {
             "reading the answers: {e} after {} of {} bytes; the server said:\n{}",
             answers.len(),
             burst.len(),
-            server
-                .process
-                .output()
-                .lines()
-                .into_iter()
-                .map(|l| l.text)
-                .collect::<Vec<_>>()
-                .join("\n")
+            printed(&server.process)
         );
     }
     writing.await.unwrap().unwrap();

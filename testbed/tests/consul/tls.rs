@@ -17,7 +17,7 @@ use testbed::{
 
 use crate::{
     client::failing_cli,
-    common::{init_tracing, launcher},
+    common::{init_tracing, launcher, printed},
 };
 
 /// Deadlines that only prove "no hang".
@@ -33,17 +33,6 @@ async fn mtls_agent(token: &str) -> (Consul, Arc<TestPki>) {
     let consul = Consul::start_with(options).await.unwrap();
     assert!(consul.address().starts_with("https://"), "{consul:?}");
     (consul, pki)
-}
-
-/// Every line a process printed.
-fn printed(process: &testbed::procs::ChildProcess) -> String {
-    process
-        .output()
-        .lines()
-        .into_iter()
-        .map(|l| l.text)
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// The error a fresh client with `config` gets from the agent.
