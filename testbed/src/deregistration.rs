@@ -289,7 +289,8 @@ pub async fn run(
         },
         Err(_) => (ReaperModel::CONSUL, "Consul defaults (agent/self refused)"),
     };
-    let (anchor, anchor_source) = reaper_anchor(consul).await;
+    let start = reaper_anchor(consul).await;
+    let (anchor, anchor_source) = (start.at, start.source);
     let phase = Phase::new(anchor, model.reap_interval);
 
     // The reaper sidecar first, so it follows the twins from their registration.
@@ -536,22 +537,68 @@ pub async fn run(
     })
 }
 
-/// The reaper's start: the agent starts it right before it logs "Started HTTP server".
-pub async fn reaper_anchor(consul: &Consul) -> (f64, String) {
-    let line = consul
-        .log()
-        .wait_for("Started HTTP server", Duration::from_secs(5))
-        .await
-        .ok()
-        .and_then(|l| l.consul_time().map(|t| (t, l.text)));
-    match line {
-        Some((t, text)) => (epoch_secs(t), format!("agent log: {}", text.trim())),
-        None => (
-            epoch_secs(consul.started_at()),
-            "the harness's start of the agent (the agent log has no \"Started HTTP server\" line)"
-                .into(),
-        ),
+/// The reaper's start as the agent's log dates it.
+#[derive(Debug, Clone)]
+pub struct ReaperStart {
+    /// The anchor, seconds since the UNIX epoch: the first line logged after the reaper's
+    /// goroutine was started, so at most `span` late.
+    pub at: f64,
+    /// How much earlier the reaper may have started, seconds: back to the last line the
+    /// agent logs before it, when the log has both.
+    pub span: Option<f64>,
+    /// Where `at` came from, in words.
+    pub source: String,
+}
+
+/// The reaper's start. `Agent::Start` (agent/agent.go in 1.8.7) builds its RPC layer, which
+/// logs "Initializing LAN area manager", then runs `go a.reapServices()`, then starts the DNS
+/// servers ("Started DNS server") and only then the HTTP server ("Started HTTP server"). The
+/// first DNS line is the anchor: the reaper started between the two lines, which on an idle
+/// machine are the same millisecond and on a loaded one were seen 100+ ms apart; the HTTP
+/// line, later still, is the fallback for an agent without DNS.
+pub async fn reaper_anchor(consul: &Consul) -> ReaperStart {
+    let log = consul.log();
+    let mut line = None;
+    for (marker, wait) in [
+        ("Started DNS server", Duration::from_secs(5)),
+        ("Started HTTP server", Duration::from_secs(1)),
+    ] {
+        line = log
+            .wait_for(marker, wait)
+            .await
+            .ok()
+            .and_then(|l| l.consul_time().map(|t| (epoch_secs(t), l.text)));
+        if line.is_some() {
+            break;
+        }
     }
+    let Some((at, text)) = line else {
+        return ReaperStart {
+            at: epoch_secs(consul.started_at()),
+            span: None,
+            source:
+                "the harness's start of the agent (the agent log has no \"Started DNS server\" \
+                     or \"Started HTTP server\" line)"
+                    .into(),
+        };
+    };
+    let before = log
+        .lines()
+        .iter()
+        .find(|l| l.text.contains("Initializing LAN area manager"))
+        .and_then(|l| l.consul_time())
+        .map(epoch_secs)
+        .filter(|b| *b <= at);
+    let span = before.map(|b| at - b);
+    let source = match span {
+        Some(s) => format!(
+            "agent log: {} (the reaper started at most {:.0} ms before it)",
+            text.trim(),
+            s * 1e3
+        ),
+        None => format!("agent log: {}", text.trim()),
+    };
+    ReaperStart { at, span, source }
 }
 
 /// The agent-log time of the first line containing `kind` and the exact token `token`.

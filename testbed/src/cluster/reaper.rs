@@ -1,6 +1,6 @@
 //! Scenario e, deregistration across agents: one echo server on each of three client agents
 //! started apart (so their reapers tick on different phases), all killed at once. Each
-//! agent's reaper, anchored at that agent's own start (its "Started HTTP server" log line),
+//! agent's reaper, anchored at that agent's own start (its first "Started DNS server" line),
 //! removes its service at the first tick strictly after critical + 1 min: the
 //! [`model`](crate::model) predicts each removal from its own agent's phase, and, for
 //! contrast, from the first agent's phase.
@@ -59,6 +59,9 @@ pub struct AgentTrial {
     pub anchor_after_first: f64,
     /// Where its reaper ticks in the first agent's 30 s cycle, seconds.
     pub phase_lag: f64,
+    /// How much earlier than the anchor the reaper may have started, milliseconds (the agent
+    /// log's bracket, see [`reaper_anchor`]).
+    pub anchor_span_ms: Option<f64>,
     /// A blocking query (on that agent) first showed the check critical.
     pub critical_at: f64,
     /// A blocking query first showed the service gone.
@@ -78,6 +81,26 @@ pub struct AgentTrial {
     pub first_phase_error_ms: f64,
 }
 
+/// How late an agent's removal line may come after the tick its own log predicts: the pass
+/// itself, and the slip of the `time.After` loop on a loaded machine.
+pub const LOGGED_LATE_MS: f64 = 100.0;
+
+/// The timestamps' truncation to whole milliseconds, both ends.
+const LOG_RESOLUTION_MS: f64 = 2.0;
+
+impl AgentTrial {
+    /// Whether the logged removal fell inside `[predicted − span, predicted + LOGGED_LATE_MS]`.
+    pub fn logged_within_span(&self) -> bool {
+        match self.logged_error_ms {
+            Some(e) => {
+                let early = self.anchor_span_ms.unwrap_or(0.0) + LOG_RESOLUTION_MS;
+                e >= -early && e <= LOGGED_LATE_MS
+            }
+            None => false,
+        }
+    }
+}
+
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
@@ -89,6 +112,10 @@ pub struct Outcome {
     pub max_error_ms: f64,
     /// Largest |logged − predicted from the log|, milliseconds.
     pub max_logged_error_ms: Option<f64>,
+    /// Whether every logged removal fell where the log's bracket of the reaper's start
+    /// allows: no earlier than the span before the prediction, at most
+    /// [`LOGGED_LATE_MS`] after it.
+    pub logged_within_span: bool,
     /// Largest |measured − predicted from the first agent's phase|, milliseconds.
     pub max_first_phase_error_ms: f64,
 }
@@ -101,8 +128,13 @@ impl Findings for Outcome {
             .map(|t| {
                 (
                     format!(
-                        "{} ({}), reaper +{:.2} s in the cycle",
-                        t.agent, t.service_id, t.phase_lag
+                        "{} ({}), reaper +{:.2} s in the cycle{}",
+                        t.agent,
+                        t.service_id,
+                        t.phase_lag,
+                        t.anchor_span_ms
+                            .map(|s| format!(" (start dated to {s:.0} ms)"))
+                            .unwrap_or_default()
                     ),
                     format!(
                         "critical {:.2} s, removed {:.2} s, predicted {:.2} s: {:+.0} ms \
@@ -158,11 +190,15 @@ impl Findings for Outcome {
                 self.max_error_ms
             ));
         }
-        if let Some(e) = self.max_logged_error_ms
-            && e > 100.0
-        {
+        for t in self.trials.iter().filter(|t| !t.logged_within_span()) {
             v.push(format!(
-                "the agent-log prediction missed by {e:.0} ms (> 100 ms)"
+                "{}: the agent-log prediction missed by {} (allowed: {} ms early, the log's \
+                 bracket of the reaper's start, to {LOGGED_LATE_MS:.0} ms late)",
+                t.agent,
+                t.logged_error_ms
+                    .map(|e| format!("{e:+.0} ms"))
+                    .unwrap_or_else(|| "– (not in the log)".into()),
+                t.anchor_span_ms.unwrap_or(0.0).round()
             ));
         }
         v
@@ -199,9 +235,11 @@ impl Experiment for Config {
             ));
         }
         let mut phases = Vec::with_capacity(n);
+        let mut spans = Vec::with_capacity(n);
         for i in 0..n {
-            let (anchor, _) = reaper_anchor(cluster.agent(Member::Client(i))).await;
-            phases.push(Phase::new(anchor, model.reap_interval));
+            let start = reaper_anchor(cluster.agent(Member::Client(i))).await;
+            phases.push(Phase::new(start.at, model.reap_interval));
+            spans.push(start.span.map(|s| s * 1e3));
         }
         step("an echo server on every client agent");
         let mut servers = Vec::with_capacity(n);
@@ -271,6 +309,7 @@ impl Experiment for Config {
                 service_id: id.clone(),
                 anchor_after_first: phases[i].anchor - phases[0].anchor,
                 phase_lag: phases[i].lag_behind(&phases[0]),
+                anchor_span_ms: spans[i],
                 critical_at: critical - killed,
                 removed_at: removed - killed,
                 predicted: predicted - killed,
@@ -292,7 +331,48 @@ impl Experiment for Config {
             max_logged_error_ms: (logged.len() == trials.len())
                 .then(|| logged.iter().copied().fold(0.0, f64::max)),
             max_first_phase_error_ms: max(&|t| t.first_phase_error_ms.abs()),
+            logged_within_span: trials.iter().all(AgentTrial::logged_within_span),
             trials,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial(logged_error_ms: Option<f64>, anchor_span_ms: Option<f64>) -> AgentTrial {
+        AgentTrial {
+            agent: "client-3".into(),
+            service_id: "reaper_3".into(),
+            anchor_after_first: 21.197,
+            phase_lag: 21.197,
+            anchor_span_ms,
+            critical_at: 1.04,
+            removed_at: 86.53,
+            predicted: 86.67,
+            error_ms: -141.0,
+            logged_critical: Some(1.0),
+            logged_removed: Some(86.53),
+            logged_error_ms,
+            first_phase_error_ms: 21_056.0,
+        }
+    }
+
+    #[test]
+    fn an_early_removal_is_allowed_only_as_far_as_the_log_dates_the_reapers_start() {
+        // A CI run on a loaded machine: the removal 143 ms before the tick predicted from
+        // the log line after the reaper's start.
+        assert!(trial(Some(-143.0), Some(150.0)).logged_within_span());
+        assert!(!trial(Some(-143.0), Some(1.0)).logged_within_span());
+        assert!(!trial(Some(-143.0), None).logged_within_span());
+        assert!(trial(Some(-2.0), None).logged_within_span());
+    }
+
+    #[test]
+    fn a_late_removal_is_allowed_one_loaded_pass() {
+        assert!(trial(Some(LOGGED_LATE_MS), Some(0.0)).logged_within_span());
+        assert!(!trial(Some(LOGGED_LATE_MS + 1.0), Some(500.0)).logged_within_span());
+        assert!(!trial(None, Some(500.0)).logged_within_span());
     }
 }

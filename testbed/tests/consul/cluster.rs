@@ -92,10 +92,9 @@ async fn each_client_agent_reaps_on_its_own_phase() {
     assert_eq!(outcome.trials.len(), 3);
     // Each removal at its own agent's predicted tick...
     assert!(outcome.max_error_ms < 500.0, "{outcome:#?}");
-    let logged = outcome
-        .max_logged_error_ms
-        .expect("every agent logs its check turning critical and its removal");
-    assert!(logged < 100.0, "{outcome:#?}");
+    // ... and by the agents' own log lines, within what the log dates the reaper's start to
+    // (its first DNS line, at most the span after the reaper started) and a loaded pass late.
+    assert!(outcome.logged_within_span, "{outcome:#?}");
     // ... which another agent's phase would miss by seconds: agents started 7 s apart.
     assert!(outcome.max_first_phase_error_ms > 3_000.0, "{outcome:#?}");
     for t in &outcome.trials {
