@@ -144,11 +144,15 @@ impl Client {
 
 fn scale(c: &mut Criterion) {
     let mut group = c.benchmark_group("scale");
+    // Pure CPU, 18 functions: 1 s each keeps the whole `cargo bench` within its 10 minutes
+    // (this bench 32 s; 57 s with 2 s each and 500 ms of warm-up). Three alternating runs
+    // each way (2026-12-02): a function's estimate moved as much between runs of one setting
+    // (change/5000/compact 1.5–3.2 ms with 2 s) as between the settings (2.1–2.5 ms with 1 s).
     group
         .sample_size(20)
         .nresamples(benches::harness::NRESAMPLES)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(1));
     for n in COUNTS {
         for (dev, layout) in [(false, "compact"), (true, "dev")] {
             let answers = Answers::new(n, dev);

@@ -128,10 +128,9 @@ impl SharedConsul {
         run.consul_version = Some(consul.version().to_owned());
         run.consul_backend = Some(consul.backend().name().to_owned());
         if consul.backend() == consul_harness::BackendKind::Docker
-            && let Ok(engine) = consul_harness::consul::docker::connect().await
-            && let Ok(version) = engine.version().await
+            && let Some(version) = consul_harness::consul::docker::engine_version().await
         {
-            run.docker_version = version.version;
+            run.docker_version = Some(version);
         }
         consul.stop().await?;
         Ok(())

@@ -249,7 +249,7 @@ fn run(step: &'static str, cmd: &mut Command) -> Result<()> {
 }
 
 /// Whether the Docker engine has `image` (`name:tag`).
-pub async fn image_exists(docker: &bollard::Docker, image: &str) -> Result<bool> {
+pub(crate) async fn image_exists(docker: &bollard::Docker, image: &str) -> Result<bool> {
     match docker.inspect_image(image).await {
         Ok(_) => Ok(true),
         Err(bollard::errors::Error::DockerResponseServerError {
@@ -266,7 +266,7 @@ static IMAGE_READY: OnceLock<tokio::sync::Mutex<bool>> = OnceLock::new();
 
 /// Make sure the Docker engine has [`LOCAL_IMAGE`], building it if needed. Returns whether it
 /// had to be built.
-pub async fn ensure_local_image(docker: &bollard::Docker) -> Result<bool> {
+pub(crate) async fn ensure_local_image(docker: &bollard::Docker) -> Result<bool> {
     let mut ready = IMAGE_READY
         .get_or_init(|| tokio::sync::Mutex::new(false))
         .lock()

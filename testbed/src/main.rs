@@ -214,8 +214,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Faults(args) => faults(args).await,
         Command::Image => {
             let started = Instant::now();
-            let engine = docker::connect().await?;
-            let built = provision::ensure_local_image(&engine).await?;
+            let built = docker::build_local_image().await?;
             println!(
                 "{} {} in {:.1?}",
                 provision::LOCAL_IMAGE,

@@ -2,8 +2,16 @@
 //! networking, labelled with its owner's PID so that containers left by a killed test run are
 //! removed by the next one. testcontainers removes each container when its handle drops,
 //! also when a test panics.
+//!
+//! Everything this module hands out is type-erased: futures come boxed ([`Boxed`]) and a
+//! container as a [`Container`] whose handle is a trait object. The Docker stack (bollard,
+//! testcontainers, hyper, h2, serde's decoders of the engine's JSON) is then compiled once,
+//! here. An `async fn` is compiled in each crate that awaits it, with every generic it
+//! reaches (a release build shares no generic instance between crates): before the boxes,
+//! each bench binary that starts Consul carried its own copy of that stack, ~1 million lines
+//! of LLVM IR and ~70 s of CPU to build (`cargo llvm-lines`, the `discovery` bench).
 
-use std::{borrow::Cow, sync::OnceLock, time::Duration};
+use std::{borrow::Cow, future::Future, pin::Pin, sync::OnceLock, time::Duration};
 
 use bollard::Docker;
 use testcontainers::{
@@ -108,8 +116,41 @@ pub fn endpoint() -> String {
     std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
 }
 
+/// A future of this module's, boxed: see the module documentation.
+pub type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Whether the engine answers (a ping, with a deadline).
+pub fn available() -> Boxed<'static, Result<()>> {
+    Box::pin(async { connect().await.map(|_| ()) })
+}
+
+/// The engine's version, if it answers.
+pub fn engine_version() -> Boxed<'static, Option<String>> {
+    Box::pin(async { connect().await.ok()?.version().await.ok()?.version })
+}
+
+/// Ready to start containers of `image`, once per process: testbed containers whose owning
+/// process is gone are removed, and the local image is built if it is the one asked for
+/// and missing (another image is left to testcontainers to pull, with a clear error).
+pub fn prepare(image: &ImageRef) -> Boxed<'_, Result<()>> {
+    Box::pin(async move {
+        let docker = connect().await?;
+        remove_orphans(&docker).await;
+        ensure_image(&docker, image).await
+    })
+}
+
+/// Build the local image ([`provision::LOCAL_IMAGE`]) if it is missing; `true` if it was
+/// built now.
+pub fn build_local_image() -> Boxed<'static, Result<bool>> {
+    Box::pin(async {
+        let docker = connect().await?;
+        provision::ensure_local_image(&docker).await
+    })
+}
+
 /// Connect to the engine and ping it, with a deadline.
-pub async fn connect() -> Result<Docker> {
+async fn connect() -> Result<Docker> {
     let unavailable = |reason: String| Error::DockerUnavailable {
         endpoint: endpoint(),
         reason,
@@ -124,7 +165,7 @@ pub async fn connect() -> Result<Docker> {
 
 /// Make `image` available: build the local one if missing; for another image, leave pulling
 /// to testcontainers, but say clearly what failed.
-pub async fn ensure_image(docker: &Docker, image: &ImageRef) -> Result<()> {
+async fn ensure_image(docker: &Docker, image: &ImageRef) -> Result<()> {
     if image.is_local() {
         provision::ensure_local_image(docker).await?;
     }
@@ -134,7 +175,7 @@ pub async fn ensure_image(docker: &Docker, image: &ImageRef) -> Result<()> {
 static SWEPT: OnceLock<tokio::sync::OnceCell<()>> = OnceLock::new();
 
 /// Once per process: remove testbed containers whose owning process is gone.
-pub async fn remove_orphans(docker: &Docker) {
+async fn remove_orphans(docker: &Docker) {
     SWEPT
         .get_or_init(tokio::sync::OnceCell::new)
         .get_or_init(|| async {
@@ -174,7 +215,19 @@ pub async fn remove_orphans(docker: &Docker) {
 }
 
 /// Start one agent container; returns when it printed that it runs.
-pub async fn start(
+pub fn start<'a>(
+    image: &'a ImageRef,
+    spec: &'a AgentSpec,
+    log: &'a LogBuffer,
+    timeout: Duration,
+) -> Boxed<'a, Result<Container>> {
+    Box::pin(async move {
+        let handle: Box<dyn Handle> = Box::new(start_container(image, spec, log, timeout).await?);
+        Ok(Container(handle))
+    })
+}
+
+async fn start_container(
     image: &ImageRef,
     spec: &AgentSpec,
     log: &LogBuffer,
@@ -217,39 +270,112 @@ pub async fn start(
     })
 }
 
-/// The host PID of the container's main process (the agent itself: the image holds nothing
-/// else).
-pub async fn main_pid(container: &ContainerAsync<ConsulImage>) -> Result<u32> {
-    let docker = connect().await?;
-    let fail = |reason: String| Error::Process {
-        what: format!("find the main process of container {}", container.id()),
-        reason,
-    };
-    let inspected = docker
-        .inspect_container(container.id(), None)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    inspected
-        .state
-        .and_then(|s| s.pid)
-        .and_then(|pid| u32::try_from(pid).ok())
-        .filter(|pid| *pid > 0)
-        .ok_or_else(|| fail("not running".into()))
+/// A running agent container, removed when dropped (testcontainers' handle, behind a trait
+/// object so that its drop is compiled here: see the module documentation).
+pub struct Container(Box<dyn Handle>);
+
+impl std::fmt::Debug for Container {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Container").field(&self.0.id()).finish()
+    }
 }
 
-/// Send `signal` (`"SIGHUP"`, ...) to the container's main process.
-pub async fn signal(container: &ContainerAsync<ConsulImage>, signal: &str) -> Result<()> {
-    let docker = connect().await?;
-    let options = bollard::query_parameters::KillContainerOptions {
-        signal: signal.to_owned(),
-    };
-    docker
-        .kill_container(container.id(), Some(options))
-        .await
-        .map_err(|e| Error::Process {
-            what: format!("send {signal} to container {}", container.id()),
-            reason: e.to_string(),
+/// What [`Container`] needs of testcontainers' handle.
+trait Handle: Send + Sync {
+    fn id(&self) -> &str;
+    fn is_running(&self) -> Boxed<'_, Result<bool>>;
+    fn pause(&self) -> Boxed<'_, Result<()>>;
+    fn unpause(&self) -> Boxed<'_, Result<()>>;
+    fn remove(self: Box<Self>) -> Boxed<'static, Result<()>>;
+}
+
+impl Handle for ContainerAsync<ConsulImage> {
+    fn id(&self) -> &str {
+        // The raw container's, through testcontainers' `Deref`.
+        std::ops::Deref::deref(self).id()
+    }
+
+    fn is_running(&self) -> Boxed<'_, Result<bool>> {
+        Box::pin(async { Ok(ContainerAsync::is_running(self).await?) })
+    }
+
+    fn pause(&self) -> Boxed<'_, Result<()>> {
+        Box::pin(async { Ok(ContainerAsync::pause(self).await?) })
+    }
+
+    fn unpause(&self) -> Boxed<'_, Result<()>> {
+        Box::pin(async { Ok(ContainerAsync::unpause(self).await?) })
+    }
+
+    fn remove(self: Box<Self>) -> Boxed<'static, Result<()>> {
+        Box::pin(async move { Ok(self.rm().await?) })
+    }
+}
+
+impl Container {
+    /// The container's ID.
+    pub fn id(&self) -> &str {
+        self.0.id()
+    }
+
+    /// Whether its main process still runs.
+    pub fn is_running(&self) -> Boxed<'_, Result<bool>> {
+        self.0.is_running()
+    }
+
+    /// Freeze it (`docker pause`).
+    pub fn pause(&self) -> Boxed<'_, Result<()>> {
+        self.0.pause()
+    }
+
+    /// Unfreeze it.
+    pub fn unpause(&self) -> Boxed<'_, Result<()>> {
+        self.0.unpause()
+    }
+
+    /// Remove it now (`docker rm -f`: SIGKILL).
+    pub fn remove(self) -> Boxed<'static, Result<()>> {
+        self.0.remove()
+    }
+
+    /// The host PID of the container's main process (the agent itself: the image holds
+    /// nothing else).
+    pub fn main_pid(&self) -> Boxed<'_, Result<u32>> {
+        Box::pin(async move {
+            let docker = connect().await?;
+            let fail = |reason: String| Error::Process {
+                what: format!("find the main process of container {}", self.id()),
+                reason,
+            };
+            let inspected = docker
+                .inspect_container(self.id(), None)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            inspected
+                .state
+                .and_then(|s| s.pid)
+                .and_then(|pid| u32::try_from(pid).ok())
+                .filter(|pid| *pid > 0)
+                .ok_or_else(|| fail("not running".into()))
         })
+    }
+
+    /// Send `signal` (`"SIGHUP"`, ...) to the container's main process.
+    pub fn signal<'a>(&'a self, signal: &'a str) -> Boxed<'a, Result<()>> {
+        Box::pin(async move {
+            let docker = connect().await?;
+            let options = bollard::query_parameters::KillContainerOptions {
+                signal: signal.to_owned(),
+            };
+            docker
+                .kill_container(self.id(), Some(options))
+                .await
+                .map_err(|e| Error::Process {
+                    what: format!("send {signal} to container {}", self.id()),
+                    reason: e.to_string(),
+                })
+        })
+    }
 }
 
 #[cfg(test)]

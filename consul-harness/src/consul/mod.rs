@@ -20,8 +20,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use testcontainers::ContainerAsync;
-
 pub use self::{
     agent::{AgentMode, AgentSpec, AgentTls, Flavor, Membership, Ports},
     docker::{ConsulImage, ImageRef},
@@ -136,7 +134,7 @@ impl ConsulOptions {
 }
 
 enum Running {
-    Docker(Box<ContainerAsync<ConsulImage>>),
+    Docker(docker::Container),
     Process(tokio::process::Child),
 }
 
@@ -168,8 +166,8 @@ static FALLBACK_WARNED: OnceLock<()> = OnceLock::new();
 async fn resolve_backend(choice: BackendChoice) -> Result<BackendKind> {
     match choice {
         BackendChoice::Process => Ok(BackendKind::Process),
-        BackendChoice::Docker => docker::connect().await.map(|_| BackendKind::Docker),
-        BackendChoice::Auto => match docker::connect().await {
+        BackendChoice::Docker => docker::available().await.map(|_| BackendKind::Docker),
+        BackendChoice::Auto => match docker::available().await {
             Ok(_) => Ok(BackendKind::Docker),
             Err(e) => {
                 FALLBACK_WARNED.get_or_init(|| {
@@ -219,9 +217,7 @@ async fn prepare(options: &ConsulOptions, kind: BackendKind) -> Result<Flavor> {
         BackendKind::Process => Flavor::Legacy,
     };
     if kind == BackendKind::Docker {
-        let engine = docker::connect().await?;
-        docker::remove_orphans(&engine).await;
-        docker::ensure_image(&engine, &options.image).await?;
+        docker::prepare(&options.image).await?;
     }
     Ok(flavor)
 }
@@ -320,9 +316,9 @@ impl Consul {
         let timeout = self.options.startup_timeout;
         self.started_at = SystemTime::now();
         self.running = Some(match self.kind {
-            BackendKind::Docker => Running::Docker(Box::new(
+            BackendKind::Docker => Running::Docker(
                 docker::start(&self.options.image, &self.spec, &self.log, timeout).await?,
-            )),
+            ),
             BackendKind::Process => {
                 Running::Process(process::start(&self.spec, &self.log, timeout).await?)
             }
@@ -448,7 +444,7 @@ impl Consul {
     pub async fn reload(&self) -> Result<()> {
         let mark = self.log.mark();
         match &self.running {
-            Some(Running::Docker(c)) => docker::signal(c, "SIGHUP").await?,
+            Some(Running::Docker(c)) => c.signal("SIGHUP").await?,
             Some(Running::Process(child)) => {
                 let pid = child.id().ok_or_else(|| Error::Process {
                     what: "consul agent".into(),
@@ -505,7 +501,7 @@ impl Consul {
     pub async fn terminate(&mut self, timeout: Duration) -> Result<()> {
         let exited = match &mut self.running {
             Some(Running::Docker(c)) => {
-                docker::signal(c, "SIGTERM").await?;
+                c.signal("SIGTERM").await?;
                 let deadline = tokio::time::Instant::now() + timeout;
                 loop {
                     if !c.is_running().await? {
@@ -542,7 +538,7 @@ impl Consul {
     /// process. A crash, for a cluster member: it does not leave. Its ports stop answering.
     pub async fn stop(&mut self) -> Result<()> {
         match self.running.take() {
-            Some(Running::Docker(container)) => container.rm().await?,
+            Some(Running::Docker(container)) => container.remove().await?,
             Some(Running::Process(mut child)) => {
                 child.kill().await?;
             }
@@ -590,7 +586,7 @@ impl Consul {
     /// The host PID of the agent's process (the container's main process on Docker).
     pub async fn pid(&self) -> Result<u32> {
         match &self.running {
-            Some(Running::Docker(c)) => docker::main_pid(c).await,
+            Some(Running::Docker(c)) => c.main_pid().await,
             Some(Running::Process(child)) => child.id().ok_or(Error::AgentState("has exited")),
             None => Err(Error::AgentState("is not running")),
         }
