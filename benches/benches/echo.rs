@@ -13,7 +13,7 @@
 //!
 //! * `echo/throughput/<server>/<size>-<n>conn`: one criterion bench per size and connection
 //!   count, `echo/throughput/interleaved/<size>-<n>conn`, whose sample of `iters`
-//!   iterations is one turn on each server in a rotating order ([`traffic::round_order`]):
+//!   iterations is one turn on each server in a rotating order ([`traffic::turn_order`]):
 //!   in a turn each of that server's connections writes `iters` messages back to back (in
 //!   blocks of up to 64 KiB) while reading the echoes ([`traffic::pipelined`]). Each turn's
 //!   time per iteration is recorded under its server's id, one value per sample, with the
@@ -140,7 +140,7 @@ fn echo(c: &mut Criterion) {
                         // server has traffic in its turn, so the runtime's CPU time is its.
                         let mut took = vec![(Duration::ZERO, Duration::ZERO); conns.len()];
                         let start = Instant::now();
-                        for s in traffic::round_order(call, conns.len()) {
+                        for s in traffic::turn_order(call, conns.len()) {
                             let cpu_before = rig.cpu_time().expect("the servers' CPU time");
                             let turn = Instant::now();
                             traffic::pipelined(&conns[s], &message, iters)

@@ -22,9 +22,11 @@ pub const SERVER_THREADS: &str = "servers";
 
 /// The servers, in the order the bench measures them: this project's, the fair baseline
 /// (reads and writes with the echo-server's read size), the fair baseline's twin (the
-/// control), `tokio::io::copy`. The baseline sits between echo-server and the twin, so in
-/// the bench's rotating order ([`crate::traffic::round_order`]) each of the two is next to
-/// the baseline as often as the other.
+/// control), `tokio::io::copy`. `raw-copy` is last: in the throughput bench's turns
+/// ([`crate::traffic::turn_order`]) it always goes last, and the other three each come after
+/// every other server, `raw-copy` included, equally often; in the latency bench's rounds
+/// ([`crate::traffic::round_order`]) the baseline sits between echo-server and the twin, so
+/// each of the two is next to it as often as the other.
 pub const SERVERS: [&str; 4] = ["echo-server", "raw-buf", "raw-buf-twin", "raw-copy"];
 
 /// The servers running; see the module documentation. Dropping it stops them.

@@ -371,6 +371,22 @@ pub fn round_order(round: u64, servers: usize) -> impl Iterator<Item = usize> {
     })
 }
 
+/// The order of the servers' turns in round `round` of the interleaved throughput bench: the
+/// list's last server always last, the others in [`round_order`]. A pipelined turn right after
+/// another server's pays for what that server's connections still leave to do (measured with
+/// `raw-copy` last in the list: BENCHMARKS.md, "Found: the rotation gives the baseline
+/// different neighbours"), so each compared server must come after every other one equally
+/// often. With the last fixed, the others run in every order (for three, all six in six
+/// rounds), and the next round's first server, the one after the last, is each of them
+/// equally often. With two servers or fewer, [`round_order`].
+pub fn turn_order(round: u64, servers: usize) -> Vec<usize> {
+    if servers <= 2 {
+        return round_order(round, servers).collect();
+    }
+    let last = servers - 1;
+    round_order(round, last).chain([last]).collect()
+}
+
 /// One fresh connection to `addr`, one echo of `message`, closed: the floor of a failover.
 pub async fn connect_and_echo(addr: SocketAddr, message: &Message) -> Result<()> {
     let mut stream = TcpStream::connect(addr).await?;
@@ -493,6 +509,35 @@ mod tests {
         assert_eq!(before(1, 0), before(1, 2), "{orders:?}");
         assert_eq!(before(0, 1), before(1, 0), "{orders:?}");
         assert!(before(0, 1) > 0, "{orders:?}");
+    }
+
+    #[test]
+    fn in_the_throughput_turns_every_compared_server_follows_each_other_equally_often() {
+        // Six rounds of four turns, one after the other and around again (criterion's
+        // samples follow each other): who comes directly before whom.
+        let turns: Vec<usize> = (0..6).flat_map(|r| turn_order(r, 4)).collect();
+        let before = |a: usize, b: usize| {
+            (0..turns.len())
+                .filter(|&i| turns[i] == a && turns[(i + 1) % turns.len()] == b)
+                .count()
+        };
+        for server in 0..3 {
+            let counts: Vec<usize> = (0..4)
+                .filter(|&p| p != server)
+                .map(|p| before(p, server))
+                .collect();
+            assert_eq!(counts, [2, 2, 2], "before {server}: {turns:?}");
+        }
+        // Each round holds every server once, the last always last.
+        for r in 0..6 {
+            let mut order = turn_order(r, 4);
+            assert_eq!(order[3], 3);
+            order.sort_unstable();
+            assert_eq!(order, [0, 1, 2, 3]);
+        }
+        assert_eq!(turn_order(3, 2), round_order(3, 2).collect::<Vec<_>>());
+        assert_eq!(turn_order(0, 1), [0]);
+        assert!(turn_order(0, 0).len() <= 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
