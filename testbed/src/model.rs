@@ -14,7 +14,7 @@
 //!   `critical + max(setting, 1m)`, where ticks fall at `anchor + k × 30s`. The anchor is
 //!   the reaper's start, which the agent's log dates to the millisecond on an idle machine
 //!   (the reaper starts between the agent's "Initializing LAN area manager" and "Started DNS
-//!   server" lines; on a loaded one they were seen 100+ ms apart), or any earlier observed removal,
+//!   server" lines, at most 13 ms apart in the runs here), or any earlier observed removal,
 //!   which is itself a tick. Strictly, each tick comes 30 s after the previous pass *ended*
 //!   (`reapServices` waits on `time.After` in a loop, agent/agent.go in 1.8.7), so a pass
 //!   slowed by a loaded machine pushes the later ticks; an anchor at a recent removal keeps
