@@ -900,7 +900,8 @@ fn echo_goals(
         out,
         "Every ratio from this run, the servers measured in alternation so that the ratios \
          compare the same seconds. Throughput: each criterion sample is one pipelined turn on \
-         each server, the order rotating; the ratio is the median over the samples of \
+         each server, `raw-copy` last and the others in an order that puts each of them after \
+         every other equally often; the ratio is the median over the samples of \
          `raw-buf`'s turn time ÷ echo-server's in the same sample. Latency: one round (a round trip on each of the \
          server's connections) on each server in turn. 95 %: the interval from this run's own \
          samples (throughput: the order statistics of the paired ratios' median; latency: a \
