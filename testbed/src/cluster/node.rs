@@ -234,6 +234,14 @@ impl Experiment for Config {
                 !v.lists(&dead)
             })
             .await?;
+        // The traffic went on through the crash: an echo sent after the view dropped the
+        // node is answered (by the survivor; each echo's fate is counted at the end).
+        let dropped = Instant::now();
+        traffic
+            .wait_for("an echo sent after the view dropped the node", LIMIT, |o| {
+                o.sent >= dropped && !o.lost()
+            })
+            .await?;
         let (entries, _) = server_api
             .health()
             .service(SERVICE, None, false, &QueryOptions::default())

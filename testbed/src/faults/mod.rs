@@ -560,11 +560,17 @@ pub(crate) fn client_reading(
     consistency: consul_api::Consistency,
     max_stale: Option<Duration>,
 ) -> Result<EchoClient> {
-    let mut config = ClientConfig::new(consul, SERVICE).with_consistency(consistency, max_stale);
+    let config = client_config(consul, reply_timeout).with_consistency(consistency, max_stale);
+    Ok(EchoClient::start(config)?)
+}
+
+/// The configuration of [`client`].
+pub(crate) fn client_config(consul: consul_api::Config, reply_timeout: Duration) -> ClientConfig {
+    let mut config = ClientConfig::new(consul, SERVICE);
     config.session.reply_timeout = reply_timeout;
     config.session.connect_timeout = Duration::from_millis(500);
     config.session.cooldown = Duration::from_secs(1);
-    Ok(EchoClient::start(config)?)
+    config
 }
 
 /// The highest VmHWM among `servers`.
