@@ -43,17 +43,13 @@ use benches::{
     traffic::{self, Message},
 };
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, measurement::WallTime};
-use tokio::{
-    net::TcpStream,
-    sync::{Mutex, OnceCell},
-    time::Instant,
-};
+use tokio::{sync::OnceCell, time::Instant};
 
 const SIZES: [(usize, &str); 3] = [(16, "16B"), (1 << 10, "1KiB"), (64 << 10, "64KiB")];
 const CONNECTIONS: [usize; 2] = [1, 32];
 const SAMPLES: usize = 20;
 
-type Conns = Vec<Arc<Mutex<TcpStream>>>;
+type Conns = Vec<traffic::SharedConn>;
 
 fn echo(c: &mut Criterion) {
     harness::init_tracing();

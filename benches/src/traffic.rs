@@ -216,13 +216,35 @@ impl Message {
     }
 }
 
+/// One connection of the bench load, with the buffers its [`pipelined`] turns write from
+/// and read into. They live as long as the connection: allocated afresh for every turn (two
+/// of 64 KiB per connection, 4 MiB a turn at 32 connections), the allocator handed them
+/// back to the kernel at the turn's end and every turn page-faulted them in again, ~300,000
+/// faults in the load's threads per run of the throughput half, charged to every server's
+/// turn alike (BENCHMARKS.md, "The load's own page faults").
+#[derive(Debug)]
+pub struct Conn {
+    stream: TcpStream,
+    /// Copies of the last message sent, back to back: at most [`BLOCK`] bytes.
+    block: Vec<u8>,
+    /// Where the echoes are read into: [`BLOCK`] bytes.
+    read: Vec<u8>,
+}
+
+/// A [`Conn`] that a task takes for a turn.
+pub type SharedConn = Arc<Mutex<Conn>>;
+
 /// Open `count` connections to `addr`, with `TCP_NODELAY` as the servers set it.
-pub async fn connect_all(addr: SocketAddr, count: usize) -> Result<Vec<Arc<Mutex<TcpStream>>>> {
+pub async fn connect_all(addr: SocketAddr, count: usize) -> Result<Vec<SharedConn>> {
     let mut conns = Vec::with_capacity(count);
     for _ in 0..count {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        conns.push(Arc::new(Mutex::new(stream)));
+        conns.push(Arc::new(Mutex::new(Conn {
+            stream,
+            block: Vec::new(),
+            read: vec![0u8; BLOCK],
+        })));
     }
     Ok(conns)
 }
@@ -233,18 +255,14 @@ const BLOCK: usize = 64 << 10;
 /// On every connection at once, write `per_conn` copies of `message` as fast as the
 /// connection takes them while reading and checking the echoes; returns when every echo is
 /// back.
-pub async fn pipelined(
-    conns: &[Arc<Mutex<TcpStream>>],
-    message: &Arc<Message>,
-    per_conn: u64,
-) -> Result<()> {
+pub async fn pipelined(conns: &[SharedConn], message: &Arc<Message>, per_conn: u64) -> Result<()> {
     let tasks: Vec<JoinHandle<Result<()>>> = conns
         .iter()
         .map(|conn| {
             let (conn, message) = (conn.clone(), message.clone());
             tokio::spawn(async move {
-                let mut stream = conn.lock_owned().await;
-                pipeline_one(&mut stream, &message, per_conn).await
+                let mut conn = conn.lock_owned().await;
+                pipeline_one(&mut conn, &message, per_conn).await
             })
         })
         .collect();
@@ -255,10 +273,17 @@ pub async fn pipelined(
     Ok(())
 }
 
-async fn pipeline_one(stream: &mut TcpStream, message: &Message, count: u64) -> Result<()> {
+async fn pipeline_one(conn: &mut Conn, message: &Message, count: u64) -> Result<()> {
     let wire = message.wire();
     let per_block = (BLOCK / wire.len()).max(1);
-    let block: Vec<u8> = wire.repeat(per_block);
+    let Conn {
+        stream,
+        block,
+        read: buf,
+    } = conn;
+    if block.len() != per_block * wire.len() || !block.starts_with(wire) {
+        *block = wire.repeat(per_block);
+    }
     let total = count * wire.len() as u64;
     let (mut read, mut write) = stream.split();
     let writer = async {
@@ -271,7 +296,6 @@ async fn pipeline_one(stream: &mut TcpStream, message: &Message, count: u64) -> 
         Ok::<_, Error>(())
     };
     let reader = async {
-        let mut buf = vec![0u8; BLOCK];
         let mut seen = 0u64;
         while seen < total {
             let want = (total - seen).min(buf.len() as u64) as usize;
@@ -301,7 +325,7 @@ async fn pipeline_one(stream: &mut TcpStream, message: &Message, count: u64) -> 
 /// nothing on the others'), and a change of the machine's load falls on all of them alike.
 /// Returns every round trip, per server.
 pub async fn lockstep(
-    servers: &[Vec<Arc<Mutex<TcpStream>>>],
+    servers: &[Vec<SharedConn>],
     message: &Arc<Message>,
     rounds: u64,
 ) -> Result<Vec<Vec<Duration>>> {
@@ -330,7 +354,7 @@ pub async fn lockstep(
                         // Every connection of the slot's servers is idle here: the round
                         // starts on all of this server's connections together.
                         barrier.wait().await;
-                        let stream = &mut *streams[server];
+                        let stream = &mut streams[server].stream;
                         let start = Instant::now();
                         stream.write_all(wire).await?;
                         stream.read_exact(&mut buf).await?;
@@ -470,6 +494,26 @@ mod tests {
             }
         }
         echo.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_keeps_its_buffers_from_turn_to_turn() {
+        let raw = RawEcho::start_with(&Handle::current(), Copier::Buffer(16 << 10))
+            .await
+            .unwrap();
+        let conns = connect_all(raw.addr(), 1).await.unwrap();
+        let addresses = |conn: &Conn| (conn.block.as_ptr(), conn.read.as_ptr());
+        let small = Arc::new(Message::new(16));
+        pipelined(&conns, &small, 100).await.unwrap();
+        let first = addresses(&*conns[0].lock().await);
+        pipelined(&conns, &small, 100).await.unwrap();
+        assert_eq!(addresses(&*conns[0].lock().await), first, "the same buffers");
+        // Another message gets its own block; the echoes are still checked against it.
+        let large = Arc::new(Message::new(1000));
+        pipelined(&conns, &large, 100).await.unwrap();
+        let conn = conns[0].lock().await;
+        assert!(conn.block.starts_with(large.wire()));
+        assert_eq!(conn.block.len(), (BLOCK / large.wire().len()) * large.wire().len());
     }
 
     #[test]
