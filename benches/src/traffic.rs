@@ -507,13 +507,20 @@ mod tests {
         pipelined(&conns, &small, 100).await.unwrap();
         let first = addresses(&*conns[0].lock().await);
         pipelined(&conns, &small, 100).await.unwrap();
-        assert_eq!(addresses(&*conns[0].lock().await), first, "the same buffers");
+        assert_eq!(
+            addresses(&*conns[0].lock().await),
+            first,
+            "the same buffers"
+        );
         // Another message gets its own block; the echoes are still checked against it.
         let large = Arc::new(Message::new(1000));
         pipelined(&conns, &large, 100).await.unwrap();
         let conn = conns[0].lock().await;
         assert!(conn.block.starts_with(large.wire()));
-        assert_eq!(conn.block.len(), (BLOCK / large.wire().len()) * large.wire().len());
+        assert_eq!(
+            conn.block.len(),
+            (BLOCK / large.wire().len()) * large.wire().len()
+        );
     }
 
     #[test]
