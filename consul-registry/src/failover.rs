@@ -182,9 +182,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_fallback_refused_before_the_local_answer_does_not_fail_the_view() {
         let (dc1, dc2, mut rx) = merged();
-        dc2.send(refused()).unwrap();
+        dc2.send_replace(refused());
+        let s = wait_for(&mut rx, "the fallback's refusal merged", |s| s.version >= 1).await;
+        assert_eq!(
+            s.consul,
+            ConsulState::Starting,
+            "not failed: dc1 may answer yet"
+        );
         drop(dc2);
-        dc1.send(listing(&["a1"])).unwrap();
+        tokio::task::yield_now().await;
+        dc1.send_replace(listing(&["a1"]));
         let s = wait_for(&mut rx, "the local answer", |s| !s.instances.is_empty()).await;
         assert_eq!(s.failure(), None);
         assert_eq!(s.instances[0].id, "a1");
@@ -193,19 +200,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_fallback_refused_after_the_local_answer_does_not_freeze_the_view() {
         let (dc1, dc2, mut rx) = merged();
-        dc1.send(listing(&["a1"])).unwrap();
+        dc1.send_replace(listing(&["a1"]));
         wait_for(&mut rx, "the local answer", |s| s.instances.len() == 1).await;
-        dc2.send(refused()).unwrap();
+        dc2.send_replace(refused());
         drop(dc2);
         tokio::task::yield_now().await;
         // The local datacenter's later changes still flow.
-        dc1.send(listing(&["a1", "a2"])).unwrap();
+        dc1.send_replace(listing(&["a1", "a2"]));
         let s = wait_for(&mut rx, "the local change", |s| s.instances.len() == 2).await;
         assert_eq!(s.failure(), None);
         // Its loss of every instance too, and its recovery.
-        dc1.send(listing(&[])).unwrap();
+        dc1.send_replace(listing(&[]));
         wait_for(&mut rx, "the local loss", |s| s.instances.is_empty()).await;
-        dc1.send(listing(&["a3"])).unwrap();
+        dc1.send_replace(listing(&["a3"]));
         let s = wait_for(&mut rx, "the local recovery", |s| !s.instances.is_empty()).await;
         assert_eq!(s.instances[0].id, "a3");
         // Every source ended: the merged view ends, its last snapshot kept.
