@@ -55,10 +55,12 @@ async fn wait_view(
     timeout: Duration,
     ok: impl FnMut(&Snapshot) -> bool,
 ) -> Snapshot {
-    let found = tokio::time::timeout(timeout, rx.wait_for(ok))
-        .await
-        .map(|r| r.expect("discovery ended").clone());
-    found.unwrap_or_else(|_| panic!("{what}: not within {timeout:?}; last: {:?}", *rx.borrow()))
+    let why = match tokio::time::timeout(timeout, rx.wait_for(ok)).await {
+        Ok(Ok(found)) => return found.clone(),
+        Ok(Err(_)) => "discovery ended".to_owned(),
+        Err(_) => format!("not within {timeout:?}"),
+    };
+    panic!("{what}: {why}; last: {:?}", *rx.borrow())
 }
 
 fn lists(s: &Snapshot, addr: &str) -> bool {
