@@ -6,6 +6,12 @@
 //! its own are published again, and the session moves back (it leaves instances Consul no
 //! longer lists for it).
 //!
+//! A fallback datacenter that fails for good (it refuses the token) only drops out of the
+//! choice: the merged view never says "failed" for it, and the other datacenters go on
+//! being merged. With no datacenter listing an instance, the local datacenter's state is
+//! published (its own failure included: a session then answers messages with it until a
+//! datacenter lists an instance again).
+//!
 //! The choice is a pure function of the snapshots ([`choose`]); the task around it only
 //! waits for changes.
 
