@@ -4,11 +4,11 @@
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use consul_api::{Client, PreparedQueryDefinition, ServiceQuery};
-use consul_registry::{ConsulState, DiscoveryConfig, Snapshot, Source, discovery};
+use consul_api::{AgentServiceRegistration, Client, PreparedQueryDefinition, ServiceQuery};
+use consul_registry::{ConsulState, DiscoveryConfig, Snapshot, Source, discovery, failover};
 use echo_client::{EchoClient, session::SessionConfig};
 use testbed::{
-    Consul,
+    Cluster, ClusterSpec, Consul, ConsulOptions, Member,
     procs::{ServerProcess, ServerSpec},
     wait,
 };
@@ -55,10 +55,12 @@ async fn wait_view(
     timeout: Duration,
     ok: impl FnMut(&Snapshot) -> bool,
 ) -> Snapshot {
-    let found = tokio::time::timeout(timeout, rx.wait_for(ok))
-        .await
-        .map(|r| r.expect("discovery ended").clone());
-    found.unwrap_or_else(|_| panic!("{what}: not within {timeout:?}; last: {:?}", *rx.borrow()))
+    let why = match tokio::time::timeout(timeout, rx.wait_for(ok)).await {
+        Ok(Ok(found)) => return found.clone(),
+        Ok(Err(_)) => "discovery ended".to_owned(),
+        Err(_) => format!("not within {timeout:?}"),
+    };
+    panic!("{what}: {why}; last: {:?}", *rx.borrow())
 }
 
 fn lists(s: &Snapshot, addr: &str) -> bool {
@@ -255,6 +257,204 @@ async fn a_source_that_cannot_work_says_why() {
     )
     .await;
     assert!(empty.instances.is_empty());
+}
+
+/// A service without checks (passing as long as it is registered) at 127.0.0.1:`port`.
+fn plain_service(name: &str, id: &str, port: u16) -> AgentServiceRegistration {
+    AgentServiceRegistration {
+        id: Some(id.into()),
+        name: name.into(),
+        port: Some(port),
+        address: Some("127.0.0.1".into()),
+        ..Default::default()
+    }
+}
+
+fn ids(s: &Snapshot) -> Vec<&str> {
+    s.instances.iter().map(|i| i.id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_prepared_query_deleted_and_created_again_keeps_the_view_and_is_followed_again() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let client = consul.client();
+    const NAME: &str = "requery";
+    client
+        .agent()
+        .service_register(&plain_service(NAME, "requery-1", 1))
+        .await
+        .unwrap();
+    let definition = PreparedQueryDefinition {
+        name: format!("{NAME}-passing"),
+        service: ServiceQuery {
+            service: NAME.into(),
+            only_passing: true,
+            ..Default::default()
+        },
+    };
+    let id = client.prepared_query().create(&definition).await.unwrap();
+    let mut config = DiscoveryConfig::new(NAME);
+    config.source = Source::PreparedQuery {
+        name: definition.name.clone(),
+        every: Duration::from_millis(200),
+    };
+    let mut rx = discovery::spawn(client.clone(), config);
+    wait_view(
+        &mut rx,
+        "the query's answer",
+        Duration::from_secs(10),
+        |s| ids(s) == ["requery-1"],
+    )
+    .await;
+
+    // An operator deletes the query to create it anew: Consul answers 404 meanwhile.
+    client.prepared_query().delete(&id).await.unwrap();
+    let gone = wait_view(
+        &mut rx,
+        "the 404 of the deleted query",
+        Duration::from_secs(10),
+        |s| matches!(s.consul, ConsulState::Unreachable { .. }) || s.failure().is_some(),
+    )
+    .await;
+    assert_eq!(
+        gone.failure(),
+        None,
+        "a 404 after the query had worked is not permanent"
+    );
+    let ConsulState::Unreachable { error, .. } = &gone.consul else {
+        unreachable!()
+    };
+    assert!(error.contains("404"), "{error}");
+    assert_eq!(ids(&gone), ["requery-1"], "the last view keeps serving");
+
+    client
+        .agent()
+        .service_register(&plain_service(NAME, "requery-2", 2))
+        .await
+        .unwrap();
+    client.prepared_query().create(&definition).await.unwrap();
+    let back = wait_view(
+        &mut rx,
+        "the query created again",
+        Duration::from_secs(10),
+        |s| s.consul == ConsulState::Reachable && s.instances.len() == 2,
+    )
+    .await;
+    assert_eq!(ids(&back), ["requery-1", "requery-2"]);
+}
+
+#[tokio::test]
+async fn a_fallback_datacenter_refusing_the_token_leaves_the_local_view_flowing() {
+    init_tracing();
+    const NAME: &str = "fallback-refused";
+    // dc1 runs without ACLs (any token passes); dc2 has them on and does not know the token.
+    let dc1 = Cluster::start(ClusterSpec {
+        datacenter: "dc1".into(),
+        ..ClusterSpec::new(1, 0)
+    })
+    .await
+    .unwrap();
+    let dc2 = Cluster::start_with(
+        ConsulOptions::from_env()
+            .unwrap()
+            .with_acl("dc2-management-token"),
+        ClusterSpec {
+            datacenter: "dc2".into(),
+            join_wan: dc1.server_addresses(),
+            ..ClusterSpec::new(1, 0)
+        },
+    )
+    .await
+    .unwrap();
+    let local = dc1.agent(Member::Server(0));
+    let client = Client::new(
+        local
+            .config()
+            .with_token(Some("a-token-dc2-does-not-know".into())),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !client
+        .catalog()
+        .datacenters()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .any(|d| d == "dc2")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dc1 never saw dc2 over the WAN"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    local
+        .client()
+        .agent()
+        .service_register(&plain_service(NAME, "local-1", 1))
+        .await
+        .unwrap();
+
+    let mut merged = failover::spawn(client.clone(), DiscoveryConfig::new(NAME), &["dc2".into()]);
+    wait_view(
+        &mut merged,
+        "dc1's instance",
+        Duration::from_secs(20),
+        |s| ids(s) == ["local-1"],
+    )
+    .await;
+    // dc2 refuses the token for good: seen through a discovery of its own, started after the
+    // failover's and going the same way.
+    let mut only_dc2 = discovery::spawn(
+        client.clone(),
+        DiscoveryConfig {
+            datacenter: Some("dc2".into()),
+            ..DiscoveryConfig::new(NAME)
+        },
+    );
+    let refused = wait_view(
+        &mut only_dc2,
+        "dc2's refusal",
+        Duration::from_secs(20),
+        |s| s.failure().is_some(),
+    )
+    .await;
+    assert!(
+        refused.failure().is_some_and(|e| e.contains("403")),
+        "{:?}",
+        refused.consul
+    );
+
+    // dc1's later changes still reach the merged view, and it never says "failed".
+    local
+        .client()
+        .agent()
+        .service_register(&plain_service(NAME, "local-2", 2))
+        .await
+        .unwrap();
+    wait_view(
+        &mut merged,
+        "dc1's second instance",
+        Duration::from_secs(20),
+        |s| ids(s) == ["local-1", "local-2"],
+    )
+    .await;
+    local
+        .client()
+        .agent()
+        .service_deregister("local-1")
+        .await
+        .unwrap();
+    let last = wait_view(
+        &mut merged,
+        "dc1's first instance gone",
+        Duration::from_secs(20),
+        |s| ids(s) == ["local-2"],
+    )
+    .await;
+    assert_eq!(last.consul, ConsulState::Reachable);
+    drop(dc2);
 }
 
 #[tokio::test]
