@@ -314,7 +314,11 @@ impl Reaper {
             };
             match parse_setting(value) {
                 Some(after) => {
-                    let start = service.meta.as_ref().and_then(|m| m.get(START_KEY)).cloned();
+                    let start = service
+                        .meta
+                        .as_ref()
+                        .and_then(|m| m.get(START_KEY))
+                        .cloned();
                     settings.insert(id.clone(), (after, start));
                 }
                 None if self.invalid.get(id) != Some(value) => {
