@@ -46,8 +46,8 @@
 //! * **The reaper and the registrar.** A process that is alive but whose check stays critical
 //!   (forced unhealthy, a hung `/check`) is removed once, at `reap-after`; its registrar then
 //!   registers it again within milliseconds. Its registrar wins: the service is back with the
-//!   same `reap-start`, so the process that removed nothing but itself is alive, and the
-//!   reaper leaves it alone ([`Notice::Yielded`], once) until its check passes (its next
+//!   same `reap-start`, so the process the reaper took for dead is alive, and the reaper
+//!   leaves it alone ([`Notice::Yielded`], once) until its check passes (its next
 //!   critical spell is reaped again) or it starts over with a new `reap-start`. One removal per
 //!   critical spell, never one every `reap-after`; critical, it stays out of every passing set
 //!   meanwhile. A removed service without `reap-start` that comes back is a new instance to
