@@ -199,6 +199,7 @@ impl Cluster {
                 flavor: Flavor::Legacy,
                 acl_management_token: None,
                 tls: None,
+                ipv6_loopback: false,
             };
             if matches!(member, Member::Client(c) if c > 0) {
                 tokio::time::sleep(spec.client_stagger).await;
