@@ -78,7 +78,8 @@ pub struct Config {
     pub ssl: bool,
     /// Certificates and verification for HTTPS (`CONSUL_CACERT`, ...).
     pub tls: TlsConfig,
-    /// ACL token sent as `X-Consul-Token`, like `CONSUL_HTTP_TOKEN`. Never logged.
+    /// ACL token sent as `X-Consul-Token`, like `CONSUL_HTTP_TOKEN`. Never logged, and sent
+    /// to the agent only: a redirect is not followed (an [`Error::Status`] 3xx instead).
     pub token: Option<String>,
     /// Deadline of a non-blocking request.
     pub timeout: Duration,
@@ -293,6 +294,10 @@ impl Client {
         };
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            // Consul's API never redirects; a redirect followed would carry the token
+            // (reqwest keeps every header but `Authorization` and cookies) to another
+            // listener, or from https down to http. An answer 3xx is an error instead.
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30));
         if base.scheme() == "https" {
@@ -549,6 +554,10 @@ impl Client {
         let mut response = request.send().await.map_err(transport)?;
         let status = response.status();
         let mut meta = QueryMeta::from_headers(response.headers());
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
 
         let limit = self.inner.config.max_body_bytes;
         // Large answers (thousands of instances) are handed on as they arrive: a sink that
@@ -572,6 +581,18 @@ impl Client {
         meta.read_at = Some(SystemTime::now());
         if status.is_success() {
             return Ok((meta, path));
+        }
+        if status.is_redirection() {
+            let location = printable_location(location.as_deref());
+            return Err(Error::Status {
+                method: method_name,
+                path,
+                status: status.as_u16(),
+                message: format!(
+                    "a redirect to {location}, not followed: Consul's API does not redirect, \
+                     and the ACL token goes to the agent only; check CONSUL_HTTP_ADDR"
+                ),
+            });
         }
         let message = message_of(&body);
         Err(
@@ -626,6 +647,21 @@ pub(crate) fn decode<'a, T: serde::Deserialize<'a>>(
 fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(80)]);
     text.chars().filter(|c| !c.is_control()).collect()
+}
+
+/// A redirect's `Location`, short and printable, for its error.
+fn printable_location(location: Option<&str>) -> String {
+    match location {
+        Some(location) => {
+            let clean: String = location
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect();
+            format!("{clean:?}")
+        }
+        None => "(no Location)".to_owned(),
+    }
 }
 
 fn message_of(body: &[u8]) -> String {
@@ -773,12 +809,157 @@ mod tests {
         assert_eq!(strip_port("::1"), "::1");
     }
 
-    #[test]
-    fn token_never_printed() {
-        let config = Config::default().with_token(Some("s3cr3t-token".into()));
-        assert!(!format!("{config:?}").contains("s3cr3t"));
-        let client = Client::new(config).unwrap();
-        assert!(!format!("{client:?}").contains("s3cr3t"));
+    /// A listener on 127.0.0.1 that answers every request with `answer` (given the port it
+    /// listens on) and keeps each request's head; one request per connection.
+    async fn listener(
+        answer: impl Fn(u16) -> String + Send + 'static,
+    ) -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&heads);
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let _ = conn.write_all(answer(port).as_bytes()).await;
+                let _ = conn.shutdown().await;
+            }
+        });
+        (port, heads)
+    }
+
+    /// Every log line, at every level, written while the returned guard lives (this thread).
+    fn capture_logs() -> (
+        Arc<std::sync::Mutex<Vec<u8>>>,
+        tracing::subscriber::DefaultGuard,
+    ) {
+        #[derive(Clone)]
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Sink(Arc::clone(&lines));
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        (lines, tracing::subscriber::set_default(subscriber))
+    }
+
+    const TOKEN: &str = "s3cr3t-token";
+
+    #[tokio::test]
+    async fn token_never_printed() {
+        let (logs, _guard) = capture_logs();
+        let config = Config::default().with_token(Some(TOKEN.into()));
+        assert!(!format!("{config:?}").contains(TOKEN));
+        let client = Client::new(config.clone()).unwrap();
+        assert!(!format!("{client:?}").contains(TOKEN));
+
+        // Error messages: no answer, an error status, a redirect.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (refusing, _) = listener(|_| {
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 17\r\n\r\nPermission denied".into()
+        })
+        .await;
+        // A redirect to another listener: the token must not go there.
+        let (elsewhere, reached) =
+            listener(|_| "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".into()).await;
+        let (redirecting, _) = listener(move |_| {
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{elsewhere}/x\r\n\
+                 Content-Length: 0\r\n\r\n"
+            )
+        })
+        .await;
+        let mut results = Vec::new();
+        for port in [closed, refusing, redirecting] {
+            let client =
+                Client::new(config.clone().with_address(format!("127.0.0.1:{port}"))).unwrap();
+            results.push(client.agent().services().await);
+        }
+        let reached = reached.lock().unwrap().clone();
+        assert!(
+            reached.iter().all(|head| !head.contains(TOKEN)),
+            "the token went elsewhere: {reached:?}"
+        );
+        for result in results {
+            let err = result.expect_err("no answer, 403, redirect: all errors");
+            assert!(!err.to_string().contains(TOKEN), "{err}");
+            assert!(!format!("{err:?}").contains(TOKEN), "{err:?}");
+        }
+        // Log lines at every level, down to trace.
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("consul request"), "logs captured: {logs}");
+        assert!(!logs.contains(TOKEN), "{logs}");
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_an_error_and_the_token_stays_home() {
+        // Another listener, where a redirect would take the request and its token.
+        let (elsewhere, reached) = listener(|_| {
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                .into()
+        })
+        .await;
+        let (agent, asked) = listener(move |_| {
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\n\
+                 Location: http://127.0.0.1:{elsewhere}/v1/agent/services\r\n\
+                 Content-Length: 0\r\n\r\n"
+            )
+        })
+        .await;
+        let client = Client::new(
+            Config::default()
+                .with_address(format!("127.0.0.1:{agent}"))
+                .with_token(Some(TOKEN.into())),
+        )
+        .unwrap();
+        let result = client.agent().services().await;
+        // The agent was asked, with the token.
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert!(
+            asked[0]
+                .to_lowercase()
+                .contains(&format!("x-consul-token: {TOKEN}"))
+        );
+        // Nothing reached the other listener: no token, no request at all.
+        let reached = reached.lock().unwrap().clone();
+        assert!(reached.is_empty(), "the redirect was followed: {reached:?}");
+        let err = result.expect_err("a redirect is an error");
+        assert_eq!(err.status(), Some(307), "{err}");
+        assert!(!err.is_retryable(), "{err}");
+        let message = err.to_string();
+        assert!(message.contains("not followed"), "{message}");
+        assert!(
+            message.contains(&format!("127.0.0.1:{elsewhere}/v1/agent/services")),
+            "{message}"
+        );
     }
 
     #[test]
