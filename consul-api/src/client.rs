@@ -2,10 +2,11 @@
 //! every endpoint goes through (timeouts, response-size cap, error mapping).
 
 use std::{
+    collections::HashSet,
     error::Error as _,
     fmt,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -19,6 +20,7 @@ use crate::{
     error::{Error, Result},
     health::Health,
     query::{QueryMeta, QueryOptions},
+    skip::{Skipped, decode_skipping},
     status::Status,
     tls::{TlsConfig, rustls_error},
 };
@@ -264,7 +266,13 @@ struct Inner {
     base: Url,
     token: Option<HeaderValue>,
     config: Config,
+    /// The entries left out of answers so far (path, entry, reason): each is a warning
+    /// once, then a debug line.
+    skipped: Mutex<HashSet<String>>,
 }
+
+/// How many left-out entries a client remembers; past it, it starts over (and warns again).
+const SKIPPED_REMEMBERED: usize = 1024;
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -318,6 +326,7 @@ impl Client {
                 base,
                 token,
                 config,
+                skipped: Mutex::default(),
             }),
         })
     }
@@ -378,6 +387,52 @@ impl Client {
             .send(Method::GET, segments, params, opts, None::<&()>)
             .await?;
         Ok((decode("GET", &path, &body)?, meta))
+    }
+
+    /// GET a JSON answer that holds entries (a list, or a map by ID, that `entries` finds
+    /// in it): an entry that does not decode as `E` (a port of 70000 from a foreign
+    /// registration) is left out and logged, never failing the others.
+    pub(crate) async fn get_entries<T: DeserializeOwned, E: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        params: &[(&'static str, String)],
+        opts: Option<&QueryOptions>,
+        entries: fn(&mut serde_json::Value) -> Option<&mut serde_json::Value>,
+    ) -> Result<(T, QueryMeta)> {
+        let (body, meta, path) = self
+            .send(Method::GET, segments, params, opts, None::<&()>)
+            .await?;
+        let answer = decode_skipping::<T, E>("GET", &path, &body, entries, &mut |skipped| {
+            self.skipped(&path, skipped);
+        })?;
+        Ok((answer, meta))
+    }
+
+    /// Log an entry left out of an answer from `path`: a warning the first time this client
+    /// sees it (the same entry with the same fault), a debug line after that.
+    fn skipped(&self, path: &str, skipped: Skipped) {
+        let Skipped { label, reason } = skipped;
+        let first = {
+            let mut seen = self
+                .inner
+                .skipped
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.len() >= SKIPPED_REMEMBERED {
+                seen.clear();
+            }
+            seen.insert(format!("{path}\n{label}\n{reason}"))
+        };
+        if first {
+            tracing::warn!(
+                %path,
+                entry = %label,
+                "Consul's answer holds an entry that cannot be used, left out (the others are \
+                 used; the registration that made it needs fixing): {reason}"
+            );
+        } else {
+            tracing::debug!(%path, entry = %label, "entry left out again: {reason}");
+        }
     }
 
     /// GET a body without decoding it, handed to `sink` chunk by chunk as it arrives (only
@@ -644,7 +699,8 @@ pub(crate) fn decode<'a, T: serde::Deserialize<'a>>(
     })
 }
 
-fn snippet(body: &[u8]) -> String {
+/// The first bytes of a body, printable, for a decoding error.
+pub(crate) fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(80)]);
     text.chars().filter(|c| !c.is_control()).collect()
 }
@@ -960,6 +1016,37 @@ mod tests {
             message.contains(&format!("127.0.0.1:{elsewhere}/v1/agent/services")),
             "{message}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_bad_entry_is_left_out_and_warned_once() {
+        let (logs, _guard) = capture_logs();
+        // Consul 1.8.7 returns what a foreign registration gave: Port 70000.
+        let services = r#"{"good": {"ID": "good", "Service": "web", "Port": 8080},
+            "foreign": {"ID": "foreign", "Service": "web", "Port": 70000}}"#;
+        let (agent, _) = listener(move |_| {
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{services}",
+                services.len()
+            )
+        })
+        .await;
+        let client =
+            Client::new(Config::default().with_address(format!("127.0.0.1:{agent}"))).unwrap();
+        for _ in 0..3 {
+            let services = client.agent().services().await.expect("the good ones");
+            assert_eq!(services.keys().collect::<Vec<_>>(), ["good"]);
+            assert_eq!(services["good"].port, 8080);
+        }
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        let about = |level: &str| {
+            logs.lines()
+                .filter(|l| l.contains(level) && l.contains("foreign"))
+                .count()
+        };
+        assert_eq!(about("WARN"), 1, "{logs}");
+        assert!(logs.contains("70000"), "the reason is given: {logs}");
+        assert_eq!(about("DEBUG"), 2, "{logs}");
     }
 
     #[test]
