@@ -155,11 +155,13 @@ async fn the_reaper_survives_foreign_data_and_removes_a_dead_service() {
     let consul = Consul::start().await.unwrap();
     let client = consul.client();
     register_foreign(&client).await;
-    // Opted in, critical from its registration on; and one whose `reap-after` is beyond
-    // Go's range (it once overflowed the parser: a panic in the reaper).
+    // Opted in, critical from its registration on; one whose `reap-after` is beyond Go's
+    // range (it once overflowed the parser: a panic in the reaper), one at Go's limit.
     for (id, reap_after) in [
         ("dead", "2s"),
         ("beyond-range", "340282366920938463463374607431768211.999us"),
+        // Go's largest duration: a deadline 292 years away, never due.
+        ("at-the-limit", "2562047h47m16.854775807s"),
     ] {
         client
             .agent()
@@ -201,6 +203,7 @@ async fn the_reaper_survives_foreign_data_and_removes_a_dead_service() {
     // The one beyond range is left alone (not a valid setting), and the reaper still runs.
     let services = client.agent().services().await.unwrap();
     assert!(services.contains_key("beyond-range"), "{services:?}");
+    assert!(services.contains_key("at-the-limit"), "{services:?}");
     assert!(!task.is_finished(), "the reaper runs");
     stop.cancel();
     task.await.unwrap().unwrap();
