@@ -150,6 +150,26 @@ mod tests {
     }
 
     #[test]
+    fn an_execution_leaves_out_an_entry_out_of_range() {
+        let body = br#"{"Service": "web", "Datacenter": "dc1", "Failovers": 0, "Nodes": [
+            {"Node": {"Node": "n1"}, "Service": {"ID": "bad", "Port": 70000}, "Checks": []},
+            {"Node": {"Node": "n1"}, "Service": {"ID": "good", "Port": 80}, "Checks": []}]}"#;
+        let mut skipped = Vec::new();
+        let r = crate::skip::decode_skipping::<PreparedQueryExecuteResponse, ServiceEntry>(
+            "GET",
+            "/v1/query/web/execute",
+            body,
+            nodes,
+            &mut |s| skipped.push(s.label),
+        )
+        .unwrap();
+        assert_eq!(r.nodes.len(), 1);
+        assert_eq!(r.nodes[0].service.id, "good");
+        assert_eq!(r.datacenter, "dc1");
+        assert_eq!(skipped, [r#""bad" on node "n1""#]);
+    }
+
+    #[test]
     fn decodes_an_execution() {
         let r: PreparedQueryExecuteResponse = serde_json::from_str(
             r#"{"Service": "servernode", "Nodes": [{"Node": {"Node": "n2", "Address": "127.0.0.2"},
