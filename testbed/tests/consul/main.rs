@@ -9,6 +9,8 @@
 //!   agent's servers are gone, and the clear errors of one that cannot work;
 //! * [`faults`] — fault and security scenarios: hung server, paused and restarted Consul, a
 //!   faulty proxy, ACLs, hostile input;
+//! * [`foreign`] — foreign registrations our types cannot hold (`Port: 70000`, `-1`): left
+//!   out of every list, the good instances discovered, the reaper not blinded;
 //! * [`framework`] — consul-registry without echo: TTL heartbeats, maintenance mode;
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors;
 //! * [`reaper`] — the opt-in reaper sidecar: removal at `reap-after`, resets, flapping, the
@@ -27,6 +29,7 @@ mod common;
 mod deregistration;
 mod discovery;
 mod faults;
+mod foreign;
 mod framework;
 mod harness;
 mod reaper;
