@@ -5,6 +5,10 @@
 //!   waits;
 //! * [`cluster`] — real clusters (servers, client agents): node crash, agent crash, leader
 //!   loss, quorum loss, per-agent reapers;
+//! * [`experiment`] — the one contract of every experiment ([`experiment::Experiment`]) and the
+//!   one runner ([`experiment::run`]: progress, timing, failures, reports, exit code);
+//! * [`experiments`] — the list of experiments, one line each;
+//! * [`progress`] — the one progress reporter (a bar on a terminal, plain lines elsewhere);
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
 //! * [`datacenters`] — failover to a second datacenter (blocking queries, a prepared query,
 //!   DNS);
@@ -19,7 +23,8 @@
 //!   `cached`, `filter`) compared, with client and Consul CPU, memory, bytes and propagation;
 //! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`timeline`] — the seed article's story, timestamped, naive and resilient clients;
-//! * [`report`] — markdown, JSON and SVG output;
+//! * [`report`] — the header, tables, JSON, plots, dates, durations and percentiles of every
+//!   report;
 //! * [`smoke`] — the harness's own end-to-end check;
 //! * [`error`] — the one error type.
 
@@ -28,9 +33,12 @@ pub mod datacenters;
 pub mod deregistration;
 pub mod discovery;
 pub mod elastic;
+pub mod experiment;
+pub mod experiments;
 pub mod faultproxy;
 pub mod faults;
 pub mod model;
+pub mod progress;
 pub mod reaper;
 pub mod report;
 pub mod scale;

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use consul_api::GoDuration;
 use indicatif::{ProgressBar, ProgressStyle};
-use testbed::{Consul, consul::docker, deregistration, faults, procs::Launcher, provision, report};
+use testbed::{Consul, consul::docker, faults, procs::Launcher, provision};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -16,6 +16,9 @@ use testbed::{Consul, consul::docker, deregistration, faults, procs::Launcher, p
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Where experiments write their reports (`<name>.md`, `<name>.json`, `<name>.svg`).
+    #[arg(long, global = true, default_value = "target/testbed")]
+    out: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -23,8 +26,6 @@ enum Command {
     /// A real cluster (3 servers, client agents, production timings): a node dies, an agent
     /// dies, the leader is killed, quorum is lost, per-agent reapers; each measured.
     Cluster(ClusterArgs),
-    /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
-    Deregistration(DeregistrationArgs),
     /// Every way to discover (health, catalog, agent list, prepared query, DNS) side by side
     /// through one SIGKILL, with a resilient session on each and the naive client.
     Discovery(DiscoveryArgs),
@@ -49,35 +50,8 @@ enum Command {
     EchoServer(Box<echo_server::cli::Args>),
     /// Run the reaper sidecar (the same flags as the `consul-reaper` binary).
     Reaper(Box<consul_reaper::cli::Args>),
-}
-
-#[derive(clap::Args, Debug)]
-struct DeregistrationArgs {
-    /// DeregisterCriticalServiceAfter values to sweep (Go durations, comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "30s,1m,90s,2m")]
-    settings: Vec<GoDuration>,
-    /// Check intervals to sweep (Go durations, comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "1s,5s")]
-    intervals: Vec<GoDuration>,
-    /// Trials per (setting, interval) cell; kills are staggered over --stagger.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=20))]
-    trials: u16,
-    /// Spread of the kills, so trials land on different phases of Consul's reaper.
-    #[arg(long, default_value = "30s")]
-    stagger: GoDuration,
-    /// Only the seed article's case: one trial at 30s, checked every 5s.
-    #[arg(long, conflicts_with_all = ["settings", "intervals", "trials"])]
-    seed: bool,
-    /// Skip the SIGTERM contrast.
-    #[arg(long)]
-    no_contrast: bool,
-    /// Also run the reaper sidecar, with a twin of every trial server opted in to it
-    /// (Meta reap-after = the setting): both removals side by side.
-    #[arg(long)]
-    reaper: bool,
-    /// Where to write the JSON report, the markdown table and the SVG plot.
-    #[arg(long, default_value = "target/testbed")]
-    out: PathBuf,
+    #[command(flatten)]
+    Experiment(testbed::experiments::Experiments),
 }
 
 /// The parts of `testbed discovery`.
@@ -193,6 +167,16 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Command::Experiment(experiment) = &cli.command {
+        let ran = match Launcher::current_exe() {
+            Ok(launcher) => testbed::experiment::run(experiment.suite(), &launcher, &cli.out).await,
+            Err(e) => Err(e.into()),
+        };
+        return ran.unwrap_or_else(|e| {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        });
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -205,7 +189,6 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Cluster(args) => cluster(args).await,
-        Command::Deregistration(args) => deregistration(args).await,
         Command::Timeline(args) => timeline(args).await,
         Command::Discovery(args) => discovery(args).await,
         Command::Scale(args) => scale(args).await,
@@ -233,58 +216,8 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::EchoServer(args) => Ok(echo_server::cli::run(*args).await?),
         Command::Reaper(args) => consul_reaper::cli::run(*args).await,
+        Command::Experiment(_) => Ok(()),
     }
-}
-
-async fn deregistration(args: DeregistrationArgs) -> Result<()> {
-    let config = if args.seed {
-        deregistration::SweepConfig {
-            contrast: !args.no_contrast,
-            reaper: args.reaper,
-            ..deregistration::SweepConfig::seed()
-        }
-    } else {
-        deregistration::SweepConfig {
-            settings: args.settings.iter().map(|d| d.as_duration()).collect(),
-            intervals: args.intervals.iter().map(|d| d.as_duration()).collect(),
-            trials: usize::from(args.trials),
-            stagger: args.stagger.as_duration(),
-            contrast: !args.no_contrast,
-            reaper: args.reaper,
-            ..Default::default()
-        }
-    };
-    let progress = ProgressBar::new_spinner();
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} removed  {msg}")
-            .context("progress template")?,
-    );
-    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    progress.set_message("starting Consul");
-    let consul = Consul::start().await?;
-    let report =
-        deregistration::run(&consul, &Launcher::current_exe()?, &config, &progress).await?;
-    progress.finish_and_clear();
-    drop(consul);
-
-    let mut markdown = report::deregistration_markdown(&report);
-    if let Some(section) = &report.reaper {
-        markdown.push('\n');
-        markdown.push_str(&testbed::reaper::markdown(section, &report.trials));
-    }
-    println!("{markdown}");
-    println!("{}\n", report::explanation(&report));
-    let (json, md) =
-        report::write_json_and_markdown(&args.out, "deregistration", &report, &markdown)?;
-    let svg = args.out.join("deregistration.svg");
-    report::deregistration_svg(&report, &svg)?;
-    println!(
-        "Report: {}\nTable:  {}\nPlot:   {}",
-        json.display(),
-        md.display(),
-        svg.display()
-    );
-    Ok(())
 }
 
 async fn discovery(args: DiscoveryArgs) -> Result<()> {
@@ -341,7 +274,7 @@ async fn discovery(args: DiscoveryArgs) -> Result<()> {
     }
     progress.finish_and_clear();
     println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "discovery", &json, &markdown)?;
+    let (json, md) = write_json_and_markdown(&args.out, "discovery", &json, &markdown)?;
     println!("Report: {}\nTable:  {}", json.display(), md.display());
     if lost > 0 {
         anyhow::bail!("{lost} message(s) lost (see the tables): every source must lose none");
@@ -379,7 +312,7 @@ async fn scale(args: ScaleArgs) -> Result<()> {
     progress.finish_and_clear();
     let markdown = testbed::scale::markdown(&report);
     println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "scale", &report, &markdown)?;
+    let (json, md) = write_json_and_markdown(&args.out, "scale", &report, &markdown)?;
     println!("Report: {}\nTable:  {}", json.display(), md.display());
     if !report.grid.is_empty() {
         let svg = args.out.join("scale.svg");
@@ -404,7 +337,7 @@ async fn timeline(args: TimelineArgs) -> Result<()> {
     progress.finish_and_clear();
     let markdown = testbed::timeline::markdown(&report);
     println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "timeline", &report, &markdown)?;
+    let (json, md) = write_json_and_markdown(&args.out, "timeline", &report, &markdown)?;
     println!("Report: {}\nTable:  {}", json.display(), md.display());
     Ok(())
 }
@@ -425,7 +358,7 @@ async fn cluster(args: ClusterArgs) -> Result<()> {
     progress.finish_and_clear();
     let markdown = testbed::cluster::markdown(&report);
     println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "cluster", &report, &markdown)?;
+    let (json, md) = write_json_and_markdown(&args.out, "cluster", &report, &markdown)?;
     println!("Report: {}\nTable:  {}", json.display(), md.display());
     if !report.all_held() {
         anyhow::bail!("some invariants did not hold (see the report)");
@@ -459,10 +392,25 @@ async fn faults(args: FaultsArgs) -> Result<()> {
     progress.finish_and_clear();
     let markdown = faults::markdown(&report);
     println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "faults", &report, &markdown)?;
+    let (json, md) = write_json_and_markdown(&args.out, "faults", &report, &markdown)?;
     println!("Report: {}\nTable:  {}", json.display(), md.display());
     if !report.all_held() {
         anyhow::bail!("some invariants did not hold (see the table)");
     }
     Ok(())
+}
+
+/// Write `name.json` and `name.md` into `dir`; returns their paths.
+fn write_json_and_markdown(
+    dir: &std::path::Path,
+    name: &str,
+    value: &impl serde::Serialize,
+    markdown: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let json = dir.join(format!("{name}.json"));
+    testbed::report::write_json(&json, value)?;
+    let md = dir.join(format!("{name}.md"));
+    std::fs::write(&md, markdown)?;
+    Ok((json, md))
 }

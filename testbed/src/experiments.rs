@@ -1,0 +1,29 @@
+//! The list of experiments `testbed` runs, one line each: the subcommand (a variant, its doc
+//! comment the subcommand's help) and its arguments, a [`Suite`]. Adding an experiment is its
+//! file plus its line here.
+
+use crate::experiment::Suite;
+
+macro_rules! experiments {
+    ($( $(#[$doc:meta])* $variant:ident($args:ty), )*) => {
+        /// Every experiment, as a subcommand with its arguments.
+        #[derive(clap::Subcommand, Debug)]
+        pub enum Experiments {
+            $( $(#[$doc])* $variant($args), )*
+        }
+
+        impl Experiments {
+            /// The subcommand's suite, for [`crate::experiment::run`].
+            pub fn suite(&self) -> &dyn Suite {
+                match self {
+                    $( Experiments::$variant(args) => args, )*
+                }
+            }
+        }
+    };
+}
+
+experiments! {
+    /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
+    Deregistration(crate::deregistration::Args),
+}
