@@ -24,6 +24,12 @@ macro_rules! experiments {
 }
 
 experiments! {
+    /// A real cluster (3 servers, client agents, production timings): a node dies, an agent
+    /// dies, the leader is killed, quorum is lost, per-agent reapers; each measured.
+    Cluster(crate::cluster::Args),
     /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
     Deregistration(crate::deregistration::Args),
+    /// Fault and security scenarios (hung server, paused/restarted Consul, a faulty proxy,
+    /// ACLs, hostile input, a TLS certificate rotated), each measured.
+    Faults(crate::faults::Args),
 }

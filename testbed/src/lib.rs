@@ -19,6 +19,8 @@
 //!   a misbehaving proxy, ACLs, hostile input, a TLS certificate rotated), with their figures;
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
 //! * [`reaper`] — the reaper sidecar's rows of the deregistration experiment;
+//! * [`scenario`] — what every fault and cluster scenario shares: servers, clients, traffic
+//!   and discovery observers;
 //! * [`scale`] — discovery at scale: instances × clients, and Consul's read modes (`stale`,
 //!   `cached`, `filter`) compared, with client and Consul CPU, memory, bytes and propagation;
 //! * [`model`] — the timing model of Consul's deregistration (pure);
@@ -42,6 +44,7 @@ pub mod progress;
 pub mod reaper;
 pub mod report;
 pub mod scale;
+pub mod scenario;
 pub mod smoke;
 pub mod timeline;
 

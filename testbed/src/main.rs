@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use consul_api::GoDuration;
 use indicatif::{ProgressBar, ProgressStyle};
-use testbed::{Consul, consul::docker, faults, procs::Launcher, provision};
+use testbed::{Consul, consul::docker, procs::Launcher, provision};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -23,17 +23,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// A real cluster (3 servers, client agents, production timings): a node dies, an agent
-    /// dies, the leader is killed, quorum is lost, per-agent reapers; each measured.
-    Cluster(ClusterArgs),
     /// Every way to discover (health, catalog, agent list, prepared query, DNS) side by side
     /// through one SIGKILL, with a resilient session on each and the naive client.
     Discovery(DiscoveryArgs),
     /// The echo client (the same as the `echo-client` binary).
     EchoClient(Box<echo_client::cli::Args>),
-    /// Fault and security scenarios (hung server, paused/restarted Consul, a faulty proxy,
-    /// ACLs, hostile input, a TLS certificate rotated), each measured.
-    Faults(FaultsArgs),
     /// Build the local Consul image (idempotent: instant when it exists).
     Image,
     /// Discovery at scale: instances × clients (CPU, memory, bytes, propagation per change),
@@ -127,29 +121,6 @@ struct TimelineArgs {
     out: PathBuf,
 }
 
-#[derive(clap::Args, Debug)]
-struct ClusterArgs {
-    /// Scenarios to run (comma-separated); all by default.
-    #[arg(long, value_delimiter = ',', value_enum)]
-    only: Vec<testbed::cluster::Scenario>,
-    /// Where to write cluster.json and cluster.md.
-    #[arg(long, default_value = "target/testbed")]
-    out: PathBuf,
-}
-
-#[derive(clap::Args, Debug)]
-struct FaultsArgs {
-    /// Scenarios to run (comma-separated); all by default.
-    #[arg(long, value_delimiter = ',', value_enum)]
-    only: Vec<faults::Scenario>,
-    /// How long Consul stays frozen in the paused scenario.
-    #[arg(long, default_value = "20s")]
-    pause: GoDuration,
-    /// Where to write faults.json and faults.md.
-    #[arg(long, default_value = "target/testbed")]
-    out: PathBuf,
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -188,13 +159,11 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Cluster(args) => cluster(args).await,
         Command::Timeline(args) => timeline(args).await,
         Command::Discovery(args) => discovery(args).await,
         Command::Scale(args) => scale(args).await,
         Command::ScaleClient(args) => Ok(testbed::scale::client(args).await?),
         Command::EchoClient(args) => Ok(echo_client::cli::run(*args).await?),
-        Command::Faults(args) => faults(args).await,
         Command::Image => {
             let started = Instant::now();
             let built = docker::build_local_image().await?;
@@ -339,64 +308,6 @@ async fn timeline(args: TimelineArgs) -> Result<()> {
     println!("{markdown}");
     let (json, md) = write_json_and_markdown(&args.out, "timeline", &report, &markdown)?;
     println!("Report: {}\nTable:  {}", json.display(), md.display());
-    Ok(())
-}
-
-async fn cluster(args: ClusterArgs) -> Result<()> {
-    let only = if args.only.is_empty() {
-        testbed::cluster::Scenario::ALL.to_vec()
-    } else {
-        args.only
-    };
-    let progress = ProgressBar::new(only.len() as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} {prefix}: {msg}")
-            .context("progress template")?,
-    );
-    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    let report = testbed::cluster::run(&Launcher::current_exe()?, &only, &progress).await;
-    progress.finish_and_clear();
-    let markdown = testbed::cluster::markdown(&report);
-    println!("{markdown}");
-    let (json, md) = write_json_and_markdown(&args.out, "cluster", &report, &markdown)?;
-    println!("Report: {}\nTable:  {}", json.display(), md.display());
-    if !report.all_held() {
-        anyhow::bail!("some invariants did not hold (see the report)");
-    }
-    Ok(())
-}
-
-async fn faults(args: FaultsArgs) -> Result<()> {
-    let only = if args.only.is_empty() {
-        faults::Scenario::ALL.to_vec()
-    } else {
-        args.only
-    };
-    let plans: Vec<Box<dyn faults::Plan>> = only
-        .iter()
-        .map(|&scenario| match scenario {
-            faults::Scenario::Paused => Box::new(faults::paused::Config {
-                pause: args.pause.as_duration(),
-                ..Default::default()
-            }),
-            scenario => scenario.plan(),
-        })
-        .collect();
-    let progress = ProgressBar::new(plans.len() as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} {prefix}: {msg}")
-            .context("progress template")?,
-    );
-    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    let report = faults::run(&Launcher::current_exe()?, &plans, &progress).await;
-    progress.finish_and_clear();
-    let markdown = faults::markdown(&report);
-    println!("{markdown}");
-    let (json, md) = write_json_and_markdown(&args.out, "faults", &report, &markdown)?;
-    println!("Report: {}\nTable:  {}", json.display(), md.display());
-    if !report.all_held() {
-        anyhow::bail!("some invariants did not hold (see the table)");
-    }
     Ok(())
 }
 

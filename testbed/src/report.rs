@@ -147,18 +147,24 @@ fn machine_of(cpuinfo: &str) -> String {
     format!("{model}, {cores} cores")
 }
 
-/// The command line of this process as a person would type it (`testbed deregistration
-/// --seed`), the program's path reduced to its name.
+/// The command line of this process as a person typed it: `cargo run -p testbed --
+/// deregistration --seed` when cargo ran it (cargo sets `CARGO` and `CARGO_PKG_NAME`),
+/// else the program's name and its arguments.
 pub fn command_line() -> String {
     let mut args = std::env::args();
-    let program = args
-        .next()
-        .map(|p| {
-            Path::new(&p)
-                .file_name()
-                .map_or(p.clone(), |n| n.to_string_lossy().into_owned())
-        })
-        .unwrap_or_default();
+    let program = args.next().unwrap_or_default();
+    let cargo = std::env::var("CARGO_PKG_NAME")
+        .ok()
+        .filter(|_| std::env::var_os("CARGO").is_some());
+    let program = match cargo {
+        Some(package) if program.contains("/release/") => {
+            format!("cargo run --release -p {package} --")
+        }
+        Some(package) => format!("cargo run -p {package} --"),
+        None => Path::new(&program)
+            .file_name()
+            .map_or(program.clone(), |n| n.to_string_lossy().into_owned()),
+    };
     std::iter::once(program)
         .chain(args.map(|a| {
             if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '\'') {

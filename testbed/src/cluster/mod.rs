@@ -13,9 +13,10 @@
 //! * [`reaper`] — services on client agents started at different times, killed together:
 //!   each removal at its own agent's reaper tick.
 //!
-//! In every scenario a resilient client streams echoes through the fault (the traffic and
-//! discovery observers of [`crate::faults::observe`]); every wait has a deadline and every
-//! loop a bound.
+//! Every scenario is an [`Experiment`](crate::experiment::Experiment) that needs a cluster;
+//! its outcome's table is `(figure, value)` rows. In every scenario a resilient client
+//! streams echoes through the fault (the traffic and discovery observers of
+//! [`crate::scenario::observers`]); every wait has a deadline and every loop a bound.
 
 pub mod agent;
 pub mod leader;
@@ -23,25 +24,21 @@ pub mod node;
 pub mod quorum;
 pub mod reaper;
 
-use std::{
-    fmt::Write as _,
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant};
 
 use echo_client::EchoClient;
-use indicatif::ProgressBar;
 use serde::Serialize;
-
-use consul_harness::cluster::{Cluster, ClusterSpec};
 
 use crate::{
     Consul,
     error::{Error, Result},
-    faults::{
-        self, SERVICE,
-        observe::{DiscoveryLog, View, ViewState},
-    },
+    experiment::{Plan, Suite},
     procs::{Launcher, ServerProcess},
+    report::ms,
+    scenario::{
+        self, SERVICE,
+        observers::{DiscoveryLog, View, ViewState},
+    },
     wait,
 };
 
@@ -88,238 +85,56 @@ impl Scenario {
     }
 }
 
-/// What a scenario gives the report: its figures as a table and a paragraph, and whether
-/// its invariants held.
-pub trait Findings: Serialize {
-    /// `(figure, value)` rows.
-    fn figures(&self) -> Vec<(String, String)>;
-    /// How it was measured, with the figures: one markdown paragraph.
-    fn details(&self) -> String;
-    /// The invariants that did not hold (empty: all held).
-    fn violations(&self) -> Vec<String>;
-}
-
-/// One scenario as run.
-#[derive(Debug, Clone, Serialize)]
-pub struct Recorded {
-    /// Which scenario.
-    pub scenario: Scenario,
-    /// Its title.
-    pub title: &'static str,
-    /// The cluster it ran on: servers, clients, `reconnect_timeout`.
-    pub topology: String,
-    /// `(figure, value)` rows.
-    pub figures: Vec<(String, String)>,
-    /// How each figure was measured.
-    pub details: String,
-    /// Invariants that did not hold.
-    pub violations: Vec<String>,
-    /// Everything it measured, as JSON (`None` if it failed).
-    pub outcome: Option<serde_json::Value>,
-    /// Why it could not run to the end.
-    pub error: Option<String>,
-    /// Its wall time, seconds.
-    pub wall_time: f64,
-}
-
-/// Everything `testbed cluster` measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    /// When the run began (RFC 3339, UTC).
-    pub date: String,
-    /// Consul's version and backend.
-    pub consul: String,
-    /// The scenarios, in order.
-    pub scenarios: Vec<Recorded>,
-    /// Wall time of the whole run, seconds.
-    pub wall_time: f64,
-}
-
-impl Report {
-    /// True when every scenario ran and every invariant held.
-    pub fn all_held(&self) -> bool {
-        self.scenarios
-            .iter()
-            .all(|s| s.error.is_none() && s.violations.is_empty())
-    }
-}
-
-/// Run `scenarios` one after the other, each on a cluster of its own; a scenario that fails
-/// is reported as such and the others still run.
-pub async fn run(launcher: &Launcher, scenarios: &[Scenario], progress: &ProgressBar) -> Report {
-    let began = SystemTime::now();
-    let started = Instant::now();
-    let mut order = scenarios.to_vec();
-    order.sort();
-    order.dedup();
-    progress.set_length(order.len() as u64);
-    let mut recorded = Vec::new();
-    let mut consul = String::new();
-    for scenario in order {
-        progress.set_prefix(scenario.title());
-        let step = |msg: &str| progress.set_message(msg.to_owned());
-        let t = Instant::now();
-        let result = match scenario {
-            Scenario::NodeDies => record(launcher, &node::Config::default(), &step).await,
-            Scenario::AgentDies => record(launcher, &agent::Config::default(), &step).await,
-            Scenario::LeaderKilled => record(launcher, &leader::Config::default(), &step).await,
-            Scenario::QuorumLost => record(launcher, &quorum::Config::default(), &step).await,
-            Scenario::Reaper => record(launcher, &reaper::Config::default(), &step).await,
-        };
-        let mut r = match result {
-            Ok((r, label)) => {
-                consul = label;
-                r
-            }
-            Err(e) => {
-                tracing::error!(scenario = scenario.title(), error = %e, "scenario failed");
-                Recorded {
-                    scenario,
-                    title: scenario.title(),
-                    topology: String::new(),
-                    figures: Vec::new(),
-                    details: String::new(),
-                    violations: vec![format!("error: {e}")],
-                    outcome: None,
-                    error: Some(format!("{e:#}")),
-                    wall_time: 0.0,
-                }
-            }
-        };
-        r.scenario = scenario;
-        r.title = scenario.title();
-        r.wall_time = t.elapsed().as_secs_f64();
-        recorded.push(r);
-        progress.inc(1);
-    }
-    Report {
-        date: crate::report::rfc3339(began),
-        consul,
-        scenarios: recorded,
-        wall_time: started.elapsed().as_secs_f64(),
-    }
-}
-
-/// A scenario's settings: the cluster it needs, and how to run it on that cluster.
-pub trait Experiment {
-    /// What one run measured.
-    type Outcome: Findings;
-    /// The cluster to start.
-    fn topology(&self) -> ClusterSpec;
-    /// Run once on `cluster`, just started from [`Experiment::topology`].
-    fn run_on(
-        &self,
-        launcher: &Launcher,
-        cluster: &mut Cluster,
-        step: &dyn Fn(&str),
-    ) -> impl Future<Output = Result<Self::Outcome>>;
-
-    /// Start the cluster, then run once on it.
-    fn run(
-        &self,
-        launcher: &Launcher,
-        step: &dyn Fn(&str),
-    ) -> impl Future<Output = Result<Self::Outcome>> {
-        async move {
-            let mut cluster = start(&self.topology(), step).await?;
-            self.run_on(launcher, &mut cluster, step).await
+impl Scenario {
+    /// The scenario with its default settings.
+    pub fn plan(self) -> Box<dyn Plan> {
+        match self {
+            Scenario::NodeDies => Box::new(node::Config::default()),
+            Scenario::AgentDies => Box::new(agent::Config::default()),
+            Scenario::LeaderKilled => Box::new(leader::Config::default()),
+            Scenario::QuorumLost => Box::new(quorum::Config::default()),
+            Scenario::Reaper => Box::new(reaper::Config::default()),
         }
     }
 }
 
-async fn start(spec: &ClusterSpec, step: &dyn Fn(&str)) -> Result<Cluster> {
-    step(&format!(
-        "starting {} servers and {} client agents, waiting for a leader",
-        spec.servers, spec.clients
-    ));
-    Ok(Cluster::start(spec.clone()).await?)
+/// `testbed cluster`: which scenarios.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Scenarios to run (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Scenario>,
 }
 
-async fn record<E: Experiment>(
-    launcher: &Launcher,
-    experiment: &E,
-    step: &dyn Fn(&str),
-) -> Result<(Recorded, String)> {
-    let spec = experiment.topology();
-    let mut cluster = start(&spec, step).await?;
-    let label = faults::consul_label(&cluster.servers()[0]);
-    let outcome = experiment.run_on(launcher, &mut cluster, step).await?;
-    let json = serde_json::to_value(&outcome).unwrap_or_else(|e| {
-        serde_json::Value::String(format!("(the outcome as JSON failed: {e})"))
-    });
-    Ok((
-        Recorded {
-            scenario: Scenario::NodeDies,
-            title: "",
-            topology: describe(&spec),
-            figures: outcome.figures(),
-            details: outcome.details(),
-            violations: outcome.violations(),
-            outcome: Some(json),
-            error: None,
-            wall_time: 0.0,
-        },
-        label,
-    ))
-}
+impl Suite for Args {
+    fn name(&self) -> &'static str {
+        "cluster"
+    }
 
-/// "3 servers + 3 clients, reconnect_timeout 72h (default)".
-pub fn describe(spec: &ClusterSpec) -> String {
-    format!(
-        "{} servers + {} client agents, reconnect_timeout {}",
-        spec.servers,
-        spec.clients,
-        spec.reconnect_timeout
-            .map(|d| consul_api::GoDuration(d).to_string())
-            .unwrap_or_else(|| "72h (Consul's default)".into())
-    )
-}
+    fn title(&self) -> String {
+        "A real Consul cluster".into()
+    }
 
-/// The report as markdown: one section per scenario.
-pub fn markdown(report: &Report) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "## testbed cluster — {} — Consul {}\n",
-        report.date, report.consul
-    );
-    for s in &report.scenarios {
-        let _ = writeln!(out, "### {}\n", s.title);
-        if !s.topology.is_empty() {
-            let _ = writeln!(
-                out,
-                "Cluster: {}. Wall time {:.0} s.\n",
-                s.topology, s.wall_time
-            );
-        }
-        if !s.figures.is_empty() {
-            out.push_str("| figure | value |\n|---|---|\n");
-            for (k, v) in &s.figures {
-                let _ = writeln!(out, "| {k} | {v} |");
-            }
-            out.push('\n');
-        }
-        let held = if s.violations.is_empty() {
-            "all invariants held".to_owned()
+    fn plans(&self) -> Result<Vec<Box<dyn Plan>>> {
+        let mut only = if self.only.is_empty() {
+            Scenario::ALL.to_vec()
         } else {
-            format!("**broken**: {}", s.violations.join("; "))
+            self.only.clone()
         };
-        let _ = writeln!(out, "Invariants: {held}.\n");
-        if !s.details.is_empty() {
-            let _ = writeln!(out, "{}\n", s.details);
-        }
+        only.sort();
+        only.dedup();
+        Ok(only.into_iter().map(Scenario::plan).collect())
     }
-    out.push_str(
+
+    fn method(&self) -> &'static str {
         "Every agent runs in its own container (host networking) on its own loopback address \
          with Consul's default ports, production timings (not `-dev`). Messages are echoes \
          sent through resilient `EchoClient`s, each talking to the client agent of its own \
          node; lost = answered with an error or with other bytes. Times are taken by the \
          testbed when it injects a fault and when it observes the effect (a discovery \
          snapshot, a blocking query's answer, an agent's log line with Consul's own \
-         timestamp).\n",
-    );
-    let _ = writeln!(out, "\nRun wall time: {:.0} s.", report.wall_time);
-    out
+         timestamp)."
+    }
 }
 
 // === helpers shared by the scenarios ===
@@ -333,7 +148,7 @@ pub(crate) async fn node_server(
     interval: Duration,
 ) -> Result<ServerProcess> {
     let spec =
-        faults::server_spec(agent.config(), id, interval)?.on_address(agent.spec().address)?;
+        scenario::server_spec(agent.config(), id, interval)?.on_address(agent.spec().address)?;
     Ok(ServerProcess::spawn(launcher, spec).await?)
 }
 
@@ -343,7 +158,7 @@ pub(crate) fn node_client(
     consistency: consul_api::Consistency,
     max_stale: Option<Duration>,
 ) -> Result<EchoClient> {
-    faults::client_reading(
+    scenario::client_reading(
         agent.config(),
         Duration::from_secs(1),
         consistency,
@@ -484,11 +299,6 @@ pub(crate) async fn settled(
     }
 }
 
-/// Milliseconds of `d`, as a float.
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 /// Milliseconds from `from` to `to` (tokio instants).
 pub(crate) fn ms_between(from: tokio::time::Instant, to: tokio::time::Instant) -> f64 {
     ms(to.saturating_duration_since(from))
@@ -511,9 +321,11 @@ pub(crate) fn timeout(what: &str, after: Duration) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use consul_harness::cluster::ClusterSpec;
 
     #[test]
     fn clusters_describe_themselves() {
+        use crate::experiment::describe_cluster as describe;
         let mut spec = ClusterSpec::new(3, 3);
         assert_eq!(
             describe(&spec),
