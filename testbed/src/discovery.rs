@@ -26,8 +26,11 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
+    experiment::{Env, Experiment, Findings, Plan, Suite},
     faultproxy::FaultProxy,
     procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
+    progress::Progress,
+    report::Table,
     wait,
 };
 
@@ -165,7 +168,7 @@ struct Stream {
 pub async fn run_sources(
     launcher: &Launcher,
     config: &SourcesConfig,
-    progress: &(dyn Fn(String) + Sync),
+    progress: &Progress,
 ) -> Result<SourcesReport> {
     if config.servers < 2 {
         return Err(Error::Setting(
@@ -174,7 +177,7 @@ pub async fn run_sources(
     }
     let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
     let client = consul.client();
-    progress(format!(
+    progress.say(format!(
         "Consul {} up; starting {} echo servers",
         consul.version(),
         config.servers
@@ -334,7 +337,7 @@ pub async fn run_sources(
         .iter()
         .map(|r| r.counter.requests(&r.rx.borrow()))
         .collect();
-    progress(format!(
+    progress.say(format!(
         "SIGKILL to {} ({dead}); watching every source for up to {}",
         servers[0].spec.id, config.horizon
     ));
@@ -371,7 +374,7 @@ pub async fn run_sources(
         }
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = tokio::time::Instant::now();
-            progress(format!(
+            progress.say(format!(
                 "{:.0} s after the kill, still listing it: {}",
                 killed_at.elapsed().unwrap_or_default().as_secs_f64(),
                 pending.join(", ")
@@ -514,49 +517,153 @@ async fn stream_messages(
     stream
 }
 
-/// The side-by-side table, as markdown.
-pub fn sources_markdown(report: &SourcesReport) -> String {
-    let c = &report.config;
-    let mut md = format!(
-        "## Every way to discover, one SIGKILL\n\n\
-         Consul {}, one agent; {} echo servers checked every {} (timeout {}), \
-         `DeregisterCriticalServiceAfter` {}; the polled sources read every {}; each source feeds \
-         its own resilient session sending one message every {}. The first server was killed \
-         at {}; its check turned critical {}.\n\n\
-         | source | reads | stopped handing it out after | requests until then | requests/s | \
-         session: sent / answered / lost | slowest reply |\n|---|---|---|---|---|---|---|\n",
-        report.consul_version,
-        c.servers,
-        c.interval,
-        c.timeout,
-        c.deregister_after,
-        c.poll,
-        c.message_interval,
-        report.killed_at,
-        report
-            .critical_after
-            .map_or("(not seen)".into(), |s| format!("{s:.2} s after the kill")),
-    );
-    for r in &report.rows {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} | {} / {} / {} | {:.1} ms |\n",
-            r.source,
-            r.reads,
-            r.dropped_after
-                .map_or(format!("not within {}", c.horizon), |s| format!("{s:.2} s")),
-            r.requests_until_dropped,
-            r.requests_per_second,
-            r.sent,
-            r.answered,
-            r.lost,
-            r.worst_latency_ms,
-        ));
+// === the contract ===
+
+/// The parts of `testbed discovery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Part {
+    /// Every discovery source through one SIGKILL.
+    Sources,
+    /// Scale out and in under load ([`crate::elastic`]).
+    Elastic,
+    /// Two datacenters: failover to dc2 and back ([`crate::datacenters`]).
+    Datacenters,
+}
+
+/// `testbed discovery`: its parts and their settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Echo servers to start (the first one is killed).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=20))]
+    servers: u16,
+    /// How often the polled sources (agent list, prepared query, DNS) read.
+    #[arg(long, default_value = "1s")]
+    poll: GoDuration,
+    /// How long after the kill to keep watching (the agent's list needs 60-95 s).
+    #[arg(long, default_value = "110s")]
+    horizon: GoDuration,
+    /// Parts to run (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Part>,
+}
+
+impl Suite for Args {
+    fn name(&self) -> &'static str {
+        "discovery"
     }
-    let n = &report.naive;
-    md.push_str(&format!(
-        "\nThe naive client (one service ID from the agent's list, no failover) after the kill: \
-         {} replies, {} failed dials or writes, {} \"not found\".\n",
-        n.replies_after_kill, n.failures_after_kill, n.not_found_after_kill
-    ));
-    md
+
+    fn title(&self) -> String {
+        "Every way to discover".into()
+    }
+
+    fn plans(&self) -> Result<Vec<Box<dyn Plan>>> {
+        if self.poll.as_duration().is_zero() {
+            return Err(Error::Setting("--poll must be above zero".into()));
+        }
+        let mut parts = if self.only.is_empty() {
+            vec![Part::Sources, Part::Elastic, Part::Datacenters]
+        } else {
+            self.only.clone()
+        };
+        parts.sort();
+        parts.dedup();
+        Ok(parts
+            .into_iter()
+            .map(|part| -> Box<dyn Plan> {
+                match part {
+                    Part::Sources => Box::new(SourcesConfig {
+                        servers: usize::from(self.servers),
+                        poll: self.poll,
+                        horizon: self.horizon,
+                        ..Default::default()
+                    }),
+                    Part::Elastic => Box::new(crate::elastic::ElasticConfig::default()),
+                    Part::Datacenters => Box::new(crate::datacenters::DatacentersConfig {
+                        servers: 2,
+                        poll: self.poll.as_duration(),
+                    }),
+                }
+            })
+            .collect())
+    }
+}
+
+impl Experiment for SourcesConfig {
+    type Outcome = SourcesReport;
+
+    fn title(&self) -> String {
+        "Sources: every way to discover, one SIGKILL".into()
+    }
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        _: &mut Env,
+        progress: &Progress,
+    ) -> Result<SourcesReport> {
+        run_sources(launcher, self, progress).await
+    }
+}
+
+impl Findings for SourcesReport {
+    fn tables(&self) -> Vec<Table> {
+        let c = &self.config;
+        let mut t = Table::new([
+            "source",
+            "reads",
+            "stopped handing it out after",
+            "requests until then",
+            "requests/s",
+            "session: sent / answered / lost",
+            "slowest reply",
+        ])
+        .align_right([3, 4, 6]);
+        for r in &self.rows {
+            t.push([
+                r.source.clone(),
+                r.reads.to_string(),
+                r.dropped_after
+                    .map_or(format!("not within {}", c.horizon), |s| format!("{s:.2} s")),
+                r.requests_until_dropped.to_string(),
+                format!("{:.2}", r.requests_per_second),
+                format!("{} / {} / {}", r.sent, r.answered, r.lost),
+                format!("{:.1} ms", r.worst_latency_ms),
+            ]);
+        }
+        vec![t]
+    }
+
+    fn details(&self) -> String {
+        let c = &self.config;
+        let n = &self.naive;
+        format!(
+            "Consul {}, one agent; {} echo servers checked every {} (timeout {}), \
+             `DeregisterCriticalServiceAfter` {}; the polled sources read every {}; each source \
+             feeds its own resilient session sending one message every {}. The first server was \
+             killed at {}; its check turned critical {}.\n\n\
+             The naive client (one service ID from the agent's list, no failover) after the kill: \
+             {} replies, {} failed dials or writes, {} \"not found\".\n",
+            self.consul_version,
+            c.servers,
+            c.interval,
+            c.timeout,
+            c.deregister_after,
+            c.poll,
+            c.message_interval,
+            self.killed_at,
+            self.critical_after
+                .map_or("(not seen)".into(), |s| format!("{s:.2} s after the kill")),
+            n.replies_after_kill,
+            n.failures_after_kill,
+            n.not_found_after_kill
+        )
+    }
+
+    fn violations(&self) -> Vec<String> {
+        self.rows
+            .iter()
+            .filter(|r| r.lost > 0)
+            .map(|r| format!("{}: {} message(s) lost", r.source, r.lost))
+            .collect()
+    }
 }

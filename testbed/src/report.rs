@@ -88,8 +88,8 @@ pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
 
 /// [`percentile`] of durations.
 pub fn percentile_of(durations: &[Duration], p: f64) -> Option<Duration> {
-    let secs: Vec<f64> = durations.iter().map(Duration::as_secs_f64).collect();
-    percentile(&secs, p).map(Duration::from_secs_f64)
+    let nanos: Vec<f64> = durations.iter().map(|d| d.as_nanos() as f64).collect();
+    percentile(&nanos, p).map(|n| Duration::from_nanos(n.round() as u64))
 }
 
 // === the header ===

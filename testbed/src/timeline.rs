@@ -16,8 +16,11 @@ use tokio::sync::oneshot;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
+    experiment::{Env, Experiment, Findings, Plan, Suite},
     logbuf::LogLine,
     procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
+    progress::Progress,
+    report::Table,
     wait,
 };
 
@@ -415,47 +418,92 @@ fn condense(lines: &[LogLine], t0: SystemTime) -> Vec<Event> {
     events
 }
 
-/// The timelines as markdown.
-pub fn markdown(report: &TimelineReport) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    for story in &report.stories {
-        let _ = writeln!(
-            out,
-            "### Timeline, {} client{}: Consul {}, {}\n",
-            story.mode.flag(),
-            if story.mode == ClientMode::Resilient {
-                ", two servers"
-            } else {
-                ", one server"
-            },
-            story.consul_version,
-            report.date
-        );
-        out.push_str("| t (s) | source | event |\n|---:|---|---|\n");
-        for e in &story.events {
-            let repeat = match (e.count, e.until) {
-                (n, Some(until)) if n > 1 => format!(" (×{n}, until {until:.1})"),
-                _ => String::new(),
-            };
-            let _ = writeln!(
-                out,
-                "| {:.2} | {} | {}{} |",
-                e.at,
-                e.source,
-                e.text.replace('|', "\\|"),
-                repeat
-            );
-        }
-        let _ = writeln!(
-            out,
-            "\nKill → critical {:.1} s, kill → deregistered {:.1} s. Client-seen: {}.\n",
-            story.critical_at - story.killed_at,
-            story.removed_at - story.killed_at,
-            story.outage()
-        );
+// === the contract ===
+
+/// `testbed timeline`: no flags; the seed article's settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {}
+
+impl Suite for Args {
+    fn name(&self) -> &'static str {
+        "timeline"
     }
-    out
+
+    fn title(&self) -> String {
+        "The seed article's story, timestamped".into()
+    }
+
+    fn plans(&self) -> Result<Vec<Box<dyn Plan>>> {
+        Ok(vec![Box::new(TimelineConfig::default())])
+    }
+}
+
+impl Experiment for TimelineConfig {
+    type Outcome = TimelineReport;
+
+    fn title(&self) -> String {
+        "The naive and the resilient client, each against its own agent".into()
+    }
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        _: &mut Env,
+        progress: &Progress,
+    ) -> Result<TimelineReport> {
+        progress.say(
+            "two stories at once (naive, resilient): client first, server, SIGKILL, then \
+             Consul's reaper removes the dead server (60 to 95 s)",
+        );
+        run(launcher, self).await
+    }
+}
+
+impl Findings for TimelineReport {
+    fn tables(&self) -> Vec<Table> {
+        self.stories
+            .iter()
+            .map(|story| {
+                let mut t = Table::new(["t (s)", "source", "event"])
+                    .caption(format!(
+                        "Timeline, {} client, {}: Consul {}",
+                        story.mode.flag(),
+                        match story.mode {
+                            ClientMode::Resilient => "two servers",
+                            ClientMode::Naive => "one server",
+                        },
+                        story.consul_version,
+                    ))
+                    .align_right([0]);
+                for e in &story.events {
+                    let repeat = match (e.count, e.until) {
+                        (n, Some(until)) if n > 1 => format!(" (×{n}, until {until:.1})"),
+                        _ => String::new(),
+                    };
+                    t.push([
+                        format!("{:.2}", e.at),
+                        e.source.to_owned(),
+                        format!("{}{repeat}", e.text),
+                    ]);
+                }
+                t.note(format!(
+                    "Kill → critical {:.1} s, kill → deregistered {:.1} s. Client-seen: {}.",
+                    story.critical_at - story.killed_at,
+                    story.removed_at - story.killed_at,
+                    story.outage()
+                ));
+                t
+            })
+            .collect()
+    }
+
+    fn violations(&self) -> Vec<String> {
+        self.stories
+            .iter()
+            .filter(|s| s.mode == ClientMode::Resilient && s.worst_reply_after_kill.is_none())
+            .map(|_| "the resilient client had no reply after the kill".to_owned())
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@ use consul_registry::{ConsulState, DiscoveryConfig, Snapshot, Source, discovery}
 use echo_client::{EchoClient, session::SessionConfig};
 use testbed::{
     Consul,
+    experiment::Findings,
     procs::{ServerProcess, ServerSpec},
+    progress::Progress,
     wait,
 };
 use tokio::sync::watch;
@@ -59,6 +61,14 @@ async fn wait_view(
         .await
         .map(|r| r.expect("discovery ended").clone());
     found.unwrap_or_else(|_| panic!("{what}: not within {timeout:?}; last: {:?}", *rx.borrow()))
+}
+
+/// An experiment's tables and paragraph, on the test's output.
+fn show(report: &impl Findings) {
+    for table in report.tables() {
+        eprintln!("{}", table.markdown());
+    }
+    eprintln!("{}", report.details());
 }
 
 fn lists(s: &Snapshot, addr: &str) -> bool {
@@ -260,12 +270,15 @@ async fn a_source_that_cannot_work_says_why() {
 #[tokio::test]
 async fn two_datacenters_fail_over_to_dc2_and_back_losing_nothing() {
     init_tracing();
-    let report = testbed::datacenters::run(&launcher(), 1, Duration::from_millis(500), &|msg| {
-        tracing::info!("{msg}")
-    })
+    let report = testbed::datacenters::run(
+        &launcher(),
+        1,
+        Duration::from_millis(500),
+        &Progress::lines(),
+    )
     .await
     .unwrap();
-    eprintln!("{}", testbed::datacenters::markdown(&report));
+    show(&report);
     assert_eq!(
         (
             report.query_before.datacenter.as_str(),
@@ -307,10 +320,10 @@ async fn a_scale_out_takes_load_and_a_scale_in_loses_nothing() {
         steady: consul_api::GoDuration::from_secs(2),
         ..Default::default()
     };
-    let report = testbed::elastic::run(&launcher(), &config, &|msg| tracing::info!("{msg}"))
+    let report = testbed::elastic::run(&launcher(), &config, &Progress::lines())
         .await
         .unwrap();
-    eprintln!("{}", testbed::elastic::markdown(&report));
+    show(&report);
     for run in &report.runs {
         assert_eq!(run.lost, 0, "{}", run.strategy);
         assert!(run.sent > 0);
