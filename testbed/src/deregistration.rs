@@ -10,7 +10,7 @@
 //! dates it, and again from earlier removals; the report gives predicted against measured.
 //! A SIGTERM trial shows the contrast: a clean shutdown deregisters in milliseconds.
 //! With [`SweepConfig::reaper`], each trial also has a twin removed by the reaper sidecar
-//! ([`crate::reaper`]), measured the same way.
+//! ([`crate::reaper_twins`]), measured the same way.
 //!
 //! [`model`]: crate::model
 
@@ -31,7 +31,7 @@ use crate::{
     model::{Phase, ReaperModel, Window},
     procs::{Launcher, ServerProcess, ServerSpec},
     progress::Progress,
-    reaper::{ReaperSection, ReaperTrial},
+    reaper_twins::{ReaperSection, ReaperTrial},
     report::{Axis, Mark, PALETTE, Plot, Series, Table},
     signal::Signal,
     wait,
@@ -53,7 +53,7 @@ pub struct SweepConfig {
     /// Also measure a clean shutdown (SIGTERM).
     pub contrast: bool,
     /// Give each trial a twin with Meta `reap-after` = the setting, removed by the reaper
-    /// sidecar (see [`crate::reaper`]).
+    /// sidecar (see [`crate::reaper_twins`]).
     pub reaper: bool,
 }
 
@@ -298,7 +298,7 @@ pub async fn run(
     // The reaper sidecar first, so it follows the twins from their registration.
     let sidecar = if config.reaper {
         progress.say("starting the reaper sidecar");
-        Some(crate::reaper::spawn(launcher, &consul.config()).await?)
+        Some(crate::reaper_twins::spawn(launcher, &consul.config()).await?)
     } else {
         None
     };
@@ -430,7 +430,7 @@ pub async fn run(
         if plan.twin {
             let critical_to_removed = events.removed_at - events.critical_at;
             let removed_by = match &sidecar {
-                Some(p) if crate::reaper::removed_by_reaper(p.output(), id) => "reaper",
+                Some(p) if crate::reaper_twins::removed_by_reaper(p.output(), id) => "reaper",
                 _ => "consul",
             };
             twins.push(ReaperTrial {
@@ -811,7 +811,7 @@ impl Findings for Report {
     fn tables(&self) -> Vec<Table> {
         let mut tables = vec![self.table()];
         if let Some(section) = &self.reaper {
-            tables.extend(crate::reaper::tables(section, &self.trials));
+            tables.extend(crate::reaper_twins::tables(section, &self.trials));
         }
         tables
     }
@@ -848,7 +848,7 @@ impl Findings for Report {
             ));
         }
         if let Some(section) = &self.reaper {
-            out.push_str(&crate::reaper::summary(section));
+            out.push_str(&crate::reaper_twins::summary(section));
         }
         out.push('\n');
         out.push_str(&self.explanation());

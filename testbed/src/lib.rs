@@ -12,13 +12,15 @@
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
 //! * [`datacenters`] — failover to a second datacenter (blocking queries, a prepared query,
 //!   DNS);
-//! * [`discovery`] — every way to discover side by side (health, catalog, agent list, prepared
+//! * [`discovery`] — `testbed discovery`: its three parts, [`sources`], [`elastic`] and
+//!   [`datacenters`];
+//! * [`sources`] — every way to discover side by side (health, catalog, agent list, prepared
 //!   query, DNS) through one SIGKILL;
 //! * [`elastic`] — scale out and in under load: shares, propagation, nothing lost;
 //! * [`faults`] — the fault and security scenarios (hung server, paused and restarted Consul,
 //!   a misbehaving proxy, ACLs, hostile input, a TLS certificate rotated), with their figures;
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
-//! * [`reaper`] — the reaper sidecar's rows of the deregistration experiment;
+//! * [`reaper_twins`] — the deregistration experiment's twins removed by the reaper sidecar;
 //! * [`scenario`] — what every fault and cluster scenario shares: servers, clients, traffic
 //!   and discovery observers;
 //! * [`scale`] — discovery at scale: instances × clients, and Consul's read modes (`stale`,
@@ -41,11 +43,12 @@ pub mod faultproxy;
 pub mod faults;
 pub mod model;
 pub mod progress;
-pub mod reaper;
+pub mod reaper_twins;
 pub mod report;
 pub mod scale;
 pub mod scenario;
 pub mod smoke;
+pub mod sources;
 pub mod timeline;
 
 pub mod error;

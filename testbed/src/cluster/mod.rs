@@ -10,7 +10,7 @@
 //!   registration made during the election;
 //! * [`quorum`] — two of three servers down for a minute: default, stale and bounded-stale
 //!   discovery, traffic from the cached view, recovery;
-//! * [`reaper`] — services on client agents started at different times, killed together:
+//! * [`reaper_phases`] — services on client agents started at different times, killed together:
 //!   each removal at its own agent's reaper tick.
 //!
 //! Every scenario is an [`Experiment`](crate::experiment::Experiment) that needs a cluster;
@@ -22,7 +22,7 @@ pub mod agent;
 pub mod leader;
 pub mod node;
 pub mod quorum;
-pub mod reaper;
+pub mod reaper_phases;
 
 use std::time::{Duration, Instant};
 
@@ -60,7 +60,7 @@ pub enum Scenario {
     /// d. Two of three servers down (quorum lost), then back.
     QuorumLost,
     /// e. Services on three client agents started apart, killed together.
-    Reaper,
+    ReaperPhases,
 }
 
 impl Scenario {
@@ -70,7 +70,7 @@ impl Scenario {
         Scenario::AgentDies,
         Scenario::LeaderKilled,
         Scenario::QuorumLost,
-        Scenario::Reaper,
+        Scenario::ReaperPhases,
     ];
 
     /// The report's title for it.
@@ -80,7 +80,7 @@ impl Scenario {
             Scenario::AgentDies => "b. an agent dies, its services do not",
             Scenario::LeaderKilled => "c. the leader is killed",
             Scenario::QuorumLost => "d. quorum lost",
-            Scenario::Reaper => "e. deregistration across agents",
+            Scenario::ReaperPhases => "e. deregistration across agents",
         }
     }
 }
@@ -93,7 +93,7 @@ impl Scenario {
             Scenario::AgentDies => Box::new(agent::Config::default()),
             Scenario::LeaderKilled => Box::new(leader::Config::default()),
             Scenario::QuorumLost => Box::new(quorum::Config::default()),
-            Scenario::Reaper => Box::new(reaper::Config::default()),
+            Scenario::ReaperPhases => Box::new(reaper_phases::Config::default()),
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::{
 use crate::{
     experiment::{Env, Experiment, Needs},
     progress::Progress,
-    report::{self, ms_serde as ms},
+    report::{self, Table, ms_serde as ms},
     scenario::{self, LIMIT, SERVICE, observers::Tally},
 };
 
@@ -135,23 +135,25 @@ impl Rows for Outcome {
 
     /// Each case as it went.
     fn details(&self) -> String {
-        let mut out = String::from(
+        let mut cases = Table::new(["who", "expected", "observed", "took"]).align_right([3]);
+        for c in &self.cases {
+            cases.push([
+                c.who.clone(),
+                c.expected.clone(),
+                format!(
+                    "{}{}",
+                    c.observed,
+                    if c.ok { "" } else { " **(unexpected)**" }
+                ),
+                report::secs(c.took),
+            ]);
+        }
+        format!(
             "**5. ACLs, default deny.** Every process gets its token through \
              `CONSUL_HTTP_TOKEN`; each output (and the agent's log) is searched for every secret \
-             afterwards.\n\n\
-             | who | expected | observed | took |\n|---|---|---|---:|\n",
-        );
-        for c in &self.cases {
-            out.push_str(&format!(
-                "| {} | {} | {}{} | {} |\n",
-                c.who,
-                c.expected,
-                c.observed.replace('|', "\\|"),
-                if c.ok { "" } else { " **(unexpected)**" },
-                report::secs(c.took)
-            ));
-        }
-        out
+             afterwards.\n\n{}",
+            cases.markdown()
+        )
     }
 }
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use testbed::{
-    cluster::{leader, node, reaper},
+    cluster::{leader, node, reaper_phases},
     experiment::{Experiment, Findings},
     progress::Progress,
 };
@@ -91,7 +91,7 @@ async fn a_crashed_node_leaves_the_view_but_not_the_catalog() {
 #[tokio::test]
 async fn each_client_agent_reaps_on_its_own_phase() {
     init_tracing();
-    let config = reaper::Config {
+    let config = reaper_phases::Config {
         servers: 1,
         clients: 3,
         stagger: Duration::from_secs(7),

@@ -225,7 +225,7 @@ impl Experiment for Config {
     type Outcome = Outcome;
 
     fn title(&self) -> String {
-        Scenario::Reaper.title().into()
+        Scenario::ReaperPhases.title().into()
     }
 
     fn needs(&self) -> Result<Needs> {
