@@ -75,9 +75,9 @@ pub enum Env {
     /// Nothing was started.
     Nothing,
     /// One agent.
-    Agent(Consul),
+    Agent(Box<Consul>),
     /// A cluster.
-    Cluster(Cluster),
+    Cluster(Box<Cluster>),
 }
 
 impl Env {
@@ -87,14 +87,14 @@ impl Env {
             Needs::Nothing => Env::Nothing,
             Needs::Agent(options) => {
                 progress.say("starting Consul");
-                Env::Agent(Consul::start_with(options.clone()).await?)
+                Env::Agent(Box::new(Consul::start_with(options.clone()).await?))
             }
             Needs::Cluster(spec) => {
                 progress.say(format!(
                     "starting {} servers and {} client agents, waiting for a leader",
                     spec.servers, spec.clients
                 ));
-                Env::Cluster(Cluster::start(spec.clone()).await?)
+                Env::Cluster(Box::new(Cluster::start(spec.clone()).await?))
             }
         })
     }
@@ -416,7 +416,7 @@ pub async fn run(suite: &dyn Suite, launcher: &Launcher, out: &Path) -> anyhow::
     })
 }
 
-/// What [`write`] wrote.
+/// What [`write()`] wrote.
 #[derive(Debug)]
 pub struct Written {
     /// The markdown.

@@ -187,7 +187,7 @@ impl Experiment for Config {
                 Data::Keep => "with its data",
                 Data::Wipe => "with an empty data directory",
             };
-            step.say(&format!("killing node 1's agent (it comes back {label})"));
+            step.say(format!("killing node 1's agent (it comes back {label})"));
             let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
             let killed = Instant::now();
             cluster.crash(node).await?;
@@ -213,7 +213,7 @@ impl Experiment for Config {
                         .any(|l| l.text.contains("WARN") || l.text.contains("ERROR"))
                 })
                 .count();
-            step.say(&format!("starting node 1's agent again {label}"));
+            step.say(format!("starting node 1's agent again {label}"));
             let restarted = Instant::now();
             cluster.start_again(node, data).await?;
             let back_at = tokio::time::Instant::now();

@@ -201,7 +201,7 @@ impl Experiment for Config {
         }
 
         let (old, _) = cluster.wait_leader(None, LIMIT).await?;
-        step.say(&format!("killing the leader (server-{})", old + 1));
+        step.say(format!("killing the leader (server-{})", old + 1));
         let killed = tokio::time::Instant::now();
         let killed_std = Instant::now();
         cluster.crash(Member::Server(old)).await?;

@@ -212,7 +212,7 @@ impl Experiment for Config {
         for v in victims {
             cluster.crash(Member::Server(v)).await?;
         }
-        step.say(&format!("quorum lost: holding {} s", self.down.as_secs()));
+        step.say(format!("quorum lost: holding {} s", self.down.as_secs()));
         tokio::time::sleep(self.down).await;
         let reachable_at_end: Vec<(String, bool)> = logs
             .iter()

@@ -288,7 +288,7 @@ impl Experiment for Config {
                 Some(server_token.clone()),
             ),
         ] {
-            step.say(&format!("{who}: expecting a refusal"));
+            step.say(format!("{who}: expecting a refusal"));
             let mut spec =
                 scenario::server_spec(base.clone().with_token(token), id, self.interval)?;
             spec.name = name.into();
@@ -404,7 +404,7 @@ impl Experiment for Config {
                 "sees no instance: clear error, non-zero exit",
             ),
         ] {
-            step.say(&format!("{who}: expecting no service"));
+            step.say(format!("{who}: expecting no service"));
             let started = Instant::now();
             let mut c = ClientProcess::spawn(
                 launcher,

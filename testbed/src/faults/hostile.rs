@@ -365,7 +365,7 @@ impl Experiment for Config {
                 tokio::select! {
                     done = &mut thread => break done,
                     () = tokio::time::sleep(Duration::from_millis(200)) => {
-                        step.say(&progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                        step.say(progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
                     }
                 }
             }

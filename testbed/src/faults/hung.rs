@@ -193,7 +193,7 @@ impl Experiment for Config {
             .iter()
             .position(|s| s.spec.id == frozen)
             .ok_or_else(|| Error::Scenario(format!("{frozen} is not one of ours")))?;
-        step.say(&format!(
+        step.say(format!(
             "SIGSTOP {frozen}; waiting for Consul and the client to notice"
         ));
         let t0 = Instant::now();
@@ -234,11 +234,11 @@ impl Experiment for Config {
         let left_at = left.ok().map(|v| v.at);
         let failover_at = failover.ok().map(|o| o.done);
 
-        step.say(&format!("{frozen} out of rotation; holding it frozen"));
+        step.say(format!("{frozen} out of rotation; holding it frozen"));
         tokio::time::sleep(self.hold).await;
         let t1 = Instant::now();
         servers[victim].process.signal(Signal::SIGCONT)?;
-        step.say(&format!(
+        step.say(format!(
             "SIGCONT {frozen}; waiting for it to rejoin rotation"
         ));
         let rejoined = discovery

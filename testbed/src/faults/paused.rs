@@ -177,7 +177,7 @@ impl Experiment for Config {
         .await?;
         let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
 
-        step.say(&format!(
+        step.say(format!(
             "Consul frozen for {}",
             consul_api::GoDuration(self.pause)
         ));

@@ -290,7 +290,7 @@ impl Experiment for Config {
 
         let mut phases = Vec::new();
         for &fault in &self.faults {
-            step.say(&format!("proxy: {fault}"));
+            step.say(format!("proxy: {fault}"));
             let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
             let before = proxy.stats();
             let t0 = Instant::now();
@@ -326,7 +326,7 @@ impl Experiment for Config {
             let t1 = Instant::now();
             let t1_wall = SystemTime::now();
             proxy.heal();
-            step.say(&format!("proxy healed after {fault}; waiting for recovery"));
+            step.say(format!("proxy healed after {fault}; waiting for recovery"));
 
             // Who met the fault, and how they came back.
             let mut server_errors = Vec::new();

@@ -253,7 +253,7 @@ impl Experiment for Config {
             ("unknown CA", Issuer::UnknownCa),
             ("same CA again", Issuer::SameCa),
         ] {
-            step.say(&format!("rotating the agent's certificate: {rotation}"));
+            step.say(format!("rotating the agent's certificate: {rotation}"));
             let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
             let t0 = Instant::now();
             let t0_wall = SystemTime::now();

@@ -1,6 +1,6 @@
 //! What every scenario (of `testbed faults` and `testbed cluster`) shares: its service and
 //! deadline, its echo servers and resilient clients, the opening of a traffic scenario
-//! ([`Stage`]), and what every scenario reports the same way ([`Basics`]: echoes, panics,
+//! (`Stage`), and what every scenario reports the same way ([`Basics`]: echoes, panics,
 //! memory).
 //!
 //! * [`observers`] — the echo traffic and the discovery views a scenario watches.
