@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings},
+    experiment::{Env, Experiment, Findings, Needs},
     procs::{Launcher, ServerProcess, ServerSpec},
     progress::Progress,
     report::Table,
@@ -382,6 +382,11 @@ impl Experiment for DatacentersConfig {
 
     fn title(&self) -> String {
         "Datacenters: failover to a second datacenter and back".into()
+    }
+
+    /// It starts its own agents.
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
     }
 
     async fn run_on(

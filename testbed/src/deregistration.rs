@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use crate::{
     consul::Consul,
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Needs, Suite},
+    experiment::{Env, Experiment, Findings, Suite},
     logbuf::LogBuffer,
     model::{Phase, ReaperModel, Window},
     procs::{Launcher, ServerProcess, ServerSpec},
@@ -726,10 +726,6 @@ impl Experiment for SweepConfig {
             cells * self.trials,
             cells
         )
-    }
-
-    fn needs(&self) -> Result<Needs> {
-        Needs::agent()
     }
 
     async fn run_on(

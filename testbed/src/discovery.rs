@@ -10,7 +10,7 @@ use consul_api::GoDuration;
 
 use crate::{
     error::{Error, Result},
-    experiment::{Plan, Suite},
+    experiment::{Plan, Suite, chosen},
 };
 
 /// The parts of `testbed discovery`.
@@ -54,30 +54,26 @@ impl Suite for Args {
         if self.poll.as_duration().is_zero() {
             return Err(Error::Setting("--poll must be above zero".into()));
         }
-        let mut parts = if self.only.is_empty() {
-            vec![Part::Sources, Part::Elastic, Part::Datacenters]
-        } else {
-            self.only.clone()
-        };
-        parts.sort();
-        parts.dedup();
-        Ok(parts
-            .into_iter()
-            .map(|part| -> Box<dyn Plan> {
-                match part {
-                    Part::Sources => Box::new(crate::sources::SourcesConfig {
-                        servers: usize::from(self.servers),
-                        poll: self.poll,
-                        horizon: self.horizon,
-                        ..Default::default()
-                    }),
-                    Part::Elastic => Box::new(crate::elastic::ElasticConfig::default()),
-                    Part::Datacenters => Box::new(crate::datacenters::DatacentersConfig {
-                        servers: 2,
-                        poll: self.poll.as_duration(),
-                    }),
-                }
-            })
-            .collect())
+        Ok(chosen(
+            &self.only,
+            &[Part::Sources, Part::Elastic, Part::Datacenters],
+        )
+        .into_iter()
+        .map(|part| -> Box<dyn Plan> {
+            match part {
+                Part::Sources => Box::new(crate::sources::SourcesConfig {
+                    servers: usize::from(self.servers),
+                    poll: self.poll,
+                    horizon: self.horizon,
+                    ..Default::default()
+                }),
+                Part::Elastic => Box::new(crate::elastic::ElasticConfig::default()),
+                Part::Datacenters => Box::new(crate::datacenters::DatacentersConfig {
+                    servers: 2,
+                    poll: self.poll.as_duration(),
+                }),
+            }
+        })
+        .collect())
     }
 }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings},
+    experiment::{Env, Experiment, Findings, Needs},
     procs::{Launcher, ServerProcess, ServerSpec},
     progress::Progress,
     report::Table,
@@ -386,6 +386,11 @@ impl Experiment for ElasticConfig {
 
     fn title(&self) -> String {
         "Elastic: scale out and in under load".into()
+    }
+
+    /// It starts its own agents.
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
     }
 
     async fn run_on(

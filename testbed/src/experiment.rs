@@ -152,9 +152,9 @@ pub trait Experiment {
     /// Its title: the report's section and the progress line's stage.
     fn title(&self) -> String;
 
-    /// What to start before it runs.
+    /// What to start before it runs: one agent unless it says otherwise.
     fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Nothing)
+        Needs::agent()
     }
 
     /// Run once on `env`, just started from [`needs`](Self::needs), starting processes
@@ -290,6 +290,19 @@ pub trait Suite {
     fn method(&self) -> &'static str {
         ""
     }
+}
+
+/// The `--only` selection of a suite: `only` in `all`'s order without repeats, or `all` when
+/// it is empty.
+pub fn chosen<T: Ord + Clone>(only: &[T], all: &[T]) -> Vec<T> {
+    let mut chosen = if only.is_empty() {
+        all.to_vec()
+    } else {
+        only.to_vec()
+    };
+    chosen.sort();
+    chosen.dedup();
+    chosen
 }
 
 /// Everything one subcommand measured: the JSON report.
@@ -484,6 +497,9 @@ mod tests {
 
     impl Experiment for Counts {
         type Outcome = Found;
+        fn needs(&self) -> Result<Needs> {
+            Ok(Needs::Nothing)
+        }
         fn title(&self) -> String {
             format!("count {}", self.0)
         }

@@ -43,7 +43,7 @@ use crate::{
     Cluster, ClusterSpec,
     consul::Consul,
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Plan, Suite},
+    experiment::{Env, Experiment, Findings, Needs, Plan, Suite},
     faultproxy::FaultProxy,
     procfs,
     procs::{ChildProcess, Launcher},
@@ -1083,6 +1083,11 @@ impl Experiment for Scale {
         "Instances × clients, and Consul's read modes".into()
     }
 
+    /// It starts its own agents.
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
+    }
+
     async fn run_on(
         &self,
         launcher: &Launcher,
@@ -1293,17 +1298,6 @@ mod tests {
         // One view with the count of flips 0 and 2: it is flip 0's; flip 2 needs a later one.
         let views = [view(5, 6, 9)];
         assert_eq!(match_flips(&f, &views, t(2_000)), vec![Some(0), None, None]);
-    }
-
-    #[test]
-    fn percentiles_interpolate_between_closest_ranks() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), Some(50.5));
-        assert!((percentile(&v, 99.0).unwrap() - 99.01).abs() < 1e-9);
-        assert_eq!(percentile(&v, 100.0), Some(100.0));
-        assert_eq!(percentile(&[3.0, 1.0, 2.0], 50.0), Some(2.0));
-        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
-        assert_eq!(percentile(&[], 50.0), None);
     }
 
     #[test]

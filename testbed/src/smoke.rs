@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     consul::Consul,
     error::Result,
-    experiment::{Env, Experiment, Findings, Needs, Plan, Suite},
+    experiment::{Env, Experiment, Findings, Plan, Suite},
     procs::Launcher,
     progress::Progress,
     report::Table,
@@ -160,10 +160,6 @@ impl Experiment for Smoke {
 
     fn title(&self) -> String {
         "Register a checked service, see it pass, deregister it".into()
-    }
-
-    fn needs(&self) -> Result<Needs> {
-        Needs::agent()
     }
 
     async fn run_on(

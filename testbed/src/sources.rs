@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings},
+    experiment::{Env, Experiment, Findings, Needs},
     faultproxy::FaultProxy,
     procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
     progress::Progress,
@@ -524,6 +524,11 @@ impl Experiment for SourcesConfig {
 
     fn title(&self) -> String {
         "Sources: every way to discover, one SIGKILL".into()
+    }
+
+    /// It starts its own agents.
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
     }
 
     async fn run_on(

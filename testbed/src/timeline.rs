@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Plan, Suite},
+    experiment::{Env, Experiment, Findings, Needs, Plan, Suite},
     logbuf::LogLine,
     procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
     progress::Progress,
@@ -443,6 +443,11 @@ impl Experiment for TimelineConfig {
 
     fn title(&self) -> String {
         "The naive and the resilient client, each against its own agent".into()
+    }
+
+    /// It starts its own agents.
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
     }
 
     async fn run_on(

@@ -32,7 +32,7 @@ use serde::Serialize;
 use crate::{
     Consul,
     error::{Error, Result},
-    experiment::{Plan, Suite},
+    experiment::{Plan, Suite, chosen},
     procs::{Launcher, ServerProcess},
     report::ms,
     scenario::{
@@ -123,7 +123,10 @@ impl Suite for Args {
         };
         only.sort();
         only.dedup();
-        Ok(only.into_iter().map(Scenario::plan).collect())
+        Ok(chosen(&self.only, &Scenario::ALL)
+            .into_iter()
+            .map(Scenario::plan)
+            .collect())
     }
 
     fn method(&self) -> &'static str {

@@ -220,11 +220,11 @@ async fn stopped(p: &mut ChildProcess, started: Instant) -> (String, Option<i32>
 }
 
 impl Experiment for Config {
+    type Outcome = Outcome;
+
     fn title(&self) -> String {
         Scenario::Acl.title().into()
     }
-    type Outcome = Outcome;
-
     fn needs(&self) -> Result<Needs> {
         Ok(Needs::Agent(ConsulOptions::from_env()?.with_acl(secret())))
     }

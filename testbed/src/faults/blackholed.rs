@@ -25,7 +25,7 @@ use crate::{
     procs::{Launcher, ServerProcess},
 };
 use crate::{
-    experiment::{Env, Experiment, Needs},
+    experiment::{Env, Experiment},
     progress::Progress,
     report::{self, ms_serde as ms},
     scenario::{
@@ -206,15 +206,11 @@ impl Blackhole {
 }
 
 impl Experiment for Config {
+    type Outcome = Outcome;
+
     fn title(&self) -> String {
         Scenario::Blackholed.title().into()
     }
-
-    fn needs(&self) -> Result<Needs> {
-        Needs::agent()
-    }
-    type Outcome = Outcome;
-
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
         step.say("registering blackholed instances and a healthy server");

@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::{Row, Rows, Scenario};
 use crate::{error::Result, procs::Launcher, wait};
 use crate::{
-    experiment::{Env, Experiment, Needs},
+    experiment::{Env, Experiment},
     progress::Progress,
     report::{self, ms_serde as ms},
     scenario::{
@@ -307,15 +307,11 @@ impl Config {
 }
 
 impl Experiment for Config {
+    type Outcome = Outcome;
+
     fn title(&self) -> String {
         Scenario::Hostile.title().into()
     }
-
-    fn needs(&self) -> Result<Needs> {
-        Needs::agent()
-    }
-    type Outcome = Outcome;
-
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
         consul_harness::hostile::raise_fd_limit();

@@ -17,7 +17,7 @@ use crate::{
     wait,
 };
 use crate::{
-    experiment::{Env, Experiment, Needs},
+    experiment::{Env, Experiment},
     progress::Progress,
     report::{self, ms_serde as ms},
     scenario::{
@@ -150,15 +150,11 @@ impl Rows for Outcome {
 }
 
 impl Experiment for Config {
+    type Outcome = Outcome;
+
     fn title(&self) -> String {
         Scenario::Hung.title().into()
     }
-
-    fn needs(&self) -> Result<Needs> {
-        Needs::agent()
-    }
-    type Outcome = Outcome;
-
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
         if self.servers < 2 {

@@ -41,7 +41,7 @@ use serde::Serialize;
 
 use crate::{
     error::Result,
-    experiment::{Findings, Plan, Suite},
+    experiment::{Findings, Plan, Suite, chosen},
     report::Table,
 };
 
@@ -198,14 +198,7 @@ impl Suite for Args {
     }
 
     fn plans(&self) -> Result<Vec<Box<dyn Plan>>> {
-        let mut only = if self.only.is_empty() {
-            Scenario::ALL.to_vec()
-        } else {
-            self.only.clone()
-        };
-        only.sort();
-        only.dedup();
-        Ok(only
+        Ok(chosen(&self.only, &Scenario::ALL)
             .into_iter()
             .map(|s| s.plan(self.pause.as_duration()))
             .collect())

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::{Row, Rows, Scenario};
 use crate::{
-    experiment::{Env, Experiment, Needs},
+    experiment::{Env, Experiment},
     progress::Progress,
     report::{self, ms_serde as ms},
     scenario::{
@@ -146,15 +146,11 @@ impl Rows for Outcome {
 }
 
 impl Experiment for Config {
+    type Outcome = Outcome;
+
     fn title(&self) -> String {
         Scenario::Restarted.title().into()
     }
-
-    fn needs(&self) -> Result<Needs> {
-        Needs::agent()
-    }
-    type Outcome = Outcome;
-
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
         step.say("starting echo servers");

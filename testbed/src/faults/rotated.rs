@@ -216,11 +216,11 @@ impl Rows for Outcome {
 }
 
 impl Experiment for Config {
+    type Outcome = Outcome;
+
     fn title(&self) -> String {
         Scenario::Rotated.title().into()
     }
-    type Outcome = Outcome;
-
     fn needs(&self) -> Result<Needs> {
         let pki = std::sync::Arc::new(TestPki::new()?);
         Ok(Needs::Agent(ConsulOptions::from_env()?.with_tls(pki, true)))

@@ -16,7 +16,7 @@ use crate::{
     procs::{Launcher, ServerProcess},
 };
 use crate::{
-    experiment::{Env, Experiment, Needs},
+    experiment::{Env, Experiment},
     progress::Progress,
     report::{self, ms_serde as ms},
     scenario::{
@@ -117,15 +117,11 @@ impl Rows for Outcome {
 }
 
 impl Experiment for Config {
+    type Outcome = Outcome;
+
     fn title(&self) -> String {
         Scenario::Stripped.title().into()
     }
-
-    fn needs(&self) -> Result<Needs> {
-        Needs::agent()
-    }
-    type Outcome = Outcome;
-
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
         step.say("starting the proxy");
