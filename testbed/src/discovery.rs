@@ -18,9 +18,9 @@ use crate::{
 pub enum Part {
     /// Every discovery source through one SIGKILL.
     Sources,
-    /// Scale out and in under load ([`crate::elastic`]).
+    /// Scale out and in under load.
     Elastic,
-    /// Two datacenters: failover to dc2 and back ([`crate::datacenters`]).
+    /// Two datacenters: failover to dc2 and back.
     Datacenters,
 }
 

@@ -483,6 +483,9 @@ impl Plot {
         if !self.x.categories.is_empty() {
             mesh.x_labels(self.x.categories.len()).disable_x_mesh();
         }
+        if !self.y.categories.is_empty() {
+            mesh.y_labels(self.y.categories.len()).disable_y_mesh();
+        }
         mesh.draw().map_err(|e| err(&e))?;
         let mut labelled = false;
         for s in &self.series {

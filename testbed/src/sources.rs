@@ -30,7 +30,7 @@ use crate::{
     faultproxy::FaultProxy,
     procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
     progress::Progress,
-    report::Table,
+    report::{Axis, Mark, PALETTE, Plot, Series, Table},
     wait,
 };
 
@@ -95,6 +95,8 @@ pub struct SourceRow {
     pub lost: u64,
     /// The slowest answer after the kill, milliseconds (a failover's cost).
     pub worst_latency_ms: f64,
+    /// When it published a view after the kill, seconds after the kill.
+    pub published_after_kill: Vec<f64>,
 }
 
 /// What the naive client went through.
@@ -397,6 +399,15 @@ pub async fn run_sources(
         r.watcher.abort();
         let total = r.counter.requests(&r.rx.borrow()).saturating_sub(before);
         let dropped = dropped_at(&r.seen);
+        let published_after_kill = r
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .after_kill
+            .iter()
+            .filter_map(|(at, _, _)| at.duration_since(killed_at).ok())
+            .map(|d| d.as_secs_f64())
+            .collect();
         rows.push(SourceRow {
             source: r.label.into(),
             reads: r.reads.into(),
@@ -409,6 +420,7 @@ pub async fn run_sources(
             answered: stream.answered,
             lost: stream.lost,
             worst_latency_ms: stream.worst.as_secs_f64() * 1e3,
+            published_after_kill,
         });
     }
     let lines = naive.process.output().lines();
@@ -601,5 +613,113 @@ impl Findings for SourcesReport {
             .filter(|r| r.lost > 0)
             .map(|r| format!("{}: {} message(s) lost", r.source, r.lost))
             .collect()
+    }
+
+    fn plot(&self) -> Option<Plot> {
+        Some(self.views_plot())
+    }
+}
+
+impl SourcesReport {
+    /// Each source's view after the kill against Consul's events: a lane per source, a bar
+    /// while it still listed the killed instance, a dot per view it published.
+    pub fn views_plot(&self) -> Plot {
+        let horizon = self.config.horizon.0.as_secs_f64();
+        let lanes = self.rows.len() as f64;
+        let mut series = Vec::new();
+        for (i, r) in self.rows.iter().enumerate() {
+            let y = i as f64;
+            let color = PALETTE[i % PALETTE.len()];
+            series.push(Series {
+                label: if i == 0 {
+                    "still lists the killed instance".into()
+                } else {
+                    String::new()
+                },
+                color,
+                mark: Mark::Boxes(vec![(
+                    (0.0, y - 0.12),
+                    (r.dropped_after.unwrap_or(horizon), y + 0.12),
+                )]),
+            });
+            series.push(Series {
+                label: if i == 0 {
+                    "a view published".into()
+                } else {
+                    String::new()
+                },
+                color,
+                mark: Mark::Dots(r.published_after_kill.iter().map(|&t| (t, y)).collect()),
+            });
+        }
+        if let Some(critical) = self.critical_after {
+            series.push(Series {
+                label: format!("Consul: check critical ({critical:.1} s)"),
+                color: PALETTE[4],
+                mark: Mark::Segments(vec![((critical, -0.5), (critical, lanes - 0.5))]),
+            });
+        }
+        Plot {
+            title: format!(
+                "Consul {}: what each source hands out after a SIGKILL",
+                self.consul_version
+            ),
+            x: Axis::linear("seconds after the kill").range(0.0, horizon),
+            y: Axis::categories(
+                "source",
+                self.rows.iter().map(|r| r.source.clone()).collect(),
+            ),
+            series,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(source: &str, dropped_after: Option<f64>, lost: u64) -> SourceRow {
+        SourceRow {
+            source: source.into(),
+            reads: "test".into(),
+            dropped_after,
+            requests_until_dropped: 3,
+            requests_per_second: 1.5,
+            sent: 10,
+            answered: 10 - lost,
+            lost,
+            worst_latency_ms: 12.0,
+            published_after_kill: vec![0.5, 4.0],
+        }
+    }
+
+    #[test]
+    fn the_report_has_a_row_per_source_its_losses_and_a_lane_per_source() {
+        let report = SourcesReport {
+            consul_version: "1.8.7".into(),
+            config: SourcesConfig::default(),
+            killed_at: "2026-12-06T00:00:00Z".into(),
+            critical_after: Some(3.2),
+            rows: vec![row("health", Some(4.0), 0), row("catalog", None, 1)],
+            naive: NaiveRow {
+                replies_after_kill: 0,
+                failures_after_kill: 5,
+                not_found_after_kill: 2,
+            },
+        };
+        let md = report.tables()[0].markdown();
+        assert!(
+            md.contains("| health | test | 4.00 s | 3 | 1.50 | 10 / 10 / 0 | 12.0 ms |"),
+            "{md}"
+        );
+        assert!(md.contains("| catalog | test | not within 1m50s |"), "{md}");
+        assert_eq!(report.violations(), ["catalog: 1 message(s) lost"]);
+        let dir = std::env::temp_dir().join(format!("testbed-sources-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sources.svg");
+        report.views_plot().svg(&path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("catalog") && svg.contains("check critical (3.2 s)"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
