@@ -21,7 +21,7 @@ use crate::{
     experiment::{Env, Experiment, Findings, Needs},
     procs::Launcher,
     progress::Progress,
-    report::Table,
+    report::{Plot, Table},
     scenario::{
         Basics,
         observers::{DiscoveryLog, Tally, Traffic},
@@ -76,6 +76,20 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
+    fn plot(&self) -> Option<Plot> {
+        Some(super::views_plot(
+            format!(
+                "The leader ({}) killed: each client's view",
+                self.old_leader
+            ),
+            &self.views,
+            &[
+                ("a new leader", self.election_ms),
+                ("registration visible", self.registration_visible_ms),
+            ],
+        ))
+    }
+
     fn tables(&self) -> Vec<Table> {
         vec![Table::figures(self.figures())]
     }

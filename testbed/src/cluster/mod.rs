@@ -34,7 +34,7 @@ use crate::{
     error::{Error, Result},
     experiment::{Plan, Suite, chosen},
     procs::{Launcher, ServerProcess},
-    report::ms,
+    report::{Axis, Mark, PALETTE, Plot, Series, ms},
     scenario::{
         self, SERVICE,
         observers::{DiscoveryLog, View, ViewState},
@@ -199,6 +199,9 @@ pub struct ViewFigures {
     pub first_error: Option<String>,
     /// `from` → the first reachable view satisfying the scenario's condition, milliseconds.
     pub current_after_ms: Option<f64>,
+    /// The views from `from` on: (milliseconds after `from`, reachable, instances listed),
+    /// the one in force at `from` first, the state at the end last.
+    pub timeline: Vec<(f64, bool, usize)>,
 }
 
 impl ViewFigures {
@@ -249,12 +252,33 @@ impl ViewFigures {
         if let Some(since) = down_since {
             total += since.elapsed();
         }
+        let point = |v: &View, at: Instant| {
+            (
+                ms(at.saturating_duration_since(from)),
+                v.state == ViewState::Reachable,
+                v.ids.len(),
+            )
+        };
+        let mut timeline: Vec<(f64, bool, usize)> = before
+            .map(|v| point(v, from))
+            .into_iter()
+            .chain(
+                views
+                    .iter()
+                    .filter(|v| v.at >= from)
+                    .map(|v| point(v, v.at)),
+            )
+            .collect();
+        if let Some(last) = views.last() {
+            timeline.push(point(last, Instant::now()));
+        }
         ViewFigures {
             reads: reads.to_owned(),
             unreachable_episodes: episodes,
             unreachable_ms: ms(total),
             first_error,
             current_after_ms: current_after.map(ms),
+            timeline,
         }
     }
 
@@ -277,6 +301,58 @@ impl ViewFigures {
                 .map(|m| format!("{:.1} s", m / 1e3))
                 .unwrap_or_else(|| "never".into())
         )
+    }
+}
+
+/// Each client's view against Consul's `events` (name, milliseconds after the fault): the
+/// instances it listed over time (a step line per client), a triangle at each unreachable
+/// view, a vertical line per event.
+pub fn views_plot(title: String, views: &[ViewFigures], events: &[(&str, f64)]) -> Plot {
+    let most = views
+        .iter()
+        .flat_map(|v| v.timeline.iter().map(|p| p.2))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let mut series = Vec::new();
+    for (i, v) in views.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        series.push(Series {
+            label: format!("{} reads: instances listed", v.reads),
+            color,
+            mark: Mark::Steps(
+                v.timeline
+                    .iter()
+                    .map(|&(at, _, n)| (at / 1e3, n as f64))
+                    .collect(),
+            ),
+        });
+        let down: Vec<(f64, f64)> = v
+            .timeline
+            .iter()
+            .filter(|p| !p.1)
+            .map(|&(at, _, _)| (at / 1e3, 0.0))
+            .collect();
+        if !down.is_empty() {
+            series.push(Series {
+                label: format!("{} reads: unreachable", v.reads),
+                color,
+                mark: Mark::Triangles(down),
+            });
+        }
+    }
+    for (k, (name, at)) in events.iter().enumerate() {
+        series.push(Series {
+            label: format!("{name} ({:.1} s)", at / 1e3),
+            color: PALETTE[(views.len() + k) % PALETTE.len()],
+            mark: Mark::Segments(vec![((at / 1e3, 0.0), (at / 1e3, most + 0.5))]),
+        });
+    }
+    Plot {
+        title,
+        x: Axis::linear("seconds after the fault"),
+        y: Axis::linear("instances listed").range(0.0, most + 1.0),
+        series,
     }
 }
 
@@ -340,5 +416,37 @@ mod tests {
             "{}",
             describe(&spec)
         );
+    }
+
+    #[test]
+    fn views_are_drawn_against_the_events() {
+        let view = |reads: &str, timeline| ViewFigures {
+            reads: reads.into(),
+            unreachable_episodes: 1,
+            unreachable_ms: 500.0,
+            first_error: None,
+            current_after_ms: Some(1500.0),
+            timeline,
+        };
+        let views = [
+            view(
+                "default",
+                vec![(0.0, true, 2), (200.0, false, 2), (1500.0, true, 3)],
+            ),
+            view("stale", vec![(0.0, true, 2), (900.0, true, 3)]),
+        ];
+        let plot = views_plot("t".into(), &views, &[("a new leader", 1200.0)]);
+        assert_eq!(
+            plot.series.len(),
+            4,
+            "two step lines, one unreachable, one event"
+        );
+        let dir = std::env::temp_dir().join(format!("testbed-views-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("views.svg");
+        plot.svg(&path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("a new leader (1.2 s)"), "{svg}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -20,7 +20,7 @@ use crate::{
     experiment::{Env, Experiment, Findings, Needs},
     procs::Launcher,
     progress::Progress,
-    report::Table,
+    report::{Plot, Table},
     scenario::{
         Basics,
         observers::{DiscoveryLog, Tally, Traffic},
@@ -76,6 +76,23 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
+    fn plot(&self) -> Option<Plot> {
+        Some(super::views_plot(
+            format!(
+                "Quorum lost ({}): each client's view",
+                self.killed.join(", ")
+            ),
+            &self.views,
+            &[
+                ("servers restarted", self.down_ms),
+                (
+                    "a leader again",
+                    self.down_ms + self.leader_after_restart_ms,
+                ),
+            ],
+        ))
+    }
+
     fn tables(&self) -> Vec<Table> {
         vec![Table::figures(self.figures())]
     }
