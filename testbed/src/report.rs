@@ -31,6 +31,11 @@ pub fn ms_between(earlier: SystemTime, later: SystemTime) -> f64 {
     later.duration_since(earlier).map_or(0.0, ms)
 }
 
+/// Milliseconds with `decimals` decimals, for a table: `12.5 ms`; `–` for `None`.
+pub fn ms_text(ms: Option<f64>, decimals: usize) -> String {
+    ms.map_or_else(|| "–".into(), |ms| format!("{ms:.decimals$} ms"))
+}
+
 /// `d` as seconds with two decimals, for a table: `1.25 s`.
 pub fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
@@ -604,6 +609,15 @@ mod tests {
             ),
             Some(Duration::from_millis(15))
         );
+    }
+
+    #[test]
+    fn durations_read_as_a_person_writes_them() {
+        assert_eq!(ms_text(Some(12.345), 1), "12.3 ms");
+        assert_eq!(ms_text(None, 2), "–");
+        assert_eq!(secs(Duration::from_millis(1250)), "1.25 s");
+        assert_eq!(secs_or(None, "never"), "never");
+        assert_eq!(ms(Duration::from_micros(1500)), 1.5);
     }
 
     #[test]

@@ -48,7 +48,7 @@ use crate::{
     procfs,
     procs::{ChildProcess, Launcher},
     progress::Progress,
-    report::{Axis, Mark, PALETTE, Plot, Series, Table},
+    report::{Axis, Mark, PALETTE, Plot, Series, Table, ms_text},
     wait,
 };
 
@@ -910,10 +910,6 @@ pub async fn run(
 
 // === report ===
 
-fn opt_ms(v: Option<f64>) -> String {
-    v.map_or("–".into(), |v| format!("{v:.1}"))
-}
-
 fn bytes(b: f64) -> String {
     if b >= 1e6 {
         format!("{:.1} MB", b / 1e6)
@@ -968,24 +964,24 @@ fn table(cells: &[Cell], first: &str, key: impl Fn(&Cell) -> String) -> Table {
             format!("{:.0} ms", c.answer_ms),
             format!("{:.2}", c.answers_per_flip),
             bytes(c.bytes_per_flip),
-            format!("{} ms", opt_ms(c.client_cpu_per_answer_ms)),
+            ms_text(c.client_cpu_per_answer_ms, 1),
             format!("{:.2} ms", c.client_cpu_per_flip_ms),
             format!("{:.1} MiB", c.client_rss_max_mib),
             format!("{} / {}", c.seen, c.missed),
             format!(
-                "{} / {} ms",
-                opt_ms(c.propagation_p50_ms),
-                opt_ms(c.propagation_p99_ms)
+                "{} / {}",
+                ms_text(c.propagation_p50_ms, 1),
+                ms_text(c.propagation_p99_ms, 1)
             ),
             format!(
-                "{} / {} ms",
-                opt_ms(c.transfer_p50_ms),
-                opt_ms(c.transfer_p99_ms)
+                "{} / {}",
+                ms_text(c.transfer_p50_ms, 1),
+                ms_text(c.transfer_p99_ms, 1)
             ),
             format!(
-                "{} / {} ms",
-                opt_ms(c.client_added_p50_ms),
-                opt_ms(c.client_added_p99_ms)
+                "{} / {}",
+                ms_text(c.client_added_p50_ms, 1),
+                ms_text(c.client_added_p99_ms, 1)
             ),
             consul_cpu(c),
         ]);

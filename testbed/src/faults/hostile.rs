@@ -284,10 +284,7 @@ pub struct PhaseLatency {
 }
 
 fn opt_ms(d: Option<Duration>) -> String {
-    d.map_or_else(
-        || "–".into(),
-        |d| format!("{:.2} ms", d.as_secs_f64() * 1e3),
-    )
+    report::ms_text(d.map(report::ms), 2)
 }
 
 impl Config {
