@@ -400,6 +400,10 @@ impl Experiment for DatacentersConfig {
 }
 
 impl Findings for DatacentersReport {
+    fn consul(&self) -> Option<String> {
+        Some(self.consul_version.clone())
+    }
+
     fn tables(&self) -> Vec<Table> {
         let mut t = Table::new([
             "client",

@@ -404,6 +404,10 @@ impl Experiment for ElasticConfig {
 }
 
 impl Findings for ElasticReport {
+    fn consul(&self) -> Option<String> {
+        Some(self.consul_version.clone())
+    }
+
     fn tables(&self) -> Vec<Table> {
         let mut moved = Table::new([
             "sessions",

@@ -142,6 +142,10 @@ pub trait Findings: Serialize {
     fn plot(&self) -> Option<Plot> {
         None
     }
+    /// The Consul version it talked to, when it started its own agents ([`Needs::Nothing`]).
+    fn consul(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The one shape of an experiment: its settings run it once and return what it measured.
@@ -246,7 +250,7 @@ impl<E: Experiment> Plan for E {
                 Ok(outcome) => Recorded {
                     title,
                     setup,
-                    consul,
+                    consul: consul.or_else(|| outcome.consul()),
                     tables: outcome.tables(),
                     details: outcome.details(),
                     violations: outcome.violations(),

@@ -396,6 +396,9 @@ impl Axis {
     }
 }
 
+/// A box's corners, or a segment's ends.
+pub type Span = ((f64, f64), (f64, f64));
+
 /// How a [`Series`] is drawn.
 #[derive(Debug, Clone)]
 pub enum Mark {
@@ -410,9 +413,9 @@ pub enum Mark {
     /// A step line: each value holds until the next point's x.
     Steps(Vec<(f64, f64)>),
     /// Filled boxes from one corner to the other.
-    Boxes(Vec<((f64, f64), (f64, f64))>),
+    Boxes(Vec<Span>),
     /// Straight segments from one end to the other.
-    Segments(Vec<((f64, f64), (f64, f64))>),
+    Segments(Vec<Span>),
 }
 
 impl Mark {

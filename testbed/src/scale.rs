@@ -1095,6 +1095,10 @@ impl Experiment for Scale {
 }
 
 impl Findings for ScaleReport {
+    fn consul(&self) -> Option<String> {
+        Some(self.consul_version.clone())
+    }
+
     fn tables(&self) -> Vec<Table> {
         let c = &self.config;
         let mut tables = Vec::new();

@@ -554,6 +554,10 @@ impl Experiment for SourcesConfig {
 }
 
 impl Findings for SourcesReport {
+    fn consul(&self) -> Option<String> {
+        Some(self.consul_version.clone())
+    }
+
     fn tables(&self) -> Vec<Table> {
         let c = &self.config;
         let mut t = Table::new([
