@@ -272,25 +272,7 @@ pub async fn run(
     let began = SystemTime::now();
     let t0 = epoch_secs(began);
     let client = consul.client();
-    let (model, model_source) = match client.agent().agent_self().await {
-        Ok(me) => match (
-            me.debug_duration("CheckReapInterval"),
-            me.debug_duration("CheckDeregisterIntervalMin"),
-        ) {
-            (Some(reap_interval), Some(min_deregister)) => (
-                ReaperModel {
-                    reap_interval,
-                    min_deregister,
-                },
-                "agent /v1/agent/self DebugConfig",
-            ),
-            _ => (
-                ReaperModel::CONSUL,
-                "Consul defaults (the agent did not say)",
-            ),
-        },
-        Err(_) => (ReaperModel::CONSUL, "Consul defaults (agent/self refused)"),
-    };
+    let (model, model_source) = read_model(&client).await;
     let start = reaper_anchor(consul).await;
     let (anchor, anchor_source) = (start.at, start.source);
     let phase = Phase::new(anchor, model.reap_interval);
@@ -306,43 +288,7 @@ pub async fn run(
     // Start every server, and wait until each passes.
     let plans = config.plan();
     progress.say(format!("starting {} echo servers", plans.len()));
-    let mut servers = Vec::with_capacity(plans.len());
-    for plan in &plans {
-        let id = plan.service_id();
-        let mut spec = ServerSpec {
-            interval: plan.interval,
-            timeout: config.check_timeout.min(plan.interval),
-            deregister_after: plan.setting,
-            ..ServerSpec::seed(consul.config())?.named(id.clone(), id)
-        };
-        if plan.twin {
-            spec.extra_args = vec!["--reap-after".into(), GoDuration(plan.setting).to_string()];
-        }
-        servers.push(ServerProcess::spawn(launcher, spec).await?);
-    }
-    let mut watchers = Vec::with_capacity(servers.len());
-    for server in &servers {
-        let (passing_tx, passing_rx) = oneshot::channel();
-        let (done_tx, done_rx) = oneshot::channel();
-        let client = client.clone();
-        let id = server.spec.id.clone();
-        tokio::spawn(async move {
-            let result = wait::follow_instance(&client, &id, &id, passing_tx).await;
-            let _ = done_tx.send(result);
-        });
-        watchers.push((passing_rx, done_rx));
-    }
-    let mut done_rxs = Vec::new();
-    for (passing_rx, done_rx) in watchers {
-        tokio::time::timeout(Duration::from_secs(60), passing_rx)
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "every trial server to pass its check".into(),
-                timeout: Duration::from_secs(60),
-            })?
-            .map_err(|_| Error::Stopped("a trial watcher".into()))?;
-        done_rxs.push(done_rx);
-    }
+    let (mut servers, done_rxs) = start_trials(consul, launcher, config, &plans).await?;
 
     // Kill each at its moment.
     let expected = config.expected_duration(&model);
@@ -420,6 +366,14 @@ pub async fn run(
             .wait_for_count(0, removed, twins, Duration::from_secs(2))
             .await;
     }
+    let figures = Figures {
+        t0,
+        model,
+        phase,
+        logged_removals,
+        log,
+        check_timeout: config.check_timeout,
+    };
     let mut trials = Vec::with_capacity(plans.len());
     let mut twins = Vec::new();
     for (i, plan) in plans.iter().enumerate() {
@@ -428,86 +382,14 @@ pub async fn run(
         };
         let id = &servers[i].spec.id;
         if plan.twin {
-            let critical_to_removed = events.removed_at - events.critical_at;
             let removed_by = match &sidecar {
                 Some(p) if crate::reaper_twins::removed_by_reaper(p.output(), id) => "reaper",
                 _ => "consul",
             };
-            twins.push(ReaperTrial {
-                service_id: id.clone(),
-                twin_of: Plan {
-                    twin: false,
-                    ..plan.clone()
-                }
-                .service_id(),
-                setting: GoDuration(plan.setting),
-                interval: GoDuration(plan.interval),
-                trial: plan.trial,
-                killed_at: killed_at[i] - t0,
-                critical_at: events.critical_at - t0,
-                removed_at: events.removed_at - t0,
-                critical_to_removed,
-                error_ms: (critical_to_removed - plan.setting.as_secs_f64()) * 1e3,
-                removed_by,
-            });
-            continue;
+            twins.push(figures.twin(plan, id, events, killed_at[i], removed_by));
+        } else {
+            trials.push(figures.trial(plan, id, events, killed_at[i]));
         }
-        let predicted = model.predict_removal(plan.setting, events.critical_at, &phase);
-        // The latest removal (any trial's, as the agent logged it) before this one's.
-        let earlier = logged_removals
-            .iter()
-            .copied()
-            .filter(|t| *t < events.removed_at - phase.interval / 2.0)
-            .fold(None, |acc: Option<f64>, t| {
-                Some(acc.map_or(t, |a| a.max(t)))
-            });
-        let predicted_earlier = earlier.map(|anchor| {
-            model.predict_removal(
-                plan.setting,
-                events.critical_at,
-                &Phase::new(anchor, model.reap_interval),
-            )
-        });
-        let critical_window = model.critical_window(plan.setting);
-        let kill_window = model.kill_window(
-            plan.setting,
-            plan.interval,
-            config.check_timeout.min(plan.interval),
-        );
-        let kill_to_removed = events.removed_at - killed_at[i];
-        trials.push(Trial {
-            service_id: id.clone(),
-            setting: GoDuration(plan.setting),
-            effective: GoDuration(model.effective(plan.setting)),
-            interval: GoDuration(plan.interval),
-            trial: plan.trial,
-            killed_at: killed_at[i] - t0,
-            critical_at: events.critical_at - t0,
-            removed_at: events.removed_at - t0,
-            kill_to_critical: events.critical_at - killed_at[i],
-            critical_to_removed: events.removed_at - events.critical_at,
-            kill_to_removed,
-            critical_window,
-            kill_window,
-            in_window: critical_window.contains(events.removed_at - events.critical_at, 0.1)
-                && kill_window.contains(kill_to_removed, 0.1),
-            predicted_from_start: predicted - t0,
-            error_from_start_ms: (events.removed_at - predicted) * 1e3,
-            predicted_from_earlier: predicted_earlier.map(|p| p - t0),
-            error_from_earlier_ms: predicted_earlier.map(|p| (events.removed_at - p) * 1e3),
-            agent_logged_critical: logged_time(
-                log,
-                "is now critical",
-                &format!("check=service:{id}"),
-            )
-            .map(|t| t - t0),
-            agent_logged_removed: logged_time(
-                log,
-                "critical for too long",
-                &format!("service={id}"),
-            )
-            .map(|t| t - t0),
-        });
     }
     let max_error_from_start_ms = trials
         .iter()
@@ -613,6 +495,186 @@ pub fn logged_time(log: &LogBuffer, kind: &str, token: &str) -> Option<f64> {
 struct Events {
     critical_at: f64,
     removed_at: f64,
+}
+
+/// A trial's watcher: it says when its server passed, then how it ended.
+type Followed = oneshot::Receiver<consul_harness::Result<consul_harness::wait::Lifecycle>>;
+
+/// Start a server per plan, each followed by a watcher; return once every one passes.
+async fn start_trials(
+    consul: &Consul,
+    launcher: &Launcher,
+    config: &SweepConfig,
+    plans: &[Plan],
+) -> Result<(Vec<ServerProcess>, Vec<Followed>)> {
+    let mut servers = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let id = plan.service_id();
+        let mut spec = ServerSpec {
+            interval: plan.interval,
+            timeout: config.check_timeout.min(plan.interval),
+            deregister_after: plan.setting,
+            ..ServerSpec::seed(consul.config())?.named(id.clone(), id)
+        };
+        if plan.twin {
+            spec.extra_args = vec!["--reap-after".into(), GoDuration(plan.setting).to_string()];
+        }
+        servers.push(ServerProcess::spawn(launcher, spec).await?);
+    }
+    let mut watchers = Vec::with_capacity(servers.len());
+    for server in &servers {
+        let (passing_tx, passing_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let client = consul.client();
+        let id = server.spec.id.clone();
+        tokio::spawn(async move {
+            let result = wait::follow_instance(&client, &id, &id, passing_tx).await;
+            let _ = done_tx.send(result);
+        });
+        watchers.push((passing_rx, done_rx));
+    }
+    let mut done_rxs = Vec::new();
+    for (passing_rx, done_rx) in watchers {
+        tokio::time::timeout(Duration::from_secs(60), passing_rx)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "every trial server to pass its check".into(),
+                timeout: Duration::from_secs(60),
+            })?
+            .map_err(|_| Error::Stopped("a trial watcher".into()))?;
+        done_rxs.push(done_rx);
+    }
+    Ok((servers, done_rxs))
+}
+
+/// The reaper's settings as the agent reports them (`/v1/agent/self`), or Consul's defaults;
+/// and where they came from.
+async fn read_model(client: &consul_api::Client) -> (ReaperModel, &'static str) {
+    match client.agent().agent_self().await {
+        Ok(me) => match (
+            me.debug_duration("CheckReapInterval"),
+            me.debug_duration("CheckDeregisterIntervalMin"),
+        ) {
+            (Some(reap_interval), Some(min_deregister)) => (
+                ReaperModel {
+                    reap_interval,
+                    min_deregister,
+                },
+                "agent /v1/agent/self DebugConfig",
+            ),
+            _ => (
+                ReaperModel::CONSUL,
+                "Consul defaults (the agent did not say)",
+            ),
+        },
+        Err(_) => (ReaperModel::CONSUL, "Consul defaults (agent/self refused)"),
+    }
+}
+
+/// What every trial's figures are computed against: the sweep's start, the model and the
+/// reaper's phase, and the agent's log.
+struct Figures<'a> {
+    t0: f64,
+    model: ReaperModel,
+    phase: Phase,
+    /// Every removal the agent logged, seconds since the UNIX epoch.
+    logged_removals: Vec<f64>,
+    log: &'a LogBuffer,
+    check_timeout: Duration,
+}
+
+impl Figures<'_> {
+    /// A trial removed by Consul, measured against its windows and predictions.
+    fn trial(&self, plan: &Plan, id: &str, events: Events, killed_at: f64) -> Trial {
+        let (model, t0) = (&self.model, self.t0);
+        let predicted = model.predict_removal(plan.setting, events.critical_at, &self.phase);
+        // The latest removal (any trial's, as the agent logged it) before this one's.
+        let earlier = self
+            .logged_removals
+            .iter()
+            .copied()
+            .filter(|t| *t < events.removed_at - self.phase.interval / 2.0)
+            .fold(None, |acc: Option<f64>, t| {
+                Some(acc.map_or(t, |a| a.max(t)))
+            });
+        let predicted_earlier = earlier.map(|anchor| {
+            model.predict_removal(
+                plan.setting,
+                events.critical_at,
+                &Phase::new(anchor, model.reap_interval),
+            )
+        });
+        let critical_window = model.critical_window(plan.setting);
+        let kill_window = model.kill_window(
+            plan.setting,
+            plan.interval,
+            self.check_timeout.min(plan.interval),
+        );
+        let kill_to_removed = events.removed_at - killed_at;
+        Trial {
+            service_id: id.to_owned(),
+            setting: GoDuration(plan.setting),
+            effective: GoDuration(model.effective(plan.setting)),
+            interval: GoDuration(plan.interval),
+            trial: plan.trial,
+            killed_at: killed_at - t0,
+            critical_at: events.critical_at - t0,
+            removed_at: events.removed_at - t0,
+            kill_to_critical: events.critical_at - killed_at,
+            critical_to_removed: events.removed_at - events.critical_at,
+            kill_to_removed,
+            critical_window,
+            kill_window,
+            in_window: critical_window.contains(events.removed_at - events.critical_at, 0.1)
+                && kill_window.contains(kill_to_removed, 0.1),
+            predicted_from_start: predicted - t0,
+            error_from_start_ms: (events.removed_at - predicted) * 1e3,
+            predicted_from_earlier: predicted_earlier.map(|p| p - t0),
+            error_from_earlier_ms: predicted_earlier.map(|p| (events.removed_at - p) * 1e3),
+            agent_logged_critical: logged_time(
+                self.log,
+                "is now critical",
+                &format!("check=service:{id}"),
+            )
+            .map(|t| t - t0),
+            agent_logged_removed: logged_time(
+                self.log,
+                "critical for too long",
+                &format!("service={id}"),
+            )
+            .map(|t| t - t0),
+        }
+    }
+
+    /// A twin opted in to the reaper sidecar, measured against its setting.
+    fn twin(
+        &self,
+        plan: &Plan,
+        id: &str,
+        events: Events,
+        killed_at: f64,
+        removed_by: &'static str,
+    ) -> ReaperTrial {
+        let t0 = self.t0;
+        let critical_to_removed = events.removed_at - events.critical_at;
+        ReaperTrial {
+            service_id: id.to_owned(),
+            twin_of: Plan {
+                twin: false,
+                ..plan.clone()
+            }
+            .service_id(),
+            setting: GoDuration(plan.setting),
+            interval: GoDuration(plan.interval),
+            trial: plan.trial,
+            killed_at: killed_at - t0,
+            critical_at: events.critical_at - t0,
+            removed_at: events.removed_at - t0,
+            critical_to_removed,
+            error_ms: (critical_to_removed - plan.setting.as_secs_f64()) * 1e3,
+            removed_by,
+        }
+    }
 }
 
 /// Register a seed-style server, SIGTERM it, time until Consul no longer lists it.
