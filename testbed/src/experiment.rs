@@ -433,6 +433,16 @@ pub async fn run(suite: &dyn Suite, launcher: &Launcher, out: &Path) -> anyhow::
     })
 }
 
+/// `title` as a file name's part: lower case letters and digits, words joined by `-`.
+fn slug(title: &str) -> String {
+    title
+        .to_lowercase()
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
 /// What [`write()`] wrote.
 #[derive(Debug)]
 pub struct Written {
@@ -443,31 +453,33 @@ pub struct Written {
 }
 
 /// Write `report` into `dir` as `<name>.md`, `<name>.json` and its plots: `<name>.svg`, or
-/// `<name>-<n>.svg` when it has several.
+/// `<name>-<experiment>.svg` each when it has several (`cluster-c-the-leader-is-killed.svg`).
 pub fn write(report: &Report, name: &str, dir: &Path) -> Result<Written> {
     let failed = |path: &Path, e: std::io::Error| Error::Report {
         path: path.to_owned(),
         reason: e.to_string(),
     };
     std::fs::create_dir_all(dir).map_err(|e| failed(dir, e))?;
-    let plots: Vec<&Plot> = report
+    let plotted: Vec<&Recorded> = report
         .experiments
         .iter()
-        .filter_map(|e| e.plot.as_ref())
+        .filter(|e| e.plot.is_some())
         .collect();
-    let svgs: Vec<String> = (1..=plots.len())
-        .map(|n| match plots.len() {
+    let svgs: Vec<String> = plotted
+        .iter()
+        .map(|e| match plotted.len() {
             1 => format!("{name}.svg"),
-            _ => format!("{name}-{n}.svg"),
+            _ => format!("{name}-{}.svg", slug(&e.title)),
         })
         .collect();
+    let plots = plotted.iter().filter_map(|e| e.plot.as_ref());
     let markdown = report.markdown(&svgs);
     let md = dir.join(format!("{name}.md"));
     std::fs::write(&md, &markdown).map_err(|e| failed(&md, e))?;
     let json = dir.join(format!("{name}.json"));
     report::write_json(&json, report).map_err(|e| failed(&json, e))?;
     let mut files = vec![md, json];
-    for (plot, file) in plots.into_iter().zip(&svgs) {
+    for (plot, file) in plots.zip(&svgs) {
         let path = dir.join(file);
         plot.svg(&path).map_err(|e| failed(&path, e))?;
         files.push(path);
@@ -494,6 +506,18 @@ mod tests {
             } else {
                 Vec::new()
             }
+        }
+        fn plot(&self) -> Option<Plot> {
+            (self.0 > 1).then(|| Plot {
+                title: "counted".into(),
+                x: report::Axis::linear("n"),
+                y: report::Axis::linear("n"),
+                series: vec![report::Series {
+                    label: "n".into(),
+                    color: report::PALETTE[0],
+                    mark: report::Mark::Dots(vec![(1.0, f64::from(self.0))]),
+                }],
+            })
         }
     }
 
@@ -562,7 +586,9 @@ mod tests {
             .iter()
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, ["count.md", "count.json"]);
+        assert_eq!(names, ["count.md", "count.json", "count.svg"]);
+        assert!(md.contains("![count 2](count.svg)"), "{md}");
+        assert_eq!(slug("c. the leader is killed"), "c-the-leader-is-killed");
         let json = std::fs::read_to_string(dir.join("count.json")).unwrap();
         assert!(json.contains("\"machine\""), "{json}");
         std::fs::remove_dir_all(&dir).unwrap();
