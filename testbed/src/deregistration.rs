@@ -782,11 +782,17 @@ impl Experiment for SweepConfig {
     type Outcome = Report;
 
     fn title(&self) -> String {
-        let cells = self.settings.len() * self.intervals.len();
+        let list = |ds: &[Duration]| {
+            ds.iter()
+                .map(|d| GoDuration(*d).to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         format!(
-            "{} trial(s) over {} setting × interval cell(s)",
-            cells * self.trials,
-            cells
+            "{} trial(s) each: DeregisterCriticalServiceAfter {} × check interval {}",
+            self.trials,
+            list(&self.settings),
+            list(&self.intervals)
         )
     }
 
