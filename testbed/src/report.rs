@@ -386,7 +386,7 @@ impl Axis {
             };
         }
         let v = if self.log { 10f64.powf(v) } else { v };
-        if v.abs() >= 100.0 {
+        if v.abs() >= 100.0 || (v - v.round()).abs() < 1e-9 {
             format!("{v:.0}")
         } else if v.abs() >= 1.0 {
             format!("{v:.1}")
@@ -685,5 +685,8 @@ mod tests {
         assert!(svg.contains("<circle"), "points are drawn");
         assert!(svg.contains("1m30s"), "categories label the axis");
         std::fs::remove_dir_all(&dir).unwrap();
+        let x = Axis::linear("x");
+        let ticks: Vec<String> = [0.0, 2.0, 0.5, 12.25, 250.0].map(|v| x.tick(v)).into();
+        assert_eq!(ticks, ["0", "2", "0.500", "12.2", "250"]);
     }
 }
