@@ -99,7 +99,7 @@ impl Progress {
     pub fn bar() -> Progress {
         let bar = ProgressBar::new_spinner();
         if let Ok(style) =
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix} {msg}")
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix}: {msg}")
         {
             bar.set_style(style);
         }
