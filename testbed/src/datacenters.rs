@@ -24,7 +24,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     error::{Error, Result},
+    experiment::{Env, Experiment, Findings, Needs},
     procs::{Launcher, ServerProcess, ServerSpec},
+    progress::Progress,
+    report::Table,
     wait,
 };
 
@@ -121,20 +124,20 @@ pub async fn run(
     launcher: &Launcher,
     servers_per_dc: usize,
     poll: Duration,
-    progress: &(dyn Fn(String) + Sync),
+    progress: &Progress,
 ) -> Result<DatacentersReport> {
     if servers_per_dc == 0 || poll.is_zero() {
         return Err(Error::Setting(
             "two datacenters need at least one server each and a poll above zero".into(),
         ));
     }
-    progress("starting dc1 (1 server, 1 client agent)".into());
+    progress.say("starting dc1 (1 server, 1 client agent)");
     let dc1 = Cluster::start(ClusterSpec {
         datacenter: "dc1".into(),
         ..ClusterSpec::new(1, 1)
     })
     .await?;
-    progress("starting dc2 (1 server, 1 client agent), WAN-joined to dc1".into());
+    progress.say("starting dc2 (1 server, 1 client agent), WAN-joined to dc1");
     let dc2 = Cluster::start(ClusterSpec {
         datacenter: "dc2".into(),
         join_wan: dc1.server_addresses(),
@@ -159,7 +162,7 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    progress("echo servers in both datacenters".into());
+    progress.say("echo servers in both datacenters");
     let mut dc1_servers = dc_servers(launcher, &dc1, "dc1", servers_per_dc).await?;
     let _dc2_servers = dc_servers(launcher, &dc2, "dc2", servers_per_dc).await?;
     let dc2_client = dc2.agent(Member::Client(0)).client();
@@ -243,7 +246,7 @@ pub async fn run(
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    progress("SIGKILL to every dc1 echo server".into());
+    progress.say("SIGKILL to every dc1 echo server");
     let killed_at = SystemTime::now();
     let _ = killed.set(killed_at);
     for server in &mut dc1_servers {
@@ -265,7 +268,7 @@ pub async fn run(
     }
     let query_during = query_answer(&client).await?;
 
-    progress("dc1's echo servers start again".into());
+    progress.say("dc1's echo servers start again");
     let back_at = SystemTime::now();
     let _dc1_again = dc_servers(launcher, &dc1, "dc1", servers_per_dc).await?;
     wait::health_until(&client, SERVICE, true, Duration::from_secs(30), |e| {
@@ -363,42 +366,101 @@ async fn stream(
     }
 }
 
-/// The report as markdown.
-pub fn markdown(r: &DatacentersReport) -> String {
-    let mut md = format!(
-        "## Failover to a second datacenter\n\n\
-         Consul {}: dc1 and dc2, each one server and one client agent on their own loopback \
-         addresses, WAN-joined; {} echo servers in each (checked every 1s), registered with \
-         their datacenter's client agent. The clients run on dc1's client node, each sending one \
-         message every 50 ms; every dc1 instance is killed, then dc1's servers start again \
-         (passing {:.2} s after their start). Polled clients read every {}.\n\n\
-         The prepared query `{QUERY}` (`Failover.Datacenters = [\"dc2\"]`) answered \
-         Datacenter `{}`, Failovers {} ({} instances) with dc1 healthy, and Datacenter `{}`, \
-         Failovers {} ({} instances) with every dc1 instance dead.\n\n\
-         | client | kill → first reply from dc2 | dc1 passing again → first reply from dc1 | \
-         sent from the kill on | lost |\n|---|---|---|---|---|\n",
-        r.consul_version,
-        r.servers_per_dc,
-        r.dc1_passing_again_s,
-        r.poll,
-        r.query_before.datacenter,
-        r.query_before.failovers,
-        r.query_before.instances,
-        r.query_during.datacenter,
-        r.query_during.failovers,
-        r.query_during.instances,
-    );
-    for row in &r.rows {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {} |\n",
-            row.client,
-            row.first_dc2_reply_ms
-                .map_or("never".into(), |ms| format!("{ms:.0} ms")),
-            row.back_to_dc1_s
-                .map_or("never".into(), |s| format!("{s:.2} s")),
-            row.sent,
-            row.lost
-        ));
+// === the contract ===
+
+/// How the two-datacenter run is set up.
+#[derive(Debug, Clone)]
+pub struct DatacentersConfig {
+    /// Echo servers per datacenter.
+    pub servers: usize,
+    /// How often the polled clients read.
+    pub poll: Duration,
+}
+
+impl Experiment for DatacentersConfig {
+    type Outcome = DatacentersReport;
+
+    fn title(&self) -> String {
+        "Datacenters: failover to a second datacenter and back".into()
     }
-    md
+
+    /// It starts its own agents.
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
+    }
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        _: &mut Env,
+        progress: &Progress,
+    ) -> Result<DatacentersReport> {
+        run(launcher, self.servers, self.poll, progress).await
+    }
+}
+
+impl Findings for DatacentersReport {
+    fn consul(&self) -> Option<String> {
+        Some(self.consul_version.clone())
+    }
+
+    fn tables(&self) -> Vec<Table> {
+        let mut t = Table::new([
+            "client",
+            "kill → first reply from dc2",
+            "dc1 passing again → first reply from dc1",
+            "sent from the kill on",
+            "lost",
+        ])
+        .align_right([1, 2, 3, 4]);
+        for row in &self.rows {
+            t.push([
+                row.client.clone(),
+                row.first_dc2_reply_ms
+                    .map_or("never".into(), |ms| format!("{ms:.0} ms")),
+                row.back_to_dc1_s
+                    .map_or("never".into(), |s| format!("{s:.2} s")),
+                row.sent.to_string(),
+                row.lost.to_string(),
+            ]);
+        }
+        vec![t]
+    }
+
+    fn details(&self) -> String {
+        let r = self;
+        format!(
+            "Consul {}: dc1 and dc2, each one server and one client agent on their own loopback \
+             addresses, WAN-joined; {} echo servers in each (checked every 1s), registered with \
+             their datacenter's client agent. The clients run on dc1's client node, each sending \
+             one message every 50 ms; every dc1 instance is killed, then dc1's servers start \
+             again (passing {:.2} s after their start). Polled clients read every {}.\n\n\
+             The prepared query `{QUERY}` (`Failover.Datacenters = [\"dc2\"]`) answered \
+             Datacenter `{}`, Failovers {} ({} instances) with dc1 healthy, and Datacenter `{}`, \
+             Failovers {} ({} instances) with every dc1 instance dead.\n",
+            r.consul_version,
+            r.servers_per_dc,
+            r.dc1_passing_again_s,
+            r.poll,
+            r.query_before.datacenter,
+            r.query_before.failovers,
+            r.query_before.instances,
+            r.query_during.datacenter,
+            r.query_during.failovers,
+            r.query_during.instances,
+        )
+    }
+
+    fn violations(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .rows
+            .iter()
+            .filter(|r| r.lost > 0)
+            .map(|r| format!("{}: {} message(s) lost", r.client, r.lost))
+            .collect();
+        if self.query_during.datacenter != "dc2" {
+            v.push("the prepared query did not fail over to dc2".into());
+        }
+        v
+    }
 }

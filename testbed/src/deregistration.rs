@@ -10,7 +10,7 @@
 //! dates it, and again from earlier removals; the report gives predicted against measured.
 //! A SIGTERM trial shows the contrast: a clean shutdown deregisters in milliseconds.
 //! With [`SweepConfig::reaper`], each trial also has a twin removed by the reaper sidecar
-//! ([`crate::reaper`]), measured the same way.
+//! ([`crate::reaper_twins`]), measured the same way.
 //!
 //! [`model`]: crate::model
 
@@ -20,17 +20,19 @@ use std::{
 };
 
 use consul_api::GoDuration;
-use indicatif::ProgressBar;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::{
     consul::Consul,
     error::{Error, Result},
+    experiment::{Env, Experiment, Findings, Suite},
     logbuf::LogBuffer,
     model::{Phase, ReaperModel, Window},
     procs::{Launcher, ServerProcess, ServerSpec},
-    reaper::{ReaperSection, ReaperTrial},
+    progress::Progress,
+    reaper_twins::{ReaperSection, ReaperTrial},
+    report::{Axis, Mark, PALETTE, Plot, Series, Table},
     signal::Signal,
     wait,
 };
@@ -51,7 +53,7 @@ pub struct SweepConfig {
     /// Also measure a clean shutdown (SIGTERM).
     pub contrast: bool,
     /// Give each trial a twin with Meta `reap-after` = the setting, removed by the reaper
-    /// sidecar (see [`crate::reaper`]).
+    /// sidecar (see [`crate::reaper_twins`]).
     pub reaper: bool,
 }
 
@@ -257,12 +259,12 @@ fn epoch_secs(t: SystemTime) -> f64 {
 }
 
 /// Run the sweep against `consul`, starting servers through `launcher`. `progress` shows the
-/// waits (pass [`ProgressBar::hidden`] for none).
+/// waits (pass [`Progress::hidden`] for none).
 pub async fn run(
     consul: &Consul,
     launcher: &Launcher,
     config: &SweepConfig,
-    progress: &ProgressBar,
+    progress: &Progress,
 ) -> Result<Report> {
     if config.trials == 0 || config.settings.is_empty() || config.intervals.is_empty() {
         return Err(Error::Setting("the sweep has no trials".into()));
@@ -270,82 +272,27 @@ pub async fn run(
     let began = SystemTime::now();
     let t0 = epoch_secs(began);
     let client = consul.client();
-    let (model, model_source) = match client.agent().agent_self().await {
-        Ok(me) => match (
-            me.debug_duration("CheckReapInterval"),
-            me.debug_duration("CheckDeregisterIntervalMin"),
-        ) {
-            (Some(reap_interval), Some(min_deregister)) => (
-                ReaperModel {
-                    reap_interval,
-                    min_deregister,
-                },
-                "agent /v1/agent/self DebugConfig",
-            ),
-            _ => (
-                ReaperModel::CONSUL,
-                "Consul defaults (the agent did not say)",
-            ),
-        },
-        Err(_) => (ReaperModel::CONSUL, "Consul defaults (agent/self refused)"),
-    };
+    let (model, model_source) = read_model(&client).await;
     let start = reaper_anchor(consul).await;
     let (anchor, anchor_source) = (start.at, start.source);
     let phase = Phase::new(anchor, model.reap_interval);
 
     // The reaper sidecar first, so it follows the twins from their registration.
     let sidecar = if config.reaper {
-        progress.set_message("starting the reaper sidecar");
-        Some(crate::reaper::spawn(launcher, &consul.config()).await?)
+        progress.say("starting the reaper sidecar");
+        Some(crate::reaper_twins::spawn(launcher, &consul.config()).await?)
     } else {
         None
     };
 
     // Start every server, and wait until each passes.
     let plans = config.plan();
-    progress.set_length(plans.len() as u64);
-    progress.set_message(format!("starting {} echo servers", plans.len()));
-    let mut servers = Vec::with_capacity(plans.len());
-    for plan in &plans {
-        let id = plan.service_id();
-        let mut spec = ServerSpec {
-            interval: plan.interval,
-            timeout: config.check_timeout.min(plan.interval),
-            deregister_after: plan.setting,
-            ..ServerSpec::seed(consul.config())?.named(id.clone(), id)
-        };
-        if plan.twin {
-            spec.extra_args = vec!["--reap-after".into(), GoDuration(plan.setting).to_string()];
-        }
-        servers.push(ServerProcess::spawn(launcher, spec).await?);
-    }
-    let mut watchers = Vec::with_capacity(servers.len());
-    for server in &servers {
-        let (passing_tx, passing_rx) = oneshot::channel();
-        let (done_tx, done_rx) = oneshot::channel();
-        let client = client.clone();
-        let id = server.spec.id.clone();
-        tokio::spawn(async move {
-            let result = wait::follow_instance(&client, &id, &id, passing_tx).await;
-            let _ = done_tx.send(result);
-        });
-        watchers.push((passing_rx, done_rx));
-    }
-    let mut done_rxs = Vec::new();
-    for (passing_rx, done_rx) in watchers {
-        tokio::time::timeout(Duration::from_secs(60), passing_rx)
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "every trial server to pass its check".into(),
-                timeout: Duration::from_secs(60),
-            })?
-            .map_err(|_| Error::Stopped("a trial watcher".into()))?;
-        done_rxs.push(done_rx);
-    }
+    progress.say(format!("starting {} echo servers", plans.len()));
+    let (mut servers, done_rxs) = start_trials(consul, launcher, config, &plans).await?;
 
     // Kill each at its moment.
     let expected = config.expected_duration(&model);
-    progress.set_message(format!(
+    progress.say(format!(
         "all {} servers passing; killing them over {}; Consul should remove the last within about {}",
         servers.len(),
         GoDuration(config.stagger),
@@ -364,7 +311,9 @@ pub async fn run(
     }
 
     // Collect each trial as Consul removes it.
-    progress.set_message("waiting for Consul's reaper (it looks every 30 s)".to_string());
+    let reaping = "waiting for Consul's reaper (it looks every 30 s)";
+    progress.count(0, plans.len() as u64, "removed", reaping);
+    let mut removed = 0;
     let mut measured = vec![None; plans.len()];
     let deadline = Duration::from_secs_f64(expected.as_secs_f64() + 60.0);
     let mut pending: futures::stream::FuturesUnordered<_> = done_rxs
@@ -380,12 +329,8 @@ pub async fn run(
                 critical_at: epoch_secs(lifecycle.critical_at),
                 removed_at: epoch_secs(lifecycle.removed_at),
             });
-            progress.inc(1);
-            progress.set_message(format!(
-                "{} of {} removed; waiting for Consul's reaper (it looks every 30 s)",
-                progress.position(),
-                plans.len()
-            ));
+            removed += 1;
+            progress.count(removed, plans.len() as u64, "removed", reaping);
         }
         Ok::<(), Error>(())
     };
@@ -398,7 +343,7 @@ pub async fn run(
 
     // The contrast: a clean shutdown.
     let contrast = if config.contrast {
-        progress.set_message("contrast: SIGTERM".to_string());
+        progress.say("contrast: SIGTERM");
         Some(sigterm_contrast(consul, launcher).await?)
     } else {
         None
@@ -421,6 +366,14 @@ pub async fn run(
             .wait_for_count(0, removed, twins, Duration::from_secs(2))
             .await;
     }
+    let figures = Figures {
+        t0,
+        model,
+        phase,
+        logged_removals,
+        log,
+        check_timeout: config.check_timeout,
+    };
     let mut trials = Vec::with_capacity(plans.len());
     let mut twins = Vec::new();
     for (i, plan) in plans.iter().enumerate() {
@@ -429,86 +382,14 @@ pub async fn run(
         };
         let id = &servers[i].spec.id;
         if plan.twin {
-            let critical_to_removed = events.removed_at - events.critical_at;
             let removed_by = match &sidecar {
-                Some(p) if crate::reaper::removed_by_reaper(p.output(), id) => "reaper",
+                Some(p) if crate::reaper_twins::removed_by_reaper(p.output(), id) => "reaper",
                 _ => "consul",
             };
-            twins.push(ReaperTrial {
-                service_id: id.clone(),
-                twin_of: Plan {
-                    twin: false,
-                    ..plan.clone()
-                }
-                .service_id(),
-                setting: GoDuration(plan.setting),
-                interval: GoDuration(plan.interval),
-                trial: plan.trial,
-                killed_at: killed_at[i] - t0,
-                critical_at: events.critical_at - t0,
-                removed_at: events.removed_at - t0,
-                critical_to_removed,
-                error_ms: (critical_to_removed - plan.setting.as_secs_f64()) * 1e3,
-                removed_by,
-            });
-            continue;
+            twins.push(figures.twin(plan, id, events, killed_at[i], removed_by));
+        } else {
+            trials.push(figures.trial(plan, id, events, killed_at[i]));
         }
-        let predicted = model.predict_removal(plan.setting, events.critical_at, &phase);
-        // The latest removal (any trial's, as the agent logged it) before this one's.
-        let earlier = logged_removals
-            .iter()
-            .copied()
-            .filter(|t| *t < events.removed_at - phase.interval / 2.0)
-            .fold(None, |acc: Option<f64>, t| {
-                Some(acc.map_or(t, |a| a.max(t)))
-            });
-        let predicted_earlier = earlier.map(|anchor| {
-            model.predict_removal(
-                plan.setting,
-                events.critical_at,
-                &Phase::new(anchor, model.reap_interval),
-            )
-        });
-        let critical_window = model.critical_window(plan.setting);
-        let kill_window = model.kill_window(
-            plan.setting,
-            plan.interval,
-            config.check_timeout.min(plan.interval),
-        );
-        let kill_to_removed = events.removed_at - killed_at[i];
-        trials.push(Trial {
-            service_id: id.clone(),
-            setting: GoDuration(plan.setting),
-            effective: GoDuration(model.effective(plan.setting)),
-            interval: GoDuration(plan.interval),
-            trial: plan.trial,
-            killed_at: killed_at[i] - t0,
-            critical_at: events.critical_at - t0,
-            removed_at: events.removed_at - t0,
-            kill_to_critical: events.critical_at - killed_at[i],
-            critical_to_removed: events.removed_at - events.critical_at,
-            kill_to_removed,
-            critical_window,
-            kill_window,
-            in_window: critical_window.contains(events.removed_at - events.critical_at, 0.1)
-                && kill_window.contains(kill_to_removed, 0.1),
-            predicted_from_start: predicted - t0,
-            error_from_start_ms: (events.removed_at - predicted) * 1e3,
-            predicted_from_earlier: predicted_earlier.map(|p| p - t0),
-            error_from_earlier_ms: predicted_earlier.map(|p| (events.removed_at - p) * 1e3),
-            agent_logged_critical: logged_time(
-                log,
-                "is now critical",
-                &format!("check=service:{id}"),
-            )
-            .map(|t| t - t0),
-            agent_logged_removed: logged_time(
-                log,
-                "critical for too long",
-                &format!("service={id}"),
-            )
-            .map(|t| t - t0),
-        });
     }
     let max_error_from_start_ms = trials
         .iter()
@@ -616,6 +497,186 @@ struct Events {
     removed_at: f64,
 }
 
+/// A trial's watcher: it says when its server passed, then how it ended.
+type Followed = oneshot::Receiver<consul_harness::Result<consul_harness::wait::Lifecycle>>;
+
+/// Start a server per plan, each followed by a watcher; return once every one passes.
+async fn start_trials(
+    consul: &Consul,
+    launcher: &Launcher,
+    config: &SweepConfig,
+    plans: &[Plan],
+) -> Result<(Vec<ServerProcess>, Vec<Followed>)> {
+    let mut servers = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let id = plan.service_id();
+        let mut spec = ServerSpec {
+            interval: plan.interval,
+            timeout: config.check_timeout.min(plan.interval),
+            deregister_after: plan.setting,
+            ..ServerSpec::seed(consul.config())?.named(id.clone(), id)
+        };
+        if plan.twin {
+            spec.extra_args = vec!["--reap-after".into(), GoDuration(plan.setting).to_string()];
+        }
+        servers.push(ServerProcess::spawn(launcher, spec).await?);
+    }
+    let mut watchers = Vec::with_capacity(servers.len());
+    for server in &servers {
+        let (passing_tx, passing_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let client = consul.client();
+        let id = server.spec.id.clone();
+        tokio::spawn(async move {
+            let result = wait::follow_instance(&client, &id, &id, passing_tx).await;
+            let _ = done_tx.send(result);
+        });
+        watchers.push((passing_rx, done_rx));
+    }
+    let mut done_rxs = Vec::new();
+    for (passing_rx, done_rx) in watchers {
+        tokio::time::timeout(Duration::from_secs(60), passing_rx)
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "every trial server to pass its check".into(),
+                timeout: Duration::from_secs(60),
+            })?
+            .map_err(|_| Error::Stopped("a trial watcher".into()))?;
+        done_rxs.push(done_rx);
+    }
+    Ok((servers, done_rxs))
+}
+
+/// The reaper's settings as the agent reports them (`/v1/agent/self`), or Consul's defaults;
+/// and where they came from.
+async fn read_model(client: &consul_api::Client) -> (ReaperModel, &'static str) {
+    match client.agent().agent_self().await {
+        Ok(me) => match (
+            me.debug_duration("CheckReapInterval"),
+            me.debug_duration("CheckDeregisterIntervalMin"),
+        ) {
+            (Some(reap_interval), Some(min_deregister)) => (
+                ReaperModel {
+                    reap_interval,
+                    min_deregister,
+                },
+                "agent /v1/agent/self DebugConfig",
+            ),
+            _ => (
+                ReaperModel::CONSUL,
+                "Consul defaults (the agent did not say)",
+            ),
+        },
+        Err(_) => (ReaperModel::CONSUL, "Consul defaults (agent/self refused)"),
+    }
+}
+
+/// What every trial's figures are computed against: the sweep's start, the model and the
+/// reaper's phase, and the agent's log.
+struct Figures<'a> {
+    t0: f64,
+    model: ReaperModel,
+    phase: Phase,
+    /// Every removal the agent logged, seconds since the UNIX epoch.
+    logged_removals: Vec<f64>,
+    log: &'a LogBuffer,
+    check_timeout: Duration,
+}
+
+impl Figures<'_> {
+    /// A trial removed by Consul, measured against its windows and predictions.
+    fn trial(&self, plan: &Plan, id: &str, events: Events, killed_at: f64) -> Trial {
+        let (model, t0) = (&self.model, self.t0);
+        let predicted = model.predict_removal(plan.setting, events.critical_at, &self.phase);
+        // The latest removal (any trial's, as the agent logged it) before this one's.
+        let earlier = self
+            .logged_removals
+            .iter()
+            .copied()
+            .filter(|t| *t < events.removed_at - self.phase.interval / 2.0)
+            .fold(None, |acc: Option<f64>, t| {
+                Some(acc.map_or(t, |a| a.max(t)))
+            });
+        let predicted_earlier = earlier.map(|anchor| {
+            model.predict_removal(
+                plan.setting,
+                events.critical_at,
+                &Phase::new(anchor, model.reap_interval),
+            )
+        });
+        let critical_window = model.critical_window(plan.setting);
+        let kill_window = model.kill_window(
+            plan.setting,
+            plan.interval,
+            self.check_timeout.min(plan.interval),
+        );
+        let kill_to_removed = events.removed_at - killed_at;
+        Trial {
+            service_id: id.to_owned(),
+            setting: GoDuration(plan.setting),
+            effective: GoDuration(model.effective(plan.setting)),
+            interval: GoDuration(plan.interval),
+            trial: plan.trial,
+            killed_at: killed_at - t0,
+            critical_at: events.critical_at - t0,
+            removed_at: events.removed_at - t0,
+            kill_to_critical: events.critical_at - killed_at,
+            critical_to_removed: events.removed_at - events.critical_at,
+            kill_to_removed,
+            critical_window,
+            kill_window,
+            in_window: critical_window.contains(events.removed_at - events.critical_at, 0.1)
+                && kill_window.contains(kill_to_removed, 0.1),
+            predicted_from_start: predicted - t0,
+            error_from_start_ms: (events.removed_at - predicted) * 1e3,
+            predicted_from_earlier: predicted_earlier.map(|p| p - t0),
+            error_from_earlier_ms: predicted_earlier.map(|p| (events.removed_at - p) * 1e3),
+            agent_logged_critical: logged_time(
+                self.log,
+                "is now critical",
+                &format!("check=service:{id}"),
+            )
+            .map(|t| t - t0),
+            agent_logged_removed: logged_time(
+                self.log,
+                "critical for too long",
+                &format!("service={id}"),
+            )
+            .map(|t| t - t0),
+        }
+    }
+
+    /// A twin opted in to the reaper sidecar, measured against its setting.
+    fn twin(
+        &self,
+        plan: &Plan,
+        id: &str,
+        events: Events,
+        killed_at: f64,
+        removed_by: &'static str,
+    ) -> ReaperTrial {
+        let t0 = self.t0;
+        let critical_to_removed = events.removed_at - events.critical_at;
+        ReaperTrial {
+            service_id: id.to_owned(),
+            twin_of: Plan {
+                twin: false,
+                ..plan.clone()
+            }
+            .service_id(),
+            setting: GoDuration(plan.setting),
+            interval: GoDuration(plan.interval),
+            trial: plan.trial,
+            killed_at: killed_at - t0,
+            critical_at: events.critical_at - t0,
+            removed_at: events.removed_at - t0,
+            critical_to_removed,
+            error_ms: (critical_to_removed - plan.setting.as_secs_f64()) * 1e3,
+            removed_by,
+        }
+    }
+}
+
 /// Register a seed-style server, SIGTERM it, time until Consul no longer lists it.
 async fn sigterm_contrast(consul: &Consul, launcher: &Launcher) -> Result<Contrast> {
     let spec = ServerSpec {
@@ -652,6 +713,307 @@ pub fn by_cell(trials: &[Trial]) -> BTreeMap<(GoDuration, GoDuration), Vec<&Tria
     cells
 }
 
+// === the contract ===
+
+/// `testbed deregistration`: the sweep's flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// DeregisterCriticalServiceAfter values to sweep (Go durations, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "30s,1m,90s,2m")]
+    settings: Vec<GoDuration>,
+    /// Check intervals to sweep (Go durations, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1s,5s")]
+    intervals: Vec<GoDuration>,
+    /// Trials per (setting, interval) cell; kills are staggered over --stagger.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=20))]
+    trials: u16,
+    /// Spread of the kills, so trials land on different phases of Consul's reaper.
+    #[arg(long, default_value = "30s")]
+    stagger: GoDuration,
+    /// Only the seed article's case: one trial at 30s, checked every 5s.
+    #[arg(long, conflicts_with_all = ["settings", "intervals", "trials"])]
+    seed: bool,
+    /// Skip the SIGTERM contrast.
+    #[arg(long)]
+    no_contrast: bool,
+    /// Also run the reaper sidecar, with a twin of every trial server opted in to it
+    /// (Meta reap-after = the setting): both removals side by side.
+    #[arg(long)]
+    reaper: bool,
+}
+
+impl Args {
+    /// The sweep these flags ask for.
+    pub fn config(&self) -> SweepConfig {
+        let base = if self.seed {
+            SweepConfig::seed()
+        } else {
+            SweepConfig {
+                settings: self.settings.iter().map(|d| d.as_duration()).collect(),
+                intervals: self.intervals.iter().map(|d| d.as_duration()).collect(),
+                trials: usize::from(self.trials),
+                stagger: self.stagger.as_duration(),
+                ..SweepConfig::default()
+            }
+        };
+        SweepConfig {
+            contrast: !self.no_contrast,
+            reaper: self.reaper,
+            ..base
+        }
+    }
+}
+
+impl Suite for Args {
+    fn name(&self) -> &'static str {
+        "deregistration"
+    }
+
+    fn title(&self) -> String {
+        "Deregistration of a SIGKILLed service".into()
+    }
+
+    fn plans(&self) -> Result<Vec<Box<dyn crate::experiment::Plan>>> {
+        Ok(vec![Box::new(self.config())])
+    }
+}
+
+impl Experiment for SweepConfig {
+    type Outcome = Report;
+
+    fn title(&self) -> String {
+        let list = |ds: &[Duration]| {
+            ds.iter()
+                .map(|d| GoDuration(*d).to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "{} trial(s) each: DeregisterCriticalServiceAfter {} × check interval {}",
+            self.trials,
+            list(&self.settings),
+            list(&self.intervals)
+        )
+    }
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        env: &mut Env,
+        progress: &Progress,
+    ) -> Result<Report> {
+        run(env.agent()?, launcher, self, progress).await
+    }
+}
+
+fn signed_ms(x: f64) -> String {
+    format!("{x:+.1}")
+}
+
+impl Report {
+    /// Every trial with its window and predictions.
+    pub fn table(&self) -> Table {
+        let mut t = Table::new([
+            "DeregisterCriticalServiceAfter",
+            "applied",
+            "check interval",
+            "trial",
+            "kill→critical (s)",
+            "critical→removed (s)",
+            "kill→removed (s)",
+            "model window, critical→removed (s)",
+            "prediction error (ms): from agent start / from earlier removals",
+        ])
+        .align_right([4, 5, 6, 8]);
+        for (_, trials) in by_cell(&self.trials) {
+            for tr in trials {
+                t.push([
+                    tr.setting.to_string(),
+                    tr.effective.to_string(),
+                    tr.interval.to_string(),
+                    tr.trial.to_string(),
+                    format!("{:.2}", tr.kill_to_critical),
+                    format!("{:.2}", tr.critical_to_removed),
+                    format!("{:.2}", tr.kill_to_removed),
+                    format!(
+                        "({:.0}, {:.0}]{}",
+                        tr.critical_window.lo,
+                        tr.critical_window.hi,
+                        if tr.in_window { "" } else { " **outside**" }
+                    ),
+                    format!(
+                        "{} / {}",
+                        signed_ms(tr.error_from_start_ms),
+                        tr.error_from_earlier_ms
+                            .map(signed_ms)
+                            .unwrap_or_else(|| "–".into())
+                    ),
+                ]);
+            }
+        }
+        t
+    }
+
+    /// Why removal takes what it takes, in three sentences.
+    pub fn explanation(&self) -> String {
+        let m = &self.model;
+        format!(
+            "Why: the agent raises any DeregisterCriticalServiceAfter below {min} to {min} (its log \
+             says \"has deregister interval below minimum\"), and removes a service only when its \
+             reaper, which wakes every {reap} from the agent's start, finds the check critical for \
+             longer than that. So a 30s setting removes a dead service between 60 and 90 s after \
+             its check turns critical, which itself happens up to one check interval after the \
+             crash: the seed article's \"about 80 seconds\". Knowing the reaper's phase, the exact \
+             tick is predictable.",
+            min = GoDuration(m.min_deregister),
+            reap = GoDuration(m.reap_interval),
+        )
+    }
+}
+
+impl Findings for Report {
+    fn tables(&self) -> Vec<Table> {
+        let mut tables = vec![self.table()];
+        if let Some(section) = &self.reaper {
+            tables.extend(crate::reaper_twins::tables(section, &self.trials));
+        }
+        tables
+    }
+
+    fn details(&self) -> String {
+        let m = &self.model;
+        let mut out = format!(
+            "Consul {} ({}). Reaper every {} (`CheckReapInterval`), minimum delay {} \
+             (`CheckDeregisterIntervalMin`), from {}. Reaper phase from {}.\n\n",
+            self.consul_version,
+            self.backend,
+            GoDuration(m.reap_interval),
+            GoDuration(m.min_deregister),
+            self.model_source,
+            self.anchor_source
+        );
+        out.push_str(&format!(
+            "{} trials, {} inside their window. Largest prediction error: {:.1} ms from the \
+             agent's start{}.\n",
+            self.trials.len(),
+            if self.all_in_window { "all" } else { "NOT all" },
+            self.max_error_from_start_ms,
+            self.max_error_from_earlier_ms
+                .map(|e| format!(", {e:.1} ms from earlier removals"))
+                .unwrap_or_default()
+        ));
+        if let Some(c) = &self.contrast {
+            out.push_str(&format!(
+                "Contrast: on {} the server deregistered itself and Consul no longer listed it \
+                 after {:.1} ms (exit code {}).\n",
+                c.signal,
+                c.removed_after_ms,
+                c.exit_code.map_or("none".into(), |c| c.to_string())
+            ));
+        }
+        if let Some(section) = &self.reaper {
+            out.push_str(&crate::reaper_twins::summary(section));
+        }
+        out.push('\n');
+        out.push_str(&self.explanation());
+        out
+    }
+
+    fn violations(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .trials
+            .iter()
+            .filter(|t| !t.in_window)
+            .map(|t| format!("{} removed outside its window", t.service_id))
+            .collect();
+        if let Some(section) = &self.reaper
+            && !section.all_within
+        {
+            v.push(format!(
+                "not every twin was removed by the reaper within ±{:.0} ms",
+                section.tolerance_ms
+            ));
+        }
+        v
+    }
+
+    fn plot(&self) -> Option<Plot> {
+        Some(self.removal_plot())
+    }
+}
+
+impl Report {
+    /// critical→removed of every trial against its window, by setting.
+    pub fn removal_plot(&self) -> Plot {
+        let cells = by_cell(&self.trials);
+        let mut settings: Vec<GoDuration> = cells.keys().map(|(s, _)| *s).collect();
+        settings.dedup();
+        let mut intervals: Vec<GoDuration> = cells.keys().map(|(_, i)| *i).collect();
+        intervals.sort();
+        intervals.dedup();
+        let y_max = self
+            .trials
+            .iter()
+            .map(|t| t.critical_window.hi.max(t.critical_to_removed))
+            .fold(60.0, f64::max)
+            + 10.0;
+        let mut windows = Vec::new();
+        let mut naive = Vec::new();
+        for (i, setting) in settings.iter().enumerate() {
+            let Some(t) = self.trials.iter().find(|t| t.setting == *setting) else {
+                continue;
+            };
+            let x = i as f64;
+            let w = &t.critical_window;
+            windows.push(((x - 0.35, w.lo), (x + 0.35, w.hi)));
+            let s = setting.as_duration().as_secs_f64();
+            naive.push(((x - 0.4, s), (x + 0.4, s)));
+        }
+        let mut series = vec![
+            Series {
+                label: "model window (max(setting, 1m), +30 s]".into(),
+                color: (180, 205, 240),
+                mark: Mark::Boxes(windows),
+            },
+            Series {
+                label: "the setting itself (what one expects)".into(),
+                color: PALETTE[1],
+                mark: Mark::Segments(naive),
+            },
+        ];
+        let colors = [PALETTE[0], PALETTE[4], PALETTE[2], PALETTE[3]];
+        for (k, interval) in intervals.iter().enumerate() {
+            let spread = (k as f64 - (intervals.len() as f64 - 1.0) / 2.0) * 0.15;
+            let points = self
+                .trials
+                .iter()
+                .filter(|t| t.interval == *interval)
+                .filter_map(|t| {
+                    let i = settings.iter().position(|s| *s == t.setting)?;
+                    Some((i as f64 + spread, t.critical_to_removed))
+                })
+                .collect();
+            series.push(Series {
+                label: format!("measured, check every {interval}"),
+                color: colors[k % colors.len()],
+                mark: Mark::Dots(points),
+            });
+        }
+        Plot {
+            title: format!(
+                "Consul {}: check critical -> service removed, by DeregisterCriticalServiceAfter",
+                self.consul_version
+            ),
+            x: Axis::categories(
+                "DeregisterCriticalServiceAfter (as registered)",
+                settings.iter().map(ToString::to_string).collect(),
+            ),
+            y: Axis::linear("seconds from critical to removed").range(0.0, y_max),
+            series,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,5 +1041,89 @@ mod tests {
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].setting, Duration::from_secs(30));
         assert_eq!(plan[0].interval, Duration::from_secs(5));
+    }
+
+    fn synthetic() -> Report {
+        let model = ReaperModel::CONSUL;
+        let trials = [
+            (30, 1, 81.2),
+            (30, 5, 66.0),
+            (90, 1, 104.3),
+            (120, 5, 140.0),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, (setting, interval, c2r))| {
+            let setting = Duration::from_secs(*setting);
+            Trial {
+                service_id: format!("t{i}"),
+                setting: GoDuration(setting),
+                effective: GoDuration(model.effective(setting)),
+                interval: GoDuration::from_secs(*interval),
+                trial: 1,
+                killed_at: 1.0,
+                critical_at: 1.5,
+                removed_at: 1.5 + c2r,
+                kill_to_critical: 0.5,
+                critical_to_removed: *c2r,
+                kill_to_removed: 0.5 + c2r,
+                critical_window: model.critical_window(setting),
+                kill_window: model.kill_window(
+                    setting,
+                    Duration::from_secs(*interval),
+                    Duration::from_secs(1),
+                ),
+                in_window: true,
+                predicted_from_start: 1.5 + c2r - 0.007,
+                error_from_start_ms: 7.0,
+                predicted_from_earlier: None,
+                error_from_earlier_ms: None,
+                agent_logged_critical: None,
+                agent_logged_removed: None,
+            }
+        })
+        .collect();
+        Report {
+            date: "2026-11-25T00:00:00Z".into(),
+            consul_version: "1.8.7".into(),
+            backend: "docker",
+            model,
+            model_source: "test",
+            reaper_anchor: 0.0,
+            anchor_source: "test".into(),
+            trials,
+            contrast: None,
+            reaper: None,
+            max_error_from_start_ms: 7.0,
+            max_error_from_earlier_ms: None,
+            all_in_window: true,
+            wall_time: 1.0,
+        }
+    }
+
+    #[test]
+    fn markdown_lists_every_trial_with_its_window() {
+        let report = synthetic();
+        let md = format!("{}\n{}", report.details(), report.table().markdown());
+        assert_eq!(md.matches("\n| ").count(), 5, "header + 4 trials:\n{md}");
+        assert!(
+            md.contains("| 30s | 1m | 1s | 1 | 0.50 | 81.20 | 81.70 | (60, 90] | +7.0 / – |"),
+            "{md}"
+        );
+        assert!(md.contains("all inside their window"));
+        assert!(report.violations().is_empty());
+    }
+
+    #[test]
+    fn svg_plot_is_written() {
+        let dir = std::env::temp_dir().join(format!("testbed-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("plot.svg");
+        synthetic().removal_plot().svg(&path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+        assert!(svg.contains("<circle"), "trials are drawn");
+        assert!(svg.contains("1m30s"), "settings label the axis");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,562 +1,79 @@
-//! Every way to discover, side by side: one SIGKILL, and each of Consul's interfaces watched
-//! at once — health blocking queries, the catalog, the agent's list, a prepared query, DNS SRV
-//! records of the service and of the query — plus the seed article's naive client.
+//! `testbed discovery`: how a client finds its servers, three experiments on the one contract.
 //!
-//! For each source the experiment records when it stopped handing out the killed instance,
-//! how many requests it made to Consul (each HTTP source goes through its own counting
-//! [`FaultProxy`], passing everything; a DNS source's reads are its published answers: it
-//! polls at a fixed rate and publishes every answer), and what a resilient session reading
-//! only that source lost while it streamed messages through the kill (it must be 0 for every
-//! source: the session ejects a failing instance on its own). The naive client, which reads
-//! one service ID from the agent's list and has no failover, shows the failures.
+//! * `sources` ([`crate::sources`]) — every discovery source (health, catalog, agent list,
+//!   prepared query, DNS) side by side through one SIGKILL, and the naive client;
+//! * `elastic` ([`crate::elastic`]) — scale out and in under load: shares, propagation,
+//!   nothing lost;
+//! * `datacenters` ([`crate::datacenters`]) — failover to a second datacenter and back.
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
-
-use bytes::Bytes;
-use consul_api::{Client, GoDuration, PreparedQueryDefinition, ServiceQuery};
-use consul_registry::{DiscoveryConfig, Snapshot, Source, discovery};
-use echo_client::{EchoClient, session::SessionConfig};
-use serde::Serialize;
-use tokio::{sync::watch, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use consul_api::GoDuration;
 
 use crate::{
-    consul::{Consul, ConsulOptions},
     error::{Error, Result},
-    faultproxy::FaultProxy,
-    procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
-    wait,
+    experiment::{Plan, Suite, chosen},
 };
 
-/// The service every source follows.
-pub const SERVICE: &str = "servernode";
-/// The prepared query the query sources execute.
-pub const QUERY: &str = "servernode-passing";
-
-/// How the side-by-side run is set up.
-#[derive(Debug, Clone, Serialize)]
-pub struct SourcesConfig {
-    /// Echo servers registered (the first one is killed).
-    pub servers: usize,
-    /// Their check `Interval`.
-    pub interval: GoDuration,
-    /// Their check `Timeout`.
-    pub timeout: GoDuration,
-    /// Their `DeregisterCriticalServiceAfter` (Consul raises it to at least 1m).
-    pub deregister_after: GoDuration,
-    /// How often the polled sources (agent, prepared query, DNS) read.
-    pub poll: GoDuration,
-    /// Each session sends one message, waits for its reply, then waits this long.
-    pub message_interval: GoDuration,
-    /// How long after the kill to keep watching (every source has dropped the instance by
-    /// then, or the table says it had not).
-    pub horizon: GoDuration,
+/// The parts of `testbed discovery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Part {
+    /// Every discovery source through one SIGKILL.
+    Sources,
+    /// Scale out and in under load.
+    Elastic,
+    /// Two datacenters: failover to dc2 and back.
+    Datacenters,
 }
 
-impl Default for SourcesConfig {
-    fn default() -> Self {
-        SourcesConfig {
-            servers: 3,
-            interval: GoDuration::from_secs(1),
-            timeout: GoDuration::from_secs(1),
-            deregister_after: GoDuration::from_secs(30),
-            poll: GoDuration::from_secs(1),
-            message_interval: GoDuration(Duration::from_millis(50)),
-            horizon: GoDuration::from_secs(110),
+/// `testbed discovery`: its parts and their settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Echo servers to start (the first one is killed).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=20))]
+    servers: u16,
+    /// How often the polled sources (agent list, prepared query, DNS) read.
+    #[arg(long, default_value = "1s")]
+    poll: GoDuration,
+    /// How long after the kill to keep watching (the agent's list needs 60-95 s).
+    #[arg(long, default_value = "110s")]
+    horizon: GoDuration,
+    /// Parts to run (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Part>,
+}
+
+impl Suite for Args {
+    fn name(&self) -> &'static str {
+        "discovery"
+    }
+
+    fn title(&self) -> String {
+        "Every way to discover".into()
+    }
+
+    fn plans(&self) -> Result<Vec<Box<dyn Plan>>> {
+        if self.poll.as_duration().is_zero() {
+            return Err(Error::Setting("--poll must be above zero".into()));
         }
-    }
-}
-
-/// One source's row.
-#[derive(Debug, Clone, Serialize)]
-pub struct SourceRow {
-    /// `health`, `catalog`, `agent`, `query`, `dns`, `dns-query`.
-    pub source: String,
-    /// What it reads, in Consul's terms.
-    pub reads: String,
-    /// From the kill to the first answer without the killed instance, seconds; `None`: it
-    /// still listed it at the horizon.
-    pub dropped_after: Option<f64>,
-    /// Requests made to Consul from the kill to the drop (or to the horizon).
-    pub requests_until_dropped: u64,
-    /// Requests per second over the whole watch.
-    pub requests_per_second: f64,
-    /// Messages its session sent after the kill.
-    pub sent: u64,
-    /// Of them, answered byte-exact.
-    pub answered: u64,
-    /// Of them, failed (timeout, no instance, wrong bytes): must be 0.
-    pub lost: u64,
-    /// The slowest answer after the kill, milliseconds (a failover's cost).
-    pub worst_latency_ms: f64,
-}
-
-/// What the naive client went through.
-#[derive(Debug, Clone, Serialize)]
-pub struct NaiveRow {
-    /// Replies it printed after the kill.
-    pub replies_after_kill: usize,
-    /// Failed dials and writes after the kill.
-    pub failures_after_kill: usize,
-    /// "not found" lookups after the kill (once Consul removed the instance).
-    pub not_found_after_kill: usize,
-}
-
-/// The whole report.
-#[derive(Debug, Clone, Serialize)]
-pub struct SourcesReport {
-    /// The agent's version.
-    pub consul_version: String,
-    /// How the run was set up.
-    pub config: SourcesConfig,
-    /// When the first server got SIGKILL.
-    pub killed_at: String,
-    /// From the kill to its check's first critical status in a blocking query, seconds.
-    pub critical_after: Option<f64>,
-    /// One row per source, in the order they were started.
-    pub rows: Vec<SourceRow>,
-    /// The seed article's client.
-    pub naive: NaiveRow,
-}
-
-/// What one source's watcher saw.
-#[derive(Debug, Default)]
-struct Seen {
-    /// Publications after the kill: (time, still lists the dead instance, requests so far).
-    after_kill: Vec<(SystemTime, bool, u64)>,
-}
-
-/// Counts a source's requests: its proxy's count, or, for DNS (which polls at a fixed rate
-/// and publishes every answer), its publications.
-#[derive(Debug, Clone)]
-struct Counter(Option<Arc<FaultProxy>>);
-
-impl Counter {
-    fn requests(&self, snapshot: &Snapshot) -> u64 {
-        match &self.0 {
-            Some(proxy) => proxy.stats().requests,
-            None => snapshot.version,
-        }
-    }
-}
-
-struct Running {
-    label: &'static str,
-    reads: &'static str,
-    counter: Counter,
-    rx: watch::Receiver<Snapshot>,
-    seen: Arc<std::sync::Mutex<Seen>>,
-    stream: JoinHandle<Stream>,
-    watcher: JoinHandle<()>,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct Stream {
-    sent: u64,
-    answered: u64,
-    lost: u64,
-    worst: Duration,
-}
-
-/// Run the side-by-side experiment; `progress` is told what happens on the long waits.
-pub async fn run_sources(
-    launcher: &Launcher,
-    config: &SourcesConfig,
-    progress: &(dyn Fn(String) + Sync),
-) -> Result<SourcesReport> {
-    if config.servers < 2 {
-        return Err(Error::Setting(
-            "the sources experiment needs at least 2 servers (one is killed)".into(),
-        ));
-    }
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let client = consul.client();
-    progress(format!(
-        "Consul {} up; starting {} echo servers",
-        consul.version(),
-        config.servers
-    ));
-    let mut servers = Vec::new();
-    for i in 1..=config.servers {
-        let mut spec = ServerSpec::seed(consul.config())?.with_id(format!("{SERVICE}_{i}"));
-        spec.interval = config.interval.0;
-        spec.timeout = config.timeout.0;
-        spec.deregister_after = config.deregister_after.0;
-        servers.push(ServerProcess::spawn(launcher, spec).await?);
-    }
-    wait::health_until(&client, SERVICE, true, Duration::from_secs(30), |e| {
-        e.len() == config.servers
-    })
-    .await?;
-    client
-        .prepared_query()
-        .create(&PreparedQueryDefinition {
-            name: QUERY.into(),
-            service: ServiceQuery {
-                service: SERVICE.into(),
-                only_passing: true,
-                ..Default::default()
-            },
-        })
-        .await?;
-
-    let poll = config.poll.0;
-    let sources: [(Source, &'static str, &'static str); 6] = [
-        (
-            Source::Health,
-            "health",
-            "/v1/health/service/<name>?passing, blocking",
-        ),
-        (
-            Source::Catalog,
-            "catalog",
-            "/v1/catalog/service/<name>, blocking",
-        ),
-        (
-            Source::Agent { every: poll },
-            "agent",
-            "/v1/agent/services, polled (the seed's way)",
-        ),
-        (
-            Source::PreparedQuery {
-                name: QUERY.into(),
-                every: poll,
-            },
-            "query",
-            "/v1/query/<name>/execute, polled",
-        ),
-        (
-            Source::Dns {
-                server: consul.dns_addr(),
-                query: None,
-                every: poll,
-            },
-            "dns",
-            "SRV <name>.service.consul over TCP, polled",
-        ),
-        (
-            Source::Dns {
-                server: consul.dns_addr(),
-                query: Some(QUERY.into()),
-                every: poll,
-            },
-            "dns-query",
-            "SRV <query>.query.consul over TCP, polled",
-        ),
-    ];
-    let dead = servers[0].spec.echo_addr().to_string();
-    let killed: Arc<std::sync::OnceLock<SystemTime>> = Arc::new(std::sync::OnceLock::new());
-    let stop = CancellationToken::new();
-    let mut running = Vec::new();
-    for (source, label, reads) in sources {
-        let (counter, consul_config) = if matches!(source, Source::Dns { .. }) {
-            (Counter(None), consul.config())
-        } else {
-            let proxy = FaultProxy::start(consul.http_addr()).await?;
-            let config = consul.config().with_address(proxy.address());
-            (Counter(Some(Arc::new(proxy))), config)
-        };
-        let mut discovery_config = DiscoveryConfig::new(SERVICE);
-        discovery_config.source = source.clone();
-        let rx = discovery::spawn(Client::new(consul_config)?, discovery_config);
-        let mut session = SessionConfig::new(SERVICE);
-        session.message_timeout = Duration::from_secs(10);
-        let echo = EchoClient::with_discovery(rx.clone(), session)?;
-        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
-        let watcher = tokio::spawn(watch_source(
-            rx.clone(),
-            counter.clone(),
-            dead.clone(),
-            killed.clone(),
-            seen.clone(),
-            stop.clone(),
-        ));
-        let stream = tokio::spawn(stream_messages(
-            echo,
-            label,
-            config.message_interval.0,
-            killed.clone(),
-            stop.clone(),
-        ));
-        running.push(Running {
-            label,
-            reads,
-            counter,
-            rx,
-            seen,
-            stream,
-            watcher,
-        });
-    }
-    // Every source lists every server before the kill.
-    for r in &mut running {
-        let mut rx = r.rx.clone();
-        let n = config.servers;
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            rx.wait_for(|s| s.instances.len() == n),
+        Ok(chosen(
+            &self.only,
+            &[Part::Sources, Part::Elastic, Part::Datacenters],
         )
-        .await
-        .map_err(|_| Error::Timeout {
-            what: format!("the {} source to list {n} instances", r.label),
-            timeout: Duration::from_secs(30),
-        })?
-        .map_err(|_| Error::Setting(format!("the {} source stopped", r.label)))?;
-    }
-    let naive_args: Vec<String> = [
-        "--mode",
-        "naive",
-        "--service",
-        SERVICE,
-        "--count",
-        "1000000",
-        "--interval",
-        &GoDuration(Duration::from_millis(250)).to_string(),
-        "--timeout",
-        "10m",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let naive = ClientProcess::spawn(launcher, &consul.config(), &naive_args)?;
-    naive
-        .process
-        .output()
-        .wait_for("reply ", Duration::from_secs(30))
-        .await?;
-    // Let every session send for a moment before the kill.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    let requests_before: Vec<u64> = running
-        .iter()
-        .map(|r| r.counter.requests(&r.rx.borrow()))
-        .collect();
-    progress(format!(
-        "SIGKILL to {} ({dead}); watching every source for up to {}",
-        servers[0].spec.id, config.horizon
-    ));
-    let killed_at = servers[0].process.kill().await?;
-    let _ = killed.set(killed_at);
-
-    let critical = tokio::spawn({
-        let client = client.clone();
-        let id = servers[0].spec.id.clone();
-        async move {
-            wait::health_until(&client, SERVICE, false, Duration::from_secs(30), move |e| {
-                e.iter().any(|e| {
-                    e.service.id == id
-                        && e.aggregated_status() == consul_api::HealthStatus::Critical
-                })
-            })
-            .await
-            .ok()
-            .map(|(_, at)| SystemTime::now() - at.elapsed())
-        }
-    });
-
-    // Until every source dropped the instance, or the horizon.
-    let deadline = tokio::time::Instant::now() + config.horizon.0;
-    let mut last_report = tokio::time::Instant::now();
-    loop {
-        let pending: Vec<&str> = running
-            .iter()
-            .filter(|r| dropped_at(&r.seen).is_none())
-            .map(|r| r.label)
-            .collect();
-        if pending.is_empty() || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-        if last_report.elapsed() >= Duration::from_secs(10) {
-            last_report = tokio::time::Instant::now();
-            progress(format!(
-                "{:.0} s after the kill, still listing it: {}",
-                killed_at.elapsed().unwrap_or_default().as_secs_f64(),
-                pending.join(", ")
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let watched = killed_at.elapsed().unwrap_or_default();
-    stop.cancel();
-    let critical_after = critical
-        .await
-        .ok()
-        .flatten()
-        .and_then(|at| at.duration_since(killed_at).ok())
-        .map(|d| d.as_secs_f64());
-
-    let mut rows = Vec::new();
-    for (r, before) in running.into_iter().zip(requests_before) {
-        let stream = r.stream.await.unwrap_or_default();
-        r.watcher.abort();
-        let total = r.counter.requests(&r.rx.borrow()).saturating_sub(before);
-        let dropped = dropped_at(&r.seen);
-        rows.push(SourceRow {
-            source: r.label.into(),
-            reads: r.reads.into(),
-            dropped_after: dropped
-                .and_then(|(at, _)| at.duration_since(killed_at).ok())
-                .map(|d| d.as_secs_f64()),
-            requests_until_dropped: dropped.map_or(total, |(_, n)| n.saturating_sub(before)),
-            requests_per_second: total as f64 / watched.as_secs_f64().max(1e-3),
-            sent: stream.sent,
-            answered: stream.answered,
-            lost: stream.lost,
-            worst_latency_ms: stream.worst.as_secs_f64() * 1e3,
-        });
-    }
-    let lines = naive.process.output().lines();
-    let after: Vec<_> = lines.iter().filter(|l| l.received >= killed_at).collect();
-    let naive = NaiveRow {
-        replies_after_kill: after
-            .iter()
-            .filter(|l| l.text.starts_with("reply "))
-            .count(),
-        failures_after_kill: after
-            .iter()
-            .filter(|l| l.text.contains("dial tcp") || l.text.contains("buffer error"))
-            .count(),
-        not_found_after_kill: after
-            .iter()
-            .filter(|l| l.text.contains("not found"))
-            .count(),
-    };
-    Ok(SourcesReport {
-        consul_version: consul.version().to_owned(),
-        config: config.clone(),
-        killed_at: crate::report::rfc3339(killed_at),
-        critical_after,
-        rows,
-        naive,
-    })
-}
-
-/// When a source first published a view without the killed instance, and its request count
-/// then.
-fn dropped_at(seen: &std::sync::Mutex<Seen>) -> Option<(SystemTime, u64)> {
-    let seen = seen
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    seen.after_kill
-        .iter()
-        .find(|(_, listed, _)| !listed)
-        .map(|(t, _, n)| (*t, *n))
-}
-
-async fn watch_source(
-    mut rx: watch::Receiver<Snapshot>,
-    counter: Counter,
-    dead: String,
-    killed: Arc<std::sync::OnceLock<SystemTime>>,
-    seen: Arc<std::sync::Mutex<Seen>>,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            changed = rx.changed() => if changed.is_err() { return },
-            () = stop.cancelled() => return,
-        }
-        let now = SystemTime::now();
-        if killed.get().is_none_or(|k| now < *k) {
-            continue;
-        }
-        let (listed, requests) = {
-            let snapshot = rx.borrow();
-            let listed = snapshot.instances.iter().any(|i| i.address() == dead);
-            (listed, counter.requests(&snapshot))
-        };
-        seen.lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .after_kill
-            .push((now, listed, requests));
-    }
-}
-
-async fn stream_messages(
-    echo: EchoClient,
-    label: &'static str,
-    every: Duration,
-    killed: Arc<std::sync::OnceLock<SystemTime>>,
-    stop: CancellationToken,
-) -> Stream {
-    let mut stream = Stream::default();
-    let mut seq = 0u64;
-    while !stop.is_cancelled() {
-        seq += 1;
-        let payload = Bytes::from(format!("{label} message {seq}"));
-        let after_kill = killed.get().is_some();
-        let result = echo.send(payload.clone()).await;
-        if after_kill {
-            stream.sent += 1;
-            match result {
-                Ok(reply) if reply.bytes == payload => {
-                    stream.answered += 1;
-                    stream.worst = stream.worst.max(reply.latency);
-                }
-                Ok(reply) => {
-                    tracing::error!(label, seq, got = ?reply.bytes, "a wrong reply");
-                    stream.lost += 1;
-                }
-                Err(e) => {
-                    tracing::error!(label, seq, "message lost: {e}");
-                    stream.lost += 1;
-                }
+        .into_iter()
+        .map(|part| -> Box<dyn Plan> {
+            match part {
+                Part::Sources => Box::new(crate::sources::SourcesConfig {
+                    servers: usize::from(self.servers),
+                    poll: self.poll,
+                    horizon: self.horizon,
+                    ..Default::default()
+                }),
+                Part::Elastic => Box::new(crate::elastic::ElasticConfig::default()),
+                Part::Datacenters => Box::new(crate::datacenters::DatacentersConfig {
+                    servers: 2,
+                    poll: self.poll.as_duration(),
+                }),
             }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = stop.cancelled() => {}
-        }
+        })
+        .collect())
     }
-    stream
-}
-
-/// The side-by-side table, as markdown.
-pub fn sources_markdown(report: &SourcesReport) -> String {
-    let c = &report.config;
-    let mut md = format!(
-        "## Every way to discover, one SIGKILL\n\n\
-         Consul {}, one agent; {} echo servers checked every {} (timeout {}), \
-         `DeregisterCriticalServiceAfter` {}; the polled sources read every {}; each source feeds \
-         its own resilient session sending one message every {}. The first server was killed \
-         at {}; its check turned critical {}.\n\n\
-         | source | reads | stopped handing it out after | requests until then | requests/s | \
-         session: sent / answered / lost | slowest reply |\n|---|---|---|---|---|---|---|\n",
-        report.consul_version,
-        c.servers,
-        c.interval,
-        c.timeout,
-        c.deregister_after,
-        c.poll,
-        c.message_interval,
-        report.killed_at,
-        report
-            .critical_after
-            .map_or("(not seen)".into(), |s| format!("{s:.2} s after the kill")),
-    );
-    for r in &report.rows {
-        md.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} | {} / {} / {} | {:.1} ms |\n",
-            r.source,
-            r.reads,
-            r.dropped_after
-                .map_or(format!("not within {}", c.horizon), |s| format!("{s:.2} s")),
-            r.requests_until_dropped,
-            r.requests_per_second,
-            r.sent,
-            r.answered,
-            r.lost,
-            r.worst_latency_ms,
-        ));
-    }
-    let n = &report.naive;
-    md.push_str(&format!(
-        "\nThe naive client (one service ID from the agent's list, no failover) after the kill: \
-         {} replies, {} failed dials or writes, {} \"not found\".\n",
-        n.replies_after_kill, n.failures_after_kill, n.not_found_after_kill
-    ));
-    md
 }

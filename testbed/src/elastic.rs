@@ -26,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
+    experiment::{Env, Experiment, Findings, Needs},
     procs::{Launcher, ServerProcess, ServerSpec},
+    progress::Progress,
+    report::Table,
     signal::Signal,
     wait,
 };
@@ -133,7 +136,7 @@ struct Tally {
 pub async fn run(
     launcher: &Launcher,
     config: &ElasticConfig,
-    progress: &(dyn Fn(String) + Sync),
+    progress: &Progress,
 ) -> Result<ElasticReport> {
     if config.initial == 0 || config.added == 0 || config.sessions == 0 {
         return Err(Error::Setting(
@@ -146,7 +149,7 @@ pub async fn run(
         (Strategy::RoundRobin, "round-robin"),
         (Strategy::PowerOfTwoChoices, "p2c"),
     ] {
-        progress(format!("scale out and in, {name} sessions"));
+        progress.say(format!("scale out and in, {name} sessions"));
         let (run, v) = run_one(launcher, config, strategy, name).await?;
         version = v;
         runs.push(run);
@@ -376,69 +379,115 @@ async fn stream(
     }
 }
 
-/// The report as markdown.
-pub fn markdown(report: &ElasticReport) -> String {
-    let c = &report.config;
-    let mut md = format!(
-        "## Scale out and in under load\n\n\
-         Consul {}, one agent. A gateway of {} resilient sessions (one discovery, health \
-         blocking queries) streams, each session one message every {} after the last reply, \
-         over {} echo servers checked every {}; {} more start, then get SIGTERM.\n\n\
-         | sessions | new server | start → in the gateway's view | in view → first reply |\n\
-         |---|---|---|---|\n",
-        report.consul_version, c.sessions, c.message_interval, c.initial, c.interval, c.added
-    );
-    for run in &report.runs {
-        for s in &run.new_servers {
+// === the contract ===
+
+impl Experiment for ElasticConfig {
+    type Outcome = ElasticReport;
+
+    fn title(&self) -> String {
+        "Elastic: scale out and in under load".into()
+    }
+
+    /// It starts its own agents.
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
+    }
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        _: &mut Env,
+        progress: &Progress,
+    ) -> Result<ElasticReport> {
+        run(launcher, self, progress).await
+    }
+}
+
+impl Findings for ElasticReport {
+    fn consul(&self) -> Option<String> {
+        Some(self.consul_version.clone())
+    }
+
+    fn tables(&self) -> Vec<Table> {
+        let mut moved = Table::new([
+            "sessions",
+            "new server",
+            "start → in the gateway's view",
+            "in view → first reply",
+        ]);
+        for run in &self.runs {
+            for s in &run.new_servers {
+                moved.push([
+                    run.strategy.clone(),
+                    s.id.clone(),
+                    s.in_view_after
+                        .map_or("never".into(), |v| format!("{v:.2} s")),
+                    s.first_reply_after_view
+                        .map_or("never".into(), |f| format!("{:.0} ms", f * 1e3)),
+                ]);
+            }
+        }
+        let mut shares = Table::new([
+            "sessions".to_owned(),
+            format!("shares over the {} steady window", self.config.steady),
+            "largest / smallest".into(),
+            "sessions per server".into(),
+            "sent".into(),
+            "lost".into(),
+            "SIGTERM → last reply from a stopped server".into(),
+            "resent after the SIGTERMs".into(),
+        ])
+        .align_right([2, 4, 5, 6, 7]);
+        for run in &self.runs {
+            let of = |parts: Vec<String>| parts.join(", ");
+            shares.push([
+                run.strategy.clone(),
+                of(run
+                    .shares
+                    .iter()
+                    .map(|(id, s)| format!("{id} {:.0}%", s * 100.0))
+                    .collect()),
+                format!("{:.2}", run.max_over_min),
+                of(run
+                    .sessions_per_server
+                    .iter()
+                    .map(|(id, n)| format!("{id} {n}"))
+                    .collect()),
+                run.sent.to_string(),
+                run.lost.to_string(),
+                format!("{:.0} ms", run.drained_after * 1e3),
+                run.resent_after_stop.to_string(),
+            ]);
+        }
+        vec![moved, shares]
+    }
+
+    fn details(&self) -> String {
+        let c = &self.config;
+        let mut md = format!(
+            "Consul {}, one agent. A gateway of {} resilient sessions (one discovery, health \
+             blocking queries) streams, each session one message every {} after the last reply, \
+             over {} echo servers checked every {}; {} more start, then get SIGTERM.\n",
+            self.consul_version, c.sessions, c.message_interval, c.initial, c.interval, c.added
+        );
+        if let Some(run) = self.runs.first() {
             md.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
-                run.strategy,
-                s.id,
-                s.in_view_after
-                    .map_or("never".into(), |v| format!("{v:.2} s")),
-                s.first_reply_after_view
-                    .map_or("never".into(), |f| format!("{:.0} ms", f * 1e3)),
+                "\nEach session is one connection and chooses on its own: a new server takes the \
+                 sessions that draw it (probability added/total each), so shares follow \
+                 independent random choices, with a standard deviation of {:.1} points per server \
+                 at {} sessions — the unevenness above is that, not a lag.\n",
+                run.expected_share_sd * 100.0,
+                c.sessions
             ));
         }
+        md
     }
-    md.push_str(&format!(
-        "\n| sessions | shares over the {} steady window | largest / smallest | sessions per \
-         server | sent | lost | SIGTERM → last reply from a stopped server | resent after the \
-         SIGTERMs |\n|---|---|---|---|---|---|---|---|\n",
-        c.steady
-    ));
-    for run in &report.runs {
-        let shares: Vec<String> = run
-            .shares
+
+    fn violations(&self) -> Vec<String> {
+        self.runs
             .iter()
-            .map(|(id, s)| format!("{id} {:.0}%", s * 100.0))
-            .collect();
-        let per_server: Vec<String> = run
-            .sessions_per_server
-            .iter()
-            .map(|(id, n)| format!("{id} {n}"))
-            .collect();
-        md.push_str(&format!(
-            "| {} | {} | {:.2} | {} | {} | {} | {:.0} ms | {} |\n",
-            run.strategy,
-            shares.join(", "),
-            run.max_over_min,
-            per_server.join(", "),
-            run.sent,
-            run.lost,
-            run.drained_after * 1e3,
-            run.resent_after_stop
-        ));
+            .filter(|r| r.lost > 0)
+            .map(|r| format!("{}: {} message(s) lost", r.strategy, r.lost))
+            .collect()
     }
-    if let Some(run) = report.runs.first() {
-        md.push_str(&format!(
-            "\nEach session is one connection and chooses on its own: a new server takes the \
-             sessions that draw it (probability added/total each), so shares follow independent \
-             random choices, with a standard deviation of {:.1} points per server at {} sessions \
-             — the unevenness above is that, not a lag.\n",
-            run.expected_share_sd * 100.0,
-            c.sessions
-        ));
-    }
-    md
 }

@@ -5,21 +5,30 @@
 //!   waits;
 //! * [`cluster`] — real clusters (servers, client agents): node crash, agent crash, leader
 //!   loss, quorum loss, per-agent reapers;
+//! * [`experiment`] — the one contract of every experiment ([`experiment::Experiment`]) and the
+//!   one runner ([`experiment::run`]: progress, timing, failures, reports, exit code);
+//! * [`experiments`] — the list of experiments, one line each;
+//! * [`progress`] — the one progress reporter (a bar on a terminal, plain lines elsewhere);
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
 //! * [`datacenters`] — failover to a second datacenter (blocking queries, a prepared query,
 //!   DNS);
-//! * [`discovery`] — every way to discover side by side (health, catalog, agent list, prepared
+//! * [`discovery`] — `testbed discovery`: its three parts, [`sources`], [`elastic`] and
+//!   [`datacenters`];
+//! * [`sources`] — every way to discover side by side (health, catalog, agent list, prepared
 //!   query, DNS) through one SIGKILL;
 //! * [`elastic`] — scale out and in under load: shares, propagation, nothing lost;
 //! * [`faults`] — the fault and security scenarios (hung server, paused and restarted Consul,
 //!   a misbehaving proxy, ACLs, hostile input, a TLS certificate rotated), with their figures;
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
-//! * [`reaper`] — the reaper sidecar's rows of the deregistration experiment;
+//! * [`reaper_twins`] — the deregistration experiment's twins removed by the reaper sidecar;
+//! * [`scenario`] — what every fault and cluster scenario shares: servers, clients, traffic
+//!   and discovery observers;
 //! * [`scale`] — discovery at scale: instances × clients, and Consul's read modes (`stale`,
 //!   `cached`, `filter`) compared, with client and Consul CPU, memory, bytes and propagation;
 //! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`timeline`] — the seed article's story, timestamped, naive and resilient clients;
-//! * [`report`] — markdown, JSON and SVG output;
+//! * [`report`] — the header, tables, JSON, plots, dates, durations and percentiles of every
+//!   report;
 //! * [`smoke`] — the harness's own end-to-end check;
 //! * [`error`] — the one error type.
 
@@ -28,13 +37,18 @@ pub mod datacenters;
 pub mod deregistration;
 pub mod discovery;
 pub mod elastic;
+pub mod experiment;
+pub mod experiments;
 pub mod faultproxy;
 pub mod faults;
 pub mod model;
-pub mod reaper;
+pub mod progress;
+pub mod reaper_twins;
 pub mod report;
 pub mod scale;
+pub mod scenario;
 pub mod smoke;
+pub mod sources;
 pub mod timeline;
 
 pub mod error;

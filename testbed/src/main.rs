@@ -1,12 +1,14 @@
 //! `testbed`: run the project's experiments against real Consul. See `testbed --help`.
+//!
+//! Experiments are listed in [`testbed::experiments`] and run by the one runner
+//! ([`testbed::experiment::run`]); the other subcommands are process entry points (echo
+//! server and client, the reaper sidecar, a scale client) and the image build.
 
 use std::{path::PathBuf, process::ExitCode, time::Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use consul_api::GoDuration;
-use indicatif::{ProgressBar, ProgressStyle};
-use testbed::{Consul, consul::docker, deregistration, faults, procs::Launcher, provision, report};
+use testbed::{consul::docker, experiments::Experiments, procs::Launcher, provision};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -16,164 +18,26 @@ use testbed::{Consul, consul::docker, deregistration, faults, procs::Launcher, p
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Where experiments write their reports (`<name>.md`, `<name>.json`, `<name>.svg`).
+    #[arg(long, global = true, default_value = "target/testbed")]
+    out: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// A real cluster (3 servers, client agents, production timings): a node dies, an agent
-    /// dies, the leader is killed, quorum is lost, per-agent reapers; each measured.
-    Cluster(ClusterArgs),
-    /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
-    Deregistration(DeregistrationArgs),
-    /// Every way to discover (health, catalog, agent list, prepared query, DNS) side by side
-    /// through one SIGKILL, with a resilient session on each and the naive client.
-    Discovery(DiscoveryArgs),
+    #[command(flatten)]
+    Experiment(Experiments),
     /// The echo client (the same as the `echo-client` binary).
     EchoClient(Box<echo_client::cli::Args>),
-    /// Fault and security scenarios (hung server, paused/restarted Consul, a faulty proxy,
-    /// ACLs, hostile input, a TLS certificate rotated), each measured.
-    Faults(FaultsArgs),
+    /// Run an echo server (the same flags as the `echo-server` binary).
+    EchoServer(Box<echo_server::cli::Args>),
     /// Build the local Consul image (idempotent: instant when it exists).
     Image,
-    /// Discovery at scale: instances × clients (CPU, memory, bytes, propagation per change),
-    /// and Consul's read modes (stale, cached, filter) with many clients on one agent.
-    Scale(ScaleArgs),
+    /// Run the reaper sidecar (the same flags as the `consul-reaper` binary).
+    Reaper(Box<consul_reaper::cli::Args>),
     /// One discovery client of `testbed scale` (prints one line per snapshot).
     #[command(hide = true)]
     ScaleClient(testbed::scale::ClientArgs),
-    /// Start Consul, register a checked service, see it pass, deregister it.
-    Smoke,
-    /// The seed article's story, timestamped, for the naive and the resilient client.
-    Timeline(TimelineArgs),
-    /// Run an echo server (the same flags as the `echo-server` binary).
-    EchoServer(Box<echo_server::cli::Args>),
-    /// Run the reaper sidecar (the same flags as the `consul-reaper` binary).
-    Reaper(Box<consul_reaper::cli::Args>),
-}
-
-#[derive(clap::Args, Debug)]
-struct DeregistrationArgs {
-    /// DeregisterCriticalServiceAfter values to sweep (Go durations, comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "30s,1m,90s,2m")]
-    settings: Vec<GoDuration>,
-    /// Check intervals to sweep (Go durations, comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "1s,5s")]
-    intervals: Vec<GoDuration>,
-    /// Trials per (setting, interval) cell; kills are staggered over --stagger.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=20))]
-    trials: u16,
-    /// Spread of the kills, so trials land on different phases of Consul's reaper.
-    #[arg(long, default_value = "30s")]
-    stagger: GoDuration,
-    /// Only the seed article's case: one trial at 30s, checked every 5s.
-    #[arg(long, conflicts_with_all = ["settings", "intervals", "trials"])]
-    seed: bool,
-    /// Skip the SIGTERM contrast.
-    #[arg(long)]
-    no_contrast: bool,
-    /// Also run the reaper sidecar, with a twin of every trial server opted in to it
-    /// (Meta reap-after = the setting): both removals side by side.
-    #[arg(long)]
-    reaper: bool,
-    /// Where to write the JSON report, the markdown table and the SVG plot.
-    #[arg(long, default_value = "target/testbed")]
-    out: PathBuf,
-}
-
-/// The parts of `testbed discovery`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum DiscoveryPart {
-    /// Every discovery source through one SIGKILL.
-    Sources,
-    /// Scale out and in under load.
-    Scale,
-    /// Two datacenters: failover to dc2 and back.
-    Datacenters,
-}
-
-#[derive(clap::Args, Debug)]
-struct DiscoveryArgs {
-    /// Echo servers to start (the first one is killed).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(2..=20))]
-    servers: u16,
-    /// How often the polled sources (agent list, prepared query, DNS) read.
-    #[arg(long, default_value = "1s")]
-    poll: GoDuration,
-    /// How long after the kill to keep watching (the agent's list needs 60-95 s).
-    #[arg(long, default_value = "110s")]
-    horizon: GoDuration,
-    /// Parts to run (comma-separated); all by default.
-    #[arg(long, value_delimiter = ',', value_enum)]
-    only: Vec<DiscoveryPart>,
-    /// Where to write discovery.json and discovery.md.
-    #[arg(long, default_value = "target/testbed")]
-    out: PathBuf,
-}
-
-#[derive(clap::Args, Debug)]
-struct ScaleArgs {
-    /// Instance counts of the grid (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "10,1000,5000")]
-    instances: Vec<usize>,
-    /// Client counts of the grid (comma-separated); each client is a process.
-    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
-    clients: Vec<usize>,
-    /// How the grid's clients read.
-    #[arg(long, value_enum, default_value = "default")]
-    grid_mode: testbed::scale::Mode,
-    /// The read modes compared (comma-separated).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        value_enum,
-        default_value = "default,stale,cached,filter"
-    )]
-    modes: Vec<testbed::scale::Mode>,
-    /// Instances in the modes comparison.
-    #[arg(long, default_value_t = 1000)]
-    modes_instances: usize,
-    /// Clients in the modes comparison.
-    #[arg(long, default_value_t = 100)]
-    modes_clients: usize,
-    /// How long the flipper flips (5 times a second).
-    #[arg(long, default_value = "20s")]
-    flip_for: GoDuration,
-    /// Parts to run (comma-separated); all by default.
-    #[arg(long, value_delimiter = ',', value_enum)]
-    only: Vec<testbed::scale::Part>,
-    /// Where to write scale.json, scale.md and scale.svg.
-    #[arg(long, default_value = "target/testbed")]
-    out: PathBuf,
-}
-
-#[derive(clap::Args, Debug)]
-struct TimelineArgs {
-    /// Where to write timeline.json and timeline.md.
-    #[arg(long, default_value = "target/testbed")]
-    out: PathBuf,
-}
-
-#[derive(clap::Args, Debug)]
-struct ClusterArgs {
-    /// Scenarios to run (comma-separated); all by default.
-    #[arg(long, value_delimiter = ',', value_enum)]
-    only: Vec<testbed::cluster::Scenario>,
-    /// Where to write cluster.json and cluster.md.
-    #[arg(long, default_value = "target/testbed")]
-    out: PathBuf,
-}
-
-#[derive(clap::Args, Debug)]
-struct FaultsArgs {
-    /// Scenarios to run (comma-separated); all by default.
-    #[arg(long, value_delimiter = ',', value_enum)]
-    only: Vec<faults::Scenario>,
-    /// How long Consul stays frozen in the paused scenario.
-    #[arg(long, default_value = "20s")]
-    pause: GoDuration,
-    /// Where to write faults.json and faults.md.
-    #[arg(long, default_value = "target/testbed")]
-    out: PathBuf,
 }
 
 #[tokio::main]
@@ -194,7 +58,7 @@ async fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -202,16 +66,16 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Cluster(args) => cluster(args).await,
-        Command::Deregistration(args) => deregistration(args).await,
-        Command::Timeline(args) => timeline(args).await,
-        Command::Discovery(args) => discovery(args).await,
-        Command::Scale(args) => scale(args).await,
-        Command::ScaleClient(args) => Ok(testbed::scale::client(args).await?),
-        Command::EchoClient(args) => Ok(echo_client::cli::run(*args).await?),
-        Command::Faults(args) => faults(args).await,
+        Command::Experiment(experiment) => {
+            let launcher = Launcher::current_exe()?;
+            return testbed::experiment::run(experiment.suite(), &launcher, &cli.out).await;
+        }
+        Command::ScaleClient(args) => testbed::scale::client(args).await?,
+        Command::EchoClient(args) => echo_client::cli::run(*args).await?,
+        Command::EchoServer(args) => echo_server::cli::run(*args).await?,
+        Command::Reaper(args) => consul_reaper::cli::run(*args).await?,
         Command::Image => {
             let started = Instant::now();
             let built = docker::build_local_image().await?;
@@ -221,248 +85,7 @@ async fn run(cli: Cli) -> Result<()> {
                 if built { "built" } else { "already present" },
                 started.elapsed()
             );
-            Ok(())
         }
-        Command::Smoke => {
-            let started = Instant::now();
-            let consul = Consul::start().await?;
-            let report = testbed::smoke::run(&consul).await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            println!("smoke run took {:.1?}", started.elapsed());
-            Ok(())
-        }
-        Command::EchoServer(args) => Ok(echo_server::cli::run(*args).await?),
-        Command::Reaper(args) => consul_reaper::cli::run(*args).await,
     }
-}
-
-async fn deregistration(args: DeregistrationArgs) -> Result<()> {
-    let config = if args.seed {
-        deregistration::SweepConfig {
-            contrast: !args.no_contrast,
-            reaper: args.reaper,
-            ..deregistration::SweepConfig::seed()
-        }
-    } else {
-        deregistration::SweepConfig {
-            settings: args.settings.iter().map(|d| d.as_duration()).collect(),
-            intervals: args.intervals.iter().map(|d| d.as_duration()).collect(),
-            trials: usize::from(args.trials),
-            stagger: args.stagger.as_duration(),
-            contrast: !args.no_contrast,
-            reaper: args.reaper,
-            ..Default::default()
-        }
-    };
-    let progress = ProgressBar::new_spinner();
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} removed  {msg}")
-            .context("progress template")?,
-    );
-    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    progress.set_message("starting Consul");
-    let consul = Consul::start().await?;
-    let report =
-        deregistration::run(&consul, &Launcher::current_exe()?, &config, &progress).await?;
-    progress.finish_and_clear();
-    drop(consul);
-
-    let mut markdown = report::deregistration_markdown(&report);
-    if let Some(section) = &report.reaper {
-        markdown.push('\n');
-        markdown.push_str(&testbed::reaper::markdown(section, &report.trials));
-    }
-    println!("{markdown}");
-    println!("{}\n", report::explanation(&report));
-    let (json, md) =
-        report::write_json_and_markdown(&args.out, "deregistration", &report, &markdown)?;
-    let svg = args.out.join("deregistration.svg");
-    report::deregistration_svg(&report, &svg)?;
-    println!(
-        "Report: {}\nTable:  {}\nPlot:   {}",
-        json.display(),
-        md.display(),
-        svg.display()
-    );
-    Ok(())
-}
-
-async fn discovery(args: DiscoveryArgs) -> Result<()> {
-    if args.poll.as_duration().is_zero() {
-        anyhow::bail!("--poll must be above zero");
-    }
-    let parts = if args.only.is_empty() {
-        vec![
-            DiscoveryPart::Sources,
-            DiscoveryPart::Scale,
-            DiscoveryPart::Datacenters,
-        ]
-    } else {
-        args.only.clone()
-    };
-    let progress = ProgressBar::new_spinner();
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-            .context("progress template")?,
-    );
-    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    progress.set_message("starting Consul");
-    let tell = |msg: String| progress.set_message(msg);
-    let launcher = Launcher::current_exe()?;
-    let mut markdown = String::new();
-    let mut json = serde_json::Map::new();
-    let mut lost = 0;
-    if parts.contains(&DiscoveryPart::Sources) {
-        let config = testbed::discovery::SourcesConfig {
-            servers: usize::from(args.servers),
-            poll: args.poll,
-            horizon: args.horizon,
-            ..Default::default()
-        };
-        let report = testbed::discovery::run_sources(&launcher, &config, &tell).await?;
-        lost += report.rows.iter().map(|r| r.lost).sum::<u64>();
-        markdown.push_str(&testbed::discovery::sources_markdown(&report));
-        json.insert("sources".into(), serde_json::to_value(&report)?);
-    }
-    if parts.contains(&DiscoveryPart::Scale) {
-        let report = testbed::elastic::run(&launcher, &Default::default(), &tell).await?;
-        lost += report.runs.iter().map(|r| r.lost).sum::<u64>();
-        markdown.push('\n');
-        markdown.push_str(&testbed::elastic::markdown(&report));
-        json.insert("scale".into(), serde_json::to_value(&report)?);
-    }
-    if parts.contains(&DiscoveryPart::Datacenters) {
-        let report =
-            testbed::datacenters::run(&launcher, 2, args.poll.as_duration(), &tell).await?;
-        lost += report.rows.iter().map(|r| r.lost).sum::<u64>();
-        markdown.push('\n');
-        markdown.push_str(&testbed::datacenters::markdown(&report));
-        json.insert("datacenters".into(), serde_json::to_value(&report)?);
-    }
-    progress.finish_and_clear();
-    println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "discovery", &json, &markdown)?;
-    println!("Report: {}\nTable:  {}", json.display(), md.display());
-    if lost > 0 {
-        anyhow::bail!("{lost} message(s) lost (see the tables): every source must lose none");
-    }
-    Ok(())
-}
-
-async fn scale(args: ScaleArgs) -> Result<()> {
-    let parts = if args.only.is_empty() {
-        vec![testbed::scale::Part::Grid, testbed::scale::Part::Modes]
-    } else {
-        args.only.clone()
-    };
-    let config = testbed::scale::ScaleConfig {
-        instances: args.instances,
-        clients: args.clients,
-        grid_mode: args.grid_mode,
-        modes: args.modes,
-        modes_instances: args.modes_instances,
-        modes_clients: args.modes_clients,
-        flip_for: args.flip_for,
-        ..Default::default()
-    };
-    if config.instances.contains(&0) || config.clients.contains(&0) || config.modes_clients == 0 {
-        anyhow::bail!("instance and client counts must be above zero");
-    }
-    let progress = ProgressBar::new_spinner();
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-            .context("progress template")?,
-    );
-    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    let tell = |msg: String| progress.set_message(msg);
-    let report = testbed::scale::run(&Launcher::current_exe()?, &config, &parts, &tell).await?;
-    progress.finish_and_clear();
-    let markdown = testbed::scale::markdown(&report);
-    println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "scale", &report, &markdown)?;
-    println!("Report: {}\nTable:  {}", json.display(), md.display());
-    if !report.grid.is_empty() {
-        let svg = args.out.join("scale.svg");
-        testbed::scale::svg(&report, &svg)?;
-        println!("Plot:   {}", svg.display());
-    }
-    Ok(())
-}
-
-async fn timeline(args: TimelineArgs) -> Result<()> {
-    let progress = ProgressBar::new_spinner();
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-            .context("progress template")?,
-    );
-    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    progress.set_message(
-        "two stories at once (naive, resilient): client first, server, SIGKILL, then Consul's \
-         reaper removes the dead server (60 to 95 s)",
-    );
-    let report = testbed::timeline::run(&Launcher::current_exe()?, &Default::default()).await?;
-    progress.finish_and_clear();
-    let markdown = testbed::timeline::markdown(&report);
-    println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "timeline", &report, &markdown)?;
-    println!("Report: {}\nTable:  {}", json.display(), md.display());
-    Ok(())
-}
-
-async fn cluster(args: ClusterArgs) -> Result<()> {
-    let only = if args.only.is_empty() {
-        testbed::cluster::Scenario::ALL.to_vec()
-    } else {
-        args.only
-    };
-    let progress = ProgressBar::new(only.len() as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} {prefix}: {msg}")
-            .context("progress template")?,
-    );
-    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    let report = testbed::cluster::run(&Launcher::current_exe()?, &only, &progress).await;
-    progress.finish_and_clear();
-    let markdown = testbed::cluster::markdown(&report);
-    println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "cluster", &report, &markdown)?;
-    println!("Report: {}\nTable:  {}", json.display(), md.display());
-    if !report.all_held() {
-        anyhow::bail!("some invariants did not hold (see the report)");
-    }
-    Ok(())
-}
-
-async fn faults(args: FaultsArgs) -> Result<()> {
-    let only = if args.only.is_empty() {
-        faults::Scenario::ALL.to_vec()
-    } else {
-        args.only
-    };
-    let plans: Vec<Box<dyn faults::Plan>> = only
-        .iter()
-        .map(|&scenario| match scenario {
-            faults::Scenario::Paused => Box::new(faults::paused::Config {
-                pause: args.pause.as_duration(),
-                ..Default::default()
-            }),
-            scenario => scenario.plan(),
-        })
-        .collect();
-    let progress = ProgressBar::new(plans.len() as u64);
-    progress.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos}/{len} {prefix}: {msg}")
-            .context("progress template")?,
-    );
-    progress.enable_steady_tick(std::time::Duration::from_millis(200));
-    let report = faults::run(&Launcher::current_exe()?, &plans, &progress).await;
-    progress.finish_and_clear();
-    let markdown = faults::markdown(&report);
-    println!("{markdown}");
-    let (json, md) = report::write_json_and_markdown(&args.out, "faults", &report, &markdown)?;
-    println!("Report: {}\nTable:  {}", json.display(), md.display());
-    if !report.all_held() {
-        anyhow::bail!("some invariants did not hold (see the table)");
-    }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }

@@ -27,7 +27,6 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    path::Path,
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -38,16 +37,18 @@ use consul_api::{
 };
 use consul_registry::{DiscoveryConfig, Snapshot, discovery};
 use futures::{StreamExt, TryStreamExt};
-use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::{
     Cluster, ClusterSpec,
     consul::Consul,
     error::{Error, Result},
+    experiment::{Env, Experiment, Findings, Needs, Plan, Suite},
     faultproxy::FaultProxy,
     procfs,
     procs::{ChildProcess, Launcher},
+    progress::Progress,
+    report::{Axis, Mark, PALETTE, Plot, Series, Table, ms_text},
     wait,
 };
 
@@ -449,23 +450,7 @@ pub fn match_flips(flips: &[Flip], views: &[View], horizon: SystemTime) -> Vec<O
     matched
 }
 
-/// `later - earlier` in milliseconds, 0 when `later` is earlier.
-pub fn ms_between(earlier: SystemTime, later: SystemTime) -> f64 {
-    later
-        .duration_since(earlier)
-        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
-
-/// The `p`-th percentile (nearest rank) of `values`; `None` when empty.
-pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
-}
+pub use crate::report::{ms_between, percentile};
 
 // === the experiment ===
 
@@ -501,7 +486,7 @@ async fn register(
     from: usize,
     to: usize,
     concurrency: usize,
-    progress: &(dyn Fn(String) + Sync),
+    progress: &Progress,
 ) -> Result<()> {
     let done = AtomicUsize::new(from);
     futures::stream::iter(from..to)
@@ -512,13 +497,13 @@ async fn register(
                 client.agent().service_register(&registration(i)).await?;
                 let n = done.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_multiple_of(250) {
-                    progress(format!("registered {n}/{to} instances"));
+                    progress.say(format!("registered {n}/{to} instances"));
                 }
                 Ok(())
             }
         })
         .await?;
-    progress(format!("waiting until Consul lists {to} passing instances"));
+    progress.say(format!("waiting until Consul lists {to} passing instances"));
     let timeout = Duration::from_secs(120 + to as u64 / 20);
     wait::health_until(client, SERVICE, true, timeout, |e| e.len() == to).await?;
     Ok(())
@@ -618,7 +603,7 @@ async fn run_cell(
     launcher: &Launcher,
     config: &ScaleConfig,
     setup: Setup<'_>,
-    progress: &(dyn Fn(String) + Sync),
+    progress: &Progress,
 ) -> Result<Cell> {
     let Setup {
         part,
@@ -654,7 +639,7 @@ async fn run_cell(
         ));
     }
 
-    progress(format!("{label}: starting the clients"));
+    progress.say(format!("{label}: starting the clients"));
     let spawned = std::time::Instant::now();
     let args = vec![
         "--service".to_owned(),
@@ -676,7 +661,7 @@ async fn run_cell(
         if ready == clients || tokio::time::Instant::now() >= ready_deadline {
             break;
         }
-        progress(format!(
+        progress.say(format!(
             "{label}: {ready}/{clients} clients list {listed} instances ({:.0} s)",
             spawned.elapsed().as_secs_f64()
         ));
@@ -696,7 +681,7 @@ async fn run_cell(
     let consul_before = agents_cpu(&agents).await?;
     let t0 = SystemTime::now();
     let started = std::time::Instant::now();
-    progress(format!(
+    progress.say(format!(
         "{label}: flipping one check {} times a second for {}",
         config.flips_per_second, config.flip_for
     ));
@@ -731,7 +716,7 @@ async fn run_cell(
             ));
             break;
         }
-        progress(format!(
+        progress.say(format!(
             "{label}: {behind}/{clients} clients still behind the last flip"
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -748,7 +733,7 @@ async fn run_cell(
     for p in &mut procs {
         let _ = p.kill().await;
     }
-    progress(format!(
+    progress.say(format!(
         "{label}: resting until the killed clients' blocking queries have ended"
     ));
     tokio::time::sleep(CLIENT_WAIT + CLIENT_WAIT / 16 + Duration::from_secs(2)).await;
@@ -833,7 +818,7 @@ pub async fn run(
     launcher: &Launcher,
     config: &ScaleConfig,
     parts: &[Part],
-    progress: &(dyn Fn(String) + Sync),
+    progress: &Progress,
 ) -> Result<ScaleReport> {
     if config.flips_per_second == 0 || config.flips() < 2 {
         return Err(Error::Setting(
@@ -848,7 +833,7 @@ pub async fn run(
         modes_setup: String::new(),
     };
     if parts.contains(&Part::Grid) {
-        progress("grid: starting Consul (one dev agent)".into());
+        progress.say("grid: starting Consul (one dev agent)");
         let consul = Consul::start().await?;
         report.consul_version = consul.version().to_owned();
         let holder = consul.client();
@@ -883,7 +868,7 @@ pub async fn run(
         }
     }
     if parts.contains(&Part::Modes) {
-        progress("modes: starting a cluster (1 server, 1 client agent)".into());
+        progress.say("modes: starting a cluster (1 server, 1 client agent)");
         let cluster = Cluster::start(ClusterSpec::new(1, 1)).await?;
         let server = &cluster.servers()[0];
         let agent = &cluster.clients()[0];
@@ -925,10 +910,6 @@ pub async fn run(
 
 // === report ===
 
-fn opt_ms(v: Option<f64>) -> String {
-    v.map_or("–".into(), |v| format!("{v:.1}"))
-}
-
 fn bytes(b: f64) -> String {
     if b >= 1e6 {
         format!("{:.1} MB", b / 1e6)
@@ -957,197 +938,265 @@ fn consul_cpu(cell: &Cell) -> String {
         .join("; ")
 }
 
-fn table(cells: &[Cell], first: &str, key: impl Fn(&Cell) -> String) -> String {
-    let mut md = format!(
-        "| {first} | listed | answer | Consul's answer time | answers/client/flip | bytes served/flip | \
-         client CPU/answer | client CPU/flip | client RSS max | seen / missed | propagation \
-         p50 / p99 | transfer p50 / p99 | client's share p50 / p99 | Consul CPU over the \
-         window |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    );
+fn table(cells: &[Cell], first: &str, key: impl Fn(&Cell) -> String) -> Table {
+    let mut t = Table::new([
+        first,
+        "listed",
+        "answer",
+        "Consul's answer time",
+        "answers/client/flip",
+        "bytes served/flip",
+        "client CPU/answer",
+        "client CPU/flip",
+        "client RSS max",
+        "seen / missed",
+        "propagation p50 / p99",
+        "transfer p50 / p99",
+        "client's share p50 / p99",
+        "Consul CPU over the window",
+    ]);
     for c in cells {
         let mark = if c.saturated { " **saturated**" } else { "" };
-        md.push_str(&format!(
-            "| {}{mark} | {} | {} | {:.0} ms | {:.2} | {} | {} ms | {:.2} ms | {:.1} MiB | {} / {} | \
-             {} / {} ms | {} / {} ms | {} / {} ms | {} |\n",
-            key(c),
-            c.listed,
+        t.push([
+            format!("{}{mark}", key(c)),
+            c.listed.to_string(),
             bytes(c.answer_bytes as f64),
-            c.answer_ms,
-            c.answers_per_flip,
+            format!("{:.0} ms", c.answer_ms),
+            format!("{:.2}", c.answers_per_flip),
             bytes(c.bytes_per_flip),
-            opt_ms(c.client_cpu_per_answer_ms),
-            c.client_cpu_per_flip_ms,
-            c.client_rss_max_mib,
-            c.seen,
-            c.missed,
-            opt_ms(c.propagation_p50_ms),
-            opt_ms(c.propagation_p99_ms),
-            opt_ms(c.transfer_p50_ms),
-            opt_ms(c.transfer_p99_ms),
-            opt_ms(c.client_added_p50_ms),
-            opt_ms(c.client_added_p99_ms),
-            consul_cpu(c),
-        ));
-    }
-    let notes: Vec<String> = cells
-        .iter()
-        .flat_map(|c| {
-            let k = key(c);
-            c.notes.iter().map(move |n| format!("- {k}: {n}"))
-        })
-        .collect();
-    if !notes.is_empty() {
-        md.push('\n');
-        md.push_str(&notes.join("\n"));
-        md.push('\n');
-    }
-    md
-}
-
-/// The report as markdown: one table per part.
-pub fn markdown(report: &ScaleReport) -> String {
-    let c = &report.config;
-    let mut md = String::new();
-    let explain = format!(
-        "One instance's TTL check flipped critical/passing {} times a second for {} ({} flips); \
-         each client is a process of its own running discovery only (`testbed scale-client`, \
-         logging at warn). *answers/client/flip*: 1 means every flip reached every client as an \
-         answer of its own; below 1 flips were coalesced. *propagation*: from the flip's PUT \
-         returning to a client's view showing it (0 when the view came first); a flip not shown \
-         before the flip after next was sent counts as missed. *transfer*: from the answer's \
-         headers arriving to its body read (Consul sending, the client reading). *client's \
-         share*: from the body read to the view being published (decoding, building the view, \
-         updating the balancer). CPU from `/proc` (clients) and the agent's container (cgroup, else its process).",
-        c.flips_per_second,
-        c.flip_for,
-        c.flips()
-    );
-    if !report.grid.is_empty() {
-        md.push_str(&format!(
-            "## Discovery at scale: instances × clients\n\nConsul {}, one dev agent; reads: \
-             `/v1/health/service/{SERVICE}?passing` + {} (mode `{}`). {explain}\n\n",
-            report.consul_version,
-            report.config.grid_mode.query(),
-            report.config.grid_mode.name()
-        ));
-        md.push_str(&table(&report.grid, "instances × clients", |c| {
-            format!("{} × {}", c.instances, c.clients)
-        }));
-    }
-    if !report.modes.is_empty() {
-        md.push_str(&format!(
-            "\n## Read modes: {} instances, {} clients on one client agent\n\nConsul {}, {}. \
-             {explain}\n\n",
-            c.modes_instances, c.modes_clients, report.consul_version, report.modes_setup
-        ));
-        md.push_str(&table(&report.modes, "mode (query)", |c| {
-            format!("{} ({})", c.mode.name(), c.mode.query())
-        }));
-    }
-    md
-}
-
-/// Plot the grid: client CPU per answer and Consul CPU per flip against the instance count,
-/// one line per client count, both axes logarithmic.
-pub fn svg(report: &ScaleReport, path: &Path) -> Result<()> {
-    let plot_err = |e: &dyn std::fmt::Display| Error::Report {
-        path: path.to_owned(),
-        reason: format!("cannot draw: {e}"),
-    };
-    let cells = &report.grid;
-    let x_max = cells.iter().map(|c| c.instances).max().unwrap_or(10) as f64 * 1.5;
-    let x_min = cells.iter().map(|c| c.instances).min().unwrap_or(10) as f64 / 1.5;
-    let ys: Vec<f64> = cells
-        .iter()
-        .flat_map(|c| {
-            c.client_cpu_per_answer_ms
-                .into_iter()
-                .chain(c.consul.iter().map(|a| a.per_flip_ms))
-        })
-        .filter(|v| *v > 0.0)
-        .collect();
-    let y_max = ys.iter().copied().fold(1.0, f64::max) * 2.0;
-    let y_min = ys.iter().copied().fold(y_max, f64::min).max(0.001) / 2.0;
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| plot_err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
+            ms_text(c.client_cpu_per_answer_ms, 1),
+            format!("{:.2} ms", c.client_cpu_per_flip_ms),
+            format!("{:.1} MiB", c.client_rss_max_mib),
+            format!("{} / {}", c.seen, c.missed),
             format!(
-                "Consul {}: the cost of one change against the instance count",
-                report.consul_version
+                "{} / {}",
+                ms_text(c.propagation_p50_ms, 1),
+                ms_text(c.propagation_p99_ms, 1)
             ),
-            ("sans-serif", 20),
-        )
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
-        .map_err(|e| plot_err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc("instances of the service")
-        .y_desc("CPU milliseconds")
-        .draw()
-        .map_err(|e| plot_err(&e))?;
-    let mut clients: Vec<usize> = cells.iter().map(|c| c.clients).collect();
-    clients.sort_unstable();
-    clients.dedup();
-    let palette = [BLUE, RED, GREEN, MAGENTA, BLACK];
-    for (k, &n) in clients.iter().enumerate() {
-        let color = palette[k % palette.len()];
-        let mut row: Vec<&Cell> = cells.iter().filter(|c| c.clients == n).collect();
-        row.sort_by_key(|c| c.instances);
-        let client_points: Vec<(f64, f64)> = row
-            .iter()
-            .filter_map(|c| Some((c.instances as f64, c.client_cpu_per_answer_ms?)))
-            .filter(|(_, y)| *y > 0.0)
-            .collect();
-        chart
-            .draw_series(LineSeries::new(
-                client_points.clone(),
-                color.stroke_width(2),
-            ))
-            .map_err(|e| plot_err(&e))?
-            .label(format!("client CPU per answer, {n} client(s)"))
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(
-                client_points
-                    .into_iter()
-                    .map(|p| Circle::new(p, 4, color.filled())),
-            )
-            .map_err(|e| plot_err(&e))?;
-        let consul_points: Vec<(f64, f64)> = row
-            .iter()
-            .filter_map(|c| Some((c.instances as f64, c.consul.first()?.per_flip_ms)))
-            .filter(|(_, y)| *y > 0.0)
-            .collect();
-        let dashed = color.mix(0.5).stroke_width(2);
-        chart
-            .draw_series(LineSeries::new(consul_points.clone(), dashed))
-            .map_err(|e| plot_err(&e))?
-            .label(format!("Consul CPU per flip, {n} client(s)"))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], dashed));
-        chart
-            .draw_series(
-                consul_points
-                    .into_iter()
-                    .map(|p| TriangleMarker::new(p, 5, color.filled())),
-            )
-            .map_err(|e| plot_err(&e))?;
+            format!(
+                "{} / {}",
+                ms_text(c.transfer_p50_ms, 1),
+                ms_text(c.transfer_p99_ms, 1)
+            ),
+            format!(
+                "{} / {}",
+                ms_text(c.client_added_p50_ms, 1),
+                ms_text(c.client_added_p99_ms, 1)
+            ),
+            consul_cpu(c),
+        ]);
+        for n in &c.notes {
+            t.note(format!("{}: {n}", key(c)));
+        }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|e| plot_err(&e))?;
-    root.present().map_err(|e| plot_err(&e))?;
-    Ok(())
+    t
+}
+
+// === the contract ===
+
+/// `testbed scale`: the grid, the modes, and their settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Instance counts of the grid (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,5000")]
+    instances: Vec<usize>,
+    /// Client counts of the grid (comma-separated); each client is a process.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    clients: Vec<usize>,
+    /// How the grid's clients read.
+    #[arg(long, value_enum, default_value = "default")]
+    grid_mode: Mode,
+    /// The read modes compared (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "default,stale,cached,filter"
+    )]
+    modes: Vec<Mode>,
+    /// Instances in the modes comparison.
+    #[arg(long, default_value_t = 1000)]
+    modes_instances: usize,
+    /// Clients in the modes comparison.
+    #[arg(long, default_value_t = 100)]
+    modes_clients: usize,
+    /// How long the flipper flips (5 times a second).
+    #[arg(long, default_value = "20s")]
+    flip_for: GoDuration,
+    /// Parts to run (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Part>,
+}
+
+/// The scale experiment: its settings and the parts to run.
+#[derive(Debug, Clone)]
+pub struct Scale {
+    /// The settings.
+    pub config: ScaleConfig,
+    /// The parts, in order.
+    pub parts: Vec<Part>,
+}
+
+impl Suite for Args {
+    fn name(&self) -> &'static str {
+        "scale"
+    }
+
+    fn title(&self) -> String {
+        "Discovery at scale".into()
+    }
+
+    fn plans(&self) -> Result<Vec<Box<dyn Plan>>> {
+        let config = ScaleConfig {
+            instances: self.instances.clone(),
+            clients: self.clients.clone(),
+            grid_mode: self.grid_mode,
+            modes: self.modes.clone(),
+            modes_instances: self.modes_instances,
+            modes_clients: self.modes_clients,
+            flip_for: self.flip_for,
+            ..Default::default()
+        };
+        if config.instances.contains(&0) || config.clients.contains(&0) || config.modes_clients == 0
+        {
+            return Err(Error::Setting(
+                "instance and client counts must be above zero".into(),
+            ));
+        }
+        let parts = if self.only.is_empty() {
+            vec![Part::Grid, Part::Modes]
+        } else {
+            self.only.clone()
+        };
+        Ok(vec![Box::new(Scale { config, parts })])
+    }
+}
+
+impl Experiment for Scale {
+    type Outcome = ScaleReport;
+
+    fn title(&self) -> String {
+        "Instances × clients, and Consul's read modes".into()
+    }
+
+    /// It starts its own agents.
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
+    }
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        _: &mut Env,
+        progress: &Progress,
+    ) -> Result<ScaleReport> {
+        run(launcher, &self.config, &self.parts, progress).await
+    }
+}
+
+impl Findings for ScaleReport {
+    fn consul(&self) -> Option<String> {
+        Some(self.consul_version.clone())
+    }
+
+    fn tables(&self) -> Vec<Table> {
+        let c = &self.config;
+        let mut tables = Vec::new();
+        if !self.grid.is_empty() {
+            tables.push(
+                table(&self.grid, "instances × clients", |c| {
+                    format!("{} × {}", c.instances, c.clients)
+                })
+                .caption(format!(
+                    "Instances × clients: one dev agent; reads: \
+                     `/v1/health/service/{SERVICE}?passing` + {} (mode `{}`)",
+                    c.grid_mode.query(),
+                    c.grid_mode.name()
+                )),
+            );
+        }
+        if !self.modes.is_empty() {
+            tables.push(
+                table(&self.modes, "mode (query)", |c| {
+                    format!("{} ({})", c.mode.name(), c.mode.query())
+                })
+                .caption(format!(
+                    "Read modes: {} instances, {} clients on one client agent; {}",
+                    c.modes_instances, c.modes_clients, self.modes_setup
+                )),
+            );
+        }
+        tables
+    }
+
+    fn details(&self) -> String {
+        let c = &self.config;
+        format!(
+            "Consul {}. One instance's TTL check flipped critical/passing {} times a second for \
+             {} ({} flips); each client is a process of its own running discovery only \
+             (`testbed scale-client`, logging at warn). *answers/client/flip*: 1 means every \
+             flip reached every client as an answer of its own; below 1 flips were coalesced. \
+             *propagation*: from the flip's PUT returning to a client's view showing it (0 when \
+             the view came first); a flip not shown before the flip after next was sent counts \
+             as missed. *transfer*: from the answer's headers arriving to its body read (Consul \
+             sending, the client reading). *client's share*: from the body read to the view \
+             being published (decoding, building the view, updating the balancer). Percentiles \
+             interpolate between the closest ranks. CPU from `/proc` (clients) and the agent's \
+             container (cgroup, else its process).",
+            self.consul_version,
+            c.flips_per_second,
+            c.flip_for,
+            c.flips()
+        )
+    }
+
+    fn plot(&self) -> Option<Plot> {
+        (!self.grid.is_empty()).then(|| self.cost_plot())
+    }
+}
+
+impl ScaleReport {
+    /// The grid: client CPU per answer and Consul CPU per flip against the instance count,
+    /// one line per client count, both axes logarithmic.
+    pub fn cost_plot(&self) -> Plot {
+        let cells = &self.grid;
+        let mut clients: Vec<usize> = cells.iter().map(|c| c.clients).collect();
+        clients.sort_unstable();
+        clients.dedup();
+        let mut series = Vec::new();
+        for (k, &n) in clients.iter().enumerate() {
+            let color = PALETTE[k % PALETTE.len()];
+            let mut row: Vec<&Cell> = cells.iter().filter(|c| c.clients == n).collect();
+            row.sort_by_key(|c| c.instances);
+            series.push(Series {
+                label: format!("client CPU per answer, {n} client(s)"),
+                color,
+                mark: Mark::Line(
+                    row.iter()
+                        .filter_map(|c| Some((c.instances as f64, c.client_cpu_per_answer_ms?)))
+                        .collect(),
+                ),
+            });
+            series.push(Series {
+                label: format!("Consul CPU per flip, {n} client(s)"),
+                color,
+                mark: Mark::FadedLine(
+                    row.iter()
+                        .filter_map(|c| Some((c.instances as f64, c.consul.first()?.per_flip_ms)))
+                        .collect(),
+                ),
+            });
+        }
+        Plot {
+            title: format!(
+                "Consul {}: the cost of one change against the instance count",
+                self.consul_version
+            ),
+            x: Axis::log("instances of the service"),
+            y: Axis::log("CPU milliseconds"),
+            series,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1252,17 +1301,6 @@ mod tests {
     }
 
     #[test]
-    fn percentiles_by_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), Some(50.0));
-        assert_eq!(percentile(&v, 99.0), Some(99.0));
-        assert_eq!(percentile(&v, 100.0), Some(100.0));
-        assert_eq!(percentile(&[3.0, 1.0, 2.0], 50.0), Some(2.0));
-        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
-        assert_eq!(percentile(&[], 50.0), None);
-    }
-
-    #[test]
     fn modes_ask_what_they_say() {
         let q = Mode::CachedFilter.query_options();
         assert!(q.cached);
@@ -1336,11 +1374,11 @@ mod tests {
             modes_setup: String::new(),
         };
         let path = dir.join("scale.svg");
-        svg(&report, &path).unwrap();
+        report.plot().unwrap().svg(&path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("<svg"));
         assert!(text.contains("client CPU per answer, 10 client(s)"));
-        let md = markdown(&report);
+        let md: String = report.tables().iter().map(Table::markdown).collect();
         assert!(md.contains("| 1000 × 1 | 1000 | 24.0 KB |"), "{md}");
         assert!(md.contains("- 10 × 1: a note"));
         std::fs::remove_dir_all(&dir).unwrap();

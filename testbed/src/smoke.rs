@@ -18,7 +18,15 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{consul::Consul, error::Result, wait};
+use crate::{
+    consul::Consul,
+    error::Result,
+    experiment::{Env, Experiment, Findings, Plan, Suite},
+    procs::Launcher,
+    progress::Progress,
+    report::Table,
+    wait,
+};
 
 /// What the smoke run saw.
 #[derive(Debug, Clone, Serialize)]
@@ -121,4 +129,77 @@ pub async fn run(consul: &Consul) -> Result<SmokeReport> {
         removed_after_ms: (gone_at - start).as_secs_f64() * 1e3,
         check_hits: responder.hits(),
     })
+}
+
+// === the contract ===
+
+/// `testbed smoke`: no flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {}
+
+/// The smoke check, as an experiment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Smoke;
+
+impl Suite for Args {
+    fn name(&self) -> &'static str {
+        "smoke"
+    }
+
+    fn title(&self) -> String {
+        "Smoke: the harness end to end".into()
+    }
+
+    fn plans(&self) -> Result<Vec<Box<dyn Plan>>> {
+        Ok(vec![Box::new(Smoke)])
+    }
+}
+
+impl Experiment for Smoke {
+    type Outcome = SmokeReport;
+
+    fn title(&self) -> String {
+        "Register a checked service, see it pass, deregister it".into()
+    }
+
+    async fn run_on(
+        &self,
+        _: &Launcher,
+        env: &mut Env,
+        progress: &Progress,
+    ) -> Result<SmokeReport> {
+        progress.say("registering a checked service");
+        run(env.agent()?).await
+    }
+}
+
+impl Findings for SmokeReport {
+    fn tables(&self) -> Vec<Table> {
+        vec![Table::figures([
+            (
+                "Consul".to_owned(),
+                format!(
+                    "{} ({}) at {}",
+                    self.consul_version, self.backend, self.consul_http
+                ),
+            ),
+            (
+                "registered → passing".to_owned(),
+                format!("{:.1} ms", self.passing_after_ms),
+            ),
+            (
+                "deregistered → gone".to_owned(),
+                format!("{:.1} ms", self.removed_after_ms),
+            ),
+            ("check calls".to_owned(), self.check_hits.to_string()),
+        ])]
+    }
+
+    fn violations(&self) -> Vec<String> {
+        if self.check_hits == 0 {
+            vec!["the agent never called the check".into()]
+        } else {
+            Vec::new()
+        }
+    }
 }

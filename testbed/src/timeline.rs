@@ -16,8 +16,11 @@ use tokio::sync::oneshot;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
+    experiment::{Env, Experiment, Findings, Needs, Plan, Suite},
     logbuf::LogLine,
     procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
+    progress::Progress,
+    report::{Axis, Mark, PALETTE, Plot, Series, Span, Table},
     wait,
 };
 
@@ -415,47 +418,178 @@ fn condense(lines: &[LogLine], t0: SystemTime) -> Vec<Event> {
     events
 }
 
-/// The timelines as markdown.
-pub fn markdown(report: &TimelineReport) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    for story in &report.stories {
-        let _ = writeln!(
-            out,
-            "### Timeline, {} client{}: Consul {}, {}\n",
-            story.mode.flag(),
-            if story.mode == ClientMode::Resilient {
-                ", two servers"
-            } else {
-                ", one server"
-            },
-            story.consul_version,
-            report.date
-        );
-        out.push_str("| t (s) | source | event |\n|---:|---|---|\n");
-        for e in &story.events {
-            let repeat = match (e.count, e.until) {
-                (n, Some(until)) if n > 1 => format!(" (×{n}, until {until:.1})"),
-                _ => String::new(),
-            };
-            let _ = writeln!(
-                out,
-                "| {:.2} | {} | {}{} |",
-                e.at,
-                e.source,
-                e.text.replace('|', "\\|"),
-                repeat
-            );
-        }
-        let _ = writeln!(
-            out,
-            "\nKill → critical {:.1} s, kill → deregistered {:.1} s. Client-seen: {}.\n",
-            story.critical_at - story.killed_at,
-            story.removed_at - story.killed_at,
-            story.outage()
-        );
+// === the contract ===
+
+/// `testbed timeline`: no flags; the seed article's settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {}
+
+impl Suite for Args {
+    fn name(&self) -> &'static str {
+        "timeline"
     }
-    out
+
+    fn title(&self) -> String {
+        "The seed article's story, timestamped".into()
+    }
+
+    fn plans(&self) -> Result<Vec<Box<dyn Plan>>> {
+        Ok(vec![Box::new(TimelineConfig::default())])
+    }
+}
+
+impl Experiment for TimelineConfig {
+    type Outcome = TimelineReport;
+
+    fn title(&self) -> String {
+        "The naive and the resilient client, each against its own agent".into()
+    }
+
+    /// It starts its own agents.
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
+    }
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        _: &mut Env,
+        progress: &Progress,
+    ) -> Result<TimelineReport> {
+        progress.say(
+            "two stories at once (naive, resilient): client first, server, SIGKILL, then \
+             Consul's reaper removes the dead server (60 to 95 s)",
+        );
+        run(launcher, self).await
+    }
+}
+
+impl Findings for TimelineReport {
+    fn consul(&self) -> Option<String> {
+        self.stories.first().map(|s| s.consul_version.clone())
+    }
+
+    fn tables(&self) -> Vec<Table> {
+        self.stories
+            .iter()
+            .map(|story| {
+                let mut t = Table::new(["t (s)", "source", "event"])
+                    .caption(format!(
+                        "Timeline, {} client, {}: Consul {}",
+                        story.mode.flag(),
+                        match story.mode {
+                            ClientMode::Resilient => "two servers",
+                            ClientMode::Naive => "one server",
+                        },
+                        story.consul_version,
+                    ))
+                    .align_right([0]);
+                for e in &story.events {
+                    let repeat = match (e.count, e.until) {
+                        (n, Some(until)) if n > 1 => format!(" (×{n}, until {until:.1})"),
+                        _ => String::new(),
+                    };
+                    t.push([
+                        format!("{:.2}", e.at),
+                        e.source.to_owned(),
+                        format!("{}{repeat}", e.text),
+                    ]);
+                }
+                t.note(format!(
+                    "Kill → critical {:.1} s, kill → deregistered {:.1} s. Client-seen: {}.",
+                    story.critical_at - story.killed_at,
+                    story.removed_at - story.killed_at,
+                    story.outage()
+                ));
+                t
+            })
+            .collect()
+    }
+
+    fn plot(&self) -> Option<Plot> {
+        Some(self.stories_plot())
+    }
+
+    fn violations(&self) -> Vec<String> {
+        self.stories
+            .iter()
+            .filter(|s| s.mode == ClientMode::Resilient && s.worst_reply_after_kill.is_none())
+            .map(|_| "the resilient client had no reply after the kill".to_owned())
+            .collect()
+    }
+}
+
+impl TimelineReport {
+    /// Each client's story against Consul's events: a lane per client, its replies (a bar
+    /// while they repeat) and its failures, and the kill, the check turning critical and the
+    /// service removed on its lane.
+    pub fn stories_plot(&self) -> Plot {
+        let mut replies = Vec::new();
+        let mut replying = Vec::new();
+        let mut failures = Vec::new();
+        let mut failing = Vec::new();
+        let mut marks: [Vec<Span>; 3] = Default::default();
+        for (lane, story) in self.stories.iter().enumerate() {
+            let y = lane as f64;
+            for e in story.events.iter().filter(|e| e.source == "client") {
+                let good = e.text.starts_with("echo replies");
+                let (dots, bars) = if good {
+                    (&mut replies, &mut replying)
+                } else {
+                    (&mut failures, &mut failing)
+                };
+                dots.push((e.at, y));
+                if let Some(until) = e.until {
+                    bars.push(((e.at, y - 0.06), (until, y + 0.06)));
+                }
+            }
+            for (mark, at) in
+                marks
+                    .iter_mut()
+                    .zip([story.killed_at, story.critical_at, story.removed_at])
+            {
+                mark.push(((at, y - 0.35), (at, y + 0.35)));
+            }
+        }
+        let [killed, critical, removed] = marks;
+        let series = |label: &str, color, mark| Series {
+            label: label.into(),
+            color,
+            mark,
+        };
+        Plot {
+            title: "The seed article's story: each client against Consul's events".into(),
+            x: Axis::linear("seconds since the story began"),
+            y: Axis::categories(
+                "client",
+                self.stories
+                    .iter()
+                    .map(|s| s.mode.flag().to_owned())
+                    .collect(),
+            ),
+            series: vec![
+                series("", PALETTE[2], Mark::Boxes(replying)),
+                series("echo replies", PALETTE[2], Mark::Dots(replies)),
+                series("", PALETTE[1], Mark::Boxes(failing)),
+                series(
+                    "failures, \"not found\"",
+                    PALETTE[1],
+                    Mark::Triangles(failures),
+                ),
+                series("SIGKILL", PALETTE[4], Mark::Segments(killed)),
+                series(
+                    "Consul: check critical",
+                    PALETTE[5],
+                    Mark::Segments(critical),
+                ),
+                series(
+                    "Consul: service removed",
+                    PALETTE[3],
+                    Mark::Segments(removed),
+                ),
+            ],
+        }
+    }
 }
 
 #[cfg(test)]
@@ -512,5 +646,49 @@ mod tests {
         assert_eq!(field(l, "latency_ms="), Some(1.65));
         assert_eq!(field(l, "attempts="), Some(2.0));
         assert_eq!(field(l, "nope="), None);
+    }
+
+    #[test]
+    fn both_stories_are_drawn_against_consul_s_events() {
+        let story = |mode, lines: &[LogLine]| Story {
+            mode,
+            consul_version: "1.8.7".into(),
+            events: condense(lines, UNIX_EPOCH),
+            killed_at: 10.0,
+            critical_at: 14.0,
+            removed_at: 85.0,
+            replies_before_kill: 8,
+            replies_after_kill: 0,
+            failures_after_kill: 1,
+            worst_reply_after_kill: None,
+            first_reply_after_kill: None,
+        };
+        let reply = "reply seq=1 instance=servernode_1 addr=127.0.0.1:1 rtt_ms=0.1";
+        let report = TimelineReport {
+            date: "2026-12-06T00:00:00Z".into(),
+            stories: vec![
+                story(
+                    ClientMode::Naive,
+                    &[
+                        line(2, reply),
+                        line(3, reply),
+                        line(11, "dial tcp: refused"),
+                    ],
+                ),
+                story(ClientMode::Resilient, &[line(2, reply)]),
+            ],
+        };
+        assert_eq!(
+            report.violations(),
+            ["the resilient client had no reply after the kill"]
+        );
+        let dir = std::env::temp_dir().join(format!("testbed-timeline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("timeline.svg");
+        report.stories_plot().svg(&path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("resilient") && svg.contains("Consul: service removed"));
+        assert!(svg.contains("<circle"), "replies are drawn");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -9,19 +9,20 @@
 use std::time::{Duration, Instant};
 
 use consul_api::Consistency;
-use consul_harness::cluster::{Cluster, ClusterSpec, Data, Member};
+use consul_harness::cluster::{ClusterSpec, Data, Member};
 use serde::Serialize;
 
-use super::{
-    Experiment, Findings, LIMIT, ms, ms_between, node_client, node_server, passing_exactly,
-};
+use super::{LIMIT, Scenario, ms, ms_between, node_client, node_server, passing_exactly};
 use crate::{
     error::Result,
-    faults::{
-        Basics, echo_direct,
-        observe::{DiscoveryLog, Traffic},
-    },
+    experiment::{Env, Experiment, Findings, Needs},
     procs::{Launcher, ServerProcess},
+    progress::Progress,
+    report::Table,
+    scenario::{
+        Basics, echo_direct,
+        observers::{DiscoveryLog, Traffic},
+    },
 };
 
 /// Settings.
@@ -75,28 +76,8 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
-    fn figures(&self) -> Vec<(String, String)> {
-        let mut rows = Vec::new();
-        for r in &self.rounds {
-            rows.push((
-                format!("agent killed, back {}", r.restart),
-                format!(
-                    "view dropped its servers after {:.1} s; direct echoes {}/{}; {} server(s) \
-                     noticed; passing again {:.2} s after the agent's return ({:.1} intervals)",
-                    r.dropped_ms / 1e3,
-                    r.direct_echoes.0,
-                    r.direct_echoes.1,
-                    r.servers_noticed,
-                    r.back_ms / 1e3,
-                    r.back_in_intervals
-                ),
-            ));
-        }
-        rows.push((
-            "echoes sent / lost".into(),
-            format!("{} / {}", self.basics.tally.sent, self.basics.tally.lost),
-        ));
-        rows
+    fn tables(&self) -> Vec<Table> {
+        vec![Table::figures(self.figures())]
     }
 
     fn details(&self) -> String {
@@ -136,20 +117,47 @@ impl Findings for Outcome {
     }
 }
 
+impl Outcome {
+    /// `(figure, value)` rows of its table.
+    pub fn figures(&self) -> Vec<(String, String)> {
+        let mut rows = Vec::new();
+        for r in &self.rounds {
+            rows.push((
+                format!("agent killed, back {}", r.restart),
+                format!(
+                    "view dropped its servers after {:.1} s; direct echoes {}/{}; {} server(s) \
+                     noticed; passing again {:.2} s after the agent's return ({:.1} intervals)",
+                    r.dropped_ms / 1e3,
+                    r.direct_echoes.0,
+                    r.direct_echoes.1,
+                    r.servers_noticed,
+                    r.back_ms / 1e3,
+                    r.back_in_intervals
+                ),
+            ));
+        }
+        rows.push((
+            "echoes sent / lost".into(),
+            format!("{} / {}", self.basics.tally.sent, self.basics.tally.lost),
+        ));
+        rows
+    }
+}
+
 impl Experiment for Config {
     type Outcome = Outcome;
 
-    fn topology(&self) -> ClusterSpec {
-        ClusterSpec::new(self.servers, 2)
+    fn title(&self) -> String {
+        Scenario::AgentDies.title().into()
     }
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        cluster: &mut Cluster,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("two echo servers on node 1, one on node 2");
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Cluster(ClusterSpec::new(self.servers, 2)))
+    }
+
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let cluster = env.cluster()?;
+        step.say("two echo servers on node 1, one on node 2");
         let node = Member::Client(0);
         let home = Member::Client(1);
         let mut servers: Vec<ServerProcess> = Vec::new();
@@ -179,7 +187,7 @@ impl Experiment for Config {
                 Data::Keep => "with its data",
                 Data::Wipe => "with an empty data directory",
             };
-            step(&format!("killing node 1's agent (it comes back {label})"));
+            step.say(format!("killing node 1's agent (it comes back {label})"));
             let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
             let killed = Instant::now();
             cluster.crash(node).await?;
@@ -205,7 +213,7 @@ impl Experiment for Config {
                         .any(|l| l.text.contains("WARN") || l.text.contains("ERROR"))
                 })
                 .count();
-            step(&format!("starting node 1's agent again {label}"));
+            step.say(format!("starting node 1's agent again {label}"));
             let restarted = Instant::now();
             cluster.start_again(node, data).await?;
             let back_at = tokio::time::Instant::now();

@@ -9,20 +9,23 @@
 use std::time::{Duration, Instant};
 
 use consul_api::Consistency;
-use consul_harness::cluster::{Cluster, ClusterSpec, Member};
+use consul_harness::cluster::{ClusterSpec, Member};
 use serde::Serialize;
 
 use super::{
-    Experiment, Findings, LIMIT, ViewFigures, ms, ms_between, node_client, node_server,
-    passing_exactly, secs_or_never,
+    LIMIT, Scenario, ViewFigures, ms, ms_between, node_client, node_server, passing_exactly,
+    secs_or_never,
 };
 use crate::{
     error::Result,
-    faults::{
-        Basics,
-        observe::{DiscoveryLog, Tally, Traffic},
-    },
+    experiment::{Env, Experiment, Findings, Needs},
     procs::Launcher,
+    progress::Progress,
+    report::{Plot, Table},
+    scenario::{
+        Basics,
+        observers::{DiscoveryLog, Tally, Traffic},
+    },
 };
 
 /// Settings.
@@ -73,37 +76,22 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
-    fn figures(&self) -> Vec<(String, String)> {
-        let mut rows = vec![
-            (
-                "kill → new leader".into(),
-                format!(
-                    "{:.1} s ({} → {})",
-                    self.election_ms / 1e3,
-                    self.old_leader,
-                    self.new_leader
-                ),
-            ),
-            (
-                "registration during the election: accepted by the client agent".into(),
-                format!("{:.2} s after the kill", self.registered_locally_ms / 1e3),
-            ),
-            (
-                "… visible in the catalog".into(),
-                format!("{:.1} s after the kill", self.registration_visible_ms / 1e3),
-            ),
-        ];
-        for v in &self.views {
-            rows.push((format!("discovery, {} reads", v.reads), v.cell()));
-        }
-        rows.push((
-            "echoes (default / stale client), lost".into(),
+    fn plot(&self) -> Option<Plot> {
+        Some(super::views_plot(
             format!(
-                "{} / {} sent, {} lost",
-                self.default_traffic.sent, self.stale_traffic.sent, self.basics.tally.lost
+                "The leader ({}) killed: each client's view",
+                self.old_leader
             ),
-        ));
-        rows
+            &self.views,
+            &[
+                ("a new leader", self.election_ms),
+                ("registration visible", self.registration_visible_ms),
+            ],
+        ))
+    }
+
+    fn tables(&self) -> Vec<Table> {
+        vec![Table::figures(self.figures())]
     }
 
     fn details(&self) -> String {
@@ -148,20 +136,56 @@ impl Findings for Outcome {
     }
 }
 
+impl Outcome {
+    /// `(figure, value)` rows of its table.
+    pub fn figures(&self) -> Vec<(String, String)> {
+        let mut rows = vec![
+            (
+                "kill → new leader".into(),
+                format!(
+                    "{:.1} s ({} → {})",
+                    self.election_ms / 1e3,
+                    self.old_leader,
+                    self.new_leader
+                ),
+            ),
+            (
+                "registration during the election: accepted by the client agent".into(),
+                format!("{:.2} s after the kill", self.registered_locally_ms / 1e3),
+            ),
+            (
+                "… visible in the catalog".into(),
+                format!("{:.1} s after the kill", self.registration_visible_ms / 1e3),
+            ),
+        ];
+        for v in &self.views {
+            rows.push((format!("discovery, {} reads", v.reads), v.cell()));
+        }
+        rows.push((
+            "echoes (default / stale client), lost".into(),
+            format!(
+                "{} / {} sent, {} lost",
+                self.default_traffic.sent, self.stale_traffic.sent, self.basics.tally.lost
+            ),
+        ));
+        rows
+    }
+}
+
 impl Experiment for Config {
     type Outcome = Outcome;
 
-    fn topology(&self) -> ClusterSpec {
-        ClusterSpec::new(self.servers, 1)
+    fn title(&self) -> String {
+        Scenario::LeaderKilled.title().into()
     }
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        cluster: &mut Cluster,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("echo servers on the client node");
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Cluster(ClusterSpec::new(self.servers, 1)))
+    }
+
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let cluster = env.cluster()?;
+        step.say("echo servers on the client node");
         let node = Member::Client(0);
         let mut servers = Vec::new();
         for id in ["servernode_1", "servernode_2"] {
@@ -191,7 +215,7 @@ impl Experiment for Config {
         }
 
         let (old, _) = cluster.wait_leader(None, LIMIT).await?;
-        step(&format!("killing the leader (server-{})", old + 1));
+        step.say(format!("killing the leader (server-{})", old + 1));
         let killed = tokio::time::Instant::now();
         let killed_std = Instant::now();
         cluster.crash(Member::Server(old)).await?;
@@ -199,9 +223,9 @@ impl Experiment for Config {
             node_server(launcher, cluster.agent(node), "servernode_3", self.interval).await?;
         let registered_locally = killed.elapsed();
         servers.push(third);
-        step("waiting for a new leader (Raft: 5 s timeouts in production)");
+        step.say("waiting for a new leader (Raft: 5 s timeouts in production)");
         let (new, elected) = cluster.wait_leader(Some(old), LIMIT).await?;
-        step("waiting for the registration made during the election to show");
+        step.say("waiting for the registration made during the election to show");
         let all: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
         let visible = passing_exactly(cluster.agent(node), &all).await?;
         for log in &logs {

@@ -10,38 +10,35 @@
 //!   registration made during the election;
 //! * [`quorum`] — two of three servers down for a minute: default, stale and bounded-stale
 //!   discovery, traffic from the cached view, recovery;
-//! * [`reaper`] — services on client agents started at different times, killed together:
+//! * [`reaper_phases`] — services on client agents started at different times, killed together:
 //!   each removal at its own agent's reaper tick.
 //!
-//! In every scenario a resilient client streams echoes through the fault (the traffic and
-//! discovery observers of [`crate::faults::observe`]); every wait has a deadline and every
-//! loop a bound.
+//! Every scenario is an [`Experiment`](crate::experiment::Experiment) that needs a cluster;
+//! its outcome's table is `(figure, value)` rows. In every scenario a resilient client
+//! streams echoes through the fault (the traffic and discovery observers of
+//! [`crate::scenario::observers`]); every wait has a deadline and every loop a bound.
 
 pub mod agent;
 pub mod leader;
 pub mod node;
 pub mod quorum;
-pub mod reaper;
+pub mod reaper_phases;
 
-use std::{
-    fmt::Write as _,
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant};
 
 use echo_client::EchoClient;
-use indicatif::ProgressBar;
 use serde::Serialize;
-
-use consul_harness::cluster::{Cluster, ClusterSpec};
 
 use crate::{
     Consul,
     error::{Error, Result},
-    faults::{
-        self, SERVICE,
-        observe::{DiscoveryLog, View, ViewState},
-    },
+    experiment::{Plan, Suite, chosen},
     procs::{Launcher, ServerProcess},
+    report::{Axis, Mark, PALETTE, Plot, Series, ms},
+    scenario::{
+        self, SERVICE,
+        observers::{DiscoveryLog, View, ViewState},
+    },
     wait,
 };
 
@@ -63,7 +60,7 @@ pub enum Scenario {
     /// d. Two of three servers down (quorum lost), then back.
     QuorumLost,
     /// e. Services on three client agents started apart, killed together.
-    Reaper,
+    ReaperPhases,
 }
 
 impl Scenario {
@@ -73,7 +70,7 @@ impl Scenario {
         Scenario::AgentDies,
         Scenario::LeaderKilled,
         Scenario::QuorumLost,
-        Scenario::Reaper,
+        Scenario::ReaperPhases,
     ];
 
     /// The report's title for it.
@@ -83,243 +80,64 @@ impl Scenario {
             Scenario::AgentDies => "b. an agent dies, its services do not",
             Scenario::LeaderKilled => "c. the leader is killed",
             Scenario::QuorumLost => "d. quorum lost",
-            Scenario::Reaper => "e. deregistration across agents",
+            Scenario::ReaperPhases => "e. deregistration across agents",
         }
     }
 }
 
-/// What a scenario gives the report: its figures as a table and a paragraph, and whether
-/// its invariants held.
-pub trait Findings: Serialize {
-    /// `(figure, value)` rows.
-    fn figures(&self) -> Vec<(String, String)>;
-    /// How it was measured, with the figures: one markdown paragraph.
-    fn details(&self) -> String;
-    /// The invariants that did not hold (empty: all held).
-    fn violations(&self) -> Vec<String>;
-}
-
-/// One scenario as run.
-#[derive(Debug, Clone, Serialize)]
-pub struct Recorded {
-    /// Which scenario.
-    pub scenario: Scenario,
-    /// Its title.
-    pub title: &'static str,
-    /// The cluster it ran on: servers, clients, `reconnect_timeout`.
-    pub topology: String,
-    /// `(figure, value)` rows.
-    pub figures: Vec<(String, String)>,
-    /// How each figure was measured.
-    pub details: String,
-    /// Invariants that did not hold.
-    pub violations: Vec<String>,
-    /// Everything it measured, as JSON (`None` if it failed).
-    pub outcome: Option<serde_json::Value>,
-    /// Why it could not run to the end.
-    pub error: Option<String>,
-    /// Its wall time, seconds.
-    pub wall_time: f64,
-}
-
-/// Everything `testbed cluster` measured.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    /// When the run began (RFC 3339, UTC).
-    pub date: String,
-    /// Consul's version and backend.
-    pub consul: String,
-    /// The scenarios, in order.
-    pub scenarios: Vec<Recorded>,
-    /// Wall time of the whole run, seconds.
-    pub wall_time: f64,
-}
-
-impl Report {
-    /// True when every scenario ran and every invariant held.
-    pub fn all_held(&self) -> bool {
-        self.scenarios
-            .iter()
-            .all(|s| s.error.is_none() && s.violations.is_empty())
-    }
-}
-
-/// Run `scenarios` one after the other, each on a cluster of its own; a scenario that fails
-/// is reported as such and the others still run.
-pub async fn run(launcher: &Launcher, scenarios: &[Scenario], progress: &ProgressBar) -> Report {
-    let began = SystemTime::now();
-    let started = Instant::now();
-    let mut order = scenarios.to_vec();
-    order.sort();
-    order.dedup();
-    progress.set_length(order.len() as u64);
-    let mut recorded = Vec::new();
-    let mut consul = String::new();
-    for scenario in order {
-        progress.set_prefix(scenario.title());
-        let step = |msg: &str| progress.set_message(msg.to_owned());
-        let t = Instant::now();
-        let result = match scenario {
-            Scenario::NodeDies => record(launcher, &node::Config::default(), &step).await,
-            Scenario::AgentDies => record(launcher, &agent::Config::default(), &step).await,
-            Scenario::LeaderKilled => record(launcher, &leader::Config::default(), &step).await,
-            Scenario::QuorumLost => record(launcher, &quorum::Config::default(), &step).await,
-            Scenario::Reaper => record(launcher, &reaper::Config::default(), &step).await,
-        };
-        let mut r = match result {
-            Ok((r, label)) => {
-                consul = label;
-                r
-            }
-            Err(e) => {
-                tracing::error!(scenario = scenario.title(), error = %e, "scenario failed");
-                Recorded {
-                    scenario,
-                    title: scenario.title(),
-                    topology: String::new(),
-                    figures: Vec::new(),
-                    details: String::new(),
-                    violations: vec![format!("error: {e}")],
-                    outcome: None,
-                    error: Some(format!("{e:#}")),
-                    wall_time: 0.0,
-                }
-            }
-        };
-        r.scenario = scenario;
-        r.title = scenario.title();
-        r.wall_time = t.elapsed().as_secs_f64();
-        recorded.push(r);
-        progress.inc(1);
-    }
-    Report {
-        date: crate::report::rfc3339(began),
-        consul,
-        scenarios: recorded,
-        wall_time: started.elapsed().as_secs_f64(),
-    }
-}
-
-/// A scenario's settings: the cluster it needs, and how to run it on that cluster.
-pub trait Experiment {
-    /// What one run measured.
-    type Outcome: Findings;
-    /// The cluster to start.
-    fn topology(&self) -> ClusterSpec;
-    /// Run once on `cluster`, just started from [`Experiment::topology`].
-    fn run_on(
-        &self,
-        launcher: &Launcher,
-        cluster: &mut Cluster,
-        step: &dyn Fn(&str),
-    ) -> impl Future<Output = Result<Self::Outcome>>;
-
-    /// Start the cluster, then run once on it.
-    fn run(
-        &self,
-        launcher: &Launcher,
-        step: &dyn Fn(&str),
-    ) -> impl Future<Output = Result<Self::Outcome>> {
-        async move {
-            let mut cluster = start(&self.topology(), step).await?;
-            self.run_on(launcher, &mut cluster, step).await
+impl Scenario {
+    /// The scenario with its default settings.
+    pub fn plan(self) -> Box<dyn Plan> {
+        match self {
+            Scenario::NodeDies => Box::new(node::Config::default()),
+            Scenario::AgentDies => Box::new(agent::Config::default()),
+            Scenario::LeaderKilled => Box::new(leader::Config::default()),
+            Scenario::QuorumLost => Box::new(quorum::Config::default()),
+            Scenario::ReaperPhases => Box::new(reaper_phases::Config::default()),
         }
     }
 }
 
-async fn start(spec: &ClusterSpec, step: &dyn Fn(&str)) -> Result<Cluster> {
-    step(&format!(
-        "starting {} servers and {} client agents, waiting for a leader",
-        spec.servers, spec.clients
-    ));
-    Ok(Cluster::start(spec.clone()).await?)
+/// `testbed cluster`: which scenarios.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Scenarios to run (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    only: Vec<Scenario>,
 }
 
-async fn record<E: Experiment>(
-    launcher: &Launcher,
-    experiment: &E,
-    step: &dyn Fn(&str),
-) -> Result<(Recorded, String)> {
-    let spec = experiment.topology();
-    let mut cluster = start(&spec, step).await?;
-    let label = faults::consul_label(&cluster.servers()[0]);
-    let outcome = experiment.run_on(launcher, &mut cluster, step).await?;
-    let json = serde_json::to_value(&outcome).unwrap_or_else(|e| {
-        serde_json::Value::String(format!("(the outcome as JSON failed: {e})"))
-    });
-    Ok((
-        Recorded {
-            scenario: Scenario::NodeDies,
-            title: "",
-            topology: describe(&spec),
-            figures: outcome.figures(),
-            details: outcome.details(),
-            violations: outcome.violations(),
-            outcome: Some(json),
-            error: None,
-            wall_time: 0.0,
-        },
-        label,
-    ))
-}
+impl Suite for Args {
+    fn name(&self) -> &'static str {
+        "cluster"
+    }
 
-/// "3 servers + 3 clients, reconnect_timeout 72h (default)".
-pub fn describe(spec: &ClusterSpec) -> String {
-    format!(
-        "{} servers + {} client agents, reconnect_timeout {}",
-        spec.servers,
-        spec.clients,
-        spec.reconnect_timeout
-            .map(|d| consul_api::GoDuration(d).to_string())
-            .unwrap_or_else(|| "72h (Consul's default)".into())
-    )
-}
+    fn title(&self) -> String {
+        "A real Consul cluster".into()
+    }
 
-/// The report as markdown: one section per scenario.
-pub fn markdown(report: &Report) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "## testbed cluster — {} — Consul {}\n",
-        report.date, report.consul
-    );
-    for s in &report.scenarios {
-        let _ = writeln!(out, "### {}\n", s.title);
-        if !s.topology.is_empty() {
-            let _ = writeln!(
-                out,
-                "Cluster: {}. Wall time {:.0} s.\n",
-                s.topology, s.wall_time
-            );
-        }
-        if !s.figures.is_empty() {
-            out.push_str("| figure | value |\n|---|---|\n");
-            for (k, v) in &s.figures {
-                let _ = writeln!(out, "| {k} | {v} |");
-            }
-            out.push('\n');
-        }
-        let held = if s.violations.is_empty() {
-            "all invariants held".to_owned()
+    fn plans(&self) -> Result<Vec<Box<dyn Plan>>> {
+        let mut only = if self.only.is_empty() {
+            Scenario::ALL.to_vec()
         } else {
-            format!("**broken**: {}", s.violations.join("; "))
+            self.only.clone()
         };
-        let _ = writeln!(out, "Invariants: {held}.\n");
-        if !s.details.is_empty() {
-            let _ = writeln!(out, "{}\n", s.details);
-        }
+        only.sort();
+        only.dedup();
+        Ok(chosen(&self.only, &Scenario::ALL)
+            .into_iter()
+            .map(Scenario::plan)
+            .collect())
     }
-    out.push_str(
+
+    fn method(&self) -> &'static str {
         "Every agent runs in its own container (host networking) on its own loopback address \
          with Consul's default ports, production timings (not `-dev`). Messages are echoes \
          sent through resilient `EchoClient`s, each talking to the client agent of its own \
          node; lost = answered with an error or with other bytes. Times are taken by the \
          testbed when it injects a fault and when it observes the effect (a discovery \
          snapshot, a blocking query's answer, an agent's log line with Consul's own \
-         timestamp).\n",
-    );
-    let _ = writeln!(out, "\nRun wall time: {:.0} s.", report.wall_time);
-    out
+         timestamp)."
+    }
 }
 
 // === helpers shared by the scenarios ===
@@ -333,7 +151,7 @@ pub(crate) async fn node_server(
     interval: Duration,
 ) -> Result<ServerProcess> {
     let spec =
-        faults::server_spec(agent.config(), id, interval)?.on_address(agent.spec().address)?;
+        scenario::server_spec(agent.config(), id, interval)?.on_address(agent.spec().address)?;
     Ok(ServerProcess::spawn(launcher, spec).await?)
 }
 
@@ -343,7 +161,7 @@ pub(crate) fn node_client(
     consistency: consul_api::Consistency,
     max_stale: Option<Duration>,
 ) -> Result<EchoClient> {
-    faults::client_reading(
+    scenario::client_reading(
         agent.config(),
         Duration::from_secs(1),
         consistency,
@@ -381,6 +199,9 @@ pub struct ViewFigures {
     pub first_error: Option<String>,
     /// `from` → the first reachable view satisfying the scenario's condition, milliseconds.
     pub current_after_ms: Option<f64>,
+    /// The views from `from` on: (milliseconds after `from`, reachable, instances listed),
+    /// the one in force at `from` first, the state at the end last.
+    pub timeline: Vec<(f64, bool, usize)>,
 }
 
 impl ViewFigures {
@@ -431,12 +252,33 @@ impl ViewFigures {
         if let Some(since) = down_since {
             total += since.elapsed();
         }
+        let point = |v: &View, at: Instant| {
+            (
+                ms(at.saturating_duration_since(from)),
+                v.state == ViewState::Reachable,
+                v.ids.len(),
+            )
+        };
+        let mut timeline: Vec<(f64, bool, usize)> = before
+            .map(|v| point(v, from))
+            .into_iter()
+            .chain(
+                views
+                    .iter()
+                    .filter(|v| v.at >= from)
+                    .map(|v| point(v, v.at)),
+            )
+            .collect();
+        if let Some(last) = views.last() {
+            timeline.push(point(last, Instant::now()));
+        }
         ViewFigures {
             reads: reads.to_owned(),
             unreachable_episodes: episodes,
             unreachable_ms: ms(total),
             first_error,
             current_after_ms: current_after.map(ms),
+            timeline,
         }
     }
 
@@ -462,6 +304,58 @@ impl ViewFigures {
     }
 }
 
+/// Each client's view against Consul's `events` (name, milliseconds after the fault): the
+/// instances it listed over time (a step line per client), a triangle at each unreachable
+/// view, a vertical line per event.
+pub fn views_plot(title: String, views: &[ViewFigures], events: &[(&str, f64)]) -> Plot {
+    let most = views
+        .iter()
+        .flat_map(|v| v.timeline.iter().map(|p| p.2))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let mut series = Vec::new();
+    for (i, v) in views.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        series.push(Series {
+            label: format!("{} reads: instances listed", v.reads),
+            color,
+            mark: Mark::Steps(
+                v.timeline
+                    .iter()
+                    .map(|&(at, _, n)| (at / 1e3, n as f64))
+                    .collect(),
+            ),
+        });
+        let down: Vec<(f64, f64)> = v
+            .timeline
+            .iter()
+            .filter(|p| !p.1)
+            .map(|&(at, _, _)| (at / 1e3, 0.0))
+            .collect();
+        if !down.is_empty() {
+            series.push(Series {
+                label: format!("{} reads: unreachable", v.reads),
+                color,
+                mark: Mark::Triangles(down),
+            });
+        }
+    }
+    for (k, (name, at)) in events.iter().enumerate() {
+        series.push(Series {
+            label: format!("{name} ({:.1} s)", at / 1e3),
+            color: PALETTE[(views.len() + k) % PALETTE.len()],
+            mark: Mark::Segments(vec![((at / 1e3, 0.0), (at / 1e3, most + 0.5))]),
+        });
+    }
+    Plot {
+        title,
+        x: Axis::linear("seconds after the fault"),
+        y: Axis::linear("instances listed").range(0.0, most + 1.0),
+        series,
+    }
+}
+
 /// Until the latest view of `log` satisfies `pred` (it may have for a while: a view that does
 /// not change publishes nothing new); returns since when it has, not before `after`.
 pub(crate) async fn settled(
@@ -482,11 +376,6 @@ pub(crate) async fn settled(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Milliseconds of `d`, as a float.
-pub(crate) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// Milliseconds from `from` to `to` (tokio instants).
@@ -511,9 +400,11 @@ pub(crate) fn timeout(what: &str, after: Duration) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use consul_harness::cluster::ClusterSpec;
 
     #[test]
     fn clusters_describe_themselves() {
+        use crate::experiment::describe_cluster as describe;
         let mut spec = ClusterSpec::new(3, 3);
         assert_eq!(
             describe(&spec),
@@ -525,5 +416,37 @@ mod tests {
             "{}",
             describe(&spec)
         );
+    }
+
+    #[test]
+    fn views_are_drawn_against_the_events() {
+        let view = |reads: &str, timeline| ViewFigures {
+            reads: reads.into(),
+            unreachable_episodes: 1,
+            unreachable_ms: 500.0,
+            first_error: None,
+            current_after_ms: Some(1500.0),
+            timeline,
+        };
+        let views = [
+            view(
+                "default",
+                vec![(0.0, true, 2), (200.0, false, 2), (1500.0, true, 3)],
+            ),
+            view("stale", vec![(0.0, true, 2), (900.0, true, 3)]),
+        ];
+        let plot = views_plot("t".into(), &views, &[("a new leader", 1200.0)]);
+        assert_eq!(
+            plot.series.len(),
+            4,
+            "two step lines, one unreachable, one event"
+        );
+        let dir = std::env::temp_dir().join(format!("testbed-views-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("views.svg");
+        plot.svg(&path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("a new leader (1.2 s)"), "{svg}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,21 +10,24 @@
 use std::time::{Duration, Instant};
 
 use consul_api::{Consistency, HealthStatus, QueryOptions};
-use consul_harness::cluster::{Cluster, ClusterSpec, Member};
+use consul_harness::cluster::{ClusterSpec, Member};
 use serde::Serialize;
 
 use super::{
-    Experiment, Findings, LIMIT, ms, ms_between, node_client, node_server, passing_exactly,
-    secs_or_never, timeout,
+    LIMIT, Scenario, ms, ms_between, node_client, node_server, passing_exactly, secs_or_never,
+    timeout,
 };
 use crate::{
     error::Result,
-    faults::{
-        Basics, SERVICE,
-        observe::{DiscoveryLog, Traffic},
-    },
+    experiment::{Env, Experiment, Findings, Needs},
     model::ReaperModel,
     procs::Launcher,
+    progress::Progress,
+    report::Table,
+    scenario::{
+        Basics, SERVICE,
+        observers::{DiscoveryLog, Traffic},
+    },
     wait,
 };
 
@@ -88,7 +91,53 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
-    fn figures(&self) -> Vec<(String, String)> {
+    fn tables(&self) -> Vec<Table> {
+        vec![Table::figures(self.figures())]
+    }
+
+    fn details(&self) -> String {
+        format!(
+            "The node's client agent and its echo server were killed (SIGKILL) together. The \
+             servers' gossip marked the node failed and its `serfHealth` critical, so \
+             `?passing` dropped {} after {:.1} s (production gossip: 1 s probes, suspicion \
+             multiplier 4) and the client's view after {:.1} s; the catalog still listed it \
+             ({}). `DeregisterCriticalServiceAfter` never applies: the reaper that would \
+             apply it runs inside the dead agent. The catalog lost it only when the node was \
+             reaped, {} after the kill, with `reconnect_timeout` shortened for the experiment \
+             (Consul 1.8.7 does not enforce the documented 8 h minimum; the default is 72 h, \
+             so in production a dead node's services stay in the catalog, critical, for three \
+             days unless an operator runs `consul force-leave`). A node whose agent is sent \
+             SIGTERM leaves instead: its services were gone {}.",
+            self.dead_instance,
+            self.passing_dropped_ms / 1e3,
+            self.view_dropped_ms / 1e3,
+            if self.catalog_kept {
+                "with its node's serfHealth critical"
+            } else {
+                "**not**: it was gone"
+            },
+            secs_or_never(self.catalog_removed_ms),
+            self.leave_removed_ms
+                .map(|m| format!("{m:.0} ms after the signal"))
+                .unwrap_or_else(|| "(contrast not run)".into()),
+        )
+    }
+
+    fn violations(&self) -> Vec<String> {
+        let mut v = self.basics.violations();
+        if !self.catalog_kept {
+            v.push("the catalog dropped the dead node's instance at once".into());
+        }
+        if self.dereg_after_never_fired == Some(false) {
+            v.push("DeregisterCriticalServiceAfter fired on a dead agent".into());
+        }
+        v
+    }
+}
+
+impl Outcome {
+    /// `(figure, value)` rows of its table.
+    pub fn figures(&self) -> Vec<(String, String)> {
         let s = |m: f64| format!("{:.1} s", m / 1e3);
         vec![
             (
@@ -133,64 +182,25 @@ impl Findings for Outcome {
             ),
         ]
     }
-
-    fn details(&self) -> String {
-        format!(
-            "The node's client agent and its echo server were killed (SIGKILL) together. The \
-             servers' gossip marked the node failed and its `serfHealth` critical, so \
-             `?passing` dropped {} after {:.1} s (production gossip: 1 s probes, suspicion \
-             multiplier 4) and the client's view after {:.1} s; the catalog still listed it \
-             ({}). `DeregisterCriticalServiceAfter` never applies: the reaper that would \
-             apply it runs inside the dead agent. The catalog lost it only when the node was \
-             reaped, {} after the kill, with `reconnect_timeout` shortened for the experiment \
-             (Consul 1.8.7 does not enforce the documented 8 h minimum; the default is 72 h, \
-             so in production a dead node's services stay in the catalog, critical, for three \
-             days unless an operator runs `consul force-leave`). A node whose agent is sent \
-             SIGTERM leaves instead: its services were gone {}.",
-            self.dead_instance,
-            self.passing_dropped_ms / 1e3,
-            self.view_dropped_ms / 1e3,
-            if self.catalog_kept {
-                "with its node's serfHealth critical"
-            } else {
-                "**not**: it was gone"
-            },
-            secs_or_never(self.catalog_removed_ms),
-            self.leave_removed_ms
-                .map(|m| format!("{m:.0} ms after the signal"))
-                .unwrap_or_else(|| "(contrast not run)".into()),
-        )
-    }
-
-    fn violations(&self) -> Vec<String> {
-        let mut v = self.basics.violations();
-        if !self.catalog_kept {
-            v.push("the catalog dropped the dead node's instance at once".into());
-        }
-        if self.dereg_after_never_fired == Some(false) {
-            v.push("DeregisterCriticalServiceAfter fired on a dead agent".into());
-        }
-        v
-    }
 }
 
 impl Experiment for Config {
     type Outcome = Outcome;
 
-    fn topology(&self) -> ClusterSpec {
-        ClusterSpec {
-            reconnect_timeout: self.reconnect_timeout,
-            ..ClusterSpec::new(self.servers, if self.contrast { 3 } else { 2 })
-        }
+    fn title(&self) -> String {
+        Scenario::NodeDies.title().into()
     }
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        cluster: &mut Cluster,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("an echo server on every client node");
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Cluster(ClusterSpec {
+            reconnect_timeout: self.reconnect_timeout,
+            ..ClusterSpec::new(self.servers, if self.contrast { 3 } else { 2 })
+        }))
+    }
+
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let cluster = env.cluster()?;
+        step.say("an echo server on every client node");
         let nodes = cluster.clients().len();
         let mut servers = Vec::new();
         for n in 0..nodes {
@@ -222,7 +232,7 @@ impl Experiment for Config {
             .wait_for("10 echoes", LIMIT, |o| o.seq >= 10 && !o.lost())
             .await?;
 
-        step("killing node 1: its client agent and its echo server");
+        step.say("killing node 1: its client agent and its echo server");
         let dead = ids[0].clone();
         let killed = tokio::time::Instant::now();
         let killed_std = Instant::now();
@@ -232,7 +242,7 @@ impl Experiment for Config {
         cluster.crash(Member::Client(0)).await?;
         servers[0].process.kill().await?;
         let server_api = cluster.agent(Member::Server(0)).client();
-        step("waiting for gossip to mark the node failed (4 to 24 s)");
+        step.say("waiting for gossip to mark the node failed (4 to 24 s)");
         let (_, passing_dropped) =
             wait::health_until(&server_api, SERVICE, true, LIMIT, |entries| {
                 entries.iter().all(|e| e.service.id != dead)
@@ -278,14 +288,14 @@ impl Experiment for Config {
                 + model.reap_interval
                 + self.interval
                 + Duration::from_secs(2);
-            step("waiting past DeregisterCriticalServiceAfter + a reaper period (about 95 s)");
+            step.say("waiting past DeregisterCriticalServiceAfter + a reaper period (about 95 s)");
             tokio::time::sleep_until(would_have).await;
             let (listed, _) = server_api
                 .catalog()
                 .service(SERVICE, None, &QueryOptions::default())
                 .await?;
             dereg_after_never_fired = Some(listed.iter().any(|s| s.service_id == dead));
-            step("waiting for the node to be reaped (reconnect_timeout + up to 15 s)");
+            step.say("waiting for the node to be reaped (reconnect_timeout + up to 15 s)");
             let limit = reconnect + LIMIT;
             let deadline = killed + limit;
             loop {
@@ -306,7 +316,7 @@ impl Experiment for Config {
 
         let mut leave_removed_ms = None;
         if self.contrast && nodes >= 3 {
-            step("contrast: SIGTERM to node 3's agent (it leaves)");
+            step.say("contrast: SIGTERM to node 3's agent (it leaves)");
             let leaving = ids[2].clone();
             // Watch the catalog while the agent leaves: its exit takes longer than the leave.
             let signalled = tokio::time::Instant::now();

@@ -9,20 +9,22 @@
 use std::time::{Duration, Instant};
 
 use consul_api::Consistency;
-use consul_harness::cluster::{Cluster, ClusterSpec, Data, Member};
+use consul_harness::cluster::{ClusterSpec, Data, Member};
 use serde::Serialize;
 
 use super::{
-    Experiment, Findings, LIMIT, ViewFigures, ms_between, node_client, node_server,
-    passing_exactly, settled,
+    LIMIT, Scenario, ViewFigures, ms_between, node_client, node_server, passing_exactly, settled,
 };
 use crate::{
     error::Result,
-    faults::{
-        Basics,
-        observe::{DiscoveryLog, Tally, Traffic},
-    },
+    experiment::{Env, Experiment, Findings, Needs},
     procs::Launcher,
+    progress::Progress,
+    report::{Plot, Table},
+    scenario::{
+        Basics,
+        observers::{DiscoveryLog, Tally, Traffic},
+    },
 };
 
 /// Settings.
@@ -74,38 +76,25 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
-    fn figures(&self) -> Vec<(String, String)> {
-        let mut rows = vec![(
-            "servers down".into(),
-            format!("{} for {:.0} s", self.killed.join(", "), self.down_ms / 1e3),
-        )];
-        for (v, (_, up)) in self.views.iter().zip(&self.reachable_at_end_of_outage) {
-            rows.push((
-                format!("discovery, {} reads", v.reads),
-                format!(
-                    "{}; at the end of the outage {}",
-                    v.errors_cell(),
-                    if *up { "answering" } else { "failing" }
+    fn plot(&self) -> Option<Plot> {
+        Some(super::views_plot(
+            format!(
+                "Quorum lost ({}): each client's view",
+                self.killed.join(", ")
+            ),
+            &self.views,
+            &[
+                ("servers restarted", self.down_ms),
+                (
+                    "a leader again",
+                    self.down_ms + self.leader_after_restart_ms,
                 ),
-            ));
-        }
-        for (reads, t) in &self.during_outage {
-            rows.push((
-                format!("echoes during the outage, {reads} client"),
-                format!("{} sent, {} lost", t.sent, t.lost),
-            ));
-        }
-        rows.push((
-            "restart → leader".into(),
-            format!("{:.1} s", self.leader_after_restart_ms / 1e3),
-        ));
-        for (v, ms) in self.views.iter().zip(&self.view_after_restart_ms) {
-            rows.push((
-                format!("restart → {} view current", v.reads),
-                format!("{:.1} s", ms / 1e3),
-            ));
-        }
-        rows
+            ],
+        ))
+    }
+
+    fn tables(&self) -> Vec<Table> {
+        vec![Table::figures(self.figures())]
     }
 
     fn details(&self) -> String {
@@ -142,20 +131,57 @@ impl Findings for Outcome {
     }
 }
 
+impl Outcome {
+    /// `(figure, value)` rows of its table.
+    pub fn figures(&self) -> Vec<(String, String)> {
+        let mut rows = vec![(
+            "servers down".into(),
+            format!("{} for {:.0} s", self.killed.join(", "), self.down_ms / 1e3),
+        )];
+        for (v, (_, up)) in self.views.iter().zip(&self.reachable_at_end_of_outage) {
+            rows.push((
+                format!("discovery, {} reads", v.reads),
+                format!(
+                    "{}; at the end of the outage {}",
+                    v.errors_cell(),
+                    if *up { "answering" } else { "failing" }
+                ),
+            ));
+        }
+        for (reads, t) in &self.during_outage {
+            rows.push((
+                format!("echoes during the outage, {reads} client"),
+                format!("{} sent, {} lost", t.sent, t.lost),
+            ));
+        }
+        rows.push((
+            "restart → leader".into(),
+            format!("{:.1} s", self.leader_after_restart_ms / 1e3),
+        ));
+        for (v, ms) in self.views.iter().zip(&self.view_after_restart_ms) {
+            rows.push((
+                format!("restart → {} view current", v.reads),
+                format!("{:.1} s", ms / 1e3),
+            ));
+        }
+        rows
+    }
+}
+
 impl Experiment for Config {
     type Outcome = Outcome;
 
-    fn topology(&self) -> ClusterSpec {
-        ClusterSpec::new(3, 1)
+    fn title(&self) -> String {
+        Scenario::QuorumLost.title().into()
     }
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        cluster: &mut Cluster,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("echo servers on the client node");
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Cluster(ClusterSpec::new(3, 1)))
+    }
+
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let cluster = env.cluster()?;
+        step.say("echo servers on the client node");
         let node = Member::Client(0);
         let mut servers = Vec::new();
         for id in ["servernode_1", "servernode_2"] {
@@ -198,12 +224,12 @@ impl Experiment for Config {
 
         let (leader, _) = cluster.wait_leader(None, LIMIT).await?;
         let victims = [leader, (leader + 1) % 3];
-        step("killing two of the three servers (the leader and one more)");
+        step.say("killing two of the three servers (the leader and one more)");
         let killed = Instant::now();
         for v in victims {
             cluster.crash(Member::Server(v)).await?;
         }
-        step(&format!("quorum lost: holding {} s", self.down.as_secs()));
+        step.say(format!("quorum lost: holding {} s", self.down.as_secs()));
         tokio::time::sleep(self.down).await;
         let reachable_at_end: Vec<(String, bool)> = logs
             .iter()
@@ -211,11 +237,11 @@ impl Experiment for Config {
             .map(|(log, (label, _, _))| {
                 let up = log
                     .latest()
-                    .is_some_and(|v| v.state == crate::faults::observe::ViewState::Reachable);
+                    .is_some_and(|v| v.state == crate::scenario::observers::ViewState::Reachable);
                 (label.clone(), up)
             })
             .collect();
-        step("starting both servers again, with their data");
+        step.say("starting both servers again, with their data");
         let restarted = tokio::time::Instant::now();
         let restarted_std = Instant::now();
         for v in victims {
@@ -240,7 +266,7 @@ impl Experiment for Config {
         let mut everything = Vec::new();
         for (t, (label, _, _)) in traffic.into_iter().zip(&reads) {
             let outcomes = t.finish().await;
-            let outage = crate::faults::observe::sent_between(&outcomes, killed, restarted_std);
+            let outage = crate::scenario::observers::sent_between(&outcomes, killed, restarted_std);
             during.push((label.clone(), Tally::of(&outage)));
             everything.extend(outcomes);
         }

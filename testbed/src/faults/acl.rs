@@ -9,12 +9,18 @@ use std::time::{Duration, Instant};
 use consul_api::{AclPolicy, AclPolicyLink, AclToken, Client};
 use serde::Serialize;
 
-use super::{Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms, observe::Tally};
+use super::{Row, Rows, Scenario};
 use crate::{
-    Consul, ConsulOptions,
+    ConsulOptions,
     error::{Error, Result},
     procs::{ChildProcess, ClientProcess, Launcher, ServerProcess},
     wait,
+};
+use crate::{
+    experiment::{Env, Experiment, Needs},
+    progress::Progress,
+    report::{self, Table, ms_serde as ms},
+    scenario::{self, LIMIT, SERVICE, observers::Tally},
 };
 
 /// Settings.
@@ -89,7 +95,7 @@ impl Outcome {
     }
 }
 
-impl Findings for Outcome {
+impl Rows for Outcome {
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         let kind = |prefix: &str| {
@@ -118,7 +124,7 @@ impl Findings for Outcome {
             recovery: format!(
                 "– (refused processes exit with a clear error within {}, no retry loop; {} \
                  secrets never printed)",
-                super::secs_or(slowest_refusal, "–"),
+                report::secs_or(slowest_refusal, "–"),
                 self.secrets_checked
             ),
             recovery_ms: None,
@@ -129,23 +135,25 @@ impl Findings for Outcome {
 
     /// Each case as it went.
     fn details(&self) -> String {
-        let mut out = String::from(
+        let mut cases = Table::new(["who", "expected", "observed", "took"]).align_right([3]);
+        for c in &self.cases {
+            cases.push([
+                c.who.clone(),
+                c.expected.clone(),
+                format!(
+                    "{}{}",
+                    c.observed,
+                    if c.ok { "" } else { " **(unexpected)**" }
+                ),
+                report::secs(c.took),
+            ]);
+        }
+        format!(
             "**5. ACLs, default deny.** Every process gets its token through \
              `CONSUL_HTTP_TOKEN`; each output (and the agent's log) is searched for every secret \
-             afterwards.\n\n\
-             | who | expected | observed | took |\n|---|---|---|---:|\n",
-        );
-        for c in &self.cases {
-            out.push_str(&format!(
-                "| {} | {} | {}{} | {} |\n",
-                c.who,
-                c.expected,
-                c.observed.replace('|', "\\|"),
-                if c.ok { "" } else { " **(unexpected)**" },
-                super::secs(c.took)
-            ));
-        }
-        out
+             afterwards.\n\n{}",
+            cases.markdown()
+        )
     }
 }
 
@@ -212,19 +220,17 @@ async fn stopped(p: &mut ChildProcess, started: Instant) -> (String, Option<i32>
 }
 
 impl Experiment for Config {
-    const SCENARIO: Scenario = Scenario::Acl;
     type Outcome = Outcome;
 
-    fn consul_options(&self) -> Result<ConsulOptions> {
-        Ok(ConsulOptions::from_env()?.with_acl(secret()))
+    fn title(&self) -> String {
+        Scenario::Acl.title().into()
+    }
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Agent(ConsulOptions::from_env()?.with_acl(secret())))
     }
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        consul: &mut Consul,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let consul = env.agent()?;
         let management = consul
             .spec()
             .acl_management_token
@@ -282,8 +288,9 @@ impl Experiment for Config {
                 Some(server_token.clone()),
             ),
         ] {
-            step(&format!("{who}: expecting a refusal"));
-            let mut spec = super::server_spec(base.clone().with_token(token), id, self.interval)?;
+            step.say(format!("{who}: expecting a refusal"));
+            let mut spec =
+                scenario::server_spec(base.clone().with_token(token), id, self.interval)?;
             spec.name = name.into();
             let started = Instant::now();
             let mut server = ServerProcess::start(launcher, spec)?;
@@ -300,9 +307,9 @@ impl Experiment for Config {
         }
 
         // The server with its own token.
-        step("echo-server with its token: registering");
+        step.say("echo-server with its token: registering");
         let started = Instant::now();
-        let spec = super::server_spec(
+        let spec = scenario::server_spec(
             base.clone().with_token(Some(server_token.clone())),
             "servernode_1",
             self.interval,
@@ -340,7 +347,7 @@ impl Experiment for Config {
             .map(|s| s.to_string())
             .collect()
         };
-        step("echo-client with service:read and node:read");
+        step.say("echo-client with service:read and node:read");
         let started = Instant::now();
         let mut good = ClientProcess::spawn(
             launcher,
@@ -397,7 +404,7 @@ impl Experiment for Config {
                 "sees no instance: clear error, non-zero exit",
             ),
         ] {
-            step(&format!("{who}: expecting no service"));
+            step.say(format!("{who}: expecting no service"));
             let started = Instant::now();
             let mut c = ClientProcess::spawn(
                 launcher,

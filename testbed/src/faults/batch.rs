@@ -12,11 +12,16 @@ use echo_client::EchoClient;
 use futures::future::join_all;
 use serde::Serialize;
 
-use super::{Basics, Experiment, Findings, LIMIT, Row, Scenario, ms, observe::Tally};
+use super::{Row, Rows, Scenario};
 use crate::{
-    Consul,
     error::{Error, Result},
     procs::{Launcher, ServerProcess},
+};
+use crate::{
+    experiment::{Env, Experiment},
+    progress::Progress,
+    report::{self, ms_serde as ms},
+    scenario::{self, Basics, LIMIT, observers::Tally},
 };
 
 /// Settings.
@@ -66,7 +71,7 @@ impl Outcome {
     }
 }
 
-impl Findings for Outcome {
+impl Rows for Outcome {
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         let mib = self.basics.tally.sent as f64 * self.size as f64 / f64::from(1 << 20);
@@ -81,7 +86,7 @@ impl Findings for Outcome {
             lost: self.basics.tally.lost,
             recovery: format!(
                 "all answered in {}, {} resent",
-                super::secs(self.took),
+                report::secs(self.took),
                 self.basics.tally.resent
             ),
             recovery_ms: Some(self.took.as_secs_f64() * 1e3),
@@ -99,7 +104,7 @@ impl Findings for Outcome {
             self.basics.tally.sent,
             self.size,
             self.exact,
-            super::secs(self.took),
+            report::secs(self.took),
             self.basics.tally.resent,
             self.basics.tally.lost,
         )
@@ -107,27 +112,25 @@ impl Findings for Outcome {
 }
 
 impl Experiment for Config {
-    const SCENARIO: Scenario = Scenario::Batch;
     type Outcome = Outcome;
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        consul: &mut Consul,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("starting one echo server");
+    fn title(&self) -> String {
+        Scenario::Batch.title().into()
+    }
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let consul = env.agent()?;
+        step.say("starting one echo server");
         let servers =
-            super::start_servers(launcher, consul, consul.config(), 1, Duration::from_secs(1))
+            scenario::start_servers(launcher, consul, consul.config(), 1, Duration::from_secs(1))
                 .await?;
         let mut servers: Vec<ServerProcess> = servers;
         // Every message is queued at once, so the last one's time includes the whole batch
         // before it: it gets the batch's own limit, not the default 30 s, which a loaded
         // machine's debug build has been seen to need (951 of 1,000 answered in 30 s).
-        let mut config = super::client_config(consul.config(), Duration::from_secs(2));
+        let mut config = scenario::client_config(consul.config(), Duration::from_secs(2));
         config.session.message_timeout = LIMIT;
         let client = EchoClient::start(config)?;
-        step("sending the batch");
+        step.say("sending the batch");
         let started = Instant::now();
         let sends = (0..self.messages).map(|i| {
             let client = client.clone();

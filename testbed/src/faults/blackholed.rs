@@ -19,14 +19,19 @@ use echo_client::{ClientConfig, EchoClient};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{
-    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{DiscoveryLog, Traffic},
-};
+use super::{Row, Rows, Scenario};
 use crate::{
-    Consul,
     error::{Error, Result},
     procs::{Launcher, ServerProcess},
+};
+use crate::{
+    experiment::{Env, Experiment},
+    progress::Progress,
+    report::{self, ms_serde as ms},
+    scenario::{
+        self, Basics, LIMIT, SERVICE,
+        observers::{DiscoveryLog, Traffic},
+    },
 };
 
 /// Settings.
@@ -97,10 +102,10 @@ impl Outcome {
             v.push(format!(
                 "the stream took {} beyond its length, its slowest reply {}: more than one \
                  connect timeout ({}) beyond a reply on an open connection ({})",
-                super::secs(self.extra()),
-                super::secs(self.slowest),
-                super::secs(self.connect_timeout),
-                super::secs(self.connected_slowest)
+                report::secs(self.extra()),
+                report::secs(self.slowest),
+                report::secs(self.connect_timeout),
+                report::secs(self.connected_slowest)
             ));
         }
         if self.served_by.iter().any(|id| *id != self.healthy) {
@@ -110,7 +115,7 @@ impl Outcome {
     }
 }
 
-impl Findings for Outcome {
+impl Rows for Outcome {
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
@@ -123,12 +128,12 @@ impl Findings for Outcome {
             lost: self.basics.tally.lost,
             recovery: format!(
                 "stream of {} answered in {} ({} extra; slowest reply {}, on an open connection {}; connect timeout {})",
-                super::secs(self.stream),
-                super::secs(self.took),
-                super::secs(self.extra()),
-                super::secs(self.slowest),
-                super::secs(self.connected_slowest),
-                super::secs(self.connect_timeout)
+                report::secs(self.stream),
+                report::secs(self.took),
+                report::secs(self.extra()),
+                report::secs(self.slowest),
+                report::secs(self.connected_slowest),
+                report::secs(self.connect_timeout)
             ),
             recovery_ms: Some(self.extra().as_secs_f64() * 1e3),
             peak_rss_kib: None,
@@ -148,12 +153,12 @@ impl Findings for Outcome {
              timeout {}). {} lost.\n",
             self.holes,
             self.basics.tally.sent,
-            super::secs(self.stream / (self.basics.tally.sent.max(2) as u32 - 1)),
-            super::secs(self.took),
-            super::secs(self.extra()),
-            super::secs(self.slowest),
-            super::secs(self.connected_slowest),
-            super::secs(self.connect_timeout),
+            report::secs(self.stream / (self.basics.tally.sent.max(2) as u32 - 1)),
+            report::secs(self.took),
+            report::secs(self.extra()),
+            report::secs(self.slowest),
+            report::secs(self.connected_slowest),
+            report::secs(self.connect_timeout),
             self.basics.tally.lost,
         )
     }
@@ -201,16 +206,14 @@ impl Blackhole {
 }
 
 impl Experiment for Config {
-    const SCENARIO: Scenario = Scenario::Blackholed;
     type Outcome = Outcome;
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        consul: &mut Consul,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("registering blackholed instances and a healthy server");
+    fn title(&self) -> String {
+        Scenario::Blackholed.title().into()
+    }
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let consul = env.agent()?;
+        step.say("registering blackholed instances and a healthy server");
         let mut holes = Vec::new();
         let mut ids = Vec::new();
         for i in 1..=self.holes {
@@ -237,7 +240,7 @@ impl Experiment for Config {
             ids.push(id);
         }
         let healthy = format!("{SERVICE}_{}", self.holes + 1);
-        let spec = super::server_spec(consul.config(), &healthy, Duration::from_secs(1))?;
+        let spec = scenario::server_spec(consul.config(), &healthy, Duration::from_secs(1))?;
         let mut servers = vec![ServerProcess::spawn(launcher, spec).await?];
         ids.push(healthy.clone());
 
@@ -253,7 +256,7 @@ impl Experiment for Config {
                 |v| v.lists_all(&ids),
             )
             .await?;
-        step("sending the stream");
+        step.say("sending the stream");
         let traffic = Traffic::start(&client, "blackholed", self.every, self.messages);
         traffic
             .wait_for("the last echo", LIMIT, |o| o.seq == self.messages)

@@ -12,11 +12,17 @@ use std::{
 use consul_harness::hostile::Attack;
 use serde::Serialize;
 
-use super::{
-    Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{DiscoveryLog, Tally, Traffic, errors, latency_quantile},
+use super::{Row, Rows, Scenario};
+use crate::{error::Result, procs::Launcher, wait};
+use crate::{
+    experiment::{Env, Experiment},
+    progress::Progress,
+    report::{self, ms_serde as ms},
+    scenario::{
+        self, LIMIT, SERVICE,
+        observers::{DiscoveryLog, Tally, Traffic, errors, latency_quantile},
+    },
 };
-use crate::{Consul, error::Result, procs::Launcher, wait};
 
 /// Settings.
 #[derive(Debug, Clone)]
@@ -177,7 +183,7 @@ impl Outcome {
     }
 }
 
-impl Findings for Outcome {
+impl Rows for Outcome {
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
@@ -209,7 +215,7 @@ impl Findings for Outcome {
                 format!(
                     "{} ({}, server CPU {:.0}%, {} echoes): p50/p99 {}/{}",
                     p.phase,
-                    super::secs(p.lasted),
+                    report::secs(p.lasted),
                     p.server_cpu * 100.0,
                     p.messages,
                     opt_ms(p.p50),
@@ -234,7 +240,7 @@ impl Findings for Outcome {
             self.oversize_conns,
             self.short_lived_ok,
             self.short_lived,
-            super::secs(self.short_lived_took),
+            report::secs(self.short_lived_took),
             self.rss_start_kib,
             self.rss_before_stalled_kib,
             self.rss_with_stalled_kib,
@@ -278,10 +284,7 @@ pub struct PhaseLatency {
 }
 
 fn opt_ms(d: Option<Duration>) -> String {
-    d.map_or_else(
-        || "–".into(),
-        |d| format!("{:.2} ms", d.as_secs_f64() * 1e3),
-    )
+    report::ms_text(d.map(report::ms), 2)
 }
 
 impl Config {
@@ -301,24 +304,22 @@ impl Config {
 }
 
 impl Experiment for Config {
-    const SCENARIO: Scenario = Scenario::Hostile;
     type Outcome = Outcome;
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        consul: &mut Consul,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
+    fn title(&self) -> String {
+        Scenario::Hostile.title().into()
+    }
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let consul = env.agent()?;
         consul_harness::hostile::raise_fd_limit();
-        step("starting an echo server");
+        step.say("starting an echo server");
         let mut servers =
-            super::start_servers(launcher, consul, consul.config(), 1, self.interval).await?;
-        let ids = super::ids(&servers);
+            scenario::start_servers(launcher, consul, consul.config(), 1, self.interval).await?;
+        let ids = scenario::ids(&servers);
         let addr = servers[0].spec.echo_addr();
         let pid = servers[0].process.pid();
         let rss = || crate::procfs::status_kib(pid, "VmRSS").unwrap_or(0);
-        let client = super::client(consul.config(), Duration::from_secs(2))?;
+        let client = scenario::client(consul.config(), Duration::from_secs(2))?;
         let discovery = DiscoveryLog::start(&client);
         discovery
             .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
@@ -327,7 +328,7 @@ impl Experiment for Config {
             .await?;
         let rss_start_kib = rss();
 
-        step("quiet run of the well-behaved client");
+        step.say("quiet run of the well-behaved client");
         let quiet = Traffic::start(&client, "quiet", self.every, self.quiet_messages);
         let quiet_outcomes = tokio::time::timeout(LIMIT, async {
             quiet
@@ -357,14 +358,14 @@ impl Experiment for Config {
                 tokio::select! {
                     done = &mut thread => break done,
                     () = tokio::time::sleep(Duration::from_millis(200)) => {
-                        step(&progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                        step.say(progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
                     }
                 }
             }
         }?;
         let attack_outcomes = traffic.finish().await;
 
-        step("checking the server after the attack");
+        step.say("checking the server after the attack");
         let alive = !servers[0].process.has_exited();
         let fresh_echo =
             consul_harness::hostile::echo_direct(addr, b"fresh after the attack").await;
@@ -373,7 +374,7 @@ impl Experiment for Config {
             .is_ok_and(|(e, _)| e.iter().any(|e| e.service.id == ids[0]));
         let rss_end_kib = rss();
         let peak_rss_kib = crate::procfs::status_kib(pid, "VmHWM").unwrap_or(0);
-        let panics = super::casualties(&mut servers);
+        let panics = scenario::casualties(&mut servers);
 
         let quiet_p99 = latency_quantile(&quiet_outcomes, 0.99);
         let attack_p99 = latency_quantile(&attack_outcomes, 0.99);

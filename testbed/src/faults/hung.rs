@@ -9,16 +9,21 @@ use std::time::{Duration, Instant};
 use consul_api::HealthStatus;
 use serde::Serialize;
 
-use super::{
-    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{Tally, sent_between},
-};
+use super::{Row, Rows, Scenario};
 use crate::{
-    Consul,
     error::{Error, Result},
     procs::Launcher,
     signal::Signal,
     wait,
+};
+use crate::{
+    experiment::{Env, Experiment},
+    progress::Progress,
+    report::{self, ms_serde as ms},
+    scenario::{
+        self, Basics, LIMIT, SERVICE,
+        observers::{Tally, sent_between},
+    },
 };
 
 /// Settings.
@@ -99,7 +104,7 @@ impl Outcome {
     }
 }
 
-impl Findings for Outcome {
+impl Rows for Outcome {
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
@@ -107,15 +112,15 @@ impl Findings for Outcome {
             injected: format!(
                 "SIGSTOP of the serving instance {} for {}, then SIGCONT",
                 self.frozen,
-                super::secs(self.frozen_for)
+                report::secs(self.frozen_for)
             ),
             sent: self.basics.tally.sent,
             lost: self.basics.tally.lost,
             recovery: format!(
                 "out of rotation {} after SIGSTOP (client failed over in {}); back {} after SIGCONT",
-                super::secs_or(self.left_rotation, "never"),
-                super::secs_or(self.failover, "never"),
-                super::secs_or(self.rejoined_rotation, "never")
+                report::secs_or(self.left_rotation, "never"),
+                report::secs_or(self.failover, "never"),
+                report::secs_or(self.rejoined_rotation, "never")
             ),
             recovery_ms: self.rejoined_rotation.map(|d| d.as_secs_f64() * 1e3),
             peak_rss_kib: self.basics.peak_rss_kib,
@@ -132,12 +137,12 @@ impl Findings for Outcome {
              its first reply from another instance {} after SIGSTOP, resending {} messages. \
              After SIGCONT discovery listed it again in {}. {} echoes during the fault, {} lost.\n",
             self.frozen,
-            super::secs_or(self.critical, "never"),
+            report::secs_or(self.critical, "never"),
             self.check_output.trim(),
-            super::secs_or(self.left_rotation, "never"),
-            super::secs_or(self.failover, "never"),
+            report::secs_or(self.left_rotation, "never"),
+            report::secs_or(self.failover, "never"),
             self.basics.tally.resent,
-            super::secs_or(self.rejoined_rotation, "never"),
+            report::secs_or(self.rejoined_rotation, "never"),
             self.during_fault.sent,
             self.during_fault.lost,
         )
@@ -145,29 +150,27 @@ impl Findings for Outcome {
 }
 
 impl Experiment for Config {
-    const SCENARIO: Scenario = Scenario::Hung;
     type Outcome = Outcome;
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        consul: &mut Consul,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
+    fn title(&self) -> String {
+        Scenario::Hung.title().into()
+    }
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let consul = env.agent()?;
         if self.servers < 2 {
             return Err(Error::Setting(
                 "the hung-server scenario needs at least 2 servers".into(),
             ));
         }
         let direct = consul.client();
-        step("starting echo servers");
-        let super::Stage {
+        step.say("starting echo servers");
+        let scenario::Stage {
             mut servers,
             client: _client,
             discovery,
             traffic,
             ..
-        } = super::Stage::set_up(
+        } = scenario::Stage::set_up(
             launcher,
             consul,
             consul.config(),
@@ -186,7 +189,7 @@ impl Experiment for Config {
             .iter()
             .position(|s| s.spec.id == frozen)
             .ok_or_else(|| Error::Scenario(format!("{frozen} is not one of ours")))?;
-        step(&format!(
+        step.say(format!(
             "SIGSTOP {frozen}; waiting for Consul and the client to notice"
         ));
         let t0 = Instant::now();
@@ -214,7 +217,7 @@ impl Experiment for Config {
             })
         };
         let left = discovery.wait_for("discovery to drop the frozen server", t0, LIMIT, |v| {
-            v.state == super::observe::ViewState::Reachable && !v.lists(&frozen)
+            v.state == scenario::observers::ViewState::Reachable && !v.lists(&frozen)
         });
         let failover = traffic.wait_for("a reply from another instance", LIMIT, |o| {
             o.done >= t0 && o.result.as_ref().is_ok_and(|s| s.instance != frozen)
@@ -227,11 +230,11 @@ impl Experiment for Config {
         let left_at = left.ok().map(|v| v.at);
         let failover_at = failover.ok().map(|o| o.done);
 
-        step(&format!("{frozen} out of rotation; holding it frozen"));
+        step.say(format!("{frozen} out of rotation; holding it frozen"));
         tokio::time::sleep(self.hold).await;
         let t1 = Instant::now();
         servers[victim].process.signal(Signal::SIGCONT)?;
-        step(&format!(
+        step.say(format!(
             "SIGCONT {frozen}; waiting for it to rejoin rotation"
         ));
         let rejoined = discovery
@@ -245,7 +248,8 @@ impl Experiment for Config {
 
         // A little more traffic after the rejoin, then the tally.
         tokio::time::sleep(self.interval).await;
-        let survived = super::echo_direct(servers[victim].spec.echo_addr(), b"still alive").await
+        let survived = scenario::echo_direct(servers[victim].spec.echo_addr(), b"still alive")
+            .await
             && !servers[victim].process.has_exited();
         let outcomes = traffic.finish().await;
         let during = sent_between(&outcomes, t0, fault_end);

@@ -7,11 +7,17 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::{
-    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{Tally, View, ViewState, sent_between},
+use super::{Row, Rows, Scenario};
+use crate::{error::Result, procs::Launcher, wait};
+use crate::{
+    experiment::{Env, Experiment},
+    progress::Progress,
+    report::{self, ms_serde as ms},
+    scenario::{
+        self, Basics, LIMIT, SERVICE,
+        observers::{Tally, View, ViewState, sent_between},
+    },
 };
-use crate::{Consul, error::Result, procs::Launcher, wait};
 
 /// Settings.
 #[derive(Debug, Clone)]
@@ -96,17 +102,17 @@ impl Outcome {
     }
 }
 
-impl Findings for Outcome {
+impl Rows for Outcome {
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
             scenario: Scenario::Paused.title().into(),
-            injected: format!("agent frozen for {}", super::secs(self.paused_for)),
+            injected: format!("agent frozen for {}", report::secs(self.paused_for)),
             sent: self.basics.tally.sent,
             lost: self.basics.tally.lost,
             recovery: format!(
                 "converged {} after resume ({} failed echoes during the pause)",
-                super::secs_or(self.converged, "never"),
+                report::secs_or(self.converged, "never"),
                 self.during_pause.lost
             ),
             recovery_ms: self.converged.map(|d| d.as_secs_f64() * 1e3),
@@ -124,15 +130,15 @@ impl Findings for Outcome {
              resume, Consul listed every server passing (stable for two check intervals) after \
              {}, the servers logged that Consul answered again after {}, and the client's view \
              listed every server after {}. Registrations lost: {}; re-registrations: {}.\n",
-            super::secs(self.paused_for),
+            report::secs(self.paused_for),
             self.during_pause.sent,
             self.during_pause.lost,
             self.direct_echoes.0,
             self.direct_echoes.1,
             self.servers_noticed,
-            super::secs_or(self.consul_converged, "never"),
-            super::secs_or(self.servers_recovered, "– (none had noticed)"),
-            super::secs_or(self.client_converged, "never"),
+            report::secs_or(self.consul_converged, "never"),
+            report::secs_or(self.servers_recovered, "– (none had noticed)"),
+            report::secs_or(self.client_converged, "never"),
             self.registrations_lost.len(),
             self.re_registrations,
         )
@@ -140,24 +146,22 @@ impl Findings for Outcome {
 }
 
 impl Experiment for Config {
-    const SCENARIO: Scenario = Scenario::Paused;
     type Outcome = Outcome;
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        consul: &mut Consul,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("starting echo servers");
-        let super::Stage {
+    fn title(&self) -> String {
+        Scenario::Paused.title().into()
+    }
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let consul = env.agent()?;
+        step.say("starting echo servers");
+        let scenario::Stage {
             mut servers,
             ids,
             client: _client,
             discovery,
             traffic,
             ..
-        } = super::Stage::set_up(
+        } = scenario::Stage::set_up(
             launcher,
             consul,
             consul.config(),
@@ -169,7 +173,7 @@ impl Experiment for Config {
         .await?;
         let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
 
-        step(&format!(
+        step.say(format!(
             "Consul frozen for {}",
             consul_api::GoDuration(self.pause)
         ));
@@ -181,7 +185,7 @@ impl Experiment for Config {
             tokio::time::sleep(self.pause / 2).await;
             for s in &servers {
                 direct.1 += 1;
-                if super::echo_direct(s.spec.echo_addr(), b"during the pause").await {
+                if scenario::echo_direct(s.spec.echo_addr(), b"during the pause").await {
                     direct.0 += 1;
                 }
             }
@@ -192,7 +196,7 @@ impl Experiment for Config {
         let t1 = Instant::now();
         let t1_wall = SystemTime::now();
         consul.resume().await?;
-        step("Consul resumed; waiting for everything to converge");
+        step.say("Consul resumed; waiting for everything to converge");
 
         let consul_converged = stable_all_passing(consul, &ids, 2 * self.interval + self.interval)
             .await
@@ -228,7 +232,7 @@ impl Experiment for Config {
                 .wait_for_after(*mark, "Consul answers again", LIMIT)
                 .await
                 .ok()
-                .map(|l| super::since_wall(t1_wall, l.received));
+                .map(|l| scenario::since_wall(t1_wall, l.received));
             recovered = match (recovered, back) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 _ => None,
@@ -283,7 +287,7 @@ impl Experiment for Config {
 /// The moment Consul first listed every one of `ids` passing and then kept doing so for
 /// `settle` (a check that flips critical right after the resume restarts the count).
 async fn stable_all_passing(
-    consul: &Consul,
+    consul: &crate::Consul,
     ids: &[String],
     settle: Duration,
 ) -> Result<tokio::time::Instant> {

@@ -8,16 +8,21 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::{
-    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{Tally, ViewState},
-};
+use super::{Row, Rows, Scenario};
 use crate::{
-    Consul,
     error::Result,
     faultproxy::{Fault, FaultProxy},
     procs::Launcher,
     wait,
+};
+use crate::{
+    experiment::{Env, Experiment},
+    progress::Progress,
+    report::{self, ms_serde as ms},
+    scenario::{
+        self, Basics, LIMIT, SERVICE,
+        observers::{Tally, ViewState},
+    },
 };
 
 /// Most requests per second the servers and the client together may send to a failing
@@ -152,7 +157,7 @@ impl Outcome {
     }
 }
 
-impl Findings for Outcome {
+impl Rows for Outcome {
     /// One row per fault.
     fn rows(&self) -> Vec<Row> {
         let common = {
@@ -176,15 +181,15 @@ impl Findings for Outcome {
                         "{} on every answer to {} servers and the client, {}",
                         p.fault,
                         self.servers,
-                        super::secs(p.lasted)
+                        report::secs(p.lasted)
                     ),
                     sent: p.echoes.sent,
                     lost: p.echoes.lost,
                     recovery: if p.fault.is_failure() {
                         format!(
                             "servers {}, client {} after healing ({:.1} req/s while failing)",
-                            super::secs_or(p.servers_recovered, "never"),
-                            super::secs_or(p.client_recovered, "never"),
+                            report::secs_or(p.servers_recovered, "never"),
+                            report::secs_or(p.client_recovered, "never"),
                             p.requests_per_sec
                         )
                     } else {
@@ -250,27 +255,25 @@ fn error_field(line: &str) -> String {
 }
 
 impl Experiment for Config {
-    const SCENARIO: Scenario = Scenario::Proxy;
     type Outcome = Outcome;
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        consul: &mut Consul,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("starting the fault proxy");
+    fn title(&self) -> String {
+        Scenario::Proxy.title().into()
+    }
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let consul = env.agent()?;
+        step.say("starting the fault proxy");
         let proxy = FaultProxy::start(consul.http_addr()).await?;
         let via = consul.config().with_address(proxy.address());
-        step("starting echo servers behind the proxy");
-        let super::Stage {
+        step.say("starting echo servers behind the proxy");
+        let scenario::Stage {
             mut servers,
             ids,
             client: _client,
             discovery,
             traffic,
             ..
-        } = super::Stage::set_up(
+        } = scenario::Stage::set_up(
             launcher,
             consul,
             via,
@@ -283,7 +286,7 @@ impl Experiment for Config {
 
         let mut phases = Vec::new();
         for &fault in &self.faults {
-            step(&format!("proxy: {fault}"));
+            step.say(format!("proxy: {fault}"));
             let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
             let before = proxy.stats();
             let t0 = Instant::now();
@@ -319,7 +322,7 @@ impl Experiment for Config {
             let t1 = Instant::now();
             let t1_wall = SystemTime::now();
             proxy.heal();
-            step(&format!("proxy healed after {fault}; waiting for recovery"));
+            step.say(format!("proxy healed after {fault}; waiting for recovery"));
 
             // Who met the fault, and how they came back.
             let mut server_errors = Vec::new();
@@ -343,13 +346,13 @@ impl Experiment for Config {
                     .wait_for_after(*mark, "Consul answers again", LIMIT)
                     .await
                     .ok()
-                    .map(|l| super::since_wall(t1_wall, l.received));
+                    .map(|l| scenario::since_wall(t1_wall, l.received));
                 servers_recovered = match (servers_recovered, back) {
                     (Some(a), Some(b)) => Some(a.max(b)),
                     _ => None,
                 };
             }
-            let unreachable = |v: &super::observe::View| match &v.state {
+            let unreachable = |v: &scenario::observers::View| match &v.state {
                 ViewState::Unreachable(e) => Some(e.clone()),
                 _ => None,
             };
@@ -414,7 +417,7 @@ impl Experiment for Config {
             });
         }
 
-        step("all faults done; checking the servers");
+        step.say("all faults done; checking the servers");
         let direct = consul.client();
         let all_registered = tokio::time::timeout(
             Duration::from_secs(10),

@@ -7,13 +7,19 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{
-    Basics, Experiment, Findings, LIMIT, Row, SERVICE, Scenario, ms,
-    observe::{Tally, ViewState, sent_between},
+use super::{Row, Rows, Scenario};
+use crate::{
+    experiment::{Env, Experiment},
+    progress::Progress,
+    report::{self, ms_serde as ms},
+    scenario::{
+        self, Basics, LIMIT, SERVICE,
+        observers::{Tally, ViewState, sent_between},
+    },
 };
 use consul_api::{AgentServiceCheck, AgentServiceRegistration, GoDuration, QueryOptions};
 
-use crate::{Consul, error::Result, procs::Launcher, wait};
+use crate::{error::Result, procs::Launcher, wait};
 
 /// Registrations that raise the service's index before the restart.
 const INDEX_BUMPS: usize = 30;
@@ -80,8 +86,8 @@ impl Outcome {
             None => v.push("not every server registered again".into()),
             Some(d) if d >= 2 * self.interval => v.push(format!(
                 "re-registration took {} (two intervals: {})",
-                super::secs(d),
-                super::secs(2 * self.interval)
+                report::secs(d),
+                report::secs(2 * self.interval)
             )),
             Some(_) => {}
         }
@@ -92,22 +98,22 @@ impl Outcome {
     }
 }
 
-impl Findings for Outcome {
+impl Rows for Outcome {
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
             scenario: Scenario::Restarted.title().into(),
             injected: format!(
                 "agent stopped and started again (down {}), state lost",
-                super::secs(self.agent_down)
+                report::secs(self.agent_down)
             ),
             sent: self.basics.tally.sent,
             lost: self.basics.tally.lost,
             recovery: format!(
                 "all re-registered {} after the agent was back (limit {}); client view {}",
-                super::secs_or(self.re_registered, "never"),
-                super::secs(2 * self.interval),
-                super::secs_or(self.client_view, "never")
+                report::secs_or(self.re_registered, "never"),
+                report::secs(2 * self.interval),
+                report::secs_or(self.client_view, "never")
             ),
             recovery_ms: self.re_registered.map(|d| d.as_secs_f64() * 1e3),
             peak_rss_kib: self.basics.peak_rss_kib,
@@ -125,10 +131,10 @@ impl Findings for Outcome {
              agent's first answer) and then {}. {} \
              servers logged their re-registration. {} echoes from the stop to the client's \
              recovery, {} failed.\n",
-            super::secs(self.agent_down),
-            super::secs_or(self.re_registered, "never"),
-            super::secs_or(self.passing, "never"),
-            super::secs_or(self.client_view, "never"),
+            report::secs(self.agent_down),
+            report::secs_or(self.re_registered, "never"),
+            report::secs_or(self.passing, "never"),
+            report::secs_or(self.client_view, "never"),
             self.index_before,
             self.first_index_after,
             self.index_after,
@@ -140,24 +146,22 @@ impl Findings for Outcome {
 }
 
 impl Experiment for Config {
-    const SCENARIO: Scenario = Scenario::Restarted;
     type Outcome = Outcome;
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        consul: &mut Consul,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("starting echo servers");
-        let super::Stage {
+    fn title(&self) -> String {
+        Scenario::Restarted.title().into()
+    }
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let consul = env.agent()?;
+        step.say("starting echo servers");
+        let scenario::Stage {
             mut servers,
             ids,
             client: _client,
             discovery,
             listed: before,
             traffic,
-        } = super::Stage::set_up(
+        } = scenario::Stage::set_up(
             launcher,
             consul,
             consul.config(),
@@ -172,7 +176,7 @@ impl Experiment for Config {
         // this the new agent's index can be back at the old value by the time the client's
         // first read after the outage arrives. A namesake whose TTL check never passes is
         // re-registered with a new tag each time: never in the passing set, never dialled.
-        step("raising the service's index on the old agent");
+        step.say("raising the service's index on the old agent");
         let bumped_from = Instant::now();
         let direct = consul.client();
         let mut bump = AgentServiceRegistration {
@@ -206,11 +210,11 @@ impl Experiment for Config {
             .await?;
         let index_before = raised.index.max(before.index);
 
-        step("restarting Consul");
+        step.say("restarting Consul");
         let t0 = Instant::now();
         consul.restart().await?;
         let ready = Instant::now();
-        step("Consul is back; waiting for every server to register again");
+        step.say("Consul is back; waiting for every server to register again");
         let registered = wait::health_until(&direct, SERVICE, false, LIMIT, |entries| {
             ids.iter()
                 .all(|id| entries.iter().any(|e| &e.service.id == id))

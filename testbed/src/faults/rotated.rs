@@ -10,15 +10,21 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::{
-    Basics, Experiment, Findings, LIMIT, Row, Scenario, ms,
-    observe::{Tally, ViewState, sent_between},
-};
+use super::{Row, Rows, Scenario};
 use crate::{
-    Consul, ConsulOptions,
+    ConsulOptions,
     consul::{Issuer, TestPki, pki::AGENT_NAMES},
     error::Result,
     procs::{Launcher, ServerProcess},
+};
+use crate::{
+    experiment::{Env, Experiment, Needs},
+    progress::Progress,
+    report::{self, ms_serde as ms},
+    scenario::{
+        self, Basics, LIMIT,
+        observers::{Tally, ViewState, sent_between},
+    },
 };
 
 /// Settings.
@@ -111,7 +117,7 @@ impl Outcome {
     }
 }
 
-impl Findings for Outcome {
+impl Rows for Outcome {
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         let noticed = |p: &Phase| {
@@ -123,7 +129,7 @@ impl Findings for Outcome {
                 what.push(format!(
                     "services dropped by the reload, {} re-registered by the servers after {}",
                     p.re_registrations,
-                    super::secs_or(p.re_registered_after, "–")
+                    report::secs_or(p.re_registered_after, "–")
                 ));
             }
             if !p.client_view_reachable {
@@ -139,13 +145,13 @@ impl Findings for Outcome {
             format!(
                 "{}: served after {}, new client {} in {}, {}",
                 p.rotation,
-                super::secs(p.reload),
+                report::secs(p.reload),
                 if p.fresh_client_error.is_some() {
                     "refused"
                 } else {
                     "answered"
                 },
-                super::secs(p.fresh_client_took),
+                report::secs(p.fresh_client_took),
                 noticed(p)
             )
         };
@@ -172,7 +178,7 @@ impl Findings for Outcome {
              SIGHUP; `served after` runs from the new files to a new connection being served \
              the new certificate. A new client with the running processes' settings then asked \
              the agent, and the running processes were watched for {}.\n\n",
-            super::secs(self.window)
+            report::secs(self.window)
         );
         for p in &self.phases {
             out.push_str(&format!(
@@ -180,14 +186,14 @@ impl Findings for Outcome {
                  lines about TLS: {}; re-registrations: {} (last {} after the new files); client \
                  discovery {}.\n",
                 p.rotation,
-                super::secs(p.reload),
+                report::secs(p.reload),
                 p.fresh_client_error.as_deref().unwrap_or("answered"),
-                super::secs(p.fresh_client_took),
+                report::secs(p.fresh_client_took),
                 p.tally.sent,
                 p.tally.lost,
                 p.server_tls_lines.len(),
                 p.re_registrations,
-                super::secs_or(p.re_registered_after, "–"),
+                report::secs_or(p.re_registered_after, "–"),
                 if p.client_view_reachable {
                     "stayed reachable"
                 } else {
@@ -210,29 +216,27 @@ impl Findings for Outcome {
 }
 
 impl Experiment for Config {
-    const SCENARIO: Scenario = Scenario::Rotated;
     type Outcome = Outcome;
 
-    fn consul_options(&self) -> Result<ConsulOptions> {
+    fn title(&self) -> String {
+        Scenario::Rotated.title().into()
+    }
+    fn needs(&self) -> Result<Needs> {
         let pki = std::sync::Arc::new(TestPki::new()?);
-        Ok(ConsulOptions::from_env()?.with_tls(pki, true))
+        Ok(Needs::Agent(ConsulOptions::from_env()?.with_tls(pki, true)))
     }
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        consul: &mut Consul,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("starting echo servers and a client over mutual TLS");
-        let super::Stage {
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let consul = env.agent()?;
+        step.say("starting echo servers and a client over mutual TLS");
+        let scenario::Stage {
             mut servers,
             ids: _,
             client: _client,
             discovery,
             listed: _,
             traffic,
-        } = super::Stage::set_up(
+        } = scenario::Stage::set_up(
             launcher,
             consul,
             consul.config(),
@@ -249,7 +253,7 @@ impl Experiment for Config {
             ("unknown CA", Issuer::UnknownCa),
             ("same CA again", Issuer::SameCa),
         ] {
-            step(&format!("rotating the agent's certificate: {rotation}"));
+            step.say(format!("rotating the agent's certificate: {rotation}"));
             let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
             let t0 = Instant::now();
             let t0_wall = SystemTime::now();
@@ -262,7 +266,7 @@ impl Experiment for Config {
             let fresh_client_error = match answer {
                 Ok(Ok(_)) => None,
                 Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!("no answer within {}", super::secs(LIMIT))),
+                Err(_) => Some(format!("no answer within {}", report::secs(LIMIT))),
             };
             let window_start = Instant::now();
             tokio::time::sleep(self.window).await;
@@ -284,7 +288,7 @@ impl Experiment for Config {
                 re_registered_after: re_registered
                     .iter()
                     .max()
-                    .map(|at| super::since_wall(t0_wall, *at)),
+                    .map(|at| scenario::since_wall(t0_wall, *at)),
                 client_view_reachable,
             });
         }

@@ -9,15 +9,20 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{
-    Basics, Experiment, Findings, LIMIT, Row, Scenario, ms,
-    observe::{DiscoveryLog, Traffic},
-};
+use super::{Row, Rows, Scenario};
 use crate::{
-    Consul,
     error::Result,
     faultproxy::{Fault, FaultProxy},
     procs::{Launcher, ServerProcess},
+};
+use crate::{
+    experiment::{Env, Experiment},
+    progress::Progress,
+    report::{self, ms_serde as ms},
+    scenario::{
+        self, Basics, LIMIT,
+        observers::{DiscoveryLog, Traffic},
+    },
 };
 
 /// Settings.
@@ -76,7 +81,7 @@ impl Outcome {
     }
 }
 
-impl Findings for Outcome {
+impl Rows for Outcome {
     /// The table's row.
     fn rows(&self) -> Vec<Row> {
         vec![Row {
@@ -86,7 +91,7 @@ impl Findings for Outcome {
             lost: self.basics.tally.lost,
             recovery: format!(
                 "new server seen in {}; {:.1} Consul requests/s",
-                super::secs_or(self.new_server_seen, "never"),
+                report::secs_or(self.new_server_seen, "never"),
                 self.request_rate
             ),
             recovery_ms: self.new_server_seen.map(|d| d.as_secs_f64() * 1e3),
@@ -103,7 +108,7 @@ impl Findings for Outcome {
              during steady traffic; the client's discovery listed it {} later. Over a steady \
              window the proxy counted {:.1} requests/s. {} echoes, {} lost.\n",
             self.max_index_seen,
-            super::secs_or(self.new_server_seen, "never"),
+            report::secs_or(self.new_server_seen, "never"),
             self.request_rate,
             self.basics.tally.sent,
             self.basics.tally.lost,
@@ -112,25 +117,23 @@ impl Findings for Outcome {
 }
 
 impl Experiment for Config {
-    const SCENARIO: Scenario = Scenario::Stripped;
     type Outcome = Outcome;
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        consul: &mut Consul,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
-        step("starting the proxy");
+    fn title(&self) -> String {
+        Scenario::Stripped.title().into()
+    }
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let consul = env.agent()?;
+        step.say("starting the proxy");
         let proxy = FaultProxy::start(consul.http_addr()).await?;
         proxy.set(Fault::StripIndex);
         let via = consul.config().with_address(proxy.address());
-        step("starting one server; the client behind the proxy");
+        step.say("starting one server; the client behind the proxy");
         let mut servers =
-            super::start_servers(launcher, consul, consul.config(), 1, Duration::from_secs(1))
+            scenario::start_servers(launcher, consul, consul.config(), 1, Duration::from_secs(1))
                 .await?;
-        let ids = super::ids(&servers);
-        let client = super::client(via, Duration::from_secs(1))?;
+        let ids = scenario::ids(&servers);
+        let client = scenario::client(via, Duration::from_secs(1))?;
         let discovery = DiscoveryLog::start(&client);
         discovery
             .wait_for("discovery to list the server", Instant::now(), LIMIT, |v| {
@@ -141,7 +144,7 @@ impl Experiment for Config {
         traffic
             .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
             .await?;
-        step("measuring the request rate");
+        step.say("measuring the request rate");
         let before = proxy.stats().requests;
         let window = Instant::now();
         traffic
@@ -151,10 +154,10 @@ impl Experiment for Config {
             .await?;
         let requests = proxy.stats().requests - before;
         let request_rate = requests as f64 / window.elapsed().as_secs_f64();
-        step("starting a second server");
-        let spec = super::server_spec(
+        step.say("starting a second server");
+        let spec = scenario::server_spec(
             consul.config(),
-            &format!("{}_2", super::SERVICE),
+            &format!("{}_2", scenario::SERVICE),
             Duration::from_secs(1),
         )?;
         let t0 = Instant::now();

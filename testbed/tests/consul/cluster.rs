@@ -5,13 +5,17 @@
 
 use std::time::Duration;
 
-use testbed::cluster::{Experiment, Findings, leader, node, reaper};
+use testbed::{
+    cluster::{leader, node, reaper_phases},
+    experiment::{Experiment, Findings},
+    progress::Progress,
+};
 
 use crate::common::{init_tracing, launcher};
 
 fn print(what: &str, outcome: &impl Findings) {
-    for (figure, value) in outcome.figures() {
-        eprintln!("MEASURED {what}: {figure}: {value}");
+    for table in outcome.tables() {
+        eprintln!("MEASURED {what}:\n{}", table.markdown());
     }
 }
 
@@ -19,7 +23,7 @@ fn print(what: &str, outcome: &impl Findings) {
 async fn losing_the_leader_loses_no_echo_and_the_view_recovers() {
     init_tracing();
     let outcome = leader::Config::default()
-        .run(&launcher(), &|_| {})
+        .run(&launcher(), &Progress::hidden())
         .await
         .unwrap();
     print("leader loss", &outcome);
@@ -63,7 +67,7 @@ async fn a_crashed_node_leaves_the_view_but_not_the_catalog() {
         contrast: false,
         ..Default::default()
     };
-    let outcome = config.run(&launcher(), &|_| {}).await.unwrap();
+    let outcome = config.run(&launcher(), &Progress::hidden()).await.unwrap();
     print("node crash", &outcome);
     // Gossip, not the service's own check, drops it: the node's serfHealth is critical and
     // the catalog still lists the instance (until reconnect_timeout, 72 h by default).
@@ -87,13 +91,13 @@ async fn a_crashed_node_leaves_the_view_but_not_the_catalog() {
 #[tokio::test]
 async fn each_client_agent_reaps_on_its_own_phase() {
     init_tracing();
-    let config = reaper::Config {
+    let config = reaper_phases::Config {
         servers: 1,
         clients: 3,
         stagger: Duration::from_secs(7),
         ..Default::default()
     };
-    let outcome = config.run(&launcher(), &|_| {}).await.unwrap();
+    let outcome = config.run(&launcher(), &Progress::hidden()).await.unwrap();
     print("per-agent reaper", &outcome);
     assert_eq!(outcome.trials.len(), 3);
     // Each removal at its own agent's predicted tick...

@@ -3,10 +3,11 @@
 //! tick the model predicts from the agent's start, while its twin opted in to the reaper
 //! sidecar goes at 30 s. Takes 60 to 95 s of Consul's time.
 
-use indicatif::ProgressBar;
 use testbed::{
     Consul,
     deregistration::{self, SweepConfig},
+    experiment::Findings,
+    progress::Progress,
 };
 
 use crate::common::{init_tracing, launcher};
@@ -20,11 +21,12 @@ async fn a_killed_server_is_removed_inside_the_window_at_the_predicted_tick() {
         reaper: true,
         ..SweepConfig::seed()
     };
-    let report = deregistration::run(&consul, &launcher(), &config, &ProgressBar::hidden())
+    let report = deregistration::run(&consul, &launcher(), &config, &Progress::hidden())
         .await
         .unwrap();
     let trial = &report.trials[0];
-    eprintln!("{}", testbed::report::deregistration_markdown(&report));
+    eprintln!("{}", report.table().markdown());
+    eprintln!("{}", report.details());
 
     // The agent clamped 30s to 1m and said so.
     assert_eq!(trial.effective.as_duration().as_secs(), 60);

@@ -15,7 +15,9 @@ use echo_client::{EchoClient, session::SessionConfig};
 use echo_server::{config::Config as ServerConfig, server::Server};
 use testbed::{
     Cluster, ClusterSpec, Consul, ConsulOptions, Member,
+    experiment::Findings,
     procs::{ServerProcess, ServerSpec},
+    progress::Progress,
     wait,
 };
 use tokio::{net::UdpSocket, sync::watch};
@@ -68,6 +70,14 @@ async fn wait_view(
         Err(_) => format!("not within {timeout:?}"),
     };
     panic!("{what}: {why}; last: {:?}", *rx.borrow())
+}
+
+/// An experiment's tables and paragraph, on the test's output.
+fn show(report: &impl Findings) {
+    for table in report.tables() {
+        eprintln!("{}", table.markdown());
+    }
+    eprintln!("{}", report.details());
 }
 
 fn lists(s: &Snapshot, addr: &str) -> bool {
@@ -467,12 +477,15 @@ async fn a_fallback_datacenter_refusing_the_token_leaves_the_local_view_flowing(
 #[tokio::test]
 async fn two_datacenters_fail_over_to_dc2_and_back_losing_nothing() {
     init_tracing();
-    let report = testbed::datacenters::run(&launcher(), 1, Duration::from_millis(500), &|msg| {
-        tracing::info!("{msg}")
-    })
+    let report = testbed::datacenters::run(
+        &launcher(),
+        1,
+        Duration::from_millis(500),
+        &Progress::lines(),
+    )
     .await
     .unwrap();
-    eprintln!("{}", testbed::datacenters::markdown(&report));
+    show(&report);
     assert_eq!(
         (
             report.query_before.datacenter.as_str(),
@@ -514,10 +527,10 @@ async fn a_scale_out_takes_load_and_a_scale_in_loses_nothing() {
         steady: consul_api::GoDuration::from_secs(2),
         ..Default::default()
     };
-    let report = testbed::elastic::run(&launcher(), &config, &|msg| tracing::info!("{msg}"))
+    let report = testbed::elastic::run(&launcher(), &config, &Progress::lines())
         .await
         .unwrap();
-    eprintln!("{}", testbed::elastic::markdown(&report));
+    show(&report);
     for run in &report.runs {
         assert_eq!(run.lost, 0, "{}", run.strategy);
         assert!(run.sent > 0);

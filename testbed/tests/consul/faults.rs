@@ -5,8 +5,10 @@
 use std::time::Duration;
 
 use testbed::{
+    experiment::Experiment,
     faultproxy::Fault,
-    faults::{self, Experiment, Findings, Scenario},
+    faults::{self, Rows, Scenario},
+    progress::Progress,
 };
 
 use crate::common::{init_tracing, launcher};
@@ -15,8 +17,9 @@ fn show(outcome: &impl serde::Serialize) {
     eprintln!("{}", serde_json::to_string_pretty(outcome).unwrap());
 }
 
-fn step(msg: &str) {
-    eprintln!("-- {msg}");
+/// Each step of a scenario, on the test's output.
+fn step() -> Progress {
+    Progress::lines()
 }
 
 #[tokio::test]
@@ -26,7 +29,7 @@ async fn hung_server_leaves_and_rejoins_rotation_without_losing_an_echo() {
         hold: Duration::from_secs(1),
         ..Default::default()
     };
-    let o = config.run(&launcher(), &step).await.unwrap();
+    let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(o.basics.tally.lost, 0);
@@ -52,7 +55,7 @@ async fn paused_consul_costs_no_echo_and_everything_converges() {
         pause: Duration::from_secs(6),
         ..Default::default()
     };
-    let o = config.run(&launcher(), &step).await.unwrap();
+    let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(o.during_pause.lost, 0);
@@ -66,7 +69,7 @@ async fn paused_consul_costs_no_echo_and_everything_converges() {
 async fn restarted_consul_gets_every_registration_back_within_two_intervals() {
     init_tracing();
     let config = faults::restarted::Config::default();
-    let o = config.run(&launcher(), &step).await.unwrap();
+    let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert!(o.re_registered.unwrap() < 2 * config.interval);
@@ -105,7 +108,7 @@ async fn behind_a_faulty_proxy_servers_and_clients_log_back_off_and_recover() {
         ],
         ..Default::default()
     };
-    let o = config.run(&launcher(), &step).await.unwrap();
+    let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(o.phases.len(), config.faults.len());
@@ -134,7 +137,7 @@ async fn with_acls_refusals_are_clear_permissions_are_narrow_and_no_token_is_pri
         messages: 5,
         ..Default::default()
     };
-    let o = config.run(&launcher(), &step).await.unwrap();
+    let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert!(o.cases.len() >= 7);
@@ -153,7 +156,7 @@ async fn with_acls_refusals_are_clear_permissions_are_narrow_and_no_token_is_pri
 async fn hostile_input_leaves_the_server_up_and_its_memory_bounded() {
     init_tracing();
     let config = faults::hostile::Config::default();
-    let o = config.run(&launcher(), &step).await.unwrap();
+    let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert!(o.alive && o.fresh_echo && o.still_passing);
@@ -172,7 +175,7 @@ async fn hostile_input_leaves_the_server_up_and_its_memory_bounded() {
 async fn blackholed_instances_cost_at_most_one_connect_timeout() {
     init_tracing();
     let config = faults::blackholed::Config::default();
-    let o = config.run(&launcher(), &step).await.unwrap();
+    let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(
@@ -194,7 +197,7 @@ async fn blackholed_instances_cost_at_most_one_connect_timeout() {
 async fn a_large_pipelined_batch_is_answered_without_ejecting_the_server() {
     init_tracing();
     let config = faults::batch::Config::default();
-    let o = config.run(&launcher(), &step).await.unwrap();
+    let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(o.basics.tally.sent, config.messages as u64);
@@ -206,7 +209,7 @@ async fn a_large_pipelined_batch_is_answered_without_ejecting_the_server() {
 async fn without_x_consul_index_discovery_polls_with_backoff_and_sees_changes() {
     init_tracing();
     let config = faults::stripped::Config::default();
-    let o = config.run(&launcher(), &step).await.unwrap();
+    let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(o.max_index_seen, 0, "the proxy stripped every index");
@@ -222,7 +225,7 @@ async fn a_rotated_tls_certificate_reaches_new_connections_and_costs_no_echo() {
         window: Duration::from_secs(2),
         ..Default::default()
     };
-    let o = config.run(&launcher(), &step).await.unwrap();
+    let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(o.basics.tally.lost, 0);

@@ -14,7 +14,7 @@ use echo_client::{EchoClient, session::SessionConfig};
 use echo_server::{config::Config as ServerConfig, server::Server};
 use futures::{StreamExt, stream};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use testbed::{Consul, faults::observe::Traffic, wait};
+use testbed::{Consul, scenario::observers::Traffic, wait};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 

@@ -1,7 +1,10 @@
 //! The seed article's story end to end, as `testbed timeline` tells it: the naive client
 //! loses the service from the kill until Consul's reaper, the resilient one loses nothing.
 
-use testbed::timeline::{self, ClientMode, TimelineConfig};
+use testbed::{
+    experiment::Findings,
+    timeline::{self, ClientMode, TimelineConfig},
+};
 
 use crate::common::{init_tracing, launcher};
 
@@ -11,7 +14,9 @@ async fn the_naive_client_loses_the_service_and_the_resilient_one_does_not() {
     let report = timeline::run(&launcher(), &TimelineConfig::default())
         .await
         .unwrap();
-    eprintln!("{}", timeline::markdown(&report));
+    for table in report.tables() {
+        eprintln!("{}", table.markdown());
+    }
     let [naive, resilient] = &report.stories[..] else {
         panic!("two stories expected");
     };

@@ -267,18 +267,14 @@ pub fn errors(outcomes: &[Outcome]) -> Vec<String> {
         .collect()
 }
 
-/// The `q`-quantile (0..=1) of the latencies of the answered `outcomes`.
+/// The `q`-quantile (0..=1) of the latencies of the answered `outcomes`, by the one
+/// percentile rule ([`crate::report::percentile`]).
 pub fn latency_quantile(outcomes: &[Outcome], q: f64) -> Option<Duration> {
-    let mut l: Vec<Duration> = outcomes
+    let l: Vec<Duration> = outcomes
         .iter()
         .filter_map(|o| o.result.as_ref().ok().map(|s| s.latency))
         .collect();
-    if l.is_empty() {
-        return None;
-    }
-    l.sort();
-    let rank = ((q * l.len() as f64).ceil() as usize).clamp(1, l.len());
-    Some(l[rank - 1])
+    crate::report::percentile_of(&l, q * 100.0)
 }
 
 /// One snapshot of discovery, as seen when it was published.
@@ -452,10 +448,9 @@ mod tests {
         let outcomes: Vec<_> = (1..=100).map(|i| outcome(i, i, i != 7)).collect();
         let t = Tally::of(&outcomes);
         assert_eq!((t.sent, t.lost, t.resent), (100, 1, 50));
-        assert_eq!(
-            latency_quantile(&outcomes, 0.99),
-            Some(Duration::from_millis(100))
-        );
+        // 99 answered (message 7 was not): 1..=6 and 8..=100 ms, interpolated.
+        let p99 = latency_quantile(&outcomes, 0.99).unwrap().as_secs_f64() * 1e3;
+        assert!((p99 - 99.02).abs() < 1e-6, "{p99}");
         assert_eq!(
             latency_quantile(&outcomes, 0.5),
             Some(Duration::from_millis(51))

@@ -7,16 +7,19 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use consul_harness::cluster::{Cluster, ClusterSpec, Member};
+use consul_harness::cluster::{ClusterSpec, Member};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use super::{Experiment, Findings, LIMIT, timeout};
+use super::{LIMIT, Scenario, timeout};
 use crate::{
     deregistration::{logged_time, reaper_anchor},
     error::{Error, Result},
+    experiment::{Env, Experiment, Findings, Needs},
     model::{Phase, ReaperModel},
     procs::Launcher,
+    progress::Progress,
+    report::Table,
     wait,
 };
 
@@ -121,48 +124,8 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
-    fn figures(&self) -> Vec<(String, String)> {
-        let mut rows: Vec<(String, String)> = self
-            .trials
-            .iter()
-            .map(|t| {
-                (
-                    format!(
-                        "{} ({}), reaper +{:.2} s in the cycle{}",
-                        t.agent,
-                        t.service_id,
-                        t.phase_lag,
-                        t.anchor_span_ms
-                            .map(|s| format!(" (start dated to {s:.0} ms)"))
-                            .unwrap_or_default()
-                    ),
-                    format!(
-                        "critical {:.2} s, removed {:.2} s, predicted {:.2} s: {:+.0} ms \
-                         (agent log: {}); first agent's phase would say {:+.0} ms",
-                        t.critical_at,
-                        t.removed_at,
-                        t.predicted,
-                        t.error_ms,
-                        t.logged_error_ms
-                            .map(|e| format!("{e:+.0} ms"))
-                            .unwrap_or_else(|| "–".into()),
-                        t.first_phase_error_ms
-                    ),
-                )
-            })
-            .collect();
-        rows.push((
-            "max |error|: own phase / agent log / first agent's phase".into(),
-            format!(
-                "{:.0} ms / {} / {:.0} ms",
-                self.max_error_ms,
-                self.max_logged_error_ms
-                    .map(|e| format!("{e:.0} ms"))
-                    .unwrap_or_else(|| "–".into()),
-                self.max_first_phase_error_ms
-            ),
-        ));
-        rows
+    fn tables(&self) -> Vec<Table> {
+        vec![Table::figures(self.figures())]
     }
 
     fn details(&self) -> String {
@@ -205,6 +168,53 @@ impl Findings for Outcome {
     }
 }
 
+impl Outcome {
+    /// `(figure, value)` rows of its table.
+    pub fn figures(&self) -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> = self
+            .trials
+            .iter()
+            .map(|t| {
+                (
+                    format!(
+                        "{} ({}), reaper +{:.2} s in the cycle{}",
+                        t.agent,
+                        t.service_id,
+                        t.phase_lag,
+                        t.anchor_span_ms
+                            .map(|s| format!(" (start dated to {s:.0} ms)"))
+                            .unwrap_or_default()
+                    ),
+                    format!(
+                        "critical {:.2} s, removed {:.2} s, predicted {:.2} s: {:+.0} ms \
+                         (agent log: {}); first agent's phase would say {:+.0} ms",
+                        t.critical_at,
+                        t.removed_at,
+                        t.predicted,
+                        t.error_ms,
+                        t.logged_error_ms
+                            .map(|e| format!("{e:+.0} ms"))
+                            .unwrap_or_else(|| "–".into()),
+                        t.first_phase_error_ms
+                    ),
+                )
+            })
+            .collect();
+        rows.push((
+            "max |error|: own phase / agent log / first agent's phase".into(),
+            format!(
+                "{:.0} ms / {} / {:.0} ms",
+                self.max_error_ms,
+                self.max_logged_error_ms
+                    .map(|e| format!("{e:.0} ms"))
+                    .unwrap_or_else(|| "–".into()),
+                self.max_first_phase_error_ms
+            ),
+        ));
+        rows
+    }
+}
+
 fn epoch(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -214,19 +224,19 @@ fn epoch(t: SystemTime) -> f64 {
 impl Experiment for Config {
     type Outcome = Outcome;
 
-    fn topology(&self) -> ClusterSpec {
-        ClusterSpec {
-            client_stagger: self.stagger,
-            ..ClusterSpec::new(self.servers, self.clients)
-        }
+    fn title(&self) -> String {
+        Scenario::ReaperPhases.title().into()
     }
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        cluster: &mut Cluster,
-        step: &dyn Fn(&str),
-    ) -> Result<Outcome> {
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Cluster(ClusterSpec {
+            client_stagger: self.stagger,
+            ..ClusterSpec::new(self.servers, self.clients)
+        }))
+    }
+
+    async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
+        let cluster = env.cluster()?;
         let model = ReaperModel::CONSUL;
         let n = cluster.clients().len();
         if n == 0 {
@@ -241,13 +251,13 @@ impl Experiment for Config {
             phases.push(Phase::new(start.at, model.reap_interval));
             spans.push(start.span.map(|s| s * 1e3));
         }
-        step("an echo server on every client agent");
+        step.say("an echo server on every client agent");
         let mut servers = Vec::with_capacity(n);
         let mut done = Vec::with_capacity(n);
         for i in 0..n {
             let agent = cluster.agent(Member::Client(i));
             let id = format!("reaper_{}", i + 1);
-            let mut spec = crate::faults::server_spec(agent.config(), &id, self.interval)?
+            let mut spec = crate::scenario::server_spec(agent.config(), &id, self.interval)?
                 .on_address(agent.spec().address)?
                 .named(id.clone(), id.clone());
             spec.deregister_after = self.setting;
@@ -266,7 +276,7 @@ impl Experiment for Config {
             done.push(done_rx);
         }
 
-        step("killing every echo server at once; each agent's reaper removes its own");
+        step.say("killing every echo server at once; each agent's reaper removes its own");
         let killed = epoch(SystemTime::now());
         for s in &mut servers {
             s.process.kill().await?;

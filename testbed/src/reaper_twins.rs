@@ -5,7 +5,7 @@
 //! keeps `DeregisterCriticalServiceAfter` (Consul stays the safety net), so each row says who
 //! removed it: the reaper's log line, or the agent's.
 
-use std::{fmt::Write as _, time::Duration};
+use std::time::Duration;
 
 use consul_api::GoDuration;
 use consul_registry::reaper::{FOLLOWING, REMOVED};
@@ -16,6 +16,7 @@ use crate::{
     error::Result,
     logbuf::LogBuffer,
     procs::{ChildProcess, Launcher},
+    report::Table,
 };
 
 /// How far from the setting a removal may fall: the goal of issue 17.
@@ -100,16 +101,16 @@ impl ReaperSection {
 
 /// Side by side, per setting: Consul's own removal of the originals, and the reaper's of their
 /// twins; then every twin's trial.
-pub fn markdown(section: &ReaperSection, consul: &[Trial]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "### The same services with the reaper sidecar (Meta `reap-after` = the setting)\n"
-    );
-    out.push_str(
-        "| setting | Consul alone: critical→removed (s) | with the reaper: critical→removed (s) | reaper − setting (ms), min / max | trials within ±50 ms |\n",
-    );
-    out.push_str("|---|---:|---:|---:|---:|\n");
+pub fn tables(section: &ReaperSection, consul: &[Trial]) -> Vec<Table> {
+    let mut by_setting = Table::new([
+        "setting",
+        "Consul alone: critical→removed (s)",
+        "with the reaper: critical→removed (s)",
+        "reaper − setting (ms), min / max",
+        "trials within ±50 ms",
+    ])
+    .caption("The same services with the reaper sidecar (Meta `reap-after` = the setting)")
+    .align_right([1, 2, 3, 4]);
     let mut settings: Vec<GoDuration> = section.trials.iter().map(|t| t.setting).collect();
     settings.sort();
     settings.dedup();
@@ -139,34 +140,45 @@ pub fn markdown(section: &ReaperSection, consul: &[Trial]) -> String {
             .iter()
             .filter(|t| t.removed_by == "reaper" && t.error_ms.abs() <= TOLERANCE_MS)
             .count();
-        let _ = writeln!(
-            out,
-            "| {setting} | {} | {} | {} | {within}/{} |",
+        by_setting.push([
+            setting.to_string(),
             range(&theirs, 2),
             range(&ours_s, 3),
             range(&errors, 1).replace(" – ", " / "),
-            ours.len()
-        );
+            format!("{within}/{}", ours.len()),
+        ]);
     }
-    out.push_str(
-        "\n| twin | check interval | trial | critical→removed (s) | − setting (ms) | removed by |\n",
-    );
-    out.push_str("|---|---|---|---:|---:|---|\n");
+    let mut twins = Table::new([
+        "twin",
+        "check interval",
+        "trial",
+        "critical→removed (s)",
+        "− setting (ms)",
+        "removed by",
+    ])
+    .align_right([3, 4]);
     for t in &section.trials {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {:.3} | {:+.1} | {} |",
-            t.service_id, t.interval, t.trial, t.critical_to_removed, t.error_ms, t.removed_by
-        );
+        twins.push([
+            t.service_id.clone(),
+            t.interval.to_string(),
+            t.trial.to_string(),
+            format!("{:.3}", t.critical_to_removed),
+            format!("{:+.1}", t.error_ms),
+            t.removed_by.to_owned(),
+        ]);
     }
-    let _ = writeln!(
-        out,
-        "\nLargest |error|: {:.1} ms; every twin removed by the reaper within ±{:.0} ms: {}.",
+    vec![by_setting, twins]
+}
+
+/// The twins in one sentence: the largest error, and whether every one held.
+pub fn summary(section: &ReaperSection) -> String {
+    format!(
+        "Reaper sidecar: largest |error| {:.1} ms; every twin removed by the reaper within ±{:.0} \
+         ms: {}.\n",
         section.max_abs_error_ms,
         section.tolerance_ms,
         if section.all_within { "yes" } else { "NO" }
-    );
-    out
+    )
 }
 
 #[cfg(test)]
@@ -197,7 +209,7 @@ mod tests {
         assert!(!ReaperSection::new(vec![trial(5, 51.0, "reaper")]).all_within);
         assert!(!ReaperSection::new(vec![trial(60, 1.0, "consul")]).all_within);
         assert!(!ReaperSection::new(vec![]).all_within, "nothing measured");
-        let md = markdown(&ok, &[]);
+        let md = tables(&ok, &[])[0].markdown();
         assert!(
             md.contains("| 5s | – | 5.012 – 5.012 | 12.0 / 12.0 | 1/1 |"),
             "{md}"
