@@ -19,7 +19,10 @@
 //! * [`acl`] — policies and tokens, enough to set up ACL scenarios.
 //! * [`query`] — [`QueryOptions`] (`index`, `wait`, `dc`, ...) and [`QueryMeta`]
 //!   (`X-Consul-Index`, ...).
-//! * [`watch`] — [`Watch`], which drives a blocking query by Consul's rules.
+//! * [`watch`] — [`Watch`], the state of a blocking query by Consul's rules.
+//! * [`follow`] — [`Follow`], the one loop that drives a [`Watch`] (fetch, backoff, reset,
+//!   error classification by a [`Classify`] policy) and hands out [`Event`]s; its [`Retry`]
+//!   half serves loops that write (a heartbeat).
 //! * [`backoff`] — [`Backoff`], the one jittered exponential backoff (backon) of the workspace:
 //!   the watch's polling without an index, the client's Consul retries and reconnects.
 //! * [`duration`] — [`GoDuration`], durations written and read the way Go does (`5s`, `1m30s`).
@@ -60,6 +63,7 @@ pub mod catalog;
 pub mod client;
 pub mod duration;
 pub mod error;
+pub mod follow;
 pub mod health;
 pub mod prepared;
 pub mod query;
@@ -79,6 +83,7 @@ pub use catalog::{CatalogRegistration, CatalogService, CatalogServiceRegistratio
 pub use client::{BodySink, Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};
+pub use follow::{Answered, Classify, Event, Follow, Retry, Retrying};
 pub use health::{
     CheckView, EntryView, HealthCheck, HealthStatus, Node, NodeView, ServiceAnswer, ServiceEntry,
     ServiceView,
