@@ -321,25 +321,27 @@ mod tests {
         }
     }
 
-    /// A fetch that answers from a script (one entry per read) and records what it was asked.
-    type Script = Arc<Mutex<VecDeque<Result<(u64, QueryMeta)>>>>;
+    /// One scripted read's outcome.
+    type Answer = Result<(u64, QueryMeta)>;
+    /// The options of each read and when it started.
+    type Asked = Arc<Mutex<Vec<(QueryOptions, Instant)>>>;
 
+    /// A fetch that answers from a script (one entry per read, then "unreachable") and
+    /// records what it was asked.
     fn scripted(
-        answers: Vec<Result<(u64, QueryMeta)>>,
+        answers: Vec<Answer>,
     ) -> (
-        Script,
-        Arc<Mutex<Vec<(QueryOptions, Instant)>>>,
-        impl FnMut(QueryOptions) -> std::future::Ready<Result<(u64, QueryMeta)>>,
+        Asked,
+        impl FnMut(QueryOptions) -> std::future::Ready<Answer>,
     ) {
-        let script: Script = Arc::new(Mutex::new(answers.into()));
-        let asked = Arc::new(Mutex::new(Vec::new()));
-        let (s, a) = (script.clone(), asked.clone());
+        let mut script: VecDeque<_> = answers.into();
+        let asked = Asked::default();
+        let log = asked.clone();
         let fetch = move |opts: QueryOptions| {
-            a.lock().unwrap().push((opts, Instant::now()));
-            let next = s.lock().unwrap().pop_front();
-            std::future::ready(next.unwrap_or_else(|| Err(unreachable())))
+            log.lock().unwrap().push((opts, Instant::now()));
+            std::future::ready(script.pop_front().unwrap_or_else(|| Err(unreachable())))
         };
-        (script, asked, fetch)
+        (asked, fetch)
     }
 
     fn follow<F>(classify: Classify, fetch: F) -> Follow<F> {
@@ -397,7 +399,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_outage_backs_off_then_recovers_on_a_fresh_watch() {
-        let (_, asked, fetch) = scripted(vec![
+        let (asked, fetch) = scripted(vec![
             Ok((1, meta(10))),
             Err(unreachable()),
             Err(unreachable()),
@@ -455,8 +457,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_index_going_backwards_resets_the_watch() {
-        let (_, asked, fetch) =
-            scripted(vec![Ok((1, meta(100))), Ok((2, meta(3))), Ok((3, meta(4)))]);
+        let (asked, fetch) = scripted(vec![Ok((1, meta(100))), Ok((2, meta(3))), Ok((3, meta(4)))]);
         let mut f = follow(Classify::Transient, fetch);
         for expected in 1..=3 {
             let (value, _, _) = changed(f.next().await);
@@ -477,14 +478,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_denial_is_fatal_before_the_first_answer_and_retried_after() {
-        let (_, _, fetch) = scripted(vec![Err(denied())]);
+        let (_, fetch) = scripted(vec![Err(denied())]);
         let mut f = follow(Classify::TransientAndLateDenial, fetch);
         match f.next().await {
             Event::Fatal(e) => assert!(e.is_permission_denied()),
             other => panic!("expected fatal, got {other:?}"),
         }
 
-        let (_, _, fetch) = scripted(vec![Ok((1, meta(5))), Err(denied()), Err(status(404))]);
+        let (_, fetch) = scripted(vec![Ok((1, meta(5))), Err(denied()), Err(status(404))]);
         let mut f = follow(Classify::TransientAndLateDenial, fetch);
         changed(f.next().await);
         let r = retrying(f.next().await);
@@ -532,7 +533,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn next_is_cancel_safe_a_delay_owed_is_still_waited() {
-        let (_, asked, fetch) = scripted(vec![Err(unreachable()), Ok((1, meta(2)))]);
+        let (asked, fetch) = scripted(vec![Err(unreachable()), Ok((1, meta(2)))]);
         let mut f = follow(Classify::Transient, fetch);
         let r = retrying(f.next().await);
         let failed_at = Instant::now();
@@ -549,7 +550,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refused_answer_backs_off_and_reads_afresh() {
-        let (_, asked, fetch) = scripted(vec![Ok((1, meta(7))), Ok((2, meta(7)))]);
+        let (asked, fetch) = scripted(vec![Ok((1, meta(7))), Ok((2, meta(7)))]);
         let mut f = follow(Classify::Transient, fetch);
         changed(f.next().await);
         let refused_at = Instant::now();
