@@ -119,6 +119,7 @@ async fn follow(client: consul_api::Client, service: String, tx: watch::Sender<S
             }) => {
                 tracing::warn!(%error, ?retry_in, "observer: Consul did not answer; retrying");
             }
+            Event::Refused { .. } => {}
             Event::Fatal(_) => return,
         }
     }

@@ -15,6 +15,10 @@
 //!   call, given the error and whether any read has succeeded yet.
 //! * Delays come from the one [`Backoff`] (jittered, doubling, endless): the loop never gives
 //!   up by itself. Callers bound it with a deadline or by stopping on an event.
+//! * An answer the caller will not use (its metadata fails the [`Follow::refusing`] check:
+//!   discovery's `max_stale`) is [`Event::Refused`]: not a success (the backoff keeps
+//!   growing, a 403 after it is still an early one), the watch is reset and the next read
+//!   waits a backoff delay, as after a failure.
 //! * Each event says whether it is news ([`Answered::news`], [`Retrying::news`]): the first
 //!   answer, the first answer after failures, a failure of a new kind. Callers log news once
 //!   and repeats quietly, not once per retry.
@@ -174,10 +178,22 @@ pub enum Event<T> {
     Changed {
         /// The fetched value.
         value: T,
-        /// Its metadata (`X-Consul-Index`, ...), as the watch observed it.
+        /// Its metadata (`X-Consul-Index`, ...).
         meta: QueryMeta,
         /// Whether it is news (the first answer, or the first after failures).
         answered: Answered,
+    },
+    /// An answer came that the [`Follow::refusing`] check rejects: not applied; the read is
+    /// tried again after `retry_in`, from a reset watch.
+    Refused {
+        /// The fetched value.
+        value: T,
+        /// Its metadata, as Consul sent it.
+        meta: QueryMeta,
+        /// How long the loop waits before the next read.
+        retry_in: Duration,
+        /// Whether the last answer was not refused too: log it.
+        news: bool,
     },
     /// A read failed and will be tried again after `retry_in`, from a reset watch.
     Unreachable(Retrying),
@@ -185,14 +201,28 @@ pub enum Event<T> {
     Fatal(Error),
 }
 
+/// Which answers the caller will not use (too stale, say), by their metadata.
+type Refuse = Box<dyn Fn(&QueryMeta) -> bool + Send + Sync>;
+
 /// The one driver of a [`Watch`]; see the module documentation.
-#[derive(Debug)]
 pub struct Follow<F> {
     watch: Watch,
     retry: Retry,
     fetch: F,
+    refuse: Option<Refuse>,
     /// A delay owed before the next read: a backoff after a failure.
     resume_at: Option<Instant>,
+}
+
+impl<F> std::fmt::Debug for Follow<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follow")
+            .field("watch", &self.watch)
+            .field("retry", &self.retry)
+            .field("refusing", &self.refuse.is_some())
+            .field("resume_at", &self.resume_at)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<F, Fut, T> Follow<F>
@@ -206,8 +236,17 @@ where
             watch,
             retry,
             fetch,
+            refuse: None,
             resume_at: None,
         }
+    }
+
+    /// Refuse the answers whose metadata `refuse` rejects (discovery: older than
+    /// `max_stale`): each is [`Event::Refused`], delivered even if its index did not move,
+    /// not counted as a success; the watch is reset and the next read waits a backoff delay.
+    pub fn refusing(mut self, refuse: impl Fn(&QueryMeta) -> bool + Send + Sync + 'static) -> Self {
+        self.refuse = Some(Box::new(refuse));
+        self
     }
 
     /// Read until something happens: a change, a failure to retry, or a fatal error. Waits
@@ -217,27 +256,48 @@ where
             tokio::time::sleep_until(at).await;
             self.resume_at = None;
         }
-        let fetch = &mut self.fetch;
+        let (fetch, refuse) = (&mut self.fetch, self.refuse.as_deref());
         let read = self
             .watch
             .next(|opts| {
                 let fut = fetch(opts);
                 async move {
                     let (value, meta) = fut.await?;
-                    Ok(((value, meta.clone()), meta))
+                    let refused = refuse.is_some_and(|refuse| refuse(&meta));
+                    // A refused answer is delivered even when its index did not move, as an
+                    // answer without an index is.
+                    let observed = if refused {
+                        QueryMeta {
+                            last_index: 0,
+                            content_hash: None,
+                            ..meta.clone()
+                        }
+                    } else {
+                        meta.clone()
+                    };
+                    Ok(((value, meta, refused), observed))
                 }
             })
             .await;
         match read {
-            Ok((value, meta)) => Event::Changed {
+            Ok((value, meta, true)) => {
+                let (retry_in, news) = self.retry.refused();
+                self.back_off(retry_in);
+                Event::Refused {
+                    value,
+                    meta,
+                    retry_in,
+                    news,
+                }
+            }
+            Ok((value, meta, false)) => Event::Changed {
                 value,
                 meta,
                 answered: self.retry.success(),
             },
             Err(error) => match self.retry.failure(error) {
                 Ok(retrying) => {
-                    self.watch.reset();
-                    self.resume_at = Some(Instant::now() + retrying.retry_in);
+                    self.back_off(retrying.retry_in);
                     Event::Unreachable(retrying)
                 }
                 Err(error) => Event::Fatal(error),
@@ -245,14 +305,10 @@ where
         }
     }
 
-    /// The last answer is not to be used (too stale, say): reset the watch, so the next read
-    /// does not block, and back off before it as after a failure. Returns the delay and
-    /// whether this is news (the last answer was not refused too).
-    pub fn refuse(&mut self) -> (Duration, bool) {
-        let (delay, news) = self.retry.refused();
+    /// Start the next read afresh, after `delay`.
+    fn back_off(&mut self, delay: Duration) {
         self.watch.reset();
         self.resume_at = Some(Instant::now() + delay);
-        (delay, news)
     }
 
     /// The watch, to reset it (an entry gone, a refresh asked for).
@@ -349,6 +405,7 @@ mod tests {
             watch: Watch::new(QueryOptions::default(), Duration::from_secs(30)),
             retry: Retry::new(classify, Backoff::consul()),
             fetch,
+            refuse: None,
             resume_at: None,
         }
     }
@@ -550,18 +607,65 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refused_answer_backs_off_and_reads_afresh() {
-        let (asked, fetch) = scripted(vec![Ok((1, meta(7))), Ok((2, meta(7)))]);
-        let mut f = follow(Classify::Transient, fetch);
+        let stale = |index| QueryMeta {
+            last_contact_ms: 5_000,
+            ..meta(index)
+        };
+        let (asked, fetch) = scripted(vec![
+            Ok((1, meta(7))),
+            Ok((2, stale(7))),
+            Ok((3, stale(7))),
+            Ok((4, meta(7))),
+        ]);
+        let mut f = follow(Classify::TransientAndLateDenial, fetch)
+            .refusing(|m: &QueryMeta| m.last_contact_ms > 1_000);
         changed(f.next().await);
-        let refused_at = Instant::now();
-        let (delay, news) = f.refuse();
-        assert!(news);
+        let mut refused_at = Vec::new();
+        for (expected, news) in [(2, true), (3, false)] {
+            match f.next().await {
+                Event::Refused {
+                    value,
+                    meta,
+                    retry_in,
+                    news: n,
+                } => {
+                    assert_eq!(value, expected, "delivered though the index did not move");
+                    assert_eq!((meta.last_index, n), (7, news));
+                    refused_at.push((Instant::now(), retry_in));
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
         let (value, _, answered) = changed(f.next().await);
-        assert_eq!(value, 2, "the same index after a refusal is delivered");
-        assert!(answered.news, "answering again after a refusal is news");
+        assert_eq!(value, 4, "the same index after a refusal is delivered");
+        assert!(answered.news, "answering again after refusals is news");
         let asked = asked.lock().unwrap();
-        assert_eq!(asked[1].0.wait_index, 0);
-        assert!(asked[1].1 - refused_at >= delay);
+        let indexes: Vec<u64> = asked.iter().map(|(o, _)| o.wait_index).collect();
+        assert_eq!(indexes, [0, 7, 0, 0], "a refusal resets the watch");
+        for (i, (at, delay)) in refused_at.iter().enumerate() {
+            assert!(asked[i + 2].1 - *at >= *delay, "backed off");
+        }
+        assert!(
+            refused_at[1].1 >= Duration::from_millis(200),
+            "refusals are not successes: the backoff grows"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_answer_is_not_an_answer_for_the_policy() {
+        let stale = QueryMeta {
+            last_contact_ms: 5_000,
+            ..meta(7)
+        };
+        let (_, fetch) = scripted(vec![Ok((1, stale)), Err(denied())]);
+        let mut f = follow(Classify::TransientAndLateDenial, fetch)
+            .refusing(|m: &QueryMeta| m.last_contact_ms > 1_000);
+        assert!(matches!(f.next().await, Event::Refused { news: true, .. }));
+        assert!(!f.answered());
+        match f.next().await {
+            Event::Fatal(e) => assert!(e.is_permission_denied(), "a 403 before any answer"),
+            other => panic!("expected fatal, got {other:?}"),
+        }
     }
 
     #[test]

@@ -29,27 +29,34 @@
 //! * [`error`] — the one [`Error`] enum, carrying HTTP status and Consul's message.
 //!
 //! The client never retries by itself: callers decide (reads may be retried with backoff,
-//! writes are not), using [`Error::is_retryable`].
+//! writes are not), using [`Error::is_retryable`] or, for a loop, a [`Classify`] policy.
 //!
 //! Follow a service's passing instances with blocking queries, as discovery does:
 //!
 //! ```no_run
 //! use std::time::Duration;
 //!
-//! use consul_api::{Client, QueryOptions, Watch};
+//! use consul_api::{Backoff, Classify, Client, Event, Follow, QueryOptions, Retry, Watch};
 //!
 //! # async fn demo() -> consul_api::Result<()> {
 //! // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, ... as Consul's CLI reads them.
 //! let client = Client::from_env()?;
-//! let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(60));
+//! let watch = Watch::new(QueryOptions::default(), Duration::from_secs(60));
+//! let retry = Retry::new(Classify::TransientAndLateDenial, Backoff::consul());
+//! let mut follow = Follow::new(watch, retry, |opts| {
+//!     let client = client.clone();
+//!     async move { client.health().service("web", None, true, &opts).await }
+//! });
 //! loop {
-//!     let passing = watch
-//!         .next(|opts| {
-//!             let client = client.clone();
-//!             async move { client.health().service("web", None, true, &opts).await }
-//!         })
-//!         .await?; // returns each time the set changes
-//!     println!("{} passing instance(s) of web", passing.len());
+//!     match follow.next().await {
+//!         // Each time the set changes.
+//!         Event::Changed { value, .. } => println!("{} passing instance(s) of web", value.len()),
+//!         // Retried with backoff, from a fresh watch.
+//!         Event::Unreachable(retrying) => eprintln!("retrying in {:?}", retrying.retry_in),
+//!         Event::Fatal(error) => return Err(error),
+//!         // Only with a `Follow::refusing` check.
+//!         Event::Refused { .. } => {}
+//!     }
 //! }
 //! # }
 //! ```

@@ -45,7 +45,7 @@ where
             Ok(Event::Changed { value, .. }) if done(&value) => {
                 return Ok((value, Instant::now()));
             }
-            Ok(Event::Changed { .. }) => {}
+            Ok(Event::Changed { .. } | Event::Refused { .. }) => {}
             Ok(Event::Unreachable(retrying)) => last_error = Some(retrying.error.to_string()),
             Ok(Event::Fatal(e)) => return Err(e.into()),
             Err(_) => {
@@ -122,6 +122,7 @@ pub async fn follow_instance(
     loop {
         let entries = match follow.next().await {
             Event::Changed { value, .. } => value,
+            Event::Refused { .. } => continue,
             // Transient errors are retried with backoff, up to 50 in all.
             Event::Unreachable(_) if errors < 50 => {
                 errors += 1;
