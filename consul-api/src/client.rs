@@ -332,6 +332,11 @@ impl Client {
         &self.inner.base
     }
 
+    /// The agent's host, an IPv6 address without its URL brackets (`::1`, not `[::1]`).
+    pub fn host(&self) -> String {
+        host_of(&self.inner.base)
+    }
+
     /// The local agent's endpoints (`/v1/agent/...`).
     pub fn agent(&self) -> Agent<'_> {
         Agent::new(self)

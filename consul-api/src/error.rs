@@ -117,6 +117,17 @@ impl Error {
         }
     }
 
+    /// True when a read that Consul has answered before may succeed again if retried:
+    /// everything [`Error::is_retryable`] says, and also a refusal (403, another 4xx, a TLS
+    /// failure). Once a read has worked, a refusal means something changed on the other side
+    /// (a token rotated or revoked, an agent reloaded to HTTPS, its certificate rotated to a
+    /// CA not trusted yet, a prepared query deleted and created again) and may change back.
+    /// Only a configuration error stays permanent. Before the first answer, use
+    /// [`Error::is_retryable`]: a refusal then is most likely our own configuration.
+    pub fn is_retryable_after_success(&self) -> bool {
+        !matches!(self, Error::Config(_))
+    }
+
     /// True for a refused ACL token (HTTP 403).
     pub fn is_permission_denied(&self) -> bool {
         matches!(self, Error::PermissionDenied { .. })

@@ -127,15 +127,17 @@ impl Cluster {
         Cluster::start_with(ConsulOptions::from_env()?, spec).await
     }
 
-    /// Start `spec` with `options` (ACLs and TLS are not supported for clusters), and wait
-    /// until a leader is elected and every member is alive.
+    /// Start `spec` with `options` (TLS is not supported for clusters; with ACLs, every
+    /// agent of the cluster has them on with the management token as its agent token, and
+    /// the datacenter is its own ACL primary), and wait until a leader is elected and every
+    /// member is alive.
     pub async fn start_with(options: ConsulOptions, spec: ClusterSpec) -> Result<Cluster> {
         if spec.servers == 0 {
             return Err(Error::Setting("a cluster needs at least one server".into()));
         }
-        if options.acl_management_token.is_some() || options.tls.is_some() {
+        if options.tls.is_some() {
             return Err(Error::Setting(
-                "clusters run without ACLs and TLS (not supported by the harness yet)".into(),
+                "clusters run without TLS (not supported by the harness yet)".into(),
             ));
         }
         if spec.datacenter.is_empty()
@@ -197,8 +199,9 @@ impl Cluster {
                 mode,
                 ports: Ports::CONSUL_DEFAULTS,
                 flavor: Flavor::Legacy,
-                acl_management_token: None,
+                acl_management_token: options.acl_management_token.clone(),
                 tls: None,
+                ipv6_loopback: false,
             };
             if matches!(member, Member::Client(c) if c > 0) {
                 tokio::time::sleep(spec.client_stagger).await;

@@ -117,7 +117,7 @@ impl<S, M: FnMut(&Instance) -> S> Diff<S, M> {
 
 #[cfg(test)]
 mod tests {
-    use futures::StreamExt;
+    use futures::{FutureExt, StreamExt};
 
     use super::*;
     use crate::discovery::ConsulState;
@@ -158,6 +158,12 @@ mod tests {
         // The same set again (a blocking query that timed out): nothing.
         tx.send(Snapshot::fixed(vec![b.clone(), a.clone()]))
             .unwrap();
+        let nothing = changes.next().now_or_never();
+        assert!(
+            nothing.is_none(),
+            "the same set again is no change: {:?}",
+            nothing.map(|c| c.map(|c| c.map(|c| keys(&[c]))))
+        );
         // b moves to another port: removed, then inserted with a service for the new address.
         let moved = Instance::new("b", "127.0.0.1", 3);
         tx.send(Snapshot::fixed(vec![moved])).unwrap();

@@ -4,10 +4,13 @@
 //!
 //! When Consul does not answer, the last known instances stay published (marked
 //! [`ConsulState::Unreachable`]), the task keeps trying with jittered backoff, and it logs once
-//! per state change, not once per retry. A refused token (403) before any answer, or an invalid
-//! query, ends it with [`ConsulState::Failed`]. A 403 after Consul has answered (a token
-//! rotated or revoked, an agent restarted without it) is logged as an error and retried with
-//! backoff like an outage: the last known instances stay published meanwhile.
+//! per state change, not once per retry. A refusal before any answer (a refused token (403),
+//! an invalid or unknown query, a TLS failure) ends it with [`ConsulState::Failed`]. A refusal
+//! after Consul has answered (a token rotated or revoked, an agent restarted without it or
+//! reloaded to HTTPS, a certificate rotated to a CA not trusted yet, a prepared query deleted
+//! and created again) is logged as an error and retried with backoff like an outage: the last
+//! known instances stay published meanwhile
+//! ([`consul_api::Error::is_retryable_after_success`]).
 //!
 //! Reads use the [`Consistency`] mode of [`DiscoveryConfig::consistency`]. A `stale` read is
 //! answered by any server, also without a leader; [`DiscoveryConfig::max_stale`] bounds how
@@ -109,7 +112,7 @@ pub enum ConsulState {
     Starting,
     /// The last query was answered.
     Reachable,
-    /// Consul stopped answering (or refused a token that had worked) at `since`; the
+    /// Consul stopped answering (or refused a read that had worked) at `since`; the
     /// instances are the last known ones.
     Unreachable {
         /// When the first failed read ended.
@@ -117,7 +120,7 @@ pub enum ConsulState {
         /// The last error, as text.
         error: String,
     },
-    /// Discovery stopped for good (refused token, invalid query).
+    /// Discovery stopped for good: refused before any answer (token, invalid query, TLS).
     Failed {
         /// The error with a hint at what to check; the error itself is [`Snapshot::cause`].
         error: String,
@@ -406,8 +409,9 @@ pub(crate) async fn follow<F, Fut>(
                     tracing::info!(service, "passing: {}", listing(&now.instances));
                 }
             }
-            // A 403 after an answer (a token rotated, an agent restarted) is retried below.
-            Err(e) if !(e.is_retryable() || answered && e.is_permission_denied()) => {
+            // A refusal after an answer (a token rotated, an agent reloaded to HTTPS, a
+            // prepared query created again) is retried below.
+            Err(e) if !(e.is_retryable() || answered && e.is_retryable_after_success()) => {
                 let error = permanent_message(&e);
                 tracing::error!(service, "{error}");
                 let cause = Arc::new(e);
@@ -422,11 +426,12 @@ pub(crate) async fn follow<F, Fut>(
                 // query on our old index would then sit out its whole wait on stale data.
                 watch.reset();
                 if let Some(kind) = tracker.on_error(&e) {
-                    if e.is_permission_denied() {
+                    if !e.is_retryable() {
                         tracing::error!(
                             service,
-                            "Consul refused the token after it had worked ({}); keeping the \
-                             last known instances and retrying with backoff",
+                            state = %kind,
+                            "Consul refused a read that had worked ({}); keeping the last \
+                             known instances and retrying with backoff",
                             permanent_message(&e)
                         );
                     } else {
@@ -892,6 +897,73 @@ mod tests {
             seen[5].wait_index, 11,
             "3 refusals retried, then a blocking read"
         );
+    }
+
+    fn tls_refused() -> ConsulError {
+        ConsulError::Tls {
+            method: "GET",
+            url: "https://127.0.0.1:8501".into(),
+            path: "/v1/health/service/servernode".into(),
+            problem: "the agent's certificate is not signed by a trusted CA".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn any_refusal_after_success_keeps_the_last_view_and_retries() {
+        // An agent reloaded to HTTPS (400), its certificate rotated to a CA not trusted yet,
+        // a prepared query deleted and created again (404): none of them is permanent once
+        // a read has worked.
+        let (mut rx, mut seen, task) = scripted(vec![
+            Ok((vec![entry("a", "127.0.0.1", "", 1)], meta(10))),
+            Err(status(400)),
+            Err(tls_refused()),
+            Err(status(404)),
+            Err(status(404)),
+            Ok((
+                vec![
+                    entry("a", "127.0.0.1", "", 1),
+                    entry("b", "127.0.0.1", "", 2),
+                ],
+                meta(11),
+            )),
+        ]);
+        let s = wait_version(&mut rx, 2).await;
+        assert_eq!(s.failure(), None, "a 400 after a success is not permanent");
+        assert!(
+            matches!(&s.consul, ConsulState::Unreachable { error, .. } if error.contains("400")),
+            "{:?}",
+            s.consul
+        );
+        assert_eq!(s.instances.len(), 1, "the last view is kept");
+        let s = tokio::time::timeout(
+            Duration::from_secs(30),
+            rx.wait_for(|s| s.failure().is_some() || s.instances.len() == 2),
+        )
+        .await
+        .expect("retried with backoff until the reads work again")
+        .unwrap()
+        .clone();
+        assert_eq!(s.consul, ConsulState::Reachable, "{:?}", s.consul);
+        assert_eq!(
+            s.version, 5,
+            "three kinds of refusal, each published once (404 twice: once), then the answer"
+        );
+        let seen = tokio::time::timeout(Duration::from_secs(1), seen.wait_for(|s| s.len() >= 7))
+            .await
+            .expect("then a blocking read")
+            .unwrap()
+            .clone();
+        assert_eq!(seen[6].wait_index, 11);
+        assert!(!task.is_finished());
+
+        // Before any success the same refusals stay permanent, with their own error.
+        for refusal in [status(400), tls_refused(), status(404)] {
+            let expected = refusal.to_string();
+            let (mut rx, _seen, task) = scripted(vec![Err(refusal)]);
+            let s = wait_version(&mut rx, 1).await;
+            assert_eq!(s.failure(), Some(expected.as_str()));
+            task.await.unwrap();
+        }
     }
 
     #[tokio::test(start_paused = true)]

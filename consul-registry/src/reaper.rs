@@ -10,7 +10,11 @@
 //!   check's `Definition` comes back empty). Keep `DeregisterCriticalServiceAfter` as well if
 //!   Consul's own reaper should still remove the service (60 to 90 s later) while no reaper
 //!   runs. A service without the key is never touched; one with an invalid value is reported
-//!   once ([`Notice::InvalidSetting`]) and never touched.
+//!   once ([`Notice::InvalidSetting`]) and never touched. [`opt_in`] also sets [`START_KEY`]
+//!   (`reap-start`), a value of its own to each start of the service's process
+//!   ([`Registrar`](crate::Registrar) and [`Registration`](crate::Registration) give each of
+//!   their starts a new one): how the reaper tells a process that came back from the one that
+//!   died (below).
 //! * **What it follows.** `GET /v1/health/node/<the agent's node>` by blocking query (the one
 //!   [`Watch`]): the catalog's copy of the agent's checks, which the agent updates at every
 //!   status change (`/v1/agent/checks` does not block in Consul 1.8). At each change it reads
@@ -31,15 +35,36 @@
 //!   already critical dates it from that first answer: the service is then removed
 //!   `reap-after` after the restart, never early, late by at most the time the check had
 //!   already been critical (worst case: one whole `reap-after` after the restart).
-//! * **Outages.** While the agent does not answer, nothing is removed; an agent replaced
-//!   underneath (its node ID changed: a restarted dev agent) or a check registered again (its
-//!   `CreateIndex` changed) starts the clock over, as Consul's own reaper does.
+//! * **Registered again.** Consul 1.8.7 keeps a service's and its checks' `CreateIndex` and
+//!   `ModifyIndex` when the same ID is registered again in place, and keeps the check's status
+//!   (critical until its next run): nothing the reaper can read changes but the Meta. So a new
+//!   [`START_KEY`] value (a process that crashed and came back with the same ID) starts the
+//!   clock over, as does a check created anew (its `CreateIndex` changed: registered again
+//!   after a removal) and an agent replaced underneath (its node ID changed: a restarted dev
+//!   agent). A service registered again in place without a new `reap-start` keeps its clock:
+//!   to the reaper it is the same instance.
+//! * **The reaper and the registrar.** A process that is alive but whose check stays critical
+//!   (forced unhealthy, a hung `/check`) is removed once, at `reap-after`; its registrar then
+//!   registers it again within milliseconds. Its registrar wins: the service is back with the
+//!   same `reap-start`, so the process the reaper took for dead is alive, and the reaper
+//!   leaves it alone ([`Notice::Yielded`], once) until its check passes (its next
+//!   critical spell is reaped again) or it starts over with a new `reap-start`. One removal per
+//!   critical spell, never one every `reap-after`; critical, it stays out of every passing set
+//!   meanwhile. A removed service without `reap-start` that comes back is a new instance to
+//!   the reaper (it cannot tell), removed again at its `reap-after`. A removal is remembered
+//!   while its service is listed, and for 10 minutes after it is gone.
+//! * **Outages.** While the agent does not answer, nothing is removed and every clock is kept.
+//!   Once the reaper has had an answer, every failure to read is retried with the one
+//!   [`Backoff`] (a 400 after the agent was reloaded to HTTPS, a certificate from a CA not
+//!   trusted yet, a deleted token's 403): refusals are logged at error level once, then
+//!   retried quietly. Before the first answer, a refusal ends [`run`] with its error.
 //! * **ACLs.** The token needs `agent:read`, `node:read` and `service:read` to follow, and
 //!   `service:write` on every service it may remove. A refused removal (403) is reported once
 //!   ([`Event::Refused`], an [`Error::Reap`] naming what the token lacks) and not attempted
 //!   again for that service until its check recovers or it is registered again; a token
-//!   refused before the first answer ends [`run`] with that error. Other failures of a
-//!   removal are retried with the one [`Backoff`], once the agent answers again.
+//!   refused before the first answer ends [`run`] with that error (one refused later is
+//!   retried, as above). Other failures of a removal are retried with the one [`Backoff`],
+//!   once the agent answers again.
 //!
 //! [`Reaper`] is the pure state machine (answers and `now` in, deadlines and removals out);
 //! [`run`] drives it against an agent.
@@ -66,6 +91,10 @@ use crate::{
 /// The Meta key a service opts in with: how long its check may stay critical, a Go duration.
 pub const META_KEY: &str = "reap-after";
 
+/// The Meta key that tells one start of a service's process from another: a value of its own
+/// to each start ([`opt_in`] sets it). A new one starts the reaper's clock over.
+pub const START_KEY: &str = "reap-start";
+
 /// The reaper's log line for a removal (tests and the testbed look for it).
 pub const REMOVED: &str = "deregistered the service";
 
@@ -76,15 +105,31 @@ pub const FOLLOWING: &str = "the reaper follows the agent's checks";
 const READ_NEEDS: &str =
     "agent:read and node:read on the agent's node, and service:read on its services";
 
+/// How long a removal is remembered after its service is gone from the agent (a registrar
+/// brings its service back within seconds).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
 /// Reads start at least this far apart (the [`Watch`] default of 20 ms would date a change
 /// that follows another closely up to 20 ms late).
 const MIN_INTERVAL: Duration = Duration::from_millis(2);
 
 /// Opt `registration` in: the reaper removes it once its check has been critical for `after`.
+/// Also gives it a new [`START_KEY`] value: call it (or register through a
+/// [`Registrar`](crate::Registrar), which does the same) once per start of the process.
 pub fn opt_in(registration: &mut AgentServiceRegistration, after: Duration) {
     registration
         .meta
         .insert(META_KEY.to_owned(), GoDuration(after).to_string());
+    restart(registration);
+}
+
+/// A new [`START_KEY`] value for a registration that opted in (with [`META_KEY`]); others are
+/// left as they are.
+pub(crate) fn restart(registration: &mut AgentServiceRegistration) {
+    if registration.meta.contains_key(META_KEY) {
+        let start = format!("{:016x}", rand::random::<u64>());
+        registration.meta.insert(START_KEY.to_owned(), start);
+    }
 }
 
 /// One answer about the agent: what [`Reaper::observe`] takes.
@@ -112,6 +157,12 @@ pub enum Notice {
     },
     /// The agent's node ID changed (a restarted dev agent): every clock starts over.
     AgentReplaced,
+    /// A service the reaper removed is back with the same [`START_KEY`]: its own process,
+    /// alive, registered it again. Left alone until its check passes or it starts over.
+    Yielded {
+        /// The service ID.
+        service_id: String,
+    },
 }
 
 /// A deregistration the reaper decided on.
@@ -148,6 +199,8 @@ pub enum Outcome {
 struct Tracked {
     service_id: String,
     create_index: u64,
+    /// Its service's [`START_KEY`] value.
+    start: Option<String>,
     critical_since: Option<Instant>,
 }
 
@@ -155,9 +208,20 @@ struct Tracked {
 #[derive(Debug, Clone)]
 struct Target {
     after: Duration,
+    /// Its [`START_KEY`] value.
+    start: Option<String>,
     /// The earliest `critical_since` among its checks: the current critical spell.
     spell: Option<Instant>,
     state: State,
+}
+
+/// A removal, remembered to recognise its service when its own process brings it back.
+#[derive(Debug, Clone)]
+struct Gone {
+    /// The removed service's [`START_KEY`] value.
+    start: String,
+    /// Since when the agent has not listed it (`None` while it does).
+    absent_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +231,8 @@ enum State {
     InFlight,
     Removed,
     Refused,
+    /// Removed once and brought back by its own process: left alone.
+    Yielded,
 }
 
 impl Target {
@@ -176,7 +242,7 @@ impl Target {
         match self.state {
             State::Armed => Some(deadline),
             State::RetryAt(at) => Some(at.max(deadline)),
-            State::InFlight | State::Removed | State::Refused => None,
+            State::InFlight | State::Removed | State::Refused | State::Yielded => None,
         }
     }
 }
@@ -189,6 +255,8 @@ pub struct Reaper {
     node_id: Option<String>,
     checks: BTreeMap<String, Tracked>,
     targets: BTreeMap<String, Target>,
+    /// Services removed with a [`START_KEY`] value, by service ID.
+    removed: BTreeMap<String, Gone>,
     /// Invalid settings already reported, by service ID.
     invalid: BTreeMap<String, String>,
     /// The last answer may be out of date (the agent stopped answering): no removal until
@@ -211,6 +279,7 @@ impl Reaper {
             node_id: None,
             checks: BTreeMap::new(),
             targets: BTreeMap::new(),
+            removed: BTreeMap::new(),
             invalid: BTreeMap::new(),
             stale: false,
         }
@@ -234,6 +303,7 @@ impl Reaper {
             self.node_id = Some(obs.node_id.clone());
             self.checks.clear();
             self.targets.clear();
+            self.removed.clear();
         }
 
         // Which services opted in, and with what.
@@ -244,7 +314,12 @@ impl Reaper {
             };
             match parse_setting(value) {
                 Some(after) => {
-                    settings.insert(id.clone(), after);
+                    let start = service
+                        .meta
+                        .as_ref()
+                        .and_then(|m| m.get(START_KEY))
+                        .cloned();
+                    settings.insert(id.clone(), (after, start));
                 }
                 None if self.invalid.get(id) != Some(value) => {
                     self.invalid.insert(id.clone(), value.clone());
@@ -262,11 +337,18 @@ impl Reaper {
         // Their checks: keep each one's critical-since while it stays critical and the same.
         let mut checks = BTreeMap::new();
         for check in &obs.checks {
-            if !settings.contains_key(&check.service_id) || is_maintenance(check) {
+            let Some((_, start)) = settings.get(&check.service_id) else {
+                continue;
+            };
+            if is_maintenance(check) {
                 continue;
             }
+            // The same check of the same start (Consul keeps `CreateIndex` when a service is
+            // registered again in place: only `reap-start` tells a new start).
             let same = self.checks.get(&check.check_id).filter(|t| {
-                t.create_index == check.create_index && t.service_id == check.service_id
+                t.create_index == check.create_index
+                    && t.service_id == check.service_id
+                    && t.start == *start
             });
             let critical_since = (check.status == HealthStatus::Critical)
                 .then(|| same.and_then(|t| t.critical_since).unwrap_or(obs.at));
@@ -275,31 +357,66 @@ impl Reaper {
                 Tracked {
                     service_id: check.service_id.clone(),
                     create_index: check.create_index,
+                    start: start.clone(),
                     critical_since,
                 },
             );
         }
         self.checks = checks;
 
-        // Each service's critical spell; a new spell re-arms it.
+        // Removals remembered: forgotten 10 minutes after their service is gone.
+        for (id, gone) in &mut self.removed {
+            gone.absent_since = if obs.services.contains_key(id) {
+                None
+            } else {
+                gone.absent_since.or(Some(obs.at))
+            };
+        }
+        self.removed.retain(|_, gone| {
+            gone.absent_since
+                .is_none_or(|since| obs.at.saturating_duration_since(since) < FORGET_AFTER)
+        });
+
+        // Each service's critical spell; a new spell re-arms it, unless its own process
+        // brought it back after a removal.
         self.targets.retain(|id, _| settings.contains_key(id));
-        for (id, after) in settings {
+        for (id, (after, start)) in settings {
             let spell = self
                 .checks
                 .values()
                 .filter(|t| t.service_id == id)
                 .filter_map(|t| t.critical_since)
                 .min();
-            let target = self.targets.entry(id).or_insert(Target {
+            let back = start.is_some()
+                && self
+                    .removed
+                    .get(&id)
+                    .is_some_and(|gone| start.as_deref() == Some(gone.start.as_str()));
+            if spell.is_none() {
+                // Passing (or warning): its next critical spell is reaped again.
+                self.removed.remove(&id);
+            }
+            let target = self.targets.entry(id.clone()).or_insert(Target {
                 after,
+                start: None,
                 spell: None,
                 state: State::Armed,
             });
-            if target.spell != spell || target.after != after {
-                target.state = State::Armed;
+            if target.spell != spell || target.after != after || target.start != start {
+                target.state = if back && spell.is_some() {
+                    if target.state != State::Yielded {
+                        notices.push(Notice::Yielded {
+                            service_id: id.clone(),
+                        });
+                    }
+                    State::Yielded
+                } else {
+                    State::Armed
+                };
             }
             target.spell = spell;
             target.after = after;
+            target.start = start;
         }
         notices
     }
@@ -340,6 +457,15 @@ impl Reaper {
         if let Some(target) = self.targets.get_mut(service_id)
             && target.state == State::InFlight
         {
+            if let (Outcome::Removed, Some(start)) = (outcome, &target.start) {
+                self.removed.insert(
+                    service_id.to_owned(),
+                    Gone {
+                        start: start.clone(),
+                        absent_since: None,
+                    },
+                );
+            }
             target.state = match outcome {
                 Outcome::Removed => State::Removed,
                 Outcome::Refused => State::Refused,
@@ -478,7 +604,8 @@ impl AgentApi for ConsulAgent {
 
 /// Run the reaper against the agent `client` speaks to, until `stop`; each [`Event`] goes to
 /// `report`. Returns an error only if the agent refuses to let it follow its checks before the
-/// first answer (a 403: [`Error::Reap`]); everything else is retried with backoff.
+/// first answer (a 403, a 400, a TLS failure: [`Error::Reap`]); everything else, and any
+/// refusal after the first answer, is retried with backoff.
 pub async fn run(
     client: Client,
     config: ReaperConfig,
@@ -615,6 +742,12 @@ fn log_notice(notice: &Notice) {
         Notice::AgentReplaced => tracing::warn!(
             "the agent's node ID changed (a new agent): every check's critical time starts over"
         ),
+        Notice::Yielded { service_id } => tracing::warn!(
+            service = %service_id,
+            "registered again by its own process (the same {START_KEY}) after the reaper removed \
+             it: the process is alive and its registrar wins; left alone until its check passes \
+             or it starts over"
+        ),
     }
 }
 
@@ -659,8 +792,9 @@ async fn follow(
                     return;
                 }
             }
-            // A 403 after an answer (a token rotated, an agent restarted) is retried below.
-            Err(e) if !(e.is_retryable() || answered && e.is_permission_denied()) => {
+            // Before the first answer a refusal is a setting to fix: fatal. After it (a token
+            // rotated, an agent reloaded to HTTPS, a CA rotated) it is retried below.
+            Err(e) if !answered && !e.is_retryable() => {
                 let error = Error::Reap {
                     what: format!("follow the agent's checks (its token needs {READ_NEEDS})"),
                     source: e,
@@ -674,11 +808,21 @@ async fn follow(
                 me = None;
                 watch.reset();
                 if let Some(kind) = tracker.on_error(&e) {
-                    tracing::warn!(
-                        state = %kind,
-                        "the reaper cannot read the agent's checks ({e}); no removal until it \
-                         can, retrying with backoff"
-                    );
+                    if e.is_retryable() {
+                        tracing::warn!(
+                            state = %kind,
+                            "the reaper cannot read the agent's checks ({e}); no removal until \
+                             it can, retrying with backoff"
+                        );
+                    } else {
+                        tracing::error!(
+                            state = %kind,
+                            "the agent refuses the reaper's reads after they had worked ({e}; \
+                             a token deleted, the agent reloaded to HTTPS, a CA rotated?): no \
+                             removal until it answers again, every clock kept; retrying with \
+                             backoff"
+                        );
+                    }
                     if tx.send(Msg::Lost(e)).await.is_err() {
                         return;
                     }
@@ -773,6 +917,22 @@ mod tests {
                 checks,
                 services: self.services.clone(),
             }
+        }
+
+        /// `id` (re)registered by a start of its process with Meta `reap-start` = `start`.
+        fn started(&mut self, id: &str, start: &str) {
+            let service = self.services.get_mut(id).expect("in the scene");
+            service
+                .meta
+                .get_or_insert_default()
+                .insert("reap-start".into(), start.into());
+        }
+
+        /// An observation at `at` in which the agent no longer holds `id`.
+        fn without(&self, at: f64, id: &str) -> Observation {
+            let mut obs = self.obs(at, Vec::new());
+            obs.services.remove(id);
+            obs
         }
     }
 
@@ -922,11 +1082,15 @@ mod tests {
         // The catalog lags the agent by a moment.
         reaper.observe(&scene.obs(5.001, vec![check("web-1", HealthStatus::Critical)]));
         assert!(reaper.due(scene.at(60.0)).is_empty());
-        // Registered again (a new check): a new clock.
+        // Registered again by a new start of its process: after a removal Consul creates the
+        // check anew (a new CreateIndex), and the start is a new one: a new clock.
+        reaper.observe(&scene.without(65.0, "web-1"));
         let again = HealthCheck {
             create_index: 99,
             ..check("web-1", HealthStatus::Critical)
         };
+        let mut scene = scene;
+        scene.started("web-1", "second");
         reaper.observe(&scene.obs(70.0, vec![again]));
         assert_eq!(reaper.next_deadline(), Some(scene.at(75.0)));
     }
@@ -948,22 +1112,97 @@ mod tests {
     }
 
     #[test]
-    fn a_new_agent_or_a_check_registered_again_starts_the_clock_over() {
-        let scene = Scene::new(&[("web-1", Some("10s"))]);
+    fn a_new_agent_or_a_new_start_registered_in_place_starts_the_clock_over() {
+        let mut scene = Scene::new(&[("web-1", Some("10s"))]);
+        scene.started("web-1", "first");
         let mut reaper = Reaper::default();
         reaper.observe(&scene.obs(0.0, vec![check("web-1", HealthStatus::Critical)]));
         let mut replaced = scene.obs(4.0, vec![check("web-1", HealthStatus::Critical)]);
         replaced.node_id = "node-2".into();
         assert_eq!(reaper.observe(&replaced), vec![Notice::AgentReplaced]);
         assert_eq!(reaper.next_deadline(), Some(scene.at(14.0)));
-        let recreated = HealthCheck {
-            create_index: 11,
-            ..check("web-1", HealthStatus::Critical)
-        };
-        let mut obs = scene.obs(6.0, vec![recreated]);
+        // Registered again in place, as Consul 1.8.7 keeps it: the same CreateIndex, still
+        // critical; only Meta reap-start is new.
+        scene.started("web-1", "second");
+        let mut obs = scene.obs(6.0, vec![check("web-1", HealthStatus::Critical)]);
         obs.node_id = "node-2".into();
         reaper.observe(&obs);
         assert_eq!(reaper.next_deadline(), Some(scene.at(16.0)));
+    }
+
+    #[test]
+    fn a_process_that_came_back_with_the_same_id_is_not_removed_on_the_old_deadline() {
+        // The run behind issue 31: reap-after 6 s, registered again in place 4 s into the
+        // critical spell; Consul keeps CreateIndex and the critical status.
+        let mut scene = Scene::new(&[("web-1", Some("6s"))]);
+        scene.started("web-1", "crashed");
+        let mut reaper = Reaper::default();
+        reaper.observe(&scene.obs(0.0, vec![check("web-1", HealthStatus::Critical)]));
+        scene.started("web-1", "came-back");
+        reaper.observe(&scene.obs(4.0, vec![check("web-1", HealthStatus::Critical)]));
+        assert!(
+            reaper.due(scene.at(6.0)).is_empty(),
+            "the crashed start's deadline"
+        );
+        assert_eq!(reaper.next_deadline(), Some(scene.at(10.0)));
+        // Its check runs and passes: never removed.
+        reaper.observe(&scene.obs(5.0, vec![check("web-1", HealthStatus::Passing)]));
+        assert!(reaper.due(scene.at(3600.0)).is_empty());
+    }
+
+    #[test]
+    fn a_service_its_own_process_brings_back_is_removed_once_per_critical_spell() {
+        let mut scene = Scene::new(&[("web-1", Some("5s"))]);
+        scene.started("web-1", "alive");
+        let mut reaper = Reaper::default();
+        let critical = |create_index| HealthCheck {
+            create_index,
+            ..check("web-1", HealthStatus::Critical)
+        };
+        reaper.observe(&scene.obs(0.0, vec![critical(10)]));
+        assert_eq!(ids(&reaper.due(scene.at(5.0))), ["web-1"]);
+        reaper.finished("web-1", Outcome::Removed);
+        // Its registrar registers it again at once: a new check, the same start.
+        reaper.observe(&scene.without(5.01, "web-1"));
+        let notices = reaper.observe(&scene.obs(5.05, vec![critical(20)]));
+        assert_eq!(
+            notices,
+            [Notice::Yielded {
+                service_id: "web-1".into()
+            }]
+        );
+        assert_eq!(reaper.next_deadline(), None);
+        // Still critical, registered again and again: left alone, nothing to report.
+        for (n, t) in [(21, 30.0), (22, 60.0), (23, 600.0)] {
+            assert!(reaper.observe(&scene.obs(t, vec![critical(n)])).is_empty());
+            assert!(reaper.due(scene.at(t + 5.0)).is_empty(), "at {t}");
+        }
+        // Passing, then critical again: a new spell, removed once more.
+        reaper.observe(&scene.obs(700.0, vec![check("web-1", HealthStatus::Passing)]));
+        reaper.observe(&scene.obs(701.0, vec![critical(23)]));
+        assert_eq!(ids(&reaper.due(scene.at(706.0))), ["web-1"]);
+        reaper.finished("web-1", Outcome::Removed);
+        reaper.observe(&scene.obs(706.1, vec![critical(30)]));
+        assert_eq!(reaper.next_deadline(), None, "yielded again");
+        // A new start of the process is a new instance: a new clock.
+        scene.started("web-1", "restarted");
+        reaper.observe(&scene.obs(710.0, vec![critical(30)]));
+        assert_eq!(reaper.next_deadline(), Some(scene.at(715.0)));
+    }
+
+    #[test]
+    fn a_removal_is_forgotten_ten_minutes_after_its_service_is_gone() {
+        let mut scene = Scene::new(&[("web-1", Some("5s"))]);
+        scene.started("web-1", "alive");
+        let mut reaper = Reaper::default();
+        reaper.observe(&scene.obs(0.0, vec![check("web-1", HealthStatus::Critical)]));
+        assert_eq!(reaper.due(scene.at(5.0)).len(), 1);
+        reaper.finished("web-1", Outcome::Removed);
+        reaper.observe(&scene.without(6.0, "web-1"));
+        reaper.observe(&scene.without(605.0, "web-1"));
+        assert_eq!(reaper.removed.len(), 1, "kept for 10 minutes");
+        reaper.observe(&scene.without(606.0, "web-1"));
+        assert!(reaper.removed.is_empty(), "then forgotten");
     }
 
     #[test]
@@ -1010,6 +1249,14 @@ mod tests {
             registration.meta.get(META_KEY).map(String::as_str),
             Some("1.5s")
         );
+        // A start value of its own to each start.
+        let first = registration.meta.get(START_KEY).cloned();
+        assert!(first.as_ref().is_some_and(|s| s.len() == 16), "{first:?}");
+        restart(&mut registration);
+        assert_ne!(registration.meta.get(START_KEY), first.as_ref());
+        let mut plain = AgentServiceRegistration::default();
+        restart(&mut plain);
+        assert!(plain.meta.is_empty(), "not opted in: left alone");
     }
 
     // The driver, over a scripted agent, in paused time.
@@ -1025,6 +1272,8 @@ mod tests {
         deregister_calls: usize,
         deregistered: Vec<(String, Instant)>,
         whoami_denied: bool,
+        /// Answers to the next reads of the checks, in order, before the agent answers again.
+        read_errors: Vec<consul_api::Error>,
     }
 
     #[derive(Debug, Clone)]
@@ -1085,6 +1334,16 @@ mod tests {
             opts: QueryOptions,
         ) -> BoxFuture<'a, consul_api::Result<(Vec<HealthCheck>, QueryMeta)>> {
             Box::pin(async move {
+                let mut refused = None;
+                self.0.send_if_modified(|a| {
+                    if !a.read_errors.is_empty() {
+                        refused = Some(a.read_errors.remove(0));
+                    }
+                    false
+                });
+                if let Some(e) = refused {
+                    return Err(e);
+                }
                 let mut rx = self.0.subscribe();
                 let a = rx
                     .wait_for(|a| a.index > opts.wait_index)
@@ -1240,6 +1499,81 @@ mod tests {
         assert_eq!(failed, 2);
         stop.cancel();
         task.await.unwrap().unwrap();
+    }
+
+    /// A 400 (an agent reloaded to HTTPS) and a TLS failure (a CA rotated).
+    fn refusals() -> Vec<consul_api::Error> {
+        vec![
+            consul_api::Error::Status {
+                method: "GET",
+                path: "/v1/health/node/n1".into(),
+                status: 400,
+                message: "Client sent an HTTP request to an HTTPS server.".into(),
+            },
+            consul_api::Error::Tls {
+                method: "GET",
+                url: "https://127.0.0.1:8501".into(),
+                path: "/v1/health/node/n1".into(),
+                problem: "invalid peer certificate: UnknownIssuer".into(),
+            },
+        ]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_after_the_first_answer_are_retried_and_every_clock_kept() {
+        let fake = Fake::new(
+            &[("web-1", Some("10s"))],
+            vec![check("web-1", HealthStatus::Passing)],
+        );
+        let (events, stop, task) = start(&fake);
+        tokio::time::sleep(secs(1)).await;
+        // Critical; the next 4 reads are refused (under 3 s of backoff, within the deadline).
+        let critical_at = Instant::now();
+        fake.0.send_modify(|a| {
+            a.read_errors = (0..2).flat_map(|_| refusals()).collect();
+        });
+        fake.set_status("web-1", HealthStatus::Critical);
+        tokio::time::sleep(secs(30)).await;
+        assert!(!task.is_finished(), "the reaper ended: {:?}", task.await);
+        let lost: Vec<Option<u16>> = events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Lost { error } => Some(error.status()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(lost, [Some(400), None, Some(400), None]);
+        assert!(fake.0.borrow().read_errors.is_empty(), "all read");
+        // The clock ran on through the refusals: removed 10 s after it turned critical.
+        let removed = fake.deregistered();
+        assert_eq!(removed.len(), 1, "{removed:?}");
+        let took = removed[0].1 - critical_at;
+        assert!(
+            took >= secs(10) && took <= secs(10) + Duration::from_millis(5),
+            "{took:?}"
+        );
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_before_the_first_answer_end_the_reaper_with_their_error() {
+        for refusal in refusals() {
+            let fake = Fake::new(&[], vec![]);
+            let status = refusal.status();
+            fake.0.send_modify(|a| a.read_errors = vec![refusal]);
+            let (_events, _stop, task) = start(&fake);
+            let error = tokio::time::timeout(secs(5), task)
+                .await
+                .expect("ends at once")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(error.consul().and_then(consul_api::Error::status), status);
+            let printed = format!("{:#}", anyhow::Error::from(error));
+            assert!(printed.contains("follow the agent's checks"), "{printed}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,6 +7,14 @@
 //! worked is fatal, never retried; after it worked (the token was deleted or rotated, the
 //! agent restarted without it) it is logged at error level and retried with backoff while
 //! the server keeps serving.
+//!
+//! **Against the reaper** ([`reaper`](crate::reaper)): a service that opted in (Meta
+//! `reap-after`) gets a new Meta `reap-start` from each [`Registrar::new`], so the reaper
+//! tells this start of the process from a crashed one with the same ID, and starts its clock
+//! over. The registrar wins: a service the reaper removed while the process lives (its check
+//! forced unhealthy or hung) is registered again like any other loss, with the same
+//! `reap-start`; the reaper recognises it and leaves it alone until its check passes, so there
+//! is one removal per critical spell, not one every `reap-after`.
 
 use std::{
     sync::{
@@ -58,7 +66,14 @@ impl Registrar {
     /// Keep `registration` registered through `client`'s agent; `interval` paces the watch
     /// (one blocking read waits about that long) and bounds the retry delays, so that a
     /// lost entry is back within two intervals.
-    pub fn new(client: Client, registration: AgentServiceRegistration, interval: Duration) -> Self {
+    /// A registration that opted in to the reaper gets a new `reap-start` here (see the
+    /// module documentation).
+    pub fn new(
+        client: Client,
+        mut registration: AgentServiceRegistration,
+        interval: Duration,
+    ) -> Self {
+        crate::reaper::restart(&mut registration);
         let id = registration
             .id
             .clone()

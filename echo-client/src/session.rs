@@ -29,8 +29,9 @@
 //!   [`SessionConfig::spread`], when instances are added: with probability added / total it
 //!   moves to one of them at the next moment nothing is un-answered (nothing resent, nothing
 //!   lost), so that many sessions spread evenly over a scaled-out service.
-//! * A permanent discovery failure (a refused token before anything worked) answers every
-//!   message with it.
+//! * A discovery failure (a refused token before anything worked) answers every message
+//!   with it while it lasts; a later snapshot without it (a merged multi-datacenter view
+//!   where another datacenter lists instances) ends it.
 
 use std::{
     collections::HashSet, collections::VecDeque, future::Future, io, pin::Pin, time::Duration,
@@ -409,13 +410,18 @@ impl Session {
 
     /// Take in a new snapshot from discovery.
     fn apply(&mut self, snapshot: Snapshot) {
-        if let Some(error) = snapshot.failure() {
-            self.failed = Some(Error::Discovery {
-                service: self.config.service.clone(),
-                reason: error.to_owned(),
-                cause: snapshot.cause.clone(),
-            });
+        let failed = snapshot.failure().map(|error| Error::Discovery {
+            service: self.config.service.clone(),
+            reason: error.to_owned(),
+            cause: snapshot.cause.clone(),
+        });
+        if self.failed.is_some() && failed.is_none() {
+            tracing::info!(
+                service = %self.config.service,
+                "discovery works again: sending messages again"
+            );
         }
+        self.failed = failed;
         let news = snapshot.instances != self.snapshot.instances;
         let now = Instant::now();
         let spread_to = self.balancer.update_spreading(&snapshot.instances, now);

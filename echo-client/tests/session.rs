@@ -481,6 +481,29 @@ async fn a_permanent_discovery_failure_answers_every_message() {
 }
 
 #[tokio::test]
+async fn a_session_recovers_when_discovery_does() {
+    // A merged multi-datacenter view can show a failure (the local datacenter refused the
+    // token while no other one listed an instance) and then instances again.
+    let (client, tx) = client_over(vec![], config());
+    tx.send(Snapshot::fixed(vec![]).with_state(ConsulState::Failed {
+        error: "Consul refused the ACL token (403)".into(),
+    }))
+    .unwrap();
+    let err = tokio::time::timeout(BOUND, client.send(msg(1)))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, Error::Discovery { .. }), "{err}");
+    let a = Peer::start("a", Behaviour::Echo).await;
+    tx.send(Snapshot::fixed(vec![a.instance()])).unwrap();
+    let reply = tokio::time::timeout(BOUND, client.send(msg(2)))
+        .await
+        .unwrap()
+        .expect("discovery works again: so does the session");
+    assert_eq!(reply.bytes, msg(2));
+}
+
+#[tokio::test]
 async fn bad_messages_are_refused_before_queueing() {
     let mut c = config();
     c.max_frame = 8;

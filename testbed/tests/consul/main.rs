@@ -5,7 +5,8 @@
 //! * [`cluster`] — real clusters: the leader killed, a node crashed, per-agent reapers;
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
 //! * [`discovery`] — every discovery source (health, catalog, agent list, prepared query,
-//!   DNS) through a SIGKILL, and the clear errors of one that cannot work;
+//!   DNS) through a SIGKILL and through an agent and an instance on `::1`, DNS while an
+//!   agent's servers are gone, and the clear errors of one that cannot work;
 //! * [`faults`] — fault and security scenarios: hung server, paused and restarted Consul, a
 //!   faulty proxy, ACLs, hostile input;
 //! * [`framework`] — consul-registry without echo: TTL heartbeats, maintenance mode;

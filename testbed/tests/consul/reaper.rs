@@ -2,15 +2,27 @@
 //! Consul: removal at the service's `reap-after`, never before it and at most 1 s after here,
 //! where every test runs in parallel on a loaded machine (the experiment measures the 50 ms);
 //! a check that recovers resets its clock, a flapping check is never removed, the reaper
-//! killed and restarted mid-deadline, Consul restarted, and a token without `service:write`.
-//! TTL checks set by the test make "critical" an instant the test knows. Each test takes 12
-//! to 20 s.
+//! killed and restarted mid-deadline, Consul restarted, a token without `service:write`, a
+//! service registered again in place by a new start of its process, and an echo-server whose
+//! check is forced unhealthy (the reaper and its registrar do not fight). TTL checks set by
+//! the test make "critical" an instant the test knows. Each test takes 12 to 20 s.
 
 use std::{collections::BTreeMap, time::Duration};
 
-use consul_api::{AgentServiceCheck, AgentServiceRegistration, Client, GoDuration, HealthStatus};
-use consul_registry::reaper::{self, Event, FOLLOWING, META_KEY, Notice, REMOVED, ReaperConfig};
-use testbed::{Consul, ConsulOptions, faults::acl, wait};
+use consul_api::{
+    AgentServiceCheck, AgentServiceRegistration, Client, GoDuration, HealthCheck, HealthStatus,
+    QueryOptions, health::HealthCheckDefinition,
+};
+use consul_registry::reaper::{
+    self, Event, FOLLOWING, META_KEY, Notice, REMOVED, ReaperConfig, START_KEY,
+};
+use testbed::{
+    Consul, ConsulOptions,
+    faults::acl,
+    procs::{ServerProcess, ServerSpec},
+    signal::Signal,
+    wait,
+};
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -428,4 +440,141 @@ async fn client_register(admin: &Client, id: &str) {
         .service_register(&ttl_service(id, Some("5s"), HealthStatus::Critical))
         .await
         .unwrap();
+}
+
+/// The agent's own check of service `id`, as the catalog has it.
+async fn node_check(client: &Client, id: &str) -> HealthCheck {
+    let me = client.agent().agent_self().await.unwrap();
+    let (checks, _) = client
+        .health()
+        .node(&me.config.node_name, &QueryOptions::default())
+        .await
+        .unwrap();
+    checks
+        .into_iter()
+        .find(|c| c.service_id == id)
+        .unwrap_or_else(|| panic!("no check of {id}"))
+}
+
+#[tokio::test]
+async fn a_process_that_comes_back_with_the_same_id_gets_a_new_clock() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let client = consul.client();
+    let mut reaper = InProcess::start(client.clone());
+    reaper.until(tracking(0)).await;
+    // The run behind issue 31: reap-after 6 s; the process crashes (critical), and comes back
+    // with the same ID 4 s later, still critical until its check next runs.
+    let mut crashed = ttl_service("phoenix", None, HealthStatus::Critical);
+    reaper::opt_in(&mut crashed, Duration::from_secs(6));
+    register(&client, &crashed).await;
+    reaper.until(tracking(1)).await;
+    let before = node_check(&client, "phoenix").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut came_back = crashed.clone();
+    reaper::opt_in(&mut came_back, Duration::from_secs(6));
+    assert_ne!(came_back.meta.get(START_KEY), crashed.meta.get(START_KEY));
+    let phoenix = gone(&client, "phoenix", LIMIT);
+    let again_at = register(&client, &came_back).await;
+
+    // What Consul 1.8.7 does with it: the same check, the same indexes, still critical, and
+    // no definition to tell anything by. Only the Meta changed.
+    let after = node_check(&client, "phoenix").await;
+    assert_eq!(
+        (after.create_index, after.modify_index, after.status),
+        (
+            before.create_index,
+            before.modify_index,
+            HealthStatus::Critical
+        )
+    );
+    assert_eq!(after.definition, HealthCheckDefinition::default());
+    let services = client.agent().services().await.unwrap();
+    assert_eq!(
+        services["phoenix"]
+            .meta
+            .as_ref()
+            .and_then(|m| m.get(START_KEY)),
+        came_back.meta.get(START_KEY)
+    );
+
+    // Never on the crashed start's deadline: 6 s after it came back.
+    assert_on_time(
+        "phoenix after it came back",
+        phoenix.await.unwrap() - again_at,
+        Duration::from_secs(6),
+    );
+    reaper.stop().await;
+}
+
+/// Collect every event for `window` (into `seen`); returns where in `seen` they start.
+async fn events_for(reaper: &mut InProcess, window: Duration) -> usize {
+    let from = reaper.seen.len();
+    let _ = tokio::time::timeout(window, async {
+        while let Some(e) = reaper.events.recv().await {
+            reaper.seen.push(e);
+        }
+    })
+    .await;
+    from
+}
+
+#[tokio::test]
+async fn an_alive_server_forced_unhealthy_is_removed_once_and_its_registrar_wins() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let client = consul.client();
+    let mut reaper = InProcess::start(client.clone());
+    reaper.until(tracking(0)).await;
+    let reap_after = Duration::from_secs(2);
+    let mut spec = ServerSpec::seed(consul.config()).unwrap();
+    spec.interval = Duration::from_secs(1);
+    spec.timeout = Duration::from_secs(1);
+    spec.extra_args = vec!["--reap-after".into(), GoDuration(reap_after).to_string()];
+    let server = ServerProcess::spawn(&launcher(), spec.clone())
+        .await
+        .unwrap();
+    wait::passing(&client, &spec.name, LIMIT).await.unwrap();
+    reaper.until(tracking(1)).await;
+
+    // /check answers 503 from now on: removed at reap-after, registered again by its
+    // registrar at once.
+    server.process.signal(Signal::SIGUSR1).unwrap();
+    let id = spec.id.clone();
+    reaper
+        .until(|e| matches!(e, Event::Removed { removal, .. } if removal.service_id == id))
+        .await;
+    let again = "re-registered with Consul";
+    server
+        .process
+        .output()
+        .wait_for(again, LIMIT)
+        .await
+        .unwrap();
+
+    // Then no fight: over three more reap-afters (and a check interval), no removal, no
+    // registration; the service stays registered, critical.
+    let from = events_for(&mut reaper, 3 * reap_after + spec.interval).await;
+    let removals = reaper.seen[from..]
+        .iter()
+        .filter(|e| matches!(e, Event::Removed { .. }))
+        .count();
+    let registrations = server.process.output().matching(again).len();
+    assert_eq!(
+        (removals, registrations),
+        (0, 1),
+        "removals after the first, registrations by the registrar: {:#?}",
+        reaper.seen
+    );
+    assert!(
+        reaper.seen.iter().any(|e| matches!(e,
+            Event::Notice(Notice::Yielded { service_id }) if *service_id == spec.id)),
+        "{:#?}",
+        reaper.seen
+    );
+    let services = client.agent().services().await.unwrap();
+    assert!(services.contains_key(&spec.id), "{services:?}");
+    let check = node_check(&client, &spec.id).await;
+    assert_eq!(check.status, HealthStatus::Critical);
+    reaper.stop().await;
 }
