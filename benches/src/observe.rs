@@ -103,7 +103,7 @@ async fn follow(client: consul_api::Client, service: String, tx: watch::Sender<S
         async move { client.health().service(&service, None, true, &opts).await }
     };
     // An observer only reports: every error is retried.
-    let mut follow = Follow::new(watch, Retry::new(Classify::All, Backoff::consul()), fetch);
+    let mut follow = Follow::new(watch, Retry::new(Classify::ALL, Backoff::consul()), fetch);
     while !tx.is_closed() {
         match follow.next().await {
             Event::Changed { value, .. } => {

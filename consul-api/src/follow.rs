@@ -38,36 +38,71 @@ use crate::{
     watch::Watch,
 };
 
-/// Which failed reads are retried and which end the loop. `answered` is whether a read (or
-/// write) has succeeded before: a token that worked and is refused now was rotated or an
-/// agent restarted without it, and may come back.
+/// Which errors a loop retries; the others end it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Classify {
-    /// Retry what [`Error::is_retryable`] says may pass (no answer, 5xx, 429, a garbled
-    /// body); anything else (403, 404 and other 4xx, TLS, configuration) is fatal. For waits
-    /// that must fail fast on a mistake.
+pub enum Retried {
+    /// What [`Error::is_retryable`] says may pass: no answer, 5xx, 429, a garbled body. Not a
+    /// refusal (403, 404 and other 4xx, TLS) nor a configuration error.
     Transient,
-    /// As [`Classify::Transient`], and a 403 once a read has succeeded is retried too (logged
-    /// loudly by the caller). Before that a 403 is fatal: the token is wrong, not rotated.
-    /// Discovery, registration and the reaper's follower.
-    TransientAndLateDenial,
-    /// Retry everything except a 403 before the first success: a heartbeat whose check the
-    /// agent lost (404) is registered again by someone else meanwhile.
-    AllButEarlyDenial,
-    /// Retry everything: an observer that only reports what it sees.
+    /// [`Retried::Transient`], and a refused token (403): rotated, or an agent restarted
+    /// without it.
+    TransientAndDenied,
+    /// [`Error::is_retryable_after_success`]: everything but a configuration error (a
+    /// refusal may change back: a token rotated, an agent reloaded to HTTPS, a prepared
+    /// query created again).
+    AllButConfig,
+    /// Everything but a refused token (403).
+    AllButDenied,
+    /// Everything.
     All,
 }
 
-impl Classify {
-    /// Whether `error` ends the loop, given whether a read has succeeded before.
-    pub fn is_fatal(self, error: &Error, answered: bool) -> bool {
-        let late_denial = answered && error.is_permission_denied();
+impl Retried {
+    /// Whether `error` is retried.
+    pub fn retries(self, error: &Error) -> bool {
         match self {
-            Classify::Transient => !error.is_retryable(),
-            Classify::TransientAndLateDenial => !(error.is_retryable() || late_denial),
-            Classify::AllButEarlyDenial => !answered && error.is_permission_denied(),
-            Classify::All => false,
+            Retried::Transient => error.is_retryable(),
+            Retried::TransientAndDenied => error.is_retryable() || error.is_permission_denied(),
+            Retried::AllButConfig => error.is_retryable_after_success(),
+            Retried::AllButDenied => !error.is_permission_denied(),
+            Retried::All => true,
         }
+    }
+}
+
+/// The error policy of a loop: which errors are retried before any attempt has succeeded,
+/// and which after. Before, a refusal most likely means our own configuration is wrong (fail
+/// fast, say why); after, something changed on the other side and may change back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classify {
+    /// Until an attempt succeeds.
+    pub before_success: Retried,
+    /// Once one has.
+    pub after_success: Retried,
+}
+
+impl Classify {
+    /// Transient errors are retried, anything else is fatal, always: for waits that must
+    /// fail fast on a mistake.
+    pub const TRANSIENT: Classify = Classify {
+        before_success: Retried::Transient,
+        after_success: Retried::Transient,
+    };
+
+    /// Everything is retried, always: an observer that only reports what it sees.
+    pub const ALL: Classify = Classify {
+        before_success: Retried::All,
+        after_success: Retried::All,
+    };
+
+    /// Whether `error` ends the loop, given whether an attempt has succeeded before.
+    pub fn is_fatal(self, error: &Error, answered: bool) -> bool {
+        let retried = if answered {
+            self.after_success
+        } else {
+            self.before_success
+        };
+        !retried.retries(error)
     }
 }
 
@@ -428,30 +463,48 @@ mod tests {
         }
     }
 
+    /// Discovery's policy: refusals fatal before the first answer, retried after it.
+    const REFUSALS_LATE: Classify = Classify {
+        before_success: Retried::Transient,
+        after_success: Retried::AllButConfig,
+    };
+
+    /// The TTL heartbeat's policy.
+    const HEARTBEAT: Classify = Classify {
+        before_success: Retried::AllButDenied,
+        after_success: Retried::All,
+    };
+
     #[test]
-    fn the_policies_say_what_they_retry() {
-        use Classify::*;
-        let cases: [(Error, [bool; 8]); 5] = [
-            // (Transient, TransientAndLateDenial, AllButEarlyDenial, All) before / after a success
-            (unreachable(), [false; 8]),
-            (status(503), [false; 8]),
-            (
-                denied(),
-                [true, true, true, false, true, false, false, false],
-            ),
-            (
-                status(404),
-                [true, true, true, true, false, false, false, false],
-            ),
-            (tls(), [true, true, true, true, false, false, false, false]),
+    fn each_policy_says_what_it_retries() {
+        use Retried::*;
+        let config = Error::Config("bad address".into());
+        let errors = [
+            unreachable(),
+            status(503),
+            denied(),
+            status(404),
+            tls(),
+            config,
         ];
-        for (error, expected) in cases {
-            let got: Vec<bool> = [Transient, TransientAndLateDenial, AllButEarlyDenial, All]
-                .into_iter()
-                .flat_map(|c| [c.is_fatal(&error, false), c.is_fatal(&error, true)])
-                .collect();
-            assert_eq!(got, expected, "{error}");
+        let table: [(Retried, [bool; 6]); 5] = [
+            (Transient, [true, true, false, false, false, false]),
+            (TransientAndDenied, [true, true, true, false, false, false]),
+            (AllButConfig, [true, true, true, true, true, false]),
+            (AllButDenied, [true, true, false, true, true, true]),
+            (All, [true; 6]),
+        ];
+        for (retried, expected) in table {
+            let got = errors.each_ref().map(|e| retried.retries(e));
+            assert_eq!(got, expected, "{retried:?}");
         }
+        assert!(
+            REFUSALS_LATE.is_fatal(&denied(), false),
+            "before: its own half"
+        );
+        assert!(!REFUSALS_LATE.is_fatal(&denied(), true), "after: the other");
+        assert!(Classify::TRANSIENT.is_fatal(&denied(), true));
+        assert!(!Classify::ALL.is_fatal(&denied(), false));
     }
 
     #[tokio::test(start_paused = true)]
@@ -465,7 +518,7 @@ mod tests {
             Ok((2, meta(12))),
             Ok((3, meta(13))),
         ]);
-        let mut f = follow(Classify::TransientAndLateDenial, fetch);
+        let mut f = follow(REFUSALS_LATE, fetch);
         let (value, meta, answered) = changed(f.next().await);
         assert_eq!((value, meta.last_index), (1, 10));
         assert_eq!(
@@ -515,7 +568,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_index_going_backwards_resets_the_watch() {
         let (asked, fetch) = scripted(vec![Ok((1, meta(100))), Ok((2, meta(3))), Ok((3, meta(4)))]);
-        let mut f = follow(Classify::Transient, fetch);
+        let mut f = follow(Classify::TRANSIENT, fetch);
         for expected in 1..=3 {
             let (value, _, _) = changed(f.next().await);
             assert_eq!(value, expected, "a reset answer is delivered");
@@ -535,15 +588,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_denial_is_fatal_before_the_first_answer_and_retried_after() {
+        // Registration's policy: only a 403 is forgiven once the token has worked.
+        let late_denial = Classify {
+            before_success: Retried::Transient,
+            after_success: Retried::TransientAndDenied,
+        };
         let (_, fetch) = scripted(vec![Err(denied())]);
-        let mut f = follow(Classify::TransientAndLateDenial, fetch);
+        let mut f = follow(late_denial, fetch);
         match f.next().await {
             Event::Fatal(e) => assert!(e.is_permission_denied()),
             other => panic!("expected fatal, got {other:?}"),
         }
 
         let (_, fetch) = scripted(vec![Ok((1, meta(5))), Err(denied()), Err(status(404))]);
-        let mut f = follow(Classify::TransientAndLateDenial, fetch);
+        let mut f = follow(late_denial, fetch);
         changed(f.next().await);
         let r = retrying(f.next().await);
         assert!(r.error.is_permission_denied() && r.news);
@@ -552,8 +610,15 @@ mod tests {
             other => panic!("expected fatal, got {other:?}"),
         }
 
-        let retry = Retry::new(Classify::TransientAndLateDenial, Backoff::consul());
-        let mut retry = retry.answered_before();
+        // Discovery's: any refusal after an answer is retried, each new kind is news.
+        let (_, fetch) = scripted(vec![Ok((1, meta(5))), Err(denied()), Err(status(404))]);
+        let mut f = follow(REFUSALS_LATE, fetch);
+        changed(f.next().await);
+        assert!(retrying(f.next().await).news);
+        let r = retrying(f.next().await);
+        assert!(r.error.is_not_found() && r.news && r.failures == 2);
+
+        let mut retry = Retry::new(late_denial, Backoff::consul()).answered_before();
         assert!(
             retry.failure(denied()).is_ok(),
             "answered before: a late denial"
@@ -568,7 +633,7 @@ mod tests {
             counted.fetch_add(1, Ordering::SeqCst);
             std::future::ready(Err::<(u64, QueryMeta), _>(unreachable()))
         };
-        let mut f = follow(Classify::All, fetch);
+        let mut f = follow(Classify::ALL, fetch);
         retrying(f.next().await);
         let task = tokio::spawn(async move {
             loop {
@@ -591,7 +656,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn next_is_cancel_safe_a_delay_owed_is_still_waited() {
         let (asked, fetch) = scripted(vec![Err(unreachable()), Ok((1, meta(2)))]);
-        let mut f = follow(Classify::Transient, fetch);
+        let mut f = follow(Classify::TRANSIENT, fetch);
         let r = retrying(f.next().await);
         let failed_at = Instant::now();
         // Abandon the next step in the middle of its backoff, then step again.
@@ -617,8 +682,8 @@ mod tests {
             Ok((3, stale(7))),
             Ok((4, meta(7))),
         ]);
-        let mut f = follow(Classify::TransientAndLateDenial, fetch)
-            .refusing(|m: &QueryMeta| m.last_contact_ms > 1_000);
+        let mut f =
+            follow(REFUSALS_LATE, fetch).refusing(|m: &QueryMeta| m.last_contact_ms > 1_000);
         changed(f.next().await);
         let mut refused_at = Vec::new();
         for (expected, news) in [(2, true), (3, false)] {
@@ -658,8 +723,8 @@ mod tests {
             ..meta(7)
         };
         let (_, fetch) = scripted(vec![Ok((1, stale)), Err(denied())]);
-        let mut f = follow(Classify::TransientAndLateDenial, fetch)
-            .refusing(|m: &QueryMeta| m.last_contact_ms > 1_000);
+        let mut f =
+            follow(REFUSALS_LATE, fetch).refusing(|m: &QueryMeta| m.last_contact_ms > 1_000);
         assert!(matches!(f.next().await, Event::Refused { news: true, .. }));
         assert!(!f.answered());
         match f.next().await {
@@ -670,7 +735,7 @@ mod tests {
 
     #[test]
     fn a_heartbeat_retries_all_but_an_early_denial() {
-        let mut retry = Retry::new(Classify::AllButEarlyDenial, Backoff::consul());
+        let mut retry = Retry::new(HEARTBEAT, Backoff::consul());
         assert!(
             retry.failure(status(404)).is_ok(),
             "a lost check is retried"

@@ -21,7 +21,7 @@
 //!   (`X-Consul-Index`, ...).
 //! * [`watch`] — [`Watch`], the state of a blocking query by Consul's rules.
 //! * [`follow`] — [`Follow`], the one loop that drives a [`Watch`] (fetch, backoff, reset,
-//!   error classification by a [`Classify`] policy) and hands out [`Event`]s; its [`Retry`]
+//!   error classification by a [`Classify`] policy of what is [`Retried`]) and hands out [`Event`]s; its [`Retry`]
 //!   half serves loops that write (a heartbeat).
 //! * [`backoff`] — [`Backoff`], the one jittered exponential backoff (backon) of the workspace:
 //!   the watch's polling without an index, the client's Consul retries and reconnects.
@@ -36,13 +36,20 @@
 //! ```no_run
 //! use std::time::Duration;
 //!
-//! use consul_api::{Backoff, Classify, Client, Event, Follow, QueryOptions, Retry, Watch};
+//! use consul_api::{
+//!     Backoff, Classify, Client, Event, Follow, QueryOptions, Retried, Retry, Watch,
+//! };
 //!
 //! # async fn demo() -> consul_api::Result<()> {
 //! // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, ... as Consul's CLI reads them.
 //! let client = Client::from_env()?;
 //! let watch = Watch::new(QueryOptions::default(), Duration::from_secs(60));
-//! let retry = Retry::new(Classify::TransientAndLateDenial, Backoff::consul());
+//! // Refusals are fatal until Consul has answered once, retried after (a token rotated).
+//! let classify = Classify {
+//!     before_success: Retried::Transient,
+//!     after_success: Retried::AllButConfig,
+//! };
+//! let retry = Retry::new(classify, Backoff::consul());
 //! let mut follow = Follow::new(watch, retry, |opts| {
 //!     let client = client.clone();
 //!     async move { client.health().service("web", None, true, &opts).await }
@@ -90,7 +97,7 @@ pub use catalog::{CatalogRegistration, CatalogService, CatalogServiceRegistratio
 pub use client::{BodySink, Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};
-pub use follow::{Answered, Classify, Event, Follow, Retry, Retrying};
+pub use follow::{Answered, Classify, Event, Follow, Retried, Retry, Retrying};
 pub use health::{
     CheckView, EntryView, HealthCheck, HealthStatus, Node, NodeView, ServiceAnswer, ServiceEntry,
     ServiceView,

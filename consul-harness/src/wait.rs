@@ -36,7 +36,7 @@ where
     };
     let mut follow = Follow::new(
         watch,
-        Retry::new(Classify::Transient, Backoff::consul()),
+        Retry::new(Classify::TRANSIENT, Backoff::consul()),
         fetch,
     );
     let mut last_error = None;
@@ -113,7 +113,7 @@ pub async fn follow_instance(
     };
     let mut follow = Follow::new(
         watch,
-        Retry::new(Classify::Transient, Backoff::consul()),
+        Retry::new(Classify::TRANSIENT, Backoff::consul()),
         fetch,
     );
     let mut passing = Some(passing);

@@ -7,7 +7,7 @@
 //!   a service can switch between the two without changing how it reports its health.
 //! * A beat goes out every `ttl / 3` (at least every 100 ms), so two lost beats in a row
 //!   still leave the check passing; a failed beat is retried with the one [`Backoff`], by
-//!   consul-api's [`Retry`] ([`Classify::AllButEarlyDenial`]).
+//!   consul-api's [`Retry`] (the policy below).
 //! * If the process stops beating (frozen, crashed, cut off from its agent), the agent turns
 //!   the check critical once the TTL has passed since the last beat, with the output
 //!   `TTL expired`; `DeregisterCriticalServiceAfter` then applies as for any check.
@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use consul_api::{Classify, Client, HealthStatus, Retry, Retrying};
+use consul_api::{Classify, Client, HealthStatus, Retried, Retry, Retrying};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -63,7 +63,11 @@ impl Heartbeat {
     pub async fn run(&self, stop: CancellationToken) -> Result<()> {
         // The one retry policy of the workspace: a 403 before any beat was accepted is
         // fatal, everything else is retried.
-        let mut retry = Retry::new(Classify::AllButEarlyDenial, Backoff::consul());
+        let classify = Classify {
+            before_success: Retried::AllButDenied,
+            after_success: Retried::All,
+        };
+        let mut retry = Retry::new(classify, Backoff::consul());
         loop {
             let status = self.health.status();
             let beat = tokio::select! {
