@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use consul_api::{Backoff, QueryOptions, Watch};
+use consul_api::{Backoff, Classify, Event, Follow, QueryOptions, Retry, Retrying, Watch};
 use echo_client::{Instance, Snapshot};
 use tokio::{
     sync::{oneshot, watch},
@@ -96,32 +96,31 @@ impl Observer {
 
 /// The observer's loop: ends when nobody listens (or is dropped with its runtime).
 async fn follow(client: consul_api::Client, service: String, tx: watch::Sender<Seen>) {
-    let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(30))
+    let watch = Watch::new(QueryOptions::default(), Duration::from_secs(30))
         .with_min_interval(Duration::from_millis(1));
-    let mut backoff = Backoff::consul();
+    let fetch = |opts: QueryOptions| {
+        let (client, service) = (client.clone(), service.clone());
+        async move { client.health().service(&service, None, true, &opts).await }
+    };
+    // An observer only reports: every error is retried.
+    let mut follow = Follow::new(watch, Retry::new(Classify::ALL, Backoff::consul()), fetch);
     while !tx.is_closed() {
-        let answer = watch
-            .next(|opts| {
-                let (client, service) = (client.clone(), service.clone());
-                async move { client.health().service(&service, None, true, &opts).await }
-            })
-            .await;
-        match answer {
-            Ok(entries) => {
-                backoff.reset();
+        match follow.next().await {
+            Event::Changed { value, .. } => {
                 let at = Instant::now();
                 tx.send_modify(|s| {
-                    s.instances = entries.iter().map(Instance::from_entry).collect();
+                    s.instances = value.iter().map(Instance::from_entry).collect();
                     s.at = at;
                     s.answers += 1;
                 });
             }
-            Err(e) => {
-                let pause = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?pause, "observer: Consul did not answer; retrying");
-                watch.reset();
-                tokio::time::sleep(pause).await;
+            Event::Unreachable(Retrying {
+                error, retry_in, ..
+            }) => {
+                tracing::warn!(%error, ?retry_in, "observer: Consul did not answer; retrying");
             }
+            Event::Refused { .. } => {}
+            Event::Fatal(_) => return,
         }
     }
 }

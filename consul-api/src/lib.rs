@@ -19,7 +19,10 @@
 //! * [`acl`] — policies and tokens, enough to set up ACL scenarios.
 //! * [`query`] — [`QueryOptions`] (`index`, `wait`, `dc`, ...) and [`QueryMeta`]
 //!   (`X-Consul-Index`, ...).
-//! * [`watch`] — [`Watch`], which drives a blocking query by Consul's rules.
+//! * [`watch`] — [`Watch`], the state of a blocking query by Consul's rules.
+//! * [`follow`] — [`Follow`], the one loop that drives a [`Watch`] (fetch, backoff, reset,
+//!   error classification by a [`Classify`] policy of what is [`Retried`]) and hands out [`Event`]s; its [`Retry`]
+//!   half serves loops that write (a heartbeat).
 //! * [`backoff`] — [`Backoff`], the one jittered exponential backoff (backon) of the workspace:
 //!   the watch's polling without an index, the client's Consul retries and reconnects.
 //! * [`duration`] — [`GoDuration`], durations written and read the way Go does (`5s`, `1m30s`).
@@ -28,27 +31,41 @@
 //!   logged, never failing the rest of the answer.
 //!
 //! The client never retries by itself: callers decide (reads may be retried with backoff,
-//! writes are not), using [`Error::is_retryable`].
+//! writes are not), using [`Error::is_retryable`] or, for a loop, a [`Classify`] policy.
 //!
 //! Follow a service's passing instances with blocking queries, as discovery does:
 //!
 //! ```no_run
 //! use std::time::Duration;
 //!
-//! use consul_api::{Client, QueryOptions, Watch};
+//! use consul_api::{
+//!     Backoff, Classify, Client, Event, Follow, QueryOptions, Retried, Retry, Watch,
+//! };
 //!
 //! # async fn demo() -> consul_api::Result<()> {
 //! // CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_CACERT, ... as Consul's CLI reads them.
 //! let client = Client::from_env()?;
-//! let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(60));
+//! let watch = Watch::new(QueryOptions::default(), Duration::from_secs(60));
+//! // Refusals are fatal until Consul has answered once, retried after (a token rotated).
+//! let classify = Classify {
+//!     before_success: Retried::Transient,
+//!     after_success: Retried::AllButConfig,
+//! };
+//! let retry = Retry::new(classify, Backoff::consul());
+//! let mut follow = Follow::new(watch, retry, |opts| {
+//!     let client = client.clone();
+//!     async move { client.health().service("web", None, true, &opts).await }
+//! });
 //! loop {
-//!     let passing = watch
-//!         .next(|opts| {
-//!             let client = client.clone();
-//!             async move { client.health().service("web", None, true, &opts).await }
-//!         })
-//!         .await?; // returns each time the set changes
-//!     println!("{} passing instance(s) of web", passing.len());
+//!     match follow.next().await {
+//!         // Each time the set changes.
+//!         Event::Changed { value, .. } => println!("{} passing instance(s) of web", value.len()),
+//!         // Retried with backoff, from a fresh watch.
+//!         Event::Unreachable(retrying) => eprintln!("retrying in {:?}", retrying.retry_in),
+//!         Event::Fatal(error) => return Err(error),
+//!         // Only with a `Follow::refusing` check.
+//!         Event::Refused { .. } => {}
+//!     }
 //! }
 //! # }
 //! ```
@@ -62,6 +79,7 @@ pub mod catalog;
 pub mod client;
 pub mod duration;
 pub mod error;
+pub mod follow;
 pub mod health;
 pub mod prepared;
 pub mod query;
@@ -82,6 +100,7 @@ pub use catalog::{CatalogRegistration, CatalogService, CatalogServiceRegistratio
 pub use client::{BodySink, Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};
+pub use follow::{Answered, Classify, Event, Follow, Retried, Retry, Retrying};
 pub use health::{
     CheckView, EntryView, HealthCheck, HealthStatus, Node, NodeView, ServiceAnswer, ServiceEntry,
     ServiceView,

@@ -3,7 +3,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use consul_api::{Backoff, Client, HealthStatus, QueryOptions, ServiceEntry, Watch};
+use consul_api::{
+    Backoff, Classify, Client, Event, Follow, HealthStatus, QueryOptions, Retry, Retrying,
+    ServiceEntry, Watch,
+};
 use tokio::{sync::oneshot, time::Instant};
 
 use crate::error::{Error, Result};
@@ -21,37 +24,30 @@ where
     F: FnMut(&[ServiceEntry]) -> bool,
 {
     let deadline = Instant::now() + timeout;
-    let mut watch = Watch::new(
+    let watch = Watch::new(
         QueryOptions::default(),
         timeout.min(Duration::from_secs(60)),
     );
+    let fetch = |opts: QueryOptions| async move {
+        client
+            .health()
+            .service(service, None, passing_only, &opts)
+            .await
+    };
+    let mut follow = Follow::new(
+        watch,
+        Retry::new(Classify::TRANSIENT, Backoff::consul()),
+        fetch,
+    );
     let mut last_error = None;
-    let mut backoff = Backoff::consul();
     loop {
-        let next = watch.next(|opts| {
-            let client = client.clone();
-            async move {
-                client
-                    .health()
-                    .service(service, None, passing_only, &opts)
-                    .await
+        match tokio::time::timeout_at(deadline, follow.next()).await {
+            Ok(Event::Changed { value, .. }) if done(&value) => {
+                return Ok((value, Instant::now()));
             }
-        });
-        match tokio::time::timeout_at(deadline, next).await {
-            Ok(Ok(entries)) => {
-                backoff.reset();
-                if done(&entries) {
-                    return Ok((entries, Instant::now()));
-                }
-            }
-            Ok(Err(e)) if e.is_retryable() => {
-                last_error = Some(e.to_string());
-                watch.reset();
-                let pause = backoff.next_delay();
-                tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now())))
-                    .await;
-            }
-            Ok(Err(e)) => return Err(e.into()),
+            Ok(Event::Changed { .. } | Event::Refused { .. }) => {}
+            Ok(Event::Unreachable(retrying)) => last_error = Some(retrying.error.to_string()),
+            Ok(Event::Fatal(e)) => return Err(e.into()),
             Err(_) => {
                 return Err(Error::Timeout {
                     what: format!(
@@ -110,30 +106,33 @@ pub async fn follow_instance(
     service_id: &str,
     passing: oneshot::Sender<()>,
 ) -> Result<Lifecycle> {
-    let mut watch = Watch::new(QueryOptions::default(), Duration::from_secs(300))
+    let watch = Watch::new(QueryOptions::default(), Duration::from_secs(300))
         .with_min_interval(Duration::from_millis(1));
+    let fetch = |opts: QueryOptions| async move {
+        client.health().service(service, None, false, &opts).await
+    };
+    let mut follow = Follow::new(
+        watch,
+        Retry::new(Classify::TRANSIENT, Backoff::consul()),
+        fetch,
+    );
     let mut passing = Some(passing);
     let mut critical_at = None;
     let mut errors = 0u32;
-    let mut backoff = Backoff::consul();
     loop {
-        let next = watch
-            .next(|opts| async move { client.health().service(service, None, false, &opts).await })
-            .await;
-        let now = SystemTime::now();
-        let entries = match next {
-            Ok(entries) => {
-                backoff.reset();
-                entries
-            }
-            Err(e) if e.is_retryable() && errors < 50 => {
+        let entries = match follow.next().await {
+            Event::Changed { value, .. } => value,
+            Event::Refused { .. } => continue,
+            // Transient errors are retried with backoff, up to 50 in all.
+            Event::Unreachable(_) if errors < 50 => {
                 errors += 1;
-                watch.reset();
-                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
-            Err(e) => return Err(e.into()),
+            Event::Unreachable(Retrying { error, .. }) | Event::Fatal(error) => {
+                return Err(error.into());
+            }
         };
+        let now = SystemTime::now();
         match entries.iter().find(|e| e.service.id == service_id) {
             None if passing.is_none() => {
                 return Ok(Lifecycle {

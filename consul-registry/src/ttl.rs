@@ -6,7 +6,8 @@
 //!   the reason while draining or forced unhealthy. The same handle drives the HTTP check, so
 //!   a service can switch between the two without changing how it reports its health.
 //! * A beat goes out every `ttl / 3` (at least every 100 ms), so two lost beats in a row
-//!   still leave the check passing; a failed beat is retried with the one [`Backoff`].
+//!   still leave the check passing; a failed beat is retried with the one [`Backoff`], by
+//!   consul-api's [`Retry`] (the policy below).
 //! * If the process stops beating (frozen, crashed, cut off from its agent), the agent turns
 //!   the check critical once the TTL has passed since the last beat, with the output
 //!   `TTL expired`; `DeregisterCriticalServiceAfter` then applies as for any check.
@@ -17,7 +18,7 @@
 
 use std::time::Duration;
 
-use consul_api::{Client, HealthStatus};
+use consul_api::{Classify, Client, HealthStatus, Retried, Retry, Retrying};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -60,39 +61,44 @@ impl Heartbeat {
     /// draining), so the check does not stay passing for a TTL after shutdown. Returns an
     /// error only when Consul refuses the token before any beat was accepted.
     pub async fn run(&self, stop: CancellationToken) -> Result<()> {
-        let mut backoff = Backoff::consul();
-        let mut accepted = false;
-        let mut failing = false;
+        // The one retry policy of the workspace: a 403 before any beat was accepted is
+        // fatal, everything else is retried.
+        let classify = Classify {
+            before_success: Retried::AllButDenied,
+            after_success: Retried::All,
+        };
+        let mut retry = Retry::new(classify, Backoff::consul());
         loop {
             let status = self.health.status();
             let beat = tokio::select! {
                 () = stop.cancelled() => break,
                 beat = self.beat(status) => beat,
             };
-            let pause = match beat {
+            let pause = match beat.map_err(|e| retry.failure(e)) {
                 Ok(()) => {
-                    if failing {
+                    if retry.success().failures > 0 {
                         tracing::info!(check = %self.check_id, "TTL check updated again");
                     }
-                    accepted = true;
-                    failing = false;
-                    backoff.reset();
                     self.every
                 }
-                Err(e) if e.is_permission_denied() && !accepted => {
+                Err(Err(source)) => {
                     return Err(Error::Heartbeat {
                         check_id: self.check_id.clone(),
-                        source: e,
+                        source,
                     });
                 }
-                Err(e) => {
-                    let delay = backoff.next_delay().min(self.every);
-                    if e.is_permission_denied() {
-                        tracing::error!(check = %self.check_id, error = %e, retry_in = ?delay, "the token that updated this TTL check is refused now; retrying");
-                    } else if !failing {
-                        tracing::warn!(check = %self.check_id, error = %e, retry_in = ?delay, "cannot update the TTL check; retrying");
+                Err(Ok(Retrying {
+                    error,
+                    retry_in,
+                    failures,
+                    ..
+                })) => {
+                    let delay = retry_in.min(self.every);
+                    if error.is_permission_denied() {
+                        tracing::error!(check = %self.check_id, %error, retry_in = ?delay, "the token that updated this TTL check is refused now; retrying");
+                    } else if failures == 1 {
+                        tracing::warn!(check = %self.check_id, %error, retry_in = ?delay, "cannot update the TTL check; retrying");
                     }
-                    failing = true;
                     delay
                 }
             };
