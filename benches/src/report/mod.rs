@@ -10,9 +10,9 @@
 //! criterion's samples (time per iteration).
 //!
 //! Its parts, one job each: [`criterion`] reads criterion's data back, [`machine`] writes
-//! the header (machine, UTC date, command), [`spec`] knows each bench (what it times, its
-//! baseline and goal), `sections` and `echo` write the sections, [`markdown`] holds the
-//! one table writer and the number formatters.
+//! the header (machine, UTC date, command), [`spec`](mod@spec) knows each bench (what it
+//! times, its baseline and goal), `sections` and `echo` write the sections, [`markdown`]
+//! holds the one table writer and the number formatters.
 
 use std::{
     collections::BTreeMap,
