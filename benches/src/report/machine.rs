@@ -84,7 +84,8 @@ pub(crate) fn machine_section(out: &mut String, m: &Machine, all_runs: &[&RunInf
         .iter()
         .map(|r| format!("{} {:.0} s", r.bench, secs(r)))
         .collect();
-    let total: f64 = runs.iter().map(|r| secs(r)).sum();
+    // From 0.0: an empty float sum is -0.0, which prints as "-0 s".
+    let total = runs.iter().fold(0.0, |sum, r| sum + secs(r));
     let started = runs.first().map(|r| r.started_unix_ms);
     let mut table = Table::new([("", Align::Left), ("", Align::Left)]);
     table
