@@ -33,7 +33,11 @@
 // criterion_group! and criterion_main! generate public functions without docs.
 #![allow(missing_docs)]
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use benches::{
     harness, report,
@@ -43,13 +47,24 @@ use benches::{
     traffic::{self, Message},
 };
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, measurement::WallTime};
-use tokio::{sync::OnceCell, time::Instant};
+use tokio::{runtime::Runtime, sync::OnceCell, time::Instant};
 
 const SIZES: [(usize, &str); 3] = [(16, "16B"), (1 << 10, "1KiB"), (64 << 10, "64KiB")];
 const CONNECTIONS: [usize; 2] = [1, 32];
 const SAMPLES: usize = 20;
 
 type Conns = Vec<traffic::SharedConn>;
+
+/// The rig's servers and their addresses, in the rig's order.
+type Servers = [(&'static str, SocketAddr); rig::SERVERS.len()];
+
+/// Where echo-server, the fair baseline and the twin sit in the rig's order.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    ours: usize,
+    fair: usize,
+    twin: usize,
+}
 
 fn echo(c: &mut Criterion) {
     harness::init_tracing();
@@ -59,146 +74,31 @@ fn echo(c: &mut Criterion) {
     // a change of default cannot make the 64 KiB benches measure error lines.
     let servers_rig = EchoRig::start(SIZES[2].0).expect("start the servers");
     let servers = servers_rig.servers();
-    let rig = &servers_rig;
-
-    let at = |name: &str| {
+    let index = |name: &str| {
         servers
             .iter()
             .position(|(n, _)| *n == name)
             .expect("the rig runs this server")
     };
-    let (ours_at, fair_at) = (at(report::ECHO_SERVERS[0]), at(report::ECHO_SERVERS[1]));
-    let twin_at = at(report::TWIN);
+    let at = At {
+        ours: index(report::ECHO_SERVERS[0]),
+        fair: index(report::ECHO_SERVERS[1]),
+        twin: index(report::TWIN),
+    };
 
     let mut group = c.benchmark_group("echo/throughput");
     configure_interleaved(&mut group);
     for (size, label) in SIZES {
         for n in CONNECTIONS {
-            // One bench for all the servers: an iteration is one message per connection on
-            // each server, the servers one after the other in a rotating order.
-            let id = BenchmarkId::new(report::INTERLEAVED, format!("{label}-{n}conn"));
-            let bytes = (size * n) as u64;
-            let recorders = Arc::new(std::sync::Mutex::new(Turns {
-                calls: 0,
-                time: servers
-                    .iter()
-                    .map(|(name, _)| {
-                        Recorder::new(format!("echo/throughput/{name}/{label}-{n}conn"), SAMPLES)
-                            .describe(
-                                MEASURED,
-                                "time per iteration (one message per connection) of this \
-                                 server's turn in one sample, the servers in alternation",
-                            )
-                            .throughput(bytes)
-                    })
-                    .collect(),
-                cpu: servers
-                    .iter()
-                    .map(|(name, _)| {
-                        Recorder::new(format!("echo/cpu/{name}/{label}-{n}conn"), SAMPLES).describe(
-                            MEASURED,
-                            "the servers' CPU time per message echoed, over this \
-                                 server's turn in one sample",
-                        )
-                    })
-                    .collect(),
-                paired: Recorder::new(format!("{}{label}-{n}conn", report::PAIRED_PREFIX), SAMPLES)
-                    .describe(
-                        MEASURED,
-                        "the fair baseline's time ÷ echo-server's in the same sample (their \
-                         turns adjacent, the same iterations): echo-server's throughput as a \
-                         multiple of the baseline's, one value per sample",
-                    ),
-                twin: Recorder::new(format!("{}{label}-{n}conn", report::TWIN_PREFIX), SAMPLES)
-                    .describe(
-                        MEASURED,
-                        "the fair baseline's time ÷ its twin's in the same sample: the \
-                         control, the ratio two identical servers give, one value per sample",
-                    ),
-            }));
-            let conns: Arc<OnceCell<Vec<Conns>>> = Arc::default();
-            let message = Arc::new(Message::new(size));
-            group.bench_function(id, |b| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let (conns, message, recorders) =
-                        (conns.clone(), message.clone(), recorders.clone());
-                    async move {
-                        let conns = conns
-                            .get_or_try_init(|| connect_each(servers, n))
-                            .await
-                            .expect("connect to the servers");
-                        let call = {
-                            let mut turns = recorders.lock().expect("recorder lock");
-                            turns.calls += 1;
-                            turns.calls - 1
-                        };
-                        // Each server's (wall time, servers' CPU time) of its turn. Only that
-                        // server has traffic in its turn, so the runtime's CPU time is its.
-                        let mut took = vec![(Duration::ZERO, Duration::ZERO); conns.len()];
-                        let start = Instant::now();
-                        for s in traffic::turn_order(call, conns.len()) {
-                            let cpu_before = rig.cpu_time().expect("the servers' CPU time");
-                            let turn = Instant::now();
-                            traffic::pipelined(&conns[s], &message, iters)
-                                .await
-                                .expect("pipelined echo traffic");
-                            let elapsed = turn.elapsed();
-                            let used = rig
-                                .cpu_time()
-                                .expect("the servers' CPU time")
-                                .saturating_sub(cpu_before);
-                            took[s] = (elapsed, used);
-                        }
-                        let elapsed = start.elapsed();
-                        let mut turns = recorders.lock().expect("recorder lock");
-                        let Turns {
-                            time,
-                            cpu,
-                            paired,
-                            twin,
-                            ..
-                        } = &mut *turns;
-                        let fair = took[fair_at].0;
-                        for (recorder, at) in [(paired, ours_at), (twin, twin_at)] {
-                            recorder.start_call();
-                            let other = took[at].0;
-                            if !other.is_zero() {
-                                recorder.push_signed(
-                                    MEASURED,
-                                    fair.as_secs_f64() / other.as_secs_f64(),
-                                );
-                            }
-                        }
-                        let messages = (iters * n as u64).max(1) as f64;
-                        for ((time, cpu), (elapsed, used)) in
-                            time.iter_mut().zip(cpu.iter_mut()).zip(took)
-                        {
-                            time.start_call();
-                            time.push_signed(
-                                MEASURED,
-                                elapsed.as_nanos() as f64 / iters.max(1) as f64,
-                            );
-                            cpu.start_call();
-                            cpu.push_signed(MEASURED, used.as_nanos() as f64 / messages);
-                        }
-                        elapsed
-                    }
-                })
-            });
-            let mut guard = recorders.lock().expect("recorder lock");
-            let turns = &mut *guard;
-            for recorder in [&mut turns.paired, &mut turns.twin] {
-                let ratios: Vec<f64> = recorder.per_call(MEASURED).concat();
-                recorder.bound(report::MEDIAN_INTERVAL, spread::median_interval(&ratios));
-            }
-            for recorder in turns
-                .time
-                .iter()
-                .chain(&turns.cpu)
-                .chain([&turns.paired, &turns.twin])
-            {
-                recorder.save().expect("save the throughput recording");
-            }
+            throughput(
+                &mut group,
+                &rt,
+                &servers_rig,
+                at,
+                size,
+                &format!("{label}-{n}conn"),
+                n,
+            );
         }
     }
     group.finish();
@@ -207,79 +107,209 @@ fn echo(c: &mut Criterion) {
     configure_latency(&mut group);
     for (size, label) in SIZES {
         for n in CONNECTIONS {
-            // One bench for all the servers: an iteration is one round on each, in turn.
-            let id = BenchmarkId::new(report::INTERLEAVED, format!("{label}-{n}conn"));
-            let recorders: Arc<std::sync::Mutex<Vec<Recorder>>> = Arc::new(std::sync::Mutex::new(
-                servers
-                    .iter()
-                    .map(|(name, _)| {
-                        Recorder::new(format!("echo/latency/{name}/{label}-{n}conn"), SAMPLES)
-                            .describe(
-                                MEASURED,
-                                "round trip of one message, each connection's own, the \
-                                 servers in alternation",
-                            )
-                    })
-                    .collect(),
-            ));
-            let conns: Arc<OnceCell<Vec<Conns>>> = Arc::default();
-            let message = Arc::new(Message::new(size));
-            group.bench_function(id, |b| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let (conns, message, recorders) =
-                        (conns.clone(), message.clone(), recorders.clone());
-                    async move {
-                        let conns = conns
-                            .get_or_try_init(|| connect_each(servers, n))
-                            .await
-                            .expect("connect to the servers");
-                        let start = Instant::now();
-                        let rtts = traffic::lockstep(conns, &message, iters)
-                            .await
-                            .expect("lockstep echo traffic");
-                        // Each connection made `iters` round trips on each server, one
-                        // server's round at a time: wall time per iteration ≈ one round
-                        // trip on each server under that concurrency.
-                        let elapsed = start.elapsed();
-                        let mut recorders = recorders.lock().expect("recorder lock");
-                        for (recorder, rtts) in recorders.iter_mut().zip(rtts) {
-                            recorder.start_call();
-                            recorder.extend(MEASURED, rtts);
-                        }
-                        elapsed
-                    }
-                })
-            });
-            let mut recorders = recorders.lock().expect("recorder lock");
-            // How sure the latency ratios are: a bootstrap over the samples, each sample's
-            // round trips on both servers kept together (they share its seconds). The twin's
-            // too: how far an identical server reads from the baseline.
-            for at in [ours_at, twin_at] {
-                let bounds: Vec<_> = report::LATENCY_INTERVALS
-                    .iter()
-                    .map(|&(what, p)| {
-                        let (ours, fair) = (&recorders[at], &recorders[fair_at]);
-                        let interval = spread::ratio_interval(
-                            &ours.per_call(MEASURED),
-                            &fair.per_call(MEASURED),
-                            p,
-                        );
-                        (what, interval)
-                    })
-                    .collect();
-                for (what, interval) in bounds {
-                    recorders[at].bound(what, interval);
-                }
-            }
-            for recorder in recorders.iter() {
-                recorder.save().expect("save the latency recording");
-            }
+            latency(
+                &mut group,
+                &rt,
+                servers,
+                at,
+                size,
+                &format!("{label}-{n}conn"),
+                n,
+            );
         }
     }
     group.finish();
 
     servers_rig.stop().expect("the echo-server stops cleanly");
     run.finish().expect("save the run's record");
+}
+
+/// Bench `id` of `group` on `n` connections to each of `servers` (opened on first use, kept
+/// for the bench), messages of `size` bytes: each call of the timed routine is `turn`.
+fn bench_connected(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    id: BenchmarkId,
+    (servers, n): (Servers, usize),
+    size: usize,
+    turn: impl AsyncFn(&[Conns], &Arc<Message>, u64) -> Duration,
+) {
+    let conns: OnceCell<Vec<Conns>> = OnceCell::new();
+    let message = Arc::new(Message::new(size));
+    let (conns, message, turn) = (&conns, &message, &turn);
+    group.bench_function(id, |b| {
+        b.to_async(rt).iter_custom(|iters| async move {
+            let conns = conns
+                .get_or_try_init(|| connect_each(servers, n))
+                .await
+                .expect("connect to the servers");
+            turn(conns, message, iters).await
+        })
+    });
+}
+
+/// `echo/throughput/interleaved/<label>`: one bench for all the servers; an iteration is one
+/// message per connection on each server, the servers one after the other in a rotating
+/// order. Records each server's time and CPU per turn and the paired ratios.
+fn throughput(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    rig: &EchoRig,
+    at: At,
+    size: usize,
+    label: &str,
+    n: usize,
+) {
+    let servers = rig.servers();
+    let id = BenchmarkId::new(report::INTERLEAVED, label);
+    let bytes = (size * n) as u64;
+    let recorders = Mutex::new(Turns {
+        calls: 0,
+        time: servers
+            .iter()
+            .map(|(name, _)| {
+                Recorder::new(format!("echo/throughput/{name}/{label}"), SAMPLES)
+                    .describe(
+                        MEASURED,
+                        "time per iteration (one message per connection) of this \
+                         server's turn in one sample, the servers in alternation",
+                    )
+                    .throughput(bytes)
+            })
+            .collect(),
+        cpu: servers
+            .iter()
+            .map(|(name, _)| {
+                Recorder::new(format!("echo/cpu/{name}/{label}"), SAMPLES).describe(
+                    MEASURED,
+                    "the servers' CPU time per message echoed, over this \
+                         server's turn in one sample",
+                )
+            })
+            .collect(),
+        paired: Recorder::new(format!("{}{label}", report::PAIRED_PREFIX), SAMPLES).describe(
+            MEASURED,
+            "the fair baseline's time ÷ echo-server's in the same sample (their \
+             turns adjacent, the same iterations): echo-server's throughput as a \
+             multiple of the baseline's, one value per sample",
+        ),
+        twin: Recorder::new(format!("{}{label}", report::TWIN_PREFIX), SAMPLES).describe(
+            MEASURED,
+            "the fair baseline's time ÷ its twin's in the same sample: the \
+             control, the ratio two identical servers give, one value per sample",
+        ),
+    });
+    let turn = async |conns: &[Conns], message: &Arc<Message>, iters: u64| {
+        let call = {
+            let mut turns = recorders.lock().expect("recorder lock");
+            turns.calls += 1;
+            turns.calls - 1
+        };
+        // Each server's (wall time, servers' CPU time) of its turn. Only that server has
+        // traffic in its turn, so the runtime's CPU time is its.
+        let mut took = vec![(Duration::ZERO, Duration::ZERO); conns.len()];
+        let start = Instant::now();
+        for s in traffic::turn_order(call, conns.len()) {
+            let cpu_before = rig.cpu_time().expect("the servers' CPU time");
+            let turn = Instant::now();
+            traffic::pipelined(&conns[s], message, iters)
+                .await
+                .expect("pipelined echo traffic");
+            let elapsed = turn.elapsed();
+            let used = rig
+                .cpu_time()
+                .expect("the servers' CPU time")
+                .saturating_sub(cpu_before);
+            took[s] = (elapsed, used);
+        }
+        let elapsed = start.elapsed();
+        recorders
+            .lock()
+            .expect("recorder lock")
+            .record(&took, at, iters, n);
+        elapsed
+    };
+    bench_connected(group, rt, id, (servers, n), size, turn);
+    let mut turns = recorders.into_inner().expect("recorder lock");
+    for recorder in [&mut turns.paired, &mut turns.twin] {
+        let ratios: Vec<f64> = recorder.per_call(MEASURED).concat();
+        recorder.bound(report::MEDIAN_INTERVAL, spread::median_interval(&ratios));
+    }
+    for recorder in turns
+        .time
+        .iter()
+        .chain(&turns.cpu)
+        .chain([&turns.paired, &turns.twin])
+    {
+        recorder.save().expect("save the throughput recording");
+    }
+}
+
+/// `echo/latency/interleaved/<label>`: one bench for all the servers; an iteration is one
+/// round on each, in turn. Records every round trip under its server's id, and the 95 %
+/// intervals of echo-server's and the twin's ratios to the fair baseline.
+fn latency(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    servers: Servers,
+    at: At,
+    size: usize,
+    label: &str,
+    n: usize,
+) {
+    let id = BenchmarkId::new(report::INTERLEAVED, label);
+    let recorders: Mutex<Vec<Recorder>> = Mutex::new(
+        servers
+            .iter()
+            .map(|(name, _)| {
+                Recorder::new(format!("echo/latency/{name}/{label}"), SAMPLES).describe(
+                    MEASURED,
+                    "round trip of one message, each connection's own, the \
+                     servers in alternation",
+                )
+            })
+            .collect(),
+    );
+    let turn = async |conns: &[Conns], message: &Arc<Message>, iters: u64| {
+        let start = Instant::now();
+        let rtts = traffic::lockstep(conns, message, iters)
+            .await
+            .expect("lockstep echo traffic");
+        // Each connection made `iters` round trips on each server, one server's round at a
+        // time: wall time per iteration ≈ one round trip on each server under that
+        // concurrency.
+        let elapsed = start.elapsed();
+        let mut recorders = recorders.lock().expect("recorder lock");
+        for (recorder, rtts) in recorders.iter_mut().zip(rtts) {
+            recorder.start_call();
+            recorder.extend(MEASURED, rtts);
+        }
+        elapsed
+    };
+    bench_connected(group, rt, id, (servers, n), size, turn);
+    let mut recorders = recorders.into_inner().expect("recorder lock");
+    // How sure the latency ratios are: a bootstrap over the samples, each sample's round
+    // trips on both servers kept together (they share its seconds). The twin's too: how far
+    // an identical server reads from the baseline.
+    for ours in [at.ours, at.twin] {
+        let bounds: Vec<_> = report::LATENCY_INTERVALS
+            .iter()
+            .map(|&(what, p)| {
+                let interval = spread::ratio_interval(
+                    &recorders[ours].per_call(MEASURED),
+                    &recorders[at.fair].per_call(MEASURED),
+                    p,
+                );
+                (what, interval)
+            })
+            .collect();
+        for (what, interval) in bounds {
+            recorders[ours].bound(what, interval);
+        }
+    }
+    for recorder in &recorders {
+        recorder.save().expect("save the latency recording");
+    }
 }
 
 fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
@@ -320,11 +350,30 @@ struct Turns {
     twin: Recorder,
 }
 
+impl Turns {
+    /// Record one sample: each server's (wall time, servers' CPU time) of its turn of
+    /// `iters` messages on each of `n` connections, and the paired ratios.
+    fn record(&mut self, took: &[(Duration, Duration)], at: At, iters: u64, n: usize) {
+        let fair = took[at.fair].0;
+        for (recorder, other) in [(&mut self.paired, at.ours), (&mut self.twin, at.twin)] {
+            recorder.start_call();
+            let other = took[other].0;
+            if !other.is_zero() {
+                recorder.push_signed(MEASURED, fair.as_secs_f64() / other.as_secs_f64());
+            }
+        }
+        let messages = (iters * n as u64).max(1) as f64;
+        for ((time, cpu), (elapsed, used)) in self.time.iter_mut().zip(&mut self.cpu).zip(took) {
+            time.start_call();
+            time.push_signed(MEASURED, elapsed.as_nanos() as f64 / iters.max(1) as f64);
+            cpu.start_call();
+            cpu.push_signed(MEASURED, used.as_nanos() as f64 / messages);
+        }
+    }
+}
+
 /// `n` connections to each of `servers`, in their order.
-async fn connect_each(
-    servers: [(&'static str, SocketAddr); rig::SERVERS.len()],
-    n: usize,
-) -> benches::Result<Vec<Conns>> {
+async fn connect_each(servers: Servers, n: usize) -> benches::Result<Vec<Conns>> {
     let mut all = Vec::with_capacity(servers.len());
     for (_, addr) in servers {
         all.push(traffic::connect_all(addr, n).await?);

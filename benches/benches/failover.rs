@@ -22,6 +22,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -86,12 +87,25 @@ fn failover(c: &mut Criterion) {
 /// one event per sample (criterion warns that it cannot fit more in the target time: that is
 /// by design) and a single warm-up iteration.
 fn one_event_per_sample(group: &mut BenchmarkGroup<'_, WallTime>, samples: usize) {
+    let tiny = Duration::from_millis(1);
+    settings(group, samples, SamplingMode::Flat, tiny, tiny);
+}
+
+/// Criterion settings of a bench: `samples` samples (the kit's resamples), `mode`, and its
+/// warm-up and measurement times.
+fn settings(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    samples: usize,
+    mode: SamplingMode,
+    warm_up: Duration,
+    measurement: Duration,
+) {
     group
         .sample_size(samples)
         .nresamples(benches::harness::NRESAMPLES)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_millis(1))
-        .measurement_time(Duration::from_millis(1));
+        .sampling_mode(mode)
+        .warm_up_time(warm_up)
+        .measurement_time(measurement);
 }
 
 fn recorder(id: &str, keep: usize, parts: &[(&str, &str)]) -> SharedRecorder {
@@ -120,12 +134,8 @@ fn floor(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
         &[(MEASURED, "connect + one echo")],
     );
     let server: Arc<OnceCell<ServerThread>> = Arc::default();
-    group
-        .sample_size(SAMPLES)
-        .nresamples(benches::harness::NRESAMPLES)
-        .sampling_mode(SamplingMode::Auto)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2));
+    let (warm_up, measure) = (Duration::from_millis(300), Duration::from_secs(2));
+    settings(group, SAMPLES, SamplingMode::Auto, warm_up, measure);
     group.bench_function(BenchmarkId::new("kill", "floor_connect_echo"), |b| {
         b.to_async(rt).iter_custom(|iters| {
             let (server, rec) = (server.clone(), rec.clone());
@@ -190,35 +200,21 @@ impl InProcessRig {
             .map(|(id, s)| Instance::new(id.clone(), "127.0.0.1", s.echo_addr().port()))
             .collect()
     }
-
-    async fn stop(self) -> Result<()> {
-        self.streamer.stop().await;
-        for server in self.servers.into_values() {
-            server.shutdown().await?;
-        }
-        Ok(())
-    }
 }
 
 impl Rig for InProcessRig {
-    async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration> {
-        let victim = current(&self.streamer)?;
-        let server = self
-            .servers
-            .get_mut(&victim.id)
-            .ok_or_else(|| Error::Invalid(format!("no server {}", victim.id)))?;
-        let probe = CloseProbe::connect(server.echo_addr()).await?;
-        self.streamer.arm(true);
-        self.streamer.replies(STEADY_REPLIES, WAIT).await?;
+    async fn stop(self) -> Result<()> {
+        stop_threads(self.streamer, self.servers).await
+    }
 
-        let killed = Instant::now();
-        server.abort();
-        let replied = self.streamer.reply_from_other_than(&victim.id, WAIT).await;
-        self.streamer.arm(false);
-        let replied = replied?;
-        let closed = probe.closed(WAIT).await?;
-        let measured = replied - killed;
-        record_kill(rec, measured, closed.saturating_duration_since(killed));
+    async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration> {
+        let (victim, server) = victim(&self.streamer, &mut self.servers)?;
+        let addr = server.echo_addr();
+        let measured = timed_kill(&self.streamer, &victim.id, addr, rec, || {
+            server.abort();
+            Ok(())
+        })
+        .await?;
 
         // Restore, untimed: a new server in the killed one's place (a new port).
         if let Some(mut dead) = self.servers.remove(&victim.id) {
@@ -234,11 +230,48 @@ impl Rig for InProcessRig {
     }
 }
 
+/// The instance the client is on, and its server among `servers`: the next victim.
+fn victim<'a, S>(
+    streamer: &Streamer,
+    servers: &'a mut BTreeMap<String, S>,
+) -> Result<(Instance, &'a mut S)> {
+    let victim = current(streamer)?;
+    let server = servers
+        .get_mut(&victim.id)
+        .ok_or_else(|| Error::Invalid(format!("no server {}", victim.id)))?;
+    Ok((victim, server))
+}
+
 fn current(streamer: &Streamer) -> Result<Instance> {
     streamer
         .last()
         .instance
         .ok_or_else(|| Error::Invalid("the streamer has no reply yet".into()))
+}
+
+/// One timed kill: an idle probe connection opened to the victim at `addr`, the streamer
+/// in its steady state, then `kill` → the first correct reply from another instance than
+/// `victim`; the interval and its parts recorded in `rec`. Returns the timed interval.
+async fn timed_kill(
+    streamer: &Streamer,
+    victim: &str,
+    addr: SocketAddr,
+    rec: &SharedRecorder,
+    kill: impl FnOnce() -> Result<()>,
+) -> Result<Duration> {
+    let probe = CloseProbe::connect(addr).await?;
+    streamer.arm(true);
+    streamer.replies(STEADY_REPLIES, WAIT).await?;
+
+    let killed = Instant::now();
+    kill()?;
+    let replied = streamer.reply_from_other_than(victim, WAIT).await;
+    streamer.arm(false);
+    let replied = replied?;
+    let closed = probe.closed(WAIT).await?;
+    let measured = replied - killed;
+    record_kill(rec, measured, closed.saturating_duration_since(killed));
+    Ok(measured)
 }
 
 const KILL_PARTS: [(&str, &str); 3] = [
@@ -263,10 +296,21 @@ fn record_kill(rec: &SharedRecorder, measured: Duration, probe_eof: Duration) {
     );
 }
 
+/// Stop the streamer, then shut each in-process server down cleanly.
+async fn stop_threads(streamer: Streamer, servers: BTreeMap<String, ServerThread>) -> Result<()> {
+    streamer.stop().await;
+    for server in servers.into_values() {
+        server.shutdown().await?;
+    }
+    Ok(())
+}
+
 /// A set-up bench: servers, a client, a streamer.
 trait Rig {
     /// One timed event and its restore; returns the timed interval.
     async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration>;
+    /// Stop the servers and the streamer, cleanly.
+    async fn stop(self) -> Result<()>;
 }
 
 /// Run `iters` events on the rig in `rig` (set up by `start` on first use: the first call is
@@ -300,17 +344,50 @@ fn stop_rig<R>(rt: &Runtime, rig: &Shared<R>, stop: impl AsyncFnOnce(R) -> Resul
     }
 }
 
+/// A rig set up against the bench group's shared Consul.
+trait ConsulRig: Rig + Sized {
+    /// Start the rig's servers, client and observer against `consul`.
+    async fn start(consul: &Consul) -> Result<Self>;
+}
+
+/// Bench `function/parameter` of the group: one event per sample on an `R`, set up against
+/// the shared Consul on first use (criterion's warm-up) and torn down after; the recording
+/// saved.
+fn consul_bench<R: ConsulRig>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    consul: &Arc<SharedConsul>,
+    rec: &SharedRecorder,
+    samples: usize,
+    (function, parameter): (&str, &str),
+) {
+    let rig: Shared<R> = Arc::default();
+    let id = rec.lock().expect("recorder lock").id().to_owned();
+    one_event_per_sample(group, samples);
+    group.bench_function(BenchmarkId::new(function, parameter), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (rig, rec, consul, id) = (rig.clone(), rec.clone(), consul.clone(), id.clone());
+            async move {
+                let start = || async move {
+                    let rig = R::start(consul.get().await?).await;
+                    harness::note_one_event_per_sample(&id);
+                    rig
+                };
+                run_iterations(&rig, &rec, iters, start).await
+            }
+        })
+    });
+    save(rec);
+    stop_rig(rt, &rig, R::stop);
+}
+
 fn inprocess_abort(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
     const SAMPLES: usize = 40;
     let rec = recorder("failover/kill/inprocess_abort", SAMPLES, &KILL_PARTS);
     let rig: Shared<InProcessRig> = Arc::default();
     // Cheap iterations: several per sample.
-    group
-        .sample_size(SAMPLES)
-        .nresamples(benches::harness::NRESAMPLES)
-        .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(4));
+    let (warm_up, measure) = (Duration::from_millis(300), Duration::from_secs(4));
+    settings(group, SAMPLES, SamplingMode::Flat, warm_up, measure);
     group.bench_function(BenchmarkId::new("kill", "inprocess_abort"), |b| {
         b.to_async(rt).iter_custom(|iters| {
             let (rig, rec) = (rig.clone(), rec.clone());
@@ -335,6 +412,25 @@ struct ProcessRig {
 const KILL_SERVICE: &str = "failover-kill";
 
 impl ProcessRig {
+    fn spec(consul: &consul_api::Config, id: &str) -> Result<ServerSpec> {
+        let mut spec = ServerSpec::seed(consul.clone())?.with_id(id);
+        spec.name = KILL_SERVICE.into();
+        spec.interval = CHECK_INTERVAL;
+        spec.timeout = CHECK_TIMEOUT;
+        spec.deregister_after = Duration::from_secs(60);
+        Ok(spec)
+    }
+
+    async fn listed(view: &watch::Receiver<Snapshot>, server: &ServerProcess) -> Result<Instant> {
+        let (id, port) = (server.spec.id.clone(), server.spec.port);
+        observe::view_until(view, &format!("{id} on port {port}"), WAIT, |s| {
+            observe::lists_at(&s.instances, &id, port)
+        })
+        .await
+    }
+}
+
+impl ConsulRig for ProcessRig {
     async fn start(consul: &Consul) -> Result<Self> {
         let launcher = Launcher::testbed(env!("CARGO_BIN_EXE_bench-echo-server"));
         let config = consul.config();
@@ -358,24 +454,9 @@ impl ProcessRig {
             streamer,
         })
     }
+}
 
-    fn spec(consul: &consul_api::Config, id: &str) -> Result<ServerSpec> {
-        let mut spec = ServerSpec::seed(consul.clone())?.with_id(id);
-        spec.name = KILL_SERVICE.into();
-        spec.interval = CHECK_INTERVAL;
-        spec.timeout = CHECK_TIMEOUT;
-        spec.deregister_after = Duration::from_secs(60);
-        Ok(spec)
-    }
-
-    async fn listed(view: &watch::Receiver<Snapshot>, server: &ServerProcess) -> Result<Instant> {
-        let (id, port) = (server.spec.id.clone(), server.spec.port);
-        observe::view_until(view, &format!("{id} on port {port}"), WAIT, |s| {
-            observe::lists_at(&s.instances, &id, port)
-        })
-        .await
-    }
-
+impl Rig for ProcessRig {
     async fn stop(self) -> Result<()> {
         self.streamer.stop().await;
         for mut server in self.servers.into_values() {
@@ -385,27 +466,14 @@ impl ProcessRig {
         }
         Ok(())
     }
-}
 
-impl Rig for ProcessRig {
     async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration> {
-        let victim = current(&self.streamer)?;
-        let server = self
-            .servers
-            .get_mut(&victim.id)
-            .ok_or_else(|| Error::Invalid(format!("no server {}", victim.id)))?;
-        let probe = CloseProbe::connect(server.spec.echo_addr()).await?;
-        self.streamer.arm(true);
-        self.streamer.replies(STEADY_REPLIES, WAIT).await?;
-
-        let killed = Instant::now();
-        server.process.signal(Signal::SIGKILL)?;
-        let replied = self.streamer.reply_from_other_than(&victim.id, WAIT).await;
-        self.streamer.arm(false);
-        let replied = replied?;
-        let closed = probe.closed(WAIT).await?;
-        let measured = replied - killed;
-        record_kill(rec, measured, closed.saturating_duration_since(killed));
+        let (victim, server) = victim(&self.streamer, &mut self.servers)?;
+        let addr = server.spec.echo_addr();
+        let measured = timed_kill(&self.streamer, &victim.id, addr, rec, || {
+            Ok(server.process.signal(Signal::SIGKILL)?)
+        })
+        .await?;
 
         // Restore, untimed: reap the dead process, start another with the same ID on new
         // ports, and wait until the client's view lists it.
@@ -430,23 +498,14 @@ fn sigkill_process(
         SIGKILL_SAMPLES,
         &KILL_PARTS,
     );
-    let rig: Shared<ProcessRig> = Arc::default();
-    one_event_per_sample(group, SIGKILL_SAMPLES);
-    group.bench_function(BenchmarkId::new("kill", "sigkill_process"), |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (rig, rec, consul) = (rig.clone(), rec.clone(), consul.clone());
-            async move {
-                let start = || async move {
-                    let rig = ProcessRig::start(consul.get().await?).await;
-                    harness::note_one_event_per_sample("failover/kill/sigkill_process");
-                    rig
-                };
-                run_iterations(&rig, &rec, iters, start).await
-            }
-        })
-    });
-    save(&rec);
-    stop_rig(rt, &rig, ProcessRig::stop);
+    consul_bench::<ProcessRig>(
+        group,
+        rt,
+        consul,
+        &rec,
+        SIGKILL_SAMPLES,
+        ("kill", "sigkill_process"),
+    );
 }
 
 // === failover/unhealthy/consul_to_switch ===
@@ -463,6 +522,19 @@ struct UnhealthyRig {
 }
 
 impl UnhealthyRig {
+    /// Until Consul and the client's view list both instances.
+    async fn both_listed(&self) -> Result<()> {
+        let both = |instances: &[Instance]| IDS.iter().all(|id| observe::lists_id(instances, id));
+        self.observer.until("a and b", WAIT, both).await?;
+        observe::view_until(&self.view, "a and b", WAIT, |s| {
+            IDS.iter().all(|id| observe::lists_id(&s.instances, id))
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+impl ConsulRig for UnhealthyRig {
     async fn start(consul: &Consul) -> Result<Self> {
         let mut servers = BTreeMap::new();
         for id in IDS {
@@ -492,28 +564,13 @@ impl UnhealthyRig {
         rig.streamer.replies(3, WAIT).await?;
         Ok(rig)
     }
-
-    /// Until Consul and the client's view list both instances.
-    async fn both_listed(&self) -> Result<()> {
-        let both = |instances: &[Instance]| IDS.iter().all(|id| observe::lists_id(instances, id));
-        self.observer.until("a and b", WAIT, both).await?;
-        observe::view_until(&self.view, "a and b", WAIT, |s| {
-            IDS.iter().all(|id| observe::lists_id(&s.instances, id))
-        })
-        .await?;
-        Ok(())
-    }
-
-    async fn stop(self) -> Result<()> {
-        self.streamer.stop().await;
-        for server in self.servers.into_values() {
-            server.shutdown().await?;
-        }
-        Ok(())
-    }
 }
 
 impl Rig for UnhealthyRig {
+    async fn stop(self) -> Result<()> {
+        stop_threads(self.streamer, self.servers).await
+    }
+
     async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration> {
         // Restore from the previous iteration (untimed): both passing again.
         self.both_listed().await?;
@@ -593,23 +650,14 @@ fn unhealthy(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, consul: &Ar
             ),
         ],
     );
-    let rig: Shared<UnhealthyRig> = Arc::default();
-    one_event_per_sample(group, UNHEALTHY_SAMPLES);
-    group.bench_function(BenchmarkId::new("unhealthy", "consul_to_switch"), |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let (rig, rec, consul) = (rig.clone(), rec.clone(), consul.clone());
-            async move {
-                let start = || async move {
-                    let rig = UnhealthyRig::start(consul.get().await?).await;
-                    harness::note_one_event_per_sample("failover/unhealthy/consul_to_switch");
-                    rig
-                };
-                run_iterations(&rig, &rec, iters, start).await
-            }
-        })
-    });
-    save(&rec);
-    stop_rig(rt, &rig, UnhealthyRig::stop);
+    consul_bench::<UnhealthyRig>(
+        group,
+        rt,
+        consul,
+        &rec,
+        UNHEALTHY_SAMPLES,
+        ("unhealthy", "consul_to_switch"),
+    );
 }
 
 criterion::criterion_group!(benches, failover);

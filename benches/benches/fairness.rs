@@ -30,6 +30,7 @@ use std::{
 
 use benches::{
     Error, Result,
+    report::fmt_ns,
     results::{self, FairnessRecord, Summary},
     traffic::Message,
 };
@@ -55,8 +56,8 @@ const ROUNDS: usize = 5;
 /// A round trip longer than this is an error: the server is not merely slow.
 const REPLY_LIMIT: Duration = Duration::from_secs(10);
 const WAIT: Duration = Duration::from_secs(20);
-/// Well-behaved p99 under attack at most this multiple of the quiet p99.
-pub const GOAL: f64 = 3.0;
+/// Well-behaved p99 under attack at most this multiple of the quiet p99 (the report's goal).
+pub const GOAL: f64 = benches::report::FAIRNESS_GOAL;
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -195,18 +196,17 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
     server.process.signal(Signal::SIGTERM)?;
     server.process.wait_exit(WAIT).await?;
     let record = outcome?;
-    let ms = |ns: f64| ns / 1e6;
     println!("{ID} ({})", record.placement);
     println!(
-        "    quiet: p50 {:.3} ms, p99 {:.3} ms ({} echoes)",
-        ms(record.quiet.p50),
-        ms(record.quiet.p99),
+        "    quiet: p50 {}, p99 {} ({} echoes)",
+        fmt_ns(record.quiet.p50),
+        fmt_ns(record.quiet.p99),
         record.quiet.count
     );
     println!(
-        "    under attack: p50 {:.3} ms, p99 {:.3} ms ({} echoes): p99 {:.2}× quiet (goal ≤ {GOAL}×){}",
-        ms(record.attacked.p50),
-        ms(record.attacked.p99),
+        "    under attack: p50 {}, p99 {} ({} echoes): p99 {:.2}× quiet (goal ≤ {GOAL}×){}",
+        fmt_ns(record.attacked.p50),
+        fmt_ns(record.attacked.p99),
         record.attacked.count,
         record.attacked.p99 / record.quiet.p99,
         if quick {
@@ -217,10 +217,10 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
     );
     for (phase, cpu, s) in &record.phases {
         println!(
-            "    {phase}: server CPU {:.0}%, p50 {:.3} ms, p99 {:.3} ms ({} echoes)",
+            "    {phase}: server CPU {:.0}%, p50 {}, p99 {} ({} echoes)",
             cpu * 100.0,
-            ms(s.p50),
-            ms(s.p99),
+            fmt_ns(s.p50),
+            fmt_ns(s.p99),
             s.count
         );
     }

@@ -22,6 +22,7 @@ use benches::{
     Error, Result,
     memory::{Rss, rss_of},
     results::{self, MemoryRecord, MemoryRun},
+    stats,
     traffic::Message,
 };
 use consul_harness::{
@@ -92,12 +93,11 @@ async fn measure(id: &str, size: usize, quick: bool) -> Result<MemoryRecord> {
         .iter()
         .map(|r| r.idle_rss_kib.saturating_sub(r.base_rss_kib) as f64 * 1024.0 / connections as f64)
         .collect();
-    per_conn.sort_by(f64::total_cmp);
     let record = MemoryRecord {
         id: id.to_owned(),
         connections,
         message_bytes: size,
-        bytes_per_connection: results::percentile(&per_conn, 50.0),
+        bytes_per_connection: stats::percentile(&mut per_conn, 50.0).unwrap_or(f64::NAN),
         runs: all,
     };
     println!("{id}");

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::{Error, Result},
     spread::Interval,
+    stats::percentile,
 };
 
 /// Criterion's output directory, found the way criterion finds it: `CRITERION_HOME`, else
@@ -86,47 +87,25 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// The summary of `values`; `None` when there are none.
+    /// The summary of `values` (its finite ones); `None` when there are none. Percentiles
+    /// by the one rule, [`crate::stats::percentile`].
     pub fn of(values: &[f64]) -> Option<Summary> {
-        let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
-        if sorted.is_empty() {
-            return None;
-        }
-        sorted.sort_by(f64::total_cmp);
-        let mean = sorted.iter().sum::<f64>() / sorted.len() as f64;
+        let mut finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        let count = finite.len();
+        let min = finite.iter().copied().reduce(f64::min)?;
+        let max = finite.iter().copied().reduce(f64::max)?;
+        let mean = finite.iter().sum::<f64>() / count as f64;
+        let mut at = |p| percentile(&mut finite, p);
         Some(Summary {
-            count: sorted.len(),
-            min: sorted[0],
-            p50: percentile(&sorted, 50.0),
-            p90: percentile(&sorted, 90.0),
-            p99: percentile(&sorted, 99.0),
-            max: sorted[sorted.len() - 1],
+            count,
+            min,
+            p50: at(50.0)?,
+            p90: at(90.0)?,
+            p99: at(99.0)?,
+            max,
             mean,
         })
     }
-}
-
-/// The `p`-th percentile of sorted `values`, interpolating linearly between the two nearest
-/// ranks (numpy's default). `NaN` for no values.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    match sorted.len() {
-        0 => f64::NAN,
-        1 => sorted[0],
-        n => {
-            let (below, frac) = rank(n, p);
-            let above = (below + 1).min(n - 1);
-            sorted[below] + (sorted[above] - sorted[below]) * frac
-        }
-    }
-}
-
-/// Where the `p`-th percentile of `n` sorted values lies: the index of the value below it
-/// and the fraction of the way to the next one (`n` ≥ 1). The one rule of every percentile
-/// here, [`percentile`]'s and the bootstrap's ([`crate::spread`]).
-pub(crate) fn rank(n: usize, p: f64) -> (usize, f64) {
-    let rank = (p.clamp(0.0, 100.0) / 100.0) * n.saturating_sub(1) as f64;
-    let below = rank.floor() as usize;
-    (below, rank - below as f64)
 }
 
 /// One file in [`results_dir`].
@@ -482,12 +461,10 @@ mod tests {
 
     #[test]
     fn percentiles_interpolate_between_ranks() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 50.5);
-        assert!((percentile(&v, 99.0) - 99.01).abs() < 1e-9);
-        assert_eq!(percentile(&v, 100.0), 100.0);
-        assert_eq!(percentile(&[7.0], 99.0), 7.0);
-        assert!(percentile(&[], 50.0).is_nan());
+        let v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        let s = Summary::of(&v).unwrap();
+        assert_eq!((s.p50, s.max, s.min, s.count), (50.5, 100.0, 1.0, 100));
+        assert!((s.p99 - 99.01).abs() < 1e-9);
         let s = Summary::of(&[3.0, -1.0, 2.0, f64::NAN]).unwrap();
         assert_eq!((s.count, s.min, s.p50, s.max), (3, -1.0, 2.0, 3.0));
         assert!(Summary::of(&[]).is_none());

@@ -10,6 +10,8 @@
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
+use crate::stats::percentile;
+
 /// The confidence of every interval.
 pub const CONFIDENCE: f64 = 0.95;
 
@@ -69,7 +71,7 @@ pub fn median_interval(values: &[f64]) -> Option<Interval> {
 /// `ours[i]` and `base[i]` are the values of criterion sample `i` (taken in the same
 /// seconds): each of [`RESAMPLES`] resamples draws as many samples with replacement, the
 /// same draw for both, and the interval is the 2.5th to 97.5th percentile of the resampled
-/// ratios. `None` with fewer than two samples or none with values on either side.
+/// ratios (every percentile by [`percentile`], the one rule). `None` with fewer than two samples or none with values on either side.
 pub fn ratio_interval(ours: &[&[f64]], base: &[&[f64]], p: f64) -> Option<Interval> {
     let samples = ours.len().min(base.len());
     if samples < 2 {
@@ -86,8 +88,7 @@ pub fn ratio_interval(ours: &[&[f64]], base: &[&[f64]], p: f64) -> Option<Interv
             a.extend(ours[i].iter().copied().filter(|v| v.is_finite()));
             b.extend(base[i].iter().copied().filter(|v| v.is_finite()));
         }
-        let (Some(x), Some(y)) = (select_percentile(&mut a, p), select_percentile(&mut b, p))
-        else {
+        let (Some(x), Some(y)) = (percentile(&mut a, p), percentile(&mut b, p)) else {
             continue;
         };
         if y > 0.0 {
@@ -97,33 +98,16 @@ pub fn ratio_interval(ours: &[&[f64]], base: &[&[f64]], p: f64) -> Option<Interv
     if ratios.is_empty() {
         return None;
     }
-    ratios.sort_by(f64::total_cmp);
     let tail = (1.0 - CONFIDENCE) / 2.0 * 100.0;
     Some(Interval {
-        low: crate::results::percentile(&ratios, tail),
-        high: crate::results::percentile(&ratios, 100.0 - tail),
+        low: percentile(&mut ratios, tail)?,
+        high: percentile(&mut ratios, 100.0 - tail)?,
     })
-}
-
-/// The `p`-th percentile of `values` as [`crate::results::percentile`] interpolates it, found
-/// by selection rather than a sort (the bootstrap takes thousands of them); reorders
-/// `values`. `None` for none.
-fn select_percentile(values: &mut [f64], p: f64) -> Option<f64> {
-    let n = values.len();
-    if n == 0 {
-        return None;
-    }
-    let (below, frac) = crate::results::rank(n, p);
-    let (_, at, above) = values.select_nth_unstable_by(below, f64::total_cmp);
-    let low = *at;
-    let high = above.iter().copied().min_by(f64::total_cmp).unwrap_or(low);
-    Some(low + (high - low) * frac)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::percentile;
 
     #[test]
     fn the_median_interval_is_the_binomial_order_statistics() {
@@ -148,22 +132,6 @@ mod tests {
         // n = 5: even the extremes cover only 1 − 2/32 = 93.75 %.
         assert_eq!(median_interval(&[1.0, 2.0, 3.0, 4.0, 5.0]), None);
         assert_eq!(median_interval(&[f64::NAN; 30]), None);
-    }
-
-    #[test]
-    fn selection_gives_the_sorted_percentile() {
-        let values: Vec<f64> = (0..1001).map(|i| f64::from((i * 7919) % 1001)).collect();
-        let mut sorted = values.clone();
-        sorted.sort_by(f64::total_cmp);
-        for p in [0.0, 2.5, 50.0, 99.0, 99.9, 100.0] {
-            let mut v = values.clone();
-            assert_eq!(
-                select_percentile(&mut v, p),
-                Some(percentile(&sorted, p)),
-                "p{p}"
-            );
-        }
-        assert_eq!(select_percentile(&mut [], 50.0), None);
     }
 
     /// Samples whose level moves from one to the next, as the machine's load does.

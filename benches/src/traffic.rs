@@ -221,7 +221,7 @@ impl Message {
 /// of 64 KiB per connection, 4 MiB a turn at 32 connections), the allocator handed them
 /// back to the kernel at the turn's end and every turn page-faulted them in again, ~300,000
 /// faults in the load's threads per run of the throughput half, charged to every server's
-/// turn alike (BENCHMARKS.md, "The load's own page faults").
+/// turn alike (BENCHMARKS.md at commit c5bb543, "The load's own page faults").
 #[derive(Debug)]
 pub struct Conn {
     stream: TcpStream,
@@ -398,8 +398,8 @@ pub fn round_order(round: u64, servers: usize) -> impl Iterator<Item = usize> {
 /// The order of the servers' turns in round `round` of the interleaved throughput bench: the
 /// list's last server always last, the others in [`round_order`]. A pipelined turn right after
 /// another server's pays for what that server's connections still leave to do (measured with
-/// `raw-copy` last in the list: BENCHMARKS.md, "Found: the rotation gives the baseline
-/// different neighbours"), so each compared server must come after every other one equally
+/// `raw-copy` last in the list: BENCHMARKS.md at commit c5bb543, "Found: the rotation gives
+/// the baseline different neighbours"), so each compared server must come after every other one equally
 /// often. With the last fixed, the others run in every order (for three, all six in six
 /// rounds), and the next round's first server, the one after the last, is each of them
 /// equally often. With two servers or fewer, [`round_order`].

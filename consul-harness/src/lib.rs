@@ -14,7 +14,8 @@
 //! * [`hostile`] — hostile input at an echo server (garbage, oversized, stalled, resets,
 //!   short-lived connections), and pinning attacker and attacked to CPUs of their own;
 //! * [`procfs`] — what `/proc` says of a process: resident set, CPU time, stopped or not;
-//! * [`scoped_log`] — a test's own log subscriber that sees every event of its thread;
+//! * [`scoped_log`] — a test's own log subscriber that sees every event of its thread (the
+//!   `test-log` crate, re-exported for the harness's users);
 //! * [`signal`] — the signals used to kill, stop and resume processes;
 //! * [`error`] — the one error type.
 //!
@@ -35,9 +36,10 @@ pub mod logbuf;
 pub mod procfs;
 pub mod procs;
 pub mod provision;
-pub mod scoped_log;
 pub mod signal;
 pub mod wait;
+
+pub use test_log as scoped_log;
 
 pub use cluster::{Cluster, ClusterSpec, Member};
 pub use consul::{BackendChoice, BackendKind, Consul, ConsulOptions};

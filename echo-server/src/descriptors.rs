@@ -6,7 +6,8 @@
 //! `synchronize_rcu`): several scheduler ticks during which the thread that called `accept`
 //! sleeps uninterruptibly, and every connection that thread was serving waits with it. A
 //! burst of connections crosses 64, 128, 256, … descriptors one doubling at a time, each a
-//! stall of the server at the worst moment (BENCHMARKS.md, "fairness", has the traces).
+//! stall of the server at the worst moment (BENCHMARKS.md at c5bb543, "fairness", has the
+//! traces).
 //!
 //! The table never shrinks, so asking once for a descriptor number as high as the connection
 //! limit needs (`fcntl(F_DUPFD)` of the listener, closed at once) moves every doubling to

@@ -49,7 +49,7 @@ const LARGE_BUFFER: usize = 4 * READ_CHUNK;
 /// is not free: on the multi-threaded runtime the yielding worker finds its queue empty,
 /// searches, and wakes a parked one when it takes its own task back (a write to the
 /// driver's eventfd, two context switches); yielding every 64 KiB cost the pipelined echo
-/// ~20% of its CPU per message (measured with `echo-probe`, see BENCHMARKS.md).
+/// ~20% of its CPU per message (measured with `echo-probe`: BENCHMARKS.md at c5bb543).
 const MAX_READ_PER_WAKE: usize = 64 * READ_CHUNK;
 /// A connection idle this long may be closed to make room when every slot is taken.
 const IDLE_BEFORE_SHED: Duration = Duration::from_secs(1);
@@ -354,7 +354,7 @@ impl Listener {
             // 32 at a time in the hostile-input scenario, each a task queued ahead of the
             // established connections) lets the open connections' ready bytes in between
             // accepts. Measured (fairness bench, 10 runs each): the well-behaved client's p99
-            // in the short-lived phase 3.8 → 1.4 ms (medians), see BENCHMARKS.md.
+            // in the short-lived phase 3.8 → 1.4 ms (medians): BENCHMARKS.md at c5bb543.
             tokio::task::yield_now().await;
         }
         tracing::info!("echo port closed: no new connections");
@@ -599,9 +599,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         let write = async {
             // Small frames: all that are complete in one write. More than two reads' worth
             // goes out in pieces of a read's size, as the baseline copier sends it (measured,
-            // one 64 KiB write took the kernel more CPU than four of 16 KiB: BENCHMARKS.md,
-            // "Writing a large frame in pieces"); the last piece takes the remainder, so a
-            // 64 KiB frame and its newline are four writes, not four and one of a byte.
+            // one 64 KiB write took the kernel more CPU than four of 16 KiB: BENCHMARKS.md at
+            // c5bb543, "Writing a large frame in pieces"); the last piece takes the remainder,
+            // so a 64 KiB frame and its newline are four writes, not four and one of a byte.
             let mut rest = &buf[..complete];
             while rest.len() >= 2 * READ_CHUNK {
                 let (piece, after) = rest.split_at(READ_CHUNK);

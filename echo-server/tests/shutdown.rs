@@ -37,9 +37,8 @@ async fn a_task_that_panics_does_not_skip_the_drain() {
     use tracing_subscriber::layer::SubscriberExt;
     // The accept task panics as it stops accepting, between deregistration and the drain.
     // The test runtime has one thread, so every task of the server logs through this layer.
-    let _panics = consul_harness::scoped_log::scoped(
-        tracing_subscriber::registry().with(PanicAt("echo port closed")),
-    );
+    let _panics =
+        test_log::scoped(tracing_subscriber::registry().with(PanicAt("echo port closed")));
     let mut server = Running::local().await;
     let (burst, answers) = answers_across_shutdown(&mut server).await;
     assert_eq!(answers, burst, "every in-flight frame answered");

@@ -16,7 +16,7 @@ use std::{process::ExitCode, sync::Arc, time::Instant};
 
 use anyhow::{Context, bail};
 use benches::{
-    harness,
+    harness, report,
     results::Summary,
     rig::{EchoRig, SERVERS},
     traffic::{self, Message},
@@ -182,19 +182,19 @@ fn interleaved(
         .map(|i| summaries[i]);
     println!(
         "{:<12} {:>7} {:>5} {:>10} {:>12} {:>12} {:>12} {:>12}",
-        "server", "size", "conns", "rtts", "median µs", "p99 µs", "÷ raw-buf", "p99 ÷"
+        "server", "size", "conns", "rtts", "median", "p99", "÷ raw-buf", "p99 ÷"
     );
     for (name, s) in servers.iter().zip(&summaries) {
         let ratio =
             |f: fn(&Summary) -> f64| base.map_or("—".into(), |b| format!("{:.3}", f(s) / f(&b)));
         println!(
-            "{:<12} {:>7} {:>5} {:>10} {:>12.1} {:>12.1} {:>12} {:>12}",
+            "{:<12} {:>7} {:>5} {:>10} {:>12} {:>12} {:>12} {:>12}",
             name,
             args.size,
             args.conns,
             s.count,
-            s.p50 / 1e3,
-            s.p99 / 1e3,
+            report::fmt_ns(s.p50),
+            report::fmt_ns(s.p99),
             ratio(|s| s.p50),
             ratio(|s| s.p99),
         );

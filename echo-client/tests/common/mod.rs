@@ -10,7 +10,7 @@ use tracing_subscriber::layer::SubscriberExt;
 
 /// Counts the `echo_client::session` events logged on this thread while it lives: how
 /// often the client tried, for tests that a wait backs off instead of spinning. Through
-/// [`consul_harness::scoped_log`], so a sibling test cannot silence the lines it counts.
+/// [`test_log`], so a sibling test cannot silence the lines it counts.
 pub struct SessionEvents {
     count: Arc<AtomicUsize>,
     _scope: DefaultGuard,
@@ -30,9 +30,7 @@ impl SessionEvents {
     /// Start counting on this thread.
     pub fn start() -> SessionEvents {
         let count = Arc::new(AtomicUsize::new(0));
-        let scope = consul_harness::scoped_log::scoped(
-            tracing_subscriber::registry().with(Count(count.clone())),
-        );
+        let scope = test_log::scoped(tracing_subscriber::registry().with(Count(count.clone())));
         SessionEvents {
             count,
             _scope: scope,

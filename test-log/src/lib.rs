@@ -1,5 +1,5 @@
-//! A test's own log subscriber that sees every event its thread logs, however the test's
-//! siblings run.
+//! test-log: a test's own log subscriber that sees every event its thread logs, however the
+//! test's siblings run. One function, [`scoped`].
 //!
 //! `tracing` decides once per log line, for the whole process, whether anyone listens, on
 //! whichever thread reaches the line first, and while one subscriber is registered it asks
