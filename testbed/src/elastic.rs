@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Needs},
+    experiment::{Findings, OnItsOwn},
     procs::{Launcher, ServerProcess, ServerSpec},
     progress::Progress,
-    report::Table,
+    report::{Table, ms_between},
     signal::Signal,
     wait,
 };
@@ -130,35 +130,6 @@ struct Tally {
     served: Vec<Served>,
     sent: u64,
     lost: u64,
-}
-
-/// Run the experiment with both strategies, each on its own Consul.
-pub async fn run(
-    launcher: &Launcher,
-    config: &ElasticConfig,
-    progress: &Progress,
-) -> Result<ElasticReport> {
-    if config.initial == 0 || config.added == 0 || config.sessions == 0 {
-        return Err(Error::Setting(
-            "scale out and in needs initial, added and sessions above 0".into(),
-        ));
-    }
-    let mut runs = Vec::new();
-    let mut version = String::new();
-    for (strategy, name) in [
-        (Strategy::RoundRobin, "round-robin"),
-        (Strategy::PowerOfTwoChoices, "p2c"),
-    ] {
-        progress.say(format!("scale out and in, {name} sessions"));
-        let (run, v) = run_one(launcher, config, strategy, name).await?;
-        version = v;
-        runs.push(run);
-    }
-    Ok(ElasticReport {
-        consul_version: version,
-        config: config.clone(),
-        runs,
-    })
 }
 
 async fn start_servers(
@@ -279,8 +250,8 @@ async fn run_one(
             let first = t.served.iter().filter(|r| r.id == id).map(|r| r.at).min();
             let viewed = in_view.get(&id).copied();
             NewServer {
-                in_view_after: viewed.map(|v| secs(v, *started)),
-                first_reply_after_view: first.zip(viewed).map(|(f, v)| secs(f, v)),
+                in_view_after: viewed.map(|v| ms_between(*started, v) / 1e3),
+                first_reply_after_view: first.zip(viewed).map(|(f, v)| ms_between(v, f) / 1e3),
                 id,
             }
         })
@@ -320,7 +291,7 @@ async fn run_one(
         .filter(|r| stopped.contains(&r.id.as_str()))
         .map(|r| r.at)
         .max()
-        .map_or(0.0, |last| secs(last, stopped_at));
+        .map_or(0.0, |last| ms_between(stopped_at, last) / 1e3);
     let run = ElasticRun {
         strategy: name.into(),
         new_servers,
@@ -335,12 +306,6 @@ async fn run_one(
     };
     drop(initial);
     Ok((run, consul.version().to_owned()))
-}
-
-fn secs(later: SystemTime, earlier: SystemTime) -> f64 {
-    later
-        .duration_since(earlier)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 async fn stream(
@@ -381,25 +346,36 @@ async fn stream(
 
 // === the contract ===
 
-impl Experiment for ElasticConfig {
+impl OnItsOwn for ElasticConfig {
     type Outcome = ElasticReport;
 
     fn title(&self) -> String {
         "Elastic: scale out and in under load".into()
     }
 
-    /// It starts its own agents.
-    fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Nothing)
-    }
-
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        _: &mut Env,
-        progress: &Progress,
-    ) -> Result<ElasticReport> {
-        run(launcher, self, progress).await
+    /// Run the experiment with both strategies, each on its own Consul.
+    async fn run_alone(&self, launcher: &Launcher, progress: &Progress) -> Result<ElasticReport> {
+        if self.initial == 0 || self.added == 0 || self.sessions == 0 {
+            return Err(Error::Setting(
+                "scale out and in needs initial, added and sessions above 0".into(),
+            ));
+        }
+        let mut runs = Vec::new();
+        let mut version = String::new();
+        for (strategy, name) in [
+            (Strategy::RoundRobin, "round-robin"),
+            (Strategy::PowerOfTwoChoices, "p2c"),
+        ] {
+            progress.say(format!("scale out and in, {name} sessions"));
+            let (run, v) = run_one(launcher, self, strategy, name).await?;
+            version = v;
+            runs.push(run);
+        }
+        Ok(ElasticReport {
+            consul_version: version,
+            config: self.clone(),
+            runs,
+        })
     }
 }
 

@@ -183,6 +183,46 @@ pub trait Experiment {
     }
 }
 
+/// An experiment that starts its own agents (several, or two datacenters): the runner starts
+/// nothing for it ([`Needs::Nothing`]) and it names the Consul it talked to
+/// ([`Findings::consul`]). Implementing this implements [`Experiment`].
+pub trait OnItsOwn {
+    /// What one run measured.
+    type Outcome: Findings;
+
+    /// Its title: the report's section and the progress line's stage.
+    fn title(&self) -> String;
+
+    /// Start its agents and processes through `launcher`, run once, telling `progress` what
+    /// it waits for.
+    fn run_alone(
+        &self,
+        launcher: &Launcher,
+        progress: &Progress,
+    ) -> impl Future<Output = Result<Self::Outcome>>;
+}
+
+impl<T: OnItsOwn> Experiment for T {
+    type Outcome = T::Outcome;
+
+    fn title(&self) -> String {
+        OnItsOwn::title(self)
+    }
+
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
+    }
+
+    fn run_on(
+        &self,
+        launcher: &Launcher,
+        _: &mut Env,
+        progress: &Progress,
+    ) -> impl Future<Output = Result<Self::Outcome>> {
+        self.run_alone(launcher, progress)
+    }
+}
+
 /// One experiment as run: what it found, or why it could not finish.
 #[derive(Debug, Clone, Serialize)]
 pub struct Recorded {

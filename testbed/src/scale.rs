@@ -43,7 +43,7 @@ use crate::{
     Cluster, ClusterSpec,
     consul::Consul,
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Needs, Plan, Suite},
+    experiment::{Findings, OnItsOwn, Plan, Suite},
     faultproxy::FaultProxy,
     procfs,
     procs::{ChildProcess, Launcher},
@@ -813,99 +813,94 @@ async fn run_cell(
     })
 }
 
-/// Run the parts asked for; `progress` is told what happens on the long waits.
-pub async fn run(
+/// The grid: one dev agent, every count of instances × every count of clients.
+async fn run_grid(
     launcher: &Launcher,
     config: &ScaleConfig,
-    parts: &[Part],
     progress: &Progress,
-) -> Result<ScaleReport> {
-    if config.flips_per_second == 0 || config.flips() < 2 {
-        return Err(Error::Setting(
-            "at least 2 flips are needed (--flips-per-second × --flip-for)".into(),
-        ));
-    }
-    let mut report = ScaleReport {
-        consul_version: String::new(),
-        config: config.clone(),
-        grid: Vec::new(),
-        modes: Vec::new(),
-        modes_setup: String::new(),
-    };
-    if parts.contains(&Part::Grid) {
-        progress.say("grid: starting Consul (one dev agent)");
-        let consul = Consul::start().await?;
-        report.consul_version = consul.version().to_owned();
-        let holder = consul.client();
-        let mut instances = config.instances.clone();
-        instances.sort_unstable();
-        instances.dedup();
-        let mut registered = 0;
-        for &n in &instances {
-            register(
-                &holder,
-                registered,
-                n,
-                config.register_concurrency,
-                progress,
-            )
-            .await?;
-            registered = n;
-            for &c in &config.clients {
-                let setup = Setup {
-                    part: "grid",
-                    mode: config.grid_mode,
-                    instances: n,
-                    clients: c,
-                    read_from: &consul,
-                    holder: holder.clone(),
-                    agents: vec![("agent", &consul)],
-                };
-                let cell = run_cell(launcher, config, setup, progress).await?;
-                tracing::info!(instances = n, clients = c, "cell done");
-                report.grid.push(cell);
-            }
-        }
-    }
-    if parts.contains(&Part::Modes) {
-        progress.say("modes: starting a cluster (1 server, 1 client agent)");
-        let cluster = Cluster::start(ClusterSpec::new(1, 1)).await?;
-        let server = &cluster.servers()[0];
-        let agent = &cluster.clients()[0];
-        if report.consul_version.is_empty() {
-            report.consul_version = agent.version().to_owned();
-        }
-        report.modes_setup = format!(
-            "a cluster of 1 server ({}) and 1 client agent ({}); the instances are registered \
-             on the client agent and every client reads from it",
-            server.spec().address,
-            agent.spec().address
-        );
-        let holder = agent.client();
+    report: &mut ScaleReport,
+) -> Result<()> {
+    progress.say("grid: starting Consul (one dev agent)");
+    let consul = Consul::start().await?;
+    report.consul_version = consul.version().to_owned();
+    let holder = consul.client();
+    let mut instances = config.instances.clone();
+    instances.sort_unstable();
+    instances.dedup();
+    let mut registered = 0;
+    for &n in &instances {
         register(
             &holder,
-            0,
-            config.modes_instances,
+            registered,
+            n,
             config.register_concurrency,
             progress,
         )
         .await?;
-        for &mode in &config.modes {
+        registered = n;
+        for &c in &config.clients {
             let setup = Setup {
-                part: "modes",
-                mode,
-                instances: config.modes_instances,
-                clients: config.modes_clients,
-                read_from: agent,
+                part: "grid",
+                mode: config.grid_mode,
+                instances: n,
+                clients: c,
+                read_from: &consul,
                 holder: holder.clone(),
-                agents: vec![("server", server), ("client agent", agent)],
+                agents: vec![("agent", &consul)],
             };
-            report
-                .modes
-                .push(run_cell(launcher, config, setup, progress).await?);
+            let cell = run_cell(launcher, config, setup, progress).await?;
+            tracing::info!(instances = n, clients = c, "cell done");
+            report.grid.push(cell);
         }
     }
-    Ok(report)
+    Ok(())
+}
+
+/// The read modes: a cluster of one server and one client agent, many clients on the agent,
+/// each mode in turn.
+async fn run_modes(
+    launcher: &Launcher,
+    config: &ScaleConfig,
+    progress: &Progress,
+    report: &mut ScaleReport,
+) -> Result<()> {
+    progress.say("modes: starting a cluster (1 server, 1 client agent)");
+    let cluster = Cluster::start(ClusterSpec::new(1, 1)).await?;
+    let server = &cluster.servers()[0];
+    let agent = &cluster.clients()[0];
+    if report.consul_version.is_empty() {
+        report.consul_version = agent.version().to_owned();
+    }
+    report.modes_setup = format!(
+        "a cluster of 1 server ({}) and 1 client agent ({}); the instances are registered \
+         on the client agent and every client reads from it",
+        server.spec().address,
+        agent.spec().address
+    );
+    let holder = agent.client();
+    register(
+        &holder,
+        0,
+        config.modes_instances,
+        config.register_concurrency,
+        progress,
+    )
+    .await?;
+    for &mode in &config.modes {
+        let setup = Setup {
+            part: "modes",
+            mode,
+            instances: config.modes_instances,
+            clients: config.modes_clients,
+            read_from: agent,
+            holder: holder.clone(),
+            agents: vec![("server", server), ("client agent", agent)],
+        };
+        report
+            .modes
+            .push(run_cell(launcher, config, setup, progress).await?);
+    }
+    Ok(())
 }
 
 // === report ===
@@ -1072,25 +1067,35 @@ impl Suite for Args {
     }
 }
 
-impl Experiment for Scale {
+impl OnItsOwn for Scale {
     type Outcome = ScaleReport;
 
     fn title(&self) -> String {
         "Instances × clients, and Consul's read modes".into()
     }
 
-    /// It starts its own agents.
-    fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Nothing)
-    }
-
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        _: &mut Env,
-        progress: &Progress,
-    ) -> Result<ScaleReport> {
-        run(launcher, &self.config, &self.parts, progress).await
+    /// Run the parts asked for; `progress` is told what happens on the long waits.
+    async fn run_alone(&self, launcher: &Launcher, progress: &Progress) -> Result<ScaleReport> {
+        let config = &self.config;
+        if config.flips_per_second == 0 || config.flips() < 2 {
+            return Err(Error::Setting(
+                "at least 2 flips are needed (--flips-per-second × --flip-for)".into(),
+            ));
+        }
+        let mut report = ScaleReport {
+            consul_version: String::new(),
+            config: config.clone(),
+            grid: Vec::new(),
+            modes: Vec::new(),
+            modes_setup: String::new(),
+        };
+        if self.parts.contains(&Part::Grid) {
+            run_grid(launcher, config, progress, &mut report).await?;
+        }
+        if self.parts.contains(&Part::Modes) {
+            run_modes(launcher, config, progress, &mut report).await?;
+        }
+        Ok(report)
     }
 }
 

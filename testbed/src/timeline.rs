@@ -16,11 +16,11 @@ use tokio::sync::oneshot;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Needs, Plan, Suite},
+    experiment::{Findings, OnItsOwn, Plan, Suite},
     logbuf::LogLine,
     procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
     progress::Progress,
-    report::{Axis, Mark, PALETTE, Plot, Series, Span, Table},
+    report::{Axis, Mark, PALETTE, Plot, Series, Span, Table, secs_since},
     wait,
 };
 
@@ -147,26 +147,6 @@ pub struct TimelineReport {
     pub date: String,
     /// The naive story, then the resilient one.
     pub stories: Vec<Story>,
-}
-
-fn secs_since(t: SystemTime, t0: SystemTime) -> f64 {
-    match t.duration_since(t0) {
-        Ok(d) => d.as_secs_f64(),
-        Err(e) => -e.duration().as_secs_f64(),
-    }
-}
-
-/// Run the naive and the resilient story at the same time.
-pub async fn run(launcher: &Launcher, config: &TimelineConfig) -> Result<TimelineReport> {
-    let began = SystemTime::now();
-    let (naive, resilient) = tokio::join!(
-        story(launcher, config, ClientMode::Naive),
-        story(launcher, config, ClientMode::Resilient)
-    );
-    Ok(TimelineReport {
-        date: crate::report::rfc3339(began),
-        stories: vec![naive?, resilient?],
-    })
 }
 
 /// Tell one story against its own Consul.
@@ -438,29 +418,28 @@ impl Suite for Args {
     }
 }
 
-impl Experiment for TimelineConfig {
+impl OnItsOwn for TimelineConfig {
     type Outcome = TimelineReport;
 
     fn title(&self) -> String {
         "The naive and the resilient client, each against its own agent".into()
     }
 
-    /// It starts its own agents.
-    fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Nothing)
-    }
-
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        _: &mut Env,
-        progress: &Progress,
-    ) -> Result<TimelineReport> {
+    /// Tell the naive and the resilient story at the same time.
+    async fn run_alone(&self, launcher: &Launcher, progress: &Progress) -> Result<TimelineReport> {
         progress.say(
             "two stories at once (naive, resilient): client first, server, SIGKILL, then \
              Consul's reaper removes the dead server (60 to 95 s)",
         );
-        run(launcher, self).await
+        let began = SystemTime::now();
+        let (naive, resilient) = tokio::join!(
+            story(launcher, self, ClientMode::Naive),
+            story(launcher, self, ClientMode::Resilient)
+        );
+        Ok(TimelineReport {
+            date: crate::report::rfc3339(began),
+            stories: vec![naive?, resilient?],
+        })
     }
 }
 

@@ -12,13 +12,13 @@ use consul_api::Consistency;
 use consul_harness::cluster::{ClusterSpec, Data, Member};
 use serde::Serialize;
 
-use super::{LIMIT, Scenario, ms, ms_between, node_client, node_server, passing_exactly};
+use super::{LIMIT, Scenario, ms, node_client, node_server, passing_exactly};
 use crate::{
     error::Result,
     experiment::{Env, Experiment, Findings, Needs},
     procs::{Launcher, ServerProcess},
     progress::Progress,
-    report::Table,
+    report::{self, Table},
     scenario::{
         Basics, echo_direct,
         observers::{DiscoveryLog, Traffic},
@@ -218,7 +218,7 @@ impl Experiment for Config {
             cluster.start_again(node, data).await?;
             let back_at = tokio::time::Instant::now();
             let passing = passing_exactly(cluster.agent(home), &ids).await?;
-            let back_ms = ms_between(back_at, passing);
+            let back_ms = report::ms_from(back_at, passing);
             rounds.push(Round {
                 restart: label.into(),
                 dropped_ms: ms(dropped.at - killed),

@@ -12,16 +12,13 @@ use consul_api::Consistency;
 use consul_harness::cluster::{ClusterSpec, Member};
 use serde::Serialize;
 
-use super::{
-    LIMIT, Scenario, ViewFigures, ms, ms_between, node_client, node_server, passing_exactly,
-    secs_or_never,
-};
+use super::{LIMIT, Scenario, ViewFigures, ms, node_client, node_server, passing_exactly};
 use crate::{
     error::Result,
     experiment::{Env, Experiment, Findings, Needs},
     procs::Launcher,
     progress::Progress,
-    report::{Plot, Table},
+    report::{self, Plot, Table},
     scenario::{
         Basics,
         observers::{DiscoveryLog, Tally, Traffic},
@@ -115,8 +112,8 @@ impl Findings for Outcome {
                 .unwrap_or_else(|| "no error".into()),
             self.registered_locally_ms / 1e3,
             self.registration_visible_ms / 1e3,
-            secs_or_never(v(0).and_then(|v| v.current_after_ms)),
-            secs_or_never(v(1).and_then(|v| v.current_after_ms)),
+            report::secs_or_ms(v(0).and_then(|v| v.current_after_ms), "never"),
+            report::secs_or_ms(v(1).and_then(|v| v.current_after_ms), "never"),
             self.basics.tally.sent,
             self.basics.tally.lost,
         )
@@ -250,9 +247,9 @@ impl Experiment for Config {
         Ok(Outcome {
             old_leader: Member::Server(old).to_string(),
             new_leader: Member::Server(new).to_string(),
-            election_ms: ms_between(killed, elected),
+            election_ms: report::ms_from(killed, elected),
             registered_locally_ms: ms(registered_locally),
-            registration_visible_ms: ms_between(killed, visible),
+            registration_visible_ms: report::ms_from(killed, visible),
             views,
             default_traffic: Tally::of(&default_outcomes),
             stale_traffic: Tally::of(&stale_outcomes),

@@ -378,17 +378,6 @@ pub(crate) async fn settled(
     }
 }
 
-/// Milliseconds from `from` to `to` (tokio instants).
-pub(crate) fn ms_between(from: tokio::time::Instant, to: tokio::time::Instant) -> f64 {
-    ms(to.saturating_duration_since(from))
-}
-
-/// `Some(ms)` as seconds with one decimal, `None` as `never`.
-pub(crate) fn secs_or_never(ms: Option<f64>) -> String {
-    ms.map(|m| format!("{:.1} s", m / 1e3))
-        .unwrap_or_else(|| "never".into())
-}
-
 /// A deadline error for a scenario step.
 pub(crate) fn timeout(what: &str, after: Duration) -> Error {
     Error::Timeout {

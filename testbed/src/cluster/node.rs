@@ -13,17 +13,14 @@ use consul_api::{Consistency, HealthStatus, QueryOptions};
 use consul_harness::cluster::{ClusterSpec, Member};
 use serde::Serialize;
 
-use super::{
-    LIMIT, Scenario, ms, ms_between, node_client, node_server, passing_exactly, secs_or_never,
-    timeout,
-};
+use super::{LIMIT, Scenario, ms, node_client, node_server, passing_exactly, timeout};
 use crate::{
     error::Result,
     experiment::{Env, Experiment, Findings, Needs},
     model::ReaperModel,
     procs::Launcher,
     progress::Progress,
-    report::Table,
+    report::{self, Table},
     scenario::{
         Basics, SERVICE,
         observers::{DiscoveryLog, Traffic},
@@ -116,7 +113,7 @@ impl Findings for Outcome {
             } else {
                 "**not**: it was gone"
             },
-            secs_or_never(self.catalog_removed_ms),
+            report::secs_or_ms(self.catalog_removed_ms, "never"),
             self.leave_removed_ms
                 .map(|m| format!("{m:.0} ms after the signal"))
                 .unwrap_or_else(|| "(contrast not run)".into()),
@@ -168,7 +165,7 @@ impl Outcome {
             ),
             (
                 "kill → gone from the catalog (node reaped)".into(),
-                secs_or_never(self.catalog_removed_ms),
+                report::secs_or_ms(self.catalog_removed_ms, "never"),
             ),
             (
                 "contrast: SIGTERM (leave) → gone from the catalog".into(),
@@ -326,7 +323,7 @@ impl Experiment for Config {
             let (stopped, gone) = tokio::join!(cluster.stop(Member::Client(2)), gone);
             stopped?;
             let (_, gone) = gone?;
-            leave_removed_ms = Some(ms_between(signalled, gone));
+            leave_removed_ms = Some(report::ms_from(signalled, gone));
             servers[2].process.kill().await?;
         }
 
@@ -335,7 +332,7 @@ impl Experiment for Config {
         let mut survivor = vec![servers.swap_remove(1)];
         Ok(Outcome {
             dead_instance: dead,
-            passing_dropped_ms: ms_between(killed, passing_dropped),
+            passing_dropped_ms: report::ms_from(killed, passing_dropped),
             view_dropped_ms: ms(view.at - killed_std),
             answered_after_view_dropped_ms,
             catalog_kept,

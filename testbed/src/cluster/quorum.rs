@@ -12,15 +12,13 @@ use consul_api::Consistency;
 use consul_harness::cluster::{ClusterSpec, Data, Member};
 use serde::Serialize;
 
-use super::{
-    LIMIT, Scenario, ViewFigures, ms_between, node_client, node_server, passing_exactly, settled,
-};
+use super::{LIMIT, Scenario, ViewFigures, node_client, node_server, passing_exactly, settled};
 use crate::{
     error::Result,
     experiment::{Env, Experiment, Findings, Needs},
     procs::Launcher,
     progress::Progress,
-    report::{Plot, Table},
+    report::{self, Plot, Table},
     scenario::{
         Basics,
         observers::{DiscoveryLog, Tally, Traffic},
@@ -278,7 +276,7 @@ impl Experiment for Config {
                 .collect(),
             views,
             reachable_at_end_of_outage: reachable_at_end,
-            leader_after_restart_ms: ms_between(restarted, elected),
+            leader_after_restart_ms: report::ms_from(restarted, elected),
             view_after_restart_ms: recovered,
             during_outage: during,
             basics: Basics::of(&everything, &mut servers),
