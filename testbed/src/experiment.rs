@@ -128,8 +128,14 @@ impl Env {
 
 /// What an outcome gives the report.
 pub trait Findings: Serialize {
-    /// Its tables.
-    fn tables(&self) -> Vec<Table>;
+    /// Its tables: by default one, of its [`figures`](Self::figures).
+    fn tables(&self) -> Vec<Table> {
+        vec![Table::figures(self.figures())]
+    }
+    /// Its figures as `(figure, value)` rows, for an outcome whose table is just that.
+    fn figures(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
     /// How each figure was measured, with the figures: markdown paragraphs.
     fn details(&self) -> String {
         String::new()

@@ -12,39 +12,23 @@ use consul_api::Consistency;
 use consul_harness::cluster::{ClusterSpec, Member};
 use serde::Serialize;
 
-use super::{LIMIT, Scenario, ViewFigures, ms, node_client, node_server, passing_exactly};
+use super::{
+    LIMIT, Scenario, Settings, ViewFigures, default_reads, ms, node_server, passing_exactly,
+    servers_passing, watched,
+};
 use crate::{
     error::Result,
     experiment::{Env, Experiment, Findings, Needs},
     procs::Launcher,
     progress::Progress,
-    report::{self, Plot, Table},
-    scenario::{
-        Basics,
-        observers::{DiscoveryLog, Tally, Traffic},
-    },
+    report::{self, Plot},
+    scenario::{Basics, observers::Tally},
 };
 
-/// Settings.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Servers (at least 3 for a leader to be lost and another elected).
-    pub servers: usize,
-    /// Check interval of the echo servers.
-    pub interval: Duration,
-    /// One echo every this long, per client.
-    pub every: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            servers: 3,
-            interval: Duration::from_secs(1),
-            every: Duration::from_millis(100),
-        }
-    }
-}
+/// Settings: the cluster's servers (at least 3 for a leader to be lost and another
+/// elected), the echo servers' interval, the pace of the echoes.
+#[derive(Debug, Clone, Default)]
+pub struct Config(pub Settings);
 
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
@@ -73,6 +57,39 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
+    fn figures(&self) -> Vec<(String, String)> {
+        let mut rows = vec![
+            (
+                "kill → new leader".into(),
+                format!(
+                    "{:.1} s ({} → {})",
+                    self.election_ms / 1e3,
+                    self.old_leader,
+                    self.new_leader
+                ),
+            ),
+            (
+                "registration during the election: accepted by the client agent".into(),
+                format!("{:.2} s after the kill", self.registered_locally_ms / 1e3),
+            ),
+            (
+                "… visible in the catalog".into(),
+                format!("{:.1} s after the kill", self.registration_visible_ms / 1e3),
+            ),
+        ];
+        for v in &self.views {
+            rows.push((format!("discovery, {} reads", v.reads), v.cell()));
+        }
+        rows.push((
+            "echoes (default / stale client), lost".into(),
+            format!(
+                "{} / {} sent, {} lost",
+                self.default_traffic.sent, self.stale_traffic.sent, self.basics.tally.lost
+            ),
+        ));
+        rows
+    }
+
     fn plot(&self) -> Option<Plot> {
         Some(super::views_plot(
             format!(
@@ -85,10 +102,6 @@ impl Findings for Outcome {
                 ("registration visible", self.registration_visible_ms),
             ],
         ))
-    }
-
-    fn tables(&self) -> Vec<Table> {
-        vec![Table::figures(self.figures())]
     }
 
     fn details(&self) -> String {
@@ -133,42 +146,6 @@ impl Findings for Outcome {
     }
 }
 
-impl Outcome {
-    /// `(figure, value)` rows of its table.
-    pub fn figures(&self) -> Vec<(String, String)> {
-        let mut rows = vec![
-            (
-                "kill → new leader".into(),
-                format!(
-                    "{:.1} s ({} → {})",
-                    self.election_ms / 1e3,
-                    self.old_leader,
-                    self.new_leader
-                ),
-            ),
-            (
-                "registration during the election: accepted by the client agent".into(),
-                format!("{:.2} s after the kill", self.registered_locally_ms / 1e3),
-            ),
-            (
-                "… visible in the catalog".into(),
-                format!("{:.1} s after the kill", self.registration_visible_ms / 1e3),
-            ),
-        ];
-        for v in &self.views {
-            rows.push((format!("discovery, {} reads", v.reads), v.cell()));
-        }
-        rows.push((
-            "echoes (default / stale client), lost".into(),
-            format!(
-                "{} / {} sent, {} lost",
-                self.default_traffic.sent, self.stale_traffic.sent, self.basics.tally.lost
-            ),
-        ));
-        rows
-    }
-}
-
 impl Experiment for Config {
     type Outcome = Outcome;
 
@@ -177,47 +154,28 @@ impl Experiment for Config {
     }
 
     fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Cluster(ClusterSpec::new(self.servers, 1)))
+        Ok(Needs::Cluster(ClusterSpec::new(self.0.servers, 1)))
     }
 
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let cluster = env.cluster()?;
         step.say("echo servers on the client node");
         let node = Member::Client(0);
-        let mut servers = Vec::new();
-        for id in ["servernode_1", "servernode_2"] {
-            servers.push(node_server(launcher, cluster.agent(node), id, self.interval).await?);
-        }
-        let ids: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
-        passing_exactly(cluster.agent(node), &ids).await?;
-        // Views are recorded from here on: every wait below counts them all.
-        let t0 = Instant::now();
-        let default = node_client(cluster.agent(node), Consistency::Default, None)?;
-        let stale = node_client(cluster.agent(node), Consistency::Stale, None)?;
-        let logs = [DiscoveryLog::start(&default), DiscoveryLog::start(&stale)];
-        for log in &logs {
-            log.wait_for("discovery to list both servers", t0, LIMIT, |v| {
-                v.lists_all(&ids)
-            })
-            .await?;
-        }
-        let max = 20 * 60 * 1000 / self.every.as_millis().max(1) as u64;
-        let traffic = [
-            Traffic::start(&default, "default", self.every, max),
-            Traffic::start(&stale, "stale", self.every, max),
-        ];
-        for t in &traffic {
-            t.wait_for("10 echoes", LIMIT, |o| o.seq >= 10 && !o.lost())
-                .await?;
-        }
+        let Settings {
+            interval, every, ..
+        } = self.0;
+        let two = ["servernode_1", "servernode_2"];
+        let (mut servers, ids) =
+            servers_passing(launcher, cluster.agent(node), &two, interval).await?;
+        let stale = ("stale".into(), Consistency::Stale, None);
+        let clients = watched(cluster.agent(node), [default_reads(), stale], &ids, every).await?;
 
         let (old, _) = cluster.wait_leader(None, LIMIT).await?;
         step.say(format!("killing the leader (server-{})", old + 1));
         let killed = tokio::time::Instant::now();
         let killed_std = Instant::now();
         cluster.crash(Member::Server(old)).await?;
-        let third =
-            node_server(launcher, cluster.agent(node), "servernode_3", self.interval).await?;
+        let third = node_server(launcher, cluster.agent(node), "servernode_3", interval).await?;
         let registered_locally = killed.elapsed();
         servers.push(third);
         step.say("waiting for a new leader (Raft: 5 s timeouts in production)");
@@ -225,20 +183,21 @@ impl Experiment for Config {
         step.say("waiting for the registration made during the election to show");
         let all: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
         let visible = passing_exactly(cluster.agent(node), &all).await?;
-        for log in &logs {
-            log.wait_for("discovery to list all three", killed_std, LIMIT, |v| {
-                v.lists_all(&all)
-            })
-            .await?;
+        for c in &clients {
+            c.log
+                .wait_for("discovery to list all three", killed_std, LIMIT, |v| {
+                    v.lists_all(&all)
+                })
+                .await?;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let views = vec![
-            ViewFigures::of("default", &logs[0], killed_std, |v| v.lists_all(&all)),
-            ViewFigures::of("stale", &logs[1], killed_std, |v| v.lists_all(&all)),
-        ];
-        let [t_default, t_stale] = traffic;
-        let default_outcomes = t_default.finish().await;
-        let stale_outcomes = t_stale.finish().await;
+        let views = clients
+            .iter()
+            .map(|c| ViewFigures::of(&c.reads, &c.log, killed_std, |v| v.lists_all(&all)))
+            .collect();
+        let [default, stale] = clients;
+        let default_outcomes = default.traffic.finish().await;
+        let stale_outcomes = stale.traffic.finish().await;
         let everything: Vec<_> = default_outcomes
             .iter()
             .chain(&stale_outcomes)
