@@ -215,7 +215,7 @@ impl Experiment for Config {
                 "the client's view to list every server",
                 ready,
                 LIMIT,
-                |v| v.lists_all(&ids) && v.state == ViewState::Reachable,
+                |v| v.lists_all(ids) && v.state == ViewState::Reachable,
             )
             .await
             .ok();

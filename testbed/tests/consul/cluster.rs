@@ -68,7 +68,6 @@ async fn a_crashed_node_leaves_the_view_but_not_the_catalog() {
         },
         reconnect_timeout: None,
         contrast: false,
-        ..Default::default()
     };
     let outcome = config.run(&launcher(), &Progress::hidden()).await.unwrap();
     print("node crash", &outcome);
