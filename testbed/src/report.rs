@@ -2,7 +2,7 @@
 //! report starts with ([`Header`]: machine, date, Consul version, command line), the one
 //! markdown table writer ([`Table`]), the one JSON writer ([`write_json`]), the one SVG writer
 //! ([`Plot`]), the one date formatter ([`rfc3339`]), the one duration formatters ([`ms`],
-//! [`secs`], [`secs_or`], [`ms_serde`]) and the one percentile rule ([`percentile`]).
+//! [`secs`], [`secs_or`], [`secs_or_ms`], [`ms_from`], [`secs_since`], [`ms_serde`]) and the one percentile rule ([`percentile`]).
 
 use std::{
     fmt::Write as _,
@@ -31,6 +31,19 @@ pub fn ms_between(earlier: SystemTime, later: SystemTime) -> f64 {
     later.duration_since(earlier).map_or(0.0, ms)
 }
 
+/// Milliseconds from `from` to `to` (std or tokio instants); 0 when `to` is earlier.
+pub fn ms_from(from: impl Into<std::time::Instant>, to: impl Into<std::time::Instant>) -> f64 {
+    ms(to.into().saturating_duration_since(from.into()))
+}
+
+/// Seconds from `since` to `t`, negative when `t` is earlier (a timeline's offset).
+pub fn secs_since(t: SystemTime, since: SystemTime) -> f64 {
+    match t.duration_since(since) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
 /// Milliseconds with `decimals` decimals, for a table: `12.5 ms`; `–` for `None`.
 pub fn ms_text(ms: Option<f64>, decimals: usize) -> String {
     ms.map_or_else(|| "–".into(), |ms| format!("{ms:.decimals$} ms"))
@@ -44,6 +57,11 @@ pub fn secs(d: Duration) -> String {
 /// [`secs`] of `Some(d)`, `never` (the caller's word) of `None`.
 pub fn secs_or(d: Option<Duration>, never: &str) -> String {
     d.map(secs).unwrap_or_else(|| never.to_owned())
+}
+
+/// [`secs_or`] of a figure kept in milliseconds.
+pub fn secs_or_ms(ms: Option<f64>, never: &str) -> String {
+    secs_or(ms.map(|m| Duration::from_secs_f64(m.max(0.0) / 1e3)), never)
 }
 
 /// Serialize durations as milliseconds (`#[serde(with = "report::ms_serde")]`, and
