@@ -3,7 +3,8 @@
 //! command line; [`Machine`] for the long form), the one markdown table writer ([`Table`]),
 //! the one JSON writer ([`write_json`]), the one SVG writer ([`Plot`]), the one date formatter
 //! ([`rfc3339`], [`utc_minute`]), the one duration formatters ([`ms`], [`secs`], [`secs_or`],
-//! [`ms_serde`], [`fmt_ns`]) and the one percentile rule ([`select_percentile`]).
+//! [`secs_or_ms`], [`ms_from`], [`secs_since`], [`ms_serde`], [`fmt_ns`]) and the one
+//! percentile rule ([`select_percentile`]).
 //!
 //! **The percentile rule**, the one every median, p90, p99 and interval end of every report
 //! follows: with the `n` values in ascending order (indices 0 to `n − 1`), the `p`-th
@@ -51,6 +52,19 @@ pub fn ms_between(earlier: SystemTime, later: SystemTime) -> f64 {
     later.duration_since(earlier).map_or(0.0, ms)
 }
 
+/// Milliseconds from `from` to `to` (std or tokio instants); 0 when `to` is earlier.
+pub fn ms_from(from: impl Into<std::time::Instant>, to: impl Into<std::time::Instant>) -> f64 {
+    ms(to.into().saturating_duration_since(from.into()))
+}
+
+/// Seconds from `since` to `t`, negative when `t` is earlier (a timeline's offset).
+pub fn secs_since(t: SystemTime, since: SystemTime) -> f64 {
+    match t.duration_since(since) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
 /// Milliseconds with `decimals` decimals, for a table: `12.5 ms`; `–` for `None`.
 pub fn ms_text(ms: Option<f64>, decimals: usize) -> String {
     ms.map_or_else(|| "–".into(), |ms| format!("{ms:.decimals$} ms"))
@@ -64,6 +78,11 @@ pub fn secs(d: Duration) -> String {
 /// [`secs`] of `Some(d)`, `never` (the caller's word) of `None`.
 pub fn secs_or(d: Option<Duration>, never: &str) -> String {
     d.map(secs).unwrap_or_else(|| never.to_owned())
+}
+
+/// [`secs_or`] of a figure kept in milliseconds.
+pub fn secs_or_ms(ms: Option<f64>, never: &str) -> String {
+    secs_or(ms.map(|m| Duration::from_secs_f64(m.max(0.0) / 1e3)), never)
 }
 
 /// `812 ns`, `12.3 µs`, `1.23 ms`, `1.234 s` (signed): nanoseconds in the unit that reads.
@@ -363,6 +382,13 @@ impl Table {
     }
 
     /// A table with these columns (header text and alignment), no rows yet.
+    ///
+    /// ```
+    /// use lab_report::{Align, Table};
+    /// let mut t = Table::aligned([("Interval", Align::Left), ("n", Align::Right)]);
+    /// t.row(["measured", "3"]);
+    /// assert_eq!(t.to_string(), "| Interval | n |\n|---|---:|\n| measured | 3 |\n");
+    /// ```
     pub fn aligned<S: Into<String>>(columns: impl IntoIterator<Item = (S, Align)>) -> Table {
         let mut t = Table::default();
         for (header, align) in columns {

@@ -11,9 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use consul_api::{
-    Client, GoDuration, PreparedQueryDefinition, QueryFailover, QueryOptions, ServiceQuery,
-};
+use consul_api::{Client, GoDuration, QueryOptions};
 use consul_harness::cluster::{Cluster, ClusterSpec, Member};
 use consul_registry::{DiscoveryConfig, Snapshot, Source, discovery, failover};
 use echo_client::{EchoClient, session::SessionConfig};
@@ -24,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Needs},
+    experiment::{Findings, OnItsOwn},
     procs::{Launcher, ServerProcess, ServerSpec},
     progress::Progress,
     report::Table,
@@ -119,18 +117,8 @@ async fn query_answer(client: &Client) -> Result<QueryAnswer> {
     })
 }
 
-/// Run the two-datacenter experiment.
-pub async fn run(
-    launcher: &Launcher,
-    servers_per_dc: usize,
-    poll: Duration,
-    progress: &Progress,
-) -> Result<DatacentersReport> {
-    if servers_per_dc == 0 || poll.is_zero() {
-        return Err(Error::Setting(
-            "two datacenters need at least one server each and a poll above zero".into(),
-        ));
-    }
+/// dc1 and dc2, one server and one client agent each, WAN-joined; once dc1 sees dc2.
+async fn start_datacenters(progress: &Progress) -> Result<(Cluster, Cluster)> {
     progress.say("starting dc1 (1 server, 1 client agent)");
     let dc1 = Cluster::start(ClusterSpec {
         datacenter: "dc1".into(),
@@ -144,10 +132,7 @@ pub async fn run(
         ..ClusterSpec::new(1, 1)
     })
     .await?;
-    let local = dc1.agent(Member::Client(0));
-    let client = local.client();
-    let dc1_host = local.spec().address.to_string();
-    let dc2_host = dc2.agent(Member::Client(0)).spec().address.to_string();
+    let client = dc1.agent(Member::Client(0)).client();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let dcs = client.catalog().datacenters().await.unwrap_or_default();
@@ -162,35 +147,32 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    progress.say("echo servers in both datacenters");
-    let mut dc1_servers = dc_servers(launcher, &dc1, "dc1", servers_per_dc).await?;
-    let _dc2_servers = dc_servers(launcher, &dc2, "dc2", servers_per_dc).await?;
-    let dc2_client = dc2.agent(Member::Client(0)).client();
-    for (c, name) in [(&client, "dc1"), (&dc2_client, "dc2")] {
-        wait::health_until(c, SERVICE, true, Duration::from_secs(30), |e| {
-            e.len() == servers_per_dc
-        })
-        .await
-        .map_err(|e| Error::Scenario(format!("{name}'s servers never passed: {e}")))?;
-    }
-    client
-        .prepared_query()
-        .create(&PreparedQueryDefinition {
-            name: QUERY.into(),
-            service: ServiceQuery {
-                service: SERVICE.into(),
-                only_passing: true,
-                failover: QueryFailover {
-                    nearest_n: 0,
-                    datacenters: vec!["dc2".into()],
-                },
-                ..Default::default()
-            },
-        })
-        .await?;
-    let query_before = query_answer(&client).await?;
+    Ok((dc1, dc2))
+}
 
-    let clients: Vec<(&str, watch::Receiver<Snapshot>)> = vec![
+/// Until `servers` instances of [`SERVICE`] pass in the datacenter `client` reads.
+async fn all_passing(client: &Client, dc: &str, servers: usize) -> Result<()> {
+    wait::health_until(client, SERVICE, true, Duration::from_secs(30), |e| {
+        e.len() == servers
+    })
+    .await
+    .map_err(|e| Error::Scenario(format!("{dc}'s servers never passed: {e}")))?;
+    Ok(())
+}
+
+/// The three ways dc1's client node finds instances: blocking health on dc1 then dc2, the
+/// prepared query polled over HTTP, and the same query over DNS.
+fn discoveries(
+    local: &crate::Consul,
+    poll: Duration,
+) -> Vec<(&'static str, watch::Receiver<Snapshot>)> {
+    let client = local.client();
+    let polled = |source: Source| {
+        let mut c = DiscoveryConfig::new(SERVICE);
+        c.source = source;
+        discovery::spawn(client.clone(), c)
+    };
+    vec![
         (
             "health dc1→dc2 (blocking, local agent)",
             failover::spawn(
@@ -199,31 +181,40 @@ pub async fn run(
                 &["dc2".into()],
             ),
         ),
-        ("prepared query (polled)", {
-            let mut c = DiscoveryConfig::new(SERVICE);
-            c.source = Source::PreparedQuery {
+        (
+            "prepared query (polled)",
+            polled(Source::PreparedQuery {
                 name: QUERY.into(),
                 every: poll,
-            };
-            discovery::spawn(client.clone(), c)
-        }),
-        ("prepared query over DNS (polled)", {
-            let mut c = DiscoveryConfig::new(SERVICE);
-            c.source = Source::Dns {
+            }),
+        ),
+        (
+            "prepared query over DNS (polled)",
+            polled(Source::Dns {
                 server: local.dns_addr(),
                 query: Some(QUERY.into()),
                 every: poll,
-            };
-            discovery::spawn(client.clone(), c)
-        }),
-    ];
-    let killed: Arc<std::sync::OnceLock<SystemTime>> = Arc::default();
-    let stop = CancellationToken::new();
+            }),
+        ),
+    ]
+}
+
+/// A client streaming echoes through its own discovery: its name, its tally, its task.
+type Streaming = (&'static str, Arc<Mutex<Tally>>, tokio::task::JoinHandle<()>);
+
+/// Once each discovery lists `servers` instances, an echo session on it streaming until
+/// `stop`, counting from `killed` on.
+async fn start_streams(
+    discoveries: Vec<(&'static str, watch::Receiver<Snapshot>)>,
+    servers: usize,
+    killed: &Arc<std::sync::OnceLock<SystemTime>>,
+    stop: &CancellationToken,
+) -> Result<Vec<Streaming>> {
     let mut running = Vec::new();
-    for (name, mut rx) in clients {
+    for (name, mut rx) in discoveries {
         tokio::time::timeout(
             Duration::from_secs(20),
-            rx.wait_for(|s| s.instances.len() == servers_per_dc),
+            rx.wait_for(|s| s.instances.len() == servers),
         )
         .await
         .map_err(|_| Error::Timeout {
@@ -244,51 +235,32 @@ pub async fn run(
         ));
         running.push((name, tally, task));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(running)
+}
 
-    progress.say("SIGKILL to every dc1 echo server");
-    let killed_at = SystemTime::now();
-    let _ = killed.set(killed_at);
-    for server in &mut dc1_servers {
-        server.process.kill().await?;
-    }
-    // Until every client has a reply from dc2 (at most 30 s).
+/// Until every client has a reply from `host` at or after `since` (at most 30 s).
+async fn all_served_by(running: &[Streaming], host: &str, since: SystemTime) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::time::Instant::now() < deadline {
         let all = running.iter().all(|(_, t, _)| {
             let t = t.lock().unwrap_or_else(PoisonError::into_inner);
-            t.replies
-                .iter()
-                .any(|(at, host)| *at >= killed_at && *host == dc2_host)
+            t.replies.iter().any(|(at, h)| *at >= since && h == host)
         });
         if all {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let query_during = query_answer(&client).await?;
+}
 
-    progress.say("dc1's echo servers start again");
-    let back_at = SystemTime::now();
-    let _dc1_again = dc_servers(launcher, &dc1, "dc1", servers_per_dc).await?;
-    wait::health_until(&client, SERVICE, true, Duration::from_secs(30), |e| {
-        e.len() == servers_per_dc
-    })
-    .await?;
-    let passing_again = SystemTime::now();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::time::Instant::now() < deadline {
-        let all = running.iter().all(|(_, t, _)| {
-            let t = t.lock().unwrap_or_else(PoisonError::into_inner);
-            t.replies
-                .iter()
-                .any(|(at, host)| *at >= passing_again && *host == dc1_host)
-        });
-        if all {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// Stop the clients; one row each: when dc2 first answered after `killed_at`, when dc1 did
+/// again after `passing_again`.
+async fn rows(
+    running: Vec<Streaming>,
+    stop: &CancellationToken,
+    (killed_at, dc2_host): (SystemTime, &str),
+    (passing_again, dc1_host): (SystemTime, &str),
+) -> Result<Vec<DcRow>> {
     stop.cancel();
     let mut rows = Vec::new();
     for (name, tally, task) in running {
@@ -307,23 +279,13 @@ pub async fn run(
         };
         rows.push(DcRow {
             client: name.into(),
-            first_dc2_reply_ms: first_after(killed_at, &dc2_host).map(|d| d.as_secs_f64() * 1e3),
-            back_to_dc1_s: first_after(passing_again, &dc1_host).map(|d| d.as_secs_f64()),
+            first_dc2_reply_ms: first_after(killed_at, dc2_host).map(|d| d.as_secs_f64() * 1e3),
+            back_to_dc1_s: first_after(passing_again, dc1_host).map(|d| d.as_secs_f64()),
             sent: t.sent_after_kill,
             lost: t.lost_after_kill,
         });
     }
-    Ok(DatacentersReport {
-        consul_version: local.version().to_owned(),
-        servers_per_dc,
-        poll: GoDuration(poll),
-        query_before,
-        query_during,
-        rows,
-        dc1_passing_again_s: passing_again
-            .duration_since(back_at)
-            .map_or(0.0, |d| d.as_secs_f64()),
-    })
+    Ok(rows)
 }
 
 async fn stream(
@@ -377,25 +339,77 @@ pub struct DatacentersConfig {
     pub poll: Duration,
 }
 
-impl Experiment for DatacentersConfig {
+impl OnItsOwn for DatacentersConfig {
     type Outcome = DatacentersReport;
 
     fn title(&self) -> String {
         "Datacenters: failover to a second datacenter and back".into()
     }
 
-    /// It starts its own agents.
-    fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Nothing)
-    }
-
-    async fn run_on(
+    /// Two datacenters, echo servers in both; clients on dc1 stream while every dc1 server is
+    /// killed (they fail over to dc2) and started again (they come back).
+    async fn run_alone(
         &self,
         launcher: &Launcher,
-        _: &mut Env,
         progress: &Progress,
     ) -> Result<DatacentersReport> {
-        run(launcher, self.servers, self.poll, progress).await
+        let servers = self.servers;
+        if servers == 0 || self.poll.is_zero() {
+            return Err(Error::Setting(
+                "two datacenters need at least one server each and a poll above zero".into(),
+            ));
+        }
+        let (dc1, dc2) = start_datacenters(progress).await?;
+        let local = dc1.agent(Member::Client(0));
+        let client = local.client();
+        let dc1_host = local.spec().address.to_string();
+        let dc2_host = dc2.agent(Member::Client(0)).spec().address.to_string();
+        progress.say("echo servers in both datacenters");
+        let mut dc1_servers = dc_servers(launcher, &dc1, "dc1", servers).await?;
+        let _dc2_servers = dc_servers(launcher, &dc2, "dc2", servers).await?;
+        all_passing(&client, "dc1", servers).await?;
+        all_passing(&dc2.agent(Member::Client(0)).client(), "dc2", servers).await?;
+        crate::discovery::create_query(&client, QUERY, SERVICE, &["dc2"]).await?;
+        let query_before = query_answer(&client).await?;
+
+        let killed: Arc<std::sync::OnceLock<SystemTime>> = Arc::default();
+        let stop = CancellationToken::new();
+        let running = start_streams(discoveries(local, self.poll), servers, &killed, &stop).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        progress.say("SIGKILL to every dc1 echo server");
+        let killed_at = SystemTime::now();
+        let _ = killed.set(killed_at);
+        for server in &mut dc1_servers {
+            server.process.kill().await?;
+        }
+        all_served_by(&running, &dc2_host, killed_at).await;
+        let query_during = query_answer(&client).await?;
+
+        progress.say("dc1's echo servers start again");
+        let back_at = SystemTime::now();
+        let _dc1_again = dc_servers(launcher, &dc1, "dc1", servers).await?;
+        all_passing(&client, "dc1", servers).await?;
+        let passing_again = SystemTime::now();
+        all_served_by(&running, &dc1_host, passing_again).await;
+        let rows = rows(
+            running,
+            &stop,
+            (killed_at, &dc2_host),
+            (passing_again, &dc1_host),
+        )
+        .await?;
+        Ok(DatacentersReport {
+            consul_version: local.version().to_owned(),
+            servers_per_dc: servers,
+            poll: GoDuration(self.poll),
+            query_before,
+            query_during,
+            rows,
+            dc1_passing_again_s: passing_again
+                .duration_since(back_at)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        })
     }
 }
 

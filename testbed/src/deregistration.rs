@@ -258,6 +258,60 @@ fn epoch_secs(t: SystemTime) -> f64 {
         .as_secs_f64()
 }
 
+/// SIGKILL each of `servers` at its plan's offset from now (+ 500 ms): when each was killed,
+/// seconds since the epoch.
+async fn kill_on_schedule(servers: &mut [ServerProcess], plans: &[Plan]) -> Result<Vec<f64>> {
+    let kill_start = tokio::time::Instant::now() + Duration::from_millis(500);
+    let mut order: Vec<usize> = (0..plans.len()).collect();
+    order.sort_by_key(|i| plans[*i].kill_offset);
+    let mut killed_at = vec![0.0; plans.len()];
+    for i in order {
+        tokio::time::sleep_until(kill_start + plans[i].kill_offset).await;
+        let at = servers[i].process.kill().await?;
+        killed_at[i] = epoch_secs(at);
+    }
+    Ok(killed_at)
+}
+
+/// Each trial's critical and removal moments as its watcher (`done_rxs`) reports them,
+/// counted on `progress`; all within `deadline`.
+async fn removals(
+    done_rxs: Vec<Followed>,
+    deadline: Duration,
+    progress: &Progress,
+) -> Result<Vec<Option<Events>>> {
+    use futures::StreamExt;
+    let reaping = "waiting for Consul's reaper (it looks every 30 s)";
+    let n = done_rxs.len();
+    progress.count(0, n as u64, "removed", reaping);
+    let mut removed = 0;
+    let mut measured = vec![None; n];
+    let mut pending: futures::stream::FuturesUnordered<_> = done_rxs
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| async move { (i, rx.await) })
+        .collect();
+    let collect = async {
+        while let Some((i, result)) = pending.next().await {
+            let lifecycle = result.map_err(|_| Error::Stopped("a trial watcher".into()))??;
+            measured[i] = Some(Events {
+                critical_at: epoch_secs(lifecycle.critical_at),
+                removed_at: epoch_secs(lifecycle.removed_at),
+            });
+            removed += 1;
+            progress.count(removed, n as u64, "removed", reaping);
+        }
+        Ok::<(), Error>(())
+    };
+    tokio::time::timeout(deadline, collect)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "Consul to remove every killed service".into(),
+            timeout: deadline,
+        })??;
+    Ok(measured)
+}
+
 /// Run the sweep against `consul`, starting servers through `launcher`. `progress` shows the
 /// waits (pass [`Progress::hidden`] for none).
 pub async fn run(
@@ -298,48 +352,9 @@ pub async fn run(
         GoDuration(config.stagger),
         GoDuration(Duration::from_secs(expected.as_secs()))
     ));
-    let kill_start = tokio::time::Instant::now() + Duration::from_millis(500);
-    let mut kills = Vec::with_capacity(servers.len());
-    let mut order: Vec<usize> = (0..plans.len()).collect();
-    order.sort_by_key(|i| plans[*i].kill_offset);
-    let mut killed_at = vec![0.0; plans.len()];
-    for i in order {
-        tokio::time::sleep_until(kill_start + plans[i].kill_offset).await;
-        let at = servers[i].process.kill().await?;
-        killed_at[i] = epoch_secs(at);
-        kills.push(i);
-    }
-
-    // Collect each trial as Consul removes it.
-    let reaping = "waiting for Consul's reaper (it looks every 30 s)";
-    progress.count(0, plans.len() as u64, "removed", reaping);
-    let mut removed = 0;
-    let mut measured = vec![None; plans.len()];
+    let killed_at = kill_on_schedule(&mut servers, &plans).await?;
     let deadline = Duration::from_secs_f64(expected.as_secs_f64() + 60.0);
-    let mut pending: futures::stream::FuturesUnordered<_> = done_rxs
-        .into_iter()
-        .enumerate()
-        .map(|(i, rx)| async move { (i, rx.await) })
-        .collect();
-    use futures::StreamExt;
-    let collect = async {
-        while let Some((i, result)) = pending.next().await {
-            let lifecycle = result.map_err(|_| Error::Stopped("a trial watcher".into()))??;
-            measured[i] = Some(Events {
-                critical_at: epoch_secs(lifecycle.critical_at),
-                removed_at: epoch_secs(lifecycle.removed_at),
-            });
-            removed += 1;
-            progress.count(removed, plans.len() as u64, "removed", reaping);
-        }
-        Ok::<(), Error>(())
-    };
-    tokio::time::timeout(deadline, collect)
-        .await
-        .map_err(|_| Error::Timeout {
-            what: "Consul to remove every killed service".into(),
-            timeout: deadline,
-        })??;
+    let measured = removals(done_rxs, deadline, progress).await?;
 
     // The contrast: a clean shutdown.
     let contrast = if config.contrast {

@@ -6,7 +6,7 @@
 //!   nothing lost;
 //! * `datacenters` ([`crate::datacenters`]) — failover to a second datacenter and back.
 
-use consul_api::GoDuration;
+use consul_api::{GoDuration, PreparedQueryDefinition, QueryFailover, ServiceQuery};
 
 use crate::{
     error::{Error, Result},
@@ -76,4 +76,30 @@ impl Suite for Args {
         })
         .collect())
     }
+}
+
+/// Create the prepared query `name` over the passing instances of `service`, failing over to
+/// the datacenters `failover` (none: no failover).
+pub async fn create_query(
+    client: &consul_api::Client,
+    name: &str,
+    service: &str,
+    failover: &[&str],
+) -> Result<()> {
+    client
+        .prepared_query()
+        .create(&PreparedQueryDefinition {
+            name: name.into(),
+            service: ServiceQuery {
+                service: service.into(),
+                only_passing: true,
+                failover: QueryFailover {
+                    nearest_n: 0,
+                    datacenters: failover.iter().map(|&dc| dc.to_owned()).collect(),
+                },
+                ..Default::default()
+            },
+        })
+        .await?;
+    Ok(())
 }

@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Needs},
+    experiment::{Findings, OnItsOwn},
     procs::{Launcher, ServerProcess, ServerSpec},
     progress::Progress,
-    report::Table,
+    report::{Table, ms_between},
     signal::Signal,
     wait,
 };
@@ -132,35 +132,6 @@ struct Tally {
     lost: u64,
 }
 
-/// Run the experiment with both strategies, each on its own Consul.
-pub async fn run(
-    launcher: &Launcher,
-    config: &ElasticConfig,
-    progress: &Progress,
-) -> Result<ElasticReport> {
-    if config.initial == 0 || config.added == 0 || config.sessions == 0 {
-        return Err(Error::Setting(
-            "scale out and in needs initial, added and sessions above 0".into(),
-        ));
-    }
-    let mut runs = Vec::new();
-    let mut version = String::new();
-    for (strategy, name) in [
-        (Strategy::RoundRobin, "round-robin"),
-        (Strategy::PowerOfTwoChoices, "p2c"),
-    ] {
-        progress.say(format!("scale out and in, {name} sessions"));
-        let (run, v) = run_one(launcher, config, strategy, name).await?;
-        version = v;
-        runs.push(run);
-    }
-    Ok(ElasticReport {
-        consul_version: version,
-        config: config.clone(),
-        runs,
-    })
-}
-
 async fn start_servers(
     launcher: &Launcher,
     consul: &Consul,
@@ -190,40 +161,7 @@ async fn run_one(
         e.len() == config.initial
     })
     .await?;
-
-    // The gateway: sessions over one discovery, whose view is watched.
-    let rx = discovery::spawn(client.clone(), DiscoveryConfig::new(SERVICE));
-    let in_view: Arc<Mutex<BTreeMap<String, SystemTime>>> = Arc::default();
-    let viewer = tokio::spawn({
-        let mut rx = rx.clone();
-        let in_view = in_view.clone();
-        async move {
-            while rx.changed().await.is_ok() {
-                let now = SystemTime::now();
-                let ids: Vec<String> = rx.borrow().instances.iter().map(|i| i.id.clone()).collect();
-                let mut seen = in_view.lock().unwrap_or_else(PoisonError::into_inner);
-                for id in ids {
-                    seen.entry(id).or_insert(now);
-                }
-            }
-        }
-    });
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let stop = CancellationToken::new();
-    let mut senders = Vec::new();
-    for s in 0..config.sessions {
-        let mut session = SessionConfig::new(SERVICE);
-        session.strategy = strategy;
-        session.message_timeout = Duration::from_secs(10);
-        let echo = EchoClient::with_discovery(rx.clone(), session)?;
-        senders.push(tokio::spawn(stream(
-            echo,
-            s,
-            config.message_interval.0,
-            tally.clone(),
-            stop.clone(),
-        )));
-    }
+    let gateway = Gateway::start(&client, config, strategy)?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Scale out.
@@ -233,20 +171,7 @@ async fn run_one(
         e.len() == total
     })
     .await?;
-    // Until every new server has answered, at most 10 s.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while tokio::time::Instant::now() < deadline {
-        let answered = {
-            let t = tally.lock().unwrap_or_else(PoisonError::into_inner);
-            added
-                .iter()
-                .all(|(s, _)| t.served.iter().any(|r| r.id == s.spec.id))
-        };
-        if answered {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    gateway.until_answered(&added).await;
     let steady_from = SystemTime::now();
     tokio::time::sleep(config.steady.0).await;
     let steady_to = SystemTime::now();
@@ -261,17 +186,123 @@ async fn run_one(
         wait::deregistered(&client, SERVICE, &id, Duration::from_secs(15)).await?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
-    for sender in senders {
-        sender.await.map_err(|source| Error::Task {
-            what: "a session's sender",
-            source,
-        })?;
+    let (tally, in_view) = gateway.stop().await?;
+    let run = measure(
+        name,
+        config,
+        &tally,
+        &in_view,
+        &added,
+        (steady_from, steady_to, stopped_at),
+    );
+    drop(initial);
+    Ok((run, consul.version().to_owned()))
+}
+
+/// The gateway: sessions over one discovery, each streaming echoes, and a watch of when each
+/// instance first entered the discovery's view.
+struct Gateway {
+    in_view: Arc<Mutex<BTreeMap<String, SystemTime>>>,
+    viewer: tokio::task::JoinHandle<()>,
+    tally: Arc<Mutex<Tally>>,
+    stop: CancellationToken,
+    senders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// `config.sessions` sessions of `strategy` over one discovery through `client`.
+    fn start(
+        client: &consul_api::Client,
+        config: &ElasticConfig,
+        strategy: Strategy,
+    ) -> Result<Gateway> {
+        let rx = discovery::spawn(client.clone(), DiscoveryConfig::new(SERVICE));
+        let in_view: Arc<Mutex<BTreeMap<String, SystemTime>>> = Arc::default();
+        let viewer = tokio::spawn({
+            let mut rx = rx.clone();
+            let in_view = in_view.clone();
+            async move {
+                while rx.changed().await.is_ok() {
+                    let now = SystemTime::now();
+                    let ids: Vec<String> =
+                        rx.borrow().instances.iter().map(|i| i.id.clone()).collect();
+                    let mut seen = in_view.lock().unwrap_or_else(PoisonError::into_inner);
+                    for id in ids {
+                        seen.entry(id).or_insert(now);
+                    }
+                }
+            }
+        });
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let stop = CancellationToken::new();
+        let mut senders = Vec::new();
+        for s in 0..config.sessions {
+            let mut session = SessionConfig::new(SERVICE);
+            session.strategy = strategy;
+            session.message_timeout = Duration::from_secs(10);
+            let echo = EchoClient::with_discovery(rx.clone(), session)?;
+            senders.push(tokio::spawn(stream(
+                echo,
+                s,
+                config.message_interval.0,
+                tally.clone(),
+                stop.clone(),
+            )));
+        }
+        Ok(Gateway {
+            in_view,
+            viewer,
+            tally,
+            stop,
+            senders,
+        })
     }
 
-    viewer.abort();
-    let t = tally.lock().unwrap_or_else(PoisonError::into_inner);
-    let in_view = in_view.lock().unwrap_or_else(PoisonError::into_inner);
+    /// Until every one of `added` has answered, at most 10 s.
+    async fn until_answered(&self, added: &[(ServerProcess, SystemTime)]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            let answered = {
+                let t = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+                added
+                    .iter()
+                    .all(|(s, _)| t.served.iter().any(|r| r.id == s.spec.id))
+            };
+            if answered {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stop every session; what they counted, and when each instance entered the view.
+    async fn stop(self) -> Result<(Tally, BTreeMap<String, SystemTime>)> {
+        self.stop.cancel();
+        for sender in self.senders {
+            sender.await.map_err(|source| Error::Task {
+                what: "a session's sender",
+                source,
+            })?;
+        }
+        self.viewer.abort();
+        let tally = std::mem::take(&mut *self.tally.lock().unwrap_or_else(PoisonError::into_inner));
+        let in_view =
+            std::mem::take(&mut *self.in_view.lock().unwrap_or_else(PoisonError::into_inner));
+        Ok((tally, in_view))
+    }
+}
+
+/// The run's figures from what the sessions counted (`t`): how fast each of `added` took
+/// load, the shares in the steady window, and the drain after the scale-in at `stopped_at`.
+fn measure(
+    name: &str,
+    config: &ElasticConfig,
+    t: &Tally,
+    in_view: &BTreeMap<String, SystemTime>,
+    added: &[(ServerProcess, SystemTime)],
+    (steady_from, steady_to, stopped_at): (SystemTime, SystemTime, SystemTime),
+) -> ElasticRun {
+    let total = config.initial + config.added;
     let new_servers = added
         .iter()
         .map(|(server, started)| {
@@ -279,8 +310,8 @@ async fn run_one(
             let first = t.served.iter().filter(|r| r.id == id).map(|r| r.at).min();
             let viewed = in_view.get(&id).copied();
             NewServer {
-                in_view_after: viewed.map(|v| secs(v, *started)),
-                first_reply_after_view: first.zip(viewed).map(|(f, v)| secs(f, v)),
+                in_view_after: viewed.map(|v| ms_between(*started, v) / 1e3),
+                first_reply_after_view: first.zip(viewed).map(|(f, v)| ms_between(v, f) / 1e3),
                 id,
             }
         })
@@ -320,8 +351,8 @@ async fn run_one(
         .filter(|r| stopped.contains(&r.id.as_str()))
         .map(|r| r.at)
         .max()
-        .map_or(0.0, |last| secs(last, stopped_at));
-    let run = ElasticRun {
+        .map_or(0.0, |last| ms_between(stopped_at, last) / 1e3);
+    ElasticRun {
         strategy: name.into(),
         new_servers,
         shares,
@@ -332,15 +363,7 @@ async fn run_one(
         lost: t.lost,
         drained_after: drained,
         resent_after_stop: after_stop.iter().filter(|r| r.attempts > 1).count() as u64,
-    };
-    drop(initial);
-    Ok((run, consul.version().to_owned()))
-}
-
-fn secs(later: SystemTime, earlier: SystemTime) -> f64 {
-    later
-        .duration_since(earlier)
-        .map_or(0.0, |d| d.as_secs_f64())
+    }
 }
 
 async fn stream(
@@ -381,25 +404,36 @@ async fn stream(
 
 // === the contract ===
 
-impl Experiment for ElasticConfig {
+impl OnItsOwn for ElasticConfig {
     type Outcome = ElasticReport;
 
     fn title(&self) -> String {
         "Elastic: scale out and in under load".into()
     }
 
-    /// It starts its own agents.
-    fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Nothing)
-    }
-
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        _: &mut Env,
-        progress: &Progress,
-    ) -> Result<ElasticReport> {
-        run(launcher, self, progress).await
+    /// Run the experiment with both strategies, each on its own Consul.
+    async fn run_alone(&self, launcher: &Launcher, progress: &Progress) -> Result<ElasticReport> {
+        if self.initial == 0 || self.added == 0 || self.sessions == 0 {
+            return Err(Error::Setting(
+                "scale out and in needs initial, added and sessions above 0".into(),
+            ));
+        }
+        let mut runs = Vec::new();
+        let mut version = String::new();
+        for (strategy, name) in [
+            (Strategy::RoundRobin, "round-robin"),
+            (Strategy::PowerOfTwoChoices, "p2c"),
+        ] {
+            progress.say(format!("scale out and in, {name} sessions"));
+            let (run, v) = run_one(launcher, self, strategy, name).await?;
+            version = v;
+            runs.push(run);
+        }
+        Ok(ElasticReport {
+            consul_version: version,
+            config: self.clone(),
+            runs,
+        })
     }
 }
 

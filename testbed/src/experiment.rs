@@ -128,8 +128,14 @@ impl Env {
 
 /// What an outcome gives the report.
 pub trait Findings: Serialize {
-    /// Its tables.
-    fn tables(&self) -> Vec<Table>;
+    /// Its tables: by default one, of its [`figures`](Self::figures).
+    fn tables(&self) -> Vec<Table> {
+        vec![Table::figures(self.figures())]
+    }
+    /// Its figures as `(figure, value)` rows, for an outcome whose table is just that.
+    fn figures(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
     /// How each figure was measured, with the figures: markdown paragraphs.
     fn details(&self) -> String {
         String::new()
@@ -180,6 +186,46 @@ pub trait Experiment {
             let mut env = Env::start(&self.needs()?, progress).await?;
             self.run_on(launcher, &mut env, progress).await
         }
+    }
+}
+
+/// An experiment that starts its own agents (several, or two datacenters): the runner starts
+/// nothing for it ([`Needs::Nothing`]) and it names the Consul it talked to
+/// ([`Findings::consul`]). Implementing this implements [`Experiment`].
+pub trait OnItsOwn {
+    /// What one run measured.
+    type Outcome: Findings;
+
+    /// Its title: the report's section and the progress line's stage.
+    fn title(&self) -> String;
+
+    /// Start its agents and processes through `launcher`, run once, telling `progress` what
+    /// it waits for.
+    fn run_alone(
+        &self,
+        launcher: &Launcher,
+        progress: &Progress,
+    ) -> impl Future<Output = Result<Self::Outcome>>;
+}
+
+impl<T: OnItsOwn> Experiment for T {
+    type Outcome = T::Outcome;
+
+    fn title(&self) -> String {
+        OnItsOwn::title(self)
+    }
+
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Nothing)
+    }
+
+    fn run_on(
+        &self,
+        launcher: &Launcher,
+        _: &mut Env,
+        progress: &Progress,
+    ) -> impl Future<Output = Result<Self::Outcome>> {
+        self.run_alone(launcher, progress)
     }
 }
 

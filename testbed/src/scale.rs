@@ -43,7 +43,7 @@ use crate::{
     Cluster, ClusterSpec,
     consul::Consul,
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Needs, Plan, Suite},
+    experiment::{Findings, OnItsOwn, Plan, Suite},
     faultproxy::FaultProxy,
     procfs,
     procs::{ChildProcess, Launcher},
@@ -620,53 +620,12 @@ async fn run_cell(
     );
     let listed = mode.expected(instances);
     let mut notes = Vec::new();
-
-    // One answer's size, through a counting proxy.
-    let proxy = FaultProxy::start(read_from.http_addr()).await?;
-    let direct = Client::new(read_from.config().with_address(proxy.address()))?;
-    let asked = std::time::Instant::now();
-    let (entries, _) = direct
-        .health()
-        .service(SERVICE, None, true, &mode.query_options())
-        .await?;
-    let answer_ms = asked.elapsed().as_secs_f64() * 1e3;
-    let answer_bytes = proxy.stats().upstream_bytes;
-    drop(proxy);
-    if entries.len() != listed {
-        notes.push(format!(
-            "the direct GET listed {} instances, expected {listed}",
-            entries.len()
-        ));
-    }
+    let (answer_bytes, answer_ms) = one_answer(read_from, mode, listed, &mut notes).await?;
 
     progress.say(format!("{label}: starting the clients"));
     let spawned = std::time::Instant::now();
-    let args = vec![
-        "--service".to_owned(),
-        SERVICE.to_owned(),
-        "--mode".to_owned(),
-        mode.name().to_owned(),
-        "--wait".to_owned(),
-        GoDuration(CLIENT_WAIT).to_string(),
-    ];
-    let mut procs = Vec::with_capacity(clients);
-    for _ in 0..clients {
-        procs.push(launcher.spawn_subcommand("scale-client", &read_from.config(), &args)?);
-    }
-    let ready_deadline = tokio::time::Instant::now() + config.ready_timeout.0;
-    let full = |p: &ChildProcess| views_of(p).iter().any(|v| v.instances == listed);
-    let mut ready;
-    loop {
-        ready = procs.iter().filter(|p| full(p)).count();
-        if ready == clients || tokio::time::Instant::now() >= ready_deadline {
-            break;
-        }
-        progress.say(format!(
-            "{label}: {ready}/{clients} clients list {listed} instances ({:.0} s)",
-            spawned.elapsed().as_secs_f64()
-        ));
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let mut procs = start_clients(launcher, read_from, mode, clients)?;
+    let ready = until_ready(&procs, config, listed, &label, progress).await;
     let ready_s = spawned.elapsed().as_secs_f64();
     if ready < clients {
         notes.push(format!(
@@ -693,33 +652,9 @@ async fn run_cell(
         &mut notes,
     )
     .await;
-
-    // Until every client shows the final state (all passing) after the last flip.
     let last_sent = flips.last().map_or(t0, |f| f.sent);
-    let drain_deadline = tokio::time::Instant::now() + config.drain_timeout.0;
-    loop {
-        let behind = procs
-            .iter()
-            .filter(|p| {
-                views_of(p)
-                    .last()
-                    .is_none_or(|v| v.received_at < last_sent || v.instances != listed)
-            })
-            .count();
-        if behind == 0 {
-            break;
-        }
-        if tokio::time::Instant::now() >= drain_deadline {
-            notes.push(format!(
-                "{behind} client(s) had not shown the final state {} after the last flip",
-                config.drain_timeout
-            ));
-            break;
-        }
-        progress.say(format!(
-            "{label}: {behind}/{clients} clients still behind the last flip"
-        ));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Some(note) = until_final(&procs, config, listed, last_sent, &label, progress).await {
+        notes.push(note);
     }
     let t1 = SystemTime::now();
     let window = started.elapsed();
@@ -738,31 +673,8 @@ async fn run_cell(
     ));
     tokio::time::sleep(CLIENT_WAIT + CLIENT_WAIT / 16 + Duration::from_secs(2)).await;
 
-    // Per client: answers in the window, flips matched.
-    let horizon = t1;
-    let mut propagation = Vec::new();
-    let mut client_added = Vec::new();
-    let mut transfer = Vec::new();
-    let mut answers = 0u64;
-    let mut seen = 0;
-    let mut client_cpu = Duration::ZERO;
-    for (i, p) in procs.iter().enumerate() {
-        let views = views_of(p);
-        answers += views.iter().filter(|v| v.at >= t0 && v.at <= t1).count() as u64;
-        for (flip, m) in flips.iter().zip(match_flips(&flips, &views, horizon)) {
-            if let Some(j) = m {
-                seen += 1;
-                propagation.push(ms_between(flip.returned, views[j].at));
-                transfer.push(ms_between(views[j].received_at, views[j].read_at));
-                client_added.push(ms_between(views[j].read_at, views[j].at));
-            }
-        }
-        if let (Some(Some(a)), Some(Some(b))) = (cpu_before.get(i), cpu_after.get(i)) {
-            client_cpu += b.saturating_sub(*a);
-        }
-    }
+    let seen = Seen::of(&procs, &flips, (t0, t1), (&cpu_before, &cpu_after));
     let pairs = flips.len() * clients;
-    let missed = pairs - seen;
     let n_flips = flips.len().max(1) as f64;
     let consul = agents
         .iter()
@@ -779,7 +691,7 @@ async fn run_cell(
             }
         })
         .collect();
-    let saturated = ready < clients || (seen as f64) < 0.9 * pairs as f64;
+    let answers = seen.answers;
     Ok(Cell {
         part: part.to_owned(),
         mode,
@@ -796,116 +708,271 @@ async fn run_cell(
         answers_per_flip: answers as f64 / (n_flips * clients as f64),
         bytes_per_flip: answer_bytes as f64 * answers as f64 / n_flips,
         client_cpu_per_answer_ms: (answers > 0)
-            .then(|| client_cpu.as_secs_f64() * 1e3 / answers as f64),
-        client_cpu_per_flip_ms: client_cpu.as_secs_f64() * 1e3 / (n_flips * clients as f64),
+            .then(|| seen.client_cpu.as_secs_f64() * 1e3 / answers as f64),
+        client_cpu_per_flip_ms: seen.client_cpu.as_secs_f64() * 1e3 / (n_flips * clients as f64),
         client_rss_max_mib: rss_max_kib as f64 / 1024.0,
-        seen,
-        missed,
-        propagation_p50_ms: percentile(&propagation, 50.0),
-        propagation_p99_ms: percentile(&propagation, 99.0),
-        transfer_p50_ms: percentile(&transfer, 50.0),
-        transfer_p99_ms: percentile(&transfer, 99.0),
-        client_added_p50_ms: percentile(&client_added, 50.0),
-        client_added_p99_ms: percentile(&client_added, 99.0),
+        seen: seen.matched,
+        missed: pairs - seen.matched,
+        propagation_p50_ms: percentile(&seen.propagation, 50.0),
+        propagation_p99_ms: percentile(&seen.propagation, 99.0),
+        transfer_p50_ms: percentile(&seen.transfer, 50.0),
+        transfer_p99_ms: percentile(&seen.transfer, 99.0),
+        client_added_p50_ms: percentile(&seen.client_added, 50.0),
+        client_added_p99_ms: percentile(&seen.client_added, 99.0),
         consul,
-        saturated,
+        saturated: ready < clients || (seen.matched as f64) < 0.9 * pairs as f64,
         notes,
     })
 }
 
-/// Run the parts asked for; `progress` is told what happens on the long waits.
-pub async fn run(
-    launcher: &Launcher,
-    config: &ScaleConfig,
-    parts: &[Part],
-    progress: &Progress,
-) -> Result<ScaleReport> {
-    if config.flips_per_second == 0 || config.flips() < 2 {
-        return Err(Error::Setting(
-            "at least 2 flips are needed (--flips-per-second × --flip-for)".into(),
+/// One answer of `read_from` read as `mode` reads, through a counting proxy: its size in
+/// bytes and its time in milliseconds (a note when it lists other than `listed`).
+async fn one_answer(
+    read_from: &Consul,
+    mode: Mode,
+    listed: usize,
+    notes: &mut Vec<String>,
+) -> Result<(u64, f64)> {
+    let proxy = FaultProxy::start(read_from.http_addr()).await?;
+    let direct = Client::new(read_from.config().with_address(proxy.address()))?;
+    let asked = std::time::Instant::now();
+    let (entries, _) = direct
+        .health()
+        .service(SERVICE, None, true, &mode.query_options())
+        .await?;
+    let answer_ms = asked.elapsed().as_secs_f64() * 1e3;
+    let answer_bytes = proxy.stats().upstream_bytes;
+    if entries.len() != listed {
+        notes.push(format!(
+            "the direct GET listed {} instances, expected {listed}",
+            entries.len()
         ));
     }
-    let mut report = ScaleReport {
-        consul_version: String::new(),
-        config: config.clone(),
-        grid: Vec::new(),
-        modes: Vec::new(),
-        modes_setup: String::new(),
-    };
-    if parts.contains(&Part::Grid) {
-        progress.say("grid: starting Consul (one dev agent)");
-        let consul = Consul::start().await?;
-        report.consul_version = consul.version().to_owned();
-        let holder = consul.client();
-        let mut instances = config.instances.clone();
-        instances.sort_unstable();
-        instances.dedup();
-        let mut registered = 0;
-        for &n in &instances {
-            register(
-                &holder,
-                registered,
-                n,
-                config.register_concurrency,
-                progress,
-            )
-            .await?;
-            registered = n;
-            for &c in &config.clients {
-                let setup = Setup {
-                    part: "grid",
-                    mode: config.grid_mode,
-                    instances: n,
-                    clients: c,
-                    read_from: &consul,
-                    holder: holder.clone(),
-                    agents: vec![("agent", &consul)],
-                };
-                let cell = run_cell(launcher, config, setup, progress).await?;
-                tracing::info!(instances = n, clients = c, "cell done");
-                report.grid.push(cell);
+    Ok((answer_bytes, answer_ms))
+}
+
+/// `clients` scale-client processes reading from `read_from` as `mode` reads.
+fn start_clients(
+    launcher: &Launcher,
+    read_from: &Consul,
+    mode: Mode,
+    clients: usize,
+) -> Result<Vec<ChildProcess>> {
+    let args = vec![
+        "--service".to_owned(),
+        SERVICE.to_owned(),
+        "--mode".to_owned(),
+        mode.name().to_owned(),
+        "--wait".to_owned(),
+        GoDuration(CLIENT_WAIT).to_string(),
+    ];
+    let mut procs = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        procs.push(launcher.spawn_subcommand("scale-client", &read_from.config(), &args)?);
+    }
+    Ok(procs)
+}
+
+/// Until every client lists `listed` instances, or the ready timeout: how many do.
+async fn until_ready(
+    procs: &[ChildProcess],
+    config: &ScaleConfig,
+    listed: usize,
+    label: &str,
+    progress: &Progress,
+) -> usize {
+    let spawned = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + config.ready_timeout.0;
+    let full = |p: &ChildProcess| views_of(p).iter().any(|v| v.instances == listed);
+    loop {
+        let ready = procs.iter().filter(|p| full(p)).count();
+        if ready == procs.len() || tokio::time::Instant::now() >= deadline {
+            return ready;
+        }
+        progress.say(format!(
+            "{label}: {ready}/{} clients list {listed} instances ({:.0} s)",
+            procs.len(),
+            spawned.elapsed().as_secs_f64()
+        ));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Until every client shows the final state (all `listed` passing) after the last flip
+/// (`last_sent`), or the drain timeout: a note if some never did.
+async fn until_final(
+    procs: &[ChildProcess],
+    config: &ScaleConfig,
+    listed: usize,
+    last_sent: SystemTime,
+    label: &str,
+    progress: &Progress,
+) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + config.drain_timeout.0;
+    loop {
+        let behind = procs
+            .iter()
+            .filter(|p| {
+                views_of(p)
+                    .last()
+                    .is_none_or(|v| v.received_at < last_sent || v.instances != listed)
+            })
+            .count();
+        if behind == 0 {
+            return None;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Some(format!(
+                "{behind} client(s) had not shown the final state {} after the last flip",
+                config.drain_timeout
+            ));
+        }
+        progress.say(format!(
+            "{label}: {behind}/{} clients still behind the last flip",
+            procs.len()
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the clients saw of the flips: answers in the window, flips matched, and the
+/// times of each match.
+struct Seen {
+    answers: u64,
+    matched: usize,
+    propagation: Vec<f64>,
+    transfer: Vec<f64>,
+    client_added: Vec<f64>,
+    client_cpu: Duration,
+}
+
+impl Seen {
+    /// Per client of `procs`: its answers between `t0` and `t1`, each flip matched to the
+    /// view that showed it, and its CPU time between the two readings `cpu`.
+    fn of(
+        procs: &[ChildProcess],
+        flips: &[Flip],
+        (t0, t1): (SystemTime, SystemTime),
+        cpu: (&[Option<Duration>], &[Option<Duration>]),
+    ) -> Seen {
+        let mut seen = Seen {
+            answers: 0,
+            matched: 0,
+            propagation: Vec::new(),
+            transfer: Vec::new(),
+            client_added: Vec::new(),
+            client_cpu: Duration::ZERO,
+        };
+        for (i, p) in procs.iter().enumerate() {
+            let views = views_of(p);
+            seen.answers += views.iter().filter(|v| v.at >= t0 && v.at <= t1).count() as u64;
+            for (flip, m) in flips.iter().zip(match_flips(flips, &views, t1)) {
+                if let Some(j) = m {
+                    seen.matched += 1;
+                    seen.propagation
+                        .push(ms_between(flip.returned, views[j].at));
+                    seen.transfer
+                        .push(ms_between(views[j].received_at, views[j].read_at));
+                    seen.client_added
+                        .push(ms_between(views[j].read_at, views[j].at));
+                }
+            }
+            if let (Some(Some(a)), Some(Some(b))) = (cpu.0.get(i), cpu.1.get(i)) {
+                seen.client_cpu += b.saturating_sub(*a);
             }
         }
+        seen
     }
-    if parts.contains(&Part::Modes) {
-        progress.say("modes: starting a cluster (1 server, 1 client agent)");
-        let cluster = Cluster::start(ClusterSpec::new(1, 1)).await?;
-        let server = &cluster.servers()[0];
-        let agent = &cluster.clients()[0];
-        if report.consul_version.is_empty() {
-            report.consul_version = agent.version().to_owned();
-        }
-        report.modes_setup = format!(
-            "a cluster of 1 server ({}) and 1 client agent ({}); the instances are registered \
-             on the client agent and every client reads from it",
-            server.spec().address,
-            agent.spec().address
-        );
-        let holder = agent.client();
+}
+
+/// The grid: one dev agent, every count of instances × every count of clients.
+async fn run_grid(
+    launcher: &Launcher,
+    config: &ScaleConfig,
+    progress: &Progress,
+    report: &mut ScaleReport,
+) -> Result<()> {
+    progress.say("grid: starting Consul (one dev agent)");
+    let consul = Consul::start().await?;
+    report.consul_version = consul.version().to_owned();
+    let holder = consul.client();
+    let mut instances = config.instances.clone();
+    instances.sort_unstable();
+    instances.dedup();
+    let mut registered = 0;
+    for &n in &instances {
         register(
             &holder,
-            0,
-            config.modes_instances,
+            registered,
+            n,
             config.register_concurrency,
             progress,
         )
         .await?;
-        for &mode in &config.modes {
+        registered = n;
+        for &c in &config.clients {
             let setup = Setup {
-                part: "modes",
-                mode,
-                instances: config.modes_instances,
-                clients: config.modes_clients,
-                read_from: agent,
+                part: "grid",
+                mode: config.grid_mode,
+                instances: n,
+                clients: c,
+                read_from: &consul,
                 holder: holder.clone(),
-                agents: vec![("server", server), ("client agent", agent)],
+                agents: vec![("agent", &consul)],
             };
-            report
-                .modes
-                .push(run_cell(launcher, config, setup, progress).await?);
+            let cell = run_cell(launcher, config, setup, progress).await?;
+            tracing::info!(instances = n, clients = c, "cell done");
+            report.grid.push(cell);
         }
     }
-    Ok(report)
+    Ok(())
+}
+
+/// The read modes: a cluster of one server and one client agent, many clients on the agent,
+/// each mode in turn.
+async fn run_modes(
+    launcher: &Launcher,
+    config: &ScaleConfig,
+    progress: &Progress,
+    report: &mut ScaleReport,
+) -> Result<()> {
+    progress.say("modes: starting a cluster (1 server, 1 client agent)");
+    let cluster = Cluster::start(ClusterSpec::new(1, 1)).await?;
+    let server = &cluster.servers()[0];
+    let agent = &cluster.clients()[0];
+    if report.consul_version.is_empty() {
+        report.consul_version = agent.version().to_owned();
+    }
+    report.modes_setup = format!(
+        "a cluster of 1 server ({}) and 1 client agent ({}); the instances are registered \
+         on the client agent and every client reads from it",
+        server.spec().address,
+        agent.spec().address
+    );
+    let holder = agent.client();
+    register(
+        &holder,
+        0,
+        config.modes_instances,
+        config.register_concurrency,
+        progress,
+    )
+    .await?;
+    for &mode in &config.modes {
+        let setup = Setup {
+            part: "modes",
+            mode,
+            instances: config.modes_instances,
+            clients: config.modes_clients,
+            read_from: agent,
+            holder: holder.clone(),
+            agents: vec![("server", server), ("client agent", agent)],
+        };
+        report
+            .modes
+            .push(run_cell(launcher, config, setup, progress).await?);
+    }
+    Ok(())
 }
 
 // === report ===
@@ -1072,25 +1139,35 @@ impl Suite for Args {
     }
 }
 
-impl Experiment for Scale {
+impl OnItsOwn for Scale {
     type Outcome = ScaleReport;
 
     fn title(&self) -> String {
         "Instances × clients, and Consul's read modes".into()
     }
 
-    /// It starts its own agents.
-    fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Nothing)
-    }
-
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        _: &mut Env,
-        progress: &Progress,
-    ) -> Result<ScaleReport> {
-        run(launcher, &self.config, &self.parts, progress).await
+    /// Run the parts asked for; `progress` is told what happens on the long waits.
+    async fn run_alone(&self, launcher: &Launcher, progress: &Progress) -> Result<ScaleReport> {
+        let config = &self.config;
+        if config.flips_per_second == 0 || config.flips() < 2 {
+            return Err(Error::Setting(
+                "at least 2 flips are needed (--flips-per-second × --flip-for)".into(),
+            ));
+        }
+        let mut report = ScaleReport {
+            consul_version: String::new(),
+            config: config.clone(),
+            grid: Vec::new(),
+            modes: Vec::new(),
+            modes_setup: String::new(),
+        };
+        if self.parts.contains(&Part::Grid) {
+            run_grid(launcher, config, progress, &mut report).await?;
+        }
+        if self.parts.contains(&Part::Modes) {
+            run_modes(launcher, config, progress, &mut report).await?;
+        }
+        Ok(report)
     }
 }
 

@@ -16,7 +16,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use consul_api::{Client, GoDuration, PreparedQueryDefinition, ServiceQuery};
+use consul_api::{Client, GoDuration};
 use consul_registry::{DiscoveryConfig, Snapshot, Source, discovery};
 use echo_client::{EchoClient, session::SessionConfig};
 use serde::Serialize;
@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Needs},
+    experiment::{Findings, OnItsOwn},
     faultproxy::FaultProxy,
     procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
     progress::Progress,
@@ -166,24 +166,12 @@ struct Stream {
     worst: Duration,
 }
 
-/// Run the side-by-side experiment; `progress` is told what happens on the long waits.
-pub async fn run_sources(
+/// `config.servers` echo servers of [`SERVICE`], once Consul lists them all passing.
+async fn start_servers(
     launcher: &Launcher,
+    consul: &Consul,
     config: &SourcesConfig,
-    progress: &Progress,
-) -> Result<SourcesReport> {
-    if config.servers < 2 {
-        return Err(Error::Setting(
-            "the sources experiment needs at least 2 servers (one is killed)".into(),
-        ));
-    }
-    let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
-    let client = consul.client();
-    progress.say(format!(
-        "Consul {} up; starting {} echo servers",
-        consul.version(),
-        config.servers
-    ));
+) -> Result<Vec<ServerProcess>> {
     let mut servers = Vec::new();
     for i in 1..=config.servers {
         let mut spec = ServerSpec::seed(consul.config())?.with_id(format!("{SERVICE}_{i}"));
@@ -192,24 +180,20 @@ pub async fn run_sources(
         spec.deregister_after = config.deregister_after.0;
         servers.push(ServerProcess::spawn(launcher, spec).await?);
     }
-    wait::health_until(&client, SERVICE, true, Duration::from_secs(30), |e| {
-        e.len() == config.servers
-    })
+    wait::health_until(
+        &consul.client(),
+        SERVICE,
+        true,
+        Duration::from_secs(30),
+        |e| e.len() == config.servers,
+    )
     .await?;
-    client
-        .prepared_query()
-        .create(&PreparedQueryDefinition {
-            name: QUERY.into(),
-            service: ServiceQuery {
-                service: SERVICE.into(),
-                only_passing: true,
-                ..Default::default()
-            },
-        })
-        .await?;
+    Ok(servers)
+}
 
-    let poll = config.poll.0;
-    let sources: [(Source, &'static str, &'static str); 6] = [
+/// Every source compared: how it reads, its label, and what it reads in words.
+fn every_source(consul: &Consul, poll: Duration) -> [(Source, &'static str, &'static str); 6] {
+    [
         (
             Source::Health,
             "health",
@@ -251,55 +235,69 @@ pub async fn run_sources(
             "dns-query",
             "SRV <query>.query.consul over TCP, polled",
         ),
-    ];
-    let dead = servers[0].spec.echo_addr().to_string();
-    let killed: Arc<std::sync::OnceLock<SystemTime>> = Arc::new(std::sync::OnceLock::new());
-    let stop = CancellationToken::new();
-    let mut running = Vec::new();
-    for (source, label, reads) in sources {
-        let (counter, consul_config) = if matches!(source, Source::Dns { .. }) {
-            (Counter(None), consul.config())
-        } else {
-            let proxy = FaultProxy::start(consul.http_addr()).await?;
-            let config = consul.config().with_address(proxy.address());
-            (Counter(Some(Arc::new(proxy))), config)
-        };
-        let mut discovery_config = DiscoveryConfig::new(SERVICE);
-        discovery_config.source = source.clone();
-        let rx = discovery::spawn(Client::new(consul_config)?, discovery_config);
-        let mut session = SessionConfig::new(SERVICE);
-        session.message_timeout = Duration::from_secs(10);
-        let echo = EchoClient::with_discovery(rx.clone(), session)?;
-        let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
-        let watcher = tokio::spawn(watch_source(
-            rx.clone(),
-            counter.clone(),
-            dead.clone(),
-            killed.clone(),
-            seen.clone(),
-            stop.clone(),
-        ));
-        let stream = tokio::spawn(stream_messages(
-            echo,
-            label,
-            config.message_interval.0,
-            killed.clone(),
-            stop.clone(),
-        ));
-        running.push(Running {
-            label,
-            reads,
-            counter,
-            rx,
-            seen,
-            stream,
-            watcher,
-        });
-    }
-    // Every source lists every server before the kill.
-    for r in &mut running {
+    ]
+}
+
+/// What every source's watcher and stream share: the address of the instance to be killed,
+/// when it was, and the signal to stop.
+struct Watch {
+    dead: String,
+    killed: Arc<std::sync::OnceLock<SystemTime>>,
+    stop: CancellationToken,
+}
+
+/// One source at work: its discovery (behind a counting proxy, but for DNS), a watcher of
+/// what it publishes, and a session streaming echoes through it.
+async fn start_source(
+    consul: &Consul,
+    config: &SourcesConfig,
+    (source, label, reads): (Source, &'static str, &'static str),
+    watch: &Watch,
+) -> Result<Running> {
+    let (counter, consul_config) = if matches!(source, Source::Dns { .. }) {
+        (Counter(None), consul.config())
+    } else {
+        let proxy = FaultProxy::start(consul.http_addr()).await?;
+        let config = consul.config().with_address(proxy.address());
+        (Counter(Some(Arc::new(proxy))), config)
+    };
+    let mut discovery_config = DiscoveryConfig::new(SERVICE);
+    discovery_config.source = source;
+    let rx = discovery::spawn(Client::new(consul_config)?, discovery_config);
+    let mut session = SessionConfig::new(SERVICE);
+    session.message_timeout = Duration::from_secs(10);
+    let echo = EchoClient::with_discovery(rx.clone(), session)?;
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let watcher = tokio::spawn(watch_source(
+        rx.clone(),
+        counter.clone(),
+        watch.dead.clone(),
+        watch.killed.clone(),
+        seen.clone(),
+        watch.stop.clone(),
+    ));
+    let stream = tokio::spawn(stream_messages(
+        echo,
+        label,
+        config.message_interval.0,
+        watch.killed.clone(),
+        watch.stop.clone(),
+    ));
+    Ok(Running {
+        label,
+        reads,
+        counter,
+        rx,
+        seen,
+        stream,
+        watcher,
+    })
+}
+
+/// Until every source lists `n` instances (at most 30 s).
+async fn all_listed(running: &[Running], n: usize) -> Result<()> {
+    for r in running {
         let mut rx = r.rx.clone();
-        let n = config.servers;
         tokio::time::timeout(
             Duration::from_secs(30),
             rx.wait_for(|s| s.instances.len() == n),
@@ -311,6 +309,11 @@ pub async fn run_sources(
         })?
         .map_err(|_| Error::Setting(format!("the {} source stopped", r.label)))?;
     }
+    Ok(())
+}
+
+/// The seed's naive client, sending every 250 ms, once it has its first reply.
+async fn start_naive(launcher: &Launcher, consul: &Consul) -> Result<ClientProcess> {
     let naive_args: Vec<String> = [
         "--mode",
         "naive",
@@ -332,38 +335,34 @@ pub async fn run_sources(
         .output()
         .wait_for("reply ", Duration::from_secs(30))
         .await?;
-    // Let every session send for a moment before the kill.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(naive)
+}
 
-    let requests_before: Vec<u64> = running
-        .iter()
-        .map(|r| r.counter.requests(&r.rx.borrow()))
-        .collect();
-    progress.say(format!(
-        "SIGKILL to {} ({dead}); watching every source for up to {}",
-        servers[0].spec.id, config.horizon
-    ));
-    let killed_at = servers[0].process.kill().await?;
-    let _ = killed.set(killed_at);
-
-    let critical = tokio::spawn({
-        let client = client.clone();
-        let id = servers[0].spec.id.clone();
-        async move {
-            wait::health_until(&client, SERVICE, false, Duration::from_secs(30), move |e| {
-                e.iter().any(|e| {
-                    e.service.id == id
-                        && e.aggregated_status() == consul_api::HealthStatus::Critical
-                })
+/// In the background: when Consul first reports `id`'s check critical (at most 30 s).
+fn when_critical(client: &Client, id: &str) -> JoinHandle<Option<SystemTime>> {
+    let client = client.clone();
+    let id = id.to_owned();
+    tokio::spawn(async move {
+        wait::health_until(&client, SERVICE, false, Duration::from_secs(30), move |e| {
+            e.iter().any(|e| {
+                e.service.id == id && e.aggregated_status() == consul_api::HealthStatus::Critical
             })
-            .await
-            .ok()
-            .map(|(_, at)| SystemTime::now() - at.elapsed())
-        }
-    });
+        })
+        .await
+        .ok()
+        .map(|(_, at)| SystemTime::now() - at.elapsed())
+    })
+}
 
-    // Until every source dropped the instance, or the horizon.
-    let deadline = tokio::time::Instant::now() + config.horizon.0;
+/// Until every source dropped the killed instance, or `horizon`, saying every 10 s which
+/// still list it.
+async fn until_all_dropped(
+    running: &[Running],
+    killed_at: SystemTime,
+    horizon: Duration,
+    progress: &Progress,
+) {
+    let deadline = tokio::time::Instant::now() + horizon;
     let mut last_report = tokio::time::Instant::now();
     loop {
         let pending: Vec<&str> = running
@@ -384,69 +383,55 @@ pub async fn run_sources(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let watched = killed_at.elapsed().unwrap_or_default();
-    stop.cancel();
-    let critical_after = critical
-        .await
-        .ok()
-        .flatten()
-        .and_then(|at| at.duration_since(killed_at).ok())
-        .map(|d| d.as_secs_f64());
+}
 
-    let mut rows = Vec::new();
-    for (r, before) in running.into_iter().zip(requests_before) {
-        let stream = r.stream.await.unwrap_or_default();
-        r.watcher.abort();
-        let total = r.counter.requests(&r.rx.borrow()).saturating_sub(before);
-        let dropped = dropped_at(&r.seen);
-        let published_after_kill = r
-            .seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .after_kill
-            .iter()
-            .filter_map(|(at, _, _)| at.duration_since(killed_at).ok())
-            .map(|d| d.as_secs_f64())
-            .collect();
-        rows.push(SourceRow {
-            source: r.label.into(),
-            reads: r.reads.into(),
-            dropped_after: dropped
-                .and_then(|(at, _)| at.duration_since(killed_at).ok())
-                .map(|d| d.as_secs_f64()),
-            requests_until_dropped: dropped.map_or(total, |(_, n)| n.saturating_sub(before)),
-            requests_per_second: total as f64 / watched.as_secs_f64().max(1e-3),
-            sent: stream.sent,
-            answered: stream.answered,
-            lost: stream.lost,
-            worst_latency_ms: stream.worst.as_secs_f64() * 1e3,
-            published_after_kill,
-        });
+/// A source's row: when it dropped the instance, its requests (`before`: its count at the
+/// kill) over the `watched` time, its session's echoes.
+async fn source_row(
+    r: Running,
+    before: u64,
+    killed_at: SystemTime,
+    watched: Duration,
+) -> SourceRow {
+    let stream = r.stream.await.unwrap_or_default();
+    r.watcher.abort();
+    let total = r.counter.requests(&r.rx.borrow()).saturating_sub(before);
+    let dropped = dropped_at(&r.seen);
+    let published_after_kill = r
+        .seen
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .after_kill
+        .iter()
+        .filter_map(|(at, _, _)| at.duration_since(killed_at).ok())
+        .map(|d| d.as_secs_f64())
+        .collect();
+    SourceRow {
+        source: r.label.into(),
+        reads: r.reads.into(),
+        dropped_after: dropped
+            .and_then(|(at, _)| at.duration_since(killed_at).ok())
+            .map(|d| d.as_secs_f64()),
+        requests_until_dropped: dropped.map_or(total, |(_, n)| n.saturating_sub(before)),
+        requests_per_second: total as f64 / watched.as_secs_f64().max(1e-3),
+        sent: stream.sent,
+        answered: stream.answered,
+        lost: stream.lost,
+        worst_latency_ms: stream.worst.as_secs_f64() * 1e3,
+        published_after_kill,
     }
+}
+
+/// What the naive client printed after the kill.
+fn naive_row(naive: &ClientProcess, killed_at: SystemTime) -> NaiveRow {
     let lines = naive.process.output().lines();
     let after: Vec<_> = lines.iter().filter(|l| l.received >= killed_at).collect();
-    let naive = NaiveRow {
-        replies_after_kill: after
-            .iter()
-            .filter(|l| l.text.starts_with("reply "))
-            .count(),
-        failures_after_kill: after
-            .iter()
-            .filter(|l| l.text.contains("dial tcp") || l.text.contains("buffer error"))
-            .count(),
-        not_found_after_kill: after
-            .iter()
-            .filter(|l| l.text.contains("not found"))
-            .count(),
-    };
-    Ok(SourcesReport {
-        consul_version: consul.version().to_owned(),
-        config: config.clone(),
-        killed_at: crate::report::rfc3339(killed_at),
-        critical_after,
-        rows,
-        naive,
-    })
+    let count = |pred: &dyn Fn(&str) -> bool| after.iter().filter(|l| pred(&l.text)).count();
+    NaiveRow {
+        replies_after_kill: count(&|t| t.starts_with("reply ")),
+        failures_after_kill: count(&|t| t.contains("dial tcp") || t.contains("buffer error")),
+        not_found_after_kill: count(&|t| t.contains("not found")),
+    }
 }
 
 /// When a source first published a view without the killed instance, and its request count
@@ -531,25 +516,78 @@ async fn stream_messages(
 
 // === the contract ===
 
-impl Experiment for SourcesConfig {
+impl OnItsOwn for SourcesConfig {
     type Outcome = SourcesReport;
 
     fn title(&self) -> String {
         "Sources: every way to discover, one SIGKILL".into()
     }
 
-    /// It starts its own agents.
-    fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Nothing)
-    }
+    /// Every source side by side, and the naive client, through the SIGKILL of one server;
+    /// `progress` is told what happens on the long waits.
+    async fn run_alone(&self, launcher: &Launcher, progress: &Progress) -> Result<SourcesReport> {
+        if self.servers < 2 {
+            return Err(Error::Setting(
+                "the sources experiment needs at least 2 servers (one is killed)".into(),
+            ));
+        }
+        let consul = Consul::start_with(ConsulOptions::from_env()?).await?;
+        let client = consul.client();
+        progress.say(format!(
+            "Consul {} up; starting {} echo servers",
+            consul.version(),
+            self.servers
+        ));
+        let mut servers = start_servers(launcher, &consul, self).await?;
+        crate::discovery::create_query(&client, QUERY, SERVICE, &[]).await?;
+        let watch = Watch {
+            dead: servers[0].spec.echo_addr().to_string(),
+            killed: Arc::new(std::sync::OnceLock::new()),
+            stop: CancellationToken::new(),
+        };
+        let mut running = Vec::new();
+        for source in every_source(&consul, self.poll.0) {
+            running.push(start_source(&consul, self, source, &watch).await?);
+        }
+        // Every source lists every server before the kill.
+        all_listed(&running, self.servers).await?;
+        let naive = start_naive(launcher, &consul).await?;
+        // Let every session send for a moment before the kill.
+        tokio::time::sleep(Duration::from_secs(2)).await;
 
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        _: &mut Env,
-        progress: &Progress,
-    ) -> Result<SourcesReport> {
-        run_sources(launcher, self, progress).await
+        let requests_before: Vec<u64> = running
+            .iter()
+            .map(|r| r.counter.requests(&r.rx.borrow()))
+            .collect();
+        progress.say(format!(
+            "SIGKILL to {} ({}); watching every source for up to {}",
+            servers[0].spec.id, watch.dead, self.horizon
+        ));
+        let killed_at = servers[0].process.kill().await?;
+        let _ = watch.killed.set(killed_at);
+        let critical = when_critical(&client, &servers[0].spec.id);
+        until_all_dropped(&running, killed_at, self.horizon.0, progress).await;
+        let watched = killed_at.elapsed().unwrap_or_default();
+        watch.stop.cancel();
+        let critical_after = critical
+            .await
+            .ok()
+            .flatten()
+            .and_then(|at| at.duration_since(killed_at).ok())
+            .map(|d| d.as_secs_f64());
+
+        let mut rows = Vec::new();
+        for (r, before) in running.into_iter().zip(requests_before) {
+            rows.push(source_row(r, before, killed_at, watched).await);
+        }
+        Ok(SourcesReport {
+            consul_version: consul.version().to_owned(),
+            config: self.clone(),
+            killed_at: crate::report::rfc3339(killed_at),
+            critical_after,
+            rows,
+            naive: naive_row(&naive, killed_at),
+        })
     }
 }
 

@@ -16,11 +16,11 @@ use tokio::sync::oneshot;
 use crate::{
     consul::{Consul, ConsulOptions},
     error::{Error, Result},
-    experiment::{Env, Experiment, Findings, Needs, Plan, Suite},
+    experiment::{Findings, OnItsOwn, Plan, Suite},
     logbuf::LogLine,
     procs::{ClientProcess, Launcher, ServerProcess, ServerSpec},
     progress::Progress,
-    report::{Axis, Mark, PALETTE, Plot, Series, Span, Table},
+    report::{Axis, Mark, PALETTE, Plot, Series, Span, Table, secs_since},
     wait,
 };
 
@@ -149,26 +149,6 @@ pub struct TimelineReport {
     pub stories: Vec<Story>,
 }
 
-fn secs_since(t: SystemTime, t0: SystemTime) -> f64 {
-    match t.duration_since(t0) {
-        Ok(d) => d.as_secs_f64(),
-        Err(e) => -e.duration().as_secs_f64(),
-    }
-}
-
-/// Run the naive and the resilient story at the same time.
-pub async fn run(launcher: &Launcher, config: &TimelineConfig) -> Result<TimelineReport> {
-    let began = SystemTime::now();
-    let (naive, resilient) = tokio::join!(
-        story(launcher, config, ClientMode::Naive),
-        story(launcher, config, ClientMode::Resilient)
-    );
-    Ok(TimelineReport {
-        date: crate::report::rfc3339(began),
-        stories: vec![naive?, resilient?],
-    })
-}
-
 /// Tell one story against its own Consul.
 pub async fn story(
     launcher: &Launcher,
@@ -179,69 +159,27 @@ pub async fn story(
     let client = consul.client();
     let t0 = SystemTime::now();
     let mut actions: Vec<(SystemTime, String)> = Vec::new();
-
-    let args: Vec<String> = [
-        "--mode",
-        mode.flag(),
-        "--service",
-        "servernode",
-        "--count",
-        "100000",
-        "--interval",
-        &consul_api::GoDuration(config.message_interval).to_string(),
-        "--timeout",
-        "10m",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let client_proc = ClientProcess::spawn(launcher, &consul.config(), &args)?;
+    let (client_proc, started, output) = start_client(launcher, &consul, config, mode).await?;
     actions.push((
-        SystemTime::now(),
+        started,
         format!("started echo-client --mode {}", mode.flag()),
     ));
-    let output = client_proc.process.output().clone();
-    if mode == ClientMode::Naive {
-        output
-            .wait_for_count(
-                0,
-                "not found",
-                2,
-                config.client_alone + Duration::from_secs(10),
-            )
-            .await?;
-    } else {
-        tokio::time::sleep(config.client_alone).await;
-    }
-
-    let spec = |id: &str| -> Result<ServerSpec> {
-        Ok(ServerSpec {
-            interval: config.interval,
-            timeout: config.timeout,
-            deregister_after: config.deregister_after,
-            ..ServerSpec::seed(consul.config())?.with_id(id)
-        })
-    };
     let ids: &[&str] = match mode {
         ClientMode::Naive => &["servernode_1"],
         ClientMode::Resilient => &["servernode_1", "servernode_2"],
     };
     let mut servers = Vec::new();
     for id in ids {
-        servers.push(ServerProcess::spawn(launcher, spec(id)?).await?);
+        let spec = ServerSpec {
+            interval: config.interval,
+            timeout: config.timeout,
+            deregister_after: config.deregister_after,
+            ..ServerSpec::seed(consul.config())?.with_id(*id)
+        };
+        servers.push(ServerProcess::spawn(launcher, spec).await?);
         actions.push((SystemTime::now(), format!("started echo-server {id}")));
     }
-    // Each server's first passing check, timed on its own (the servers' first checks are
-    // staggered independently within the interval).
-    let watcher = &client;
-    let mut passing = futures::future::try_join_all(ids.iter().map(|id| async move {
-        wait::health_until(watcher, "servernode", true, Duration::from_secs(60), |e| {
-            e.iter().any(|x| x.service.id == *id)
-        })
-        .await?;
-        Ok::<_, Error>((SystemTime::now(), format!("{id} passing")))
-    }))
-    .await?;
+    let mut consul_events = first_passing(&client, ids).await?;
 
     // Let the echo go on, then kill the server the client is using, like a crash.
     let last = output
@@ -259,38 +197,12 @@ pub async fn story(
         .unwrap_or("servernode_1")
         .to_owned();
     let index = ids.iter().position(|id| *id == victim).unwrap_or(0);
-    let (passing_tx, passing_rx) = oneshot::channel();
-    let follow = {
-        let client = client.clone();
-        let victim = victim.clone();
-        tokio::spawn(async move {
-            wait::follow_instance(&client, "servernode", &victim, passing_tx).await
-        })
-    };
-    passing_rx
-        .await
-        .map_err(|_| Error::Stopped(format!("the watch on {victim}")))?;
-    let killed = servers[index].process.kill().await?;
+    let (killed, lifecycle, kill_mark) =
+        kill_and_follow(&client, &mut servers[index], &victim, config, &output).await?;
     actions.push((
         killed,
         format!("SIGKILL echo-server {victim} (the one serving the client)"),
     ));
-    let kill_mark = output.mark();
-
-    // Consul notices, then removes it; bound the wait by the model's window and some.
-    let limit = config.interval
-        + config.deregister_after.max(Duration::from_secs(60))
-        + Duration::from_secs(60);
-    let lifecycle = tokio::time::timeout(limit, follow)
-        .await
-        .map_err(|_| Error::Timeout {
-            what: format!("Consul to remove {victim}"),
-            timeout: limit,
-        })?
-        .map_err(|source| Error::Task {
-            what: "the watch on the killed server",
-            source,
-        })??;
 
     // The client's view after the removal.
     let after = output.mark();
@@ -305,34 +217,13 @@ pub async fn story(
     drop(client_proc);
     drop(servers);
 
-    let lines = output.lines();
-    let mut events = condense(&lines, t0);
-    for (at, text) in &actions {
-        events.push(Event {
-            at: secs_since(*at, t0),
-            until: None,
-            count: 1,
-            source: "testbed",
-            text: text.clone(),
-        });
-    }
-    passing.push((lifecycle.critical_at, format!("{victim} critical")));
-    passing.push((
+    consul_events.push((lifecycle.critical_at, format!("{victim} critical")));
+    consul_events.push((
         lifecycle.removed_at,
         format!("{victim} deregistered (Consul's reaper)"),
     ));
-    for (at, text) in passing {
-        events.push(Event {
-            at: secs_since(at, t0),
-            until: None,
-            count: 1,
-            source: "consul",
-            text,
-        });
-    }
-    events.sort_by(|a, b| a.at.total_cmp(&b.at));
-
-    let killed_at = secs_since(killed, t0);
+    let lines = output.lines();
+    let events = events(&lines, t0, &actions, consul_events);
     let after_kill = &lines[kill_mark.min(lines.len())..];
     let replies_after: Vec<&LogLine> = after_kill
         .iter()
@@ -348,7 +239,7 @@ pub async fn story(
     Ok(Story {
         mode,
         consul_version: consul.version().to_owned(),
-        killed_at,
+        killed_at: secs_since(killed, t0),
         critical_at: secs_since(lifecycle.critical_at, t0),
         removed_at: secs_since(lifecycle.removed_at, t0),
         replies_before_kill: lines[..kill_mark.min(lines.len())]
@@ -366,6 +257,129 @@ pub async fn story(
             .map(|l| secs_since(l.received, killed)),
         events,
     })
+}
+
+/// The echo client of `mode`, started before any server, and left alone: the naive one
+/// until it says twice that it found none, the resilient one `client_alone`. With when it
+/// started, and its output.
+async fn start_client(
+    launcher: &Launcher,
+    consul: &Consul,
+    config: &TimelineConfig,
+    mode: ClientMode,
+) -> Result<(ClientProcess, SystemTime, crate::logbuf::LogBuffer)> {
+    let args: Vec<String> = [
+        "--mode",
+        mode.flag(),
+        "--service",
+        "servernode",
+        "--count",
+        "100000",
+        "--interval",
+        &consul_api::GoDuration(config.message_interval).to_string(),
+        "--timeout",
+        "10m",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let client_proc = ClientProcess::spawn(launcher, &consul.config(), &args)?;
+    let started = SystemTime::now();
+    let output = client_proc.process.output().clone();
+    if mode == ClientMode::Naive {
+        output
+            .wait_for_count(
+                0,
+                "not found",
+                2,
+                config.client_alone + Duration::from_secs(10),
+            )
+            .await?;
+    } else {
+        tokio::time::sleep(config.client_alone).await;
+    }
+    Ok((client_proc, started, output))
+}
+
+/// Each server's first passing check, timed on its own (the servers' first checks are
+/// staggered independently within the interval).
+async fn first_passing(
+    client: &consul_api::Client,
+    ids: &[&str],
+) -> Result<Vec<(SystemTime, String)>> {
+    futures::future::try_join_all(ids.iter().map(|id| async move {
+        wait::health_until(client, "servernode", true, Duration::from_secs(60), |e| {
+            e.iter().any(|x| x.service.id == *id)
+        })
+        .await?;
+        Ok::<_, Error>((SystemTime::now(), format!("{id} passing")))
+    }))
+    .await
+}
+
+/// SIGKILL `server` (`victim`) once a watch follows it, and wait (bounded by the model's
+/// window and some) until Consul has marked it critical and removed it: when it was killed,
+/// what Consul did, and the client's output mark at the kill.
+async fn kill_and_follow(
+    client: &consul_api::Client,
+    server: &mut ServerProcess,
+    victim: &str,
+    config: &TimelineConfig,
+    output: &crate::logbuf::LogBuffer,
+) -> Result<(SystemTime, wait::Lifecycle, usize)> {
+    let (passing_tx, passing_rx) = oneshot::channel();
+    let follow = {
+        let client = client.clone();
+        let victim = victim.to_owned();
+        tokio::spawn(async move {
+            wait::follow_instance(&client, "servernode", &victim, passing_tx).await
+        })
+    };
+    passing_rx
+        .await
+        .map_err(|_| Error::Stopped(format!("the watch on {victim}")))?;
+    let killed = server.process.kill().await?;
+    let kill_mark = output.mark();
+    let limit = config.interval
+        + config.deregister_after.max(Duration::from_secs(60))
+        + Duration::from_secs(60);
+    let lifecycle = tokio::time::timeout(limit, follow)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("Consul to remove {victim}"),
+            timeout: limit,
+        })?
+        .map_err(|source| Error::Task {
+            what: "the watch on the killed server",
+            source,
+        })??;
+    Ok((killed, lifecycle, kill_mark))
+}
+
+/// The story's events in time order: the client's output condensed, what the testbed did
+/// (`actions`) and what Consul did (`consul`), in seconds since `t0`.
+fn events(
+    lines: &[LogLine],
+    t0: SystemTime,
+    actions: &[(SystemTime, String)],
+    consul: Vec<(SystemTime, String)>,
+) -> Vec<Event> {
+    let mut events = condense(lines, t0);
+    let stamped = actions
+        .iter()
+        .map(|(at, text)| ("testbed", *at, text.clone()))
+        .chain(consul.into_iter().map(|(at, text)| ("consul", at, text)));
+    for (source, at, text) in stamped {
+        events.push(Event {
+            at: secs_since(at, t0),
+            until: None,
+            count: 1,
+            source,
+            text,
+        });
+    }
+    events.sort_by(|a, b| a.at.total_cmp(&b.at));
+    events
 }
 
 /// The value after `key` in a `key=value` line.
@@ -438,29 +452,28 @@ impl Suite for Args {
     }
 }
 
-impl Experiment for TimelineConfig {
+impl OnItsOwn for TimelineConfig {
     type Outcome = TimelineReport;
 
     fn title(&self) -> String {
         "The naive and the resilient client, each against its own agent".into()
     }
 
-    /// It starts its own agents.
-    fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Nothing)
-    }
-
-    async fn run_on(
-        &self,
-        launcher: &Launcher,
-        _: &mut Env,
-        progress: &Progress,
-    ) -> Result<TimelineReport> {
+    /// Tell the naive and the resilient story at the same time.
+    async fn run_alone(&self, launcher: &Launcher, progress: &Progress) -> Result<TimelineReport> {
         progress.say(
             "two stories at once (naive, resilient): client first, server, SIGKILL, then \
              Consul's reaper removes the dead server (60 to 95 s)",
         );
-        run(launcher, self).await
+        let began = SystemTime::now();
+        let (naive, resilient) = tokio::join!(
+            story(launcher, self, ClientMode::Naive),
+            story(launcher, self, ClientMode::Resilient)
+        );
+        Ok(TimelineReport {
+            date: crate::report::rfc3339(began),
+            stories: vec![naive?, resilient?],
+        })
     }
 }
 

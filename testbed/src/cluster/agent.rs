@@ -6,45 +6,26 @@
 //! empty data directory (the servers must register again). A resilient client on another
 //! node streams echoes throughout.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use consul_api::Consistency;
 use consul_harness::cluster::{ClusterSpec, Data, Member};
 use serde::Serialize;
 
-use super::{LIMIT, Scenario, ms, ms_between, node_client, node_server, passing_exactly};
+use super::{
+    LIMIT, Scenario, Settings, Watched, default_reads, ms, passing_exactly, servers_on, watched,
+};
 use crate::{
     error::Result,
     experiment::{Env, Experiment, Findings, Needs},
-    procs::{Launcher, ServerProcess},
+    procs::Launcher,
     progress::Progress,
-    report::Table,
-    scenario::{
-        Basics, echo_direct,
-        observers::{DiscoveryLog, Traffic},
-    },
+    report,
+    scenario::{self, Basics, echo_direct},
 };
 
-/// Settings.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Servers.
-    pub servers: usize,
-    /// Check interval of the echo servers.
-    pub interval: Duration,
-    /// One echo every this long.
-    pub every: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            servers: 3,
-            interval: Duration::from_secs(1),
-            every: Duration::from_millis(100),
-        }
-    }
-}
+/// Settings: the cluster's servers, the echo servers' interval, the pace of the echoes.
+#[derive(Debug, Clone, Default)]
+pub struct Config(pub Settings);
 
 /// One kill of the agent and its return.
 #[derive(Debug, Clone, Serialize)]
@@ -76,8 +57,28 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
-    fn tables(&self) -> Vec<Table> {
-        vec![Table::figures(self.figures())]
+    fn figures(&self) -> Vec<(String, String)> {
+        let mut rows = Vec::new();
+        for r in &self.rounds {
+            rows.push((
+                format!("agent killed, back {}", r.restart),
+                format!(
+                    "view dropped its servers after {:.1} s; direct echoes {}/{}; {} server(s) \
+                     noticed; passing again {:.2} s after the agent's return ({:.1} intervals)",
+                    r.dropped_ms / 1e3,
+                    r.direct_echoes.0,
+                    r.direct_echoes.1,
+                    r.servers_noticed,
+                    r.back_ms / 1e3,
+                    r.back_in_intervals
+                ),
+            ));
+        }
+        rows.push((
+            "echoes sent / lost".into(),
+            format!("{} / {}", self.basics.tally.sent, self.basics.tally.lost),
+        ));
+        rows
     }
 
     fn details(&self) -> String {
@@ -117,33 +118,6 @@ impl Findings for Outcome {
     }
 }
 
-impl Outcome {
-    /// `(figure, value)` rows of its table.
-    pub fn figures(&self) -> Vec<(String, String)> {
-        let mut rows = Vec::new();
-        for r in &self.rounds {
-            rows.push((
-                format!("agent killed, back {}", r.restart),
-                format!(
-                    "view dropped its servers after {:.1} s; direct echoes {}/{}; {} server(s) \
-                     noticed; passing again {:.2} s after the agent's return ({:.1} intervals)",
-                    r.dropped_ms / 1e3,
-                    r.direct_echoes.0,
-                    r.direct_echoes.1,
-                    r.servers_noticed,
-                    r.back_ms / 1e3,
-                    r.back_in_intervals
-                ),
-            ));
-        }
-        rows.push((
-            "echoes sent / lost".into(),
-            format!("{} / {}", self.basics.tally.sent, self.basics.tally.lost),
-        ));
-        rows
-    }
-}
-
 impl Experiment for Config {
     type Outcome = Outcome;
 
@@ -152,7 +126,7 @@ impl Experiment for Config {
     }
 
     fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Cluster(ClusterSpec::new(self.servers, 2)))
+        Ok(Needs::Cluster(ClusterSpec::new(self.0.servers, 2)))
     }
 
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
@@ -160,26 +134,22 @@ impl Experiment for Config {
         step.say("two echo servers on node 1, one on node 2");
         let node = Member::Client(0);
         let home = Member::Client(1);
-        let mut servers: Vec<ServerProcess> = Vec::new();
-        for id in ["servernode_1", "servernode_2"] {
-            servers.push(node_server(launcher, cluster.agent(node), id, self.interval).await?);
-        }
-        servers
-            .push(node_server(launcher, cluster.agent(home), "servernode_3", self.interval).await?);
-        let ids: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
-        passing_exactly(cluster.agent(home), &ids).await?;
-        // Views are recorded from here on: every wait below counts them all.
-        let t0 = Instant::now();
-        let client = node_client(cluster.agent(home), Consistency::Default, None)?;
-        let log = DiscoveryLog::start(&client);
-        log.wait_for("discovery to list every server", t0, LIMIT, |v| {
-            v.lists_all(&ids)
-        })
+        let Settings {
+            interval, every, ..
+        } = self.0;
+        let mut servers = servers_on(
+            launcher,
+            cluster.agent(node),
+            &["servernode_1", "servernode_2"],
+            interval,
+        )
         .await?;
-        let traffic = Traffic::start(&client, "agent", self.every, 20 * 60 * 10);
-        traffic
-            .wait_for("10 echoes", LIMIT, |o| o.seq >= 10 && !o.lost())
-            .await?;
+        servers
+            .extend(servers_on(launcher, cluster.agent(home), &["servernode_3"], interval).await?);
+        let ids = scenario::ids(&servers);
+        passing_exactly(cluster.agent(home), &ids).await?;
+        let [Watched { log, traffic, .. }] =
+            watched(cluster.agent(home), [default_reads()], &ids, every).await?;
 
         let mut rounds = Vec::new();
         for data in [Data::Keep, Data::Wipe] {
@@ -218,14 +188,14 @@ impl Experiment for Config {
             cluster.start_again(node, data).await?;
             let back_at = tokio::time::Instant::now();
             let passing = passing_exactly(cluster.agent(home), &ids).await?;
-            let back_ms = ms_between(back_at, passing);
+            let back_ms = report::ms_from(back_at, passing);
             rounds.push(Round {
                 restart: label.into(),
                 dropped_ms: ms(dropped.at - killed),
                 direct_echoes: direct,
                 servers_noticed: noticed,
                 back_ms,
-                back_in_intervals: back_ms / ms(self.interval),
+                back_in_intervals: back_ms / ms(interval),
             });
             log.wait_for("the view to list every server", restarted, LIMIT, |v| {
                 v.lists_all(&ids)
@@ -234,7 +204,7 @@ impl Experiment for Config {
         }
         let outcomes = traffic.finish().await;
         Ok(Outcome {
-            interval_ms: ms(self.interval),
+            interval_ms: ms(interval),
             rounds,
             basics: Basics::of(&outcomes, &mut servers),
         })

@@ -13,41 +13,22 @@ use consul_harness::cluster::{ClusterSpec, Member};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Scenario, ViewFigures, ms, ms_between, node_client, node_server, passing_exactly,
-    secs_or_never,
+    LIMIT, Scenario, Settings, ViewFigures, default_reads, ms, node_server, passing_exactly,
+    servers_passing, watched,
 };
 use crate::{
     error::Result,
     experiment::{Env, Experiment, Findings, Needs},
     procs::Launcher,
     progress::Progress,
-    report::{Plot, Table},
-    scenario::{
-        Basics,
-        observers::{DiscoveryLog, Tally, Traffic},
-    },
+    report::{self, Plot},
+    scenario::{Basics, observers::Tally},
 };
 
-/// Settings.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Servers (at least 3 for a leader to be lost and another elected).
-    pub servers: usize,
-    /// Check interval of the echo servers.
-    pub interval: Duration,
-    /// One echo every this long, per client.
-    pub every: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            servers: 3,
-            interval: Duration::from_secs(1),
-            every: Duration::from_millis(100),
-        }
-    }
-}
+/// Settings: the cluster's servers (at least 3 for a leader to be lost and another
+/// elected), the echo servers' interval, the pace of the echoes.
+#[derive(Debug, Clone, Default)]
+pub struct Config(pub Settings);
 
 /// What was measured.
 #[derive(Debug, Clone, Serialize)]
@@ -76,69 +57,7 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
-    fn plot(&self) -> Option<Plot> {
-        Some(super::views_plot(
-            format!(
-                "The leader ({}) killed: each client's view",
-                self.old_leader
-            ),
-            &self.views,
-            &[
-                ("a new leader", self.election_ms),
-                ("registration visible", self.registration_visible_ms),
-            ],
-        ))
-    }
-
-    fn tables(&self) -> Vec<Table> {
-        vec![Table::figures(self.figures())]
-    }
-
-    fn details(&self) -> String {
-        let v = |i: usize| self.views.get(i);
-        format!(
-            "The leader ({}) was sent SIGKILL; {} was named leader {:.1} s later (Raft in \
-             production timings: 5 s heartbeat and election timeouts with Consul's \
-             `raft_multiplier` 5). The client reading with default consistency saw {} \
-             unreachable episode(s) ({}); the stale one {} ({}). An echo server started right \
-             after the kill was accepted by its client agent {:.2} s after the kill and \
-             became visible in the catalog {:.1} s after it; the clients' views listed it \
-             after {} (default) and {} (stale). Echoes: {} sent, {} lost.",
-            self.old_leader,
-            self.new_leader,
-            self.election_ms / 1e3,
-            v(0).map_or(0, |v| v.unreachable_episodes),
-            v(0).and_then(|v| v.first_error.clone())
-                .unwrap_or_else(|| "no error".into()),
-            v(1).map_or(0, |v| v.unreachable_episodes),
-            v(1).and_then(|v| v.first_error.clone())
-                .unwrap_or_else(|| "no error".into()),
-            self.registered_locally_ms / 1e3,
-            self.registration_visible_ms / 1e3,
-            secs_or_never(v(0).and_then(|v| v.current_after_ms)),
-            secs_or_never(v(1).and_then(|v| v.current_after_ms)),
-            self.basics.tally.sent,
-            self.basics.tally.lost,
-        )
-    }
-
-    fn violations(&self) -> Vec<String> {
-        let mut v = self.basics.violations();
-        for view in &self.views {
-            if view.current_after_ms.is_none() {
-                v.push(format!("the {} client's view never recovered", view.reads));
-            }
-        }
-        if self.old_leader == self.new_leader {
-            v.push("no new leader".into());
-        }
-        v
-    }
-}
-
-impl Outcome {
-    /// `(figure, value)` rows of its table.
-    pub fn figures(&self) -> Vec<(String, String)> {
+    fn figures(&self) -> Vec<(String, String)> {
         let mut rows = vec![
             (
                 "kill → new leader".into(),
@@ -170,6 +89,61 @@ impl Outcome {
         ));
         rows
     }
+
+    fn plot(&self) -> Option<Plot> {
+        Some(super::views_plot(
+            format!(
+                "The leader ({}) killed: each client's view",
+                self.old_leader
+            ),
+            &self.views,
+            &[
+                ("a new leader", self.election_ms),
+                ("registration visible", self.registration_visible_ms),
+            ],
+        ))
+    }
+
+    fn details(&self) -> String {
+        let v = |i: usize| self.views.get(i);
+        format!(
+            "The leader ({}) was sent SIGKILL; {} was named leader {:.1} s later (Raft in \
+             production timings: 5 s heartbeat and election timeouts with Consul's \
+             `raft_multiplier` 5). The client reading with default consistency saw {} \
+             unreachable episode(s) ({}); the stale one {} ({}). An echo server started right \
+             after the kill was accepted by its client agent {:.2} s after the kill and \
+             became visible in the catalog {:.1} s after it; the clients' views listed it \
+             after {} (default) and {} (stale). Echoes: {} sent, {} lost.",
+            self.old_leader,
+            self.new_leader,
+            self.election_ms / 1e3,
+            v(0).map_or(0, |v| v.unreachable_episodes),
+            v(0).and_then(|v| v.first_error.clone())
+                .unwrap_or_else(|| "no error".into()),
+            v(1).map_or(0, |v| v.unreachable_episodes),
+            v(1).and_then(|v| v.first_error.clone())
+                .unwrap_or_else(|| "no error".into()),
+            self.registered_locally_ms / 1e3,
+            self.registration_visible_ms / 1e3,
+            report::secs_or_ms(v(0).and_then(|v| v.current_after_ms), "never"),
+            report::secs_or_ms(v(1).and_then(|v| v.current_after_ms), "never"),
+            self.basics.tally.sent,
+            self.basics.tally.lost,
+        )
+    }
+
+    fn violations(&self) -> Vec<String> {
+        let mut v = self.basics.violations();
+        for view in &self.views {
+            if view.current_after_ms.is_none() {
+                v.push(format!("the {} client's view never recovered", view.reads));
+            }
+        }
+        if self.old_leader == self.new_leader {
+            v.push("no new leader".into());
+        }
+        v
+    }
 }
 
 impl Experiment for Config {
@@ -180,47 +154,28 @@ impl Experiment for Config {
     }
 
     fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Cluster(ClusterSpec::new(self.servers, 1)))
+        Ok(Needs::Cluster(ClusterSpec::new(self.0.servers, 1)))
     }
 
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let cluster = env.cluster()?;
         step.say("echo servers on the client node");
         let node = Member::Client(0);
-        let mut servers = Vec::new();
-        for id in ["servernode_1", "servernode_2"] {
-            servers.push(node_server(launcher, cluster.agent(node), id, self.interval).await?);
-        }
-        let ids: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
-        passing_exactly(cluster.agent(node), &ids).await?;
-        // Views are recorded from here on: every wait below counts them all.
-        let t0 = Instant::now();
-        let default = node_client(cluster.agent(node), Consistency::Default, None)?;
-        let stale = node_client(cluster.agent(node), Consistency::Stale, None)?;
-        let logs = [DiscoveryLog::start(&default), DiscoveryLog::start(&stale)];
-        for log in &logs {
-            log.wait_for("discovery to list both servers", t0, LIMIT, |v| {
-                v.lists_all(&ids)
-            })
-            .await?;
-        }
-        let max = 20 * 60 * 1000 / self.every.as_millis().max(1) as u64;
-        let traffic = [
-            Traffic::start(&default, "default", self.every, max),
-            Traffic::start(&stale, "stale", self.every, max),
-        ];
-        for t in &traffic {
-            t.wait_for("10 echoes", LIMIT, |o| o.seq >= 10 && !o.lost())
-                .await?;
-        }
+        let Settings {
+            interval, every, ..
+        } = self.0;
+        let two = ["servernode_1", "servernode_2"];
+        let (mut servers, ids) =
+            servers_passing(launcher, cluster.agent(node), &two, interval).await?;
+        let stale = ("stale".into(), Consistency::Stale, None);
+        let clients = watched(cluster.agent(node), [default_reads(), stale], &ids, every).await?;
 
         let (old, _) = cluster.wait_leader(None, LIMIT).await?;
         step.say(format!("killing the leader (server-{})", old + 1));
         let killed = tokio::time::Instant::now();
         let killed_std = Instant::now();
         cluster.crash(Member::Server(old)).await?;
-        let third =
-            node_server(launcher, cluster.agent(node), "servernode_3", self.interval).await?;
+        let third = node_server(launcher, cluster.agent(node), "servernode_3", interval).await?;
         let registered_locally = killed.elapsed();
         servers.push(third);
         step.say("waiting for a new leader (Raft: 5 s timeouts in production)");
@@ -228,20 +183,21 @@ impl Experiment for Config {
         step.say("waiting for the registration made during the election to show");
         let all: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
         let visible = passing_exactly(cluster.agent(node), &all).await?;
-        for log in &logs {
-            log.wait_for("discovery to list all three", killed_std, LIMIT, |v| {
-                v.lists_all(&all)
-            })
-            .await?;
+        for c in &clients {
+            c.log
+                .wait_for("discovery to list all three", killed_std, LIMIT, |v| {
+                    v.lists_all(&all)
+                })
+                .await?;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let views = vec![
-            ViewFigures::of("default", &logs[0], killed_std, |v| v.lists_all(&all)),
-            ViewFigures::of("stale", &logs[1], killed_std, |v| v.lists_all(&all)),
-        ];
-        let [t_default, t_stale] = traffic;
-        let default_outcomes = t_default.finish().await;
-        let stale_outcomes = t_stale.finish().await;
+        let views = clients
+            .iter()
+            .map(|c| ViewFigures::of(&c.reads, &c.log, killed_std, |v| v.lists_all(&all)))
+            .collect();
+        let [default, stale] = clients;
+        let default_outcomes = default.traffic.finish().await;
+        let stale_outcomes = stale.traffic.finish().await;
         let everything: Vec<_> = default_outcomes
             .iter()
             .chain(&stale_outcomes)
@@ -250,9 +206,9 @@ impl Experiment for Config {
         Ok(Outcome {
             old_leader: Member::Server(old).to_string(),
             new_leader: Member::Server(new).to_string(),
-            election_ms: ms_between(killed, elected),
+            election_ms: report::ms_from(killed, elected),
             registered_locally_ms: ms(registered_locally),
-            registration_visible_ms: ms_between(killed, visible),
+            registration_visible_ms: report::ms_from(killed, visible),
             views,
             default_traffic: Tally::of(&default_outcomes),
             stale_traffic: Tally::of(&stale_outcomes),

@@ -37,7 +37,7 @@ use crate::{
     report::{Axis, Mark, PALETTE, Plot, Series, ms},
     scenario::{
         self, SERVICE,
-        observers::{DiscoveryLog, View, ViewState},
+        observers::{DiscoveryLog, Traffic, View, ViewState},
     },
     wait,
 };
@@ -167,6 +167,112 @@ pub(crate) fn node_client(
         consistency,
         max_stale,
     )
+}
+
+/// The settings most cluster scenarios share: the cluster's servers, and their echo
+/// servers' check interval and echo pace.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Consul servers.
+    pub servers: usize,
+    /// Check interval of the echo servers.
+    pub interval: Duration,
+    /// One echo every this long, per client.
+    pub every: Duration,
+}
+
+impl Default for Settings {
+    /// 3 servers; echo servers checked every second; an echo every 100 ms.
+    fn default() -> Self {
+        Settings {
+            servers: 3,
+            interval: Duration::from_secs(1),
+            every: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The echo servers `ids` on the node of `agent`.
+pub(crate) async fn servers_on(
+    launcher: &Launcher,
+    agent: &Consul,
+    ids: &[&str],
+    interval: Duration,
+) -> Result<Vec<ServerProcess>> {
+    let mut servers = Vec::with_capacity(ids.len());
+    for id in ids {
+        servers.push(node_server(launcher, agent, id, interval).await?);
+    }
+    Ok(servers)
+}
+
+/// [`servers_on`], once `agent` lists exactly them passing; with their IDs.
+pub(crate) async fn servers_passing(
+    launcher: &Launcher,
+    agent: &Consul,
+    ids: &[&str],
+    interval: Duration,
+) -> Result<(Vec<ServerProcess>, Vec<String>)> {
+    let servers = servers_on(launcher, agent, ids, interval).await?;
+    let ids = scenario::ids(&servers);
+    passing_exactly(agent, &ids).await?;
+    Ok((servers, ids))
+}
+
+/// How a client reads: its label, its consistency, its bound on staleness.
+pub(crate) type Reads = (String, consul_api::Consistency, Option<Duration>);
+
+/// A resilient client on a node, streaming echoes, and every view its discovery published.
+pub(crate) struct Watched {
+    /// How it reads.
+    pub reads: String,
+    /// Its discovery's views.
+    pub log: DiscoveryLog,
+    /// Its echoes.
+    pub traffic: Traffic,
+    /// The client itself, held while the others work.
+    _client: EchoClient,
+}
+
+/// A client on the node of `agent` for each of `reads`, each streaming an echo every
+/// `every` (for at most 20 minutes); once each one's discovery lists every one of `ids` and
+/// it has 10 good echoes. Views are recorded from the start: every wait counts them all.
+pub(crate) async fn watched<const N: usize>(
+    agent: &Consul,
+    reads: [Reads; N],
+    ids: &[String],
+    every: Duration,
+) -> Result<[Watched; N]> {
+    let t0 = Instant::now();
+    let max = 20 * 60 * 1000 / every.as_millis().max(1) as u64;
+    let mut all = Vec::with_capacity(N);
+    for (label, consistency, max_stale) in reads {
+        let client = node_client(agent, consistency, max_stale)?;
+        let log = DiscoveryLog::start(&client);
+        log.wait_for("discovery to list every server", t0, LIMIT, |v| {
+            v.lists_all(ids)
+        })
+        .await?;
+        let traffic = Traffic::start(&client, &label, every, max);
+        all.push(Watched {
+            reads: label,
+            log,
+            traffic,
+            _client: client,
+        });
+    }
+    for w in &all {
+        w.traffic
+            .wait_for("10 echoes", LIMIT, |o| o.seq >= 10 && !o.lost())
+            .await?;
+    }
+    all.try_into()
+        .map_err(|_| Error::Scenario("a client per read".into()))
+}
+
+/// Reading with Consul's default consistency.
+pub(crate) fn default_reads() -> Reads {
+    ("default".into(), consul_api::Consistency::Default, None)
 }
 
 /// Until `agent` lists exactly the passing instances `ids` (in any order).
@@ -376,17 +482,6 @@ pub(crate) async fn settled(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Milliseconds from `from` to `to` (tokio instants).
-pub(crate) fn ms_between(from: tokio::time::Instant, to: tokio::time::Instant) -> f64 {
-    ms(to.saturating_duration_since(from))
-}
-
-/// `Some(ms)` as seconds with one decimal, `None` as `never`.
-pub(crate) fn secs_or_never(ms: Option<f64>) -> String {
-    ms.map(|m| format!("{:.1} s", m / 1e3))
-        .unwrap_or_else(|| "never".into())
 }
 
 /// A deadline error for a scenario step.

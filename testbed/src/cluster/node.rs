@@ -9,13 +9,13 @@
 
 use std::time::{Duration, Instant};
 
-use consul_api::{Consistency, HealthStatus, QueryOptions};
+use consul_api::{HealthStatus, QueryOptions};
 use consul_harness::cluster::{ClusterSpec, Member};
 use serde::Serialize;
 
 use super::{
-    LIMIT, Scenario, ms, ms_between, node_client, node_server, passing_exactly, secs_or_never,
-    timeout,
+    LIMIT, Scenario, Settings, Watched, default_reads, ms, passing_exactly, servers_on, timeout,
+    watched,
 };
 use crate::{
     error::Result,
@@ -23,28 +23,21 @@ use crate::{
     model::ReaperModel,
     procs::Launcher,
     progress::Progress,
-    report::Table,
-    scenario::{
-        Basics, SERVICE,
-        observers::{DiscoveryLog, Traffic},
-    },
+    report,
+    scenario::{self, Basics, SERVICE},
     wait,
 };
 
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Servers.
-    pub servers: usize,
+    /// The cluster's servers, the echo servers' interval, the pace of the echoes.
+    pub cluster: Settings,
     /// `reconnect_timeout` of every agent: short here to show the catalog's removal of a
     /// dead node (Consul's default is 72 h); `None` to stop once the view dropped it.
     pub reconnect_timeout: Option<Duration>,
     /// Also make a third node leave gracefully (SIGTERM to its agent).
     pub contrast: bool,
-    /// Check interval of the echo servers.
-    pub interval: Duration,
-    /// One echo every this long.
-    pub every: Duration,
 }
 
 impl Default for Config {
@@ -52,11 +45,9 @@ impl Default for Config {
     /// `DeregisterCriticalServiceAfter` would take), the graceful contrast.
     fn default() -> Self {
         Config {
-            servers: 3,
+            cluster: Settings::default(),
             reconnect_timeout: Some(Duration::from_secs(120)),
             contrast: true,
-            interval: Duration::from_secs(1),
-            every: Duration::from_millis(100),
         }
     }
 }
@@ -91,53 +82,7 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
-    fn tables(&self) -> Vec<Table> {
-        vec![Table::figures(self.figures())]
-    }
-
-    fn details(&self) -> String {
-        format!(
-            "The node's client agent and its echo server were killed (SIGKILL) together. The \
-             servers' gossip marked the node failed and its `serfHealth` critical, so \
-             `?passing` dropped {} after {:.1} s (production gossip: 1 s probes, suspicion \
-             multiplier 4) and the client's view after {:.1} s; the catalog still listed it \
-             ({}). `DeregisterCriticalServiceAfter` never applies: the reaper that would \
-             apply it runs inside the dead agent. The catalog lost it only when the node was \
-             reaped, {} after the kill, with `reconnect_timeout` shortened for the experiment \
-             (Consul 1.8.7 does not enforce the documented 8 h minimum; the default is 72 h, \
-             so in production a dead node's services stay in the catalog, critical, for three \
-             days unless an operator runs `consul force-leave`). A node whose agent is sent \
-             SIGTERM leaves instead: its services were gone {}.",
-            self.dead_instance,
-            self.passing_dropped_ms / 1e3,
-            self.view_dropped_ms / 1e3,
-            if self.catalog_kept {
-                "with its node's serfHealth critical"
-            } else {
-                "**not**: it was gone"
-            },
-            secs_or_never(self.catalog_removed_ms),
-            self.leave_removed_ms
-                .map(|m| format!("{m:.0} ms after the signal"))
-                .unwrap_or_else(|| "(contrast not run)".into()),
-        )
-    }
-
-    fn violations(&self) -> Vec<String> {
-        let mut v = self.basics.violations();
-        if !self.catalog_kept {
-            v.push("the catalog dropped the dead node's instance at once".into());
-        }
-        if self.dereg_after_never_fired == Some(false) {
-            v.push("DeregisterCriticalServiceAfter fired on a dead agent".into());
-        }
-        v
-    }
-}
-
-impl Outcome {
-    /// `(figure, value)` rows of its table.
-    pub fn figures(&self) -> Vec<(String, String)> {
+    fn figures(&self) -> Vec<(String, String)> {
         let s = |m: f64| format!("{:.1} s", m / 1e3);
         vec![
             (
@@ -168,7 +113,7 @@ impl Outcome {
             ),
             (
                 "kill → gone from the catalog (node reaped)".into(),
-                secs_or_never(self.catalog_removed_ms),
+                report::secs_or_ms(self.catalog_removed_ms, "never"),
             ),
             (
                 "contrast: SIGTERM (leave) → gone from the catalog".into(),
@@ -182,6 +127,45 @@ impl Outcome {
             ),
         ]
     }
+
+    fn details(&self) -> String {
+        format!(
+            "The node's client agent and its echo server were killed (SIGKILL) together. The \
+             servers' gossip marked the node failed and its `serfHealth` critical, so \
+             `?passing` dropped {} after {:.1} s (production gossip: 1 s probes, suspicion \
+             multiplier 4) and the client's view after {:.1} s; the catalog still listed it \
+             ({}). `DeregisterCriticalServiceAfter` never applies: the reaper that would \
+             apply it runs inside the dead agent. The catalog lost it only when the node was \
+             reaped, {} after the kill, with `reconnect_timeout` shortened for the experiment \
+             (Consul 1.8.7 does not enforce the documented 8 h minimum; the default is 72 h, \
+             so in production a dead node's services stay in the catalog, critical, for three \
+             days unless an operator runs `consul force-leave`). A node whose agent is sent \
+             SIGTERM leaves instead: its services were gone {}.",
+            self.dead_instance,
+            self.passing_dropped_ms / 1e3,
+            self.view_dropped_ms / 1e3,
+            if self.catalog_kept {
+                "with its node's serfHealth critical"
+            } else {
+                "**not**: it was gone"
+            },
+            report::secs_or_ms(self.catalog_removed_ms, "never"),
+            self.leave_removed_ms
+                .map(|m| format!("{m:.0} ms after the signal"))
+                .unwrap_or_else(|| "(contrast not run)".into()),
+        )
+    }
+
+    fn violations(&self) -> Vec<String> {
+        let mut v = self.basics.violations();
+        if !self.catalog_kept {
+            v.push("the catalog dropped the dead node's instance at once".into());
+        }
+        if self.dereg_after_never_fired == Some(false) {
+            v.push("DeregisterCriticalServiceAfter fired on a dead agent".into());
+        }
+        v
+    }
 }
 
 impl Experiment for Config {
@@ -194,7 +178,7 @@ impl Experiment for Config {
     fn needs(&self) -> Result<Needs> {
         Ok(Needs::Cluster(ClusterSpec {
             reconnect_timeout: self.reconnect_timeout,
-            ..ClusterSpec::new(self.servers, if self.contrast { 3 } else { 2 })
+            ..ClusterSpec::new(self.cluster.servers, if self.contrast { 3 } else { 2 })
         }))
     }
 
@@ -202,35 +186,21 @@ impl Experiment for Config {
         let cluster = env.cluster()?;
         step.say("an echo server on every client node");
         let nodes = cluster.clients().len();
+        let Settings {
+            interval, every, ..
+        } = self.cluster;
         let mut servers = Vec::new();
         for n in 0..nodes {
+            let agent = cluster.agent(Member::Client(n));
             let id = format!("servernode_{}", n + 1);
-            servers.push(
-                node_server(
-                    launcher,
-                    cluster.agent(Member::Client(n)),
-                    &id,
-                    self.interval,
-                )
-                .await?,
-            );
+            servers.extend(servers_on(launcher, agent, &[&id], interval).await?);
         }
-        let ids: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
+        let ids = scenario::ids(&servers);
         // The client lives on node 2, which survives.
         let home = Member::Client(1);
         passing_exactly(cluster.agent(home), &ids).await?;
-        // Views are recorded from here on: every wait below counts them all.
-        let t0 = Instant::now();
-        let client = node_client(cluster.agent(home), Consistency::Default, None)?;
-        let log = DiscoveryLog::start(&client);
-        log.wait_for("discovery to list every server", t0, LIMIT, |v| {
-            v.lists_all(&ids)
-        })
-        .await?;
-        let traffic = Traffic::start(&client, "node", self.every, 20 * 60 * 10);
-        traffic
-            .wait_for("10 echoes", LIMIT, |o| o.seq >= 10 && !o.lost())
-            .await?;
+        let [Watched { log, traffic, .. }] =
+            watched(cluster.agent(home), [default_reads()], &ids, every).await?;
 
         step.say("killing node 1: its client agent and its echo server");
         let dead = ids[0].clone();
@@ -286,7 +256,7 @@ impl Experiment for Config {
             let would_have = killed
                 + model.min_deregister
                 + model.reap_interval
-                + self.interval
+                + interval
                 + Duration::from_secs(2);
             step.say("waiting past DeregisterCriticalServiceAfter + a reaper period (about 95 s)");
             tokio::time::sleep_until(would_have).await;
@@ -326,7 +296,7 @@ impl Experiment for Config {
             let (stopped, gone) = tokio::join!(cluster.stop(Member::Client(2)), gone);
             stopped?;
             let (_, gone) = gone?;
-            leave_removed_ms = Some(ms_between(signalled, gone));
+            leave_removed_ms = Some(report::ms_from(signalled, gone));
             servers[2].process.kill().await?;
         }
 
@@ -335,7 +305,7 @@ impl Experiment for Config {
         let mut survivor = vec![servers.swap_remove(1)];
         Ok(Outcome {
             dead_instance: dead,
-            passing_dropped_ms: ms_between(killed, passing_dropped),
+            passing_dropped_ms: report::ms_from(killed, passing_dropped),
             view_dropped_ms: ms(view.at - killed_std),
             answered_after_view_dropped_ms,
             catalog_kept,

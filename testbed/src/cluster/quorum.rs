@@ -12,18 +12,16 @@ use consul_api::Consistency;
 use consul_harness::cluster::{ClusterSpec, Data, Member};
 use serde::Serialize;
 
-use super::{
-    LIMIT, Scenario, ViewFigures, ms_between, node_client, node_server, passing_exactly, settled,
-};
+use super::{LIMIT, Scenario, ViewFigures, default_reads, servers_passing, settled, watched};
 use crate::{
     error::Result,
     experiment::{Env, Experiment, Findings, Needs},
     procs::Launcher,
     progress::Progress,
-    report::{Plot, Table},
+    report::{self, Plot},
     scenario::{
         Basics,
-        observers::{DiscoveryLog, Tally, Traffic},
+        observers::{Tally, ViewState, sent_between},
     },
 };
 
@@ -76,6 +74,40 @@ pub struct Outcome {
 }
 
 impl Findings for Outcome {
+    fn figures(&self) -> Vec<(String, String)> {
+        let mut rows = vec![(
+            "servers down".into(),
+            format!("{} for {:.0} s", self.killed.join(", "), self.down_ms / 1e3),
+        )];
+        for (v, (_, up)) in self.views.iter().zip(&self.reachable_at_end_of_outage) {
+            rows.push((
+                format!("discovery, {} reads", v.reads),
+                format!(
+                    "{}; at the end of the outage {}",
+                    v.errors_cell(),
+                    if *up { "answering" } else { "failing" }
+                ),
+            ));
+        }
+        for (reads, t) in &self.during_outage {
+            rows.push((
+                format!("echoes during the outage, {reads} client"),
+                format!("{} sent, {} lost", t.sent, t.lost),
+            ));
+        }
+        rows.push((
+            "restart → leader".into(),
+            format!("{:.1} s", self.leader_after_restart_ms / 1e3),
+        ));
+        for (v, ms) in self.views.iter().zip(&self.view_after_restart_ms) {
+            rows.push((
+                format!("restart → {} view current", v.reads),
+                format!("{:.1} s", ms / 1e3),
+            ));
+        }
+        rows
+    }
+
     fn plot(&self) -> Option<Plot> {
         Some(super::views_plot(
             format!(
@@ -91,10 +123,6 @@ impl Findings for Outcome {
                 ),
             ],
         ))
-    }
-
-    fn tables(&self) -> Vec<Table> {
-        vec![Table::figures(self.figures())]
     }
 
     fn details(&self) -> String {
@@ -131,43 +159,6 @@ impl Findings for Outcome {
     }
 }
 
-impl Outcome {
-    /// `(figure, value)` rows of its table.
-    pub fn figures(&self) -> Vec<(String, String)> {
-        let mut rows = vec![(
-            "servers down".into(),
-            format!("{} for {:.0} s", self.killed.join(", "), self.down_ms / 1e3),
-        )];
-        for (v, (_, up)) in self.views.iter().zip(&self.reachable_at_end_of_outage) {
-            rows.push((
-                format!("discovery, {} reads", v.reads),
-                format!(
-                    "{}; at the end of the outage {}",
-                    v.errors_cell(),
-                    if *up { "answering" } else { "failing" }
-                ),
-            ));
-        }
-        for (reads, t) in &self.during_outage {
-            rows.push((
-                format!("echoes during the outage, {reads} client"),
-                format!("{} sent, {} lost", t.sent, t.lost),
-            ));
-        }
-        rows.push((
-            "restart → leader".into(),
-            format!("{:.1} s", self.leader_after_restart_ms / 1e3),
-        ));
-        for (v, ms) in self.views.iter().zip(&self.view_after_restart_ms) {
-            rows.push((
-                format!("restart → {} view current", v.reads),
-                format!("{:.1} s", ms / 1e3),
-            ));
-        }
-        rows
-    }
-}
-
 impl Experiment for Config {
     type Outcome = Outcome;
 
@@ -183,44 +174,22 @@ impl Experiment for Config {
         let cluster = env.cluster()?;
         step.say("echo servers on the client node");
         let node = Member::Client(0);
-        let mut servers = Vec::new();
-        for id in ["servernode_1", "servernode_2"] {
-            servers.push(node_server(launcher, cluster.agent(node), id, self.interval).await?);
-        }
-        let ids: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
-        passing_exactly(cluster.agent(node), &ids).await?;
-        let reads = [
-            ("default".to_owned(), Consistency::Default, None),
-            ("stale".to_owned(), Consistency::Stale, None),
-            (
-                format!("stale ≤ {}", consul_api::GoDuration(self.max_stale)),
-                Consistency::Stale,
-                Some(self.max_stale),
-            ),
-        ];
-        let mut clients = Vec::new();
-        // Views are recorded from here on: every wait below counts them all.
-        let t0 = Instant::now();
-        for (_, consistency, max_stale) in &reads {
-            clients.push(node_client(cluster.agent(node), *consistency, *max_stale)?);
-        }
-        let logs: Vec<DiscoveryLog> = clients.iter().map(DiscoveryLog::start).collect();
-        for log in &logs {
-            log.wait_for("discovery to list both servers", t0, LIMIT, |v| {
-                v.lists_all(&ids)
-            })
-            .await?;
-        }
-        let max = 20 * 60 * 1000 / self.every.as_millis().max(1) as u64;
-        let traffic: Vec<Traffic> = clients
-            .iter()
-            .zip(&reads)
-            .map(|(c, (label, _, _))| Traffic::start(c, label, self.every, max))
-            .collect();
-        for t in &traffic {
-            t.wait_for("10 echoes", LIMIT, |o| o.seq >= 10 && !o.lost())
-                .await?;
-        }
+        let two = ["servernode_1", "servernode_2"];
+        let (mut servers, ids) =
+            servers_passing(launcher, cluster.agent(node), &two, self.interval).await?;
+        let bounded = (
+            format!("stale ≤ {}", consul_api::GoDuration(self.max_stale)),
+            Consistency::Stale,
+            Some(self.max_stale),
+        );
+        let stale = ("stale".into(), Consistency::Stale, None);
+        let clients = watched(
+            cluster.agent(node),
+            [default_reads(), stale, bounded],
+            &ids,
+            self.every,
+        )
+        .await?;
 
         let (leader, _) = cluster.wait_leader(None, LIMIT).await?;
         let victims = [leader, (leader + 1) % 3];
@@ -231,14 +200,14 @@ impl Experiment for Config {
         }
         step.say(format!("quorum lost: holding {} s", self.down.as_secs()));
         tokio::time::sleep(self.down).await;
-        let reachable_at_end: Vec<(String, bool)> = logs
+        let reachable_at_end: Vec<(String, bool)> = clients
             .iter()
-            .zip(&reads)
-            .map(|(log, (label, _, _))| {
-                let up = log
+            .map(|c| {
+                let up = c
+                    .log
                     .latest()
-                    .is_some_and(|v| v.state == crate::scenario::observers::ViewState::Reachable);
-                (label.clone(), up)
+                    .is_some_and(|v| v.state == ViewState::Reachable);
+                (c.reads.clone(), up)
             })
             .collect();
         step.say("starting both servers again, with their data");
@@ -249,25 +218,24 @@ impl Experiment for Config {
         }
         let (_, elected) = cluster.wait_leader(None, LIMIT).await?;
         let mut recovered = Vec::new();
-        for log in &logs {
-            let since = settled(log, "discovery to recover", restarted_std, |v| {
+        for c in &clients {
+            let since = settled(&c.log, "discovery to recover", restarted_std, |v| {
                 v.lists_all(&ids)
             })
             .await?;
             recovered.push(super::ms(since - restarted_std));
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let views = logs
+        let views = clients
             .iter()
-            .zip(&reads)
-            .map(|(log, (label, _, _))| ViewFigures::of(label, log, killed, |v| v.lists_all(&ids)))
+            .map(|c| ViewFigures::of(&c.reads, &c.log, killed, |v| v.lists_all(&ids)))
             .collect();
         let mut during = Vec::new();
         let mut everything = Vec::new();
-        for (t, (label, _, _)) in traffic.into_iter().zip(&reads) {
-            let outcomes = t.finish().await;
-            let outage = crate::scenario::observers::sent_between(&outcomes, killed, restarted_std);
-            during.push((label.clone(), Tally::of(&outage)));
+        for c in clients {
+            let outcomes = c.traffic.finish().await;
+            let outage = sent_between(&outcomes, killed, restarted_std);
+            during.push((c.reads, Tally::of(&outage)));
             everything.extend(outcomes);
         }
         Ok(Outcome {
@@ -278,7 +246,7 @@ impl Experiment for Config {
                 .collect(),
             views,
             reachable_at_end_of_outage: reachable_at_end,
-            leader_after_restart_ms: ms_between(restarted, elected),
+            leader_after_restart_ms: report::ms_from(restarted, elected),
             view_after_restart_ms: recovered,
             during_outage: during,
             basics: Basics::of(&everything, &mut servers),

@@ -237,37 +237,100 @@ impl Experiment for Config {
             .clone()
             .ok_or_else(|| Error::Scenario("the agent has no management token".into()))?;
         let admin = consul.client();
-        let server_token = token_for(
-            &admin,
-            "echo-server-servernode",
-            &format!("service \"{SERVICE}\" {{ policy = \"write\" }}"),
-        )
-        .await?;
-        let client_token = token_for(
-        &admin,
-        "echo-client-servernode",
-        &format!("service \"{SERVICE}\" {{ policy = \"read\" }}\nnode_prefix \"\" {{ policy = \"read\" }}"),
-    )
-    .await?;
-        let narrow_token = token_for(
-            &admin,
-            "echo-client-no-node-read",
-            &format!("service \"{SERVICE}\" {{ policy = \"read\" }}"),
-        )
-        .await?;
-        let wrong = secret();
+        let tokens = Tokens::create(&admin).await?;
         let secrets = [
             &management,
-            &server_token,
-            &client_token,
-            &narrow_token,
-            &wrong,
+            &tokens.server,
+            &tokens.client,
+            &tokens.narrow,
+            &tokens.wrong,
         ];
-        let base = consul.config().with_token(None);
-        let mut cases = Vec::new();
-        let mut outputs: Vec<(String, crate::logbuf::LogBuffer)> = Vec::new();
+        let mut trial = Trial {
+            launcher,
+            base: consul.config().with_token(None),
+            step,
+            cases: Vec::new(),
+            outputs: Vec::new(),
+        };
+        trial.refused_servers(&tokens, self.interval).await?;
+        let mut server = trial
+            .permitted_server(&admin, &tokens, self.interval)
+            .await?;
+        let client = trial.permitted_client(&tokens, self.messages).await?;
+        trial.refused_clients(&tokens).await?;
 
-        // Servers that must be refused.
+        trial
+            .outputs
+            .push(("the Consul agent".into(), consul.log().clone()));
+        let peak_rss_kib = crate::procfs::status_kib(server.process.pid(), "VmHWM");
+        server.process.kill().await?;
+        let tokens_printed: Vec<String> = trial
+            .outputs
+            .iter()
+            .filter(|(_, out)| {
+                out.lines()
+                    .iter()
+                    .any(|l| secrets.iter().any(|s| l.text.contains(s.as_str())))
+            })
+            .map(|(who, _)| who.clone())
+            .collect();
+        if trial.outputs.iter().all(|(_, o)| o.lines().is_empty()) {
+            return Err(Error::Scenario("no output captured at all".into()));
+        }
+        Ok(Outcome {
+            cases: trial.cases,
+            client,
+            secrets_checked: secrets.len(),
+            tokens_printed,
+            peak_rss_kib,
+        })
+    }
+}
+
+/// The tokens tried: the servers', the clients', one too narrow, and one Consul never issued.
+struct Tokens {
+    server: String,
+    client: String,
+    narrow: String,
+    wrong: String,
+}
+
+impl Tokens {
+    /// Create them with the management client `admin`.
+    async fn create(admin: &Client) -> Result<Tokens> {
+        let read = format!("service \"{SERVICE}\" {{ policy = \"read\" }}");
+        Ok(Tokens {
+            server: token_for(
+                admin,
+                "echo-server-servernode",
+                &format!("service \"{SERVICE}\" {{ policy = \"write\" }}"),
+            )
+            .await?,
+            client: token_for(
+                admin,
+                "echo-client-servernode",
+                &format!("{read}\nnode_prefix \"\" {{ policy = \"read\" }}"),
+            )
+            .await?,
+            narrow: token_for(admin, "echo-client-no-node-read", &read).await?,
+            wrong: secret(),
+        })
+    }
+}
+
+/// The processes tried so far: each case, and each process's output (searched for tokens).
+struct Trial<'a> {
+    launcher: &'a Launcher,
+    /// The agent's configuration, without a token.
+    base: consul_api::Config,
+    step: &'a Progress,
+    cases: Vec<Case>,
+    outputs: Vec<(String, crate::logbuf::LogBuffer)>,
+}
+
+impl Trial<'_> {
+    /// Servers with no token, a wrong one, or one for another service: each must be refused.
+    async fn refused_servers(&mut self, tokens: &Tokens, interval: Duration) -> Result<()> {
         let refused = |observed: &str, code: Option<i32>| {
             code.is_some_and(|c| c != 0)
                 && observed.contains("refused the ACL token")
@@ -279,23 +342,23 @@ impl Experiment for Config {
                 "echo-server, wrong token",
                 "servernode_1",
                 SERVICE,
-                Some(wrong.clone()),
+                Some(tokens.wrong.clone()),
             ),
             (
                 "echo-server, token for servernode, registering \"intruder\"",
                 "intruder_1",
                 "intruder",
-                Some(server_token.clone()),
+                Some(tokens.server.clone()),
             ),
         ] {
-            step.say(format!("{who}: expecting a refusal"));
+            self.step.say(format!("{who}: expecting a refusal"));
             let mut spec =
-                scenario::server_spec(base.clone().with_token(token), id, self.interval)?;
+                scenario::server_spec(self.base.clone().with_token(token), id, interval)?;
             spec.name = name.into();
             let started = Instant::now();
-            let mut server = ServerProcess::start(launcher, spec)?;
+            let mut server = ServerProcess::start(self.launcher, spec)?;
             let (observed, code, took) = stopped(&mut server.process, started).await;
-            cases.push(Case {
+            self.cases.push(Case {
                 who: who.into(),
                 expected: "refused: clear 403 error, non-zero exit, no retry".into(),
                 ok: refused(&observed, code)
@@ -303,20 +366,29 @@ impl Experiment for Config {
                 observed,
                 took,
             });
-            outputs.push((who.into(), server.process.output().clone()));
+            self.outputs
+                .push((who.into(), server.process.output().clone()));
         }
+        Ok(())
+    }
 
-        // The server with its own token.
-        step.say("echo-server with its token: registering");
+    /// The server with its own token: it registers and passes.
+    async fn permitted_server(
+        &mut self,
+        admin: &Client,
+        tokens: &Tokens,
+        interval: Duration,
+    ) -> Result<ServerProcess> {
+        self.step.say("echo-server with its token: registering");
         let started = Instant::now();
         let spec = scenario::server_spec(
-            base.clone().with_token(Some(server_token.clone())),
+            self.base.clone().with_token(Some(tokens.server.clone())),
             "servernode_1",
-            self.interval,
+            interval,
         )?;
-        let mut server = ServerProcess::spawn(launcher, spec).await?;
-        let passing = wait::passing(&admin, SERVICE, LIMIT).await;
-        cases.push(Case {
+        let server = ServerProcess::spawn(self.launcher, spec).await?;
+        let passing = wait::passing(admin, SERVICE, LIMIT).await;
+        self.cases.push(Case {
             who: "echo-server, token with service:write on servernode".into(),
             expected: "registers and passes".into(),
             observed: match &passing {
@@ -326,33 +398,21 @@ impl Experiment for Config {
             took: started.elapsed(),
             ok: passing.is_ok(),
         });
-        outputs.push((
+        self.outputs.push((
             "echo-server with its token".into(),
             server.process.output().clone(),
         ));
+        Ok(server)
+    }
 
-        // Clients.
-        let client_args = |count: u64, timeout: &str| -> Vec<String> {
-            [
-                "--service",
-                SERVICE,
-                "--count",
-                &count.to_string(),
-                "--interval",
-                "100ms",
-                "--timeout",
-                timeout,
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
-        };
-        step.say("echo-client with service:read and node:read");
+    /// The client with service:read and node:read: it discovers and echoes `messages`.
+    async fn permitted_client(&mut self, tokens: &Tokens, messages: u64) -> Result<Tally> {
+        self.step.say("echo-client with service:read and node:read");
         let started = Instant::now();
         let mut good = ClientProcess::spawn(
-            launcher,
-            &base.clone().with_token(Some(client_token.clone())),
-            &client_args(self.messages, "10s"),
+            self.launcher,
+            &self.base.clone().with_token(Some(tokens.client.clone())),
+            &client_args(messages, "10s"),
         )?;
         let status = good.process.wait_exit(LIMIT).await;
         let done = good.process.output().matching("done mode=resilient");
@@ -367,12 +427,12 @@ impl Experiment for Config {
                 resent: field(&l.text, "resent").unwrap_or(0),
             },
             None => Tally {
-                sent: self.messages,
-                lost: self.messages,
+                sent: messages,
+                lost: messages,
                 resent: 0,
             },
         };
-        cases.push(Case {
+        self.cases.push(Case {
             who: "echo-client, token with service:read + node:read".into(),
             expected: "discovers and echoes".into(),
             observed: done
@@ -382,15 +442,19 @@ impl Experiment for Config {
             took: started.elapsed(),
             ok: status.as_ref().is_ok_and(|s| s.success()) && client.lost == 0,
         });
-        outputs.push((
+        self.outputs.push((
             "echo-client, permitted".into(),
             good.process.output().clone(),
         ));
+        Ok(client)
+    }
 
+    /// Clients with a wrong token, none, or one without node:read: each gets no service.
+    async fn refused_clients(&mut self, tokens: &Tokens) -> Result<()> {
         for (who, token, expected) in [
             (
                 "echo-client, wrong token",
-                Some(wrong.clone()),
+                Some(tokens.wrong.clone()),
                 "refused: clear 403 error, non-zero exit",
             ),
             (
@@ -400,15 +464,15 @@ impl Experiment for Config {
             ),
             (
                 "echo-client, service:read without node:read",
-                Some(narrow_token.clone()),
+                Some(tokens.narrow.clone()),
                 "sees no instance: clear error, non-zero exit",
             ),
         ] {
-            step.say(format!("{who}: expecting no service"));
+            self.step.say(format!("{who}: expecting no service"));
             let started = Instant::now();
             let mut c = ClientProcess::spawn(
-                launcher,
-                &base.clone().with_token(token),
+                self.launcher,
+                &self.base.clone().with_token(token),
                 &client_args(3, "3s"),
             )?;
             let (observed, code, took) = stopped(&mut c.process, started).await;
@@ -421,37 +485,32 @@ impl Experiment for Config {
                     && (observed.contains("no passing instance")
                         || observed.contains("refused the ACL token"))
             };
-            cases.push(Case {
+            self.cases.push(Case {
                 who: who.into(),
                 expected: expected.into(),
                 observed,
                 took,
                 ok,
             });
-            outputs.push((who.into(), c.process.output().clone()));
+            self.outputs.push((who.into(), c.process.output().clone()));
         }
-
-        outputs.push(("the Consul agent".into(), consul.log().clone()));
-        let peak_rss_kib = crate::procfs::status_kib(server.process.pid(), "VmHWM");
-        server.process.kill().await?;
-        let tokens_printed: Vec<String> = outputs
-            .iter()
-            .filter(|(_, out)| {
-                out.lines()
-                    .iter()
-                    .any(|l| secrets.iter().any(|s| l.text.contains(s.as_str())))
-            })
-            .map(|(who, _)| who.clone())
-            .collect();
-        if outputs.iter().all(|(_, o)| o.lines().is_empty()) {
-            return Err(Error::Scenario("no output captured at all".into()));
-        }
-        Ok(Outcome {
-            cases,
-            client,
-            secrets_checked: secrets.len(),
-            tokens_printed,
-            peak_rss_kib,
-        })
+        Ok(())
     }
+}
+
+/// An echo client's arguments: `count` echoes every 100 ms, each within `timeout`.
+fn client_args(count: u64, timeout: &str) -> Vec<String> {
+    [
+        "--service",
+        SERVICE,
+        "--count",
+        &count.to_string(),
+        "--interval",
+        "100ms",
+        "--timeout",
+        timeout,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }

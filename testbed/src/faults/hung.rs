@@ -21,7 +21,7 @@ use crate::{
     progress::Progress,
     report::{self, ms_serde as ms},
     scenario::{
-        self, Basics, LIMIT, SERVICE,
+        self, Basics, Cast, LIMIT, SERVICE,
         observers::{Tally, sent_between},
     },
 };
@@ -29,12 +29,8 @@ use crate::{
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Echo servers (at least 2, so there is somewhere to fail over to).
-    pub servers: usize,
-    /// Their check interval (the timeout is the same).
-    pub interval: Duration,
-    /// One echo every this long.
-    pub every: Duration,
+    /// Echo servers (at least 2, so there is somewhere to fail over to) and echoes.
+    pub cast: Cast,
     /// The client's reply timeout: how long it waits on a silent instance.
     pub reply_timeout: Duration,
     /// How long the server stays frozen after discovery has dropped it.
@@ -44,9 +40,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            servers: 3,
-            interval: Duration::from_secs(1),
-            every: Duration::from_millis(50),
+            cast: Cast::default(),
             reply_timeout: Duration::from_secs(1),
             hold: Duration::from_secs(2),
         }
@@ -157,29 +151,25 @@ impl Experiment for Config {
     }
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
-        if self.servers < 2 {
+        if self.cast.servers < 2 {
             return Err(Error::Setting(
                 "the hung-server scenario needs at least 2 servers".into(),
             ));
         }
         let direct = consul.client();
         step.say("starting echo servers");
+        let mut stage = self
+            .cast
+            .opening("hung")
+            .reply_timeout(self.reply_timeout)
+            .set_up(launcher, consul)
+            .await?;
         let scenario::Stage {
-            mut servers,
-            client: _client,
+            servers,
             discovery,
             traffic,
             ..
-        } = scenario::Stage::set_up(
-            launcher,
-            consul,
-            consul.config(),
-            self.servers,
-            self.interval,
-            self.reply_timeout,
-            ("hung", self.every, 100_000),
-        )
-        .await?;
+        } = &mut stage;
 
         // Freeze the instance the client is connected to.
         let frozen = traffic
@@ -193,7 +183,8 @@ impl Experiment for Config {
             "SIGSTOP {frozen}; waiting for Consul and the client to notice"
         ));
         let t0 = Instant::now();
-        servers[victim].process.freeze().await?;
+        let victim = &mut servers[victim];
+        victim.process.freeze().await?;
 
         let check_id = format!("service:{frozen}");
         let critical = async {
@@ -233,7 +224,7 @@ impl Experiment for Config {
         step.say(format!("{frozen} out of rotation; holding it frozen"));
         tokio::time::sleep(self.hold).await;
         let t1 = Instant::now();
-        servers[victim].process.signal(Signal::SIGCONT)?;
+        victim.process.signal(Signal::SIGCONT)?;
         step.say(format!(
             "SIGCONT {frozen}; waiting for it to rejoin rotation"
         ));
@@ -247,11 +238,10 @@ impl Experiment for Config {
         let fault_end = rejoined.unwrap_or_else(Instant::now);
 
         // A little more traffic after the rejoin, then the tally.
-        tokio::time::sleep(self.interval).await;
-        let survived = scenario::echo_direct(servers[victim].spec.echo_addr(), b"still alive")
-            .await
-            && !servers[victim].process.has_exited();
-        let outcomes = traffic.finish().await;
+        tokio::time::sleep(self.cast.interval).await;
+        let survived = scenario::echo_direct(victim.spec.echo_addr(), b"still alive").await
+            && !victim.process.has_exited();
+        let (outcomes, basics) = stage.finish().await;
         let during = sent_between(&outcomes, t0, fault_end);
         Ok(Outcome {
             frozen,
@@ -263,7 +253,7 @@ impl Experiment for Config {
             rejoined_rotation: rejoined.map(|t| t - t1),
             during_fault: Tally::of(&during),
             survived,
-            basics: Basics::of(&outcomes, &mut servers),
+            basics,
         })
     }
 }

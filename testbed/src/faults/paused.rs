@@ -14,7 +14,7 @@ use crate::{
     progress::Progress,
     report::{self, ms_serde as ms},
     scenario::{
-        self, Basics, LIMIT, SERVICE,
+        self, Basics, Cast, LIMIT, SERVICE,
         observers::{Tally, View, ViewState, sent_between},
     },
 };
@@ -22,23 +22,17 @@ use crate::{
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Echo servers started.
-    pub servers: usize,
-    /// Check interval of the servers.
-    pub interval: Duration,
+    /// Echo servers and echoes.
+    pub cast: Cast,
     /// How long the agent stays frozen.
     pub pause: Duration,
-    /// One echo every this long.
-    pub every: Duration,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
-            servers: 2,
-            interval: Duration::from_secs(1),
+            cast: Cast::default().servers(2),
             pause: Duration::from_secs(20),
-            every: Duration::from_millis(50),
         }
     }
 }
@@ -154,24 +148,14 @@ impl Experiment for Config {
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
         step.say("starting echo servers");
+        let stage = self.cast.opening("paused").set_up(launcher, consul).await?;
+        let marks = stage.marks();
         let scenario::Stage {
-            mut servers,
+            servers,
             ids,
-            client: _client,
             discovery,
-            traffic,
             ..
-        } = scenario::Stage::set_up(
-            launcher,
-            consul,
-            consul.config(),
-            self.servers,
-            self.interval,
-            Duration::from_secs(2),
-            ("paused", self.every, 100_000),
-        )
-        .await?;
-        let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+        } = &stage;
 
         step.say(format!(
             "Consul frozen for {}",
@@ -183,7 +167,7 @@ impl Experiment for Config {
         let mut direct = (0, 0);
         for _ in 0..2 {
             tokio::time::sleep(self.pause / 2).await;
-            for s in &servers {
+            for s in servers {
                 direct.1 += 1;
                 if scenario::echo_direct(s.spec.echo_addr(), b"during the pause").await {
                     direct.0 += 1;
@@ -198,13 +182,14 @@ impl Experiment for Config {
         consul.resume().await?;
         step.say("Consul resumed; waiting for everything to converge");
 
-        let consul_converged = stable_all_passing(consul, &ids, 2 * self.interval + self.interval)
+        let interval = self.cast.interval;
+        let consul_converged = stable_all_passing(consul, ids, 3 * interval)
             .await
             .ok()
             .map(|at| at.into_std().saturating_duration_since(t1));
         // The client's view converged when its current run of complete views began (at the
         // resume if it never broke).
-        let complete = |v: &View| v.lists_all(&ids);
+        let complete = |v: &View| v.lists_all(ids);
         let client_at = match discovery.latest() {
             Some(v) if complete(&v) => discovery.holds_since(t1, complete),
             _ => discovery
@@ -220,25 +205,7 @@ impl Experiment for Config {
         };
         let client_converged = client_at.map(|at| at.saturating_duration_since(t1));
 
-        let mut noticed = 0;
-        let mut recovered: Option<Duration> = Some(Duration::ZERO);
-        for (s, mark) in servers.iter().zip(&marks) {
-            let output = s.process.output();
-            if output.find_after(*mark, "retrying with backoff").is_none() {
-                continue;
-            }
-            noticed += 1;
-            let back = output
-                .wait_for_after(*mark, "Consul answers again", LIMIT)
-                .await
-                .ok()
-                .map(|l| scenario::since_wall(t1_wall, l.received));
-            recovered = match (recovered, back) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                _ => None,
-            };
-        }
-        let servers_recovered = if noticed == 0 { None } else { recovered };
+        let (noticed, servers_recovered) = scenario::servers_back(servers, &marks, t1_wall).await;
         let converged = match (consul_converged, client_converged) {
             (Some(a), Some(b)) => Some(a.max(b).max(servers_recovered.unwrap_or_default())),
             _ => None,
@@ -264,8 +231,8 @@ impl Experiment for Config {
             })
             .sum();
 
-        tokio::time::sleep(self.interval).await;
-        let outcomes = traffic.finish().await;
+        tokio::time::sleep(interval).await;
+        let (outcomes, basics) = stage.finish().await;
         let during = sent_between(&outcomes, t0, t1);
         Ok(Outcome {
             paused_for: t1 - t0,
@@ -279,7 +246,7 @@ impl Experiment for Config {
             converged,
             registrations_lost,
             re_registrations,
-            basics: Basics::of(&outcomes, &mut servers),
+            basics,
         })
     }
 }

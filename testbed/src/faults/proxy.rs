@@ -20,8 +20,8 @@ use crate::{
     progress::Progress,
     report::{self, ms_serde as ms},
     scenario::{
-        self, Basics, LIMIT, SERVICE,
-        observers::{Tally, ViewState},
+        self, Basics, Cast, LIMIT, SERVICE, Stage,
+        observers::{DiscoveryLog, Tally, View, ViewState, sent_between},
     },
 };
 
@@ -32,12 +32,8 @@ const MAX_RETRY_RATE: f64 = 100.0;
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Echo servers started.
-    pub servers: usize,
-    /// Check interval of the servers (their registration watch blocks this long).
-    pub interval: Duration,
-    /// One echo every this long.
-    pub every: Duration,
+    /// Echo servers (their registration watch blocks a check interval) and echoes.
+    pub cast: Cast,
     /// The faults, in order.
     pub faults: Vec<Fault>,
     /// How long each fault lasts once both sides have met it.
@@ -47,21 +43,24 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            servers: 2,
-            interval: Duration::from_secs(1),
-            every: Duration::from_millis(50),
-            faults: vec![
-                Fault::Delay(Duration::from_secs(2)),
-                Fault::Drop,
-                Fault::Cut,
-                Fault::BadJson,
-                Fault::Truncated,
-                Fault::Status(500),
-                Fault::Status(429),
-            ],
+            cast: Cast::default().servers(2),
+            faults: every_fault(Duration::from_secs(2)),
             hold: Duration::from_secs(3),
         }
     }
+}
+
+/// Every fault the proxy injects, in order, the delay being `delay`.
+pub fn every_fault(delay: Duration) -> Vec<Fault> {
+    vec![
+        Fault::Delay(delay),
+        Fault::Drop,
+        Fault::Cut,
+        Fault::BadJson,
+        Fault::Truncated,
+        Fault::Status(500),
+        Fault::Status(429),
+    ]
 }
 
 /// One fault, from injection to recovery.
@@ -260,182 +259,212 @@ impl Experiment for Config {
     fn title(&self) -> String {
         Scenario::Proxy.title().into()
     }
+
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
         step.say("starting the fault proxy");
         let proxy = FaultProxy::start(consul.http_addr()).await?;
         let via = consul.config().with_address(proxy.address());
         step.say("starting echo servers behind the proxy");
-        let scenario::Stage {
-            mut servers,
-            ids,
-            client: _client,
-            discovery,
-            traffic,
-            ..
-        } = scenario::Stage::set_up(
-            launcher,
-            consul,
-            via,
-            self.servers,
-            self.interval,
-            Duration::from_secs(2),
-            ("proxy", self.every, 1_000_000),
-        )
-        .await?;
-
+        let stage = self
+            .cast
+            .opening("proxy")
+            .via(via)
+            .max(1_000_000)
+            .set_up(launcher, consul)
+            .await?;
         let mut phases = Vec::new();
         for &fault in &self.faults {
-            step.say(format!("proxy: {fault}"));
-            let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
-            let before = proxy.stats();
-            let t0 = Instant::now();
-            proxy.set(fault);
-            match fault {
-                Fault::Drop => {
-                    // Nothing comes back, so nothing can fail yet: wait until every server and
-                    // the client have a request held.
-                    let held = (self.servers + 1) as u64;
-                    if let Err(e) = proxy.wait_held(held, LIMIT / 4).await {
-                        tracing::warn!(error = %e, "not every party had a request held");
-                    }
-                }
-                f if f.is_failure() => {
-                    for (s, mark) in servers.iter().zip(&marks) {
-                        let _ = s
-                            .process
-                            .output()
-                            .wait_for_after(*mark, "retrying with backoff", LIMIT / 4)
-                            .await;
-                    }
-                    let _ = discovery
-                        .wait_for("the client to see the fault", t0, LIMIT / 4, |v| {
-                            matches!(v.state, ViewState::Unreachable(_))
-                        })
-                        .await;
-                }
-                _ => {}
-            }
-            tokio::time::sleep(self.hold).await;
-            let lasted = t0.elapsed();
-            let requests = proxy.stats().requests - before.requests;
-            let t1 = Instant::now();
-            let t1_wall = SystemTime::now();
-            proxy.heal();
-            step.say(format!("proxy healed after {fault}; waiting for recovery"));
-
-            // Who met the fault, and how they came back.
-            let mut server_errors = Vec::new();
-            let mut servers_recovered = Some(Duration::ZERO);
-            for (s, mark) in servers.iter().zip(&marks) {
-                let output = s.process.output();
-                let error = if fault.is_failure() {
-                    // A dropped request fails only when the proxy lets go of it, at healing.
-                    output
-                        .wait_for_after(*mark, "retrying with backoff", LIMIT / 4)
-                        .await
-                        .ok()
-                } else {
-                    output.find_after(*mark, "retrying with backoff")
-                };
-                let Some(error) = error else {
-                    continue;
-                };
-                server_errors.push(error_field(&error.text));
-                let back = output
-                    .wait_for_after(*mark, "Consul answers again", LIMIT)
-                    .await
-                    .ok()
-                    .map(|l| scenario::since_wall(t1_wall, l.received));
-                servers_recovered = match (servers_recovered, back) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    _ => None,
-                };
-            }
-            let unreachable = |v: &scenario::observers::View| match &v.state {
-                ViewState::Unreachable(e) => Some(e.clone()),
-                _ => None,
-            };
-            let client_failed = if fault.is_failure() {
-                discovery
-                    .wait_for("the client to see the fault", t0, LIMIT / 4, |v| {
-                        unreachable(v).is_some()
-                    })
-                    .await
-                    .ok()
-            } else {
-                discovery
-                    .views()
-                    .into_iter()
-                    .find(|v| v.at >= t0 && unreachable(v).is_some())
-            };
-            let client_error = client_failed.as_ref().and_then(unreachable);
-            let client_recovered = match &client_failed {
-                Some(failed) => discovery
-                    .wait_for("the client to be answered again", failed.at, LIMIT, |v| {
-                        v.state == ViewState::Reachable
-                    })
-                    .await
-                    .ok()
-                    .map(|v| v.at.saturating_duration_since(t1)),
-                None => None,
-            };
-            let (servers_recovered, client_recovered) = if fault.is_failure() {
-                (
-                    servers_recovered.filter(|_| !server_errors.is_empty()),
-                    client_recovered,
-                )
-            } else {
-                (None, None)
-            };
-            let recovered = match (servers_recovered, client_recovered) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                _ => None,
-            };
-            let want = hint(fault);
-            let clear = server_errors
-                .iter()
-                .chain(client_error.iter())
-                .all(|e| e.contains(want));
-            let end = Instant::now();
-            let echoes: Vec<_> = traffic
-                .outcomes()
-                .into_iter()
-                .filter(|o| o.sent >= t0 && o.sent <= end)
-                .collect();
-            phases.push(Phase {
-                fault,
-                lasted,
-                server_errors,
-                client_error,
-                clear,
-                servers_recovered,
-                client_recovered,
-                recovered,
-                requests_per_sec: requests as f64 / lasted.as_secs_f64(),
-                echoes: Tally::of(&echoes),
-            });
+            phases.push(self.phase(&proxy, &stage, fault, step).await);
         }
-
         step.say("all faults done; checking the servers");
-        let direct = consul.client();
         let all_registered = tokio::time::timeout(
             Duration::from_secs(10),
-            wait::health_until(&direct, SERVICE, true, LIMIT, |entries| {
-                ids.iter()
+            wait::health_until(&consul.client(), SERVICE, true, LIMIT, |entries| {
+                stage
+                    .ids
+                    .iter()
                     .all(|id| entries.iter().any(|e| &e.service.id == id))
             }),
         )
         .await
         .is_ok_and(|r| r.is_ok());
-        let outcomes = traffic.finish().await;
+        let (_, basics) = stage.finish().await;
         Ok(Outcome {
-            servers: self.servers,
+            servers: self.cast.servers,
             phases,
             all_registered,
-            basics: Basics::of(&outcomes, &mut servers),
+            basics,
         })
     }
+}
+
+impl Config {
+    /// One fault: injected until every party has met it, held, healed; who logged what,
+    /// and how each came back.
+    async fn phase(
+        &self,
+        proxy: &FaultProxy,
+        stage: &Stage,
+        fault: Fault,
+        step: &Progress,
+    ) -> Phase {
+        step.say(format!("proxy: {fault}"));
+        let marks = stage.marks();
+        let before = proxy.stats();
+        let t0 = Instant::now();
+        proxy.set(fault);
+        self.until_met(proxy, stage, fault, &marks, t0).await;
+        tokio::time::sleep(self.hold).await;
+        let lasted = t0.elapsed();
+        let requests = proxy.stats().requests - before.requests;
+        let t1 = Instant::now();
+        let t1_wall = SystemTime::now();
+        proxy.heal();
+        step.say(format!("proxy healed after {fault}; waiting for recovery"));
+        let (server_errors, servers_recovered) = servers_met(stage, fault, &marks, t1_wall).await;
+        let (client_error, client_recovered) = client_met(&stage.discovery, fault, t0, t1).await;
+        let (servers_recovered, client_recovered) = if fault.is_failure() {
+            (
+                servers_recovered.filter(|_| !server_errors.is_empty()),
+                client_recovered,
+            )
+        } else {
+            (None, None)
+        };
+        let want = hint(fault);
+        let clear = server_errors
+            .iter()
+            .chain(client_error.iter())
+            .all(|e| e.contains(want));
+        let echoes = sent_between(&stage.traffic.outcomes(), t0, Instant::now());
+        Phase {
+            fault,
+            lasted,
+            server_errors,
+            client_error,
+            clear,
+            servers_recovered,
+            client_recovered,
+            recovered: servers_recovered
+                .zip(client_recovered)
+                .map(|(a, b)| a.max(b)),
+            requests_per_sec: requests as f64 / lasted.as_secs_f64(),
+            echoes: Tally::of(&echoes),
+        }
+    }
+
+    /// Until every server and the client have met `fault` (a request held, for a drop; an
+    /// error logged, for a failure; nothing, for a delay), at most a quarter of the limit.
+    async fn until_met(
+        &self,
+        proxy: &FaultProxy,
+        stage: &Stage,
+        fault: Fault,
+        marks: &[usize],
+        t0: Instant,
+    ) {
+        match fault {
+            Fault::Drop => {
+                // Nothing comes back, so nothing can fail yet: wait until every server and
+                // the client have a request held.
+                let held = (self.cast.servers + 1) as u64;
+                if let Err(e) = proxy.wait_held(held, LIMIT / 4).await {
+                    tracing::warn!(error = %e, "not every party had a request held");
+                }
+            }
+            f if f.is_failure() => {
+                for (s, mark) in stage.servers.iter().zip(marks) {
+                    let _ = s
+                        .process
+                        .output()
+                        .wait_for_after(*mark, "retrying with backoff", LIMIT / 4)
+                        .await;
+                }
+                let _ = stage
+                    .discovery
+                    .wait_for("the client to see the fault", t0, LIMIT / 4, |v| {
+                        matches!(v.state, ViewState::Unreachable(_))
+                    })
+                    .await;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The first error each server logged for `fault` since its mark (its `error=` field), and
+/// since `healed` until the last of them logged that Consul answers again.
+async fn servers_met(
+    stage: &Stage,
+    fault: Fault,
+    marks: &[usize],
+    healed: SystemTime,
+) -> (Vec<String>, Option<Duration>) {
+    let mut errors = Vec::new();
+    let mut recovered = Some(Duration::ZERO);
+    for (s, mark) in stage.servers.iter().zip(marks) {
+        let output = s.process.output();
+        let error = if fault.is_failure() {
+            // A dropped request fails only when the proxy lets go of it, at healing.
+            output
+                .wait_for_after(*mark, "retrying with backoff", LIMIT / 4)
+                .await
+                .ok()
+        } else {
+            output.find_after(*mark, "retrying with backoff")
+        };
+        let Some(error) = error else {
+            continue;
+        };
+        errors.push(error_field(&error.text));
+        let back = output
+            .wait_for_after(*mark, "Consul answers again", LIMIT)
+            .await
+            .ok()
+            .map(|l| scenario::since_wall(healed, l.received));
+        recovered = recovered.zip(back).map(|(a, b)| a.max(b));
+    }
+    (errors, recovered)
+}
+
+/// The error the client's discovery published for `fault` (injected at `t0`), and from
+/// `healed` until it was answered again.
+async fn client_met(
+    discovery: &DiscoveryLog,
+    fault: Fault,
+    t0: Instant,
+    healed: Instant,
+) -> (Option<String>, Option<Duration>) {
+    let unreachable = |v: &View| match &v.state {
+        ViewState::Unreachable(e) => Some(e.clone()),
+        _ => None,
+    };
+    let failed = if fault.is_failure() {
+        discovery
+            .wait_for("the client to see the fault", t0, LIMIT / 4, |v| {
+                unreachable(v).is_some()
+            })
+            .await
+            .ok()
+    } else {
+        discovery
+            .views()
+            .into_iter()
+            .find(|v| v.at >= t0 && unreachable(v).is_some())
+    };
+    let error = failed.as_ref().and_then(unreachable);
+    let recovered = match &failed {
+        Some(failed) => discovery
+            .wait_for("the client to be answered again", failed.at, LIMIT, |v| {
+                v.state == ViewState::Reachable
+            })
+            .await
+            .ok()
+            .map(|v| v.at.saturating_duration_since(healed)),
+        None => None,
+    };
+    (error, recovered)
 }
 
 #[cfg(test)]

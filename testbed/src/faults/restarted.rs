@@ -13,7 +13,7 @@ use crate::{
     progress::Progress,
     report::{self, ms_serde as ms},
     scenario::{
-        self, Basics, LIMIT, SERVICE,
+        self, Basics, Cast, LIMIT, SERVICE,
         observers::{Tally, ViewState, sent_between},
     },
 };
@@ -25,24 +25,10 @@ use crate::{error::Result, procs::Launcher, wait};
 const INDEX_BUMPS: usize = 30;
 
 /// Settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Config {
-    /// Echo servers started.
-    pub servers: usize,
-    /// Check interval of the servers.
-    pub interval: Duration,
-    /// One echo every this long.
-    pub every: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            servers: 3,
-            interval: Duration::from_secs(1),
-            every: Duration::from_millis(50),
-        }
-    }
+    /// Echo servers and echoes.
+    pub cast: Cast,
 }
 
 /// What was measured.
@@ -154,23 +140,18 @@ impl Experiment for Config {
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
         step.say("starting echo servers");
+        let stage = self
+            .cast
+            .opening("restarted")
+            .set_up(launcher, consul)
+            .await?;
         let scenario::Stage {
-            mut servers,
+            servers,
             ids,
-            client: _client,
             discovery,
             listed: before,
-            traffic,
-        } = scenario::Stage::set_up(
-            launcher,
-            consul,
-            consul.config(),
-            self.servers,
-            self.interval,
-            Duration::from_secs(2),
-            ("restarted", self.every, 100_000),
-        )
-        .await?;
+            ..
+        } = &stage;
         // Raise the service's index on the old agent well above where the new one's will be
         // once the servers are back, so that the client visibly sees it go backwards: without
         // this the new agent's index can be back at the old value by the time the client's
@@ -234,7 +215,7 @@ impl Experiment for Config {
                 "the client's view to list every server",
                 ready,
                 LIMIT,
-                |v| v.lists_all(&ids) && v.state == ViewState::Reachable,
+                |v| v.lists_all(ids) && v.state == ViewState::Reachable,
             )
             .await
             .ok();
@@ -257,11 +238,12 @@ impl Experiment for Config {
             })
             .count();
 
-        tokio::time::sleep(self.interval).await;
-        let outcomes = traffic.finish().await;
+        let interval = self.cast.interval;
+        tokio::time::sleep(interval).await;
+        let (outcomes, basics) = stage.finish().await;
         let during = sent_between(&outcomes, t0, view_end);
         Ok(Outcome {
-            interval: self.interval,
+            interval,
             agent_down: ready - t0,
             re_registered: registered,
             passing,
@@ -271,7 +253,7 @@ impl Experiment for Config {
             index_after: after.map_or(0, |v| v.index),
             servers_re_registered,
             during_restart: Tally::of(&during),
-            basics: Basics::of(&outcomes, &mut servers),
+            basics,
         })
     }
 }

@@ -22,7 +22,7 @@ use crate::{
     progress::Progress,
     report::{self, ms_serde as ms},
     scenario::{
-        self, Basics, LIMIT,
+        self, Basics, Cast, LIMIT,
         observers::{Tally, ViewState, sent_between},
     },
 };
@@ -30,12 +30,8 @@ use crate::{
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Echo servers started.
-    pub servers: usize,
-    /// Check interval of the servers.
-    pub interval: Duration,
-    /// One echo every this long.
-    pub every: Duration,
+    /// Echo servers and echoes.
+    pub cast: Cast,
     /// How long each phase is watched after the agent serves the new certificate.
     pub window: Duration,
 }
@@ -43,9 +39,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            servers: 2,
-            interval: Duration::from_secs(1),
-            every: Duration::from_millis(50),
+            cast: Cast::default().servers(2),
             window: Duration::from_secs(5),
         }
     }
@@ -229,23 +223,11 @@ impl Experiment for Config {
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
         step.say("starting echo servers and a client over mutual TLS");
-        let scenario::Stage {
-            mut servers,
-            ids: _,
-            client: _client,
-            discovery,
-            listed: _,
-            traffic,
-        } = scenario::Stage::set_up(
-            launcher,
-            consul,
-            consul.config(),
-            self.servers,
-            self.interval,
-            Duration::from_secs(2),
-            ("rotated", self.every, 100_000),
-        )
-        .await?;
+        let stage = self
+            .cast
+            .opening("rotated")
+            .set_up(launcher, consul)
+            .await?;
 
         let mut phases = Vec::new();
         for (rotation, issuer) in [
@@ -254,7 +236,7 @@ impl Experiment for Config {
             ("same CA again", Issuer::SameCa),
         ] {
             step.say(format!("rotating the agent's certificate: {rotation}"));
-            let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+            let marks = stage.marks();
             let t0 = Instant::now();
             let t0_wall = SystemTime::now();
             consul.rotate_certificate(AGENT_NAMES, issuer).await?;
@@ -271,8 +253,9 @@ impl Experiment for Config {
             let window_start = Instant::now();
             tokio::time::sleep(self.window).await;
             let window_end = Instant::now();
-            let (server_tls_lines, re_registered) = since(&servers, &marks);
-            let client_view_reachable = discovery
+            let (server_tls_lines, re_registered) = since(&stage.servers, &marks);
+            let client_view_reachable = stage
+                .discovery
                 .views()
                 .iter()
                 .filter(|v| v.at >= t0)
@@ -282,7 +265,11 @@ impl Experiment for Config {
                 reload,
                 fresh_client_error,
                 fresh_client_took,
-                tally: Tally::of(&sent_between(&traffic.outcomes(), window_start, window_end)),
+                tally: Tally::of(&sent_between(
+                    &stage.traffic.outcomes(),
+                    window_start,
+                    window_end,
+                )),
                 server_tls_lines,
                 re_registrations: re_registered.len(),
                 re_registered_after: re_registered
@@ -293,11 +280,11 @@ impl Experiment for Config {
             });
         }
 
-        let outcomes = traffic.finish().await;
+        let (_, basics) = stage.finish().await;
         Ok(Outcome {
             window: self.window,
             phases,
-            basics: Basics::of(&outcomes, &mut servers),
+            basics,
         })
     }
 }

@@ -62,34 +62,92 @@ pub(crate) async fn start_servers(
     Ok(servers)
 }
 
-/// The opening every traffic scenario shares: `n` servers registered through `via`, a
-/// resilient client (through `via` too) whose discovery lists them all, and steady traffic
-/// with 20 good echoes behind it.
-pub(crate) struct Stage {
-    pub servers: Vec<ServerProcess>,
-    pub ids: Vec<String>,
-    pub client: EchoClient,
-    pub discovery: observers::DiscoveryLog,
-    /// The discovery view that first listed every server.
-    pub listed: observers::View,
-    pub traffic: observers::Traffic,
+/// The cast of a traffic scenario: how many echo servers, how often Consul checks them, and
+/// how often the client sends an echo.
+#[derive(Debug, Clone, Copy)]
+pub struct Cast {
+    /// Echo servers started.
+    pub servers: usize,
+    /// Their check interval (the timeout is the same).
+    pub interval: Duration,
+    /// One echo every this long.
+    pub every: Duration,
 }
 
-impl Stage {
-    /// Set the stage; `label` names the traffic, `max` bounds how many echoes it sends.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn set_up(
-        launcher: &Launcher,
-        consul: &Consul,
-        via: consul_api::Config,
-        n: usize,
-        interval: Duration,
-        reply_timeout: Duration,
-        (label, every, max): (&'static str, Duration, u64),
-    ) -> Result<Stage> {
+impl Default for Cast {
+    /// 3 servers checked every second, an echo every 50 ms.
+    fn default() -> Self {
+        Cast {
+            servers: 3,
+            interval: Duration::from_secs(1),
+            every: Duration::from_millis(50),
+        }
+    }
+}
+
+impl Cast {
+    /// The same cast with `n` servers.
+    pub fn servers(self, n: usize) -> Cast {
+        Cast { servers: n, ..self }
+    }
+
+    /// The opening of a scenario with this cast, its traffic named `label`: the servers
+    /// and the client talk to the agent itself, the client gives up on a silent instance
+    /// after 2 s, and the traffic stops at 100,000 echoes.
+    pub(crate) fn opening(self, label: &'static str) -> Opening {
+        Opening {
+            cast: self,
+            label,
+            via: None,
+            reply_timeout: Duration::from_secs(2),
+            max: 100_000,
+        }
+    }
+}
+
+/// How a scenario opens ([`Cast::opening`]); [`Opening::set_up`] sets the [`Stage`].
+pub(crate) struct Opening {
+    cast: Cast,
+    label: &'static str,
+    via: Option<consul_api::Config>,
+    reply_timeout: Duration,
+    max: u64,
+}
+
+impl Opening {
+    /// Servers and client reach Consul through `via` (a proxy) instead.
+    pub(crate) fn via(self, via: consul_api::Config) -> Opening {
+        Opening {
+            via: Some(via),
+            ..self
+        }
+    }
+
+    /// The client gives up on a silent instance after `timeout`.
+    pub(crate) fn reply_timeout(self, timeout: Duration) -> Opening {
+        Opening {
+            reply_timeout: timeout,
+            ..self
+        }
+    }
+
+    /// The traffic stops at `max` echoes.
+    pub(crate) fn max(self, max: u64) -> Opening {
+        Opening { max, ..self }
+    }
+
+    /// Set the stage: the servers registered and passing, a resilient client whose
+    /// discovery lists them all, and steady traffic with 20 good echoes behind it.
+    pub(crate) async fn set_up(self, launcher: &Launcher, consul: &Consul) -> Result<Stage> {
+        let via = self.via.unwrap_or_else(|| consul.config());
+        let Cast {
+            servers: n,
+            interval,
+            every,
+        } = self.cast;
         let servers = start_servers(launcher, consul, via.clone(), n, interval).await?;
         let ids = ids(&servers);
-        let client = client(via, reply_timeout)?;
+        let client = client(via, self.reply_timeout)?;
         let discovery = observers::DiscoveryLog::start(&client);
         let listed = discovery
             .wait_for(
@@ -99,7 +157,7 @@ impl Stage {
                 |v| v.lists_all(&ids),
             )
             .await?;
-        let traffic = observers::Traffic::start(&client, label, every, max);
+        let traffic = observers::Traffic::start(&client, self.label, every, self.max);
         traffic
             .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
             .await?;
@@ -112,6 +170,63 @@ impl Stage {
             traffic,
         })
     }
+}
+
+/// The opening every traffic scenario shares: its servers registered, a resilient client
+/// whose discovery lists them all, and steady traffic with 20 good echoes behind it.
+pub(crate) struct Stage {
+    pub servers: Vec<ServerProcess>,
+    pub ids: Vec<String>,
+    /// The client, held for the scenario's length (the traffic and discovery run on it).
+    #[allow(dead_code)]
+    pub client: EchoClient,
+    pub discovery: observers::DiscoveryLog,
+    /// The discovery view that first listed every server.
+    pub listed: observers::View,
+    pub traffic: observers::Traffic,
+}
+
+impl Stage {
+    /// Marks in every server's output, to read what each logs from here on.
+    pub(crate) fn marks(&self) -> Vec<usize> {
+        self.servers
+            .iter()
+            .map(|s| s.process.output().mark())
+            .collect()
+    }
+
+    /// Stop the traffic; its echoes and what became of the servers.
+    pub(crate) async fn finish(mut self) -> (Vec<observers::Outcome>, Basics) {
+        let outcomes = self.traffic.finish().await;
+        let basics = Basics::of(&outcomes, &mut self.servers);
+        (outcomes, basics)
+    }
+}
+
+/// Since `from` (a wall-clock moment), until the last of the `servers` that logged a Consul
+/// error after its mark logs that Consul answers again: how many had, and the time (`None`
+/// when one never did, or none had).
+pub(crate) async fn servers_back(
+    servers: &[ServerProcess],
+    marks: &[usize],
+    from: SystemTime,
+) -> (usize, Option<Duration>) {
+    let mut noticed = 0;
+    let mut back = Some(Duration::ZERO);
+    for (s, mark) in servers.iter().zip(marks) {
+        let output = s.process.output();
+        if output.find_after(*mark, "retrying with backoff").is_none() {
+            continue;
+        }
+        noticed += 1;
+        let at = output
+            .wait_for_after(*mark, "Consul answers again", LIMIT)
+            .await
+            .ok()
+            .map(|l| since_wall(from, l.received));
+        back = back.zip(at).map(|(a, b)| a.max(b));
+    }
+    (noticed, back.filter(|_| noticed > 0))
 }
 
 /// What every traffic scenario reports the same way: its echoes, and what became of its echo

@@ -62,10 +62,12 @@ async fn losing_the_leader_loses_no_echo_and_the_view_recovers() {
 async fn a_crashed_node_leaves_the_view_but_not_the_catalog() {
     init_tracing();
     let config = node::Config {
-        servers: 1,
+        cluster: testbed::cluster::Settings {
+            servers: 1,
+            ..Default::default()
+        },
         reconnect_timeout: None,
         contrast: false,
-        ..Default::default()
     };
     let outcome = config.run(&launcher(), &Progress::hidden()).await.unwrap();
     print("node crash", &outcome);

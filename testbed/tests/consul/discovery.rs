@@ -15,7 +15,7 @@ use echo_client::{EchoClient, session::SessionConfig};
 use echo_server::{config::Config as ServerConfig, server::Server};
 use testbed::{
     Cluster, ClusterSpec, Consul, ConsulOptions, Member,
-    experiment::Findings,
+    experiment::{Experiment, Findings},
     procs::{ServerProcess, ServerSpec},
     progress::Progress,
     wait,
@@ -105,16 +105,7 @@ async fn every_source_drops_or_keeps_a_killed_instance_as_consul_says_and_no_ses
     })
     .await
     .unwrap();
-    client
-        .prepared_query()
-        .create(&PreparedQueryDefinition {
-            name: QUERY.into(),
-            service: ServiceQuery {
-                service: SERVICE.into(),
-                only_passing: true,
-                ..Default::default()
-            },
-        })
+    testbed::discovery::create_query(&client, QUERY, SERVICE, &[])
         .await
         .unwrap();
 
@@ -477,14 +468,11 @@ async fn a_fallback_datacenter_refusing_the_token_leaves_the_local_view_flowing(
 #[tokio::test]
 async fn two_datacenters_fail_over_to_dc2_and_back_losing_nothing() {
     init_tracing();
-    let report = testbed::datacenters::run(
-        &launcher(),
-        1,
-        Duration::from_millis(500),
-        &Progress::lines(),
-    )
-    .await
-    .unwrap();
+    let config = testbed::datacenters::DatacentersConfig {
+        servers: 1,
+        poll: Duration::from_millis(500),
+    };
+    let report = config.run(&launcher(), &Progress::lines()).await.unwrap();
     show(&report);
     assert_eq!(
         (
@@ -527,9 +515,7 @@ async fn a_scale_out_takes_load_and_a_scale_in_loses_nothing() {
         steady: consul_api::GoDuration::from_secs(2),
         ..Default::default()
     };
-    let report = testbed::elastic::run(&launcher(), &config, &Progress::lines())
-        .await
-        .unwrap();
+    let report = config.run(&launcher(), &Progress::lines()).await.unwrap();
     show(&report);
     for run in &report.runs {
         assert_eq!(run.lost, 0, "{}", run.strategy);
@@ -596,16 +582,7 @@ async fn every_source_reads_an_ipv6_instance_through_an_agent_on_ipv6() {
         })
         .await
         .unwrap();
-    client
-        .prepared_query()
-        .create(&PreparedQueryDefinition {
-            name: V6_QUERY.into(),
-            service: ServiceQuery {
-                service: V6.into(),
-                only_passing: true,
-                ..Default::default()
-            },
-        })
+    testbed::discovery::create_query(&client, V6_QUERY, V6, &[])
         .await
         .unwrap();
 

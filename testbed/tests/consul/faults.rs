@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use testbed::{
     experiment::Experiment,
-    faultproxy::Fault,
     faults::{self, Rows, Scenario},
     progress::Progress,
 };
@@ -72,8 +71,8 @@ async fn restarted_consul_gets_every_registration_back_within_two_intervals() {
     let o = config.run(&launcher(), &step()).await.unwrap();
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
-    assert!(o.re_registered.unwrap() < 2 * config.interval);
-    assert_eq!(o.servers_re_registered, config.servers);
+    assert!(o.re_registered.unwrap() < 2 * config.cast.interval);
+    assert_eq!(o.servers_re_registered, config.cast.servers);
     // Dev mode starts its indexes over: the client's index went backwards, and its watch
     // reset (a fresh read, not a block on the old index) and followed the new agent.
     assert!(
@@ -97,15 +96,7 @@ async fn behind_a_faulty_proxy_servers_and_clients_log_back_off_and_recover() {
     init_tracing();
     let config = faults::proxy::Config {
         hold: Duration::from_secs(1),
-        faults: vec![
-            Fault::Delay(Duration::from_secs(1)),
-            Fault::Drop,
-            Fault::Cut,
-            Fault::BadJson,
-            Fault::Truncated,
-            Fault::Status(500),
-            Fault::Status(429),
-        ],
+        faults: faults::proxy::every_fault(Duration::from_secs(1)),
         ..Default::default()
     };
     let o = config.run(&launcher(), &step()).await.unwrap();
@@ -113,7 +104,7 @@ async fn behind_a_faulty_proxy_servers_and_clients_log_back_off_and_recover() {
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert_eq!(o.phases.len(), config.faults.len());
     for p in o.phases.iter().filter(|p| p.fault.is_failure()) {
-        assert_eq!(p.server_errors.len(), config.servers, "{:?}", p.fault);
+        assert_eq!(p.server_errors.len(), config.cast.servers, "{:?}", p.fault);
         assert!(p.client_error.is_some(), "{:?}", p.fault);
         assert!(
             p.clear,

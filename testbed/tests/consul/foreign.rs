@@ -47,6 +47,25 @@ async fn put_raw(client: &Client, path: &str, body: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
 }
 
+/// A fresh agent, its client, and on it `mixed-70000` and `mixed-minus-1` registered as a
+/// foreign tool could (Consul says 200).
+async fn agent_with_foreign_data() -> (Consul, Client) {
+    let consul = Consul::start().await.unwrap();
+    let client = consul.client();
+    register_foreign(&client).await;
+    (consul, client)
+}
+
+/// Consul's answer to a health query on [`SERVICE`] (every instance), as text.
+async fn raw_health(client: &Client) -> String {
+    let (raw, _) = client
+        .health()
+        .service_answer(SERVICE, None, false, &QueryOptions::default())
+        .await
+        .unwrap();
+    String::from_utf8_lossy(raw.body()).into_owned()
+}
+
 /// Register `mixed-70000` and `mixed-minus-1` as a foreign tool could; Consul says 200.
 async fn register_foreign(client: &Client) {
     for (id, port) in [("mixed-70000", "70000"), ("mixed-minus-1", "-1")] {
@@ -61,9 +80,7 @@ async fn register_foreign(client: &Client) {
 #[tokio::test]
 async fn a_port_out_of_range_is_left_out_and_the_good_instances_are_discovered() {
     init_tracing();
-    let consul = Consul::start().await.unwrap();
-    let client = consul.client();
-    register_foreign(&client).await;
+    let (_consul, client) = agent_with_foreign_data().await;
     client
         .agent()
         .service_register(&AgentServiceRegistration {
@@ -77,12 +94,7 @@ async fn a_port_out_of_range_is_left_out_and_the_good_instances_are_discovered()
         .unwrap();
 
     // Consul returns the bad ports as they were given.
-    let (raw, _) = client
-        .health()
-        .service_answer(SERVICE, None, false, &QueryOptions::default())
-        .await
-        .unwrap();
-    let raw = String::from_utf8_lossy(raw.body()).into_owned();
+    let raw = raw_health(&client).await;
     assert!(raw.contains("70000") && raw.contains("-1"), "{raw}");
 
     // The typed lists: the good one, and only it.
@@ -152,9 +164,7 @@ async fn a_port_out_of_range_is_left_out_and_the_good_instances_are_discovered()
 #[tokio::test]
 async fn the_reaper_survives_foreign_data_and_removes_a_dead_service() {
     init_tracing();
-    let consul = Consul::start().await.unwrap();
-    let client = consul.client();
-    register_foreign(&client).await;
+    let (_consul, client) = agent_with_foreign_data().await;
     // Opted in, critical from its registration on; one whose `reap-after` is beyond Go's
     // range (it once overflowed the parser: a panic in the reaper), one at Go's limit.
     for (id, reap_after) in [
@@ -190,12 +200,7 @@ async fn the_reaper_survives_foreign_data_and_removes_a_dead_service() {
         .await
         .expect("the reaper removed the dead service");
     // The foreign ones are left alone (they did not opt in).
-    let (raw, _) = client
-        .health()
-        .service_answer(SERVICE, None, false, &QueryOptions::default())
-        .await
-        .unwrap();
-    let raw = String::from_utf8_lossy(raw.body()).into_owned();
+    let raw = raw_health(&client).await;
     assert!(
         raw.contains("mixed-70000") && raw.contains("mixed-minus-1"),
         "{raw}"

@@ -2,8 +2,9 @@
 //! loses the service from the kill until Consul's reaper, the resilient one loses nothing.
 
 use testbed::{
-    experiment::Findings,
-    timeline::{self, ClientMode, TimelineConfig},
+    experiment::{Experiment, Findings},
+    progress::Progress,
+    timeline::{ClientMode, TimelineConfig},
 };
 
 use crate::common::{init_tracing, launcher};
@@ -11,7 +12,8 @@ use crate::common::{init_tracing, launcher};
 #[tokio::test]
 async fn the_naive_client_loses_the_service_and_the_resilient_one_does_not() {
     init_tracing();
-    let report = timeline::run(&launcher(), &TimelineConfig::default())
+    let report = TimelineConfig::default()
+        .run(&launcher(), &Progress::lines())
         .await
         .unwrap();
     for table in report.tables() {
