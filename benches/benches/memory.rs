@@ -22,7 +22,6 @@ use benches::{
     Error, Result,
     memory::{Rss, rss_of},
     results::{self, MemoryRecord, MemoryRun},
-    stats,
     traffic::Message,
 };
 use consul_harness::{
@@ -97,7 +96,8 @@ async fn measure(id: &str, size: usize, quick: bool) -> Result<MemoryRecord> {
         id: id.to_owned(),
         connections,
         message_bytes: size,
-        bytes_per_connection: stats::percentile(&mut per_conn, 50.0).unwrap_or(f64::NAN),
+        bytes_per_connection: lab_report::select_percentile(&mut per_conn, 50.0)
+            .unwrap_or(f64::NAN),
         runs: all,
     };
     println!("{id}");

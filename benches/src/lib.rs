@@ -12,12 +12,11 @@
 //!   change was seen, and waiting on a client's view;
 //! * [`results`] — where results go, per-iteration recordings and their percentiles, the run's
 //!   environment, the memory measurement's record;
-//! * [`stats`] — the one percentile rule (linear between the two nearest ranks);
 //! * [`memory`] — the resident set of a process, from `/proc`;
 //! * [`spread`] — 95 % intervals from one run's own samples, for the ratios the echo goals
 //!   judge;
 //! * [`report`] — reading criterion's data and ours back, and writing the generated section
-//!   (its one markdown table writer and number formatters in [`report::markdown`]);
+//!   (tables, formatters, dates, the machine and the one percentile rule from `lab-report`);
 //! * [`harness`] — the runtime, logging, and the one Consul a bench group shares;
 //! * [`error`] — the one error type.
 //!
@@ -34,7 +33,6 @@ pub mod results;
 pub mod rig;
 pub mod servers;
 pub mod spread;
-pub mod stats;
 pub mod traffic;
 
 pub use error::{Error, Result};

@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, VecDeque},
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::{Error, Result},
     spread::Interval,
-    stats::percentile,
 };
+use lab_report::{select_percentile as percentile, unix_ms};
 
 /// Criterion's output directory, found the way criterion finds it: `CRITERION_HOME`, else
 /// `$CARGO_TARGET_DIR/criterion`, else the target directory `cargo metadata` names, else
@@ -88,7 +88,7 @@ pub struct Summary {
 
 impl Summary {
     /// The summary of `values` (its finite ones); `None` when there are none. Percentiles
-    /// by the one rule, [`crate::stats::percentile`].
+    /// by the one rule, [`lab_report::select_percentile`].
     pub fn of(values: &[f64]) -> Option<Summary> {
         let mut finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
         let count = finite.len();
@@ -440,21 +440,6 @@ pub fn load_all(dir: &Path) -> Result<Vec<ResultFile>> {
     Ok(files)
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// `2025-03-14 09:26 UTC` for Unix milliseconds.
-pub fn utc_minute(unix_ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
-    // `2025-03-14T09:26:00Z`: keep the date and the minute.
-    let full = humantime::format_rfc3339_seconds(t).to_string();
-    format!("{} {} UTC", &full[..10], &full[11..16])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -504,16 +489,6 @@ mod tests {
             "--profile-time",
             "5"
         ])));
-    }
-
-    #[test]
-    fn dates_are_civil_utc() {
-        assert_eq!(utc_minute(0), "1970-01-01 00:00 UTC");
-        assert_eq!(
-            utc_minute(951_782_400_000 + 3_660_000),
-            "2000-02-29 01:01 UTC"
-        );
-        assert_eq!(utc_minute(1_735_689_599_000), "2024-12-31 23:59 UTC");
     }
 
     #[test]

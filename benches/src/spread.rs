@@ -10,7 +10,7 @@
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
-use crate::stats::percentile;
+use lab_report::select_percentile as percentile;
 
 /// The confidence of every interval.
 pub const CONFIDENCE: f64 = 0.95;

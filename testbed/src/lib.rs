@@ -27,8 +27,9 @@
 //!   `cached`, `filter`) compared, with client and Consul CPU, memory, bytes and propagation;
 //! * [`model`] — the timing model of Consul's deregistration (pure);
 //! * [`timeline`] — the seed article's story, timestamped, naive and resilient clients;
-//! * [`report`] — the header, tables, JSON, plots, dates, durations and percentiles of every
-//!   report;
+//! * [`report`] — the `lab-report` crate, shared with benches: the header, tables, JSON, plots,
+//!   dates, durations and percentiles of every report (one percentile rule: sorted ascending,
+//!   rank `p/100 × (n − 1)`, linear interpolation between the two nearest ranks);
 //! * [`smoke`] — the harness's own end-to-end check;
 //! * [`error`] — the one error type.
 
@@ -44,7 +45,7 @@ pub mod faults;
 pub mod model;
 pub mod progress;
 pub mod reaper_twins;
-pub mod report;
+pub use lab_report as report;
 pub mod scale;
 pub mod scenario;
 pub mod smoke;

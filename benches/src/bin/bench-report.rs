@@ -66,7 +66,7 @@ fn run_benches(home: &std::path::Path) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut info = results::RunInfo {
         bench: report::TOTAL_RUN.into(),
-        started_unix_ms: results::unix_ms(SystemTime::now()),
+        started_unix_ms: lab_report::unix_ms(SystemTime::now()),
         ..Default::default()
     };
     eprintln!("running `cargo bench` in {workspace} ...");
@@ -84,7 +84,7 @@ fn run_benches(home: &std::path::Path) -> Result<()> {
     if !status.success() {
         bail!("cargo bench failed ({status}); the table is left as it was");
     }
-    info.finished_unix_ms = results::unix_ms(SystemTime::now());
+    info.finished_unix_ms = lab_report::unix_ms(SystemTime::now());
     let path = home.join("bench-results").join("run.total.json");
     results::write_json(&path, &results::ResultFile::Run(info))?;
     Ok(())

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use super::{
     CPU_PREFIX, CriterionBench, ECHO_SERVERS, FAIRNESS_GOAL, LATENCY_GOAL, LATENCY_INTERVALS,
     MEDIAN_INTERVAL, MEMORY_GOAL_BYTES, Numbers, PAIRED_PREFIX, THROUGHPUT_GOAL, TWIN, TWIN_PREFIX,
-    markdown::{Align, Table, fmt_count, fmt_ns, span, spread_word, with_interval},
+    markdown::{span, spread_word, with_interval},
     numbers_of,
     spec::{echo_parts, order, short},
 };
@@ -14,6 +14,7 @@ use crate::{
     results::{FairnessRecord, MEASURED, MemoryRecord, SeriesRecord, Summary},
     spread::Interval,
 };
+use lab_report::{Align, Table, fmt_count, fmt_ns};
 
 /// The echo path's goals in one list, each with its worst case over the sizes and
 /// connection counts, as measured in this run: what is met, and by how much what is not.
@@ -24,7 +25,7 @@ pub(crate) fn echo_goals(
     memory: &[&MemoryRecord],
     fairness: &[&FairnessRecord],
 ) {
-    let mut table = Table::new([
+    let mut table = Table::aligned([
         ("Goal", Align::Left),
         ("Measured", Align::Left),
         ("Met?", Align::Left),
@@ -307,7 +308,7 @@ pub(crate) fn echo_rates(
          The twin's column is the control: the same copier as `raw-buf`, so how far it reads \
          from 1 is how far two identical servers read apart in this run.\n"
     );
-    let mut table = Table::new([("Messages", Align::Left)]);
+    let mut table = Table::aligned([("Messages", Align::Left)]);
     for server in ECHO_SERVERS {
         table.column(format!("{server} msg/s"), Align::Right);
     }

@@ -3,55 +3,10 @@
 
 use std::fmt::Write as _;
 
-use super::{
-    TOTAL_RUN,
-    markdown::{Align, Table},
-};
-use crate::results::{self, RunInfo};
+use lab_report::{Align, Machine, Table, utc_minute};
 
-/// The machine the report is written on.
-#[derive(Debug, Clone)]
-pub struct Machine {
-    /// CPUs available to this process; 0 if unknown.
-    pub cpus: usize,
-    /// `model name` from `/proc/cpuinfo`, or `unknown`.
-    pub cpu_model: String,
-    /// The kernel release, from `/proc/sys/kernel/osrelease`.
-    pub kernel: String,
-    /// `PRETTY_NAME` from `/etc/os-release`, or `unknown`.
-    pub os: String,
-    /// Total memory, for example `7.8 GiB`, or `unknown`.
-    pub memory: String,
-}
-
-impl Machine {
-    /// This machine, from `/proc` and `/etc/os-release`.
-    pub fn this() -> Machine {
-        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
-        let cpuinfo = read("/proc/cpuinfo");
-        let field = |text: &str, key: &str| {
-            text.lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once([':', '='])?;
-                    (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
-                })
-                .unwrap_or_else(|| "unknown".into())
-        };
-        let mem_kib: Option<u64> = read("/proc/meminfo")
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
-        Machine {
-            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
-            cpu_model: field(&cpuinfo, "model name"),
-            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
-            os: field(&read("/etc/os-release"), "PRETTY_NAME"),
-            memory: mem_kib.map_or("unknown".into(), |k| {
-                format!("{:.1} GiB", k as f64 / 1048576.0)
-            }),
-        }
-    }
-}
+use super::TOTAL_RUN;
+use crate::results::RunInfo;
 
 /// The command that made the report's numbers, as the run's records say it: `bench-report
 /// --run` records the whole `cargo bench` ([`TOTAL_RUN`]); without that record the benches
@@ -87,7 +42,7 @@ pub(crate) fn machine_section(out: &mut String, m: &Machine, all_runs: &[&RunInf
     // From 0.0: an empty float sum is -0.0, which prints as "-0 s".
     let total = runs.iter().fold(0.0, |sum, r| sum + secs(r));
     let started = runs.first().map(|r| r.started_unix_ms);
-    let mut table = Table::new([("", Align::Left), ("", Align::Left)]);
+    let mut table = Table::aligned([("", Align::Left), ("", Align::Left)]);
     table
         .row(["CPUs (`nproc`)".into(), m.cpus.to_string()])
         .row(["CPU model", m.cpu_model.as_str()])
@@ -105,7 +60,7 @@ pub(crate) fn machine_section(out: &mut String, m: &Machine, all_runs: &[&RunInf
         ])
         .row([
             "Run".into(),
-            started.map_or("not recorded".into(), results::utc_minute),
+            started.map_or("not recorded".into(), utc_minute),
         ])
         .row(["Command", command(whole_run.is_some())])
         .row([

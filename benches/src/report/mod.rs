@@ -10,9 +10,9 @@
 //! criterion's samples (time per iteration).
 //!
 //! Its parts, one job each: [`criterion`] reads criterion's data back, [`machine`] writes
-//! the header (machine, UTC date, command), [`spec`](mod@spec) knows each bench (what it
+//! the header (the machine, UTC date and command, with `lab-report`'s [`Machine`]), [`spec`](mod@spec) knows each bench (what it
 //! times, its baseline and goal), `sections` and `echo` write the sections, [`markdown`]
-//! holds the one table writer and the number formatters.
+//! holds the words of ratios and verdicts; tables and number formatters are `lab-report`'s.
 
 use std::{
     collections::BTreeMap,
@@ -34,8 +34,7 @@ mod sections;
 pub mod spec;
 
 pub use criterion::{CriterionBench, load_criterion};
-pub use machine::Machine;
-pub use markdown::{Align, Table, fmt_count, fmt_ns, fmt_rate};
+pub use lab_report::{Align, Machine, Table, fmt_count, fmt_ns, fmt_rate};
 pub use spec::{Goal, Spec, spec};
 
 use echo::{echo_goals, echo_rates};

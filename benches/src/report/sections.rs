@@ -8,16 +8,12 @@ use super::{
     CPU_PREFIX, CriterionBench, LATENCY_GOAL, MEMORY_GOAL_BYTES, Numbers, PAIRED_PREFIX,
     THROUGHPUT_GOAL, TWIN_PREFIX,
     echo::{latency_intervals, paired_interval, paired_ratio},
-    markdown::{
-        Align, Table, fmt_ns, fmt_rate, fmt_ratio, miss, near_goal, verdict, with_interval,
-    },
+    markdown::{fmt_ratio, miss, near_goal, verdict, with_interval},
     numbers_of,
     spec::{Goal, Spec, echo_parts, interleaved, order, server_of, short, spec},
 };
-use crate::{
-    results::{self, FairnessRecord, MemoryRecord, SeriesRecord, Summary},
-    stats,
-};
+use crate::results::{self, FairnessRecord, MemoryRecord, SeriesRecord, Summary};
+use lab_report::{Align, Table, fmt_ns, fmt_rate};
 
 /// One row per bench: what it times, its median and p99, its ratio to its baseline(s), its
 /// goal and whether this run met it; a bench's extra series as rows of their own.
@@ -38,7 +34,7 @@ pub(crate) fn results_table(
         .collect();
     ids.sort_by_key(|id| order(id));
     ids.dedup();
-    let mut table = Table::new([
+    let mut table = Table::aligned([
         ("Benchmark", Align::Left),
         ("What is timed", Align::Left),
         ("n", Align::Right),
@@ -225,7 +221,7 @@ pub(crate) fn breakdowns(out: &mut String, series: &BTreeMap<String, SeriesRecor
         "Every interval recorded in the same measured iterations (negative: the second event was seen first).\n"
     );
     for record in with_parts {
-        let mut table = Table::new([("Interval", Align::Left)]);
+        let mut table = Table::aligned([("Interval", Align::Left)]);
         for column in ["n", "Median", "p90", "p99", "max"] {
             table.column(column, Align::Right);
         }
@@ -266,7 +262,7 @@ pub(crate) fn memory_section(out: &mut String, memory: &[&MemoryRecord]) {
     if memory.is_empty() {
         return;
     }
-    let mut table = Table::new([("Benchmark", Align::Left)]);
+    let mut table = Table::aligned([("Benchmark", Align::Left)]);
     for column in [
         "Idle connections",
         "Message before idling",
@@ -284,7 +280,7 @@ pub(crate) fn memory_section(out: &mut String, memory: &[&MemoryRecord]) {
     for m in memory {
         let mib = |f: fn(&results::MemoryRun) -> u64| {
             let mut v: Vec<f64> = m.runs.iter().map(|r| f(r) as f64).collect();
-            let median = stats::percentile(&mut v, 50.0).unwrap_or(0.0);
+            let median = lab_report::select_percentile(&mut v, 50.0).unwrap_or(0.0);
             format!("{:.1} MiB", median / 1024.0)
         };
         table.row([
@@ -312,7 +308,7 @@ pub(crate) fn memory_section(out: &mut String, memory: &[&MemoryRecord]) {
 /// The well-behaved client's round trips, quiet and under each phase of the attack.
 pub(crate) fn fairness_section(out: &mut String, fairness: &[&FairnessRecord]) {
     for f in fairness {
-        let mut table = Table::new([("Well-behaved client's round trips", Align::Left)]);
+        let mut table = Table::aligned([("Well-behaved client's round trips", Align::Left)]);
         for column in [
             "n",
             "Median",

@@ -1,8 +1,16 @@
-//! Everything a report is made of, free of any experiment's types: the header every markdown
-//! report starts with ([`Header`]: machine, date, Consul version, command line), the one
-//! markdown table writer ([`Table`]), the one JSON writer ([`write_json`]), the one SVG writer
-//! ([`Plot`]), the one date formatter ([`rfc3339`]), the one duration formatters ([`ms`],
-//! [`secs`], [`secs_or`], [`secs_or_ms`], [`ms_from`], [`secs_since`], [`ms_serde`]) and the one percentile rule ([`percentile`]).
+//! Everything a report is made of, for testbed and benches alike and free of either's types:
+//! the header every markdown report starts with ([`Header`]: machine, date, Consul version,
+//! command line; [`Machine`] for the long form), the one markdown table writer ([`Table`]),
+//! the one JSON writer ([`write_json`]), the one SVG writer ([`Plot`]), the one date formatter
+//! ([`rfc3339`], [`utc_minute`]), the one duration formatters ([`ms`], [`secs`], [`secs_or`],
+//! [`secs_or_ms`], [`ms_from`], [`secs_since`], [`ms_serde`], [`fmt_ns`]) and the one
+//! percentile rule ([`select_percentile`]).
+//!
+//! **The percentile rule**, the one every median, p90, p99 and interval end of every report
+//! follows: with the `n` values in ascending order (indices 0 to `n − 1`), the `p`-th
+//! percentile's rank is `r = p / 100 × (n − 1)`, and the percentile is the value at index
+//! `⌊r⌋` plus the fraction `r − ⌊r⌋` of the way to the value at index `⌊r⌋ + 1` — linear
+//! interpolation between the two closest ranks (numpy's default, Hyndman and Fan's type 7).
 
 use std::{
     fmt::Write as _,
@@ -19,6 +27,19 @@ use serde::Serialize;
 /// `SystemTime` as RFC 3339 UTC with seconds, e.g. `2026-11-25T13:32:04Z`.
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// `2025-03-14 09:26 UTC` for Unix milliseconds: [`rfc3339`]'s date and minute.
+pub fn utc_minute(unix_ms: u64) -> String {
+    let full = rfc3339(std::time::UNIX_EPOCH + Duration::from_millis(unix_ms));
+    format!("{} {} UTC", &full[..10], &full[11..16])
 }
 
 /// `d` in milliseconds, as a float.
@@ -64,6 +85,45 @@ pub fn secs_or_ms(ms: Option<f64>, never: &str) -> String {
     secs_or(ms.map(|m| Duration::from_secs_f64(m.max(0.0) / 1e3)), never)
 }
 
+/// `812 ns`, `12.3 µs`, `1.23 ms`, `1.234 s` (signed): nanoseconds in the unit that reads.
+pub fn fmt_ns(ns: f64) -> String {
+    let sign = if ns < 0.0 { "-" } else { "" };
+    let a = ns.abs();
+    let body = if a < 1e3 {
+        format!("{a:.0} ns")
+    } else if a < 1e6 {
+        format!("{:.1} µs", a / 1e3)
+    } else if a < 1e9 {
+        format!("{:.2} ms", a / 1e6)
+    } else {
+        format!("{:.3} s", a / 1e9)
+    };
+    format!("{sign}{body}")
+}
+
+/// `123 MiB/s`, `1.23 GiB/s`.
+pub fn fmt_rate(bytes_per_s: f64) -> String {
+    let mib = bytes_per_s / (1u64 << 20) as f64;
+    if mib >= 1024.0 {
+        format!("{:.2} GiB/s", mib / 1024.0)
+    } else if mib >= 10.0 {
+        format!("{mib:.0} MiB/s")
+    } else {
+        format!("{mib:.2} MiB/s")
+    }
+}
+
+/// `950`, `12.3 k`, `4.56 M`.
+pub fn fmt_count(n: f64) -> String {
+    if n >= 1e6 {
+        format!("{:.2} M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} k", n / 1e3)
+    } else {
+        format!("{n:.0}")
+    }
+}
+
 /// Serialize durations as milliseconds (`#[serde(with = "report::ms_serde")]`, and
 /// `report::ms_serde::opt` for an `Option<Duration>`).
 pub mod ms_serde {
@@ -92,21 +152,33 @@ pub mod ms_serde {
 
 // === statistics ===
 
-/// The `p`-th percentile (0 to 100) of `values` (in any order), interpolating linearly
-/// between the two closest ranks: with the values sorted, rank `r = p / 100 × (n − 1)` lies
-/// between index `⌊r⌋` and the next, and the percentile is the value at `⌊r⌋` plus the
-/// fraction `r − ⌊r⌋` of the way to the next (numpy's default, and benches' rule). `None`
-/// when there are no values.
-pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
-    let mut sorted: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
-    if sorted.is_empty() {
+/// The `p`-th percentile (`p` from 0 to 100, clamped) of `values`, by the one rule (the
+/// crate's doc): `r = p / 100 × (n − 1)`, the value at index `⌊r⌋` of the ascending values
+/// plus the fraction `r − ⌊r⌋` of the way to the next. So the median of an even count is the
+/// mean of the middle two, p0 is the smallest value and p100 the largest.
+///
+/// Found by selection, not a sort (a bootstrap takes thousands), so `values` is reordered;
+/// values compare by [`f64::total_cmp`] (callers drop non-finite ones, or use
+/// [`percentile`]). `None` for no values.
+pub fn select_percentile(values: &mut [f64], p: f64) -> Option<f64> {
+    let n = values.len();
+    if n == 0 {
         return None;
     }
-    sorted.sort_by(f64::total_cmp);
-    let rank = (p.clamp(0.0, 100.0) / 100.0) * (sorted.len() - 1) as f64;
+    let rank = (p.clamp(0.0, 100.0) / 100.0) * (n - 1) as f64;
     let below = rank.floor() as usize;
-    let above = (below + 1).min(sorted.len() - 1);
-    Some(sorted[below] + (sorted[above] - sorted[below]) * (rank - below as f64))
+    let frac = rank - below as f64;
+    let (_, at, above) = values.select_nth_unstable_by(below, f64::total_cmp);
+    let low = *at;
+    let high = above.iter().copied().min_by(f64::total_cmp).unwrap_or(low);
+    Some(low + (high - low) * frac)
+}
+
+/// [`select_percentile`] of `values` (in any order, left as they are) without their NaNs.
+/// `None` when there are no values.
+pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    let mut copy: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
+    select_percentile(&mut copy, p)
 }
 
 /// [`percentile`] of durations.
@@ -151,13 +223,7 @@ pub fn machine() -> String {
 }
 
 fn machine_of(cpuinfo: &str) -> String {
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            let (key, value) = l.split_once(':')?;
-            (key.trim() == "model name").then(|| value.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let model = field(cpuinfo, "model name").unwrap_or_else(|| "unknown CPU".into());
     let cores = cpuinfo
         .lines()
         .filter(|l| l.split(':').next().is_some_and(|k| k.trim() == "processor"))
@@ -168,6 +234,50 @@ fn machine_of(cpuinfo: &str) -> String {
         cores
     };
     format!("{model}, {cores} cores")
+}
+
+/// The value of the first `key: value` or `key=value` line of `text` (quotes trimmed).
+fn field(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once([':', '='])?;
+        (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// The machine a report is written on, in full (the long form of [`machine`]).
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// CPUs available to this process; 0 if unknown.
+    pub cpus: usize,
+    /// `model name` from `/proc/cpuinfo`, or `unknown`.
+    pub cpu_model: String,
+    /// The kernel release, from `/proc/sys/kernel/osrelease`.
+    pub kernel: String,
+    /// `PRETTY_NAME` from `/etc/os-release`, or `unknown`.
+    pub os: String,
+    /// Total memory, for example `7.8 GiB`, or `unknown`.
+    pub memory: String,
+}
+
+impl Machine {
+    /// This machine, from `/proc` and `/etc/os-release`.
+    pub fn this() -> Machine {
+        let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        let unknown = |v: Option<String>| v.unwrap_or_else(|| "unknown".into());
+        let mem_kib: Option<u64> = read("/proc/meminfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model: unknown(field(&read("/proc/cpuinfo"), "model name")),
+            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+            os: unknown(field(&read("/etc/os-release"), "PRETTY_NAME")),
+            memory: mem_kib.map_or("unknown".into(), |k| {
+                format!("{:.1} GiB", k as f64 / 1048576.0)
+            }),
+        }
+    }
 }
 
 /// The command line of this process as a person typed it: `cargo run -p testbed --
@@ -271,12 +381,47 @@ impl Table {
         self.rows.push(row);
     }
 
+    /// A table with these columns (header text and alignment), no rows yet.
+    ///
+    /// ```
+    /// use lab_report::{Align, Table};
+    /// let mut t = Table::aligned([("Interval", Align::Left), ("n", Align::Right)]);
+    /// t.row(["measured", "3"]);
+    /// assert_eq!(t.to_string(), "| Interval | n |\n|---|---:|\n| measured | 3 |\n");
+    /// ```
+    pub fn aligned<S: Into<String>>(columns: impl IntoIterator<Item = (S, Align)>) -> Table {
+        let mut t = Table::default();
+        for (header, align) in columns {
+            t.column(header, align);
+        }
+        t
+    }
+
+    /// Add a column at the right (header text and alignment).
+    pub fn column(&mut self, header: impl Into<String>, align: Align) -> &mut Table {
+        self.columns.push(header.into());
+        self.right.push(align == Align::Right);
+        self
+    }
+
+    /// Add a row, as [`Table::push`] does, and return the table for the next.
+    pub fn row<S: Into<String>>(&mut self, cells: impl IntoIterator<Item = S>) -> &mut Table {
+        self.push(cells);
+        self
+    }
+
+    /// Whether it has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
     /// Add a note below the table.
     pub fn note(&mut self, note: impl Into<String>) {
         self.notes.push(note.into());
     }
 
-    /// The table in GitHub markdown (`|` in cells escaped), with its caption and notes.
+    /// The table in GitHub markdown (`|` in cells escaped; an empty cell written `| |`), with
+    /// its caption and notes.
     pub fn markdown(&self) -> String {
         let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
         let mut out = String::new();
@@ -284,7 +429,16 @@ impl Table {
             let _ = writeln!(out, "**{}**\n", self.caption);
         }
         let line = |cells: &mut dyn Iterator<Item = String>| {
-            format!("| {} |\n", cells.collect::<Vec<_>>().join(" | "))
+            let mut l = String::from("|");
+            for c in cells {
+                let _ = if c.is_empty() {
+                    write!(l, " |")
+                } else {
+                    write!(l, " {c} |")
+                };
+            }
+            l.push('\n');
+            l
         };
         out.push_str(&line(&mut self.columns.iter().map(|c| cell(c))));
         out.push_str(&format!(
@@ -305,6 +459,12 @@ impl Table {
             }
         }
         out
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.markdown())
     }
 }
 
@@ -633,6 +793,76 @@ mod tests {
     }
 
     #[test]
+    fn the_order_of_the_values_does_not_matter() {
+        let values: Vec<f64> = (0..1001).map(|i| f64::from((i * 7919) % 1001)).collect();
+        let mut sorted = values.clone();
+        sorted.sort_by(f64::total_cmp);
+        for p in [0.0, 2.5, 50.0, 99.0, 99.9, 100.0] {
+            let mut v = values.clone();
+            // Sorted, the 1001 values 0..=1000 have the rank p/100 × 1000 as their value.
+            assert!(
+                (select_percentile(&mut v, p).unwrap() - p * 10.0).abs() < 1e-9,
+                "p{p}"
+            );
+            assert_eq!(
+                select_percentile(&mut v, p),
+                select_percentile(&mut sorted.clone(), p),
+                "p{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn selection_interpolates_between_ranks() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(select_percentile(&mut v, 50.0), Some(50.5));
+        assert!((select_percentile(&mut v, 99.0).unwrap() - 99.01).abs() < 1e-9);
+        assert_eq!(select_percentile(&mut v, 100.0), Some(100.0));
+        assert_eq!(select_percentile(&mut v, 0.0), Some(1.0));
+        assert_eq!(select_percentile(&mut [7.0], 99.0), Some(7.0));
+        assert_eq!(select_percentile(&mut [], 50.0), None);
+    }
+
+    #[test]
+    fn dates_are_civil_utc() {
+        assert_eq!(utc_minute(0), "1970-01-01 00:00 UTC");
+        assert_eq!(
+            utc_minute(951_782_400_000 + 3_660_000),
+            "2000-02-29 01:01 UTC"
+        );
+        assert_eq!(utc_minute(1_735_689_599_000), "2024-12-31 23:59 UTC");
+        assert_eq!(unix_ms(UNIX_EPOCH + Duration::from_millis(1234)), 1234);
+        assert_eq!(unix_ms(UNIX_EPOCH - Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn nanoseconds_and_rates_read_in_their_unit() {
+        assert_eq!(fmt_ns(812.0), "812 ns");
+        assert_eq!(fmt_ns(12_345.0), "12.3 µs");
+        assert_eq!(fmt_ns(-1_234_567.0), "-1.23 ms");
+        assert_eq!(fmt_ns(2.5e9), "2.500 s");
+        assert_eq!(fmt_rate(2.0 * 1073741824.0), "2.00 GiB/s");
+        assert_eq!(fmt_rate(50.0 * 1048576.0), "50 MiB/s");
+        assert_eq!(fmt_count(950.0), "950");
+        assert_eq!(fmt_count(12_345.0), "12.3 k");
+        assert_eq!(fmt_count(4_560_000.0), "4.56 M");
+    }
+
+    #[test]
+    fn a_table_is_a_header_a_rule_and_its_rows() {
+        let mut t = Table::aligned([("", Align::Left), ("", Align::Left)]);
+        t.row(["CPUs", "2"]).row(["OS", "Linux"]);
+        assert_eq!(
+            t.to_string(),
+            "| | |\n|---|---|\n| CPUs | 2 |\n| OS | Linux |\n"
+        );
+        let mut t = Table::aligned([("a", Align::Left)]);
+        assert!(t.is_empty());
+        t.column("n", Align::Right).row(["x", "1"]);
+        assert_eq!(t.to_string(), "| a | n |\n|---|---:|\n| x | 1 |\n");
+    }
+
+    #[test]
     fn durations_read_as_a_person_writes_them() {
         assert_eq!(ms_text(Some(12.345), 1), "12.3 ms");
         assert_eq!(ms_text(None, 2), "–");
@@ -649,7 +879,7 @@ mod tests {
         t.note("a note");
         assert_eq!(
             t.markdown(),
-            "**Cap**\n\n| a | b\\|c |\n|---|---:|\n| x | 1 |\n| y\\|z |  |\n\n- a note\n"
+            "**Cap**\n\n| a | b\\|c |\n|---|---:|\n| x | 1 |\n| y\\|z | |\n\n- a note\n"
         );
         let f = Table::figures([("k".to_owned(), "v".to_owned())]);
         assert_eq!(f.markdown(), "| figure | value |\n|---|---|\n| k | v |\n");
