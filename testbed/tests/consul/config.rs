@@ -1,0 +1,323 @@
+//! Consul's KV store through consul-api (Consul 1.8.7's answers: a missing key's 404 with
+//! its index, check-and-set, transactions and their 409, the limits), and live configuration
+//! from it (consul-registry's `config`): a change applied, an invalid one rejected with the
+//! last good kept, a prefix changed by one transaction seen whole, a key deleted, Consul gone
+//! and back.
+
+use std::time::Duration;
+
+use consul_api::{Error, KVTxnOp, QueryOptions, kv};
+use consul_registry::config::{self, ConfigSpec, Live, Status};
+use serde::Deserialize;
+use testbed::Consul;
+use tokio::sync::watch;
+
+use crate::common::init_tracing;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn kv_answers_as_consul_1_8_7_does() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let client = consul.client();
+    let kv = client.kv();
+    let now = QueryOptions::default();
+
+    // A missing key: no pair, but an index to block on.
+    let (missing, meta) = kv.get("app/absent", &now).await.unwrap();
+    assert!(missing.is_none());
+    assert!(meta.last_index > 0, "404 carries X-Consul-Index");
+    let (empty, _) = kv.list("nothing/", &now).await.unwrap();
+    assert!(empty.is_empty());
+
+    kv.put("app/db/url", b"postgres://db").await.unwrap();
+    kv.put("app/limit", b"10").await.unwrap();
+    let (pair, meta) = kv.get("app/limit", &now).await.unwrap();
+    let pair = pair.unwrap();
+    assert_eq!(pair.value(), b"10");
+    assert_eq!(meta.last_index, pair.modify_index);
+    let (keys, _) = kv.keys("app/", Some("/"), &now).await.unwrap();
+    assert_eq!(keys, ["app/db/", "app/limit"]);
+    let (keys, _) = kv.keys("app/", None, &now).await.unwrap();
+    assert_eq!(keys, ["app/db/url", "app/limit"]);
+    let (tree, _) = kv.list("app/", &now).await.unwrap();
+    assert_eq!(tree.len(), 2);
+    assert_eq!(tree[0].value(), b"postgres://db");
+
+    // Check-and-set: a stale index loses without an error; the current one wins.
+    assert!(
+        !kv.cas("app/limit", b"11", 0, pair.modify_index - 1)
+            .await
+            .unwrap()
+    );
+    assert!(
+        kv.cas("app/limit", b"11", 7, pair.modify_index)
+            .await
+            .unwrap()
+    );
+    let (pair, _) = kv.get("app/limit", &now).await.unwrap();
+    let pair = pair.unwrap();
+    assert_eq!((pair.value(), pair.flags), (&b"11"[..], 7));
+    assert!(!kv.delete_cas("app/limit", 1).await.unwrap());
+
+    // A transaction: all or nothing, the failure's operation named.
+    let done = kv
+        .txn(&[KVTxnOp::set("tx/a", "1"), KVTxnOp::set("tx/b", "2")])
+        .await
+        .unwrap();
+    assert!(done.committed());
+    assert_eq!(done.results.len(), 2);
+    let failed = kv
+        .txn(&[KVTxnOp::set("tx/a", "3"), KVTxnOp::cas("tx/b", "4", 1)])
+        .await
+        .unwrap();
+    assert!(!failed.committed(), "Consul answers 409");
+    assert_eq!(failed.errors[0].op_index, 1);
+    assert!(
+        failed.errors[0].what.contains("tx/b"),
+        "{:?}",
+        failed.errors
+    );
+    let (a, _) = kv.get("tx/a", &now).await.unwrap();
+    assert_eq!(
+        a.unwrap().value(),
+        b"1",
+        "nothing of the failed transaction applied"
+    );
+
+    // The limits: 512 KiB is accepted, a byte more never sent.
+    let largest = vec![b'x'; kv::MAX_VALUE_BYTES];
+    kv.put("big", &largest).await.unwrap();
+    let (big, _) = kv.get("big", &now).await.unwrap();
+    assert_eq!(big.unwrap().value().len(), kv::MAX_VALUE_BYTES);
+    let err = kv
+        .put("big", &[largest, vec![b'x']].concat())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err}");
+
+    // A blocking read of a missing key returns when the key is written.
+    let (_, meta) = kv.get("later", &now).await.unwrap();
+    let waiting = {
+        let client = client.clone();
+        let opts = QueryOptions {
+            wait_index: meta.last_index,
+            wait_time: Some(Duration::from_secs(20)),
+            ..Default::default()
+        };
+        tokio::spawn(async move { client.kv().get("later", &opts).await })
+    };
+    kv.put("later", b"now").await.unwrap();
+    let (later, _) = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .expect("the blocking read returns on the write")
+        .unwrap()
+        .unwrap();
+    assert_eq!(later.unwrap().value(), b"now");
+
+    kv.delete_tree("app/").await.unwrap();
+    let (gone, _) = kv.list("app/", &now).await.unwrap();
+    assert!(gone.is_empty());
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+struct Settings {
+    limit: u32,
+    #[serde(default)]
+    name: String,
+}
+
+fn positive(s: &Settings) -> Result<(), String> {
+    if s.limit == 0 {
+        Err("limit must be at least 1".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// The first value of `rx` (the current one included) that satisfies `done`.
+async fn until<T>(
+    rx: &mut watch::Receiver<Live<T>>,
+    what: &str,
+    mut done: impl FnMut(&Live<T>) -> bool,
+) -> Live<T> {
+    let found = tokio::time::timeout(DEADLINE, rx.wait_for(|live| done(live)))
+        .await
+        .map(|found| found.map(|live| live.clone()));
+    match found {
+        Ok(Ok(live)) => live,
+        _ => panic!(
+            "{what}: not within {DEADLINE:?}; last {:?}",
+            rx.borrow().status
+        ),
+    }
+}
+
+fn limit(live: &Live<Settings>) -> Option<u32> {
+    live.config.as_ref().map(|c| c.limit)
+}
+
+#[tokio::test]
+async fn a_change_is_applied_an_invalid_one_rejected_and_a_deletion_keeps_the_last_good() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let kv = consul.client();
+    let spec = ConfigSpec::<Settings>::key("svc/config").with_validation(positive);
+    let mut rx = config::spawn(consul.client(), spec);
+    assert_eq!(rx.borrow().status, Status::Waiting);
+
+    kv.kv().put("svc/config", br#"{"limit": 5}"#).await.unwrap();
+    let live = until(&mut rx, "applied", |l| l.status == Status::Applied).await;
+    assert_eq!(limit(&live), Some(5));
+    let good_index = live.index;
+
+    kv.kv().put("svc/config", br#"{"limit": 0}"#).await.unwrap();
+    let live = until(&mut rx, "rejected", |l| {
+        matches!(l.status, Status::Rejected { .. })
+    })
+    .await;
+    assert_eq!(limit(&live), Some(5), "last good stays");
+    assert_eq!(live.index, good_index);
+    let Status::Rejected { key, index, reason } = &live.status else {
+        unreachable!()
+    };
+    assert_eq!(key, "svc/config");
+    assert!(*index > good_index);
+    assert!(reason.contains("at least 1"), "{reason}");
+
+    kv.kv().put("svc/config", b"{not json").await.unwrap();
+    until(
+        &mut rx,
+        "undecodable rejected",
+        |l| matches!(&l.status, Status::Rejected { reason, .. } if reason.contains("not valid")),
+    )
+    .await;
+
+    kv.kv()
+        .put("svc/config", br#"{"limit": 8, "name": "b"}"#)
+        .await
+        .unwrap();
+    let live = until(&mut rx, "applied again", |l| {
+        l.status == Status::Applied && l.index > good_index
+    })
+    .await;
+    assert_eq!(limit(&live), Some(8));
+
+    kv.kv().delete("svc/config").await.unwrap();
+    let live = until(&mut rx, "deleted", |l| l.status == Status::KeyMissing).await;
+    assert_eq!(limit(&live), Some(8), "last good stays");
+
+    // With defaults chosen, a missing key means the defaults.
+    let spec = ConfigSpec::key("svc/config").with_defaults(Settings {
+        limit: 1,
+        name: "default".into(),
+    });
+    let mut defaults = config::spawn(consul.client(), spec);
+    let live = until(&mut defaults, "defaults", |l| l.status == Status::Defaults).await;
+    assert_eq!((limit(&live), live.index), (Some(1), 0));
+}
+
+#[derive(Debug, Deserialize)]
+struct Pair {
+    a: u64,
+    b: u64,
+}
+
+#[tokio::test]
+async fn a_prefix_changed_by_one_transaction_is_seen_whole() {
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let client = consul.client();
+    client
+        .kv()
+        .txn(&[KVTxnOp::set("pair/a", "0"), KVTxnOp::set("pair/b", "0")])
+        .await
+        .unwrap();
+    let spec = ConfigSpec::<Pair>::prefix("pair/").with_validation(|p: &Pair| {
+        if p.a == p.b {
+            Ok(())
+        } else {
+            Err(format!("half a change: a={} b={}", p.a, p.b))
+        }
+    });
+    let mut rx = config::spawn(consul.client(), spec);
+    until(&mut rx, "first", |l| l.status == Status::Applied).await;
+
+    // Every change writes both keys in one transaction: never seen half-applied.
+    let mut seen = Vec::new();
+    for n in 1..=20u64 {
+        let v = n.to_string();
+        let done = client
+            .kv()
+            .txn(&[KVTxnOp::set("pair/a", v.clone()), KVTxnOp::set("pair/b", v)])
+            .await
+            .unwrap();
+        assert!(done.committed());
+        let live = until(&mut rx, "next", |l| {
+            l.config.as_ref().is_some_and(|c| c.a == n)
+                || matches!(l.status, Status::Rejected { .. })
+        })
+        .await;
+        assert_eq!(live.status, Status::Applied, "change {n}");
+        let config = live.config.unwrap();
+        assert_eq!((config.a, config.b), (n, n));
+        seen.push(live.index);
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "one index per change: {seen:?}"
+    );
+
+    // Written key by key instead, the half change is refused by the check, never applied.
+    client.kv().put("pair/a", b"99").await.unwrap();
+    let live = until(&mut rx, "half rejected", |l| {
+        matches!(l.status, Status::Rejected { .. })
+    })
+    .await;
+    assert_eq!(live.config.unwrap().a, 20, "the last good stays");
+}
+
+#[tokio::test]
+async fn consul_gone_keeps_the_last_good_and_its_return_is_followed() {
+    init_tracing();
+    let mut consul = Consul::start().await.unwrap();
+    consul
+        .client()
+        .kv()
+        .put("svc/config", br#"{"limit": 5}"#)
+        .await
+        .unwrap();
+    let spec = ConfigSpec::<Settings>::key("svc/config")
+        .with_validation(positive)
+        .with_wait(Duration::from_secs(5));
+    let mut rx = config::spawn(consul.client(), spec);
+    until(&mut rx, "applied", |l| l.status == Status::Applied).await;
+
+    consul.stop().await.unwrap();
+    let live = until(&mut rx, "unreachable", |l| {
+        matches!(l.status, Status::Unreachable { .. })
+    })
+    .await;
+    assert_eq!(limit(&live), Some(5), "last good stays");
+
+    // A dev agent comes back empty: the key is missing, the last good stays until it is
+    // written again.
+    consul.start_again().await.unwrap();
+    let live = until(&mut rx, "back, key missing", |l| {
+        l.status == Status::KeyMissing
+    })
+    .await;
+    assert_eq!(limit(&live), Some(5));
+    consul
+        .client()
+        .kv()
+        .put("svc/config", br#"{"limit": 6}"#)
+        .await
+        .unwrap();
+    let live = until(&mut rx, "applied after the return", |l| {
+        l.status == Status::Applied && l.config.as_ref().is_some_and(|c| c.limit == 6)
+    })
+    .await;
+    assert_eq!(limit(&live), Some(6));
+}
