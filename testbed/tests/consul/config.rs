@@ -321,3 +321,181 @@ async fn consul_gone_keeps_the_last_good_and_its_return_is_followed() {
     .await;
     assert_eq!(limit(&live), Some(6));
 }
+
+/// `GET /check`'s body.
+async fn check_body(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /check HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+/// The `/check` body once it contains `needle`.
+async fn check_says(addr: std::net::SocketAddr, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let body = check_body(addr).await;
+        if body.contains(needle) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/check never said {needle:?}; last: {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Send `line` (a newline added) and read what comes back until the server closes or a
+/// newline arrives.
+async fn echo_once(addr: std::net::SocketAddr, line: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = tokio::io::BufReader::new(stream);
+    stream
+        .get_mut()
+        .write_all(&[line, b"\n"].concat())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_until(b'\n', &mut answer))
+        .await
+        .expect("an answer")
+        .unwrap();
+    answer
+}
+
+/// Whether the service's maintenance check is there.
+async fn in_maintenance(consul: &Consul, id: &str) -> bool {
+    let checks = consul.client().agent().checks().await.unwrap();
+    checks.contains_key(&format!("_service_maintenance:{id}"))
+}
+
+#[tokio::test]
+async fn echo_server_takes_live_settings_from_kv_and_rejects_what_cannot_change_live() {
+    use std::sync::{Arc, Mutex};
+
+    use echo_server::{Config, Server, live::LogLevel};
+
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let levels = Arc::new(Mutex::new(Vec::<String>::new()));
+    let config = Config {
+        register: true,
+        id: "echo-live-1".into(),
+        interval: Duration::from_secs(1),
+        consul: consul.config(),
+        config_key: Some("echo/live".into()),
+        ..Config::local()
+    };
+    let server = Server::bind(config)
+        .await
+        .unwrap()
+        .with_log_level(LogLevel::new({
+            let levels = levels.clone();
+            move |level| {
+                levels.lock().unwrap().push(level.to_owned());
+                Ok(())
+            }
+        }));
+    let (echo, check) = (server.echo_addr(), server.check_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(server.run(async move {
+        stopped.await.ok();
+    }));
+
+    // No key: the flags' settings, said in /check.
+    check_says(
+        check,
+        "config: key echo/live index 0 (key missing: defaults in force)",
+    )
+    .await;
+    assert_eq!(
+        echo_once(echo, &[b'a'; 100]).await,
+        [&[b'a'; 100][..], b"\n"].concat()
+    );
+
+    let kv = consul.client();
+    kv.kv()
+        .put(
+            "echo/live",
+            br#"{"max_frame": 16, "idle_timeout": "1s", "max_connections": 3,
+                 "maintenance": true, "log_level": "debug"}"#,
+        )
+        .await
+        .unwrap();
+    let (pair, _) = kv
+        .kv()
+        .get("echo/live", &QueryOptions::default())
+        .await
+        .unwrap();
+    let index = pair.unwrap().modify_index;
+    check_says(check, &format!("index {index} (applied)")).await;
+    assert_eq!(echo_once(echo, b"short").await, b"short\n");
+    let mut idle = tokio::net::TcpStream::connect(echo).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        idle.read(&mut [0u8; 8]).await
+    })
+    .await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle connection is closed after the new 1s idle timeout: {closed:?}"
+    );
+    let refused = echo_once(echo, &[b'a'; 100]).await;
+    assert!(
+        !refused.starts_with(&[b'a'; 100]),
+        "a frame over the new limit is refused: {:?}",
+        String::from_utf8_lossy(&refused)
+    );
+    assert!(
+        in_maintenance(&consul, "echo-live-1").await,
+        "maintenance on"
+    );
+    assert_eq!(
+        levels.lock().unwrap().last().map(String::as_str),
+        Some("debug")
+    );
+
+    // What only a restart changes is rejected; the settings in force stay.
+    kv.kv().put("echo/live", br#"{"port": 1}"#).await.unwrap();
+    let body = check_says(check, "restart it with --port").await;
+    assert!(body.contains(&format!("index {index} (rejected")), "{body}");
+    assert!(
+        !echo_once(echo, &[b'a'; 100])
+            .await
+            .starts_with(&[b'a'; 100])
+    );
+    assert!(in_maintenance(&consul, "echo-live-1").await);
+
+    // The key deleted: back to the flags' settings, maintenance off.
+    kv.kv().delete("echo/live").await.unwrap();
+    check_says(check, "index 0 (key missing: defaults in force)").await;
+    assert_eq!(
+        echo_once(echo, &[b'a'; 100]).await,
+        [&[b'a'; 100][..], b"\n"].concat()
+    );
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while in_maintenance(&consul, "echo-live-1").await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "maintenance stays on"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        levels.lock().unwrap().last().map(String::as_str),
+        Some("info")
+    );
+
+    stop.send(()).unwrap();
+    running.await.unwrap().unwrap();
+}
