@@ -11,6 +11,7 @@ use crate::{
     error::Result,
     health::{HealthCheck, HealthStatus},
     query::{QueryMeta, QueryOptions},
+    skip,
 };
 
 /// A service registration, as `PUT /v1/agent/service/register` takes it.
@@ -339,9 +340,13 @@ impl<'a> Agent<'a> {
             .map(drop)
     }
 
-    /// `GET /v1/agent/services`: every service registered with this agent, by ID.
+    /// `GET /v1/agent/services`: every service registered with this agent, by ID. A service
+    /// our types cannot hold (a foreign registration's `Port: 70000`) is left out and logged.
     pub async fn services(&self) -> Result<BTreeMap<String, AgentService>> {
-        let (services, _) = self.client.get(&["agent", "services"], &[], None).await?;
+        let (services, _) = self
+            .client
+            .get_entries::<_, AgentService>(&["agent", "services"], &[], None, skip::map)
+            .await?;
         Ok(services)
     }
 
@@ -357,9 +362,13 @@ impl<'a> Agent<'a> {
             .await
     }
 
-    /// `GET /v1/agent/checks`: every check of this agent, by check ID.
+    /// `GET /v1/agent/checks`: every check of this agent, by check ID (one that cannot be
+    /// decoded is left out and logged).
     pub async fn checks(&self) -> Result<BTreeMap<String, AgentCheck>> {
-        let (checks, _) = self.client.get(&["agent", "checks"], &[], None).await?;
+        let (checks, _) = self
+            .client
+            .get_entries::<_, AgentCheck>(&["agent", "checks"], &[], None, skip::map)
+            .await?;
         Ok(checks)
     }
 

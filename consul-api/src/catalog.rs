@@ -10,6 +10,7 @@ use crate::{
     client::Client,
     error::Result,
     query::{QueryMeta, QueryOptions},
+    skip,
 };
 
 /// One instance of a service in the catalog (`/v1/catalog/service/:service`).
@@ -88,7 +89,8 @@ impl<'a> Catalog<'a> {
         Catalog { client }
     }
 
-    /// `GET /v1/catalog/service/:service`: every instance, healthy or not.
+    /// `GET /v1/catalog/service/:service`: every instance, healthy or not (one our types
+    /// cannot hold, such as a `ServicePort` of 70000, left out and logged).
     pub async fn service(
         &self,
         service: &str,
@@ -98,7 +100,12 @@ impl<'a> Catalog<'a> {
         let params: Vec<_> = tag.map(|t| ("tag", t.to_owned())).into_iter().collect();
         let (services, meta): (Option<Vec<CatalogService>>, _) = self
             .client
-            .get(&["catalog", "service", service], &params, Some(opts))
+            .get_entries::<_, CatalogService>(
+                &["catalog", "service", service],
+                &params,
+                Some(opts),
+                skip::list,
+            )
             .await?;
         Ok((services.unwrap_or_default(), meta))
     }

@@ -2,10 +2,11 @@
 //! every endpoint goes through (timeouts, response-size cap, error mapping).
 
 use std::{
+    collections::HashSet,
     error::Error as _,
     fmt,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -20,6 +21,7 @@ use crate::{
     health::Health,
     kv::Kv,
     query::{QueryMeta, QueryOptions},
+    skip::{Skipped, decode_skipping},
     status::Status,
     tls::{TlsConfig, rustls_error},
 };
@@ -79,7 +81,8 @@ pub struct Config {
     pub ssl: bool,
     /// Certificates and verification for HTTPS (`CONSUL_CACERT`, ...).
     pub tls: TlsConfig,
-    /// ACL token sent as `X-Consul-Token`, like `CONSUL_HTTP_TOKEN`. Never logged.
+    /// ACL token sent as `X-Consul-Token`, like `CONSUL_HTTP_TOKEN`. Never logged, and sent
+    /// to the agent only: a redirect is not followed (an [`Error::Status`] 3xx instead).
     pub token: Option<String>,
     /// Deadline of a non-blocking request.
     pub timeout: Duration,
@@ -264,7 +267,13 @@ struct Inner {
     base: Url,
     token: Option<HeaderValue>,
     config: Config,
+    /// The entries left out of answers so far (path, entry, reason): each is a warning
+    /// once, then a debug line.
+    skipped: Mutex<HashSet<String>>,
 }
+
+/// How many left-out entries a client remembers; past it, it starts over (and warns again).
+const SKIPPED_REMEMBERED: usize = 1024;
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -294,6 +303,10 @@ impl Client {
         };
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            // Consul's API never redirects; a redirect followed would carry the token
+            // (reqwest keeps every header but `Authorization` and cookies) to another
+            // listener, or from https down to http. An answer 3xx is an error instead.
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30));
         if base.scheme() == "https" {
@@ -314,6 +327,7 @@ impl Client {
                 base,
                 token,
                 config,
+                skipped: Mutex::default(),
             }),
         })
     }
@@ -331,6 +345,11 @@ impl Client {
     /// The agent's base URL.
     pub fn base_url(&self) -> &Url {
         &self.inner.base
+    }
+
+    /// The agent's host, an IPv6 address without its URL brackets (`::1`, not `[::1]`).
+    pub fn host(&self) -> String {
+        host_of(&self.inner.base)
     }
 
     /// The local agent's endpoints (`/v1/agent/...`).
@@ -379,6 +398,52 @@ impl Client {
             .send(Method::GET, segments, params, opts, None::<&()>)
             .await?;
         Ok((decode("GET", &path, &body)?, meta))
+    }
+
+    /// GET a JSON answer that holds entries (a list, or a map by ID, that `entries` finds
+    /// in it): an entry that does not decode as `E` (a port of 70000 from a foreign
+    /// registration) is left out and logged, never failing the others.
+    pub(crate) async fn get_entries<T: DeserializeOwned, E: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        params: &[(&'static str, String)],
+        opts: Option<&QueryOptions>,
+        entries: fn(&mut serde_json::Value) -> Option<&mut serde_json::Value>,
+    ) -> Result<(T, QueryMeta)> {
+        let (body, meta, path) = self
+            .send(Method::GET, segments, params, opts, None::<&()>)
+            .await?;
+        let answer = decode_skipping::<T, E>("GET", &path, &body, entries, &mut |skipped| {
+            self.skipped(&path, skipped);
+        })?;
+        Ok((answer, meta))
+    }
+
+    /// Log an entry left out of an answer from `path`: a warning the first time this client
+    /// sees it (the same entry with the same fault), a debug line after that.
+    fn skipped(&self, path: &str, skipped: Skipped) {
+        let Skipped { label, reason } = skipped;
+        let first = {
+            let mut seen = self
+                .inner
+                .skipped
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seen.len() >= SKIPPED_REMEMBERED {
+                seen.clear();
+            }
+            seen.insert(format!("{path}\n{label}\n{reason}"))
+        };
+        if first {
+            tracing::warn!(
+                %path,
+                entry = %label,
+                "Consul's answer holds an entry that cannot be used, left out (the others are \
+                 used; the registration that made it needs fixing): {reason}"
+            );
+        } else {
+            tracing::debug!(%path, entry = %label, "entry left out again: {reason}");
+        }
     }
 
     /// GET a body without decoding it, handed to `sink` chunk by chunk as it arrives (only
@@ -595,6 +660,10 @@ impl Client {
         let mut response = request.send().await.map_err(transport)?;
         let status = response.status();
         let mut meta = QueryMeta::from_headers(response.headers());
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
 
         let limit = self.inner.config.max_body_bytes;
         // Large answers (thousands of instances) are handed on as they arrive: a sink that
@@ -619,6 +688,18 @@ impl Client {
         meta.read_at = Some(SystemTime::now());
         if answered {
             return Ok((meta, path, status));
+        }
+        if status.is_redirection() {
+            let location = printable_location(location.as_deref());
+            return Err(Error::Status {
+                method: method_name,
+                path,
+                status: status.as_u16(),
+                message: format!(
+                    "a redirect to {location}, not followed: Consul's API does not redirect, \
+                     and the ACL token goes to the agent only; check CONSUL_HTTP_ADDR"
+                ),
+            });
         }
         let message = message_of(&body);
         Err(
@@ -706,9 +787,25 @@ pub(crate) fn decode<'a, T: serde::Deserialize<'a>>(
     })
 }
 
-fn snippet(body: &[u8]) -> String {
+/// The first bytes of a body, printable, for a decoding error.
+pub(crate) fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(80)]);
     text.chars().filter(|c| !c.is_control()).collect()
+}
+
+/// A redirect's `Location`, short and printable, for its error.
+fn printable_location(location: Option<&str>) -> String {
+    match location {
+        Some(location) => {
+            let clean: String = location
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect();
+            format!("{clean:?}")
+        }
+        None => "(no Location)".to_owned(),
+    }
 }
 
 fn message_of(body: &[u8]) -> String {
@@ -856,12 +953,188 @@ mod tests {
         assert_eq!(strip_port("::1"), "::1");
     }
 
-    #[test]
-    fn token_never_printed() {
-        let config = Config::default().with_token(Some("s3cr3t-token".into()));
-        assert!(!format!("{config:?}").contains("s3cr3t"));
-        let client = Client::new(config).unwrap();
-        assert!(!format!("{client:?}").contains("s3cr3t"));
+    /// A listener on 127.0.0.1 that answers every request with `answer` (given the port it
+    /// listens on) and keeps each request's head; one request per connection.
+    async fn listener(
+        answer: impl Fn(u16) -> String + Send + 'static,
+    ) -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&heads);
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let _ = conn.write_all(answer(port).as_bytes()).await;
+                let _ = conn.shutdown().await;
+            }
+        });
+        (port, heads)
+    }
+
+    /// Every log line, at every level, written while the returned guard lives (this thread).
+    fn capture_logs() -> (
+        Arc<std::sync::Mutex<Vec<u8>>>,
+        tracing::subscriber::DefaultGuard,
+    ) {
+        #[derive(Clone)]
+        struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Sink(Arc::clone(&lines));
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .finish();
+        (lines, tracing::subscriber::set_default(subscriber))
+    }
+
+    const TOKEN: &str = "s3cr3t-token";
+
+    #[tokio::test]
+    async fn token_never_printed() {
+        let (logs, _guard) = capture_logs();
+        let config = Config::default().with_token(Some(TOKEN.into()));
+        assert!(!format!("{config:?}").contains(TOKEN));
+        let client = Client::new(config.clone()).unwrap();
+        assert!(!format!("{client:?}").contains(TOKEN));
+
+        // Error messages: no answer, an error status, a redirect.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let (refusing, _) = listener(|_| {
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 17\r\n\r\nPermission denied".into()
+        })
+        .await;
+        // A redirect to another listener: the token must not go there.
+        let (elsewhere, reached) =
+            listener(|_| "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}".into()).await;
+        let (redirecting, _) = listener(move |_| {
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:{elsewhere}/x\r\n\
+                 Content-Length: 0\r\n\r\n"
+            )
+        })
+        .await;
+        let mut results = Vec::new();
+        for port in [closed, refusing, redirecting] {
+            let client =
+                Client::new(config.clone().with_address(format!("127.0.0.1:{port}"))).unwrap();
+            results.push(client.agent().services().await);
+        }
+        let reached = reached.lock().unwrap().clone();
+        assert!(
+            reached.iter().all(|head| !head.contains(TOKEN)),
+            "the token went elsewhere: {reached:?}"
+        );
+        for result in results {
+            let err = result.expect_err("no answer, 403, redirect: all errors");
+            assert!(!err.to_string().contains(TOKEN), "{err}");
+            assert!(!format!("{err:?}").contains(TOKEN), "{err:?}");
+        }
+        // Log lines at every level, down to trace.
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("consul request"), "logs captured: {logs}");
+        assert!(!logs.contains(TOKEN), "{logs}");
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_an_error_and_the_token_stays_home() {
+        // Another listener, where a redirect would take the request and its token.
+        let (elsewhere, reached) = listener(|_| {
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                .into()
+        })
+        .await;
+        let (agent, asked) = listener(move |_| {
+            format!(
+                "HTTP/1.1 307 Temporary Redirect\r\n\
+                 Location: http://127.0.0.1:{elsewhere}/v1/agent/services\r\n\
+                 Content-Length: 0\r\n\r\n"
+            )
+        })
+        .await;
+        let client = Client::new(
+            Config::default()
+                .with_address(format!("127.0.0.1:{agent}"))
+                .with_token(Some(TOKEN.into())),
+        )
+        .unwrap();
+        let result = client.agent().services().await;
+        // The agent was asked, with the token.
+        let asked = asked.lock().unwrap().clone();
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert!(
+            asked[0]
+                .to_lowercase()
+                .contains(&format!("x-consul-token: {TOKEN}"))
+        );
+        // Nothing reached the other listener: no token, no request at all.
+        let reached = reached.lock().unwrap().clone();
+        assert!(reached.is_empty(), "the redirect was followed: {reached:?}");
+        let err = result.expect_err("a redirect is an error");
+        assert_eq!(err.status(), Some(307), "{err}");
+        assert!(!err.is_retryable(), "{err}");
+        let message = err.to_string();
+        assert!(message.contains("not followed"), "{message}");
+        assert!(
+            message.contains(&format!("127.0.0.1:{elsewhere}/v1/agent/services")),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_entry_is_left_out_and_warned_once() {
+        let (logs, _guard) = capture_logs();
+        // Consul 1.8.7 returns what a foreign registration gave: Port 70000.
+        let services = r#"{"good": {"ID": "good", "Service": "web", "Port": 8080},
+            "foreign": {"ID": "foreign", "Service": "web", "Port": 70000}}"#;
+        let (agent, _) = listener(move |_| {
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{services}",
+                services.len()
+            )
+        })
+        .await;
+        let client =
+            Client::new(Config::default().with_address(format!("127.0.0.1:{agent}"))).unwrap();
+        for _ in 0..3 {
+            let services = client.agent().services().await.expect("the good ones");
+            assert_eq!(services.keys().collect::<Vec<_>>(), ["good"]);
+            assert_eq!(services["good"].port, 8080);
+        }
+        let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        let about = |level: &str| {
+            logs.lines()
+                .filter(|l| l.contains(level) && l.contains("foreign"))
+                .count()
+        };
+        assert_eq!(about("WARN"), 1, "{logs}");
+        assert!(logs.contains("70000"), "the reason is given: {logs}");
+        assert_eq!(about("DEBUG"), 2, "{logs}");
     }
 
     #[test]

@@ -61,6 +61,14 @@ const UNITS: &[(&str, u128)] = &[
     ("h", 3_600_000_000_000),
 ];
 
+/// Go's limit (`time.ParseDuration`): the largest `int64` number of nanoseconds.
+const MAX_NANOS: u128 = i64::MAX as u128;
+
+/// Fraction digits read: `10^24 * 3.6e12` (the hour's nanoseconds) still fits a `u128`.
+const FRACTION_DIGITS: usize = 24;
+
+const TOO_LARGE: &str = "out of range: Go's limit is 2562047h47m16.854775807s (about 292 years)";
+
 impl FromStr for GoDuration {
     type Err = ParseDurationError;
 
@@ -113,24 +121,28 @@ impl FromStr for GoDuration {
             let whole: u128 = if int_part.is_empty() {
                 0
             } else {
-                int_part.parse().map_err(|_| err("number too large"))?
+                int_part.parse().map_err(|_| err(TOO_LARGE))?
             };
-            let mut part = whole.checked_mul(scale).ok_or_else(|| err("too large"))?;
-            // Fraction, truncated to nanoseconds like Go.
-            let mut frac_scale = scale;
-            for digit in frac_part.bytes() {
-                frac_scale /= 10;
-                if frac_scale == 0 {
-                    break;
-                }
-                part += u128::from(digit - b'0') * frac_scale;
+            // Every step checked against Go's limit, the largest int64 nanoseconds (about
+            // 292 years): no arithmetic here can overflow, whatever the input.
+            let mut part = whole
+                .checked_mul(scale)
+                .filter(|&ns| ns <= MAX_NANOS)
+                .ok_or_else(|| err(TOO_LARGE))?;
+            // The fraction, truncated to whole nanoseconds like Go (which computes it in
+            // floating point: `0.1m` is 6 s either way). Digits past the 24th are ignored,
+            // as Go ignores those past the 18th: they are far below a nanosecond.
+            let (mut fraction, mut denominator) = (0u128, 1u128);
+            for digit in frac_part.bytes().take(FRACTION_DIGITS) {
+                fraction = fraction * 10 + u128::from(digit - b'0');
+                denominator *= 10;
             }
-            total_ns = total_ns.checked_add(part).ok_or_else(|| err("too large"))?;
+            part += fraction * scale / denominator;
+            total_ns = total_ns
+                .checked_add(part)
+                .filter(|&ns| ns <= MAX_NANOS)
+                .ok_or_else(|| err(TOO_LARGE))?;
             s = rest;
-        }
-        // Go's limit: the largest int64 nanoseconds, about 292 years.
-        if total_ns > i64::MAX as u128 {
-            return Err(err("too large"));
         }
         let secs = (total_ns / 1_000_000_000) as u64;
         let nanos = (total_ns % 1_000_000_000) as u32;
@@ -212,6 +224,8 @@ impl<'de> Deserialize<'de> for GoDuration {
 
 #[cfg(test)]
 mod tests {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
     use super::*;
 
     fn parse(s: &str) -> Duration {
@@ -270,6 +284,153 @@ mod tests {
             assert_eq!(parse(s), d, "round trip of {s}");
             assert!(!s.contains(' '));
         }
+    }
+
+    #[test]
+    fn out_of_range_is_an_error_at_gos_limit() {
+        // Go's `time.ParseDuration` limit: int64 nanoseconds.
+        let max = Duration::new(9_223_372_036, 854_775_807);
+        assert_eq!(parse("9223372036854775807ns"), max);
+        assert_eq!(parse("2562047h47m16.854775807s"), max);
+        for bad in [
+            // Once a panic in a debug build and 543 ns in a release build.
+            "340282366920938463463374607431768211.999us",
+            "9223372036854775808ns",
+            "2562047h47m16.854775808s",
+            "2562048h",
+            "9223372036.854775808s",
+            "5124095576030431h5124095576030431h",
+            "340282366920938463463374607431768211455ns",
+            "99999999999999999999999999999999999999999999h",
+        ] {
+            let err = bad.parse::<GoDuration>().expect_err(bad).to_string();
+            assert!(err.contains("out of range"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn fractions_are_truncated_like_gos() {
+        assert_eq!(parse("0.1m"), Duration::from_secs(6));
+        assert_eq!(parse("0.00000000009m"), Duration::from_nanos(5));
+        assert_eq!(parse("1.9999999999ns"), Duration::from_nanos(1));
+        assert_eq!(parse("0.5h"), Duration::from_secs(1800));
+        assert_eq!(
+            parse("1.0000000000000000000000000000009s"),
+            Duration::from_secs(1)
+        );
+    }
+
+    /// A value, written in Go's syntax, with its exact nanoseconds computed independently of
+    /// the parser (`None`: beyond any range).
+    fn random_duration(rng: &mut StdRng) -> (String, Option<u128>) {
+        const SCALES: [(&str, u128); 8] = [
+            ("ns", 1),
+            ("us", 1_000),
+            ("µs", 1_000),
+            ("μs", 1_000),
+            ("ms", 1_000_000),
+            ("s", 1_000_000_000),
+            ("m", 60_000_000_000),
+            ("h", 3_600_000_000_000),
+        ];
+        let digits = |rng: &mut StdRng, most: usize| -> String {
+            let n = rng.random_range(0..=most);
+            (0..n)
+                .map(|_| char::from(b'0' + rng.random_range(0..10u8)))
+                .collect()
+        };
+        let mut text = String::new();
+        let mut total = Some(0u128);
+        for _ in 0..rng.random_range(1..=4) {
+            // Mostly short numbers, sometimes up to 40 digits (beyond a u128).
+            let most = if rng.random_bool(0.8) { 6 } else { 40 };
+            let whole = digits(rng, most);
+            let fraction = if rng.random_bool(0.4) {
+                digits(rng, 12)
+            } else {
+                String::new()
+            };
+            let whole = if whole.is_empty() && fraction.is_empty() {
+                "1".to_owned()
+            } else {
+                whole
+            };
+            let (unit, scale) = SCALES[rng.random_range(0..SCALES.len())];
+            text.push_str(&whole);
+            if !fraction.is_empty() || rng.random_bool(0.1) {
+                text.push('.');
+                text.push_str(&fraction);
+            }
+            text.push_str(unit);
+            let whole_ns = if whole.is_empty() {
+                Some(0)
+            } else {
+                whole
+                    .parse::<u128>()
+                    .ok()
+                    .and_then(|w| w.checked_mul(scale))
+            };
+            // floor(0.fraction * scale), one digit at a time in exact arithmetic.
+            let fraction_ns = fraction.bytes().fold((0u128, 1u128), |(num, den), d| {
+                (num * 10 + u128::from(d - b'0'), den * 10)
+            });
+            let fraction_ns = fraction_ns.0 * scale / fraction_ns.1;
+            total = total
+                .zip(whole_ns)
+                .and_then(|(t, w)| t.checked_add(w)?.checked_add(fraction_ns));
+        }
+        (text, total)
+    }
+
+    #[test]
+    fn random_durations_parse_exactly_or_fail_cleanly() {
+        let mut rng = StdRng::seed_from_u64(31);
+        let max = u128::try_from(i64::MAX).expect("fits");
+        let (mut in_range, mut out_of_range) = (0, 0);
+        for _ in 0..20_000 {
+            let (text, exact) = random_duration(&mut rng);
+            match (text.parse::<GoDuration>(), exact.filter(|&ns| ns <= max)) {
+                (Ok(d), Some(ns)) => {
+                    assert_eq!(d.0.as_nanos(), ns, "{text}");
+                    // What it prints parses back to itself.
+                    assert_eq!(parse(&d.to_string()), d.0, "{text} printed as {d}");
+                    in_range += 1;
+                }
+                (Err(e), None) => {
+                    assert!(e.to_string().contains("out of range"), "{text}: {e}");
+                    out_of_range += 1;
+                }
+                (got, _) => panic!("{text}: exact {exact:?}, parsed {got:?}"),
+            }
+        }
+        // Both sides of the limit were tried, many times.
+        assert!(
+            in_range > 5_000 && out_of_range > 500,
+            "{in_range} / {out_of_range}"
+        );
+    }
+
+    #[test]
+    fn random_text_never_panics() {
+        // Bytes from the duration alphabet and a few others, in any order.
+        let alphabet: Vec<char> = "0123456789.9999+-nsuµμmhx ".chars().collect();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut accepted = 0;
+        for _ in 0..50_000 {
+            let n = rng.random_range(0..48);
+            let text: String = (0..n)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
+            if let Ok(d) = text.parse::<GoDuration>() {
+                assert!(
+                    d.0.as_nanos() <= u128::try_from(i64::MAX).expect("fits"),
+                    "{text}"
+                );
+                assert_eq!(parse(&d.to_string()), d.0, "{text}");
+                accepted += 1;
+            }
+        }
+        assert!(accepted > 0, "some random text is a duration");
     }
 
     #[test]

@@ -7,10 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     agent::{AgentService, AgentWeights},
-    client::{BodySink, Client, decode},
+    client::{BodySink, Client},
     duration::GoDuration,
     error::Result,
     query::{QueryMeta, QueryOptions},
+    skip::{self, decode_skipping},
 };
 
 /// A check's status, as Consul writes it (`passing`, `warning`, `critical`).
@@ -189,9 +190,24 @@ impl ServiceAnswer {
     }
 
     /// Every entry, decoded into views that borrow from the body (Consul sends `null` for
-    /// no entry).
+    /// no entry). An entry the views cannot hold (a foreign registration's `Port: 70000`) is
+    /// left out, with a warning; the others are returned.
     pub fn entries(&self) -> Result<Vec<EntryView<'_>>> {
-        let entries: Option<Vec<EntryView<'_>>> = decode("GET", &self.path, &self.body)?;
+        let entries = decode_skipping::<Option<Vec<EntryView<'_>>>, EntryView<'_>>(
+            "GET",
+            &self.path,
+            &self.body,
+            skip::list,
+            &mut |skipped| {
+                tracing::warn!(
+                    path = %self.path,
+                    entry = %skipped.label,
+                    "Consul's answer holds an entry that cannot be used, left out (the others \
+                     are used; the registration that made it needs fixing): {}",
+                    skipped.reason
+                );
+            },
+        )?;
         Ok(entries.unwrap_or_default())
     }
 }
@@ -285,6 +301,8 @@ impl<'a> Health<'a> {
 
     /// `GET /v1/health/service/:service`: the service's instances with their checks; with
     /// `passing_only`, only instances whose every check passes. Blocks on `opts.wait_index`.
+    /// An entry our types cannot hold (a foreign registration's `Port: 70000`) is left out
+    /// and logged; the others are returned.
     pub async fn service(
         &self,
         service: &str,
@@ -301,7 +319,12 @@ impl<'a> Health<'a> {
         }
         let (entries, meta): (Option<Vec<ServiceEntry>>, _) = self
             .client
-            .get(&["health", "service", service], &params, Some(opts))
+            .get_entries::<_, ServiceEntry>(
+                &["health", "service", service],
+                &params,
+                Some(opts),
+                skip::list,
+            )
             .await?;
         Ok((entries.unwrap_or_default(), meta))
     }
@@ -354,7 +377,12 @@ impl<'a> Health<'a> {
     ) -> Result<(Vec<HealthCheck>, QueryMeta)> {
         let (checks, meta): (Option<Vec<HealthCheck>>, _) = self
             .client
-            .get(&["health", "checks", service], &[], Some(opts))
+            .get_entries::<_, HealthCheck>(
+                &["health", "checks", service],
+                &[],
+                Some(opts),
+                skip::list,
+            )
             .await?;
         Ok((checks.unwrap_or_default(), meta))
     }
@@ -369,7 +397,7 @@ impl<'a> Health<'a> {
     ) -> Result<(Vec<HealthCheck>, QueryMeta)> {
         let (checks, meta): (Option<Vec<HealthCheck>>, _) = self
             .client
-            .get(&["health", "node", node], &[], Some(opts))
+            .get_entries::<_, HealthCheck>(&["health", "node", node], &[], Some(opts), skip::list)
             .await?;
         Ok((checks.unwrap_or_default(), meta))
     }
@@ -383,7 +411,7 @@ impl<'a> Health<'a> {
     ) -> Result<(Vec<HealthCheck>, QueryMeta)> {
         let (checks, meta): (Option<Vec<HealthCheck>>, _) = self
             .client
-            .get(&["health", "state", state], &[], Some(opts))
+            .get_entries::<_, HealthCheck>(&["health", "state", state], &[], Some(opts), skip::list)
             .await?;
         Ok((checks.unwrap_or_default(), meta))
     }

@@ -27,6 +27,8 @@
 //!   the watch's polling without an index, the client's Consul retries and reconnects.
 //! * [`duration`] — [`GoDuration`], durations written and read the way Go does (`5s`, `1m30s`).
 //! * [`error`] — the one [`Error`] enum, carrying HTTP status and Consul's message.
+//! * `skip` — one bad entry of a list (a foreign registration's `Port: 70000`) left out and
+//!   logged, never failing the rest of the answer.
 //!
 //! The client never retries by itself: callers decide (reads may be retried with backoff,
 //! writes are not), using [`Error::is_retryable`].
@@ -67,6 +69,7 @@ pub mod health;
 pub mod kv;
 pub mod prepared;
 pub mod query;
+mod skip;
 pub mod status;
 pub mod tls;
 pub mod watch;

@@ -9,6 +9,7 @@ use crate::{
     error::Result,
     health::ServiceEntry,
     query::{QueryMeta, QueryOptions},
+    skip,
 };
 
 /// A prepared query as `POST /v1/query` takes it (the fields this workspace uses).
@@ -93,7 +94,8 @@ impl<'a> PreparedQuery<'a> {
     }
 
     /// `GET /v1/query/<id or name>/execute`. Does not block (Consul ignores `index`): poll
-    /// it. An unknown name is a 404 ([`crate::Error::is_not_found`]).
+    /// it. An unknown name is a 404 ([`crate::Error::is_not_found`]). An entry of `Nodes` our
+    /// types cannot hold is left out and logged.
     pub async fn execute(
         &self,
         id_or_name: &str,
@@ -105,9 +107,19 @@ impl<'a> PreparedQuery<'a> {
             ..opts.clone()
         };
         self.client
-            .get(&["query", id_or_name, "execute"], &[], Some(&opts))
+            .get_entries::<_, ServiceEntry>(
+                &["query", id_or_name, "execute"],
+                &[],
+                Some(&opts),
+                nodes,
+            )
             .await
     }
+}
+
+/// Where an execution's entries are: its `Nodes`.
+fn nodes(answer: &mut serde_json::Value) -> Option<&mut serde_json::Value> {
+    answer.get_mut("Nodes").and_then(skip::list)
 }
 
 #[cfg(test)]
@@ -135,6 +147,26 @@ mod tests {
         assert_eq!(json["Service"]["Failover"]["Datacenters"][0], "dc2");
         assert_eq!(json["Service"]["OnlyPassing"], true);
         assert!(json["Service"].get("Tags").is_none());
+    }
+
+    #[test]
+    fn an_execution_leaves_out_an_entry_out_of_range() {
+        let body = br#"{"Service": "web", "Datacenter": "dc1", "Failovers": 0, "Nodes": [
+            {"Node": {"Node": "n1"}, "Service": {"ID": "bad", "Port": 70000}, "Checks": []},
+            {"Node": {"Node": "n1"}, "Service": {"ID": "good", "Port": 80}, "Checks": []}]}"#;
+        let mut skipped = Vec::new();
+        let r = crate::skip::decode_skipping::<PreparedQueryExecuteResponse, ServiceEntry>(
+            "GET",
+            "/v1/query/web/execute",
+            body,
+            nodes,
+            &mut |s| skipped.push(s.label),
+        )
+        .unwrap();
+        assert_eq!(r.nodes.len(), 1);
+        assert_eq!(r.nodes[0].service.id, "good");
+        assert_eq!(r.datacenter, "dc1");
+        assert_eq!(skipped, [r#""bad" on node "n1""#]);
     }
 
     #[test]

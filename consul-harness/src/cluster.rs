@@ -201,6 +201,7 @@ impl Cluster {
                 flavor: Flavor::Legacy,
                 acl_management_token: options.acl_management_token.clone(),
                 tls: None,
+                ipv6_loopback: false,
             };
             if matches!(member, Member::Client(c) if c > 0) {
                 tokio::time::sleep(spec.client_stagger).await;

@@ -36,8 +36,8 @@ pub struct Decoder {
     body: Vec<u8>,
     /// Where each of its entries lies in it.
     spans: Vec<Range<usize>>,
-    /// The instance each entry became.
-    instances: Vec<Arc<Instance>>,
+    /// The instance each entry became; `None` for an entry left out (see [`Walk::step`]).
+    instances: Vec<Option<Arc<Instance>>>,
     /// How many entries the last decode parsed.
     parsed: usize,
     /// The body before the last one, emptied: the next answer is read into it (no 12 MB
@@ -125,10 +125,11 @@ impl Decoding<'_> {
         if self.walk.state == State::Ended {
             let walk = std::mem::take(&mut self.walk);
             decoder.spans = walk.spans;
-            decoder.instances.clone_from(&walk.instances);
             decoder.parsed = walk.parsed;
             decoder.spare = std::mem::replace(&mut decoder.body, body);
-            return Ok(walk.instances);
+            let instances = walk.instances.iter().flatten().cloned().collect();
+            decoder.instances = walk.instances;
+            return Ok(instances);
         }
         // Not a list we can walk: `null`, or malformed. Decode it the plain way, for the
         // precise error (or the rare body the walk does not take, such as `null`); the next
@@ -158,7 +159,7 @@ impl Drop for Decoding<'_> {
 struct Last<'a> {
     body: &'a [u8],
     spans: &'a [Range<usize>],
-    instances: &'a [Arc<Instance>],
+    instances: &'a [Option<Arc<Instance>>],
 }
 
 /// Whether the bytes ahead are a given entry of the last answer.
@@ -202,11 +203,12 @@ impl Last<'_> {
             return self
                 .instances
                 .iter()
-                .position(|i| i.id == id && i.node == node);
+                .position(|i| i.as_ref().is_some_and(|i| i.id == id && i.node == node));
         }
         let index = index.get_or_insert_with(|| {
             let mut index = Index::new();
             for (j, i) in self.instances.iter().enumerate() {
+                let Some(i) = i else { continue };
                 index
                     .entry(i.node.clone())
                     .or_default()
@@ -253,7 +255,7 @@ enum Step {
 #[derive(Debug, Default)]
 struct Walk {
     spans: Vec<Range<usize>>,
-    instances: Vec<Arc<Instance>>,
+    instances: Vec<Option<Arc<Instance>>>,
     parsed: usize,
     /// The last answer's entry expected next.
     cursor: usize,
@@ -347,7 +349,7 @@ impl Walk {
                 Same::Yes => {
                     let end = pos + last.spans[j].len();
                     self.spans.push(pos..end);
-                    self.instances.push(Arc::clone(&last.instances[j]));
+                    self.instances.push(last.instances[j].clone());
                     self.pos = Some(end);
                     if in_order {
                         self.cursor = j + 1;
@@ -362,6 +364,26 @@ impl Walk {
         let mut stream = serde_json::Deserializer::from_slice(&body[pos..]).into_iter();
         let entry: EntryView<'_> = match stream.next() {
             Some(Ok(entry)) => entry,
+            // A whole object whose values the view cannot hold (a foreign registration's
+            // `Port: 70000`): left out, and said once (while its bytes stay the same, the
+            // next answers match it without a parse).
+            Some(Err(e)) if e.is_data() && body.get(pos) == Some(&b'{') => {
+                let mut whole = serde_json::Deserializer::from_slice(&body[pos..])
+                    .into_iter::<serde_json::Value>();
+                return match whole.next() {
+                    Some(Ok(value)) => {
+                        let end = pos + whole.byte_offset();
+                        left_out(&value, &e);
+                        self.spans.push(pos..end);
+                        self.instances.push(None);
+                        self.parsed += 1;
+                        self.pos = Some(end);
+                        Step::Took
+                    }
+                    Some(Err(e)) if !e.is_eof() => Step::Bad,
+                    _ => more(body.len() + (body.len() - pos).max(1)),
+                };
+            }
             Some(Err(e)) if !e.is_eof() => return Step::Bad,
             _ => return more(body.len() + (body.len() - pos).max(1)),
         };
@@ -397,10 +419,12 @@ impl Walk {
         let reused = found.filter(|&j| {
             last.spans[j].len() == end - pos && last.compare(j, body, pos, true) == Same::Yes
         });
-        self.instances.push(match reused {
-            Some(j) => Arc::clone(&last.instances[j]),
-            None => Arc::new(instance(&entry)),
-        });
+        self.instances.push(Some(
+            match reused.and_then(|j| last.instances[j].as_ref()) {
+                Some(same) => Arc::clone(same),
+                None => Arc::new(instance(&entry)),
+            },
+        ));
         self.spans.push(pos..end);
         self.parsed += 1;
         self.lookups = lookups;
@@ -408,6 +432,22 @@ impl Walk {
         self.pos = Some(end);
         Step::Took
     }
+}
+
+/// Say that an entry was left out, and why.
+fn left_out(entry: &serde_json::Value, error: &serde_json::Error) {
+    let text = |pointer: &str| {
+        entry
+            .pointer(pointer)
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+    };
+    tracing::warn!(
+        service_id = text("/Service/ID"),
+        node = text("/Node/Node"),
+        "an instance Consul lists cannot be used, left out (the others are used; the \
+         registration that made it needs fixing): {error}"
+    );
 }
 
 /// The instance an entry describes.
@@ -443,6 +483,8 @@ fn skip_ws(body: &[u8], mut pos: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use rand::{Rng, SeedableRng, rngs::StdRng};
     use serde_json::{Value, json};
 
@@ -475,14 +517,116 @@ mod tests {
         }
     }
 
+    /// A full decode by the same views and types, checked against [`by_value`], which
+    /// shares neither.
     fn full(body: &[u8]) -> Vec<Instance> {
         let answer = ServiceAnswer::new(body.to_vec(), "/v1/health/service/scale");
-        answer
+        let instances: Vec<Instance> = answer
             .entries()
             .expect("valid")
             .iter()
             .map(instance)
+            .collect();
+        assert_eq!(
+            instances,
+            by_value(body),
+            "the views agree with a plain walk"
+        );
+        instances
+    }
+
+    /// The instances an answer lists, by a plain walk of a [`serde_json::Value`] with the
+    /// ranges spelled out: an entry with a field out of range (a port beyond 65535, a weight
+    /// beyond a `u32`, a tag that is not a string...) is left out; a missing field takes
+    /// Consul's default.
+    fn by_value(body: &[u8]) -> Vec<Instance> {
+        fn text(v: Option<&Value>) -> Option<String> {
+            match v {
+                None => Some(String::new()),
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => None,
+            }
+        }
+        fn number<T: TryFrom<u64>>(v: Option<&Value>, missing: T) -> Option<T> {
+            match v {
+                None => Some(missing),
+                Some(v) => T::try_from(v.as_u64()?).ok(),
+            }
+        }
+        fn one(entry: &Value) -> Option<Instance> {
+            let empty = json!({});
+            let part = |name: &str| match entry.get(name) {
+                None => Some(&empty),
+                Some(v) => v.is_object().then_some(v),
+            };
+            let (node, service) = (part("Node")?, part("Service")?);
+            let tags = match service.get("Tags") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(tags)) => tags
+                    .iter()
+                    .map(|t| t.as_str().map(str::to_owned))
+                    .collect::<Option<_>>()?,
+                Some(_) => return None,
+            };
+            let meta = match service.get("Meta") {
+                None | Some(Value::Null) => BTreeMap::new(),
+                Some(Value::Object(meta)) => meta
+                    .iter()
+                    .map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect::<Option<_>>()?,
+                Some(_) => return None,
+            };
+            let weight = match service.get("Weights") {
+                None | Some(Value::Null) => 1,
+                Some(w @ Value::Object(_)) => {
+                    number::<u32>(w.get("Warning"), 1)?;
+                    number::<u32>(w.get("Passing"), 1)?
+                }
+                Some(_) => return None,
+            };
+            let checks = match entry.get("Checks") {
+                None => &[][..],
+                Some(checks) => checks.as_array()?,
+            };
+            for check in checks {
+                check.get("Status").map_or(Some(""), Value::as_str)?;
+            }
+            let address = text(service.get("Address"))?;
+            let node_address = text(node.get("Address"))?;
+            Some(Instance {
+                id: text(service.get("ID"))?,
+                node: text(node.get("Node"))?,
+                host: if address.is_empty() {
+                    node_address
+                } else {
+                    address
+                },
+                port: number::<u16>(service.get("Port"), 0)?,
+                tags,
+                meta,
+                weight,
+            })
+        }
+        let list: Value = serde_json::from_slice(body).expect("JSON");
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(one)
             .collect()
+    }
+
+    /// `entry` as a foreign registration may leave it: a field out of range for our types.
+    fn foreign(mut entry: Value, rng: &mut StdRng) -> Value {
+        let service = &mut entry["Service"];
+        match rng.random_range(0..6) {
+            0 => service["Port"] = json!(70000),
+            1 => service["Port"] = json!(-1),
+            2 => service["Weights"]["Passing"] = json!(5_000_000_000u64),
+            3 => service["Tags"] = json!([1, "x"]),
+            4 => service["Meta"]["version"] = json!(2),
+            _ => service["Address"] = json!(["127.0.0.1"]),
+        }
+        entry
     }
 
     fn decode(decoder: &mut Decoder, body: &[u8]) -> Vec<Arc<Instance>> {
@@ -613,7 +757,12 @@ mod tests {
             let mut entries: Vec<Value> = (0..30).map(|i| entry(i, "passing", "1")).collect();
             let mut next = 30;
             for round in 0..400 {
-                match rng.random_range(0..7) {
+                match rng.random_range(0..8) {
+                    6 if !entries.is_empty() => {
+                        // A foreign registration's entry, out of range, in place of one.
+                        let at = rng.random_range(0..entries.len());
+                        entries[at] = foreign(entries[at].clone(), &mut rng);
+                    }
                     0 if !entries.is_empty() => {
                         let at = rng.random_range(0..entries.len());
                         entries.remove(at);
@@ -665,10 +814,11 @@ mod tests {
             let (mut before_whole, mut before_chunked) = (Vec::new(), Vec::new());
             for round in 0..120 {
                 let at = rng.random_range(0..entries.len());
-                match round % 4 {
+                match round % 5 {
                     0 => entries = swap_remove(&entries, at),
                     1 => entries.insert(at, entry(100 + round, "passing", "1")),
                     2 => entries[at]["Service"]["Meta"]["version"] = json!(round.to_string()),
+                    3 => entries[at] = foreign(entries[at].clone(), &mut rng),
                     _ => {}
                 }
                 let bytes = body(&entries, pretty);
@@ -744,6 +894,42 @@ mod tests {
         let mut decoding = decoder.start();
         BodySink::extend(&mut decoding, &bytes[..bytes.len() - 3]);
         assert!(decoding.finish("/v1/health/service/scale").is_err());
+    }
+
+    #[test]
+    fn a_foreign_entry_out_of_range_is_left_out_once_and_the_rest_listed() {
+        for pretty in [false, true] {
+            let mut entries: Vec<Value> = (0..10).map(|i| entry(i, "passing", "1")).collect();
+            // Consul 1.8.7 accepts and returns these (a Go int): one instance each.
+            entries[3]["Service"]["Port"] = json!(70000);
+            entries[7]["Service"]["Port"] = json!(-1);
+            let bytes = body(&entries, pretty);
+            let mut decoder = Decoder::new();
+            let first = decode(&mut decoder, &bytes);
+            let ids: Vec<&str> = first.iter().map(|i| i.id.as_str()).collect();
+            let expected: Vec<String> = (0..10)
+                .filter(|i| ![3, 7].contains(i))
+                .map(|i| format!("scale-{i:05}"))
+                .collect();
+            assert_eq!(ids, expected, "pretty: {pretty}");
+            assert_eq!(plain(&first), by_value(&bytes));
+            assert_eq!(decoder.parsed_last(), 10);
+            // The same answer again: nothing parsed, the bad entries not looked at again.
+            let again = decode(&mut decoder, &bytes);
+            assert_eq!(decoder.parsed_last(), 0);
+            assert!(first.iter().zip(&again).all(|(a, b)| Arc::ptr_eq(a, b)));
+            // Fixed in place: listed again, one parse.
+            entries[3]["Service"]["Port"] = json!(7000);
+            let fixed = decode(&mut decoder, &body(&entries, pretty));
+            assert_eq!(decoder.parsed_last(), 1);
+            assert_eq!(fixed.len(), 9);
+            assert_eq!(plain(&fixed), by_value(&body(&entries, pretty)));
+            // Arriving in chunks, the same.
+            let mut chunked = Decoder::new();
+            let mut rng = StdRng::seed_from_u64(3);
+            let got = decode_in_chunks(&mut chunked, &bytes, &mut rng);
+            assert_eq!(plain(&got), plain(&first));
+        }
     }
 
     #[test]

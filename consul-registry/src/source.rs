@@ -18,19 +18,25 @@
 //! answer carries at most 3 records (Consul's `udp_answer_limit`), a TCP one every instance up
 //! to 64 KiB; Consul's DNS TTL is 0, so nothing is cached in between.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use consul_api::{
     Client, QueryMeta, QueryOptions, Watch,
     error::{Error as ConsulError, Result as ConsulResult},
 };
 use hickory_resolver::{
-    Resolver, TokioResolver,
+    ResolveError, Resolver, TokioResolver,
     config::{NameServerConfig, ResolverConfig, ResolverOpts},
     name_server::TokioConnectionProvider,
     proto::{
         ProtoErrorKind,
-        rr::{RData, RecordType},
+        op::ResponseCode,
+        rr::{Name, RData, RecordType},
         xfer::Protocol,
     },
 };
@@ -117,6 +123,9 @@ pub(crate) enum Reader {
         resolver: Box<TokioResolver>,
         server: SocketAddr,
         name: String,
+        /// The SRV targets the last read skipped, so that each is logged when it starts
+        /// being skipped, not on every poll (rebuilt by each read: bounded by one answer).
+        skipped: Arc<Mutex<BTreeSet<String>>>,
     },
 }
 
@@ -132,6 +141,7 @@ impl Reader {
                 resolver: Box::new(dns_resolver(*server)),
                 server: *server,
                 name: dns_name(&config, query.as_deref()),
+                skipped: Arc::default(),
             },
             _ => Reader::Consul {
                 client,
@@ -153,7 +163,8 @@ impl Reader {
                 resolver,
                 server,
                 name,
-            } => read_dns(resolver, *server, name).await,
+                skipped,
+            } => read_dns(resolver, *server, name, skipped).await,
         }
     }
 }
@@ -210,12 +221,9 @@ async fn read_consul(
                     node: String::new(),
                     // The agent's list has no node address: a service registered without
                     // one is on the agent's own host, which the client dials.
+                    // Without brackets: an IPv6 host is bracketed by `Instance::address`.
                     host: if s.address.is_empty() {
-                        client
-                            .base_url()
-                            .host_str()
-                            .unwrap_or("127.0.0.1")
-                            .to_owned()
+                        client.host()
                     } else {
                         s.address.clone()
                     },
@@ -294,74 +302,173 @@ fn dns_resolver(server: SocketAddr) -> TokioResolver {
         .build()
 }
 
-async fn read_dns(resolver: &TokioResolver, server: SocketAddr, name: &str) -> Read {
-    let transport = |e: &hickory_resolver::ResolveError, path: &str| {
-        let timeout = e
-            .proto()
-            .is_some_and(|p| matches!(p.kind(), ProtoErrorKind::Timeout));
-        ConsulError::Transport {
-            method: "DNS",
-            url: format!("dns+tcp://{server}"),
-            path: path.to_owned(),
-            reason: format!(
-                "{e} (is the agent's DNS interface on? Consul's `ports.dns`, -dns-port; default \
-                 8600)"
-            ),
-            timeout,
-        }
-    };
+async fn read_dns(
+    resolver: &TokioResolver,
+    server: SocketAddr,
+    name: &str,
+    skipped: &Mutex<BTreeSet<String>>,
+) -> Read {
     let lookup = match resolver.lookup(name, RecordType::SRV).await {
         Ok(lookup) => lookup,
         // NXDOMAIN or an empty answer: Consul knows no passing instance.
-        Err(e) if e.is_no_records_found() => return Ok((Vec::new(), QueryMeta::default())),
-        Err(e) => return Err(transport(&e, name)),
+        Err(e) if names_nothing(&e) => return Ok((Vec::new(), QueryMeta::default())),
+        // Anything else (SERVFAIL when the agent cannot reach its servers, REFUSED, no
+        // answer): an outage, and the last view stays.
+        Err(e) => return Err(dns_error(server, name, &e)),
     };
     let mut instances = Vec::new();
+    let mut skips = Vec::new();
     for record in lookup.records() {
         let RData::SRV(srv) = record.data() else {
             continue;
         };
         let target = srv.target();
-        // Consul names a service's own address `<hex IPv4>.addr.<dc>.consul.`: decoded here;
-        // a node (`<node>.node.<dc>.consul.`) is asked for its A record. The resolver drops
-        // the answer's additional section, where Consul already put those addresses.
+        // Consul names a service's own address `<hex IP>.addr.<dc>.consul.`: decoded here;
+        // a node (`<node>.node.<dc>.consul.`) is asked for its address. The resolver drops
+        // most of the answer's additional section, where Consul already put those addresses.
         let host = match addr_target(target) {
-            Some(ip) => ip.to_string(),
-            None => match resolver.ipv4_lookup(target.clone()).await {
-                Ok(a) => match a.iter().next() {
-                    Some(ip) => ip.0.to_string(),
-                    None => continue,
-                },
-                Err(e) if e.is_no_records_found() => continue,
-                Err(e) => return Err(transport(&e, &target.to_ascii())),
+            Some(ip) => ip,
+            None => match address_of(resolver, target).await {
+                Ok(Some(ip)) => ip,
+                // Gone between the two lookups (NXDOMAIN), or no address: one entry.
+                Ok(None) => {
+                    skips.push((target.to_ascii(), "it has no A or AAAA record".to_owned()));
+                    continue;
+                }
+                // A node of Consul's that cannot be looked up is the same outage as the SRV
+                // lookup's; any other name (a service registered with a hostname, which the
+                // agent cannot resolve without recursors) is one bad entry among many.
+                Err(e) if is_consul_node(target) => {
+                    return Err(dns_error(server, &target.to_ascii(), &e));
+                }
+                Err(e) => {
+                    skips.push((target.to_ascii(), e.to_string()));
+                    continue;
+                }
             },
         };
-        instances.push(Arc::new(instance_from_srv(srv, host)));
+        instances.push(Arc::new(instance_from_srv(srv, host.to_string())));
     }
+    report_skipped(skipped, name, skips);
     Ok((instances, QueryMeta::default()))
 }
 
-/// The IPv4 address of a Consul `<8 hex digits>.addr.<dc>.consul.` target.
-fn addr_target(target: &hickory_resolver::proto::rr::Name) -> Option<std::net::Ipv4Addr> {
+/// Whether a failed lookup says the name has no such record: NXDOMAIN, or NOERROR with an
+/// empty answer. hickory reports every other response code (SERVFAIL, REFUSED, ...) as "no
+/// records found" too; those say nothing about the name.
+fn names_nothing(e: &ResolveError) -> bool {
+    e.proto().is_some_and(|p| {
+        matches!(
+            p.kind(),
+            ProtoErrorKind::NoRecordsFound {
+                response_code: ResponseCode::NXDomain | ResponseCode::NoError,
+                ..
+            }
+        )
+    })
+}
+
+/// The discovery error for a failed lookup of `name` at `server`: retryable (the last view
+/// stays), saying which response code came back, or that none did.
+fn dns_error(server: SocketAddr, name: &str, e: &ResolveError) -> ConsulError {
+    let kind = e.proto().map(|p| p.kind());
+    let reason = match kind {
+        Some(ProtoErrorKind::NoRecordsFound { response_code, .. }) => format!(
+            "the DNS interface answered {response_code} (rcode {}) about {name}: an outage, not \
+             an empty list (Consul answers Server Failure when the agent cannot reach its \
+             servers)",
+            u16::from(*response_code)
+        ),
+        _ => format!(
+            "{e} (is the agent's DNS interface on? Consul's `ports.dns`, -dns-port; default \
+             8600)"
+        ),
+    };
+    ConsulError::Transport {
+        method: "DNS",
+        url: format!("dns+tcp://{server}"),
+        path: name.to_owned(),
+        reason,
+        timeout: matches!(kind, Some(ProtoErrorKind::Timeout)),
+    }
+}
+
+/// The address of an SRV target: its A record, else its AAAA record (a node with an IPv6
+/// address has only that); `None` when it has neither.
+async fn address_of(
+    resolver: &TokioResolver,
+    target: &Name,
+) -> Result<Option<IpAddr>, ResolveError> {
+    for record_type in [RecordType::A, RecordType::AAAA] {
+        match resolver.lookup(target.clone(), record_type).await {
+            Ok(lookup) => {
+                if let Some(ip) = lookup.iter().find_map(RData::ip_addr) {
+                    return Ok(Some(ip));
+                }
+            }
+            Err(e) if names_nothing(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// Logs the SRV targets of this read that the last read did not skip too; remembers this
+/// read's.
+fn report_skipped(skipped: &Mutex<BTreeSet<String>>, name: &str, skips: Vec<(String, String)>) {
+    let mut last = skipped.lock().unwrap_or_else(PoisonError::into_inner);
+    let now: BTreeSet<String> = skips.iter().map(|(target, _)| target.clone()).collect();
+    for (target, why) in &skips {
+        if !last.contains(target) {
+            tracing::warn!(
+                name,
+                target = %target,
+                "an SRV record's target has no usable address ({why}); that instance is skipped"
+            );
+        }
+    }
+    *last = now;
+}
+
+/// The node of a Consul `<node>.node.<dc>.consul.` SRV target.
+fn consul_node(target: &str) -> Option<&str> {
+    let labels: Vec<&str> = target.trim_end_matches('.').split('.').collect();
+    match labels.as_slice() {
+        [node, "node", _datacenter, "consul"] => Some(node),
+        _ => None,
+    }
+}
+
+/// Whether `target` names a node of Consul's (its lookup is Consul's to answer).
+fn is_consul_node(target: &Name) -> bool {
+    consul_node(&target.to_ascii()).is_some()
+}
+
+/// The address of a Consul `<hex>.addr.<dc>.consul.` target: 8 hex digits for IPv4, 32 for
+/// IPv6.
+fn addr_target(target: &Name) -> Option<IpAddr> {
     let text = target.to_ascii();
     let mut labels = text.split('.');
     let hex = labels.next()?;
-    if labels.next()? != "addr" || hex.len() != 8 {
+    if labels.next()? != "addr" || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    u32::from_str_radix(hex, 16)
-        .ok()
-        .map(std::net::Ipv4Addr::from)
+    match hex.len() {
+        8 => u32::from_str_radix(hex, 16)
+            .ok()
+            .map(|ip| IpAddr::V4(Ipv4Addr::from(ip))),
+        32 => u128::from_str_radix(hex, 16)
+            .ok()
+            .map(|ip| IpAddr::V6(Ipv6Addr::from(ip))),
+        _ => None,
+    }
 }
 
 /// The instance an SRV record names, at `host`. DNS has no service ID: the address is the
 /// instance's identity.
 fn instance_from_srv(srv: &hickory_resolver::proto::rr::rdata::SRV, host: String) -> Instance {
     let target = srv.target().to_ascii();
-    let node = target
-        .split_once(".node.")
-        .map(|(node, _)| node.to_owned())
-        .unwrap_or_default();
+    let node = consul_node(&target).unwrap_or_default().to_owned();
     let mut instance = Instance::new(String::new(), host, srv.port());
     instance.id = instance.address();
     instance.node = node;
@@ -371,11 +478,123 @@ fn instance_from_srv(srv: &hickory_resolver::proto::rr::rdata::SRV, host: String
 
 #[cfg(test)]
 mod tests {
-    use std::{net::Ipv4Addr, str::FromStr};
+    use std::{
+        str::FromStr,
+        sync::atomic::{AtomicBool, Ordering},
+    };
 
-    use hickory_resolver::proto::rr::{Name, rdata};
+    use hickory_resolver::proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Record, rdata},
+        serialize::binary::{BinDecodable, BinEncodable},
+    };
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
 
     use super::*;
+    use crate::discovery::{self, ConsulState};
+
+    /// What the fake DNS server answers to one question: a response code and answer records.
+    type Answer = (ResponseCode, Vec<Record>);
+
+    /// A DNS server on `ip`, over TCP (what discovery asks), that answers each question with
+    /// `answer`; it stops with the test's runtime.
+    async fn fake_dns(
+        ip: IpAddr,
+        answer: impl Fn(&Query) -> Answer + Send + Sync + 'static,
+    ) -> SocketAddr {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    // Each message is preceded by its length (RFC 1035 4.2.2).
+                    while let Ok(len) = stream.read_u16().await {
+                        let mut buf = vec![0; usize::from(len)];
+                        if stream.read_exact(&mut buf).await.is_err() {
+                            return;
+                        }
+                        let request = Message::from_bytes(&buf).unwrap();
+                        let query = request.queries()[0].clone();
+                        let (code, records) = answer(&query);
+                        let mut reply = Message::new();
+                        reply
+                            .set_id(request.id())
+                            .set_message_type(MessageType::Response)
+                            .set_op_code(OpCode::Query)
+                            .set_authoritative(true)
+                            .set_recursion_desired(request.recursion_desired())
+                            .set_response_code(code)
+                            .add_query(query)
+                            .add_answers(records);
+                        let bytes = reply.to_bytes().unwrap();
+                        let len = u16::try_from(bytes.len()).unwrap();
+                        if stream.write_u16(len).await.is_err()
+                            || stream.write_all(&bytes).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn name(text: &str) -> Name {
+        Name::from_str(text).unwrap()
+    }
+
+    fn srv(port: u16, target: &str) -> Record {
+        Record::from_rdata(
+            name(SERVICE_NAME),
+            0,
+            RData::SRV(rdata::SRV::new(1, 1, port, name(target))),
+        )
+    }
+
+    fn ip(owner: &Name, ip: IpAddr) -> Record {
+        let data = match ip {
+            IpAddr::V4(v4) => RData::A(v4.into()),
+            IpAddr::V6(v6) => RData::AAAA(v6.into()),
+        };
+        Record::from_rdata(owner.clone(), 0, data)
+    }
+
+    const SERVICE_NAME: &str = "web.service.consul.";
+
+    fn dns_config(server: SocketAddr) -> DiscoveryConfig {
+        let mut config = DiscoveryConfig::new("web");
+        config.source = Source::Dns {
+            server,
+            query: None,
+            every: Duration::from_millis(50),
+        };
+        config
+    }
+
+    fn client() -> Client {
+        Client::new(consul_api::Config::default()).unwrap()
+    }
+
+    async fn read_from(server: SocketAddr) -> Read {
+        Reader::new(client(), dns_config(server))
+            .read(QueryOptions::default())
+            .await
+    }
+
+    fn addresses(read: &Read) -> Vec<String> {
+        let (instances, _) = read.as_ref().unwrap();
+        let mut addresses: Vec<String> = instances.iter().map(|i| i.address()).collect();
+        addresses.sort();
+        addresses
+    }
+
+    const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
     #[test]
     fn dns_names_follow_consuls_scheme() {
@@ -390,7 +609,7 @@ mod tests {
     #[test]
     fn srv_targets_name_nodes_or_addresses() {
         let addr = Name::from_str("7f000102.addr.dc1.consul.").unwrap();
-        assert_eq!(addr_target(&addr), Some(Ipv4Addr::new(127, 0, 1, 2)));
+        assert_eq!(addr_target(&addr), Some(Ipv4Addr::new(127, 0, 1, 2).into()));
         let node = Name::from_str("node-a.node.dc1.consul.").unwrap();
         assert_eq!(addr_target(&node), None);
         assert_eq!(
@@ -436,5 +655,155 @@ mod tests {
             });
             assert_eq!(w.options().wait_index, 0, "{} polls", source.name());
         }
+    }
+
+    #[tokio::test]
+    async fn only_nxdomain_and_an_empty_noerror_mean_no_instances() {
+        for (code, none) in [
+            (ResponseCode::NXDomain, true),
+            (ResponseCode::NoError, true),
+            (ResponseCode::ServFail, false),
+            (ResponseCode::Refused, false),
+            (ResponseCode::FormErr, false),
+            (ResponseCode::NotImp, false),
+        ] {
+            let server = fake_dns(LOCALHOST, move |_| (code, Vec::new())).await;
+            let read = read_from(server).await;
+            if none {
+                assert!(addresses(&read).is_empty(), "{code}: {read:?}");
+                continue;
+            }
+            let Err(e) = read else {
+                panic!("{code} read as an answer: {read:?}");
+            };
+            assert!(e.is_retryable(), "{code}: {e}");
+            let rcode = format!("rcode {}", u16::from(code));
+            assert!(
+                e.to_string().contains(&rcode) && e.to_string().contains(SERVICE_NAME),
+                "{code}: {e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_lookup_that_fails_is_an_outage_and_a_missing_node_one_skipped_entry() {
+        let node = name("node-a.node.dc1.consul.");
+        // `node`'s lookups answer `node_code`; the lookups of a service registered with a
+        // hostname, SERVFAIL (what an agent without recursors answers): that one instance
+        // is skipped, whatever `node_code`.
+        let serve = |node_code: ResponseCode| {
+            let node = node.clone();
+            move |q: &Query| -> Answer {
+                match q.query_type() {
+                    RecordType::SRV => (
+                        ResponseCode::NoError,
+                        vec![
+                            srv(8001, "node-a.node.dc1.consul."),
+                            srv(8002, "7f000002.addr.dc1.consul."),
+                            srv(8003, "web.example."),
+                        ],
+                    ),
+                    RecordType::A if q.name() == &node && node_code == ResponseCode::NoError => {
+                        (node_code, vec![ip(&node, LOCALHOST)])
+                    }
+                    _ if q.name() == &node => (node_code, Vec::new()),
+                    _ => (ResponseCode::ServFail, Vec::new()),
+                }
+            }
+        };
+
+        let read = read_from(fake_dns(LOCALHOST, serve(ResponseCode::NoError)).await).await;
+        assert_eq!(addresses(&read), ["127.0.0.1:8001", "127.0.0.2:8002"]);
+
+        let read = read_from(fake_dns(LOCALHOST, serve(ResponseCode::NXDomain)).await).await;
+        assert_eq!(
+            addresses(&read),
+            ["127.0.0.2:8002"],
+            "the node left meanwhile"
+        );
+
+        let read = read_from(fake_dns(LOCALHOST, serve(ResponseCode::ServFail)).await).await;
+        let Err(e) = read else {
+            panic!("a node's SERVFAIL read as an answer: {read:?}");
+        };
+        assert!(
+            e.is_retryable() && e.to_string().contains("node-a.node.dc1.consul"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn ipv6_targets_and_an_ipv6_dns_interface_are_read() {
+        let v6_node = name("node-6.node.dc1.consul.");
+        let server = fake_dns(IpAddr::V6(Ipv6Addr::LOCALHOST), {
+            let v6_node = v6_node.clone();
+            move |q: &Query| -> Answer {
+                match q.query_type() {
+                    RecordType::SRV => (
+                        ResponseCode::NoError,
+                        vec![
+                            srv(8003, "00000000000000000000000000000001.addr.dc1.consul."),
+                            srv(8004, "node-6.node.dc1.consul."),
+                        ],
+                    ),
+                    // Consul answers an A question about an IPv6 node with nothing.
+                    RecordType::AAAA if q.name() == &v6_node => (
+                        ResponseCode::NoError,
+                        vec![ip(&v6_node, IpAddr::V6(Ipv6Addr::LOCALHOST))],
+                    ),
+                    _ => (ResponseCode::NoError, Vec::new()),
+                }
+            }
+        })
+        .await;
+        let read = read_from(server).await;
+        assert_eq!(addresses(&read), ["[::1]:8003", "[::1]:8004"]);
+        let (instances, _) = read.unwrap();
+        assert!(instances.iter().all(|i| i.host == "::1"), "{instances:?}");
+    }
+
+    #[tokio::test]
+    async fn a_servfail_keeps_the_last_view() {
+        let failing = Arc::new(AtomicBool::new(false));
+        let server = fake_dns(LOCALHOST, {
+            let failing = failing.clone();
+            move |_: &Query| -> Answer {
+                if failing.load(Ordering::SeqCst) {
+                    (ResponseCode::ServFail, Vec::new())
+                } else {
+                    (
+                        ResponseCode::NoError,
+                        vec![srv(8002, "7f000002.addr.dc1.consul.")],
+                    )
+                }
+            }
+        })
+        .await;
+        let mut rx = discovery::spawn(client(), dns_config(server));
+        let timeout = Duration::from_secs(10);
+        tokio::time::timeout(timeout, rx.wait_for(|s| s.instances.len() == 1))
+            .await
+            .expect("the instance is listed")
+            .unwrap();
+        failing.store(true, Ordering::SeqCst);
+        let mut emptied = false;
+        let down = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|s| {
+                emptied |= s.instances.is_empty();
+                matches!(s.consul, ConsulState::Unreachable { .. })
+            }),
+        )
+        .await
+        .map(|found| found.unwrap().clone());
+        let Ok(down) = down else {
+            panic!("never unreachable; last: {:?}", *rx.borrow());
+        };
+        assert!(!emptied, "a SERVFAIL emptied the view");
+        assert_eq!(down.instances.len(), 1, "{down:?}");
+        let ConsulState::Unreachable { error, .. } = &down.consul else {
+            unreachable!()
+        };
+        assert!(error.contains("rcode 2"), "{error}");
     }
 }

@@ -267,6 +267,9 @@ pub struct AgentSpec {
     /// With TLS: the API on HTTPS only (the HTTP port off). The agent's own checks of
     /// services' `http://` endpoints stay plain HTTP.
     pub tls: Option<AgentTls>,
+    /// A dev agent's HTTP API and DNS interface on `::1` too (`-client "<address> ::1"`), on
+    /// the same ports. Ignored for cluster members, which share Consul's default ports.
+    pub ipv6_loopback: bool,
 }
 
 impl AgentSpec {
@@ -274,6 +277,11 @@ impl AgentSpec {
     pub fn args(&self) -> Vec<String> {
         let p = self.ports;
         let address = self.address.to_string();
+        let client = if self.ipv6_loopback {
+            format!("{address} ::1")
+        } else {
+            address.clone()
+        };
         let dns = p.dns.to_string();
         let mut args: Vec<String> = match &self.mode {
             AgentMode::Dev => vec![
@@ -284,7 +292,7 @@ impl AgentSpec {
                 "-bind",
                 &address,
                 "-client",
-                &address,
+                &client,
                 "-http-port",
                 &p.http.to_string(),
                 "-dns-port",
@@ -473,6 +481,7 @@ mod tests {
             flavor: Flavor::Legacy,
             acl_management_token: None,
             tls: None,
+            ipv6_loopback: false,
         };
         let args = server.args().join(" ");
         assert!(!args.contains("-dev"), "{args}");
@@ -544,8 +553,21 @@ mod tests {
             flavor: Flavor::Legacy,
             acl_management_token: Some("root-token".into()),
             tls: None,
+            ipv6_loopback: false,
         };
-        let args = spec.args().join(" ");
+        let args = spec.args();
+        let v6 = AgentSpec {
+            ipv6_loopback: true,
+            ..spec.clone()
+        };
+        let at = args.iter().position(|a| a == "-client").unwrap();
+        assert_eq!(args[at + 1], "127.0.0.1");
+        assert_eq!(
+            v6.args()[at + 1],
+            "127.0.0.1 ::1",
+            "one argument, both addresses"
+        );
+        let args = args.join(" ");
         assert!(args.starts_with("agent -dev -node n1 -bind 127.0.0.1 -client 127.0.0.1"));
         assert!(args.contains(&format!("-http-port {}", ports.http)));
         assert!(args.contains(&format!("-dns-port {}", ports.dns)));

@@ -15,7 +15,7 @@ pub mod pki;
 pub mod process;
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
@@ -87,6 +87,9 @@ pub struct ConsulOptions {
     pub tls: Option<TlsOptions>,
     /// How long the agent may take to run and elect itself leader.
     pub startup_timeout: Duration,
+    /// The HTTP API and DNS interface on `::1` too (dev agents only; see
+    /// [`Consul::ipv6_config`], [`Consul::ipv6_dns_addr`]).
+    pub ipv6_loopback: bool,
 }
 
 /// An agent's HTTPS settings.
@@ -107,6 +110,7 @@ impl ConsulOptions {
             acl_management_token: None,
             tls: None,
             startup_timeout: Duration::from_secs(60),
+            ipv6_loopback: false,
         })
     }
 
@@ -123,6 +127,13 @@ impl ConsulOptions {
             pki,
             verify_incoming,
         });
+        self
+    }
+
+    /// These options with the HTTP API and DNS interface on `::1` as well as 127.0.0.1 (same
+    /// ports). For a dev agent ([`Consul::start_with`]); cluster members ignore it.
+    pub fn with_ipv6_loopback(mut self) -> Self {
+        self.ipv6_loopback = true;
         self
     }
 
@@ -184,19 +195,19 @@ async fn resolve_backend(choice: BackendChoice) -> Result<BackendKind> {
     }
 }
 
-/// The API address of an agent on `ip:port` with `options`.
-fn address(options: &ConsulOptions, ip: Ipv4Addr, port: u16) -> String {
+/// The API address of an agent on `ip:port` with `options` (`[::1]:port` for IPv6).
+fn address(options: &ConsulOptions, ip: impl Into<IpAddr>, port: u16) -> String {
     let scheme = if options.tls.is_some() {
         "https://"
     } else {
         ""
     };
-    format!("{scheme}{ip}:{port}")
+    format!("{scheme}{}", SocketAddr::new(ip.into(), port))
 }
 
 /// The client configuration for an agent on `ip:port` with `options`: the management token,
 /// and with TLS the CA (and the client certificate when the agent verifies clients).
-fn client_config(options: &ConsulOptions, ip: Ipv4Addr, port: u16) -> consul_api::Config {
+fn client_config(options: &ConsulOptions, ip: impl Into<IpAddr>, port: u16) -> consul_api::Config {
     let mut config = consul_api::Config::default()
         .with_address(address(options, ip, port))
         .with_token(options.acl_management_token.clone());
@@ -260,6 +271,7 @@ impl Consul {
                     key_file: t.pki.agent_key(),
                     verify_incoming: t.verify_incoming,
                 }),
+                ipv6_loopback: options.ipv6_loopback,
             };
             let config = client_config(&options, spec.address, spec.ports.http);
             let mut consul = Consul {
@@ -387,6 +399,23 @@ impl Consul {
     /// The agent's DNS interface (UDP and TCP).
     pub fn dns_addr(&self) -> SocketAddr {
         SocketAddr::from((self.spec.address, self.spec.ports.dns))
+    }
+
+    /// The agent's DNS interface on `::1`, when started [`ConsulOptions::with_ipv6_loopback`].
+    pub fn ipv6_dns_addr(&self) -> Option<SocketAddr> {
+        self.ipv6_on()
+            .then(|| SocketAddr::from((Ipv6Addr::LOCALHOST, self.spec.ports.dns)))
+    }
+
+    /// A client configuration for the agent's API on `[::1]` (as [`Consul::config`]), when
+    /// started [`ConsulOptions::with_ipv6_loopback`].
+    pub fn ipv6_config(&self) -> Option<consul_api::Config> {
+        self.ipv6_on()
+            .then(|| client_config(&self.options, Ipv6Addr::LOCALHOST, self.spec.ports.http))
+    }
+
+    fn ipv6_on(&self) -> bool {
+        self.spec.ipv6_loopback && self.spec.mode == AgentMode::Dev
     }
 
     /// `127.x.y.z:port` (`https://...` with TLS), as `CONSUL_HTTP_ADDR` takes it.

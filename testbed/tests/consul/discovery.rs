@@ -1,18 +1,25 @@
 //! Every discovery source against real Consul: what each lists after a SIGKILL, that a session
-//! on each loses nothing through it, and the clear errors of a source that cannot work.
+//! on each loses nothing through it, the clear errors of a source that cannot work, every
+//! source through an agent and an instance on `::1`, and DNS while an agent's servers are gone.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use consul_api::{AgentServiceRegistration, Client, PreparedQueryDefinition, ServiceQuery};
 use consul_registry::{ConsulState, DiscoveryConfig, Snapshot, Source, discovery, failover};
 use echo_client::{EchoClient, session::SessionConfig};
+use echo_server::{config::Config as ServerConfig, server::Server};
 use testbed::{
     Cluster, ClusterSpec, Consul, ConsulOptions, Member,
     procs::{ServerProcess, ServerSpec},
     wait,
 };
-use tokio::sync::watch;
+use tokio::{net::UdpSocket, sync::watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::common::{init_tracing, launcher};
 
@@ -526,4 +533,229 @@ async fn a_scale_out_takes_load_and_a_scale_in_loses_nothing() {
         }
         assert_eq!(run.shares.len(), 6, "{}: {:?}", run.strategy, run.shares);
     }
+}
+
+#[tokio::test]
+async fn every_source_reads_an_ipv6_instance_through_an_agent_on_ipv6() {
+    init_tracing();
+    let consul = Consul::start_with(ConsulOptions::from_env().unwrap().with_ipv6_loopback())
+        .await
+        .unwrap();
+    let v6 = consul.ipv6_config().expect("the agent is on ::1");
+    let dns = consul.ipv6_dns_addr().expect("the agent's DNS is on ::1");
+    let client = Client::new(v6.clone()).unwrap();
+    const V6: &str = "v6-echo";
+    const V6_QUERY: &str = "v6-echo-passing";
+    const V6_AGENT: &str = "v6-echo-no-address";
+
+    // The real echo-server, on ::1, registered through the agent's [::1] API with its
+    // address `::1` and an HTTP check the agent calls on [::1].
+    let server = Server::bind(ServerConfig {
+        name: V6.into(),
+        id: format!("{V6}_1"),
+        address: "::1".into(),
+        bind: IpAddr::V6(Ipv6Addr::LOCALHOST),
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_secs(1),
+        register: true,
+        consul: v6.clone(),
+        drain_timeout: Duration::from_millis(300),
+        ..ServerConfig::local()
+    })
+    .await
+    .unwrap();
+    let echo_addr = server.echo_addr().to_string();
+    assert!(echo_addr.starts_with("[::1]:"), "{echo_addr}");
+    let stop = CancellationToken::new();
+    let serving = tokio::spawn(server.run(stop.clone().cancelled_owned()));
+    wait::health_until(&client, V6, true, Duration::from_secs(30), |e| e.len() == 1)
+        .await
+        .unwrap();
+    // The same server under a registration without an address: the agent's list names no
+    // host, and the agent source dials the agent's own host.
+    client
+        .agent()
+        .service_register(&AgentServiceRegistration {
+            id: Some(V6_AGENT.into()),
+            name: V6_AGENT.into(),
+            port: Some(server_port(&echo_addr)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client
+        .prepared_query()
+        .create(&PreparedQueryDefinition {
+            name: V6_QUERY.into(),
+            service: ServiceQuery {
+                service: V6.into(),
+                only_passing: true,
+                ..Default::default()
+            },
+        })
+        .await
+        .unwrap();
+
+    let every = Duration::from_millis(200);
+    let cases = [
+        (V6, Source::Health),
+        (V6, Source::Catalog),
+        (V6, Source::Agent { every }),
+        (
+            V6,
+            Source::PreparedQuery {
+                name: V6_QUERY.into(),
+                every,
+            },
+        ),
+        (
+            V6,
+            Source::Dns {
+                server: dns,
+                query: None,
+                every,
+            },
+        ),
+        (
+            V6,
+            Source::Dns {
+                server: dns,
+                query: Some(V6_QUERY.into()),
+                every,
+            },
+        ),
+        (V6_AGENT, Source::Agent { every }),
+    ];
+    for (service, source) in cases {
+        let what = format!("{service} via {}", label(&source));
+        let mut config = DiscoveryConfig::new(service);
+        config.source = source;
+        let mut rx = discovery::spawn(client.clone(), config);
+        let view = wait_view(&mut rx, &what, Duration::from_secs(20), |s| {
+            !s.instances.is_empty()
+        })
+        .await;
+        let listed: Vec<String> = view.instances.iter().map(|i| i.address()).collect();
+        assert_eq!(listed, [echo_addr.as_str()], "{what}");
+        let mut session = SessionConfig::new(service);
+        session.message_timeout = Duration::from_secs(10);
+        let echo = EchoClient::with_discovery(rx, session).unwrap();
+        let payload = bytes::Bytes::from(what.clone());
+        let reply = tokio::time::timeout(Duration::from_secs(15), echo.send(payload.clone()))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no reply"))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(reply.bytes, payload, "{what}");
+    }
+    stop.cancel();
+    serving.await.unwrap().unwrap();
+}
+
+fn server_port(addr: &str) -> u16 {
+    addr.parse::<SocketAddr>().unwrap().port()
+}
+
+/// The response code of a UDP SRV question about `name` (`a.b.c.`) to `server`, as its
+/// number (2: SERVFAIL); `None` without an answer within a second.
+async fn dns_rcode(server: SocketAddr, name: &str) -> Option<u8> {
+    let mut query = vec![0x2a, 0x2a, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.trim_end_matches('.').split('.') {
+        query.push(u8::try_from(label.len()).unwrap());
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 33, 0, 1]);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.send_to(&query, server).await.unwrap();
+    let mut reply = [0; 4096];
+    let (len, _) = tokio::time::timeout(Duration::from_secs(1), socket.recv_from(&mut reply))
+        .await
+        .ok()?
+        .ok()?;
+    (len >= 12 && reply[..2] == query[..2]).then_some(reply[3] & 0x0f)
+}
+
+#[tokio::test]
+async fn dns_servfail_from_an_agent_whose_servers_are_gone_is_an_outage_not_an_empty_list() {
+    init_tracing();
+    let mut cluster = Cluster::start(ClusterSpec::new(1, 1)).await.unwrap();
+    const SERVICE: &str = "dns-outage";
+    let agent = cluster.clients()[0].client();
+    let dns = cluster.clients()[0].dns_addr();
+    agent
+        .agent()
+        .service_register(&AgentServiceRegistration {
+            id: Some(format!("{SERVICE}_1")),
+            name: SERVICE.into(),
+            address: Some("127.0.0.1".into()),
+            port: Some(9),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let source = Source::Dns {
+        server: dns,
+        query: None,
+        every: Duration::from_millis(200),
+    };
+    let mut config = DiscoveryConfig::new(SERVICE);
+    config.source = source;
+    let mut before = discovery::spawn(agent.clone(), config.clone());
+    wait_view(&mut before, "the instance", Duration::from_secs(30), |s| {
+        s.instances.len() == 1
+    })
+    .await;
+    // Every snapshot from here on: the view must never go empty.
+    let emptied = Arc::new(Mutex::new(None::<Snapshot>));
+    let watcher = {
+        let mut rx = before.clone();
+        let emptied = emptied.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let s = rx.borrow_and_update().clone();
+                let mut first = emptied.lock().unwrap();
+                if s.instances.is_empty() && first.is_none() {
+                    *first = Some(s);
+                }
+            }
+        })
+    };
+
+    cluster.crash(Member::Server(0)).await.unwrap();
+    // The client agent answers SERVFAIL once it no longer tries the dead server (after its
+    // RPC hold timeout, and fast once gossip has marked the server failed).
+    let name = format!("{SERVICE}.service.consul.");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        if dns_rcode(dns, &name).await == Some(2) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never answered SERVFAIL"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A discovery started now hears only SERVFAIL: an outage, never "no instances".
+    let mut after = discovery::spawn(agent, config);
+    let first = wait_view(&mut after, "an answer", Duration::from_secs(20), |s| {
+        s.consul != ConsulState::Starting
+    })
+    .await;
+    let ConsulState::Unreachable { error, .. } = &first.consul else {
+        panic!("SERVFAIL read as an answer: {first:?}");
+    };
+    assert!(error.contains("rcode 2"), "{error}");
+    // The one started before reads the same: an outage, its instance kept.
+    let still = wait_view(&mut before, "the outage", Duration::from_secs(20), |s| {
+        matches!(s.consul, ConsulState::Unreachable { .. }) || s.instances.is_empty()
+    })
+    .await;
+    assert!(
+        matches!(still.consul, ConsulState::Unreachable { .. }) && still.instances.len() == 1,
+        "{still:?}"
+    );
+    watcher.abort();
+    let emptied = emptied.lock().unwrap().take();
+    assert!(emptied.is_none(), "the view went empty: {emptied:?}");
 }

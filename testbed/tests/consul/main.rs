@@ -8,9 +8,12 @@
 //!   a deletion, Consul gone and back;
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
 //! * [`discovery`] — every discovery source (health, catalog, agent list, prepared query,
-//!   DNS) through a SIGKILL, and the clear errors of one that cannot work;
+//!   DNS) through a SIGKILL and through an agent and an instance on `::1`, DNS while an
+//!   agent's servers are gone, and the clear errors of one that cannot work;
 //! * [`faults`] — fault and security scenarios: hung server, paused and restarted Consul, a
 //!   faulty proxy, ACLs, hostile input;
+//! * [`foreign`] — foreign registrations our types cannot hold (`Port: 70000`, `-1`): left
+//!   out of every list, the good instances discovered, the reaper not blinded;
 //! * [`framework`] — consul-registry without echo: TTL heartbeats, maintenance mode;
 //! * [`harness`] — the harness itself: backends, readiness, restarts, clear errors;
 //! * [`reaper`] — the opt-in reaper sidecar: removal at `reap-after`, resets, flapping, the
@@ -30,6 +33,7 @@ mod config;
 mod deregistration;
 mod discovery;
 mod faults;
+mod foreign;
 mod framework;
 mod harness;
 mod reaper;
