@@ -525,9 +525,9 @@ impl Client {
         opts: Option<&QueryOptions>,
         body: Option<&B>,
     ) -> Result<(Vec<u8>, QueryMeta, String)> {
-        let mut answer = Vec::new();
-        let (meta, path) = self
-            .send_to(method, segments, params, opts, body, &mut answer)
+        let body = body.map(|b| RequestBody::json(b, segments)).transpose()?;
+        let (answer, meta, path, _) = self
+            .request(method, segments, params, opts, body, &[])
             .await?;
         Ok((answer, meta, path))
     }
@@ -542,10 +542,7 @@ impl Client {
         body: Option<&B>,
         sink: &mut dyn BodySink,
     ) -> Result<(QueryMeta, String)> {
-        let body = match body {
-            Some(body) => Some(RequestBody::json(body, segments)?),
-            None => None,
-        };
+        let body = body.map(|b| RequestBody::json(b, segments)).transpose()?;
         let (meta, path, _) = self
             .exchange(method, segments, params, opts, body, sink, &[])
             .await?;

@@ -249,6 +249,7 @@ impl<'a> Kv<'a> {
     /// on until it does). Blocks on `opts.wait_index`.
     pub async fn get(&self, key: &str, opts: &QueryOptions) -> Result<(Option<KVPair>, QueryMeta)> {
         let (pairs, meta) = self.read(key, &[], opts).await?;
+        let key = key.strip_prefix('/').unwrap_or(key);
         Ok((pairs.into_iter().find(|p| p.key == key), meta))
     }
 

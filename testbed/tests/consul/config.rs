@@ -4,7 +4,10 @@
 //! last good kept, a prefix changed by one transaction seen whole, a key deleted, Consul gone
 //! and back.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use consul_api::{Error, KVTxnOp, QueryOptions, kv};
 use consul_registry::config::{self, ConfigSpec, Live, Status};
@@ -381,8 +384,6 @@ async fn in_maintenance(consul: &Consul, id: &str) -> bool {
 
 #[tokio::test]
 async fn echo_server_takes_live_settings_from_kv_and_rejects_what_cannot_change_live() {
-    use std::sync::{Arc, Mutex};
-
     use echo_server::{Config, Server, live::LogLevel};
 
     init_tracing();
@@ -498,4 +499,194 @@ async fn echo_server_takes_live_settings_from_kv_and_rejects_what_cannot_change_
 
     stop.send(()).unwrap();
     running.await.unwrap().unwrap();
+}
+
+/// The `q`-th quantile of sorted `values` (nearest rank).
+fn quantile(sorted: &[Duration], q: f64) -> Duration {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Watchers (or pollers) of one key, each recording when it first sees each `limit`.
+type Seen = Arc<Mutex<Vec<(u32, tokio::time::Instant)>>>;
+
+/// Put `limit` `changes` times, one a second; per change, wait until `count` sightings of
+/// it are in `seen`. Returns every sighting's latency and the agent's CPU over the window.
+async fn changes(
+    consul: &Consul,
+    key: &str,
+    seen: &Seen,
+    count: usize,
+    first: u32,
+    changes: u32,
+) -> (Vec<Duration>, Duration) {
+    let kv = consul.client();
+    let (cpu_before, _) = consul.cpu_time().await.unwrap();
+    let mut latencies = Vec::new();
+    for limit in first..first + changes {
+        let tick = tokio::time::Instant::now() + Duration::from_secs(1);
+        let start = tokio::time::Instant::now();
+        kv.kv()
+            .put(key, format!(r#"{{"limit": {limit}}}"#).as_bytes())
+            .await
+            .unwrap();
+        let deadline = start + DEADLINE;
+        loop {
+            let at: Vec<_> = {
+                let seen = seen.lock().unwrap();
+                seen.iter()
+                    .filter(|(l, _)| *l == limit)
+                    .map(|(_, at)| *at)
+                    .collect()
+            };
+            if at.len() >= count {
+                latencies.extend(at.into_iter().map(|at| at - start));
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "change {limit}: {} of {count}",
+                at.len()
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep_until(tick).await;
+    }
+    let (cpu_after, _) = consul.cpu_time().await.unwrap();
+    latencies.sort();
+    (latencies, cpu_after - cpu_before)
+}
+
+/// Figures of one mode, as a markdown row.
+fn row(mode: &str, latencies: &[Duration], cpu: Duration, changes: u32) -> String {
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
+    format!(
+        "| {mode} | {} | {} | {} | {} | {} |",
+        latencies.len(),
+        ms(quantile(latencies, 0.5)),
+        ms(quantile(latencies, 0.99)),
+        ms(latencies[latencies.len() - 1]),
+        ms(cpu / changes),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reaches_100_watchers_on_one_agent_and_a_bad_one_none() {
+    const WATCHERS: usize = 100;
+    const CHANGES: u32 = 10;
+    init_tracing();
+    let consul = Consul::start().await.unwrap();
+    let key = "fleet/config";
+    consul
+        .client()
+        .kv()
+        .put(key, br#"{"limit": 1}"#)
+        .await
+        .unwrap();
+
+    // 100 watchers (one blocking query each, as 100 services would hold).
+    let seen: Seen = Arc::default();
+    let mut receivers = Vec::new();
+    for _ in 0..WATCHERS {
+        let spec = ConfigSpec::<Settings>::key(key).with_validation(positive);
+        let mut rx = config::spawn(consul.client(), spec);
+        receivers.push(rx.clone());
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let limit = rx.borrow_and_update().config.as_ref().map(|c| c.limit);
+                if limit != last {
+                    if let Some(limit) = limit {
+                        seen.lock()
+                            .unwrap()
+                            .push((limit, tokio::time::Instant::now()));
+                    }
+                    last = limit;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    for rx in &mut receivers {
+        until(rx, "first", |l| l.status == Status::Applied).await;
+    }
+    let (watched, watched_cpu) = changes(&consul, key, &seen, WATCHERS, 2, CHANGES).await;
+
+    // A bad value: every watcher reports it, none applies it.
+    consul
+        .client()
+        .kv()
+        .put(key, br#"{"limit": 0}"#)
+        .await
+        .unwrap();
+    for rx in &mut receivers {
+        let live = until(rx, "rejected", |l| {
+            matches!(l.status, Status::Rejected { .. })
+        })
+        .await;
+        assert_eq!(limit(&live), Some(CHANGES + 1), "the last good stays");
+    }
+    assert!(
+        seen.lock().unwrap().iter().all(|(l, _)| *l != 0),
+        "0 watchers applied it"
+    );
+    drop(receivers);
+
+    // Beside it: 100 pollers reading the key every second, as a 1 s poll does.
+    let polled: Seen = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    for i in 0..WATCHERS {
+        let (client, polled, stop) = (consul.client(), polled.clone(), stop.clone());
+        tokio::spawn(async move {
+            // Spread over the second, as independent services would be.
+            tokio::time::sleep(Duration::from_millis((i * 10) as u64)).await;
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            let mut last = None;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                let Ok((Some(pair), _)) = client.kv().get(key, &QueryOptions::default()).await
+                else {
+                    continue;
+                };
+                let Ok(s) = serde_json::from_slice::<Settings>(pair.value()) else {
+                    continue;
+                };
+                if last != Some(s.limit) {
+                    polled
+                        .lock()
+                        .unwrap()
+                        .push((s.limit, tokio::time::Instant::now()));
+                    last = Some(s.limit);
+                }
+            }
+        });
+    }
+    let first = 100;
+    let (poll_lat, poll_cpu) = changes(&consul, key, &polled, WATCHERS, first, CHANGES).await;
+    stop.cancel();
+
+    println!(
+        "\n{WATCHERS} instances on one agent, {CHANGES} changes 1 s apart:\n\n\
+         | mode | sightings | p50 ms | p99 ms | max ms | Consul CPU ms per change |\n\
+         |---|---|---|---|---|---|\n{}\n{}\n",
+        row(
+            "blocking watch (config::spawn)",
+            &watched,
+            watched_cpu,
+            CHANGES
+        ),
+        row("1 s poller", &poll_lat, poll_cpu, CHANGES),
+    );
+    assert_eq!(watched.len(), WATCHERS * CHANGES as usize);
+    assert!(
+        quantile(&watched, 0.99) < Duration::from_secs(1),
+        "a change reaches every watcher well within a poll period: {:?}",
+        quantile(&watched, 0.99)
+    );
 }
