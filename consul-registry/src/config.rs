@@ -12,6 +12,12 @@
 //!   [`Status::KeyMissing`] with the last good kept after a deletion).
 //! * A prefix is read whole at one index (`?recurse`) and applied as one snapshot: a change
 //!   written as one transaction is never seen half-applied.
+//! * A token that may not read the key: Consul answers 403, reported as
+//!   [`Status::Unreachable`], and nothing is applied (not even the defaults). A prefix is
+//!   different: Consul 1.8 filters out the keys a token may not read and answers as if the
+//!   prefix were empty, which is indistinguishable from a missing prefix; with
+//!   [`Missing::Defaults`] the defaults would then apply. Prefer [`Missing::Wait`] for a
+//!   prefix.
 //!
 //! [`Applier`] is the pure state machine (an answer or an error in, what is in force out);
 //! [`spawn`] is the task around it that reads Consul.

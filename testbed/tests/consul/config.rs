@@ -2,7 +2,8 @@
 //! its index, check-and-set, transactions and their 409, the limits), and live configuration
 //! from it (consul-registry's `config`): a change applied, an invalid one rejected with the
 //! last good kept, a prefix changed by one transaction seen whole, a key deleted, Consul gone
-//! and back.
+//! and back, a token that may not read the key; echo-server's live settings; 100 watchers
+//! of one key beside 100 one-second pollers (latency and Consul's CPU per change).
 
 use std::{
     sync::{Arc, Mutex},
@@ -689,4 +690,90 @@ async fn a_change_reaches_100_watchers_on_one_agent_and_a_bad_one_none() {
         "a change reaches every watcher well within a poll period: {:?}",
         quantile(&watched, 0.99)
     );
+}
+
+#[tokio::test]
+async fn a_token_that_cannot_read_the_key_is_reported_and_the_last_good_stays() {
+    use consul_api::{AclPolicy, AclPolicyLink, AclToken};
+    use testbed::consul::ConsulOptions;
+
+    init_tracing();
+    let options = ConsulOptions::from_env()
+        .unwrap()
+        .with_acl("config-root-token");
+    let consul = Consul::start_with(options).await.unwrap();
+    let admin = consul.client();
+    admin
+        .kv()
+        .put("svc/config", br#"{"limit": 5}"#)
+        .await
+        .unwrap();
+    admin.kv().put("svc/tree/limit", b"5").await.unwrap();
+    let token = |rules: &'static str, name: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let policy = admin
+                .acl()
+                .policy_create(&AclPolicy {
+                    name: name.into(),
+                    rules: rules.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            admin
+                .acl()
+                .token_create(&AclToken {
+                    description: name.into(),
+                    policies: vec![AclPolicyLink {
+                        id: policy.id,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let reader = token(r#"key_prefix "svc/" { policy = "read" }"#, "svc-reader").await;
+    let other = token(r#"key_prefix "other/" { policy = "read" }"#, "other-reader").await;
+    let client_with = |t: &AclToken| {
+        consul_api::Client::new(consul.config().with_token(Some(t.secret_id.clone()))).unwrap()
+    };
+
+    // A token without read on the key: refused, said so; the defaults are not applied.
+    let spec = ConfigSpec::<Settings>::key("svc/config").with_defaults(Settings {
+        limit: 1,
+        name: String::new(),
+    });
+    let mut refused = config::spawn(client_with(&other), spec);
+    let live = until(
+        &mut refused,
+        "refused",
+        |l| matches!(&l.status, Status::Unreachable { error } if error.contains("403")),
+    )
+    .await;
+    assert!(live.config.is_none(), "nothing applied on a refusal");
+
+    // A prefix it may not read is no refusal in Consul 1.8.7: the keys are filtered out, and
+    // the prefix reads as empty (which is why `config` documents `Missing::Wait` for one).
+    let (tree, _) = client_with(&other)
+        .kv()
+        .list("svc/tree/", &QueryOptions::default())
+        .await
+        .unwrap();
+    assert!(tree.is_empty(), "{tree:?}");
+
+    // A token that could read, then revoked: the last good stays, the 403 is reported.
+    let spec = ConfigSpec::<Settings>::key("svc/config").with_wait(Duration::from_secs(1));
+    let mut revoked = config::spawn(client_with(&reader), spec);
+    until(&mut revoked, "applied", |l| l.status == Status::Applied).await;
+    admin.acl().token_delete(&reader.accessor_id).await.unwrap();
+    let live = until(
+        &mut revoked,
+        "revoked",
+        |l| matches!(&l.status, Status::Unreachable { error } if error.contains("403")),
+    )
+    .await;
+    assert_eq!(limit(&live), Some(5), "the last good stays");
 }
