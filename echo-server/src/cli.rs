@@ -182,6 +182,7 @@ pub async fn run_with(args: Args, log_level: Option<LogLevel>) -> Result<()> {
 /// [`LogLevel`] that changes it, for [`run_with`].
 pub fn init_logging(filter: tracing_subscriber::EnvFilter, ansi: bool) -> LogLevel {
     use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt};
+    let initial = filter.to_string();
     let (filter, handle) = reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
@@ -191,7 +192,7 @@ pub fn init_logging(filter: tracing_subscriber::EnvFilter, ansi: bool) -> LogLev
                 .with_ansi(ansi),
         )
         .init();
-    LogLevel::new(move |directives: &str| {
+    LogLevel::new(initial, move |directives: &str| {
         let filter = tracing_subscriber::EnvFilter::try_new(directives)
             .map_err(|e| format!("{directives:?} is not a log filter: {e}"))?;
         handle

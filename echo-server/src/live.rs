@@ -41,20 +41,35 @@ use crate::config::Config;
 
 /// Sets the process's log filter (tracing's `EnvFilter` syntax). Cheap to clone.
 #[derive(Clone)]
-pub struct LogLevel(Arc<SetLevel>);
+pub struct LogLevel {
+    set: Arc<SetLevel>,
+    /// The filter the process started with: back in force when the key says nothing.
+    initial: Arc<str>,
+}
 
 /// What a [`LogLevel`] calls.
 type SetLevel = dyn Fn(&str) -> Result<(), String> + Send + Sync;
 
 impl LogLevel {
-    /// A setter that calls `set`.
-    pub fn new(set: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static) -> Self {
-        LogLevel(Arc::new(set))
+    /// A setter that calls `set`, for a process whose filter is `initial` now.
+    pub fn new(
+        initial: impl Into<String>,
+        set: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        LogLevel {
+            set: Arc::new(set),
+            initial: Arc::from(initial.into()),
+        }
     }
 
     /// Set the filter to `directives`; `Err` says why not.
     pub fn set(&self, directives: &str) -> Result<(), String> {
-        (self.0)(directives)
+        (self.set)(directives)
+    }
+
+    /// The filter the process started with.
+    pub fn initial(&self) -> &str {
+        &self.initial
     }
 }
 
@@ -228,7 +243,10 @@ pub(crate) struct Targets {
 /// Apply each configuration `settings` publishes until it closes: the tunables for new
 /// connections, the cap, maintenance, the log level, and the index in `/check`'s body.
 pub(crate) async fn apply(mut settings: watch::Receiver<Live<LiveSettings>>, targets: Targets) {
-    let mut maintenance = false;
+    let mut in_force = InForce {
+        maintenance: false,
+        log_level: targets.log_level.as_ref().map(|l| l.initial().to_owned()),
+    };
     let mut applied: Option<Arc<LiveSettings>> = None;
     loop {
         let live = settings.borrow_and_update().clone();
@@ -240,7 +258,7 @@ pub(crate) async fn apply(mut settings: watch::Receiver<Live<LiveSettings>>, tar
             && !applied.as_ref().is_some_and(|a| Arc::ptr_eq(a, config))
         {
             applied = Some(config.clone());
-            maintenance = apply_one(config, live.index, maintenance, &targets).await;
+            apply_one(config, live.index, &mut in_force, &targets).await;
         }
         targets.health.set_note(Some(format!(
             "config: key {} index {} ({status})",
@@ -252,13 +270,15 @@ pub(crate) async fn apply(mut settings: watch::Receiver<Live<LiveSettings>>, tar
     }
 }
 
-/// Apply one configuration; returns the maintenance mode now in force.
-async fn apply_one(
-    settings: &LiveSettings,
-    index: u64,
+/// What the process runs with now, of what is not read again per connection.
+struct InForce {
     maintenance: bool,
-    targets: &Targets,
-) -> bool {
+    /// The log filter (`None`: not reloadable).
+    log_level: Option<String>,
+}
+
+/// Apply one configuration.
+async fn apply_one(settings: &LiveSettings, index: u64, in_force: &mut InForce, targets: &Targets) {
     let startup = &targets.startup;
     let tunables = Tunables {
         max_frame: settings.max_frame.unwrap_or(startup.max_frame),
@@ -269,20 +289,25 @@ async fn apply_one(
     targets.tunables.send_replace(tunables);
     let cap = settings.max_connections.unwrap_or(startup.max_connections);
     targets.cap.resize(cap);
-    let level = settings.log_level.as_deref().unwrap_or("info");
-    if let Some(log) = &targets.log_level
-        && let Err(e) = log.set(level)
-    {
-        tracing::error!(index, log_level = level, "cannot set the log level: {e}");
+    if let Some(log) = &targets.log_level {
+        // Nothing said: the filter the process started with.
+        let wanted = settings.log_level.as_deref().unwrap_or(log.initial());
+        if in_force.log_level.as_deref() != Some(wanted) {
+            match log.set(wanted) {
+                Ok(()) => in_force.log_level = Some(wanted.to_owned()),
+                Err(e) => {
+                    tracing::error!(index, log_level = wanted, "cannot set the log level: {e}")
+                }
+            }
+        }
     }
     let wanted = settings.maintenance.unwrap_or(false);
-    let mut in_force = maintenance;
-    if wanted != maintenance
+    if wanted != in_force.maintenance
         && let Some(registrar) = &targets.registrar
     {
         let reason = format!("set by Consul KV key {}", targets.key);
         match registrar.maintenance(wanted, Some(&reason)).await {
-            Ok(()) => in_force = wanted,
+            Ok(()) => in_force.maintenance = wanted,
             Err(e) => tracing::error!(index, maintenance = wanted, "{e}"),
         }
     }
@@ -292,11 +317,10 @@ async fn apply_one(
         max_frame = tunables.max_frame,
         idle_timeout = %GoDuration(tunables.idle_timeout),
         max_connections = cap,
-        maintenance = in_force,
-        log_level = level,
+        maintenance = in_force.maintenance,
+        log_level = in_force.log_level.as_deref().unwrap_or("(fixed)"),
         "live settings in force"
     );
-    in_force
 }
 
 #[cfg(test)]
@@ -309,7 +333,7 @@ mod tests {
 
     #[test]
     fn live_settings_parse_and_what_cannot_change_is_refused() {
-        let set = LogLevel::new(|_| Ok(()));
+        let set = LogLevel::new("info", |_| Ok(()));
         let s = parse(
             r#"{"max_frame": 1024, "idle_timeout": "30s", "max_connections": 10,
                 "maintenance": true, "log_level": "debug"}"#,
