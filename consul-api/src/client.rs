@@ -19,6 +19,7 @@ use crate::{
     catalog::Catalog,
     error::{Error, Result},
     health::Health,
+    kv::Kv,
     query::{QueryMeta, QueryOptions},
     skip::{Skipped, decode_skipping},
     status::Status,
@@ -381,6 +382,11 @@ impl Client {
         Acl::new(self)
     }
 
+    /// The key/value store (`/v1/kv/...`) and its transactions (`/v1/txn`).
+    pub fn kv(&self) -> Kv<'_> {
+        Kv::new(self)
+    }
+
     /// GET a JSON value.
     pub(crate) async fn get<T: DeserializeOwned>(
         &self,
@@ -519,16 +525,14 @@ impl Client {
         opts: Option<&QueryOptions>,
         body: Option<&B>,
     ) -> Result<(Vec<u8>, QueryMeta, String)> {
-        let mut answer = Vec::new();
-        let (meta, path) = self
-            .send_to(method, segments, params, opts, body, &mut answer)
+        let body = body.map(|b| RequestBody::json(b, segments)).transpose()?;
+        let (answer, meta, path, _) = self
+            .request(method, segments, params, opts, body, &[])
             .await?;
         Ok((answer, meta, path))
     }
 
-    /// The one request path: build the URL, send with the token and the deadline, map
-    /// transport and TLS failures, hand a successful answer's body to `sink` as it arrives,
-    /// and turn an error status into an [`Error`] with Consul's message.
+    /// [`exchange`](Self::exchange) with a JSON body (if any), success statuses only.
     async fn send_to<B: Serialize>(
         &self,
         method: Method,
@@ -538,6 +542,48 @@ impl Client {
         body: Option<&B>,
         sink: &mut dyn BodySink,
     ) -> Result<(QueryMeta, String)> {
+        let body = body.map(|b| RequestBody::json(b, segments)).transpose()?;
+        let (meta, path, _) = self
+            .exchange(method, segments, params, opts, body, sink, &[])
+            .await?;
+        Ok((meta, path))
+    }
+
+    /// A request whose body is given as is (`None`: no body), whose answer is an answer with
+    /// the statuses in `accept` as well as with a success (its body collected, its status
+    /// returned): the KV store's 404 of a missing key still carries `X-Consul-Index`, and a
+    /// failed transaction's 409 says which operation failed.
+    pub(crate) async fn request(
+        &self,
+        method: Method,
+        segments: &[&str],
+        params: &[(&'static str, String)],
+        opts: Option<&QueryOptions>,
+        body: Option<RequestBody>,
+        accept: &[StatusCode],
+    ) -> Result<(Vec<u8>, QueryMeta, String, StatusCode)> {
+        let mut answer = Vec::new();
+        let (meta, path, status) = self
+            .exchange(method, segments, params, opts, body, &mut answer, accept)
+            .await?;
+        Ok((answer, meta, path, status))
+    }
+
+    /// The one request path: build the URL, send with the token and the deadline, map
+    /// transport and TLS failures, hand a successful answer's body (or one whose status is
+    /// in `accept`) to `sink` as it arrives, and turn an error status into an [`Error`] with
+    /// Consul's message.
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &self,
+        method: Method,
+        segments: &[&str],
+        params: &[(&'static str, String)],
+        opts: Option<&QueryOptions>,
+        body: Option<RequestBody>,
+        sink: &mut dyn BodySink,
+        accept: &[StatusCode],
+    ) -> Result<(QueryMeta, String, StatusCode)> {
         let method_name: &'static str = match method {
             Method::PUT => "PUT",
             Method::POST => "POST",
@@ -583,12 +629,9 @@ impl Client {
             request = request.header("X-Consul-Token", token.clone());
         }
         if let Some(body) = body {
-            let json = serde_json::to_vec(body).map_err(|e| {
-                Error::Config(format!("cannot encode the request body for {path}: {e}"))
-            })?;
             request = request
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(json);
+                .header(reqwest::header::CONTENT_TYPE, body.content_type)
+                .body(body.bytes);
         }
         tracing::trace!(method = method_name, %path, "consul request");
         let url = || self.inner.base.as_str().trim_end_matches('/').to_owned();
@@ -624,7 +667,8 @@ impl Client {
         // decodes by what changed does most of its work while the rest is in flight. An
         // error's body is read for its message.
         let mut body = Vec::new();
-        let target: &mut dyn BodySink = if status.is_success() { sink } else { &mut body };
+        let answered = status.is_success() || accept.contains(&status);
+        let target: &mut dyn BodySink = if answered { sink } else { &mut body };
         if let Some(n) = response.content_length() {
             target.reserve(usize::try_from(n).unwrap_or(0).min(limit));
         }
@@ -639,8 +683,8 @@ impl Client {
             target.extend(&chunk);
         }
         meta.read_at = Some(SystemTime::now());
-        if status.is_success() {
-            return Ok((meta, path));
+        if answered {
+            return Ok((meta, path, status));
         }
         if status.is_redirection() {
             let location = printable_location(location.as_deref());
@@ -680,6 +724,42 @@ impl Client {
                 }
             },
         )
+    }
+}
+
+/// A request's body, encoded, with its content type.
+#[derive(Debug)]
+pub(crate) struct RequestBody {
+    bytes: Vec<u8>,
+    content_type: &'static str,
+}
+
+impl RequestBody {
+    /// `value` as JSON; `segments` name the request in the error.
+    pub(crate) fn json<B: Serialize + ?Sized>(value: &B, segments: &[&str]) -> Result<Self> {
+        let bytes = serde_json::to_vec(value).map_err(|e| {
+            Error::Config(format!(
+                "cannot encode the request body for /v1/{}: {e}",
+                segments.join("/")
+            ))
+        })?;
+        Ok(RequestBody {
+            bytes,
+            content_type: "application/json",
+        })
+    }
+
+    /// Bytes sent as they are (a KV value).
+    pub(crate) fn raw(bytes: Vec<u8>) -> Self {
+        RequestBody {
+            bytes,
+            content_type: "application/octet-stream",
+        }
+    }
+
+    /// Its length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.bytes.len()
     }
 }
 

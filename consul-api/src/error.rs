@@ -13,6 +13,21 @@ pub enum Error {
     #[error("invalid Consul configuration: {0}")]
     Config(String),
 
+    /// A request exceeds one of Consul's limits (a KV value over 512 KiB, a transaction of
+    /// more than 64 operations or over 512 KiB): refused before it is sent, since Consul
+    /// would answer 413. Not retryable.
+    #[error("{what} is {size} {unit}, over Consul's limit of {limit}: not sent")]
+    TooLarge {
+        /// What is too large (`the value of key "app/config"`, ...).
+        what: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+        /// The unit of both (`bytes`, `operations`).
+        unit: &'static str,
+    },
+
     /// No HTTP answer: connection refused, reset, timed out, DNS failure.
     #[error("Consul at {url} did not answer {method} {path}: {reason}")]
     Transport {
@@ -113,7 +128,10 @@ impl Error {
         match self {
             Error::Transport { .. } | Error::Decode { .. } | Error::BodyTooLarge { .. } => true,
             Error::Status { status, .. } => *status >= 500 || *status == 429,
-            Error::Config(_) | Error::Tls { .. } | Error::PermissionDenied { .. } => false,
+            Error::Config(_)
+            | Error::TooLarge { .. }
+            | Error::Tls { .. }
+            | Error::PermissionDenied { .. } => false,
         }
     }
 
@@ -125,7 +143,7 @@ impl Error {
     /// Only a configuration error stays permanent. Before the first answer, use
     /// [`Error::is_retryable`]: a refusal then is most likely our own configuration.
     pub fn is_retryable_after_success(&self) -> bool {
-        !matches!(self, Error::Config(_))
+        !matches!(self, Error::Config(_) | Error::TooLarge { .. })
     }
 
     /// True for a refused ACL token (HTTP 403).
@@ -141,7 +159,7 @@ impl Error {
     /// A short, stable label of the error's kind, for "log once per state change".
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Config(_) => ErrorKind::Config,
+            Error::Config(_) | Error::TooLarge { .. } => ErrorKind::Config,
             Error::Transport { .. } => ErrorKind::Unreachable,
             Error::Tls { .. } => ErrorKind::Tls,
             Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,

@@ -14,6 +14,9 @@
 //! * [`health`] — `Service` (healthy instances as [`ServiceEntry`], blocking), `Checks`, `Node`,
 //!   `State`.
 //! * [`catalog`] — `Service`, `Services` and `Register`.
+//! * [`kv`] — the key/value store: `Get`, `List` (`?recurse`), `Keys`, `Put`, `CAS`, `Delete`
+//!   ([`KVPair`]) and transactions (`/v1/txn`, [`KVTxnOp`]), Consul's limits checked before
+//!   a request is sent.
 //! * [`prepared`] — prepared queries: `Create`, `Execute` (polled: it cannot block), `Delete`.
 //! * [`status`] — `Leader`.
 //! * [`acl`] — policies and tokens, enough to set up ACL scenarios.
@@ -81,6 +84,7 @@ pub mod duration;
 pub mod error;
 pub mod follow;
 pub mod health;
+pub mod kv;
 pub mod prepared;
 pub mod query;
 mod skip;
@@ -105,6 +109,7 @@ pub use health::{
     CheckView, EntryView, HealthCheck, HealthStatus, Node, NodeView, ServiceAnswer, ServiceEntry,
     ServiceView,
 };
+pub use kv::{KVOp, KVPair, KVTxnOp, Kv, TxnError, TxnResponse, TxnResult};
 pub use prepared::{
     PreparedQueryDefinition, PreparedQueryExecuteResponse, QueryFailover, ServiceQuery,
 };

@@ -29,7 +29,7 @@ use std::{
     future::{Ready, ready},
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     task::{Context, Poll},
@@ -94,6 +94,8 @@ pub struct Health {
 struct HealthState {
     forced_unhealthy: AtomicBool,
     draining: AtomicBool,
+    /// A line added to `/check`'s body (the configuration in force, say).
+    note: RwLock<Option<Arc<str>>>,
 }
 
 impl Health {
@@ -122,6 +124,19 @@ impl Health {
         } else {
             CheckStatus::Serving
         }
+    }
+
+    /// A line `/check`'s body carries after its status (`None`: none), such as the index of
+    /// the configuration in force.
+    pub fn set_note(&self, note: Option<String>) {
+        if let Ok(mut slot) = self.inner.note.write() {
+            *slot = note.map(Arc::from);
+        }
+    }
+
+    /// The line `/check`'s body carries after its status, if any.
+    pub fn note(&self) -> Option<Arc<str>> {
+        self.inner.note.read().ok().and_then(|note| note.clone())
     }
 
     /// From now on `/check` answers 503: the first step of shutdown.
@@ -237,6 +252,7 @@ fn respond<B>(
     peer: Option<SocketAddr>,
     log_requests: bool,
 ) -> Response<Full<Bytes>> {
+    let mut note = None;
     let (status, body) = if req.uri().path() != path {
         (StatusCode::NOT_FOUND, "not found\n")
     } else if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -246,6 +262,7 @@ fn respond<B>(
         )
     } else {
         let now = health.status();
+        note = health.note();
         (now.status_code(), now.body())
     };
     let header = |name| {
@@ -263,7 +280,11 @@ fn respond<B>(
     } else {
         tracing::debug!(%peer, method, path = uri, host, user_agent = agent, status = code, "check request");
     }
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let body = match note {
+        Some(note) => Bytes::from(format!("{body}{note}\n")),
+        None => Bytes::from_static(body.as_bytes()),
+    };
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     if status == StatusCode::METHOD_NOT_ALLOWED {
         response
@@ -294,5 +315,27 @@ mod tests {
         health.set_draining();
         health.set_healthy(true);
         assert_eq!(health.status(), CheckStatus::Draining);
+    }
+
+    #[test]
+    fn a_note_follows_the_status_in_the_body() {
+        use http_body_util::BodyExt;
+        let health = Health::default();
+        let get = || Request::get("/check").body(()).unwrap();
+        let body = |r: Response<Full<Bytes>>| {
+            let bytes = futures::executor::block_on(r.into_body().collect()).unwrap();
+            String::from_utf8(bytes.to_bytes().to_vec()).unwrap()
+        };
+        assert_eq!(
+            body(respond(&get(), "/check", &health, None, false)),
+            "ok: serving\n"
+        );
+        health.set_note(Some("config: index 42 (applied)".into()));
+        assert_eq!(
+            body(respond(&get(), "/check", &health, None, false)),
+            "ok: serving\nconfig: index 42 (applied)\n"
+        );
+        health.set_note(None);
+        assert_eq!(health.note(), None);
     }
 }

@@ -27,6 +27,9 @@
 //!   its agent once its check has been critical for the service's `reap-after` Meta, to the
 //!   millisecond (Consul's own `DeregisterCriticalServiceAfter` has a 1 m floor and a 30 s
 //!   grid); [`Reaper`] is its pure state machine;
+//! * [`config`] (feature `config`, on by default) — live configuration from Consul's KV
+//!   store: a typed configuration from a key or a prefix, followed with blocking queries,
+//!   each change validated before it is applied, the last good kept otherwise;
 //! * [`backoff`] — the one jittered exponential backoff (consul-api's, re-exported);
 //! * [`error`] — the one error type.
 //!
@@ -86,6 +89,8 @@
 pub use consul_api::backoff;
 pub mod balancer;
 pub mod check;
+#[cfg(feature = "config")]
+pub mod config;
 pub mod decode;
 pub mod discover;
 pub mod discovery;

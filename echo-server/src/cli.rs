@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use clap::Parser;
 use consul_api::GoDuration;
 
-use crate::{config::Config, error::Result, server::Server, shutdown};
+use crate::{config::Config, error::Result, live::LogLevel, server::Server, shutdown};
 
 /// A TCP echo service (newline-delimited frames, echoed byte-exact) that registers itself
 /// with the local Consul agent, serves an HTTP check, re-registers when its entry disappears
@@ -102,6 +102,14 @@ pub struct Args {
     #[arg(long, env = "ECHO_LOG_CHECKS")]
     pub log_checks: bool,
 
+    /// A Consul KV key whose JSON sets, while the server runs, the frame limit, idle
+    /// timeout, connection cap, maintenance mode and log level: {"max_frame": 1024,
+    /// "idle_timeout": "30s", "max_connections": 100, "maintenance": false, "log_level":
+    /// "info"}. A change that is invalid, or names a setting that only a restart changes,
+    /// is rejected and the settings in force stay.
+    #[arg(long, env = "ECHO_CONFIG_KEY", value_name = "KEY")]
+    pub config_key: Option<String>,
+
     /// Where the Consul agent is and how to speak TLS to it.
     #[command(flatten)]
     pub consul: consul_api::ConsulArgs,
@@ -131,6 +139,7 @@ impl Args {
             register: !self.no_register,
             log_checks: self.log_checks,
             consul: self.consul.config()?,
+            config_key: self.config_key.clone(),
         })
     }
 }
@@ -139,10 +148,19 @@ impl Args {
 /// `Ok` after a clean shutdown; an error (for a non-zero exit) when it cannot start or
 /// Consul refuses it for good.
 pub async fn run(args: Args) -> Result<()> {
+    run_with(args, None).await
+}
+
+/// [`run`], with a way to change the process's log level (from the live settings of
+/// `--config-key`): the `echo-server` binary's logging is built reloadable ([`init_logging`]).
+pub async fn run_with(args: Args, log_level: Option<LogLevel>) -> Result<()> {
     let config = args.config()?;
     // Handlers first: from here on a signal is a clean shutdown, never a kill.
     let terminate = shutdown::terminate()?;
-    let server = Server::bind(config).await?;
+    let mut server = Server::bind(config).await?;
+    if let Some(log_level) = log_level {
+        server = server.with_log_level(log_level);
+    }
     let toggler = shutdown::toggle_health_on_sigusr1(server.health())?;
     let config = server.config();
     tracing::info!(
@@ -158,6 +176,29 @@ pub async fn run(args: Args) -> Result<()> {
     let result = server.run(terminate).await;
     toggler.abort();
     result
+}
+
+/// Log to stderr with `filter` (tracing's `EnvFilter`), the filter reloadable: the
+/// [`LogLevel`] that changes it, for [`run_with`].
+pub fn init_logging(filter: tracing_subscriber::EnvFilter, ansi: bool) -> LogLevel {
+    use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt};
+    let initial = filter.to_string();
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi),
+        )
+        .init();
+    LogLevel::new(initial, move |directives: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(directives)
+            .map_err(|e| format!("{directives:?} is not a log filter: {e}"))?;
+        handle
+            .reload(filter)
+            .map_err(|e| format!("cannot reload the log filter: {e}"))
+    })
 }
 
 #[cfg(test)]

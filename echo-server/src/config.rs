@@ -56,6 +56,8 @@ pub struct Config {
     pub log_checks: bool,
     /// Where Consul is, and the ACL token.
     pub consul: consul_api::Config,
+    /// A Consul KV key holding live settings (see [`crate::live`]); `None`: none.
+    pub config_key: Option<String>,
 }
 
 impl Default for Config {
@@ -80,6 +82,7 @@ impl Default for Config {
             register: true,
             log_checks: false,
             consul: consul_api::Config::default(),
+            config_key: None,
         }
     }
 }
@@ -133,6 +136,13 @@ impl Config {
             if d.is_zero() {
                 return bad(format!("{flag} must be above 0"));
             }
+        }
+        if self
+            .config_key
+            .as_deref()
+            .is_some_and(|k| k.trim_matches('/').is_empty())
+        {
+            return bad("--config-key must name a key".into());
         }
         if self.port != 0 && self.port == self.check_port {
             return bad(format!(

@@ -7,6 +7,8 @@
 //! * [`check`] — the HTTP `/check` Consul calls, and the [`Health`] handle that forces it 503
 //!   (consul-registry's, re-exported); registration is consul-registry's
 //!   [`Registrar`](consul_registry::Registrar);
+//! * [`live`] — live settings from a Consul KV key (`--config-key`): frame limit, idle
+//!   timeout, connection cap, maintenance, log level; what cannot change live is rejected;
 //! * [`shutdown`] — SIGINT/SIGTERM (and SIGHUP) start the shutdown, SIGUSR1 flips `/check`;
 //! * `descriptors` (private) — the descriptor table grown once at start, so that no accept
 //!   under load waits for the kernel to grow it;
@@ -35,6 +37,7 @@ pub use echo_wire as codec;
 pub mod config;
 mod descriptors;
 pub mod error;
+pub mod live;
 pub mod server;
 pub mod shutdown;
 mod stop;

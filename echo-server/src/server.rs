@@ -9,7 +9,7 @@ use futures::FutureExt;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
     task::JoinHandle,
     time::{Instant, Sleep},
 };
@@ -19,11 +19,13 @@ use crate::{
     codec::{Batch, CodecError},
     config::Config,
     error::{Error, Result},
+    live::{self, Cap, LiveSettings, LogLevel, Tunables},
     stop::{Phase, Stop, Watch},
 };
 use consul_registry::{
     Registrar,
     check::{self, Health},
+    config::ConfigSpec,
     shed::Shedder,
 };
 
@@ -70,6 +72,8 @@ pub struct Server {
     check_addr: SocketAddr,
     health: Health,
     registrar: Option<Registrar>,
+    /// Sets the log filter, for live settings.
+    log_level: Option<LogLevel>,
 }
 
 impl Server {
@@ -110,7 +114,15 @@ impl Server {
             check_addr,
             health: Health::default(),
             registrar,
+            log_level: None,
         })
+    }
+
+    /// Live settings may set the log level through `log_level` (without it, a `log_level`
+    /// in the `--config-key` key is rejected).
+    pub fn with_log_level(mut self, log_level: LogLevel) -> Self {
+        self.log_level = Some(log_level);
+        self
     }
 
     /// Where the echo port listens.
@@ -151,6 +163,7 @@ impl Server {
             check_addr,
             health,
             registrar,
+            log_level,
         } = self;
 
         let stop_accepting = CancellationToken::new();
@@ -158,14 +171,18 @@ impl Server {
         let connections = Stop::default();
         let stop_check = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(config.max_connections));
+        let cap = Arc::new(Cap::new(config.max_connections));
+        let (tunables, tunables_rx) = watch::channel(Tunables {
+            max_frame: config.max_frame,
+            idle_timeout: config.idle_timeout,
+        });
+        let live_task = follow_settings(&config, &cap, tunables, &health, &registrar, log_level)?;
 
         let listener = Listener {
             listener: echo,
-            limit: limit.clone(),
+            limit: cap.semaphore().clone(),
             shed: Shedder::default(),
-            max_frame: config.max_frame,
-            idle_timeout: config.idle_timeout,
+            tunables: tunables_rx,
             tracker: tracker.clone(),
             stop: stop_accepting.clone(),
             connections: connections.clone(),
@@ -225,7 +242,10 @@ impl Server {
         }
 
         // 4. Drain: every open connection answers what it has received, then closes.
-        let open = config.max_connections - limit.available_permits();
+        if let Some(task) = live_task {
+            task.abort();
+        }
+        let open = cap.open();
         let started = Instant::now();
         tracker.close();
         connections.set(Phase::Draining);
@@ -239,7 +259,7 @@ impl Server {
                 "drained: in-flight frames answered, connections closed"
             );
         } else {
-            let left = config.max_connections - limit.available_permits();
+            let left = cap.open();
             connections.set(Phase::Cut);
             tracker.wait().await;
             tracing::warn!(
@@ -262,6 +282,37 @@ impl Server {
         }
         outcome
     }
+}
+
+/// With `--config-key`: follow the key and apply its settings (see [`crate::live`]).
+fn follow_settings(
+    config: &Config,
+    cap: &Arc<Cap>,
+    tunables: watch::Sender<Tunables>,
+    health: &Health,
+    registrar: &Option<Registrar>,
+    log_level: Option<LogLevel>,
+) -> Result<Option<JoinHandle<()>>> {
+    let Some(key) = config.config_key.clone() else {
+        return Ok(None);
+    };
+    let client = consul_api::Client::new(config.consul.clone())?;
+    let registered = registrar.is_some();
+    let check_level = log_level.clone();
+    let spec = ConfigSpec::key(key.clone())
+        .with_defaults(LiveSettings::default())
+        .with_validation(move |s| live::validate(s, registered, check_level.as_ref()));
+    let settings = consul_registry::config::spawn(client, spec);
+    let targets = live::Targets {
+        key,
+        startup: config.clone(),
+        tunables,
+        cap: cap.clone(),
+        health: health.clone(),
+        registrar: registrar.clone(),
+        log_level,
+    };
+    Ok(Some(tokio::spawn(live::apply(settings, targets))))
 }
 
 /// Completes only when the registration task ends on its own, which it does only with a
@@ -312,8 +363,8 @@ struct Listener {
     listener: TcpListener,
     limit: Arc<Semaphore>,
     shed: Shedder,
-    max_frame: usize,
-    idle_timeout: Duration,
+    /// The frame limit and idle timeout of the next connection (live settings).
+    tunables: watch::Receiver<Tunables>,
     tracker: TaskTracker,
     stop: CancellationToken,
     connections: Stop,
@@ -340,11 +391,15 @@ impl Listener {
             if let Err(e) = socket.set_nodelay(true) {
                 tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
             }
+            let Tunables {
+                max_frame,
+                idle_timeout,
+            } = *self.tunables.borrow();
             let handler = Handler::new(
                 socket,
-                self.max_frame,
+                max_frame,
                 peer,
-                self.idle_timeout,
+                idle_timeout,
                 self.connections.watch(),
                 self.shed.clone(),
             );
@@ -1060,8 +1115,11 @@ mod tests {
             listener: socket,
             limit: Arc::new(Semaphore::new(64)),
             shed: Shedder::default(),
-            max_frame: 64,
-            idle_timeout: Duration::from_secs(60),
+            tunables: watch::channel(Tunables {
+                max_frame: 64,
+                idle_timeout: Duration::from_secs(60),
+            })
+            .1,
             tracker: tracker.clone(),
             stop: stop.clone(),
             connections: Stop::default(),

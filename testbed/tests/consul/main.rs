@@ -3,6 +3,9 @@
 //!
 //! * [`client`] — echo-client: failover, Consul down, failing checks, the naive client;
 //! * [`cluster`] — real clusters: the leader killed, a node crashed, per-agent reapers;
+//! * [`config`] — Consul's KV store (1.8.7's answers, transactions, limits) and live
+//!   configuration from it: applied, rejected with the last good kept, a prefix seen whole,
+//!   a deletion, Consul gone and back;
 //! * [`deregistration`] — the headline experiment at the seed article's setting;
 //! * [`discovery`] — every discovery source (health, catalog, agent list, prepared query,
 //!   DNS) through a SIGKILL and through an agent and an instance on `::1`, DNS while an
@@ -26,6 +29,7 @@
 mod client;
 mod cluster;
 mod common;
+mod config;
 mod deregistration;
 mod discovery;
 mod faults;
