@@ -31,8 +31,7 @@ use std::{
 
 use consul_api::{
     Classify, Consistency, Event, Follow, QueryMeta, QueryOptions, Retried, Retry, Retrying,
-    ServiceEntry,
-    error::{Error as ConsulError, ErrorKind},
+    ServiceEntry, error::Error as ConsulError,
 };
 use tokio::sync::watch;
 
@@ -492,33 +491,6 @@ fn permanent_message(e: &ConsulError) -> String {
     }
 }
 
-/// Decides when Consul's state changes (the reaper's follower; its loop moves onto
-/// [`Follow`] next), so each change is logged (and published) once.
-#[derive(Debug, Default)]
-pub(crate) struct StateTracker {
-    state: Option<TrackedState>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TrackedState {
-    Answering,
-    Failing(ErrorKind),
-}
-
-impl StateTracker {
-    /// A successful answer: true if Consul was not answering before (or this is the first).
-    pub(crate) fn on_answer(&mut self) -> bool {
-        self.state.replace(TrackedState::Answering) != Some(TrackedState::Answering)
-    }
-
-    /// A retryable error: its kind if that is a change of state.
-    pub(crate) fn on_error(&mut self, e: &ConsulError) -> Option<ErrorKind> {
-        let kind = e.kind();
-        let next = TrackedState::Failing(kind);
-        (self.state.replace(next) != Some(next)).then_some(kind)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
@@ -526,7 +498,7 @@ mod tests {
         sync::{Arc, Mutex},
     };
 
-    use consul_api::{AgentService, Node};
+    use consul_api::{AgentService, Node, error::ErrorKind};
 
     use super::*;
 
