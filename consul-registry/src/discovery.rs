@@ -17,6 +17,9 @@
 //! old such an answer may be: one whose `X-Consul-LastContact` exceeds the bound is not
 //! applied (the last known instances stay, marked unreachable with the staleness as the
 //! error) and the read is retried with backoff, like an outage.
+//!
+//! The loop itself (backoff, reset, which error is fatal, what is news) is consul-api's one
+//! [`Follow`]; this module says what each of its events publishes.
 
 use std::{
     collections::BTreeMap,
@@ -27,8 +30,8 @@ use std::{
 };
 
 use consul_api::{
-    Consistency, QueryMeta, QueryOptions, ServiceEntry,
-    error::{Error as ConsulError, ErrorKind},
+    Classify, Consistency, Event, Follow, QueryMeta, QueryOptions, Retried, Retry, Retrying,
+    ServiceEntry, error::Error as ConsulError,
 };
 use tokio::sync::watch;
 
@@ -320,12 +323,21 @@ pub fn spawn(client: consul_api::Client, config: DiscoveryConfig) -> watch::Rece
     rx
 }
 
+/// Discovery's error policy: before the first answer only transient errors are retried (a
+/// refusal most likely means our configuration is wrong: fail fast, say why); after it,
+/// every refusal is retried (a token rotated, an agent reloaded to HTTPS, a prepared query
+/// created again), all but a configuration error.
+const CLASSIFY: Classify = Classify {
+    before_success: Retried::Transient,
+    after_success: Retried::AllButConfig,
+};
+
 /// The discovery loop, over any `fetch` of instances (tests pass a scripted one).
 pub(crate) async fn follow<F, Fut>(
-    mut fetch: F,
+    fetch: F,
     tx: watch::Sender<Snapshot>,
     config: DiscoveryConfig,
-    mut backoff: Backoff,
+    backoff: Backoff,
 ) where
     F: FnMut(QueryOptions) -> Fut,
     Fut: Future<Output = consul_api::Result<(Vec<Arc<Instance>>, QueryMeta)>>,
@@ -342,42 +354,30 @@ pub(crate) async fn follow<F, Fut>(
     let wait = config.max_stale.map_or(config.wait, |bound| {
         config.wait.min(bound.max(MIN_STALE_WAIT))
     });
-    let mut watch = config.source.watch(base, wait);
-    let mut tracker = StateTracker::default();
-    let mut answered = false;
-    let service = config.service.as_str();
     let max_stale = config.max_stale;
+    let mut follow = Follow::new(
+        config.source.watch(base, wait),
+        Retry::new(CLASSIFY, backoff),
+        fetch,
+    )
+    .refusing(move |meta| too_stale(meta, max_stale).is_some());
+    let service = config.service.as_str();
     loop {
-        let answer = tokio::select! {
-            answer = watch.next(|opts| {
-                let fut = fetch(opts);
-                async move {
-                    let (entries, meta) = fut.await?;
-                    // A too-stale answer is delivered even when its index did not move (as
-                    // an answer without index), so that it can be refused below.
-                    let observed = if too_stale(&meta, max_stale).is_some() {
-                        QueryMeta { last_index: 0, ..meta.clone() }
-                    } else {
-                        meta.clone()
-                    };
-                    Ok(((entries, meta), observed))
-                }
-            }) => answer,
+        let event = tokio::select! {
+            event = follow.next() => event,
             () = tx.closed() => return,
         };
-        let answer = answer.map(|(entries, meta)| {
-            let stale_ms = too_stale(&meta, config.max_stale);
-            (entries, meta, stale_ms)
-        });
-        match answer {
-            Ok((_, _, Some((age_ms, bound)))) => {
-                // Not applied: the last known instances stay, and the read is retried.
-                watch.reset();
-                let error = format!(
-                    "the answering server last heard from a leader {age_ms} ms ago, more than \
-                     max_stale {bound:?}; answer not applied"
-                );
-                if tracker.on_too_stale() {
+        match event {
+            // Not applied: the last known instances stay, and the read is retried.
+            Event::Refused { meta, news, .. } => {
+                let Some((age_ms, bound)) = too_stale(&meta, max_stale) else {
+                    continue;
+                };
+                if news {
+                    let error = format!(
+                        "the answering server last heard from a leader {age_ms} ms ago, more \
+                         than max_stale {bound:?}; answer not applied"
+                    );
                     tracing::warn!(service, "{error}; keeping the last known instances");
                     publish(&tx, |s| {
                         s.with_state(ConsulState::Unreachable {
@@ -386,16 +386,13 @@ pub(crate) async fn follow<F, Fut>(
                         })
                     });
                 }
-                let delay = backoff.next_delay();
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = tx.closed() => return,
-                }
             }
-            Ok((instances, meta, None)) => {
-                backoff.reset();
-                answered = true;
-                if tracker.on_answer() {
+            Event::Changed {
+                value: instances,
+                meta,
+                answered,
+            } => {
+                if answered.news {
                     tracing::info!(service, passing = instances.len(), "Consul answers");
                 }
                 let received_at = meta.received_at.unwrap_or_else(SystemTime::now);
@@ -409,9 +406,40 @@ pub(crate) async fn follow<F, Fut>(
                     tracing::info!(service, "passing: {}", listing(&now.instances));
                 }
             }
-            // A refusal after an answer (a token rotated, an agent reloaded to HTTPS, a
-            // prepared query created again) is retried below.
-            Err(e) if !(e.is_retryable() || answered && e.is_retryable_after_success()) => {
+            // Retried with backoff (a refusal only once Consul has answered: a token
+            // rotated, an agent reloaded to HTTPS, a prepared query created again); each new
+            // kind of failure is published once.
+            Event::Unreachable(Retrying {
+                error: e,
+                news: true,
+                ..
+            }) => {
+                if !e.is_retryable() {
+                    tracing::error!(
+                        service,
+                        state = %e.kind(),
+                        "Consul refused a read that had worked ({}); keeping the last known \
+                         instances and retrying with backoff",
+                        permanent_message(&e)
+                    );
+                } else {
+                    tracing::warn!(
+                        service,
+                        state = %e.kind(),
+                        "Consul does not answer ({e}); keeping the last known instances and \
+                         retrying with backoff"
+                    );
+                }
+                let error = e.to_string();
+                publish(&tx, |s| {
+                    s.with_state(ConsulState::Unreachable {
+                        since: SystemTime::now(),
+                        error,
+                    })
+                });
+            }
+            Event::Unreachable(_) => {}
+            Event::Fatal(e) => {
                 let error = permanent_message(&e);
                 tracing::error!(service, "{error}");
                 let cause = Arc::new(e);
@@ -420,41 +448,6 @@ pub(crate) async fn follow<F, Fut>(
                     ..s.with_state(ConsulState::Failed { error })
                 });
                 return;
-            }
-            Err(e) => {
-                // Consul may come back as a new agent whose indexes start over; a blocking
-                // query on our old index would then sit out its whole wait on stale data.
-                watch.reset();
-                if let Some(kind) = tracker.on_error(&e) {
-                    if !e.is_retryable() {
-                        tracing::error!(
-                            service,
-                            state = %kind,
-                            "Consul refused a read that had worked ({}); keeping the last \
-                             known instances and retrying with backoff",
-                            permanent_message(&e)
-                        );
-                    } else {
-                        tracing::warn!(
-                            service,
-                            state = %kind,
-                            "Consul does not answer ({e}); keeping the last known instances and \
-                             retrying with backoff"
-                        );
-                    }
-                    let error = e.to_string();
-                    publish(&tx, |s| {
-                        s.with_state(ConsulState::Unreachable {
-                            since: SystemTime::now(),
-                            error,
-                        })
-                    });
-                }
-                let delay = backoff.next_delay();
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = tx.closed() => return,
-                }
             }
         }
     }
@@ -498,38 +491,6 @@ fn permanent_message(e: &ConsulError) -> String {
     }
 }
 
-/// Decides when Consul's state changes, so each change is logged (and published) once.
-#[derive(Debug, Default)]
-pub(crate) struct StateTracker {
-    state: Option<TrackedState>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TrackedState {
-    Answering,
-    Failing(ErrorKind),
-    TooStale,
-}
-
-impl StateTracker {
-    /// A successful answer: true if Consul was not answering before (or this is the first).
-    pub(crate) fn on_answer(&mut self) -> bool {
-        self.state.replace(TrackedState::Answering) != Some(TrackedState::Answering)
-    }
-
-    /// An answer too stale to apply: true if that is a change of state.
-    pub(crate) fn on_too_stale(&mut self) -> bool {
-        self.state.replace(TrackedState::TooStale) != Some(TrackedState::TooStale)
-    }
-
-    /// A retryable error: its kind if that is a change of state.
-    pub(crate) fn on_error(&mut self, e: &ConsulError) -> Option<ErrorKind> {
-        let kind = e.kind();
-        let next = TrackedState::Failing(kind);
-        (self.state.replace(next) != Some(next)).then_some(kind)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::{
@@ -537,7 +498,7 @@ mod tests {
         sync::{Arc, Mutex},
     };
 
-    use consul_api::{AgentService, Node};
+    use consul_api::{AgentService, Node, error::ErrorKind};
 
     use super::*;
 
@@ -667,20 +628,31 @@ mod tests {
 
     #[test]
     fn state_changes_are_reported_once() {
-        let mut t = StateTracker::default();
-        assert!(t.on_answer(), "the first answer is a change");
-        assert!(!t.on_answer());
-        assert_eq!(t.on_error(&unreachable()), Some(ErrorKind::Unreachable));
+        let mut t = Retry::new(CLASSIFY, Backoff::consul());
+        // A failure's kind when it is news.
+        fn on_error(t: &mut Retry, e: ConsulError) -> Option<ErrorKind> {
+            let r = t.failure(e).expect("retried");
+            r.news.then(|| r.error.kind())
+        }
+        assert!(t.success().news, "the first answer is a change");
+        assert!(!t.success().news);
+        assert_eq!(
+            on_error(&mut t, unreachable()),
+            Some(ErrorKind::Unreachable)
+        );
         for _ in 0..100 {
-            assert_eq!(t.on_error(&unreachable()), None, "not once per retry");
+            assert_eq!(on_error(&mut t, unreachable()), None, "not once per retry");
         }
         assert_eq!(
-            t.on_error(&status(500)),
+            on_error(&mut t, status(500)),
             Some(ErrorKind::Status(500)),
             "another kind of failure is another state"
         );
-        assert!(t.on_answer());
-        assert!(!t.on_answer());
+        assert!(t.success().news);
+        assert!(!t.success().news);
+        assert!(t.refused().1, "a too-stale answer is a change of state");
+        assert!(!t.refused().1, "and repeats are not");
+        assert!(t.success().news);
     }
 
     type Script = Arc<Mutex<VecDeque<consul_api::Result<(Vec<ServiceEntry>, QueryMeta)>>>>;

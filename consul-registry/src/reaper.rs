@@ -69,11 +69,15 @@
 //! [`Reaper`] is the pure state machine (answers and `now` in, deadlines and removals out);
 //! [`run`] drives it against an agent.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use consul_api::{
-    AgentService, AgentServiceRegistration, Client, GoDuration, HealthCheck, HealthStatus,
-    QueryMeta, QueryOptions, Watch,
+    AgentService, AgentServiceRegistration, Classify, Client, Follow, GoDuration, HealthCheck,
+    HealthStatus, QueryMeta, QueryOptions, Retried, Retry, Retrying, Watch,
 };
 use futures::future::BoxFuture;
 use tokio::{
@@ -84,7 +88,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     backoff::Backoff,
-    discovery::StateTracker,
     error::{Error, Result},
 };
 
@@ -766,35 +769,71 @@ async fn follow(
     tx: mpsc::Sender<Msg>,
     refresh: Arc<Notify>,
 ) {
-    let mut watch = Watch::new(QueryOptions::default(), wait).with_min_interval(MIN_INTERVAL);
-    let mut me: Option<(String, String)> = None;
-    let mut backoff = Backoff::consul();
-    let mut tracker = StateTracker::default();
-    let mut answered = false;
+    let watch = Watch::new(QueryOptions::default(), wait).with_min_interval(MIN_INTERVAL);
+    // Before the first answer a refusal is a setting to fix: fatal. After it (a token
+    // rotated, an agent reloaded to HTTPS, a CA rotated) everything is retried.
+    let classify = Classify {
+        before_success: Retried::Transient,
+        after_success: Retried::All,
+    };
+    // Who the agent is: read once, again after a failure (it may be a new agent).
+    let me: Arc<Mutex<Option<(String, String)>>> = Arc::default();
+    let fetch = {
+        let me = me.clone();
+        move |opts: QueryOptions| read(api.clone(), me.clone(), opts)
+    };
+    let mut follow = Follow::new(watch, Retry::new(classify, Backoff::consul()), fetch);
     loop {
-        let answer = tokio::select! {
-            answer = read(&*api, &mut watch, &mut me) => answer,
+        let event = tokio::select! {
+            event = follow.next() => event,
             () = refresh.notified() => {
-                watch.reset();
+                follow.watch_mut().reset();
                 continue;
             }
             () = tx.closed() => return,
         };
-        match answer {
-            Ok(obs) => {
-                backoff.reset();
-                answered = true;
-                if tracker.on_answer() {
+        match event {
+            consul_api::Event::Changed {
+                value, answered, ..
+            } => {
+                if answered.news {
+                    let me = lock(&me).clone();
                     let node = me.as_ref().map_or("", |(node, _)| node.as_str());
                     tracing::info!(node, "{FOLLOWING}");
                 }
-                if tx.send(Msg::Answer(obs)).await.is_err() {
+                if tx.send(Msg::Answer(value)).await.is_err() {
                     return;
                 }
             }
-            // Before the first answer a refusal is a setting to fix: fatal. After it (a token
-            // rotated, an agent reloaded to HTTPS, a CA rotated) it is retried below.
-            Err(e) if !answered && !e.is_retryable() => {
+            // Never: no answer is refused here.
+            consul_api::Event::Refused { .. } => {}
+            consul_api::Event::Unreachable(Retrying { error: e, news, .. }) => {
+                // The agent may be a new one, with a new node ID (its indexes start over:
+                // the watch is reset).
+                *lock(&me) = None;
+                if !news {
+                    continue;
+                }
+                if e.is_retryable() {
+                    tracing::warn!(
+                        state = %e.kind(),
+                        "the reaper cannot read the agent's checks ({e}); no removal until \
+                         it can, retrying with backoff"
+                    );
+                } else {
+                    tracing::error!(
+                        state = %e.kind(),
+                        "the agent refuses the reaper's reads after they had worked ({e}; \
+                         a token deleted, the agent reloaded to HTTPS, a CA rotated?): no \
+                         removal until it answers again, every clock kept; retrying with \
+                         backoff"
+                    );
+                }
+                if tx.send(Msg::Lost(e)).await.is_err() {
+                    return;
+                }
+            }
+            consul_api::Event::Fatal(e) => {
                 let error = Error::Reap {
                     what: format!("follow the agent's checks (its token needs {READ_NEEDS})"),
                     source: e,
@@ -803,58 +842,40 @@ async fn follow(
                 let _ = tx.send(Msg::Fatal(error)).await;
                 return;
             }
-            Err(e) => {
-                // The agent may be a new one, with a new node ID and indexes that start over.
-                me = None;
-                watch.reset();
-                if let Some(kind) = tracker.on_error(&e) {
-                    if e.is_retryable() {
-                        tracing::warn!(
-                            state = %kind,
-                            "the reaper cannot read the agent's checks ({e}); no removal until \
-                             it can, retrying with backoff"
-                        );
-                    } else {
-                        tracing::error!(
-                            state = %kind,
-                            "the agent refuses the reaper's reads after they had worked ({e}; \
-                             a token deleted, the agent reloaded to HTTPS, a CA rotated?): no \
-                             removal until it answers again, every clock kept; retrying with \
-                             backoff"
-                        );
-                    }
-                    if tx.send(Msg::Lost(e)).await.is_err() {
-                        return;
-                    }
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(backoff.next_delay()) => {}
-                    () = tx.closed() => return,
-                }
-            }
         }
     }
 }
 
-/// One answer: who the agent is (once), its node's checks (blocking), its services.
+/// One read: who the agent is (once, cached in `me`), its node's checks (blocking on
+/// `opts`), its services.
 async fn read(
-    api: &dyn AgentApi,
-    watch: &mut Watch,
-    me: &mut Option<(String, String)>,
-) -> consul_api::Result<Observation> {
-    let (node, node_id) = match me {
-        Some(known) => known.clone(),
-        None => me.insert(api.whoami().await?).clone(),
+    api: Arc<dyn AgentApi>,
+    me: Arc<Mutex<Option<(String, String)>>>,
+    opts: QueryOptions,
+) -> consul_api::Result<(Observation, QueryMeta)> {
+    let known = lock(&me).clone();
+    let (node, node_id) = match known {
+        Some(known) => known,
+        None => {
+            let known = api.whoami().await?;
+            lock(&me).insert(known).clone()
+        }
     };
-    let checks = watch.next(|opts| api.node_checks(&node, opts)).await?;
+    let (checks, meta) = api.node_checks(&node, opts).await?;
     let at = Instant::now();
     let services = api.services().await?;
-    Ok(Observation {
+    let obs = Observation {
         at,
         node_id,
         checks,
         services,
-    })
+    };
+    Ok((obs, meta))
+}
+
+/// The lock on who the agent is (a panic while it was held cannot leave it half written).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

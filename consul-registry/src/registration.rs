@@ -25,7 +25,8 @@ use std::{
 };
 
 use consul_api::{
-    AgentServiceRegistration, Backoff, Client, QueryMeta, QueryOptions, Watch, error::ErrorKind,
+    AgentServiceRegistration, Answered, Backoff, Classify, Client, Event, Follow, QueryMeta,
+    QueryOptions, Retried, Retry, Retrying, Watch,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -114,33 +115,34 @@ impl Registrar {
         }
         // The agent's endpoints block on a content hash: the one blocking-query driver, in
         // hash mode. A 404 (the entry is gone) is an answer without a hash: delivered.
-        let mut watch = Watch::hash(QueryOptions::default(), self.watch_wait())
+        let watch = Watch::hash(QueryOptions::default(), self.watch_wait())
             .with_min_interval(MIN_READ_INTERVAL);
-        let mut backoff = self.backoff();
-        let mut errors = ErrorLog::new("watch its registration");
+        // The registration has worked: a 403 now is a late one, retried.
+        let retry = Retry::new(CLASSIFY, self.backoff()).answered_before();
+        let mut follow = Follow::new(watch, retry, |opts: QueryOptions| {
+            let (client, id) = (self.client.clone(), self.id.clone());
+            async move {
+                Ok(match client.agent().service(&id, &opts).await? {
+                    Some((service, meta)) => (Some(service), meta),
+                    None => (None, QueryMeta::default()),
+                })
+            }
+        });
+        const WHAT: &str = "watch its registration";
         loop {
-            let read = watch.next(|opts| {
-                let (client, id) = (self.client.clone(), self.id.clone());
-                async move {
-                    Ok(match client.agent().service(&id, &opts).await? {
-                        Some((service, meta)) => (Some(service), meta),
-                        None => (None, QueryMeta::default()),
-                    })
-                }
-            });
-            let read = tokio::select! {
+            let event = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
-                read = read => read,
+                event = follow.next() => event,
             };
-            match read {
-                Ok(Some(_)) => {
-                    errors.recovered();
-                    backoff.reset();
-                }
-                Ok(None) => {
-                    errors.recovered();
-                    backoff.reset();
-                    watch.reset();
+            match event {
+                Event::Changed {
+                    value, answered, ..
+                } => {
+                    log_recovered(WHAT, answered);
+                    if value.is_some() {
+                        continue;
+                    }
+                    follow.watch_mut().reset();
                     self.registered.store(false, Ordering::SeqCst);
                     tracing::warn!(
                         id = %self.id,
@@ -150,19 +152,11 @@ impl Registrar {
                         return Ok(());
                     }
                 }
-                Err(e) if !e.is_retryable() && !e.is_permission_denied() => {
-                    return Err(self.fatal(e));
-                }
+                // Never refused: no answer is checked for staleness here.
+                Event::Refused { .. } => {}
                 // A retryable error, or a 403 now that the registration has worked.
-                Err(e) => {
-                    watch.reset();
-                    let delay = backoff.next_delay();
-                    errors.retrying(&e, delay);
-                    tokio::select! {
-                        _ = stop.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
+                Event::Unreachable(retrying) => log_retrying(WHAT, &retrying),
+                Event::Fatal(e) => return Err(self.fatal(e)),
             }
         }
     }
@@ -209,12 +203,15 @@ impl Registrar {
     /// refuses for good (an error), or `stop` (`Ok(false)`). Registering again, a 403 is
     /// retried too: the first registration worked, so the token may come back.
     async fn register(&self, stop: &CancellationToken, attempt: Attempt) -> Result<bool> {
-        let mut errors = ErrorLog::new(match attempt {
+        let what = match attempt {
             Attempt::First => "register (is the agent up yet?)",
             Attempt::Again => "register again",
-        });
+        };
         let started = Instant::now();
-        let mut backoff = self.backoff();
+        let mut retry = Retry::new(CLASSIFY, self.backoff());
+        if attempt == Attempt::Again {
+            retry = retry.answered_before();
+        }
         loop {
             self.attempted.store(true, Ordering::SeqCst);
             let agent = self.client.agent();
@@ -222,20 +219,16 @@ impl Registrar {
                 _ = stop.cancelled() => return Ok(false),
                 result = agent.service_register(&self.registration) => result,
             };
-            match result {
+            match result.map_err(|e| retry.failure(e)) {
                 Ok(()) => break,
-                Err(e)
-                    if e.is_retryable()
-                        || (attempt == Attempt::Again && e.is_permission_denied()) =>
-                {
-                    let delay = backoff.next_delay();
-                    errors.retrying(&e, delay);
+                Err(Ok(retrying)) => {
+                    log_retrying(what, &retrying);
                     tokio::select! {
                         _ = stop.cancelled() => return Ok(false),
-                        () = tokio::time::sleep(delay) => {}
+                        () = tokio::time::sleep(retrying.retry_in) => {}
                     }
                 }
-                Err(e) => return Err(self.fatal(e)),
+                Err(Err(e)) => return Err(self.fatal(e)),
             }
         }
         self.registered.store(true, Ordering::SeqCst);
@@ -294,46 +287,34 @@ fn backoff_for(interval: Duration) -> Backoff {
     Backoff::new(Duration::from_millis(50), max)
 }
 
-/// Logs a failure when its kind changes (at warn), repeats at debug, and the recovery once.
-#[derive(Debug)]
-struct ErrorLog {
-    what: &'static str,
-    last: Option<ErrorKind>,
-    failures: u32,
+/// The error policy of registration and of its watch: transient errors are retried; a 403
+/// is fatal until a registration has worked, retried after (the token deleted or rotated, the
+/// agent restarted without it).
+const CLASSIFY: Classify = Classify {
+    before_success: Retried::Transient,
+    after_success: Retried::TransientAndDenied,
+};
+
+/// Log a failure to `what` that is retried: when its kind changes at warn (a late 403 at
+/// error), repeats at debug.
+fn log_retrying(what: &str, r: &Retrying) {
+    let (e, delay) = (&r.error, r.retry_in);
+    if r.news && e.is_permission_denied() {
+        tracing::error!(error = %e, retry_in = ?delay, "Consul refused the ACL token after it had worked (token deleted or rotated? agent restarted?): still serving; cannot {what}, retrying with backoff until the token works again");
+    } else if !r.news {
+        tracing::debug!(error = %e, retry_in = ?delay, failures = r.failures, "Consul: cannot {what} yet, retrying");
+    } else {
+        tracing::warn!(error = %e, retry_in = ?delay, "Consul: cannot {what}, retrying with backoff");
+    }
 }
 
-impl ErrorLog {
-    fn new(what: &'static str) -> Self {
-        ErrorLog {
-            what,
-            last: None,
-            failures: 0,
-        }
-    }
-
-    fn retrying(&mut self, e: &consul_api::Error, delay: Duration) {
-        self.failures += 1;
-        let kind = e.kind();
-        if self.last != Some(kind) && e.is_permission_denied() {
-            tracing::error!(error = %e, retry_in = ?delay, "Consul refused the ACL token after it had worked (token deleted or rotated? agent restarted?): still serving; cannot {}, retrying with backoff until the token works again", self.what);
-            self.last = Some(kind);
-        } else if self.last == Some(kind) {
-            tracing::debug!(error = %e, retry_in = ?delay, failures = self.failures, "Consul: cannot {} yet, retrying", self.what);
-        } else {
-            tracing::warn!(error = %e, retry_in = ?delay, "Consul: cannot {}, retrying with backoff", self.what);
-            self.last = Some(kind);
-        }
-    }
-
-    fn recovered(&mut self) {
-        if self.last.take().is_some() {
-            tracing::info!(
-                failures = self.failures,
-                "Consul answers again ({})",
-                self.what
-            );
-        }
-        self.failures = 0;
+/// Log the recovery once, after failures to `what`.
+fn log_recovered(what: &str, answered: Answered) {
+    if answered.failures > 0 {
+        tracing::info!(
+            failures = answered.failures,
+            "Consul answers again ({what})"
+        );
     }
 }
 
