@@ -498,9 +498,10 @@ fn permanent_message(e: &ConsulError) -> String {
     }
 }
 
-/// Decides when Consul's state changes, so each change is logged (and published) once.
+/// Decides when Consul's state changes, so each change is logged (and published) once
+/// (discovery's tasks and the `consul-reaper` driver's follower use it).
 #[derive(Debug, Default)]
-pub(crate) struct StateTracker {
+pub struct StateTracker {
     state: Option<TrackedState>,
 }
 
@@ -513,7 +514,7 @@ enum TrackedState {
 
 impl StateTracker {
     /// A successful answer: true if Consul was not answering before (or this is the first).
-    pub(crate) fn on_answer(&mut self) -> bool {
+    pub fn on_answer(&mut self) -> bool {
         self.state.replace(TrackedState::Answering) != Some(TrackedState::Answering)
     }
 
@@ -523,7 +524,7 @@ impl StateTracker {
     }
 
     /// A retryable error: its kind if that is a change of state.
-    pub(crate) fn on_error(&mut self, e: &ConsulError) -> Option<ErrorKind> {
+    pub fn on_error(&mut self, e: &ConsulError) -> Option<ErrorKind> {
         let kind = e.kind();
         let next = TrackedState::Failing(kind);
         (self.state.replace(next) != Some(next)).then_some(kind)

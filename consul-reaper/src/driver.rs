@@ -5,15 +5,15 @@
 //! after its check turned critical (neither value is settable).
 //!
 //! * **Opting in.** A service asks with the Meta key [`META_KEY`] (`reap-after`), a Go
-//!   duration above zero (`5s`, `1m30s`): [`opt_in`] sets it. The check's own
+//!   duration above zero (`5s`, `1m30s`): [`opt_in`](consul_registry::reap_meta::opt_in) sets it. The check's own
 //!   `DeregisterCriticalServiceAfter` cannot be used: Consul 1.8 does not return it (the
 //!   check's `Definition` comes back empty). Keep `DeregisterCriticalServiceAfter` as well if
 //!   Consul's own reaper should still remove the service (60 to 90 s later) while no reaper
 //!   runs. A service without the key is never touched; one with an invalid value is reported
-//!   once ([`Notice::InvalidSetting`]) and never touched. [`opt_in`] also sets [`START_KEY`]
+//!   once ([`Notice::InvalidSetting`]) and never touched. `opt_in` also sets [`START_KEY`]
 //!   (`reap-start`), a value of its own to each start of the service's process
-//!   ([`Registrar`](crate::Registrar) and [`Registration`](crate::Registration) give each of
-//!   their starts a new one): how the reaper tells a process that came back from the one that
+//!   ([`Registrar`](consul_registry::Registrar) and
+//!   [`Registration`](consul_registry::Registration) give each of their starts a new one): how the reaper tells a process that came back from the one that
 //!   died (below).
 //! * **What it follows.** `GET /v1/health/node/<the agent's node>` by blocking query (the one
 //!   [`Watch`]): the catalog's copy of the agent's checks, which the agent updates at every
@@ -72,8 +72,12 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use consul_api::{
-    AgentService, AgentServiceRegistration, Client, GoDuration, HealthCheck, HealthStatus,
-    QueryMeta, QueryOptions, Watch,
+    AgentService, Client, GoDuration, HealthCheck, HealthStatus, QueryMeta, QueryOptions, Watch,
+};
+use consul_registry::{
+    backoff::Backoff,
+    discovery::StateTracker,
+    reap_meta::{META_KEY, START_KEY},
 };
 use futures::future::BoxFuture;
 use tokio::{
@@ -82,18 +86,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    backoff::Backoff,
-    discovery::StateTracker,
-    error::{Error, Result},
-};
-
-/// The Meta key a service opts in with: how long its check may stay critical, a Go duration.
-pub const META_KEY: &str = "reap-after";
-
-/// The Meta key that tells one start of a service's process from another: a value of its own
-/// to each start ([`opt_in`] sets it). A new one starts the reaper's clock over.
-pub const START_KEY: &str = "reap-start";
+use crate::error::{Error, Result};
 
 /// The reaper's log line for a removal (tests and the testbed look for it).
 pub const REMOVED: &str = "deregistered the service";
@@ -112,25 +105,6 @@ const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Reads start at least this far apart (the [`Watch`] default of 20 ms would date a change
 /// that follows another closely up to 20 ms late).
 const MIN_INTERVAL: Duration = Duration::from_millis(2);
-
-/// Opt `registration` in: the reaper removes it once its check has been critical for `after`.
-/// Also gives it a new [`START_KEY`] value: call it (or register through a
-/// [`Registrar`](crate::Registrar), which does the same) once per start of the process.
-pub fn opt_in(registration: &mut AgentServiceRegistration, after: Duration) {
-    registration
-        .meta
-        .insert(META_KEY.to_owned(), GoDuration(after).to_string());
-    restart(registration);
-}
-
-/// A new [`START_KEY`] value for a registration that opted in (with [`META_KEY`]); others are
-/// left as they are.
-pub(crate) fn restart(registration: &mut AgentServiceRegistration) {
-    if registration.meta.contains_key(META_KEY) {
-        let start = format!("{:016x}", rand::random::<u64>());
-        registration.meta.insert(START_KEY.to_owned(), start);
-    }
-}
 
 /// One answer about the agent: what [`Reaper::observe`] takes.
 #[derive(Debug, Clone)]
@@ -1236,27 +1210,6 @@ mod tests {
             ],
         ));
         assert_eq!(reaper.next_deadline(), Some(scene.at(13.0)));
-    }
-
-    #[test]
-    fn opt_in_sets_the_meta_key() {
-        let mut registration = AgentServiceRegistration {
-            name: "web".into(),
-            ..Default::default()
-        };
-        opt_in(&mut registration, Duration::from_millis(1500));
-        assert_eq!(
-            registration.meta.get(META_KEY).map(String::as_str),
-            Some("1.5s")
-        );
-        // A start value of its own to each start.
-        let first = registration.meta.get(START_KEY).cloned();
-        assert!(first.as_ref().is_some_and(|s| s.len() == 16), "{first:?}");
-        restart(&mut registration);
-        assert_ne!(registration.meta.get(START_KEY), first.as_ref());
-        let mut plain = AgentServiceRegistration::default();
-        restart(&mut plain);
-        assert!(plain.meta.is_empty(), "not opted in: left alone");
     }
 
     // The driver, over a scripted agent, in paused time.
