@@ -4,7 +4,7 @@
 //! `tokio::io::copy` (8 KiB, reading ahead while a write waits), `raw-buf-twin` is a second
 //! `raw-buf` (the control: its ratio to `raw-buf`, measured the same way as echo-server's, is
 //! how far two identical servers read apart in this run). All four run in this
-//! process on one runtime of their own ([`benches::rig`]: threads `servers`, multi-threaded,
+//! process on one runtime of their own ([`benches::lineup`]: threads `servers`, multi-threaded,
 //! one worker per CPU, as the echo-server binary runs; `echo-probe` drives the same servers
 //! without criterion, for profiles). Both measure the servers in alternation, not one
 //! after the other, so a drift of the machine's load falls on all alike and the ratios
@@ -36,9 +36,10 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use benches::{
-    harness, report,
+    harness,
+    lineup::{self, Lineup},
+    report,
     results::{MEASURED, Recorder, RunInfo},
-    rig::{self, EchoRig},
     spread,
     traffic::{self, Message},
 };
@@ -57,7 +58,7 @@ fn echo(c: &mut Criterion) {
     let rt = harness::runtime().expect("the client runtime");
     // The largest message is exactly 64 KiB, the codec's default limit; set it explicitly so
     // a change of default cannot make the 64 KiB benches measure error lines.
-    let servers_rig = EchoRig::start(SIZES[2].0).expect("start the servers");
+    let servers_rig = Lineup::start(SIZES[2].0).expect("start the servers");
     let servers = servers_rig.servers();
     let rig = &servers_rig;
 
@@ -297,7 +298,7 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
 fn configure_interleaved(group: &mut BenchmarkGroup<'_, WallTime>) {
     configure(group);
     group
-        .measurement_time(Duration::from_millis(rig::SERVERS.len() as u64 * 1200))
+        .measurement_time(Duration::from_millis(lineup::SERVERS.len() as u64 * 1200))
         .sampling_mode(SamplingMode::Flat);
 }
 
@@ -322,7 +323,7 @@ struct Turns {
 
 /// `n` connections to each of `servers`, in their order.
 async fn connect_each(
-    servers: [(&'static str, SocketAddr); rig::SERVERS.len()],
+    servers: [(&'static str, SocketAddr); lineup::SERVERS.len()],
     n: usize,
 ) -> benches::Result<Vec<Conns>> {
     let mut all = Vec::with_capacity(servers.len());

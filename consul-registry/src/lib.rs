@@ -20,7 +20,7 @@
 //!   queries, the agent's list, a prepared query, or DNS SRV records;
 //! * [`failover`] — failover across datacenters: one discovery per datacenter, the first
 //!   that lists an instance wins;
-//! * [`discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
+//! * [`tower_discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
 //! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
 //!   ejection with a cooldown);
 //! * [`reap_meta`] — the Meta keys (`reap-after`, `reap-start`) a service opts in to the
@@ -86,7 +86,6 @@ pub use consul_api::backoff;
 pub mod balancer;
 pub mod check;
 pub mod decode;
-pub mod discover;
 pub mod discovery;
 pub mod error;
 pub mod failover;
@@ -94,6 +93,7 @@ pub mod reap_meta;
 pub mod registration;
 pub mod shed;
 pub mod source;
+pub mod tower_discover;
 pub mod ttl;
 
 pub use balancer::{Balancer, Strategy};

@@ -1,5 +1,5 @@
 //! `echo-probe`: a fixed amount of the `echo` bench's traffic through the bench's servers
-//! ([`benches::rig`]), without criterion, so the run can be profiled and its instructions
+//! ([`benches::lineup`]), without criterion, so the run can be profiled and its instructions
 //! counted (`perf record`, `valgrind --tool=callgrind`): the same messages through each
 //! server, the same runtimes, the same client. Prints, per server, the messages per second
 //! and the CPU time per message of the servers' threads and of the client's. With
@@ -17,8 +17,8 @@ use std::{process::ExitCode, sync::Arc, time::Instant};
 use anyhow::{Context, bail};
 use benches::{
     harness,
+    lineup::{Lineup, SERVERS},
     results::Summary,
-    rig::{EchoRig, SERVERS},
     traffic::{self, Message},
 };
 use clap::Parser;
@@ -82,7 +82,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.servers.clone()
     };
-    let rig = EchoRig::start(args.size.max(echo_server::codec::DEFAULT_MAX_FRAME))
+    let rig = Lineup::start(args.size.max(echo_server::codec::DEFAULT_MAX_FRAME))
         .context("start the servers")?;
     let client = harness::runtime().context("the client runtime")?;
     let message = Arc::new(Message::new(args.size));
@@ -150,7 +150,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// The latency bench's traffic through `servers` in alternation; prints each one's round trips.
 fn interleaved(
     args: &Args,
-    rig: &EchoRig,
+    rig: &Lineup,
     client: &tokio::runtime::Runtime,
     servers: &[String],
     message: &Arc<Message>,
