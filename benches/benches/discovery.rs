@@ -20,9 +20,10 @@ use std::{
 };
 
 use benches::{
-    Result, harness,
+    Result,
+    consul_view::{self, Observer},
+    harness,
     harness::SharedConsul,
-    observe::{self, Observer},
     results::{MEASURED, Recorder, RunInfo},
     servers::ServerThread,
 };
@@ -50,7 +51,7 @@ impl Rig {
     async fn start(consul: &Consul) -> Result<Rig> {
         let client = EchoClient::start(ClientConfig::new(consul.config(), SERVICE))?;
         let view = client.discovery();
-        observe::view_until(&view, "Consul's first answer", WAIT, |s| {
+        consul_view::view_until(&view, "Consul's first answer", WAIT, |s| {
             s.consul == ConsulState::Reachable
         })
         .await?;
@@ -78,13 +79,13 @@ impl Rig {
             consul: self.consul.clone(),
             ..Config::local()
         };
-        let listed = |instances: &[echo_client::Instance]| observe::lists_id(instances, &id);
+        let listed = |instances: &[echo_client::Instance]| consul_view::lists_id(instances, &id);
         let started = Instant::now();
         let (server, seen, viewed) = tokio::join!(
             ServerThread::start(config),
             self.observer.until(&id, WAIT, listed),
-            observe::view_until(&self.view, &id, WAIT, |s| {
-                observe::lists_id(&s.instances, &id)
+            consul_view::view_until(&self.view, &id, WAIT, |s| {
+                consul_view::lists_id(&s.instances, &id)
             }),
         );
         let (server, seen, viewed) = (server?, seen?.at, viewed?);
@@ -105,12 +106,12 @@ impl Rig {
 
         // Untimed: deregister, and wait until neither view lists it.
         server.shutdown().await?;
-        let gone = |instances: &[echo_client::Instance]| !observe::lists_id(instances, &id);
+        let gone = |instances: &[echo_client::Instance]| !consul_view::lists_id(instances, &id);
         self.observer
             .until(&format!("{id} gone"), WAIT, gone)
             .await?;
-        observe::view_until(&self.view, &format!("{id} gone"), WAIT, |s| {
-            !observe::lists_id(&s.instances, &id)
+        consul_view::view_until(&self.view, &format!("{id} gone"), WAIT, |s| {
+            !consul_view::lists_id(&s.instances, &id)
         })
         .await?;
         Ok(Duration::from_nanos(measured.max(1.0) as u64))

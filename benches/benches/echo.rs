@@ -42,7 +42,7 @@ use std::{
 use benches::{
     harness, report,
     results::{MEASURED, Recorder, RunInfo},
-    rig::{self, EchoRig},
+    lineup::{self, Lineup},
     spread,
     traffic::{self, Message},
 };
@@ -56,7 +56,7 @@ const SAMPLES: usize = 20;
 type Conns = Vec<traffic::SharedConn>;
 
 /// The rig's servers and their addresses, in the rig's order.
-type Servers = [(&'static str, SocketAddr); rig::SERVERS.len()];
+type Servers = [(&'static str, SocketAddr); lineup::SERVERS.len()];
 
 /// Where echo-server, the fair baseline and the twin sit in the rig's order.
 #[derive(Debug, Clone, Copy)]
@@ -72,7 +72,7 @@ fn echo(c: &mut Criterion) {
     let rt = harness::runtime().expect("the client runtime");
     // The largest message is exactly 64 KiB, the codec's default limit; set it explicitly so
     // a change of default cannot make the 64 KiB benches measure error lines.
-    let servers_rig = EchoRig::start(SIZES[2].0).expect("start the servers");
+    let servers_rig = Lineup::start(SIZES[2].0).expect("start the servers");
     let servers = servers_rig.servers();
     let index = |name: &str| {
         servers
@@ -154,7 +154,7 @@ fn bench_connected(
 fn throughput(
     group: &mut BenchmarkGroup<'_, WallTime>,
     rt: &Runtime,
-    rig: &EchoRig,
+    rig: &Lineup,
     at: At,
     size: usize,
     label: &str,
@@ -327,7 +327,7 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
 fn configure_interleaved(group: &mut BenchmarkGroup<'_, WallTime>) {
     configure(group);
     group
-        .measurement_time(Duration::from_millis(rig::SERVERS.len() as u64 * 1200))
+        .measurement_time(Duration::from_millis(lineup::SERVERS.len() as u64 * 1200))
         .sampling_mode(SamplingMode::Flat);
 }
 

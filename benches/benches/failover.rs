@@ -30,7 +30,7 @@ use std::{
 use benches::{
     Error, Result, harness,
     harness::SharedConsul,
-    observe::{self, Observer},
+    consul_view::{self, Observer},
     results::{MEASURED, Recorder, RunInfo},
     servers::ServerThread,
     traffic::{self, CloseProbe, Message, Streamer},
@@ -423,8 +423,8 @@ impl ProcessRig {
 
     async fn listed(view: &watch::Receiver<Snapshot>, server: &ServerProcess) -> Result<Instant> {
         let (id, port) = (server.spec.id.clone(), server.spec.port);
-        observe::view_until(view, &format!("{id} on port {port}"), WAIT, |s| {
-            observe::lists_at(&s.instances, &id, port)
+        consul_view::view_until(view, &format!("{id} on port {port}"), WAIT, |s| {
+            consul_view::lists_at(&s.instances, &id, port)
         })
         .await
     }
@@ -524,10 +524,10 @@ struct UnhealthyRig {
 impl UnhealthyRig {
     /// Until Consul and the client's view list both instances.
     async fn both_listed(&self) -> Result<()> {
-        let both = |instances: &[Instance]| IDS.iter().all(|id| observe::lists_id(instances, id));
+        let both = |instances: &[Instance]| IDS.iter().all(|id| consul_view::lists_id(instances, id));
         self.observer.until("a and b", WAIT, both).await?;
-        observe::view_until(&self.view, "a and b", WAIT, |s| {
-            IDS.iter().all(|id| observe::lists_id(&s.instances, id))
+        consul_view::view_until(&self.view, "a and b", WAIT, |s| {
+            IDS.iter().all(|id| consul_view::lists_id(&s.instances, id))
         })
         .await?;
         Ok(())
@@ -590,12 +590,12 @@ impl Rig for UnhealthyRig {
 
         let failed = Instant::now();
         health.set_healthy(false);
-        let gone = |instances: &[Instance]| !observe::lists_id(instances, &victim.id);
+        let gone = |instances: &[Instance]| !consul_view::lists_id(instances, &victim.id);
         let what = format!("{} gone", victim.id);
         let (seen, viewed, replied) = tokio::join!(
             self.observer.until(&what, WAIT, gone),
-            observe::view_until(&self.view, &what, WAIT, |s| {
-                !observe::lists_id(&s.instances, &victim.id)
+            consul_view::view_until(&self.view, &what, WAIT, |s| {
+                !consul_view::lists_id(&s.instances, &victim.id)
             }),
             self.streamer.reply_from_other_than(&victim.id, WAIT),
         );

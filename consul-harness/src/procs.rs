@@ -88,14 +88,21 @@ fn child_log_filter() -> String {
     match std::env::var("RUST_LOG") {
         Ok(user) if !user.trim().is_empty() => {
             let mut filter = user;
-            for target in ["echo_server", "echo_client", "consul_registry"] {
+            for target in [
+                "echo_server",
+                "echo_client",
+                "consul_registry",
+                "consul_reaper",
+            ] {
                 if !filter.contains(target) {
                     filter.push_str(&format!(",{target}=info"));
                 }
             }
             filter
         }
-        _ => "warn,echo_server=info,echo_client=info,consul_registry=info".into(),
+        _ => {
+            "warn,echo_server=info,echo_client=info,consul_registry=info,consul_reaper=info".into()
+        }
     }
 }
 

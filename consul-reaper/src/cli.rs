@@ -3,9 +3,10 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use consul_api::{Client, GoDuration};
-use consul_registry::reaper::{self, Event, META_KEY, ReaperConfig};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+
+use crate::{Event, META_KEY, ReaperConfig, driver};
 
 /// Deregister this agent's services once their check has been critical for as long as each
 /// asks in its Meta `reap-after` (a Go duration: 5s, 1m30s), to the millisecond. Consul's own
@@ -61,7 +62,7 @@ pub async fn run(args: Args) -> Result<()> {
         meta_key: args.meta_key,
     };
     tracing::info!(meta_key = %config.meta_key, "consul-reaper starting");
-    reaper::run(client, config, stop, |event| {
+    driver::run(client, config, stop, |event| {
         if let Event::Observed { tracked, critical } = event {
             tracing::debug!(tracked, critical, "agent's checks changed");
         }

@@ -39,17 +39,6 @@ pub enum Error {
         reason: String,
     },
 
-    /// The reaper may not do what it must: `what` names the action and the permission its
-    /// token lacks (Consul's 403 is the source).
-    #[error("the reaper cannot {what}")]
-    Reap {
-        /// The action, and what the token needs for it.
-        what: String,
-        /// Consul's answer.
-        #[source]
-        source: consul_api::Error,
-    },
-
     /// Consul refused the token a TTL heartbeat updates its check with, before any update
     /// was accepted.
     #[error("cannot update TTL check {check_id:?}")]
@@ -68,8 +57,7 @@ impl Error {
         match self {
             Error::Register { source, .. }
             | Error::Heartbeat { source, .. }
-            | Error::Maintenance { source, .. }
-            | Error::Reap { source, .. } => Some(source),
+            | Error::Maintenance { source, .. } => Some(source),
             Error::Discovery { .. } | Error::Task(_) => None,
         }
     }

@@ -20,13 +20,12 @@
 //!   queries, the agent's list, a prepared query, or DNS SRV records;
 //! * [`failover`] — failover across datacenters: one discovery per datacenter, the first
 //!   that lists an instance wins;
-//! * [`discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
+//! * [`tower_discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
 //! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
 //!   ejection with a cooldown);
-//! * [`reaper`] — [`reaper::run`]: an opt-in sidecar reaper that deregisters a service of
-//!   its agent once its check has been critical for the service's `reap-after` Meta, to the
-//!   millisecond (Consul's own `DeregisterCriticalServiceAfter` has a 1 m floor and a 30 s
-//!   grid); [`Reaper`] is its pure state machine;
+//! * [`reap_meta`] — the Meta keys (`reap-after`, `reap-start`) a service opts in to the
+//!   `consul-reaper` sidecar with, and [`reap_meta::opt_in`], which sets them (the registrar
+//!   gives each start of an opted-in registration a new `reap-start`);
 //! * [`config`] (feature `config`, on by default) — live configuration from Consul's KV
 //!   store: a typed configuration from a key or a prefix, followed with blocking queries,
 //!   each change validated before it is applied, the last good kept otherwise;
@@ -92,21 +91,20 @@ pub mod check;
 #[cfg(feature = "config")]
 pub mod config;
 pub mod decode;
-pub mod discover;
 pub mod discovery;
 pub mod error;
 pub mod failover;
-pub mod reaper;
+pub mod reap_meta;
 pub mod registration;
 pub mod shed;
 pub mod source;
+pub mod tower_discover;
 pub mod ttl;
 
 pub use balancer::{Balancer, Strategy};
 pub use check::{CheckStatus, Health};
 pub use discovery::{ConsulState, DiscoveryConfig, Instance, Snapshot};
 pub use error::{Error, Result};
-pub use reaper::Reaper;
 pub use registration::{Registrar, Registration};
 pub use source::Source;
 pub use ttl::Heartbeat;

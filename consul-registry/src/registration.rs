@@ -8,13 +8,13 @@
 //! agent restarted without it) it is logged at error level and retried with backoff while
 //! the server keeps serving.
 //!
-//! **Against the reaper** ([`reaper`](crate::reaper)): a service that opted in (Meta
-//! `reap-after`) gets a new Meta `reap-start` from each [`Registrar::new`], so the reaper
-//! tells this start of the process from a crashed one with the same ID, and starts its clock
-//! over. The registrar wins: a service the reaper removed while the process lives (its check
-//! forced unhealthy or hung) is registered again like any other loss, with the same
-//! `reap-start`; the reaper recognises it and leaves it alone until its check passes, so there
-//! is one removal per critical spell, not one every `reap-after`.
+//! **Against the reaper** (the `consul-reaper` sidecar): a service that opted in (Meta
+//! `reap-after`, see [`reap_meta`](crate::reap_meta)) gets a new Meta `reap-start` from each
+//! [`Registrar::new`], so the reaper tells this start of the process from a crashed one with
+//! the same ID, and starts its clock over. The registrar wins: a service the reaper removed
+//! while the process lives (its check forced unhealthy or hung) is registered again like any
+//! other loss, with the same `reap-start`; the reaper recognises it and leaves it alone until
+//! its check passes, so there is one removal per critical spell, not one every `reap-after`.
 
 use std::{
     sync::{
@@ -74,7 +74,7 @@ impl Registrar {
         mut registration: AgentServiceRegistration,
         interval: Duration,
     ) -> Self {
-        crate::reaper::restart(&mut registration);
+        crate::reap_meta::restart(&mut registration);
         let id = registration
             .id
             .clone()

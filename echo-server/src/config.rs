@@ -40,7 +40,7 @@ pub struct Config {
     pub timeout: Duration,
     /// `DeregisterCriticalServiceAfter` (Consul clamps it to at least 1m).
     pub deregister_after: Duration,
-    /// Meta `reap-after` (see `consul_registry::reaper`): opts in to the reaper sidecar.
+    /// Meta `reap-after` (see `consul_registry::reap_meta`): opts in to the reaper sidecar.
     pub reap_after: Option<Duration>,
     /// Largest frame accepted, in bytes, the newline not counted.
     pub max_frame: usize,
@@ -194,7 +194,7 @@ impl Config {
             checks: Vec::new(),
         };
         if let Some(after) = self.reap_after {
-            consul_registry::reaper::opt_in(&mut registration, after);
+            consul_registry::reap_meta::opt_in(&mut registration, after);
         }
         registration
     }

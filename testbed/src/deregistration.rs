@@ -375,7 +375,7 @@ pub async fn run(
         // Its log line for the last removal may trail the catalog by a moment; a twin whose
         // line never comes is reported as removed by Consul.
         let twins = plans.iter().filter(|p| p.twin).count();
-        let removed = consul_registry::reaper::REMOVED;
+        let removed = consul_reaper::REMOVED;
         let _ = p
             .output()
             .wait_for_count(0, removed, twins, Duration::from_secs(2))

@@ -49,7 +49,8 @@ async fn main() -> ExitCode {
         tracing_subscriber::EnvFilter::new("warn")
     } else {
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            "warn,testbed=info,echo_server=info,echo_client=info,consul_registry=info".into()
+            "warn,testbed=info,echo_server=info,echo_client=info,consul_registry=info,consul_reaper=info"
+                .into()
         })
     };
     tracing_subscriber::fmt()

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use consul_api::GoDuration;
-use consul_registry::reaper::{FOLLOWING, REMOVED};
+use consul_reaper::{FOLLOWING, REMOVED};
 use serde::Serialize;
 
 use crate::{
@@ -220,7 +220,7 @@ mod tests {
     fn removals_are_read_from_the_reaper_log() {
         let log = LogBuffer::new();
         log.push_line(
-            "INFO consul_registry::reaper: check critical for its reap-after; deregistered the service service=reap-5s-t1 after=5s late_ms=0",
+            "INFO consul_reaper::driver: check critical for its reap-after; deregistered the service service=reap-5s-t1 after=5s late_ms=0",
         );
         assert!(removed_by_reaper(&log, "reap-5s-t1"));
         assert!(!removed_by_reaper(&log, "reap-5s-t10"));

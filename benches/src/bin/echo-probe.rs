@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use benches::{
     harness, report,
     results::Summary,
-    rig::{EchoRig, SERVERS},
+    lineup::{Lineup, SERVERS},
     traffic::{self, Message},
 };
 use clap::Parser;
@@ -82,7 +82,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.servers.clone()
     };
-    let rig = EchoRig::start(args.size.max(echo_server::codec::DEFAULT_MAX_FRAME))
+    let rig = Lineup::start(args.size.max(echo_server::codec::DEFAULT_MAX_FRAME))
         .context("start the servers")?;
     let client = harness::runtime().context("the client runtime")?;
     let message = Arc::new(Message::new(args.size));
@@ -150,7 +150,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// The latency bench's traffic through `servers` in alternation; prints each one's round trips.
 fn interleaved(
     args: &Args,
-    rig: &EchoRig,
+    rig: &Lineup,
     client: &tokio::runtime::Runtime,
     servers: &[String],
     message: &Arc<Message>,

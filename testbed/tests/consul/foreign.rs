@@ -9,10 +9,8 @@ use std::{collections::BTreeMap, time::Duration};
 use consul_api::{
     AgentServiceCheck, AgentServiceRegistration, Client, GoDuration, HealthStatus, QueryOptions,
 };
-use consul_registry::{
-    ConsulState, DiscoveryConfig, Source, discovery,
-    reaper::{self, META_KEY, ReaperConfig},
-};
+use consul_reaper::{META_KEY, ReaperConfig};
+use consul_registry::{ConsulState, DiscoveryConfig, Source, discovery};
 use testbed::{Consul, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -190,7 +188,7 @@ async fn the_reaper_survives_foreign_data_and_removes_a_dead_service() {
             .unwrap();
     }
     let stop = CancellationToken::new();
-    let task = tokio::spawn(reaper::run(
+    let task = tokio::spawn(consul_reaper::run(
         client.clone(),
         ReaperConfig::default(),
         stop.clone(),

@@ -1,4 +1,4 @@
-//! The opt-in reaper (`consul_registry::reaper`, the `consul-reaper` sidecar) against real
+//! The opt-in reaper (the `consul_reaper` library and sidecar) against real
 //! Consul: removal at the service's `reap-after`, never before it and at most 1 s after here,
 //! where every test runs in parallel on a loaded machine (the experiment measures the 50 ms);
 //! a check that recovers resets its clock, a flapping check is never removed, the reaper
@@ -13,9 +13,7 @@ use consul_api::{
     AgentServiceCheck, AgentServiceRegistration, Client, GoDuration, HealthCheck, HealthStatus,
     QueryOptions, health::HealthCheckDefinition,
 };
-use consul_registry::reaper::{
-    self, Event, FOLLOWING, META_KEY, Notice, REMOVED, ReaperConfig, START_KEY,
-};
+use consul_reaper::{Event, FOLLOWING, META_KEY, Notice, REMOVED, ReaperConfig, START_KEY};
 use testbed::{
     Consul, ConsulOptions,
     faults::acl,
@@ -96,14 +94,14 @@ struct InProcess {
     events: mpsc::UnboundedReceiver<Event>,
     seen: Vec<Event>,
     stop: CancellationToken,
-    task: JoinHandle<consul_registry::Result<()>>,
+    task: JoinHandle<consul_reaper::Result<()>>,
 }
 
 impl InProcess {
     fn start(client: Client) -> InProcess {
         let (tx, events) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(reaper::run(
+        let task = tokio::spawn(consul_reaper::run(
             client,
             ReaperConfig::default(),
             stop.clone(),
@@ -377,7 +375,7 @@ async fn with_acls_a_token_without_service_write_is_refused_once_with_the_hint()
         |token: Option<String>| Client::new(consul.config().with_token(token)).unwrap();
 
     // No token at all: it cannot even follow, and says what the token needs.
-    let anonymous = reaper::run(
+    let anonymous = consul_reaper::run(
         with_token(None),
         ReaperConfig::default(),
         CancellationToken::new(),
@@ -466,13 +464,13 @@ async fn a_process_that_comes_back_with_the_same_id_gets_a_new_clock() {
     // The run behind issue 31: reap-after 6 s; the process crashes (critical), and comes back
     // with the same ID 4 s later, still critical until its check next runs.
     let mut crashed = ttl_service("phoenix", None, HealthStatus::Critical);
-    reaper::opt_in(&mut crashed, Duration::from_secs(6));
+    consul_reaper::opt_in(&mut crashed, Duration::from_secs(6));
     register(&client, &crashed).await;
     reaper.until(tracking(1)).await;
     let before = node_check(&client, "phoenix").await;
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut came_back = crashed.clone();
-    reaper::opt_in(&mut came_back, Duration::from_secs(6));
+    consul_reaper::opt_in(&mut came_back, Duration::from_secs(6));
     assert_ne!(came_back.meta.get(START_KEY), crashed.meta.get(START_KEY));
     let phoenix = gone(&client, "phoenix", LIMIT);
     let again_at = register(&client, &came_back).await;

@@ -31,7 +31,7 @@ pub const SERVERS: [&str; 4] = ["echo-server", "raw-buf", "raw-buf-twin", "raw-c
 
 /// The servers running; see the module documentation. Dropping it stops them.
 #[derive(Debug)]
-pub struct EchoRig {
+pub struct Lineup {
     runtime: Runtime,
     echo_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
@@ -41,10 +41,10 @@ pub struct EchoRig {
     twin: RawEcho,
 }
 
-impl EchoRig {
+impl Lineup {
     /// Start the servers; the echo-server takes frames of up to `max_frame` bytes.
     /// Call it outside any runtime (it builds and blocks on its own).
-    pub fn start(max_frame: usize) -> Result<EchoRig> {
+    pub fn start(max_frame: usize) -> Result<Lineup> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .thread_name(SERVER_THREADS)
@@ -68,7 +68,7 @@ impl EchoRig {
             runtime.handle(),
             Copier::Buffer(echo_server::server::READ_CHUNK),
         ))?;
-        Ok(EchoRig {
+        Ok(Lineup {
             runtime,
             echo_addr,
             stop: Some(stop),

@@ -9,14 +9,14 @@
 //! yields its error once, then ends.
 //!
 //! ```
-//! use consul_registry::{Instance, Snapshot, discover};
+//! use consul_registry::{Instance, Snapshot, tower_discover};
 //! use futures::StreamExt;
 //! use tower::discover::Change;
 //!
 //! # tokio_test_block_on(async {
 //! let (publish, snapshots) = tokio::sync::watch::channel(Snapshot::starting());
 //! // The "service" of each instance is just its address here; a real stack builds a client.
-//! let mut changes = discover::changes(snapshots, |i: &Instance| i.address());
+//! let mut changes = tower_discover::changes(snapshots, |i: &Instance| i.address());
 //! publish.send(Snapshot::fixed(vec![Instance::new("web-1", "127.0.0.1", 8080)])).unwrap();
 //! match changes.next().await {
 //!     Some(Ok(Change::Insert(key, address))) => assert_eq!((key.id.as_str(), address.as_str()), ("web-1", "127.0.0.1:8080")),
