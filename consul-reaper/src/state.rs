@@ -317,8 +317,11 @@ impl Reaper {
                     .removed
                     .get(&id)
                     .is_some_and(|gone| start.as_deref() == Some(gone.start.as_str()));
-            if spell.is_none() {
-                // Passing (or warning): its next critical spell is reaped again.
+            // Passing (or warning): its next critical spell is reaped again. A service listed
+            // with no check yet (registered again, its check not in the catalog yet) has
+            // shown no health: its removal is remembered.
+            let has_checks = self.checks.values().any(|t| t.service_id == id);
+            if spell.is_none() && has_checks {
                 self.removed.remove(&id);
             }
             let target = self.targets.entry(id.clone()).or_insert(Target {

@@ -331,6 +331,32 @@ fn a_service_its_own_process_brings_back_is_removed_once_per_critical_spell() {
 }
 
 #[test]
+fn a_service_brought_back_and_listed_before_its_check_is_still_yielded() {
+    // The registrar registers it again; the reaper's next read lists the service in the
+    // agent before its check reached the catalog (seen on a loaded machine): no check is no
+    // proof of health, so the removal is not forgotten and the service is not removed again.
+    let mut scene = Scene::new(&[("web-1", Some("2s"))]);
+    scene.started("web-1", "alive");
+    let mut reaper = Reaper::default();
+    let critical = |create_index| HealthCheck {
+        create_index,
+        ..check("web-1", HealthStatus::Critical)
+    };
+    reaper.observe(&scene.obs(0.0, vec![critical(10)]));
+    assert_eq!(ids(&reaper.due(scene.at(2.0))), ["web-1"]);
+    reaper.finished("web-1", Outcome::Removed);
+    reaper.observe(&scene.obs(2.01, vec![]));
+    let notices = reaper.observe(&scene.obs(2.05, vec![critical(20)]));
+    assert_eq!(
+        notices,
+        [Notice::Yielded {
+            service_id: "web-1".into()
+        }]
+    );
+    assert!(reaper.due(scene.at(10.0)).is_empty(), "removed again");
+}
+
+#[test]
 fn a_removal_is_forgotten_ten_minutes_after_its_service_is_gone() {
     let mut scene = Scene::new(&[("web-1", Some("5s"))]);
     scene.started("web-1", "alive");
