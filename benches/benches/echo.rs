@@ -40,9 +40,10 @@ use std::{
 };
 
 use benches::{
-    harness, report,
-    results::{MEASURED, Recorder, RunInfo},
+    harness,
     lineup::{self, Lineup},
+    report,
+    results::{MEASURED, Recorder, RunInfo},
     spread,
     traffic::{self, Message},
 };

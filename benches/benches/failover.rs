@@ -28,9 +28,10 @@ use std::{
 };
 
 use benches::{
-    Error, Result, harness,
-    harness::SharedConsul,
+    Error, Result,
     consul_view::{self, Observer},
+    harness,
+    harness::SharedConsul,
     results::{MEASURED, Recorder, RunInfo},
     servers::ServerThread,
     traffic::{self, CloseProbe, Message, Streamer},
@@ -524,7 +525,8 @@ struct UnhealthyRig {
 impl UnhealthyRig {
     /// Until Consul and the client's view list both instances.
     async fn both_listed(&self) -> Result<()> {
-        let both = |instances: &[Instance]| IDS.iter().all(|id| consul_view::lists_id(instances, id));
+        let both =
+            |instances: &[Instance]| IDS.iter().all(|id| consul_view::lists_id(instances, id));
         self.observer.until("a and b", WAIT, both).await?;
         consul_view::view_until(&self.view, "a and b", WAIT, |s| {
             IDS.iter().all(|id| consul_view::lists_id(&s.instances, id))

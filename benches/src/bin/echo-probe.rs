@@ -16,9 +16,10 @@ use std::{process::ExitCode, sync::Arc, time::Instant};
 
 use anyhow::{Context, bail};
 use benches::{
-    harness, report,
-    results::Summary,
+    harness,
     lineup::{Lineup, SERVERS},
+    report,
+    results::Summary,
     traffic::{self, Message},
 };
 use clap::Parser;
