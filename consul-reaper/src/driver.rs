@@ -305,8 +305,8 @@ fn log_notice(notice: &Notice) {
         Notice::Yielded { service_id } => tracing::warn!(
             service = %service_id,
             "registered again by its own process (the same {START_KEY}) after the reaper removed \
-             it: the process is alive and its registrar wins; left alone until its check passes \
-             or it starts over"
+             it: the process is alive and its registrar wins; this start is left alone until it \
+             starts over"
         ),
     }
 }

@@ -40,10 +40,12 @@
 //!   (forced unhealthy, a hung `/check`) is removed once, at `reap-after`; its registrar then
 //!   registers it again within milliseconds. Its registrar wins: the service is back with the
 //!   same `reap-start`, so the process the reaper took for dead is alive, and the reaper
-//!   leaves it alone ([`Notice::Yielded`], once) until its check passes (its next
-//!   critical spell is reaped again) or it starts over with a new `reap-start`. One removal per
-//!   critical spell, never one every `reap-after`; critical, it stays out of every passing set
-//!   meanwhile. A removed service without `reap-start` that comes back is a new instance to
+//!   leaves that start alone ([`Notice::Yielded`], once per critical spell) for as long as it
+//!   is listed, until it starts over with a new `reap-start`: removing a live process's entry
+//!   again would only be undone again. One removal per start of the process, never one every
+//!   `reap-after`; critical, it stays out of every passing set meanwhile, and a check passing
+//!   for a moment (Consul showed a re-registered check non-critical for a moment under load)
+//!   changes nothing. A removed service without `reap-start` that comes back is a new instance to
 //!   the reaper (it cannot tell), removed again at its `reap-after`. A removal is remembered
 //!   while its service is listed, and for 10 minutes after it is gone.
 
@@ -83,7 +85,7 @@ pub enum Notice {
     /// The agent's node ID changed (a restarted dev agent): every clock starts over.
     AgentReplaced,
     /// A service the reaper removed is back with the same [`START_KEY`]: its own process,
-    /// alive, registered it again. Left alone until its check passes or it starts over.
+    /// alive, registered it again. That start is left alone until it starts over.
     Yielded {
         /// The service ID.
         service_id: String,
@@ -317,13 +319,6 @@ impl Reaper {
                     .removed
                     .get(&id)
                     .is_some_and(|gone| start.as_deref() == Some(gone.start.as_str()));
-            // Passing (or warning): its next critical spell is reaped again. A service listed
-            // with no check yet (registered again, its check not in the catalog yet) has
-            // shown no health: its removal is remembered.
-            let has_checks = self.checks.values().any(|t| t.service_id == id);
-            if spell.is_none() && has_checks {
-                self.removed.remove(&id);
-            }
             let target = self.targets.entry(id.clone()).or_insert(Target {
                 after,
                 start: None,

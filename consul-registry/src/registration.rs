@@ -13,8 +13,9 @@
 //! [`Registrar::new`], so the reaper tells this start of the process from a crashed one with
 //! the same ID, and starts its clock over. The registrar wins: a service the reaper removed
 //! while the process lives (its check forced unhealthy or hung) is registered again like any
-//! other loss, with the same `reap-start`; the reaper recognises it and leaves it alone until
-//! its check passes, so there is one removal per critical spell, not one every `reap-after`.
+//! other loss, with the same `reap-start`; the reaper recognises it and leaves that start alone
+//! until the process starts over, so there is one removal per start, not one every
+//! `reap-after`.
 
 use std::{
     sync::{
