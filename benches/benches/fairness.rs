@@ -35,9 +35,9 @@ use benches::{
 };
 use consul_harness::{
     hostile::{self, Attack},
-    procs::{Launcher, ServerProcess, ServerSpec},
     signal::Signal,
 };
+use echo_rig::{Launcher, ServerProcess, ServerSpec};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -98,11 +98,8 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
     let pinned = hostile::cpus() >= 2;
     let launcher = Launcher::testbed(env!("CARGO_BIN_EXE_bench-echo-server"));
     let mut spec = ServerSpec::seed(consul_api::Config::default())?;
-    spec.extra_args = vec![
-        "--no-register".into(),
-        "--max-connections".into(),
-        "4096".into(),
-    ];
+    spec.args.no_register = true;
+    spec.args.max_connections = 4096;
     // Started on CPU 0, as `taskset -c 0` would start it: its runtime sizes its pool for
     // the one CPU it has (one worker), not for every CPU of the machine (two workers that
     // would then take turns on CPU 0).

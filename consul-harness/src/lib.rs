@@ -8,7 +8,8 @@
 //!   address; crash, leave, pause, restart with or without data;
 //! * [`provision`] — fetching Consul 1.8.7 and building its `FROM scratch` image on a
 //!   registry-less machine;
-//! * [`procs`] — echo servers and clients as child processes, and free loopback addresses;
+//! * [`process`] — child processes run against Consul (Consul's settings as its variables),
+//!   their output captured, and free loopback addresses and ports;
 //! * [`logbuf`] — a child's output, line by line, waitable;
 //! * [`wait`] — waiting on Consul's state by blocking queries, with deadlines;
 //! * [`hostile`] — hostile input at an echo server (garbage, oversized, stalled, resets,
@@ -32,8 +33,8 @@ pub mod consul;
 pub mod error;
 pub mod hostile;
 pub mod logbuf;
+pub mod process;
 pub mod procfs;
-pub mod procs;
 pub mod provision;
 pub mod scoped_log;
 pub mod signal;

@@ -187,9 +187,9 @@ pub async fn run_sources(
     let mut servers = Vec::new();
     for i in 1..=config.servers {
         let mut spec = ServerSpec::seed(consul.config())?.with_id(format!("{SERVICE}_{i}"));
-        spec.interval = config.interval.0;
-        spec.timeout = config.timeout.0;
-        spec.deregister_after = config.deregister_after.0;
+        spec.args.interval = GoDuration(config.interval.0);
+        spec.args.timeout = GoDuration(config.timeout.0);
+        spec.args.deregister_after = GoDuration(config.deregister_after.0);
         servers.push(ServerProcess::spawn(launcher, spec).await?);
     }
     wait::health_until(&client, SERVICE, true, Duration::from_secs(30), |e| {
@@ -311,21 +311,14 @@ pub async fn run_sources(
         })?
         .map_err(|_| Error::Setting(format!("the {} source stopped", r.label)))?;
     }
-    let naive_args: Vec<String> = [
-        "--mode",
-        "naive",
-        "--service",
-        SERVICE,
-        "--count",
-        "1000000",
-        "--interval",
-        &GoDuration(Duration::from_millis(250)).to_string(),
-        "--timeout",
-        "10m",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let naive_args = echo_client::cli::Args {
+        mode: echo_client::cli::Mode::Naive,
+        service: SERVICE.into(),
+        count: 1_000_000,
+        interval: GoDuration(Duration::from_millis(250)),
+        timeout: GoDuration::from_secs(600),
+        ..crate::procs::client_args()?
+    };
     let naive = ClientProcess::spawn(launcher, &consul.config(), &naive_args)?;
     naive
         .process
@@ -341,14 +334,14 @@ pub async fn run_sources(
         .collect();
     progress.say(format!(
         "SIGKILL to {} ({dead}); watching every source for up to {}",
-        servers[0].spec.id, config.horizon
+        servers[0].spec.args.id, config.horizon
     ));
     let killed_at = servers[0].process.kill().await?;
     let _ = killed.set(killed_at);
 
     let critical = tokio::spawn({
         let client = client.clone();
-        let id = servers[0].spec.id.clone();
+        let id = servers[0].spec.args.id.clone();
         async move {
             wait::health_until(&client, SERVICE, false, Duration::from_secs(30), move |e| {
                 e.iter().any(|e| {

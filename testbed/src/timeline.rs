@@ -41,6 +41,13 @@ impl ClientMode {
             ClientMode::Resilient => "resilient",
         }
     }
+
+    fn cli(self) -> echo_client::cli::Mode {
+        match self {
+            ClientMode::Naive => echo_client::cli::Mode::Naive,
+            ClientMode::Resilient => echo_client::cli::Mode::Resilient,
+        }
+    }
 }
 
 /// How a story is told.
@@ -180,21 +187,14 @@ pub async fn story(
     let t0 = SystemTime::now();
     let mut actions: Vec<(SystemTime, String)> = Vec::new();
 
-    let args: Vec<String> = [
-        "--mode",
-        mode.flag(),
-        "--service",
-        "servernode",
-        "--count",
-        "100000",
-        "--interval",
-        &consul_api::GoDuration(config.message_interval).to_string(),
-        "--timeout",
-        "10m",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = echo_client::cli::Args {
+        mode: mode.cli(),
+        service: "servernode".into(),
+        count: 100_000,
+        interval: consul_api::GoDuration(config.message_interval),
+        timeout: consul_api::GoDuration::from_secs(600),
+        ..crate::procs::client_args()?
+    };
     let client_proc = ClientProcess::spawn(launcher, &consul.config(), &args)?;
     actions.push((
         SystemTime::now(),
@@ -215,12 +215,11 @@ pub async fn story(
     }
 
     let spec = |id: &str| -> Result<ServerSpec> {
-        Ok(ServerSpec {
-            interval: config.interval,
-            timeout: config.timeout,
-            deregister_after: config.deregister_after,
-            ..ServerSpec::seed(consul.config())?.with_id(id)
-        })
+        Ok(ServerSpec::seed(consul.config())?.with_id(id).with_check(
+            config.interval,
+            config.timeout,
+            config.deregister_after,
+        ))
     };
     let ids: &[&str] = match mode {
         ClientMode::Naive => &["servernode_1"],

@@ -166,7 +166,7 @@ impl Experiment for Config {
         }
         servers
             .push(node_server(launcher, cluster.agent(home), "servernode_3", self.interval).await?);
-        let ids: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
+        let ids: Vec<String> = servers.iter().map(|s| s.spec.args.id.clone()).collect();
         passing_exactly(cluster.agent(home), &ids).await?;
         // Views are recorded from here on: every wait below counts them all.
         let t0 = Instant::now();

@@ -191,7 +191,7 @@ impl Experiment for Config {
         for id in ["servernode_1", "servernode_2"] {
             servers.push(node_server(launcher, cluster.agent(node), id, self.interval).await?);
         }
-        let ids: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
+        let ids: Vec<String> = servers.iter().map(|s| s.spec.args.id.clone()).collect();
         passing_exactly(cluster.agent(node), &ids).await?;
         // Views are recorded from here on: every wait below counts them all.
         let t0 = Instant::now();
@@ -226,7 +226,7 @@ impl Experiment for Config {
         step.say("waiting for a new leader (Raft: 5 s timeouts in production)");
         let (new, elected) = cluster.wait_leader(Some(old), LIMIT).await?;
         step.say("waiting for the registration made during the election to show");
-        let all: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
+        let all: Vec<String> = servers.iter().map(|s| s.spec.args.id.clone()).collect();
         let visible = passing_exactly(cluster.agent(node), &all).await?;
         for log in &logs {
             log.wait_for("discovery to list all three", killed_std, LIMIT, |v| {

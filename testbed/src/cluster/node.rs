@@ -215,7 +215,7 @@ impl Experiment for Config {
                 .await?,
             );
         }
-        let ids: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
+        let ids: Vec<String> = servers.iter().map(|s| s.spec.args.id.clone()).collect();
         // The client lives on node 2, which survives.
         let home = Member::Client(1);
         passing_exactly(cluster.agent(home), &ids).await?;

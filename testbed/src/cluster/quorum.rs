@@ -187,7 +187,7 @@ impl Experiment for Config {
         for id in ["servernode_1", "servernode_2"] {
             servers.push(node_server(launcher, cluster.agent(node), id, self.interval).await?);
         }
-        let ids: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
+        let ids: Vec<String> = servers.iter().map(|s| s.spec.args.id.clone()).collect();
         passing_exactly(cluster.agent(node), &ids).await?;
         let reads = [
             ("default".to_owned(), Consistency::Default, None),

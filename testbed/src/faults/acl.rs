@@ -13,7 +13,8 @@ use super::{Row, Rows, Scenario};
 use crate::{
     ConsulOptions,
     error::{Error, Result},
-    procs::{ChildProcess, ClientProcess, Launcher, ServerProcess},
+    process::ChildProcess,
+    procs::{ClientProcess, Launcher, ServerProcess},
     wait,
 };
 use crate::{
@@ -291,7 +292,7 @@ impl Experiment for Config {
             step.say(format!("{who}: expecting a refusal"));
             let mut spec =
                 scenario::server_spec(base.clone().with_token(token), id, self.interval)?;
-            spec.name = name.into();
+            spec.args.name = name.into();
             let started = Instant::now();
             let mut server = ServerProcess::start(launcher, spec)?;
             let (observed, code, took) = stopped(&mut server.process, started).await;
@@ -332,27 +333,20 @@ impl Experiment for Config {
         ));
 
         // Clients.
-        let client_args = |count: u64, timeout: &str| -> Vec<String> {
-            [
-                "--service",
-                SERVICE,
-                "--count",
-                &count.to_string(),
-                "--interval",
-                "100ms",
-                "--timeout",
-                timeout,
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        let defaults = crate::procs::client_args()?;
+        let client_args = |count: u64, timeout: Duration| echo_client::cli::Args {
+            service: SERVICE.into(),
+            count,
+            interval: consul_api::GoDuration(Duration::from_millis(100)),
+            timeout: consul_api::GoDuration(timeout),
+            ..defaults.clone()
         };
         step.say("echo-client with service:read and node:read");
         let started = Instant::now();
         let mut good = ClientProcess::spawn(
             launcher,
             &base.clone().with_token(Some(client_token.clone())),
-            &client_args(self.messages, "10s"),
+            &client_args(self.messages, Duration::from_secs(10)),
         )?;
         let status = good.process.wait_exit(LIMIT).await;
         let done = good.process.output().matching("done mode=resilient");
@@ -409,7 +403,7 @@ impl Experiment for Config {
             let mut c = ClientProcess::spawn(
                 launcher,
                 &base.clone().with_token(token),
-                &client_args(3, "3s"),
+                &client_args(3, Duration::from_secs(3)),
             )?;
             let (observed, code, took) = stopped(&mut c.process, started).await;
             let failed = code.is_some_and(|c| c != 0) && observed.starts_with("error:");
