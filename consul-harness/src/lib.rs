@@ -12,8 +12,7 @@
 //!   their output captured, and free loopback addresses and ports;
 //! * [`logbuf`] — a child's output, line by line, waitable;
 //! * [`wait`] — waiting on Consul's state by blocking queries, with deadlines;
-//! * [`hostile`] — hostile input at an echo server (garbage, oversized, stalled, resets,
-//!   short-lived connections), and pinning attacker and attacked to CPUs of their own;
+//! * [`affinity`] — pinning a thread or a process to a CPU of its own;
 //! * [`procfs`] — what `/proc` says of a process: resident set, CPU time, stopped or not;
 //! * [`scoped_log`] — a test's own log subscriber that sees every event of its thread;
 //! * [`signal`] — the signals used to kill, stop and resume processes;
@@ -28,10 +27,10 @@
 //! # Ok(()) } // the container is removed when `consul` is dropped
 //! ```
 
+pub mod affinity;
 pub mod cluster;
 pub mod consul;
 pub mod error;
-pub mod hostile;
 pub mod logbuf;
 pub mod process;
 pub mod procfs;

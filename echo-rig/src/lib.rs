@@ -3,7 +3,9 @@
 //!
 //! * [`procs`] — echo servers and clients as child processes, their command lines written
 //!   from `echo_server::cli::Args` and `echo_client::cli::Args`, and the [`Launcher`] that
-//!   names the binary embedding both CLIs.
+//!   names the binary embedding both CLIs;
+//! * [`hostile`] — the one hostile-input attack on an echo server (garbage, oversized,
+//!   stalled, resets, short-lived connections), with the server's memory and CPU per phase.
 //!
 //! Its errors are the harness's ([`consul_harness::Error`]): starting and controlling
 //! processes.
@@ -19,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod hostile;
 pub mod procs;
 
 pub use consul_harness::{Error, Result};

@@ -225,7 +225,7 @@ pub(crate) fn casualties(servers: &mut [ServerProcess]) -> Vec<String> {
 
 /// One echo straight to a server's port (not through discovery).
 pub(crate) async fn echo_direct(addr: std::net::SocketAddr, payload: &[u8]) -> bool {
-    consul_harness::hostile::echo_direct(addr, payload).await
+    echo_rig::hostile::echo_direct(addr, payload).await
 }
 
 /// The time from `from` to a wall-clock moment (a log line's arrival), zero if before.
