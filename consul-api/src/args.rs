@@ -38,6 +38,14 @@ pub struct ConsulArgs {
     pub tls_server_name: Option<String>,
 }
 
+/// A clap command line's arguments at their defaults, whatever the environment holds (no
+/// `env` fallback is read): what a launcher starts from before setting the ones it means.
+pub fn defaults<T: clap::Parser>() -> std::result::Result<T, clap::Error> {
+    let command = T::command().mut_args(|arg| arg.env(None));
+    let name = command.get_name().to_owned();
+    T::from_arg_matches(&command.try_get_matches_from([name])?)
+}
+
 impl ConsulArgs {
     /// These flags as a command line (`--http-addr ADDRESS`, ...), the ones given only: what
     /// parses back into these arguments.

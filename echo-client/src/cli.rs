@@ -145,11 +145,7 @@ impl Args {
     /// Every flag at its default, whatever the environment holds (no `CONSUL_*` variable is
     /// read): the arguments a launcher starts from.
     pub fn defaults() -> std::result::Result<Args, clap::Error> {
-        use clap::{CommandFactory, FromArgMatches};
-        let matches = Args::command()
-            .mut_args(|arg| arg.env(None))
-            .try_get_matches_from(["echo-client"])?;
-        Args::from_arg_matches(&matches)
+        consul_api::args::defaults()
     }
 
     /// These arguments as the command line that parses back into them, every setting
