@@ -4,7 +4,7 @@
 //! `tokio::io::copy` (8 KiB, reading ahead while a write waits), `raw-buf-twin` is a second
 //! `raw-buf` (the control: its ratio to `raw-buf`, measured the same way as echo-server's, is
 //! how far two identical servers read apart in this run). All four run in this
-//! process on one runtime of their own ([`benches::rig`]: threads `servers`, multi-threaded,
+//! process on one runtime of their own ([`benches::lineup`]: threads `servers`, multi-threaded,
 //! one worker per CPU, as the echo-server binary runs; `echo-probe` drives the same servers
 //! without criterion, for profiles). Both measure the servers in alternation, not one
 //! after the other, so a drift of the machine's load falls on all alike and the ratios

@@ -1,5 +1,5 @@
 //! `echo-probe`: a fixed amount of the `echo` bench's traffic through the bench's servers
-//! ([`benches::rig`]), without criterion, so the run can be profiled and its instructions
+//! ([`benches::lineup`]), without criterion, so the run can be profiled and its instructions
 //! counted (`perf record`, `valgrind --tool=callgrind`): the same messages through each
 //! server, the same runtimes, the same client. Prints, per server, the messages per second
 //! and the CPU time per message of the servers' threads and of the client's. With
