@@ -36,13 +36,10 @@ use benches::{
     servers::ServerThread,
     traffic::{self, CloseProbe, Message, Streamer},
 };
-use consul_harness::{
-    Consul,
-    procs::{Launcher, ServerProcess, ServerSpec},
-    signal::Signal,
-};
+use consul_harness::{Consul, signal::Signal};
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, measurement::WallTime};
 use echo_client::{ClientConfig, EchoClient, Instance, SessionConfig, Snapshot};
+use echo_rig::{Launcher, ServerProcess, ServerSpec};
 use echo_server::Config;
 use tokio::{
     runtime::Runtime,
@@ -414,16 +411,13 @@ const KILL_SERVICE: &str = "failover-kill";
 
 impl ProcessRig {
     fn spec(consul: &consul_api::Config, id: &str) -> Result<ServerSpec> {
-        let mut spec = ServerSpec::seed(consul.clone())?.with_id(id);
-        spec.name = KILL_SERVICE.into();
-        spec.interval = CHECK_INTERVAL;
-        spec.timeout = CHECK_TIMEOUT;
-        spec.deregister_after = Duration::from_secs(60);
-        Ok(spec)
+        Ok(ServerSpec::seed(consul.clone())?
+            .named(KILL_SERVICE, id)
+            .with_check(CHECK_INTERVAL, CHECK_TIMEOUT, Duration::from_secs(60)))
     }
 
     async fn listed(view: &watch::Receiver<Snapshot>, server: &ServerProcess) -> Result<Instant> {
-        let (id, port) = (server.spec.id.clone(), server.spec.port);
+        let (id, port) = (server.spec.args.id.clone(), server.spec.args.port);
         consul_view::view_until(view, &format!("{id} on port {port}"), WAIT, |s| {
             consul_view::lists_at(&s.instances, &id, port)
         })

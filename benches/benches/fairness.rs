@@ -6,7 +6,7 @@
 //! that its runtime has the one worker a one-CPU server has; the well-behaved
 //! client, a thread of its own with its own runtime, runs on CPU 0 too and sends one
 //! message every [`EVERY`] on one connection, waiting for each echo; the attacker, the
-//! testbed's hostile-input scenario (`consul_harness::hostile::Attack::default()`: garbage,
+//! testbed's hostile-input scenario (`echo_rig::hostile::Attack::default()`: garbage,
 //! oversized frames, stalled frames, resets, short-lived connections), runs on a thread of
 //! its own on CPU 1. So the attacker's own work never takes the client's or the server's
 //! CPU: what the client sees is what the server gives it while it also serves the attack.
@@ -34,11 +34,8 @@ use benches::{
     results::{self, FairnessRecord, Summary},
     traffic::Message,
 };
-use consul_harness::{
-    hostile::{self, Attack},
-    procs::{Launcher, ServerProcess, ServerSpec},
-    signal::Signal,
-};
+use consul_harness::{affinity, process::raise_fd_limit, signal::Signal};
+use echo_rig::{Launcher, ServerProcess, ServerSpec, hostile::Attack};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -81,7 +78,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn measure(quick: bool) -> Result<FairnessRecord> {
-    hostile::raise_fd_limit();
+    raise_fd_limit();
     let attack = if quick {
         Attack {
             garbage_conns: 10,
@@ -96,26 +93,23 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
     };
     let quiet_messages = if quick { 100 } else { QUIET };
     let rounds = if quick { 1 } else { ROUNDS };
-    let pinned = hostile::cpus() >= 2;
+    let pinned = affinity::cpus() >= 2;
     let launcher = Launcher::testbed(env!("CARGO_BIN_EXE_bench-echo-server"));
     let mut spec = ServerSpec::seed(consul_api::Config::default())?;
-    spec.extra_args = vec![
-        "--no-register".into(),
-        "--max-connections".into(),
-        "4096".into(),
-    ];
+    spec.args.no_register = true;
+    spec.args.max_connections = 4096;
     // Started on CPU 0, as `taskset -c 0` would start it: its runtime sizes its pool for
     // the one CPU it has (one worker), not for every CPU of the machine (two workers that
     // would then take turns on CPU 0).
     let mut server = {
-        let _on_cpu0 = pinned.then(|| hostile::PinnedHere::to(0)).transpose()?;
+        let _on_cpu0 = pinned.then(|| affinity::PinnedHere::to(0)).transpose()?;
         ServerProcess::spawn(&launcher, spec).await?
     };
     let pid = server.process.pid();
     let addr = server.spec.echo_addr();
     let outcome = async {
         if pinned {
-            hostile::pin_process(pid, 0)?;
+            affinity::pin_process(pid, 0)?;
         }
         let client = Client::start(addr, pinned.then_some(0))?;
         client.wait_for(quiet_messages, WAIT).await?;
@@ -246,7 +240,7 @@ impl Client {
             .spawn(move || {
                 let run = || -> Result<Vec<(Instant, Duration)>> {
                     if let Some(cpu) = cpu {
-                        hostile::pin_thread(cpu)?;
+                        affinity::pin_thread(cpu)?;
                     }
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()

@@ -24,10 +24,8 @@ use benches::{
     results::{self, MemoryRecord, MemoryRun},
     traffic::Message,
 };
-use consul_harness::{
-    procs::{Launcher, ServerProcess, ServerSpec},
-    signal::Signal,
-};
+use consul_harness::signal::Signal;
+use echo_rig::{Launcher, ServerProcess, ServerSpec};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -122,11 +120,8 @@ async fn measure(id: &str, size: usize, quick: bool) -> Result<MemoryRecord> {
 
 async fn one_run(launcher: &Launcher, message: &Message, connections: usize) -> Result<MemoryRun> {
     let mut spec = ServerSpec::seed(consul_api::Config::default())?;
-    spec.extra_args = vec![
-        "--no-register".into(),
-        "--max-connections".into(),
-        (2 * connections).to_string(),
-    ];
+    spec.args.no_register = true;
+    spec.args.max_connections = 2 * connections;
     let mut server = ServerProcess::spawn(launcher, spec).await?;
     let pid = server.process.pid();
     let addr = server.spec.echo_addr();

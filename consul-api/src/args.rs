@@ -38,7 +38,37 @@ pub struct ConsulArgs {
     pub tls_server_name: Option<String>,
 }
 
+/// A clap command line's arguments at their defaults, whatever the environment holds (no
+/// `env` fallback is read): what a launcher starts from before setting the ones it means.
+pub fn defaults<T: clap::Parser>() -> std::result::Result<T, clap::Error> {
+    let command = T::command().mut_args(|arg| arg.env(None));
+    let name = command.get_name().to_owned();
+    T::from_arg_matches(&command.try_get_matches_from([name])?)
+}
+
 impl ConsulArgs {
+    /// These flags as a command line (`--http-addr ADDRESS`, ...), the ones given only: what
+    /// parses back into these arguments.
+    pub fn to_argv(&self) -> Vec<std::ffi::OsString> {
+        let mut argv = Vec::new();
+        let mut flag = |name: &str, value: Option<std::ffi::OsString>| {
+            if let Some(value) = value {
+                argv.push(name.into());
+                argv.push(value);
+            }
+        };
+        flag("--http-addr", self.http_addr.clone().map(Into::into));
+        flag("--ca-file", self.ca_file.clone().map(Into::into));
+        flag("--ca-path", self.ca_path.clone().map(Into::into));
+        flag("--client-cert", self.client_cert.clone().map(Into::into));
+        flag("--client-key", self.client_key.clone().map(Into::into));
+        flag(
+            "--tls-server-name",
+            self.tls_server_name.clone().map(Into::into),
+        );
+        argv
+    }
+
     /// [`Config::from_env`] (the token, `CONSUL_HTTP_SSL`, `CONSUL_HTTP_SSL_VERIFY`, ...)
     /// with these flags over it.
     pub fn config(&self) -> Result<Config> {
@@ -70,6 +100,21 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         consul: ConsulArgs,
+    }
+
+    #[test]
+    fn the_command_line_parses_back_into_the_arguments() {
+        let given = ConsulArgs {
+            http_addr: Some("https://127.0.0.9:8501".into()),
+            ca_path: Some("/etc/consul/ca.d".into()),
+            tls_server_name: Some("server.dc1.consul".into()),
+            ..ConsulArgs::default()
+        };
+        let argv = given.to_argv();
+        assert_eq!(argv.len(), 6, "{argv:?}");
+        let back = Cli::try_parse_from(std::iter::once("x".into()).chain(argv)).unwrap();
+        assert_eq!(format!("{:?}", back.consul), format!("{given:?}"));
+        assert!(ConsulArgs::default().to_argv().is_empty());
     }
 
     #[test]

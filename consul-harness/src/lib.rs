@@ -8,11 +8,11 @@
 //!   address; crash, leave, pause, restart with or without data;
 //! * [`provision`] — fetching Consul 1.8.7 and building its `FROM scratch` image on a
 //!   registry-less machine;
-//! * [`procs`] — echo servers and clients as child processes, and free loopback addresses;
+//! * [`process`] — child processes run against Consul (Consul's settings as its variables),
+//!   their output captured, and free loopback addresses and ports;
 //! * [`logbuf`] — a child's output, line by line, waitable;
 //! * [`wait`] — waiting on Consul's state by blocking queries, with deadlines;
-//! * [`hostile`] — hostile input at an echo server (garbage, oversized, stalled, resets,
-//!   short-lived connections), and pinning attacker and attacked to CPUs of their own;
+//! * [`affinity`] — pinning a thread or a process to a CPU of its own;
 //! * [`procfs`] — what `/proc` says of a process: resident set, CPU time, stopped or not;
 //! * [`scoped_log`] — a test's own log subscriber that sees every event of its thread (the
 //!   `test-log` crate, re-exported for the harness's users);
@@ -28,13 +28,13 @@
 //! # Ok(()) } // the container is removed when `consul` is dropped
 //! ```
 
+pub mod affinity;
 pub mod cluster;
 pub mod consul;
 pub mod error;
-pub mod hostile;
 pub mod logbuf;
+pub mod process;
 pub mod procfs;
-pub mod procs;
 pub mod provision;
 pub mod signal;
 pub mod wait;

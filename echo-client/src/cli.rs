@@ -2,7 +2,7 @@
 //! `testbed echo-client`. Stdout gets one line per reply (see [`Reply::line`]) and a final
 //! `done ...` line; logs go to stderr.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, ffi::OsString, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use consul_api::GoDuration;
@@ -139,6 +139,77 @@ pub struct Args {
     /// Where the Consul agent is and how to speak TLS to it.
     #[command(flatten)]
     pub consul: consul_api::ConsulArgs,
+}
+
+impl Args {
+    /// Every flag at its default, whatever the environment holds (no `CONSUL_*` variable is
+    /// read): the arguments a launcher starts from.
+    pub fn defaults() -> std::result::Result<Args, clap::Error> {
+        consul_api::args::defaults()
+    }
+
+    /// These arguments as the command line that parses back into them, every setting
+    /// written out; Consul's flags only where given.
+    pub fn to_argv(&self) -> Vec<OsString> {
+        let mut argv: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, value: String| {
+            argv.push(name.into());
+            argv.push(value.into());
+        };
+        flag("--service", self.service.clone());
+        if let Some(id) = &self.service_id {
+            flag("--service-id", id.clone());
+        }
+        if let Some(tag) = &self.tag {
+            flag("--tag", tag.clone());
+        }
+        if let Some(dc) = &self.datacenter {
+            flag("--datacenter", dc.clone());
+        }
+        if !self.failover_dc.is_empty() {
+            flag("--failover-dc", self.failover_dc.join(","));
+        }
+        flag("--count", self.count.to_string());
+        flag("--interval", self.interval.to_string());
+        flag("--message", self.message.clone());
+        flag("--mode", value_name(&self.mode));
+        flag("--timeout", self.timeout.to_string());
+        flag("--reply-timeout", self.reply_timeout.to_string());
+        flag("--connect-timeout", self.connect_timeout.to_string());
+        flag("--cooldown", self.cooldown.to_string());
+        flag("--balance", value_name(&self.balance));
+        flag("--source", value_name(&self.source));
+        if let Some(query) = &self.query {
+            flag("--query", query.clone());
+        }
+        if let Some(addr) = self.dns_addr {
+            flag("--dns-addr", addr.to_string());
+        }
+        flag("--poll", self.poll.to_string());
+        flag("--consistency", self.consistency.to_string());
+        if let Some(max_stale) = self.max_stale {
+            flag("--max-stale", max_stale.to_string());
+        }
+        if let Some(filter) = &self.filter {
+            flag("--filter", filter.clone());
+        }
+        if self.no_spread {
+            argv.push("--no-spread".into());
+        }
+        if self.cached {
+            argv.push("--cached".into());
+        }
+        argv.extend(self.consul.to_argv());
+        argv
+    }
+}
+
+/// The name a [`ValueEnum`] value is written as on the command line.
+fn value_name(value: &impl ValueEnum) -> String {
+    value
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
 }
 
 /// Run the client the arguments describe.
@@ -307,6 +378,51 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn the_command_line_parses_back_into_the_arguments() {
+        let mut given = Args::defaults().unwrap();
+        assert_eq!(given.service, "servernode");
+        assert_eq!(given.mode, Mode::Resilient);
+        given.service_id = Some("servernode_7".into());
+        given.tag = Some("v1".into());
+        given.datacenter = Some("dc2".into());
+        given.failover_dc = vec!["dc3".into(), "dc4".into()];
+        given.count = 7;
+        given.mode = Mode::Naive;
+        given.balance = Balance::P2c;
+        given.source = SourceKind::Dns;
+        given.query = Some("q".into());
+        given.dns_addr = Some("127.0.0.9:8600".parse().unwrap());
+        given.consistency = consul_api::Consistency::Consistent;
+        given.max_stale = Some(GoDuration::from_secs(10));
+        given.filter = Some("Service.Meta.shard == \"0\"".into());
+        given.no_spread = true;
+        given.cached = true;
+        let argv = given.to_argv();
+        let back = Args::try_parse_from(std::iter::once("echo-client".into()).chain(argv.clone()))
+            .unwrap();
+        assert_eq!(format!("{back:?}"), format!("{given:?}"));
+        // Every flag is written: a flag added to Args and forgotten in to_argv fails here.
+        let consul = [
+            "http-addr",
+            "ca-file",
+            "ca-path",
+            "client-cert",
+            "client-key",
+        ];
+        for arg in Args::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version" | "tls-server-name") || consul.contains(&long) {
+                continue;
+            }
+            assert!(
+                argv.iter()
+                    .any(|a| a.to_str() == Some(&format!("--{long}"))),
+                "--{long} is not written"
+            );
+        }
     }
 
     #[test]

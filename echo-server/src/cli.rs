@@ -3,7 +3,7 @@
 //! `--ca-file` / `CONSUL_CACERT`, ..., `CONSUL_HTTP_TOKEN`), and [`run`], which the
 //! `echo-server` binary and `testbed echo-server` both call.
 
-use std::net::IpAddr;
+use std::{ffi::OsString, net::IpAddr};
 
 use clap::Parser;
 use consul_api::GoDuration;
@@ -116,6 +116,51 @@ pub struct Args {
 }
 
 impl Args {
+    /// Every flag at its default, whatever the environment holds (no `ECHO_*` or `CONSUL_*`
+    /// variable is read): the arguments a launcher starts from.
+    pub fn defaults() -> std::result::Result<Args, clap::Error> {
+        consul_api::args::defaults()
+    }
+
+    /// These arguments as the command line that parses back into them, every setting
+    /// written out (so that no `ECHO_*` variable of the child's environment overrides one);
+    /// Consul's flags only where given.
+    pub fn to_argv(&self) -> Vec<OsString> {
+        let mut argv: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, value: String| {
+            argv.push(name.into());
+            argv.push(value.into());
+        };
+        flag("--name", self.name.clone());
+        flag("--id", self.id.clone());
+        flag("--port", self.port.to_string());
+        flag("--check-port", self.check_port.to_string());
+        flag("--check-path", self.check_path.clone());
+        flag("--interval", self.interval.to_string());
+        flag("--timeout", self.timeout.to_string());
+        flag("--deregister-after", self.deregister_after.to_string());
+        if let Some(reap_after) = self.reap_after {
+            flag("--reap-after", reap_after.to_string());
+        }
+        flag("--address", self.address.clone());
+        flag("--bind", self.bind.to_string());
+        for tag in &self.tags {
+            flag("--tag", tag.clone());
+        }
+        flag("--max-frame", self.max_frame.to_string());
+        flag("--max-connections", self.max_connections.to_string());
+        flag("--idle-timeout", self.idle_timeout.to_string());
+        flag("--drain-timeout", self.drain_timeout.to_string());
+        if self.no_register {
+            argv.push("--no-register".into());
+        }
+        if self.log_checks {
+            argv.push("--log-checks".into());
+        }
+        argv.extend(self.consul.to_argv());
+        argv
+    }
+
     /// The server settings these arguments give, with Consul's token (and what no flag
     /// gives) from Consul's variables.
     pub fn config(&self) -> Result<Config> {
@@ -261,6 +306,51 @@ mod tests {
         assert_eq!(config.deregister_after, Duration::from_secs(90));
         assert_eq!(config.tags, ["a", "b"]);
         assert!(!config.register);
+    }
+
+    #[test]
+    fn the_command_line_parses_back_into_the_arguments() {
+        let mut given = Args::defaults().unwrap();
+        given.name = "elsewhere".into();
+        given.interval = GoDuration::from_secs(90);
+        given.reap_after = Some(GoDuration(Duration::from_millis(1500)));
+        given.tags = vec!["a".into(), "b".into()];
+        given.no_register = true;
+        given.log_checks = true;
+        given.consul.http_addr = Some("127.0.0.9:8500".into());
+        let argv = given.to_argv();
+        let back = Args::try_parse_from(std::iter::once("echo-server".into()).chain(argv.clone()))
+            .unwrap();
+        assert_eq!(format!("{back:?}"), format!("{given:?}"));
+        // Every flag is written: a flag added to Args and forgotten in to_argv fails here.
+        for arg in Args::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let unset_consul = [
+                "ca-file",
+                "ca-path",
+                "client-cert",
+                "client-key",
+                "tls-server-name",
+            ];
+            if matches!(long, "help" | "version") || unset_consul.contains(&long) {
+                continue;
+            }
+            assert!(
+                argv.iter()
+                    .any(|a| a.to_str() == Some(&format!("--{long}"))),
+                "--{long} is not written"
+            );
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_the_flags_defaults() {
+        let defaults = Args::defaults().unwrap();
+        assert_eq!(defaults.name, "servernode");
+        assert_eq!(defaults.port, 9527);
+        assert_eq!(defaults.tags, ["servernode"]);
+        assert!(defaults.consul.http_addr.is_none());
+        assert!(!defaults.no_register);
     }
 
     #[test]

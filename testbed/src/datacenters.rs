@@ -98,8 +98,8 @@ async fn dc_servers(
         let mut spec = ServerSpec::seed(agent.config())?
             .named(SERVICE, format!("{SERVICE}_{dc}_{i}"))
             .on_address(agent.spec().address)?;
-        spec.interval = Duration::from_secs(1);
-        spec.timeout = Duration::from_secs(1);
+        spec.args.interval = GoDuration(Duration::from_secs(1));
+        spec.args.timeout = GoDuration(Duration::from_secs(1));
         Ok::<_, Error>(ServerProcess::spawn(launcher, spec).await?)
     }))
     .await

@@ -395,7 +395,7 @@ pub async fn run(
         let Some(events) = measured[i] else {
             continue;
         };
-        let id = &servers[i].spec.id;
+        let id = &servers[i].spec.args.id;
         if plan.twin {
             let removed_by = match &sidecar {
                 Some(p) if crate::reaper_twins::removed_by_reaper(p.output(), id) => "reaper",
@@ -525,14 +525,15 @@ async fn start_trials(
     let mut servers = Vec::with_capacity(plans.len());
     for plan in plans {
         let id = plan.service_id();
-        let mut spec = ServerSpec {
-            interval: plan.interval,
-            timeout: config.check_timeout.min(plan.interval),
-            deregister_after: plan.setting,
-            ..ServerSpec::seed(consul.config())?.named(id.clone(), id)
-        };
+        let mut spec = ServerSpec::seed(consul.config())?
+            .named(id.clone(), id)
+            .with_check(
+                plan.interval,
+                config.check_timeout.min(plan.interval),
+                plan.setting,
+            );
         if plan.twin {
-            spec.extra_args = vec!["--reap-after".into(), GoDuration(plan.setting).to_string()];
+            spec.args.reap_after = Some(GoDuration(plan.setting));
         }
         servers.push(ServerProcess::spawn(launcher, spec).await?);
     }
@@ -541,7 +542,7 @@ async fn start_trials(
         let (passing_tx, passing_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
         let client = consul.client();
-        let id = server.spec.id.clone();
+        let id = server.spec.args.id.clone();
         tokio::spawn(async move {
             let result = wait::follow_instance(&client, &id, &id, passing_tx).await;
             let _ = done_tx.send(result);
@@ -694,10 +695,8 @@ impl Figures<'_> {
 
 /// Register a seed-style server, SIGTERM it, time until Consul no longer lists it.
 async fn sigterm_contrast(consul: &Consul, launcher: &Launcher) -> Result<Contrast> {
-    let spec = ServerSpec {
-        interval: Duration::from_secs(1),
-        ..ServerSpec::seed(consul.config())?.named("sigterm-contrast", "sigterm-contrast")
-    };
+    let mut spec = ServerSpec::seed(consul.config())?.named("sigterm-contrast", "sigterm-contrast");
+    spec.args.interval = GoDuration::from_secs(1);
     let mut server = ServerProcess::spawn(launcher, spec).await?;
     let client = consul.client();
     wait::passing(&client, "sigterm-contrast", Duration::from_secs(30)).await?;

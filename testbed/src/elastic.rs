@@ -140,8 +140,8 @@ async fn start_servers(
 ) -> Result<Vec<(ServerProcess, SystemTime)>> {
     try_join_all(ids.map(|i| async move {
         let mut spec = ServerSpec::seed(consul.config())?.named(SERVICE, format!("{SERVICE}_{i}"));
-        spec.interval = config.interval.0;
-        spec.timeout = config.interval.0;
+        spec.args.interval = GoDuration(config.interval.0);
+        spec.args.timeout = GoDuration(config.interval.0);
         let server = ServerProcess::spawn(launcher, spec).await?;
         Ok::<_, Error>((server, SystemTime::now()))
     }))
@@ -182,7 +182,7 @@ async fn run_one(
         server.process.signal(Signal::SIGTERM)?;
     }
     for (server, _) in &added {
-        let id = server.spec.id.clone();
+        let id = server.spec.args.id.clone();
         wait::deregistered(&client, SERVICE, &id, Duration::from_secs(15)).await?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -266,7 +266,7 @@ impl Gateway {
                 let t = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
                 added
                     .iter()
-                    .all(|(s, _)| t.served.iter().any(|r| r.id == s.spec.id))
+                    .all(|(s, _)| t.served.iter().any(|r| r.id == s.spec.args.id))
             };
             if answered {
                 break;
@@ -306,7 +306,7 @@ fn measure(
     let new_servers = added
         .iter()
         .map(|(server, started)| {
-            let id = server.spec.id.clone();
+            let id = server.spec.args.id.clone();
             let first = t.served.iter().filter(|r| r.id == id).map(|r| r.at).min();
             let viewed = in_view.get(&id).copied();
             NewServer {
@@ -344,7 +344,7 @@ fn measure(
     } else {
         0.0
     };
-    let stopped: Vec<&str> = added.iter().map(|(s, _)| s.spec.id.as_str()).collect();
+    let stopped: Vec<&str> = added.iter().map(|(s, _)| s.spec.args.id.as_str()).collect();
     let after_stop: Vec<&Served> = t.served.iter().filter(|r| r.at >= stopped_at).collect();
     let drained = after_stop
         .iter()

@@ -1,8 +1,10 @@
 //! The testbed: real Consul, real echo servers and clients, real faults, and measurements.
 //!
-//! * [`consul`], [`provision`], [`procs`], [`procfs`], [`logbuf`], [`wait`], [`signal`] — the
-//!   harness (the `consul-harness` crate, re-exported): real Consul, child processes, logs,
-//!   waits;
+//! * [`consul`], [`provision`], [`process`], [`procfs`], [`logbuf`], [`wait`], [`signal`] —
+//!   the harness (the `consul-harness` crate, re-exported): real Consul, child processes,
+//!   logs, waits;
+//! * [`procs`] — echo servers and clients as child processes (the `echo-rig` crate,
+//!   re-exported);
 //! * [`cluster`] — real clusters (servers, client agents): node crash, agent crash, leader
 //!   loss, quorum loss, per-agent reapers;
 //! * [`experiment`] — the one contract of every experiment ([`experiment::Experiment`]) and the
@@ -56,6 +58,7 @@ pub mod error;
 
 pub use consul_harness::{
     BackendChoice, BackendKind, Cluster, ClusterSpec, Consul, ConsulOptions, Member, consul,
-    logbuf, procfs, procs, provision, signal, wait,
+    logbuf, process, procfs, provision, signal, wait,
 };
+pub use echo_rig::procs;
 pub use error::{Error, Result};

@@ -12,11 +12,8 @@ use consul_reaper::{FOLLOWING, REMOVED};
 use serde::Serialize;
 
 use crate::{
-    deregistration::Trial,
-    error::Result,
-    logbuf::LogBuffer,
-    procs::{ChildProcess, Launcher},
-    report::Table,
+    deregistration::Trial, error::Result, logbuf::LogBuffer, process::ChildProcess,
+    procs::Launcher, report::Table,
 };
 
 /// How far from the setting a removal may fall: the goal of issue 17.

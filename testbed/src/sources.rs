@@ -175,9 +175,9 @@ async fn start_servers(
     let mut servers = Vec::new();
     for i in 1..=config.servers {
         let mut spec = ServerSpec::seed(consul.config())?.with_id(format!("{SERVICE}_{i}"));
-        spec.interval = config.interval.0;
-        spec.timeout = config.timeout.0;
-        spec.deregister_after = config.deregister_after.0;
+        spec.args.interval = GoDuration(config.interval.0);
+        spec.args.timeout = GoDuration(config.timeout.0);
+        spec.args.deregister_after = GoDuration(config.deregister_after.0);
         servers.push(ServerProcess::spawn(launcher, spec).await?);
     }
     wait::health_until(
@@ -314,21 +314,14 @@ async fn all_listed(running: &[Running], n: usize) -> Result<()> {
 
 /// The seed's naive client, sending every 250 ms, once it has its first reply.
 async fn start_naive(launcher: &Launcher, consul: &Consul) -> Result<ClientProcess> {
-    let naive_args: Vec<String> = [
-        "--mode",
-        "naive",
-        "--service",
-        SERVICE,
-        "--count",
-        "1000000",
-        "--interval",
-        &GoDuration(Duration::from_millis(250)).to_string(),
-        "--timeout",
-        "10m",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let naive_args = echo_client::cli::Args {
+        mode: echo_client::cli::Mode::Naive,
+        service: SERVICE.into(),
+        count: 1_000_000,
+        interval: GoDuration(Duration::from_millis(250)),
+        timeout: GoDuration::from_secs(600),
+        ..crate::procs::client_args()?
+    };
     let naive = ClientProcess::spawn(launcher, &consul.config(), &naive_args)?;
     naive
         .process
@@ -561,11 +554,11 @@ impl OnItsOwn for SourcesConfig {
             .collect();
         progress.say(format!(
             "SIGKILL to {} ({}); watching every source for up to {}",
-            servers[0].spec.id, watch.dead, self.horizon
+            servers[0].spec.args.id, watch.dead, self.horizon
         ));
         let killed_at = servers[0].process.kill().await?;
         let _ = watch.killed.set(killed_at);
-        let critical = when_critical(&client, &servers[0].spec.id);
+        let critical = when_critical(&client, &servers[0].spec.args.id);
         until_all_dropped(&running, killed_at, self.horizon.0, progress).await;
         let watched = killed_at.elapsed().unwrap_or_default();
         watch.stop.cancel();

@@ -41,6 +41,13 @@ impl ClientMode {
             ClientMode::Resilient => "resilient",
         }
     }
+
+    fn cli(self) -> echo_client::cli::Mode {
+        match self {
+            ClientMode::Naive => echo_client::cli::Mode::Naive,
+            ClientMode::Resilient => echo_client::cli::Mode::Resilient,
+        }
+    }
 }
 
 /// How a story is told.
@@ -170,12 +177,11 @@ pub async fn story(
     };
     let mut servers = Vec::new();
     for id in ids {
-        let spec = ServerSpec {
-            interval: config.interval,
-            timeout: config.timeout,
-            deregister_after: config.deregister_after,
-            ..ServerSpec::seed(consul.config())?.with_id(*id)
-        };
+        let spec = ServerSpec::seed(consul.config())?.with_id(*id).with_check(
+            config.interval,
+            config.timeout,
+            config.deregister_after,
+        );
         servers.push(ServerProcess::spawn(launcher, spec).await?);
         actions.push((SystemTime::now(), format!("started echo-server {id}")));
     }
@@ -268,21 +274,14 @@ async fn start_client(
     config: &TimelineConfig,
     mode: ClientMode,
 ) -> Result<(ClientProcess, SystemTime, crate::logbuf::LogBuffer)> {
-    let args: Vec<String> = [
-        "--mode",
-        mode.flag(),
-        "--service",
-        "servernode",
-        "--count",
-        "100000",
-        "--interval",
-        &consul_api::GoDuration(config.message_interval).to_string(),
-        "--timeout",
-        "10m",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = echo_client::cli::Args {
+        mode: mode.cli(),
+        service: "servernode".into(),
+        count: 100_000,
+        interval: consul_api::GoDuration(config.message_interval),
+        timeout: consul_api::GoDuration::from_secs(600),
+        ..crate::procs::client_args()?
+    };
     let client_proc = ClientProcess::spawn(launcher, &consul.config(), &args)?;
     let started = SystemTime::now();
     let output = client_proc.process.output().clone();

@@ -1,7 +1,7 @@
 //! `bench-echo-server echo-server [flags]`: the echo-server command line, built in this
 //! package so that benches can spawn (and SIGKILL) real server processes by
 //! `env!("CARGO_BIN_EXE_bench-echo-server")` — Cargo sets that only for binaries of the
-//! bench's own package. The `echo-server` subcommand is what `consul_harness::procs::Launcher`
+//! bench's own package. The `echo-server` subcommand is what `echo_rig::Launcher`
 //! puts before the flags, as for `testbed echo-server`.
 
 use std::{io::IsTerminal, process::ExitCode};

@@ -181,7 +181,7 @@ impl Experiment for Config {
         step.say("waiting for a new leader (Raft: 5 s timeouts in production)");
         let (new, elected) = cluster.wait_leader(Some(old), LIMIT).await?;
         step.say("waiting for the registration made during the election to show");
-        let all: Vec<String> = servers.iter().map(|s| s.spec.id.clone()).collect();
+        let all: Vec<String> = servers.iter().map(|s| s.spec.args.id.clone()).collect();
         let visible = passing_exactly(cluster.agent(node), &all).await?;
         for c in &clients {
             c.log

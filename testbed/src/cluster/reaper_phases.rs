@@ -260,7 +260,7 @@ impl Experiment for Config {
             let mut spec = crate::scenario::server_spec(agent.config(), &id, self.interval)?
                 .on_address(agent.spec().address)?
                 .named(id.clone(), id.clone());
-            spec.deregister_after = self.setting;
+            spec.args.deregister_after = consul_api::GoDuration(self.setting);
             servers.push(crate::procs::ServerProcess::spawn(launcher, spec).await?);
             let (passing_tx, passing_rx) = oneshot::channel();
             let (done_tx, done_rx) = oneshot::channel();
@@ -289,7 +289,7 @@ impl Experiment for Config {
                 .map_err(|_| timeout("every service to be reaped", limit))?
                 .map_err(|_| Error::Stopped("a reaper watcher".into()))??;
             let agent = cluster.agent(Member::Client(i));
-            let id = &servers[i].spec.id;
+            let id = &servers[i].spec.args.id;
             let critical = epoch(life.critical_at);
             let removed = epoch(life.removed_at);
             let predicted = model.predict_removal(self.setting, critical, &phases[i]);

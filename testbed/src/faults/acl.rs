@@ -13,7 +13,8 @@ use super::{Row, Rows, Scenario};
 use crate::{
     ConsulOptions,
     error::{Error, Result},
-    procs::{ChildProcess, ClientProcess, Launcher, ServerProcess},
+    process::ChildProcess,
+    procs::{ClientProcess, Launcher, ServerProcess},
     wait,
 };
 use crate::{
@@ -354,7 +355,7 @@ impl Trial<'_> {
             self.step.say(format!("{who}: expecting a refusal"));
             let mut spec =
                 scenario::server_spec(self.base.clone().with_token(token), id, interval)?;
-            spec.name = name.into();
+            spec.args.name = name.into();
             let started = Instant::now();
             let mut server = ServerProcess::start(self.launcher, spec)?;
             let (observed, code, took) = stopped(&mut server.process, started).await;
@@ -412,7 +413,7 @@ impl Trial<'_> {
         let mut good = ClientProcess::spawn(
             self.launcher,
             &self.base.clone().with_token(Some(tokens.client.clone())),
-            &client_args(messages, "10s"),
+            &client_args(messages, Duration::from_secs(10))?,
         )?;
         let status = good.process.wait_exit(LIMIT).await;
         let done = good.process.output().matching("done mode=resilient");
@@ -473,7 +474,7 @@ impl Trial<'_> {
             let mut c = ClientProcess::spawn(
                 self.launcher,
                 &self.base.clone().with_token(token),
-                &client_args(3, "3s"),
+                &client_args(3, Duration::from_secs(3))?,
             )?;
             let (observed, code, took) = stopped(&mut c.process, started).await;
             let failed = code.is_some_and(|c| c != 0) && observed.starts_with("error:");
@@ -499,18 +500,12 @@ impl Trial<'_> {
 }
 
 /// An echo client's arguments: `count` echoes every 100 ms, each within `timeout`.
-fn client_args(count: u64, timeout: &str) -> Vec<String> {
-    [
-        "--service",
-        SERVICE,
-        "--count",
-        &count.to_string(),
-        "--interval",
-        "100ms",
-        "--timeout",
-        timeout,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+fn client_args(count: u64, timeout: Duration) -> Result<echo_client::cli::Args> {
+    Ok(echo_client::cli::Args {
+        service: SERVICE.into(),
+        count,
+        interval: consul_api::GoDuration(Duration::from_millis(100)),
+        timeout: consul_api::GoDuration(timeout),
+        ..crate::procs::client_args()?
+    })
 }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use consul_harness::hostile::Attack;
+use echo_rig::hostile::Attack;
 use serde::Serialize;
 
 use super::{Row, Rows, Scenario};
@@ -311,7 +311,7 @@ impl Experiment for Config {
     }
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let consul = env.agent()?;
-        consul_harness::hostile::raise_fd_limit();
+        consul_harness::process::raise_fd_limit();
         step.say("starting an echo server");
         let mut servers =
             scenario::start_servers(launcher, consul, consul.config(), 1, self.interval).await?;
@@ -345,9 +345,9 @@ impl Experiment for Config {
         // and the server the first, so that the attacker's own work does not compete with
         // the server for a CPU: what the client sees is the server's fairness (the client
         // itself runs on this process's runtime, wherever the scheduler puts it).
-        let two_cpus = consul_harness::hostile::cpus() >= 2;
+        let two_cpus = consul_harness::affinity::cpus() >= 2;
         if two_cpus {
-            consul_harness::hostile::pin_process(pid, 0)?;
+            consul_harness::affinity::pin_process(pid, 0)?;
         }
         let hostile = {
             let progress: Arc<std::sync::Mutex<String>> = Arc::default();
@@ -367,8 +367,7 @@ impl Experiment for Config {
 
         step.say("checking the server after the attack");
         let alive = !servers[0].process.has_exited();
-        let fresh_echo =
-            consul_harness::hostile::echo_direct(addr, b"fresh after the attack").await;
+        let fresh_echo = echo_rig::hostile::echo_direct(addr, b"fresh after the attack").await;
         let still_passing = wait::passing(&consul.client(), SERVICE, Duration::from_secs(10))
             .await
             .is_ok_and(|(e, _)| e.iter().any(|e| e.service.id == ids[0]));

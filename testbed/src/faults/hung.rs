@@ -177,7 +177,7 @@ impl Experiment for Config {
             .ok_or_else(|| Error::Scenario("no reply yet".into()))?;
         let victim = servers
             .iter()
-            .position(|s| s.spec.id == frozen)
+            .position(|s| s.spec.args.id == frozen)
             .ok_or_else(|| Error::Scenario(format!("{frozen} is not one of ours")))?;
         step.say(format!(
             "SIGSTOP {frozen}; waiting for Consul and the client to notice"

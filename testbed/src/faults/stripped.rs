@@ -164,7 +164,7 @@ impl Experiment for Config {
         servers.push(ServerProcess::spawn(launcher, spec.clone()).await?);
         let new_server_seen = discovery
             .wait_for("the client to list the new server", t0, LIMIT, |v| {
-                v.lists(&spec.id)
+                v.lists(&spec.args.id)
             })
             .await
             .ok()

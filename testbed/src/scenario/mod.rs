@@ -32,12 +32,12 @@ pub(crate) fn server_spec(
     id: &str,
     interval: Duration,
 ) -> Result<ServerSpec> {
-    let mut spec = ServerSpec::seed(consul)?.with_id(id);
-    spec.interval = interval;
-    spec.timeout = interval;
     // Nothing is reaped during a scenario (Consul raises this to 1m anyway).
-    spec.deregister_after = Duration::from_secs(60);
-    Ok(spec)
+    Ok(ServerSpec::seed(consul)?.with_id(id).with_check(
+        interval,
+        interval,
+        Duration::from_secs(60),
+    ))
 }
 
 /// Start `n` servers (`servernode_1` ...) and wait until Consul lists them all passing.
@@ -275,7 +275,7 @@ impl Basics {
 
 /// The service IDs of `servers`.
 pub(crate) fn ids(servers: &[ServerProcess]) -> Vec<String> {
-    servers.iter().map(|s| s.spec.id.clone()).collect()
+    servers.iter().map(|s| s.spec.args.id.clone()).collect()
 }
 
 /// A resilient client of [`SERVICE`] through `consul`, quick to give up on a silent instance.
@@ -333,14 +333,14 @@ pub(crate) fn casualties(servers: &mut [ServerProcess]) -> Vec<String> {
     found.extend(servers.iter_mut().filter_map(|s| {
         s.process
             .has_exited()
-            .then(|| format!("{} exited", s.spec.id))
+            .then(|| format!("{} exited", s.spec.args.id))
     }));
     found
 }
 
 /// One echo straight to a server's port (not through discovery).
 pub(crate) async fn echo_direct(addr: std::net::SocketAddr, payload: &[u8]) -> bool {
-    consul_harness::hostile::echo_direct(addr, payload).await
+    echo_rig::hostile::echo_direct(addr, payload).await
 }
 
 /// The time from `from` to a wall-clock moment (a log line's arrival), zero if before.

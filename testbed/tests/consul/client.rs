@@ -9,10 +9,11 @@ use std::{
     time::{Duration, Instant as StdInstant},
 };
 
+use consul_api::GoDuration;
 use echo_client::{ClientConfig, ConsulState, EchoClient, Reply, Snapshot};
 use testbed::{
     Consul, ConsulOptions,
-    procs::{ClientProcess, ServerProcess, ServerSpec},
+    procs::{ClientProcess, ServerProcess, ServerSpec, client_args},
     signal::Signal,
     wait,
 };
@@ -25,8 +26,8 @@ const SERVICE: &str = "servernode";
 /// A server of the seed article's service checked every second (deregistration as seeded).
 async fn server(consul: &Consul, id: &str) -> ServerProcess {
     let mut spec = ServerSpec::seed(consul.config()).unwrap().with_id(id);
-    spec.interval = Duration::from_secs(1);
-    spec.timeout = Duration::from_secs(1);
+    spec.args.interval = GoDuration(Duration::from_secs(1));
+    spec.args.timeout = GoDuration(Duration::from_secs(1));
     ServerProcess::spawn(&launcher(), spec).await.unwrap()
 }
 
@@ -201,20 +202,14 @@ async fn the_cli_stream_is_unbroken_when_a_server_is_killed() {
         servers.insert(id.to_owned(), server(&consul, id).await);
     }
     passing(&consul, &["servernode_1", "servernode_2"]).await;
-    let args: Vec<String> = [
-        "--service",
-        SERVICE,
-        "--count",
-        "40",
-        "--interval",
-        "100ms",
-        "--message",
-        "hello world",
-        "--reply-timeout",
-        "1s",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = echo_client::cli::Args {
+        service: SERVICE.into(),
+        count: 40,
+        interval: GoDuration(Duration::from_millis(100)),
+        message: "hello world".into(),
+        reply_timeout: GoDuration::from_secs(1),
+        ..client_args().unwrap()
+    };
     let mut cli = ClientProcess::spawn(&launcher(), &consul.config(), &args).unwrap();
     let out = cli.process.output().clone();
     let line = out
@@ -329,7 +324,7 @@ async fn with_every_instance_down_the_client_resumes_when_one_starts() {
         started_at.elapsed(),
         reply.attempts
     );
-    assert_eq!(echo(&client, 3).await.instance.id, c.spec.id);
+    assert_eq!(echo(&client, 3).await.instance.id, c.spec.args.id);
 }
 
 #[tokio::test]
@@ -522,20 +517,14 @@ async fn naive_mode_dials_a_dead_server_until_consul_deregisters_it() {
     wait::passing(&consul.client(), SERVICE, Duration::from_secs(60))
         .await
         .unwrap();
-    let args: Vec<String> = [
-        "--mode",
-        "naive",
-        "--service",
-        SERVICE,
-        "--count",
-        "100000",
-        "--interval",
-        "200ms",
-        "--timeout",
-        "5m",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = echo_client::cli::Args {
+        mode: echo_client::cli::Mode::Naive,
+        service: SERVICE.into(),
+        count: 100_000,
+        interval: GoDuration(Duration::from_millis(200)),
+        timeout: GoDuration::from_secs(300),
+        ..client_args().unwrap()
+    };
     let cli = ClientProcess::spawn(&launcher(), &consul.config(), &args).unwrap();
     let out = cli.process.output().clone();
     out.wait_for("reply seq=3 ", Duration::from_secs(30))
@@ -609,9 +598,11 @@ async fn a_refused_token_is_a_clear_permanent_error() {
     let bad = consul
         .config()
         .with_token(Some("00000000-0000-4000-8000-000000000000".into()));
-    let args: Vec<String> = ["--count", "1", "--timeout", "5m"]
-        .map(String::from)
-        .to_vec();
+    let args = echo_client::cli::Args {
+        count: 1,
+        timeout: GoDuration::from_secs(300),
+        ..client_args().unwrap()
+    };
     let (error, took) = failing_cli(&bad, &args, Duration::from_secs(60)).await;
     assert!(error.contains("failed permanently"), "{error}");
     assert!(error.contains("403"), "{error}");
@@ -627,16 +618,12 @@ async fn a_refused_token_is_a_clear_permanent_error() {
 async fn a_service_that_never_appears_fails_after_timeout() {
     init_tracing();
     let consul = Consul::start().await.unwrap();
-    let args: Vec<String> = [
-        "--service",
-        "nobody-here",
-        "--count",
-        "1",
-        "--timeout",
-        "3s",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = echo_client::cli::Args {
+        service: "nobody-here".into(),
+        count: 1,
+        timeout: GoDuration::from_secs(3),
+        ..client_args().unwrap()
+    };
     let (error, took) = failing_cli(&consul.config(), &args, Duration::from_secs(30)).await;
     assert!(
         error.contains("no instance of \"nobody-here\" answered within 3s"),
@@ -650,7 +637,7 @@ async fn a_service_that_never_appears_fails_after_timeout() {
 /// `limit`, and returns its error line and how long it ran.
 pub(crate) async fn failing_cli(
     consul: &consul_api::Config,
-    args: &[String],
+    args: &echo_client::cli::Args,
     limit: Duration,
 ) -> (String, Duration) {
     let started = StdInstant::now();
@@ -677,7 +664,7 @@ async fn two_instances_with_one_id_on_two_nodes_are_two_instances() {
     let mut servers = BTreeMap::new();
     for node in ["node-a", "node-b"] {
         let mut spec = ServerSpec::seed(consul.config()).unwrap();
-        spec.extra_args.push("--no-register".into());
+        spec.args.no_register = true;
         let server = ServerProcess::spawn(&launcher(), spec).await.unwrap();
         let addr = server.spec.echo_addr();
         let registration = consul_api::CatalogRegistration {

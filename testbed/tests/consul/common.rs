@@ -20,7 +20,7 @@ pub fn init_tracing() {
 }
 
 /// Every line a process printed.
-pub fn printed(process: &testbed::procs::ChildProcess) -> String {
+pub fn printed(process: &testbed::process::ChildProcess) -> String {
     process
         .output()
         .lines()

@@ -9,7 +9,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use consul_api::{AgentServiceRegistration, Client, PreparedQueryDefinition, ServiceQuery};
+use consul_api::{
+    AgentServiceRegistration, Client, GoDuration, PreparedQueryDefinition, ServiceQuery,
+};
 use consul_registry::{ConsulState, DiscoveryConfig, Snapshot, Source, discovery, failover};
 use echo_client::{EchoClient, session::SessionConfig};
 use echo_server::{config::Config as ServerConfig, server::Server};
@@ -96,8 +98,8 @@ async fn every_source_drops_or_keeps_a_killed_instance_as_consul_says_and_no_ses
         let mut spec = ServerSpec::seed(consul.config())
             .unwrap()
             .named(SERVICE, format!("{SERVICE}_{i}"));
-        spec.interval = Duration::from_secs(1);
-        spec.timeout = Duration::from_secs(1);
+        spec.args.interval = GoDuration(Duration::from_secs(1));
+        spec.args.timeout = GoDuration(Duration::from_secs(1));
         servers.push(ServerProcess::spawn(&launcher, spec).await.unwrap());
     }
     wait::health_until(&client, SERVICE, true, Duration::from_secs(30), |e| {

@@ -80,7 +80,7 @@ async fn several_agents_run_side_by_side() {
 #[tokio::test]
 async fn a_bad_address_is_a_clear_error_not_a_hang() {
     let started = Instant::now();
-    let port = testbed::procs::free_port().unwrap();
+    let port = testbed::process::free_port().unwrap();
     let client = Client::new(Config::default().with_address(format!("127.0.0.1:{port}"))).unwrap();
     let err = client.status().leader().await.unwrap_err();
     assert!(matches!(err, ApiError::Transport { .. }), "{err}");

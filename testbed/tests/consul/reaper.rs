@@ -526,19 +526,21 @@ async fn an_alive_server_forced_unhealthy_is_removed_once_and_its_registrar_wins
     reaper.until(tracking(0)).await;
     let reap_after = Duration::from_secs(2);
     let mut spec = ServerSpec::seed(consul.config()).unwrap();
-    spec.interval = Duration::from_secs(1);
-    spec.timeout = Duration::from_secs(1);
-    spec.extra_args = vec!["--reap-after".into(), GoDuration(reap_after).to_string()];
+    spec.args.interval = GoDuration(Duration::from_secs(1));
+    spec.args.timeout = GoDuration(Duration::from_secs(1));
+    spec.args.reap_after = Some(GoDuration(reap_after));
     let server = ServerProcess::spawn(&launcher(), spec.clone())
         .await
         .unwrap();
-    wait::passing(&client, &spec.name, LIMIT).await.unwrap();
+    wait::passing(&client, &spec.args.name, LIMIT)
+        .await
+        .unwrap();
     reaper.until(tracking(1)).await;
 
     // /check answers 503 from now on: removed at reap-after, registered again by its
     // registrar at once.
     server.process.signal(Signal::SIGUSR1).unwrap();
-    let id = spec.id.clone();
+    let id = spec.args.id.clone();
     reaper
         .until(|e| matches!(e, Event::Removed { removal, .. } if removal.service_id == id))
         .await;
@@ -552,7 +554,7 @@ async fn an_alive_server_forced_unhealthy_is_removed_once_and_its_registrar_wins
 
     // Then no fight: over three more reap-afters (and a check interval), no removal, no
     // registration; the service stays registered, critical.
-    let from = events_for(&mut reaper, 3 * reap_after + spec.interval).await;
+    let from = events_for(&mut reaper, 3 * reap_after + spec.interval()).await;
     let removals = reaper.seen[from..]
         .iter()
         .filter(|e| matches!(e, Event::Removed { .. }))
@@ -566,13 +568,13 @@ async fn an_alive_server_forced_unhealthy_is_removed_once_and_its_registrar_wins
     );
     assert!(
         reaper.seen.iter().any(|e| matches!(e,
-            Event::Notice(Notice::Yielded { service_id }) if *service_id == spec.id)),
+            Event::Notice(Notice::Yielded { service_id }) if *service_id == spec.args.id)),
         "{:#?}",
         reaper.seen
     );
     let services = client.agent().services().await.unwrap();
-    assert!(services.contains_key(&spec.id), "{services:?}");
-    let check = node_check(&client, &spec.id).await;
+    assert!(services.contains_key(&spec.args.id), "{services:?}");
+    let check = node_check(&client, &spec.args.id).await;
     assert_eq!(check.status, HealthStatus::Critical);
     reaper.stop().await;
 }

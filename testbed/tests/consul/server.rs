@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use consul_api::{AclPolicy, AclPolicyLink, AclToken, Client, HealthStatus, ServiceEntry};
+use consul_api::{
+    AclPolicy, AclPolicyLink, AclToken, Client, GoDuration, HealthStatus, ServiceEntry,
+};
 use testbed::{
     Consul, ConsulOptions,
     logbuf::LogLine,
@@ -29,19 +31,19 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// The seed service with a 1 s check interval (short tests), logging each /check request.
 fn fast_spec(consul: &Consul) -> ServerSpec {
     let mut spec = ServerSpec::seed(consul.config()).unwrap();
-    spec.interval = Duration::from_secs(1);
-    spec.timeout = Duration::from_secs(1);
-    spec.extra_args.push("--log-checks".into());
+    spec.args.interval = GoDuration(Duration::from_secs(1));
+    spec.args.timeout = GoDuration(Duration::from_secs(1));
+    spec.args.log_checks = true;
     spec
 }
 
 fn check_id(spec: &ServerSpec) -> String {
-    format!("service:{}", spec.id)
+    format!("service:{}", spec.args.id)
 }
 
 /// The entry of `spec`'s instance among `entries`.
 fn ours<'a>(entries: &'a [ServiceEntry], spec: &ServerSpec) -> Option<&'a ServiceEntry> {
-    entries.iter().find(|e| e.service.id == spec.id)
+    entries.iter().find(|e| e.service.id == spec.args.id)
 }
 
 /// Until `spec`'s own check has `status`; returns the entry and when it was seen.
@@ -51,7 +53,7 @@ async fn check_status(
     status: HealthStatus,
 ) -> (ServiceEntry, tokio::time::Instant) {
     let id = check_id(spec);
-    let (entries, at) = wait::health_until(client, &spec.name, false, LIMIT, |entries| {
+    let (entries, at) = wait::health_until(client, &spec.args.name, false, LIMIT, |entries| {
         ours(entries, spec).is_some_and(|e| {
             e.checks
                 .iter()
@@ -65,7 +67,7 @@ async fn check_status(
 
 /// Until `spec`'s instance is registered in the catalog (in any state).
 async fn registered(client: &Client, spec: &ServerSpec) -> tokio::time::Instant {
-    wait::health_until(client, &spec.name, false, LIMIT, |entries| {
+    wait::health_until(client, &spec.args.name, false, LIMIT, |entries| {
         ours(entries, spec).is_some()
     })
     .await
@@ -132,8 +134,8 @@ async fn registration_is_stored_as_configured_and_the_agent_checks_at_the_interv
     let service = &entry.service;
     assert_eq!(service.id, "servernode_1");
     assert_eq!(service.service, "servernode");
-    assert_eq!(service.address, spec.ip.to_string());
-    assert_eq!(service.port, spec.port);
+    assert_eq!(service.address, spec.ip().to_string());
+    assert_eq!(service.port, spec.args.port);
     assert_eq!(service.tags(), ["servernode"]);
     let meta = service.meta.clone().unwrap_or_default();
     assert_eq!(
@@ -145,7 +147,7 @@ async fn registration_is_stored_as_configured_and_the_agent_checks_at_the_interv
         .iter()
         .find(|c| c.check_id == check_id(&spec))
         .unwrap();
-    assert_eq!(check.service_id, spec.id);
+    assert_eq!(check.service_id, spec.args.id);
     assert_eq!(check.check_type, "http");
 
     // DeregisterCriticalServiceAfter = 30s reached the agent: it says it raised it to 1m.
@@ -171,7 +173,7 @@ async fn registration_is_stored_as_configured_and_the_agent_checks_at_the_interv
             + 1;
         hits.push(line);
     }
-    let host = format!("host=\"{}:{}\"", spec.ip, spec.check_port);
+    let host = format!("host=\"{}:{}\"", spec.ip(), spec.args.check_port);
     for hit in &hits {
         assert!(hit.text.contains("method=\"GET\""), "{}", hit.text);
         assert!(hit.text.contains("path=\"/check\""), "{}", hit.text);
@@ -209,7 +211,7 @@ async fn the_check_timeout_is_the_configured_one() {
         client,
         spec,
         server,
-    } = passing_server(|spec| spec.timeout = Duration::from_secs(2)).await;
+    } = passing_server(|spec| spec.args.timeout = GoDuration::from_secs(2)).await;
 
     // A frozen server accepts the agent's connection but never answers: the agent gives up
     // after the timeout, not before.
@@ -256,11 +258,7 @@ async fn sigterm_deregisters_at_once_answers_in_flight_frames_and_exits_0() {
         client,
         spec,
         mut server,
-    } = passing_server(|s| {
-        s.extra_args
-            .extend(["--drain-timeout".to_owned(), "1m".to_owned()])
-    })
-    .await;
+    } = passing_server(|s| s.args.drain_timeout = GoDuration::from_secs(60)).await;
 
     // 2,048 frames of 8 KiB (16 MiB) written at once to a peer with a 4 KiB receive buffer
     // that reads nothing until the server is gone from the catalog: far more than every
@@ -288,7 +286,7 @@ async fn sigterm_deregisters_at_once_answers_in_flight_frames_and_exits_0() {
 
     let signalled = tokio::time::Instant::now();
     server.process.signal(Signal::SIGTERM).unwrap();
-    let gone = wait::deregistered(&client, &spec.name, &spec.id, LIMIT)
+    let gone = wait::deregistered(&client, &spec.args.name, &spec.args.id, LIMIT)
         .await
         .unwrap();
     let to_gone = gone - signalled;
@@ -354,7 +352,7 @@ async fn a_restarted_agent_gets_the_registration_back_within_two_intervals() {
     let back = registered(&client, &spec).await;
     let took = back.saturating_duration_since(up);
     eprintln!("registered again {took:?} after the restarted agent was ready");
-    assert!(took < 2 * spec.interval, "{took:?}");
+    assert!(took < 2 * spec.interval(), "{took:?}");
     server
         .process
         .output()
@@ -376,7 +374,11 @@ async fn an_operators_deregistration_is_undone_within_two_intervals() {
     } = passing_server(|_| {}).await;
 
     let started = tokio::time::Instant::now();
-    client.agent().service_deregister(&spec.id).await.unwrap();
+    client
+        .agent()
+        .service_deregister(&spec.args.id)
+        .await
+        .unwrap();
     server
         .process
         .output()
@@ -386,7 +388,7 @@ async fn an_operators_deregistration_is_undone_within_two_intervals() {
     let back = registered(&client, &spec).await;
     let took = back - started;
     eprintln!("back {took:?} after an operator deregistered it");
-    assert!(took < 2 * spec.interval, "{took:?}");
+    assert!(took < 2 * spec.interval(), "{took:?}");
 }
 
 #[tokio::test]
@@ -425,9 +427,9 @@ async fn started_before_consul_it_retries_then_registers() {
 async fn sigterm_while_consul_is_unreachable_still_exits_0_promptly() {
     init_tracing();
     // Nothing listens at this address: the registration is still being retried at SIGTERM.
-    let nowhere = format!("127.0.0.1:{}", testbed::procs::free_port().unwrap());
+    let nowhere = format!("127.0.0.1:{}", testbed::process::free_port().unwrap());
     let mut spec = ServerSpec::seed(consul_api::Config::default().with_address(nowhere)).unwrap();
-    spec.interval = Duration::from_secs(1);
+    spec.args.interval = GoDuration(Duration::from_secs(1));
     let mut server = ServerProcess::spawn(&launcher(), spec.clone())
         .await
         .unwrap();
@@ -497,7 +499,7 @@ async fn acl_fixture(management_token: &str) -> AclFixture {
         .acl()
         .policy_create(&AclPolicy {
             name: "echo-server".into(),
-            rules: format!("service \"{}\" {{ policy = \"write\" }}", spec.name),
+            rules: format!("service \"{}\" {{ policy = \"write\" }}", spec.args.name),
             ..Default::default()
         })
         .await
@@ -539,7 +541,7 @@ async fn with_acls_a_wrong_token_is_fatal_and_the_right_one_registers() {
     let started = Instant::now();
     let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_testbed"))
         .arg("echo-server")
-        .args(spec.args())
+        .args(spec.args.to_argv())
         .env("CONSUL_HTTP_ADDR", consul.address())
         .env("CONSUL_HTTP_TOKEN", wrong)
         .env("NO_COLOR", "1")
@@ -575,7 +577,7 @@ async fn with_acls_a_wrong_token_is_fatal_and_the_right_one_registers() {
         .unwrap();
     check_status(&admin, &spec, HealthStatus::Passing).await;
     server.process.signal(Signal::SIGTERM).unwrap();
-    wait::deregistered(&admin, &spec.name, &spec.id, LIMIT)
+    wait::deregistered(&admin, &spec.args.name, &spec.args.id, LIMIT)
         .await
         .unwrap();
     let status = server.process.wait_exit(LIMIT).await.unwrap();
@@ -635,9 +637,13 @@ async fn with_acls_a_403_after_registering_is_retried_while_the_server_keeps_ser
     // Meanwhile the agent loses its entry (an operator, or an agent restarted without it).
     // The catalog keeps a stale copy: the agent syncs the removal with the service's own
     // token, refused too, so the agent's own list is what tells.
-    admin.agent().service_deregister(&spec.id).await.unwrap();
+    admin
+        .agent()
+        .service_deregister(&spec.args.id)
+        .await
+        .unwrap();
     let on_agent = admin.agent().services().await.unwrap();
-    assert!(!on_agent.contains_key(&spec.id), "{on_agent:?}");
+    assert!(!on_agent.contains_key(&spec.args.id), "{on_agent:?}");
     assert!(!server.process.has_exited());
 
     // The token works again: the server registers again by itself and passes.
@@ -647,7 +653,7 @@ async fn with_acls_a_403_after_registering_is_retried_while_the_server_keeps_ser
         .await
         .unwrap();
     let on_agent = admin.agent().services().await.unwrap();
-    assert!(on_agent.contains_key(&spec.id), "{on_agent:?}");
+    assert!(on_agent.contains_key(&spec.args.id), "{on_agent:?}");
     check_status(&admin, &spec, HealthStatus::Passing).await;
     assert!(!server.process.has_exited());
     assert!(

@@ -6,11 +6,11 @@
 
 use std::{sync::Arc, time::Duration};
 
-use consul_api::{Client, Error, TlsConfig};
+use consul_api::{Client, Error, GoDuration, TlsConfig};
 use testbed::{
     Consul, ConsulOptions,
     consul::{Issuer, TestPki},
-    procs::{ClientProcess, ServerProcess, ServerSpec},
+    procs::{ClientProcess, ServerProcess, ServerSpec, client_args},
     signal::Signal,
     wait,
 };
@@ -58,19 +58,19 @@ async fn over_https_with_client_certificates_servers_register_clients_discover_a
     assert!(matches!(refused(plain).await, Error::Tls { .. }));
 
     let mut spec = ServerSpec::seed(consul.config()).unwrap();
-    spec.interval = Duration::from_secs(1);
-    spec.timeout = Duration::from_secs(1);
+    spec.args.interval = GoDuration(Duration::from_secs(1));
+    spec.args.timeout = GoDuration(Duration::from_secs(1));
     let mut server = ServerProcess::spawn(&launcher(), spec.clone())
         .await
         .unwrap();
     // Passing: registered through HTTPS, and the agent's own check of http://.../check
     // stayed plain HTTP.
-    let (entries, _) = wait::passing(&admin, &spec.name, LIMIT).await.unwrap();
-    assert_eq!(entries[0].service.id, spec.id);
+    let (entries, _) = wait::passing(&admin, &spec.args.name, LIMIT).await.unwrap();
+    assert_eq!(entries[0].service.id, spec.args.id);
     let check = entries[0]
         .checks
         .iter()
-        .find(|c| c.check_id == format!("service:{}", spec.id))
+        .find(|c| c.check_id == format!("service:{}", spec.args.id))
         .unwrap();
     assert!(
         check.output.contains("HTTP GET http://"),
@@ -80,22 +80,18 @@ async fn over_https_with_client_certificates_servers_register_clients_discover_a
 
     // The client gets its TLS settings as flags (the server got them as variables).
     let tls = consul.config().tls;
-    let mut args: Vec<String> = [
-        "--service",
-        &spec.name,
-        "--count",
-        "3",
-        "--interval",
-        "100ms",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args = echo_client::cli::Args {
+        service: spec.args.name.clone(),
+        count: 3,
+        interval: GoDuration(Duration::from_millis(100)),
+        ..client_args().unwrap()
+    };
     for (flag, file) in [
-        ("--ca-file", &tls.ca_file),
-        ("--client-cert", &tls.client_cert),
-        ("--client-key", &tls.client_key),
+        (&mut args.consul.ca_file, &tls.ca_file),
+        (&mut args.consul.client_cert, &tls.client_cert),
+        (&mut args.consul.client_key, &tls.client_key),
     ] {
-        args.extend([flag.into(), file.as_ref().unwrap().display().to_string()]);
+        *flag = Some(file.clone().unwrap());
     }
     let no_tls_env = consul.config().with_tls(TlsConfig::default());
     let mut client = ClientProcess::spawn(&launcher(), &no_tls_env, &args).unwrap();
@@ -107,12 +103,12 @@ async fn over_https_with_client_certificates_servers_register_clients_discover_a
         "{client_out}"
     );
     assert!(
-        client_out.contains(&format!("instance={}", spec.id)),
+        client_out.contains(&format!("instance={}", spec.args.id)),
         "{client_out}"
     );
 
     server.process.signal(Signal::SIGTERM).unwrap();
-    wait::deregistered(&admin, &spec.name, &spec.id, LIMIT)
+    wait::deregistered(&admin, &spec.args.name, &spec.args.id, LIMIT)
         .await
         .unwrap();
     let status = server.process.wait_exit(LIMIT).await.unwrap();
@@ -128,9 +124,11 @@ async fn refusals_name_the_missing_client_certificate_the_ca_and_the_server_name
     init_tracing();
     let token = "tls-refusal-management-token";
     let (consul, pki) = mtls_agent(token).await;
-    let args: Vec<String> = ["--count", "1", "--timeout", "5m"]
-        .map(String::from)
-        .to_vec();
+    let args = echo_client::cli::Args {
+        count: 1,
+        timeout: GoDuration::from_secs(300),
+        ..client_args().unwrap()
+    };
 
     // No client certificate for an agent with verify_incoming: the client says which
     // settings are missing, at once (not after --timeout), without the token.
@@ -163,7 +161,7 @@ async fn refusals_name_the_missing_client_certificate_the_ca_and_the_server_name
     let err = refused(wrong_ca.clone()).await.to_string();
     assert!(err.contains(&ca) && err.contains("\"127.0.0.1\""), "{err}");
     let mut spec = ServerSpec::seed(wrong_ca).unwrap();
-    spec.interval = Duration::from_secs(1);
+    spec.args.interval = GoDuration(Duration::from_secs(1));
     let mut server = ServerProcess::start(&launcher(), spec).unwrap();
     let status = server.process.wait_exit(LIMIT).await.unwrap();
     let out = printed(&server.process);
@@ -220,9 +218,11 @@ async fn a_certificate_for_another_host_is_refused_unless_tls_server_name_says_i
     );
     assert!(err.contains("consul.example"), "{err}");
     assert!(err.contains("CONSUL_TLS_SERVER_NAME"), "{err}");
-    let args: Vec<String> = ["--count", "1", "--timeout", "5m"]
-        .map(String::from)
-        .to_vec();
+    let args = echo_client::cli::Args {
+        count: 1,
+        timeout: GoDuration::from_secs(300),
+        ..client_args().unwrap()
+    };
     let (error, took) = failing_cli(&consul.config(), &args, LIMIT).await;
     eprintln!("MEASURED certificate for another host, echo-client after {took:?}: {error}");
     assert!(error.contains("not valid for server name"), "{error}");
