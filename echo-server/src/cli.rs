@@ -142,6 +142,9 @@ impl Args {
         if let Some(reap_after) = self.reap_after {
             flag("--reap-after", reap_after.to_string());
         }
+        if let Some(key) = &self.config_key {
+            flag("--config-key", key.clone());
+        }
         flag("--address", self.address.clone());
         flag("--bind", self.bind.to_string());
         for tag in &self.tags {
@@ -317,6 +320,7 @@ mod tests {
         given.tags = vec!["a".into(), "b".into()];
         given.no_register = true;
         given.log_checks = true;
+        given.config_key = Some("echo/live".into());
         given.consul.http_addr = Some("127.0.0.9:8500".into());
         let argv = given.to_argv();
         let back = Args::try_parse_from(std::iter::once("echo-server".into()).chain(argv.clone()))
