@@ -29,22 +29,8 @@ use crate::{
 pub struct Config {
     /// Check interval of the server.
     pub interval: Duration,
-    /// Connections sending random bytes.
-    pub garbage_conns: usize,
-    /// Random bytes each of them sends.
-    pub garbage_bytes: usize,
-    /// Connections sending one frame over the limit.
-    pub oversize_conns: usize,
-    /// The size of that frame, bytes.
-    pub oversize_bytes: usize,
-    /// Connections left holding an unfinished frame for the rest of the attack.
-    pub stalled_conns: usize,
-    /// Connections reset (SO_LINGER 0) in the middle of a frame.
-    pub resets: usize,
-    /// Connections that each echo one frame and close.
-    pub short_lived: usize,
-    /// Hostile connections at once.
-    pub concurrency: usize,
+    /// What the attacker sends (echo-rig's one attack).
+    pub attack: Attack,
     /// The well-behaved client: one echo every this long ...
     pub every: Duration,
     /// ... and this many for the quiet run.
@@ -53,17 +39,9 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        let attack = Attack::default();
         Config {
             interval: Duration::from_secs(1),
-            garbage_conns: attack.garbage_conns,
-            garbage_bytes: attack.garbage_bytes,
-            oversize_conns: attack.oversize_conns,
-            oversize_bytes: attack.oversize_bytes,
-            stalled_conns: attack.stalled_conns,
-            resets: attack.resets,
-            short_lived: attack.short_lived,
-            concurrency: attack.concurrency,
+            attack: Attack::default(),
             every: Duration::from_millis(5),
             quiet_messages: 400,
         }
@@ -290,16 +268,7 @@ fn opt_ms(d: Option<Duration>) -> String {
 impl Config {
     /// What the attacker sends.
     pub fn attack(&self) -> Attack {
-        Attack {
-            garbage_conns: self.garbage_conns,
-            garbage_bytes: self.garbage_bytes,
-            oversize_conns: self.oversize_conns,
-            oversize_bytes: self.oversize_bytes,
-            stalled_conns: self.stalled_conns,
-            resets: self.resets,
-            short_lived: self.short_lived,
-            concurrency: self.concurrency,
-        }
+        self.attack.clone()
     }
 }
 
@@ -403,22 +372,22 @@ impl Experiment for Config {
             injected: format!(
                 "{} × {} KiB garbage, {} × {} KiB frames (limit 64 KiB), {} stalled frames, {} \
              resets, {} short-lived connections",
-                self.garbage_conns,
-                self.garbage_bytes >> 10,
-                self.oversize_conns,
-                self.oversize_bytes >> 10,
-                self.stalled_conns,
-                self.resets,
-                self.short_lived
+                self.attack.garbage_conns,
+                self.attack.garbage_bytes >> 10,
+                self.attack.oversize_conns,
+                self.attack.oversize_bytes >> 10,
+                self.attack.stalled_conns,
+                self.attack.resets,
+                self.attack.short_lived
             ),
             garbage_sent: hostile.garbage_sent,
             garbage_echoed: hostile.garbage_echoed,
             oversize_refused: hostile.oversize_refused,
-            oversize_conns: self.oversize_conns,
+            oversize_conns: self.attack.oversize_conns,
             stalled: hostile.stalled,
             resets: hostile.resets,
             short_lived_ok: hostile.short_lived_ok,
-            short_lived: self.short_lived,
+            short_lived: self.attack.short_lived,
             short_lived_took: hostile.short_lived_took,
             rss_start_kib,
             rss_before_stalled_kib: hostile.rss_before_stalled_kib,

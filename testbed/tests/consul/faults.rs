@@ -151,9 +151,9 @@ async fn hostile_input_leaves_the_server_up_and_its_memory_bounded() {
     show(&o);
     assert!(o.violations().is_empty(), "{:?}", o.violations());
     assert!(o.alive && o.fresh_echo && o.still_passing);
-    assert_eq!(o.stalled, config.stalled_conns);
-    assert_eq!(o.short_lived_ok, config.short_lived as u64);
-    assert_eq!(o.oversize_refused, config.oversize_conns as u64);
+    assert_eq!(o.stalled, config.attack.stalled_conns);
+    assert_eq!(o.short_lived_ok, config.attack.short_lived as u64);
+    assert_eq!(o.oversize_refused, config.attack.oversize_conns as u64);
     assert!(o.garbage_sent > 0);
     // Generous: a leak or a frame-sized buffer per connection would break these.
     assert!(o.peak_rss_kib < 256 << 10, "{} KiB", o.peak_rss_kib);
