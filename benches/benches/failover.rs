@@ -34,11 +34,12 @@ use benches::{
     harness::SharedConsul,
     results::{MEASURED, Recorder, RunInfo},
     servers::ServerThread,
-    traffic::{self, CloseProbe, Message, Streamer},
+    traffic::{self, CloseProbe, Message},
 };
 use consul_harness::{Consul, signal::Signal};
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, SamplingMode, measurement::WallTime};
 use echo_client::{ClientConfig, EchoClient, Instance, SessionConfig, Snapshot};
+use echo_rig::traffic::Stream;
 use echo_rig::{Launcher, ServerProcess, ServerSpec};
 use echo_server::Config;
 use tokio::{
@@ -172,7 +173,7 @@ fn floor(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
 struct InProcessRig {
     servers: BTreeMap<String, ServerThread>,
     feed: watch::Sender<Snapshot>,
-    streamer: Streamer,
+    streamer: Stream,
 }
 
 impl InProcessRig {
@@ -183,7 +184,7 @@ impl InProcessRig {
         }
         let (feed, view) = watch::channel(Snapshot::fixed(Self::instances(&servers)));
         let client = EchoClient::with_discovery(view, SessionConfig::new("inprocess"))?;
-        let streamer = Streamer::start(client, STREAM_LIMIT);
+        let streamer = traffic::stream(&client, STREAM_LIMIT);
         streamer.replies(3, WAIT).await?;
         Ok(InProcessRig {
             servers,
@@ -230,7 +231,7 @@ impl Rig for InProcessRig {
 
 /// The instance the client is on, and its server among `servers`: the next victim.
 fn victim<'a, S>(
-    streamer: &Streamer,
+    streamer: &Stream,
     servers: &'a mut BTreeMap<String, S>,
 ) -> Result<(Instance, &'a mut S)> {
     let victim = current(streamer)?;
@@ -240,7 +241,7 @@ fn victim<'a, S>(
     Ok((victim, server))
 }
 
-fn current(streamer: &Streamer) -> Result<Instance> {
+fn current(streamer: &Stream) -> Result<Instance> {
     streamer
         .last()
         .instance
@@ -251,7 +252,7 @@ fn current(streamer: &Streamer) -> Result<Instance> {
 /// in its steady state, then `kill` → the first correct reply from another instance than
 /// `victim`; the interval and its parts recorded in `rec`. Returns the timed interval.
 async fn timed_kill(
-    streamer: &Streamer,
+    streamer: &Stream,
     victim: &str,
     addr: SocketAddr,
     rec: &SharedRecorder,
@@ -295,8 +296,8 @@ fn record_kill(rec: &SharedRecorder, measured: Duration, probe_eof: Duration) {
 }
 
 /// Stop the streamer, then shut each in-process server down cleanly.
-async fn stop_threads(streamer: Streamer, servers: BTreeMap<String, ServerThread>) -> Result<()> {
-    streamer.stop().await;
+async fn stop_threads(streamer: Stream, servers: BTreeMap<String, ServerThread>) -> Result<()> {
+    streamer.finish().await;
     for server in servers.into_values() {
         server.shutdown().await?;
     }
@@ -404,7 +405,7 @@ struct ProcessRig {
     consul: consul_api::Config,
     servers: BTreeMap<String, ServerProcess>,
     view: watch::Receiver<Snapshot>,
-    streamer: Streamer,
+    streamer: Stream,
 }
 
 const KILL_SERVICE: &str = "failover-kill";
@@ -439,7 +440,7 @@ impl ConsulRig for ProcessRig {
         for server in servers.values() {
             Self::listed(&view, server).await?;
         }
-        let streamer = Streamer::start(client, STREAM_LIMIT);
+        let streamer = traffic::stream(&client, STREAM_LIMIT);
         streamer.replies(3, WAIT).await?;
         Ok(ProcessRig {
             launcher,
@@ -453,7 +454,7 @@ impl ConsulRig for ProcessRig {
 
 impl Rig for ProcessRig {
     async fn stop(self) -> Result<()> {
-        self.streamer.stop().await;
+        self.streamer.finish().await;
         for mut server in self.servers.into_values() {
             // SIGTERM: a clean shutdown deregisters.
             server.process.signal(Signal::SIGTERM)?;
@@ -513,7 +514,7 @@ struct UnhealthyRig {
     servers: BTreeMap<String, ServerThread>,
     view: watch::Receiver<Snapshot>,
     observer: Observer,
-    streamer: Streamer,
+    streamer: Stream,
 }
 
 impl UnhealthyRig {
@@ -549,7 +550,7 @@ impl ConsulRig for UnhealthyRig {
         let observer = Observer::start(consul.config(), UNHEALTHY_SERVICE)?;
         let client = EchoClient::start(ClientConfig::new(consul.config(), UNHEALTHY_SERVICE))?;
         let view = client.discovery();
-        let streamer = Streamer::start(client, STREAM_LIMIT);
+        let streamer = traffic::stream(&client, STREAM_LIMIT);
         let rig = UnhealthyRig {
             servers,
             view,

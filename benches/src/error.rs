@@ -33,6 +33,10 @@ pub enum Error {
     #[error(transparent)]
     Client(#[from] echo_client::Error),
 
+    /// Echo traffic (echo-rig's streamer) failed a wait.
+    #[error(transparent)]
+    Stream(#[from] echo_rig::traffic::StreamError),
+
     /// The harness (Consul, processes) failed.
     #[error(transparent)]
     Harness(#[from] consul_harness::Error),

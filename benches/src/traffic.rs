@@ -1,175 +1,37 @@
 //! Load for the benches.
 //!
-//! * [`Streamer`]: an [`EchoClient`] sending one message after another (back to back while
-//!   armed, one per [`IDLE_PACE`] otherwise) and publishing who answered each and when, so a
-//!   bench can wait for the first correct reply from another instance after a fault.
+//! * [`stream`]: echo-rig's one streamer ([`Stream`]) as the benches pace it: one message
+//!   after another (back to back while armed, one per [`IDLE_PACE`] otherwise), publishing who
+//!   answered each and when, so a bench can wait for the first correct reply from another
+//!   instance after a fault.
 //! * [`Message`]: a payload of a given size and its newline-terminated wire form.
 //! * [`pipelined`] and [`lockstep`]: echo traffic on raw sockets, the same for every server
 //!   (the echo-server and the raw baselines answer the same bytes): pipelined for throughput,
 //!   one message at a time for latency, several servers in alternation so that their round
 //!   trips compare like with like.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use echo_client::{EchoClient, Instance};
+use echo_client::EchoClient;
+use echo_rig::traffic::{Stream, StreamSpec};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    sync::{Barrier, Mutex, watch},
+    sync::{Barrier, Mutex},
     task::JoinHandle,
     time::Instant,
 };
 
 use crate::error::{Error, Result};
 
-/// Between messages of a disarmed [`Streamer`].
+/// Between messages of a disarmed stream (echo-rig's [`Stream`], paced
+/// [`StreamSpec::back_to_back`]).
 pub const IDLE_PACE: Duration = Duration::from_millis(2);
 
-/// The last reply a [`Streamer`] got.
-#[derive(Debug, Clone)]
-pub struct LastReply {
-    /// Who answered (`None` before the first reply).
-    pub instance: Option<Instance>,
-    /// When the reply came back.
-    pub at: Instant,
-    /// Correct replies so far.
-    pub replies: u64,
-    /// Failed sends and wrong echoes so far.
-    pub errors: u64,
-    /// The last of those errors, if any.
-    pub last_error: Option<String>,
-}
-
-/// A client sending continuously; see the module documentation.
-#[derive(Debug)]
-pub struct Streamer {
-    last: watch::Receiver<LastReply>,
-    armed: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    task: JoinHandle<()>,
-}
-
-impl Streamer {
-    /// Start sending through `client`, for at most `limit` (a safety bound: stop it sooner).
-    pub fn start(client: EchoClient, limit: Duration) -> Streamer {
-        let (tx, last) = watch::channel(LastReply {
-            instance: None,
-            at: Instant::now(),
-            replies: 0,
-            errors: 0,
-            last_error: None,
-        });
-        let armed = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(stream(client, tx, armed.clone(), stop.clone(), limit));
-        Streamer {
-            last,
-            armed,
-            stop,
-            task,
-        }
-    }
-
-    /// Send back to back (`true`) or paced (`false`).
-    pub fn arm(&self, armed: bool) {
-        self.armed.store(armed, Ordering::SeqCst);
-    }
-
-    /// The last reply.
-    pub fn last(&self) -> LastReply {
-        self.last.borrow().clone()
-    }
-
-    /// Wait until `more` further correct replies have come back.
-    pub async fn replies(&self, more: u64, timeout: Duration) -> Result<LastReply> {
-        let target = self.last.borrow().replies + more;
-        self.wait(timeout, "replies", |l| l.replies >= target).await
-    }
-
-    /// Wait for the first correct reply from an instance other than `id`; returns when it
-    /// came back.
-    pub async fn reply_from_other_than(&self, id: &str, timeout: Duration) -> Result<Instant> {
-        let last = self
-            .wait(
-                timeout,
-                &format!("a reply from another instance than {id}"),
-                |l| l.instance.as_ref().is_some_and(|i| i.id != id),
-            )
-            .await?;
-        Ok(last.at)
-    }
-
-    async fn wait(
-        &self,
-        timeout: Duration,
-        what: &str,
-        mut done: impl FnMut(&LastReply) -> bool,
-    ) -> Result<LastReply> {
-        let mut rx = self.last.clone();
-        let errors = rx.borrow().errors;
-        let waited = tokio::time::timeout(timeout, rx.wait_for(|l| l.errors > errors || done(l)));
-        let last = match waited.await {
-            Ok(Ok(last)) => last.clone(),
-            Ok(Err(_)) => return Err(Error::Invalid("the streamer stopped".into())),
-            Err(_) => return Err(Error::timeout(what, timeout)),
-        };
-        if last.errors > errors {
-            return Err(Error::BadEcho(last.last_error.unwrap_or_default()));
-        }
-        Ok(last)
-    }
-
-    /// Stop sending and wait for the task.
-    pub async fn stop(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = self.task.await;
-    }
-}
-
-async fn stream(
-    client: EchoClient,
-    tx: watch::Sender<LastReply>,
-    armed: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    limit: Duration,
-) {
-    let deadline = Instant::now() + limit;
-    let mut seq = 0u64;
-    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && !tx.is_closed() {
-        seq += 1;
-        let message = format!("stream {seq:012}");
-        let outcome = client.send(message.clone()).await;
-        let at = Instant::now();
-        match outcome {
-            Ok(reply) if reply.bytes == message.as_bytes() => tx.send_modify(|l| {
-                l.instance = Some(reply.instance);
-                l.at = at;
-                l.replies += 1;
-            }),
-            Ok(reply) => tx.send_modify(|l| {
-                l.errors += 1;
-                l.last_error = Some(format!(
-                    "{} answered {:?} to {message:?}",
-                    reply.instance,
-                    String::from_utf8_lossy(&reply.bytes)
-                ));
-            }),
-            Err(e) => tx.send_modify(|l| {
-                l.errors += 1;
-                l.last_error = Some(e.to_string());
-            }),
-        }
-        if !armed.load(Ordering::SeqCst) {
-            tokio::time::sleep(IDLE_PACE).await;
-        }
-    }
+/// The benches' stream through `client`: back to back when armed, one per [`IDLE_PACE`]
+/// otherwise, for at most `limit`.
+pub fn stream(client: &EchoClient, limit: Duration) -> Stream {
+    Stream::start(client, StreamSpec::back_to_back(IDLE_PACE, limit))
 }
 
 /// A message of `size` bytes (lowercase letters, never a newline) and its wire form.
@@ -618,15 +480,15 @@ mod tests {
             .await
             .unwrap();
         let set = vec![
-            Instance::new("a", "127.0.0.1", a.echo_addr().port()),
-            Instance::new("b", "127.0.0.1", b.echo_addr().port()),
+            echo_client::Instance::new("a", "127.0.0.1", a.echo_addr().port()),
+            echo_client::Instance::new("b", "127.0.0.1", b.echo_addr().port()),
         ];
-        let (_feed, rx) = watch::channel(echo_client::Snapshot::fixed(set));
+        let (_feed, rx) = tokio::sync::watch::channel(echo_client::Snapshot::fixed(set));
         let mut session = echo_client::SessionConfig::new("t");
         // Seeded: round-robin then starts at the first instance by ID (unseeded, anywhere).
         session.seed = Some(1);
         let client = EchoClient::with_discovery(rx, session).unwrap();
-        let streamer = Streamer::start(client, Duration::from_secs(60));
+        let streamer = stream(&client, Duration::from_secs(60));
         let first = streamer.replies(3, Duration::from_secs(5)).await.unwrap();
         assert_eq!(
             first.instance.unwrap().id,
@@ -644,7 +506,7 @@ mod tests {
         assert!(at > killed);
         assert!(probe.closed(Duration::from_secs(5)).await.unwrap() > killed);
         assert_eq!(streamer.last().errors, 0, "nothing lost");
-        streamer.stop().await;
+        streamer.finish().await;
         b.shutdown().await.unwrap();
     }
 }

@@ -4,11 +4,13 @@
 //! * [`procs`] — echo servers and clients as child processes, their command lines written
 //!   from `echo_server::cli::Args` and `echo_client::cli::Args`, and the [`Launcher`] that
 //!   names the binary embedding both CLIs;
+//! * [`traffic`] — the one traffic streamer: a resilient client sending paced or back to
+//!   back, every message's outcome or just the last reply, waits on what it sees;
 //! * [`hostile`] — the one hostile-input attack on an echo server (garbage, oversized,
 //!   stalled, resets, short-lived connections), with the server's memory and CPU per phase.
 //!
 //! Its errors are the harness's ([`consul_harness::Error`]): starting and controlling
-//! processes.
+//! processes; the streamer's waits have their own ([`traffic::StreamError`]).
 //!
 //! ```no_run
 //! # async fn demo() -> consul_harness::Result<()> {
@@ -23,6 +25,7 @@
 
 pub mod hostile;
 pub mod procs;
+pub mod traffic;
 
 pub use consul_harness::{Error, Result};
 pub use procs::{ClientProcess, Launcher, ServerProcess, ServerSpec};

@@ -35,6 +35,10 @@ pub enum Error {
         timeout: Duration,
     },
 
+    /// Echo traffic (echo-rig's streamer) failed a wait.
+    #[error(transparent)]
+    Stream(#[from] echo_rig::traffic::StreamError),
+
     /// A watcher or task of the experiment ended before it had its answer.
     #[error("{0} stopped before it had its answer")]
     Stopped(String),

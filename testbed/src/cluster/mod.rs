@@ -37,7 +37,7 @@ use crate::{
     report::{Axis, Mark, PALETTE, Plot, Series, ms},
     scenario::{
         self, SERVICE,
-        observers::{DiscoveryLog, Traffic, View, ViewState},
+        observers::{DiscoveryLog, Stream, StreamSpec, View, ViewState},
     },
     wait,
 };
@@ -229,7 +229,7 @@ pub(crate) struct Watched {
     /// Its discovery's views.
     pub log: DiscoveryLog,
     /// Its echoes.
-    pub traffic: Traffic,
+    pub traffic: Stream,
     /// The client itself, held while the others work.
     _client: EchoClient,
 }
@@ -253,7 +253,7 @@ pub(crate) async fn watched<const N: usize>(
             v.lists_all(ids)
         })
         .await?;
-        let traffic = Traffic::start(&client, &label, every, max);
+        let traffic = Stream::start(&client, StreamSpec::every(&label, every, max));
         all.push(Watched {
             reads: label,
             log,

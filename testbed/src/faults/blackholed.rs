@@ -30,7 +30,7 @@ use crate::{
     report::{self, ms_serde as ms},
     scenario::{
         self, Basics, LIMIT, SERVICE,
-        observers::{DiscoveryLog, Traffic},
+        observers::{DiscoveryLog, Stream, StreamSpec},
     },
 };
 
@@ -257,7 +257,10 @@ impl Experiment for Config {
             )
             .await?;
         step.say("sending the stream");
-        let traffic = Traffic::start(&client, "blackholed", self.every, self.messages);
+        let traffic = Stream::start(
+            &client,
+            StreamSpec::every("blackholed", self.every, self.messages),
+        );
         traffic
             .wait_for("the last echo", LIMIT, |o| o.seq == self.messages)
             .await?;

@@ -20,7 +20,7 @@ use crate::{
     report::{self, ms_serde as ms},
     scenario::{
         self, LIMIT, SERVICE,
-        observers::{DiscoveryLog, Tally, Traffic, errors, latency_quantile},
+        observers::{DiscoveryLog, Stream, StreamSpec, Tally, errors, latency_quantile},
     },
 };
 
@@ -298,7 +298,10 @@ impl Experiment for Config {
         let rss_start_kib = rss();
 
         step.say("quiet run of the well-behaved client");
-        let quiet = Traffic::start(&client, "quiet", self.every, self.quiet_messages);
+        let quiet = Stream::start(
+            &client,
+            StreamSpec::every("quiet", self.every, self.quiet_messages),
+        );
         let quiet_outcomes = tokio::time::timeout(LIMIT, async {
             quiet
                 .wait_for("the quiet run", LIMIT, |o| o.seq == self.quiet_messages)
@@ -309,7 +312,10 @@ impl Experiment for Config {
         .await
         .unwrap_or_default();
 
-        let traffic = Traffic::start(&client, "under attack", self.every, 10_000_000);
+        let traffic = Stream::start(
+            &client,
+            StreamSpec::every("under attack", self.every, 10_000_000),
+        );
         // The attacker gets a thread and a runtime of its own, pinned to the second CPU,
         // and the server the first, so that the attacker's own work does not compete with
         // the server for a CPU: what the client sees is the server's fairness (the client

@@ -21,7 +21,7 @@ use crate::{
     report::{self, ms_serde as ms},
     scenario::{
         self, Basics, LIMIT,
-        observers::{DiscoveryLog, Traffic},
+        observers::{DiscoveryLog, Stream, StreamSpec},
     },
 };
 
@@ -140,7 +140,7 @@ impl Experiment for Config {
                 v.lists_all(&ids)
             })
             .await?;
-        let traffic = Traffic::start(&client, "stripped", self.every, 100_000);
+        let traffic = Stream::start(&client, StreamSpec::every("stripped", self.every, 100_000));
         traffic
             .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
             .await?;

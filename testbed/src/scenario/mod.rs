@@ -157,7 +157,10 @@ impl Opening {
                 |v| v.lists_all(&ids),
             )
             .await?;
-        let traffic = observers::Traffic::start(&client, self.label, every, self.max);
+        let traffic = observers::Stream::start(
+            &client,
+            observers::StreamSpec::every(self.label, every, self.max),
+        );
         traffic
             .wait_for("20 echoes", LIMIT, |o| o.seq >= 20 && !o.lost())
             .await?;
@@ -183,7 +186,7 @@ pub(crate) struct Stage {
     pub discovery: observers::DiscoveryLog,
     /// The discovery view that first listed every server.
     pub listed: observers::View,
-    pub traffic: observers::Traffic,
+    pub traffic: observers::Stream,
 }
 
 impl Stage {

@@ -1,6 +1,7 @@
 //! What the scenarios watch while they inject faults: a steady stream of echoes through a
-//! resilient [`EchoClient`] (every message's outcome, with timestamps), and every snapshot the
-//! client's discovery publishes. Both run as background tasks, bounded in count and time.
+//! resilient [`EchoClient`] (echo-rig's one streamer, [`Stream`]: every message's outcome,
+//! with timestamps), and every snapshot the client's discovery publishes ([`DiscoveryLog`]);
+//! both run as background tasks, bounded in count and time. Here: what is counted over them.
 
 use std::{
     sync::{Arc, Mutex},
@@ -8,49 +9,16 @@ use std::{
 };
 
 use echo_client::{ConsulState, EchoClient, Snapshot};
-use tokio::{sync::Notify, task::JoinSet};
-use tokio_util::sync::CancellationToken;
+pub use echo_rig::traffic::{Outcome, Served, Stream, StreamSpec};
+use tokio::sync::Notify;
 
 use crate::error::{Error, Result};
 
 /// Longest a background observer runs, whatever happens.
-const MAX_RUN: Duration = Duration::from_secs(15 * 60);
+const MAX_RUN: Duration = echo_rig::traffic::MAX_RUN;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The outcome of one message.
-#[derive(Debug, Clone)]
-pub struct Outcome {
-    /// Its number in the stream, from 1.
-    pub seq: u64,
-    /// When it was handed to the client.
-    pub sent: Instant,
-    /// When the client answered.
-    pub done: Instant,
-    /// The reply, or the client's error as text.
-    pub result: std::result::Result<Served, String>,
-}
-
-/// A reply.
-#[derive(Debug, Clone)]
-pub struct Served {
-    /// The service ID of the instance that answered.
-    pub instance: String,
-    /// From `send` to the reply, failovers included.
-    pub latency: Duration,
-    /// How many times it was written.
-    pub attempts: u32,
-    /// The reply equals the message.
-    pub exact: bool,
-}
-
-impl Outcome {
-    /// Lost: answered with an error, or with other bytes than sent.
-    pub fn lost(&self) -> bool {
-        !matches!(&self.result, Ok(s) if s.exact)
-    }
 }
 
 #[derive(Debug)]
@@ -94,113 +62,6 @@ impl<T: Clone> Shared<T> {
             }
         }
     }
-}
-
-/// Echoes sent every `every` through a client, concurrently (a slow answer does not hold the
-/// next message back), until stopped or `max` messages.
-#[derive(Debug)]
-pub struct Traffic {
-    shared: Arc<Shared<Outcome>>,
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Traffic {
-    /// Start sending `"<label> <seq>"` every `every`, at most `max` messages.
-    pub fn start(client: &EchoClient, label: &str, every: Duration, max: u64) -> Traffic {
-        let shared = Arc::new(Shared::new());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(send_loop(
-            client.clone(),
-            label.to_owned(),
-            every,
-            max,
-            shared.clone(),
-            stop.clone(),
-        ));
-        Traffic { shared, stop, task }
-    }
-
-    /// Every outcome so far, in order of completion.
-    pub fn outcomes(&self) -> Vec<Outcome> {
-        self.shared.all()
-    }
-
-    /// Wait for an outcome satisfying `pred`.
-    pub async fn wait_for(
-        &self,
-        what: &str,
-        timeout: Duration,
-        pred: impl Fn(&Outcome) -> bool,
-    ) -> Result<Outcome> {
-        self.shared.wait(what, timeout, pred).await
-    }
-
-    /// The instance that answered last (the one the client is connected to).
-    pub fn last_instance(&self) -> Option<String> {
-        let items = lock(&self.shared.items);
-        items
-            .iter()
-            .rev()
-            .find_map(|o| o.result.as_ref().ok().map(|s| s.instance.clone()))
-    }
-
-    /// Stop sending, wait until every message sent has its outcome, and return them all.
-    pub async fn finish(self) -> Vec<Outcome> {
-        self.stop.cancel();
-        let _ = self.task.await;
-        let mut all = self.shared.all();
-        all.sort_by_key(|o| o.seq);
-        all
-    }
-}
-
-async fn send_loop(
-    client: EchoClient,
-    label: String,
-    every: Duration,
-    max: u64,
-    shared: Arc<Shared<Outcome>>,
-    stop: CancellationToken,
-) {
-    let started = tokio::time::Instant::now();
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut in_flight = JoinSet::new();
-    for seq in 1..=max {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        if started.elapsed() > MAX_RUN {
-            break;
-        }
-        while in_flight.try_join_next().is_some() {}
-        let client = client.clone();
-        let shared = shared.clone();
-        let message = format!("{label} {seq}");
-        in_flight.spawn(async move {
-            let sent = Instant::now();
-            let result = client
-                .send(message.clone())
-                .await
-                .map(|reply| Served {
-                    exact: reply.bytes == message.as_bytes(),
-                    instance: reply.instance.id,
-                    latency: reply.latency,
-                    attempts: reply.attempts,
-                })
-                .map_err(|e| e.to_string());
-            shared.push(Outcome {
-                seq,
-                sent,
-                done: Instant::now(),
-                result,
-            });
-        });
-    }
-    // Every message has a deadline inside the client (its message timeout).
-    while in_flight.join_next().await.is_some() {}
 }
 
 /// Counts over a set of outcomes.

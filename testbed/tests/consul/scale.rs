@@ -14,7 +14,11 @@ use echo_client::{EchoClient, session::SessionConfig};
 use echo_server::{config::Config as ServerConfig, server::Server};
 use futures::{StreamExt, stream};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use testbed::{Consul, scenario::observers::Traffic, wait};
+use testbed::{
+    Consul,
+    scenario::observers::{Stream, StreamSpec},
+    wait,
+};
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -118,7 +122,10 @@ async fn five_hundred_churning_instances_lose_no_message_and_the_view_follows_co
     session.message_timeout = Duration::from_secs(15);
     session.seed = Some(1);
     let echo = EchoClient::with_discovery(rx.clone(), session).unwrap();
-    let traffic = Traffic::start(&echo, "churn", Duration::from_millis(20), 5_000);
+    let traffic = Stream::start(
+        &echo,
+        StreamSpec::every("churn", Duration::from_millis(20), 5_000),
+    );
     traffic
         .wait_for("a first reply", Duration::from_secs(20), |o| {
             o.result.is_ok()
