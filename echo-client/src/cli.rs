@@ -289,18 +289,27 @@ fn source(args: &Args, consul: &str) -> Result<Source> {
 
 /// The agent's DNS interface on the host of its HTTP address, Consul's default port 8600.
 fn default_dns_addr(consul: &str) -> Result<std::net::SocketAddr> {
-    let host = consul
-        .split_once("://")
-        .map_or(consul, |(_, rest)| rest)
-        .rsplit_once(':')
-        .map_or(consul, |(host, _)| host)
-        .trim_matches(['[', ']']);
-    let ip: std::net::IpAddr = host.parse().map_err(|_| {
+    let ip: std::net::IpAddr = host_of(consul).parse().map_err(|_| {
         Error::Config(format!(
             "--source dns: the Consul address {consul:?} is not an IP address; give --dns-addr"
         ))
     })?;
     Ok(std::net::SocketAddr::new(ip, 8600))
+}
+
+/// The host of a Consul address as `CONSUL_HTTP_ADDR` holds it: with or without a scheme, a
+/// port and a path; an IPv6 host in brackets (`[::1]:8500`) or bare (`::1`).
+fn host_of(address: &str) -> &str {
+    let rest = address.split_once("://").map_or(address, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if let Some(bracketed) = authority.strip_prefix('[') {
+        return bracketed.split(']').next().unwrap_or(bracketed);
+    }
+    match authority.rsplit_once(':') {
+        // One colon: host and port. More: a bare IPv6 address.
+        Some((host, _)) if !host.contains(':') => host,
+        _ => authority,
+    }
 }
 
 async fn run_resilient(args: Args, consul: consul_api::Config) -> Result<()> {
@@ -508,6 +517,17 @@ mod tests {
                 every: Duration::from_secs(1)
             }
         );
+        for (address, host) in [
+            ("http://[::1]", "::1"),
+            ("[::1]:8500", "::1"),
+            ("https://[::1]:8501/", "::1"),
+            ("::1", "::1"),
+            ("127.0.0.9", "127.0.0.9"),
+            ("http://127.0.0.9:8500/consul", "127.0.0.9"),
+        ] {
+            let want = std::net::SocketAddr::new(host.parse().unwrap(), 8600);
+            assert_eq!(default_dns_addr(address).unwrap(), want, "{address}");
+        }
         let err = source(&parse(&["--source", "dns"]), "consul.service:8500").unwrap_err();
         assert!(err.to_string().contains("--dns-addr"), "{err}");
         let err = source(&parse(&["--source", "agent", "--poll", "0s"]), consul).unwrap_err();
