@@ -20,9 +20,14 @@
 //!   queries, the agent's list, a prepared query, or DNS SRV records;
 //! * [`failover`] — failover across datacenters: one discovery per datacenter, the first
 //!   that lists an instance wins;
-//! * [`tower_discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
-//! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
-//!   ejection with a cooldown);
+//! * [`pool`] — [`Pool`]: a shareable client pool for any protocol: `pick` waits for a usable
+//!   instance until a deadline, the caller reports each outcome (passive ejection);
+//! * [`tower_stack`] — [`tower_stack::Balanced`]: a tower `Service` over a pool (balance,
+//!   passive ejection, retries within a budget), for hyper, reqwest or tonic clients;
+//! * [`tower_discover`] — the edge to tower's own balancers: snapshots as a
+//!   `tower::discover::Discover`;
+//! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, passive
+//!   ejection with a growing hold-down, never every instance);
 //! * [`reap_meta`] — the Meta keys (`reap-after`, `reap-start`) a service opts in to the
 //!   `consul-reaper` sidecar with, and [`reap_meta::opt_in`], which sets them (the registrar
 //!   gives each start of an opted-in registration a new `reap-start`);
@@ -94,17 +99,20 @@ pub mod decode;
 pub mod discovery;
 pub mod error;
 pub mod failover;
+pub mod pool;
 pub mod reap_meta;
 pub mod registration;
 pub mod shed;
 pub mod source;
 pub mod tower_discover;
+pub mod tower_stack;
 pub mod ttl;
 
 pub use balancer::{Balancer, Strategy};
 pub use check::{CheckStatus, Health};
 pub use discovery::{ConsulState, DiscoveryConfig, Instance, Snapshot};
 pub use error::{Error, Result};
+pub use pool::{Pick, Pool, PoolConfig};
 pub use registration::{Registrar, Registration};
 pub use source::Source;
 pub use ttl::Heartbeat;
