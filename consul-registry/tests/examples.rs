@@ -1,7 +1,13 @@
-//! The two examples, run against real Consul as a user would run them: two `ttl_service`
-//! instances register themselves and pass; `failover_client` is answered by both; one is
-//! stopped (Ctrl-C: drain, deregister) and the client goes on with the other without an
-//! error; the stopped one is gone from Consul.
+//! The examples, run against real Consul as a user would run them:
+//!
+//! * two `ttl_service` instances register themselves and pass; `failover_client` (on a
+//!   [`Pool`]) is answered by both; one is stopped (Ctrl-C: its check reported critical,
+//!   deregistered, a linger, then it stops accepting) and the client goes on with the other
+//!   without an error; the stopped one is gone from Consul;
+//! * the kill test: three `http_service` processes (this binary started again), 200 GETs
+//!   20 ms apart through a pool and through the tower stack at once, one process SIGKILLed and
+//!   one SIGTERMed: nothing lost, at most one failed attempt per kill and client. With
+//!   `SERVICE_KILL_OUT=docs/results` it writes its figures to `docs/results/service.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -69,6 +75,13 @@ async fn the_ttl_service_registers_and_the_failover_client_survives_a_stop() {
     wait::deregistered(&consul.client(), "hello", &a, Duration::from_secs(10))
         .await
         .expect("the stopped instance deregistered itself");
+    // Its TTL check was reported critical before it went (the agent logs each update).
+    let critical = format!("Check status updated: check=service:{a} status=critical");
+    consul
+        .log()
+        .wait_for(&critical, Duration::from_secs(5))
+        .await
+        .expect("the drain reports the TTL check critical before deregistering");
     for _ in 0..4 {
         let (instance, _) = failover_client::get(&http, &pool, deadline())
             .await
