@@ -112,6 +112,12 @@ impl Balancer {
 
     /// Replace the passing set (a snapshot's, shared: nothing is copied). Records of
     /// addresses that left it are forgotten.
+    ///
+    /// Feed it every snapshot, not only those `has_changed()` reports: after
+    /// `receiver.wait_for(..)` (or `borrow_and_update`) the receiver has seen the snapshot and
+    /// `has_changed()` is `false`, so a loop that updates only on `has_changed()` never hands
+    /// it that one. Update with what `wait_for` returned, or use a [`Pool`](crate::Pool),
+    /// which reads the latest snapshot on every pick.
     pub fn update(&mut self, instances: &Arc<[Arc<Instance>]>) {
         self.instances = Arc::clone(instances);
         if self.local.is_empty() {

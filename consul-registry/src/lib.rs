@@ -40,53 +40,46 @@
 //! Everything speaks to Consul through [`consul_api::Client`], configured the way Consul's
 //! own tools are (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`).
 //!
-//! A service that registers itself with an HTTP check, and a client that follows the passing
-//! instances of another service and picks one:
+//! A service that registers itself with an HTTP check served by its own router (the path
+//! given once), and a client that picks among the passing instances of another service:
 //!
 //! ```no_run
 //! use std::time::Duration;
 //!
-//! use consul_api::{AgentServiceCheck, AgentServiceRegistration, Client, GoDuration};
+//! use consul_api::{AgentServiceRegistration, Client};
 //! use consul_registry::{
-//!     Balancer, DiscoveryConfig, Registration, Strategy, check, discovery,
+//!     DiscoveryConfig, Health, Pool, PoolConfig, Registration, check::CheckService,
 //! };
 //! use tokio_util::sync::CancellationToken;
 //!
 //! # async fn demo() -> anyhow::Result<()> {
 //! let consul = Client::from_env()?;
-//! let shutdown = CancellationToken::new();
 //!
-//! // 1. Serve the check on a port of its own, then register with it.
-//! let checks = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! // 1. The check exists before the registration: mount `check` at `check.path()` in the
+//! //    service's router (axum: `.route_service(check.path(), check.clone())`).
+//! let health = Health::default();
+//! let check = CheckService::new("/check", health.clone());
+//! let addr = "127.0.0.1:7000".parse()?;
 //! let service = AgentServiceRegistration {
-//!     id: Some("billing-1".into()),
+//!     id: Some("billing-127.0.0.1-7000".into()),
 //!     name: "billing".into(),
 //!     address: Some("127.0.0.1".into()),
 //!     port: Some(7000),
-//!     check: Some(AgentServiceCheck {
-//!         http: Some("http://127.0.0.1:8080/check".into()),
-//!         interval: Some(GoDuration::from_secs(5)),
-//!         timeout: Some(GoDuration::from_secs(3)),
-//!         ..Default::default()
-//!     }),
+//!     check: Some(check.consul_check(addr, Duration::from_secs(5))),
 //!     ..Default::default()
 //! };
-//! let mut registration = Registration::start(consul.clone(), service, shutdown.clone());
-//! let health = registration.health().clone();
-//! tokio::spawn(check::serve(checks, "/check".into(), health, false, shutdown.clone()));
+//! let mut registration =
+//!     Registration::start_with_health(consul.clone(), service, health, CancellationToken::new());
 //!
-//! // 2. Discover another service and choose among its passing instances.
-//! let mut ledger = discovery::spawn(consul, DiscoveryConfig::new("ledger"));
-//! let mut balancer = Balancer::new(Strategy::PowerOfTwoChoices, Duration::from_secs(2));
-//! ledger.changed().await?;
-//! balancer.update(&ledger.borrow_and_update().instances);
-//! if let Some(instance) = balancer.pick(tokio::time::Instant::now()) {
-//!     println!("ledger at {}", instance.address());
-//! }
+//! // 2. Discover another service; each call picks an instance and reports how it went.
+//! let ledger = Pool::discover(consul, DiscoveryConfig::new("ledger"), PoolConfig::default());
+//! let pick = ledger.pick(tokio::time::Instant::now() + Duration::from_secs(5)).await?;
+//! println!("ledger at {}", pick.instance().address());
+//! pick.succeeded();
 //!
-//! // 3. On shutdown: the check turns critical, then the service is deregistered.
-//! shutdown.cancel();
-//! registration.wait().await?;
+//! // 3. On SIGTERM: the check fails, the service is deregistered, it lingers while clients'
+//! //    views catch up; then stop accepting and drain (axum's `with_graceful_shutdown`).
+//! registration.drain().await?;
 //! # Ok(()) }
 //! ```
 

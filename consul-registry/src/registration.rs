@@ -327,6 +327,14 @@ fn log_recovered(what: &str, answered: Answered) {
 /// [`start_with_health`](Self::start_with_health) takes one made before, so the router that
 /// serves the check can exist first.
 ///
+/// **Service IDs**: give each instance an ID derived from the address its check probes
+/// (`billing-10.0.0.5-7000`), unique in the cluster. A process that restarts on the same
+/// address then takes its own entry over; an ID unique per process start instead leaves the
+/// dead one's entry behind, and if a new process reuses that port, the old entry's check
+/// passes again: two passing entries for one process (until `DeregisterCriticalServiceAfter`
+/// never comes, since the check passes). [`Balancer`](crate::Balancer) and [`Pool`](crate::Pool)
+/// key by address, so they still count it once.
+///
 /// **Shutdown, exactly**: [`drain`](Self::drain) (or `shutdown` being cancelled, without the
 /// linger) does, in order:
 ///

@@ -282,7 +282,12 @@ async fn a_kill_and_a_term_lose_nothing_through_the_pool_and_the_tower_stack() {
     .await
     .expect("three http_service processes register and pass");
 
-    let config = PoolConfig::default();
+    // Round-robin, so that every instance takes its share and each kill is met (with two
+    // instances, power of two choices always prefers the faster one).
+    let config = PoolConfig {
+        strategy: Strategy::RoundRobin,
+        ..PoolConfig::default()
+    };
     let discover = || discovery::spawn(consul.client(), DiscoveryConfig::new(NAME));
     let (pool, tower_pool) = (
         Pool::new(NAME, discover(), config),
@@ -390,9 +395,10 @@ fn write_report(
         table.push(row.iter().cloned());
     }
     table.note(format!(
-        "Three `http_service` processes (HTTP check every {}s, drain linger {}s); each client sends {REQUESTS} GETs {} ms apart; the first instance is SIGKILLed after 40 intervals, the second SIGTERMed 40 intervals later.",
+        "Three `http_service` processes (HTTP check every {}s, drain linger {}s); each client (round-robin, hold-down {}s) sends {REQUESTS} GETs {} ms apart, one at a time; the first instance is SIGKILLed after 40 intervals, the second SIGTERMed 40 intervals later.",
         CHECK_INTERVAL.as_secs(),
         consul_registry::registration::DEFAULT_LINGER.as_secs(),
+        PoolConfig::default().hold_down.as_secs(),
         APART.as_millis()
     ));
     table.note(format!(
@@ -401,5 +407,10 @@ fn write_report(
         term_to_view.as_millis()
     ));
     let text = format!("{}{}", header.markdown(), table.markdown());
-    std::fs::write(std::path::Path::new(dir).join("service.md"), text).unwrap();
+    // Relative to the workspace root, where the command is run (cargo runs tests in the
+    // package's directory).
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(dir);
+    std::fs::write(dir.join("service.md"), text).unwrap();
 }
