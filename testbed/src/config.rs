@@ -49,8 +49,6 @@ const REJECTED: &str = "configuration change REJECTED";
 pub const MAX_CONNS_PER_CLIENT: u32 = 4096;
 /// How long any one wait may take.
 const DEADLINE: Duration = Duration::from_secs(60);
-/// How long the agent's idle CPU rate is read before each cell.
-const IDLE: Duration = Duration::from_secs(3);
 
 // === the contract ===
 
@@ -69,6 +67,12 @@ pub struct Args {
     /// The pollers' blocking wait per read (a Go duration).
     #[arg(long, default_value = "1s")]
     poll_wait: GoDuration,
+    /// The pollers' periods (Go durations), each a mode beside the watchers.
+    #[arg(long, value_delimiter = ',', default_value = "1s,15s")]
+    poll_every: Vec<GoDuration>,
+    /// How long Consul's idle CPU is read before each cell (a Go duration).
+    #[arg(long, default_value = "5s")]
+    idle: GoDuration,
     /// The smallest grid: 10 instances, 3 changes.
     #[arg(long)]
     quick: bool,
@@ -95,11 +99,20 @@ impl Suite for Args {
                 "--instances and --changes must be at least 1".into(),
             ));
         }
+        if self.every.as_duration().is_zero()
+            || self.poll_every.iter().any(|d| d.as_duration().is_zero())
+        {
+            return Err(Error::Setting(
+                "--every and --poll-every must be above 0".into(),
+            ));
+        }
         Ok(vec![Box::new(ConfigExperiment {
             instances,
             changes: if self.quick { 3 } else { self.changes },
             every: self.every.as_duration(),
             poll_wait: self.poll_wait.as_duration(),
+            poll_every: self.poll_every.iter().map(|d| d.as_duration()).collect(),
+            idle: self.idle.as_duration(),
             faults: true,
         })])
     }
@@ -116,6 +129,10 @@ pub struct ConfigExperiment {
     pub every: Duration,
     /// The pollers' blocking wait.
     pub poll_wait: Duration,
+    /// The pollers' periods, a mode each.
+    pub poll_every: Vec<Duration>,
+    /// How long Consul's idle CPU is read before each cell.
+    pub idle: Duration,
     /// Consul paused and restarted (smallest cell), and the ACL case.
     pub faults: bool,
 }
@@ -298,11 +315,14 @@ impl ConfigExperiment {
         let client = consul.client();
         let mut next = Values(1000 + 1000 * n as u32);
         client.kv().put(KEY, &next.value()).await?;
-        progress.say(format!("{n} instances: Consul's idle CPU, {IDLE:?}"));
-        let idle = cpu_rate(consul, IDLE).await?;
+        progress.say(format!(
+            "{n} instances: Consul's idle CPU, {}",
+            GoDuration(self.idle)
+        ));
+        let idle = cpu_rate(consul, self.idle).await?;
 
         let mut modes = Vec::new();
-        for period in [Duration::from_secs(1), Duration::from_secs(15)] {
+        for &period in &self.poll_every {
             progress.say(format!(
                 "{n} instances: {n} pollers every {}",
                 GoDuration(period)
