@@ -456,7 +456,7 @@ impl ConfigExperiment {
         let changes = self.put_changes(consul, next).await?;
         let mut latencies = Vec::new();
         for change in &changes {
-            let lines = wait_all(servers, &marks, &change.needle, progress).await;
+            let lines = wait_all(servers, &marks, &change.needle, DEADLINE, progress).await;
             latencies.extend(
                 lines
                     .iter()
@@ -546,7 +546,7 @@ impl ConfigExperiment {
         progress.say("Consul restarted (a dev agent: its KV is gone)");
         let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
         consul.restart().await?;
-        let missing = wait_all(servers, &marks, "key missing", progress).await;
+        let missing = wait_all(servers, &marks, "key missing", DEADLINE, progress).await;
         next.0 += 1;
         let after_restart = spread(consul, servers, &next.value(), &next.needle()).await?;
         Ok(Outage {
@@ -677,28 +677,43 @@ async fn start_servers(
             progress.count(i as u64, n as u64, "started", "starting echo-servers");
         }
     }
+    // Hundreds of processes start on a couple of cores: time to start grows with them.
+    let startup = DEADLINE + Duration::from_millis(200) * n as u32;
     let marks = vec![0; n];
-    let lines = wait_all(&servers, &marks, APPLIED, progress).await;
+    let lines = wait_all(&servers, &marks, APPLIED, startup, progress).await;
     let missing = lines.iter().filter(|l| l.is_none()).count();
-    if missing > 0 {
+    if let Some(at) = lines.iter().position(Option::is_none) {
+        let said: Vec<String> = servers[at]
+            .process
+            .output()
+            .lines()
+            .iter()
+            .rev()
+            .take(3)
+            .map(|l| l.text.clone())
+            .collect();
         stop_all(servers).await;
         return Err(Error::Timeout {
-            what: format!("{missing} of {n} echo-servers to apply the key"),
-            timeout: DEADLINE,
+            what: format!(
+                "{missing} of {n} echo-servers to apply the key (cfg-{at} said last: {})",
+                said.join(" | ")
+            ),
+            timeout: startup,
         });
     }
     Ok(servers)
 }
 
-/// Wait (at most [`DEADLINE`]) until every server has logged `needle` after its mark; each
+/// Wait (at most `timeout`) until every server has logged `needle` after its mark; each
 /// server's line, `None` where it never came.
 async fn wait_all(
     servers: &[ServerProcess],
     marks: &[usize],
     needle: &str,
+    timeout: Duration,
     progress: &Progress,
 ) -> Vec<Option<LogLine>> {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut found: Vec<Option<LogLine>> = vec![None; servers.len()];
     loop {
         for ((server, mark), slot) in servers.iter().zip(marks).zip(found.iter_mut()) {
@@ -730,7 +745,7 @@ async fn spread(
     let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
     let at = SystemTime::now();
     consul.client().kv().put(KEY, value).await?;
-    let lines = wait_all(servers, &marks, needle, &Progress::hidden()).await;
+    let lines = wait_all(servers, &marks, needle, DEADLINE, &Progress::hidden()).await;
     let mut ms: Vec<f64> = lines
         .iter()
         .flatten()
@@ -756,6 +771,7 @@ async fn bad_value(consul: &Consul, servers: &[ServerProcess]) -> Result<BadValu
         servers,
         &marks,
         &format!("index={index} "),
+        DEADLINE,
         &Progress::hidden(),
     )
     .await
@@ -829,7 +845,7 @@ async fn acl_case(launcher: &Launcher, progress: &Progress) -> Result<AclCase> {
         servers.push(ServerProcess::start(launcher, spec)?);
     }
     let marks = vec![0; n];
-    let lines = wait_all(&servers, &marks, "Consul unreachable", progress).await;
+    let lines = wait_all(&servers, &marks, "Consul unreachable", DEADLINE, progress).await;
     let reported = lines.iter().flatten().count();
     let message = lines
         .iter()
