@@ -28,7 +28,9 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use consul_api::{Client, KVPair, QueryOptions, Watch};
+use consul_api::{
+    Classify, Client, Event as FollowEvent, Follow, KVPair, QueryOptions, Retry, Watch,
+};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
@@ -443,51 +445,50 @@ where
     rx
 }
 
-/// The loop: read, apply or reject, publish; on an error, keep what is in force and retry
-/// with backoff. Ends when every receiver is gone.
+/// Configuration's error policy: every error is retried, always. A refusal (a 403: a token
+/// that may not read the key) is reported as [`Status::Unreachable`] like an outage, and the
+/// last good configuration stays until the token is fixed; nothing ends the loop but its
+/// receivers going away.
+const CLASSIFY: Classify = Classify::ALL;
+
+/// The loop, on the one watch loop [`Follow`]: read, apply or reject, publish; on an error,
+/// keep what is in force (the [`Follow`] resets the watch and backs off). Ends when every
+/// receiver is gone.
 async fn follow<T, F, Fut>(
-    mut fetch: F,
+    fetch: F,
     mut applier: Applier<T>,
-    mut watch: Watch,
+    watch: Watch,
     tx: watch::Sender<Live<T>>,
-    mut backoff: Backoff,
+    backoff: Backoff,
 ) where
     T: DeserializeOwned,
     F: FnMut(QueryOptions) -> Fut,
     Fut: Future<Output = consul_api::Result<(Raw, consul_api::QueryMeta)>>,
 {
     let location = applier.location.to_string();
+    let mut follow = Follow::new(watch, Retry::new(CLASSIFY, backoff), fetch);
     loop {
-        let answer = tokio::select! {
-            answer = watch.next(|opts| {
-                let fut = fetch(opts);
-                async move {
-                    let (raw, meta) = fut.await?;
-                    Ok(((raw, meta.last_index), meta))
-                }
-            }) => answer,
+        let step = tokio::select! {
+            step = follow.next() => step,
             () = tx.closed() => return,
         };
-        let event = match answer {
-            Ok((raw, index)) => {
-                backoff.reset();
-                applier.on_answer(raw, index)
+        let (event, fatal) = match step {
+            FollowEvent::Changed { value, meta, .. } => {
+                (applier.on_answer(value, meta.last_index), false)
             }
-            Err(e) => {
-                // A restarted agent's indexes start over: read afresh when it is back.
-                watch.reset();
-                applier.on_error(&e)
-            }
+            FollowEvent::Unreachable(retrying) => (applier.on_error(&retrying.error), false),
+            // Not with this policy; kept for the day it changes: say so, and stop.
+            FollowEvent::Fatal(error) => (applier.on_error(&error), true),
+            // No refusal check is set.
+            FollowEvent::Refused { .. } => (Event::Nothing, false),
         };
         log(&location, &applier.live, &event);
         if event != Event::Nothing {
             tx.send_replace(applier.live.clone());
         }
-        if matches!(applier.live.status, Status::Unreachable { .. }) {
-            tokio::select! {
-                () = tokio::time::sleep(backoff.next_delay()) => {}
-                () = tx.closed() => return,
-            }
+        if fatal {
+            tracing::error!(%location, "configuration watch stopped; the last good stays");
+            return;
         }
     }
 }
@@ -711,9 +712,14 @@ mod tests {
             ]
             .into_iter(),
         ));
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let fetch = {
             let answers = answers.clone();
-            move |_opts: QueryOptions| {
+            let asked = asked.clone();
+            move |opts: QueryOptions| {
+                if let Ok(mut asked) = asked.lock() {
+                    asked.push((opts.wait_index, tokio::time::Instant::now()));
+                }
                 let next = answers.lock().ok().and_then(|mut a| a.next());
                 async move {
                     match next {
@@ -747,6 +753,15 @@ mod tests {
             (Some(5), 10, Status::Rejected { index: 11, .. })
         ));
         assert_eq!(seen[3], (Some(6), 12, Status::Applied));
+        {
+            // The one loop's rules: after the outage the watch starts over (index 0) and the
+            // read waits a backoff delay first.
+            let asked = asked.lock().unwrap();
+            let indexes: Vec<u64> = asked.iter().map(|(index, _)| *index).collect();
+            assert_eq!(indexes[..4], [0, 10, 0, 11], "{indexes:?}");
+            let gap = asked[2].1 - asked[1].1;
+            assert!(gap >= Duration::from_millis(100), "backed off: {gap:?}");
+        }
         drop(rx);
         tokio::time::timeout(Duration::from_secs(5), task)
             .await

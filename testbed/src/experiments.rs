@@ -27,6 +27,10 @@ experiments! {
     /// A real cluster (3 servers, client agents, production timings): a node dies, an agent
     /// dies, the leader is killed, quorum is lost, per-agent reapers; each measured.
     Cluster(crate::cluster::Args),
+    /// Live configuration from one KV key: echo-servers watching it beside 1 s and 15 s
+    /// pollers (latency, Consul CPU per change); bad, 512 KiB and oversized values; Consul
+    /// paused and restarted; a token that cannot read the key.
+    Config(crate::config::Args),
     /// How long Consul takes to remove a SIGKILLed service, measured, explained and predicted.
     Deregistration(crate::deregistration::Args),
     /// Every way to discover (health, catalog, agent list, prepared query, DNS) side by side

@@ -10,6 +10,8 @@
 //! * [`experiment`] — the one contract of every experiment ([`experiment::Experiment`]) and the
 //!   one runner ([`experiment::run`]: progress, timing, failures, reports, exit code);
 //! * [`experiments`] — the list of experiments, one line each;
+//! * [`config`] — live configuration from one KV key: echo-servers watching it beside
+//!   pollers, bad, big and oversized values, Consul paused and restarted, ACLs;
 //! * [`progress`] — the one progress reporter (a bar on a terminal, plain lines elsewhere);
 //! * [`deregistration`] — the deregistration experiment (sweep, trials, predictions);
 //! * [`datacenters`] — failover to a second datacenter (blocking queries, a prepared query,
@@ -36,6 +38,7 @@
 //! * [`error`] — the one error type.
 
 pub mod cluster;
+pub mod config;
 pub mod datacenters;
 pub mod deregistration;
 pub mod discovery;

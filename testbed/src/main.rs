@@ -53,12 +53,20 @@ async fn main() -> ExitCode {
                 .into()
         })
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match run(cli).await {
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // An echo server's filter is reloadable, as the `echo-server` binary's is: a `log_level`
+    // from its `--config-key` is applied, not rejected.
+    let log_level = if matches!(cli.command, Command::EchoServer(_)) {
+        Some(echo_server::cli::init_logging(filter, ansi))
+    } else {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .init();
+        None
+    };
+    match run(cli, log_level).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -67,7 +75,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<ExitCode> {
+async fn run(cli: Cli, log_level: Option<echo_server::live::LogLevel>) -> Result<ExitCode> {
     match cli.command {
         Command::Experiment(experiment) => {
             let launcher = Launcher::current_exe()?;
@@ -75,7 +83,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::ScaleClient(args) => testbed::scale::client(args).await?,
         Command::EchoClient(args) => echo_client::cli::run(*args).await?,
-        Command::EchoServer(args) => echo_server::cli::run(*args).await?,
+        Command::EchoServer(args) => echo_server::cli::run_with(*args, log_level).await?,
         Command::Reaper(args) => consul_reaper::cli::run(*args).await?,
         Command::Image => {
             let started = Instant::now();

@@ -270,6 +270,10 @@ pub struct AgentSpec {
     /// A dev agent's HTTP API and DNS interface on `::1` too (`-client "<address> ::1"`), on
     /// the same ports. Ignored for cluster members, which share Consul's default ports.
     pub ipv6_loopback: bool,
+    /// `limits { http_max_conns_per_client = N }`: Consul's cap on HTTP connections from one
+    /// client IP (200 by default). Every process on this machine reaches the agent from
+    /// 127.0.0.1, so hundreds of watchers need it raised. `None`: Consul's default.
+    pub http_max_conns_per_client: Option<u32>,
 }
 
 impl AgentSpec {
@@ -327,6 +331,12 @@ impl AgentSpec {
                     "ca_file = {:?} cert_file = {:?} key_file = {:?} verify_incoming = {}",
                     tls.ca_file, tls.cert_file, tls.key_file, tls.verify_incoming
                 ),
+            ]);
+        }
+        if let Some(n) = self.http_max_conns_per_client {
+            args.extend([
+                "-hcl".into(),
+                format!("limits {{ http_max_conns_per_client = {n} }}"),
             ]);
         }
         if let Some(token) = &self.acl_management_token {
@@ -482,6 +492,7 @@ mod tests {
             acl_management_token: None,
             tls: None,
             ipv6_loopback: false,
+            http_max_conns_per_client: None,
         };
         let args = server.args().join(" ");
         assert!(!args.contains("-dev"), "{args}");
@@ -554,6 +565,7 @@ mod tests {
             acl_management_token: Some("root-token".into()),
             tls: None,
             ipv6_loopback: false,
+            http_max_conns_per_client: None,
         };
         let args = spec.args();
         let v6 = AgentSpec {
@@ -566,6 +578,19 @@ mod tests {
             v6.args()[at + 1],
             "127.0.0.1 ::1",
             "one argument, both addresses"
+        );
+        assert!(
+            !args.iter().any(|a| a.contains("limits")),
+            "Consul's default"
+        );
+        let many = AgentSpec {
+            http_max_conns_per_client: Some(1200),
+            ..spec.clone()
+        };
+        assert!(
+            many.args()
+                .iter()
+                .any(|a| a == "limits { http_max_conns_per_client = 1200 }")
         );
         let args = args.join(" ");
         assert!(args.starts_with("agent -dev -node n1 -bind 127.0.0.1 -client 127.0.0.1"));

@@ -90,6 +90,9 @@ pub struct ConsulOptions {
     /// The HTTP API and DNS interface on `::1` too (dev agents only; see
     /// [`Consul::ipv6_config`], [`Consul::ipv6_dns_addr`]).
     pub ipv6_loopback: bool,
+    /// Consul's cap on HTTP connections from one client IP, raised (dev agents only; see
+    /// [`AgentSpec::http_max_conns_per_client`]).
+    pub http_max_conns_per_client: Option<u32>,
 }
 
 /// An agent's HTTPS settings.
@@ -111,6 +114,7 @@ impl ConsulOptions {
             tls: None,
             startup_timeout: Duration::from_secs(60),
             ipv6_loopback: false,
+            http_max_conns_per_client: None,
         })
     }
 
@@ -134,6 +138,14 @@ impl ConsulOptions {
     /// ports). For a dev agent ([`Consul::start_with`]); cluster members ignore it.
     pub fn with_ipv6_loopback(mut self) -> Self {
         self.ipv6_loopback = true;
+        self
+    }
+
+    /// These options with Consul's cap on HTTP connections per client IP raised to `n`
+    /// (`limits { http_max_conns_per_client }`, 200 by default): for hundreds of watchers
+    /// on this machine, all of which reach the agent from 127.0.0.1. Dev agents only.
+    pub fn with_http_max_conns_per_client(mut self, n: u32) -> Self {
+        self.http_max_conns_per_client = Some(n);
         self
     }
 
@@ -272,6 +284,7 @@ impl Consul {
                     verify_incoming: t.verify_incoming,
                 }),
                 ipv6_loopback: options.ipv6_loopback,
+                http_max_conns_per_client: options.http_max_conns_per_client,
             };
             let config = client_config(&options, spec.address, spec.ports.http);
             let mut consul = Consul {

@@ -778,3 +778,56 @@ async fn a_token_that_cannot_read_the_key_is_reported_and_the_last_good_stays() 
     .await;
     assert_eq!(limit(&live), Some(5), "the last good stays");
 }
+
+/// `testbed config`'s smallest cell against real Consul: three echo-server processes (the
+/// testbed binary's, whose log level is live too: every change carries one), one poller
+/// mode beside them; every change reaches every instance, a bad value is reported by all and
+/// applied by none, a 512 KiB value is applied by all and one byte more refused.
+#[tokio::test]
+async fn the_config_experiment_s_smallest_cell_holds_its_invariants() {
+    use testbed::{
+        config::ConfigExperiment,
+        experiment::{Experiment, Findings},
+        progress::Progress,
+    };
+
+    init_tracing();
+    let experiment = ConfigExperiment {
+        instances: vec![3],
+        changes: 2,
+        every: Duration::from_millis(500),
+        poll_wait: Duration::from_millis(500),
+        poll_every: vec![Duration::from_secs(1)],
+        idle: Duration::from_secs(1),
+        faults: false,
+    };
+    let report = experiment
+        .run(&crate::common::launcher(), &Progress::hidden())
+        .await
+        .unwrap();
+    let cell = &report.cells[0];
+    let watch = &cell.modes[0];
+    assert_eq!(
+        (watch.seen, watch.expected),
+        (6, 6),
+        "every change reached every instance: {watch:?}"
+    );
+    assert!(watch.max_ms < 10_000.0, "{watch:?}");
+    let poll = &cell.modes[1];
+    assert_eq!(poll.seen, poll.expected, "{poll:?}");
+    assert_eq!(
+        (cell.bad.reported, cell.bad.applied),
+        (3, 0),
+        "all report the bad value, none applies it"
+    );
+    assert_eq!(
+        (cell.big.applied, cell.big.bytes),
+        (3, consul_api::kv::MAX_VALUE_BYTES)
+    );
+    assert!(
+        cell.oversized.contains("over Consul's limit"),
+        "{}",
+        cell.oversized
+    );
+    assert!(report.violations().is_empty(), "{:?}", report.violations());
+}

@@ -1,0 +1,1091 @@
+//! `testbed config`: live configuration from one Consul KV key, at scale, beside pollers.
+//!
+//! Per cell (10, 100, 500 echo-server processes, each `--config-key` on one key of one
+//! agent): a few changes, one every `--every`; each instance's own "live settings in force"
+//! log line says when it applied each one (its timestamp, the system clock the change was
+//! put by: one clock), so a change's latency to an instance is that line's time minus the
+//! moment its PUT began. Beside it, in the same run and on the same agent, the same number of
+//! pollers in this process, Spring Cloud Consul's model: a read with a short blocking wait
+//! (`--poll-wait`), one every 1 s and one every 15 s; their latency is the first read that
+//! returns the change. Consul's CPU per change is its CPU rate over the phase (cgroup or
+//! process, from the harness) above its idle rate, times the time between changes.
+//!
+//! Then, per cell: a bad value (0 instances may apply it, every one must report it); a value
+//! of 512 KiB (Consul's `kv_max_value_size`, every instance applies it) and one byte more
+//! (refused before the request). On the smallest cell: Consul paused (`docker pause`, or
+//! SIGSTOP) then a change, and Consul restarted (a dev agent's KV is gone: every instance
+//! reports the key missing) then the key put again. Last, on an agent with ACLs: instances
+//! whose token cannot read the key report it and apply nothing.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use consul_api::{AclPolicy, AclPolicyLink, AclToken, GoDuration, QueryOptions};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Consul, ConsulOptions,
+    error::{Error, Result},
+    experiment::{Env, Experiment, Findings, Needs, Plan, Suite, chosen},
+    logbuf::LogLine,
+    procs::{Launcher, ServerProcess, ServerSpec},
+    progress::Progress,
+    report::{Axis, Mark, PALETTE, Plot, Series, Table, ms_between, percentile},
+};
+
+/// The key every instance watches.
+const KEY: &str = "testbed/echo-live";
+/// The children's log filter, also sent in every change: `log_level` is live too.
+const LOG_LEVEL: &str = "warn,echo_server=info,consul_registry=info";
+/// What an instance logs once a configuration is in force.
+const APPLIED: &str = "live settings in force";
+/// What it logs when it refuses one.
+const REJECTED: &str = "configuration change REJECTED";
+/// Consul's cap on HTTP connections per client IP for this experiment's agent (every
+/// process here reaches it from 127.0.0.1; Consul's default is 200).
+pub const MAX_CONNS_PER_CLIENT: u32 = 4096;
+/// How long any one wait may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+// === the contract ===
+
+/// `testbed config`: instance counts, changes and their pace.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Instance counts, one cell each (echo-server processes on one agent).
+    #[arg(long, value_delimiter = ',')]
+    instances: Vec<usize>,
+    /// Changes per mode and cell.
+    #[arg(long, default_value_t = 5)]
+    changes: u32,
+    /// One change every this long (a Go duration).
+    #[arg(long, default_value = "2s")]
+    every: GoDuration,
+    /// The pollers' blocking wait per read (a Go duration).
+    #[arg(long, default_value = "1s")]
+    poll_wait: GoDuration,
+    /// The pollers' periods (Go durations), each a mode beside the watchers.
+    #[arg(long, value_delimiter = ',', default_value = "1s,15s")]
+    poll_every: Vec<GoDuration>,
+    /// How long Consul's idle CPU is read before each cell (a Go duration).
+    #[arg(long, default_value = "5s")]
+    idle: GoDuration,
+    /// The smallest grid: 10 instances, 3 changes.
+    #[arg(long)]
+    quick: bool,
+}
+
+impl Suite for Args {
+    fn name(&self) -> &'static str {
+        "config"
+    }
+
+    fn title(&self) -> String {
+        "Live configuration from Consul KV: instances watching one key, beside pollers".into()
+    }
+
+    fn plans(&self) -> Result<Vec<Box<dyn Plan>>> {
+        let all = if self.quick {
+            vec![10]
+        } else {
+            vec![10, 100, 500]
+        };
+        let instances = chosen(&self.instances, &all);
+        if instances.contains(&0) || self.changes == 0 {
+            return Err(Error::Setting(
+                "--instances and --changes must be at least 1".into(),
+            ));
+        }
+        if self.every.as_duration().is_zero()
+            || self.poll_every.iter().any(|d| d.as_duration().is_zero())
+        {
+            return Err(Error::Setting(
+                "--every and --poll-every must be above 0".into(),
+            ));
+        }
+        Ok(vec![Box::new(ConfigExperiment {
+            instances,
+            changes: if self.quick { 3 } else { self.changes },
+            every: self.every.as_duration(),
+            poll_wait: self.poll_wait.as_duration(),
+            poll_every: self.poll_every.iter().map(|d| d.as_duration()).collect(),
+            idle: self.idle.as_duration(),
+            faults: true,
+        })])
+    }
+}
+
+/// One run: every cell on one agent, then the ACL case on an agent of its own.
+#[derive(Debug, Clone)]
+pub struct ConfigExperiment {
+    /// Instance counts, one cell each.
+    pub instances: Vec<usize>,
+    /// Changes per mode and cell.
+    pub changes: u32,
+    /// Time between changes.
+    pub every: Duration,
+    /// The pollers' blocking wait.
+    pub poll_wait: Duration,
+    /// The pollers' periods, a mode each.
+    pub poll_every: Vec<Duration>,
+    /// How long Consul's idle CPU is read before each cell.
+    pub idle: Duration,
+    /// Consul paused and restarted (smallest cell), and the ACL case.
+    pub faults: bool,
+}
+
+impl Experiment for ConfigExperiment {
+    type Outcome = ConfigReport;
+
+    fn title(&self) -> String {
+        format!(
+            "{} instances watching one key, a change every {}",
+            self.instances
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            GoDuration(self.every)
+        )
+    }
+
+    fn needs(&self) -> Result<Needs> {
+        Ok(Needs::Agent(
+            ConsulOptions::from_env()?.with_http_max_conns_per_client(MAX_CONNS_PER_CLIENT),
+        ))
+    }
+
+    async fn run_on(
+        &self,
+        launcher: &Launcher,
+        env: &mut Env,
+        progress: &Progress,
+    ) -> Result<ConfigReport> {
+        crate::process::raise_fd_limit();
+        let consul = env.agent()?;
+        let mut cells = Vec::new();
+        let smallest = self.instances.first().copied();
+        for &n in &self.instances {
+            let outage = self.faults && Some(n) == smallest;
+            cells.push(self.cell(launcher, consul, n, outage, progress).await?);
+        }
+        let acl = if self.faults {
+            Some(acl_case(launcher, progress).await?)
+        } else {
+            None
+        };
+        Ok(ConfigReport {
+            every_s: self.every.as_secs_f64(),
+            changes: self.changes,
+            poll_wait_s: self.poll_wait.as_secs_f64(),
+            max_conns_per_client: MAX_CONNS_PER_CLIENT,
+            cells,
+            acl,
+        })
+    }
+}
+
+// === what it measures ===
+
+/// Everything one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigReport {
+    /// Seconds between changes.
+    pub every_s: f64,
+    /// Changes per mode and cell.
+    pub changes: u32,
+    /// The pollers' blocking wait, seconds.
+    pub poll_wait_s: f64,
+    /// The agent's `http_max_conns_per_client`.
+    pub max_conns_per_client: u32,
+    /// One per instance count.
+    pub cells: Vec<Cell>,
+    /// Instances whose token cannot read the key.
+    pub acl: Option<AclCase>,
+}
+
+/// One instance count.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cell {
+    /// Instances (and pollers of each kind).
+    pub instances: usize,
+    /// The agent's idle CPU, milliseconds per second, read before the cell.
+    pub idle_cpu_ms_per_s: f64,
+    /// The watchers, the 1 s pollers, the 15 s pollers.
+    pub modes: Vec<Mode>,
+    /// The bad value.
+    pub bad: BadValue,
+    /// A 512 KiB value, to every instance.
+    pub big: Spread,
+    /// What the client said of a value one byte over the limit.
+    pub oversized: String,
+    /// Consul paused, then restarted (smallest cell only).
+    pub outage: Option<Outage>,
+}
+
+/// One way of following the key: its latencies and Consul's CPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mode {
+    /// `watch (echo-server --config-key)`, `poll every 1s`, ...
+    pub mode: String,
+    /// Changes seen, summed over the instances.
+    pub seen: usize,
+    /// Changes that should have been seen (instances × changes).
+    pub expected: usize,
+    /// Every sighting's latency, milliseconds, sorted.
+    pub latencies_ms: Vec<f64>,
+    /// Their median, 99th percentile and largest.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+    /// Consul's CPU over the phase, milliseconds per second.
+    pub cpu_ms_per_s: f64,
+    /// Consul's CPU per change above its idle rate: (rate − idle) × time between changes.
+    pub cpu_ms_per_change: f64,
+}
+
+/// A value that fails the instances' validation.
+#[derive(Debug, Clone, Serialize)]
+pub struct BadValue {
+    /// Its index.
+    pub index: u64,
+    /// Instances that logged its rejection.
+    pub reported: usize,
+    /// Instances that applied it (must be 0).
+    pub applied: usize,
+}
+
+/// One change's spread to every instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct Spread {
+    /// The value's size, bytes.
+    pub bytes: usize,
+    /// Instances that applied it.
+    pub applied: usize,
+    /// Median latency, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+}
+
+/// Consul paused, and restarted.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outage {
+    /// How long it was paused, seconds.
+    pub paused_s: f64,
+    /// A change put right after the pause: its spread.
+    pub after_pause: Spread,
+    /// Instances that reported the key missing once the restarted agent (no KV) answered.
+    pub missing_reported: usize,
+    /// The key put again on the restarted agent: its spread.
+    pub after_restart: Spread,
+}
+
+/// Instances whose token may not read the key.
+#[derive(Debug, Clone, Serialize)]
+pub struct AclCase {
+    /// Instances started.
+    pub instances: usize,
+    /// Instances that reported the refusal.
+    pub reported: usize,
+    /// Instances that applied a configuration (must be 0).
+    pub applied: usize,
+    /// What the first one said.
+    pub message: String,
+}
+
+// === the cell ===
+
+impl ConfigExperiment {
+    async fn cell(
+        &self,
+        launcher: &Launcher,
+        consul: &mut Consul,
+        n: usize,
+        outage: bool,
+        progress: &Progress,
+    ) -> Result<Cell> {
+        let client = consul.client();
+        let mut next = Values(1000 + 1000 * n as u32);
+        client.kv().put(KEY, &next.value()).await?;
+        progress.say(format!(
+            "{n} instances: Consul's idle CPU, {}",
+            GoDuration(self.idle)
+        ));
+        let idle = cpu_rate(consul, self.idle).await?;
+
+        let mut modes = Vec::new();
+        for &period in &self.poll_every {
+            progress.say(format!(
+                "{n} instances: {n} pollers every {}",
+                GoDuration(period)
+            ));
+            modes.push(self.pollers(consul, n, period, &mut next, idle).await?);
+        }
+
+        progress.say(format!("{n} instances: starting {n} echo-servers"));
+        let servers = start_servers(launcher, consul, n, progress).await?;
+        let watch = self
+            .watchers(consul, &servers, &mut next, idle, progress)
+            .await?;
+        modes.insert(0, watch);
+
+        progress.say(format!("{n} instances: a bad value"));
+        let bad = bad_value(consul, &servers).await?;
+        progress.say(format!("{n} instances: a 512 KiB value"));
+        let big_value = next.padded(consul_api::kv::MAX_VALUE_BYTES);
+        let big = spread(consul, &servers, &big_value, &next.needle()).await?;
+        next.0 += 1;
+        let over = next.padded(consul_api::kv::MAX_VALUE_BYTES + 1);
+        let oversized = match client.kv().put(KEY, &over).await {
+            Ok(()) => "accepted (expected a refusal)".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let outage = if outage {
+            Some(self.outage(consul, &servers, &mut next, progress).await?)
+        } else {
+            None
+        };
+        progress.say(format!("{n} instances: stopping the echo-servers"));
+        stop_all(servers).await;
+        Ok(Cell {
+            instances: n,
+            idle_cpu_ms_per_s: idle,
+            modes,
+            bad,
+            big,
+            oversized,
+            outage,
+        })
+    }
+
+    /// `n` pollers every `period` while `changes` changes are put.
+    async fn pollers(
+        &self,
+        consul: &Consul,
+        n: usize,
+        period: Duration,
+        next: &mut Values,
+        idle: f64,
+    ) -> Result<Mode> {
+        let stop = CancellationToken::new();
+        let seen: Vec<Sightings> = (0..n).map(|_| Sightings::default()).collect();
+        let mut tasks = Vec::new();
+        for (i, seen) in seen.iter().enumerate() {
+            let client = consul_api::Client::new(consul.config())?;
+            let (seen, stop, wait) = (seen.clone(), stop.clone(), self.poll_wait);
+            // Spread over the period, as independent services would be.
+            let offset = period.mul_f64(i as f64 / n as f64);
+            tasks.push(tokio::spawn(async move {
+                poll(client, period, wait, offset, seen, stop).await
+            }));
+        }
+        // Every poller has read the key once.
+        let deadline = tokio::time::Instant::now() + period + DEADLINE;
+        while seen.iter().any(|s| s.lock().map_or(true, |s| s.is_empty())) {
+            if tokio::time::Instant::now() > deadline {
+                stop.cancel();
+                return Err(Error::Timeout {
+                    what: "every poller's first read".into(),
+                    timeout: period + DEADLINE,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let changes = self.put_changes(consul, next).await?;
+        // Wait a whole period after the last change: the slowest poller reads it by then.
+        let last = changes.last().map(|c| c.index).unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + period + self.poll_wait + DEADLINE;
+        while tokio::time::Instant::now() < deadline
+            && !seen.iter().all(|s| {
+                s.lock()
+                    .is_ok_and(|s| s.iter().any(|(index, _)| *index >= last))
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (cpu_end, window_end) = (consul.cpu_time().await?.0, SystemTime::now());
+        stop.cancel();
+        for task in tasks {
+            let _ = task.await;
+        }
+        let mut latencies = Vec::new();
+        for s in &seen {
+            let s = s.lock().map(|s| s.clone()).unwrap_or_default();
+            for change in &changes {
+                if let Some((_, at)) = s.iter().find(|(index, _)| *index >= change.index) {
+                    latencies.push(ms_between(change.at, *at));
+                }
+            }
+        }
+        let window = window_end
+            .duration_since(changes.first().map_or(window_end, |c| c.cpu_from.1))
+            .unwrap_or_default();
+        let cpu = cpu_end.saturating_sub(changes.first().map_or(cpu_end, |c| c.cpu_from.0));
+        Ok(self.mode(
+            format!(
+                "poll every {} (wait {})",
+                GoDuration(period),
+                GoDuration(self.poll_wait)
+            ),
+            latencies,
+            n * changes.len(),
+            cpu,
+            window,
+            idle,
+        ))
+    }
+
+    /// The echo-servers while `changes` changes are put.
+    async fn watchers(
+        &self,
+        consul: &Consul,
+        servers: &[ServerProcess],
+        next: &mut Values,
+        idle: f64,
+        progress: &Progress,
+    ) -> Result<Mode> {
+        let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+        let changes = self.put_changes(consul, next).await?;
+        let mut latencies = Vec::new();
+        for change in &changes {
+            let lines = wait_all(servers, &marks, &change.needle, DEADLINE, progress).await;
+            latencies.extend(
+                lines
+                    .iter()
+                    .flatten()
+                    .map(|l| ms_between(change.at, line_time(l))),
+            );
+        }
+        let (cpu_end, window_end) = (consul.cpu_time().await?.0, SystemTime::now());
+        let window = window_end
+            .duration_since(changes.first().map_or(window_end, |c| c.cpu_from.1))
+            .unwrap_or_default();
+        let cpu = cpu_end.saturating_sub(changes.first().map_or(cpu_end, |c| c.cpu_from.0));
+        Ok(self.mode(
+            "watch (echo-server --config-key)".into(),
+            latencies,
+            servers.len() * changes.len(),
+            cpu,
+            window,
+            idle,
+        ))
+    }
+
+    /// Put `changes` values, one every `every`; the CPU reading before the first.
+    async fn put_changes(&self, consul: &Consul, next: &mut Values) -> Result<Vec<Change>> {
+        let client = consul.client();
+        let cpu_from = (consul.cpu_time().await?.0, SystemTime::now());
+        let mut changes = Vec::new();
+        let mut tick = tokio::time::interval(self.every);
+        for _ in 0..self.changes {
+            tick.tick().await;
+            next.0 += 1;
+            let at = SystemTime::now();
+            client.kv().put(KEY, &next.value()).await?;
+            let index = key_index(&client).await?;
+            changes.push(Change {
+                at,
+                index,
+                needle: next.needle(),
+                cpu_from,
+            });
+        }
+        // The last change has its interval too.
+        tick.tick().await;
+        Ok(changes)
+    }
+
+    fn mode(
+        &self,
+        mode: String,
+        mut latencies: Vec<f64>,
+        expected: usize,
+        cpu: Duration,
+        window: Duration,
+        idle: f64,
+    ) -> Mode {
+        latencies.sort_by(f64::total_cmp);
+        let rate = cpu.as_secs_f64() * 1e3 / window.as_secs_f64().max(1e-3);
+        Mode {
+            mode,
+            seen: latencies.len(),
+            expected,
+            p50_ms: percentile(&latencies, 50.0).unwrap_or(f64::NAN),
+            p99_ms: percentile(&latencies, 99.0).unwrap_or(f64::NAN),
+            max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+            latencies_ms: latencies,
+            cpu_ms_per_s: rate,
+            cpu_ms_per_change: (rate - idle) * self.every.as_secs_f64(),
+        }
+    }
+
+    /// Consul paused then a change; Consul restarted (its KV gone) then the key put again.
+    async fn outage(
+        &self,
+        consul: &mut Consul,
+        servers: &[ServerProcess],
+        next: &mut Values,
+        progress: &Progress,
+    ) -> Result<Outage> {
+        let paused = Duration::from_secs(5);
+        progress.say(format!("Consul paused for {paused:?}"));
+        consul.pause().await?;
+        tokio::time::sleep(paused).await;
+        consul.resume().await?;
+        next.0 += 1;
+        let after_pause = spread(consul, servers, &next.value(), &next.needle()).await?;
+
+        progress.say("Consul restarted (a dev agent: its KV is gone)");
+        let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+        consul.restart().await?;
+        let missing = wait_all(servers, &marks, "key missing", DEADLINE, progress).await;
+        next.0 += 1;
+        let after_restart = spread(consul, servers, &next.value(), &next.needle()).await?;
+        Ok(Outage {
+            paused_s: paused.as_secs_f64(),
+            after_pause,
+            missing_reported: missing.iter().flatten().count(),
+            after_restart,
+        })
+    }
+}
+
+/// The values put, each one unique by its `max_connections`.
+struct Values(u32);
+
+impl Values {
+    fn value(&self) -> Vec<u8> {
+        format!(
+            r#"{{"max_connections": {}, "log_level": "{LOG_LEVEL}"}}"#,
+            self.0
+        )
+        .into_bytes()
+    }
+
+    /// The value padded with spaces (still JSON) to `bytes`.
+    fn padded(&self, bytes: usize) -> Vec<u8> {
+        let mut value = self.value();
+        value.resize(bytes.max(value.len()), b' ');
+        value
+    }
+
+    /// What an instance's log line says once it applied this value.
+    fn needle(&self) -> String {
+        format!("max_connections={} ", self.0)
+    }
+}
+
+/// One change put.
+struct Change {
+    /// When its PUT began.
+    at: SystemTime,
+    /// The key's index after it.
+    index: u64,
+    /// What an instance logs once it applied it.
+    needle: String,
+    /// Consul's CPU and the time before the first change of its phase.
+    cpu_from: (Duration, SystemTime),
+}
+
+/// What a poller saw: each new index and when.
+type Sightings = Arc<Mutex<Vec<(u64, SystemTime)>>>;
+
+/// One poller: after `offset`, every `period` a read of the key blocking at most `wait`.
+async fn poll(
+    client: consul_api::Client,
+    period: Duration,
+    wait: Duration,
+    offset: Duration,
+    seen: Sightings,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        () = tokio::time::sleep(offset) => {}
+        () = stop.cancelled() => return,
+    }
+    let mut every = tokio::time::interval(period);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = 0;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let opts = QueryOptions {
+            wait_index: last,
+            wait_time: Some(wait),
+            ..Default::default()
+        };
+        let kv = client.kv();
+        let read = tokio::select! {
+            read = kv.get(KEY, &opts) => read,
+            () = stop.cancelled() => return,
+        };
+        if let Ok((Some(pair), _)) = read
+            && pair.modify_index != last
+        {
+            last = pair.modify_index;
+            if let Ok(mut seen) = seen.lock() {
+                seen.push((last, SystemTime::now()));
+            }
+        }
+    }
+}
+
+/// The key's modify index now.
+async fn key_index(client: &consul_api::Client) -> Result<u64> {
+    let (pair, meta) = client.kv().get(KEY, &QueryOptions::default()).await?;
+    Ok(pair.map_or(meta.last_index, |p| p.modify_index))
+}
+
+/// Consul's CPU rate over `window`, milliseconds per second.
+async fn cpu_rate(consul: &Consul, window: Duration) -> Result<f64> {
+    let (before, at) = (consul.cpu_time().await?.0, std::time::Instant::now());
+    tokio::time::sleep(window).await;
+    let used = consul.cpu_time().await?.0.saturating_sub(before);
+    Ok(used.as_secs_f64() * 1e3 / at.elapsed().as_secs_f64())
+}
+
+/// When a child logged `line`: its own timestamp (the system clock), else when it came.
+fn line_time(line: &LogLine) -> SystemTime {
+    line.consul_time().unwrap_or(line.received)
+}
+
+/// `n` echo-servers watching [`KEY`], unregistered (the experiment is about the key), each
+/// on its own loopback address; returns once each has applied the key's value.
+async fn start_servers(
+    launcher: &Launcher,
+    consul: &Consul,
+    n: usize,
+    progress: &Progress,
+) -> Result<Vec<ServerProcess>> {
+    let mut servers = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut spec = ServerSpec::seed(consul.config())?.named("config-echo", format!("cfg-{i}"));
+        spec.args.no_register = true;
+        spec.args.config_key = Some(KEY.into());
+        servers.push(ServerProcess::start(launcher, spec)?);
+        if i % 25 == 0 {
+            progress.count(i as u64, n as u64, "started", "starting echo-servers");
+        }
+    }
+    // Hundreds of processes start on a couple of cores: time to start grows with them.
+    let startup = DEADLINE + Duration::from_millis(200) * n as u32;
+    let marks = vec![0; n];
+    let lines = wait_all(&servers, &marks, APPLIED, startup, progress).await;
+    let missing = lines.iter().filter(|l| l.is_none()).count();
+    if let Some(at) = lines.iter().position(Option::is_none) {
+        let said: Vec<String> = servers[at]
+            .process
+            .output()
+            .lines()
+            .iter()
+            .rev()
+            .take(3)
+            .map(|l| l.text.clone())
+            .collect();
+        stop_all(servers).await;
+        return Err(Error::Timeout {
+            what: format!(
+                "{missing} of {n} echo-servers to apply the key (cfg-{at} said last: {})",
+                said.join(" | ")
+            ),
+            timeout: startup,
+        });
+    }
+    Ok(servers)
+}
+
+/// Wait (at most `timeout`) until every server has logged `needle` after its mark; each
+/// server's line, `None` where it never came.
+async fn wait_all(
+    servers: &[ServerProcess],
+    marks: &[usize],
+    needle: &str,
+    timeout: Duration,
+    progress: &Progress,
+) -> Vec<Option<LogLine>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut found: Vec<Option<LogLine>> = vec![None; servers.len()];
+    loop {
+        for ((server, mark), slot) in servers.iter().zip(marks).zip(found.iter_mut()) {
+            if slot.is_none() {
+                *slot = server.process.output().find_after(*mark, needle);
+            }
+        }
+        let done = found.iter().filter(|l| l.is_some()).count();
+        if done == servers.len() || tokio::time::Instant::now() > deadline {
+            return found;
+        }
+        progress.count(
+            done as u64,
+            servers.len() as u64,
+            "instances",
+            format!("waiting for {needle:?}"),
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Put `value` and measure its spread: instances whose log line has `needle`.
+async fn spread(
+    consul: &Consul,
+    servers: &[ServerProcess],
+    value: &[u8],
+    needle: &str,
+) -> Result<Spread> {
+    let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+    let at = SystemTime::now();
+    consul.client().kv().put(KEY, value).await?;
+    let lines = wait_all(servers, &marks, needle, DEADLINE, &Progress::hidden()).await;
+    let mut ms: Vec<f64> = lines
+        .iter()
+        .flatten()
+        .map(|l| ms_between(at, line_time(l)))
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    Ok(Spread {
+        bytes: value.len(),
+        applied: ms.len(),
+        p50_ms: percentile(&ms, 50.0).unwrap_or(f64::NAN),
+        p99_ms: percentile(&ms, 99.0).unwrap_or(f64::NAN),
+        max_ms: ms.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+/// A value the instances must refuse (`max_connections` 0): who reported it, who applied it.
+async fn bad_value(consul: &Consul, servers: &[ServerProcess]) -> Result<BadValue> {
+    let client = consul.client();
+    let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
+    client.kv().put(KEY, br#"{"max_connections": 0}"#).await?;
+    let index = key_index(&client).await?;
+    let reported = wait_all(
+        servers,
+        &marks,
+        &format!("index={index} "),
+        DEADLINE,
+        &Progress::hidden(),
+    )
+    .await
+    .iter()
+    .flatten()
+    .filter(|l| l.text.contains(REJECTED))
+    .count();
+    let applied = servers
+        .iter()
+        .zip(&marks)
+        .filter(|(s, mark)| {
+            s.process
+                .output()
+                .find_after(**mark, "max_connections=0 ")
+                .is_some()
+        })
+        .count();
+    Ok(BadValue {
+        index,
+        reported,
+        applied,
+    })
+}
+
+/// SIGTERM every server, then wait for each (at most a few seconds each, together).
+async fn stop_all(servers: Vec<ServerProcess>) {
+    for s in &servers {
+        let _ = s.process.signal(crate::signal::Signal::SIGTERM);
+    }
+    let waits = servers.into_iter().map(|mut s| async move {
+        if s.process.wait_exit(Duration::from_secs(10)).await.is_err() {
+            let _ = s.process.kill().await;
+        }
+    });
+    futures::future::join_all(waits).await;
+}
+
+/// Three instances with a token that may read only another prefix, on an agent with ACLs.
+async fn acl_case(launcher: &Launcher, progress: &Progress) -> Result<AclCase> {
+    progress.say("ACLs: an agent of its own, a token that cannot read the key");
+    let root = "config-experiment-root";
+    let consul = Consul::start_with(ConsulOptions::from_env()?.with_acl(root)).await?;
+    let admin = consul.client();
+    admin.kv().put(KEY, &Values(7).value()).await?;
+    let policy = admin
+        .acl()
+        .policy_create(&AclPolicy {
+            name: "other-prefix-reader".into(),
+            rules: r#"key_prefix "other/" { policy = "read" }"#.into(),
+            ..Default::default()
+        })
+        .await?;
+    let token = admin
+        .acl()
+        .token_create(&AclToken {
+            description: "cannot read the key".into(),
+            policies: vec![AclPolicyLink {
+                id: policy.id.clone(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await?;
+    let config = consul.config().with_token(Some(token.secret_id.clone()));
+    let n = 3;
+    let mut servers = Vec::new();
+    for i in 0..n {
+        let mut spec = ServerSpec::seed(config.clone())?.named("config-echo", format!("acl-{i}"));
+        spec.args.no_register = true;
+        spec.args.config_key = Some(KEY.into());
+        servers.push(ServerProcess::start(launcher, spec)?);
+    }
+    let marks = vec![0; n];
+    let lines = wait_all(&servers, &marks, "Consul unreachable", DEADLINE, progress).await;
+    let reported = lines.iter().flatten().count();
+    let message = lines
+        .iter()
+        .flatten()
+        .next()
+        .map(|l| l.text.clone())
+        .unwrap_or_default();
+    let applied = servers
+        .iter()
+        .filter(|s| s.process.output().find_after(0, APPLIED).is_some())
+        .count();
+    stop_all(servers).await;
+    Ok(AclCase {
+        instances: n,
+        reported,
+        applied,
+        message,
+    })
+}
+
+// === the report ===
+
+impl Findings for ConfigReport {
+    fn tables(&self) -> Vec<Table> {
+        let mut modes = Table::new([
+            "instances",
+            "mode",
+            "seen",
+            "p50 (ms)",
+            "p99 (ms)",
+            "max (ms)",
+            "Consul CPU (ms/s)",
+            "Consul CPU per change above idle (ms)",
+        ])
+        .caption(format!(
+            "A change reaches every instance: {} changes one every {} s, per mode",
+            self.changes, self.every_s
+        ))
+        .align_right([0, 2, 3, 4, 5, 6, 7]);
+        for cell in &self.cells {
+            for m in &cell.modes {
+                modes.push([
+                    cell.instances.to_string(),
+                    m.mode.clone(),
+                    format!("{}/{}", m.seen, m.expected),
+                    format!("{:.1}", m.p50_ms),
+                    format!("{:.1}", m.p99_ms),
+                    format!("{:.1}", m.max_ms),
+                    format!("{:.1}", m.cpu_ms_per_s),
+                    format!("{:.1}", m.cpu_ms_per_change),
+                ]);
+            }
+        }
+        let mut cases = Table::new(["instances", "case", "result"])
+            .caption("Bad, big and oversized values; Consul paused and restarted; ACLs")
+            .align_right([0]);
+        for cell in &self.cells {
+            let n = cell.instances.to_string();
+            cases.push([
+                n.clone(),
+                "bad value (max_connections 0)".into(),
+                format!(
+                    "{}/{} reported it, {} applied it",
+                    cell.bad.reported, cell.instances, cell.bad.applied
+                ),
+            ]);
+            cases.push([
+                n.clone(),
+                format!("{} byte value", cell.big.bytes),
+                spread_text(&cell.big, cell.instances),
+            ]);
+            cases.push([n.clone(), "one byte more".into(), cell.oversized.clone()]);
+            if let Some(o) = &cell.outage {
+                cases.push([
+                    n.clone(),
+                    format!("Consul paused {} s, then a change", o.paused_s),
+                    spread_text(&o.after_pause, cell.instances),
+                ]);
+                cases.push([
+                    n.clone(),
+                    "Consul restarted (KV gone)".into(),
+                    format!(
+                        "{}/{} reported the key missing",
+                        o.missing_reported, cell.instances
+                    ),
+                ]);
+                cases.push([
+                    n,
+                    "then the key put again".into(),
+                    spread_text(&o.after_restart, cell.instances),
+                ]);
+            }
+        }
+        if let Some(acl) = &self.acl {
+            cases.push([
+                acl.instances.to_string(),
+                "a token that cannot read the key".into(),
+                format!(
+                    "{}/{} reported it, {} applied anything",
+                    acl.reported, acl.instances, acl.applied
+                ),
+            ]);
+        }
+        vec![modes, cases]
+    }
+
+    fn details(&self) -> String {
+        let acl = self
+            .acl
+            .as_ref()
+            .map(|a| {
+                format!(
+                    "\n\nWhat an instance with that token logged: `{}`",
+                    a.message
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "Each instance is an `echo-server --config-key {KEY} --no-register` process, all on \
+             one dev agent (`limits {{ http_max_conns_per_client = {} }}`: every process \
+             reaches it from 127.0.0.1). A change's latency to an instance is the timestamp of \
+             its own \"{APPLIED}\" log line minus the moment the change's PUT began (one clock). \
+             The pollers run in the testbed process, one HTTP client each, spread over their \
+             period: every 1 s or 15 s a read of the key blocking at most {} s on the last index \
+             (Spring Cloud Consul's model); a change's latency is the first read that returns \
+             it. Consul's CPU is read from its cgroup (or process) before the first change and \
+             after the last was seen; per change above idle = (CPU rate − the agent's idle rate \
+             before the cell) × {} s between changes.{acl}",
+            self.max_conns_per_client, self.poll_wait_s, self.every_s
+        )
+    }
+
+    fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for cell in &self.cells {
+            let n = cell.instances;
+            if let Some(watch) = cell.modes.first()
+                && watch.seen != watch.expected
+            {
+                v.push(format!(
+                    "{n} instances: {} of {} changes applied",
+                    watch.seen, watch.expected
+                ));
+            }
+            if cell.bad.applied > 0 || cell.bad.reported != n {
+                v.push(format!(
+                    "{n} instances: bad value applied by {}, reported by {}",
+                    cell.bad.applied, cell.bad.reported
+                ));
+            }
+            if cell.big.applied != n {
+                v.push(format!(
+                    "{n} instances: 512 KiB value applied by {}",
+                    cell.big.applied
+                ));
+            }
+            if !cell.oversized.contains("limit") && !cell.oversized.contains("large") {
+                v.push(format!(
+                    "{n} instances: oversized value: {}",
+                    cell.oversized
+                ));
+            }
+            if let Some(o) = &cell.outage
+                && (o.after_pause.applied != n
+                    || o.after_restart.applied != n
+                    || o.missing_reported != n)
+            {
+                v.push(format!("{n} instances: outage: {o:?}"));
+            }
+        }
+        if let Some(acl) = &self.acl
+            && (acl.applied > 0 || acl.reported != acl.instances)
+        {
+            v.push(format!(
+                "ACL: {} applied, {} of {} reported",
+                acl.applied, acl.reported, acl.instances
+            ));
+        }
+        v
+    }
+
+    fn plot(&self) -> Option<Plot> {
+        let names: Vec<String> = self.cells.iter().map(|c| c.instances.to_string()).collect();
+        let mut series = Vec::new();
+        let kinds = self.cells.first().map_or(0, |c| c.modes.len());
+        for k in 0..kinds {
+            let mut p50 = Vec::new();
+            let mut p99 = Vec::new();
+            let mut label = String::new();
+            for (x, cell) in self.cells.iter().enumerate() {
+                if let Some(m) = cell.modes.get(k) {
+                    label.clone_from(&m.mode);
+                    p50.push((x as f64, m.p50_ms));
+                    p99.push((x as f64, m.p99_ms));
+                }
+            }
+            series.push(Series {
+                label: format!("{label}: p99"),
+                color: PALETTE[k % PALETTE.len()],
+                mark: Mark::Line(p99),
+            });
+            series.push(Series {
+                label: format!("{label}: p50"),
+                color: PALETTE[k % PALETTE.len()],
+                mark: Mark::FadedLine(p50),
+            });
+        }
+        Some(Plot {
+            title: "A change reaches every instance: latency by mode".into(),
+            x: Axis::categories("instances watching one key on one agent", names),
+            y: Axis::log("milliseconds from the PUT (log scale)"),
+            series,
+        })
+    }
+}
+
+fn spread_text(s: &Spread, n: usize) -> String {
+    format!(
+        "{}/{n} applied it; p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        s.applied, s.p50_ms, s.p99_ms, s.max_ms
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_unique_json_and_padded_to_the_byte() {
+        let v = Values(1234);
+        let parsed: serde_json::Value = serde_json::from_slice(&v.value()).unwrap();
+        assert_eq!(parsed["max_connections"], 1234);
+        assert_eq!(parsed["log_level"], LOG_LEVEL);
+        let big = v.padded(consul_api::kv::MAX_VALUE_BYTES);
+        assert_eq!(big.len(), consul_api::kv::MAX_VALUE_BYTES);
+        let parsed: serde_json::Value = serde_json::from_slice(&big).unwrap();
+        assert_eq!(parsed["max_connections"], 1234, "spaces are still JSON");
+        let line = "2026-12-06T17:00:00.000001Z  INFO echo_server::live: live settings in force \
+                    key=k index=9 max_frame=1 idle_timeout=1s max_connections=1234 maintenance=false";
+        assert!(line.contains(&v.needle()));
+        assert!(!line.contains(&Values(123).needle()), "no prefix match");
+    }
+}
