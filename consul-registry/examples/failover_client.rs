@@ -1,55 +1,49 @@
 //! A client that discovers a service's passing instances through Consul (blocking queries)
-//! and balances GET requests over them, failing over to another instance on any error.
+//! and balances GET requests over them through a [`Pool`], failing over to another instance
+//! on any error: the failed one is held out, the request tried elsewhere.
 //!
 //!     cargo run -p consul-registry --example failover_client -- hello 10
 //!
-//! Try it against two `ttl_service` instances and stop one of them mid-way.
+//! Try it against two `http_service` (or `ttl_service`) instances and stop one of them
+//! mid-way.
 
 use std::time::Duration;
 
 use consul_api::Client;
-use consul_registry::{Balancer, DiscoveryConfig, Instance, Snapshot, Strategy, discovery};
-use tokio::{sync::watch, time::Instant};
+use consul_registry::{DiscoveryConfig, Instance, Pool, PoolConfig};
+use tokio::time::Instant;
 
-/// One GET through the balancer: the instance that answered and its body. Each failed
-/// instance is ejected for a cooldown and the next one tried, until `deadline`.
+/// One GET through the pool: the instance that answered and its body. Each failed instance
+/// is reported (held out for a while) and another tried, until `deadline`.
 pub async fn get(
     http: &reqwest::Client,
-    balancer: &mut Balancer,
-    snapshots: &mut watch::Receiver<Snapshot>,
+    pool: &Pool,
     deadline: Instant,
 ) -> anyhow::Result<(Instance, String)> {
+    let mut tried = Vec::new();
     loop {
-        if snapshots.has_changed()? {
-            balancer.update(&snapshots.borrow_and_update().instances);
-        }
-        let Some(instance) = balancer.pick(Instant::now()) else {
-            // Nothing usable: wait for discovery to change (or a cooldown to end).
-            let until = balancer
-                .next_unejection(Instant::now())
-                .unwrap_or(deadline)
-                .min(deadline);
-            tokio::select! {
-                changed = snapshots.changed() => {
-                    changed?;
-                    balancer.update(&snapshots.borrow_and_update().instances);
-                }
-                () = tokio::time::sleep_until(until) => {}
-            }
-            anyhow::ensure!(Instant::now() < deadline, "no instance answered in time");
-            continue;
+        let pick = pool.pick_except(deadline, &tried).await?;
+        let url = format!("http://{}/", pick.instance().address());
+        let answer = async {
+            let response = http
+                .get(&url)
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await?;
+            response.error_for_status()?.text().await
         };
-        let url = format!("http://{}/", instance.address());
-        let started = Instant::now();
-        match http.get(&url).timeout(Duration::from_secs(1)).send().await {
-            Ok(response) if response.status().is_success() => {
-                balancer.succeeded(&instance, started.elapsed());
-                return Ok((instance, response.text().await?));
+        match answer.await {
+            Ok(body) => {
+                let instance = pick.instance().clone();
+                pick.succeeded();
+                return Ok((instance, body));
             }
-            Ok(response) => eprintln!("{instance}: {}", response.status()),
-            Err(e) => eprintln!("{instance}: {e}"),
+            Err(e) => {
+                eprintln!("{}: {e}", pick.instance());
+                tried.push(pick.instance().address());
+                pick.failed();
+            }
         }
-        balancer.eject(&instance, Instant::now());
     }
 }
 
@@ -58,12 +52,15 @@ pub async fn get(
 async fn main() -> anyhow::Result<()> {
     let service = std::env::args().nth(1).unwrap_or_else(|| "hello".into());
     let count: u32 = std::env::args().nth(2).map_or(Ok(10), |n| n.parse())?;
-    let mut snapshots = discovery::spawn(Client::from_env()?, DiscoveryConfig::new(service));
-    let mut balancer = Balancer::new(Strategy::RoundRobin, Duration::from_secs(2));
+    let pool = Pool::discover(
+        Client::from_env()?,
+        DiscoveryConfig::new(service),
+        PoolConfig::default(),
+    );
     let http = reqwest::Client::new();
     for _ in 0..count {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let (instance, body) = get(&http, &mut balancer, &mut snapshots, deadline).await?;
+        let (instance, body) = get(&http, &pool, deadline).await?;
         print!("{instance}: {body}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

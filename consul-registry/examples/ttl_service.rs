@@ -1,18 +1,20 @@
 //! A small HTTP service that registers itself with its Consul agent, keeps a TTL check
-//! passing (no check endpoint to expose), and deregisters on Ctrl-C.
+//! passing (no check endpoint to expose), and on Ctrl-C shuts down in the order that loses
+//! no request: its check reported critical and the service deregistered, a linger while
+//! clients' views catch up, then it stops accepting and finishes the requests in flight.
 //!
 //!     cargo run -p consul-registry --example ttl_service -- 127.0.0.1:8081
 //!
 //! The agent is found as Consul's own tools find it (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`).
 
-use std::convert::Infallible;
+use std::{convert::Infallible, time::Duration};
 
 use consul_api::{AgentServiceCheck, AgentServiceRegistration, Client, GoDuration};
 use consul_registry::Registration;
 use hyper::{Response, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Serve `hello from <id>` on `listener`, registered as an instance of `name`, until `stop`.
 pub async fn run(
@@ -35,16 +37,17 @@ pub async fn run(
         }),
         ..Default::default()
     };
-    // Registers, beats the TTL check, and on `stop` reports critical and deregisters.
-    let mut registration = Registration::start(consul, service, stop.clone());
+    // Registers and beats the TTL check; `drain` below takes it out of rotation.
+    let mut registration = Registration::start(consul, service, CancellationToken::new());
+    let (connections, stop_connections) = (TaskTracker::new(), CancellationToken::new());
     loop {
         let (stream, _) = tokio::select! {
             () = stop.cancelled() => break,
             failed = registration.wait() => return Ok(failed?),
             accepted = listener.accept() => accepted?,
         };
-        let (body, stop) = (format!("hello from {id}\n"), stop.clone());
-        tokio::spawn(async move {
+        let (body, stop) = (format!("hello from {id}\n"), stop_connections.clone());
+        connections.spawn(async move {
             let hello = service_fn(move |_req| {
                 let body = body.clone();
                 async move { Ok::<_, Infallible>(Response::new(body)) }
@@ -61,7 +64,13 @@ pub async fn run(
             }
         });
     }
-    Ok(registration.wait().await?)
+    // Critical, deregistered, lingered; only then stop accepting and finish what is in flight.
+    let deregistered = registration.drain().await;
+    drop(listener);
+    stop_connections.cancel();
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), connections.wait()).await;
+    Ok(deregistered?)
 }
 
 #[allow(dead_code)] // a test includes this file and calls `run` itself

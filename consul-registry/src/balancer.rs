@@ -10,6 +10,15 @@
 //!   that doubles with consecutive failures (capped), and skipped until it expires; a success
 //!   clears its record. Records are forgotten when an instance leaves the passing set, so an
 //!   instance Consul lists again starts clean.
+//! * Passive health for callers that report every outcome ([`Balancer::failed`], which
+//!   [`Pool`](crate::pool::Pool) drives): an instance is ejected after `consecutive` failures
+//!   in a row (default 1: a refused connect is definitive), for a hold-down that doubles with
+//!   each ejection since its last success (capped at 16 × the base), and never more than
+//!   `max_ejected_percent` of the passing set at once (at least one, never all) — Envoy's
+//!   outlier detection and Finagle's failure accrual in small. An ejected instance Consul
+//!   still lists is picked again once its hold-down ends: its next answer decides.
+//! * A new balancer starts empty: nothing is picked before the first
+//!   [`update`](Balancer::update).
 //! * The session stays on a working connection; the balancer only says whether the current
 //!   instance is still listed and whether there is somewhere else to go — and, when instances
 //!   are added (a scale-out), whether this client should move to one of them
@@ -41,7 +50,10 @@ pub enum Strategy {
 /// The local record of one instance (keyed by its address).
 #[derive(Debug, Clone, Default)]
 struct Local {
+    /// Ejections since the last success (the hold-down doubles with each).
     failures: u32,
+    /// Failures in a row since the last success or ejection ([`Balancer::failed`]).
+    streak: u32,
     ejected_until: Option<Instant>,
     rtt: Option<Duration>,
 }
@@ -52,6 +64,10 @@ pub struct Balancer {
     strategy: Strategy,
     cooldown: Duration,
     max_cooldown: Duration,
+    /// Failures in a row that eject an instance ([`Balancer::failed`]).
+    consecutive: u32,
+    /// At most this share of the passing set is ejected at once by [`Balancer::failed`].
+    max_ejected_percent: u8,
     /// The passing set, shared with the snapshot it came from (not copied).
     instances: Arc<[Arc<Instance>]>,
     /// Local records by host, then port (looked up without formatting an address).
@@ -62,12 +78,15 @@ pub struct Balancer {
 
 impl Balancer {
     /// A balancer ejecting failed instances for `cooldown`, doubling per consecutive failure
-    /// up to 16 × `cooldown`.
+    /// up to 16 × `cooldown`. It starts empty: [`pick`](Self::pick) returns `None` until the
+    /// first [`update`](Self::update).
     pub fn new(strategy: Strategy, cooldown: Duration) -> Self {
         Balancer {
             strategy,
             cooldown,
             max_cooldown: cooldown.saturating_mul(16),
+            consecutive: 1,
+            max_ejected_percent: 50,
             instances: Arc::from(Vec::new()),
             local: HashMap::new(),
             next: rand::random_range(0..usize::MAX / 2),
@@ -82,8 +101,23 @@ impl Balancer {
         self
     }
 
+    /// Passive health for [`failed`](Self::failed): eject after `consecutive` failures in a
+    /// row (at least 1), with at most `max_ejected_percent` of the passing set ejected at once
+    /// (at least one instance, never all of them). Defaults: 1 and 50.
+    pub fn with_outlier_detection(mut self, consecutive: u32, max_ejected_percent: u8) -> Self {
+        self.consecutive = consecutive.max(1);
+        self.max_ejected_percent = max_ejected_percent.min(100);
+        self
+    }
+
     /// Replace the passing set (a snapshot's, shared: nothing is copied). Records of
     /// addresses that left it are forgotten.
+    ///
+    /// Feed it every snapshot, not only those `has_changed()` reports: after
+    /// `receiver.wait_for(..)` (or `borrow_and_update`) the receiver has seen the snapshot and
+    /// `has_changed()` is `false`, so a loop that updates only on `has_changed()` never hands
+    /// it that one. Update with what `wait_for` returned, or use a [`Pool`](crate::Pool),
+    /// which reads the latest snapshot on every pick.
     pub fn update(&mut self, instances: &Arc<[Arc<Instance>]>) {
         self.instances = Arc::clone(instances);
         if self.local.is_empty() {
@@ -233,10 +267,40 @@ impl Balancer {
         cooldown
     }
 
+    /// `instance` failed one request (refused, reset, timed out, or an answer the caller
+    /// counts as a failure): after `consecutive` failures in a row it is ejected like
+    /// [`eject`](Self::eject) does, unless that would hold out more than the allowed share of
+    /// the passing set (see [`with_outlier_detection`](Self::with_outlier_detection)).
+    /// Returns the hold-down applied, `None` when the instance stays in.
+    pub fn failed(&mut self, instance: &Instance, now: Instant) -> Option<Duration> {
+        let consecutive = self.consecutive;
+        let local = self.record(instance);
+        local.streak = local.streak.saturating_add(1);
+        if local.streak < consecutive || local.ejected_until.is_some_and(|until| until > now) {
+            return None;
+        }
+        let n = self.instances.len();
+        let cap = (n * usize::from(self.max_ejected_percent) / 100)
+            .max(1)
+            .min(n.saturating_sub(1));
+        let ejected = self
+            .instances
+            .iter()
+            .filter(|i| !self.usable(i, now))
+            .count();
+        if ejected >= cap || !self.contains(instance) {
+            return None;
+        }
+        let cooldown = self.eject(instance, now);
+        self.record(instance).streak = 0;
+        Some(cooldown)
+    }
+
     /// `instance` answered in `rtt`: clear its failures and fold the time into its average.
     pub fn succeeded(&mut self, instance: &Instance, rtt: Duration) {
         let local = self.record(instance);
         local.failures = 0;
+        local.streak = 0;
         local.ejected_until = None;
         local.rtt = Some(match local.rtt {
             None => rtt,
@@ -425,5 +489,38 @@ mod tests {
             .collect();
         // Each of the 4 is missed by 200 independent draws with probability (3/4)^200.
         assert_eq!(firsts.len(), 4, "{firsts:?}");
+    }
+
+    #[test]
+    fn failures_eject_after_the_streak_never_all_and_longer_each_time() {
+        let now = Instant::now();
+        let all = set(3);
+        let mut b = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1))
+            .with_outlier_detection(2, 50)
+            .with_seed(1);
+        b.update(&arcs(&all));
+        assert_eq!(b.failed(&all[0], now), None, "one failure of two");
+        assert_eq!(b.failed(&all[0], now), Some(Duration::from_secs(1)));
+        // 50 % of 3 is one: the second failing instance stays in.
+        b.failed(&all[1], now);
+        assert_eq!(b.failed(&all[1], now), None, "the cap holds");
+        assert_eq!(b.next_unejection(now), Some(now + Duration::from_secs(1)));
+        // Back after its hold-down while still listed; failing again doubles it.
+        let later = now + Duration::from_secs(1);
+        assert!(b.usable(&all[0], later));
+        b.failed(&all[0], later);
+        assert_eq!(b.failed(&all[0], later), Some(Duration::from_secs(2)));
+        // A success clears the record: the next ejection is the base again.
+        b.succeeded(&all[0], Duration::from_millis(1));
+        b.failed(&all[0], later);
+        assert_eq!(b.failed(&all[0], later), Some(Duration::from_secs(1)));
+
+        // A single instance is never held out.
+        let mut one = Balancer::new(Strategy::RoundRobin, Duration::from_secs(1));
+        one.update(&arcs(&all[..1]));
+        for _ in 0..5 {
+            assert_eq!(one.failed(&all[0], now), None);
+        }
+        assert!(one.pick(now).is_some());
     }
 }

@@ -37,6 +37,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use consul_api::{AgentServiceCheck, GoDuration};
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, header};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -54,9 +55,10 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// What `/check` answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckStatus {
-    /// 200: the echo listener accepts.
+    /// 200: the service serves.
     Serving,
-    /// 503: forced unhealthy by an operator (SIGUSR1) or a test; echo still works.
+    /// 503: forced unhealthy ([`Health::set_healthy`]: an operator's drill, a test); the
+    /// service itself goes on answering.
     ForcedUnhealthy,
     /// 503: shutting down.
     Draining,
@@ -84,7 +86,10 @@ impl CheckStatus {
     }
 }
 
-/// A handle on what `/check` answers. Cheap to clone; every clone controls the same check.
+/// A handle on what the check answers (an HTTP check's status, a TTL check's beats). Cheap to
+/// clone; every clone controls the same check. Create it before anything else (it starts
+/// serving) and hand it to [`Registration::start_with_health`](crate::Registration::start_with_health)
+/// and to the router that serves the check.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
     inner: Arc<HealthState>,
@@ -99,8 +104,8 @@ struct HealthState {
 }
 
 impl Health {
-    /// `false`: `/check` answers 503 while echo keeps working (a fault drill); `true`: back to
-    /// normal. Draining wins over either.
+    /// `false`: the check answers 503 while the service goes on answering its own clients (a
+    /// fault drill); `true`: back to normal. Draining wins over either.
     pub fn set_healthy(&self, healthy: bool) {
         self.inner
             .forced_unhealthy
@@ -145,7 +150,9 @@ impl Health {
     }
 }
 
-/// Serve `/check` on `listener` until `stop` is cancelled.
+/// Serve the check at `path` on `listener` until `stop` is cancelled. With `log_requests`,
+/// every check request is logged at info level (peer, method, path, host, user agent,
+/// status): useful to see the agent's checks arrive; otherwise at debug level.
 pub async fn serve(
     listener: TcpListener,
     path: String,
@@ -215,18 +222,43 @@ pub async fn serve(
 
 /// The check endpoint as a `tower::Service`, to mount in a service's own HTTP router (axum's
 /// `route_service`, a hyper `service_fn` that delegates). Answers like [`serve`] does.
+///
+/// The path is given once: [`path`](Self::path) is the route to mount it at and
+/// [`consul_check`](Self::consul_check) builds the check Consul calls, so the two cannot
+/// disagree (a mismatch would be a silent 404 and a critical check).
 #[derive(Debug, Clone)]
 pub struct CheckService {
-    path: Arc<str>,
+    path: Option<Arc<str>>,
     health: Health,
 }
 
 impl CheckService {
-    /// Answer on `path` with what `health` says.
+    /// Answer on `path` with what `health` says; any other path is a 404.
     pub fn new(path: impl Into<String>, health: Health) -> Self {
         CheckService {
-            path: path.into().into(),
+            path: Some(path.into().into()),
             health,
+        }
+    }
+
+    /// Answer on every path: the router that mounts it decides where it is.
+    pub fn any_path(health: Health) -> Self {
+        CheckService { path: None, health }
+    }
+
+    /// The path it answers on (`/` for [`any_path`](Self::any_path)): the route to mount.
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
+
+    /// The HTTP check for Consul's agent: `http://{addr}{path}` every `interval`, timing out
+    /// after at most 3 s (never more than the interval).
+    pub fn consul_check(&self, addr: SocketAddr, interval: Duration) -> AgentServiceCheck {
+        AgentServiceCheck {
+            http: Some(format!("http://{addr}{}", self.path())),
+            interval: Some(GoDuration(interval)),
+            timeout: Some(GoDuration(interval.min(Duration::from_secs(3)))),
+            ..Default::default()
         }
     }
 }
@@ -241,7 +273,8 @@ impl<B> tower::Service<Request<B>> for CheckService {
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        ready(Ok(respond(&req, &self.path, &self.health, None, false)))
+        let path = self.path.as_deref().unwrap_or(req.uri().path());
+        ready(Ok(respond(&req, path, &self.health, None, false)))
     }
 }
 
@@ -337,5 +370,27 @@ mod tests {
         );
         health.set_note(None);
         assert_eq!(health.note(), None);
+    }
+
+    #[tokio::test]
+    async fn one_path_for_the_route_and_the_check_or_any_path() {
+        use tower::Service;
+        let health = Health::default();
+        let check = CheckService::new("/healthz", health.clone());
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let consul = check.consul_check(addr, Duration::from_secs(1));
+        assert_eq!(
+            consul.http.as_deref(),
+            Some("http://127.0.0.1:8080/healthz")
+        );
+        assert_eq!(check.path(), "/healthz");
+        let mut any = CheckService::any_path(health.clone());
+        let get = |path| Request::get(path).body(()).unwrap();
+        assert_eq!(
+            any.call(get("/mounted/anywhere")).await.unwrap().status(),
+            200
+        );
+        health.set_draining();
+        assert_eq!(any.call(get("/x")).await.unwrap().status(), 503);
     }
 }

@@ -39,6 +39,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A [`Pool`](crate::pool::Pool) had no instance to offer before the caller's deadline.
+    #[error("no instance to use after waiting {waited:?}: {reason}")]
+    NoInstance {
+        /// How long the pick waited.
+        waited: std::time::Duration,
+        /// Why: what discovery knows (nothing listed, Consul unreachable, every listed
+        /// instance held out after failures, discovery failed for good).
+        reason: String,
+    },
+
     /// Consul refused the token a TTL heartbeat updates its check with, before any update
     /// was accepted.
     #[error("cannot update TTL check {check_id:?}")]
@@ -58,7 +68,7 @@ impl Error {
             Error::Register { source, .. }
             | Error::Heartbeat { source, .. }
             | Error::Maintenance { source, .. } => Some(source),
-            Error::Discovery { .. } | Error::Task(_) => None,
+            Error::Discovery { .. } | Error::NoInstance { .. } | Error::Task(_) => None,
         }
     }
 }

@@ -20,9 +20,14 @@
 //!   queries, the agent's list, a prepared query, or DNS SRV records;
 //! * [`failover`] — failover across datacenters: one discovery per datacenter, the first
 //!   that lists an instance wins;
-//! * [`tower_discover`] — the edge to tower: snapshots as a `tower::discover::Discover`;
-//! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, local
-//!   ejection with a cooldown);
+//! * [`pool`] — [`Pool`]: a shareable client pool for any protocol: `pick` waits for a usable
+//!   instance until a deadline, the caller reports each outcome (passive ejection);
+//! * [`tower_stack`] — [`tower_stack::Balanced`]: a tower `Service` over a pool (balance,
+//!   passive ejection, retries within a budget), for hyper, reqwest or tonic clients;
+//! * [`tower_discover`] — the edge to tower's own balancers: snapshots as a
+//!   `tower::discover::Discover`;
+//! * [`balancer`] — which instance to use (pure: round-robin or power-of-two-choices, passive
+//!   ejection with a growing hold-down, never every instance);
 //! * [`reap_meta`] — the Meta keys (`reap-after`, `reap-start`) a service opts in to the
 //!   `consul-reaper` sidecar with, and [`reap_meta::opt_in`], which sets them (the registrar
 //!   gives each start of an opted-in registration a new `reap-start`);
@@ -35,53 +40,46 @@
 //! Everything speaks to Consul through [`consul_api::Client`], configured the way Consul's
 //! own tools are (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`).
 //!
-//! A service that registers itself with an HTTP check, and a client that follows the passing
-//! instances of another service and picks one:
+//! A service that registers itself with an HTTP check served by its own router (the path
+//! given once), and a client that picks among the passing instances of another service:
 //!
 //! ```no_run
 //! use std::time::Duration;
 //!
-//! use consul_api::{AgentServiceCheck, AgentServiceRegistration, Client, GoDuration};
+//! use consul_api::{AgentServiceRegistration, Client};
 //! use consul_registry::{
-//!     Balancer, DiscoveryConfig, Registration, Strategy, check, discovery,
+//!     DiscoveryConfig, Health, Pool, PoolConfig, Registration, check::CheckService,
 //! };
 //! use tokio_util::sync::CancellationToken;
 //!
 //! # async fn demo() -> anyhow::Result<()> {
 //! let consul = Client::from_env()?;
-//! let shutdown = CancellationToken::new();
 //!
-//! // 1. Serve the check on a port of its own, then register with it.
-//! let checks = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! // 1. The check exists before the registration: mount `check` at `check.path()` in the
+//! //    service's router (axum: `.route_service(check.path(), check.clone())`).
+//! let health = Health::default();
+//! let check = CheckService::new("/check", health.clone());
+//! let addr = "127.0.0.1:7000".parse()?;
 //! let service = AgentServiceRegistration {
-//!     id: Some("billing-1".into()),
+//!     id: Some("billing-127.0.0.1-7000".into()),
 //!     name: "billing".into(),
 //!     address: Some("127.0.0.1".into()),
 //!     port: Some(7000),
-//!     check: Some(AgentServiceCheck {
-//!         http: Some("http://127.0.0.1:8080/check".into()),
-//!         interval: Some(GoDuration::from_secs(5)),
-//!         timeout: Some(GoDuration::from_secs(3)),
-//!         ..Default::default()
-//!     }),
+//!     check: Some(check.consul_check(addr, Duration::from_secs(5))),
 //!     ..Default::default()
 //! };
-//! let mut registration = Registration::start(consul.clone(), service, shutdown.clone());
-//! let health = registration.health().clone();
-//! tokio::spawn(check::serve(checks, "/check".into(), health, false, shutdown.clone()));
+//! let mut registration =
+//!     Registration::start_with_health(consul.clone(), service, health, CancellationToken::new());
 //!
-//! // 2. Discover another service and choose among its passing instances.
-//! let mut ledger = discovery::spawn(consul, DiscoveryConfig::new("ledger"));
-//! let mut balancer = Balancer::new(Strategy::PowerOfTwoChoices, Duration::from_secs(2));
-//! ledger.changed().await?;
-//! balancer.update(&ledger.borrow_and_update().instances);
-//! if let Some(instance) = balancer.pick(tokio::time::Instant::now()) {
-//!     println!("ledger at {}", instance.address());
-//! }
+//! // 2. Discover another service; each call picks an instance and reports how it went.
+//! let ledger = Pool::discover(consul, DiscoveryConfig::new("ledger"), PoolConfig::default());
+//! let pick = ledger.pick(tokio::time::Instant::now() + Duration::from_secs(5)).await?;
+//! println!("ledger at {}", pick.instance().address());
+//! pick.succeeded();
 //!
-//! // 3. On shutdown: the check turns critical, then the service is deregistered.
-//! shutdown.cancel();
-//! registration.wait().await?;
+//! // 3. On SIGTERM: the check fails, the service is deregistered, it lingers while clients'
+//! //    views catch up; then stop accepting and drain (axum's `with_graceful_shutdown`).
+//! registration.drain().await?;
 //! # Ok(()) }
 //! ```
 
@@ -94,17 +92,20 @@ pub mod decode;
 pub mod discovery;
 pub mod error;
 pub mod failover;
+pub mod pool;
 pub mod reap_meta;
 pub mod registration;
 pub mod shed;
 pub mod source;
 pub mod tower_discover;
+pub mod tower_stack;
 pub mod ttl;
 
 pub use balancer::{Balancer, Strategy};
 pub use check::{CheckStatus, Health};
 pub use discovery::{ConsulState, DiscoveryConfig, Instance, Snapshot};
 pub use error::{Error, Result};
+pub use pool::{Pick, Pool, PoolConfig};
 pub use registration::{Registrar, Registration};
 pub use source::Source;
 pub use ttl::Heartbeat;

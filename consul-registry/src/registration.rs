@@ -321,10 +321,34 @@ fn log_recovered(what: &str, answered: Answered) {
 
 /// A service registered for as long as it runs, with the pieces wired together the way a
 /// service needs them: [`Registration::start`] registers it (a [`Registrar`]), keeps a TTL
-/// check passing if the registration has one (a [`Heartbeat`]), and when `shutdown` is
-/// cancelled turns the check critical and deregisters, in that order. Its [`Health`] is the
-/// one to serve on an HTTP check ([`check::serve`](crate::check::serve) or
-/// [`CheckService`](crate::check::CheckService)).
+/// check passing if the registration has one (a [`Heartbeat`]), and at shutdown takes it out
+/// of rotation. Its [`Health`] is the one to serve on an HTTP check
+/// ([`check::serve`](crate::check::serve) or [`CheckService`](crate::check::CheckService));
+/// [`start_with_health`](Self::start_with_health) takes one made before, so the router that
+/// serves the check can exist first.
+///
+/// **Service IDs**: give each instance an ID derived from the address its check probes
+/// (`billing-10.0.0.5-7000`), unique in the cluster. A process that restarts on the same
+/// address then takes its own entry over; an ID unique per process start instead leaves the
+/// dead one's entry behind, and if a new process reuses that port, the old entry's check
+/// passes again: two passing entries for one process (until `DeregisterCriticalServiceAfter`
+/// never comes, since the check passes). [`Balancer`](crate::Balancer) and [`Pool`](crate::Pool)
+/// key by address, so they still count it once.
+///
+/// **Shutdown, exactly**: [`drain`](Self::drain) (or `shutdown` being cancelled, without the
+/// linger) does, in order:
+///
+/// 1. the [`Health`] turns draining: the check answers 503 from now on;
+/// 2. with a TTL check, a last beat reports it critical to the agent at once; with an HTTP
+///    check nothing critical reaches Consul before step 3: the agent only sees the 503 at its
+///    next check run, an interval later, and by then the service is deregistered;
+/// 3. the service is deregistered (capped at 3 s; if that fails Consul removes it once the
+///    check has been critical for `DeregisterCriticalServiceAfter`): discovery's blocking
+///    queries wake and clients drop the instance;
+/// 4. it lingers ([`with_linger`](Self::with_linger), default [`DEFAULT_LINGER`]) while
+///    clients' views catch up, still serving whoever has not caught up;
+/// 5. [`drain`](Self::drain) returns: now stop accepting and finish the requests in flight
+///    (axum's `with_graceful_shutdown`, hyper's `graceful_shutdown`).
 ///
 /// ```no_run
 /// use consul_api::{AgentServiceCheck, AgentServiceRegistration, Client, GoDuration};
@@ -342,30 +366,49 @@ fn log_recovered(what: &str, answered: Answered) {
 ///     }),
 ///     ..Default::default()
 /// };
-/// let shutdown = CancellationToken::new();
-/// let mut registration = Registration::start(Client::from_env()?, service, shutdown.clone());
-/// // ... serve; on Ctrl-C: `shutdown.cancel()` ...
-/// registration.maintenance(true, Some("draining for a deploy")).await?;
-/// registration.wait().await?; // the check is critical and the service deregistered
+/// let mut registration = Registration::start(Client::from_env()?, service, CancellationToken::new());
+/// // ... serve; on SIGTERM:
+/// registration.drain().await?; // critical, deregistered, lingered
+/// // ... now stop accepting and drain the connections
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
 pub struct Registration {
     registrar: Registrar,
     health: Health,
+    stop: CancellationToken,
+    linger: Duration,
     task: Option<JoinHandle<Result<()>>>,
 }
 
+/// How long [`Registration::drain`] lingers after deregistering by default: a client
+/// following the service with blocking queries learns of the deregistration within
+/// milliseconds on one agent (measured by the kill test, `docs/results/service.md`), but
+/// sources that poll (the agent's list, prepared queries, DNS) only at their next read, one
+/// second apart by default (`docs/results/discovery.md`: 0.98 s); 2 s covers them with room.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(2);
+
 impl Registration {
     /// Register `service` through `client`'s agent and keep it registered until `shutdown`
-    /// is cancelled; then report it critical and deregister it. Must be called within a
-    /// tokio runtime.
+    /// is cancelled or [`drain`](Self::drain) is called; then take it out of rotation (see
+    /// the type's documentation). Must be called within a tokio runtime.
     pub fn start(
         client: Client,
         service: AgentServiceRegistration,
         shutdown: CancellationToken,
     ) -> Registration {
-        let health = Health::default();
+        Registration::start_with_health(client, service, Health::default(), shutdown)
+    }
+
+    /// Like [`start`](Self::start), with a [`Health`] made before (already served by the
+    /// service's router, say).
+    pub fn start_with_health(
+        client: Client,
+        service: AgentServiceRegistration,
+        health: Health,
+        shutdown: CancellationToken,
+    ) -> Registration {
+        let stop = shutdown.child_token();
         let ttl = service.check.as_ref().and_then(|c| Some((c.ttl?.0, c)));
         let interval = ttl.map(|(ttl, _)| ttl).or_else(|| {
             let check = service.check.as_ref()?;
@@ -384,15 +427,25 @@ impl Registration {
             Heartbeat::new(client, check_id, ttl, health.clone())
         });
         let task = tokio::spawn({
-            let (registrar, health) = (registrar.clone(), health.clone());
+            let (registrar, health, stop) = (registrar.clone(), health.clone(), stop.clone());
             async move {
+                // The heartbeat stops only once the health is draining, so that its last
+                // beat reports critical.
+                let beats_stop = CancellationToken::new();
+                let out_of_rotation = async {
+                    stop.cancelled().await;
+                    health.set_draining();
+                    beats_stop.cancel();
+                    Ok(())
+                };
                 let beat = async {
                     match heartbeat {
-                        Some(h) => h.run(shutdown.clone()).await,
+                        Some(h) => h.run(beats_stop.clone()).await,
                         None => Ok(()),
                     }
                 };
-                let kept = tokio::try_join!(registrar.maintain(shutdown.clone()), beat);
+                let kept =
+                    tokio::try_join!(registrar.maintain(stop.clone()), beat, out_of_rotation);
                 // Shutdown (or a fatal error): out of rotation, then out of the catalog.
                 health.set_draining();
                 registrar.deregister().await;
@@ -402,8 +455,28 @@ impl Registration {
         Registration {
             registrar,
             health,
+            stop,
+            linger: DEFAULT_LINGER,
             task: Some(task),
         }
+    }
+
+    /// How long [`drain`](Self::drain) lingers after deregistering ([`DEFAULT_LINGER`]).
+    pub fn with_linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Take the service out of rotation and return once clients have had time to stop using
+    /// it: the check turns critical, the service is deregistered, then it lingers (see the
+    /// type's documentation). Call it first in a graceful shutdown; stop accepting after it
+    /// returns. The error is a registration that had already failed for good.
+    pub async fn drain(&mut self) -> Result<()> {
+        self.stop.cancel();
+        let ended = self.wait().await;
+        tracing::info!(id = %self.registrar.id(), linger = ?self.linger, "out of rotation: lingering while clients' views catch up");
+        tokio::time::sleep(self.linger).await;
+        ended
     }
 
     /// The service's health: what its HTTP check answers and its TTL check reports.

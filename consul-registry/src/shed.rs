@@ -1,7 +1,8 @@
 //! Load shedding for a listener with a connection cap: when every slot is taken and a new
 //! peer is waiting, the connection that has waited longest in [`Shedder::picked`] (the one
 //! idle longest) is asked to close, so idle peers cannot hold every slot until their idle
-//! timeout. Used by the echo listener (idle peers) and by `/check` (silent peers).
+//! timeout. Used by the check endpoint (silent peers) and by any listener that caps its connections
+//! (idle peers).
 
 use std::sync::Arc;
 

@@ -1,7 +1,13 @@
-//! The two examples, run against real Consul as a user would run them: two `ttl_service`
-//! instances register themselves and pass; `failover_client` is answered by both; one is
-//! stopped (Ctrl-C: drain, deregister) and the client goes on with the other without an
-//! error; the stopped one is gone from Consul.
+//! The examples, run against real Consul as a user would run them:
+//!
+//! * two `ttl_service` instances register themselves and pass; `failover_client` (on a
+//!   [`Pool`]) is answered by both; one is stopped (Ctrl-C: its check reported critical,
+//!   deregistered, a linger, then it stops accepting) and the client goes on with the other
+//!   without an error; the stopped one is gone from Consul;
+//! * the kill test: three `http_service` processes (this binary started again), 200 GETs
+//!   20 ms apart through a pool and through the tower stack at once, one process SIGKILLed and
+//!   one SIGTERMed: nothing lost, at most one failed attempt per kill and client. With
+//!   `SERVICE_KILL_OUT=docs/results` it writes its figures to `docs/results/service.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +19,7 @@ mod ttl_service;
 use std::{collections::BTreeSet, time::Duration};
 
 use consul_harness::{Consul, wait};
-use consul_registry::{Balancer, DiscoveryConfig, Strategy, discovery};
+use consul_registry::{DiscoveryConfig, Pool, PoolConfig, Strategy};
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -42,16 +48,18 @@ async fn the_ttl_service_registers_and_the_failover_client_survives_a_stop() {
     .await
     .expect("both instances register and pass by their TTL heartbeats");
 
-    let mut snapshots = discovery::spawn(consul.client(), DiscoveryConfig::new("hello"));
-    let mut balancer = Balancer::new(Strategy::RoundRobin, Duration::from_secs(2));
+    let config = PoolConfig {
+        strategy: Strategy::RoundRobin,
+        ..PoolConfig::default()
+    };
+    let pool = Pool::discover(consul.client(), DiscoveryConfig::new("hello"), config);
     let http = reqwest::Client::new();
     let deadline = || Instant::now() + Duration::from_secs(20);
     let mut answered = BTreeSet::new();
     for _ in 0..4 {
-        let (instance, body) =
-            failover_client::get(&http, &mut balancer, &mut snapshots, deadline())
-                .await
-                .unwrap();
+        let (instance, body) = failover_client::get(&http, &pool, deadline())
+            .await
+            .unwrap();
         assert_eq!(body, format!("hello from {}\n", instance.id));
         answered.insert(instance.id);
     }
@@ -67,11 +75,342 @@ async fn the_ttl_service_registers_and_the_failover_client_survives_a_stop() {
     wait::deregistered(&consul.client(), "hello", &a, Duration::from_secs(10))
         .await
         .expect("the stopped instance deregistered itself");
+    // Its TTL check was reported critical before it went (the agent logs each update).
+    let critical = format!("Check status updated: check=service:{a} status=critical");
+    consul
+        .log()
+        .wait_for(&critical, Duration::from_secs(5))
+        .await
+        .expect("the drain reports the TTL check critical before deregistering");
     for _ in 0..4 {
-        let (instance, _) = failover_client::get(&http, &mut balancer, &mut snapshots, deadline())
+        let (instance, _) = failover_client::get(&http, &pool, deadline())
             .await
             .unwrap();
         assert_eq!(instance.id, b);
     }
     stop_b.cancel();
+}
+
+// === the kill test: three `http_service` processes, one SIGKILLed, one SIGTERMed ===
+
+#[path = "../examples/http_service.rs"]
+mod http_service;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use consul_harness::{
+    process::{ChildProcess, consul_command, free_port_on, loopback_ip},
+    signal::Signal,
+};
+use consul_registry::{
+    Instance, discovery,
+    tower_stack::{Balanced, TpsBudget, http_retryable},
+};
+use tower::Service;
+
+/// The variable that makes this test binary an `http_service` process (its bind address).
+const CHILD_BIND: &str = "HTTP_SERVICE_BIND";
+/// Where the kill test writes its figures when set (`docs/results`).
+const OUT: &str = "SERVICE_KILL_OUT";
+const NAME: &str = "kill-hello";
+const REQUESTS: usize = 200;
+const APART: Duration = Duration::from_millis(20);
+/// Consul checks each instance this often.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Not a test: the entry point of the processes the kill test starts (this binary again,
+/// with `HTTP_SERVICE_BIND` set); without it, it returns at once.
+#[tokio::test]
+#[ignore = "a child process of the kill test, started by it"]
+async fn http_service_process() {
+    let Ok(bind) = std::env::var(CHILD_BIND) else {
+        return;
+    };
+    let listener = TcpListener::bind(&bind).await.unwrap();
+    let linger = consul_registry::registration::DEFAULT_LINGER;
+    let consul = consul_api::Client::from_env().unwrap();
+    let shutdown = http_service::terminated();
+    http_service::run(consul, listener, NAME, CHECK_INTERVAL, linger, shutdown)
+        .await
+        .unwrap();
+}
+
+#[derive(Debug, Clone)]
+struct Attempt {
+    at: SystemTime,
+    address: String,
+    ok: bool,
+}
+
+/// What one client saw.
+#[derive(Debug, Default)]
+struct Run {
+    attempts: Vec<Attempt>,
+    lost: usize,
+}
+
+impl Run {
+    fn failed_at(&self, address: &str, after: SystemTime) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| a.address == address && !a.ok && a.at >= after)
+            .count()
+    }
+
+    /// From `since` to the last attempt at `address`, if any came after.
+    fn last_use(&self, address: &str, since: SystemTime) -> Option<Duration> {
+        self.attempts
+            .iter()
+            .filter(|a| a.address == address)
+            .filter_map(|a| a.at.duration_since(since).ok())
+            .max()
+    }
+}
+
+/// 200 GETs 20 ms apart through a pool; each request tries up to 4 instances in 5 s.
+async fn through_the_pool(pool: Pool) -> Run {
+    let http = reqwest::Client::new();
+    let mut run = Run::default();
+    let mut tick = tokio::time::interval(APART);
+    for _ in 0..REQUESTS {
+        tick.tick().await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut tried = Vec::new();
+        let mut answered = false;
+        while !answered && tried.len() < 4 {
+            let Ok(pick) = pool.pick_except(deadline, &tried).await else {
+                break;
+            };
+            let address = pick.instance().address();
+            let get = http
+                .get(format!("http://{address}/"))
+                .timeout(Duration::from_secs(1))
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status);
+            answered = get.is_ok();
+            run.attempts.push(Attempt {
+                at: SystemTime::now(),
+                address: address.clone(),
+                ok: answered,
+            });
+            if answered {
+                pick.succeeded();
+            } else {
+                tried.push(address);
+                pick.failed();
+            }
+        }
+        run.lost += usize::from(!answered);
+    }
+    run
+}
+
+/// The same requests through the tower stack, retrying idempotent requests within a budget.
+async fn through_the_tower_stack(pool: Pool) -> Run {
+    let http = reqwest::Client::new();
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let make = {
+        let attempts = attempts.clone();
+        move |instance: &Instance| {
+            let (http, address, attempts) = (http.clone(), instance.address(), attempts.clone());
+            tower::service_fn(move |req: hyper::Request<String>| {
+                let (http, address, attempts) = (http.clone(), address.clone(), attempts.clone());
+                async move {
+                    let get = http
+                        .get(format!("http://{address}{}", req.uri()))
+                        .timeout(Duration::from_secs(1))
+                        .send()
+                        .await
+                        .and_then(reqwest::Response::error_for_status);
+                    attempts.lock().unwrap().push(Attempt {
+                        at: SystemTime::now(),
+                        address,
+                        ok: get.is_ok(),
+                    });
+                    get?.text().await
+                }
+            })
+        }
+    };
+    let mut stack = Balanced::new(pool, make).retry(TpsBudget::default(), http_retryable);
+    let mut lost = 0;
+    let mut tick = tokio::time::interval(APART);
+    for _ in 0..REQUESTS {
+        tick.tick().await;
+        let req = hyper::Request::get("/").body(String::new()).unwrap();
+        lost += usize::from(stack.call(req).await.is_err());
+    }
+    let attempts = attempts.lock().unwrap().clone();
+    Run { attempts, lost }
+}
+
+/// When `address` left the passing set (after it was first listed).
+async fn left_the_view(
+    mut view: tokio::sync::watch::Receiver<consul_registry::Snapshot>,
+    address: String,
+) -> SystemTime {
+    let listed = |s: &consul_registry::Snapshot| s.instances.iter().any(|i| i.address() == address);
+    view.wait_for(listed).await.unwrap();
+    view.wait_for(|s| !listed(s)).await.unwrap();
+    SystemTime::now()
+}
+
+#[tokio::test]
+async fn a_kill_and_a_term_lose_nothing_through_the_pool_and_the_tower_stack() {
+    let consul = Consul::start().await.unwrap();
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        let ip = loopback_ip();
+        let address = format!("{ip}:{}", free_port_on(ip).unwrap());
+        let mut cmd = consul_command(std::env::current_exe().unwrap(), &consul.config());
+        cmd.env(CHILD_BIND, &address).args([
+            "--ignored",
+            "--exact",
+            "http_service_process",
+            "--nocapture",
+        ]);
+        let child = ChildProcess::spawn(cmd, format!("http_service on {address}")).unwrap();
+        servers.push((address, child));
+    }
+    wait::health_until(&consul.client(), NAME, true, Duration::from_secs(30), |e| {
+        e.len() == 3
+    })
+    .await
+    .expect("three http_service processes register and pass");
+
+    // Round-robin, so that every instance takes its share and each kill is met (with two
+    // instances, power of two choices always prefers the faster one).
+    let config = PoolConfig {
+        strategy: Strategy::RoundRobin,
+        ..PoolConfig::default()
+    };
+    let discover = || discovery::spawn(consul.client(), DiscoveryConfig::new(NAME));
+    let (pool, tower_pool) = (
+        Pool::new(NAME, discover(), config),
+        Pool::new(NAME, discover(), config),
+    );
+    let view = discover();
+    let clients = tokio::spawn(async move {
+        tokio::join!(through_the_pool(pool), through_the_tower_stack(tower_pool))
+    });
+    let (killed, termed) = (servers[0].0.clone(), servers[1].0.clone());
+    let killed_left = tokio::spawn(left_the_view(view.clone(), killed.clone()));
+    let termed_left = tokio::spawn(left_the_view(view, termed.clone()));
+
+    tokio::time::sleep(APART * 40).await;
+    let kill_at = servers[0].1.kill().await.unwrap();
+    tokio::time::sleep(APART * 40).await;
+    let term_at = SystemTime::now();
+    servers[1].1.signal(Signal::SIGTERM).unwrap();
+
+    let (pool_run, tower_run) = clients.await.unwrap();
+    let exit = servers[1]
+        .1
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(
+        exit.success(),
+        "the SIGTERMed instance drains and exits cleanly: {exit}"
+    );
+    let killed_left = tokio::time::timeout(Duration::from_secs(30), killed_left)
+        .await
+        .expect("Consul's check drops the killed instance")
+        .unwrap();
+    let termed_left = termed_left.await.unwrap();
+
+    let mut rows = Vec::new();
+    for (client, run) in [("pool", &pool_run), ("tower stack", &tower_run)] {
+        let (failed_kill, failed_term) = (
+            run.failed_at(&killed, kill_at),
+            run.failed_at(&termed, term_at),
+        );
+        let others = run.attempts.iter().filter(|a| !a.ok).count() - failed_kill - failed_term;
+        assert_eq!(run.lost, 0, "{client}: no request lost");
+        assert!(
+            failed_kill <= 1,
+            "{client}: {failed_kill} failed attempts at the SIGKILLed instance"
+        );
+        assert!(
+            failed_term <= 1,
+            "{client}: {failed_term} failed attempts at the SIGTERMed instance"
+        );
+        assert_eq!(others, 0, "{client}: no other attempt failed");
+        let ms = |d: Option<Duration>| {
+            d.map_or("never used after".into(), |d| {
+                format!("{} ms", d.as_millis())
+            })
+        };
+        rows.push(vec![
+            client.to_string(),
+            format!("{} / {}", REQUESTS - run.lost, REQUESTS),
+            run.lost.to_string(),
+            failed_kill.to_string(),
+            failed_term.to_string(),
+            ms(run.last_use(&killed, kill_at)),
+            ms(run.last_use(&termed, term_at)),
+        ]);
+    }
+    let since = |t: SystemTime, from: SystemTime| t.duration_since(from).unwrap_or_default();
+    let (kill_to_view, term_to_view) = (since(killed_left, kill_at), since(termed_left, term_at));
+    eprintln!(
+        "kill test: {rows:?}; kill → out of view {kill_to_view:?}, SIGTERM → out of view {term_to_view:?}"
+    );
+    if let Ok(dir) = std::env::var(OUT) {
+        write_report(&dir, &consul, &rows, kill_to_view, term_to_view);
+    }
+}
+
+fn write_report(
+    dir: &str,
+    consul: &Consul,
+    rows: &[Vec<String>],
+    kill_to_view: Duration,
+    term_to_view: Duration,
+) {
+    let header = lab_report::Header {
+        title: "Use it in your service: one SIGKILL and one SIGTERM under load".into(),
+        machine: lab_report::machine(),
+        date: lab_report::rfc3339(SystemTime::now()),
+        consul: consul.version().to_string(),
+        command: format!(
+            "{OUT}={dir} cargo test -p consul-registry --test examples a_kill_and_a_term"
+        ),
+    };
+    let mut table = lab_report::Table::new([
+        "client",
+        "answered",
+        "lost",
+        "failed attempts, SIGKILL",
+        "failed attempts, SIGTERM",
+        "SIGKILL → last use",
+        "SIGTERM → last use",
+    ])
+    .align_right([1, 2, 3, 4, 5, 6]);
+    for row in rows {
+        table.push(row.iter().cloned());
+    }
+    table.note(format!(
+        "Three `http_service` processes (HTTP check every {}s, drain linger {}s); each client (round-robin, hold-down {}s) sends {REQUESTS} GETs {} ms apart, one at a time; the first instance is SIGKILLed after 40 intervals, the second SIGTERMed 40 intervals later.",
+        CHECK_INTERVAL.as_secs(),
+        consul_registry::registration::DEFAULT_LINGER.as_secs(),
+        PoolConfig::default().hold_down.as_secs(),
+        APART.as_millis()
+    ));
+    table.note(format!(
+        "Out of discovery's view (blocking health query): the SIGKILLed instance {} ms after the kill (Consul's check), the SIGTERMed one {} ms after the signal (its own deregistration).",
+        kill_to_view.as_millis(),
+        term_to_view.as_millis()
+    ));
+    let text = format!("{}{}", header.markdown(), table.markdown());
+    // Relative to the workspace root, where the command is run (cargo runs tests in the
+    // package's directory).
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(dir);
+    std::fs::write(dir.join("service.md"), text).unwrap();
 }
