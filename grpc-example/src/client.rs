@@ -1,48 +1,29 @@
-//! A tonic client balancing over a service's passing instances: discovery's snapshots become
-//! tower `Change`s ([`consul_registry::tower_discover`]), one lazily connected tonic
-//! `Channel` per instance, weighed by calls in flight and chosen by tower's
-//! power-of-two-choices `Balance`, behind a `Buffer` so that the client is a cheap clone.
+//! A tonic client balancing over a service's passing instances through the registry's tower
+//! stack ([`consul_registry::tower_stack::Balanced`]): a [`Pool`] fed by discovery picks an
+//! instance (power of two choices), one lazily connected tonic `Channel` per address carries
+//! the call, and a call that fails at the transport holds its instance out at once (passive
+//! ejection), so a SIGKILLed instance costs about one failed attempt, not one per call until
+//! Consul's check turns critical.
 //!
-//! A call that fails with a transport-level status (`UNAVAILABLE`, `UNKNOWN` from a reset
-//! connection, `CANCELLED`) is sent again, on a new pick, until its deadline; the `Balance`
-//! keeps a dead instance until Consul stops listing it, so every call it is picked for
-//! fails once and is retried.
+//! A request's body is a stream that cannot be cloned, so the stack does not resend it: a
+//! call that failed with a transport-level status is sent again by [`Greeter::say_hello`]
+//! from the message, on a new pick, until its deadline.
 
 use std::time::Duration;
 
-use consul_registry::{Instance, Snapshot, tower_discover};
-use tokio::{sync::watch, time::Instant};
+use consul_api::Client;
+use consul_registry::{DiscoveryConfig, Instance, Pool, PoolConfig, tower_stack::Balanced};
+use tokio::time::Instant;
 use tonic::{
     Code, Status,
     body::Body,
     codegen::http,
     transport::{Channel, Endpoint},
 };
-use tower::{
-    balance::p2c::Balance,
-    buffer::Buffer,
-    load::{CompleteOnResponse, PendingRequestsDiscover},
-};
 
 use crate::hello::{HelloReply, HelloRequest, SAY_HELLO};
 
-type Stack = Buffer<http::Request<Body>, <Balanced as tower::Service<http::Request<Body>>>::Future>;
-type Balanced = Balance<
-    PendingRequestsDiscover<
-        std::pin::Pin<
-            Box<
-                dyn futures::Stream<
-                        Item = Result<
-                            tower::discover::Change<Instance, Channel>,
-                            consul_registry::Error,
-                        >,
-                    > + Send,
-            >,
-        >,
-        CompleteOnResponse,
-    >,
-    http::Request<Body>,
->;
+type Stack = Balanced<http::Request<Body>, Channel, fn(&Instance) -> Channel>;
 
 /// The outcome of one [`Greeter::say_hello`]: the reply, and the attempts that failed before
 /// it (each with the moment it failed).
@@ -56,15 +37,15 @@ pub struct Answered {
 
 /// A call that got no reply before its deadline.
 #[derive(Debug, thiserror::Error)]
-#[error("no reply before the deadline after {} attempt(s); last: {last}", failed.len())]
+#[error("no reply before the deadline after {} attempt(s); last: {last}", failed.len() + 1)]
 pub struct Lost {
-    /// When each attempt failed, and why.
+    /// When each earlier attempt failed, and why.
     pub failed: Vec<(Instant, Status)>,
     /// The last attempt's status.
     pub last: Status,
 }
 
-/// `hello.Greeter`'s client over every passing instance discovery lists. Clone it freely.
+/// `hello.Greeter`'s client over every passing instance of a service. Clone it freely.
 #[derive(Debug, Clone)]
 pub struct Greeter {
     grpc: tonic::client::Grpc<Stack>,
@@ -73,22 +54,18 @@ pub struct Greeter {
 }
 
 impl Greeter {
-    /// A client over the instances `snapshots` lists (from [`consul_registry::discovery::spawn`]).
-    /// Must be called within a tokio runtime (the buffer's worker is spawned).
-    pub fn new(snapshots: watch::Receiver<Snapshot>) -> Greeter {
-        let changes = tower_discover::changes(snapshots, |instance: &Instance| {
-            // An instance's address is `ip:port` (or `[ip]:port`): always a valid authority.
-            Endpoint::from_shared(format!("http://{}", instance.address()))
-                .map(|e| e.connect_timeout(Duration::from_secs(1)).connect_lazy())
-                .unwrap_or_else(|_| Endpoint::from_static("http://0.0.0.0:1").connect_lazy())
-        });
-        let changes: std::pin::Pin<Box<dyn futures::Stream<Item = _> + Send>> = Box::pin(changes);
-        let balance = Balance::new(PendingRequestsDiscover::new(
-            changes,
-            CompleteOnResponse::default(),
-        ));
+    /// A client over `service`'s passing instances, discovered through `consul`. Must be
+    /// called within a tokio runtime (discovery is spawned).
+    pub fn discover(consul: Client, service: &str) -> Greeter {
+        let pool = Pool::discover(consul, DiscoveryConfig::new(service), PoolConfig::default());
+        Greeter::over(pool)
+    }
+
+    /// A client over `pool`'s instances.
+    pub fn over(pool: Pool) -> Greeter {
+        let stack: Stack = Balanced::new(pool, channel_to);
         Greeter {
-            grpc: tonic::client::Grpc::new(Buffer::new(balance, 64)),
+            grpc: tonic::client::Grpc::new(stack),
             retry_pause: Duration::from_millis(5),
         }
     }
@@ -115,13 +92,11 @@ impl Greeter {
 
     async fn once(&self, name: &str, deadline: Instant) -> Result<HelloReply, Status> {
         let mut grpc = self.grpc.clone();
-        let left = deadline.saturating_duration_since(Instant::now());
-        tokio::time::timeout(left, grpc.ready())
+        grpc.ready()
             .await
-            .map_err(|_| Status::deadline_exceeded("no instance ready before the deadline"))?
-            .map_err(|e| Status::unavailable(format!("no instance: {}", chain(&*e))))?;
+            .map_err(|e| Status::unavailable(format!("not ready: {e}")))?;
         let mut request = tonic::Request::new(HelloRequest { name: name.into() });
-        request.set_timeout(left);
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
         let path = http::uri::PathAndQuery::from_static(SAY_HELLO);
         let reply = grpc
             .unary(request, path, tonic_prost::ProstCodec::default())
@@ -130,26 +105,24 @@ impl Greeter {
     }
 }
 
+/// The channel to one instance: connected on first use, reconnected after a failure.
+fn channel_to(instance: &Instance) -> Channel {
+    // `ip:port` or `[ip]:port`, as discovery writes an address: always a valid authority.
+    let uri = http::Uri::try_from(format!("http://{}", instance.address()))
+        .unwrap_or_else(|_| http::Uri::from_static("http://invalid.invalid"));
+    Endpoint::from(uri)
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy()
+}
+
 /// Whether a failed call may be sent again: the call never reached a handler (refused,
-/// reset, cancelled by a closing connection). `SayHello` is idempotent, so a reply lost
-/// on the way back is safe to ask for again too.
+/// reset, cancelled by a closing connection, no instance yet). `SayHello` is idempotent, so
+/// a reply lost on the way back is safe to ask for again too.
 fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::Unavailable | Code::Unknown | Code::Cancelled
     )
-}
-
-/// An error and its sources, `: `-separated.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@
 //!   that asks for `hello.Greeter`'s status, and on shutdown go `NOT_SERVING`, deregister,
 //!   linger while clients' views catch up, stop accepting and drain;
 //! * [`client`] — [`client::Greeter`]: a tonic client balancing over the service's passing
-//!   instances (discovery → [`consul_registry::tower_discover`] → tower's power-of-two-choices
-//!   `Balance` → `Buffer`), retrying a failed call on another pick until a deadline.
+//!   instances through the registry's tower stack (discovery → pool → passive ejection →
+//!   one tonic `Channel` per address), resending a failed call on another pick until a
+//!   deadline.
 
 pub mod client;
 pub mod hello;

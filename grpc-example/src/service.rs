@@ -2,8 +2,8 @@
 //! listener, register with a gRPC check, and shut down in the one order that loses no call:
 //!
 //! 1. `hello.Greeter` reports `NOT_SERVING` (a check run from now on is critical);
-//! 2. the instance is deregistered (clients following Consul drop it);
-//! 3. it lingers, still answering, while clients' views catch up ([`Options::linger`]);
+//! 2. [`Registration::drain`]: the instance is deregistered (clients following Consul drop
+//!    it), then lingers, still answering, while clients' views catch up ([`Options::linger`]);
 //! 4. it stops accepting connections and drains calls in flight, for at most
 //!    [`Options::drain`] (tonic sends HTTP/2 GOAWAY; clients reconnect elsewhere).
 
@@ -28,20 +28,21 @@ pub struct Options {
     pub id: Option<String>,
     /// How often Consul runs the gRPC check (Consul raises anything under 1 s to 1 s).
     pub check_interval: Duration,
-    /// How long to keep answering after deregistration.
+    /// How long to keep answering after deregistration
+    /// ([`consul_registry::registration::DEFAULT_LINGER`] by default).
     pub linger: Duration,
     /// How long calls in flight may take to finish once the listener is closed.
     pub drain: Duration,
 }
 
 impl Options {
-    /// Defaults for service `name`: a check every second, a 2 s linger, a 5 s drain.
+    /// Defaults for service `name`: a check every second, the registry's linger, a 5 s drain.
     pub fn new(name: impl Into<String>) -> Options {
         Options {
             name: name.into(),
             id: None,
             check_interval: Duration::from_secs(1),
-            linger: Duration::from_secs(2),
+            linger: consul_registry::registration::DEFAULT_LINGER,
             drain: Duration::from_secs(5),
         }
     }
@@ -114,17 +115,16 @@ pub async fn run(
         );
     let mut server = tokio::spawn(server);
 
-    let registered = CancellationToken::new();
     let mut registration =
-        Registration::start(consul, options.registration(addr), registered.clone());
+        Registration::start(consul, options.registration(addr), CancellationToken::new())
+            .with_linger(options.linger);
     tracing::info!(%id, %addr, "serving {SERVICE} and grpc.health.v1.Health");
 
     tokio::select! {
         () = shutdown.cancelled() => {}
         // The server stopped by itself (it cannot accept any more): leave Consul too.
         served = &mut server => {
-            registered.cancel();
-            let _ = registration.wait().await;
+            let _ = registration.drain().await;
             return match served {
                 Ok(result) => result.map_err(Error::Serve),
                 Err(_) => Err(Error::Panicked),
@@ -133,10 +133,8 @@ pub async fn run(
     }
 
     reporter.set_not_serving::<GreeterServer>().await;
-    registered.cancel();
-    let deregistered = registration.wait().await;
-    tracing::info!(%id, linger = ?options.linger, "deregistered; lingering");
-    tokio::time::sleep(options.linger).await;
+    // Deregistered, then lingering while clients' views catch up.
+    let deregistered = registration.drain().await;
     stop_accepting.cancel();
     tracing::info!(%id, "stopped accepting; draining");
     match tokio::time::timeout(options.drain, &mut server).await {
