@@ -498,7 +498,8 @@ fn instance_from_srv(srv: &hickory_resolver::proto::rr::rdata::SRV, host: String
 }
 
 // Every test here reads DNS or lists its source.
-#[cfg(all(test, feature = "dns"))]
+#[cfg(test)]
+#[cfg(feature = "dns")]
 mod tests {
     use std::{
         str::FromStr,

@@ -19,7 +19,7 @@ struct Args {
     /// The service name in Consul.
     #[arg(long, default_value = "hello")]
     name: String,
-    /// The instance ID (default: <name>-<port>-<pid>).
+    /// The instance ID (default: NAME-PORT-PID, unique to this process).
     #[arg(long)]
     id: Option<String>,
     /// How long to keep answering after deregistration (Go duration).
