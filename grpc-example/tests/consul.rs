@@ -106,7 +106,8 @@ struct Figures {
     failed_after_kill: usize,
     /// Attempts that failed after the SIGTERM.
     failed_after_term: usize,
-    /// From the SIGKILL to the last attempt that failed on the dead instance.
+    /// From the SIGKILL to the last attempt that failed on the dead instance (which had
+    /// answered the call just before).
     kill_last_used_ms: Option<f64>,
     /// From the SIGTERM to the last reply from the stopping instance (it lingers 2 s).
     term_last_used_ms: Option<f64>,
@@ -135,7 +136,15 @@ async fn one_instance_killed_and_one_stopped_mid_stream_lose_no_call() {
     .expect("three instances register and pass their gRPC checks");
     // The default ID ends in the process's ID.
     let id_of = |child: &ChildProcess| format!("-{}", child.pid());
-    let (killed, stopped) = (id_of(&children[0]), id_of(&children[1]));
+    // Each signal goes to the instance that answered the call before: one in rotation.
+    let answered_last = |children: &[ChildProcess], last: &str| {
+        children
+            .iter()
+            .position(|c| last.ends_with(&id_of(c)))
+            .expect("the last reply names a running instance")
+    };
+    let (mut killed, mut stopped) = (usize::MAX, usize::MAX);
+    let mut last = String::new();
 
     let greeter = Greeter::discover(client.clone(), "hello");
     let mut ticks = tokio::time::interval(INTERVAL);
@@ -147,11 +156,13 @@ async fn one_instance_killed_and_one_stopped_mid_stream_lose_no_call() {
     for n in 0..CALLS {
         ticks.tick().await;
         if n == KILL_AT {
-            children[0].kill().await.unwrap();
+            killed = answered_last(&children, &last);
+            children[killed].kill().await.unwrap();
             kill_at = Some(Instant::now());
         }
         if n == TERM_AT {
-            children[1].signal(Signal::SIGTERM).unwrap();
+            stopped = answered_last(&children, &last);
+            children[stopped].signal(Signal::SIGTERM).unwrap();
             term_at = Some(Instant::now());
         }
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -174,15 +185,16 @@ async fn one_instance_killed_and_one_stopped_mid_stream_lose_no_call() {
         }
         if let Some(reply) = reply {
             assert!(
-                kill_at.is_none() || !reply.instance.ends_with(&killed),
+                kill_at.is_none() || !reply.instance.ends_with(&id_of(&children[killed])),
                 "a reply from a killed process"
             );
-            if reply.instance.ends_with(&stopped) {
+            if term_at.is_some() && reply.instance.ends_with(&id_of(&children[stopped])) {
                 stopped_last_used = Some(Instant::now());
             }
+            last = reply.instance;
         }
     }
-    let status = children[1]
+    let status = children[stopped]
         .wait_exit(Duration::from_secs(15))
         .await
         .expect("the SIGTERMed instance stops after its linger and drain");
@@ -218,8 +230,9 @@ async fn one_instance_killed_and_one_stopped_mid_stream_lose_no_call() {
         failed_after_term, 0,
         "a SIGTERMed instance leaves Consul before it stops answering: {figures:?}"
     );
-    children[2].signal(Signal::SIGTERM).unwrap();
-    children[2]
+    let third = 3 - killed - stopped;
+    children[third].signal(Signal::SIGTERM).unwrap();
+    children[third]
         .wait_exit(Duration::from_secs(15))
         .await
         .unwrap();
