@@ -23,8 +23,9 @@ use crate::hello::{GreeterServer, SERVICE};
 pub struct Options {
     /// The service name in Consul.
     pub name: String,
-    /// The instance ID. `None`: `<name>-<port>-<pid>`, unique to this process, so that a
-    /// new process on a reused port never takes over a killed one's registration.
+    /// The instance ID. `None`: `<name>-<host>-<port>`, from the address the check probes:
+    /// a process that comes back on that address takes its own entry over, instead of a
+    /// killed process's entry passing again beside a new one (docs/service.md, service IDs).
     pub id: Option<String>,
     /// How often Consul runs the gRPC check (Consul raises anything under 1 s to 1 s).
     pub check_interval: Duration,
@@ -51,7 +52,7 @@ impl Options {
     pub fn id_at(&self, addr: SocketAddr) -> String {
         self.id
             .clone()
-            .unwrap_or_else(|| format!("{}-{}-{}", self.name, addr.port(), std::process::id()))
+            .unwrap_or_else(|| format!("{}-{}-{}", self.name, addr.ip(), addr.port()))
     }
 
     /// The registration of the instance at `addr`: a gRPC check on `addr` asking for

@@ -15,7 +15,7 @@ use std::{
 use consul_api::{HealthStatus, ServiceEntry};
 use consul_harness::{
     Consul,
-    process::{ChildProcess, consul_command},
+    process::{ChildProcess, consul_command, free_port},
     signal::Signal,
     wait,
 };
@@ -124,23 +124,28 @@ async fn one_instance_killed_and_one_stopped_mid_stream_lose_no_call() {
     let consul = Consul::start().await.unwrap();
     let client = consul.client();
     let mut children = Vec::new();
+    let mut ports = Vec::new();
     for i in 0..3 {
+        let port = free_port().unwrap();
         let mut cmd = consul_command(env!("CARGO_BIN_EXE_grpc-hello"), &consul.config());
-        cmd.args(["--name", "hello", "--linger", "2s", "--drain", "5s"]);
+        let listen = format!("127.0.0.1:{port}");
+        cmd.args([
+            "--name", "hello", "--listen", &listen, "--linger", "2s", "--drain", "5s",
+        ]);
         children.push(ChildProcess::spawn(cmd, format!("grpc-hello {i}")).unwrap());
+        ports.push(port);
     }
     wait::health_until(&client, "hello", true, Duration::from_secs(60), |e| {
         e.len() == 3
     })
     .await
     .expect("three instances register and pass their gRPC checks");
-    // The default ID ends in the process's ID.
-    let id_of = |child: &ChildProcess| format!("-{}", child.pid());
+    // The default ID ends in the port.
+    let id_of = |i: usize| format!("-{}", ports[i]);
     // Each signal goes to the instance that answered the call before: one in rotation.
-    let answered_last = |children: &[ChildProcess], last: &str| {
-        children
-            .iter()
-            .position(|c| last.ends_with(&id_of(c)))
+    let answered_last = |last: &str| {
+        (0..3)
+            .find(|&i| last.ends_with(&id_of(i)))
             .expect("the last reply names a running instance")
     };
     let (mut killed, mut stopped) = (usize::MAX, usize::MAX);
@@ -156,12 +161,12 @@ async fn one_instance_killed_and_one_stopped_mid_stream_lose_no_call() {
     for n in 0..CALLS {
         ticks.tick().await;
         if n == KILL_AT {
-            killed = answered_last(&children, &last);
+            killed = answered_last(&last);
             children[killed].kill().await.unwrap();
             kill_at = Some(Instant::now());
         }
         if n == TERM_AT {
-            stopped = answered_last(&children, &last);
+            stopped = answered_last(&last);
             children[stopped].signal(Signal::SIGTERM).unwrap();
             term_at = Some(Instant::now());
         }
@@ -185,10 +190,10 @@ async fn one_instance_killed_and_one_stopped_mid_stream_lose_no_call() {
         }
         if let Some(reply) = reply {
             assert!(
-                kill_at.is_none() || !reply.instance.ends_with(&id_of(&children[killed])),
+                kill_at.is_none() || !reply.instance.ends_with(&id_of(killed)),
                 "a reply from a killed process"
             );
-            if term_at.is_some() && reply.instance.ends_with(&id_of(&children[stopped])) {
+            if term_at.is_some() && reply.instance.ends_with(&id_of(stopped)) {
                 stopped_last_used = Some(Instant::now());
             }
             last = reply.instance;

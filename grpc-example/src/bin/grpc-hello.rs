@@ -19,7 +19,7 @@ struct Args {
     /// The service name in Consul.
     #[arg(long, default_value = "hello")]
     name: String,
-    /// The instance ID (default: NAME-PORT-PID, unique to this process).
+    /// The instance ID (default: NAME-HOST-PORT, from the address the check probes).
     #[arg(long)]
     id: Option<String>,
     /// How long to keep answering after deregistration (Go duration).
