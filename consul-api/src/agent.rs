@@ -83,8 +83,8 @@ pub struct AgentServiceRegistration {
 
 /// A check attached to a service registration (Go's `AgentServiceCheck`).
 ///
-/// Set exactly one kind: `http` or `tcp` with an `interval`, or a `ttl`. Consul rejects a
-/// check with both `interval` and `ttl`.
+/// Set exactly one kind: `http`, `tcp` or `grpc` with an `interval`, or a `ttl`. Consul
+/// rejects a check with both `interval` and `ttl`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct AgentServiceCheck {
@@ -113,6 +113,27 @@ pub struct AgentServiceCheck {
     /// `TCP`: `host:port` a TCP check connects to; `passing` if the connect succeeds.
     #[serde(rename = "TCP", skip_serializing_if = "Option::is_none", default)]
     pub tcp: Option<String>,
+    /// `GRPC`: `host:port` (or `host:port/service`) a gRPC check calls the standard
+    /// `grpc.health.v1.Health/Check` on, with an `interval`. `SERVING` is `passing`; any other
+    /// status, an error or no answer within the `timeout` is `critical`. With a `/service`
+    /// suffix, that service's status is asked for; without, the server's (empty name).
+    #[serde(rename = "GRPC", skip_serializing_if = "Option::is_none", default)]
+    pub grpc: Option<String>,
+    /// `GRPCUseTLS`: the gRPC check speaks TLS to the service (verified against the agent's
+    /// CA settings unless `tls_skip_verify`). `None`: plaintext HTTP/2.
+    #[serde(
+        rename = "GRPCUseTLS",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub grpc_use_tls: Option<bool>,
+    /// `TLSSkipVerify`: an HTTPS or TLS gRPC check accepts any certificate.
+    #[serde(
+        rename = "TLSSkipVerify",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub tls_skip_verify: Option<bool>,
     /// `TTL`: makes this a TTL check. The service reports its own status with
     /// [`Agent::check_update`]; if no update comes within the TTL the check turns
     /// `critical`.
@@ -436,6 +457,36 @@ mod tests {
                     "DeregisterCriticalServiceAfter": "1m30s"
                 }
             })
+        );
+    }
+
+    #[test]
+    fn a_grpc_check_uses_consuls_names() {
+        let check = AgentServiceCheck {
+            grpc: Some("127.0.0.1:50051/hello.Greeter".into()),
+            grpc_use_tls: Some(true),
+            tls_skip_verify: Some(true),
+            interval: Some(GoDuration::from_secs(1)),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&check).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "GRPC": "127.0.0.1:50051/hello.Greeter",
+                "GRPCUseTLS": true,
+                "TLSSkipVerify": true,
+                "Interval": "1s"
+            })
+        );
+        let plain = AgentServiceCheck {
+            grpc: Some("127.0.0.1:50051".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&plain).unwrap(),
+            serde_json::json!({"GRPC": "127.0.0.1:50051"}),
+            "unset TLS fields are left out, so Consul keeps its defaults"
         );
     }
 

@@ -23,7 +23,7 @@ use crate::{
     query::{QueryMeta, QueryOptions},
     skip::{Skipped, decode_skipping},
     status::Status,
-    tls::{TlsConfig, rustls_error},
+    tls::TlsConfig,
 };
 
 /// The agent's default address, as in Consul's CLI.
@@ -310,7 +310,7 @@ impl Client {
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30));
         if base.scheme() == "https" {
-            builder = builder.use_preconfigured_tls(config.tls.client_config(&host_of(&base))?);
+            builder = with_tls(builder, &config.tls, &base)?;
         } else if config.tls.is_set() {
             tracing::warn!(
                 address = %base,
@@ -635,24 +635,27 @@ impl Client {
         }
         tracing::trace!(method = method_name, %path, "consul request");
         let url = || self.inner.base.as_str().trim_end_matches('/').to_owned();
-        let transport = |e: reqwest::Error| match rustls_error(&e) {
-            Some(tls) => Error::Tls {
-                method: method_name,
-                url: url(),
-                path: path.clone(),
-                problem: self
-                    .inner
-                    .config
-                    .tls
-                    .explain(tls, &host_of(&self.inner.base)),
-            },
-            None => Error::Transport {
+        let transport = |e: reqwest::Error| {
+            #[cfg(feature = "tls")]
+            if let Some(tls) = crate::tls::rustls_error(&e) {
+                return Error::Tls {
+                    method: method_name,
+                    url: url(),
+                    path: path.clone(),
+                    problem: self
+                        .inner
+                        .config
+                        .tls
+                        .explain(tls, &host_of(&self.inner.base)),
+                };
+            }
+            Error::Transport {
                 method: method_name,
                 url: url(),
                 path: path.clone(),
                 timeout: e.is_timeout(),
                 reason: error_chain(&e),
-            },
+            }
         };
         let mut response = request.send().await.map_err(transport)?;
         let status = response.status();
@@ -764,6 +767,29 @@ impl RequestBody {
 }
 
 /// The host of `url`, without IPv6 brackets: the name its certificate is checked against.
+/// `builder` speaking TLS to the agent at `base` as `tls` says (feature `tls`).
+#[cfg(feature = "tls")]
+fn with_tls(
+    builder: reqwest::ClientBuilder,
+    tls: &TlsConfig,
+    base: &Url,
+) -> Result<reqwest::ClientBuilder> {
+    Ok(builder.use_preconfigured_tls(tls.client_config(&host_of(base))?))
+}
+
+/// Without the `tls` feature an `https` agent is refused, by the feature's name.
+#[cfg(not(feature = "tls"))]
+fn with_tls(
+    _builder: reqwest::ClientBuilder,
+    _tls: &TlsConfig,
+    base: &Url,
+) -> Result<reqwest::ClientBuilder> {
+    Err(Error::Config(format!(
+        "the agent's address {base} is https, but consul-api was built without its `tls` \
+         feature: enable it (on by default) or use an http address"
+    )))
+}
+
 fn host_of(url: &Url) -> String {
     let host = url.host_str().unwrap_or_default();
     host.trim_start_matches('[')

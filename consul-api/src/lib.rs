@@ -7,7 +7,8 @@
 //!   request plumbing and response-size cap.
 //! * `args` (feature `clap`) — `ConsulArgs`, the Consul CLI's connection flags
 //!   (`--http-addr`, `--ca-file`, ...) for binaries.
-//! * [`tls`] — [`TlsConfig`]: HTTPS and mutual TLS (rustls), with errors that name the
+//! * [`tls`] — [`TlsConfig`]: HTTPS and mutual TLS (rustls; feature `tls`, on by default:
+//!   without it an `https` agent is refused), with errors that name the
 //!   setting to fix.
 //! * [`agent`] — the local agent: `ServiceRegister` ([`AgentServiceRegistration`] with an
 //!   [`AgentServiceCheck`]), `ServiceDeregister`, `Services`, `Service`, `Checks`, `Self`.

@@ -129,7 +129,7 @@ mod tests {
     #[test]
     fn definition_uses_consuls_names() {
         let q = PreparedQueryDefinition {
-            name: "echo".into(),
+            name: "web".into(),
             service: ServiceQuery {
                 service: "servernode".into(),
                 failover: QueryFailover {
@@ -141,7 +141,7 @@ mod tests {
             },
         };
         let json = serde_json::to_value(&q).unwrap();
-        assert_eq!(json["Name"], "echo");
+        assert_eq!(json["Name"], "web");
         assert_eq!(json["Service"]["Service"], "servernode");
         assert_eq!(json["Service"]["Failover"]["NearestN"], 0);
         assert_eq!(json["Service"]["Failover"]["Datacenters"][0], "dc2");

@@ -17,7 +17,7 @@
 //! * [`decode`] — [`decode::Decoder`]: a service's health answers decoded by what changed
 //!   (unchanged entries are not parsed again; their instances are reused);
 //! * [`source`] — which of Consul's interfaces discovery reads: health or catalog blocking
-//!   queries, the agent's list, a prepared query, or DNS SRV records;
+//!   queries, the agent's list, a prepared query, or DNS SRV records (feature `dns`, on by default);
 //! * [`failover`] — failover across datacenters: one discovery per datacenter, the first
 //!   that lists an instance wins;
 //! * [`pool`] — [`Pool`]: a shareable client pool for any protocol: `pick` waits for a usable

@@ -11,24 +11,25 @@
 //! | [`Source::Catalog`] | every registered instance, healthy or not | blocking query |
 //! | [`Source::Agent`] | the local agent's own registrations, healthy or not (the naive way) | polled |
 //! | [`Source::PreparedQuery`] | a prepared query's answer, failing over to other datacenters | polled |
-//! | [`Source::Dns`] | SRV records of the agent's DNS interface (critical ones dropped) | polled |
+//! | `Source::Dns` (feature `dns`) | SRV records of the agent's DNS interface (critical ones dropped) | polled |
 //!
 //! Prepared-query execution and the agent's list cannot block, and DNS has no index: those
 //! are polled at a stated rate ([`consul_api::Watch::poll`]). DNS is asked over TCP: a UDP
 //! answer carries at most 3 records (Consul's `udp_answer_limit`), a TCP one every instance up
 //! to 64 KiB; Consul's DNS TTL is 0, so nothing is cached in between.
 
+#[cfg(feature = "dns")]
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    sync::{Mutex, PoisonError},
 };
+use std::{sync::Arc, time::Duration};
 
-use consul_api::{
-    Client, QueryMeta, QueryOptions, Watch,
-    error::{Error as ConsulError, Result as ConsulResult},
-};
+#[cfg(feature = "dns")]
+use consul_api::error::Error as ConsulError;
+use consul_api::{Client, QueryMeta, QueryOptions, Watch, error::Result as ConsulResult};
+#[cfg(feature = "dns")]
 use hickory_resolver::{
     ResolveError, Resolver, TokioResolver,
     config::{NameServerConfig, ResolverConfig, ResolverOpts},
@@ -71,6 +72,7 @@ pub enum Source {
         /// How often to execute it.
         every: Duration,
     },
+    #[cfg(feature = "dns")]
     /// SRV records from the agent's DNS interface (`<tag>.<service>.service[.<dc>].consul`,
     /// or `<query>.query.consul`), over TCP, polled every `every`.
     Dns {
@@ -91,6 +93,7 @@ impl Source {
             Source::Catalog => "catalog",
             Source::Agent { .. } => "agent",
             Source::PreparedQuery { .. } => "query",
+            #[cfg(feature = "dns")]
             Source::Dns { .. } => "dns",
         }
     }
@@ -99,9 +102,11 @@ impl Source {
     pub(crate) fn watch(&self, base: QueryOptions, wait: Duration) -> Watch {
         match self {
             Source::Health | Source::Catalog => Watch::new(base, wait),
-            Source::Agent { every }
-            | Source::PreparedQuery { every, .. }
-            | Source::Dns { every, .. } => Watch::poll(base, *every),
+            Source::Agent { every } | Source::PreparedQuery { every, .. } => {
+                Watch::poll(base, *every)
+            }
+            #[cfg(feature = "dns")]
+            Source::Dns { every, .. } => Watch::poll(base, *every),
         }
     }
 }
@@ -119,6 +124,7 @@ pub(crate) enum Reader {
         /// held while an answer arrives).
         decoder: Arc<tokio::sync::Mutex<Decoder>>,
     },
+    #[cfg(feature = "dns")]
     Dns {
         resolver: Box<TokioResolver>,
         server: SocketAddr,
@@ -133,6 +139,7 @@ impl Reader {
     /// The reader of `config.source` through `client`.
     pub(crate) fn new(client: Client, config: DiscoveryConfig) -> Self {
         match &config.source {
+            #[cfg(feature = "dns")]
             Source::Dns {
                 server,
                 query,
@@ -159,6 +166,7 @@ impl Reader {
                 config,
                 decoder,
             } => read_consul(client, config, decoder, opts).await,
+            #[cfg(feature = "dns")]
             Reader::Dns {
                 resolver,
                 server,
@@ -255,10 +263,12 @@ async fn read_consul(
                 meta,
             ))
         }
+        #[cfg(feature = "dns")]
         Source::Dns { .. } => unreachable_source(),
     }
 }
 
+#[cfg(feature = "dns")]
 /// DNS sources are read by [`read_dns`]; [`Reader::new`] never pairs them with Consul's API.
 fn unreachable_source() -> Read {
     Err(ConsulError::Config(
@@ -266,6 +276,7 @@ fn unreachable_source() -> Read {
     ))
 }
 
+#[cfg(feature = "dns")]
 /// The SRV name to resolve: `[<tag>.]<service>.service[.<dc>].consul`, or
 /// `<query>.query[.<dc>].consul`.
 pub(crate) fn dns_name(config: &DiscoveryConfig, query: Option<&str>) -> String {
@@ -287,6 +298,7 @@ pub(crate) fn dns_name(config: &DiscoveryConfig, query: Option<&str>) -> String 
     }
 }
 
+#[cfg(feature = "dns")]
 /// A resolver that asks only `server`, over TCP, caches nothing and does not retry (the
 /// discovery loop retries with its own backoff).
 fn dns_resolver(server: SocketAddr) -> TokioResolver {
@@ -302,6 +314,7 @@ fn dns_resolver(server: SocketAddr) -> TokioResolver {
         .build()
 }
 
+#[cfg(feature = "dns")]
 async fn read_dns(
     resolver: &TokioResolver,
     server: SocketAddr,
@@ -353,6 +366,7 @@ async fn read_dns(
     Ok((instances, QueryMeta::default()))
 }
 
+#[cfg(feature = "dns")]
 /// Whether a failed lookup says the name has no such record: NXDOMAIN, or NOERROR with an
 /// empty answer. hickory reports every other response code (SERVFAIL, REFUSED, ...) as "no
 /// records found" too; those say nothing about the name.
@@ -368,6 +382,7 @@ fn names_nothing(e: &ResolveError) -> bool {
     })
 }
 
+#[cfg(feature = "dns")]
 /// The discovery error for a failed lookup of `name` at `server`: retryable (the last view
 /// stays), saying which response code came back, or that none did.
 fn dns_error(server: SocketAddr, name: &str, e: &ResolveError) -> ConsulError {
@@ -393,6 +408,7 @@ fn dns_error(server: SocketAddr, name: &str, e: &ResolveError) -> ConsulError {
     }
 }
 
+#[cfg(feature = "dns")]
 /// The address of an SRV target: its A record, else its AAAA record (a node with an IPv6
 /// address has only that); `None` when it has neither.
 async fn address_of(
@@ -413,6 +429,7 @@ async fn address_of(
     Ok(None)
 }
 
+#[cfg(feature = "dns")]
 /// Logs the SRV targets of this read that the last read did not skip too; remembers this
 /// read's.
 fn report_skipped(skipped: &Mutex<BTreeSet<String>>, name: &str, skips: Vec<(String, String)>) {
@@ -430,6 +447,7 @@ fn report_skipped(skipped: &Mutex<BTreeSet<String>>, name: &str, skips: Vec<(Str
     *last = now;
 }
 
+#[cfg(feature = "dns")]
 /// The node of a Consul `<node>.node.<dc>.consul.` SRV target.
 fn consul_node(target: &str) -> Option<&str> {
     let labels: Vec<&str> = target.trim_end_matches('.').split('.').collect();
@@ -439,11 +457,13 @@ fn consul_node(target: &str) -> Option<&str> {
     }
 }
 
+#[cfg(feature = "dns")]
 /// Whether `target` names a node of Consul's (its lookup is Consul's to answer).
 fn is_consul_node(target: &Name) -> bool {
     consul_node(&target.to_ascii()).is_some()
 }
 
+#[cfg(feature = "dns")]
 /// The address of a Consul `<hex>.addr.<dc>.consul.` target: 8 hex digits for IPv4, 32 for
 /// IPv6.
 fn addr_target(target: &Name) -> Option<IpAddr> {
@@ -464,6 +484,7 @@ fn addr_target(target: &Name) -> Option<IpAddr> {
     }
 }
 
+#[cfg(feature = "dns")]
 /// The instance an SRV record names, at `host`. DNS has no service ID: the address is the
 /// instance's identity.
 fn instance_from_srv(srv: &hickory_resolver::proto::rr::rdata::SRV, host: String) -> Instance {
@@ -476,7 +497,9 @@ fn instance_from_srv(srv: &hickory_resolver::proto::rr::rdata::SRV, host: String
     instance
 }
 
+// Every test here reads DNS or lists its source.
 #[cfg(test)]
+#[cfg(feature = "dns")]
 mod tests {
     use std::{
         str::FromStr,
