@@ -7,7 +7,7 @@
 //! * the kill test: three `http_service` processes (this binary started again), 200 GETs
 //!   20 ms apart through a pool and through the tower stack at once, one process SIGKILLed and
 //!   one SIGTERMed: nothing lost, at most one failed attempt per kill and client. With
-//!   `SERVICE_KILL_OUT=docs/results` it writes its figures to `docs/results/service.md`.
+//!   `RESULTS_DIR=docs/results` it writes its figures to `docs/results/service.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -114,7 +114,7 @@ use tower::Service;
 /// The variable that makes this test binary an `http_service` process (its bind address).
 const CHILD_BIND: &str = "HTTP_SERVICE_BIND";
 /// Where the kill test writes its figures when set (`docs/results`).
-const OUT: &str = "SERVICE_KILL_OUT";
+const OUT: &str = "RESULTS_DIR";
 const NAME: &str = "kill-hello";
 const REQUESTS: usize = 200;
 const APART: Duration = Duration::from_millis(20);
