@@ -401,7 +401,10 @@ const KILL_PARTS: [(&str, &str); 3] = [
 ];
 
 const STANDBY_PARTS: [(&str, &str); 3] = [
-    (MEASURED, "kill → first correct reply on the standby connection to B"),
+    (
+        MEASURED,
+        "kill → first correct reply on the standby connection to B",
+    ),
     (
         "probe_eof",
         "kill → an idle probe connection to A sees the close (detection on the wire)",

@@ -392,7 +392,9 @@ impl Session {
             // The loop re-checks deadlines and the backoff; a timer firing changes nothing
             // by itself (a message deadline must not cut the backoff short).
             Event::Tick => {}
-            Event::StandbyConnected(instance, result) => self.on_standby_connected(instance, result),
+            Event::StandbyConnected(instance, result) => {
+                self.on_standby_connected(instance, result)
+            }
             Event::StandbyFrame(Some(Ok(frame))) => self.on_standby_frame(&frame),
             Event::StandbyFrame(Some(Err(e))) => self.standby_lost(&e.to_string()),
             Event::StandbyFrame(None) => self.standby_lost("closed by the instance"),
@@ -446,12 +448,13 @@ impl Session {
         let connecting = !self.connecting.is_empty();
         let (standby_reader, standby_writer) = match &mut self.standby {
             Some(Standby {
-                conn: Conn {
-                    reader,
-                    writer,
-                    out,
-                    ..
-                },
+                conn:
+                    Conn {
+                        reader,
+                        writer,
+                        out,
+                        ..
+                    },
                 ..
             }) => (Some(reader), Some((writer, out))),
             None => (None, None),

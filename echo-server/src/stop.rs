@@ -252,10 +252,7 @@ mod tests {
             Phase::Cut,
             "never back"
         );
-        assert!(
-            stop.entries().is_empty(),
-            "a dropped watch leaves the list"
-        );
+        assert!(stop.entries().is_empty(), "a dropped watch leaves the list");
     }
 
     #[tokio::test(start_paused = true)]

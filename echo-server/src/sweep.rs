@@ -171,7 +171,10 @@ mod tests {
             (EVERY * (at as u32 - 3)) >= SHRINK_AFTER && at <= 4 + 2,
             "sweep {at}"
         );
-        assert_eq!(first(&sweeps(ms(60_000), false, &[4], 20), Flags::SHRINK), None);
+        assert_eq!(
+            first(&sweeps(ms(60_000), false, &[4], 20), Flags::SHRINK),
+            None
+        );
     }
 
     #[test]

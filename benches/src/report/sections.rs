@@ -203,7 +203,10 @@ fn goal_and_verdict(
             },
         ),
         Some(Goal::P99Within(r)) => (
-            format!("p99 ≤ {r}× {}'s", short(spec.baseline.as_deref().unwrap_or(""))),
+            format!(
+                "p99 ≤ {r}× {}'s",
+                short(spec.baseline.as_deref().unwrap_or(""))
+            ),
             match base {
                 Some(b) => verdict(n.p99 <= r * b.p99),
                 None => "no baseline".into(),
