@@ -10,8 +10,8 @@
 //!   the client discovers A and B through Consul. Times SIGKILL → the first correct reply
 //!   from B. Processes are this package's `bench-echo-server` binary.
 //! * `failover/kill/floor_open_echo`, `…/inprocess_abort_standby`, `…/sigkill_process_standby`:
-//!   the same two kills with the client's standby connection on (`SessionConfig::standby`;
-//!   the two rows above turn it off), each started once the standby to B is open, against
+//!   the same two kills with the client's standby connection on (`SessionConfig::standby`,
+//!   off by default and in the two rows above), each started once the standby to B is open, against
 //!   the floor of a failover that needs no connect: one echo round trip on an open
 //!   connection, measured in the same run.
 //! * `failover/unhealthy/consul_to_switch`: A's `/check` turns 503; times Consul dropping A

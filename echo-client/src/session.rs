@@ -29,7 +29,7 @@
 //!   [`SessionConfig::spread`], when instances are added: with probability added / total it
 //!   moves to one of them at the next moment nothing is un-answered (nothing resent, nothing
 //!   lost), so that many sessions spread evenly over a scaled-out service.
-//! * With [`SessionConfig::standby`] (the default), a second connection stays open to
+//! * With [`SessionConfig::standby`] (off by default), a second connection stays open to
 //!   another passing instance (the balancer's next choice), verified by one probe frame
 //!   echoed back; it is replaced when its instance leaves the passing set, when it closes
 //!   (the server's idle timeout or shed), or when its probe is not answered in time. When
@@ -120,13 +120,14 @@ pub struct SessionConfig {
     pub seed: Option<u64>,
     /// Keep a verified standby connection open to a second instance, for a failover that
     /// resends on an open connection instead of connecting first (see the module docs for
-    /// its cost).
+    /// its cost). Off by default: this machine's runs could not yet tell its failover from
+    /// one that connects (BENCHMARKS.md, `failover/kill/*_standby`).
     pub standby: bool,
 }
 
 impl SessionConfig {
     /// Defaults: round-robin, connect 1 s, reply 2 s, message 30 s, cooldown 2 s, 1024 queued,
-    /// spreading over new instances, a standby connection.
+    /// spreading over new instances, no standby connection.
     pub fn new(service: impl Into<String>) -> Self {
         SessionConfig {
             service: service.into(),
@@ -139,7 +140,7 @@ impl SessionConfig {
             max_frame: DEFAULT_MAX_FRAME,
             spread: true,
             seed: None,
-            standby: true,
+            standby: false,
         }
     }
 

@@ -187,9 +187,6 @@ fn config() -> SessionConfig {
     c.connect_timeout = Duration::from_millis(500);
     c.message_timeout = Duration::from_secs(10);
     c.cooldown = Duration::from_secs(5);
-    // The tests count each peer's frames and connections: a standby adds one of each; the
-    // standby's own tests turn it on.
-    c.standby = false;
     c
 }
 
