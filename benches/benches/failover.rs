@@ -9,6 +9,11 @@
 //! * `failover/kill/sigkill_process`: A is an echo-server process registered in Consul, and
 //!   the client discovers A and B through Consul. Times SIGKILL → the first correct reply
 //!   from B. Processes are this package's `bench-echo-server` binary.
+//! * `failover/kill/floor_open_echo`, `…/inprocess_abort_standby`, `…/sigkill_process_standby`:
+//!   the same two kills with the client's standby connection on (`SessionConfig::standby`,
+//!   off by default and in the two rows above), each started once the standby to B is open, against
+//!   the floor of a failover that needs no connect: one echo round trip on an open
+//!   connection, measured in the same run.
 //! * `failover/unhealthy/consul_to_switch`: A's `/check` turns 503; times Consul dropping A
 //!   from the passing set (as an independent blocking query sees it) → the first reply from
 //!   B. The whole time from the 503 is recorded alongside (it includes the check interval).
@@ -43,6 +48,8 @@ use echo_rig::traffic::Stream;
 use echo_rig::{Launcher, ServerProcess, ServerSpec};
 use echo_server::Config;
 use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
     runtime::Runtime,
     sync::{OnceCell, watch},
     time::Instant,
@@ -74,8 +81,11 @@ fn failover(c: &mut Criterion) {
     let consul = SharedConsul::new();
     let mut group = c.benchmark_group("failover");
     floor(&mut group, &rt);
-    inprocess_abort(&mut group, &rt);
-    sigkill_process(&mut group, &rt, &consul);
+    floor_open(&mut group, &rt);
+    inprocess_abort(&mut group, &rt, false);
+    inprocess_abort(&mut group, &rt, true);
+    sigkill_process(&mut group, &rt, &consul, false);
+    sigkill_process(&mut group, &rt, &consul, true);
     unhealthy(&mut group, &rt, &consul);
     group.finish();
     rt.block_on(consul.finish(&mut run)).expect("stop Consul");
@@ -167,6 +177,100 @@ fn floor(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
     }
 }
 
+// === failover/kill/floor_open_echo ===
+
+fn floor_open(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
+    const SAMPLES: usize = 30;
+    let rec = recorder(
+        "failover/kill/floor_open_echo",
+        SAMPLES,
+        &[(MEASURED, "one echo on an open connection")],
+    );
+    let open: Arc<OnceCell<(ServerThread, tokio::sync::Mutex<TcpStream>)>> = Arc::default();
+    let (warm_up, measure) = (Duration::from_millis(300), Duration::from_secs(2));
+    settings(group, SAMPLES, SamplingMode::Auto, warm_up, measure);
+    group.bench_function(BenchmarkId::new("kill", "floor_open_echo"), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (open, rec) = (open.clone(), rec.clone());
+            async move {
+                let (_, stream) = open
+                    .get_or_try_init(|| async {
+                        let server = ServerThread::start(Config::local()).await?;
+                        let stream = TcpStream::connect(server.echo_addr()).await?;
+                        stream.set_nodelay(true)?;
+                        Ok::<_, Error>((server, tokio::sync::Mutex::new(stream)))
+                    })
+                    .await
+                    .expect("start the echo-server and connect");
+                let mut stream = stream.lock().await;
+                let message = Message::new(MESSAGE_LEN);
+                let mut buf = vec![0u8; message.wire().len()];
+                let mut times = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    stream.write_all(message.wire()).await.expect("write");
+                    stream.read_exact(&mut buf).await.expect("read the echo");
+                    times.push(start.elapsed());
+                    assert_eq!(buf, message.wire(), "an echo");
+                }
+                let total = times.iter().sum();
+                let mut rec = rec.lock().expect("recorder lock");
+                rec.start_call();
+                rec.extend(MEASURED, times);
+                total
+            }
+        })
+    });
+    save(&rec);
+    if let Some((server, stream)) = Arc::into_inner(open).and_then(OnceCell::into_inner) {
+        drop(stream);
+        rt.block_on(server.shutdown())
+            .expect("stop the echo-server");
+    }
+}
+
+/// With the standby on: wait until the client holds an open connection to the echo port
+/// `port` of the instance it is not on (its standby), so that the kill tests the failover
+/// onto it. Read from the kernel's socket tables (`/proc/net/tcp`, `tcp6`): an established
+/// connection whose remote end is `port` on loopback (the client's side).
+async fn standby_open(port: u16) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if established_to(port)? > 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Invalid(format!(
+                "no standby connection to port {port} within {WAIT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Established TCP connections whose remote port is `port`.
+fn established_to(port: u16) -> Result<usize> {
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        n += text
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let remote_port = fields
+                    .get(2)
+                    .and_then(|r| r.rsplit(':').next())
+                    .and_then(|p| u16::from_str_radix(p, 16).ok());
+                remote_port == Some(port) && fields.get(3) == Some(&"01")
+            })
+            .count();
+    }
+    Ok(n)
+}
+
 // === failover/kill/inprocess_abort ===
 
 /// A, B in process; the client's instances come from a list this rig feeds.
@@ -174,22 +278,26 @@ struct InProcessRig {
     servers: BTreeMap<String, ServerThread>,
     feed: watch::Sender<Snapshot>,
     streamer: Stream,
+    standby: bool,
 }
 
 impl InProcessRig {
-    async fn start() -> Result<Self> {
+    async fn start(standby: bool) -> Result<Self> {
         let mut servers = BTreeMap::new();
         for id in IDS {
             servers.insert(id.to_owned(), ServerThread::start(Config::local()).await?);
         }
         let (feed, view) = watch::channel(Snapshot::fixed(Self::instances(&servers)));
-        let client = EchoClient::with_discovery(view, SessionConfig::new("inprocess"))?;
+        let mut session = SessionConfig::new("inprocess");
+        session.standby = standby;
+        let client = EchoClient::with_discovery(view, session)?;
         let streamer = traffic::stream(&client, STREAM_LIMIT);
         streamer.replies(3, WAIT).await?;
         Ok(InProcessRig {
             servers,
             feed,
             streamer,
+            standby,
         })
     }
 
@@ -207,6 +315,14 @@ impl Rig for InProcessRig {
     }
 
     async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration> {
+        if self.standby {
+            let on = current(&self.streamer)?;
+            for (id, other) in &self.servers {
+                if *id != on.id {
+                    standby_open(other.echo_addr().port()).await?;
+                }
+            }
+        }
         let (victim, server) = victim(&self.streamer, &mut self.servers)?;
         let addr = server.echo_addr();
         let measured = timed_kill(&self.streamer, &victim.id, addr, rec, || {
@@ -282,6 +398,21 @@ const KILL_PARTS: [(&str, &str); 3] = [
     (
         "after_eof",
         "the close seen → first correct reply from B (client: notice, eject, connect to B, resend, echo)",
+    ),
+];
+
+const STANDBY_PARTS: [(&str, &str); 3] = [
+    (
+        MEASURED,
+        "kill → first correct reply on the standby connection to B",
+    ),
+    (
+        "probe_eof",
+        "kill → an idle probe connection to A sees the close (detection on the wire)",
+    ),
+    (
+        "after_eof",
+        "the close seen → first correct reply on the standby (client: notice, eject, resend on the standby, echo)",
     ),
 ];
 
@@ -380,17 +511,24 @@ fn consul_bench<R: ConsulRig>(
     stop_rig(rt, &rig, R::stop);
 }
 
-fn inprocess_abort(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
+fn inprocess_abort(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, standby: bool) {
     const SAMPLES: usize = 40;
-    let rec = recorder("failover/kill/inprocess_abort", SAMPLES, &KILL_PARTS);
+    let name = if standby {
+        "inprocess_abort_standby"
+    } else {
+        "inprocess_abort"
+    };
+    let parts = if standby { &STANDBY_PARTS } else { &KILL_PARTS };
+    let rec = recorder(&format!("failover/kill/{name}"), SAMPLES, parts);
     let rig: Shared<InProcessRig> = Arc::default();
     // Cheap iterations: several per sample.
     let (warm_up, measure) = (Duration::from_millis(300), Duration::from_secs(4));
     settings(group, SAMPLES, SamplingMode::Flat, warm_up, measure);
-    group.bench_function(BenchmarkId::new("kill", "inprocess_abort"), |b| {
+    group.bench_function(BenchmarkId::new("kill", name), |b| {
         b.to_async(rt).iter_custom(|iters| {
             let (rig, rec) = (rig.clone(), rec.clone());
-            async move { run_iterations(&rig, &rec, iters, InProcessRig::start).await }
+            let start = move || InProcessRig::start(standby);
+            async move { run_iterations(&rig, &rec, iters, start).await }
         })
     });
     save(&rec);
@@ -399,8 +537,9 @@ fn inprocess_abort(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
 
 // === failover/kill/sigkill_process ===
 
-/// A, B as processes registered in Consul; the client discovers them through Consul.
-struct ProcessRig {
+/// A, B as processes registered in Consul; the client discovers them through Consul; with
+/// `STANDBY`, the client keeps its standby connection.
+struct ProcessRig<const STANDBY: bool> {
     launcher: Launcher,
     consul: consul_api::Config,
     servers: BTreeMap<String, ServerProcess>,
@@ -410,7 +549,7 @@ struct ProcessRig {
 
 const KILL_SERVICE: &str = "failover-kill";
 
-impl ProcessRig {
+impl<const STANDBY: bool> ProcessRig<STANDBY> {
     fn spec(consul: &consul_api::Config, id: &str) -> Result<ServerSpec> {
         Ok(ServerSpec::seed(consul.clone())?
             .named(KILL_SERVICE, id)
@@ -426,7 +565,7 @@ impl ProcessRig {
     }
 }
 
-impl ConsulRig for ProcessRig {
+impl<const STANDBY: bool> ConsulRig for ProcessRig<STANDBY> {
     async fn start(consul: &Consul) -> Result<Self> {
         let launcher = Launcher::testbed(env!("CARGO_BIN_EXE_bench-echo-server"));
         let config = consul.config();
@@ -435,7 +574,9 @@ impl ConsulRig for ProcessRig {
             let spec = Self::spec(&config, id)?;
             servers.insert(id.to_owned(), ServerProcess::spawn(&launcher, spec).await?);
         }
-        let client = EchoClient::start(ClientConfig::new(config.clone(), KILL_SERVICE))?;
+        let mut client_config = ClientConfig::new(config.clone(), KILL_SERVICE);
+        client_config.session.standby = STANDBY;
+        let client = EchoClient::start(client_config)?;
         let view = client.discovery();
         for server in servers.values() {
             Self::listed(&view, server).await?;
@@ -452,7 +593,7 @@ impl ConsulRig for ProcessRig {
     }
 }
 
-impl Rig for ProcessRig {
+impl<const STANDBY: bool> Rig for ProcessRig<STANDBY> {
     async fn stop(self) -> Result<()> {
         self.streamer.finish().await;
         for mut server in self.servers.into_values() {
@@ -464,6 +605,14 @@ impl Rig for ProcessRig {
     }
 
     async fn once(&mut self, rec: &SharedRecorder) -> Result<Duration> {
+        if STANDBY {
+            let on = current(&self.streamer)?;
+            for (id, other) in &self.servers {
+                if *id != on.id {
+                    standby_open(other.spec.echo_addr().port()).await?;
+                }
+            }
+        }
         let (victim, server) = victim(&self.streamer, &mut self.servers)?;
         let addr = server.spec.echo_addr();
         let measured = timed_kill(&self.streamer, &victim.id, addr, rec, || {
@@ -488,20 +637,20 @@ fn sigkill_process(
     group: &mut BenchmarkGroup<'_, WallTime>,
     rt: &Runtime,
     consul: &Arc<SharedConsul>,
+    standby: bool,
 ) {
-    let rec = recorder(
-        "failover/kill/sigkill_process",
-        SIGKILL_SAMPLES,
-        &KILL_PARTS,
-    );
-    consul_bench::<ProcessRig>(
-        group,
-        rt,
-        consul,
-        &rec,
-        SIGKILL_SAMPLES,
-        ("kill", "sigkill_process"),
-    );
+    let (name, parts) = if standby {
+        ("sigkill_process_standby", &STANDBY_PARTS)
+    } else {
+        ("sigkill_process", &KILL_PARTS)
+    };
+    let rec = recorder(&format!("failover/kill/{name}"), SIGKILL_SAMPLES, parts);
+    let id = ("kill", name);
+    if standby {
+        consul_bench::<ProcessRig<true>>(group, rt, consul, &rec, SIGKILL_SAMPLES, id);
+    } else {
+        consul_bench::<ProcessRig<false>>(group, rt, consul, &rec, SIGKILL_SAMPLES, id);
+    }
 }
 
 // === failover/unhealthy/consul_to_switch ===

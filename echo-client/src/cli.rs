@@ -117,6 +117,12 @@ pub struct Args {
     /// added/total, so that many clients spread over a scale-out).
     #[arg(long)]
     pub no_spread: bool,
+    /// Keep a standby connection: one more open connection, to a second passing instance,
+    /// verified by one echo, so that a failover resends on it without connecting (it costs
+    /// one idle connection per client on a server). Off by default until a quiet machine's
+    /// bench run shows it shortens failover (BENCHMARKS.md, `failover/kill/*_standby`).
+    #[arg(long)]
+    pub standby: bool,
     /// Discovery's read consistency: stale (any server answers, also during an election or
     /// without quorum), default (the leader answers; reads fail during an election) or
     /// consistent (the leader after a quorum check).
@@ -195,6 +201,9 @@ impl Args {
         }
         if self.no_spread {
             argv.push("--no-spread".into());
+        }
+        if self.standby {
+            argv.push("--standby".into());
         }
         if self.cached {
             argv.push("--cached".into());
@@ -330,6 +339,7 @@ async fn run_resilient(args: Args, consul: consul_api::Config) -> Result<()> {
         Balance::P2c => Strategy::PowerOfTwoChoices,
     };
     config.session.spread = !args.no_spread;
+    config.session.standby = args.standby;
     config.discovery.source = source(&args, &consul_address)?;
     let client = EchoClient::start(config)?;
     let started = Instant::now();
@@ -408,6 +418,7 @@ mod tests {
         given.max_stale = Some(GoDuration::from_secs(10));
         given.filter = Some("Service.Meta.shard == \"0\"".into());
         given.no_spread = true;
+        given.standby = true;
         given.cached = true;
         let argv = given.to_argv();
         let back = Args::try_parse_from(std::iter::once("echo-client".into()).chain(argv.clone()))

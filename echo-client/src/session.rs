@@ -29,6 +29,15 @@
 //!   [`SessionConfig::spread`], when instances are added: with probability added / total it
 //!   moves to one of them at the next moment nothing is un-answered (nothing resent, nothing
 //!   lost), so that many sessions spread evenly over a scaled-out service.
+//! * With [`SessionConfig::standby`] (off by default), a second connection stays open to
+//!   another passing instance (the balancer's next choice), verified by one probe frame
+//!   echoed back; it is replaced when its instance leaves the passing set, when it closes
+//!   (the server's idle timeout or shed), or when its probe is not answered in time. When
+//!   the current connection fails, the un-answered messages are written again on the
+//!   standby at once, in order, instead of after a connect. Its cost: one idle connection
+//!   per session (on the server, an idle connection's ~4 KiB; it counts toward the server's
+//!   connection cap and, idle, is among the first a full server sheds, after which it is
+//!   replaced no sooner than [`STANDBY_RETRY`]).
 //! * A discovery failure (a refused token before anything worked) answers every message
 //!   with it while it lasts; a later snapshot without it (a merged multi-datacenter view
 //!   where another datacenter lists instances) ends it.
@@ -73,6 +82,13 @@ pub const MAX_UNANSWERED_BYTES: usize = 256 << 10;
 /// What a server answers to a frame over its limit, before closing.
 const FRAME_LIMIT_LINE: &[u8] = b"error: frame longer than ";
 
+/// The frame a standby connection echoes once to show it works.
+const STANDBY_PROBE: &[u8] = b"standby probe";
+
+/// After a standby could not be opened, verified or kept (or no other instance was there to
+/// open one to), the next try waits this long (or for a change of the passing set).
+pub const STANDBY_RETRY: Duration = Duration::from_secs(1);
+
 /// How a session behaves.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -102,11 +118,16 @@ pub struct SessionConfig {
     /// spread) for a reproducible run: round-robin then starts at the first instance by ID.
     /// `None` (the default): random, so that many clients do not all start on one instance.
     pub seed: Option<u64>,
+    /// Keep a verified standby connection open to a second instance, for a failover that
+    /// resends on an open connection instead of connecting first (see the module docs for
+    /// its cost). Off by default: this machine's runs could not yet tell its failover from
+    /// one that connects (BENCHMARKS.md, `failover/kill/*_standby`).
+    pub standby: bool,
 }
 
 impl SessionConfig {
     /// Defaults: round-robin, connect 1 s, reply 2 s, message 30 s, cooldown 2 s, 1024 queued,
-    /// spreading over new instances.
+    /// spreading over new instances, no standby connection.
     pub fn new(service: impl Into<String>) -> Self {
         SessionConfig {
             service: service.into(),
@@ -119,6 +140,7 @@ impl SessionConfig {
             max_frame: DEFAULT_MAX_FRAME,
             spread: true,
             seed: None,
+            standby: false,
         }
     }
 
@@ -192,6 +214,15 @@ struct Conn {
     last_reply: Option<Instant>,
 }
 
+/// A second open connection, to another instance than the current one's.
+#[derive(Debug)]
+struct Standby {
+    conn: Conn,
+    /// Its probe's echo came back: usable. Until then, the probe must come back by this.
+    verified: bool,
+    probe_deadline: Instant,
+}
+
 type Connecting =
     Pin<Box<dyn Future<Output = (Instance, std::result::Result<TcpStream, String>)> + Send>>;
 
@@ -205,6 +236,9 @@ enum Event {
     ReplyTimeout,
     Race,
     Tick,
+    StandbyConnected(Instance, std::result::Result<TcpStream, String>),
+    StandbyFrame(Option<std::result::Result<Bytes, CodecError>>),
+    StandbyWrote(io::Result<usize>),
 }
 
 #[derive(Debug)]
@@ -234,6 +268,11 @@ struct Session {
     frame_limit_reported: HashSet<String>,
     /// A new instance to move to once nothing is un-answered (spreading a scale-out).
     move_to: Option<Instance>,
+    standby: Option<Standby>,
+    /// The standby's connect in flight (at most one).
+    standby_connecting: FuturesUnordered<Connecting>,
+    /// When the next standby may be tried; `None`: at once.
+    standby_retry_at: Option<Instant>,
 }
 
 impl Session {
@@ -266,6 +305,9 @@ impl Session {
             last_failure: None,
             frame_limit_reported: HashSet::new(),
             move_to: None,
+            standby: None,
+            standby_connecting: FuturesUnordered::new(),
+            standby_retry_at: None,
             config,
         }
     }
@@ -281,6 +323,7 @@ impl Session {
             self.expire(now);
             if let Some(error) = self.failed.clone() {
                 self.conn = None;
+                self.drop_standby();
                 self.stop_connecting();
                 for p in self.pending.drain(..) {
                     if let Some(reply) = p.reply {
@@ -294,6 +337,10 @@ impl Session {
                 });
                 self.check_idle_close();
                 self.check_move();
+                if self.conn.is_none() && !self.pending.is_empty() {
+                    self.promote_standby();
+                }
+                self.check_standby(now);
                 let retry_due = self.retry_at.is_none_or(|t| t <= now);
                 if self.conn.is_none()
                     && self.connecting.is_empty()
@@ -346,6 +393,15 @@ impl Session {
             // The loop re-checks deadlines and the backoff; a timer firing changes nothing
             // by itself (a message deadline must not cut the backoff short).
             Event::Tick => {}
+            Event::StandbyConnected(instance, result) => {
+                self.on_standby_connected(instance, result)
+            }
+            Event::StandbyFrame(Some(Ok(frame))) => self.on_standby_frame(&frame),
+            Event::StandbyFrame(Some(Err(e))) => self.standby_lost(&e.to_string()),
+            Event::StandbyFrame(None) => self.standby_lost("closed by the instance"),
+            Event::StandbyWrote(Ok(0)) => self.standby_lost("write: no more bytes taken"),
+            Event::StandbyWrote(Ok(_)) => {}
+            Event::StandbyWrote(Err(e)) => self.standby_lost(&format!("write: {e}")),
         }
     }
 
@@ -370,7 +426,16 @@ impl Session {
             None
         };
         let message_deadline = self.first_deadline();
-        let wake_at = [retry_at, message_deadline].into_iter().flatten().min();
+        let standby_at = match &self.standby {
+            Some(s) if !s.verified => Some(s.probe_deadline),
+            Some(_) => None,
+            None if self.config.standby && self.conn.is_some() => self.standby_retry_at,
+            None => None,
+        };
+        let wake_at = [retry_at, message_deadline, standby_at]
+            .into_iter()
+            .flatten()
+            .min();
         let accept = self.requests_open && self.pending.len() < self.config.queue_capacity;
         let (reader, writer) = match &mut self.conn {
             Some(Conn {
@@ -382,6 +447,20 @@ impl Session {
             None => (None, None),
         };
         let connecting = !self.connecting.is_empty();
+        let (standby_reader, standby_writer) = match &mut self.standby {
+            Some(Standby {
+                conn:
+                    Conn {
+                        reader,
+                        writer,
+                        out,
+                        ..
+                    },
+                ..
+            }) => (Some(reader), Some((writer, out))),
+            None => (None, None),
+        };
+        let standby_connecting = !self.standby_connecting.is_empty();
         tokio::select! {
             biased;
             frame = read_frame(reader) => Event::Frame(frame),
@@ -395,6 +474,13 @@ impl Session {
             () = sleep_until(reply_deadline) => Event::ReplyTimeout,
             () = sleep_until(race_at) => Event::Race,
             () = sleep_until(wake_at) => Event::Tick,
+            // The standby before new requests: a flood of them must not keep its probe's
+            // echo unread (an unverified standby is not used).
+            frame = read_frame(standby_reader) => Event::StandbyFrame(frame),
+            wrote = write_some(standby_writer) => Event::StandbyWrote(wrote),
+            Some((instance, result)) = self.standby_connecting.next(), if standby_connecting => {
+                Event::StandbyConnected(instance, result)
+            }
             request = self.requests.recv(), if accept => Event::Request(request),
         }
     }
@@ -443,6 +529,18 @@ impl Session {
             }
             None => false,
         };
+        if let Some(standby) = &self.standby
+            && !self.balancer.contains(&standby.conn.instance)
+        {
+            tracing::debug!(
+                instance = %standby.conn.instance,
+                "Consul no longer lists the standby's instance as passing; replacing it"
+            );
+            self.drop_standby();
+        }
+        if news {
+            self.standby_retry_at = None;
+        }
         if leave && let Some(conn) = self.conn.take() {
             tracing::info!(
                 instance = %conn.instance,
@@ -549,22 +647,149 @@ impl Session {
         let timeout = self.config.connect_timeout;
         self.race_at = Some(now + RACE_DELAY.min(timeout / 2));
         self.connecting_to.push(instance.clone());
-        self.connecting.push(Box::pin(async move {
-            let address = instance.address();
-            let attempt = tokio::time::timeout(
-                timeout,
-                TcpStream::connect((instance.host.as_str(), instance.port)),
-            )
-            .await;
-            let result = match attempt {
-                Ok(Ok(stream)) => Ok(stream),
-                Ok(Err(e)) => Err(format!("connect to {address}: {e}")),
-                Err(_) => Err(format!(
-                    "connect to {address}: no answer within {timeout:?}"
-                )),
-            };
-            (instance, result)
-        }));
+        self.connecting.push(connect(instance, timeout));
+    }
+
+    // === the standby ===
+
+    /// With a current connection and no standby, open one to the balancer's next choice
+    /// among the other instances; drop a standby that is late with its probe's echo or on
+    /// the current connection's instance.
+    fn check_standby(&mut self, now: Instant) {
+        if let Some(standby) = &self.standby {
+            let same = self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.instance.address() == standby.conn.instance.address());
+            if same {
+                self.drop_standby();
+            } else if !standby.verified && standby.probe_deadline <= now {
+                let instance = standby.conn.instance.clone();
+                self.standby = None;
+                let cooldown = self.balancer.eject(&instance, now);
+                tracing::warn!(
+                    %instance,
+                    ?cooldown,
+                    "the standby's probe was not echoed within the reply timeout; ejected"
+                );
+                self.standby_retry_at = Some(now + STANDBY_RETRY);
+            }
+        }
+        if !self.config.standby
+            || self.standby.is_some()
+            || !self.standby_connecting.is_empty()
+            || self.standby_retry_at.is_some_and(|t| t > now)
+        {
+            return;
+        }
+        let Some(current) = &self.conn else {
+            return;
+        };
+        let except: Vec<String> = [current.instance.address()]
+            .into_iter()
+            .chain(self.connecting_to.iter().map(Instance::address))
+            .chain(self.failed_round.iter().cloned())
+            .collect();
+        let Some(instance) = self.balancer.pick_except(now, &except) else {
+            // One instance only, or none usable: look again later or at the next change.
+            self.standby_retry_at = Some(now + STANDBY_RETRY);
+            return;
+        };
+        self.standby_retry_at = None;
+        self.standby_connecting
+            .push(connect(instance, self.config.connect_timeout));
+    }
+
+    fn on_standby_connected(
+        &mut self,
+        instance: Instance,
+        result: std::result::Result<TcpStream, String>,
+    ) {
+        let now = Instant::now();
+        match result {
+            Ok(stream) => {
+                let mut conn = self.new_conn(instance, stream);
+                conn.out.put_slice(STANDBY_PROBE);
+                conn.out.put_u8(b'\n');
+                self.standby = Some(Standby {
+                    conn,
+                    verified: false,
+                    probe_deadline: now + self.config.reply_timeout,
+                });
+            }
+            Err(reason) => {
+                let cooldown = self.balancer.eject(&instance, now);
+                tracing::warn!(%instance, ?cooldown, "standby: {reason}; ejected");
+                self.standby_retry_at = Some(now + STANDBY_RETRY);
+            }
+        }
+    }
+
+    fn on_standby_frame(&mut self, frame: &[u8]) {
+        match &mut self.standby {
+            Some(standby) if !standby.verified && frame == STANDBY_PROBE => {
+                standby.verified = true;
+                tracing::debug!(instance = %standby.conn.instance, "standby connection ready");
+            }
+            _ => self.standby_lost("a frame it was not sent"),
+        }
+    }
+
+    /// The standby closed or misbehaved: drop it; the next one waits [`STANDBY_RETRY`] (a
+    /// server at its connection cap sheds an idle connection: no reconnect at once).
+    fn standby_lost(&mut self, reason: &str) {
+        if let Some(standby) = self.standby.take() {
+            tracing::debug!(instance = %standby.conn.instance, "standby connection lost ({reason})");
+            self.standby_retry_at = Some(Instant::now() + STANDBY_RETRY);
+        }
+    }
+
+    fn drop_standby(&mut self) {
+        self.standby = None;
+        self.standby_connecting = FuturesUnordered::new();
+    }
+
+    /// No current connection and messages to write: the verified standby becomes the
+    /// current connection (unless spreading wants another instance), so that they are
+    /// written on it at once.
+    fn promote_standby(&mut self) {
+        let usable = self.standby.as_ref().is_some_and(|s| {
+            s.verified
+                && self.balancer.contains(&s.conn.instance)
+                && self
+                    .move_to
+                    .as_ref()
+                    .is_none_or(|t| t.address() == s.conn.instance.address())
+        });
+        if !usable {
+            return;
+        }
+        let Some(standby) = self.standby.take() else {
+            return;
+        };
+        tracing::info!(
+            instance = %standby.conn.instance,
+            resend = self.pending.len(),
+            "writing on the standby connection"
+        );
+        self.move_to = None;
+        self.stop_connecting();
+        self.retry_at = None;
+        self.conn = Some(standby.conn);
+    }
+
+    fn new_conn(&self, instance: Instance, stream: TcpStream) -> Conn {
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        Conn {
+            reader: FramedRead::new(read, ReplyCodec::new(self.config.max_frame)),
+            writer: write,
+            out: BytesMut::new(),
+            instance,
+            written: 0,
+            unanswered_bytes: 0,
+            last_reply: None,
+        }
     }
 
     fn stop_connecting(&mut self) {
@@ -578,18 +803,8 @@ impl Session {
         let now = Instant::now();
         match result {
             Ok(stream) if self.conn.is_none() => {
-                let _ = stream.set_nodelay(true);
-                let (read, write) = stream.into_split();
                 tracing::info!(instance = %instance, "connected");
-                self.conn = Some(Conn {
-                    reader: FramedRead::new(read, ReplyCodec::new(self.config.max_frame)),
-                    writer: write,
-                    out: BytesMut::new(),
-                    instance,
-                    written: 0,
-                    unanswered_bytes: 0,
-                    last_reply: None,
-                });
+                self.conn = Some(self.new_conn(instance, stream));
                 // The others lose the race.
                 self.stop_connecting();
             }
@@ -771,6 +986,26 @@ async fn write_some(writer: Option<(&mut OwnedWriteHalf, &mut BytesMut)>) -> io:
         Some((w, out)) if !out.is_empty() => w.write_buf(out).await,
         _ => std::future::pending().await,
     }
+}
+
+/// Connect to `instance` within `timeout`.
+fn connect(instance: Instance, timeout: Duration) -> Connecting {
+    Box::pin(async move {
+        let address = instance.address();
+        let attempt = tokio::time::timeout(
+            timeout,
+            TcpStream::connect((instance.host.as_str(), instance.port)),
+        )
+        .await;
+        let result = match attempt {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(format!("connect to {address}: {e}")),
+            Err(_) => Err(format!(
+                "connect to {address}: no answer within {timeout:?}"
+            )),
+        };
+        (instance, result)
+    })
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -190,6 +190,33 @@ fn config() -> SessionConfig {
     c
 }
 
+/// Wait until `peer` has `connections` connections and `frames` frames (the standby's
+/// probe among them).
+async fn wait_for(peer: &Peer, connections: usize, frames: usize, what: &str) {
+    let mut received = peer.received.clone();
+    let waited = tokio::time::timeout(BOUND, async {
+        loop {
+            if peer.connections.load(Ordering::SeqCst) == connections
+                && *received.borrow_and_update() == frames
+            {
+                return;
+            }
+            tokio::select! {
+                _ = received.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "{what}: {} has {} connections and {} frames",
+        peer.id,
+        peer.connections.load(Ordering::SeqCst),
+        peer.received()
+    );
+}
+
 fn client_over(
     instances: Vec<Instance>,
     config: SessionConfig,
@@ -1061,4 +1088,93 @@ async fn many_round_robin_sessions_do_not_all_start_on_the_first_instance() {
         let n = per_instance.get(id).copied().unwrap_or(0);
         assert!(n >= 5, "{id}: {n} of 100 ({per_instance:?})");
     }
+}
+
+fn standby_config() -> SessionConfig {
+    let mut c = config();
+    c.standby = true;
+    c.spread = false;
+    c
+}
+
+#[tokio::test]
+async fn a_kill_resends_on_the_standby_opened_before_it_exactly_once_and_in_order() {
+    let (echo, frozen) = watch::channel(true);
+    let mut a = Peer::start("a", Behaviour::Freezable(frozen)).await;
+    let b = Peer::start("b", Behaviour::Echo).await;
+    let (client, _tx) = client_over(vec![a.instance(), b.instance()], standby_config());
+    assert_eq!(client.send(msg(0)).await.unwrap().instance.id, "a");
+    // The standby: one connection to b, its probe echoed.
+    wait_for(&b, 1, 1, "the standby is open before the kill").await;
+    echo.send(false).unwrap();
+    let sends = join_all((1..=200).map(|i| {
+        let client = client.clone();
+        async move { (i, client.send(msg(i)).await) }
+    }));
+    let killer = async {
+        let mut received = a.received.clone();
+        tokio::time::timeout(Duration::from_millis(400), received.wait_for(|n| *n >= 11))
+            .await
+            .expect("a reads the messages written to it")
+            .unwrap();
+        a.kill().await;
+    };
+    let (results, ()) = tokio::time::timeout(BOUND, async { tokio::join!(sends, killer) })
+        .await
+        .unwrap();
+    let mut resent = 0;
+    for (i, result) in results {
+        let reply = result.unwrap_or_else(|e| panic!("message {i} lost: {e}"));
+        assert_eq!(reply.bytes, msg(i), "message {i}");
+        assert_eq!(reply.instance.id, "b");
+        resent += usize::from(reply.attempts == 2);
+    }
+    assert!(resent >= 10, "resent on b: {resent}");
+    assert_eq!(
+        b.connections.load(Ordering::SeqCst),
+        1,
+        "the failover wrote on the standby: no connect after the kill"
+    );
+    assert_eq!(b.received(), 201, "the probe, then each message once");
+}
+
+#[tokio::test]
+async fn the_standby_is_replaced_when_its_instance_leaves_and_when_it_closes() {
+    let a = Peer::start("a", Behaviour::Echo).await;
+    let b = Peer::start("b", Behaviour::Echo).await;
+    // c echoes the probe, then closes the connection (an idle timeout, a shed).
+    let c = Peer::start("c", Behaviour::IdleCloseAfter(1)).await;
+    let (client, tx) = client_over(vec![a.instance(), b.instance()], standby_config());
+    assert_eq!(client.send(msg(0)).await.unwrap().instance.id, "a");
+    wait_for(&b, 1, 1, "the standby on b").await;
+    // Consul stops listing b and lists c: the standby moves to c.
+    tx.send(Snapshot::fixed(vec![a.instance(), c.instance()]))
+        .unwrap();
+    wait_for(&c, 1, 1, "b left: a standby on c").await;
+    // c closed it: a new one, after the retry pause.
+    let closed = std::time::Instant::now();
+    wait_for(&c, 2, 2, "c closed the standby: another one").await;
+    assert!(closed.elapsed() >= echo_client::session::STANDBY_RETRY / 2);
+    // Messages stay on a, answered once each.
+    for i in 1..=5 {
+        let reply = client.send(msg(i)).await.unwrap();
+        assert_eq!((reply.bytes, reply.instance.id.as_str()), (msg(i), "a"));
+    }
+    assert_eq!(a.received(), 6);
+    assert_eq!(a.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn without_the_standby_no_second_connection_is_opened() {
+    let a = Peer::start("a", Behaviour::Echo).await;
+    let b = Peer::start("b", Behaviour::Echo).await;
+    let mut c = standby_config();
+    c.standby = false;
+    let (client, _tx) = client_over(vec![a.instance(), b.instance()], c);
+    for i in 0..20 {
+        assert_eq!(client.send(msg(i)).await.unwrap().instance.id, "a");
+    }
+    // A standby would have been opened at the first reply; give it the time it takes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(b.connections.load(Ordering::SeqCst), 0);
 }

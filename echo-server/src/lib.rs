@@ -12,8 +12,10 @@
 //! * [`shutdown`] — SIGINT/SIGTERM (and SIGHUP) start the shutdown, SIGUSR1 flips `/check`;
 //! * `descriptors` (private) — the descriptor table grown once at start, so that no accept
 //!   under load waits for the kernel to grow it;
-//! * `stop` (private) — the drain and the cut as the open connections see them, for one
-//!   atomic load per wait;
+//! * `stop` (private) — the drain, the cut and the sweeper's word as the open connections
+//!   see them, for an atomic load or two per wait;
+//! * `sweep` (private) — the one sweeper per server: idle timeout, buffer shrink and shed
+//!   eligibility of every connection, off the connections' hot path;
 //! * [`cli`] — the command line ([`cli::Args`]) and [`cli::run`];
 //! * [`error`] — the one error type.
 //!
@@ -41,6 +43,7 @@ pub mod live;
 pub mod server;
 pub mod shutdown;
 mod stop;
+mod sweep;
 
 pub use check::{CheckStatus, Health};
 pub use config::Config;

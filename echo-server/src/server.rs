@@ -2,7 +2,7 @@
 //! to its own `Handler`; [`Server::run`] ties in `/check`, the Consul registration and the
 //! shutdown order (`/check` 503 → deregister → stop accepting → drain with a deadline).
 
-use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BufMut;
 use futures::FutureExt;
@@ -11,7 +11,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore, watch},
     task::JoinHandle,
-    time::{Instant, Sleep},
+    time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -20,7 +20,8 @@ use crate::{
     config::Config,
     error::{Error, Result},
     live::{self, Cap, LiveSettings, LogLevel, Tunables},
-    stop::{Phase, Stop, Watch},
+    stop::{Phase, Signal, Stop, Watch},
+    sweep::{self, Flags},
 };
 use consul_registry::{
     Registrar,
@@ -39,7 +40,8 @@ pub const READ_CHUNK: usize = 16 << 10;
 /// shrinks back once the peer is quiet.
 const IDLE_CAPACITY: usize = 2 << 10;
 /// Quiet this long after its last frame, a connection gives back what its buffer grew: one
-/// idle period, then an idle connection costs what a fresh one does.
+/// idle period, then an idle connection costs what a fresh one does (told so by the sweeper,
+/// within one more of its sweeps, 25 ms).
 pub const SHRINK_AFTER: Duration = Duration::from_millis(50);
 /// A buffer larger than this grew for a large frame (a busy connection's stays below it):
 /// it is given back as soon as the connection waits with nothing buffered.
@@ -53,8 +55,6 @@ const LARGE_BUFFER: usize = 4 * READ_CHUNK;
 /// driver's eventfd, two context switches); yielding every 64 KiB cost the pipelined echo
 /// ~20% of its CPU per message (measured with `echo-probe`: BENCHMARKS.md at c5bb543).
 const MAX_READ_PER_WAKE: usize = 64 * READ_CHUNK;
-/// A connection idle this long may be closed to make room when every slot is taken.
-const IDLE_BEFORE_SHED: Duration = Duration::from_secs(1);
 /// After an oversized frame: how long, and how much, of what the peer still sends is read
 /// and dropped before closing, so the error line reaches it instead of a reset.
 const LINGER_TIME: Duration = Duration::from_secs(1);
@@ -177,6 +177,8 @@ impl Server {
             idle_timeout: config.idle_timeout,
         });
         let live_task = follow_settings(&config, &cap, tunables, &health, &registrar, log_level)?;
+        // Idle timeouts, buffer shrinks and shed eligibility, for every connection at once.
+        let sweeper = tokio::spawn(sweep::run(connections.clone()));
 
         let listener = Listener {
             listener: echo,
@@ -269,6 +271,8 @@ impl Server {
                 "drain deadline passed: cut the connections still busy"
             );
         }
+
+        sweeper.abort();
 
         // 5. Last, `/check` itself stops.
         stop_check.cancel();
@@ -400,7 +404,7 @@ impl Listener {
                 max_frame,
                 peer,
                 idle_timeout,
-                self.connections.watch(),
+                self.connections.watch(idle_timeout),
                 self.shed.clone(),
             );
             self.tracker.spawn(handler.run(permit));
@@ -448,20 +452,13 @@ struct Handler<S> {
     max_frame: usize,
     /// The last read filled all the room it had: the next gets [`READ_CHUNK`] of room.
     busy: bool,
-    /// When the last complete frame was answered (or the connection opened): the idle
-    /// timeout, the shed eligibility and the buffer shrink count from here. Taken when the
-    /// connection next waits (see `answered`): one clock read per wait, not per answer.
-    last_frame: Instant,
-    /// A frame was answered since the last wait.
-    answered: bool,
-    /// The one timer of [`Handler::wait`], kept across waits (a new timer per wait takes the
-    /// time driver's lock twice and may wake a parked worker to re-arm the driver) and moved
-    /// only when it must fire sooner or has fired (moving it later on every wait, as
-    /// `last_frame` moves, cost ~80 instructions per one-in-flight round trip).
-    timer: Pin<Box<Sleep>>,
+    /// Quiet for [`sweep::IDLE_BEFORE_SHED`] (the sweeper said so, and no frame was answered
+    /// since): while it waits, it may be picked to make room for a new peer.
+    sheddable: bool,
     peer: SocketAddr,
     idle_timeout: Duration,
-    /// The drain and the cut: looked at in every wait, for one atomic load.
+    /// The drain, the cut and the sweeper's word: looked at in every wait, for an atomic
+    /// load or two. No clock and no timer per connection: the sweeper times them all.
     stop: Watch,
     shed: Shedder,
 }
@@ -522,16 +519,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         stop: Watch,
         shed: Shedder,
     ) -> Self {
-        let last_frame = Instant::now();
         Handler {
             socket,
             buf: Vec::with_capacity(IDLE_CAPACITY),
             searched: 0,
             max_frame,
             busy: false,
-            last_frame,
-            answered: false,
-            timer: Box::pin(tokio::time::sleep_until(last_frame + idle_timeout)),
+            sheddable: false,
             peer,
             idle_timeout,
             stop,
@@ -671,7 +665,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             Step::TimedOut | Step::Cut => return Ok(false),
         }
         self.buf.drain(..complete);
-        self.answered = true;
+        self.stop.answered(self.buf.capacity() > IDLE_CAPACITY);
+        self.sheddable = false;
         Ok(true)
     }
 
@@ -688,85 +683,75 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         Ok(End::PeerClosed)
     }
 
-    /// Wait for the peer's bytes, until the idle timeout (or, draining, [`DRAIN_QUIET`])
-    /// passes without a complete frame. On the way: once quiet for [`SHRINK_AFTER`], an empty
-    /// buffer goes back to its small size; once idle for [`IDLE_BEFORE_SHED`], the connection
-    /// may be picked to make room for a new peer. One timer at a time.
+    /// Wait for the peer's bytes, until the sweeper finds the connection quiet past its
+    /// idle timeout (or, draining, [`DRAIN_QUIET`] passes). On the way, as the sweeper says:
+    /// an empty buffer goes back to its small size, and once idle for
+    /// [`sweep::IDLE_BEFORE_SHED`] the connection may be picked to make room for a new peer.
+    /// A buffer grown for a large frame goes at once: were it kept for a while, every
+    /// connection sending one would hold one at a time and the allocator would keep their
+    /// memory resident after they go; one grown for a burst of small frames stays for the
+    /// next burst, for one idle period.
     async fn wait(&mut self, draining: bool) -> Wake {
-        let mut now = Instant::now();
-        if std::mem::take(&mut self.answered) {
-            // The answers since the last wait went out just now (a busy connection's within
-            // its budget of reads, a millisecond): one clock read serves both.
-            self.last_frame = now;
+        if self.buf.capacity() > LARGE_BUFFER && self.buf.is_empty() {
+            self.shrink();
         }
-        let quiet_for = if draining {
-            DRAIN_QUIET
-        } else {
-            self.idle_timeout
-        };
-        // Draining: quiet for DRAIN_QUIET from now or from the last frame, whichever is later.
-        let quiet_at = if draining {
-            self.last_frame.max(now) + quiet_for
-        } else {
-            self.last_frame + quiet_for
-        };
-        let shed_at = self.last_frame + self.idle_timeout.min(IDLE_BEFORE_SHED);
-        let may_shed = !draining && self.idle_timeout > IDLE_BEFORE_SHED;
+        if draining {
+            return self.wait_draining().await;
+        }
         loop {
-            if now >= quiet_at {
+            // The drain, the cut or the sweeper's word, if any, before anything else. While
+            // waiting, the peer's bytes come first: a connection woken by them (most
+            // wake-ups) reads without registering for the rest again. Its next wait sees it.
+            let signal = match self.stop.now(Phase::Draining) {
+                Some(signal) => signal,
+                None => {
+                    let mut room = (&mut self.buf).limit(READ_CHUNK);
+                    tokio::select! {
+                        biased;
+                        read = self.socket.read_buf(&mut room) => return Wake::Read(read),
+                        signal = self.stop.signaled(Phase::Draining) => signal,
+                        () = self.shed.picked(), if self.sheddable => return Wake::Shed,
+                    }
+                }
+            };
+            let flags = match signal {
+                Signal::Phase(Phase::Cut) => return Wake::Cut,
+                Signal::Phase(_) => return Wake::Drain,
+                Signal::Flags(flags) => flags,
+            };
+            if flags.contains(Flags::IDLE) {
                 return Wake::Quiet;
             }
-            let shrink_at = self.last_frame + SHRINK_AFTER;
-            let capacity = self.buf.capacity();
-            // A buffer grown for a large frame goes at once: were it kept for a while, every
-            // connection sending one would hold one at a time and the allocator would keep
-            // their memory resident after they go; one grown for a burst of small frames
-            // stays for the next burst, for one idle period.
-            let large = capacity > LARGE_BUFFER;
-            if (large || now >= shrink_at) && self.buf.is_empty() && capacity > IDLE_CAPACITY {
-                self.buf = Vec::with_capacity(IDLE_CAPACITY);
-                self.busy = false;
+            if flags.contains(Flags::SHRINK) && self.buf.is_empty() {
+                self.shrink();
             }
-            let shed_ready = may_shed && now >= shed_at;
-            let mut next = quiet_at;
-            if self.buf.capacity() > IDLE_CAPACITY && now < shrink_at {
-                next = next.min(shrink_at);
+            if flags.contains(Flags::SHEDDABLE) {
+                self.sheddable = true;
             }
-            if may_shed && !shed_ready {
-                next = next.min(shed_at);
-            }
-            // The timer need only fire no later than `next`. One set earlier (the last frame
-            // has since moved `next` later) wakes the loop once, early, which moves it: a
-            // connection answering frames moves its timer once per period, not once per wait.
-            let deadline = self.timer.deadline();
-            if deadline > next || deadline <= now {
-                self.timer.as_mut().reset(next);
-            }
-            let next_phase = if draining {
-                Phase::Cut
-            } else {
-                Phase::Draining
-            };
-            let phase_wake = |phase| match phase {
-                Phase::Cut => Wake::Cut,
-                _ => Wake::Drain,
-            };
-            // The drain or the cut, if either began, before anything else. While waiting,
-            // the peer's bytes come first: a connection woken by them (most wake-ups) reads
-            // without registering for the shutdown again. Its next wait sees the shutdown.
-            let phase = self.stop.phase();
-            if phase >= next_phase {
-                return phase_wake(phase);
-            }
-            let mut room = (&mut self.buf).limit(READ_CHUNK);
+        }
+    }
+
+    /// Draining: wait for the peer's bytes for [`DRAIN_QUIET`] at most, or the cut. Once per
+    /// connection's life, so a timer of its own.
+    async fn wait_draining(&mut self) -> Wake {
+        let mut room = (&mut self.buf).limit(READ_CHUNK);
+        let read = async {
             tokio::select! {
                 biased;
-                read = self.socket.read_buf(&mut room) => return Wake::Read(read),
-                phase = self.stop.reached(next_phase) => return phase_wake(phase),
-                () = self.shed.picked(), if shed_ready => return Wake::Shed,
-                () = self.timer.as_mut() => {}
+                _ = self.stop.reached(Phase::Cut) => Wake::Cut,
+                read = self.socket.read_buf(&mut room) => Wake::Read(read),
             }
-            now = Instant::now();
+        };
+        tokio::time::timeout(DRAIN_QUIET, read)
+            .await
+            .unwrap_or(Wake::Quiet)
+    }
+
+    /// Back to the small buffer (it holds nothing).
+    fn shrink(&mut self) {
+        if self.buf.capacity() > IDLE_CAPACITY {
+            self.buf = Vec::with_capacity(IDLE_CAPACITY);
+            self.busy = false;
         }
     }
 
@@ -889,7 +874,7 @@ mod tests {
             max_frame,
             SocketAddr::from(([127, 0, 0, 1], 1)),
             Duration::from_secs(60),
-            Stop::default().watch(),
+            Stop::default().watch(Duration::from_secs(60)),
             Shedder::default(),
         );
         let end = handler.serve().await.expect("served");
@@ -935,7 +920,7 @@ mod tests {
             max_frame,
             SocketAddr::from(([127, 0, 0, 1], 1)),
             Duration::from_secs(60),
-            Stop::default().watch(),
+            Stop::default().watch(Duration::from_secs(60)),
             Shedder::default(),
         );
         // A 64 KiB frame and its newline arrive read by read, each filling the room it has,
@@ -1037,7 +1022,7 @@ mod tests {
             64,
             SocketAddr::from(([127, 0, 0, 1], 1)),
             Duration::from_secs(60),
-            Stop::default().watch(),
+            Stop::default().watch(Duration::from_secs(60)),
             Shedder::default(),
         );
         assert_eq!(handler.serve().await.expect("served"), End::PeerClosed);
@@ -1151,15 +1136,18 @@ mod tests {
         assert_eq!(end, End::PeerClosed);
         assert_eq!(peer.output, frame);
 
-        // A peer that sends the frame, then stays quiet (a duplex pipe held open).
+        // A peer that sends the frame, then stays quiet (a duplex pipe held open); the
+        // server's sweeper running.
         tokio::time::pause();
         let (mut client, server) = tokio::io::duplex(256 << 10);
+        let stop = Stop::default();
+        let sweeper = tokio::spawn(sweep::run(stop.clone()));
         let mut handler = Handler::new(
             server,
             64 << 10,
             SocketAddr::from(([127, 0, 0, 1], 1)),
             Duration::from_secs(60),
-            Stop::default().watch(),
+            stop.watch(Duration::from_secs(60)),
             Shedder::default(),
         );
         client.write_all(&frame).await.unwrap();
@@ -1177,9 +1165,50 @@ mod tests {
         // The handler runs until the idle timeout; look at its buffer through a second
         // frame's absence: serve's return gives it back.
         let (capacity, _client) = tokio::join!(serving, checking);
+        sweeper.abort();
         assert!(
             capacity <= IDLE_CAPACITY,
             "after one quiet period the buffer is back to {IDLE_CAPACITY} bytes, not {capacity}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_closes_a_quiet_connection_at_its_idle_timeout_and_never_a_talking_one() {
+        let idle_timeout = Duration::from_secs(1);
+        let (mut client, server) = tokio::io::duplex(64 << 10);
+        let stop = Stop::default();
+        let sweeper = tokio::spawn(sweep::run(stop.clone()));
+        let mut handler = Handler::new(
+            server,
+            64,
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            idle_timeout,
+            stop.watch(idle_timeout),
+            Shedder::default(),
+        );
+        let start = Instant::now();
+        let serving = async {
+            let end = handler.serve().await.expect("served");
+            (end, start.elapsed())
+        };
+        // A frame every 400 ms for 3 s, then quiet.
+        let talking = async {
+            let mut back = [0u8; 6];
+            while start.elapsed() < Duration::from_secs(3) {
+                client.write_all(b"hello\n").await.unwrap();
+                client.read_exact(&mut back).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            // Held open, quiet: only the idle timeout ends the connection.
+            (start.elapsed(), client)
+        };
+        let ((end, ended), (last, _client)) = tokio::join!(serving, talking);
+        sweeper.abort();
+        assert_eq!(end, End::Idle);
+        let quiet = ended - last + Duration::from_millis(400);
+        assert!(
+            quiet >= idle_timeout && quiet <= idle_timeout + 2 * sweep::EVERY,
+            "closed {quiet:?} after the last frame, for an idle timeout of {idle_timeout:?}"
         );
     }
 }

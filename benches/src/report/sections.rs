@@ -202,6 +202,16 @@ fn goal_and_verdict(
                 None => "no baseline".into(),
             },
         ),
+        Some(Goal::P99Within(r)) => (
+            format!(
+                "p99 ≤ {r}× {}'s",
+                short(spec.baseline.as_deref().unwrap_or(""))
+            ),
+            match base {
+                Some(b) => verdict(n.p99 <= r * b.p99),
+                None => "no baseline".into(),
+            },
+        ),
         None => ("—".into(), "—".into()),
     }
 }

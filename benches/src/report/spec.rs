@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use super::{CPU_PREFIX, ECHO_SERVERS, INTERLEAVED, LATENCY_GOAL, THROUGHPUT_GOAL};
 
+/// A failover on the standby: its p99 at most this multiple of one echo round trip's p99 on
+/// an open connection, measured in the same run (issue 37).
+pub const STANDBY_GOAL: f64 = 2.0;
+
 /// A goal from the issue.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Goal {
@@ -14,6 +18,8 @@ pub enum Goal {
     ThroughputAtLeast(f64),
     /// Median and p99 are each at most this multiple of the baseline's.
     LatencyWithin(f64),
+    /// The p99 is at most this multiple of the baseline's p99 (the same run).
+    P99Within(f64),
 }
 
 /// What the report knows of a bench: what it times, its baseline, its goal.
@@ -43,6 +49,7 @@ pub fn spec(id: &str) -> Spec {
         rank,
     };
     let floor = Some("failover/kill/floor_connect_echo".to_owned());
+    let open_floor = Some("failover/kill/floor_open_echo".to_owned());
     let ms = |n| Some(Goal::P99AtMost(Duration::from_millis(n)));
     match id {
         "failover/kill/floor_connect_echo" => plain(
@@ -63,6 +70,26 @@ pub fn spec(id: &str) -> Spec {
             ..plain(
                 2,
                 "SIGKILL of a server process → first correct reply from B",
+            )
+        },
+        "failover/kill/floor_open_echo" => plain(
+            0,
+            "one echo round trip on an open loopback connection (the floor of a failover on a standby)",
+        ),
+        "failover/kill/inprocess_abort_standby" => Spec {
+            baseline: open_floor.clone(),
+            goal: Some(Goal::P99Within(STANDBY_GOAL)),
+            ..plain(
+                1,
+                "in-process server torn down (runtime dropped) → first correct reply on the standby connection to B",
+            )
+        },
+        "failover/kill/sigkill_process_standby" => Spec {
+            baseline: open_floor,
+            goal: Some(Goal::P99Within(STANDBY_GOAL)),
+            ..plain(
+                2,
+                "SIGKILL of a server process → first correct reply on the standby connection to B",
             )
         },
         "failover/unhealthy/consul_to_switch" => Spec {
