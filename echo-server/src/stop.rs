@@ -110,13 +110,20 @@ impl Stop {
     /// One pass of the sweeper at `now`: every connection's activity compared with what the
     /// last pass saw, and the flags the quiet ones earned raised (each one woken once).
     pub(crate) fn sweep(&self, now: Instant) {
-        for entry in self.entries().values_mut() {
+        let mut raised = Vec::new();
+        for (id, entry) in self.entries().iter_mut() {
             let activity = entry.slot.activity.load(Ordering::Relaxed);
             let raise = entry.seen.visit(activity, now, entry.idle_timeout);
             if !raise.is_empty() {
                 entry.slot.flags.fetch_or(raise.bits(), Ordering::SeqCst);
-                entry.slot.waker.wake();
+                raised.push((entry.seen.quiet_since(), *id, entry.slot.clone()));
             }
+        }
+        // Woken quiet longest first (then oldest connection first): a connection joins the
+        // shed line when it wakes, so the line keeps the order of idleness the sweeps saw.
+        raised.sort_by_key(|(since, id, _)| (*since, *id));
+        for (_, _, slot) in raised {
+            slot.waker.wake();
         }
     }
 

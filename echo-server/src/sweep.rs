@@ -79,6 +79,11 @@ impl Seen {
         }
     }
 
+    /// The sweep that first saw the current quiet period.
+    pub(crate) fn quiet_since(&self) -> Instant {
+        self.since
+    }
+
     /// One sweep at `now`: the flags newly due (each raised once per quiet period).
     pub(crate) fn visit(&mut self, activity: u64, now: Instant, idle_timeout: Duration) -> Flags {
         let last = std::mem::replace(&mut self.last, now);
