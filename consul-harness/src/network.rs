@@ -7,15 +7,17 @@
 //! not a failed probe). So each agent runs under a uid of its own
 //! ([`ClusterSpec::own_uids`](crate::cluster::ClusterSpec::own_uids)), a packet is *marked* on
 //! OUTPUT by (sending uid, destination address), and marked packets are dropped silently on
-//! INPUT, as a real network would; the same mark selects a `tc` netem band on `lo` for delay
-//! and loss.
+//! INPUT, as a real network would. Loss is a random share of the marked packets dropped on
+//! INPUT (nftables' `numgen`); delay and jitter need the kernel's `netem` qdisc: the same
+//! mark selects a `tc` netem band on `lo` ([`netem_available`] says when the kernel lacks
+//! it, as this project's machine does).
 //!
 //! Ownership, with other engineers' tests and parallel test binaries on the same kernel:
 //! * every [`Network`] has an nftables table of its own, `ip testbed_net_<pid>_<start>_<n>`
 //!   (the owner's pid and its start time in clock ticks), deleted when the handle drops and,
 //!   after a SIGKILL, by the next [`Network::new`] of any process, which deletes exactly the
 //!   tables whose owner is gone;
-//! * the netem bands hang under one shared root qdisc on `lo` (`prio`, handle `c5:`, every
+//! * the netem bands (delay only) hang under one shared root qdisc on `lo` (`prio`, handle `c5:`, every
 //!   unmarked packet in its first band, untouched). A band is held by its `fw` filter, whose
 //!   mark names the owner's pid; bands are taken and given back under a file lock, the
 //!   bands of dead owners are swept, and the root goes with the last band;
@@ -114,6 +116,11 @@ impl Netem {
             )));
         }
         Ok(())
+    }
+
+    /// Whether nftables alone can do it (loss without delay): no qdisc needed.
+    pub fn in_nftables(&self) -> bool {
+        self.delay.is_zero() && self.jitter.is_zero()
     }
 
     fn key(&self) -> (u128, u128, u64) {
@@ -239,6 +246,26 @@ impl Rules {
         let targets: BTreeSet<Ipv4Addr> = self.cuts.iter().map(|(_, to)| *to).collect();
         for to in targets {
             let _ = writeln!(s, "    meta mark {cut_mark:#010x} ip daddr {to} drop");
+        }
+        // Loss without delay needs no qdisc: a random share of the marked packets dropped
+        // here, per packet.
+        for (i, netem) in self.netems.iter().enumerate() {
+            let (Some(m), true) = (netem_marks.get(i), netem.in_nftables()) else {
+                continue;
+            };
+            let threshold = (netem.loss_percent * 100.0).round() as u32;
+            let targets: BTreeSet<Ipv4Addr> = self
+                .degraded
+                .iter()
+                .filter(|(_, index)| **index == i)
+                .map(|((_, to), _)| *to)
+                .collect();
+            for to in targets {
+                let _ = writeln!(
+                    s,
+                    "    meta mark {m:#010x} ip daddr {to} numgen random mod 10000 < {threshold} drop"
+                );
+            }
         }
         let _ = writeln!(s, "  }}\n}}");
         s
@@ -451,15 +478,31 @@ impl Network {
     fn apply(&mut self) -> Result<()> {
         let (pid, _) = me()?;
         self.sync_bands(pid)?;
-        let marks: Vec<u32> = self.bands.iter().map(|(_, m)| *m).collect();
+        let mut bands = self.bands.iter();
+        let marks: Vec<u32> = (0..self.rules.netems().len())
+            .map(|i| {
+                if self.rules.netems()[i].in_nftables() {
+                    mark(pid, 0x80 | (i as u8 & 0x7f))
+                } else {
+                    bands.next().map_or(0, |(_, m)| *m)
+                }
+            })
+            .collect();
         let script = self.rules.nft_script(&self.table, mark(pid, 0), &marks);
         nft_script(&script)
     }
 
-    /// Make the bands held match `rules.netems()`: release all and take anew when they
-    /// differ (a change of setting is rare: once per scenario step).
+    /// Make the bands held match the netem settings with a delay (loss alone is done in
+    /// nftables): release all and take anew when they differ (a change of setting is rare:
+    /// once per scenario step).
     fn sync_bands(&mut self, pid: u32) -> Result<()> {
-        let wanted = self.rules.netems().to_vec();
+        let wanted: Vec<Netem> = self
+            .rules
+            .netems()
+            .iter()
+            .filter(|n| !n.in_nftables())
+            .copied()
+            .collect();
         if self.banded.len() == wanted.len()
             && self
                 .banded
@@ -468,6 +511,9 @@ impl Network {
                 .all(|(a, b)| a.key() == b.key())
         {
             return Ok(());
+        }
+        if !wanted.is_empty() {
+            netem_available()?;
         }
         let _lock = TcLock::take()?;
         release_bands(&std::mem::take(&mut self.bands));
@@ -489,6 +535,32 @@ impl Network {
         }
         self.banded = wanted;
         Ok(())
+    }
+}
+
+/// Whether this kernel can delay packets: the `netem` qdisc, the `prio` qdisc and the `fw`
+/// classifier (`CONFIG_NET_SCH_NETEM`, `CONFIG_NET_SCH_PRIO`, `CONFIG_NET_CLS_FW`), as
+/// `/proc/config.gz` says where it is readable. Loss alone needs none of them.
+pub fn netem_available() -> Result<()> {
+    let Ok(config) = Command::new("zcat").arg("/proc/config.gz").output() else {
+        return Ok(());
+    };
+    let config = String::from_utf8_lossy(&config.stdout);
+    let missing: Vec<&str> = ["CONFIG_NET_SCH_NETEM", "CONFIG_NET_SCH_PRIO", "CONFIG_NET_CLS_FW"]
+        .into_iter()
+        .filter(|k| config.contains(&format!("# {k} is not set")))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::NetworkUnavailable(format!(
+            "a kernel with {} to delay packets (this one, {}, has not; loss alone is done in \
+             nftables and works)",
+            missing.join(", "),
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+        )))
     }
 }
 
@@ -848,6 +920,22 @@ mod tests {
         r.heal_cuts();
         assert!(r.cuts().is_empty());
         assert_eq!(r.netems().len(), 1);
+    }
+
+    #[test]
+    fn loss_alone_is_a_random_drop_on_input() {
+        let mut r = Rules::default();
+        r.degrade((2_000_000_001, A), Netem::loss(20.0));
+        r.degrade((2_000_000_002, A), Netem::loss(20.0));
+        r.degrade((2_000_000_002, B), Netem::loss(20.0));
+        let s = r.nft_script("t", 0xc5000100, &[0xc5000180]);
+        assert_eq!(s.matches("meta mark set 0xc5000180").count(), 3, "{s}");
+        assert!(s.contains("meta mark 0xc5000180 ip daddr 127.1.2.3 numgen random mod 10000 < 2000 drop"));
+        assert!(s.contains("meta mark 0xc5000180 ip daddr 127.4.5.6 numgen random mod 10000 < 2000 drop"));
+        // A delayed link is the qdisc's: no drop rule for it here.
+        let mut d = Rules::default();
+        d.degrade((2_000_000_001, A), Netem::delay(Duration::from_millis(200), Duration::ZERO));
+        assert!(!d.nft_script("t", 0xc5000100, &[0xc5000102]).contains("numgen"));
     }
 
     #[test]

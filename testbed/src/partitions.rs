@@ -159,6 +159,24 @@ pub struct Step {
     /// b: a registration made on node 2 during the cut → listed passing by the majority's
     /// server, milliseconds.
     pub registered_visible_ms: Option<f64>,
+    /// Why this fault could not be injected here (then nothing else was measured).
+    pub skipped: Option<String>,
+}
+
+impl Step {
+    fn skipped(fault: String, why: String) -> Step {
+        Step {
+            fault,
+            at_s: (0.0, 0.0),
+            consul_dropped_ms: None,
+            consul_flaps: 0,
+            consul_whole_ms: None,
+            clients: Vec::new(),
+            new_leader_ms: None,
+            registered_visible_ms: None,
+            skipped: Some(why),
+        }
+    }
 }
 
 /// What one scenario measured.
@@ -184,6 +202,10 @@ impl Findings for Outcome {
         let opt = |v: Option<f64>| v.map_or("never".into(), |m| format!("{:.1} s", m / 1e3));
         let mut rows = Vec::new();
         for s in &self.steps {
+            if let Some(why) = &s.skipped {
+                rows.push((s.fault.clone(), format!("skipped: {why}")));
+                continue;
+            }
             rows.push((
                 format!("{}: Consul", s.fault),
                 format!(
@@ -433,6 +455,14 @@ impl Experiment for Config {
         let mut plan = Vec::new();
         for (name, fault) in faults {
             step.say(format!("{name} for {:?}", self.hold(&fault)));
+            if let Fault::Degrade(n) = fault
+                && !n.in_nftables()
+                && let Err(e) = network::netem_available()
+            {
+                step.say(format!("skipped {name}: {e}"));
+                plan.push(Step::skipped(name, e.to_string()));
+                continue;
+            }
             let began = Instant::now();
             fault.apply(&mut net, cluster)?;
             events.push((name.clone(), ms(began - t0)));
@@ -483,9 +513,13 @@ impl Experiment for Config {
             }
             let ended = Instant::now();
             let consul_sets = snapshot(&samples);
+            // The set in force at the fault, then every one after it.
             let during: Vec<&BTreeSet<String>> = consul_sets
                 .iter()
-                .filter(|(at, _)| *at >= began && *at <= ended)
+                .rev()
+                .find(|(at, _)| *at < began)
+                .into_iter()
+                .chain(consul_sets.iter().filter(|(at, _)| *at >= began && *at <= ended))
                 .map(|(_, s)| s)
                 .collect();
             let consul_dropped_ms = consul_sets
@@ -502,9 +536,23 @@ impl Experiment for Config {
                 .zip(outcomes_now)
                 .map(|(((label, w), (_, behind)), outcomes)| {
                     let views = w.log.views();
+                    // The view in force at the fault, then every reachable one after it
+                    // (an unreachable view keeps the instances it had: not a flap).
+                    let reachable = |v: &&scenario::observers::View| {
+                        v.state == scenario::observers::ViewState::Reachable
+                    };
                     let sets: Vec<BTreeSet<String>> = views
                         .iter()
-                        .filter(|v| v.at >= began && v.at <= ended)
+                        .filter(reachable)
+                        .rev()
+                        .find(|v| v.at < began)
+                        .into_iter()
+                        .chain(
+                            views
+                                .iter()
+                                .filter(reachable)
+                                .filter(|v| v.at >= began && v.at <= ended),
+                        )
                         .map(|v| v.ids.iter().cloned().collect())
                         .collect();
                     let tally = scenario::observers::Tally::of(&sent_between(&outcomes, began, ended));
@@ -541,6 +589,7 @@ impl Experiment for Config {
                 clients: clients_step,
                 new_leader_ms,
                 registered_visible_ms,
+                skipped: None,
             });
         }
         stop.cancel();

@@ -10,11 +10,14 @@ use std::time::Duration;
 
 use testbed::{
     Cluster, ClusterSpec, Member,
+    experiment::{Experiment, Findings},
     network::{self, Network},
+    partitions::{self, Scenario},
+    progress::Progress,
 };
 use tokio::time::Instant;
 
-use crate::common::init_tracing;
+use crate::common::{init_tracing, launcher};
 
 /// `Some(why)` when network faults cannot run here and may be skipped; panics when they
 /// are required.
@@ -99,4 +102,94 @@ async fn a_cut_agent_fails_in_consul_and_a_heal_restores_it() {
         !String::from_utf8_lossy(&tables.stdout).contains(&table),
         "{table} left behind"
     );
+}
+
+/// A scenario of `testbed partitions` on one server, shortened.
+fn short(scenario: Scenario) -> partitions::Config {
+    partitions::Config {
+        servers: 1,
+        cut_for: Duration::from_secs(12),
+        degrade_for: Duration::from_secs(15),
+        losses: vec![20.0],
+        delay: (Duration::ZERO, Duration::ZERO),
+        ..partitions::Config::new(scenario)
+    }
+}
+
+fn print(outcome: &partitions::Outcome) {
+    for table in outcome.tables() {
+        eprintln!("MEASURED {:?}:\n{}", outcome.scenario, table.markdown());
+    }
+}
+
+/// What every scenario must show: nothing lost, no panic, and after each heal every view
+/// equal to Consul's passing set (no stuck watch).
+fn common_invariants(outcome: &partitions::Outcome) {
+    assert_eq!(outcome.basics.tally.lost, 0, "{:?}", outcome.basics.errors);
+    assert!(outcome.basics.panics.is_empty(), "{:?}", outcome.basics.panics);
+    assert!(!outcome.steps.is_empty());
+    for step in &outcome.steps {
+        assert!(step.consul_whole_ms.is_some(), "{}: Consul never whole again", step.fault);
+        for c in &step.clients {
+            assert!(c.sent > 20, "{}: {} sent only {}", step.fault, c.client, c.sent);
+            assert!(
+                c.behind_consul_ms.is_some(),
+                "{}: {}'s view never equalled Consul's",
+                step.fault,
+                c.client
+            );
+        }
+    }
+    assert!(outcome.violations().is_empty(), "{:?}", outcome.violations());
+}
+
+#[tokio::test]
+async fn a_client_agent_cut_off_drops_its_instances_and_nothing_is_lost() {
+    init_tracing();
+    if skip_without_network().is_some() {
+        return;
+    }
+    let outcome = short(Scenario::AgentCut)
+        .run(&launcher(), &Progress::hidden())
+        .await
+        .unwrap();
+    print(&outcome);
+    common_invariants(&outcome);
+    let step = &outcome.steps[0];
+    // The cut is real: Consul drops the cut node's two instances while it lasts.
+    let dropped = step.consul_dropped_ms.expect("Consul saw the cut");
+    assert!(dropped < 12_000.0, "{dropped} ms");
+    assert!(step.consul_flaps >= 2, "{step:?}");
+    let home = step.clients.iter().find(|c| c.client == "node 2 default").unwrap();
+    assert!(home.dropped_ms.is_some(), "{home:?}");
+}
+
+#[tokio::test]
+async fn a_one_way_cut_loses_nothing_and_every_view_recovers() {
+    init_tracing();
+    if skip_without_network().is_some() {
+        return;
+    }
+    let outcome = short(Scenario::OneWay)
+        .run(&launcher(), &Progress::hidden())
+        .await
+        .unwrap();
+    print(&outcome);
+    common_invariants(&outcome);
+}
+
+#[tokio::test]
+async fn lossy_links_lose_no_echo_and_every_view_recovers() {
+    init_tracing();
+    if skip_without_network().is_some() {
+        return;
+    }
+    let outcome = short(Scenario::Lossy)
+        .run(&launcher(), &Progress::hidden())
+        .await
+        .unwrap();
+    print(&outcome);
+    common_invariants(&outcome);
+    assert_eq!(outcome.steps.len(), 1);
+    assert_eq!(outcome.steps[0].fault, "loss 20 %");
 }
