@@ -245,7 +245,7 @@ impl Rules {
         );
         let targets: BTreeSet<Ipv4Addr> = self.cuts.iter().map(|(_, to)| *to).collect();
         for to in targets {
-            let _ = writeln!(s, "    meta mark {cut_mark:#010x} ip daddr {to} drop");
+            let _ = writeln!(s, "    meta mark {cut_mark:#010x} ip daddr {to} counter drop");
         }
         // Loss without delay needs no qdisc: a random share of the marked packets dropped
         // here, per packet.
@@ -263,7 +263,7 @@ impl Rules {
             for to in targets {
                 let _ = writeln!(
                     s,
-                    "    meta mark {m:#010x} ip daddr {to} numgen random mod 10000 < {threshold} drop"
+                    "    meta mark {m:#010x} ip daddr {to} numgen random mod 10000 < {threshold} counter drop"
                 );
             }
         }
@@ -297,6 +297,19 @@ pub fn parse_tables(listing: &str) -> Vec<String> {
         .filter(|name| name.starts_with(TABLE_PREFIX))
         .map(str::to_owned)
         .collect()
+}
+
+/// The packets counted by every `counter ... drop` rule of an `nft list table` listing.
+pub fn dropped_packets(listing: &str) -> u64 {
+    listing
+        .lines()
+        .filter(|l| l.trim_end().ends_with("drop"))
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let i = words.iter().position(|w| *w == "packets")?;
+            words.get(i + 1)?.parse::<u64>().ok()
+        })
+        .sum()
 }
 
 /// The `(pref, fw handle)` of every filter in `tc filter show dev lo parent c5:`'s output.
@@ -466,6 +479,13 @@ impl Network {
     pub fn heal(&mut self) -> Result<()> {
         self.rules.heal();
         self.apply()
+    }
+
+    /// Packets the rules of this handle dropped so far (cuts and loss; the counters start
+    /// again at zero when the rules change): proof that a fault is more than a rule.
+    pub fn dropped(&self) -> Result<u64> {
+        let listing = output("nft", &["list", "table", "ip", &self.table])?;
+        Ok(dropped_packets(&listing))
     }
 
     /// The rules in force.
@@ -893,7 +913,7 @@ mod tests {
         // One drop per destination, matching mark AND address (marks alone may be shared
         // with another process's table).
         assert_eq!(s.matches(" drop\n").count(), 1, "{s}");
-        assert!(s.contains("meta mark 0xc5000100 ip daddr 127.4.5.6 drop"));
+        assert!(s.contains("meta mark 0xc5000100 ip daddr 127.4.5.6 counter drop"));
         r.heal();
         assert_eq!(r, Rules::default());
     }
@@ -930,8 +950,8 @@ mod tests {
         r.degrade((2_000_000_002, B), Netem::loss(20.0));
         let s = r.nft_script("t", 0xc5000100, &[0xc5000180]);
         assert_eq!(s.matches("meta mark set 0xc5000180").count(), 3, "{s}");
-        assert!(s.contains("meta mark 0xc5000180 ip daddr 127.1.2.3 numgen random mod 10000 < 2000 drop"));
-        assert!(s.contains("meta mark 0xc5000180 ip daddr 127.4.5.6 numgen random mod 10000 < 2000 drop"));
+        assert!(s.contains("meta mark 0xc5000180 ip daddr 127.1.2.3 numgen random mod 10000 < 2000 counter drop"));
+        assert!(s.contains("meta mark 0xc5000180 ip daddr 127.4.5.6 numgen random mod 10000 < 2000 counter drop"));
         // A delayed link is the qdisc's: no drop rule for it here.
         let mut d = Rules::default();
         d.degrade((2_000_000_001, A), Netem::delay(Duration::from_millis(200), Duration::ZERO));
@@ -967,6 +987,16 @@ mod tests {
         assert_eq!(table_owner("filter"), None);
         let listing = "table ip nat\ntable ip filter\ntable ip testbed_net_12_34_0\ntable inet testbed_net_1_1_1\n";
         assert_eq!(parse_tables(listing), vec!["testbed_net_12_34_0".to_owned()]);
+    }
+
+    #[test]
+    fn dropped_packets_are_summed_from_the_counters() {
+        let listing = "table ip t {\n\tchain drop_in {\n\
+            \t\tmeta mark 0xc5000100 ip daddr 127.4.5.6 counter packets 12 bytes 900 drop\n\
+            \t\tmeta mark 0xc5000180 ip daddr 127.1.2.3 numgen random mod 10000 < 2000 counter packets 30 bytes 1 drop\n\
+            \t\tmeta skuid 2000000001 ip daddr 127.1.2.3 meta mark set 0xc5000180\n\t}\n}\n";
+        assert_eq!(dropped_packets(listing), 42);
+        assert_eq!(dropped_packets(""), 0);
     }
 
     #[test]

@@ -161,6 +161,8 @@ pub struct Step {
     pub registered_visible_ms: Option<f64>,
     /// Why this fault could not be injected here (then nothing else was measured).
     pub skipped: Option<String>,
+    /// Packets of Consul's the fault dropped (the kernel's counters): proof it was real.
+    pub packets_dropped: u64,
 }
 
 impl Step {
@@ -175,6 +177,7 @@ impl Step {
             new_leader_ms: None,
             registered_visible_ms: None,
             skipped: Some(why),
+            packets_dropped: 0,
         }
     }
 }
@@ -209,7 +212,9 @@ impl Findings for Outcome {
             rows.push((
                 format!("{}: Consul", s.fault),
                 format!(
-                    "passing set missed an instance after {}; {} flap(s); whole {} after the heal{}{}",
+                    "{} packets dropped; passing set missed an instance after {}; {} flap(s); \
+                     whole {} after the heal{}{}",
+                    s.packets_dropped,
                     opt(s.consul_dropped_ms),
                     s.consul_flaps,
                     opt(s.consul_whole_ms),
@@ -493,6 +498,7 @@ impl Experiment for Config {
             let until = began + self.hold(&fault);
             tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
             step.say(format!("healing {name}"));
+            let packets_dropped = net.dropped()?;
             let healed = Instant::now();
             net.heal()?;
             events.push((format!("healed {name}"), ms(healed - t0)));
@@ -590,6 +596,7 @@ impl Experiment for Config {
                 new_leader_ms,
                 registered_visible_ms,
                 skipped: None,
+                packets_dropped,
             });
         }
         stop.cancel();

@@ -129,6 +129,8 @@ fn common_invariants(outcome: &partitions::Outcome) {
     assert!(outcome.basics.panics.is_empty(), "{:?}", outcome.basics.panics);
     assert!(!outcome.steps.is_empty());
     for step in &outcome.steps {
+        // The fault is real: the kernel dropped Consul's packets.
+        assert!(step.packets_dropped > 0, "{}: nothing dropped", step.fault);
         assert!(step.consul_whole_ms.is_some(), "{}: Consul never whole again", step.fault);
         for c in &step.clients {
             assert!(c.sent > 20, "{}: {} sent only {}", step.fault, c.client, c.sent);
