@@ -70,9 +70,7 @@ pub enum Error {
     },
 
     /// Network faults cannot be injected here: what is missing.
-    #[error(
-        "network faults need {0} (set TESTBED_NETWORK=optional to let tests skip them)"
-    )]
+    #[error("network faults need {0} (set TESTBED_NETWORK=optional to let tests skip them)")]
     NetworkUnavailable(String),
 
     /// Changing the kernel's packet filter or qdiscs failed.

@@ -204,7 +204,9 @@ impl Rules {
         if used.len() == self.netems.len() {
             return;
         }
-        let keep: Vec<usize> = (0..self.netems.len()).filter(|i| used.contains(i)).collect();
+        let keep: Vec<usize> = (0..self.netems.len())
+            .filter(|i| used.contains(i))
+            .collect();
         self.netems = keep.iter().map(|i| self.netems[*i]).collect();
         for index in self.degraded.values_mut() {
             *index = keep.iter().position(|k| k == index).unwrap_or(0);
@@ -245,7 +247,10 @@ impl Rules {
         );
         let targets: BTreeSet<Ipv4Addr> = self.cuts.iter().map(|(_, to)| *to).collect();
         for to in targets {
-            let _ = writeln!(s, "    meta mark {cut_mark:#010x} ip daddr {to} counter drop");
+            let _ = writeln!(
+                s,
+                "    meta mark {cut_mark:#010x} ip daddr {to} counter drop"
+            );
         }
         // Loss without delay needs no qdisc: a random share of the marked packets dropped
         // here, per packet.
@@ -420,7 +425,9 @@ impl Network {
                 .ok_or_else(|| Error::Setting(format!("{m} is not a member of this cluster")))
         };
         let (from, to) = (endpoint(from)?, endpoint(to)?);
-        let uid = from.uid.ok_or_else(|| Error::Setting("a root agent".into()))?;
+        let uid = from
+            .uid
+            .ok_or_else(|| Error::Setting("a root agent".into()))?;
         Ok((uid, to.address))
     }
 
@@ -566,10 +573,14 @@ pub fn netem_available() -> Result<()> {
         return Ok(());
     };
     let config = String::from_utf8_lossy(&config.stdout);
-    let missing: Vec<&str> = ["CONFIG_NET_SCH_NETEM", "CONFIG_NET_SCH_PRIO", "CONFIG_NET_CLS_FW"]
-        .into_iter()
-        .filter(|k| config.contains(&format!("# {k} is not set")))
-        .collect();
+    let missing: Vec<&str> = [
+        "CONFIG_NET_SCH_NETEM",
+        "CONFIG_NET_SCH_PRIO",
+        "CONFIG_NET_CLS_FW",
+    ]
+    .into_iter()
+    .filter(|k| config.contains(&format!("# {k} is not set")))
+    .collect();
     if missing.is_empty() {
         Ok(())
     } else {
@@ -655,8 +666,9 @@ fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Delete the tables and netem bands whose owner is gone.
-fn sweep() {
+/// Delete the tables and netem bands whose owner is gone (what a SIGKILLed run left);
+/// [`Network::new`] does it first.
+pub fn sweep() {
     if let Ok(listing) = output("nft", &["list", "tables"]) {
         for table in parse_tables(&listing) {
             let Some((pid, start)) = table_owner(&table) else {
@@ -931,8 +943,12 @@ mod tests {
         let s = r.nft_script("t", 0xc5000100, &[0xc5000101, 0xc5000102]);
         let lossy_marks = s.matches("meta mark set 0xc5000101").count();
         assert_eq!(lossy_marks, 2, "{s}");
-        let slow_at = s.find("ip daddr 127.4.5.6 meta mark set 0xc5000102").unwrap();
-        let cut_at = s.find("ip daddr 127.4.5.6 meta mark set 0xc5000100").unwrap();
+        let slow_at = s
+            .find("ip daddr 127.4.5.6 meta mark set 0xc5000102")
+            .unwrap();
+        let cut_at = s
+            .find("ip daddr 127.4.5.6 meta mark set 0xc5000100")
+            .unwrap();
         assert!(cut_at > slow_at, "the cut's mark is set last: {s}");
         // Re-degrading every link with one setting frees the other's band.
         r.degrade((2_000_000_001, B), lossy);
@@ -950,12 +966,22 @@ mod tests {
         r.degrade((2_000_000_002, B), Netem::loss(20.0));
         let s = r.nft_script("t", 0xc5000100, &[0xc5000180]);
         assert_eq!(s.matches("meta mark set 0xc5000180").count(), 3, "{s}");
-        assert!(s.contains("meta mark 0xc5000180 ip daddr 127.1.2.3 numgen random mod 10000 < 2000 counter drop"));
-        assert!(s.contains("meta mark 0xc5000180 ip daddr 127.4.5.6 numgen random mod 10000 < 2000 counter drop"));
+        assert!(s.contains(
+            "meta mark 0xc5000180 ip daddr 127.1.2.3 numgen random mod 10000 < 2000 counter drop"
+        ));
+        assert!(s.contains(
+            "meta mark 0xc5000180 ip daddr 127.4.5.6 numgen random mod 10000 < 2000 counter drop"
+        ));
         // A delayed link is the qdisc's: no drop rule for it here.
         let mut d = Rules::default();
-        d.degrade((2_000_000_001, A), Netem::delay(Duration::from_millis(200), Duration::ZERO));
-        assert!(!d.nft_script("t", 0xc5000100, &[0xc5000102]).contains("numgen"));
+        d.degrade(
+            (2_000_000_001, A),
+            Netem::delay(Duration::from_millis(200), Duration::ZERO),
+        );
+        assert!(
+            !d.nft_script("t", 0xc5000100, &[0xc5000102])
+                .contains("numgen")
+        );
     }
 
     #[test]
@@ -969,9 +995,16 @@ mod tests {
             n.args().join(" "),
             "netem limit 100000 delay 200000us 100000us loss random 5%"
         );
-        assert_eq!(Netem::loss(40.0).args().join(" "), "netem limit 100000 loss random 40%");
+        assert_eq!(
+            Netem::loss(40.0).args().join(" "),
+            "netem limit 100000 loss random 40%"
+        );
         assert!(Netem::loss(101.0).check().is_err());
-        assert!(Netem::delay(Duration::from_millis(1), Duration::from_millis(2)).check().is_err());
+        assert!(
+            Netem::delay(Duration::from_millis(1), Duration::from_millis(2))
+                .check()
+                .is_err()
+        );
         assert!(n.check().is_ok());
     }
 
@@ -980,13 +1013,20 @@ mod tests {
         let m = mark(31_999, 7);
         assert_eq!(m, 0xc57cff07);
         assert_eq!(mark_owner(m), Some(31_999));
-        assert_eq!(mark_owner(0x0000_4000), None, "kube-proxy's mark is not ours");
+        assert_eq!(
+            mark_owner(0x0000_4000),
+            None,
+            "kube-proxy's mark is not ours"
+        );
         let t = table_name(4242, 987_654, 3);
         assert_eq!(table_owner(&t), Some((4242, 987_654)));
         assert_eq!(table_owner("testbed_net_x_1_2"), None);
         assert_eq!(table_owner("filter"), None);
         let listing = "table ip nat\ntable ip filter\ntable ip testbed_net_12_34_0\ntable inet testbed_net_1_1_1\n";
-        assert_eq!(parse_tables(listing), vec!["testbed_net_12_34_0".to_owned()]);
+        assert_eq!(
+            parse_tables(listing),
+            vec!["testbed_net_12_34_0".to_owned()]
+        );
     }
 
     #[test]

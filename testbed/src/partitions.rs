@@ -163,6 +163,9 @@ pub struct Step {
     pub skipped: Option<String>,
     /// Packets of Consul's the fault dropped (the kernel's counters): proof it was real.
     pub packets_dropped: u64,
+    /// b: whether the cut-off old leader still named itself leader once the majority had
+    /// elected another.
+    pub old_leader_claims: Option<bool>,
 }
 
 impl Step {
@@ -178,6 +181,7 @@ impl Step {
             registered_visible_ms: None,
             skipped: Some(why),
             packets_dropped: 0,
+            old_leader_claims: None,
         }
     }
 }
@@ -218,11 +222,26 @@ impl Findings for Outcome {
                     opt(s.consul_dropped_ms),
                     s.consul_flaps,
                     opt(s.consul_whole_ms),
-                    s.new_leader_ms
-                        .map(|m| format!("; new leader after {:.1} s", m / 1e3))
-                        .unwrap_or_default(),
+                    match (self.scenario, s.new_leader_ms) {
+                        (Scenario::LeaderCut, Some(m)) => format!(
+                            "; the majority named a new leader after {:.1} s{}",
+                            m / 1e3,
+                            if s.old_leader_claims == Some(true) {
+                                " (the old one still named itself)"
+                            } else {
+                                ""
+                            }
+                        ),
+                        (Scenario::LeaderCut, None) => {
+                            "; the majority named no new leader during the cut".into()
+                        }
+                        _ => String::new(),
+                    },
                     s.registered_visible_ms
-                        .map(|m| format!("; registration during the cut visible after {:.1} s", m / 1e3))
+                        .map(|m| format!(
+                            "; registration during the cut visible after {:.1} s",
+                            m / 1e3
+                        ))
                         .unwrap_or_default(),
                 ),
             ));
@@ -268,7 +287,10 @@ impl Findings for Outcome {
     fn plot(&self) -> Option<Plot> {
         let events: Vec<(&str, f64)> = self.events.iter().map(|(n, a)| (n.as_str(), *a)).collect();
         let mut plot = views_plot(
-            format!("{}: passing instances in each view and in Consul", self.scenario.title()),
+            format!(
+                "{}: passing instances in each view and in Consul",
+                self.scenario.title()
+            ),
             &self.views,
             &events,
         );
@@ -290,6 +312,36 @@ impl Findings for Outcome {
     }
 }
 
+/// The leader server `i` names (its index), if any.
+async fn leader_seen_by(cluster: &Cluster, i: usize) -> Option<usize> {
+    let server = cluster.servers().get(i)?;
+    let leader = tokio::time::timeout(Duration::from_secs(2), server.client().status().leader())
+        .await
+        .ok()?
+        .ok()?;
+    let (host, _) = leader.rsplit_once(':')?;
+    cluster
+        .servers()
+        .iter()
+        .position(|s| s.spec().address.to_string() == host)
+}
+
+/// Until a server other than `old` names a leader other than `old` (the majority's new
+/// leader), at most until `deadline`; when it did.
+async fn majority_leader(cluster: &Cluster, old: usize, deadline: Instant) -> Option<Instant> {
+    loop {
+        for i in (0..cluster.servers().len()).filter(|i| *i != old) {
+            if leader_seen_by(cluster, i).await.is_some_and(|l| l != old) {
+                return Some(Instant::now());
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Instances leaving a set, summed over a timeline of sets (a flap each: passing → not).
 pub fn flaps<'a>(sets: impl IntoIterator<Item = &'a BTreeSet<String>>) -> usize {
     let mut previous: Option<&BTreeSet<String>> = None;
@@ -308,7 +360,10 @@ type Samples = Arc<Mutex<Vec<(Instant, BTreeSet<String>)>>>;
 
 /// Sample `client`'s passing set (stale reads: a server without a leader still answers)
 /// every 250 ms until `stop`.
-fn sample(client: consul_api::Client, stop: CancellationToken) -> (Samples, tokio::task::JoinHandle<()>) {
+fn sample(
+    client: consul_api::Client,
+    stop: CancellationToken,
+) -> (Samples, tokio::task::JoinHandle<()>) {
     let samples: Samples = Arc::default();
     let out = samples.clone();
     let task = tokio::spawn(async move {
@@ -338,11 +393,18 @@ fn sample(client: consul_api::Client, stop: CancellationToken) -> (Samples, toki
 }
 
 fn snapshot(samples: &Samples) -> Vec<(Instant, BTreeSet<String>)> {
-    samples.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    samples
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
 }
 
 /// Until Consul's sampled set is `all`, after `after`; when it first was.
-async fn consul_whole(samples: &Samples, all: &BTreeSet<String>, after: Instant) -> Option<Instant> {
+async fn consul_whole(
+    samples: &Samples,
+    all: &BTreeSet<String>,
+    after: Instant,
+) -> Option<Instant> {
     let deadline = Instant::now() + LIMIT;
     loop {
         let s = snapshot(samples);
@@ -398,7 +460,13 @@ impl Experiment for Config {
         )
         .await?;
         servers.extend(
-            servers_on(launcher, cluster.agent(home), &["homenode_1"], self.interval).await?,
+            servers_on(
+                launcher,
+                cluster.agent(home),
+                &["homenode_1"],
+                self.interval,
+            )
+            .await?,
         );
         let ids = scenario::ids(&servers);
         passing_exactly(cluster.agent(home), &ids).await?;
@@ -406,10 +474,7 @@ impl Experiment for Config {
         let [node1] = watched(cluster.agent(cut_node), [default_reads()], &ids, self.every).await?;
         let [home_default, home_stale] = watched(
             cluster.agent(home),
-            [
-                default_reads(),
-                ("stale".into(), Consistency::Stale, None),
-            ],
+            [default_reads(), ("stale".into(), Consistency::Stale, None)],
             &ids,
             self.every,
         )
@@ -473,10 +538,12 @@ impl Experiment for Config {
             events.push((name.clone(), ms(began - t0)));
             let mut new_leader_ms = None;
             let mut registered_visible_ms = None;
+            let mut old_leader_claims = None;
             if self.scenario == Scenario::LeaderCut {
-                if let Ok((_, at)) = cluster.wait_leader(Some(leader), LIMIT).await {
-                    new_leader_ms = Some(ms(at.into_std() - began));
+                if let Some(at) = majority_leader(cluster, leader, began + self.cut_for).await {
+                    new_leader_ms = Some(ms(at - began));
                 }
+                old_leader_claims = Some(leader_seen_by(cluster, leader).await == Some(leader));
                 step.say("registering an echo server on node 2 during the cut");
                 let registered = Instant::now();
                 let extra =
@@ -525,17 +592,18 @@ impl Experiment for Config {
                 .rev()
                 .find(|(at, _)| *at < began)
                 .into_iter()
-                .chain(consul_sets.iter().filter(|(at, _)| *at >= began && *at <= ended))
+                .chain(
+                    consul_sets
+                        .iter()
+                        .filter(|(at, _)| *at >= began && *at <= ended),
+                )
                 .map(|(_, s)| s)
                 .collect();
             let consul_dropped_ms = consul_sets
                 .iter()
                 .find(|(at, s)| *at >= began && !all.is_subset(s))
                 .map(|(at, _)| ms(*at - began));
-            let outcomes_now: Vec<_> = clients
-                .iter()
-                .map(|(_, w)| w.traffic.outcomes())
-                .collect();
+            let outcomes_now: Vec<_> = clients.iter().map(|(_, w)| w.traffic.outcomes()).collect();
             let clients_step = clients
                 .iter()
                 .zip(per_client)
@@ -561,7 +629,8 @@ impl Experiment for Config {
                         )
                         .map(|v| v.ids.iter().cloned().collect())
                         .collect();
-                    let tally = scenario::observers::Tally::of(&sent_between(&outcomes, began, ended));
+                    let tally =
+                        scenario::observers::Tally::of(&sent_between(&outcomes, began, ended));
                     ClientStep {
                         client: label.clone(),
                         sent: tally.sent,
@@ -569,7 +638,8 @@ impl Experiment for Config {
                         dropped_ms: views
                             .iter()
                             .find(|v| {
-                                v.at >= began && !all.iter().all(|id| v.lists(id))
+                                v.at >= began
+                                    && !all.iter().all(|id| v.lists(id))
                                     && v.state == scenario::observers::ViewState::Reachable
                             })
                             .map(|v| ms(v.at - began)),
@@ -597,6 +667,7 @@ impl Experiment for Config {
                 registered_visible_ms,
                 skipped: None,
                 packets_dropped,
+                old_leader_claims,
             });
         }
         stop.cancel();
