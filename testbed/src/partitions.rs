@@ -1,6 +1,7 @@
 //! `testbed partitions`: real network faults between the agents of a cluster (consul-harness's
-//! [`network`](crate::network): cuts by the sender's uid, `tc` netem on `lo`), with resilient
-//! clients streaming echoes through each, and what Consul and every client's view make of it.
+//! [`network`](mod@crate::network): cuts and loss by the sender's uid in nftables, delay by
+//! `tc` netem on `lo`), with resilient clients streaming echoes through each, and what Consul
+//! and every client's view make of it.
 //!
 //! * a. a client agent cut from the servers and the other agents, while its echo servers stay
 //!   reachable to clients (echo traffic is not Consul's: it is never cut);
@@ -771,7 +772,8 @@ impl Suite for Args {
         "Every agent runs in its own container (host networking) on its own loopback address, \
          under a uid of its own. A cut marks the agent's packets on OUTPUT by (sending uid, \
          destination address) and drops marked packets on INPUT, silently, as a real network \
-         would; loss and delay put the marked packets through a tc netem band on lo. Echo \
+         would; loss drops a random share of the marked packets there (nftables numgen), and \
+         delay puts them through a tc netem band on lo where the kernel has netem. Echo \
          traffic and the clients' reads of their agents are never touched: only Consul's own \
          traffic between agents is. Consul's passing set is sampled every 250 ms (stale reads) \
          from a server the fault leaves in the majority; each client's view is what its \
