@@ -151,6 +151,17 @@ pub struct AgentServiceCheck {
     /// (`CheckReapInterval`), so removal comes up to 30 s later than that.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub deregister_critical_service_after: Option<GoDuration>,
+    /// `SuccessBeforePassing` (Consul ≥ 1.7): consecutive successful runs before the check
+    /// turns `passing`. `None` or 0: at the first. For HTTP, TCP, gRPC, script and Docker
+    /// checks; a TTL check's status is what its updates say.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub success_before_passing: Option<u32>,
+    /// `FailuresBeforeCritical` (Consul ≥ 1.7): consecutive failed runs before the check
+    /// turns `critical` — a check that fails once in a while (a lossy link, a slow answer)
+    /// does not flap. `None` or 0: at the first. Consul 1.8.7 returns an empty `Definition`
+    /// for checks: whether it holds shows only in the check's behaviour.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub failures_before_critical: Option<u32>,
 }
 
 /// A service as the agent holds it (`GET /v1/agent/services`), also the `Service` of a
@@ -435,6 +446,8 @@ mod tests {
                 interval: Some(GoDuration::from_secs(5)),
                 timeout: Some(GoDuration::from_secs(3)),
                 deregister_critical_service_after: Some(GoDuration::from_secs(90)),
+                success_before_passing: Some(2),
+                failures_before_critical: Some(3),
                 ..Default::default()
             }),
             checks: vec![],
@@ -454,7 +467,9 @@ mod tests {
                     "HTTP": "http://127.0.0.1:8080/check",
                     "Interval": "5s",
                     "Timeout": "3s",
-                    "DeregisterCriticalServiceAfter": "1m30s"
+                    "DeregisterCriticalServiceAfter": "1m30s",
+                    "SuccessBeforePassing": 2,
+                    "FailuresBeforeCritical": 3
                 }
             })
         );

@@ -46,6 +46,9 @@ pub struct ClusterSpec {
     /// A pause before each client agent after the first: agents started apart run their
     /// reapers on different phases (each agent's reaper is anchored at its own start).
     pub client_stagger: Duration,
+    /// Run each agent under a uid of its own ([`uid_for`] its address) instead of root: what
+    /// [`crate::network::Network`] needs to tell the agents' packets apart.
+    pub own_uids: bool,
 }
 
 impl Default for ClusterSpec {
@@ -59,6 +62,7 @@ impl Default for ClusterSpec {
             join_wan: Vec::new(),
             startup_timeout: Duration::from_secs(120),
             client_stagger: Duration::ZERO,
+            own_uids: false,
         }
     }
 }
@@ -175,13 +179,15 @@ impl Cluster {
                 Member::Client(i - spec.servers)
             };
             let data_dir = cluster.root.join(member.to_string());
-            std::fs::create_dir_all(&data_dir)?;
+            let uid = spec.own_uids.then(|| uid_for(*ip));
+            make_data_dir(&data_dir, uid)?;
             let membership = Membership {
                 datacenter: spec.datacenter.clone(),
                 retry_join: server_ips.iter().copied().filter(|s| s != ip).collect(),
                 retry_join_wan: spec.join_wan.clone(),
                 data_dir,
                 reconnect_timeout: spec.reconnect_timeout,
+                uid,
             };
             let mode = match member {
                 Member::Server(_) => AgentMode::Server {
@@ -261,6 +267,16 @@ impl Cluster {
     /// The servers' addresses: what another datacenter's [`ClusterSpec::join_wan`] takes.
     pub fn server_addresses(&self) -> Vec<Ipv4Addr> {
         self.servers.iter().map(|s| s.spec().address).collect()
+    }
+
+    /// The member as [`crate::network::Network`] addresses it: its address and, when the
+    /// cluster runs its agents under their own uids ([`ClusterSpec::own_uids`]), its uid.
+    pub fn endpoint(&self, member: Member) -> crate::network::Endpoint {
+        let spec = self.agent(member).spec();
+        crate::network::Endpoint {
+            address: spec.address,
+            uid: spec.mode.membership().and_then(|m| m.uid),
+        }
     }
 
     /// The member whose node has this name.
@@ -412,18 +428,18 @@ impl Cluster {
     /// wait for that with [`Cluster::wait_ready`]).
     pub async fn start_again(&mut self, member: Member, data: Data) -> Result<()> {
         if data == Data::Wipe {
-            let dir = self
+            let (dir, uid) = self
                 .agent(member)
                 .spec()
                 .mode
                 .membership()
-                .map(|m| m.data_dir.clone())
+                .map(|m| (m.data_dir.clone(), m.uid))
                 .ok_or(Error::AgentState("is not a cluster member"))?;
             if self.agent(member).is_running() {
                 return Err(Error::AgentState("is already running"));
             }
             std::fs::remove_dir_all(&dir)?;
-            std::fs::create_dir_all(&dir)?;
+            make_data_dir(&dir, uid)?;
         }
         self.agent_mut(member).start_again().await
     }
@@ -439,6 +455,36 @@ impl Cluster {
         let node = self.agent(member).spec().node_name.clone();
         Ok(server.client().agent().force_leave(&node).await?)
     }
+}
+
+/// The uid an agent on `address` runs as with [`ClusterSpec::own_uids`]: 2 000 000 000 plus
+/// the address's last three octets. Distinct for distinct addresses, and since a live
+/// cluster's addresses are distinct machine-wide (Consul's ports are bound on them), no two
+/// live agents share one; far above any uid a distribution hands out.
+pub fn uid_for(address: Ipv4Addr) -> u32 {
+    let [_, a, b, c] = address.octets();
+    UID_BASE + u32::from_be_bytes([0, a, b, c])
+}
+
+/// The first uid of [`uid_for`]'s range.
+pub const UID_BASE: u32 = 2_000_000_000;
+
+/// An agent's data directory, owned by the uid it runs as (if not root).
+fn make_data_dir(dir: &std::path::Path, uid: Option<u32>) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if let Some(uid) = uid {
+        std::os::unix::fs::chown(dir, Some(uid), Some(uid))?;
+    }
+    Ok(())
+}
+
+/// Whether `address` is held by a cluster of this process right now: the only addresses
+/// [`crate::network::Network`] touches.
+pub fn is_reserved(address: Ipv4Addr) -> bool {
+    RESERVED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .contains(&address)
 }
 
 /// Cluster addresses handed out in this process and not yet released.

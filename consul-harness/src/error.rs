@@ -69,6 +69,19 @@ pub enum Error {
         reason: String,
     },
 
+    /// Network faults cannot be injected here: what is missing.
+    #[error("network faults need {0} (set TESTBED_NETWORK=optional to let tests skip them)")]
+    NetworkUnavailable(String),
+
+    /// Changing the kernel's packet filter or qdiscs failed.
+    #[error("network: {what}: {reason}")]
+    Network {
+        /// The command run.
+        what: String,
+        /// What it said.
+        reason: String,
+    },
+
     /// An option or flag makes no sense.
     #[error("invalid setting: {0}")]
     Setting(String),

@@ -6,6 +6,9 @@
 //!   ports; start, stop, pause, restart;
 //! * [`cluster`] — a real cluster of servers and client agents, each on its own loopback
 //!   address; crash, leave, pause, restart with or without data;
+//! * [`network`] — cuts, one-way cuts, delay, jitter and loss between a cluster's agents
+//!   (nftables marks by the sender's uid, `tc` netem on `lo`), removed on drop, swept after
+//!   a killed run;
 //! * [`provision`] — fetching Consul 1.8.7 and building its `FROM scratch` image on a
 //!   registry-less machine;
 //! * [`process`] — child processes run against Consul (Consul's settings as its variables),
@@ -33,6 +36,7 @@ pub mod cluster;
 pub mod consul;
 pub mod error;
 pub mod logbuf;
+pub mod network;
 pub mod process;
 pub mod procfs;
 pub mod provision;

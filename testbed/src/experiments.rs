@@ -40,6 +40,10 @@ experiments! {
     /// Fault and security scenarios (hung server, paused/restarted Consul, a faulty proxy,
     /// ACLs, hostile input, a TLS certificate rotated), each measured.
     Faults(crate::faults::Args),
+    /// Network faults between Consul agents (a client agent or the leader cut off, a one-way
+    /// cut, lossy and slow links) with resilient clients streaming: what Consul and each
+    /// client's view make of them.
+    Partitions(crate::partitions::Args),
     /// Discovery at scale: instances × clients (CPU, memory, bytes, propagation per change),
     /// and Consul's read modes (stale, cached, filter) with many clients on one agent.
     Scale(crate::scale::Args),

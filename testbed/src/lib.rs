@@ -24,6 +24,8 @@
 //! * [`faults`] — the fault and security scenarios (hung server, paused and restarted Consul,
 //!   a misbehaving proxy, ACLs, hostile input, a TLS certificate rotated), with their figures;
 //! * [`faultproxy`] — an HTTP proxy in front of Consul that delays, drops, cuts or corrupts;
+//! * [`partitions`] — `testbed partitions`: cuts, one-way cuts, loss and delay between agents
+//!   ([`network`]), what Consul and each client's view make of them;
 //! * [`reaper_twins`] — the deregistration experiment's twins removed by the reaper sidecar;
 //! * [`scenario`] — what every fault and cluster scenario shares: servers, clients, traffic
 //!   and discovery observers;
@@ -48,6 +50,7 @@ pub mod experiments;
 pub mod faultproxy;
 pub mod faults;
 pub mod model;
+pub mod partitions;
 pub mod progress;
 pub mod reaper_twins;
 pub use lab_report as report;
@@ -61,7 +64,7 @@ pub mod error;
 
 pub use consul_harness::{
     BackendChoice, BackendKind, Cluster, ClusterSpec, Consul, ConsulOptions, Member, consul,
-    logbuf, process, procfs, provision, signal, wait,
+    logbuf, network, process, procfs, provision, signal, wait,
 };
 pub use echo_rig::procs;
 pub use error::{Error, Result};

@@ -246,6 +246,10 @@ pub struct Membership {
     /// catalog) before it is reaped; Consul's default, 72 h, when `None`. Consul 1.8.7's
     /// documentation asks for at least 8 h but its configuration does not enforce it.
     pub reconnect_timeout: Option<Duration>,
+    /// Run the agent as this uid (and gid) rather than as root, its data directory owned by
+    /// it: a sender the kernel can tell apart, which [`crate::network`]'s cuts and netem
+    /// links select packets by. `None`: the backend's default user.
+    pub uid: Option<u32>,
 }
 
 /// Everything that defines one agent's command line.
@@ -479,6 +483,7 @@ mod tests {
             retry_join_wan: vec![Ipv4Addr::new(127, 8, 0, 2)],
             data_dir: "/tmp/c/server-1".into(),
             reconnect_timeout: Some(Duration::from_secs(120)),
+            uid: None,
         };
         let server = AgentSpec {
             node_name: "dc2-server-1".into(),

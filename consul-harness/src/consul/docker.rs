@@ -245,6 +245,9 @@ async fn start_container(
         let dir = dir.to_string_lossy().into_owned();
         request = request.with_mount(Mount::bind_mount(dir.clone(), dir));
     }
+    if let Some(uid) = spec.mode.membership().and_then(|m| m.uid) {
+        request = request.with_user(format!("{uid}:{uid}"));
+    }
     let request = request
         .with_container_name(format!("testbed-{}", spec.node_name))
         .with_label(OWNER_LABEL, OWNER_VALUE)

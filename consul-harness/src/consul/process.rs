@@ -33,7 +33,11 @@ pub async fn binary() -> Result<PathBuf> {
 pub async fn start(spec: &AgentSpec, log: &LogBuffer, timeout: Duration) -> Result<Child> {
     let binary = binary().await?;
     let mark = log.mark();
-    let mut child = Command::new(&binary)
+    let mut command = Command::new(&binary);
+    if let Some(uid) = spec.mode.membership().and_then(|m| m.uid) {
+        command.uid(uid).gid(uid);
+    }
+    let mut child = command
         .args(spec.args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -36,6 +36,7 @@ mod faults;
 mod foreign;
 mod framework;
 mod harness;
+mod partitions;
 mod reaper;
 mod scale;
 mod server;
