@@ -503,17 +503,11 @@ async fn echo_server_takes_live_settings_from_kv_and_rejects_what_cannot_change_
     running.await.unwrap().unwrap();
 }
 
-/// The `q`-th quantile of sorted `values` (nearest rank).
-fn quantile(sorted: &[Duration], q: f64) -> Duration {
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 /// Watchers (or pollers) of one key, each recording when it first sees each `limit`.
 type Seen = Arc<Mutex<Vec<(u32, tokio::time::Instant)>>>;
 
 /// Put `limit` `changes` times, one a second; per change, wait until `count` sightings of
-/// it are in `seen`. Returns every sighting's latency and the agent's CPU over the window.
+/// it are in `seen`. Returns how many sightings there were.
 async fn changes(
     consul: &Consul,
     key: &str,
@@ -521,10 +515,9 @@ async fn changes(
     count: usize,
     first: u32,
     changes: u32,
-) -> (Vec<Duration>, Duration) {
+) -> usize {
     let kv = consul.client();
-    let (cpu_before, _) = consul.cpu_time().await.unwrap();
-    let mut latencies = Vec::new();
+    let mut sightings = 0;
     for limit in first..first + changes {
         let tick = tokio::time::Instant::now() + Duration::from_secs(1);
         let start = tokio::time::Instant::now();
@@ -542,7 +535,7 @@ async fn changes(
                     .collect()
             };
             if at.len() >= count {
-                latencies.extend(at.into_iter().map(|at| at - start));
+                sightings += at.len();
                 break;
             }
             assert!(
@@ -554,22 +547,7 @@ async fn changes(
         }
         tokio::time::sleep_until(tick).await;
     }
-    let (cpu_after, _) = consul.cpu_time().await.unwrap();
-    latencies.sort();
-    (latencies, cpu_after - cpu_before)
-}
-
-/// Figures of one mode, as a markdown row.
-fn row(mode: &str, latencies: &[Duration], cpu: Duration, changes: u32) -> String {
-    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1e3);
-    format!(
-        "| {mode} | {} | {} | {} | {} | {} |",
-        latencies.len(),
-        ms(quantile(latencies, 0.5)),
-        ms(quantile(latencies, 0.99)),
-        ms(latencies[latencies.len() - 1]),
-        ms(cpu / changes),
-    )
+    sightings
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,7 +593,7 @@ async fn a_change_reaches_100_watchers_on_one_agent_and_a_bad_one_none() {
     for rx in &mut receivers {
         until(rx, "first", |l| l.status == Status::Applied).await;
     }
-    let (watched, watched_cpu) = changes(&consul, key, &seen, WATCHERS, 2, CHANGES).await;
+    let watched = changes(&consul, key, &seen, WATCHERS, 2, CHANGES).await;
 
     // A bad value: every watcher reports it, none applies it.
     consul
@@ -637,60 +615,9 @@ async fn a_change_reaches_100_watchers_on_one_agent_and_a_bad_one_none() {
     );
     drop(receivers);
 
-    // Beside it: 100 pollers reading the key every second, as a 1 s poll does.
-    let polled: Seen = Arc::default();
-    let stop = tokio_util::sync::CancellationToken::new();
-    for i in 0..WATCHERS {
-        let (client, polled, stop) = (consul.client(), polled.clone(), stop.clone());
-        tokio::spawn(async move {
-            // Spread over the second, as independent services would be.
-            tokio::time::sleep(Duration::from_millis((i * 10) as u64)).await;
-            let mut every = tokio::time::interval(Duration::from_secs(1));
-            let mut last = None;
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = every.tick() => {}
-                }
-                let Ok((Some(pair), _)) = client.kv().get(key, &QueryOptions::default()).await
-                else {
-                    continue;
-                };
-                let Ok(s) = serde_json::from_slice::<Settings>(pair.value()) else {
-                    continue;
-                };
-                if last != Some(s.limit) {
-                    polled
-                        .lock()
-                        .unwrap()
-                        .push((s.limit, tokio::time::Instant::now()));
-                    last = Some(s.limit);
-                }
-            }
-        });
-    }
-    let first = 100;
-    let (poll_lat, poll_cpu) = changes(&consul, key, &polled, WATCHERS, first, CHANGES).await;
-    stop.cancel();
-
-    println!(
-        "\n{WATCHERS} instances on one agent, {CHANGES} changes 1 s apart:\n\n\
-         | mode | sightings | p50 ms | p99 ms | max ms | Consul CPU ms per change |\n\
-         |---|---|---|---|---|---|\n{}\n{}\n",
-        row(
-            "blocking watch (config::spawn)",
-            &watched,
-            watched_cpu,
-            CHANGES
-        ),
-        row("1 s poller", &poll_lat, poll_cpu, CHANGES),
-    );
-    assert_eq!(watched.len(), WATCHERS * CHANGES as usize);
-    assert!(
-        quantile(&watched, 0.99) < Duration::from_secs(1),
-        "a change reaches every watcher well within a poll period: {:?}",
-        quantile(&watched, 0.99)
-    );
+    // Every watcher saw every change, in order of the changes; how fast, beside 1 s and 15 s
+    // pollers and with Consul's CPU, is `testbed config`'s to measure (docs/results/config.md).
+    assert_eq!(watched, WATCHERS * CHANGES as usize);
 }
 
 #[tokio::test]
