@@ -44,9 +44,10 @@
 //! **Ordering.** The two reads are not one snapshot. Where that could show an instance as
 //! passing that `?passing` would not, the composer reads again first: after a membership
 //! change it reads the non-passing checks too (an instance registered critical is not shown
-//! passing for a moment), and before a check change lets an instance pass that did not, it
-//! reads `/v1/catalog/services` once, without blocking, and the list again if that moved (a
-//! critical instance deregistered: its checks vanish in the same write as the instance).
+//! passing for a moment), and after a check change it reads `/v1/catalog/services` once,
+//! without blocking, and the list again if that moved (an instance deregistered: its checks
+//! vanish in the same write, and the checks' read may answer first). Each published view is
+//! then at least as recent as its index (the larger of the two reads') says.
 
 use std::{collections::BTreeSet, fmt, pin::Pin, sync::Arc, time::Duration};
 
@@ -112,18 +113,6 @@ pub fn non_passing_filter(service: &str) -> String {
     format!(r#"Status != "passing" and (ServiceName == "{quoted}" or ServiceID == "")"#)
 }
 
-/// Whether an instance passes in `after` that did not in `before` (by node and ID): the
-/// change that needs membership confirmed first.
-fn newly_passing(before: &[Instance], after: &[Instance]) -> bool {
-    let before: BTreeSet<(&str, &str)> = before
-        .iter()
-        .map(|i| (i.node.as_str(), i.id.as_str()))
-        .collect();
-    after
-        .iter()
-        .any(|i| !before.contains(&(i.node.as_str(), i.id.as_str())))
-}
-
 /// One read's result, with the watch that made it (handed back to block on next).
 type Pending<T> = Pin<Box<dyn Future<Output = (Watch, Result<T>)> + Send>>;
 
@@ -148,8 +137,6 @@ pub struct Composer {
     wait: Duration,
     members: Option<(Vec<CatalogService>, QueryMeta)>,
     checks: Option<(Vec<HealthCheck>, QueryMeta)>,
-    /// The last composition published (to see what starts passing).
-    last: Vec<Instance>,
     members_read: Option<Pending<Membership>>,
     checks_read: Option<Pending<(Vec<HealthCheck>, QueryMeta)>>,
 }
@@ -196,7 +183,6 @@ impl Composer {
             wait,
             members: None,
             checks: None,
-            last: Vec::new(),
             members_read: None,
             checks_read: None,
         }
@@ -255,21 +241,17 @@ impl Composer {
             if let (Some((members, m)), Some((checks, c))) = (&self.members, &self.checks) {
                 let composed = passing(members, checks);
                 let meta = combined(m, c);
-                self.last = composed.clone();
                 return Ok((composed.into_iter().map(Arc::new).collect(), meta));
             }
         }
     }
 
-    /// Before a check change lets an instance pass that did not: make sure the instance is
-    /// still registered (its checks vanish with it, in the same write).
+    /// After a check change: make sure the list is not older than the checks (an instance's
+    /// checks vanish in the write that removes it).
     async fn confirm_membership(&mut self) -> Result<()> {
-        let (Some((members, m)), Some((checks, _))) = (&self.members, &self.checks) else {
+        let Some((_, m)) = &self.members else {
             return Ok(());
         };
-        if !newly_passing(&self.last, &passing(members, checks)) {
-            return Ok(());
-        }
         let (_, now) = self.client.catalog().services(&self.base).await?;
         if now.last_index != m.last_index {
             let (list, _) = self
@@ -520,17 +502,5 @@ mod tests {
             non_passing_filter(r#"we"b\x"#),
             r#"Status != "passing" and (ServiceName == "we\"b\\x" or ServiceID == "")"#
         );
-    }
-
-    #[test]
-    fn only_an_instance_that_starts_passing_needs_membership_confirmed() {
-        let all = passing(&members(), &[]);
-        let some = passing(
-            &members(),
-            &[check("n1", "web-1", "c", HealthStatus::Critical)],
-        );
-        assert!(newly_passing(&some, &all));
-        assert!(!newly_passing(&all, &some), "dropping one is safe as it is");
-        assert!(!newly_passing(&all, &all));
     }
 }
