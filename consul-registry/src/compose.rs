@@ -227,13 +227,22 @@ impl Composer {
                         self.base.clone(),
                     )));
                     let (list, meta, checks) = result?;
-                    self.members = Some((list, meta));
-                    self.checks = Some(checks);
+                    if older(&meta, &self.members) || older(&checks.1, &self.checks) {
+                        // Overtaken by a fresher read of the other half (or Consul's
+                        // state went back): read both again, now.
+                        self.read_all_now().await?;
+                    } else {
+                        self.members = Some((list, meta));
+                        self.checks = Some(checks);
+                    }
                 }
                 Either::Right(((watch, result), _)) => {
                     self.checks_read = Some(Box::pin(checks_next(watch, self.client.clone())));
-                    self.checks = Some(result?);
-                    if self.members.is_some() {
+                    let checks = result?;
+                    if older(&checks.1, &self.checks) {
+                        self.read_all_now().await?;
+                    } else {
+                        self.checks = Some(checks);
                         self.confirm_membership().await?;
                     }
                 }
@@ -244,6 +253,25 @@ impl Composer {
                 return Ok((composed.into_iter().map(Arc::new).collect(), meta));
             }
         }
+    }
+
+    /// Both halves read again, not blocking: the services' index, the list, the checks, in
+    /// that order (each at least as recent as the one before).
+    async fn read_all_now(&mut self) -> Result<()> {
+        let (_, meta) = self.client.catalog().services(&self.base).await?;
+        let (list, _) = self
+            .client
+            .catalog()
+            .service(&self.service, self.tag.as_deref(), &self.base)
+            .await?;
+        let checks = self
+            .client
+            .health()
+            .state("any", &checks_options(&self.base, &self.service))
+            .await?;
+        self.members = Some((list, meta));
+        self.checks = Some(checks);
+        Ok(())
     }
 
     /// After a check change: make sure the list is not older than the checks (an instance's
@@ -263,6 +291,13 @@ impl Composer {
         }
         Ok(())
     }
+}
+
+/// Whether an answer is older than the one held: a read that was overtaken by a fresher read
+/// of the same table, or Consul's state gone back (a restart, a snapshot restored).
+fn older<T>(meta: &QueryMeta, held: &Option<(T, QueryMeta)>) -> bool {
+    held.as_ref()
+        .is_some_and(|(_, current)| meta.last_index < current.last_index)
 }
 
 /// The composition's metadata: the larger index; the worse of leader contact and staleness;

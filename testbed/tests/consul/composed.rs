@@ -69,26 +69,62 @@ fn listed(s: &Snapshot) -> Vec<String> {
     s.instances.iter().map(|i| format!("{i:?}")).collect()
 }
 
-/// Wait until both sources show the index of a direct `?passing` read made now (or later),
-/// then return both views; panics past [`CATCH_UP`] with what each showed.
-async fn compare(client: &Client, both: &mut Both, service: &str, step: &str) -> Vec<String> {
-    let (_, meta) = client
-        .health()
-        .service(service, None, true, &QueryOptions::default())
+/// Consul's indexes once the step's writes have landed: the agent syncs its registrations and
+/// check updates to the catalog after its API call returns, so wait until `?passing` stays
+/// put for a while; then `?passing`'s index, and the composed source's (the larger of the
+/// services' and the checks' tables).
+async fn settled(client: &Client, service: &str, step: &str) -> (u64, u64) {
+    let health = client.health();
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    let index = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{step}: Consul never settled"
+        );
+        let (_, meta) = health
+            .service(service, None, true, &QueryOptions::default())
+            .await
+            .unwrap();
+        let quiet = QueryOptions {
+            wait_index: meta.last_index,
+            wait_time: Some(QUIET),
+            ..Default::default()
+        };
+        let (_, again) = health.service(service, None, true, &quiet).await.unwrap();
+        if again.last_index == meta.last_index {
+            break meta.last_index;
+        }
+    };
+    let (_, services) = client
+        .catalog()
+        .services(&QueryOptions::default())
         .await
         .unwrap();
-    let target = meta.last_index;
+    let (_, checks) = health.state("any", &QueryOptions::default()).await.unwrap();
+    (index, services.last_index.max(checks.last_index))
+}
+
+/// How long `?passing` must stay put for a step to count as landed.
+const QUIET: Duration = Duration::from_millis(300);
+
+/// Once Consul has settled, wait until each source has caught up with its index, then compare
+/// both views; panics past [`CATCH_UP`] with what each showed.
+async fn compare(client: &Client, both: &mut Both, service: &str, step: &str) -> Vec<String> {
+    let (target, composed_target) = settled(client, service, step).await;
     let deadline = tokio::time::Instant::now() + CATCH_UP;
     let health = tokio::time::timeout_at(deadline, both.health.wait_for(|s| s.index >= target))
         .await
         .map(|s| listed(&s.unwrap()));
-    let composed = tokio::time::timeout_at(deadline, both.composed.wait_for(|s| s.index >= target))
-        .await
-        .map(|s| listed(&s.unwrap()));
+    let composed = tokio::time::timeout_at(
+        deadline,
+        both.composed.wait_for(|s| s.index >= composed_target),
+    )
+    .await
+    .map(|s| listed(&s.unwrap()));
     let (Ok(health), Ok(composed)) = (health, composed) else {
         panic!(
-            "{step}: not caught up with index {target} within {CATCH_UP:?}: health at {} {:?}, \
-             composed at {} {:?}",
+            "{step}: not caught up within {CATCH_UP:?}: health at {} (Consul {target}) {:?}, \
+             composed at {} (Consul {composed_target}) {:?}",
             both.health.borrow().index,
             listed(&both.health.borrow()),
             both.composed.borrow().index,
