@@ -357,6 +357,20 @@ impl<'a> Agent<'a> {
             .map(drop)
     }
 
+    /// `PUT /v1/agent/maintenance`: put this agent's node in maintenance mode (`enable`,
+    /// with `reason`) or take it out. While on, the agent adds a critical node check
+    /// (`_node_maintenance`): every service on the node leaves the passing lists.
+    pub async fn node_maintenance(&self, enable: bool, reason: Option<&str>) -> Result<()> {
+        let mut params = vec![("enable", enable.to_string())];
+        if let Some(reason) = reason.filter(|r| !r.is_empty()) {
+            params.push(("reason", reason.to_owned()));
+        }
+        self.client
+            .put::<()>(&["agent", "maintenance"], &params, None)
+            .await
+            .map(drop)
+    }
+
     /// `PUT /v1/agent/check/update/:check_id`: set a TTL check's status and output (Go's
     /// `UpdateTTL`). Each update restarts the check's TTL.
     pub async fn check_update(

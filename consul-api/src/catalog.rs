@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    agent::AgentWeights,
     client::Client,
     error::Result,
     query::{QueryMeta, QueryOptions},
@@ -39,6 +40,8 @@ pub struct CatalogService {
     pub service_tags: Option<Vec<String>>,
     /// `ServiceMeta`; `None` when Consul sends `null`.
     pub service_meta: Option<BTreeMap<String, String>>,
+    /// `ServiceWeights`; `None` when Consul sends `null` or leaves it out.
+    pub service_weights: Option<AgentWeights>,
     /// `CreateIndex`: the Raft index at which the entry was created.
     pub create_index: u64,
     /// `ModifyIndex`: the Raft index of the entry's last change.

@@ -25,6 +25,11 @@
 //! * Nothing runs in the background: the loop advances only inside [`Follow::next`], so
 //!   dropping the [`Follow`] (or the `next()` future) cancels it, mid-read or mid-backoff.
 //!   `next()` is cancel-safe: a delay owed is kept until it has been waited.
+//! * With [`Follow::limited`], reads take a token from a bucket ([`RateLimit`]: a rate and a
+//!   burst), as Consul's documentation on blocking queries recommends: a burst of changes is
+//!   read at once, then reads are spaced at the rate, and changes that land meanwhile are
+//!   coalesced into the next answer (the blocking read on the old index returns the latest
+//!   state at once). Off by default.
 //! * The fetch function is passed in, so paused-time tests can script outages.
 
 use std::{future::Future, time::Duration};
@@ -236,6 +241,65 @@ pub enum Event<T> {
     Fatal(Error),
 }
 
+/// How often a [`Follow`] may read: `burst` reads at once, then `per_second`. A token bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Tokens added per second (the steady read rate); above 0.
+    pub per_second: f64,
+    /// The bucket's size: reads allowed back to back after a quiet spell; at least 1.
+    pub burst: u32,
+}
+
+impl RateLimit {
+    /// `per_second` reads a second, `burst` at once (1 at least; a rate of 0 or below
+    /// is taken as one read a minute).
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        RateLimit {
+            per_second: if per_second > 0.0 {
+                per_second
+            } else {
+                1.0 / 60.0
+            },
+            burst: burst.max(1),
+        }
+    }
+}
+
+/// The token bucket of a [`RateLimit`]: pure, given the time. A read taken while the bucket
+/// is empty is owed (the count goes below zero) and starts when its token is in.
+#[derive(Debug, Clone)]
+struct Bucket {
+    limit: RateLimit,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl Bucket {
+    fn new(limit: RateLimit) -> Self {
+        Bucket {
+            limit,
+            tokens: f64::from(limit.burst),
+            last: None,
+        }
+    }
+
+    /// Take a token at `now`: when the read may start.
+    fn take(&mut self, now: Instant) -> Instant {
+        let RateLimit { per_second, burst } = self.limit;
+        if let Some(last) = self.last {
+            let refill = now.saturating_duration_since(last).as_secs_f64() * per_second;
+            self.tokens = (self.tokens + refill).min(f64::from(burst));
+        }
+        self.last = Some(now);
+        self.tokens -= 1.0;
+        if self.tokens >= 0.0 {
+            now
+        } else {
+            now + Duration::from_secs_f64(-self.tokens / per_second)
+        }
+    }
+}
+
 /// Which answers the caller will not use (too stale, say), by their metadata.
 type Refuse = Box<dyn Fn(&QueryMeta) -> bool + Send + Sync>;
 
@@ -247,6 +311,10 @@ pub struct Follow<F> {
     refuse: Option<Refuse>,
     /// A delay owed before the next read: a backoff after a failure.
     resume_at: Option<Instant>,
+    /// The read rate's bucket, if limited.
+    bucket: Option<Bucket>,
+    /// When the next read's token is in (taken, not used yet: kept if `next()` is dropped).
+    token_at: Option<Instant>,
 }
 
 impl<F> std::fmt::Debug for Follow<F> {
@@ -256,6 +324,7 @@ impl<F> std::fmt::Debug for Follow<F> {
             .field("retry", &self.retry)
             .field("refusing", &self.refuse.is_some())
             .field("resume_at", &self.resume_at)
+            .field("limit", &self.bucket.as_ref().map(|b| b.limit))
             .finish_non_exhaustive()
     }
 }
@@ -273,7 +342,16 @@ where
             fetch,
             refuse: None,
             resume_at: None,
+            bucket: None,
+            token_at: None,
         }
+    }
+
+    /// Bound the read rate by `limit` (see the module documentation): for a watch whose
+    /// data churns, Consul answers at most that often and changes in between are coalesced.
+    pub fn limited(mut self, limit: RateLimit) -> Self {
+        self.bucket = Some(Bucket::new(limit));
+        self
     }
 
     /// Refuse the answers whose metadata `refuse` rejects (discovery: older than
@@ -290,6 +368,13 @@ where
         if let Some(at) = self.resume_at {
             tokio::time::sleep_until(at).await;
             self.resume_at = None;
+        }
+        if let Some(bucket) = &mut self.bucket {
+            let at = *self
+                .token_at
+                .get_or_insert_with(|| bucket.take(Instant::now()));
+            tokio::time::sleep_until(at).await;
+            self.token_at = None;
         }
         let (fetch, refuse) = (&mut self.fetch, self.refuse.as_deref());
         let read = self
@@ -442,6 +527,8 @@ mod tests {
             fetch,
             refuse: None,
             resume_at: None,
+            bucket: None,
+            token_at: None,
         }
     }
 
@@ -731,6 +818,58 @@ mod tests {
             Event::Fatal(e) => assert!(e.is_permission_denied(), "a 403 before any answer"),
             other => panic!("expected fatal, got {other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limited_follow_reads_a_burst_then_at_the_rate_and_coalesces() {
+        // Data that churns: every read brings a new index, as fast as it is asked.
+        let (asked, fetch) = scripted((1..=12).map(|i| Ok((i, meta(i)))).collect());
+        let mut f = follow(Classify::TRANSIENT, fetch).limited(RateLimit::new(5.0, 2));
+        let start = Instant::now();
+        for expected in 1..=8 {
+            let (value, _, _) = changed(f.next().await);
+            assert_eq!(value, expected);
+        }
+        let starts: Vec<Duration> = asked
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, at)| *at - start)
+            .collect();
+        // The burst: two reads at once (the watch's own 20 ms floor between them).
+        assert!(starts[1] <= Duration::from_millis(20), "{starts:?}");
+        // Then one read per 200 ms, never faster.
+        for pair in starts[1..].windows(2) {
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(180),
+                "{starts:?}"
+            );
+        }
+        let steady = starts[7] - starts[1];
+        assert!(
+            steady >= Duration::from_millis(6 * 200 - 20)
+                && steady <= Duration::from_millis(6 * 200 + 40),
+            "{starts:?}"
+        );
+        // A quiet spell refills the bucket: a burst again.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let quiet = Instant::now();
+        changed(f.next().await);
+        changed(f.next().await);
+        let last = asked.lock().unwrap().last().unwrap().1;
+        assert!(last - quiet <= Duration::from_millis(20), "refilled");
+    }
+
+    #[test]
+    fn the_bucket_owes_reads_taken_while_empty() {
+        let mut b = Bucket::new(RateLimit::new(2.0, 1));
+        let t0 = Instant::now();
+        assert_eq!(b.take(t0), t0);
+        assert_eq!(b.take(t0), t0 + Duration::from_millis(500));
+        assert_eq!(b.take(t0), t0 + Duration::from_millis(1000), "owed in turn");
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(b.take(later), later, "the debt is paid and the bucket full");
+        assert_eq!(RateLimit::new(0.0, 0), RateLimit::new(1.0 / 60.0, 1));
     }
 
     #[test]

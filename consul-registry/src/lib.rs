@@ -18,6 +18,9 @@
 //!   (unchanged entries are not parsed again; their instances are reused);
 //! * [`source`] — which of Consul's interfaces discovery reads: health or catalog blocking
 //!   queries, the agent's list, a prepared query, or DNS SRV records (feature `dns`, on by default);
+//! * [`compose`] — the passing set composed on the client from the instance list (read
+//!   when membership changes) and the checks that are not passing, so that Consul's cost per
+//!   change does not grow with instances × clients ([`Source::Composed`]);
 //! * [`failover`] — failover across datacenters: one discovery per datacenter, the first
 //!   that lists an instance wins;
 //! * [`pool`] — [`Pool`]: a shareable client pool for any protocol: `pick` waits for a usable
@@ -86,6 +89,7 @@
 pub use consul_api::backoff;
 pub mod balancer;
 pub mod check;
+pub mod compose;
 #[cfg(feature = "config")]
 pub mod config;
 pub mod decode;

@@ -8,6 +8,7 @@
 //! | source | what it lists | how it follows changes |
 //! |---|---|---|
 //! | [`Source::Health`] | passing instances (`/v1/health/service/<name>?passing`) | blocking query |
+//! | [`Source::Composed`] | passing instances, composed from the catalog's list and the non-passing checks ([`crate::compose`]) | two blocking queries |
 //! | [`Source::Catalog`] | every registered instance, healthy or not | blocking query |
 //! | [`Source::Agent`] | the local agent's own registrations, healthy or not (the naive way) | polled |
 //! | [`Source::PreparedQuery`] | a prepared query's answer, failing over to other datacenters | polled |
@@ -43,6 +44,7 @@ use hickory_resolver::{
 };
 
 use crate::{
+    compose::{self, Composer},
     decode::Decoder,
     discovery::{DiscoveryConfig, Instance},
 };
@@ -54,6 +56,14 @@ pub enum Source {
     /// their node's `serfHealth`) passes. The default, and the one to use.
     #[default]
     Health,
+    /// The same passing set as [`Source::Health`], composed on the client ([`crate::compose`])
+    /// from the instance list, read when membership changes (a blocking
+    /// `/v1/catalog/services`), and the non-passing checks of the service and of nodes (a
+    /// blocking, filtered `/v1/health/state/any`): a check flip costs Consul a few
+    /// entries per client instead of the whole list. `cached` does not apply; `filter`
+    /// applies to `/v1/catalog/service/<name>`, in the catalog's field names
+    /// (`ServiceMeta.shard == "0"`).
+    Composed,
     /// `/v1/catalog/service/<name>`, blocking: every registered instance, whatever its
     /// health. Only the balancer's ejection keeps failing ones from being used.
     Catalog,
@@ -86,10 +96,12 @@ pub enum Source {
 }
 
 impl Source {
-    /// A short name for reports and logs: `health`, `catalog`, `agent`, `query`, `dns`.
+    /// A short name for reports and logs: `health`, `composed`, `catalog`, `agent`, `query`,
+    /// `dns`.
     pub fn name(&self) -> &'static str {
         match self {
             Source::Health => "health",
+            Source::Composed => "composed",
             Source::Catalog => "catalog",
             Source::Agent { .. } => "agent",
             Source::PreparedQuery { .. } => "query",
@@ -101,7 +113,7 @@ impl Source {
     /// The watch that drives this source: blocking for health and catalog, polling otherwise.
     pub(crate) fn watch(&self, base: QueryOptions, wait: Duration) -> Watch {
         match self {
-            Source::Health | Source::Catalog => Watch::new(base, wait),
+            Source::Health | Source::Catalog | Source::Composed => Watch::new(base, wait),
             Source::Agent { every } | Source::PreparedQuery { every, .. } => {
                 Watch::poll(base, *every)
             }
@@ -133,6 +145,8 @@ pub(crate) enum Reader {
         /// being skipped, not on every poll (rebuilt by each read: bounded by one answer).
         skipped: Arc<Mutex<BTreeSet<String>>>,
     },
+    /// Two blocking reads, held between calls (a call abandoned midway leaves them in flight).
+    Composed(Arc<tokio::sync::Mutex<Composer>>),
 }
 
 impl Reader {
@@ -150,6 +164,21 @@ impl Reader {
                 name: dns_name(&config, query.as_deref()),
                 skipped: Arc::default(),
             },
+            Source::Composed => {
+                let base = QueryOptions {
+                    datacenter: config.datacenter.clone(),
+                    consistency: config.consistency,
+                    filter: config.filter.clone(),
+                    ..Default::default()
+                };
+                Reader::Composed(Arc::new(tokio::sync::Mutex::new(Composer::new(
+                    client,
+                    config.service.clone(),
+                    config.tag.clone(),
+                    base,
+                    config.wait,
+                ))))
+            }
             _ => Reader::Consul {
                 client,
                 config,
@@ -173,6 +202,9 @@ impl Reader {
                 name,
                 skipped,
             } => read_dns(resolver, *server, name, skipped).await,
+            // The composer blocks on its own two reads; the loop's index only tells it
+            // apart from a timeout.
+            Reader::Composed(composer) => composer.lock().await.read().await,
         }
     }
 }
@@ -201,20 +233,7 @@ async fn read_consul(
             let (entries, meta) = client.catalog().service(service, tag, &opts).await?;
             let instances = entries
                 .iter()
-                .map(|e| Instance {
-                    id: e.service_id.clone(),
-                    node: e.node.clone(),
-                    host: if e.service_address.is_empty() {
-                        e.address.clone()
-                    } else {
-                        e.service_address.clone()
-                    },
-                    port: e.service_port,
-                    tags: e.service_tags.clone().unwrap_or_default(),
-                    meta: e.service_meta.clone().unwrap_or_default(),
-                    weight: 1,
-                })
-                .map(Arc::new)
+                .map(|e| Arc::new(compose::instance(e)))
                 .collect();
             Ok((instances, meta))
         }
@@ -265,14 +284,15 @@ async fn read_consul(
         }
         #[cfg(feature = "dns")]
         Source::Dns { .. } => unreachable_source(),
+        Source::Composed => unreachable_source(),
     }
 }
 
-#[cfg(feature = "dns")]
-/// DNS sources are read by [`read_dns`]; [`Reader::new`] never pairs them with Consul's API.
+/// DNS sources are read by `read_dns`, composed ones by their [`Composer`]; [`Reader::new`]
+/// never pairs them with this function.
 fn unreachable_source() -> Read {
     Err(ConsulError::Config(
-        "internal: a DNS source read through the HTTP API".into(),
+        "internal: a DNS or composed source read as a single query".into(),
     ))
 }
 

@@ -35,7 +35,7 @@ use consul_api::{
     AgentServiceCheck, AgentServiceRegistration, Client, Consistency, GoDuration, HealthStatus,
     QueryOptions,
 };
-use consul_registry::{DiscoveryConfig, Snapshot, discovery};
+use consul_registry::{DiscoveryConfig, Snapshot, Source, compose, discovery};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
@@ -79,16 +79,20 @@ pub enum Mode {
     Filter,
     /// `?passing&cached&filter=...`: both.
     CachedFilter,
+    /// `Source::Composed`: a blocking `/v1/catalog/services` (membership) and a blocking,
+    /// filtered `/v1/health/state/any` (what is not passing), composed on the client.
+    Composed,
 }
 
 impl Mode {
     /// Every mode, in the report's order.
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::Default,
         Mode::Stale,
         Mode::Cached,
         Mode::Filter,
         Mode::CachedFilter,
+        Mode::Composed,
     ];
 
     /// The name used on the command line and in reports.
@@ -99,6 +103,7 @@ impl Mode {
             Mode::Cached => "cached",
             Mode::Filter => "filter",
             Mode::CachedFilter => "cached-filter",
+            Mode::Composed => "composed",
         }
     }
 
@@ -110,6 +115,9 @@ impl Mode {
             Mode::Cached => "`cached`",
             Mode::Filter => "`filter=Service.Meta.shard == \"0\"`",
             Mode::CachedFilter => "`cached&filter=Service.Meta.shard == \"0\"`",
+            Mode::Composed => {
+                "not `?passing`: `/v1/catalog/services` + `/v1/health/state/any?filter=<not passing>`"
+            }
         }
     }
 
@@ -134,6 +142,9 @@ impl Mode {
         config.consistency = self.consistency();
         config.cached = self.cached();
         config.filter = self.filter();
+        if self == Mode::Composed {
+            config.source = Source::Composed;
+        }
         config
     }
 
@@ -173,8 +184,8 @@ pub struct ScaleConfig {
     pub instances: Vec<usize>,
     /// Client counts of the grid.
     pub clients: Vec<usize>,
-    /// The grid's read mode.
-    pub grid_mode: Mode,
+    /// The grid's read modes, each cell run once per mode.
+    pub grid_modes: Vec<Mode>,
     /// Instances in the modes comparison.
     pub modes_instances: usize,
     /// Clients in the modes comparison.
@@ -198,10 +209,16 @@ impl Default for ScaleConfig {
         ScaleConfig {
             instances: vec![10, 1_000, 5_000],
             clients: vec![1, 10, 100],
-            grid_mode: Mode::Default,
+            grid_modes: vec![Mode::Default, Mode::Composed],
             modes_instances: 1_000,
             modes_clients: 100,
-            modes: vec![Mode::Default, Mode::Stale, Mode::Cached, Mode::Filter],
+            modes: vec![
+                Mode::Default,
+                Mode::Stale,
+                Mode::Cached,
+                Mode::Filter,
+                Mode::Composed,
+            ],
             flips_per_second: 5,
             flip_for: GoDuration::from_secs(20),
             register_concurrency: 16,
@@ -737,6 +754,17 @@ async fn one_answer(
     let proxy = FaultProxy::start(read_from.http_addr()).await?;
     let direct = Client::new(read_from.config().with_address(proxy.address()))?;
     let asked = std::time::Instant::now();
+    if mode == Mode::Composed {
+        // What a flip costs this mode: the non-passing checks' answer (the list is read
+        // only when membership changes).
+        let opts = QueryOptions {
+            filter: Some(compose::non_passing_filter(SERVICE)),
+            ..Default::default()
+        };
+        direct.health().state("any", &opts).await?;
+        let answer_ms = asked.elapsed().as_secs_f64() * 1e3;
+        return Ok((proxy.stats().upstream_bytes, answer_ms));
+    }
     let (entries, _) = direct
         .health()
         .service(SERVICE, None, true, &mode.query_options())
@@ -911,10 +939,14 @@ async fn run_grid(
         )
         .await?;
         registered = n;
-        for &c in &config.clients {
+        for (&c, &mode) in config
+            .clients
+            .iter()
+            .flat_map(|c| config.grid_modes.iter().map(move |m| (c, m)))
+        {
             let setup = Setup {
                 part: "grid",
-                mode: config.grid_mode,
+                mode,
                 instances: n,
                 clients: c,
                 read_from: &consul,
@@ -922,7 +954,7 @@ async fn run_grid(
                 agents: vec![("agent", &consul)],
             };
             let cell = run_cell(launcher, config, setup, progress).await?;
-            tracing::info!(instances = n, clients = c, "cell done");
+            tracing::info!(instances = n, clients = c, mode = mode.name(), "cell done");
             report.grid.push(cell);
         }
     }
@@ -1071,15 +1103,20 @@ pub struct Args {
     /// Client counts of the grid (comma-separated); each client is a process.
     #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
     clients: Vec<usize>,
-    /// How the grid's clients read.
-    #[arg(long, value_enum, default_value = "default")]
-    grid_mode: Mode,
+    /// How the grid's clients read (comma-separated): each cell once per mode.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "default,composed"
+    )]
+    grid_modes: Vec<Mode>,
     /// The read modes compared (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
         value_enum,
-        default_value = "default,stale,cached,filter"
+        default_value = "default,stale,cached,filter,composed"
     )]
     modes: Vec<Mode>,
     /// Instances in the modes comparison.
@@ -1118,7 +1155,7 @@ impl Suite for Args {
         let config = ScaleConfig {
             instances: self.instances.clone(),
             clients: self.clients.clone(),
-            grid_mode: self.grid_mode,
+            grid_modes: self.grid_modes.clone(),
             modes: self.modes.clone(),
             modes_instances: self.modes_instances,
             modes_clients: self.modes_clients,
@@ -1182,14 +1219,16 @@ impl Findings for ScaleReport {
         let mut tables = Vec::new();
         if !self.grid.is_empty() {
             tables.push(
-                table(&self.grid, "instances × clients", |c| {
-                    format!("{} × {}", c.instances, c.clients)
+                table(&self.grid, "instances × clients (mode)", |c| {
+                    format!("{} × {} ({})", c.instances, c.clients, c.mode.name())
                 })
                 .caption(format!(
-                    "Instances × clients: one dev agent; reads: \
-                     `/v1/health/service/{SERVICE}?passing` + {} (mode `{}`)",
-                    c.grid_mode.query(),
-                    c.grid_mode.name()
+                    "Instances × clients: one dev agent; modes: {}",
+                    c.grid_modes
+                        .iter()
+                        .map(|m| format!("`{}` ({})", m.name(), m.query()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )),
             );
         }
@@ -1238,14 +1277,18 @@ impl ScaleReport {
     /// one line per client count, both axes logarithmic.
     pub fn cost_plot(&self) -> Plot {
         let cells = &self.grid;
-        let mut clients: Vec<usize> = cells.iter().map(|c| c.clients).collect();
-        clients.sort_unstable();
-        clients.dedup();
+        let mut lines: Vec<(Mode, usize)> = cells.iter().map(|c| (c.mode, c.clients)).collect();
+        lines.sort_unstable();
+        lines.dedup();
         let mut series = Vec::new();
-        for (k, &n) in clients.iter().enumerate() {
+        for (k, &(mode, n)) in lines.iter().enumerate() {
             let color = PALETTE[k % PALETTE.len()];
-            let mut row: Vec<&Cell> = cells.iter().filter(|c| c.clients == n).collect();
+            let mut row: Vec<&Cell> = cells
+                .iter()
+                .filter(|c| c.clients == n && c.mode == mode)
+                .collect();
             row.sort_by_key(|c| c.instances);
+            let n = format!("{n} ({})", mode.name());
             series.push(Series {
                 label: format!("client CPU per answer, {n} client(s)"),
                 color,

@@ -3,6 +3,8 @@
 //!
 //! * [`client`] — echo-client: failover, Consul down, failing checks, the naive client;
 //! * [`cluster`] — real clusters: the leader killed, a node crashed, per-agent reapers;
+//! * [`composed`] — `Source::Composed` against `?passing`, compared after every change
+//!   (scripted and seeded random sequences): 0 differences;
 //! * [`config`] — Consul's KV store (1.8.7's answers, transactions, limits) and live
 //!   configuration from it: applied, rejected with the last good kept, a prefix seen whole,
 //!   a deletion, Consul gone and back;
@@ -29,6 +31,7 @@
 mod client;
 mod cluster;
 mod common;
+mod composed;
 mod config;
 mod deregistration;
 mod discovery;

@@ -1,0 +1,541 @@
+//! The passing set composed on the client from two cheap reads, so that Consul's cost per
+//! change does not grow with instances × clients ([`Source::Composed`](crate::Source)).
+//!
+//! `?passing` (`/v1/health/service/<name>?passing`) blocks on the service's own index, which
+//! every check change of the service moves: each flip wakes every client and Consul renders
+//! the whole list, nodes and checks included, once per client. This source reads instead:
+//!
+//! * **membership** — a blocking `/v1/catalog/services`, which moves only when a service is
+//!   registered, changed or removed (anywhere in the datacenter), and then, not blocking,
+//!   `/v1/catalog/service/<name>` (the instance list, without checks);
+//! * **what is not passing** — a blocking `/v1/health/state/any` with
+//!   `filter=Status != "passing" and (ServiceName == "<name>" or ServiceID == "")`: the
+//!   service's own checks and every node check (`serfHealth`, `_node_maintenance`) that are
+//!   not passing; usually a handful of entries, whatever the instance count;
+//!
+//! and composes the passing set with [`passing`], a pure function.
+//!
+//! **What was verified in Consul 1.8.7's source** (`agent/consul/state/catalog.go`,
+//! `agent/consul/rpc.go`, `agent/consul/health_endpoint.go`, `agent/health_endpoint.go`):
+//!
+//! * A blocking query re-runs only when its watch set fires and answers once the table index
+//!   it reports exceeds the client's `index` (`blockingQuery`).
+//! * `/v1/catalog/services` (`Store.Services`) reports the `services` table's index and
+//!   watches the services table: `ensureCheckTxn` never writes it (a check change bumps the
+//!   per-service index `service.<name>` and the `checks` table only), so check flips do not
+//!   wake it; a registration, a changed registration (`ensureServiceTxn` skips an identical
+//!   one) or a removal (of the service, or of its node) does. A node's address change
+//!   (`ensureNodeTxn`) bumps the `nodes` table and the per-service index, not `services`: an
+//!   instance registered without an address of its own shows its node's new address at the
+//!   next membership change only.
+//! * `/v1/health/service/<name>` and `/v1/catalog/service/<name>` report the per-service
+//!   index, which `ensureCheckTxn` moves on every check change of the service, and on every
+//!   node check change of a node that holds one (`updateAllServiceIndexesOfNode`).
+//! * `/v1/health/state/any` (`checksInStateTxn`) reports the `checks` table's index and
+//!   watches every check; the server applies `filter` (`Health.ChecksInState`) after the
+//!   ACL filter, before answering: the body holds only what matches.
+//! * `?passing` is applied by the HTTP handler (`filterNonPassing`): an instance is dropped
+//!   when any of its checks — its node's checks, then its own — has a status other than
+//!   `passing`. So `warning` is dropped, and so is a status Consul does not know: the catalog
+//!   endpoint stores whatever status a registration sends. Hence `Status != "passing"`, not
+//!   the `critical` and `warning` states. Maintenance is a `critical` check
+//!   (`_node_maintenance`, `_service_maintenance:<id>`).
+//!
+//! **Ordering.** The two reads are not one snapshot. Where that could show an instance as
+//! passing that `?passing` would not, the composer reads again first: after a membership
+//! change it reads the non-passing checks too (an instance registered critical is not shown
+//! passing for a moment), and after a check change it reads `/v1/catalog/services` once,
+//! without blocking, and the list again if that moved (an instance deregistered: its checks
+//! vanish in the same write, and the checks' read may answer first). Each published view is
+//! then at least as recent as its index (the larger of the two reads') says.
+
+use std::{collections::BTreeSet, fmt, pin::Pin, sync::Arc, time::Duration};
+
+use consul_api::{
+    CatalogService, Client, HealthCheck, HealthStatus, QueryMeta, QueryOptions, Watch,
+    error::Result,
+};
+use futures::future::{Either, select};
+
+use crate::discovery::Instance;
+
+/// The passing instances: those of `members` whose node has no check in `non_passing` with
+/// an empty `ServiceID`, and that have no check of their own there (`ServiceID` = theirs, on
+/// their node). A check in `non_passing` that is passing after all is ignored; one naming an
+/// instance or node not in `members` concerns nothing listed. Sorted by ID as
+/// [`Snapshot`](crate::discovery::Snapshot)s are.
+pub fn passing(members: &[CatalogService], non_passing: &[HealthCheck]) -> Vec<Instance> {
+    let mut bad_nodes: BTreeSet<&str> = BTreeSet::new();
+    let mut bad_instances: BTreeSet<(&str, &str)> = BTreeSet::new();
+    for check in non_passing
+        .iter()
+        .filter(|c| c.status != HealthStatus::Passing)
+    {
+        if check.service_id.is_empty() {
+            bad_nodes.insert(&check.node);
+        } else {
+            bad_instances.insert((&check.node, &check.service_id));
+        }
+    }
+    let mut out: Vec<Instance> = members
+        .iter()
+        .filter(|m| {
+            !bad_nodes.contains(m.node.as_str())
+                && !bad_instances.contains(&(m.node.as_str(), m.service_id.as_str()))
+        })
+        .map(instance)
+        .collect();
+    out.sort_by(|a, b| (&a.id, &a.host, a.port).cmp(&(&b.id, &b.host, b.port)));
+    out
+}
+
+/// The instance a catalog entry describes, as `?passing` would list it.
+pub fn instance(entry: &CatalogService) -> Instance {
+    Instance {
+        id: entry.service_id.clone(),
+        node: entry.node.clone(),
+        host: if entry.service_address.is_empty() {
+            entry.address.clone()
+        } else {
+            entry.service_address.clone()
+        },
+        port: entry.service_port,
+        tags: entry.service_tags.clone().unwrap_or_default(),
+        meta: entry.service_meta.clone().unwrap_or_default(),
+        weight: entry.service_weights.unwrap_or_default().passing,
+    }
+}
+
+/// The `filter` of the non-passing read: `service`'s checks and every node check, not
+/// passing. The name is quoted as bexpr reads strings.
+pub fn non_passing_filter(service: &str) -> String {
+    let quoted = service.replace('\\', "\\\\").replace('"', "\\\"");
+    format!(r#"Status != "passing" and (ServiceName == "{quoted}" or ServiceID == "")"#)
+}
+
+/// One read's result, with the watch that made it (handed back to block on next).
+type Pending<T> = Pin<Box<dyn Future<Output = (Watch, Result<T>)> + Send>>;
+
+/// A membership read: the list, the `/v1/catalog/services` answer's metadata, and the
+/// non-passing checks read right after.
+type Membership = (
+    Vec<CatalogService>,
+    QueryMeta,
+    (Vec<HealthCheck>, QueryMeta),
+);
+
+/// The two blocking reads of one service and what they last said. Owned by the source's
+/// reader; [`Composer::read`] is called by discovery's one loop ([`consul_api::Follow`]),
+/// which owns backoff and error policy. A read abandoned midway (the loop dropped) leaves the
+/// blocking queries in flight here, to be awaited by the next call.
+pub struct Composer {
+    client: Client,
+    service: String,
+    tag: Option<String>,
+    /// Datacenter, consistency, the user's filter (applied to the instance list).
+    base: QueryOptions,
+    wait: Duration,
+    members: Option<(Vec<CatalogService>, QueryMeta)>,
+    checks: Option<(Vec<HealthCheck>, QueryMeta)>,
+    members_read: Option<Pending<Membership>>,
+    checks_read: Option<Pending<(Vec<HealthCheck>, QueryMeta)>>,
+}
+
+impl fmt::Debug for Composer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Composer")
+            .field("service", &self.service)
+            .field(
+                "members",
+                &self.members.as_ref().map(|(m, q)| (m.len(), q.last_index)),
+            )
+            .field(
+                "checks",
+                &self.checks.as_ref().map(|(c, q)| (c.len(), q.last_index)),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Composer {
+    /// Follow `service` (with `tag`) through `client`; `base` holds the datacenter,
+    /// consistency and the user's `filter` (applied to `/v1/catalog/service/<name>`, so in
+    /// the catalog's field names: `ServiceMeta.shard == "0"`).
+    pub fn new(
+        client: Client,
+        service: String,
+        tag: Option<String>,
+        base: QueryOptions,
+        wait: Duration,
+    ) -> Self {
+        Composer {
+            client,
+            service,
+            tag,
+            base: QueryOptions {
+                // The agent's cache answers from before a change: never for these reads.
+                cached: false,
+                wait_index: 0,
+                wait_time: None,
+                wait_hash: None,
+                ..base
+            },
+            wait,
+            members: None,
+            checks: None,
+            members_read: None,
+            checks_read: None,
+        }
+    }
+
+    /// Wait until either read brings news, and return the composed passing set with a
+    /// metadata whose index is the larger of the two reads' (it moves on every change, and
+    /// goes backwards when Consul's state does). An error drops both reads: the next call
+    /// starts both afresh.
+    pub async fn read(&mut self) -> Result<(Vec<Arc<Instance>>, QueryMeta)> {
+        let result = self.step().await;
+        if result.is_err() {
+            self.members = None;
+            self.checks = None;
+            self.members_read = None;
+            self.checks_read = None;
+        }
+        result
+    }
+
+    async fn step(&mut self) -> Result<(Vec<Arc<Instance>>, QueryMeta)> {
+        loop {
+            let members_read = self.members_read.get_or_insert_with(|| {
+                membership_read(
+                    self.client.clone(),
+                    self.service.clone(),
+                    self.tag.clone(),
+                    self.base.clone(),
+                    self.wait,
+                )
+            });
+            let checks_read = self.checks_read.get_or_insert_with(|| {
+                checks_read(self.client.clone(), &self.service, &self.base, self.wait)
+            });
+            match select(members_read.as_mut(), checks_read.as_mut()).await {
+                Either::Left(((watch, result), _)) => {
+                    self.members_read = Some(Box::pin(membership_next(
+                        watch,
+                        self.client.clone(),
+                        self.service.clone(),
+                        self.tag.clone(),
+                        self.base.clone(),
+                    )));
+                    let (list, meta, checks) = result?;
+                    if older(&meta, &self.members) || older(&checks.1, &self.checks) {
+                        // Overtaken by a fresher read of the other half (or Consul's
+                        // state went back): read both again, now.
+                        self.read_all_now().await?;
+                    } else {
+                        self.members = Some((list, meta));
+                        self.checks = Some(checks);
+                    }
+                }
+                Either::Right(((watch, result), _)) => {
+                    self.checks_read = Some(Box::pin(checks_next(watch, self.client.clone())));
+                    let checks = result?;
+                    if older(&checks.1, &self.checks) {
+                        self.read_all_now().await?;
+                    } else {
+                        self.checks = Some(checks);
+                        self.confirm_membership().await?;
+                    }
+                }
+            }
+            if let (Some((members, m)), Some((checks, c))) = (&self.members, &self.checks) {
+                let composed = passing(members, checks);
+                let meta = combined(m, c);
+                return Ok((composed.into_iter().map(Arc::new).collect(), meta));
+            }
+        }
+    }
+
+    /// Both halves read again, not blocking: the services' index, the list, the checks, in
+    /// that order (each at least as recent as the one before).
+    async fn read_all_now(&mut self) -> Result<()> {
+        let (_, meta) = self.client.catalog().services(&self.base).await?;
+        let (list, _) = self
+            .client
+            .catalog()
+            .service(&self.service, self.tag.as_deref(), &self.base)
+            .await?;
+        let checks = self
+            .client
+            .health()
+            .state("any", &checks_options(&self.base, &self.service))
+            .await?;
+        self.members = Some((list, meta));
+        self.checks = Some(checks);
+        Ok(())
+    }
+
+    /// After a check change: make sure the list is not older than the checks (an instance's
+    /// checks vanish in the write that removes it).
+    async fn confirm_membership(&mut self) -> Result<()> {
+        let Some((_, m)) = &self.members else {
+            return Ok(());
+        };
+        let (_, now) = self.client.catalog().services(&self.base).await?;
+        if now.last_index != m.last_index {
+            let (list, _) = self
+                .client
+                .catalog()
+                .service(&self.service, self.tag.as_deref(), &self.base)
+                .await?;
+            self.members = Some((list, now));
+        }
+        Ok(())
+    }
+}
+
+/// Whether an answer is older than the one held: a read that was overtaken by a fresher read
+/// of the same table, or Consul's state gone back (a restart, a snapshot restored).
+fn older<T>(meta: &QueryMeta, held: &Option<(T, QueryMeta)>) -> bool {
+    held.as_ref()
+        .is_some_and(|(_, current)| meta.last_index < current.last_index)
+}
+
+/// The composition's metadata: the larger index; the worse of leader contact and staleness;
+/// the later arrival.
+fn combined(members: &QueryMeta, checks: &QueryMeta) -> QueryMeta {
+    let later = if checks.received_at >= members.received_at {
+        checks
+    } else {
+        members
+    };
+    QueryMeta {
+        last_index: members.last_index.max(checks.last_index),
+        known_leader: members.known_leader && checks.known_leader,
+        last_contact_ms: members.last_contact_ms.max(checks.last_contact_ms),
+        content_hash: None,
+        cache_hit: None,
+        received_at: later.received_at,
+        read_at: later.read_at,
+    }
+}
+
+fn membership_read(
+    client: Client,
+    service: String,
+    tag: Option<String>,
+    base: QueryOptions,
+    wait: Duration,
+) -> Pending<Membership> {
+    Box::pin(membership_next(
+        Watch::new(base.clone(), wait),
+        client,
+        service,
+        tag,
+        base,
+    ))
+}
+
+/// Block on `/v1/catalog/services` until it moves, then read the list and the non-passing
+/// checks, not blocking.
+async fn membership_next(
+    mut watch: Watch,
+    client: Client,
+    service: String,
+    tag: Option<String>,
+    base: QueryOptions,
+) -> (Watch, Result<Membership>) {
+    let result = async {
+        let meta = watch
+            .next(|opts| {
+                let client = client.clone();
+                async move {
+                    let (_, meta) = client.catalog().services(&opts).await?;
+                    Ok((meta.clone(), meta))
+                }
+            })
+            .await?;
+        let (list, _) = client
+            .catalog()
+            .service(&service, tag.as_deref(), &base)
+            .await?;
+        let checks = client
+            .health()
+            .state("any", &checks_options(&base, &service))
+            .await?;
+        Ok((list, meta, checks))
+    }
+    .await;
+    (watch, result)
+}
+
+fn checks_options(base: &QueryOptions, service: &str) -> QueryOptions {
+    QueryOptions {
+        filter: Some(non_passing_filter(service)),
+        ..base.clone()
+    }
+}
+
+fn checks_read(
+    client: Client,
+    service: &str,
+    base: &QueryOptions,
+    wait: Duration,
+) -> Pending<(Vec<HealthCheck>, QueryMeta)> {
+    let opts = checks_options(base, service);
+    Box::pin(checks_next(Watch::new(opts, wait), client))
+}
+
+/// Block on the non-passing checks (the watch's options hold the filter) until they move.
+async fn checks_next(
+    mut watch: Watch,
+    client: Client,
+) -> (Watch, Result<(Vec<HealthCheck>, QueryMeta)>) {
+    let result = watch
+        .next(|opts| {
+            let client = client.clone();
+            async move {
+                let (checks, meta) = client.health().state("any", &opts).await?;
+                Ok(((checks, meta.clone()), meta))
+            }
+        })
+        .await;
+    (watch, result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(node: &str, id: &str, port: u16) -> CatalogService {
+        CatalogService {
+            node: node.into(),
+            address: format!("10.0.0.{}", node.len()),
+            service_id: id.into(),
+            service_name: "web".into(),
+            service_port: port,
+            ..Default::default()
+        }
+    }
+
+    fn check(node: &str, service_id: &str, id: &str, status: HealthStatus) -> HealthCheck {
+        HealthCheck {
+            node: node.into(),
+            check_id: id.into(),
+            service_id: service_id.into(),
+            service_name: if service_id.is_empty() {
+                String::new()
+            } else {
+                "web".into()
+            },
+            status,
+            ..Default::default()
+        }
+    }
+
+    fn ids(instances: &[Instance]) -> Vec<&str> {
+        instances.iter().map(|i| i.id.as_str()).collect()
+    }
+
+    fn members() -> Vec<CatalogService> {
+        vec![
+            member("n1", "web-2", 2),
+            member("n1", "web-1", 1),
+            member("n22", "web-3", 3),
+            member("n22", "web-4", 4),
+        ]
+    }
+
+    #[test]
+    fn no_check_failing_lists_every_member_sorted() {
+        assert_eq!(
+            ids(&passing(&members(), &[])),
+            ["web-1", "web-2", "web-3", "web-4"]
+        );
+    }
+
+    #[test]
+    fn any_non_passing_check_of_an_instance_drops_it_and_only_it() {
+        use HealthStatus::*;
+        for status in [Critical, Warning, Maintenance, Unknown] {
+            let checks = [check("n1", "web-1", "service:web-1:2", status)];
+            assert_eq!(
+                ids(&passing(&members(), &checks)),
+                ["web-2", "web-3", "web-4"],
+                "{status}"
+            );
+        }
+        // Several checks per instance: one failing is enough; a passing one listed (a foreign
+        // answer unfiltered) drops nothing.
+        let checks = [
+            check("n1", "web-2", "a", Passing),
+            check("n22", "web-3", "b", Passing),
+            check("n22", "web-3", "c", Critical),
+        ];
+        assert_eq!(
+            ids(&passing(&members(), &checks)),
+            ["web-1", "web-2", "web-4"]
+        );
+    }
+
+    #[test]
+    fn a_node_check_drops_every_instance_on_that_node() {
+        for id in ["serfHealth", "_node_maintenance"] {
+            let checks = [check("n22", "", id, HealthStatus::Critical)];
+            assert_eq!(
+                ids(&passing(&members(), &checks)),
+                ["web-1", "web-2"],
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_check_is_matched_by_node_and_service_id() {
+        // The same service ID on another node: a different instance.
+        let mut list = members();
+        list.push(member("n333", "web-1", 9));
+        let checks = [
+            check(
+                "n333",
+                "web-1",
+                "_service_maintenance:web-1",
+                HealthStatus::Critical,
+            ),
+            check("elsewhere", "", "serfHealth", HealthStatus::Critical),
+            check("n1", "other-9", "service:other-9", HealthStatus::Critical),
+        ];
+        let out = passing(&list, &checks);
+        assert_eq!(ids(&out), ["web-1", "web-2", "web-3", "web-4"]);
+        assert_eq!(out[0].node, "n1");
+    }
+
+    #[test]
+    fn instances_are_built_as_passing_lists_them() {
+        let mut m = member("n1", "web-1", 80);
+        m.service_tags = Some(vec!["v2".into()]);
+        m.service_meta = Some([("shard".to_owned(), "0".to_owned())].into());
+        m.service_weights = Some(consul_api::AgentWeights {
+            passing: 7,
+            warning: 1,
+        });
+        let i = instance(&m);
+        assert_eq!(
+            (i.host.as_str(), i.port, i.weight),
+            ("10.0.0.2", 80, 7),
+            "the node's address"
+        );
+        assert_eq!(i.tags, ["v2"]);
+        m.service_address = "127.0.0.9".into();
+        m.service_weights = None;
+        let i = instance(&m);
+        assert_eq!((i.host.as_str(), i.weight), ("127.0.0.9", 1));
+    }
+
+    #[test]
+    fn the_filter_quotes_the_name() {
+        assert_eq!(
+            non_passing_filter(r#"we"b\x"#),
+            r#"Status != "passing" and (ServiceName == "we\"b\\x" or ServiceID == "")"#
+        );
+    }
+}
