@@ -27,7 +27,6 @@ use std::{
 };
 use std::{sync::Arc, time::Duration};
 
-#[cfg(feature = "dns")]
 use consul_api::error::Error as ConsulError;
 use consul_api::{Client, QueryMeta, QueryOptions, Watch, error::Result as ConsulResult};
 #[cfg(feature = "dns")]
