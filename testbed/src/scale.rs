@@ -1288,9 +1288,9 @@ impl ScaleReport {
                 .filter(|c| c.clients == n && c.mode == mode)
                 .collect();
             row.sort_by_key(|c| c.instances);
-            let n = format!("{n} ({})", mode.name());
+            let mode = mode.name();
             series.push(Series {
-                label: format!("client CPU per answer, {n} client(s)"),
+                label: format!("client CPU per answer, {n} client(s), {mode}"),
                 color,
                 mark: Mark::Line(
                     row.iter()
@@ -1299,7 +1299,7 @@ impl ScaleReport {
                 ),
             });
             series.push(Series {
-                label: format!("Consul CPU per flip, {n} client(s)"),
+                label: format!("Consul CPU per flip, {n} client(s), {mode}"),
                 color,
                 mark: Mark::FadedLine(
                     row.iter()
@@ -1500,8 +1500,11 @@ mod tests {
         assert!(text.starts_with("<svg"));
         assert!(text.contains("client CPU per answer, 10 client(s)"));
         let md: String = report.tables().iter().map(Table::markdown).collect();
-        assert!(md.contains("| 1000 × 1 | 1000 | 24.0 KB |"), "{md}");
-        assert!(md.contains("- 10 × 1: a note"));
+        assert!(
+            md.contains("| 1000 × 1 (default) | 1000 | 24.0 KB |"),
+            "{md}"
+        );
+        assert!(md.contains("- 10 × 1 (default): a note"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
