@@ -299,7 +299,7 @@ async fn a_reset_mid_stream_resends_on_another_instance_and_stays_there() {
 #[tokio::test]
 async fn pipelined_messages_survive_a_kill_exactly_once_each() {
     let (echo, frozen) = watch::channel(true);
-    let mut a = Peer::start("a", Behaviour::Freezable(frozen)).await;
+    let a = Peer::start("a", Behaviour::Freezable(frozen)).await;
     let b = Peer::start("b", Behaviour::Echo).await;
     let mut c = config();
     c.spread = false;
@@ -309,6 +309,17 @@ async fn pipelined_messages_survive_a_kill_exactly_once_each() {
     tx.send(Snapshot::fixed(vec![a.instance(), b.instance()]))
         .unwrap();
     echo.send(false).unwrap();
+    let resent = kill_a_holding_messages_and_send_200(a, &client).await;
+    assert!(
+        resent >= 10,
+        "messages written to a came back from b on their second write: {resent}"
+    );
+}
+
+/// Send messages 1..=200 while `a` (frozen: it reads and holds what is written to it) is
+/// killed once it holds 11 of them; every message must come back from b, in its own bytes.
+/// Returns how many came back on their second write.
+async fn kill_a_holding_messages_and_send_200(mut a: Peer, client: &EchoClient) -> usize {
     let sends = join_all((1..=200).map(|i| {
         let client = client.clone();
         async move { (i, client.send(msg(i)).await) }
@@ -335,10 +346,7 @@ async fn pipelined_messages_survive_a_kill_exactly_once_each() {
         );
         resent += usize::from(reply.attempts == 2);
     }
-    assert!(
-        resent >= 10,
-        "messages written to a came back from b on their second write: {resent}"
-    );
+    resent
 }
 
 #[tokio::test]
@@ -1100,35 +1108,14 @@ fn standby_config() -> SessionConfig {
 #[tokio::test]
 async fn a_kill_resends_on_the_standby_opened_before_it_exactly_once_and_in_order() {
     let (echo, frozen) = watch::channel(true);
-    let mut a = Peer::start("a", Behaviour::Freezable(frozen)).await;
+    let a = Peer::start("a", Behaviour::Freezable(frozen)).await;
     let b = Peer::start("b", Behaviour::Echo).await;
     let (client, _tx) = client_over(vec![a.instance(), b.instance()], standby_config());
     assert_eq!(client.send(msg(0)).await.unwrap().instance.id, "a");
     // The standby: one connection to b, its probe echoed.
     wait_for(&b, 1, 1, "the standby is open before the kill").await;
     echo.send(false).unwrap();
-    let sends = join_all((1..=200).map(|i| {
-        let client = client.clone();
-        async move { (i, client.send(msg(i)).await) }
-    }));
-    let killer = async {
-        let mut received = a.received.clone();
-        tokio::time::timeout(Duration::from_millis(400), received.wait_for(|n| *n >= 11))
-            .await
-            .expect("a reads the messages written to it")
-            .unwrap();
-        a.kill().await;
-    };
-    let (results, ()) = tokio::time::timeout(BOUND, async { tokio::join!(sends, killer) })
-        .await
-        .unwrap();
-    let mut resent = 0;
-    for (i, result) in results {
-        let reply = result.unwrap_or_else(|e| panic!("message {i} lost: {e}"));
-        assert_eq!(reply.bytes, msg(i), "message {i}");
-        assert_eq!(reply.instance.id, "b");
-        resent += usize::from(reply.attempts == 2);
-    }
+    let resent = kill_a_holding_messages_and_send_200(a, &client).await;
     assert!(resent >= 10, "resent on b: {resent}");
     assert_eq!(
         b.connections.load(Ordering::SeqCst),
