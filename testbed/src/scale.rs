@@ -353,7 +353,7 @@ pub struct ClientArgs {
 /// The clients' blocking wait; after each cell the experiment rests a little longer, so that
 /// the killed clients' blocking queries have ended: Consul does not notice a client gone
 /// while its query blocks, and counts its connection against `http_max_conns_per_client`
-/// (200 per address), which otherwise refuses the next cell's flipper.
+/// ([`conn_limit`] per address), which otherwise refuses the next cell's flipper.
 pub const CLIENT_WAIT: Duration = Duration::from_secs(15);
 
 /// HTTP connections one client may hold on its agent: the composed source's two blocking
