@@ -40,7 +40,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::{
-    Cluster, ClusterSpec,
+    Cluster, ClusterSpec, ConsulOptions,
     consul::Consul,
     error::{Error, Result},
     experiment::{Findings, OnItsOwn, Plan, Suite},
@@ -353,8 +353,23 @@ pub struct ClientArgs {
 /// The clients' blocking wait; after each cell the experiment rests a little longer, so that
 /// the killed clients' blocking queries have ended: Consul does not notice a client gone
 /// while its query blocks, and counts its connection against `http_max_conns_per_client`
-/// (200 per address), which otherwise refuses the next cell's flipper.
+/// ([`conn_limit`] per address), which otherwise refuses the next cell's flipper.
 pub const CLIENT_WAIT: Duration = Duration::from_secs(15);
+
+/// HTTP connections one client may hold on its agent: the composed source's two blocking
+/// queries, its one-off list read, and a spare (`?passing` holds one).
+pub const CONNS_PER_CLIENT: u32 = 4;
+
+/// The agents' `http_max_conns_per_client` for `clients` clients. Every client reaches its
+/// agent from 127.0.0.1, and Consul 1.8.7 closes any connection past the cap (200 per address
+/// by default) without an answer: at 100 composed clients it closed the flipper's. Four per
+/// client, plus the default 200 for the flipper, the holder and the counting proxy.
+pub fn conn_limit(clients: usize) -> u32 {
+    u32::try_from(clients)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(CONNS_PER_CLIENT)
+        .saturating_add(200)
+}
 
 /// Run discovery only (Consul's address from `CONSUL_HTTP_ADDR` and friends) and print each
 /// snapshot as a [`View`] line until stdout closes.
@@ -922,7 +937,9 @@ async fn run_grid(
     report: &mut ScaleReport,
 ) -> Result<()> {
     progress.say("grid: starting Consul (one dev agent)");
-    let consul = Consul::start().await?;
+    let most = config.clients.iter().copied().max().unwrap_or(1);
+    let options = ConsulOptions::from_env()?.with_http_max_conns_per_client(conn_limit(most));
+    let consul = Consul::start_with(options).await?;
     report.consul_version = consul.version().to_owned();
     let holder = consul.client();
     let mut instances = config.instances.clone();
@@ -970,7 +987,9 @@ async fn run_modes(
     report: &mut ScaleReport,
 ) -> Result<()> {
     progress.say("modes: starting a cluster (1 server, 1 client agent)");
-    let cluster = Cluster::start(ClusterSpec::new(1, 1)).await?;
+    let options =
+        ConsulOptions::from_env()?.with_http_max_conns_per_client(conn_limit(config.modes_clients));
+    let cluster = Cluster::start_with(options, ClusterSpec::new(1, 1)).await?;
     let server = &cluster.servers()[0];
     let agent = &cluster.clients()[0];
     if report.consul_version.is_empty() {
@@ -1259,11 +1278,17 @@ impl Findings for ScaleReport {
              sending, the client reading). *client's share*: from the body read to the view \
              being published (decoding, building the view, updating the balancer). Percentiles \
              interpolate between the closest ranks. CPU from `/proc` (clients) and the agent's \
-             container (cgroup, else its process).",
+             container (cgroup, else its process). Every client reaches its agent from \
+             127.0.0.1, so the agents run with `limits {{ http_max_conns_per_client = N }}` \
+             raised to {} per client + 200 (grid: {}; modes: {}); at 1.8.7's default of 200 \
+             the agent closed connections past the cap, the flipper's included.",
             self.consul_version,
             c.flips_per_second,
             c.flip_for,
-            c.flips()
+            c.flips(),
+            CONNS_PER_CLIENT,
+            conn_limit(c.clients.iter().copied().max().unwrap_or(1)),
+            conn_limit(c.modes_clients)
         )
     }
 
