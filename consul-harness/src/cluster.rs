@@ -49,9 +49,6 @@ pub struct ClusterSpec {
     /// Run each agent under a uid of its own ([`uid_for`] its address) instead of root: what
     /// [`crate::network::Network`] needs to tell the agents' packets apart.
     pub own_uids: bool,
-    /// Every agent's `limits { http_max_conns_per_client }` (Consul's default, 200, when
-    /// `None`): for more watchers from one address than that.
-    pub http_max_conns_per_client: Option<u32>,
 }
 
 impl Default for ClusterSpec {
@@ -66,7 +63,6 @@ impl Default for ClusterSpec {
             startup_timeout: Duration::from_secs(120),
             client_stagger: Duration::ZERO,
             own_uids: false,
-            http_max_conns_per_client: None,
         }
     }
 }
@@ -212,7 +208,7 @@ impl Cluster {
                 acl_management_token: options.acl_management_token.clone(),
                 tls: None,
                 ipv6_loopback: false,
-                http_max_conns_per_client: spec.http_max_conns_per_client,
+                http_max_conns_per_client: None,
             };
             if matches!(member, Member::Client(c) if c > 0) {
                 tokio::time::sleep(spec.client_stagger).await;
