@@ -208,7 +208,7 @@ impl Cluster {
                 acl_management_token: options.acl_management_token.clone(),
                 tls: None,
                 ipv6_loopback: false,
-                http_max_conns_per_client: None,
+                http_max_conns_per_client: options.http_max_conns_per_client,
             };
             if matches!(member, Member::Client(c) if c > 0) {
                 tokio::time::sleep(spec.client_stagger).await;

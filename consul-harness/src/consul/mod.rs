@@ -90,8 +90,8 @@ pub struct ConsulOptions {
     /// The HTTP API and DNS interface on `::1` too (dev agents only; see
     /// [`Consul::ipv6_config`], [`Consul::ipv6_dns_addr`]).
     pub ipv6_loopback: bool,
-    /// Consul's cap on HTTP connections from one client IP, raised (dev agents only; see
-    /// [`AgentSpec::http_max_conns_per_client`]).
+    /// Consul's cap on HTTP connections from one client IP, raised (dev agents and every
+    /// cluster member; see [`AgentSpec::http_max_conns_per_client`]).
     pub http_max_conns_per_client: Option<u32>,
 }
 
@@ -143,7 +143,8 @@ impl ConsulOptions {
 
     /// These options with Consul's cap on HTTP connections per client IP raised to `n`
     /// (`limits { http_max_conns_per_client }`, 200 by default): for hundreds of watchers
-    /// on this machine, all of which reach the agent from 127.0.0.1. Dev agents only.
+    /// on this machine, all of which reach the agent from 127.0.0.1. Dev agents and every
+    /// member of a cluster.
     pub fn with_http_max_conns_per_client(mut self, n: u32) -> Self {
         self.http_max_conns_per_client = Some(n);
         self
