@@ -225,14 +225,9 @@ impl Experiment for ConfigExperiment {
 
     fn needs(&self) -> Result<Needs> {
         Ok(match self.on {
-            On::Agent => Needs::Agent(
-                ConsulOptions::from_env()?.with_http_max_conns_per_client(MAX_CONNS_PER_CLIENT),
-            ),
-            On::Cluster { servers, clients } => Needs::Cluster(ClusterSpec {
-                http_max_conns_per_client: Some(MAX_CONNS_PER_CLIENT),
-                startup_timeout: DEADLINE,
-                ..ClusterSpec::new(servers, clients)
-            }),
+            On::Agent => Needs::Agent(options()?),
+            // It starts its cluster itself: every member with the raised connection cap.
+            On::Cluster { .. } => Needs::Nothing,
         })
     }
 
@@ -246,6 +241,7 @@ impl Experiment for ConfigExperiment {
         let mut cells = Vec::new();
         let mut acl = None;
         let mut cluster = None;
+        let mut consul = None;
         match self.on {
             On::Agent => {
                 let consul = env.agent()?;
@@ -268,7 +264,21 @@ impl Experiment for ConfigExperiment {
                 }
             }
             On::Cluster { servers, clients } => {
-                let site = Site::cluster(env.cluster()?)?;
+                progress.say(format!(
+                    "starting {servers} server(s) and {clients} client agents, waiting for a \
+                     leader and every member alive (at most {}s)",
+                    DEADLINE.as_secs()
+                ));
+                let spec = ClusterSpec {
+                    startup_timeout: DEADLINE,
+                    ..ClusterSpec::new(servers, clients)
+                };
+                let started = Cluster::start_with(options()?, spec).await?;
+                consul = started
+                    .servers()
+                    .first()
+                    .map(|s| format!("{} ({})", s.version(), s.backend().name()));
+                let site = Site::cluster(&started)?;
                 for &n in &self.instances {
                     let mut next = Values(1000 + 1000 * n as u32);
                     let (cell, processes) =
@@ -286,6 +296,7 @@ impl Experiment for ConfigExperiment {
             poll_wait_s: self.poll_wait.as_secs_f64(),
             max_conns_per_client: MAX_CONNS_PER_CLIENT,
             cluster,
+            consul,
             cells,
             acl,
         })
@@ -307,6 +318,9 @@ pub struct ConfigReport {
     pub max_conns_per_client: u32,
     /// The cluster the instances ran on (`None`: one dev agent).
     pub cluster: Option<ClusterShape>,
+    /// `1.8.7 (docker)` of the cluster's server (one agent: the runner knows it).
+    #[serde(skip)]
+    pub consul: Option<String>,
     /// One per instance count.
     pub cells: Vec<Cell>,
     /// Instances whose token cannot read the key.
@@ -427,6 +441,11 @@ pub struct AclCase {
     pub applied: usize,
     /// What the first one said.
     pub message: String,
+}
+
+/// Every agent's options: the environment's, with the connection cap raised.
+fn options() -> Result<ConsulOptions> {
+    Ok(ConsulOptions::from_env()?.with_http_max_conns_per_client(MAX_CONNS_PER_CLIENT))
 }
 
 // === the cell ===
@@ -1095,106 +1114,9 @@ async fn acl_case(launcher: &Launcher, progress: &Progress) -> Result<AclCase> {
 
 // === the report ===
 
-impl Findings for ConfigReport {
-    fn tables(&self) -> Vec<Table> {
-        let mut columns = vec![
-            "instances",
-            "mode",
-            "seen",
-            "p50 (ms)",
-            "p99 (ms)",
-            "max (ms)",
-        ];
-        if self.cluster.is_some() {
-            columns.extend([
-                "CPU, every agent (ms/s)",
-                "server (ms/s)",
-                "client agents (ms/s)",
-                "CPU per change above idle, every agent (ms)",
-            ]);
-        } else {
-            columns.extend(["Consul CPU (ms/s)", "Consul CPU per change above idle (ms)"]);
-        }
-        let right: Vec<usize> = (0..columns.len()).filter(|&i| i != 1).collect();
-        let mut modes = Table::new(columns)
-            .caption(format!(
-                "A change reaches every instance: {} changes one every {} s, per mode",
-                self.changes, self.every_s
-            ))
-            .align_right(right);
-        for cell in &self.cells {
-            for m in &cell.modes {
-                let mut row = vec![
-                    cell.instances.to_string(),
-                    m.mode.clone(),
-                    format!("{}/{}", m.seen, m.expected),
-                    format!("{:.1}", m.p50_ms),
-                    format!("{:.1}", m.p99_ms),
-                    format!("{:.1}", m.max_ms),
-                    format!("{:.1}", m.cpu_ms_per_s),
-                ];
-                if let Some(r) = &m.cpu_by_role {
-                    row.push(format!("{:.1}", r.servers_ms_per_s));
-                    row.push(format!("{:.1}", r.clients_ms_per_s));
-                }
-                row.push(format!("{:.1}", m.cpu_ms_per_change));
-                modes.push(row);
-            }
-        }
-        let mut cases = Table::new(["instances", "case", "result"])
-            .caption("Bad, big and oversized values; Consul paused and restarted; ACLs")
-            .align_right([0]);
-        for cell in &self.cells {
-            let n = cell.instances.to_string();
-            cases.push([
-                n.clone(),
-                "bad value (max_connections 0)".into(),
-                format!(
-                    "{}/{} reported it, {} applied it",
-                    cell.bad.reported, cell.instances, cell.bad.applied
-                ),
-            ]);
-            cases.push([
-                n.clone(),
-                format!("{} byte value", cell.big.bytes),
-                spread_text(&cell.big, cell.instances),
-            ]);
-            cases.push([n.clone(), "one byte more".into(), cell.oversized.clone()]);
-            if let Some(o) = &cell.outage {
-                cases.push([
-                    n.clone(),
-                    format!("Consul paused {} s, then a change", o.paused_s),
-                    spread_text(&o.after_pause, cell.instances),
-                ]);
-                cases.push([
-                    n.clone(),
-                    "Consul restarted (KV gone)".into(),
-                    format!(
-                        "{}/{} reported the key missing",
-                        o.missing_reported, cell.instances
-                    ),
-                ]);
-                cases.push([
-                    n,
-                    "then the key put again".into(),
-                    spread_text(&o.after_restart, cell.instances),
-                ]);
-            }
-        }
-        if let Some(acl) = &self.acl {
-            cases.push([
-                acl.instances.to_string(),
-                "a token that cannot read the key".into(),
-                format!(
-                    "{}/{} reported it, {} applied anything",
-                    acl.reported, acl.instances, acl.applied
-                ),
-            ]);
-        }
-        vec![modes, cases]
-    }
-
-    fn details(&self) -> String {
+impl ConfigReport {
+    /// How it was measured, without the notes on figures below idle.
+    fn details_text(&self) -> String {
         let acl = self
             .acl
             .as_ref()
@@ -1248,6 +1170,134 @@ impl Findings for ConfigReport {
              before the cell) × {} s between changes.{acl}",
             self.max_conns_per_client, self.poll_wait_s, self.every_s
         )
+    }
+}
+
+impl Findings for ConfigReport {
+    fn tables(&self) -> Vec<Table> {
+        let mut columns = vec![
+            "instances",
+            "mode",
+            "seen",
+            "p50 (ms)",
+            "p99 (ms)",
+            "max (ms)",
+        ];
+        if self.cluster.is_some() {
+            columns.extend([
+                "CPU, every agent (ms/s)",
+                "server (ms/s)",
+                "client agents (ms/s)",
+                "CPU per change above idle, every agent (ms)",
+            ]);
+        } else {
+            columns.extend(["Consul CPU (ms/s)", "Consul CPU per change above idle (ms)"]);
+        }
+        let right: Vec<usize> = (0..columns.len()).filter(|&i| i != 1).collect();
+        let mut modes = Table::new(columns)
+            .caption(format!(
+                "A change reaches every instance: {} changes one every {} s, per mode",
+                self.changes, self.every_s
+            ))
+            .align_right(right);
+        for cell in &self.cells {
+            for m in &cell.modes {
+                let mut row = vec![
+                    cell.instances.to_string(),
+                    m.mode.clone(),
+                    format!("{}/{}", m.seen, m.expected),
+                    format!("{:.1}", m.p50_ms),
+                    format!("{:.1}", m.p99_ms),
+                    format!("{:.1}", m.max_ms),
+                    format!("{:.1}", m.cpu_ms_per_s),
+                ];
+                if let Some(r) = &m.cpu_by_role {
+                    row.push(format!("{:.1}", r.servers_ms_per_s));
+                    row.push(format!("{:.1}", r.clients_ms_per_s));
+                }
+                row.push(format!("{:.1}", m.cpu_ms_per_change));
+                modes.push(row);
+            }
+        }
+        let mut cases = Table::new(["instances", "case", "result"])
+            .caption(if self.cluster.is_some() {
+                "Bad, big and oversized values"
+            } else {
+                "Bad, big and oversized values; Consul paused and restarted; ACLs"
+            })
+            .align_right([0]);
+        for cell in &self.cells {
+            let n = cell.instances.to_string();
+            cases.push([
+                n.clone(),
+                "bad value (max_connections 0)".into(),
+                format!(
+                    "{}/{} reported it, {} applied it",
+                    cell.bad.reported, cell.instances, cell.bad.applied
+                ),
+            ]);
+            cases.push([
+                n.clone(),
+                format!("{} byte value", cell.big.bytes),
+                spread_text(&cell.big, cell.instances),
+            ]);
+            cases.push([n.clone(), "one byte more".into(), cell.oversized.clone()]);
+            if let Some(o) = &cell.outage {
+                cases.push([
+                    n.clone(),
+                    format!("Consul paused {} s, then a change", o.paused_s),
+                    spread_text(&o.after_pause, cell.instances),
+                ]);
+                cases.push([
+                    n.clone(),
+                    "Consul restarted (KV gone)".into(),
+                    format!(
+                        "{}/{} reported the key missing",
+                        o.missing_reported, cell.instances
+                    ),
+                ]);
+                cases.push([
+                    n,
+                    "then the key put again".into(),
+                    spread_text(&o.after_restart, cell.instances),
+                ]);
+            }
+        }
+        if let Some(acl) = &self.acl {
+            cases.push([
+                acl.instances.to_string(),
+                "a token that cannot read the key".into(),
+                format!(
+                    "{}/{} reported it, {} applied anything",
+                    acl.reported, acl.instances, acl.applied
+                ),
+            ]);
+        }
+        vec![modes, cases]
+    }
+
+    fn details(&self) -> String {
+        let below: Vec<String> = self
+            .cells
+            .iter()
+            .flat_map(|c| c.modes.iter().map(move |m| (c.instances, m)))
+            .filter(|(_, m)| m.cpu_ms_per_change < 0.0)
+            .map(|(n, m)| format!("{n} instances, {}", m.mode))
+            .collect();
+        let noise = if below.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\n\nBelow idle (a negative CPU per change: that load is within the agents' own \
+                 variation between the idle reading and the phase, on a shared machine): {}.",
+                below.join("; ")
+            )
+        };
+        self.details_text() + &noise
+    }
+
+    fn consul(&self) -> Option<String> {
+        self.consul.clone()
     }
 
     fn violations(&self) -> Vec<String> {
