@@ -281,10 +281,22 @@ impl Experiment for ConfigExperiment {
                 let site = Site::cluster(&started)?;
                 for &n in &self.instances {
                     let mut next = Values(1000 + 1000 * n as u32);
-                    let (cell, processes) =
+                    let (mut cell, processes) =
                         self.cell(launcher, &site, n, &mut next, progress).await?;
                     progress.say(format!("{n} instances: stopping the echo-servers"));
                     stop_all(processes).await;
+                    // A fresh cluster's first seconds (joins, first syncs) are busier than
+                    // its idle: the idle that counts is read once the cell is over.
+                    progress.say(format!(
+                        "{n} instances: the settled cluster's idle CPU, {}",
+                        GoDuration(self.idle)
+                    ));
+                    let (idle, by_role) = site.rates(site.cpu_over(self.idle).await?);
+                    cell.idle_cpu_ms_per_s = idle;
+                    cell.idle_by_role = by_role;
+                    for m in &mut cell.modes {
+                        m.cpu_ms_per_change = (m.cpu_ms_per_s - idle) * self.every.as_secs_f64();
+                    }
                     cells.push(cell);
                 }
                 cluster = Some(ClusterShape { servers, clients });
@@ -1152,7 +1164,8 @@ impl ConfigReport {
                  timestamp of its own \"{APPLIED}\" log line minus the moment the change's PUT \
                  began (one clock). CPU is read from each agent's cgroup (or process), the \
                  server's and the client agents' apart; per change above idle = (the rate of \
-                 every agent − their idle rate before the cell) × {} s between changes. Idle: \
+                 every agent − their idle rate, read after the cell once the echo-servers \
+                 stopped: a fresh cluster's first seconds are busier) × {} s between changes. Idle: \
                  {idle}. No plot: one cell; the one-agent experiment's plot has the curve.",
                 c.servers, c.clients, self.max_conns_per_client, self.poll_wait_s, self.every_s
             );
