@@ -16,6 +16,12 @@
 //! SIGSTOP) then a change, and Consul restarted (a dev agent's KV is gone: every instance
 //! reports the key missing) then the key put again. Last, on an agent with ACLs: instances
 //! whose token cannot read the key report it and apply nothing.
+//!
+//! A second experiment runs one cell on a real cluster (one server, client agents; gossip and
+//! Raft at production timings, not `-dev`'s): the instances and pollers spread over the client
+//! agents, each instance on its agent's address and talking to it, the changes put through
+//! the server; the same changes, latencies and bad value, the server's and the client agents'
+//! CPU apart.
 
 use std::{
     sync::{Arc, Mutex},
@@ -27,7 +33,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Consul, ConsulOptions,
+    Cluster, ClusterSpec, Consul, ConsulOptions,
     error::{Error, Result},
     experiment::{Env, Experiment, Findings, Needs, Plan, Suite, chosen},
     logbuf::LogLine,
@@ -73,9 +79,19 @@ pub struct Args {
     /// How long Consul's idle CPU is read before each cell (a Go duration).
     #[arg(long, default_value = "5s")]
     idle: GoDuration,
-    /// The smallest grid: 10 instances, 3 changes.
+    /// The smallest grid: 10 instances, 3 changes (the cluster cell too).
     #[arg(long)]
     quick: bool,
+    /// Instances on the cluster's client agents, spread over them (0: no cluster cell).
+    #[arg(long, default_value_t = 10)]
+    cluster_instances: usize,
+    /// The cluster's client agents (beside one server).
+    #[arg(long, default_value_t = 2)]
+    cluster_clients: usize,
+    /// The pollers' periods on the cluster (Go durations; a poller's latency is bounded by
+    /// its period there as on one agent, so 15 s is left to the one-agent cells by default).
+    #[arg(long, value_delimiter = ',', default_value = "1s")]
+    cluster_poll_every: Vec<GoDuration>,
 }
 
 impl Suite for Args {
@@ -100,13 +116,22 @@ impl Suite for Args {
             ));
         }
         if self.every.as_duration().is_zero()
-            || self.poll_every.iter().any(|d| d.as_duration().is_zero())
+            || self
+                .poll_every
+                .iter()
+                .chain(&self.cluster_poll_every)
+                .any(|d| d.as_duration().is_zero())
         {
             return Err(Error::Setting(
-                "--every and --poll-every must be above 0".into(),
+                "--every, --poll-every and --cluster-poll-every must be above 0".into(),
             ));
         }
-        Ok(vec![Box::new(ConfigExperiment {
+        if self.cluster_instances > 0 && self.cluster_clients == 0 {
+            return Err(Error::Setting(
+                "--cluster-clients must be at least 1 (or --cluster-instances 0)".into(),
+            ));
+        }
+        let one_agent = ConfigExperiment {
             instances,
             changes: if self.quick { 3 } else { self.changes },
             every: self.every.as_duration(),
@@ -114,11 +139,32 @@ impl Suite for Args {
             poll_every: self.poll_every.iter().map(|d| d.as_duration()).collect(),
             idle: self.idle.as_duration(),
             faults: true,
-        })])
+            on: On::Agent,
+        };
+        let mut plans: Vec<Box<dyn Plan>> = Vec::new();
+        if self.cluster_instances > 0 {
+            plans.push(Box::new(ConfigExperiment {
+                instances: vec![self.cluster_instances],
+                poll_every: self
+                    .cluster_poll_every
+                    .iter()
+                    .map(|d| d.as_duration())
+                    .collect(),
+                faults: false,
+                on: On::Cluster {
+                    servers: 1,
+                    clients: self.cluster_clients,
+                },
+                ..one_agent.clone()
+            }));
+        }
+        plans.insert(0, Box::new(one_agent));
+        Ok(plans)
     }
 }
 
-/// One run: every cell on one agent, then the ACL case on an agent of its own.
+/// One run: every cell on one agent, then the ACL case on an agent of its own; or every cell
+/// on a cluster's client agents.
 #[derive(Debug, Clone)]
 pub struct ConfigExperiment {
     /// Instance counts, one cell each.
@@ -133,29 +179,56 @@ pub struct ConfigExperiment {
     pub poll_every: Vec<Duration>,
     /// How long Consul's idle CPU is read before each cell.
     pub idle: Duration,
-    /// Consul paused and restarted (smallest cell), and the ACL case.
+    /// Consul paused and restarted (smallest cell), and the ACL case (one agent only).
     pub faults: bool,
+    /// Where the instances run.
+    pub on: On,
+}
+
+/// Where a [`ConfigExperiment`]'s instances run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum On {
+    /// One dev agent: every instance and poller talks to it, changes are put through it.
+    Agent,
+    /// A cluster (production timings, not `-dev`): instances and pollers spread round robin
+    /// over its client agents, each instance on its agent's address; changes are put through
+    /// the first server.
+    Cluster {
+        /// Servers.
+        servers: usize,
+        /// Client agents.
+        clients: usize,
+    },
 }
 
 impl Experiment for ConfigExperiment {
     type Outcome = ConfigReport;
 
     fn title(&self) -> String {
+        let instances = self
+            .instances
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let on = match self.on {
+            On::Agent => "watching one key".to_owned(),
+            On::Cluster { servers, clients } => format!(
+                "on the {clients} client agents of a {servers}-server cluster watching one key"
+            ),
+        };
         format!(
-            "{} instances watching one key, a change every {}",
-            self.instances
-                .iter()
-                .map(usize::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
+            "{instances} instances {on}, a change every {}",
             GoDuration(self.every)
         )
     }
 
     fn needs(&self) -> Result<Needs> {
-        Ok(Needs::Agent(
-            ConsulOptions::from_env()?.with_http_max_conns_per_client(MAX_CONNS_PER_CLIENT),
-        ))
+        Ok(match self.on {
+            On::Agent => Needs::Agent(options()?),
+            // It starts its cluster itself: every member with the raised connection cap.
+            On::Cluster { .. } => Needs::Nothing,
+        })
     }
 
     async fn run_on(
@@ -165,23 +238,77 @@ impl Experiment for ConfigExperiment {
         progress: &Progress,
     ) -> Result<ConfigReport> {
         crate::process::raise_fd_limit();
-        let consul = env.agent()?;
         let mut cells = Vec::new();
-        let smallest = self.instances.first().copied();
-        for &n in &self.instances {
-            let outage = self.faults && Some(n) == smallest;
-            cells.push(self.cell(launcher, consul, n, outage, progress).await?);
+        let mut acl = None;
+        let mut cluster = None;
+        let mut consul = None;
+        match self.on {
+            On::Agent => {
+                let consul = env.agent()?;
+                let smallest = self.instances.first().copied();
+                for &n in &self.instances {
+                    let mut next = Values(1000 + 1000 * n as u32);
+                    let (mut cell, servers) = self
+                        .cell(launcher, &Site::agent(consul), n, &mut next, progress)
+                        .await?;
+                    if self.faults && Some(n) == smallest {
+                        cell.outage =
+                            Some(self.outage(consul, &servers, &mut next, progress).await?);
+                    }
+                    progress.say(format!("{n} instances: stopping the echo-servers"));
+                    stop_all(servers).await;
+                    cells.push(cell);
+                }
+                if self.faults {
+                    acl = Some(acl_case(launcher, progress).await?);
+                }
+            }
+            On::Cluster { servers, clients } => {
+                progress.say(format!(
+                    "starting {servers} server(s) and {clients} client agents, waiting for a \
+                     leader and every member alive (at most {}s)",
+                    DEADLINE.as_secs()
+                ));
+                let spec = ClusterSpec {
+                    startup_timeout: DEADLINE,
+                    ..ClusterSpec::new(servers, clients)
+                };
+                let started = Cluster::start_with(options()?, spec).await?;
+                consul = started
+                    .servers()
+                    .first()
+                    .map(|s| format!("{} ({})", s.version(), s.backend().name()));
+                let site = Site::cluster(&started)?;
+                for &n in &self.instances {
+                    let mut next = Values(1000 + 1000 * n as u32);
+                    let (mut cell, processes) =
+                        self.cell(launcher, &site, n, &mut next, progress).await?;
+                    progress.say(format!("{n} instances: stopping the echo-servers"));
+                    stop_all(processes).await;
+                    // A fresh cluster's first seconds (joins, first syncs) are busier than
+                    // its idle: the idle that counts is read once the cell is over.
+                    progress.say(format!(
+                        "{n} instances: the settled cluster's idle CPU, {}",
+                        GoDuration(self.idle)
+                    ));
+                    let (idle, by_role) = site.rates(site.cpu_over(self.idle).await?);
+                    cell.idle_cpu_ms_per_s = idle;
+                    cell.idle_by_role = by_role;
+                    for m in &mut cell.modes {
+                        m.cpu_ms_per_change = (m.cpu_ms_per_s - idle) * self.every.as_secs_f64();
+                    }
+                    cells.push(cell);
+                }
+                cluster = Some(ClusterShape { servers, clients });
+            }
         }
-        let acl = if self.faults {
-            Some(acl_case(launcher, progress).await?)
-        } else {
-            None
-        };
         Ok(ConfigReport {
             every_s: self.every.as_secs_f64(),
             changes: self.changes,
             poll_wait_s: self.poll_wait.as_secs_f64(),
             max_conns_per_client: MAX_CONNS_PER_CLIENT,
+            cluster,
+            consul,
             cells,
             acl,
         })
@@ -199,12 +326,35 @@ pub struct ConfigReport {
     pub changes: u32,
     /// The pollers' blocking wait, seconds.
     pub poll_wait_s: f64,
-    /// The agent's `http_max_conns_per_client`.
+    /// Every agent's `http_max_conns_per_client`.
     pub max_conns_per_client: u32,
+    /// The cluster the instances ran on (`None`: one dev agent).
+    pub cluster: Option<ClusterShape>,
+    /// `1.8.7 (docker)` of the cluster's server (one agent: the runner knows it).
+    #[serde(skip)]
+    pub consul: Option<String>,
     /// One per instance count.
     pub cells: Vec<Cell>,
     /// Instances whose token cannot read the key.
     pub acl: Option<AclCase>,
+}
+
+/// A cluster's shape.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ClusterShape {
+    /// Servers.
+    pub servers: usize,
+    /// Client agents, where the instances and pollers ran.
+    pub clients: usize,
+}
+
+/// CPU rates of a cluster's servers and client agents apart, milliseconds per second.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ByRole {
+    /// The servers', summed.
+    pub servers_ms_per_s: f64,
+    /// The client agents', summed.
+    pub clients_ms_per_s: f64,
 }
 
 /// One instance count.
@@ -212,8 +362,10 @@ pub struct ConfigReport {
 pub struct Cell {
     /// Instances (and pollers of each kind).
     pub instances: usize,
-    /// The agent's idle CPU, milliseconds per second, read before the cell.
+    /// The agents' idle CPU (all of them), milliseconds per second, read before the cell.
     pub idle_cpu_ms_per_s: f64,
+    /// The same by role, on a cluster.
+    pub idle_by_role: Option<ByRole>,
     /// The watchers, the 1 s pollers, the 15 s pollers.
     pub modes: Vec<Mode>,
     /// The bad value.
@@ -243,8 +395,10 @@ pub struct Mode {
     pub p99_ms: f64,
     /// Largest.
     pub max_ms: f64,
-    /// Consul's CPU over the phase, milliseconds per second.
+    /// Consul's CPU over the phase (every agent), milliseconds per second.
     pub cpu_ms_per_s: f64,
+    /// The same by role, on a cluster.
+    pub cpu_by_role: Option<ByRole>,
     /// Consul's CPU per change above its idle rate: (rate − idle) × time between changes.
     pub cpu_ms_per_change: f64,
 }
@@ -301,25 +455,31 @@ pub struct AclCase {
     pub message: String,
 }
 
+/// Every agent's options: the environment's, with the connection cap raised.
+fn options() -> Result<ConsulOptions> {
+    Ok(ConsulOptions::from_env()?.with_http_max_conns_per_client(MAX_CONNS_PER_CLIENT))
+}
+
 // === the cell ===
 
 impl ConfigExperiment {
+    /// One cell on `site`, from the first value to the oversized one; its instances still
+    /// running (the caller may go on with them, then stops them).
     async fn cell(
         &self,
         launcher: &Launcher,
-        consul: &mut Consul,
+        site: &Site<'_>,
         n: usize,
-        outage: bool,
+        next: &mut Values,
         progress: &Progress,
-    ) -> Result<Cell> {
-        let client = consul.client();
-        let mut next = Values(1000 + 1000 * n as u32);
+    ) -> Result<(Cell, Vec<ServerProcess>)> {
+        let client = site.writer.client();
         client.kv().put(KEY, &next.value()).await?;
         progress.say(format!(
             "{n} instances: Consul's idle CPU, {}",
             GoDuration(self.idle)
         ));
-        let idle = cpu_rate(consul, self.idle).await?;
+        let idle = site.rates(site.cpu_over(self.idle).await?);
 
         let mut modes = Vec::new();
         for &period in &self.poll_every {
@@ -327,49 +487,44 @@ impl ConfigExperiment {
                 "{n} instances: {n} pollers every {}",
                 GoDuration(period)
             ));
-            modes.push(self.pollers(consul, n, period, &mut next, idle).await?);
+            modes.push(self.pollers(site, n, period, next, idle.0).await?);
         }
 
         progress.say(format!("{n} instances: starting {n} echo-servers"));
-        let servers = start_servers(launcher, consul, n, progress).await?;
+        let servers = start_servers(launcher, site, n, progress).await?;
         let watch = self
-            .watchers(consul, &servers, &mut next, idle, progress)
+            .watchers(site, &servers, next, idle.0, progress)
             .await?;
         modes.insert(0, watch);
 
         progress.say(format!("{n} instances: a bad value"));
-        let bad = bad_value(consul, &servers).await?;
+        let bad = bad_value(site.writer, &servers).await?;
         progress.say(format!("{n} instances: a 512 KiB value"));
         let big_value = next.padded(consul_api::kv::MAX_VALUE_BYTES);
-        let big = spread(consul, &servers, &big_value, &next.needle()).await?;
+        let big = spread(site.writer, &servers, &big_value, &next.needle()).await?;
         next.0 += 1;
         let over = next.padded(consul_api::kv::MAX_VALUE_BYTES + 1);
         let oversized = match client.kv().put(KEY, &over).await {
             Ok(()) => "accepted (expected a refusal)".to_owned(),
             Err(e) => e.to_string(),
         };
-        let outage = if outage {
-            Some(self.outage(consul, &servers, &mut next, progress).await?)
-        } else {
-            None
-        };
-        progress.say(format!("{n} instances: stopping the echo-servers"));
-        stop_all(servers).await;
-        Ok(Cell {
+        let cell = Cell {
             instances: n,
-            idle_cpu_ms_per_s: idle,
+            idle_cpu_ms_per_s: idle.0,
+            idle_by_role: idle.1,
             modes,
             bad,
             big,
             oversized,
-            outage,
-        })
+            outage: None,
+        };
+        Ok((cell, servers))
     }
 
     /// `n` pollers every `period` while `changes` changes are put.
     async fn pollers(
         &self,
-        consul: &Consul,
+        site: &Site<'_>,
         n: usize,
         period: Duration,
         next: &mut Values,
@@ -379,7 +534,7 @@ impl ConfigExperiment {
         let seen: Vec<Sightings> = (0..n).map(|_| Sightings::default()).collect();
         let mut tasks = Vec::new();
         for (i, seen) in seen.iter().enumerate() {
-            let client = consul_api::Client::new(consul.config())?;
+            let client = consul_api::Client::new(site.reader(i).config())?;
             let (seen, stop, wait) = (seen.clone(), stop.clone(), self.poll_wait);
             // Spread over the period, as independent services would be.
             let offset = period.mul_f64(i as f64 / n as f64);
@@ -399,7 +554,7 @@ impl ConfigExperiment {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let changes = self.put_changes(consul, next).await?;
+        let changes = self.put_changes(site, next).await?;
         // Wait a whole period after the last change: the slowest poller reads it by then.
         let last = changes.last().map(|c| c.index).unwrap_or_default();
         let deadline = tokio::time::Instant::now() + period + self.poll_wait + DEADLINE;
@@ -411,7 +566,7 @@ impl ConfigExperiment {
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let (cpu_end, window_end) = (consul.cpu_time().await?.0, SystemTime::now());
+        let (cpu_end, window_end) = (site.cpu().await?, SystemTime::now());
         stop.cancel();
         for task in tasks {
             let _ = task.await;
@@ -428,8 +583,9 @@ impl ConfigExperiment {
         let window = window_end
             .duration_since(changes.first().map_or(window_end, |c| c.cpu_from.1))
             .unwrap_or_default();
-        let cpu = cpu_end.saturating_sub(changes.first().map_or(cpu_end, |c| c.cpu_from.0));
+        let cpu = cpu_end.since(changes.first().map_or(cpu_end, |c| c.cpu_from.0));
         Ok(self.mode(
+            site,
             format!(
                 "poll every {} (wait {})",
                 GoDuration(period),
@@ -446,14 +602,14 @@ impl ConfigExperiment {
     /// The echo-servers while `changes` changes are put.
     async fn watchers(
         &self,
-        consul: &Consul,
+        site: &Site<'_>,
         servers: &[ServerProcess],
         next: &mut Values,
         idle: f64,
         progress: &Progress,
     ) -> Result<Mode> {
         let marks: Vec<usize> = servers.iter().map(|s| s.process.output().mark()).collect();
-        let changes = self.put_changes(consul, next).await?;
+        let changes = self.put_changes(site, next).await?;
         let mut latencies = Vec::new();
         for change in &changes {
             let lines = wait_all(servers, &marks, &change.needle, DEADLINE, progress).await;
@@ -464,12 +620,13 @@ impl ConfigExperiment {
                     .map(|l| ms_between(change.at, line_time(l))),
             );
         }
-        let (cpu_end, window_end) = (consul.cpu_time().await?.0, SystemTime::now());
+        let (cpu_end, window_end) = (site.cpu().await?, SystemTime::now());
         let window = window_end
             .duration_since(changes.first().map_or(window_end, |c| c.cpu_from.1))
             .unwrap_or_default();
-        let cpu = cpu_end.saturating_sub(changes.first().map_or(cpu_end, |c| c.cpu_from.0));
+        let cpu = cpu_end.since(changes.first().map_or(cpu_end, |c| c.cpu_from.0));
         Ok(self.mode(
+            site,
             "watch (echo-server --config-key)".into(),
             latencies,
             servers.len() * changes.len(),
@@ -480,9 +637,9 @@ impl ConfigExperiment {
     }
 
     /// Put `changes` values, one every `every`; the CPU reading before the first.
-    async fn put_changes(&self, consul: &Consul, next: &mut Values) -> Result<Vec<Change>> {
-        let client = consul.client();
-        let cpu_from = (consul.cpu_time().await?.0, SystemTime::now());
+    async fn put_changes(&self, site: &Site<'_>, next: &mut Values) -> Result<Vec<Change>> {
+        let client = site.writer.client();
+        let cpu_from = (site.cpu().await?, SystemTime::now());
         let mut changes = Vec::new();
         let mut tick = tokio::time::interval(self.every);
         for _ in 0..self.changes {
@@ -503,17 +660,19 @@ impl ConfigExperiment {
         Ok(changes)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn mode(
         &self,
+        site: &Site<'_>,
         mode: String,
         mut latencies: Vec<f64>,
         expected: usize,
-        cpu: Duration,
+        cpu: Cpu,
         window: Duration,
         idle: f64,
     ) -> Mode {
         latencies.sort_by(f64::total_cmp);
-        let rate = cpu.as_secs_f64() * 1e3 / window.as_secs_f64().max(1e-3);
+        let (rate, cpu_by_role) = site.rates((cpu, window));
         Mode {
             mode,
             seen: latencies.len(),
@@ -523,6 +682,7 @@ impl ConfigExperiment {
             max_ms: latencies.last().copied().unwrap_or(f64::NAN),
             latencies_ms: latencies,
             cpu_ms_per_s: rate,
+            cpu_by_role,
             cpu_ms_per_change: (rate - idle) * self.every.as_secs_f64(),
         }
     }
@@ -592,7 +752,7 @@ struct Change {
     /// What an instance logs once it applied it.
     needle: String,
     /// Consul's CPU and the time before the first change of its phase.
-    cpu_from: (Duration, SystemTime),
+    cpu_from: (Cpu, SystemTime),
 }
 
 /// What a poller saw: each new index and when.
@@ -646,12 +806,104 @@ async fn key_index(client: &consul_api::Client) -> Result<u64> {
     Ok(pair.map_or(meta.last_index, |p| p.modify_index))
 }
 
-/// Consul's CPU rate over `window`, milliseconds per second.
-async fn cpu_rate(consul: &Consul, window: Duration) -> Result<f64> {
-    let (before, at) = (consul.cpu_time().await?.0, std::time::Instant::now());
-    tokio::time::sleep(window).await;
-    let used = consul.cpu_time().await?.0.saturating_sub(before);
-    Ok(used.as_secs_f64() * 1e3 / at.elapsed().as_secs_f64())
+/// Where a cell runs: the agent changes are put through, the agents instances and pollers
+/// talk to (round robin), and the agents whose CPU is read, by role.
+struct Site<'a> {
+    /// Changes are put (and their index read) through it.
+    writer: &'a Consul,
+    /// Instance and poller `i` talk to `readers[i % len]` (never empty).
+    readers: Vec<&'a Consul>,
+    /// Each instance binds its reader's address (a cluster node's), else one of its own.
+    on_nodes: bool,
+    /// The servers (one agent: it).
+    servers: Vec<&'a Consul>,
+    /// The client agents (one agent: none; then no split by role is reported).
+    clients: Vec<&'a Consul>,
+}
+
+impl<'a> Site<'a> {
+    fn agent(agent: &'a Consul) -> Site<'a> {
+        Site {
+            writer: agent,
+            readers: vec![agent],
+            on_nodes: false,
+            servers: vec![agent],
+            clients: Vec::new(),
+        }
+    }
+
+    fn cluster(cluster: &'a Cluster) -> Result<Site<'a>> {
+        let writer = cluster
+            .servers()
+            .first()
+            .ok_or_else(|| Error::Setting("the cluster has no server".into()))?;
+        let clients: Vec<&Consul> = cluster.clients().iter().collect();
+        if clients.is_empty() {
+            return Err(Error::Setting("the cluster has no client agent".into()));
+        }
+        Ok(Site {
+            writer,
+            readers: clients.clone(),
+            on_nodes: true,
+            servers: cluster.servers().iter().collect(),
+            clients,
+        })
+    }
+
+    /// The agent instance or poller `i` talks to.
+    fn reader(&self, i: usize) -> &'a Consul {
+        self.readers
+            .get(i % self.readers.len().max(1))
+            .copied()
+            .unwrap_or(self.writer)
+    }
+
+    /// The CPU every agent has used so far, by role.
+    async fn cpu(&self) -> Result<Cpu> {
+        let mut cpu = Cpu::default();
+        for s in &self.servers {
+            cpu.servers += s.cpu_time().await?.0;
+        }
+        for c in &self.clients {
+            cpu.clients += c.cpu_time().await?.0;
+        }
+        Ok(cpu)
+    }
+
+    /// The CPU used over `window` from now, and the window as it was.
+    async fn cpu_over(&self, window: Duration) -> Result<(Cpu, Duration)> {
+        let (before, at) = (self.cpu().await?, std::time::Instant::now());
+        tokio::time::sleep(window).await;
+        Ok((self.cpu().await?.since(before), at.elapsed()))
+    }
+
+    /// `used` over a window as rates, milliseconds per second: every agent's, and by role
+    /// when there are client agents.
+    fn rates(&self, (used, window): (Cpu, Duration)) -> (f64, Option<ByRole>) {
+        let rate = |d: Duration| d.as_secs_f64() * 1e3 / window.as_secs_f64().max(1e-3);
+        let by_role = (!self.clients.is_empty()).then(|| ByRole {
+            servers_ms_per_s: rate(used.servers),
+            clients_ms_per_s: rate(used.clients),
+        });
+        (rate(used.servers + used.clients), by_role)
+    }
+}
+
+/// CPU time used by the servers and by the client agents.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    servers: Duration,
+    clients: Duration,
+}
+
+impl Cpu {
+    /// What was used since `before`.
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            servers: self.servers.saturating_sub(before.servers),
+            clients: self.clients.saturating_sub(before.clients),
+        }
+    }
 }
 
 /// When a child logged `line`: its own timestamp (the system clock), else when it came.
@@ -660,16 +912,22 @@ fn line_time(line: &LogLine) -> SystemTime {
 }
 
 /// `n` echo-servers watching [`KEY`], unregistered (the experiment is about the key), each
-/// on its own loopback address; returns once each has applied the key's value.
+/// talking to its agent of `site` and on its own loopback address (on a cluster, its
+/// agent's); returns once each has applied the key's value.
 async fn start_servers(
     launcher: &Launcher,
-    consul: &Consul,
+    site: &Site<'_>,
     n: usize,
     progress: &Progress,
 ) -> Result<Vec<ServerProcess>> {
     let mut servers = Vec::with_capacity(n);
     for i in 0..n {
-        let mut spec = ServerSpec::seed(consul.config())?.named("config-echo", format!("cfg-{i}"));
+        let agent = site.reader(i);
+        let mut spec = ServerSpec::seed(agent.config())?;
+        if site.on_nodes {
+            spec = spec.on_address(agent.spec().address)?;
+        }
+        let mut spec = spec.named("config-echo", format!("cfg-{i}"));
         spec.args.no_register = true;
         spec.args.config_key = Some(KEY.into());
         servers.push(ServerProcess::start(launcher, spec)?);
@@ -868,26 +1126,96 @@ async fn acl_case(launcher: &Launcher, progress: &Progress) -> Result<AclCase> {
 
 // === the report ===
 
+impl ConfigReport {
+    /// How it was measured, without the notes on figures below idle.
+    fn details_text(&self) -> String {
+        let acl = self
+            .acl
+            .as_ref()
+            .map(|a| {
+                format!(
+                    "\n\nWhat an instance with that token logged: `{}`",
+                    a.message
+                )
+            })
+            .unwrap_or_default();
+        if let Some(c) = &self.cluster {
+            let idle = self
+                .cells
+                .iter()
+                .filter_map(|cell| {
+                    cell.idle_by_role.map(|r| {
+                        format!(
+                            "{} instances: server {:.1} ms/s, client agents {:.1} ms/s",
+                            cell.instances, r.servers_ms_per_s, r.clients_ms_per_s
+                        )
+                    })
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return format!(
+                "A cluster of {} server(s) and {} client agents (real gossip and Raft, not \
+                 `-dev`; every agent `limits {{ http_max_conns_per_client = {} }}`). Each \
+                 instance is an `echo-server --config-key {KEY} --no-register` process bound to \
+                 its client agent's address and talking to that agent, the instances spread \
+                 round robin over the client agents; the pollers (in the testbed process, \
+                 blocking at most {} s per read, Spring Cloud Consul's model) likewise. Changes \
+                 are put through the server. A change's latency to an instance is the \
+                 timestamp of its own \"{APPLIED}\" log line minus the moment the change's PUT \
+                 began (one clock). CPU is read from each agent's cgroup (or process), the \
+                 server's and the client agents' apart; per change above idle = (the rate of \
+                 every agent − their idle rate, read after the cell once the echo-servers \
+                 stopped: a fresh cluster's first seconds are busier) × {} s between changes. Idle: \
+                 {idle}. No plot: one cell; the one-agent experiment's plot has the curve.",
+                c.servers, c.clients, self.max_conns_per_client, self.poll_wait_s, self.every_s
+            );
+        }
+        format!(
+            "Each instance is an `echo-server --config-key {KEY} --no-register` process, all on \
+             one dev agent (`limits {{ http_max_conns_per_client = {} }}`: every process \
+             reaches it from 127.0.0.1). A change's latency to an instance is the timestamp of \
+             its own \"{APPLIED}\" log line minus the moment the change's PUT began (one clock). \
+             The pollers run in the testbed process, one HTTP client each, spread over their \
+             period: every 1 s or 15 s a read of the key blocking at most {} s on the last index \
+             (Spring Cloud Consul's model); a change's latency is the first read that returns \
+             it. Consul's CPU is read from its cgroup (or process) before the first change and \
+             after the last was seen; per change above idle = (CPU rate − the agent's idle rate \
+             before the cell) × {} s between changes.{acl}",
+            self.max_conns_per_client, self.poll_wait_s, self.every_s
+        )
+    }
+}
+
 impl Findings for ConfigReport {
     fn tables(&self) -> Vec<Table> {
-        let mut modes = Table::new([
+        let mut columns = vec![
             "instances",
             "mode",
             "seen",
             "p50 (ms)",
             "p99 (ms)",
             "max (ms)",
-            "Consul CPU (ms/s)",
-            "Consul CPU per change above idle (ms)",
-        ])
-        .caption(format!(
-            "A change reaches every instance: {} changes one every {} s, per mode",
-            self.changes, self.every_s
-        ))
-        .align_right([0, 2, 3, 4, 5, 6, 7]);
+        ];
+        if self.cluster.is_some() {
+            columns.extend([
+                "CPU, every agent (ms/s)",
+                "server (ms/s)",
+                "client agents (ms/s)",
+                "CPU per change above idle, every agent (ms)",
+            ]);
+        } else {
+            columns.extend(["Consul CPU (ms/s)", "Consul CPU per change above idle (ms)"]);
+        }
+        let right: Vec<usize> = (0..columns.len()).filter(|&i| i != 1).collect();
+        let mut modes = Table::new(columns)
+            .caption(format!(
+                "A change reaches every instance: {} changes one every {} s, per mode",
+                self.changes, self.every_s
+            ))
+            .align_right(right);
         for cell in &self.cells {
             for m in &cell.modes {
-                modes.push([
+                let mut row = vec![
                     cell.instances.to_string(),
                     m.mode.clone(),
                     format!("{}/{}", m.seen, m.expected),
@@ -895,12 +1223,21 @@ impl Findings for ConfigReport {
                     format!("{:.1}", m.p99_ms),
                     format!("{:.1}", m.max_ms),
                     format!("{:.1}", m.cpu_ms_per_s),
-                    format!("{:.1}", m.cpu_ms_per_change),
-                ]);
+                ];
+                if let Some(r) = &m.cpu_by_role {
+                    row.push(format!("{:.1}", r.servers_ms_per_s));
+                    row.push(format!("{:.1}", r.clients_ms_per_s));
+                }
+                row.push(format!("{:.1}", m.cpu_ms_per_change));
+                modes.push(row);
             }
         }
         let mut cases = Table::new(["instances", "case", "result"])
-            .caption("Bad, big and oversized values; Consul paused and restarted; ACLs")
+            .caption(if self.cluster.is_some() {
+                "Bad, big and oversized values"
+            } else {
+                "Bad, big and oversized values; Consul paused and restarted; ACLs"
+            })
             .align_right([0]);
         for cell in &self.cells {
             let n = cell.instances.to_string();
@@ -953,29 +1290,27 @@ impl Findings for ConfigReport {
     }
 
     fn details(&self) -> String {
-        let acl = self
-            .acl
-            .as_ref()
-            .map(|a| {
-                format!(
-                    "\n\nWhat an instance with that token logged: `{}`",
-                    a.message
-                )
-            })
-            .unwrap_or_default();
-        format!(
-            "Each instance is an `echo-server --config-key {KEY} --no-register` process, all on \
-             one dev agent (`limits {{ http_max_conns_per_client = {} }}`: every process \
-             reaches it from 127.0.0.1). A change's latency to an instance is the timestamp of \
-             its own \"{APPLIED}\" log line minus the moment the change's PUT began (one clock). \
-             The pollers run in the testbed process, one HTTP client each, spread over their \
-             period: every 1 s or 15 s a read of the key blocking at most {} s on the last index \
-             (Spring Cloud Consul's model); a change's latency is the first read that returns \
-             it. Consul's CPU is read from its cgroup (or process) before the first change and \
-             after the last was seen; per change above idle = (CPU rate − the agent's idle rate \
-             before the cell) × {} s between changes.{acl}",
-            self.max_conns_per_client, self.poll_wait_s, self.every_s
-        )
+        let below: Vec<String> = self
+            .cells
+            .iter()
+            .flat_map(|c| c.modes.iter().map(move |m| (c.instances, m)))
+            .filter(|(_, m)| m.cpu_ms_per_change < 0.0)
+            .map(|(n, m)| format!("{n} instances, {}", m.mode))
+            .collect();
+        let noise = if below.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\n\nBelow idle (a negative CPU per change: that load is within the agents' own \
+                 variation between the idle reading and the phase, on a shared machine): {}.",
+                below.join("; ")
+            )
+        };
+        self.details_text() + &noise
+    }
+
+    fn consul(&self) -> Option<String> {
+        self.consul.clone()
     }
 
     fn violations(&self) -> Vec<String> {
@@ -1028,6 +1363,10 @@ impl Findings for ConfigReport {
     }
 
     fn plot(&self) -> Option<Plot> {
+        // A cluster's one cell is a point, not a curve: its table says it.
+        if self.cluster.is_some() {
+            return None;
+        }
         let names: Vec<String> = self.cells.iter().map(|c| c.instances.to_string()).collect();
         let mut series = Vec::new();
         let kinds = self.cells.first().map_or(0, |c| c.modes.len());

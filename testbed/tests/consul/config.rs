@@ -713,7 +713,7 @@ async fn a_token_that_cannot_read_the_key_is_reported_and_the_last_good_stays() 
 #[tokio::test]
 async fn the_config_experiment_s_smallest_cell_holds_its_invariants() {
     use testbed::{
-        config::ConfigExperiment,
+        config::{ConfigExperiment, On},
         experiment::{Experiment, Findings},
         progress::Progress,
     };
@@ -727,6 +727,7 @@ async fn the_config_experiment_s_smallest_cell_holds_its_invariants() {
         poll_every: vec![Duration::from_secs(1)],
         idle: Duration::from_secs(1),
         faults: false,
+        on: On::Agent,
     };
     let report = experiment
         .run(&crate::common::launcher(), &Progress::hidden())
@@ -756,5 +757,64 @@ async fn the_config_experiment_s_smallest_cell_holds_its_invariants() {
         "{}",
         cell.oversized
     );
+    assert!(report.violations().is_empty(), "{:?}", report.violations());
+}
+
+/// `testbed config`'s cluster cell against a real cluster (one server, two client agents:
+/// gossip and Raft at production timings): four instances spread over the client agents,
+/// one poller mode; every change reaches every instance, the bad value none, and the server's
+/// and the client agents' CPU are read apart.
+#[tokio::test]
+async fn the_config_experiment_s_cluster_cell_holds_its_invariants() {
+    use testbed::{
+        config::{ConfigExperiment, On},
+        experiment::{Experiment, Findings},
+        progress::Progress,
+    };
+
+    init_tracing();
+    let experiment = ConfigExperiment {
+        instances: vec![4],
+        changes: 2,
+        every: Duration::from_millis(500),
+        poll_wait: Duration::from_millis(500),
+        poll_every: vec![Duration::from_secs(1)],
+        idle: Duration::from_secs(1),
+        faults: false,
+        on: On::Cluster {
+            servers: 1,
+            clients: 2,
+        },
+    };
+    let report = experiment
+        .run(&crate::common::launcher(), &Progress::hidden())
+        .await
+        .unwrap();
+    assert_eq!(report.cluster.map(|c| (c.servers, c.clients)), Some((1, 2)));
+    let cell = &report.cells[0];
+    let watch = &cell.modes[0];
+    assert_eq!(
+        (watch.seen, watch.expected),
+        (8, 8),
+        "every change reached every instance: {watch:?}"
+    );
+    let poll = &cell.modes[1];
+    assert_eq!(poll.seen, poll.expected, "{poll:?}");
+    assert_eq!(
+        (cell.bad.reported, cell.bad.applied),
+        (4, 0),
+        "all report the bad value, none applies it"
+    );
+    assert_eq!(cell.big.applied, 4, "{:?}", cell.big);
+    for m in &cell.modes {
+        let by_role = m.cpu_by_role.expect("a cluster's CPU by role");
+        assert!(
+            by_role.servers_ms_per_s > 0.0 && by_role.clients_ms_per_s > 0.0,
+            "both roles worked while {}: {by_role:?}",
+            m.mode
+        );
+        let sum = by_role.servers_ms_per_s + by_role.clients_ms_per_s;
+        assert!((sum - m.cpu_ms_per_s).abs() < 1e-6, "{m:?}");
+    }
     assert!(report.violations().is_empty(), "{:?}", report.violations());
 }
