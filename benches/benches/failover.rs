@@ -125,6 +125,15 @@ fn recorder(id: &str, keep: usize, parts: &[(&str, &str)]) -> SharedRecorder {
     Arc::new(Mutex::new(r))
 }
 
+/// One criterion call's timed intervals, recorded as a call of their own; returns their sum.
+fn record_call(recorder: &SharedRecorder, times: Vec<Duration>) -> Duration {
+    let total = times.iter().sum();
+    let mut rec = recorder.lock().expect("recorder lock");
+    rec.start_call();
+    rec.extend(MEASURED, times);
+    total
+}
+
 fn save(recorder: &SharedRecorder) {
     let saved = recorder.lock().expect("recorder lock").save();
     saved.expect("save the recording");
@@ -162,11 +171,7 @@ fn floor(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
                         .expect("connect and echo");
                     times.push(start.elapsed());
                 }
-                let total = times.iter().sum();
-                let mut rec = rec.lock().expect("recorder lock");
-                rec.start_call();
-                rec.extend(MEASURED, times);
-                total
+                record_call(&rec, times)
             }
         })
     });
@@ -213,11 +218,7 @@ fn floor_open(group: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime) {
                     times.push(start.elapsed());
                     assert_eq!(buf, message.wire(), "an echo");
                 }
-                let total = times.iter().sum();
-                let mut rec = rec.lock().expect("recorder lock");
-                rec.start_call();
-                rec.extend(MEASURED, times);
-                total
+                record_call(&rec, times)
             }
         })
     });

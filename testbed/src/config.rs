@@ -580,10 +580,7 @@ impl ConfigExperiment {
                 }
             }
         }
-        let window = window_end
-            .duration_since(changes.first().map_or(window_end, |c| c.cpu_from.1))
-            .unwrap_or_default();
-        let cpu = cpu_end.since(changes.first().map_or(cpu_end, |c| c.cpu_from.0));
+        let (cpu, window) = spent(&changes, cpu_end, window_end);
         Ok(self.mode(
             site,
             format!(
@@ -621,10 +618,7 @@ impl ConfigExperiment {
             );
         }
         let (cpu_end, window_end) = (site.cpu().await?, SystemTime::now());
-        let window = window_end
-            .duration_since(changes.first().map_or(window_end, |c| c.cpu_from.1))
-            .unwrap_or_default();
-        let cpu = cpu_end.since(changes.first().map_or(cpu_end, |c| c.cpu_from.0));
+        let (cpu, window) = spent(&changes, cpu_end, window_end);
         Ok(self.mode(
             site,
             "watch (echo-server --config-key)".into(),
@@ -741,6 +735,15 @@ impl Values {
     fn needle(&self) -> String {
         format!("max_connections={} ", self.0)
     }
+}
+
+/// Consul's CPU and the wall time from before the first of `changes` to `cpu_end`/`window_end`.
+fn spent(changes: &[Change], cpu_end: Cpu, window_end: SystemTime) -> (Cpu, Duration) {
+    let window = window_end
+        .duration_since(changes.first().map_or(window_end, |c| c.cpu_from.1))
+        .unwrap_or_default();
+    let cpu = cpu_end.since(changes.first().map_or(cpu_end, |c| c.cpu_from.0));
+    (cpu, window)
 }
 
 /// One change put.

@@ -706,33 +706,36 @@ async fn a_token_that_cannot_read_the_key_is_reported_and_the_last_good_stays() 
     assert_eq!(limit(&live), Some(5), "the last good stays");
 }
 
-/// `testbed config`'s smallest cell against real Consul: three echo-server processes (the
-/// testbed binary's, whose log level is live too: every change carries one), one poller
-/// mode beside them; every change reaches every instance, a bad value is reported by all and
-/// applied by none, a 512 KiB value is applied by all and one byte more refused.
-#[tokio::test]
-async fn the_config_experiment_s_smallest_cell_holds_its_invariants() {
-    use testbed::{
-        config::{ConfigExperiment, On},
-        experiment::{Experiment, Findings},
-        progress::Progress,
-    };
+/// `testbed config`'s one cell of `instances` echo-servers `on` an agent or a cluster: two
+/// changes half a second apart, one 1 s poller mode beside them, no pause/restart/ACL phases.
+async fn config_cell(instances: usize, on: testbed::config::On) -> testbed::config::ConfigReport {
+    use testbed::{config::ConfigExperiment, experiment::Experiment, progress::Progress};
 
     init_tracing();
     let experiment = ConfigExperiment {
-        instances: vec![3],
+        instances: vec![instances],
         changes: 2,
         every: Duration::from_millis(500),
         poll_wait: Duration::from_millis(500),
         poll_every: vec![Duration::from_secs(1)],
         idle: Duration::from_secs(1),
         faults: false,
-        on: On::Agent,
+        on,
     };
-    let report = experiment
+    experiment
         .run(&crate::common::launcher(), &Progress::hidden())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// `testbed config`'s smallest cell against real Consul: three echo-server processes (the
+/// testbed binary's, whose log level is live too: every change carries one), one poller
+/// mode beside them; every change reaches every instance, a bad value is reported by all and
+/// applied by none, a 512 KiB value is applied by all and one byte more refused.
+#[tokio::test]
+async fn the_config_experiment_s_smallest_cell_holds_its_invariants() {
+    use testbed::experiment::Findings;
+    let report = config_cell(3, testbed::config::On::Agent).await;
     let cell = &report.cells[0];
     let watch = &cell.modes[0];
     assert_eq!(
@@ -766,30 +769,12 @@ async fn the_config_experiment_s_smallest_cell_holds_its_invariants() {
 /// and the client agents' CPU are read apart.
 #[tokio::test]
 async fn the_config_experiment_s_cluster_cell_holds_its_invariants() {
-    use testbed::{
-        config::{ConfigExperiment, On},
-        experiment::{Experiment, Findings},
-        progress::Progress,
+    use testbed::experiment::Findings;
+    let on = testbed::config::On::Cluster {
+        servers: 1,
+        clients: 2,
     };
-
-    init_tracing();
-    let experiment = ConfigExperiment {
-        instances: vec![4],
-        changes: 2,
-        every: Duration::from_millis(500),
-        poll_wait: Duration::from_millis(500),
-        poll_every: vec![Duration::from_secs(1)],
-        idle: Duration::from_secs(1),
-        faults: false,
-        on: On::Cluster {
-            servers: 1,
-            clients: 2,
-        },
-    };
-    let report = experiment
-        .run(&crate::common::launcher(), &Progress::hidden())
-        .await
-        .unwrap();
+    let report = config_cell(4, on).await;
     assert_eq!(report.cluster.map(|c| (c.servers, c.clients)), Some((1, 2)));
     let cell = &report.cells[0];
     let watch = &cell.modes[0];
