@@ -3,7 +3,9 @@
 //! no request: the check fails and the service is deregistered, it lingers while clients'
 //! views catch up, then it stops accepting and finishes the requests in flight.
 //!
-//!     cargo run -p consul-registry --example http_service -- 127.0.0.1:8083 hello
+//!     cargo run -p consul-registry --example http_service -- 127.0.0.1:8083 hello 5s
+//!
+//! (bind address, service name and check interval, each optional).
 //!
 //! `GET /` answers `hello from <id>`; `GET /check` is Consul's check. The agent is found as
 //! Consul's own tools find it (`CONSUL_HTTP_ADDR`, `CONSUL_HTTP_TOKEN`).
@@ -126,10 +128,11 @@ async fn main() -> anyhow::Result<()> {
     let name = args.next().unwrap_or_else(|| "hello".into());
     let listener = TcpListener::bind(&bind).await?;
     println!("{name} on http://{bind}/, check on /check");
-    let (interval, linger) = (
-        Duration::from_secs(5),
-        consul_registry::registration::DEFAULT_LINGER,
-    );
+    let interval = match args.next() {
+        Some(text) => text.parse::<GoDuration>()?.as_duration(),
+        None => Duration::from_secs(5),
+    };
+    let linger = consul_registry::registration::DEFAULT_LINGER;
     run(
         Client::from_env()?,
         listener,

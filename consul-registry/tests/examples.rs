@@ -4,7 +4,7 @@
 //!   [`Pool`]) is answered by both; one is stopped (Ctrl-C: its check reported critical,
 //!   deregistered, a linger, then it stops accepting) and the client goes on with the other
 //!   without an error; the stopped one is gone from Consul;
-//! * the kill test: three `http_service` processes (this binary started again), 200 GETs
+//! * the kill test: three `http_service` processes (the example's own binary), 200 GETs
 //!   20 ms apart through a pool and through the tower stack at once, one process SIGKILLed and
 //!   one SIGTERMed: nothing lost, at most one failed attempt per kill and client. With
 //!   `RESULTS_DIR=docs/results` it writes its figures to `docs/results/service.md`.
@@ -93,9 +93,6 @@ async fn the_ttl_service_registers_and_the_failover_client_survives_a_stop() {
 
 // === the kill test: three `http_service` processes, one SIGKILLed, one SIGTERMed ===
 
-#[path = "../examples/http_service.rs"]
-mod http_service;
-
 use std::{
     sync::{Arc, Mutex},
     time::SystemTime,
@@ -111,8 +108,6 @@ use consul_registry::{
 };
 use tower::Service;
 
-/// The variable that makes this test binary an `http_service` process (its bind address).
-const CHILD_BIND: &str = "HTTP_SERVICE_BIND";
 /// Where the kill test writes its figures when set (`docs/results`).
 const OUT: &str = "RESULTS_DIR";
 const NAME: &str = "kill-hello";
@@ -121,21 +116,19 @@ const APART: Duration = Duration::from_millis(20);
 /// Consul checks each instance this often.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Not a test: the entry point of the processes the kill test starts (this binary again,
-/// with `HTTP_SERVICE_BIND` set); without it, it returns at once.
-#[tokio::test]
-#[ignore = "a child process of the kill test, started by it"]
-async fn http_service_process() {
-    let Ok(bind) = std::env::var(CHILD_BIND) else {
-        return;
-    };
-    let listener = TcpListener::bind(&bind).await.unwrap();
-    let linger = consul_registry::registration::DEFAULT_LINGER;
-    let consul = consul_api::Client::from_env().unwrap();
-    let shutdown = http_service::terminated();
-    http_service::run(consul, listener, NAME, CHECK_INTERVAL, linger, shutdown)
-        .await
-        .unwrap();
+/// The `http_service` example's binary, which `cargo test` builds beside this test (in
+/// `target/<profile>/examples/`).
+fn http_service_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let binary = profile_dir.join("examples").join("http_service");
+    assert!(
+        binary.exists(),
+        "{} is not built: run `cargo test -p consul-registry` (which builds the examples), \
+         or `cargo build -p consul-registry --examples` first",
+        binary.display()
+    );
+    binary
 }
 
 #[derive(Debug, Clone)]
@@ -266,13 +259,9 @@ async fn a_kill_and_a_term_lose_nothing_through_the_pool_and_the_tower_stack() {
     for _ in 0..3 {
         let ip = loopback_ip();
         let address = format!("{ip}:{}", free_port_on(ip).unwrap());
-        let mut cmd = consul_command(std::env::current_exe().unwrap(), &consul.config());
-        cmd.env(CHILD_BIND, &address).args([
-            "--ignored",
-            "--exact",
-            "http_service_process",
-            "--nocapture",
-        ]);
+        let mut cmd = consul_command(http_service_binary(), &consul.config());
+        let interval = consul_api::GoDuration(CHECK_INTERVAL).to_string();
+        cmd.args([address.as_str(), NAME, interval.as_str()]);
         let child = ChildProcess::spawn(cmd, format!("http_service on {address}")).unwrap();
         servers.push((address, child));
     }
