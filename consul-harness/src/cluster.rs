@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use crate::{
     consul::{AgentMode, AgentSpec, Consul, ConsulOptions, Flavor, Membership, Ports},
     error::{Error, Result},
+    owner,
 };
 
 /// The shape of a cluster.
@@ -158,11 +159,7 @@ impl Cluster {
         let total = spec.servers + spec.clients;
         let addresses = reserve(total)?;
         let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-        let root = std::env::temp_dir().join(format!(
-            "testbed-cluster-{}-{}-{tag}",
-            std::process::id(),
-            spec.datacenter
-        ));
+        let root = owner::temp_dir("testbed-cluster-", &format!("{}-{tag}", spec.datacenter))?;
         let mut cluster = Cluster {
             spec: spec.clone(),
             servers: Vec::new(),
@@ -170,7 +167,6 @@ impl Cluster {
             root,
             addresses: addresses.clone(),
         };
-        std::fs::create_dir_all(&cluster.root)?;
         let server_ips = addresses[..spec.servers].to_vec();
         for (i, ip) in addresses.iter().enumerate() {
             let member = if i < spec.servers {
@@ -377,27 +373,32 @@ impl Cluster {
         }
     }
 
-    /// The leader, if a running server names one that is a running server of this cluster.
+    /// The leader a majority of the cluster's servers name, if one does: `None` during an
+    /// election or without a quorum. One server's word is not enough: a server that has not
+    /// noticed its leader's death still names it, and a leader cut off from the others names
+    /// itself until its lease runs out.
     pub async fn leader(&self) -> Option<usize> {
-        for server in self.servers.iter().filter(|s| s.is_running()) {
-            let Ok(Ok(leader)) =
-                tokio::time::timeout(Duration::from_secs(2), server.client().status().leader())
-                    .await
-            else {
-                continue;
-            };
-            let Some((host, _)) = leader.rsplit_once(':') else {
-                continue;
-            };
-            if let Some(i) = self
-                .servers
-                .iter()
-                .position(|s| s.is_running() && s.spec().address.to_string() == host)
-            {
-                return Some(i);
-            }
-        }
-        None
+        let named =
+            futures::future::join_all((0..self.servers.len()).map(|i| self.leader_named_by(i)))
+                .await;
+        let majority = self.servers.len() / 2 + 1;
+        (0..self.servers.len())
+            .find(|i| named.iter().filter(|n| **n == Some(*i)).count() >= majority)
+    }
+
+    /// The server that server `i` names as leader, if `i` runs, answers within 2 s and names
+    /// a running server of this cluster.
+    pub async fn leader_named_by(&self, i: usize) -> Option<usize> {
+        let server = self.servers.get(i).filter(|s| s.is_running())?;
+        let leader =
+            tokio::time::timeout(Duration::from_secs(2), server.client().status().leader())
+                .await
+                .ok()?
+                .ok()?;
+        let (host, _) = leader.rsplit_once(':')?;
+        self.servers
+            .iter()
+            .position(|s| s.is_running() && s.spec().address.to_string() == host)
     }
 
     /// SIGKILL the agent (`docker rm -f`): it does not leave; the others mark it failed.

@@ -37,6 +37,7 @@ pub mod consul;
 pub mod error;
 pub mod logbuf;
 pub mod network;
+pub mod owner;
 pub mod process;
 pub mod procfs;
 pub mod provision;

@@ -44,6 +44,7 @@ use std::{
 use crate::{
     cluster::{Cluster, Member, UID_BASE, is_reserved},
     error::{Error, Result},
+    owner::{self, Owner},
 };
 
 /// An agent as the kernel tells it apart: the address it listens on and the uid it runs as.
@@ -277,21 +278,18 @@ impl Rules {
     }
 }
 
-/// `ip testbed_net_<pid>_<start>_<n>`: the name of a table owned by process `pid` started at
-/// `start` (clock ticks after boot, `/proc/<pid>/stat`'s 22nd field).
-pub fn table_name(pid: u32, start: u64, n: u32) -> String {
-    format!("{TABLE_PREFIX}{pid}_{start}_{n}")
+/// `ip testbed_net_<pid>_<start>_<n>`: the name of `owner`'s table `n`.
+pub fn table_name(owner: Owner, n: u32) -> String {
+    format!("{TABLE_PREFIX}{}_{n}", owner.tag())
 }
 
 const TABLE_PREFIX: &str = "testbed_net_";
 
-/// The owner `(pid, start)` of a table named by [`table_name`].
-pub fn table_owner(name: &str) -> Option<(u32, u64)> {
-    let mut parts = name.strip_prefix(TABLE_PREFIX)?.split('_');
-    let pid = parts.next()?.parse().ok()?;
-    let start = parts.next()?.parse().ok()?;
-    parts.next()?.parse::<u32>().ok()?;
-    Some((pid, start))
+/// The owner of a table named by [`table_name`].
+pub fn table_owner(name: &str) -> Option<Owner> {
+    let (owner, n) = Owner::parse(name.strip_prefix(TABLE_PREFIX)?)?;
+    n.parse::<u32>().ok()?;
+    Some(owner)
 }
 
 /// The table names in `nft list tables`' output.
@@ -399,8 +397,7 @@ impl Network {
             }
         }
         sweep();
-        let (pid, start) = me()?;
-        let table = table_name(pid, start, NEXT_TABLE.fetch_add(1, Ordering::Relaxed));
+        let table = table_name(Owner::me()?, NEXT_TABLE.fetch_add(1, Ordering::Relaxed));
         let mut network = Network {
             table,
             endpoints,
@@ -503,7 +500,7 @@ impl Network {
     /// Bring the kernel in line with `self.rules`: bands first (a mark with no band is
     /// harmless, a band whose netem is stale is not), then the table at once.
     fn apply(&mut self) -> Result<()> {
-        let (pid, _) = me()?;
+        let pid = std::process::id();
         self.sync_bands(pid)?;
         let mut bands = self.bands.iter();
         let marks: Vec<u32> = (0..self.rules.netems().len())
@@ -648,33 +645,12 @@ fn runs(program: &str, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// This process: pid and start time.
-fn me() -> Result<(u32, u64)> {
-    let pid = std::process::id();
-    let start = start_time(pid).ok_or_else(|| Error::Process {
-        what: "read this process's start time".into(),
-        reason: "/proc/self/stat unreadable".into(),
-    })?;
-    Ok((pid, start))
-}
-
-/// `/proc/<pid>/stat`'s start time (clock ticks after boot), if the process lives.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields count from the last ')'.
-    let after = &stat[stat.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// Delete the tables and netem bands whose owner is gone (what a SIGKILLed run left);
 /// [`Network::new`] does it first.
 pub fn sweep() {
     if let Ok(listing) = output("nft", &["list", "tables"]) {
         for table in parse_tables(&listing) {
-            let Some((pid, start)) = table_owner(&table) else {
-                continue;
-            };
-            if start_time(pid) != Some(start) {
+            if table_owner(&table).is_some_and(|owner| !owner.alive()) {
                 tracing::info!(%table, "deleting a network table left by a dead process");
                 let _ = nft(&["delete", "table", "ip", &table]);
             }
@@ -683,7 +659,7 @@ pub fn sweep() {
     if let Ok(_lock) = TcLock::take() {
         let dead: Vec<(u16, u32)> = filters()
             .into_iter()
-            .filter(|(_, m)| mark_owner(*m).is_none_or(|pid| start_time(pid).is_none()))
+            .filter(|(_, m)| mark_owner(*m).is_none_or(|pid| !owner::runs(pid)))
             .collect();
         if !dead.is_empty() {
             tracing::info!(?dead, "releasing netem bands left by dead processes");
@@ -1018,8 +994,14 @@ mod tests {
             None,
             "kube-proxy's mark is not ours"
         );
-        let t = table_name(4242, 987_654, 3);
-        assert_eq!(table_owner(&t), Some((4242, 987_654)));
+        let owner = Owner {
+            pid: 4242,
+            start: 987_654,
+        };
+        let t = table_name(owner, 3);
+        assert_eq!(t, "testbed_net_4242_987654_3");
+        assert_eq!(table_owner(&t), Some(owner));
+        assert_eq!(table_owner("testbed_net_4242_987654"), None);
         assert_eq!(table_owner("testbed_net_x_1_2"), None);
         assert_eq!(table_owner("filter"), None);
         let listing = "table ip nat\ntable ip filter\ntable ip testbed_net_12_34_0\ntable inet testbed_net_1_1_1\n";
@@ -1048,11 +1030,5 @@ mod tests {
             parse_filters(listing),
             vec![(2, 0xc5123402), (5, 0xc5000101)]
         );
-    }
-
-    #[test]
-    fn this_process_has_a_start_time_and_a_dead_one_none() {
-        assert!(start_time(std::process::id()).is_some());
-        assert_eq!(start_time(u32::MAX), None);
     }
 }

@@ -64,7 +64,7 @@ pub mod error;
 
 pub use consul_harness::{
     BackendChoice, BackendKind, Cluster, ClusterSpec, Consul, ConsulOptions, Member, consul,
-    logbuf, network, process, procfs, provision, signal, wait,
+    logbuf, network, owner, process, procfs, provision, signal, wait,
 };
 pub use echo_rig::procs;
 pub use error::{Error, Result};

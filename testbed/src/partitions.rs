@@ -313,26 +313,12 @@ impl Findings for Outcome {
     }
 }
 
-/// The leader server `i` names (its index), if any.
-async fn leader_seen_by(cluster: &Cluster, i: usize) -> Option<usize> {
-    let server = cluster.servers().get(i)?;
-    let leader = tokio::time::timeout(Duration::from_secs(2), server.client().status().leader())
-        .await
-        .ok()?
-        .ok()?;
-    let (host, _) = leader.rsplit_once(':')?;
-    cluster
-        .servers()
-        .iter()
-        .position(|s| s.spec().address.to_string() == host)
-}
-
 /// Until a server other than `old` names a leader other than `old` (the majority's new
 /// leader), at most until `deadline`; when it did.
 async fn majority_leader(cluster: &Cluster, old: usize, deadline: Instant) -> Option<Instant> {
     loop {
         for i in (0..cluster.servers().len()).filter(|i| *i != old) {
-            if leader_seen_by(cluster, i).await.is_some_and(|l| l != old) {
+            if cluster.leader_named_by(i).await.is_some_and(|l| l != old) {
                 return Some(Instant::now());
             }
         }
@@ -544,7 +530,7 @@ impl Experiment for Config {
                 if let Some(at) = majority_leader(cluster, leader, began + self.cut_for).await {
                     new_leader_ms = Some(ms(at - began));
                 }
-                old_leader_claims = Some(leader_seen_by(cluster, leader).await == Some(leader));
+                old_leader_claims = Some(cluster.leader_named_by(leader).await == Some(leader));
                 step.say("registering an echo server on node 2 during the cut");
                 let registered = Instant::now();
                 let extra =

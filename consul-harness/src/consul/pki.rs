@@ -90,12 +90,8 @@ impl TestPki {
 
     /// Like [`TestPki::new`], with an agent certificate for `names` only.
     pub fn for_agent_names(names: &[&str]) -> Result<TestPki> {
-        let dir = std::env::temp_dir().join(format!(
-            "testbed-pki-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir)?;
+        let dir =
+            crate::owner::temp_dir("testbed-pki-", &format!("{:08x}", rand::random::<u32>()))?;
         let pki = TestPki {
             dir,
             ca: Ca::new("testbed CA")?,

@@ -12,6 +12,7 @@ use testbed::{
     Cluster, ClusterSpec, Member,
     experiment::{Experiment, Findings},
     network::{self, Network},
+    owner::Owner,
     partitions::{self, Scenario},
     progress::Progress,
 };
@@ -133,10 +134,16 @@ fn tables_of_dead_owners_are_swept_and_live_ones_kept() {
     }
     // pid_max is at most 2^22: this pid never lives. A live pid with another start time is
     // a reused pid: its table is swept too. This process's own table stays.
-    let me = std::process::id();
-    let dead = network::table_name(4_194_305, 12, 0);
-    let reused = network::table_name(me, 1, 0);
-    let live = network::table_name(me, start_time(me), 9_999);
+    let me = Owner::me().unwrap();
+    let dead = network::table_name(
+        Owner {
+            pid: 4_194_305,
+            start: 12,
+        },
+        0,
+    );
+    let reused = network::table_name(Owner { start: 1, ..me }, 0);
+    let live = network::table_name(me, 9_999);
     for t in [&dead, &reused, &live] {
         let ok = std::process::Command::new("nft")
             .args(["add", "table", "ip", t])
@@ -152,12 +159,6 @@ fn tables_of_dead_owners_are_swept_and_live_ones_kept() {
     assert!(!now.contains(&dead), "{now}");
     assert!(!now.contains(&reused), "{now}");
     assert!(now.contains(&live), "a live owner's table was swept: {now}");
-}
-
-fn start_time(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 1..];
-    after.split_whitespace().nth(19).unwrap().parse().unwrap()
 }
 
 /// A scenario of `testbed partitions` on one server, shortened.
