@@ -24,13 +24,23 @@ use super::agent::{AgentSpec, AgentTls};
 use crate::logbuf::LogBuffer;
 use crate::{
     error::{Error, Result},
+    owner::{self, Owner},
     provision,
 };
 
 /// The label every testbed container carries.
 pub const OWNER_LABEL: &str = "testbed.owner";
 const OWNER_VALUE: &str = "consul-echo";
+/// The owning process, as [`Owner::tag`] writes it (a bare pid on older containers).
 const PID_LABEL: &str = "testbed.pid";
+
+/// Whether the process a container's [`PID_LABEL`] names still runs.
+fn owner_alive(label: &str) -> bool {
+    match Owner::parse(label) {
+        Some((owner, _)) => owner.alive(),
+        None => label.parse().is_ok_and(owner::runs),
+    }
+}
 
 /// A Consul image by name and tag, for example `hashicorp/consul:1.20`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,8 +206,7 @@ async fn remove_orphans(docker: &Docker) {
                     .labels
                     .as_ref()
                     .and_then(|l| l.get(PID_LABEL))
-                    .and_then(|pid| pid.parse::<u32>().ok())
-                    .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+                    .is_some_and(|label| owner_alive(label));
                 if owner_alive {
                     continue;
                 }
@@ -251,7 +260,7 @@ async fn start_container(
     let request = request
         .with_container_name(format!("testbed-{}", spec.node_name))
         .with_label(OWNER_LABEL, OWNER_VALUE)
-        .with_label(PID_LABEL, std::process::id().to_string())
+        .with_label(PID_LABEL, Owner::me()?.tag())
         .with_startup_timeout(timeout)
         .with_log_consumer(move |frame: &LogFrame| match frame {
             LogFrame::StdOut(bytes) | LogFrame::StdErr(bytes) => sink.push_bytes(bytes),
@@ -384,6 +393,19 @@ impl Container {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_container_of_a_dead_or_reused_pid_is_an_orphan() {
+        let me = Owner::me().unwrap();
+        assert!(owner_alive(&me.tag()));
+        assert!(!owner_alive(&Owner { start: 1, ..me }.tag()));
+        assert!(
+            owner_alive(&me.pid.to_string()),
+            "an older container's bare pid"
+        );
+        assert!(!owner_alive("4194305"));
+        assert!(!owner_alive("not a pid"));
+    }
 
     #[test]
     fn image_refs() {
