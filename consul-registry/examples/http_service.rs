@@ -1,7 +1,8 @@
 //! A small HTTP service that registers itself with an HTTP check served by its own router
 //! (the check's path given once), and on SIGTERM or Ctrl-C shuts down in the order that loses
 //! no request: the check fails and the service is deregistered, it lingers while clients'
-//! views catch up, then it stops accepting and finishes the requests in flight.
+//! views catch up (still accepting: a client that has not caught up is answered), then it
+//! stops accepting and finishes the requests in flight.
 //!
 //!     cargo run -p consul-registry --example http_service -- 127.0.0.1:8083 hello 5s
 //!
@@ -55,14 +56,25 @@ pub async fn run(
         Registration::start_with_health(consul, service, health, CancellationToken::new())
             .with_linger(linger);
 
+    // 1-2. On `shutdown`, out of rotation: the check fails, the service is deregistered and
+    // clients' views catch up (the linger), while the loop below goes on accepting: a client
+    // that has not caught up yet still gets its answer.
+    let out_of_rotation = async move {
+        tokio::select! {
+            () = shutdown => {}
+            // Consul refused the registration for good (a 403 before it ever worked).
+            ended = registration.wait() => return ended,
+        }
+        registration.drain().await
+    };
+    let mut out_of_rotation = std::pin::pin!(out_of_rotation);
+
     let hello = format!("hello from {id}\n");
     let connections = TaskTracker::new();
     let stop_connections = CancellationToken::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
+    let deregistered = loop {
         let (stream, _) = tokio::select! {
-            () = &mut shutdown => break,
-            failed = registration.wait() => return Ok(failed?),
+            deregistered = &mut out_of_rotation => break deregistered,
             accepted = listener.accept() => accepted?,
         };
         let (check, hello, stop) = (check.clone(), hello.clone(), stop_connections.clone());
@@ -90,9 +102,7 @@ pub async fn run(
                 }
             }
         });
-    }
-    // 1-2. Out of rotation: the check fails, the service is deregistered, clients catch up.
-    let deregistered = registration.drain().await;
+    };
     // 3. Stop accepting, 4. finish what is in flight.
     drop(listener);
     stop_connections.cancel();

@@ -1,7 +1,8 @@
 //! A small HTTP service that registers itself with its Consul agent, keeps a TTL check
 //! passing (no check endpoint to expose), and on Ctrl-C shuts down in the order that loses
 //! no request: its check reported critical and the service deregistered, a linger while
-//! clients' views catch up, then it stops accepting and finishes the requests in flight.
+//! clients' views catch up (still accepting), then it stops accepting and finishes the
+//! requests in flight.
 //!
 //!     cargo run -p consul-registry --example ttl_service -- 127.0.0.1:8081
 //!
@@ -39,11 +40,20 @@ pub async fn run(
     };
     // Registers and beats the TTL check; `drain` below takes it out of rotation.
     let mut registration = Registration::start(consul, service, CancellationToken::new());
+    // On `stop`: critical, deregistered, lingered, while the loop below goes on accepting.
+    let out_of_rotation = async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            // Consul refused the registration for good (a 403 before it ever worked).
+            ended = registration.wait() => return ended,
+        }
+        registration.drain().await
+    };
+    let mut out_of_rotation = std::pin::pin!(out_of_rotation);
     let (connections, stop_connections) = (TaskTracker::new(), CancellationToken::new());
-    loop {
+    let deregistered = loop {
         let (stream, _) = tokio::select! {
-            () = stop.cancelled() => break,
-            failed = registration.wait() => return Ok(failed?),
+            deregistered = &mut out_of_rotation => break deregistered,
             accepted = listener.accept() => accepted?,
         };
         let (body, stop) = (format!("hello from {id}\n"), stop_connections.clone());
@@ -63,9 +73,8 @@ pub async fn run(
                 }
             }
         });
-    }
-    // Critical, deregistered, lingered; only then stop accepting and finish what is in flight.
-    let deregistered = registration.drain().await;
+    };
+    // Only then stop accepting and finish what is in flight.
     drop(listener);
     stop_connections.cancel();
     connections.close();

@@ -113,3 +113,9 @@ pub use pool::{Pick, Pool, PoolConfig};
 pub use registration::{Registrar, Registration};
 pub use source::Source;
 pub use ttl::Heartbeat;
+
+/// The workspace's page "Use it in your service" (`docs/service.md`), whose snippets are
+/// compiled by `cargo test` as this crate's doctests, so that the page cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/service.md")]
+pub struct ServiceDoc;

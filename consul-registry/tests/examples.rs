@@ -7,7 +7,11 @@
 //! * the kill test: three `http_service` processes (the example's own binary), 200 GETs
 //!   20 ms apart through a pool and through the tower stack at once, one process SIGKILLed and
 //!   one SIGTERMed: nothing lost, at most one failed attempt per kill and client. With
-//!   `RESULTS_DIR=docs/results` it writes its figures to `docs/results/service.md`.
+//!   `RESULTS_DIR=docs/results` it writes its figures to `docs/results/service.md`;
+//! * the drain order: one `http_service` process SIGTERMed while new connections arrive every
+//!   20 ms: it answers every one of them until Consul no longer lists it as passing and the
+//!   linger has passed (its check answering 503 meanwhile), then refuses every later one,
+//!   and exits cleanly.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -402,4 +406,148 @@ fn write_report(
         .join("..")
         .join(dir);
     std::fs::write(dir.join("service.md"), text).unwrap();
+}
+
+// === the drain order: a SIGTERMed `http_service` serves until Consul dropped it and lingers ===
+
+/// One request of the drain test's prober, each on a connection of its own.
+#[derive(Debug)]
+struct Probe {
+    sent: Instant,
+    path: &'static str,
+    /// `None`: no answer (refused, reset, or none within 1 s).
+    status: Option<u16>,
+}
+
+/// GET `/` and `/check` in turn at `address`, `APART` apart, each on a new connection (as a
+/// client that has not caught up with Consul would connect), until five requests after
+/// `exited`.
+async fn probe(address: String, exited: CancellationToken) -> Vec<Probe> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let mut probes = Vec::new();
+    let mut after_exit = 0;
+    let mut tick = tokio::time::interval(APART);
+    for path in ["/", "/check"].into_iter().cycle() {
+        tick.tick().await;
+        if exited.is_cancelled() {
+            after_exit += 1;
+            if after_exit > 5 {
+                break;
+            }
+        }
+        let sent = Instant::now();
+        let status = http
+            .get(format!("http://{address}{path}"))
+            .send()
+            .await
+            .ok()
+            .map(|r| r.status().as_u16());
+        probes.push(Probe { sent, path, status });
+    }
+    probes
+}
+
+#[tokio::test]
+async fn a_sigtermed_http_service_answers_until_consul_dropped_it_and_the_linger_passed() {
+    const DRAINED: &str = "drain-hello";
+    let linger = consul_registry::registration::DEFAULT_LINGER;
+    let consul = Consul::start().await.unwrap();
+    let ip = loopback_ip();
+    let address = format!("{ip}:{}", free_port_on(ip).unwrap());
+    let mut cmd = consul_command(http_service_binary(), &consul.config());
+    let interval = consul_api::GoDuration(CHECK_INTERVAL).to_string();
+    cmd.args([address.as_str(), DRAINED, interval.as_str()]);
+    let mut server = ChildProcess::spawn(cmd, format!("http_service on {address}")).unwrap();
+    wait::passing(&consul.client(), DRAINED, Duration::from_secs(30))
+        .await
+        .expect("the http_service process registers and passes");
+
+    // When Consul's passing set no longer lists it, by blocking queries begun before the
+    // signal (a later first read only makes the moment later: the test stricter).
+    let left = {
+        let client = consul.client();
+        tokio::spawn(async move {
+            wait::health_until(&client, DRAINED, true, Duration::from_secs(30), |e| {
+                e.is_empty()
+            })
+            .await
+            .map(|(_, at)| at)
+        })
+    };
+    let exited = CancellationToken::new();
+    let prober = tokio::spawn(probe(address.clone(), exited.clone()));
+    let first = reqwest::get(format!("http://{address}/")).await.unwrap();
+    assert_eq!(first.status(), 200, "it serves before the signal");
+
+    let signalled = Instant::now();
+    server.signal(Signal::SIGTERM).unwrap();
+    let exit = server.wait_exit(Duration::from_secs(20)).await.unwrap();
+    exited.cancel();
+    assert!(exit.success(), "it drains and exits cleanly: {exit}");
+    let left = left
+        .await
+        .unwrap()
+        .expect("Consul stops listing it as passing");
+    let probes = prober.await.unwrap();
+
+    let after: Vec<&Probe> = probes.iter().filter(|p| p.sent >= signalled).collect();
+    let refused = after
+        .iter()
+        .position(|p| p.status.is_none())
+        .expect("it stops accepting before it exits");
+    let stopped = after[refused].sent;
+    let since = |t: Instant| t.saturating_duration_since(signalled).as_millis();
+    eprintln!(
+        "drain order: SIGTERM → out of Consul's passing set {} ms, → first refused connection {} ms ({} ms after Consul dropped it; linger {} ms); {} requests after the signal",
+        since(left),
+        since(stopped),
+        stopped.saturating_duration_since(left).as_millis(),
+        linger.as_millis(),
+        after.len()
+    );
+    let table = || {
+        after
+            .iter()
+            .map(|p| format!("{:>5} ms {:<6} {:?}", since(p.sent), p.path, p.status))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // Until it stops accepting, every new connection is answered: `/` as ever, `/check` with
+    // 503 once Consul has dropped it (the check failed before the deregistration).
+    for p in &after[..refused] {
+        let expected = match p.path {
+            "/" => 200,
+            _ if p.sent >= left => 503,
+            _ => continue,
+        };
+        assert_eq!(p.status, Some(expected), "{p:?}:\n{}", table());
+    }
+    let served_after_left = after[..refused]
+        .iter()
+        .filter(|p| p.path == "/" && p.sent >= left)
+        .count();
+    assert!(
+        served_after_left > 0,
+        "answered no request after Consul dropped it:\n{}",
+        table()
+    );
+    // It stopped accepting only after Consul dropped it and most of the linger had passed
+    // (the deregistration returns a little before the blocking query sees it), and for good.
+    assert!(
+        stopped >= left + linger / 2,
+        "stopped accepting {} ms after the signal, Consul dropped it at {} ms, linger {} ms:\n{}",
+        since(stopped),
+        since(left),
+        linger.as_millis(),
+        table()
+    );
+    assert!(
+        after[refused..].iter().all(|p| p.status.is_none()),
+        "answered again after it stopped accepting:\n{}",
+        table()
+    );
 }
