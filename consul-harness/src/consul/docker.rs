@@ -31,14 +31,21 @@ use crate::{
 /// The label every testbed container carries.
 pub const OWNER_LABEL: &str = "testbed.owner";
 const OWNER_VALUE: &str = "consul-echo";
-/// The owning process, as [`Owner::tag`] writes it (a bare pid on older containers).
+/// The owning process's pid (older versions of the harness read it alone: it stays bare).
 const PID_LABEL: &str = "testbed.pid";
+/// The owning process's start time (see [`Owner`]): with the pid, a reused pid is told apart.
+const START_LABEL: &str = "testbed.pid_start";
 
-/// Whether the process a container's [`PID_LABEL`] names still runs.
-fn owner_alive(label: &str) -> bool {
-    match Owner::parse(label) {
-        Some((owner, _)) => owner.alive(),
-        None => label.parse().is_ok_and(owner::runs),
+/// Whether the process a container's labels name still runs (a container without
+/// [`START_LABEL`], from an older harness, by its pid alone).
+fn owner_alive(pid: Option<&String>, start: Option<&String>) -> bool {
+    let Some(pid) = pid.and_then(|p| p.parse().ok()) else {
+        return false;
+    };
+    match start.map(|s| s.parse()) {
+        Some(Ok(start)) => Owner { pid, start }.alive(),
+        Some(Err(_)) => false,
+        None => owner::runs(pid),
     }
 }
 
@@ -202,11 +209,11 @@ async fn remove_orphans(docker: &Docker) {
                 return;
             };
             for c in containers {
-                let owner_alive = c
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(PID_LABEL))
-                    .is_some_and(|label| owner_alive(label));
+                let labels = c.labels.as_ref();
+                let owner_alive = owner_alive(
+                    labels.and_then(|l| l.get(PID_LABEL)),
+                    labels.and_then(|l| l.get(START_LABEL)),
+                );
                 if owner_alive {
                     continue;
                 }
@@ -257,10 +264,12 @@ async fn start_container(
     if let Some(uid) = spec.mode.membership().and_then(|m| m.uid) {
         request = request.with_user(format!("{uid}:{uid}"));
     }
+    let me = Owner::me()?;
     let request = request
         .with_container_name(format!("testbed-{}", spec.node_name))
         .with_label(OWNER_LABEL, OWNER_VALUE)
-        .with_label(PID_LABEL, Owner::me()?.tag())
+        .with_label(PID_LABEL, me.pid.to_string())
+        .with_label(START_LABEL, me.start.to_string())
         .with_startup_timeout(timeout)
         .with_log_consumer(move |frame: &LogFrame| match frame {
             LogFrame::StdOut(bytes) | LogFrame::StdErr(bytes) => sink.push_bytes(bytes),
@@ -397,14 +406,16 @@ mod tests {
     #[test]
     fn a_container_of_a_dead_or_reused_pid_is_an_orphan() {
         let me = Owner::me().unwrap();
-        assert!(owner_alive(&me.tag()));
-        assert!(!owner_alive(&Owner { start: 1, ..me }.tag()));
-        assert!(
-            owner_alive(&me.pid.to_string()),
-            "an older container's bare pid"
-        );
-        assert!(!owner_alive("4194305"));
-        assert!(!owner_alive("not a pid"));
+        let label = |v: u64| Some(v.to_string());
+        let alive = |pid: u64, start: Option<u64>| {
+            owner_alive(label(pid).as_ref(), start.and_then(label).as_ref())
+        };
+        assert!(alive(me.pid.into(), Some(me.start)));
+        assert!(!alive(me.pid.into(), Some(me.start + 1)), "a reused pid");
+        assert!(alive(me.pid.into(), None), "an older harness's container");
+        assert!(!alive(4_194_305, None));
+        assert!(!owner_alive(Some(&"not a pid".into()), None));
+        assert!(!owner_alive(None, None));
     }
 
     #[test]
