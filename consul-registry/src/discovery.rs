@@ -36,7 +36,11 @@ use consul_api::{
 use tokio::sync::watch;
 
 pub use crate::source::Source;
-use crate::{backoff::Backoff, source::Reader};
+use crate::{
+    backoff::Backoff,
+    damping::{Damper, Damping},
+    source::Reader,
+};
 
 /// One passing instance of the service, as Consul lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -156,6 +160,9 @@ pub struct Snapshot {
     pub read_at: SystemTime,
     /// Consul's error, when discovery failed for good: its kind and source chain.
     pub cause: Option<Arc<consul_api::Error>>,
+    /// Instances Consul lists passing that flap damping holds out of `instances`
+    /// ([`DiscoveryConfig::damping`]; always 0 without it).
+    pub held_out: usize,
 }
 
 impl Snapshot {
@@ -172,6 +179,7 @@ impl Snapshot {
             received_at: now,
             read_at: now,
             cause: None,
+            held_out: 0,
         }
     }
 
@@ -204,6 +212,7 @@ impl Snapshot {
             received_at,
             read_at: received_at,
             cause: None,
+            held_out: 0,
         }
     }
 
@@ -288,6 +297,14 @@ pub struct DiscoveryConfig {
     /// A server-side filter expression (`filter`, e.g. `Service.Meta.version == "2"`),
     /// applied by Consul before the answer is sent.
     pub filter: Option<String>,
+    /// Client-side flap damping ([`crate::damping`]): an instance that keeps leaving and
+    /// returning is held out of the published instances for a growing hold-down, never
+    /// every instance. Off (`None`) by default: a held-out instance is one Consul lists
+    /// passing, the view lags Consul by a hold-down after flapping stops, and where Consul
+    /// records no flap (loss and partitions between agents, `testbed partitions` d) there is
+    /// nothing to damp; turn it on for services whose checks flap (`testbed partitions`
+    /// f measures what it removes).
+    pub damping: Option<Damping>,
 }
 
 impl DiscoveryConfig {
@@ -304,6 +321,7 @@ impl DiscoveryConfig {
             max_stale: None,
             cached: false,
             filter: None,
+            damping: None,
         }
     }
 }
@@ -362,10 +380,26 @@ pub(crate) async fn follow<F, Fut>(
     )
     .refusing(move |meta| too_stale(meta, max_stale).is_some());
     let service = config.service.as_str();
+    let mut damper = config.damping.clone().map(Damper::new);
+    // Consul's last passing set, before damping (applied again when a hold-down ends).
+    let mut passing: Vec<Arc<Instance>> = Vec::new();
     loop {
+        let release = damper.as_ref().and_then(Damper::next_release);
         let event = tokio::select! {
             event = follow.next() => event,
             () = tx.closed() => return,
+            () = until(release) => {
+                if let Some(damper) = damper.as_mut() {
+                    let verdict = damper.update(&passing, tokio::time::Instant::now());
+                    log_damping(service, &verdict);
+                    publish(&tx, |s| Snapshot {
+                        held_out: verdict.held_out,
+                        read_at: s.read_at,
+                        ..s.with_instances(verdict.view, s.index, s.received_at)
+                    });
+                }
+                continue;
+            }
         };
         match event {
             // Not applied: the last known instances stay, and the read is retried.
@@ -397,8 +431,18 @@ pub(crate) async fn follow<F, Fut>(
                 }
                 let received_at = meta.received_at.unwrap_or_else(SystemTime::now);
                 let read_at = meta.read_at.unwrap_or(received_at);
+                let (instances, held_out) = match damper.as_mut() {
+                    Some(damper) => {
+                        let verdict = damper.update(&instances, tokio::time::Instant::now());
+                        log_damping(service, &verdict);
+                        passing = instances;
+                        (verdict.view, verdict.held_out)
+                    }
+                    None => (instances, 0),
+                };
                 publish(&tx, |s| Snapshot {
                     read_at,
+                    held_out,
                     ..s.with_instances(instances, meta.last_index, received_at)
                 });
                 let now = tx.borrow();
@@ -450,6 +494,30 @@ pub(crate) async fn follow<F, Fut>(
                 return;
             }
         }
+    }
+}
+
+/// Until `at`; never without it.
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Each instance damping held out or let back in, at info.
+fn log_damping(service: &str, verdict: &crate::damping::Verdict) {
+    for (instance, hold_down) in &verdict.held {
+        tracing::info!(
+            service,
+            instance = %instance,
+            ?hold_down,
+            held_out = verdict.held_out,
+            "flapping: held out of the view"
+        );
+    }
+    for instance in &verdict.released {
+        tracing::info!(service, instance = %instance, "flap hold-down over: back in the view");
     }
 }
 
@@ -813,6 +881,57 @@ mod tests {
             None,
             "no bound, any age"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn damping_holds_a_flapping_instance_out_until_its_hold_down_ends() {
+        let all = || {
+            vec![
+                entry("a", "127.0.0.1", "", 1),
+                entry("b", "127.0.0.1", "", 2),
+                entry("c", "127.0.0.1", "", 3),
+            ]
+        };
+        let some = || all().into_iter().skip(1).collect::<Vec<_>>();
+        let mut config = DiscoveryConfig::new("servernode");
+        config.damping = Some(Damping::default());
+        let (mut rx, _seen, _task) = scripted_with(
+            vec![
+                Ok((all(), meta(1))),
+                Ok((some(), meta(2))),
+                Ok((all(), meta(3))),
+                Ok((some(), meta(4))),
+                Ok((all(), meta(5))),
+            ],
+            config,
+        );
+        let s = wait_version(&mut rx, 5).await;
+        let ids: Vec<&str> = s.instances.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["b", "c"], "back after its second leave: held out");
+        assert_eq!((s.held_out, s.index), (1, 5));
+        let held_at = tokio::time::Instant::now();
+        let s = wait_version(&mut rx, 6).await;
+        assert_eq!(
+            s.instances.len(),
+            3,
+            "released without a new answer from Consul"
+        );
+        assert_eq!((s.held_out, s.index), (0, 5));
+        assert_eq!(
+            tokio::time::Instant::now() - held_at,
+            Damping::default().hold_down,
+            "woken when the hold-down ends"
+        );
+        // Without damping the same answers publish every flap.
+        let (mut rx, _seen, _task) = scripted(vec![
+            Ok((all(), meta(1))),
+            Ok((some(), meta(2))),
+            Ok((all(), meta(3))),
+            Ok((some(), meta(4))),
+            Ok((all(), meta(5))),
+        ]);
+        let s = wait_version(&mut rx, 5).await;
+        assert_eq!((s.instances.len(), s.held_out), (3, 0));
     }
 
     #[tokio::test(start_paused = true)]

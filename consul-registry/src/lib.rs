@@ -14,6 +14,9 @@
 //!   that cannot expose an HTTP endpoint;
 //! * [`discovery`] — a task following a service's passing instances with blocking queries,
 //!   publishing [`Snapshot`]s on a watch channel;
+//! * [`damping`] — [`Damping`]: client-side flap damping (opt-in): an instance that keeps
+//!   leaving and returning is held out of the view for a growing hold-down, never every
+//!   instance (pure: [`damping::Damper`] takes `now`);
 //! * [`decode`] — [`decode::Decoder`]: a service's health answers decoded by what changed
 //!   (unchanged entries are not parsed again; their instances are reused);
 //! * [`source`] — which of Consul's interfaces discovery reads: health or catalog blocking
@@ -92,6 +95,7 @@ pub mod check;
 pub mod compose;
 #[cfg(feature = "config")]
 pub mod config;
+pub mod damping;
 pub mod decode;
 pub mod discovery;
 pub mod error;
@@ -107,6 +111,7 @@ pub mod ttl;
 
 pub use balancer::{Balancer, Strategy};
 pub use check::{CheckStatus, Health};
+pub use damping::Damping;
 pub use discovery::{ConsulState, DiscoveryConfig, Instance, Snapshot};
 pub use error::{Error, Result};
 pub use pool::{Pick, Pool, PoolConfig};

@@ -130,7 +130,8 @@ pub(crate) type Read = ConsulResult<(Vec<Arc<Instance>>, QueryMeta)>;
 pub(crate) enum Reader {
     Consul {
         client: Client,
-        config: DiscoveryConfig,
+        /// Shared: the reader is cloned for every read.
+        config: Arc<DiscoveryConfig>,
         /// Health answers decoded by what changed (one read at a time, so never contended;
         /// held while an answer arrives).
         decoder: Arc<tokio::sync::Mutex<Decoder>>,
@@ -180,7 +181,7 @@ impl Reader {
             }
             _ => Reader::Consul {
                 client,
-                config,
+                config: Arc::new(config),
                 decoder: Arc::default(),
             },
         }

@@ -12,7 +12,13 @@
 //!   200 ms ± 100 ms, each for a while — flaps as Consul records them and as each view sees
 //!   them;
 //! * e. (in every scenario) after each heal, every client's view equals Consul's passing set:
-//!   how long after Consul's own set is whole again each view is.
+//!   how long after Consul's own set is whole again each view is;
+//! * f. a flapping check: where Consul itself records flaps (loss between agents did not make
+//!   it record any), an echo server's `/check` flipped (SIGUSR1) at an irregular rhythm:
+//!   its flaps as Consul records them, as an undamped client's view shows them, as a client
+//!   with flap damping ([`consul_registry::damping`]) shows them, and — the same check under
+//!   `FailuresBeforeCritical`/`SuccessBeforePassing` 3, a second registration of the same
+//!   server — as the undamped view shows those. No network fault: it needs no root.
 //!
 //! Two echo servers run on the node of client agent 1 (the one cut in a and c), one on client
 //! agent 2; a resilient client on each node (and a stale-reading one on node 2) streams
@@ -21,12 +27,16 @@
 //! [`Network`] handle removes its rules when dropped.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
-use consul_api::{Consistency, QueryOptions};
+use consul_api::{
+    AgentServiceCheck, AgentServiceRegistration, Consistency, GoDuration, QueryOptions,
+};
+use consul_registry::Damping;
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +44,7 @@ use crate::{
     Cluster, ClusterSpec, Member,
     cluster::{
         LIMIT, ViewFigures, Watched, default_reads, node_server, passing_exactly, servers_on,
-        settled, views_plot, watched,
+        settled, views_plot, watched, watched_configs,
     },
     error::{Error, Result},
     experiment::{Env, Experiment, Findings, Needs, Plan, Suite, chosen},
@@ -57,15 +67,18 @@ pub enum Scenario {
     OneWay,
     /// d. Lossy and slow links between every pair of agents.
     Lossy,
+    /// f. A flapping check: damping and thresholds against Consul's own flaps.
+    Flapping,
 }
 
 impl Scenario {
     /// All of them, in the report's order.
-    pub const ALL: [Scenario; 4] = [
+    pub const ALL: [Scenario; 5] = [
         Scenario::AgentCut,
         Scenario::LeaderCut,
         Scenario::OneWay,
         Scenario::Lossy,
+        Scenario::Flapping,
     ];
 
     /// The report's title.
@@ -75,6 +88,7 @@ impl Scenario {
             Scenario::LeaderCut => "b. the leader cut off",
             Scenario::OneWay => "c. a one-way cut",
             Scenario::Lossy => "d. lossy and slow links",
+            Scenario::Flapping => "f. a flapping check",
         }
     }
 }
@@ -98,7 +112,20 @@ pub struct Config {
     pub interval: Duration,
     /// One echo every this long, per client.
     pub every: Duration,
+    /// f: how long the check flaps.
+    pub flap_for: Duration,
+    /// f: each phase of the flapping check (failing, then passing, ...) lasts a random time
+    /// in this range (seeded: every run flips at the same moments).
+    pub flap_phase: (Duration, Duration),
 }
+
+/// f: the echo server whose check flaps (its own registration, no thresholds).
+pub const FLAPPY: &str = "flappy";
+/// f: a second registration of the same server, its check the same `/check` under
+/// `FailuresBeforeCritical` and `SuccessBeforePassing` [`THRESHOLD`].
+pub const FLAPPY_THRESHOLDS: &str = "flappy_thresholds";
+/// f: the thresholds of [`FLAPPY_THRESHOLDS`]'s check.
+pub const THRESHOLD: u32 = 3;
 
 impl Config {
     /// `scenario` with the report's settings: 3 servers, cuts of 20 s (30 s for the
@@ -117,6 +144,8 @@ impl Config {
             delay: (Duration::from_millis(200), Duration::from_millis(100)),
             interval: Duration::from_secs(1),
             every: Duration::from_millis(100),
+            flap_for: Duration::from_secs(120),
+            flap_phase: (Duration::from_secs(1), Duration::from_secs(5)),
         }
     }
 }
@@ -138,6 +167,15 @@ pub struct ClientStep {
     pub unreachable_views: usize,
     /// Consul's set whole again → this view equal to it, milliseconds (scenario e).
     pub behind_consul_ms: Option<f64>,
+    /// f: flaps of each instance counted alone.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub flaps_by_instance: BTreeMap<String, usize>,
+    /// The fewest instances a reachable view listed during the step.
+    pub fewest_listed: Option<usize>,
+    /// The most passing instances flap damping held out of one view at once.
+    pub most_held_out: usize,
+    /// Views damping left empty while Consul listed some instance (must be 0).
+    pub emptied_by_damping: usize,
 }
 
 /// One fault and its heal.
@@ -167,9 +205,43 @@ pub struct Step {
     /// b: whether the cut-off old leader still named itself leader once the majority had
     /// elected another.
     pub old_leader_claims: Option<bool>,
+    /// f: flaps of each instance in Consul's passing set, counted alone.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub consul_flaps_by_instance: BTreeMap<String, usize>,
+}
+
+/// f: the flaps of [`FLAPPY`] as Consul recorded them and as each client showed them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlapGoal {
+    /// [`FLAPPY`]'s flaps in Consul's passing set.
+    pub consul: usize,
+    /// [`FLAPPY`]'s flaps in the undamped view.
+    pub undamped: usize,
+    /// [`FLAPPY`]'s flaps in the damped view.
+    pub damped: usize,
+    /// [`FLAPPY_THRESHOLDS`]'s flaps in the undamped view (thresholds alone).
+    pub thresholds: usize,
 }
 
 impl Step {
+    /// f's figures, when this step is f's.
+    pub fn flap_goal(&self) -> Option<FlapGoal> {
+        let client = |label: &str, id: &str| {
+            self.clients
+                .iter()
+                .find(|c| c.client.ends_with(label))?
+                .flaps_by_instance
+                .get(id)
+                .copied()
+        };
+        Some(FlapGoal {
+            consul: *self.consul_flaps_by_instance.get(FLAPPY)?,
+            undamped: client(" undamped", FLAPPY)?,
+            damped: client(" damped", FLAPPY)?,
+            thresholds: client(" undamped", FLAPPY_THRESHOLDS)?,
+        })
+    }
+
     fn skipped(fault: String, why: String) -> Step {
         Step {
             fault,
@@ -183,6 +255,7 @@ impl Step {
             skipped: Some(why),
             packets_dropped: 0,
             old_leader_claims: None,
+            consul_flaps_by_instance: BTreeMap::new(),
         }
     }
 }
@@ -246,6 +319,12 @@ impl Findings for Outcome {
                         .unwrap_or_default(),
                 ),
             ));
+            if !s.consul_flaps_by_instance.is_empty() {
+                rows.push((
+                    format!("{}: Consul, by instance", s.fault),
+                    by_instance(&s.consul_flaps_by_instance),
+                ));
+            }
             for c in &s.clients {
                 rows.push((
                     format!("{}: client {}", s.fault, c.client),
@@ -261,6 +340,33 @@ impl Findings for Outcome {
                             .map_or("never".into(), |m| format!("{:.2} s", m / 1e3)),
                     ),
                 ));
+                if !c.flaps_by_instance.is_empty() {
+                    rows.push((
+                        format!("{}: client {}, by instance", s.fault, c.client),
+                        format!(
+                            "{}; fewest instances listed {}; at most {} held out at once",
+                            by_instance(&c.flaps_by_instance),
+                            c.fewest_listed.map_or("-".into(), |n| n.to_string()),
+                            c.most_held_out,
+                        ),
+                    ));
+                }
+            }
+            if let Some(g) = s.flap_goal() {
+                rows.push((
+                    format!(
+                        "{}: flaps of {FLAPPY} a view shows / Consul records (goal ≤ 1/5)",
+                        s.fault
+                    ),
+                    format!(
+                        "undamped {} / {c}; damped {} / {c}; with thresholds {THRESHOLD} \
+                         ({FLAPPY_THRESHOLDS} in the undamped view) {} / {c}",
+                        g.undamped,
+                        g.damped,
+                        g.thresholds,
+                        c = g.consul,
+                    ),
+                ));
             }
         }
         rows.push((
@@ -273,6 +379,14 @@ impl Findings for Outcome {
     fn violations(&self) -> Vec<String> {
         let mut v = self.basics.violations();
         for s in &self.steps {
+            for c in &s.clients {
+                if c.emptied_by_damping > 0 {
+                    v.push(format!(
+                        "{}: client {}'s damping held out every instance",
+                        s.fault, c.client
+                    ));
+                }
+            }
             for c in &s.clients {
                 if c.behind_consul_ms.is_none() {
                     v.push(format!(
@@ -313,6 +427,15 @@ impl Findings for Outcome {
     }
 }
 
+/// `flappy 12, flappy_thresholds 3`.
+fn by_instance(flaps: &BTreeMap<String, usize>) -> String {
+    let each: Vec<String> = flaps
+        .iter()
+        .map(|(id, n)| format!("{id} {n} flap(s)"))
+        .collect();
+    each.join(", ")
+}
+
 /// Until a server other than `old` names a leader other than `old` (the majority's new
 /// leader), at most until `deadline`; when it did.
 async fn majority_leader(cluster: &Cluster, old: usize, deadline: Instant) -> Option<Instant> {
@@ -338,6 +461,20 @@ pub fn flaps<'a>(sets: impl IntoIterator<Item = &'a BTreeSet<String>>) -> usize 
             count += p.difference(set).count();
         }
         previous = Some(set);
+    }
+    count
+}
+
+/// The flaps of instance `id` alone over a timeline of sets: how often it left.
+pub fn flaps_of<'a>(sets: impl IntoIterator<Item = &'a BTreeSet<String>>, id: &str) -> usize {
+    let mut listed: Option<bool> = None;
+    let mut count = 0;
+    for set in sets {
+        let now = set.contains(id);
+        if listed == Some(true) && !now {
+            count += 1;
+        }
+        listed = Some(now);
     }
     count
 }
@@ -413,6 +550,148 @@ async fn consul_whole(
     }
 }
 
+/// One fault, from its start to its heal: what it is measured against.
+struct Span<'a> {
+    began: Instant,
+    healed: Instant,
+    /// The instances listed when it began.
+    all: &'a BTreeSet<String>,
+    /// The instances Consul should list once healed.
+    want: &'a BTreeSet<String>,
+    /// Instances whose flaps are also counted alone (f).
+    by_instance: &'a [&'a str],
+}
+
+impl Span<'_> {
+    /// Consul's and each client's figures for this fault, once every view equals Consul's
+    /// after the heal (or the wait's deadline passed).
+    async fn measure(
+        &self,
+        fault: String,
+        t0: Instant,
+        samples: &Samples,
+        clients: &[(String, Watched)],
+        packets_dropped: u64,
+    ) -> Step {
+        let (began, healed, all, want) = (self.began, self.healed, self.all, self.want);
+        let whole = consul_whole(samples, want, healed).await;
+        let mut per_client = Vec::new();
+        for (label, w) in clients {
+            let current = match whole {
+                Some(at) => settled(&w.log, "the view to equal Consul's", healed, |v| {
+                    v.ids.iter().cloned().collect::<BTreeSet<_>>() == *want
+                })
+                .await
+                .ok()
+                .map(|since| ms(since.max(at) - at)),
+                None => None,
+            };
+            per_client.push((label.clone(), current));
+        }
+        let ended = Instant::now();
+        let consul_sets = snapshot(samples);
+        // The set in force at the fault, then every one after it.
+        let during: Vec<&BTreeSet<String>> = consul_sets
+            .iter()
+            .rev()
+            .find(|(at, _)| *at < began)
+            .into_iter()
+            .chain(
+                consul_sets
+                    .iter()
+                    .filter(|(at, _)| *at >= began && *at <= ended),
+            )
+            .map(|(_, s)| s)
+            .collect();
+        let consul_dropped_ms = consul_sets
+            .iter()
+            .find(|(at, s)| *at >= began && !all.is_subset(s))
+            .map(|(at, _)| ms(*at - began));
+        let by_instance = |sets: &[&BTreeSet<String>]| -> BTreeMap<String, usize> {
+            self.by_instance
+                .iter()
+                .map(|id| ((*id).to_owned(), flaps_of(sets.iter().copied(), id)))
+                .collect()
+        };
+        let outcomes_now: Vec<_> = clients.iter().map(|(_, w)| w.traffic.outcomes()).collect();
+        let clients_step = clients
+            .iter()
+            .zip(per_client)
+            .zip(outcomes_now)
+            .map(|(((label, w), (_, behind)), outcomes)| {
+                let views = w.log.views();
+                // The view in force at the fault, then every reachable one after it
+                // (an unreachable view keeps the instances it had: not a flap).
+                let reachable = |v: &&scenario::observers::View| {
+                    v.state == scenario::observers::ViewState::Reachable
+                };
+                let in_step: Vec<&scenario::observers::View> = views
+                    .iter()
+                    .filter(reachable)
+                    .rev()
+                    .find(|v| v.at < began)
+                    .into_iter()
+                    .chain(
+                        views
+                            .iter()
+                            .filter(reachable)
+                            .filter(|v| v.at >= began && v.at <= ended),
+                    )
+                    .collect();
+                let sets: Vec<BTreeSet<String>> = in_step
+                    .iter()
+                    .map(|v| v.ids.iter().cloned().collect())
+                    .collect();
+                let tally = scenario::observers::Tally::of(&sent_between(&outcomes, began, ended));
+                ClientStep {
+                    client: label.clone(),
+                    sent: tally.sent,
+                    lost: tally.lost,
+                    dropped_ms: views
+                        .iter()
+                        .find(|v| {
+                            v.at >= began
+                                && !all.iter().all(|id| v.lists(id))
+                                && v.state == scenario::observers::ViewState::Reachable
+                        })
+                        .map(|v| ms(v.at - began)),
+                    flaps: flaps(&sets),
+                    unreachable_views: views
+                        .iter()
+                        .filter(|v| {
+                            v.at >= began
+                                && v.at <= ended
+                                && v.state != scenario::observers::ViewState::Reachable
+                        })
+                        .count(),
+                    behind_consul_ms: behind,
+                    flaps_by_instance: by_instance(&sets.iter().collect::<Vec<_>>()),
+                    fewest_listed: in_step.iter().map(|v| v.ids.len()).min(),
+                    most_held_out: in_step.iter().map(|v| v.held_out).max().unwrap_or(0),
+                    emptied_by_damping: in_step
+                        .iter()
+                        .filter(|v| v.ids.is_empty() && v.held_out > 0)
+                        .count(),
+                }
+            })
+            .collect();
+        Step {
+            fault,
+            at_s: (ms(began - t0) / 1e3, ms(healed - t0) / 1e3),
+            consul_dropped_ms,
+            consul_flaps: flaps(during.iter().copied()),
+            consul_whole_ms: whole.map(|at| ms(at.saturating_duration_since(healed))),
+            clients: clients_step,
+            new_leader_ms: None,
+            registered_visible_ms: None,
+            skipped: None,
+            packets_dropped,
+            old_leader_claims: None,
+            consul_flaps_by_instance: by_instance(&during),
+        }
+    }
+}
+
 impl Experiment for Config {
     type Outcome = Outcome;
 
@@ -421,6 +700,10 @@ impl Experiment for Config {
     }
 
     fn needs(&self) -> Result<Needs> {
+        if self.scenario == Scenario::Flapping {
+            // No network fault: no root, no own uids.
+            return Ok(Needs::Cluster(ClusterSpec::new(self.servers, 2)));
+        }
         // Before any cluster is started: without root or the tools, say so and stop.
         network::available()?;
         if self.scenario == Scenario::LeaderCut && self.servers < 3 {
@@ -436,6 +719,9 @@ impl Experiment for Config {
 
     async fn run_on(&self, launcher: &Launcher, env: &mut Env, step: &Progress) -> Result<Outcome> {
         let cluster: &Cluster = env.cluster()?;
+        if self.scenario == Scenario::Flapping {
+            return self.flapping(launcher, cluster, step).await;
+        }
         let mut net = Network::new(cluster)?;
         let (cut_node, home) = (Member::Client(0), Member::Client(1));
         step.say("two echo servers on node 1, one on node 2");
@@ -504,6 +790,9 @@ impl Experiment for Config {
                 }
                 f
             }
+            Scenario::Flapping => {
+                return Err(Error::Setting("f runs without network faults".into()));
+            }
         };
 
         let all: BTreeSet<String> = ids.iter().cloned().collect();
@@ -557,104 +846,20 @@ impl Experiment for Config {
             net.heal()?;
             events.push((format!("healed {name}"), ms(healed - t0)));
             let want: BTreeSet<String> = scenario::ids(&servers).into_iter().collect();
-            let whole = consul_whole(&samples, &want, healed).await;
-            let mut per_client = Vec::new();
-            for (label, w) in &clients {
-                let current = match whole {
-                    Some(at) => settled(&w.log, "the view to equal Consul's", healed, |v| {
-                        v.ids.iter().cloned().collect::<BTreeSet<_>>() == want
-                    })
-                    .await
-                    .ok()
-                    .map(|since| ms(since.max(at) - at)),
-                    None => None,
-                };
-                per_client.push((label.clone(), current));
-            }
-            let ended = Instant::now();
-            let consul_sets = snapshot(&samples);
-            // The set in force at the fault, then every one after it.
-            let during: Vec<&BTreeSet<String>> = consul_sets
-                .iter()
-                .rev()
-                .find(|(at, _)| *at < began)
-                .into_iter()
-                .chain(
-                    consul_sets
-                        .iter()
-                        .filter(|(at, _)| *at >= began && *at <= ended),
-                )
-                .map(|(_, s)| s)
-                .collect();
-            let consul_dropped_ms = consul_sets
-                .iter()
-                .find(|(at, s)| *at >= began && !all.is_subset(s))
-                .map(|(at, _)| ms(*at - began));
-            let outcomes_now: Vec<_> = clients.iter().map(|(_, w)| w.traffic.outcomes()).collect();
-            let clients_step = clients
-                .iter()
-                .zip(per_client)
-                .zip(outcomes_now)
-                .map(|(((label, w), (_, behind)), outcomes)| {
-                    let views = w.log.views();
-                    // The view in force at the fault, then every reachable one after it
-                    // (an unreachable view keeps the instances it had: not a flap).
-                    let reachable = |v: &&scenario::observers::View| {
-                        v.state == scenario::observers::ViewState::Reachable
-                    };
-                    let sets: Vec<BTreeSet<String>> = views
-                        .iter()
-                        .filter(reachable)
-                        .rev()
-                        .find(|v| v.at < began)
-                        .into_iter()
-                        .chain(
-                            views
-                                .iter()
-                                .filter(reachable)
-                                .filter(|v| v.at >= began && v.at <= ended),
-                        )
-                        .map(|v| v.ids.iter().cloned().collect())
-                        .collect();
-                    let tally =
-                        scenario::observers::Tally::of(&sent_between(&outcomes, began, ended));
-                    ClientStep {
-                        client: label.clone(),
-                        sent: tally.sent,
-                        lost: tally.lost,
-                        dropped_ms: views
-                            .iter()
-                            .find(|v| {
-                                v.at >= began
-                                    && !all.iter().all(|id| v.lists(id))
-                                    && v.state == scenario::observers::ViewState::Reachable
-                            })
-                            .map(|v| ms(v.at - began)),
-                        flaps: flaps(&sets),
-                        unreachable_views: views
-                            .iter()
-                            .filter(|v| {
-                                v.at >= began
-                                    && v.at <= ended
-                                    && v.state != scenario::observers::ViewState::Reachable
-                            })
-                            .count(),
-                        behind_consul_ms: behind,
-                    }
-                })
-                .collect();
+            let span = Span {
+                began,
+                healed,
+                all: &all,
+                want: &want,
+                by_instance: &[],
+            };
             plan.push(Step {
-                fault: name,
-                at_s: (ms(began - t0) / 1e3, ms(healed - t0) / 1e3),
-                consul_dropped_ms,
-                consul_flaps: flaps(during),
-                consul_whole_ms: whole.map(|at| ms(at.saturating_duration_since(healed))),
-                clients: clients_step,
                 new_leader_ms,
                 registered_visible_ms,
-                skipped: None,
-                packets_dropped,
                 old_leader_claims,
+                ..span
+                    .measure(name, t0, &samples, &clients, packets_dropped)
+                    .await
             });
         }
         stop.cancel();
@@ -711,6 +916,143 @@ impl Fault {
 }
 
 impl Config {
+    /// f: an echo server whose check flaps, registered twice (plain, and under thresholds),
+    /// a steady server on each node; an undamped and a damped client on node 2.
+    async fn flapping(
+        &self,
+        launcher: &Launcher,
+        cluster: &Cluster,
+        step: &Progress,
+    ) -> Result<Outcome> {
+        let (node1, node2) = (Member::Client(0), Member::Client(1));
+        step.say("a flapping and a steady echo server on node 1, a steady one on node 2");
+        let mut servers = servers_on(
+            launcher,
+            cluster.agent(node1),
+            &[FLAPPY, "steady_1"],
+            self.interval,
+        )
+        .await?;
+        servers.extend(
+            servers_on(launcher, cluster.agent(node2), &["steady_2"], self.interval).await?,
+        );
+        let flappy = &servers[0].spec;
+        let interval = GoDuration(self.interval);
+        let thresholds = AgentServiceRegistration {
+            id: Some(FLAPPY_THRESHOLDS.into()),
+            name: SERVICE.into(),
+            address: Some(flappy.args.address.clone()),
+            port: Some(flappy.args.port),
+            check: Some(AgentServiceCheck {
+                check_id: Some(format!("check-{FLAPPY_THRESHOLDS}")),
+                http: Some(flappy.check_url()),
+                interval: Some(interval),
+                timeout: Some(interval),
+                failures_before_critical: Some(THRESHOLD),
+                success_before_passing: Some(THRESHOLD),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        cluster
+            .agent(node1)
+            .client()
+            .agent()
+            .service_register(&thresholds)
+            .await
+            .map_err(|e| Error::Scenario(format!("registering {FLAPPY_THRESHOLDS}: {e}")))?;
+        let mut ids = scenario::ids(&servers);
+        ids.push(FLAPPY_THRESHOLDS.into());
+        passing_exactly(cluster.agent(node2), &ids).await?;
+
+        step.say("an undamped and a damped client on node 2, streaming");
+        let agent = cluster.agent(node2);
+        let reads = |damping: Option<Damping>| {
+            let mut config = scenario::client_config(agent.config(), Duration::from_secs(1))
+                .with_consistency(Consistency::Default, None);
+            config.discovery.damping = damping;
+            config
+        };
+        let [undamped, damped] = watched_configs(
+            [
+                ("undamped".into(), reads(None)),
+                ("damped".into(), reads(Some(Damping::default()))),
+            ],
+            &ids,
+            self.every,
+        )
+        .await?;
+        let clients: Vec<(String, Watched)> = vec![
+            ("node 2 undamped".into(), undamped),
+            ("node 2 damped".into(), damped),
+        ];
+        let stop = CancellationToken::new();
+        let (samples, sampler) = sample(cluster.servers()[0].client(), stop.clone());
+
+        let all: BTreeSet<String> = ids.iter().cloned().collect();
+        let name = format!(
+            "{FLAPPY}'s check flips every {:?}–{:?} for {:?}",
+            self.flap_phase.0, self.flap_phase.1, self.flap_for
+        );
+        step.say(&name);
+        let t0 = Instant::now();
+        let began = t0;
+        let mut rng = StdRng::seed_from_u64(33);
+        let mut healthy = true;
+        let mut flips = 0u64;
+        let (shortest, longest) = self.flap_phase;
+        while began.elapsed() < self.flap_for {
+            let phase = rng.random_range(shortest..=longest.max(shortest));
+            tokio::time::sleep(phase.min(self.flap_for.saturating_sub(began.elapsed()))).await;
+            if began.elapsed() >= self.flap_for {
+                break;
+            }
+            servers[0].process.signal(crate::signal::Signal::SIGUSR1)?;
+            healthy = !healthy;
+            flips += 1;
+        }
+        if !healthy {
+            servers[0].process.signal(crate::signal::Signal::SIGUSR1)?;
+        }
+        let healed = Instant::now();
+        step.say(format!("{flips} flips; {FLAPPY}'s check healthy again"));
+        let events = vec![
+            ("flapping began".to_owned(), 0.0),
+            ("flapping stopped".to_owned(), ms(healed - t0)),
+        ];
+        let span = Span {
+            began,
+            healed,
+            all: &all,
+            want: &all,
+            by_instance: &[FLAPPY, FLAPPY_THRESHOLDS],
+        };
+        let plan = vec![span.measure(name, t0, &samples, &clients, 0).await];
+        stop.cancel();
+        let _ = sampler.await;
+        let views = clients
+            .iter()
+            .map(|(label, w)| ViewFigures::of(label, &w.log, t0, |_| true))
+            .collect();
+        let consul = snapshot(&samples)
+            .iter()
+            .filter(|(at, _)| *at >= t0)
+            .map(|(at, s)| (ms(*at - t0), s.len()))
+            .collect();
+        let mut outcomes = Vec::new();
+        for (_, w) in clients {
+            outcomes.extend(w.traffic.finish().await);
+        }
+        Ok(Outcome {
+            scenario: self.scenario,
+            steps: plan,
+            basics: Basics::of(&outcomes, &mut servers),
+            views,
+            consul,
+            events,
+        })
+    }
+
     fn hold(&self, fault: &Fault) -> Duration {
         match fault {
             Fault::Degrade(_) => self.degrade_for,
@@ -731,6 +1073,9 @@ pub struct Args {
     /// d's loss levels, percent (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "5,20,40")]
     losses: Vec<f64>,
+    /// How long f's check flaps (Go duration).
+    #[arg(long, default_value = "2m")]
+    flap_for: consul_api::GoDuration,
 }
 
 impl Suite for Args {
@@ -749,6 +1094,7 @@ impl Suite for Args {
                 let mut c = Config::new(s);
                 c.degrade_for = self.degrade_for.0;
                 c.losses = self.losses.clone();
+                c.flap_for = self.flap_for.0;
                 Box::new(c) as Box<dyn Plan>
             })
             .collect())
@@ -787,6 +1133,14 @@ mod tests {
             set(&["a", "b", "c"]),
         ];
         assert_eq!(flaps(&timeline), 3);
+        assert_eq!(flaps_of(&timeline, "c"), 2);
+        assert_eq!(flaps_of(&timeline, "b"), 1);
+        assert_eq!(flaps_of(&timeline, "a"), 0);
+        assert_eq!(
+            flaps_of(&timeline[3..], "b"),
+            0,
+            "absent from the start: no flap"
+        );
         assert_eq!(flaps(&timeline[..1]), 0);
         assert_eq!(flaps(std::iter::empty()), 0);
     }

@@ -155,20 +155,6 @@ pub(crate) async fn node_server(
     Ok(ServerProcess::spawn(launcher, spec).await?)
 }
 
-/// A resilient client on the node of `agent` (its discovery reads through that agent).
-pub(crate) fn node_client(
-    agent: &Consul,
-    consistency: consul_api::Consistency,
-    max_stale: Option<Duration>,
-) -> Result<EchoClient> {
-    scenario::client_reading(
-        agent.config(),
-        Duration::from_secs(1),
-        consistency,
-        max_stale,
-    )
-}
-
 /// The settings most cluster scenarios share: the cluster's servers, and their echo
 /// servers' check interval and echo pace.
 #[derive(Debug, Clone, Copy)]
@@ -243,11 +229,26 @@ pub(crate) async fn watched<const N: usize>(
     ids: &[String],
     every: Duration,
 ) -> Result<[Watched; N]> {
+    let configs = reads.map(|(label, consistency, max_stale)| {
+        let config = scenario::client_config(agent.config(), Duration::from_secs(1))
+            .with_consistency(consistency, max_stale);
+        (label, config)
+    });
+    watched_configs(configs, ids, every).await
+}
+
+/// [`watched`], each client started from a configuration of the caller's (one reading
+/// through the agent of its node).
+pub(crate) async fn watched_configs<const N: usize>(
+    configs: [(String, echo_client::ClientConfig); N],
+    ids: &[String],
+    every: Duration,
+) -> Result<[Watched; N]> {
     let t0 = Instant::now();
     let max = 20 * 60 * 1000 / every.as_millis().max(1) as u64;
     let mut all = Vec::with_capacity(N);
-    for (label, consistency, max_stale) in reads {
-        let client = node_client(agent, consistency, max_stale)?;
+    for (label, config) in configs {
+        let client = EchoClient::start(config)?;
         let log = DiscoveryLog::start(&client);
         log.wait_for("discovery to list every server", t0, LIMIT, |v| {
             v.lists_all(ids)

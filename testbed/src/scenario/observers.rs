@@ -149,6 +149,8 @@ pub struct View {
     pub state: ViewState,
     /// Consul's index of the answer.
     pub index: u64,
+    /// Passing instances flap damping held out of `ids` (0 without damping).
+    pub held_out: usize,
 }
 
 /// Discovery's standing with Consul, without timestamps.
@@ -176,6 +178,7 @@ impl View {
                 ConsulState::Failed { error } => ViewState::Failed(error.clone()),
             },
             index: s.index,
+            held_out: s.held_out,
         }
     }
 

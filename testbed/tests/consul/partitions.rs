@@ -391,3 +391,50 @@ async fn failures_before_critical_holds_a_check_passing_through_two_failures() {
     assert!(critical_after["plain"] <= 2, "{critical_after:?}");
     assert!(critical_after["damped"] >= 3, "{critical_after:?}");
 }
+
+/// f, shortened: a check flipping every 1–1.5 s for 30 s. Consul records each flap; the
+/// undamped view shows them all; the damped view at most a fifth of them, and never holds
+/// out every instance. With damping off (the damped client built without it) the damped
+/// view shows them all and this fails.
+#[tokio::test]
+async fn damping_shows_at_most_a_fifth_of_the_flaps_consul_records() {
+    init_tracing();
+    let outcome = partitions::Config {
+        servers: 1,
+        flap_for: Duration::from_secs(30),
+        flap_phase: (Duration::from_millis(1000), Duration::from_millis(1500)),
+        ..partitions::Config::new(Scenario::Flapping)
+    }
+    .run(&launcher(), &Progress::hidden())
+    .await
+    .unwrap();
+    print(&outcome);
+    assert_eq!(outcome.basics.tally.lost, 0, "{:?}", outcome.basics.errors);
+    assert!(
+        outcome.violations().is_empty(),
+        "{:?}",
+        outcome.violations()
+    );
+    let step = &outcome.steps[0];
+    let goal = step.flap_goal().expect("f's figures");
+    eprintln!("MEASURED flaps: {goal:?}");
+    // The check really flapped in Consul, and a view without damping follows every flap.
+    assert!(goal.consul >= 10, "{goal:?}");
+    assert!(goal.undamped + 1 >= goal.consul, "{goal:?}");
+    assert!(goal.damped * 5 <= goal.consul, "{goal:?}");
+    let damped = step
+        .clients
+        .iter()
+        .find(|c| c.client.ends_with(" damped"))
+        .unwrap();
+    // Four instances listed: damping held out one (at most half), never all.
+    assert!(
+        (1..=2).contains(&damped.most_held_out),
+        "{}",
+        damped.most_held_out
+    );
+    assert_eq!(damped.emptied_by_damping, 0);
+    assert!(damped.fewest_listed.is_some_and(|n| n >= 2), "{damped:?}");
+    // Once the flapping stops, the damped view catches up with Consul: one hold-down.
+    assert!(damped.behind_consul_ms.is_some(), "{damped:?}");
+}
