@@ -278,6 +278,42 @@ pub struct Outcome {
     pub events: Vec<(String, f64)>,
 }
 
+impl Outcome {
+    /// What a scenario's run comes to once its faults are over: every client's view and traffic,
+    /// Consul's passing count from `t0`, the echo servers' fate.
+    async fn of(
+        scenario: Scenario,
+        steps: Vec<Step>,
+        clients: Vec<(String, Watched)>,
+        samples: &Samples,
+        t0: Instant,
+        servers: &mut [crate::procs::ServerProcess],
+        events: Vec<(String, f64)>,
+    ) -> Outcome {
+        let views = clients
+            .iter()
+            .map(|(label, w)| ViewFigures::of(label, &w.log, t0, |_| true))
+            .collect();
+        let consul = snapshot(samples)
+            .iter()
+            .filter(|(at, _)| *at >= t0)
+            .map(|(at, s)| (ms(*at - t0), s.len()))
+            .collect();
+        let mut outcomes = Vec::new();
+        for (_, w) in clients {
+            outcomes.extend(w.traffic.finish().await);
+        }
+        Outcome {
+            scenario,
+            steps,
+            basics: Basics::of(&outcomes, servers),
+            views,
+            consul,
+            events,
+        }
+    }
+}
+
 impl Findings for Outcome {
     fn figures(&self) -> Vec<(String, String)> {
         let opt = |v: Option<f64>| v.map_or("never".into(), |m| format!("{:.1} s", m / 1e3));
@@ -865,27 +901,16 @@ impl Experiment for Config {
         stop.cancel();
         let _ = sampler.await;
         drop(net);
-        let views = clients
-            .iter()
-            .map(|(label, w)| ViewFigures::of(label, &w.log, t0, |_| true))
-            .collect();
-        let consul = snapshot(&samples)
-            .iter()
-            .filter(|(at, _)| *at >= t0)
-            .map(|(at, s)| (ms(*at - t0), s.len()))
-            .collect();
-        let mut outcomes = Vec::new();
-        for (_, w) in clients {
-            outcomes.extend(w.traffic.finish().await);
-        }
-        Ok(Outcome {
-            scenario: self.scenario,
-            steps: plan,
-            basics: Basics::of(&outcomes, &mut servers),
-            views,
-            consul,
+        Ok(Outcome::of(
+            self.scenario,
+            plan,
+            clients,
+            &samples,
+            t0,
+            &mut servers,
             events,
-        })
+        )
+        .await)
     }
 }
 
@@ -1030,27 +1055,16 @@ impl Config {
         let plan = vec![span.measure(name, t0, &samples, &clients, 0).await];
         stop.cancel();
         let _ = sampler.await;
-        let views = clients
-            .iter()
-            .map(|(label, w)| ViewFigures::of(label, &w.log, t0, |_| true))
-            .collect();
-        let consul = snapshot(&samples)
-            .iter()
-            .filter(|(at, _)| *at >= t0)
-            .map(|(at, s)| (ms(*at - t0), s.len()))
-            .collect();
-        let mut outcomes = Vec::new();
-        for (_, w) in clients {
-            outcomes.extend(w.traffic.finish().await);
-        }
-        Ok(Outcome {
-            scenario: self.scenario,
-            steps: plan,
-            basics: Basics::of(&outcomes, &mut servers),
-            views,
-            consul,
+        Ok(Outcome::of(
+            self.scenario,
+            plan,
+            clients,
+            &samples,
+            t0,
+            &mut servers,
             events,
-        })
+        )
+        .await)
     }
 
     fn hold(&self, fault: &Fault) -> Duration {
