@@ -957,6 +957,9 @@ mod tests {
         }
     }
 
+    /// One read of [`churning`]'s service.
+    type ChurningRead = std::pin::Pin<Box<dyn Future<Output = crate::source::Read> + Send>>;
+
     /// A service whose index moves every 10 ms for `churn_for` from `start`, then stays:
     /// a read answers at once when the index is past the one it waits on, else blocks until
     /// it moves or its wait ends, as Consul does. The instance's port is the index the answer
@@ -966,7 +969,7 @@ mod tests {
         churn_for: Duration,
     ) -> (
         Arc<Mutex<Vec<tokio::time::Instant>>>,
-        impl FnMut(QueryOptions) -> std::pin::Pin<Box<dyn Future<Output = crate::source::Read> + Send>>,
+        impl FnMut(QueryOptions) -> ChurningRead,
     ) {
         const TICK: Duration = Duration::from_millis(10);
         let index_at = move |now: tokio::time::Instant| {
@@ -990,7 +993,7 @@ mod tests {
                     vec![Arc::new(Instance::new("a", "127.0.0.1", port))],
                     meta(index),
                 ))
-            }) as std::pin::Pin<Box<dyn Future<Output = crate::source::Read> + Send>>
+            }) as ChurningRead
         };
         (reads, fetch)
     }
