@@ -105,7 +105,7 @@ pub use catalog::{CatalogRegistration, CatalogService, CatalogServiceRegistratio
 pub use client::{BodySink, Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};
-pub use follow::{Answered, Classify, Event, Follow, Retried, Retry, Retrying};
+pub use follow::{Answered, Classify, Event, Follow, RateLimit, Retried, Retry, Retrying};
 pub use health::{
     CheckView, EntryView, HealthCheck, HealthStatus, Node, NodeView, ServiceAnswer, ServiceEntry,
     ServiceView,

@@ -46,10 +46,20 @@
 //! change it reads the non-passing checks too (an instance registered critical is not shown
 //! passing for a moment), and after a check change it reads `/v1/catalog/services` once,
 //! without blocking, and the list again if that moved (an instance deregistered: its checks
-//! vanish in the same write, and the checks' read may answer first). Each published view is
-//! then at least as recent as its index (the larger of the two reads') says.
+//! vanish in the same write, and the checks' read may answer first). A check change that
+//! only holds more out (a node or an instance not passing that was, none cleared) skips that
+//! read: the view only loses instances, and such a write is not a deregistration (which
+//! removes checks). Each published view is then at least as recent as its index (the
+//! larger of the two reads') says, but for a write that both holds something out and
+//! removes an instance at once (a `/v1/txn` of both): the removal shows when the membership
+//! read, woken by the same write, answers.
+//!
+//! **Cost per change on the client.** The list's instances are built once per list read
+//! ([`members`], unchanged ones kept as the same `Arc`); a check change composes by lookups
+//! ([`passing`]): the snapshot compares and hands on the unchanged instances by pointer, as
+//! [`Source::Health`](crate::Source)'s decoder does.
 
-use std::{collections::BTreeSet, fmt, pin::Pin, sync::Arc, time::Duration};
+use std::{cmp::Ordering, collections::BTreeSet, fmt, pin::Pin, sync::Arc, time::Duration};
 
 use consul_api::{
     CatalogService, Client, HealthCheck, HealthStatus, QueryMeta, QueryOptions, Watch,
@@ -59,12 +69,27 @@ use futures::future::{Either, select};
 
 use crate::discovery::Instance;
 
-/// The passing instances: those of `members` whose node has no check in `non_passing` with
-/// an empty `ServiceID`, and that have no check of their own there (`ServiceID` = theirs, on
-/// their node). A check in `non_passing` that is passing after all is ignored; one naming an
-/// instance or node not in `members` concerns nothing listed. Sorted by ID as
-/// [`Snapshot`](crate::discovery::Snapshot)s are.
-pub fn passing(members: &[CatalogService], non_passing: &[HealthCheck]) -> Vec<Instance> {
+/// The passing instances: those of `members` (an instance's `node` and `id` are its catalog
+/// entry's `Node` and `ServiceID`) whose node has no check in `non_passing` with an empty
+/// `ServiceID`, and that have no check of their own there (`ServiceID` = theirs, on their
+/// node). A check in `non_passing` that is passing after all is ignored; one naming an
+/// instance or node not in `members` concerns nothing listed. In `members`' order, each the
+/// same `Arc`: composing costs a lookup per member, not an instance built.
+pub fn passing(members: &[Arc<Instance>], non_passing: &[HealthCheck]) -> Vec<Arc<Instance>> {
+    let (bad_nodes, bad_instances) = not_passing(non_passing);
+    members
+        .iter()
+        .filter(|m| {
+            !bad_nodes.contains(m.node.as_str())
+                && !bad_instances.contains(&(m.node.as_str(), m.id.as_str()))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The nodes, and the (node, service ID) instances, that a check of `non_passing` which is
+/// not passing concerns.
+fn not_passing(non_passing: &[HealthCheck]) -> (BTreeSet<&str>, BTreeSet<(&str, &str)>) {
     let mut bad_nodes: BTreeSet<&str> = BTreeSet::new();
     let mut bad_instances: BTreeSet<(&str, &str)> = BTreeSet::new();
     for check in non_passing
@@ -77,16 +102,43 @@ pub fn passing(members: &[CatalogService], non_passing: &[HealthCheck]) -> Vec<I
             bad_instances.insert((&check.node, &check.service_id));
         }
     }
-    let mut out: Vec<Instance> = members
+    (bad_nodes, bad_instances)
+}
+
+/// Whether the change from `before` to `now` only holds more nodes or instances out (a check
+/// turned critical, say) and clears none. Then the composed set can only lose instances, and
+/// the write was a check change, not a removal. Otherwise (something cleared: a check turned
+/// passing or gone; or nothing different: a check of another service, or a passing instance
+/// removed with its checks) the list may be older than the checks and is read again.
+fn only_holds_more_out(before: &[HealthCheck], now: &[HealthCheck]) -> bool {
+    let (nodes_now, instances_now) = not_passing(now);
+    let (nodes_before, instances_before) = not_passing(before);
+    nodes_before.is_subset(&nodes_now)
+        && instances_before.is_subset(&instances_now)
+        && (nodes_before.len(), instances_before.len()) != (nodes_now.len(), instances_now.len())
+}
+
+/// The instances `list` describes, sorted as [`Snapshot`](crate::discovery::Snapshot)s are
+/// (by ID, host, port); an instance equal to one of `previous` (sorted the same way) is that
+/// same `Arc`, so that a snapshot compares and hands on unchanged instances by pointer.
+pub fn members(list: &[CatalogService], previous: &[Arc<Instance>]) -> Vec<Arc<Instance>> {
+    let mut out: Vec<Arc<Instance>> = list
         .iter()
-        .filter(|m| {
-            !bad_nodes.contains(m.node.as_str())
-                && !bad_instances.contains(&(m.node.as_str(), m.service_id.as_str()))
+        .map(|entry| {
+            let built = instance(entry);
+            match previous.binary_search_by(|p| order(p, &built)) {
+                Ok(at) if *previous[at] == built => previous[at].clone(),
+                _ => Arc::new(built),
+            }
         })
-        .map(instance)
         .collect();
-    out.sort_by(|a, b| (&a.id, &a.host, a.port).cmp(&(&b.id, &b.host, b.port)));
+    out.sort_by(|a, b| order(a, b));
     out
+}
+
+/// Snapshots' order: by ID, host, port.
+fn order(a: &Instance, b: &Instance) -> Ordering {
+    (a.id.as_str(), a.host.as_str(), a.port).cmp(&(b.id.as_str(), b.host.as_str(), b.port))
 }
 
 /// The instance a catalog entry describes, as `?passing` would list it.
@@ -135,7 +187,8 @@ pub struct Composer {
     /// Datacenter, consistency, the user's filter (applied to the instance list).
     base: QueryOptions,
     wait: Duration,
-    members: Option<(Vec<CatalogService>, QueryMeta)>,
+    /// The list's instances, built when it is read (unchanged ones kept as they were).
+    members: Option<(Vec<Arc<Instance>>, QueryMeta)>,
     checks: Option<(Vec<HealthCheck>, QueryMeta)>,
     members_read: Option<Pending<Membership>>,
     checks_read: Option<Pending<(Vec<HealthCheck>, QueryMeta)>>,
@@ -232,7 +285,7 @@ impl Composer {
                         // state went back): read both again, now.
                         self.read_all_now().await?;
                     } else {
-                        self.members = Some((list, meta));
+                        self.set_members(&list, meta);
                         self.checks = Some(checks);
                     }
                 }
@@ -242,15 +295,21 @@ impl Composer {
                     if older(&checks.1, &self.checks) {
                         self.read_all_now().await?;
                     } else {
+                        // A change that only holds more out shows no removed instance: the
+                        // list needs no second read.
+                        let confirm = self
+                            .checks
+                            .as_ref()
+                            .is_none_or(|(before, _)| !only_holds_more_out(before, &checks.0));
                         self.checks = Some(checks);
-                        self.confirm_membership().await?;
+                        if confirm {
+                            self.confirm_membership().await?;
+                        }
                     }
                 }
             }
             if let (Some((members, m)), Some((checks, c))) = (&self.members, &self.checks) {
-                let composed = passing(members, checks);
-                let meta = combined(m, c);
-                return Ok((composed.into_iter().map(Arc::new).collect(), meta));
+                return Ok((passing(members, checks), combined(m, c)));
             }
         }
     }
@@ -269,9 +328,16 @@ impl Composer {
             .health()
             .state("any", &checks_options(&self.base, &self.service))
             .await?;
-        self.members = Some((list, meta));
+        self.set_members(&list, meta);
         self.checks = Some(checks);
         Ok(())
+    }
+
+    /// Hold `list` (read with `meta`), its unchanged instances kept as they were.
+    fn set_members(&mut self, list: &[CatalogService], meta: QueryMeta) {
+        let previous = self.members.as_ref().map_or(&[][..], |(m, _)| m.as_slice());
+        let members = members(list, previous);
+        self.members = Some((members, meta));
     }
 
     /// After a check change: make sure the list is not older than the checks (an instance's
@@ -287,7 +353,7 @@ impl Composer {
                 .catalog()
                 .service(&self.service, self.tag.as_deref(), &self.base)
                 .await?;
-            self.members = Some((list, now));
+            self.set_members(&list, now);
         }
         Ok(())
     }
@@ -432,11 +498,16 @@ mod tests {
         }
     }
 
-    fn ids(instances: &[Instance]) -> Vec<&str> {
+    fn ids(instances: &[Arc<Instance>]) -> Vec<&str> {
         instances.iter().map(|i| i.id.as_str()).collect()
     }
 
-    fn members() -> Vec<CatalogService> {
+    /// The passing set of `list` under `checks`, as the composer composes it.
+    fn compose(list: &[CatalogService], checks: &[HealthCheck]) -> Vec<Arc<Instance>> {
+        passing(&members(list, &[]), checks)
+    }
+
+    fn listed() -> Vec<CatalogService> {
         vec![
             member("n1", "web-2", 2),
             member("n1", "web-1", 1),
@@ -448,7 +519,7 @@ mod tests {
     #[test]
     fn no_check_failing_lists_every_member_sorted() {
         assert_eq!(
-            ids(&passing(&members(), &[])),
+            ids(&compose(&listed(), &[])),
             ["web-1", "web-2", "web-3", "web-4"]
         );
     }
@@ -459,7 +530,7 @@ mod tests {
         for status in [Critical, Warning, Maintenance, Unknown] {
             let checks = [check("n1", "web-1", "service:web-1:2", status)];
             assert_eq!(
-                ids(&passing(&members(), &checks)),
+                ids(&compose(&listed(), &checks)),
                 ["web-2", "web-3", "web-4"],
                 "{status}"
             );
@@ -472,7 +543,7 @@ mod tests {
             check("n22", "web-3", "c", Critical),
         ];
         assert_eq!(
-            ids(&passing(&members(), &checks)),
+            ids(&compose(&listed(), &checks)),
             ["web-1", "web-2", "web-4"]
         );
     }
@@ -482,7 +553,7 @@ mod tests {
         for id in ["serfHealth", "_node_maintenance"] {
             let checks = [check("n22", "", id, HealthStatus::Critical)];
             assert_eq!(
-                ids(&passing(&members(), &checks)),
+                ids(&compose(&listed(), &checks)),
                 ["web-1", "web-2"],
                 "{id}"
             );
@@ -492,7 +563,7 @@ mod tests {
     #[test]
     fn a_check_is_matched_by_node_and_service_id() {
         // The same service ID on another node: a different instance.
-        let mut list = members();
+        let mut list = listed();
         list.push(member("n333", "web-1", 9));
         let checks = [
             check(
@@ -504,9 +575,61 @@ mod tests {
             check("elsewhere", "", "serfHealth", HealthStatus::Critical),
             check("n1", "other-9", "service:other-9", HealthStatus::Critical),
         ];
-        let out = passing(&list, &checks);
+        let out = compose(&list, &checks);
         assert_eq!(ids(&out), ["web-1", "web-2", "web-3", "web-4"]);
         assert_eq!(out[0].node, "n1");
+    }
+
+    #[test]
+    fn unchanged_instances_are_the_same_arc_in_every_read_and_composition() {
+        let first = members(&listed(), &[]);
+        let mut changed = listed();
+        changed[0].service_port = 99; // web-2 moved
+        changed.push(member("n4444", "web-0", 5));
+        let second = members(&changed, &first);
+        assert_eq!(ids(&second), ["web-0", "web-1", "web-2", "web-3", "web-4"]);
+        let same = |a: &[Arc<Instance>], id: &str, b: &[Arc<Instance>]| {
+            let find = |l: &[Arc<Instance>]| l.iter().find(|i| i.id == id).cloned().unwrap();
+            Arc::ptr_eq(&find(a), &find(b))
+        };
+        for id in ["web-1", "web-3", "web-4"] {
+            assert!(same(&first, id, &second), "{id} reused");
+        }
+        assert!(!same(&first, "web-2", &second), "a changed instance is new");
+        assert_eq!(second[2].port, 99);
+        let checks = [check("n22", "web-3", "c", HealthStatus::Critical)];
+        let composed = passing(&second, &checks);
+        assert!(
+            composed
+                .iter()
+                .all(|i| second.iter().any(|m| Arc::ptr_eq(m, i))),
+            "composing builds nothing"
+        );
+    }
+
+    #[test]
+    fn only_a_change_that_holds_more_out_skips_reading_the_list() {
+        use HealthStatus::*;
+        let a = check("n1", "web-1", "a", Critical);
+        let b = check("n22", "web-3", "b", Warning);
+        let node = check("n22", "", "serfHealth", Critical);
+        let cases = [
+            (vec![], vec![a.clone()], true),
+            (vec![a.clone()], vec![a.clone(), b.clone()], true),
+            (vec![a.clone()], vec![a.clone(), node.clone()], true),
+            (vec![a.clone()], vec![], false),
+            (vec![a.clone(), b], vec![a.clone(), node], false),
+            // Nothing different: another service's check, or a passing instance removed.
+            (vec![a.clone()], vec![a], false),
+            (vec![], vec![], false),
+        ];
+        for (before, now, skips) in cases {
+            assert_eq!(
+                only_holds_more_out(&before, &now),
+                skips,
+                "{before:?} -> {now:?}"
+            );
+        }
     }
 
     #[test]

@@ -18,8 +18,11 @@
 //! applied (the last known instances stay, marked unreachable with the staleness as the
 //! error) and the read is retried with backoff, like an outage.
 //!
-//! The loop itself (backoff, reset, which error is fatal, what is news) is consul-api's one
-//! [`Follow`]; this module says what each of its events publishes.
+//! With [`DiscoveryConfig::rate_limit`] the loop reads at most at that rate (a token bucket);
+//! changes that land in between are coalesced into the next answer, never dropped.
+//!
+//! The loop itself (backoff, reset, which error is fatal, what is news, the rate limit) is
+//! consul-api's one [`Follow`]; this module says what each of its events publishes.
 
 use std::{
     collections::BTreeMap,
@@ -30,8 +33,8 @@ use std::{
 };
 
 use consul_api::{
-    Classify, Consistency, Event, Follow, QueryMeta, QueryOptions, Retried, Retry, Retrying,
-    ServiceEntry, error::Error as ConsulError,
+    Classify, Consistency, Event, Follow, QueryMeta, QueryOptions, RateLimit, Retried, Retry,
+    Retrying, ServiceEntry, error::Error as ConsulError,
 };
 use tokio::sync::watch;
 
@@ -305,6 +308,18 @@ pub struct DiscoveryConfig {
     /// nothing to damp; turn it on for services whose checks flap (`testbed partitions`
     /// f measures what it removes).
     pub damping: Option<Damping>,
+    /// Bound the loop's read rate, as Consul's documentation on blocking queries recommends:
+    /// a token bucket ([`RateLimit`]: `burst` reads back to back after a quiet spell, about
+    /// 2, then `per_second`). What it trades: while the service churns faster than the rate,
+    /// the changes that land between two reads are coalesced into the next answer (the
+    /// blocking read on the old index returns the latest state at once: the last change is
+    /// always read, the ones in between may never be seen) and a change waits up to
+    /// `1 / per_second` for its read, against Consul rendering one answer per client per
+    /// read instead of per change. It bounds every source's reads: a blocking source's
+    /// query, each composition of [`Source::Composed`] (whose two watches are read once per
+    /// composition), and a polled source's period when the limit is the slower. `None` (the
+    /// default): read again as soon as an answer is in.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl DiscoveryConfig {
@@ -322,6 +337,7 @@ impl DiscoveryConfig {
             cached: false,
             filter: None,
             damping: None,
+            rate_limit: None,
         }
     }
 }
@@ -379,6 +395,9 @@ pub(crate) async fn follow<F, Fut>(
         fetch,
     )
     .refusing(move |meta| too_stale(meta, max_stale).is_some());
+    if let Some(limit) = config.rate_limit {
+        follow = follow.limited(limit);
+    }
     let service = config.service.as_str();
     let mut damper = config.damping.clone().map(Damper::new);
     // Consul's last passing set, before damping (applied again when a hold-down ends).
@@ -1055,6 +1074,90 @@ mod tests {
             assert_eq!(s.failure(), Some(expected.as_str()));
             task.await.unwrap();
         }
+    }
+
+    /// One read of [`churning`]'s service.
+    type ChurningRead = std::pin::Pin<Box<dyn Future<Output = crate::source::Read> + Send>>;
+
+    /// A service whose index moves every 10 ms for `churn_for` from `start`, then stays:
+    /// a read answers at once when the index is past the one it waits on, else blocks until
+    /// it moves or its wait ends, as Consul does. The instance's port is the index the answer
+    /// shows; every read's start is recorded.
+    fn churning(
+        start: tokio::time::Instant,
+        churn_for: Duration,
+    ) -> (
+        Arc<Mutex<Vec<tokio::time::Instant>>>,
+        impl FnMut(QueryOptions) -> ChurningRead,
+    ) {
+        const TICK: Duration = Duration::from_millis(10);
+        let index_at = move |now: tokio::time::Instant| {
+            let moved = now.saturating_duration_since(start).min(churn_for);
+            1 + (moved.as_millis() / TICK.as_millis()) as u64
+        };
+        let reads = Arc::new(Mutex::new(Vec::new()));
+        let log = reads.clone();
+        let fetch = move |opts: QueryOptions| {
+            let now = tokio::time::Instant::now();
+            log.lock().unwrap().push(now);
+            Box::pin(async move {
+                let deadline = now + opts.wait_time.unwrap_or_default();
+                let mut index = index_at(tokio::time::Instant::now());
+                while index <= opts.wait_index && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(TICK.min(deadline - tokio::time::Instant::now())).await;
+                    index = index_at(tokio::time::Instant::now());
+                }
+                let port = u16::try_from(index).unwrap();
+                Ok((
+                    vec![Arc::new(Instance::new("a", "127.0.0.1", port))],
+                    meta(index),
+                ))
+            }) as ChurningRead
+        };
+        (reads, fetch)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_bounds_the_reads_of_a_churning_service_and_coalesces_to_the_last() {
+        let churn_for = Duration::from_secs(3);
+        let start = tokio::time::Instant::now();
+        let (reads, fetch) = churning(start, churn_for);
+        let mut config = DiscoveryConfig::new("servernode");
+        config.rate_limit = Some(RateLimit::new(5.0, 2));
+        let (tx, mut rx) = watch::channel(Snapshot::starting());
+        let _task = tokio::spawn(follow(fetch, tx, config, Backoff::consul()));
+        let mut ports = Vec::new();
+        // Every snapshot published until the last change shows (and a second more: nothing
+        // after it).
+        let last = u16::try_from(1 + churn_for.as_millis() / 10).unwrap();
+        let until = start + churn_for + Duration::from_secs(1);
+        while let Ok(Ok(())) = tokio::time::timeout_at(until, rx.changed()).await {
+            ports.extend(rx.borrow_and_update().instances.first().map(|i| i.port));
+        }
+        let reads = reads.lock().unwrap().clone();
+        let churning = reads.iter().filter(|at| **at < start + churn_for).count();
+        // A burst of 2, then 5 a second: 2 + 5 × 3 s.
+        assert!(
+            churning <= 2 + 15,
+            "{churning} reads while the service churned for {churn_for:?}"
+        );
+        assert!(churning >= 15, "it kept reading at the rate: {churning}");
+        // The burst's two reads (the watch's own 20 ms floor between them), then one token
+        // every 200 ms from the first.
+        assert!(
+            reads[1] - reads[0] <= Duration::from_millis(20),
+            "{reads:?}"
+        );
+        for (k, at) in reads.iter().enumerate().skip(2) {
+            assert!(
+                *at - reads[0] >= Duration::from_millis(200 * (k as u64 - 1) - 1),
+                "read {k} before its token: {reads:?}"
+            );
+        }
+        // Coalesced, not dropped: each answer the latest state, and the last change is read.
+        assert!(ports.windows(2).all(|p| p[0] < p[1]), "{ports:?}");
+        assert!(ports.len() < usize::from(last) / 10, "coalesced: {ports:?}");
+        assert_eq!(ports.last(), Some(&last), "the last change is published");
     }
 
     #[tokio::test(start_paused = true)]

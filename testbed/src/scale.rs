@@ -33,7 +33,7 @@ use std::{
 
 use consul_api::{
     AgentServiceCheck, AgentServiceRegistration, Client, Consistency, GoDuration, HealthStatus,
-    QueryOptions,
+    QueryOptions, RateLimit,
 };
 use consul_registry::{DiscoveryConfig, Snapshot, Source, compose, discovery};
 use futures::{StreamExt, TryStreamExt};
@@ -63,6 +63,13 @@ pub const SHARD_FILTER: &str = "Service.Meta.shard == \"0\"";
 pub const SHARDS: usize = 10;
 /// The prefix of every line `testbed scale-client` prints.
 pub const VIEW_PREFIX: &str = "view ";
+/// The `limited` mode's read rate: 2 reads a second after a burst of 2 (Consul's
+/// documentation on blocking queries suggests a burst of about 2), below the flipper's 5
+/// flips a second, so that the flips are coalesced and what that saves Consul shows.
+pub const LIMIT: RateLimit = RateLimit {
+    per_second: 2.0,
+    burst: 2,
+};
 
 /// How a client reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -79,6 +86,8 @@ pub enum Mode {
     Filter,
     /// `?passing&cached&filter=...`: both.
     CachedFilter,
+    /// Today's query, its loop rate-limited ([`DiscoveryConfig::rate_limit`] = [`LIMIT`]).
+    Limited,
     /// `Source::Composed`: a blocking `/v1/catalog/services` (membership) and a blocking,
     /// filtered `/v1/health/state/any` (what is not passing), composed on the client.
     Composed,
@@ -86,12 +95,13 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in the report's order.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::Default,
         Mode::Stale,
         Mode::Cached,
         Mode::Filter,
         Mode::CachedFilter,
+        Mode::Limited,
         Mode::Composed,
     ];
 
@@ -103,6 +113,7 @@ impl Mode {
             Mode::Cached => "cached",
             Mode::Filter => "filter",
             Mode::CachedFilter => "cached-filter",
+            Mode::Limited => "limited",
             Mode::Composed => "composed",
         }
     }
@@ -115,6 +126,7 @@ impl Mode {
             Mode::Cached => "`cached`",
             Mode::Filter => "`filter=Service.Meta.shard == \"0\"`",
             Mode::CachedFilter => "`cached&filter=Service.Meta.shard == \"0\"`",
+            Mode::Limited => "(none); the loop reads at most 2 a second after a burst of 2",
             Mode::Composed => {
                 "not `?passing`: `/v1/catalog/services` + `/v1/health/state/any?filter=<not passing>`"
             }
@@ -144,6 +156,9 @@ impl Mode {
         config.filter = self.filter();
         if self == Mode::Composed {
             config.source = Source::Composed;
+        }
+        if self == Mode::Limited {
+            config.rate_limit = Some(LIMIT);
         }
         config
     }
@@ -177,6 +192,39 @@ pub enum Part {
     Modes,
 }
 
+/// One cell of the grid: `<instances>x<clients>:<mode>` on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct GridCell {
+    /// Instances registered.
+    pub instances: usize,
+    /// Client processes.
+    pub clients: usize,
+    /// How they read.
+    pub mode: Mode,
+}
+
+impl std::str::FromStr for GridCell {
+    type Err = String;
+
+    /// `1000x10:limited`.
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let bad =
+            || format!("{text:?}: expected <instances>x<clients>:<mode>, e.g. 1000x10:default");
+        let (size, mode) = text.split_once(':').ok_or_else(bad)?;
+        let (instances, clients) = size.split_once('x').ok_or_else(bad)?;
+        let count = |n: &str| match n.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(bad()),
+        };
+        Ok(GridCell {
+            instances: count(instances)?,
+            clients: count(clients)?,
+            mode: <Mode as clap::ValueEnum>::from_str(mode.trim(), true)
+                .map_err(|e| format!("{}: {e}", bad()))?,
+        })
+    }
+}
+
 /// How the experiment is set up.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScaleConfig {
@@ -186,6 +234,9 @@ pub struct ScaleConfig {
     pub clients: Vec<usize>,
     /// The grid's read modes, each cell run once per mode.
     pub grid_modes: Vec<Mode>,
+    /// When not empty, the grid runs exactly these cells instead of instances × clients ×
+    /// modes (a run that holds only the cells a question needs).
+    pub cells: Vec<GridCell>,
     /// Instances in the modes comparison.
     pub modes_instances: usize,
     /// Clients in the modes comparison.
@@ -210,6 +261,7 @@ impl Default for ScaleConfig {
             instances: vec![10, 1_000, 5_000],
             clients: vec![1, 10, 100],
             grid_modes: vec![Mode::Default, Mode::Composed],
+            cells: Vec::new(),
             modes_instances: 1_000,
             modes_clients: 100,
             modes: vec![
@@ -229,6 +281,36 @@ impl Default for ScaleConfig {
 }
 
 impl ScaleConfig {
+    /// The grid's cells, in the order they run: by instance count (registered once, in
+    /// turn), then as given (or clients × modes).
+    pub fn grid_cells(&self) -> Vec<GridCell> {
+        let mut cells = if self.cells.is_empty() {
+            let mut cells = Vec::new();
+            for &instances in &self.instances {
+                for &clients in &self.clients {
+                    for &mode in &self.grid_modes {
+                        cells.push(GridCell {
+                            instances,
+                            clients,
+                            mode,
+                        });
+                    }
+                }
+            }
+            cells
+        } else {
+            self.cells.clone()
+        };
+        cells.sort_by_key(|c| c.instances);
+        let mut unique = Vec::with_capacity(cells.len());
+        for cell in cells {
+            if !unique.contains(&cell) {
+                unique.push(cell);
+            }
+        }
+        unique
+    }
+
     fn flips(&self) -> usize {
         (self.flip_for.0.as_secs_f64() * f64::from(self.flips_per_second)).round() as usize
     }
@@ -937,43 +1019,42 @@ async fn run_grid(
     report: &mut ScaleReport,
 ) -> Result<()> {
     progress.say("grid: starting Consul (one dev agent)");
-    let most = config.clients.iter().copied().max().unwrap_or(1);
+    let cells = config.grid_cells();
+    let most = cells.iter().map(|c| c.clients).max().unwrap_or(1);
     let options = ConsulOptions::from_env()?.with_http_max_conns_per_client(conn_limit(most));
     let consul = Consul::start_with(options).await?;
     report.consul_version = consul.version().to_owned();
     let holder = consul.client();
-    let mut instances = config.instances.clone();
-    instances.sort_unstable();
-    instances.dedup();
     let mut registered = 0;
-    for &n in &instances {
-        register(
-            &holder,
-            registered,
-            n,
-            config.register_concurrency,
-            progress,
-        )
-        .await?;
-        registered = n;
-        for (&c, &mode) in config
-            .clients
-            .iter()
-            .flat_map(|c| config.grid_modes.iter().map(move |m| (c, m)))
-        {
-            let setup = Setup {
-                part: "grid",
-                mode,
-                instances: n,
-                clients: c,
-                read_from: &consul,
-                holder: holder.clone(),
-                agents: vec![("agent", &consul)],
-            };
-            let cell = run_cell(launcher, config, setup, progress).await?;
-            tracing::info!(instances = n, clients = c, mode = mode.name(), "cell done");
-            report.grid.push(cell);
+    for GridCell {
+        instances: n,
+        clients: c,
+        mode,
+    } in cells
+    {
+        if n > registered {
+            register(
+                &holder,
+                registered,
+                n,
+                config.register_concurrency,
+                progress,
+            )
+            .await?;
+            registered = n;
         }
+        let setup = Setup {
+            part: "grid",
+            mode,
+            instances: n,
+            clients: c,
+            read_from: &consul,
+            holder: holder.clone(),
+            agents: vec![("agent", &consul)],
+        };
+        let cell = run_cell(launcher, config, setup, progress).await?;
+        tracing::info!(instances = n, clients = c, mode = mode.name(), "cell done");
+        report.grid.push(cell);
     }
     Ok(())
 }
@@ -1150,6 +1231,10 @@ pub struct Args {
     /// Parts to run (comma-separated); all by default.
     #[arg(long, value_delimiter = ',', value_enum)]
     only: Vec<Part>,
+    /// Run exactly these grid cells instead of instances × clients × grid modes
+    /// (comma-separated `<instances>x<clients>:<mode>`, e.g. `1000x10:default,1000x10:limited`).
+    #[arg(long, value_delimiter = ',')]
+    cells: Vec<GridCell>,
 }
 
 /// The scale experiment: its settings and the parts to run.
@@ -1175,6 +1260,7 @@ impl Suite for Args {
             instances: self.instances.clone(),
             clients: self.clients.clone(),
             grid_modes: self.grid_modes.clone(),
+            cells: self.cells.clone(),
             modes: self.modes.clone(),
             modes_instances: self.modes_instances,
             modes_clients: self.modes_clients,
@@ -1243,7 +1329,7 @@ impl Findings for ScaleReport {
                 })
                 .caption(format!(
                     "Instances × clients: one dev agent; modes: {}",
-                    c.grid_modes
+                    grid_modes(&self.grid)
                         .iter()
                         .map(|m| format!("`{}` ({})", m.name(), m.query()))
                         .collect::<Vec<_>>()
@@ -1287,7 +1373,7 @@ impl Findings for ScaleReport {
             c.flip_for,
             c.flips(),
             CONNS_PER_CLIENT,
-            conn_limit(c.clients.iter().copied().max().unwrap_or(1)),
+            conn_limit(c.grid_cells().iter().map(|g| g.clients).max().unwrap_or(1)),
             conn_limit(c.modes_clients)
         )
     }
@@ -1295,6 +1381,14 @@ impl Findings for ScaleReport {
     fn plot(&self) -> Option<Plot> {
         (!self.grid.is_empty()).then(|| self.cost_plot())
     }
+}
+
+/// The modes of `cells`, in [`Mode`]'s order.
+fn grid_modes(cells: &[Cell]) -> Vec<Mode> {
+    let mut modes: Vec<Mode> = cells.iter().map(|c| c.mode).collect();
+    modes.sort_unstable();
+    modes.dedup();
+    modes
 }
 
 impl ScaleReport {
@@ -1469,6 +1563,38 @@ mod tests {
             "0",
             "the flipped instance is in shard 0"
         );
+    }
+
+    #[test]
+    fn cells_given_replace_the_product_and_run_by_instance_count() {
+        let cell: GridCell = "1000x10:limited".parse().unwrap();
+        assert_eq!(
+            cell,
+            GridCell {
+                instances: 1000,
+                clients: 10,
+                mode: Mode::Limited
+            }
+        );
+        for bad in ["1000x10", "1000:default", "0x10:default", "1000x10:nope"] {
+            assert!(bad.parse::<GridCell>().is_err(), "{bad}");
+        }
+        let mut config = ScaleConfig {
+            instances: vec![10, 1000],
+            clients: vec![1, 10],
+            grid_modes: vec![Mode::Default],
+            ..Default::default()
+        };
+        assert_eq!(config.grid_cells().len(), 4, "the product");
+        config.cells = ["1000x100:composed", "10x1:default", "1000x100:composed"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let cells = config.grid_cells();
+        assert_eq!(cells.len(), 2, "{cells:?}");
+        assert_eq!((cells[0].instances, cells[1].instances), (10, 1000));
+        assert!(Mode::Limited.discovery(SERVICE).rate_limit == Some(LIMIT));
+        assert_eq!(Mode::Default.discovery(SERVICE).rate_limit, None);
     }
 
     #[test]
