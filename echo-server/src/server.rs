@@ -55,9 +55,11 @@ const LARGE_BUFFER: usize = 4 * READ_CHUNK;
 /// empty, searches, and wakes a parked one when it takes its own task back (a write to the
 /// driver's eventfd, two context switches); yielding every 64 KiB cost the pipelined echo
 /// ~20% of its CPU per message (measured with `echo-probe`: BENCHMARKS.md at c5bb543).
-/// Smaller slices were measured against it in the fairness bench (1 and 4 reads, paired
-/// runs, issue 37): no phase of the attack sends a connection more than 32 KiB before it
-/// waits, so only the 64 KiB and 32-connection echo rows moved, and not for the better.
+/// Slices of 1 and 4 reads were tried against it (fairness bench, paired runs, issue 37):
+/// no phase of the hostile-input attack gives the echo loop more than ~80 KiB of one peer
+/// per wake-up, so its well-behaved client saw no difference beyond the run-to-run spread,
+/// and the 32-connection echo rows could not be told apart either (on a loaded machine);
+/// the cost above stands, so the slice stays.
 pub(crate) const SLICE: usize = 64 * READ_CHUNK;
 /// After an oversized frame: how long, and how much, of what the peer still sends is read
 /// and dropped before closing, so the error line reaches it instead of a reset.
