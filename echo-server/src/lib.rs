@@ -12,6 +12,8 @@
 //! * [`shutdown`] — SIGINT/SIGTERM (and SIGHUP) start the shutdown, SIGUSR1 flips `/check`;
 //! * `descriptors` (private) — the descriptor table grown once at start, so that no accept
 //!   under load waits for the kernel to grow it;
+//! * `slice` (private) — the cooperative slice: how much one connection reads per wake-up
+//!   before the others get a turn (a light connection waits for a slice, not a flood);
 //! * `stop` (private) — the drain, the cut and the sweeper's word as the open connections
 //!   see them, for an atomic load or two per wait;
 //! * `sweep` (private) — the one sweeper per server: idle timeout, buffer shrink and shed
@@ -42,6 +44,7 @@ pub mod error;
 pub mod live;
 pub mod server;
 pub mod shutdown;
+mod slice;
 mod stop;
 mod sweep;
 

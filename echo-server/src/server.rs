@@ -20,6 +20,7 @@ use crate::{
     config::Config,
     error::{Error, Result},
     live::{self, Cap, LiveSettings, LogLevel, Tunables},
+    slice::Slice,
     stop::{Phase, Signal, Stop, Watch},
     sweep::{self, Flags},
 };
@@ -46,15 +47,20 @@ pub const SHRINK_AFTER: Duration = Duration::from_millis(50);
 /// A buffer larger than this grew for a large frame (a busy connection's stays below it):
 /// it is given back as soon as the connection waits with nothing buffered.
 const LARGE_BUFFER: usize = 4 * READ_CHUNK;
-/// The cooperative budget: after reading this much without waiting, a connection yields,
-/// so that a peer that always has more to send cannot hold a worker thread from the rest.
-/// Sixty-four full reads, each with its write: as far as tokio's own budget (128 socket
-/// operations per poll of a task) lets a copy loop like the benches' `raw-buf` go. A yield
-/// is not free: on the multi-threaded runtime the yielding worker finds its queue empty,
-/// searches, and wakes a parked one when it takes its own task back (a write to the
+/// An echoing connection's slice ([`Slice`]): after reading this much without waiting, it
+/// yields, so that a peer that always has more to send cannot hold a worker thread from the
+/// rest. Sixty-four full reads, each with its write: as far as tokio's own budget (128
+/// socket operations per poll of a task) lets a copy loop like the benches' `raw-buf` go.
+/// A yield is not free: on the multi-threaded runtime the yielding worker finds its queue
+/// empty, searches, and wakes a parked one when it takes its own task back (a write to the
 /// driver's eventfd, two context switches); yielding every 64 KiB cost the pipelined echo
 /// ~20% of its CPU per message (measured with `echo-probe`: BENCHMARKS.md at c5bb543).
-const MAX_READ_PER_WAKE: usize = 64 * READ_CHUNK;
+/// Slices of 1 and 4 reads were tried against it (fairness bench, paired runs, issue 37):
+/// no phase of the hostile-input attack gives the echo loop more than ~80 KiB of one peer
+/// per wake-up, so its well-behaved client saw no difference beyond the run-to-run spread,
+/// and the 32-connection echo rows could not be told apart either (on a loaded machine);
+/// the cost above stands, so the slice stays.
+pub(crate) const SLICE: usize = 64 * READ_CHUNK;
 /// After an oversized frame: how long, and how much, of what the peer still sends is read
 /// and dropped before closing, so the error line reaches it instead of a reset.
 const LINGER_TIME: Duration = Duration::from_secs(1);
@@ -549,16 +555,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
 
     async fn serve(&mut self) -> std::io::Result<End> {
         let mut draining = false;
-        // Bytes read since the task last waited: the cooperative budget.
-        let mut since_wait = 0;
+        // Bytes read since the task last waited: its slice.
+        let mut slice = Slice::new(SLICE);
+        let mut slice_used = false;
         loop {
-            if since_wait >= MAX_READ_PER_WAKE {
+            if slice_used {
                 // A peer that always has more to send gives the others a turn. The cut is
                 // looked at here and in every wait, not on each read.
                 if self.stop.phase() == Phase::Cut {
                     return Ok(End::Cut);
                 }
-                since_wait = 0;
+                slice_used = false;
                 tokio::task::yield_now().await;
             }
             self.make_room();
@@ -579,8 +586,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
                 None => {
                     if tried {
                         // The socket would block: this wait gives the others their turn.
-                        // (Untried, it may not: the budget keeps counting.)
-                        since_wait = 0;
+                        // (Untried, it may not: the slice keeps counting.)
+                        slice.waited();
                     }
                     match self.wait(draining).await {
                         Wake::Read(read) => read,
@@ -600,7 +607,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
                 return self.answer_last().await;
             }
             self.busy = n == READ_CHUNK || self.buf.len() == self.buf.capacity();
-            since_wait += n;
+            slice_used = slice.served(n);
             let batch = Batch::scan(&self.buf, self.searched, self.max_frame);
             if batch.complete > 0 && !self.answer(batch.complete).await? {
                 return Ok(if self.stop.phase() == Phase::Cut {
@@ -779,16 +786,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         }
         let linger = async {
             // On the heap: an array here would make every connection's task this much larger.
-            let mut buf = vec![0u8; 4096];
+            let mut buf = vec![0u8; READ_CHUNK];
             let mut dropped = 0;
+            // What it drops counts as what it serves, and serves no one: a read, then the
+            // others' turn.
+            let mut slice = Slice::new(READ_CHUNK);
             while dropped < LINGER_BYTES {
                 match socket.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => dropped += n,
+                    Ok(n) => {
+                        dropped += n;
+                        if slice.served(n) {
+                            tokio::task::yield_now().await;
+                        }
+                    }
                 }
             }
         };
-        let _ = bounded(&stop, LINGER_TIME, linger).await;
+        // Not through `bounded`: its first poll, for a step ready at once, has no waker to
+        // come back to, so a yield there would be undone and the first slice run on.
+        tokio::select! {
+            biased;
+            _ = stop.reached(Phase::Cut) => {}
+            _ = tokio::time::timeout(LINGER_TIME, linger) => {}
+        }
     }
 }
 
@@ -815,6 +836,8 @@ mod tests {
         writes: Vec<usize>,
         /// Bytes written so far, for other tasks to see.
         echoed: Arc<AtomicUsize>,
+        /// Bytes read so far, for other tasks to see.
+        taken: Arc<AtomicUsize>,
     }
 
     impl Recorder {
@@ -825,6 +848,7 @@ mod tests {
                 reads: Vec::new(),
                 writes: Vec::new(),
                 echoed: Arc::default(),
+                taken: Arc::default(),
             }
         }
     }
@@ -839,6 +863,7 @@ mod tests {
                 let n = piece.len().min(buf.remaining());
                 buf.put_slice(&piece[..n]);
                 self.reads.push(n);
+                self.taken.fetch_add(n, SeqCst);
                 if n < piece.len() {
                     self.input.push_front(piece.split_off(n));
                 }
@@ -1030,8 +1055,47 @@ mod tests {
         assert_eq!(echoed.load(SeqCst), total);
         let seen = seen.load(SeqCst);
         assert!(
-            seen <= MAX_READ_PER_WAKE + READ_CHUNK,
+            seen <= SLICE + READ_CHUNK,
             "the other task first ran after {seen} of {total} bytes were echoed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_peer_that_keeps_sending_lets_other_tasks_run() {
+        // On one thread: a frame over the limit, then 4 MiB more always ready to read, which
+        // the linger drops; and another task. Without a slice the linger would drop all of
+        // it before the task got a turn.
+        let input = vec![b'x'; LINGER_BYTES];
+        let pieces: Vec<&[u8]> = input.chunks(READ_CHUNK).collect();
+        let peer = Recorder::new(&pieces);
+        let taken = peer.taken.clone();
+        let seen = Arc::new(AtomicUsize::new(usize::MAX));
+        let other = {
+            let (seen, taken) = (seen.clone(), taken.clone());
+            tokio::spawn(async move { seen.store(taken.load(SeqCst), SeqCst) })
+        };
+        let handler = Handler::new(
+            peer,
+            64,
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            Duration::from_secs(60),
+            Stop::default().watch(Duration::from_secs(60)),
+            Shedder::default(),
+        );
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        handler.run(permit).await;
+        other.await.unwrap();
+        assert_eq!(
+            taken.load(SeqCst),
+            LINGER_BYTES,
+            "the linger dropped it all"
+        );
+        let seen = seen.load(SeqCst);
+        // The handler's own read up to the refusal (its small buffer), then one slice of the
+        // linger's (a read's size; it ends with the read that reaches that size).
+        assert!(
+            seen <= IDLE_CAPACITY + 2 * READ_CHUNK,
+            "the other task first ran after {seen} of {LINGER_BYTES} bytes were read"
         );
     }
 
