@@ -1123,8 +1123,11 @@ impl Suite for Args {
          traffic and the clients' reads of their agents are never touched: only Consul's own \
          traffic between agents is. Consul's passing set is sampled every 250 ms (stale reads) \
          from a server the fault leaves in the majority; each client's view is what its \
-         discovery published. A flap is an instance leaving a set. Lost = an echo answered \
-         with an error or with other bytes."
+         discovery published. A flap is an instance leaving a set. In f no packet is touched: \
+         one echo server's /check is flipped (SIGUSR1) at a seeded irregular rhythm, and the \
+         same server is registered a second time with FailuresBeforeCritical and \
+         SuccessBeforePassing set; one client's discovery damps flaps, the other's does not. \
+         Lost = an echo answered with an error or with other bytes."
     }
 }
 
