@@ -13,6 +13,11 @@
 //!   growing with each ejection, never more than a share of the set). A pick dropped without a
 //!   report says nothing about the instance (a cancelled request).
 //! * Instances are keyed by address (`host:port`), as [`Balancer`] keys them.
+//! * The pool is for callers that pick per request or per connection. A client that holds
+//!   one connection for its life and fails over itself (echo-client's session) drives the
+//!   same [`Balancer`] directly: it needs a pick that fails at once rather than waits when
+//!   every instance is excluded (its connects in flight, the round's failures), the spreading
+//!   signal, and ejection without the outlier cap; the balancing and ejection stay one copy.
 //!
 //! ```no_run
 //! use std::time::Duration;
