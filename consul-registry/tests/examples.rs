@@ -168,7 +168,7 @@ impl Run {
 }
 
 /// 200 GETs 20 ms apart through a pool; each request tries up to 4 instances in 5 s.
-async fn through_the_pool(pool: Pool) -> Run {
+async fn through_the_pool(pool: Pool, done: Progress) -> Run {
     let http = reqwest::Client::new();
     let mut run = Run::default();
     let mut tick = tokio::time::interval(APART);
@@ -202,12 +202,27 @@ async fn through_the_pool(pool: Pool) -> Run {
             }
         }
         run.lost += usize::from(!answered);
+        done.send_modify(|n| *n += 1);
     }
     run
 }
 
+/// Requests both clients have finished, answered or not.
+type Progress = Arc<tokio::sync::watch::Sender<usize>>;
+
+/// Until both clients have finished `n` requests between them (at most 30 s).
+async fn until_done(progress: &mut tokio::sync::watch::Receiver<usize>, n: usize) {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        progress.wait_for(|done| *done >= n),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the clients did not finish {n} requests within 30 s"))
+    .unwrap();
+}
+
 /// The same requests through the tower stack, retrying idempotent requests within a budget.
-async fn through_the_tower_stack(pool: Pool) -> Run {
+async fn through_the_tower_stack(pool: Pool, done: Progress) -> Run {
     let http = reqwest::Client::new();
     let attempts = Arc::new(Mutex::new(Vec::new()));
     let make = {
@@ -240,6 +255,7 @@ async fn through_the_tower_stack(pool: Pool) -> Run {
         tick.tick().await;
         let req = hyper::Request::get("/").body(String::new()).unwrap();
         lost += usize::from(stack.call(req).await.is_err());
+        done.send_modify(|n| *n += 1);
     }
     let attempts = attempts.lock().unwrap().clone();
     Run { attempts, lost }
@@ -287,16 +303,22 @@ async fn a_kill_and_a_term_lose_nothing_through_the_pool_and_the_tower_stack() {
         Pool::new(NAME, discover(), config),
     );
     let view = discover();
+    let (done, mut progress) = tokio::sync::watch::channel(0);
+    let done = Arc::new(done);
     let clients = tokio::spawn(async move {
-        tokio::join!(through_the_pool(pool), through_the_tower_stack(tower_pool))
+        tokio::join!(
+            through_the_pool(pool, done.clone()),
+            through_the_tower_stack(tower_pool, done)
+        )
     });
     let (killed, termed) = (servers[0].0.clone(), servers[1].0.clone());
     let killed_left = tokio::spawn(left_the_view(view.clone(), killed.clone()));
     let termed_left = tokio::spawn(left_the_view(view, termed.clone()));
 
-    tokio::time::sleep(APART * 40).await;
+    // Mid-stream: each client 40 requests in before the kill, 40 more before the SIGTERM.
+    until_done(&mut progress, 2 * 40).await;
     let kill_at = servers[0].1.kill().await.unwrap();
-    tokio::time::sleep(APART * 40).await;
+    until_done(&mut progress, 2 * 80).await;
     let term_at = SystemTime::now();
     servers[1].1.signal(Signal::SIGTERM).unwrap();
 

@@ -1158,10 +1158,18 @@ async fn without_the_standby_no_second_connection_is_opened() {
     let mut c = standby_config();
     c.standby = false;
     let (client, _tx) = client_over(vec![a.instance(), b.instance()], c);
+    // The control: the same sends by a client with the standby on, over peers of its own.
+    let (a2, b2) = (
+        Peer::start("a", Behaviour::Echo).await,
+        Peer::start("b", Behaviour::Echo).await,
+    );
+    let (control, _tx2) = client_over(vec![a2.instance(), b2.instance()], standby_config());
     for i in 0..20 {
         assert_eq!(client.send(msg(i)).await.unwrap().instance.id, "a");
+        assert_eq!(control.send(msg(i)).await.unwrap().instance.id, "a");
     }
-    // A standby would have been opened at the first reply; give it the time it takes.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // By the time the control holds its standby (opened at its first reply), this client
+    // would hold one too.
+    wait_for(&b2, 1, 1, "the control's standby on b").await;
     assert_eq!(b.connections.load(Ordering::SeqCst), 0);
 }
