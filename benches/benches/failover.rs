@@ -20,7 +20,13 @@
 //!
 //! Each iteration kills (or fails) the instance the client is on, and restores it outside
 //! the timed part (a new server for the killed one, `/check` healthy again), so the roles of
-//! A and B alternate. One real Consul serves the group, started on first use.
+//! A and B alternate. The victim is the instance of the last reply once the client has
+//! streamed [`STEADY_REPLIES`] at full speed, and only a reply from B that came back after
+//! the fault counts. The clients run with `SessionConfig::spread` off: spreading moves a
+//! session to a restored instance once it is listed again (with probability ½ for two
+//! instances), which is no failover — with it on and the victim read before the steady
+//! replies, the run of 2026-12-06 timed half of its in-process kills at 0 ns (a reply from B
+//! that came before the kill). One real Consul serves the group, started on first use.
 
 // criterion_group! and criterion_main! generate public functions without docs.
 #![allow(missing_docs)]
@@ -291,6 +297,7 @@ impl InProcessRig {
         let (feed, view) = watch::channel(Snapshot::fixed(Self::instances(&servers)));
         let mut session = SessionConfig::new("inprocess");
         session.standby = standby;
+        session.spread = false;
         let client = EchoClient::with_discovery(view, session)?;
         let streamer = traffic::stream(&client, STREAM_LIMIT);
         streamer.replies(3, WAIT).await?;
@@ -324,20 +331,24 @@ impl Rig for InProcessRig {
                 }
             }
         }
-        let (victim, server) = victim(&self.streamer, &mut self.servers)?;
-        let addr = server.echo_addr();
-        let measured = timed_kill(&self.streamer, &victim.id, addr, rec, || {
-            server.abort();
-            Ok(())
-        })
+        let (victim, measured) = timed_kill(
+            &self.streamer,
+            &mut self.servers,
+            ServerThread::echo_addr,
+            rec,
+            |server| {
+                server.abort();
+                Ok(())
+            },
+        )
         .await?;
 
         // Restore, untimed: a new server in the killed one's place (a new port).
-        if let Some(mut dead) = self.servers.remove(&victim.id) {
+        if let Some(mut dead) = self.servers.remove(&victim) {
             dead.join().await?;
         }
         let fresh = ServerThread::start(Config::local()).await?;
-        self.servers.insert(victim.id.clone(), fresh);
+        self.servers.insert(victim, fresh);
         let instances = Self::instances(&self.servers);
         self.feed.send_modify(|s| {
             *s = s.with_instances(instances, s.index + 1, std::time::SystemTime::now())
@@ -365,29 +376,33 @@ fn current(streamer: &Stream) -> Result<Instance> {
         .ok_or_else(|| Error::Invalid("the streamer has no reply yet".into()))
 }
 
-/// One timed kill: an idle probe connection opened to the victim at `addr`, the streamer
-/// in its steady state, then `kill` → the first correct reply from another instance than
-/// `victim`; the interval and its parts recorded in `rec`. Returns the timed interval.
-async fn timed_kill(
+/// One timed kill: the streamer in its steady state, then the instance of its last reply
+/// (the one it is on) is the victim: an idle probe connection opened to it (at `addr`), then
+/// `kill` → the first correct reply from another instance that came back after the kill; the
+/// interval and its parts recorded in `rec`. Returns the victim's ID and the timed interval.
+async fn timed_kill<S>(
     streamer: &Stream,
-    victim: &str,
-    addr: SocketAddr,
+    servers: &mut BTreeMap<String, S>,
+    addr: impl Fn(&S) -> SocketAddr,
     rec: &SharedRecorder,
-    kill: impl FnOnce() -> Result<()>,
-) -> Result<Duration> {
-    let probe = CloseProbe::connect(addr).await?;
+    kill: impl FnOnce(&mut S) -> Result<()>,
+) -> Result<(String, Duration)> {
     streamer.arm(true);
     streamer.replies(STEADY_REPLIES, WAIT).await?;
+    let (victim, server) = victim(streamer, servers)?;
+    let probe = CloseProbe::connect(addr(server)).await?;
 
     let killed = Instant::now();
-    kill()?;
-    let replied = streamer.reply_from_other_than(victim, WAIT).await;
+    kill(server)?;
+    let replied = streamer
+        .reply_from_other_than(&victim.id, killed, WAIT)
+        .await;
     streamer.arm(false);
     let replied = replied?;
     let closed = probe.closed(WAIT).await?;
     let measured = replied - killed;
     record_kill(rec, measured, closed.saturating_duration_since(killed));
-    Ok(measured)
+    Ok((victim.id, measured))
 }
 
 const KILL_PARTS: [(&str, &str); 3] = [
@@ -577,6 +592,7 @@ impl<const STANDBY: bool> ConsulRig for ProcessRig<STANDBY> {
         }
         let mut client_config = ClientConfig::new(config.clone(), KILL_SERVICE);
         client_config.session.standby = STANDBY;
+        client_config.session.spread = false;
         let client = EchoClient::start(client_config)?;
         let view = client.discovery();
         for server in servers.values() {
@@ -614,22 +630,24 @@ impl<const STANDBY: bool> Rig for ProcessRig<STANDBY> {
                 }
             }
         }
-        let (victim, server) = victim(&self.streamer, &mut self.servers)?;
-        let addr = server.spec.echo_addr();
-        let measured = timed_kill(&self.streamer, &victim.id, addr, rec, || {
-            Ok(server.process.signal(Signal::SIGKILL)?)
-        })
+        let (victim, measured) = timed_kill(
+            &self.streamer,
+            &mut self.servers,
+            |server| server.spec.echo_addr(),
+            rec,
+            |server| Ok(server.process.signal(Signal::SIGKILL)?),
+        )
         .await?;
 
         // Restore, untimed: reap the dead process, start another with the same ID on new
         // ports, and wait until the client's view lists it.
-        if let Some(mut dead) = self.servers.remove(&victim.id) {
+        if let Some(mut dead) = self.servers.remove(&victim) {
             dead.process.wait_exit(WAIT).await?;
         }
-        let spec = Self::spec(&self.consul, &victim.id)?;
+        let spec = Self::spec(&self.consul, &victim)?;
         let fresh = ServerProcess::spawn(&self.launcher, spec).await?;
         Self::listed(&self.view, &fresh).await?;
-        self.servers.insert(victim.id.clone(), fresh);
+        self.servers.insert(victim, fresh);
         Ok(measured)
     }
 }
@@ -698,7 +716,9 @@ impl ConsulRig for UnhealthyRig {
             servers.insert(id.to_owned(), ServerThread::start(config).await?);
         }
         let observer = Observer::start(consul.config(), UNHEALTHY_SERVICE)?;
-        let client = EchoClient::start(ClientConfig::new(consul.config(), UNHEALTHY_SERVICE))?;
+        let mut client_config = ClientConfig::new(consul.config(), UNHEALTHY_SERVICE);
+        client_config.session.spread = false;
+        let client = EchoClient::start(client_config)?;
         let view = client.discovery();
         let streamer = traffic::stream(&client, STREAM_LIMIT);
         let rig = UnhealthyRig {
@@ -744,7 +764,8 @@ impl Rig for UnhealthyRig {
             consul_view::view_until(&self.view, &what, WAIT, |s| {
                 !consul_view::lists_id(&s.instances, &victim.id)
             }),
-            self.streamer.reply_from_other_than(&victim.id, WAIT),
+            self.streamer
+                .reply_from_other_than(&victim.id, failed, WAIT),
         );
         self.streamer.arm(false);
         health.set_healthy(true);

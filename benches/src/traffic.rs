@@ -500,7 +500,7 @@ mod tests {
         let killed = Instant::now();
         a.abort();
         let at = streamer
-            .reply_from_other_than("a", Duration::from_secs(5))
+            .reply_from_other_than("a", killed, Duration::from_secs(5))
             .await
             .unwrap();
         assert!(at > killed);

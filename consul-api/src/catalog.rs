@@ -48,9 +48,10 @@ pub struct CatalogService {
     pub modify_index: u64,
 }
 
-/// A registration as `PUT /v1/catalog/register` takes it: a node (created if new) and a
-/// service on it. A node registered this way has no health checks, so its services count
-/// as passing.
+/// A registration as `PUT /v1/catalog/register` takes it: a node (created if new), a
+/// service on it, and a check (as an external monitor such as consul-esm registers one). A
+/// node registered this way has no `serfHealth` check: without a check of its own its
+/// services count as passing.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct CatalogRegistration {
@@ -61,6 +62,28 @@ pub struct CatalogRegistration {
     /// `Service`: a service to register on the node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<CatalogServiceRegistration>,
+    /// `Check`: a check on the node, or on its service when `service_id` names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<CatalogCheckRegistration>,
+}
+
+/// The check of a [`CatalogRegistration`]. The catalog stores its `Status` as sent: unlike
+/// the agent's endpoints, it does not refuse a status Consul does not know.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct CatalogCheckRegistration {
+    /// `CheckID`: unique on its node.
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    /// `Name`.
+    pub name: String,
+    /// `Status`: `passing`, `warning` or `critical` (empty: `critical`).
+    pub status: String,
+    /// `ServiceID`: the instance it belongs to; empty for a node check.
+    #[serde(rename = "ServiceID")]
+    pub service_id: String,
+    /// `Output`.
+    pub output: String,
 }
 
 /// The service of a [`CatalogRegistration`] (Consul decodes it strictly: only these fields).
@@ -117,6 +140,23 @@ impl<'a> Catalog<'a> {
     pub async fn register(&self, registration: &CatalogRegistration) -> Result<()> {
         self.client
             .put(&["catalog", "register"], &[], Some(registration))
+            .await
+            .map(drop)
+    }
+
+    /// `PUT /v1/catalog/deregister`: remove a node, with its services and checks.
+    pub async fn deregister_node(&self, node: &str) -> Result<()> {
+        #[derive(Serialize)]
+        struct Deregistration<'a> {
+            #[serde(rename = "Node")]
+            node: &'a str,
+        }
+        self.client
+            .put(
+                &["catalog", "deregister"],
+                &[],
+                Some(&Deregistration { node }),
+            )
             .await
             .map(drop)
     }

@@ -101,7 +101,9 @@ pub use agent::{
 #[cfg(feature = "clap")]
 pub use args::ConsulArgs;
 pub use backoff::Backoff;
-pub use catalog::{CatalogRegistration, CatalogService, CatalogServiceRegistration};
+pub use catalog::{
+    CatalogCheckRegistration, CatalogRegistration, CatalogService, CatalogServiceRegistration,
+};
 pub use client::{BodySink, Client, Config};
 pub use duration::GoDuration;
 pub use error::{Error, Result};

@@ -8,15 +8,20 @@
 //! * **membership** — a blocking `/v1/catalog/services`, which moves only when a service is
 //!   registered, changed or removed (anywhere in the datacenter), and then, not blocking,
 //!   `/v1/catalog/service/<name>` (the instance list, without checks);
-//! * **what is not passing** — a blocking `/v1/health/state/any` with
-//!   `filter=Status != "passing" and (ServiceName == "<name>" or ServiceID == "")`: the
-//!   service's own checks and every node check (`serfHealth`, `_node_maintenance`) that are
-//!   not passing; usually a handful of entries, whatever the instance count;
+//! * **what is not passing** — blocking `/v1/health/state/critical` and
+//!   `/v1/health/state/warning`, unfiltered: every check of the datacenter in that status,
+//!   usually a handful whatever the instance count; the service's own checks and the node
+//!   checks (`serfHealth`, `_node_maintenance`) are kept on the client;
+//! * **statuses Consul does not know** — a blocking `/v1/health/state/any` with
+//!   `filter=Status != "passing" and Status != "critical" and Status != "warning" and
+//!   (ServiceName == "<name>" or ServiceID == "")`, paced to one read per [`OTHER_EVERY`]:
+//!   only the catalog endpoint stores such a status, and `?passing` drops the instance;
 //!
 //! and composes the passing set with [`passing`], a pure function.
 //!
 //! **What was verified in Consul 1.8.7's source** (`agent/consul/state/catalog.go`,
-//! `agent/consul/rpc.go`, `agent/consul/health_endpoint.go`, `agent/health_endpoint.go`):
+//! `agent/consul/state/catalog_oss.go`, `agent/consul/rpc.go`,
+//! `agent/consul/health_endpoint.go`, `agent/health_endpoint.go`):
 //!
 //! * A blocking query re-runs only when its watch set fires and answers once the table index
 //!   it reports exceeds the client's `index` (`blockingQuery`).
@@ -31,28 +36,44 @@
 //! * `/v1/health/service/<name>` and `/v1/catalog/service/<name>` report the per-service
 //!   index, which `ensureCheckTxn` moves on every check change of the service, and on every
 //!   node check change of a node that holds one (`updateAllServiceIndexesOfNode`).
-//! * `/v1/health/state/any` (`checksInStateTxn`) reports the `checks` table's index and
-//!   watches every check; the server applies `filter` (`Health.ChecksInState`) after the
-//!   ACL filter, before answering: the body holds only what matches.
+//! * `/v1/health/state/<status>` (`checksInStateTxn`) reports the `checks` table's index.
+//!   For `critical` or `warning` it reads the `status` index (`catalogListChecksInState`:
+//!   `tx.Get("checks", "status", state)`, lower-cased) and watches only that status's
+//!   entries: a flip between passing and critical wakes the `critical` readers, not the
+//!   `warning` ones; for `any` it reads and watches every check. The server applies `filter`
+//!   (`Health.ChecksInState`, after the ACL filter) by building it from the expression on
+//!   every read and testing each check: the `any` read costs Consul the whole checks table
+//!   per read, which is why it is paced, and the status reads carry no filter.
 //! * `?passing` is applied by the HTTP handler (`filterNonPassing`): an instance is dropped
 //!   when any of its checks — its node's checks, then its own — has a status other than
-//!   `passing`. So `warning` is dropped, and so is a status Consul does not know: the catalog
-//!   endpoint stores whatever status a registration sends. Hence `Status != "passing"`, not
-//!   the `critical` and `warning` states. Maintenance is a `critical` check
-//!   (`_node_maintenance`, `_service_maintenance:<id>`).
+//!   `passing`, compared exactly. So `warning` is dropped, and so is a status Consul does not
+//!   know: the agent's endpoints refuse one (`ValidStatus`), the catalog endpoint stores
+//!   whatever a registration sends. Maintenance is a `critical` check (`_node_maintenance`,
+//!   `_service_maintenance:<id>`).
 //!
-//! **Ordering.** The two reads are not one snapshot. Where that could show an instance as
+//! **Ordering.** The reads are not one snapshot. Where that could show an instance as
 //! passing that `?passing` would not, the composer reads again first: after a membership
 //! change it reads the non-passing checks too (an instance registered critical is not shown
-//! passing for a moment), and after a check change it reads `/v1/catalog/services` once,
-//! without blocking, and the list again if that moved (an instance deregistered: its checks
-//! vanish in the same write, and the checks' read may answer first). A check change that
-//! only holds more out (a node or an instance not passing that was, none cleared) skips that
-//! read: the view only loses instances, and such a write is not a deregistration (which
-//! removes checks). Each published view is then at least as recent as its index (the
-//! larger of the two reads') says, but for a write that both holds something out and
-//! removes an instance at once (a `/v1/txn` of both): the removal shows when the membership
-//! read, woken by the same write, answers.
+//! passing for a moment); after a check change that clears something it reads, without
+//! blocking and side by side, the other status (a check moved from `critical` straight to
+//! `warning` is one write that wakes both reads, in either order) and `/v1/catalog/services`,
+//! then the list again if that moved (an instance deregistered: its checks vanish in the same
+//! write, and a checks' read may answer first). A check change that only holds more out (a
+//! node or an instance not passing that was, none cleared) skips those reads: the view only
+//! loses instances, and such a write is not a deregistration (which removes checks). Each
+//! published view is then at least as recent as its index (the largest of the reads') says,
+//! but for a write that both holds something out and removes an instance at once (a `/v1/txn`
+//! of both): the removal shows when the membership read, woken by the same write, answers;
+//! and for a status Consul does not know, which shows within [`OTHER_EVERY`].
+//!
+//! **Wakes that are not news.** A status read blocks on the `status` index's entries for that
+//! status; while no check is in it, the read also wakes on other check writes (seen on 1.8.7:
+//! an empty `critical` read woke when a `warning` check turned passing; go-memdb, which
+//! Debian's source package does not vendor, was not read) and answers what it answered
+//! before. Such an answer, and one a confirming read has already overtaken, is not
+//! composed: the composer keeps waiting, and each read's watch goes on from its index. An
+//! answer below the index its own read last delivered means Consul's state went back (a
+//! restart, a snapshot restored): everything is read again.
 //!
 //! **Cost per change on the client.** The list's instances are built once per list read
 //! ([`members`], unchanged ones kept as the same `Arc`); a check change composes by lookups
@@ -65,7 +86,6 @@ use consul_api::{
     CatalogService, Client, HealthCheck, HealthStatus, QueryMeta, QueryOptions, Watch,
     error::Result,
 };
-use futures::future::{Either, select};
 
 use crate::discovery::Instance;
 
@@ -158,54 +178,120 @@ pub fn instance(entry: &CatalogService) -> Instance {
     }
 }
 
-/// The `filter` of the non-passing read: `service`'s checks and every node check, not
-/// passing. The name is quoted as bexpr reads strings.
-pub fn non_passing_filter(service: &str) -> String {
+/// The `filter` of the paced read: `service`'s checks and every node check whose status
+/// Consul does not know (neither `passing`, `critical` nor `warning`, compared exactly as
+/// `?passing` compares). The name is quoted as bexpr reads strings.
+pub fn other_status_filter(service: &str) -> String {
     let quoted = service.replace('\\', "\\\\").replace('"', "\\\"");
-    format!(r#"Status != "passing" and (ServiceName == "{quoted}" or ServiceID == "")"#)
+    format!(
+        r#"Status != "passing" and Status != "critical" and Status != "warning" and (ServiceName == "{quoted}" or ServiceID == "")"#
+    )
 }
+
+/// How often, at most, the read of statuses Consul does not know runs: it costs Consul the
+/// whole checks table per read, and only a catalog registration can bring such a status.
+pub const OTHER_EVERY: Duration = Duration::from_secs(5);
+
+/// The three reads of what is not passing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Critical,
+    Warning,
+    /// Statuses Consul does not know; paced.
+    Other,
+}
+
+const PARTS: [Part; 3] = [Part::Critical, Part::Warning, Part::Other];
+
+impl Part {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The `/v1/health/state/<state>` it reads.
+    fn state(self) -> &'static str {
+        match self {
+            Part::Critical => "critical",
+            Part::Warning => "warning",
+            Part::Other => "any",
+        }
+    }
+
+    /// Its options: the base's datacenter and consistency, not the user's filter (which is
+    /// the list's); only the paced read filters on the server.
+    fn options(self, base: &QueryOptions, service: &str) -> QueryOptions {
+        QueryOptions {
+            filter: (self == Part::Other).then(|| other_status_filter(service)),
+            ..base.clone()
+        }
+    }
+
+    /// Its watch: the paced read's reads are at least [`OTHER_EVERY`] apart.
+    fn watch(self, base: &QueryOptions, service: &str, wait: Duration) -> Watch {
+        let watch = Watch::new(self.options(base, service), wait);
+        if self == Part::Other {
+            watch.with_min_interval(OTHER_EVERY)
+        } else {
+            watch
+        }
+    }
+}
+
+/// Checks as held: one read's answer, kept to `service`'s own checks and node checks.
+type Checks = (Vec<HealthCheck>, QueryMeta);
 
 /// One read's result, with the watch that made it (handed back to block on next).
 type Pending<T> = Pin<Box<dyn Future<Output = (Watch, Result<T>)> + Send>>;
 
 /// A membership read: the list, the `/v1/catalog/services` answer's metadata, and the
-/// non-passing checks read right after.
-type Membership = (
-    Vec<CatalogService>,
-    QueryMeta,
-    (Vec<HealthCheck>, QueryMeta),
-);
+/// non-passing checks read right after (each part).
+type Membership = (Vec<CatalogService>, QueryMeta, [Checks; 3]);
 
-/// The two blocking reads of one service and what they last said. Owned by the source's
-/// reader; [`Composer::read`] is called by discovery's one loop ([`consul_api::Follow`]),
-/// which owns backoff and error policy. A read abandoned midway (the loop dropped) leaves the
-/// blocking queries in flight here, to be awaited by the next call.
+/// What woke the composer.
+enum Woke {
+    Membership(Watch, Box<Result<Membership>>),
+    Checks(Part, Watch, Result<Checks>),
+}
+
+/// The blocking reads of one service and what they last said. Owned by the source's reader;
+/// [`Composer::read`] is called by discovery's one loop ([`consul_api::Follow`]), which owns
+/// backoff and error policy. A read abandoned midway (the loop dropped) leaves the blocking
+/// queries in flight here, to be awaited by the next call.
 pub struct Composer {
     client: Client,
     service: String,
     tag: Option<String>,
-    /// Datacenter, consistency, the user's filter (applied to the instance list).
+    /// Datacenter, consistency, the user's `filter` (applied to the instance list).
     base: QueryOptions,
     wait: Duration,
     /// The list's instances, built when it is read (unchanged ones kept as they were).
     members: Option<(Vec<Arc<Instance>>, QueryMeta)>,
-    checks: Option<(Vec<HealthCheck>, QueryMeta)>,
+    /// Each part's last answer, by [`Part::index`].
+    checks: [Option<Checks>; 3],
+    /// The index the membership's blocking read last delivered, and each part's: an answer
+    /// below its own read's last one means Consul's state went back.
+    watched_members: u64,
+    watched: [u64; 3],
     members_read: Option<Pending<Membership>>,
-    checks_read: Option<Pending<(Vec<HealthCheck>, QueryMeta)>>,
+    checks_reads: [Option<Pending<Checks>>; 3],
 }
 
 impl fmt::Debug for Composer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let held = |part: Part| {
+            self.checks[part.index()]
+                .as_ref()
+                .map(|(c, q)| (c.len(), q.last_index))
+        };
         f.debug_struct("Composer")
             .field("service", &self.service)
             .field(
                 "members",
                 &self.members.as_ref().map(|(m, q)| (m.len(), q.last_index)),
             )
-            .field(
-                "checks",
-                &self.checks.as_ref().map(|(c, q)| (c.len(), q.last_index)),
-            )
+            .field("critical", &held(Part::Critical))
+            .field("warning", &held(Part::Warning))
+            .field("other", &held(Part::Other))
             .finish_non_exhaustive()
     }
 }
@@ -235,43 +321,36 @@ impl Composer {
             },
             wait,
             members: None,
-            checks: None,
+            checks: [None, None, None],
+            watched_members: 0,
+            watched: [0; 3],
             members_read: None,
-            checks_read: None,
+            checks_reads: [None, None, None],
         }
     }
 
-    /// Wait until either read brings news, and return the composed passing set with a
-    /// metadata whose index is the larger of the two reads' (it moves on every change, and
-    /// goes backwards when Consul's state does). An error drops both reads: the next call
-    /// starts both afresh.
+    /// Wait until a read brings news, and return the composed passing set with a metadata
+    /// whose index is the largest of the reads' (it goes backwards when Consul's state does)
+    /// and whose content hash names the four reads' indexes: it differs on every
+    /// composition, so the loop's watch ([`Watch::hash`]) delivers each. An error drops every read: the next call starts
+    /// them afresh.
     pub async fn read(&mut self) -> Result<(Vec<Arc<Instance>>, QueryMeta)> {
         let result = self.step().await;
         if result.is_err() {
             self.members = None;
-            self.checks = None;
+            self.checks = [None, None, None];
+            self.watched_members = 0;
+            self.watched = [0; 3];
             self.members_read = None;
-            self.checks_read = None;
+            self.checks_reads = [None, None, None];
         }
         result
     }
 
     async fn step(&mut self) -> Result<(Vec<Arc<Instance>>, QueryMeta)> {
         loop {
-            let members_read = self.members_read.get_or_insert_with(|| {
-                membership_read(
-                    self.client.clone(),
-                    self.service.clone(),
-                    self.tag.clone(),
-                    self.base.clone(),
-                    self.wait,
-                )
-            });
-            let checks_read = self.checks_read.get_or_insert_with(|| {
-                checks_read(self.client.clone(), &self.service, &self.base, self.wait)
-            });
-            match select(members_read.as_mut(), checks_read.as_mut()).await {
-                Either::Left(((watch, result), _)) => {
+            match self.next_wake().await {
+                Woke::Membership(watch, result) => {
                     self.members_read = Some(Box::pin(membership_next(
                         watch,
                         self.client.clone(),
@@ -279,42 +358,111 @@ impl Composer {
                         self.tag.clone(),
                         self.base.clone(),
                     )));
-                    let (list, meta, checks) = result?;
-                    if older(&meta, &self.members) || older(&checks.1, &self.checks) {
-                        // Overtaken by a fresher read of the other half (or Consul's
-                        // state went back): read both again, now.
+                    let (list, meta, checks) = (*result)?;
+                    if went_back(&mut self.watched_members, &meta) {
                         self.read_all_now().await?;
                     } else {
-                        self.set_members(&list, meta);
-                        self.checks = Some(checks);
+                        // Each half applied unless a read of the composer's own (a confirm)
+                        // already holds something fresher.
+                        if !older(&meta, &self.members) {
+                            self.set_members(&list, meta);
+                        }
+                        for (part, read) in PARTS.into_iter().zip(checks) {
+                            if !older(&read.1, &self.checks[part.index()]) {
+                                self.checks[part.index()] = Some(read);
+                            }
+                        }
                     }
                 }
-                Either::Right(((watch, result), _)) => {
-                    self.checks_read = Some(Box::pin(checks_next(watch, self.client.clone())));
+                Woke::Checks(part, watch, result) => {
+                    self.checks_reads[part.index()] = Some(Box::pin(checks_next(
+                        watch,
+                        self.client.clone(),
+                        part,
+                        self.service.clone(),
+                    )));
                     let checks = result?;
-                    if older(&checks.1, &self.checks) {
+                    if went_back(&mut self.watched[part.index()], &checks.1) {
                         self.read_all_now().await?;
                     } else {
-                        // A change that only holds more out shows no removed instance: the
-                        // list needs no second read.
-                        let confirm = self
-                            .checks
+                        let held = &self.checks[part.index()];
+                        // Not news: a confirm read already showed as much or more, or the
+                        // same checks (a read of a status no check is in wakes on every check
+                        // write: Consul watches the index's nearest node). Keep waiting.
+                        if older(&checks.1, held)
+                            || held.as_ref().is_some_and(|(c, _)| *c == checks.0)
+                        {
+                            continue;
+                        }
+                        // A change that only holds more out shows no removed instance and
+                        // no check moved elsewhere: nothing else to read.
+                        let confirm = held
                             .as_ref()
                             .is_none_or(|(before, _)| !only_holds_more_out(before, &checks.0));
-                        self.checks = Some(checks);
+                        self.checks[part.index()] = Some(checks);
                         if confirm {
-                            self.confirm_membership().await?;
+                            self.confirm(part).await?;
                         }
                     }
                 }
             }
-            if let (Some((members, m)), Some((checks, c))) = (&self.members, &self.checks) {
-                return Ok((passing(members, checks), combined(m, c)));
+            if let (Some((members, m)), [Some(c), Some(w), Some(o)]) = (&self.members, &self.checks)
+            {
+                let non_passing: Vec<HealthCheck> =
+                    [&c.0, &w.0, &o.0].into_iter().flatten().cloned().collect();
+                let parts = [&c.1, &w.1, &o.1];
+                let meta = QueryMeta {
+                    // The paced read may bring news at an index already published by
+                    // another read: the composition is told apart by all four indexes.
+                    content_hash: Some(format!(
+                        "{}-{}-{}-{}",
+                        m.last_index, c.1.last_index, w.1.last_index, o.1.last_index
+                    )),
+                    ..parts
+                        .into_iter()
+                        .fold(m.clone(), |acc, q| combined(&acc, q))
+                };
+                return Ok((passing(members, &non_passing), meta));
             }
         }
     }
 
-    /// Both halves read again, not blocking: the services' index, the list, the checks, in
+    /// Start any read not in flight, and wait for the first to answer.
+    async fn next_wake(&mut self) -> Woke {
+        let members_read = self.members_read.get_or_insert_with(|| {
+            Box::pin(membership_next(
+                Watch::new(self.base.clone(), self.wait),
+                self.client.clone(),
+                self.service.clone(),
+                self.tag.clone(),
+                self.base.clone(),
+            ))
+        });
+        let [critical, warning, other] = &mut self.checks_reads;
+        let start = |slot, part| {
+            start_part(
+                slot,
+                part,
+                &self.client,
+                &self.base,
+                &self.service,
+                self.wait,
+            )
+        };
+        let (critical, warning, other) = (
+            start(critical, Part::Critical),
+            start(warning, Part::Warning),
+            start(other, Part::Other),
+        );
+        tokio::select! {
+            (watch, result) = members_read.as_mut() => Woke::Membership(watch, Box::new(result)),
+            (watch, result) = critical.as_mut() => Woke::Checks(Part::Critical, watch, result),
+            (watch, result) = warning.as_mut() => Woke::Checks(Part::Warning, watch, result),
+            (watch, result) = other.as_mut() => Woke::Checks(Part::Other, watch, result),
+        }
+    }
+
+    /// Everything read again, not blocking: the services' index, the list, the checks, in
     /// that order (each at least as recent as the one before).
     async fn read_all_now(&mut self) -> Result<()> {
         let (_, meta) = self.client.catalog().services(&self.base).await?;
@@ -323,13 +471,9 @@ impl Composer {
             .catalog()
             .service(&self.service, self.tag.as_deref(), &self.base)
             .await?;
-        let checks = self
-            .client
-            .health()
-            .state("any", &checks_options(&self.base, &self.service))
-            .await?;
+        let checks = read_parts(&self.client, &self.service, &self.base).await?;
         self.set_members(&list, meta);
-        self.checks = Some(checks);
+        self.checks = checks.map(Some);
         Ok(())
     }
 
@@ -340,14 +484,36 @@ impl Composer {
         self.members = Some((members, meta));
     }
 
-    /// After a check change: make sure the list is not older than the checks (an instance's
-    /// checks vanish in the write that removes it).
-    async fn confirm_membership(&mut self) -> Result<()> {
-        let Some((_, m)) = &self.members else {
-            return Ok(());
-        };
-        let (_, now) = self.client.catalog().services(&self.base).await?;
-        if now.last_index != m.last_index {
+    /// After `woken` cleared a check, read at once and side by side: the prompt statuses it
+    /// did not read, for the check may have moved there (`critical` to `warning`, or a status
+    /// Consul does not know to either), and `/v1/catalog/services`, then the list if that
+    /// moved, so that the list is not older than the checks (an instance's checks vanish in
+    /// the write that removes it). The paced read is not read again here: that would cost
+    /// Consul the whole checks table on every clearing flip.
+    async fn confirm(&mut self, woken: Part) -> Result<()> {
+        let others: Vec<Part> = [Part::Critical, Part::Warning]
+            .into_iter()
+            .filter(|&part| part != woken)
+            .collect();
+        let (client, service, base) = (&self.client, self.service.as_str(), &self.base);
+        let (reads, services) = futures::future::try_join(
+            futures::future::try_join_all(
+                others
+                    .iter()
+                    .map(|&part| read_part(client, service, base, part)),
+            ),
+            client.catalog().services(base),
+        )
+        .await?;
+        for (part, read) in others.into_iter().zip(reads) {
+            self.checks[part.index()] = Some(read);
+        }
+        let (_, now) = services;
+        if self
+            .members
+            .as_ref()
+            .is_some_and(|(_, m)| now.last_index != m.last_index)
+        {
             let (list, _) = self
                 .client
                 .catalog()
@@ -359,8 +525,36 @@ impl Composer {
     }
 }
 
-/// Whether an answer is older than the one held: a read that was overtaken by a fresher read
-/// of the same table, or Consul's state gone back (a restart, a snapshot restored).
+/// `slot`'s read of `part`, started if none is in flight.
+fn start_part<'a>(
+    slot: &'a mut Option<Pending<Checks>>,
+    part: Part,
+    client: &Client,
+    base: &QueryOptions,
+    service: &str,
+    wait: Duration,
+) -> &'a mut Pending<Checks> {
+    slot.get_or_insert_with(|| {
+        Box::pin(checks_next(
+            part.watch(base, service, wait),
+            client.clone(),
+            part,
+            service.to_owned(),
+        ))
+    })
+}
+
+/// Whether a blocking read's answer is below the index that read last delivered (`watched`,
+/// then set to the answer's): Consul's state went back (a restart, a snapshot restored), and
+/// everything is read again.
+fn went_back(watched: &mut u64, meta: &QueryMeta) -> bool {
+    let back = meta.last_index < *watched;
+    *watched = meta.last_index;
+    back
+}
+
+/// Whether an answer is older than the one held: a blocking read overtaken by a fresher
+/// non-blocking read of the same table.
 fn older<T>(meta: &QueryMeta, held: &Option<(T, QueryMeta)>) -> bool {
     held.as_ref()
         .is_some_and(|(_, current)| meta.last_index < current.last_index)
@@ -368,16 +562,12 @@ fn older<T>(meta: &QueryMeta, held: &Option<(T, QueryMeta)>) -> bool {
 
 /// The composition's metadata: the larger index; the worse of leader contact and staleness;
 /// the later arrival.
-fn combined(members: &QueryMeta, checks: &QueryMeta) -> QueryMeta {
-    let later = if checks.received_at >= members.received_at {
-        checks
-    } else {
-        members
-    };
+fn combined(a: &QueryMeta, b: &QueryMeta) -> QueryMeta {
+    let later = if b.received_at >= a.received_at { b } else { a };
     QueryMeta {
-        last_index: members.last_index.max(checks.last_index),
-        known_leader: members.known_leader && checks.known_leader,
-        last_contact_ms: members.last_contact_ms.max(checks.last_contact_ms),
+        last_index: a.last_index.max(b.last_index),
+        known_leader: a.known_leader && b.known_leader,
+        last_contact_ms: a.last_contact_ms.max(b.last_contact_ms),
         content_hash: None,
         cache_hit: None,
         received_at: later.received_at,
@@ -385,20 +575,35 @@ fn combined(members: &QueryMeta, checks: &QueryMeta) -> QueryMeta {
     }
 }
 
-fn membership_read(
-    client: Client,
-    service: String,
-    tag: Option<String>,
-    base: QueryOptions,
-    wait: Duration,
-) -> Pending<Membership> {
-    Box::pin(membership_next(
-        Watch::new(base.clone(), wait),
-        client,
-        service,
-        tag,
-        base,
-    ))
+/// `checks` kept to what concerns `service`: its own checks and node checks. The status
+/// reads are unfiltered on the server (a filter costs Consul more than the few checks it
+/// saves); the paced read's filter already did this.
+fn relevant(mut checks: Vec<HealthCheck>, service: &str) -> Vec<HealthCheck> {
+    checks.retain(|c| c.service_id.is_empty() || c.service_name == service);
+    checks
+}
+
+/// One part read now, not blocking.
+async fn read_part(
+    client: &Client,
+    service: &str,
+    base: &QueryOptions,
+    part: Part,
+) -> Result<Checks> {
+    let (checks, meta) = client
+        .health()
+        .state(part.state(), &part.options(base, service))
+        .await?;
+    Ok((relevant(checks, service), meta))
+}
+
+/// Every part read now, in order.
+async fn read_parts(client: &Client, service: &str, base: &QueryOptions) -> Result<[Checks; 3]> {
+    Ok([
+        read_part(client, service, base, Part::Critical).await?,
+        read_part(client, service, base, Part::Warning).await?,
+        read_part(client, service, base, Part::Other).await?,
+    ])
 }
 
 /// Block on `/v1/catalog/services` until it moves, then read the list and the non-passing
@@ -424,47 +629,30 @@ async fn membership_next(
             .catalog()
             .service(&service, tag.as_deref(), &base)
             .await?;
-        let checks = client
-            .health()
-            .state("any", &checks_options(&base, &service))
-            .await?;
+        let checks = read_parts(&client, &service, &base).await?;
         Ok((list, meta, checks))
     }
     .await;
     (watch, result)
 }
 
-fn checks_options(base: &QueryOptions, service: &str) -> QueryOptions {
-    QueryOptions {
-        filter: Some(non_passing_filter(service)),
-        ..base.clone()
-    }
-}
-
-fn checks_read(
-    client: Client,
-    service: &str,
-    base: &QueryOptions,
-    wait: Duration,
-) -> Pending<(Vec<HealthCheck>, QueryMeta)> {
-    let opts = checks_options(base, service);
-    Box::pin(checks_next(Watch::new(opts, wait), client))
-}
-
-/// Block on the non-passing checks (the watch's options hold the filter) until they move.
+/// Block on one part (the watch is the part's: [`Part::watch`]) until it moves.
 async fn checks_next(
     mut watch: Watch,
     client: Client,
-) -> (Watch, Result<(Vec<HealthCheck>, QueryMeta)>) {
+    part: Part,
+    service: String,
+) -> (Watch, Result<Checks>) {
     let result = watch
         .next(|opts| {
             let client = client.clone();
             async move {
-                let (checks, meta) = client.health().state("any", &opts).await?;
+                let (checks, meta) = client.health().state(part.state(), &opts).await?;
                 Ok(((checks, meta.clone()), meta))
             }
         })
-        .await;
+        .await
+        .map(|(checks, meta)| (relevant(checks, &service), meta));
     (watch, result)
 }
 
@@ -657,8 +845,24 @@ mod tests {
     #[test]
     fn the_filter_quotes_the_name() {
         assert_eq!(
-            non_passing_filter(r#"we"b\x"#),
-            r#"Status != "passing" and (ServiceName == "we\"b\\x" or ServiceID == "")"#
+            other_status_filter(r#"we"b\x"#),
+            r#"Status != "passing" and Status != "critical" and Status != "warning" and (ServiceName == "we\"b\\x" or ServiceID == "")"#
         );
+    }
+
+    #[test]
+    fn only_the_service_s_own_checks_and_node_checks_are_kept() {
+        let mut other = check("n1", "api-1", "api-1-ttl", HealthStatus::Critical);
+        other.service_name = "api".into();
+        let kept = relevant(
+            vec![
+                check("n1", "web-1", "web-1-ttl", HealthStatus::Critical),
+                other,
+                check("n2", "", "serfHealth", HealthStatus::Critical),
+            ],
+            "web",
+        );
+        let ids: Vec<&str> = kept.iter().map(|c| c.check_id.as_str()).collect();
+        assert_eq!(ids, ["web-1-ttl", "serfHealth"]);
     }
 }

@@ -316,7 +316,7 @@ pub struct DiscoveryConfig {
     /// always read, the ones in between may never be seen) and a change waits up to
     /// `1 / per_second` for its read, against Consul rendering one answer per client per
     /// read instead of per change. It bounds every source's reads: a blocking source's
-    /// query, each composition of [`Source::Composed`] (whose two watches are read once per
+    /// query, each composition of [`Source::Composed`] (whose watches are read once per
     /// composition), and a polled source's period when the limit is the slower. `None` (the
     /// default): read again as soon as an answer is in.
     pub rate_limit: Option<RateLimit>,

@@ -8,7 +8,7 @@
 //! | source | what it lists | how it follows changes |
 //! |---|---|---|
 //! | [`Source::Health`] | passing instances (`/v1/health/service/<name>?passing`) | blocking query |
-//! | [`Source::Composed`] | passing instances, composed from the catalog's list and the non-passing checks ([`crate::compose`]) | two blocking queries |
+//! | [`Source::Composed`] | passing instances, composed from the catalog's list and the non-passing checks ([`crate::compose`]) | blocking queries: membership, critical, warning, and a paced one for unknown statuses |
 //! | [`Source::Catalog`] | every registered instance, healthy or not | blocking query |
 //! | [`Source::Agent`] | the local agent's own registrations, healthy or not (the naive way) | polled |
 //! | [`Source::PreparedQuery`] | a prepared query's answer, failing over to other datacenters | polled |
@@ -57,9 +57,10 @@ pub enum Source {
     Health,
     /// The same passing set as [`Source::Health`], composed on the client ([`crate::compose`])
     /// from the instance list, read when membership changes (a blocking
-    /// `/v1/catalog/services`), and the non-passing checks of the service and of nodes (a
-    /// blocking, filtered `/v1/health/state/any`): a check flip costs Consul a few
-    /// entries per client instead of the whole list. `cached` does not apply; `filter`
+    /// `/v1/catalog/services`), and the non-passing checks of the service and of nodes
+    /// (blocking `/v1/health/state/critical` and `/v1/health/state/warning`, and a paced,
+    /// filtered `/v1/health/state/any` for statuses Consul does not know): a check flip
+    /// costs Consul a few entries per client instead of the whole list. `cached` does not apply; `filter`
     /// applies to `/v1/catalog/service/<name>`, in the catalog's field names
     /// (`ServiceMeta.shard == "0"`).
     Composed,
@@ -109,10 +110,14 @@ impl Source {
         }
     }
 
-    /// The watch that drives this source: blocking for health and catalog, polling otherwise.
+    /// The watch that drives this source: blocking for health and catalog, by the
+    /// composition's hash for the composed source, polling otherwise.
     pub(crate) fn watch(&self, base: QueryOptions, wait: Duration) -> Watch {
         match self {
-            Source::Health | Source::Catalog | Source::Composed => Watch::new(base, wait),
+            Source::Health | Source::Catalog => Watch::new(base, wait),
+            // Each composition is news (its reads block on their own); its index alone may
+            // not move (`compose::Composer::read`).
+            Source::Composed => Watch::hash(base, wait),
             Source::Agent { every } | Source::PreparedQuery { every, .. } => {
                 Watch::poll(base, *every)
             }
@@ -202,7 +207,7 @@ impl Reader {
                 name,
                 skipped,
             } => read_dns(resolver, *server, name, skipped).await,
-            // The composer blocks on its own two reads; the loop's index only tells it
+            // The composer blocks on its own reads; the loop's index only tells it
             // apart from a timeout.
             Reader::Composed(composer) => composer.lock().await.read().await,
         }

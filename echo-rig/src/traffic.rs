@@ -245,17 +245,19 @@ impl Stream {
             .await
     }
 
-    /// Wait for the first correct reply from an instance other than `id`; returns when it came
-    /// back. An error meanwhile fails it.
+    /// Wait for the first correct reply from an instance other than `id` that came back at or
+    /// after `since` (a fault's instant: a reply from elsewhere before it is no failover);
+    /// returns when it came back. An error meanwhile fails it.
     pub async fn reply_from_other_than(
         &self,
         id: &str,
+        since: Instant,
         timeout: Duration,
     ) -> Result<Instant, StreamError> {
         let what = format!("a reply from another instance than {id}");
         let last = self
             .correct(timeout, &what, |l| {
-                l.instance.as_ref().is_some_and(|i| i.id != id)
+                l.at >= since && l.instance.as_ref().is_some_and(|i| i.id != id)
             })
             .await?;
         Ok(last.at)

@@ -35,7 +35,7 @@ use consul_api::{
     AgentServiceCheck, AgentServiceRegistration, Client, Consistency, GoDuration, HealthStatus,
     QueryOptions, RateLimit,
 };
-use consul_registry::{DiscoveryConfig, Snapshot, Source, compose, discovery};
+use consul_registry::{DiscoveryConfig, Snapshot, Source, discovery};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
@@ -88,8 +88,9 @@ pub enum Mode {
     CachedFilter,
     /// Today's query, its loop rate-limited ([`DiscoveryConfig::rate_limit`] = [`LIMIT`]).
     Limited,
-    /// `Source::Composed`: a blocking `/v1/catalog/services` (membership) and a blocking,
-    /// filtered `/v1/health/state/any` (what is not passing), composed on the client.
+    /// `Source::Composed`: a blocking `/v1/catalog/services` (membership) and blocking
+    /// `/v1/health/state/critical` and `/warning` (what is not passing), composed on the
+    /// client.
     Composed,
 }
 
@@ -128,7 +129,7 @@ impl Mode {
             Mode::CachedFilter => "`cached&filter=Service.Meta.shard == \"0\"`",
             Mode::Limited => "(none); the loop reads at most 2 a second after a burst of 2",
             Mode::Composed => {
-                "not `?passing`: `/v1/catalog/services` + `/v1/health/state/any?filter=<not passing>`"
+                "not `?passing`: `/v1/catalog/services` + `/v1/health/state/critical` + `/warning`"
             }
         }
     }
@@ -438,13 +439,13 @@ pub struct ClientArgs {
 /// ([`conn_limit`] per address), which otherwise refuses the next cell's flipper.
 pub const CLIENT_WAIT: Duration = Duration::from_secs(15);
 
-/// HTTP connections one client may hold on its agent: the composed source's two blocking
-/// queries, its one-off list read, and a spare (`?passing` holds one).
-pub const CONNS_PER_CLIENT: u32 = 4;
+/// HTTP connections one client may hold on its agent: the composed source's four blocking
+/// queries, its one-off reads, and a spare (`?passing` holds one).
+pub const CONNS_PER_CLIENT: u32 = 6;
 
 /// The agents' `http_max_conns_per_client` for `clients` clients. Every client reaches its
 /// agent from 127.0.0.1, and Consul 1.8.7 closes any connection past the cap (200 per address
-/// by default) without an answer: at 100 composed clients it closed the flipper's. Four per
+/// by default) without an answer: at 100 composed clients it closed the flipper's. Six per
 /// client, plus the default 200 for the flipper, the holder and the counting proxy.
 pub fn conn_limit(clients: usize) -> u32 {
     u32::try_from(clients)
@@ -852,13 +853,12 @@ async fn one_answer(
     let direct = Client::new(read_from.config().with_address(proxy.address()))?;
     let asked = std::time::Instant::now();
     if mode == Mode::Composed {
-        // What a flip costs this mode: the non-passing checks' answer (the list is read
-        // only when membership changes).
-        let opts = QueryOptions {
-            filter: Some(compose::non_passing_filter(SERVICE)),
-            ..Default::default()
-        };
-        direct.health().state("any", &opts).await?;
+        // What a flip costs this mode: the critical checks' answer (the list is read only
+        // when membership changes).
+        direct
+            .health()
+            .state("critical", &QueryOptions::default())
+            .await?;
         let answer_ms = asked.elapsed().as_secs_f64() * 1e3;
         return Ok((proxy.stats().upstream_bytes, answer_ms));
     }

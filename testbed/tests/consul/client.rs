@@ -677,6 +677,7 @@ async fn two_instances_with_one_id_on_two_nodes_are_two_instances() {
                 port: addr.port(),
                 ..Default::default()
             }),
+            ..Default::default()
         };
         consul
             .client()

@@ -1,13 +1,15 @@
 //! `Source::Composed` against `?passing`, differentially: the same changes made on a real
 //! agent, both sources followed by discovery, compared after each step once both have caught
-//! up with Consul — several checks per instance, warning, service and node maintenance, a
-//! re-registration, a deregistration while critical, an agent restart (its index going back)
+//! up with Consul — several checks per instance, warning, a check straight from critical to
+//! warning, service and node maintenance, an external node's check in a status Consul does
+//! not know, a re-registration, a deregistration while critical, an agent restart (its index going back)
 //! — then a seeded random sequence (`COMPOSED_SEED` replays one; the seed is printed).
 
 use std::time::Duration;
 
 use consul_api::{
-    AgentServiceCheck, AgentServiceRegistration, Client, GoDuration, HealthStatus, QueryOptions,
+    AgentServiceCheck, AgentServiceRegistration, CatalogCheckRegistration, CatalogRegistration,
+    CatalogServiceRegistration, Client, GoDuration, HealthStatus, QueryOptions,
 };
 use consul_registry::{DiscoveryConfig, Snapshot, Source, discovery};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -219,6 +221,18 @@ async fn composed_equals_passing_through_every_kind_of_change() {
     )
     .await;
 
+    // One write that wakes the critical and the warning reads, in either order.
+    set(1, 0, HealthStatus::Warning).await;
+    let step = "a critical check straight to warning";
+    compare(
+        &client,
+        &mut both,
+        s,
+        step,
+        exactly(s, &["diff-2", "diff-3"]),
+    )
+    .await;
+
     set(1, 0, HealthStatus::Passing).await;
     set(1, 1, HealthStatus::Warning).await;
     // ?passing leaves a warning instance out (1.8.7, by behaviour).
@@ -275,6 +289,47 @@ async fn composed_equals_passing_through_every_kind_of_change() {
         &mut both,
         s,
         "node maintenance off",
+        exactly(s, &all),
+    )
+    .await;
+
+    // An external monitor's registration (as consul-esm makes): a node of its own, with a
+    // check whose status the catalog endpoint stores without knowing it.
+    let foreign = |status: &str| CatalogRegistration {
+        node: "diff-foreign".into(),
+        address: "127.0.0.1".into(),
+        service: Some(CatalogServiceRegistration {
+            id: "diff-9".into(),
+            service: s.into(),
+            address: "127.0.0.1".into(),
+            port: 9009,
+            ..Default::default()
+        }),
+        check: Some(CatalogCheckRegistration {
+            check_id: "diff-9-monitor".into(),
+            name: "external monitor".into(),
+            status: status.into(),
+            service_id: "diff-9".into(),
+            output: String::new(),
+        }),
+    };
+    let with_foreign = ["diff-1", "diff-2", "diff-3", "diff-9"];
+    let catalog = client.catalog();
+    catalog.register(&foreign("passing")).await.unwrap();
+    let step = "an external node's instance, passing";
+    compare(&client, &mut both, s, step, exactly(s, &with_foreign)).await;
+    catalog.register(&foreign("degraded")).await.unwrap();
+    let step = "its check in a status Consul does not know: out of ?passing";
+    compare(&client, &mut both, s, step, exactly(s, &all)).await;
+    catalog.register(&foreign("passing")).await.unwrap();
+    let step = "its check passing again";
+    compare(&client, &mut both, s, step, exactly(s, &with_foreign)).await;
+    catalog.deregister_node("diff-foreign").await.unwrap();
+    compare(
+        &client,
+        &mut both,
+        s,
+        "the external node removed",
         exactly(s, &all),
     )
     .await;
