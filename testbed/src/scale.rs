@@ -92,11 +92,13 @@ pub enum Mode {
     /// `/v1/health/state/critical` and `/warning` (what is not passing), composed on the
     /// client.
     Composed,
+    /// `Source::Composed`, its loop rate-limited as `limited`'s.
+    ComposedLimited,
 }
 
 impl Mode {
     /// Every mode, in the report's order.
-    pub const ALL: [Mode; 7] = [
+    pub const ALL: [Mode; 8] = [
         Mode::Default,
         Mode::Stale,
         Mode::Cached,
@@ -104,6 +106,7 @@ impl Mode {
         Mode::CachedFilter,
         Mode::Limited,
         Mode::Composed,
+        Mode::ComposedLimited,
     ];
 
     /// The name used on the command line and in reports.
@@ -116,6 +119,7 @@ impl Mode {
             Mode::CachedFilter => "cached-filter",
             Mode::Limited => "limited",
             Mode::Composed => "composed",
+            Mode::ComposedLimited => "composed-limited",
         }
     }
 
@@ -131,7 +135,15 @@ impl Mode {
             Mode::Composed => {
                 "not `?passing`: `/v1/catalog/services` + `/v1/health/state/critical` + `/warning`"
             }
+            Mode::ComposedLimited => {
+                "`composed`, the loop reading at most 2 a second after a burst of 2"
+            }
         }
+    }
+
+    /// Whether its clients run `Source::Composed`.
+    pub fn composed(self) -> bool {
+        matches!(self, Mode::Composed | Mode::ComposedLimited)
     }
 
     fn cached(self) -> bool {
@@ -155,10 +167,10 @@ impl Mode {
         config.consistency = self.consistency();
         config.cached = self.cached();
         config.filter = self.filter();
-        if self == Mode::Composed {
+        if self.composed() {
             config.source = Source::Composed;
         }
-        if self == Mode::Limited {
+        if matches!(self, Mode::Limited | Mode::ComposedLimited) {
             config.rate_limit = Some(LIMIT);
         }
         config
@@ -852,7 +864,7 @@ async fn one_answer(
     let proxy = FaultProxy::start(read_from.http_addr()).await?;
     let direct = Client::new(read_from.config().with_address(proxy.address()))?;
     let asked = std::time::Instant::now();
-    if mode == Mode::Composed {
+    if mode.composed() {
         // What a flip costs this mode: the critical checks' answer (the list is read only
         // when membership changes).
         direct
@@ -1594,6 +1606,8 @@ mod tests {
         assert_eq!(cells.len(), 2, "{cells:?}");
         assert_eq!((cells[0].instances, cells[1].instances), (10, 1000));
         assert!(Mode::Limited.discovery(SERVICE).rate_limit == Some(LIMIT));
+        let both = Mode::ComposedLimited.discovery(SERVICE);
+        assert!(both.rate_limit == Some(LIMIT) && both.source == Source::Composed);
         assert_eq!(Mode::Default.discovery(SERVICE).rate_limit, None);
     }
 
