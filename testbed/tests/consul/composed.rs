@@ -223,15 +223,8 @@ async fn composed_equals_passing_through_every_kind_of_change() {
 
     // One write that wakes the critical and the warning reads, in either order.
     set(1, 0, HealthStatus::Warning).await;
-    let step = "a critical check straight to warning";
-    compare(
-        &client,
-        &mut both,
-        s,
-        step,
-        exactly(s, &["diff-2", "diff-3"]),
-    )
-    .await;
+    let (step, held_out) = ("a critical check straight to warning", ["diff-2", "diff-3"]);
+    compare(&client, &mut both, s, step, exactly(s, &held_out)).await;
 
     set(1, 0, HealthStatus::Passing).await;
     set(1, 1, HealthStatus::Warning).await;
