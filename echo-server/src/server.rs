@@ -893,15 +893,21 @@ mod tests {
         }
     }
 
-    async fn serve(max_frame: usize, pieces: &[&[u8]]) -> (End, Recorder) {
-        let mut handler = Handler::new(
-            Recorder::new(pieces),
+    /// A handler of `io` as the server builds one, with nothing else going on: no stop, no
+    /// shedding, a minute's idle timeout.
+    fn quiet_handler<S: AsyncRead + AsyncWrite + Unpin>(io: S, max_frame: usize) -> Handler<S> {
+        Handler::new(
+            io,
             max_frame,
             SocketAddr::from(([127, 0, 0, 1], 1)),
             Duration::from_secs(60),
             Stop::default().watch(Duration::from_secs(60)),
             Shedder::default(),
-        );
+        )
+    }
+
+    async fn serve(max_frame: usize, pieces: &[&[u8]]) -> (End, Recorder) {
+        let mut handler = quiet_handler(Recorder::new(pieces), max_frame);
         let end = handler.serve().await.expect("served");
         (end, handler.socket)
     }
@@ -940,14 +946,7 @@ mod tests {
     async fn a_large_frame_arriving_grows_the_buffer_once_to_hold_it() {
         let (_client, server) = tokio::io::duplex(1);
         let max_frame = 64 << 10;
-        let mut handler = Handler::new(
-            server,
-            max_frame,
-            SocketAddr::from(([127, 0, 0, 1], 1)),
-            Duration::from_secs(60),
-            Stop::default().watch(Duration::from_secs(60)),
-            Shedder::default(),
-        );
+        let mut handler = quiet_handler(server, max_frame);
         // A 64 KiB frame and its newline arrive read by read, each filling the room it has,
         // as from a peer sending faster than the server reads.
         let mut capacities = vec![handler.buf.capacity()];
@@ -1042,14 +1041,7 @@ mod tests {
             let (seen, echoed) = (seen.clone(), echoed.clone());
             tokio::spawn(async move { seen.store(echoed.load(SeqCst), SeqCst) })
         };
-        let mut handler = Handler::new(
-            peer,
-            64,
-            SocketAddr::from(([127, 0, 0, 1], 1)),
-            Duration::from_secs(60),
-            Stop::default().watch(Duration::from_secs(60)),
-            Shedder::default(),
-        );
+        let mut handler = quiet_handler(peer, 64);
         assert_eq!(handler.serve().await.expect("served"), End::PeerClosed);
         other.await.unwrap();
         assert_eq!(echoed.load(SeqCst), total);
@@ -1074,14 +1066,7 @@ mod tests {
             let (seen, taken) = (seen.clone(), taken.clone());
             tokio::spawn(async move { seen.store(taken.load(SeqCst), SeqCst) })
         };
-        let handler = Handler::new(
-            peer,
-            64,
-            SocketAddr::from(([127, 0, 0, 1], 1)),
-            Duration::from_secs(60),
-            Stop::default().watch(Duration::from_secs(60)),
-            Shedder::default(),
-        );
+        let handler = quiet_handler(peer, 64);
         let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
         handler.run(permit).await;
         other.await.unwrap();
