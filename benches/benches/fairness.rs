@@ -31,10 +31,10 @@ use std::{
 use benches::{
     Error, Result,
     report::fmt_ns,
-    results::{self, FairnessRecord, Summary},
+    results::{self, FairnessRecord, LessOwnWait, Summary},
     traffic::Message,
 };
-use consul_harness::{affinity, process::raise_fd_limit, signal::Signal};
+use consul_harness::{affinity, process::raise_fd_limit, procfs, signal::Signal};
 use echo_rig::{Launcher, ServerProcess, ServerSpec, hostile::Attack};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -122,25 +122,24 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
             phases.extend(attacked.phases);
         }
         let rtts = client.stop().await?;
-        let quiet: Vec<f64> = rtts
-            .iter()
-            .filter(|(at, _)| *at < quiet_until)
-            .map(|(_, rtt)| rtt.as_nanos() as f64)
-            .collect();
-        let during = |from: Instant, to: Instant| -> Vec<f64> {
-            rtts.iter()
-                .filter(|(at, _)| *at >= from && *at < to)
-                .map(|(_, rtt)| rtt.as_nanos() as f64)
-                .collect()
+        let quiet: Vec<&RoundTrip> = rtts.iter().filter(|r| r.at < quiet_until).collect();
+        let during = |from: Instant, to: Instant| -> Vec<&RoundTrip> {
+            rtts.iter().filter(|r| r.at >= from && r.at < to).collect()
+        };
+        let nanos = |v: &[&RoundTrip]| -> Vec<f64> {
+            v.iter().map(|r| r.rtt.as_nanos() as f64).collect()
+        };
+        let less_wait = |v: &[&RoundTrip]| -> Option<Summary> {
+            Summary::of(&v.iter().map(|r| r.less_own_wait()).collect::<Option<Vec<f64>>>()?)
         };
         if phases.is_empty() {
             return Err(Error::Invalid("the attack ran no phase".into()));
         }
-        let summary = |v: &[f64], what: &str| {
-            Summary::of(v).ok_or_else(|| Error::Invalid(format!("no round trip {what}")))
+        let summary = |v: &[&RoundTrip], what: &str| {
+            Summary::of(&nanos(v)).ok_or_else(|| Error::Invalid(format!("no round trip {what}")))
         };
         // Each phase over all rounds: its round trips, its CPU over its time.
-        let mut by_phase: Vec<(&str, Vec<f64>, f64, f64)> = Vec::new();
+        let mut by_phase: Vec<(&str, Vec<&RoundTrip>, f64, f64)> = Vec::new();
         for p in &phases {
             let at = match by_phase.iter().position(|(name, ..)| *name == p.name) {
                 Some(at) => at,
@@ -154,11 +153,27 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
             entry.2 += p.server_cpu.as_secs_f64();
             entry.3 += (p.to - p.from).as_secs_f64();
         }
-        let attacked: Vec<f64> = phases.iter().flat_map(|p| during(p.from, p.to)).collect();
+        let attacked: Vec<&RoundTrip> = phases.iter().flat_map(|p| during(p.from, p.to)).collect();
+        let less_own_wait = less_wait(&quiet)
+            .zip(less_wait(&attacked))
+            .map(|(quiet, attacked)| {
+                Box::new(LessOwnWait {
+                quiet,
+                attacked,
+                phases: by_phase
+                    .iter()
+                    .filter_map(|(name, rtts, ..)| Some(((*name).to_owned(), less_wait(rtts)?)))
+                    .collect(),
+                })
+            });
         let phases = by_phase
-            .into_iter()
+            .iter()
             .filter_map(|(name, rtts, cpu, lasted)| {
-                Some((name.to_owned(), cpu / lasted.max(1e-3), Summary::of(&rtts)?))
+                Some((
+                    (*name).to_owned(),
+                    cpu / lasted.max(1e-3),
+                    Summary::of(&nanos(rtts))?,
+                ))
             })
             .collect();
         Ok(FairnessRecord {
@@ -184,6 +199,7 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
             quiet: summary(&quiet, "before the attack")?,
             attacked: summary(&attacked, "during the attack")?,
             phases,
+            less_own_wait,
         })
     }
     .await;
@@ -226,7 +242,7 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
 struct Client {
     stop: Arc<AtomicBool>,
     sent: Arc<std::sync::atomic::AtomicUsize>,
-    done: tokio::sync::oneshot::Receiver<Result<Vec<(Instant, Duration)>>>,
+    done: tokio::sync::oneshot::Receiver<Result<Vec<RoundTrip>>>,
 }
 
 impl Client {
@@ -238,7 +254,7 @@ impl Client {
         std::thread::Builder::new()
             .name("well-behaved".into())
             .spawn(move || {
-                let run = || -> Result<Vec<(Instant, Duration)>> {
+                let run = || -> Result<Vec<RoundTrip>> {
                     if let Some(cpu) = cpu {
                         affinity::pin_thread(cpu)?;
                     }
@@ -264,8 +280,8 @@ impl Client {
         Ok(())
     }
 
-    /// Stop and return every (sent at, round trip).
-    async fn stop(self) -> Result<Vec<(Instant, Duration)>> {
+    /// Stop and return every round trip.
+    async fn stop(self) -> Result<Vec<RoundTrip>> {
         self.stop.store(true, Ordering::SeqCst);
         self.done
             .await
@@ -273,11 +289,30 @@ impl Client {
     }
 }
 
+/// One of the well-behaved client's round trips.
+struct RoundTrip {
+    /// When its message was sent.
+    at: Instant,
+    /// The round trip.
+    rtt: Duration,
+    /// How long the client's thread waited, runnable, for its CPU meanwhile (its run-queue
+    /// delay, read before and after, outside the timed interval); `None` without schedstats.
+    own_wait: Option<Duration>,
+}
+
+impl RoundTrip {
+    /// The round trip less the client's own wait for its CPU: what the server (and the
+    /// kernel's loopback path) took.
+    fn less_own_wait(&self) -> Option<f64> {
+        Some(self.rtt.saturating_sub(self.own_wait?).as_nanos() as f64)
+    }
+}
+
 async fn send_loop(
     addr: std::net::SocketAddr,
     stop: &AtomicBool,
     sent: &std::sync::atomic::AtomicUsize,
-) -> Result<Vec<(Instant, Duration)>> {
+) -> Result<Vec<RoundTrip>> {
     let message = Message::new(16);
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
@@ -285,12 +320,17 @@ async fn send_loop(
     let mut rtts = Vec::new();
     let mut next = tokio::time::Instant::now();
     while !stop.load(Ordering::SeqCst) {
+        let waited_before = procfs::own_run_delay();
         let at = Instant::now();
         stream.write_all(message.wire()).await?;
         tokio::time::timeout(REPLY_LIMIT, stream.read_exact(&mut back))
             .await
             .map_err(|_| Error::timeout("a well-behaved echo", REPLY_LIMIT))??;
-        rtts.push((at, at.elapsed()));
+        let rtt = at.elapsed();
+        let own_wait = waited_before
+            .zip(procfs::own_run_delay())
+            .map(|(before, after)| after.saturating_sub(before));
+        rtts.push(RoundTrip { at, rtt, own_wait });
         if back != message.wire() {
             return Err(Error::BadEcho(
                 "the well-behaved client's echo differs".into(),

@@ -139,6 +139,24 @@ pub struct FairnessRecord {
     /// Its round trips during each phase of the attack, with the server's CPU use (1.0 =
     /// one CPU busy) over the phase.
     pub phases: Vec<(String, f64, Summary)>,
+    /// The same round trips less the client's own wait for its CPU during each; `None`
+    /// where the kernel keeps no schedstats (or in a record from before they were read).
+    #[serde(default)]
+    pub less_own_wait: Option<Box<LessOwnWait>>,
+}
+
+/// The well-behaved client's round trips less its own wait for its CPU during each (its
+/// thread's run-queue delay, `/proc/thread-self/schedstat`): what the server and the
+/// kernel's loopback path took, without the time the client, woken by the echo, waited for
+/// the CPU it shares with the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LessOwnWait {
+    /// Before the attack.
+    pub quiet: Summary,
+    /// During the attack.
+    pub attacked: Summary,
+    /// During each phase of the attack.
+    pub phases: Vec<(String, Summary)>,
 }
 
 impl FairnessRecord {

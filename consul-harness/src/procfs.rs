@@ -112,6 +112,18 @@ pub fn parse_schedstat_ns(schedstat: &str) -> Option<u64> {
     schedstat.split_whitespace().next()?.parse().ok()
 }
 
+/// How long the calling thread has waited, runnable, for a CPU so far (its run queue
+/// delay): `/proc/thread-self/schedstat`'s second field. `None` without schedstats.
+pub fn own_run_delay() -> Option<Duration> {
+    let schedstat = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    parse_schedstat_wait_ns(&schedstat).map(Duration::from_nanos)
+}
+
+/// Nanoseconds waited on a run queue, the second field of a `schedstat` line.
+pub fn parse_schedstat_wait_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The CPU time used by the processes of Docker container `id` (its full ID), from its
 /// cgroup: v1 `cpuacct.usage` (nanoseconds) or v2 `cpu.stat`'s `usage_usec`, under the
 /// layouts of the `cgroupfs` and `systemd` drivers. `None` when no such cgroup is visible
@@ -208,6 +220,11 @@ mod tests {
             Some(134_959_952)
         );
         assert_eq!(parse_schedstat_ns(""), None);
+        assert_eq!(
+            parse_schedstat_wait_ns("134959952 904615856 259\n"),
+            Some(904_615_856)
+        );
+        assert_eq!(parse_schedstat_wait_ns("134959952"), None);
         let pid = std::process::id();
         let spinner = std::thread::Builder::new()
             .name("procfs-spin".into())

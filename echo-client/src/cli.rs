@@ -119,8 +119,9 @@ pub struct Args {
     pub no_spread: bool,
     /// Keep a standby connection: one more open connection, to a second passing instance,
     /// verified by one echo, so that a failover resends on it without connecting (it costs
-    /// one idle connection per client on a server). Off by default until a quiet machine's
-    /// bench run shows it shortens failover (BENCHMARKS.md, `failover/kill/*_standby`).
+    /// one idle connection per client on a server). Off by default: it shortens a failover's
+    /// tail more than its median, and doubles the connections every server holds
+    /// (BENCHMARKS.md, `failover/kill/*_standby` beside the rows without it).
     #[arg(long)]
     pub standby: bool,
     /// Discovery's read consistency: stale (any server answers, also during an election or

@@ -120,8 +120,11 @@ pub struct SessionConfig {
     pub seed: Option<u64>,
     /// Keep a verified standby connection open to a second instance, for a failover that
     /// resends on an open connection instead of connecting first (see the module docs for
-    /// its cost). Off by default: this machine's runs could not yet tell its failover from
-    /// one that connects (BENCHMARKS.md, `failover/kill/*_standby`).
+    /// its cost). Off by default: in the bench run in the tree it shortens a failover's p99
+    /// more than its median (BENCHMARKS.md, `failover/kill/*_standby` beside the rows without
+    /// it), and it doubles the connections every server holds, which count toward the
+    /// server's cap and its shedding: worth it where a failover's tail matters more than the
+    /// servers' connections.
     pub standby: bool,
 }
 

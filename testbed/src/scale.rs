@@ -578,6 +578,60 @@ pub fn match_flips(flips: &[Flip], views: &[View], horizon: SystemTime) -> Vec<O
     matched
 }
 
+/// How many missed flips a cell's note names (those missed by the most clients).
+const MISSED_FLIPS_SHOWN: usize = 8;
+
+/// Why a client missed a flip ([`match_flips`] found no view for it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Missed {
+    /// An answer that shows the flip arrived in time (before the flip after next was sent),
+    /// but the client published its view only after that: the client's own delay, from the
+    /// answer's headers to the view, in milliseconds.
+    PublishedLate(f64),
+    /// No answer that shows the flip arrived in time: the client's first answer after the
+    /// flip was sent (if any) came this many milliseconds after its PUT returned, and
+    /// showed another count (a later flip's when it came late and coalesced them).
+    NotAnswered(Option<f64>),
+}
+
+/// For each flip `matched` (from [`match_flips`] with the same `horizon`) has no view for,
+/// its index and why: the first view after the previous flip's that shows it and whose
+/// answer arrived before the flip after next was sent, if any, was published late.
+pub fn why_missed(
+    flips: &[Flip],
+    views: &[View],
+    matched: &[Option<usize>],
+    horizon: SystemTime,
+) -> Vec<(usize, Missed)> {
+    let mut cursor = 0;
+    let mut missed = Vec::new();
+    for (k, (flip, m)) in flips.iter().zip(matched).enumerate() {
+        if let Some(j) = m {
+            cursor = j + 1;
+            continue;
+        }
+        let upper = flips.get(k + 2).map_or(horizon, |f| f.sent);
+        let late = views.iter().skip(cursor).find(|v| {
+            v.received_at >= flip.sent && v.received_at < upper && v.instances == flip.expect
+        });
+        let first_answer = || {
+            let v = views
+                .iter()
+                .skip(cursor)
+                .find(|v| v.received_at >= flip.sent)?;
+            Some(ms_between(flip.returned, v.received_at))
+        };
+        missed.push((
+            k,
+            match late {
+                Some(v) => Missed::PublishedLate(ms_between(v.received_at, v.at)),
+                None => Missed::NotAnswered(first_answer()),
+            },
+        ));
+    }
+    missed
+}
+
 pub use crate::report::{ms_between, percentile};
 
 // === the experiment ===
@@ -820,6 +874,9 @@ async fn run_cell(
         })
         .collect();
     let answers = seen.answers;
+    if let Some(note) = seen.why_missed_note() {
+        notes.push(note);
+    }
     Ok(Cell {
         part: part.to_owned(),
         mode,
@@ -982,6 +1039,15 @@ struct Seen {
     transfer: Vec<f64>,
     client_added: Vec<f64>,
     client_cpu: Duration,
+    /// The client's delay (answer in → view) of each missed flip an answer showed in time.
+    published_late: Vec<f64>,
+    /// Missed flips no answer showed in time.
+    not_answered: usize,
+    /// For the missed flips no answer showed in time: the client's first answer after the
+    /// flip, ms after its PUT returned.
+    first_answers: Vec<f64>,
+    /// Each flip missed, by flip number: when its PUT returned, and by how many clients.
+    missed_flips: BTreeMap<usize, (SystemTime, usize)>,
 }
 
 impl Seen {
@@ -1000,11 +1066,28 @@ impl Seen {
             transfer: Vec::new(),
             client_added: Vec::new(),
             client_cpu: Duration::ZERO,
+            published_late: Vec::new(),
+            not_answered: 0,
+            first_answers: Vec::new(),
+            missed_flips: BTreeMap::new(),
         };
         for (i, p) in procs.iter().enumerate() {
             let views = views_of(p);
             seen.answers += views.iter().filter(|v| v.at >= t0 && v.at <= t1).count() as u64;
-            for (flip, m) in flips.iter().zip(match_flips(flips, &views, t1)) {
+            let matched = match_flips(flips, &views, t1);
+            for (k, why) in why_missed(flips, &views, &matched, t1) {
+                if let Some(flip) = flips.get(k) {
+                    seen.missed_flips.entry(k).or_insert((flip.returned, 0)).1 += 1;
+                }
+                match why {
+                    Missed::PublishedLate(ms) => seen.published_late.push(ms),
+                    Missed::NotAnswered(first) => {
+                        seen.not_answered += 1;
+                        seen.first_answers.extend(first);
+                    }
+                }
+            }
+            for (flip, m) in flips.iter().zip(matched) {
                 if let Some(j) = m {
                     seen.matched += 1;
                     seen.propagation
@@ -1020,6 +1103,58 @@ impl Seen {
             }
         }
         seen
+    }
+
+    /// What the missed flips were, when any was: shown by an answer in time but published
+    /// late (the client process's own delay), or not answered in time.
+    fn why_missed_note(&self) -> Option<String> {
+        let late = self.published_late.len();
+        if late + self.not_answered == 0 {
+            return None;
+        }
+        let late_text = match (
+            percentile(&self.published_late, 50.0),
+            self.published_late.iter().copied().reduce(f64::max),
+        ) {
+            (Some(p50), Some(max)) => format!(
+                "{late} shown by an answer in time but published late (the client's own \
+                 delay from the answer to its view: p50 {p50:.1} ms, max {max:.1} ms)"
+            ),
+            _ => format!("{late} shown by an answer in time but published late"),
+        };
+        // The flips missed by the most clients, in flip order; the rest counted.
+        let mut worst: Vec<(usize, SystemTime, usize)> = self
+            .missed_flips
+            .iter()
+            .map(|(&k, &(at, n))| (k, at, n))
+            .collect();
+        worst.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+        let rest = worst.len().saturating_sub(MISSED_FLIPS_SHOWN);
+        worst.truncate(MISSED_FLIPS_SHOWN);
+        worst.sort_unstable();
+        let mut by_flip: Vec<String> = worst
+            .iter()
+            .map(|(k, at, n)| format!("#{k} ({}) by {n}", humantime::format_rfc3339_millis(*at)))
+            .collect();
+        if rest > 0 {
+            by_flip.push(format!("and {rest} more flips"));
+        }
+        let first = match (
+            percentile(&self.first_answers, 50.0),
+            self.first_answers.iter().copied().reduce(f64::max),
+        ) {
+            (Some(p50), Some(max)) => format!(
+                " (the client's first answer after the flip came p50 {p50:.1} ms, max \
+                 {max:.1} ms after it, and showed another count)"
+            ),
+            _ => String::new(),
+        };
+        Some(format!(
+            "missed: {late_text}; {} not shown by any answer before the flip after next was \
+             sent{first}; by flip: {}",
+            self.not_answered,
+            by_flip.join(", ")
+        ))
     }
 }
 
@@ -1038,6 +1173,7 @@ async fn run_grid(
     report.consul_version = consul.version().to_owned();
     let holder = consul.client();
     let mut registered = 0;
+    let mut cached_before = false;
     for GridCell {
         instances: n,
         clients: c,
@@ -1064,15 +1200,34 @@ async fn run_grid(
             holder: holder.clone(),
             agents: vec![("agent", &consul)],
         };
-        let cell = run_cell(launcher, config, setup, progress).await?;
+        let mut cell = run_cell(launcher, config, setup, progress).await?;
+        if cached_before {
+            cell.notes.push(AFTER_CACHED.to_owned());
+        }
+        cached_before |= mode.cached();
         tracing::info!(instances = n, clients = c, mode = mode.name(), "cell done");
         report.grid.push(cell);
     }
     Ok(())
 }
 
+/// A cell's note when it ran after a cached one on the same agent.
+const AFTER_CACHED: &str = "ran after a cached cell: the agent's cache still refreshes the \
+                            service's entry in the background, on every change, and its cost \
+                            is counted here too";
+
+/// `modes` in the order they run: as given, but those that read through the agent's cache
+/// last. A cached read leaves the agent refreshing the entry in the background (one blocking
+/// query to the servers, re-run on every change of the service) long after its clients are
+/// gone, so a mode run after it would be charged that refresh too.
+fn run_order(modes: &[Mode]) -> Vec<Mode> {
+    let mut order = modes.to_vec();
+    order.sort_by_key(|m| m.cached());
+    order
+}
+
 /// The read modes: a cluster of one server and one client agent, many clients on the agent,
-/// each mode in turn.
+/// each mode in turn (those through the agent's cache last: [`run_order`]).
 async fn run_modes(
     launcher: &Launcher,
     config: &ScaleConfig,
@@ -1103,7 +1258,7 @@ async fn run_modes(
         progress,
     )
     .await?;
-    for &mode in &config.modes {
+    for mode in run_order(&config.modes) {
         let setup = Setup {
             part: "modes",
             mode,
@@ -1223,7 +1378,8 @@ pub struct Args {
         default_value = "default,composed"
     )]
     grid_modes: Vec<Mode>,
-    /// The read modes compared (comma-separated).
+    /// The read modes compared (comma-separated; those through the agent's cache run last,
+    /// as the agent goes on refreshing a cached entry after its clients are gone).
     #[arg(
         long,
         value_delimiter = ',',
@@ -1542,6 +1698,41 @@ mod tests {
         // A view published after the flip after next was sent is not this flip's.
         let late = [view(10, 450, 9)];
         assert_eq!(match_flips(&f, &late, t(2_000))[0], None);
+    }
+
+    #[test]
+    fn a_missed_flip_is_told_late_from_unanswered() {
+        let f = flips(3, 10);
+        // Flip 0's answer arrives at 250 (before flip 2 is sent at 400) but its view is
+        // published at 450: late by 200 ms. Flip 1 (10) is never shown: the next answer
+        // already shows flip 2.
+        let views = [view(250, 450, 9), view(500, 505, 9)];
+        let horizon = t(2_000);
+        let matched = match_flips(&f, &views, horizon);
+        assert_eq!(matched, vec![None, None, Some(1)]);
+        assert_eq!(
+            why_missed(&f, &views, &matched, horizon),
+            vec![
+                (0, Missed::PublishedLate(200.0)),
+                (1, Missed::NotAnswered(Some(48.0)))
+            ]
+        );
+        // An answer arriving only after the flip after next was sent is not this flip's.
+        let views = [view(450, 460, 9)];
+        let matched = match_flips(&f, &views, horizon);
+        assert_eq!(
+            why_missed(&f, &views, &matched, horizon)[0],
+            (0, Missed::NotAnswered(Some(448.0)))
+        );
+    }
+
+    #[test]
+    fn cached_modes_run_last_and_the_rest_keep_their_order() {
+        use Mode::*;
+        assert_eq!(
+            run_order(&[Default, Cached, Filter, CachedFilter, Composed]),
+            vec![Default, Filter, Composed, Cached, CachedFilter]
+        );
     }
 
     #[test]

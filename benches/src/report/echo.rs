@@ -270,7 +270,16 @@ fn fairness_goal(f: &FairnessRecord) -> [String; 3] {
         if ratio <= FAIRNESS_GOAL {
             "met".to_owned()
         } else {
-            format!("**NOT met**: {:.2}× the goal", ratio / FAIRNESS_GOAL)
+            let cause = f.less_own_wait.as_ref().map_or(String::new(), |w| {
+                format!(
+                    "; less the client's own wait for its CPU (run-queue delay, shared with \
+                     the server): {} quiet, {} under attack, {:.2}×",
+                    fmt_ns(w.quiet.p99),
+                    fmt_ns(w.attacked.p99),
+                    w.attacked.p99 / w.quiet.p99
+                )
+            });
+            format!("**NOT met**: {:.2}× the goal{cause}", ratio / FAIRNESS_GOAL)
         },
     ]
 }

@@ -210,7 +210,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::results::{MemoryRun, Recorder};
+    use crate::results::{LessOwnWait, MemoryRun, Recorder};
 
     fn machine() -> Machine {
         Machine {
@@ -501,6 +501,11 @@ mod tests {
                 quiet: Summary::of(&[100_000.0]).unwrap(),
                 attacked: Summary::of(&[500_000.0]).unwrap(),
                 phases: vec![("garbage".into(), 0.5, Summary::of(&[500_000.0]).unwrap())],
+                less_own_wait: Some(Box::new(LessOwnWait {
+                    quiet: Summary::of(&[80_000.0]).unwrap(),
+                    attacked: Summary::of(&[200_000.0]).unwrap(),
+                    phases: vec![("garbage".into(), Summary::of(&[200_000.0]).unwrap())],
+                })),
             }),
             recorded(
                 "failover/kill/sigkill_process",
@@ -576,7 +581,16 @@ mod tests {
         assert!(md.contains("highest 1.04× (median), 1.04× (p99) over 1 rows | met |"));
         assert!(
             md.contains(
-                "100.0 µs quiet, 500.0 µs under attack: 5.00× | **NOT met**: 1.67× the goal |"
+                "100.0 µs quiet, 500.0 µs under attack: 5.00× | **NOT met**: 1.67× the goal; \
+                 less the client's own wait for its CPU (run-queue delay, shared with the \
+                 server): 80.0 µs quiet, 200.0 µs under attack, 2.50× |"
+            ),
+            "{md}"
+        );
+        // The fairness rows again, less the client's own wait.
+        assert!(
+            md.contains(
+                "| … during garbage | 1 | 200.0 µs | 200.0 µs | 200.0 µs | 200.0 µs | 2.50× |"
             ),
             "{md}"
         );

@@ -354,5 +354,37 @@ pub(crate) fn fairness_section(out: &mut String, fairness: &[&FairnessRecord]) {
              {table}",
             f.id, f.placement, f.attack
         );
+        if let Some(w) = &f.less_own_wait {
+            let mut table = Table::aligned([("The same, less the client's own wait", Align::Left)]);
+            for column in ["n", "Median", "p90", "p99", "max", "p99 ÷ quiet p99"] {
+                table.column(column, Align::Right);
+            }
+            let mut row = |what: &str, s: &Summary| {
+                table.row([
+                    what.to_owned(),
+                    s.count.to_string(),
+                    fmt_ns(s.p50),
+                    fmt_ns(s.p90),
+                    fmt_ns(s.p99),
+                    fmt_ns(s.max),
+                    format!("{:.2}×", s.p99 / w.quiet.p99),
+                ]);
+            };
+            row("quiet", &w.quiet);
+            row("**under attack (all phases)**", &w.attacked);
+            for (phase, s) in &w.phases {
+                row(&format!("… during {phase}"), s);
+            }
+            let _ = writeln!(
+                out,
+                "Each round trip less the time the client's thread waited, runnable, for its CPU \
+                 meanwhile (its run-queue delay from `/proc/thread-self/schedstat`, read before \
+                 and after each round trip, outside the timed interval): what is left is the \
+                 server's and the kernel's loopback path's. The client shares its CPU with the \
+                 server, so part of what an attack adds is the client waiting for the server's \
+                 thread to give the CPU back, a wait no serving order inside the server removes.\n\n\
+                 {table}"
+            );
+        }
     }
 }
