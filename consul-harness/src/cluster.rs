@@ -205,6 +205,7 @@ impl Cluster {
                 tls: None,
                 ipv6_loopback: false,
                 http_max_conns_per_client: options.http_max_conns_per_client,
+                log_level: options.log_level.clone(),
             };
             if matches!(member, Member::Client(c) if c > 0) {
                 tokio::time::sleep(spec.client_stagger).await;

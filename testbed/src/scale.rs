@@ -1168,7 +1168,12 @@ async fn run_grid(
     progress.say("grid: starting Consul (one dev agent)");
     let cells = config.grid_cells();
     let most = cells.iter().map(|c| c.clients).max().unwrap_or(1);
-    let options = ConsulOptions::from_env()?.with_http_max_conns_per_client(conn_limit(most));
+    // At INFO, as agents run in production: a `-dev` agent's DEBUG logs a line per local
+    // service and check on every sync, ~2,000 lines a flip at 1,000 instances, stored by
+    // the engine outside the agent's cgroup.
+    let options = ConsulOptions::from_env()?
+        .with_http_max_conns_per_client(conn_limit(most))
+        .with_log_level("info");
     let consul = Consul::start_with(options).await?;
     report.consul_version = consul.version().to_owned();
     let holder = consul.client();

@@ -278,6 +278,8 @@ pub struct AgentSpec {
     /// client IP (200 by default). Every process on this machine reaches the agent from
     /// 127.0.0.1, so hundreds of watchers need it raised. `None`: Consul's default.
     pub http_max_conns_per_client: Option<u32>,
+    /// `-log-level`; `None`: Consul's default (`DEBUG` for a `-dev` agent, `INFO` otherwise).
+    pub log_level: Option<String>,
 }
 
 impl AgentSpec {
@@ -342,6 +344,9 @@ impl AgentSpec {
                 "-hcl".into(),
                 format!("limits {{ http_max_conns_per_client = {n} }}"),
             ]);
+        }
+        if let Some(level) = &self.log_level {
+            args.extend(["-log-level".into(), level.clone()]);
         }
         if let Some(token) = &self.acl_management_token {
             let key = match self.flavor {
@@ -498,6 +503,7 @@ mod tests {
             tls: None,
             ipv6_loopback: false,
             http_max_conns_per_client: None,
+            log_level: None,
         };
         let args = server.args().join(" ");
         assert!(!args.contains("-dev"), "{args}");
@@ -571,6 +577,7 @@ mod tests {
             tls: None,
             ipv6_loopback: false,
             http_max_conns_per_client: None,
+            log_level: None,
         };
         let args = spec.args();
         let v6 = AgentSpec {
@@ -588,8 +595,10 @@ mod tests {
             !args.iter().any(|a| a.contains("limits")),
             "Consul's default"
         );
+        assert!(!args.iter().any(|a| a == "-log-level"), "Consul's default");
         let many = AgentSpec {
             http_max_conns_per_client: Some(1200),
+            log_level: Some("info".into()),
             ..spec.clone()
         };
         assert!(
@@ -597,6 +606,7 @@ mod tests {
                 .iter()
                 .any(|a| a == "limits { http_max_conns_per_client = 1200 }")
         );
+        assert!(many.args().join(" ").contains("-log-level info"));
         let args = args.join(" ");
         assert!(args.starts_with("agent -dev -node n1 -bind 127.0.0.1 -client 127.0.0.1"));
         assert!(args.contains(&format!("-http-port {}", ports.http)));

@@ -93,6 +93,8 @@ pub struct ConsulOptions {
     /// Consul's cap on HTTP connections from one client IP, raised (dev agents and every
     /// cluster member; see [`AgentSpec::http_max_conns_per_client`]).
     pub http_max_conns_per_client: Option<u32>,
+    /// Every agent's `-log-level`; `None`: Consul's default (see [`AgentSpec::log_level`]).
+    pub log_level: Option<String>,
 }
 
 /// An agent's HTTPS settings.
@@ -115,6 +117,7 @@ impl ConsulOptions {
             startup_timeout: Duration::from_secs(60),
             ipv6_loopback: false,
             http_max_conns_per_client: None,
+            log_level: None,
         })
     }
 
@@ -147,6 +150,15 @@ impl ConsulOptions {
     /// member of a cluster.
     pub fn with_http_max_conns_per_client(mut self, n: u32) -> Self {
         self.http_max_conns_per_client = Some(n);
+        self
+    }
+
+    /// These options with every agent's `-log-level` set to `level` (`info`, say): a `-dev`
+    /// agent logs at `DEBUG`, a line per local service and check on every anti-entropy
+    /// sync: at thousands of local instances, thousands of lines per change for the engine
+    /// to store.
+    pub fn with_log_level(mut self, level: impl Into<String>) -> Self {
+        self.log_level = Some(level.into());
         self
     }
 
@@ -286,6 +298,7 @@ impl Consul {
                 }),
                 ipv6_loopback: options.ipv6_loopback,
                 http_max_conns_per_client: options.http_max_conns_per_client,
+                log_level: options.log_level.clone(),
             };
             let config = client_config(&options, spec.address, spec.ports.http);
             let mut consul = Consul {
