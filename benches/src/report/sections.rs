@@ -315,6 +315,20 @@ pub(crate) fn memory_section(out: &mut String, memory: &[&MemoryRecord]) {
     );
 }
 
+/// A fairness table's row: what the round trips are, their count and percentiles, and their
+/// p99 against the quiet one's.
+fn round_trip_cells(what: &str, s: &Summary, quiet_p99: f64) -> Vec<String> {
+    vec![
+        what.to_owned(),
+        s.count.to_string(),
+        fmt_ns(s.p50),
+        fmt_ns(s.p90),
+        fmt_ns(s.p99),
+        fmt_ns(s.max),
+        format!("{:.2}×", s.p99 / quiet_p99),
+    ]
+}
+
 /// The well-behaved client's round trips, quiet and under each phase of the attack.
 pub(crate) fn fairness_section(out: &mut String, fairness: &[&FairnessRecord]) {
     for f in fairness {
@@ -331,16 +345,9 @@ pub(crate) fn fairness_section(out: &mut String, fairness: &[&FairnessRecord]) {
             table.column(column, Align::Right);
         }
         let mut row = |what: &str, s: &Summary, cpu: Option<f64>| {
-            table.row([
-                what.to_owned(),
-                s.count.to_string(),
-                fmt_ns(s.p50),
-                fmt_ns(s.p90),
-                fmt_ns(s.p99),
-                fmt_ns(s.max),
-                format!("{:.2}×", s.p99 / f.quiet.p99),
-                cpu.map_or("—".into(), |c| format!("{:.0}%", c * 100.0)),
-            ]);
+            let mut cells = round_trip_cells(what, s, f.quiet.p99);
+            cells.push(cpu.map_or("—".into(), |c| format!("{:.0}%", c * 100.0)));
+            table.row(cells);
         };
         row("quiet", &f.quiet, None);
         row("**under attack (all phases)**", &f.attacked, None);
@@ -360,15 +367,7 @@ pub(crate) fn fairness_section(out: &mut String, fairness: &[&FairnessRecord]) {
                 table.column(column, Align::Right);
             }
             let mut row = |what: &str, s: &Summary| {
-                table.row([
-                    what.to_owned(),
-                    s.count.to_string(),
-                    fmt_ns(s.p50),
-                    fmt_ns(s.p90),
-                    fmt_ns(s.p99),
-                    fmt_ns(s.max),
-                    format!("{:.2}×", s.p99 / w.quiet.p99),
-                ]);
+                table.row(round_trip_cells(what, s, w.quiet.p99));
             };
             row("quiet", &w.quiet);
             row("**under attack (all phases)**", &w.attacked);
