@@ -13,6 +13,13 @@
 //! The client's round trips are recorded first quiet ([`QUIET`] messages), then while the
 //! attack runs, [`ROUNDS`] times over. The goal: its p99 under attack at most [`GOAL`]× the quiet p99.
 //!
+//! Then the same again against the fair baseline of the echo benches, `raw-buf` (a plain
+//! copier reading and writing with the echo-server's read size, no framing, no limits), on
+//! CPU 0 with one worker as the server had: what the kernel and a tokio server with nothing
+//! of its own give a well-behaved client under the same attack. A copier has no frame
+//! limit, so it never answers an oversized frame: that phase is left out of its attack, and
+//! echo-server's figures over the phases both ran are recorded beside it.
+//!
 //! With fewer than 2 CPUs nothing is pinned (and the report says so). Arguments as criterion
 //! takes them: a filter, `--list`, and without `--bench` (as `cargo test --benches` runs it)
 //! a quick smoke run with a smaller attack that records nothing.
@@ -21,6 +28,7 @@
 #![allow(missing_docs)]
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -31,7 +39,8 @@ use std::{
 use benches::{
     Error, Result,
     report::fmt_ns,
-    results::{self, FairnessRecord, LessOwnWait, Summary},
+    results::{self, FairnessBaseline, FairnessRecord, LessOwnWait, Summary},
+    servers::{Copier, RawEcho},
     traffic::Message,
 };
 use consul_harness::{affinity, process::raise_fd_limit, procfs, signal::Signal};
@@ -111,101 +120,77 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
         if pinned {
             affinity::pin_process(pid, 0)?;
         }
-        let client = Client::start(addr, pinned.then_some(0))?;
-        client.wait_for(quiet_messages, WAIT).await?;
-        let quiet_until = Instant::now();
-        let mut phases = Vec::new();
-        for _ in 0..rounds {
-            let attacked = attack
-                .run_on_thread(addr, pid, pinned.then_some(1), Arc::default())
-                .await?;
-            phases.extend(attacked.phases);
-        }
-        let rtts = client.stop().await?;
-        let quiet: Vec<&RoundTrip> = rtts.iter().filter(|r| r.at < quiet_until).collect();
-        let during = |from: Instant, to: Instant| -> Vec<&RoundTrip> {
-            rtts.iter().filter(|r| r.at >= from && r.at < to).collect()
+        let run = Run {
+            attack: &attack,
+            rounds,
+            quiet_messages,
+            pinned,
         };
-        let nanos = |v: &[&RoundTrip]| -> Vec<f64> {
-            v.iter().map(|r| r.rtt.as_nanos() as f64).collect()
-        };
-        let less_wait = |v: &[&RoundTrip]| -> Option<Summary> {
-            Summary::of(&v.iter().map(|r| r.less_own_wait()).collect::<Option<Vec<f64>>>()?)
-        };
-        if phases.is_empty() {
-            return Err(Error::Invalid("the attack ran no phase".into()));
-        }
-        let summary = |v: &[&RoundTrip], what: &str| {
-            Summary::of(&nanos(v)).ok_or_else(|| Error::Invalid(format!("no round trip {what}")))
-        };
-        // Each phase over all rounds: its round trips, its CPU over its time.
-        let mut by_phase: Vec<(&str, Vec<&RoundTrip>, f64, f64)> = Vec::new();
-        for p in &phases {
-            let at = match by_phase.iter().position(|(name, ..)| *name == p.name) {
-                Some(at) => at,
-                None => {
-                    by_phase.push((p.name, Vec::new(), 0.0, 0.0));
-                    by_phase.len() - 1
-                }
-            };
-            let entry = &mut by_phase[at];
-            entry.1.extend(during(p.from, p.to));
-            entry.2 += p.server_cpu.as_secs_f64();
-            entry.3 += (p.to - p.from).as_secs_f64();
-        }
-        let attacked: Vec<&RoundTrip> = phases.iter().flat_map(|p| during(p.from, p.to)).collect();
-        let less_own_wait = less_wait(&quiet)
-            .zip(less_wait(&attacked))
-            .map(|(quiet, attacked)| {
-                Box::new(LessOwnWait {
-                quiet,
-                attacked,
-                phases: by_phase
-                    .iter()
-                    .filter_map(|(name, rtts, ..)| Some(((*name).to_owned(), less_wait(rtts)?)))
-                    .collect(),
-                })
-            });
-        let phases = by_phase
-            .iter()
-            .filter_map(|(name, rtts, cpu, lasted)| {
-                Some((
-                    (*name).to_owned(),
-                    cpu / lasted.max(1e-3),
-                    Summary::of(&nanos(rtts))?,
-                ))
-            })
-            .collect();
-        Ok(FairnessRecord {
-            id: ID.into(),
-            placement: if pinned {
-                "server and well-behaved client on CPU 0, attacker on CPU 1 (sched_setaffinity)"
-                    .into()
-            } else {
-                "unpinned: fewer than 2 CPUs".into()
-            },
-            attack: format!(
-                "{rounds} rounds of: {} × {} KiB garbage, {} × {} KiB frames (limit 64 KiB), {} stalled frames, {} \
-                 resets, {} short-lived connections, {} at once",
-                attack.garbage_conns,
-                attack.garbage_bytes >> 10,
-                attack.oversize_conns,
-                attack.oversize_bytes >> 10,
-                attack.stalled_conns,
-                attack.resets,
-                attack.short_lived,
-                attack.concurrency
-            ),
-            quiet: summary(&quiet, "before the attack")?,
-            attacked: summary(&attacked, "during the attack")?,
-            phases,
-            less_own_wait,
-        })
+        let echo = run.against(addr, pid).await?;
+        let baseline = run.against_baseline().await?;
+        Ok::<_, Error>((echo, baseline))
     }
     .await;
     server.process.signal(Signal::SIGTERM)?;
     server.process.wait_exit(WAIT).await?;
-    let record = outcome?;
+    let (echo, baseline) = outcome?;
+    let record = FairnessRecord {
+        id: ID.into(),
+        placement: if pinned {
+            "server and well-behaved client on CPU 0, attacker on CPU 1 (sched_setaffinity)".into()
+        } else {
+            "unpinned: fewer than 2 CPUs".into()
+        },
+        attack: format!(
+            "{rounds} rounds of: {} × {} KiB garbage, {} × {} KiB frames (limit 64 KiB), {} stalled frames, {} \
+             resets, {} short-lived connections, {} at once",
+            attack.garbage_conns,
+            attack.garbage_bytes >> 10,
+            attack.oversize_conns,
+            attack.oversize_bytes >> 10,
+            attack.stalled_conns,
+            attack.resets,
+            attack.short_lived,
+            attack.concurrency
+        ),
+        quiet: summary(&echo.quiet, "before the attack")?,
+        attacked: summary(echo.attacked(None), "during the attack")?,
+        phases: echo
+            .phases
+            .iter()
+            .filter_map(|p| {
+                Some((
+                    p.name.to_owned(),
+                    p.cpu / p.lasted.max(1e-3),
+                    Summary::of(&nanos(&p.rtts))?,
+                ))
+            })
+            .collect(),
+        less_own_wait: echo.less_own_wait().map(Box::new),
+        baseline: baseline
+            .as_ref()
+            .map(|b| -> Result<Box<FairnessBaseline>> {
+                Ok(Box::new(FairnessBaseline {
+                    server: format!(
+                        "raw-buf (a copier with {} KiB reads, one worker on CPU 0)",
+                        echo_server::server::READ_CHUNK >> 10
+                    ),
+                    left_out: OVERSIZED.into(),
+                    quiet: summary(&b.quiet, "before the attack on the baseline")?,
+                    attacked: summary(b.attacked(None), "during the attack on the baseline")?,
+                    phases: b
+                        .phases
+                        .iter()
+                        .filter_map(|p| Some((p.name.to_owned(), Summary::of(&nanos(&p.rtts))?)))
+                        .collect(),
+                    echo_server_same_phases: summary(
+                        echo.attacked(Some(OVERSIZED)),
+                        "in the phases both ran",
+                    )?,
+                }))
+            })
+            .transpose()?,
+    };
     println!("{ID} ({})", record.placement);
     println!(
         "    quiet: p50 {}, p99 {} ({} echoes)",
@@ -234,7 +219,185 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
             s.count
         );
     }
+    if let Some(b) = &record.baseline {
+        println!(
+            "    the fair baseline, {}, without {}: quiet p99 {}, under attack p99 {}: {:.2}× \
+             (echo-server over the same phases: {:.2}×)",
+            b.server,
+            b.left_out,
+            fmt_ns(b.quiet.p99),
+            fmt_ns(b.attacked.p99),
+            b.attacked.p99 / b.quiet.p99,
+            b.echo_server_same_phases.p99 / record.quiet.p99
+        );
+    }
     Ok(record)
+}
+
+/// The attack phase a copier cannot end: it has no frame limit, so it never answers.
+const OVERSIZED: &str = "oversized frames";
+
+fn nanos<'a>(v: impl IntoIterator<Item = &'a RoundTrip>) -> Vec<f64> {
+    v.into_iter().map(|r| r.rtt.as_nanos() as f64).collect()
+}
+
+/// The summary of some round trips; an error if there were none.
+fn summary<'a>(rtts: impl IntoIterator<Item = &'a RoundTrip>, what: &str) -> Result<Summary> {
+    Summary::of(&nanos(rtts)).ok_or_else(|| Error::Invalid(format!("no round trip {what}")))
+}
+
+/// One server's measurement: the attack, its rounds, the quiet echoes before it.
+struct Run<'a> {
+    attack: &'a Attack,
+    rounds: usize,
+    quiet_messages: usize,
+    pinned: bool,
+}
+
+/// What the well-behaved client saw of one server: its round trips before the attack, and
+/// during each phase over all rounds.
+struct Measured {
+    quiet: Vec<RoundTrip>,
+    phases: Vec<PhaseTrips>,
+}
+
+/// One phase over all rounds: its round trips, the server's CPU time and the phase's
+/// length, in seconds.
+struct PhaseTrips {
+    name: &'static str,
+    rtts: Vec<RoundTrip>,
+    cpu: f64,
+    lasted: f64,
+}
+
+impl Measured {
+    /// The round trips during the attack, in every phase but `except`.
+    fn attacked(&self, except: Option<&str>) -> Vec<&RoundTrip> {
+        self.phases
+            .iter()
+            .filter(|p| Some(p.name) != except)
+            .flat_map(|p| &p.rtts)
+            .collect()
+    }
+
+    /// The same round trips less the client's own wait for its CPU; `None` without
+    /// schedstats.
+    fn less_own_wait(&self) -> Option<LessOwnWait> {
+        let less = |v: Vec<&RoundTrip>| -> Option<Summary> {
+            Summary::of(
+                &v.iter()
+                    .map(|r| r.less_own_wait())
+                    .collect::<Option<Vec<f64>>>()?,
+            )
+        };
+        Some(LessOwnWait {
+            quiet: less(self.quiet.iter().collect())?,
+            attacked: less(self.attacked(None))?,
+            phases: self
+                .phases
+                .iter()
+                .filter_map(|p| Some((p.name.to_owned(), less(p.rtts.iter().collect())?)))
+                .collect(),
+        })
+    }
+}
+
+impl Run<'_> {
+    /// The quiet echoes, then the attack's rounds, against the server at `addr` (process
+    /// `pid`, whose CPU time each phase reads).
+    async fn against(&self, addr: SocketAddr, pid: u32) -> Result<Measured> {
+        self.against_with(addr, pid, self.attack).await
+    }
+
+    /// The same against the fair baseline on CPU 0, its attack without the phase a copier
+    /// cannot end; `None` where nothing is pinned (the baseline would not have the server's
+    /// one worker).
+    async fn against_baseline(&self) -> Result<Option<Measured>> {
+        if !self.pinned {
+            return Ok(None);
+        }
+        // Its worker starts on CPU 0 and stays there, as the server's does.
+        let runtime = {
+            let _on_cpu0 = affinity::PinnedHere::to(0)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("raw-buf")
+                .enable_all()
+                .build()?
+        };
+        let copier = Copier::Buffer(echo_server::server::READ_CHUNK);
+        // Bound in its own runtime, so that its listener is driven there too.
+        let handle = runtime.handle().clone();
+        let started = runtime
+            .spawn(async move { RawEcho::start_with(&handle, copier).await })
+            .await
+            .map_err(|e| Error::Invalid(format!("the baseline did not start: {e}")))?;
+        let measured = match started {
+            Ok(raw) => {
+                let attack = Attack {
+                    oversize_conns: 0,
+                    ..self.attack.clone()
+                };
+                let measured = self
+                    .against_with(raw.addr(), std::process::id(), &attack)
+                    .await;
+                drop(raw);
+                measured
+            }
+            Err(e) => Err(e),
+        };
+        runtime.shutdown_background();
+        measured.map(Some)
+    }
+
+    async fn against_with(&self, addr: SocketAddr, pid: u32, attack: &Attack) -> Result<Measured> {
+        let client = Client::start(addr, self.pinned.then_some(0))?;
+        client.wait_for(self.quiet_messages, WAIT).await?;
+        let quiet_until = Instant::now();
+        let mut phases = Vec::new();
+        for _ in 0..self.rounds {
+            let attacked = attack
+                .run_on_thread(addr, pid, self.pinned.then_some(1), Arc::default())
+                .await?;
+            phases.extend(attacked.phases);
+        }
+        let mut rtts = client.stop().await?;
+        if phases.is_empty() {
+            return Err(Error::Invalid("the attack ran no phase".into()));
+        }
+        let quiet = rtts.iter().take_while(|r| r.at < quiet_until).count();
+        let quiet: Vec<RoundTrip> = rtts.drain(..quiet).collect();
+        // Each phase over all rounds: its round trips, its CPU over its time. A phase that
+        // sent nothing (the baseline's oversized frames) has no round trip and no row.
+        let mut by_phase: Vec<PhaseTrips> = Vec::new();
+        for p in &phases {
+            let at = match by_phase.iter().position(|b| b.name == p.name) {
+                Some(at) => at,
+                None => {
+                    by_phase.push(PhaseTrips {
+                        name: p.name,
+                        rtts: Vec::new(),
+                        cpu: 0.0,
+                        lasted: 0.0,
+                    });
+                    by_phase.len() - 1
+                }
+            };
+            let entry = &mut by_phase[at];
+            let (inside, outside): (Vec<RoundTrip>, Vec<RoundTrip>) = std::mem::take(&mut rtts)
+                .into_iter()
+                .partition(|r| r.at >= p.from && r.at < p.to);
+            rtts = outside;
+            entry.rtts.extend(inside);
+            entry.cpu += p.server_cpu.as_secs_f64();
+            entry.lasted += (p.to - p.from).as_secs_f64();
+        }
+        by_phase.retain(|p| !p.rtts.is_empty());
+        Ok(Measured {
+            quiet,
+            phases: by_phase,
+        })
+    }
 }
 
 /// The well-behaved client: on a thread of its own (pinned to `cpu` when given) with its own
@@ -246,7 +409,7 @@ struct Client {
 }
 
 impl Client {
-    fn start(addr: std::net::SocketAddr, cpu: Option<usize>) -> Result<Client> {
+    fn start(addr: SocketAddr, cpu: Option<usize>) -> Result<Client> {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (tx, done) = tokio::sync::oneshot::channel();
@@ -309,7 +472,7 @@ impl RoundTrip {
 }
 
 async fn send_loop(
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     stop: &AtomicBool,
     sent: &std::sync::atomic::AtomicUsize,
 ) -> Result<Vec<RoundTrip>> {

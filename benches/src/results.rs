@@ -143,6 +143,30 @@ pub struct FairnessRecord {
     /// where the kernel keeps no schedstats (or in a record from before they were read).
     #[serde(default)]
     pub less_own_wait: Option<Box<LessOwnWait>>,
+    /// The same client against the fair baseline under the same attack (less the phase a
+    /// copier cannot end); `None` where nothing was pinned, or in a record from before it
+    /// was measured.
+    #[serde(default)]
+    pub baseline: Option<Box<FairnessBaseline>>,
+}
+
+/// The fairness measurement against the fair baseline (a plain copier, no framing and no
+/// limits, with the server's placement): what the kernel and a tokio server with nothing of
+/// its own give a well-behaved client under the same attack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FairnessBaseline {
+    /// The baseline, in words.
+    pub server: String,
+    /// The attack's phase it did not run (a copier never answers an oversized frame).
+    pub left_out: String,
+    /// The client's round trips to it before the attack.
+    pub quiet: Summary,
+    /// During the attack.
+    pub attacked: Summary,
+    /// During each phase of the attack.
+    pub phases: Vec<(String, Summary)>,
+    /// The client's round trips to echo-server during the phases the baseline ran too.
+    pub echo_server_same_phases: Summary,
 }
 
 /// The well-behaved client's round trips less its own wait for its CPU during each (its

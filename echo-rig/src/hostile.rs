@@ -1,7 +1,7 @@
 //! Hostile input at an echo server, the one attack of the testbed's hostile-input scenario and
 //! of the fairness bench: random garbage, frames over the limit, connections that never
 //! finish a frame, abrupt resets (SO_LINGER 0 mid-frame) and short-lived connections, one
-//! phase after another, with the server's memory and CPU time per phase. The attacker can run
+//! phase after another (the unfinished frames' connections closed last, a phase too), with the server's memory and CPU time per phase. The attacker can run
 //! on a CPU of its own ([`Attack::run_on_thread`], pinned by [`consul_harness::affinity`]), so
 //! the attacked server's fairness is measured apart from the attacker's own use of the CPU.
 
@@ -69,7 +69,8 @@ impl Default for Attack {
 /// One phase of an [`Attack`]: its name, when it ran, the server's CPU time in it.
 #[derive(Debug, Clone)]
 pub struct Phase {
-    /// `garbage`, `oversized frames`, `stalled frames`, `resets`, `short-lived`.
+    /// `garbage`, `oversized frames`, `stalled frames`, `resets`, `short-lived`, `stalled
+    /// closed`.
     pub name: &'static str,
     /// When it began.
     pub from: Instant,
@@ -299,11 +300,23 @@ impl Attack {
         .await;
         let short_lived_took = started.elapsed();
         phase_done("short-lived");
+
+        // Closed together, the stalled connections are a burst of their own: the server
+        // answers each one's unfinished frame and closes it. A phase of its own, so that the
+        // burst is not counted in the next round's first phase; it ends once a connection
+        // opened after the closes is answered.
+        let stalled_count = stalled.len();
+        progress(format!(
+            "closing {stalled_count} connections holding an unfinished frame"
+        ));
+        drop(stalled);
+        echo_direct(addr, b"after the stalled ones closed").await;
+        phase_done("stalled closed");
         Attacked {
             garbage_sent: sent.load(Ordering::Relaxed),
             garbage_echoed: echoed.load(Ordering::Relaxed),
             oversize_refused: refused.load(Ordering::Relaxed),
-            stalled: stalled.len(),
+            stalled: stalled_count,
             rss_before_stalled_kib,
             rss_with_stalled_kib,
             resets: resets.load(Ordering::Relaxed),

@@ -38,6 +38,7 @@
 pub use consul_registry::check;
 pub mod cli;
 pub use echo_wire as codec;
+mod closing;
 pub mod config;
 mod descriptors;
 pub mod error;

@@ -1,6 +1,7 @@
 //! The server: a `Listener` accepts echo connections under a connection cap and hands each
 //! to its own `Handler`; [`Server::run`] ties in `/check`, the Consul registration and the
 //! shutdown order (`/check` 503 → deregister → stop accepting → drain with a deadline).
+//! Connections that end close in turns ([`crate::closing`]).
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -16,6 +17,7 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    closing::{Closing, Turn},
     codec::{Batch, CodecError},
     config::Config,
     error::{Error, Result},
@@ -194,6 +196,7 @@ impl Server {
             tracker: tracker.clone(),
             stop: stop_accepting.clone(),
             connections: connections.clone(),
+            closing: Closing::default(),
         };
         let mut accept_task = Some(tokio::spawn(listener.run()));
         let check_task = tokio::spawn(check::serve(
@@ -378,6 +381,7 @@ struct Listener {
     tracker: TaskTracker,
     stop: CancellationToken,
     connections: Stop,
+    closing: Closing,
 }
 
 impl Listener {
@@ -412,6 +416,7 @@ impl Listener {
                 idle_timeout,
                 self.connections.watch(idle_timeout),
                 self.shed.clone(),
+                self.closing.clone(),
             );
             self.tracker.spawn(handler.run(permit));
             // One accept per turn: a yielded task runs again only after the worker has
@@ -467,6 +472,9 @@ struct Handler<S> {
     /// load or two. No clock and no timer per connection: the sweeper times them all.
     stop: Watch,
     shed: Shedder,
+    /// Its turn to close, once it ends ([`crate::closing`]).
+    closing: Closing,
+    turn: Option<Turn>,
 }
 
 /// Why a connection ended.
@@ -524,6 +532,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
         idle_timeout: Duration,
         stop: Watch,
         shed: Shedder,
+        closing: Closing,
     ) -> Self {
         Handler {
             socket,
@@ -536,6 +545,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             idle_timeout,
             stop,
             shed,
+            closing,
+            turn: None,
         }
     }
 
@@ -545,12 +556,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             Ok(End::FrameTooLong) => self.refuse_and_linger().await,
             Ok(End::Cut) => {}
             Ok(end) => {
+                self.take_turn().await;
                 let _ = bounded(&self.stop, self.idle_timeout, self.socket.shutdown()).await;
                 tracing::debug!(peer = %self.peer, ?end, "connection closed");
+                self.close().await;
             }
-            Err(e) => tracing::debug!(peer = %self.peer, error = %e, "connection failed"),
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "connection failed");
+                self.close().await;
+            }
         }
         drop(permit);
+    }
+
+    /// Wait for this connection's turn to close, unless it has it already (or the cut came:
+    /// then it closes at once).
+    async fn take_turn(&mut self) {
+        if self.turn.is_none() {
+            self.turn = tokio::select! {
+                biased;
+                _ = self.stop.reached(Phase::Cut) => None,
+                turn = self.closing.turn() => Some(turn),
+            };
+        }
+    }
+
+    /// Close the socket, then end the turn, if it took one.
+    async fn close(self) {
+        let Handler { socket, turn, .. } = self;
+        drop(socket);
+        if let Some(turn) = turn {
+            turn.end().await;
+        }
     }
 
     async fn serve(&mut self) -> std::io::Result<End> {
@@ -604,6 +641,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Handler<S> {
             };
             let n = read?;
             if n == 0 {
+                // The peer closed: its last frame is answered in the turn that closes it.
+                self.take_turn().await;
                 return self.answer_last().await;
             }
             self.busy = n == READ_CHUNK || self.buf.len() == self.buf.capacity();
@@ -903,6 +942,7 @@ mod tests {
             Duration::from_secs(60),
             Stop::default().watch(Duration::from_secs(60)),
             Shedder::default(),
+            Closing::default(),
         )
     }
 
@@ -1157,6 +1197,7 @@ mod tests {
             tracker: tracker.clone(),
             stop: stop.clone(),
             connections: Stop::default(),
+            closing: Closing::default(),
         };
         // One thread: the listener runs when this task yields, and this one again once the
         // listener yields (or waits).
@@ -1198,6 +1239,7 @@ mod tests {
             Duration::from_secs(60),
             stop.watch(Duration::from_secs(60)),
             Shedder::default(),
+            Closing::default(),
         );
         client.write_all(&frame).await.unwrap();
         let serving = async {
@@ -1234,6 +1276,7 @@ mod tests {
             idle_timeout,
             stop.watch(idle_timeout),
             Shedder::default(),
+            Closing::default(),
         );
         let start = Instant::now();
         let serving = async {

@@ -16,6 +16,13 @@
 //! no slice and read up to 4 MiB per wake-up in 4 KiB reads; 32 refused peers at once kept
 //! a light connection waiting behind all of it (the fairness bench's oversized-frames phase,
 //! issue 37). Pure: [`Slice::served`] says when to yield; the caller yields.
+//!
+//! Tried and left out (issue 37, the fairness bench, 4–5 runs of each in turn with the code
+//! as it is): a lane that lets one connection at a time answer a read that filled its buffer
+//! (or its first), with a look at the sockets between two answers; the runtime looking at
+//! its sockets every 4 task polls instead of 61; a slice of one read. None moved the
+//! well-behaved client's p99. What did was elsewhere: the attack's thousand stalled
+//! connections closing at once, each queued ahead of the live one ([`crate::closing`]).
 
 /// Bytes read per wake-up, at most, before the connection yields: one slice.
 #[derive(Debug, Clone, Copy)]

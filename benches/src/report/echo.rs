@@ -279,7 +279,20 @@ fn fairness_goal(f: &FairnessRecord) -> [String; 3] {
                     w.attacked.p99 / w.quiet.p99
                 )
             });
-            format!("**NOT met**: {:.2}× the goal{cause}", ratio / FAIRNESS_GOAL)
+            let baseline = f.baseline.as_ref().map_or(String::new(), |b| {
+                format!(
+                    "; the fair baseline, {}, under the same attack without its {}: {:.2}×, \
+                     where echo-server over the same phases is {:.2}×",
+                    b.server,
+                    b.left_out,
+                    b.attacked.p99 / b.quiet.p99,
+                    b.echo_server_same_phases.p99 / f.quiet.p99
+                )
+            });
+            format!(
+                "**NOT met**: {:.2}× the goal{cause}{baseline}",
+                ratio / FAIRNESS_GOAL
+            )
         },
     ]
 }

@@ -210,7 +210,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::results::{LessOwnWait, MemoryRun, Recorder};
+    use crate::results::{FairnessBaseline, LessOwnWait, MemoryRun, Recorder};
 
     fn machine() -> Machine {
         Machine {
@@ -506,12 +506,27 @@ mod tests {
                     attacked: Summary::of(&[200_000.0]).unwrap(),
                     phases: vec![("garbage".into(), Summary::of(&[200_000.0]).unwrap())],
                 })),
+                baseline: Some(Box::new(FairnessBaseline {
+                    server: "raw-buf".into(),
+                    left_out: "oversized frames".into(),
+                    quiet: Summary::of(&[90_000.0]).unwrap(),
+                    attacked: Summary::of(&[720_000.0]).unwrap(),
+                    phases: vec![("garbage".into(), Summary::of(&[720_000.0]).unwrap())],
+                    echo_server_same_phases: Summary::of(&[400_000.0]).unwrap(),
+                })),
             }),
             recorded(
                 "failover/kill/sigkill_process",
                 &[400, 500, 3000],
                 &[("probe_eof", "kill → EOF on a probe", 300)],
             ),
+            recorded("failover/kill/floor_open_echo", &[100], &[]),
+            recorded(
+                "failover/kill/sigkill_process_standby",
+                &[500],
+                &[("probe_eof", "kill → EOF on a probe", 300)],
+            ),
+            recorded("failover/kill/inprocess_abort_standby", &[150], &[]),
             recorded(
                 "failover/unhealthy/consul_to_switch",
                 &[1000, 2000],
@@ -583,8 +598,22 @@ mod tests {
             md.contains(
                 "100.0 µs quiet, 500.0 µs under attack: 5.00× | **NOT met**: 1.67× the goal; \
                  less the client's own wait for its CPU (run-queue delay, shared with the \
-                 server): 80.0 µs quiet, 200.0 µs under attack, 2.50× |"
+                 server): 80.0 µs quiet, 200.0 µs under attack, 2.50×; the fair baseline, \
+                 raw-buf, under the same attack without its oversized frames: 8.00×, where \
+                 echo-server over the same phases is 4.00× |"
             ),
+            "{md}"
+        );
+        // The baseline's rows, each against its own quiet p99; echo-server's over the
+        // same phases against echo-server's.
+        assert!(
+            md.contains(
+                "| … during garbage | 1 | 720.0 µs | 720.0 µs | 720.0 µs | 720.0 µs | 8.00× |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| echo-server, under attack in the same phases | 1 | 400.0 µs"),
             "{md}"
         );
         // The fairness rows again, less the client's own wait.
@@ -620,6 +649,18 @@ mod tests {
             pos("`echo/throughput/raw-buf/16B-32conn`")
                 < pos("`echo/throughput/echo-server/1KiB-1conn`")
         );
+        // A standby row over its goal says by how much, and how much the detection alone
+        // took where it was timed.
+        let standby = line(&md, "| `failover/kill/sigkill_process_standby` |");
+        assert!(
+            standby.contains(
+                "| **NOT met**: 2.50× the goal; the detection alone (kill → an idle probe sees \
+                 the close) has p99 300.0 µs, 1.50× the goal |"
+            ),
+            "{standby}"
+        );
+        let met = line(&md, "| `failover/kill/inprocess_abort_standby` |");
+        assert!(met.ends_with("| met |"), "{met}");
         let switch = line(&md, "| `failover/unhealthy/consul_to_switch` |");
         assert!(switch.contains("| met |"), "{switch}");
         assert!(
