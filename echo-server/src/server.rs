@@ -1,7 +1,8 @@
 //! The server: a `Listener` accepts echo connections under a connection cap and hands each
 //! to its own `Handler`; [`Server::run`] ties in `/check`, the Consul registration and the
 //! shutdown order (`/check` 503 → deregister → stop accepting → drain with a deadline).
-//! Connections that end close in turns ([`crate::closing`]).
+//! Connections that end close in turns (the `closing` module), so that many ending at once
+//! do not hold up the live ones.
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
