@@ -119,9 +119,10 @@ pub struct Args {
     pub no_spread: bool,
     /// Keep a standby connection: one more open connection, to a second passing instance,
     /// verified by one echo, so that a failover resends on it without connecting (it costs
-    /// one idle connection per client on a server). Off by default: it shortens a failover's
-    /// tail more than its median, and doubles the connections every server holds
-    /// (BENCHMARKS.md, `failover/kill/*_standby` beside the rows without it).
+    /// one idle connection per client on a server). Off by default: it does not reliably
+    /// shorten a failover, as the client first waits for the dead instance's close either
+    /// way (BENCHMARKS.md, `failover/kill/*_standby` beside the rows without it), and it
+    /// doubles the connections every server holds.
     #[arg(long)]
     pub standby: bool,
     /// Discovery's read consistency: stale (any server answers, also during an election or

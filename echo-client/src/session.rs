@@ -120,11 +120,10 @@ pub struct SessionConfig {
     pub seed: Option<u64>,
     /// Keep a verified standby connection open to a second instance, for a failover that
     /// resends on an open connection instead of connecting first (see the module docs for
-    /// its cost). Off by default: in the bench run in the tree it shortens a failover's p99
-    /// more than its median (BENCHMARKS.md, `failover/kill/*_standby` beside the rows without
-    /// it), and it doubles the connections every server holds, which count toward the
-    /// server's cap and its shedding: worth it where a failover's tail matters more than the
-    /// servers' connections.
+    /// its cost). Off by default: it does not reliably shorten a failover, as with or without
+    /// it the client first waits for the dead instance's close (BENCHMARKS.md,
+    /// `failover/kill/*_standby` beside the rows without it), and it doubles the connections
+    /// every server holds, which count toward the server's cap and its shedding.
     pub standby: bool,
 }
 
