@@ -326,13 +326,7 @@ impl Run<'_> {
                 .build()?
         };
         let copier = Copier::Buffer(echo_server::server::READ_CHUNK);
-        // Bound in its own runtime, so that its listener is driven there too.
-        let handle = runtime.handle().clone();
-        let started = runtime
-            .spawn(async move { RawEcho::start_with(&handle, copier).await })
-            .await
-            .map_err(|e| Error::Invalid(format!("the baseline did not start: {e}")))?;
-        let measured = match started {
+        let measured = match RawEcho::start_with(runtime.handle(), copier).await {
             Ok(raw) => {
                 let attack = Attack {
                     oversize_conns: 0,

@@ -189,9 +189,13 @@ impl RawEcho {
         Self::start_with(runtime, Copier::IoCopy).await
     }
 
-    /// A server copying as `copier` says, on a free loopback port, served on `runtime`.
+    /// A server copying as `copier` says, on a free loopback port, served on `runtime`: its
+    /// listener too is bound there, so that `runtime` alone drives it.
     pub async fn start_with(runtime: &Handle, copier: Copier) -> Result<RawEcho> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = runtime
+            .spawn(TcpListener::bind("127.0.0.1:0"))
+            .await
+            .map_err(|e| Error::Invalid(format!("binding the raw echo server: {e}")))??;
         let addr = listener.local_addr()?;
         let task = runtime.spawn(async move {
             // Ends when the runtime shuts down or the task is aborted (on drop).

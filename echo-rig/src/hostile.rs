@@ -1,9 +1,10 @@
 //! Hostile input at an echo server, the one attack of the testbed's hostile-input scenario and
 //! of the fairness bench: random garbage, frames over the limit, connections that never
 //! finish a frame, abrupt resets (SO_LINGER 0 mid-frame) and short-lived connections, one
-//! phase after another (the unfinished frames' connections closed last, a phase too), with the server's memory and CPU time per phase. The attacker can run
-//! on a CPU of its own ([`Attack::run_on_thread`], pinned by [`consul_harness::affinity`]), so
-//! the attacked server's fairness is measured apart from the attacker's own use of the CPU.
+//! phase after another (the unfinished frames' connections closed last, a phase too), with
+//! the server's memory and CPU time per phase. The attacker can run on a CPU of its own
+//! ([`Attack::run_on_thread`], pinned by [`consul_harness::affinity`]), so the attacked
+//! server's fairness is measured apart from the attacker's own use of the CPU.
 
 use std::{
     net::SocketAddr,

@@ -349,21 +349,20 @@ fn round_trip_cells(what: &str, s: &Summary, quiet_p99: f64) -> Vec<String> {
     ]
 }
 
+/// A fairness table with the columns of [`round_trip_cells`], titled `title`.
+fn round_trip_table(title: &str) -> Table {
+    let mut table = Table::aligned([(title, Align::Left)]);
+    for column in ["n", "Median", "p90", "p99", "max", "p99 ÷ quiet p99"] {
+        table.column(column, Align::Right);
+    }
+    table
+}
+
 /// The well-behaved client's round trips, quiet and under each phase of the attack.
 pub(crate) fn fairness_section(out: &mut String, fairness: &[&FairnessRecord]) {
     for f in fairness {
-        let mut table = Table::aligned([("Well-behaved client's round trips", Align::Left)]);
-        for column in [
-            "n",
-            "Median",
-            "p90",
-            "p99",
-            "max",
-            "p99 ÷ quiet p99",
-            "server CPU",
-        ] {
-            table.column(column, Align::Right);
-        }
+        let mut table = round_trip_table("Well-behaved client's round trips");
+        table.column("server CPU", Align::Right);
         let mut row = |what: &str, s: &Summary, cpu: Option<f64>| {
             let mut cells = round_trip_cells(what, s, f.quiet.p99);
             cells.push(cpu.map_or("—".into(), |c| format!("{:.0}%", c * 100.0)));
@@ -382,10 +381,7 @@ pub(crate) fn fairness_section(out: &mut String, fairness: &[&FairnessRecord]) {
             f.id, f.placement, f.attack
         );
         if let Some(w) = &f.less_own_wait {
-            let mut table = Table::aligned([("The same, less the client's own wait", Align::Left)]);
-            for column in ["n", "Median", "p90", "p99", "max", "p99 ÷ quiet p99"] {
-                table.column(column, Align::Right);
-            }
+            let mut table = round_trip_table("The same, less the client's own wait");
             let mut row = |what: &str, s: &Summary| {
                 table.row(round_trip_cells(what, s, w.quiet.p99));
             };
@@ -406,10 +402,7 @@ pub(crate) fn fairness_section(out: &mut String, fairness: &[&FairnessRecord]) {
             );
         }
         if let Some(b) = &f.baseline {
-            let mut table = Table::aligned([("The fair baseline's round trips", Align::Left)]);
-            for column in ["n", "Median", "p90", "p99", "max", "p99 ÷ quiet p99"] {
-                table.column(column, Align::Right);
-            }
+            let mut table = round_trip_table("The fair baseline's round trips");
             let mut row = |what: &str, s: &Summary, quiet_p99: f64| {
                 table.row(round_trip_cells(what, s, quiet_p99));
             };
