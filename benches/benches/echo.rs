@@ -52,7 +52,11 @@ use tokio::{runtime::Runtime, sync::OnceCell, time::Instant};
 
 const SIZES: [(usize, &str); 3] = [(16, "16B"), (1 << 10, "1KiB"), (64 << 10, "64KiB")];
 const CONNECTIONS: [usize; 2] = [1, 32];
-const SAMPLES: usize = 20;
+/// Samples per bench, each one turn (throughput) or one round (latency) on each server. At 20
+/// the throughput ratio's 95 % interval was 0.08–0.15 wide, and runs of the same code read
+/// 16B-1conn at 0.94–0.97×, on either side of the 0.95× goal; at 60 it is 0.04–0.06 wide (a
+/// dozen runs of `echo/throughput/interleaved/16B-1conn`, issue 37), for ~2 minutes more.
+const SAMPLES: usize = 60;
 
 type Conns = Vec<traffic::SharedConn>;
 
@@ -328,7 +332,8 @@ fn configure(group: &mut BenchmarkGroup<'_, WallTime>) {
 fn configure_interleaved(group: &mut BenchmarkGroup<'_, WallTime>) {
     configure(group);
     group
-        .measurement_time(Duration::from_millis(lineup::SERVERS.len() as u64 * 1200))
+        // As long a turn per sample as at 20 samples in 4.8 s.
+        .measurement_time(Duration::from_millis(lineup::SERVERS.len() as u64 * 3600))
         .sampling_mode(SamplingMode::Flat);
 }
 

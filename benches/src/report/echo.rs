@@ -131,8 +131,22 @@ fn throughput_goal(
             let spread = interval.map_or(String::new(), |i| {
                 format!(", {}", spread_word(i.high >= THROUGHPUT_GOAL))
             });
+            // Where the time went: the servers' CPU per message in the same turns, against
+            // the baseline's, and the twin's beside it.
+            let cpu = match (
+                cpu_ratio(series, "echo-server", label),
+                cpu_ratio(series, TWIN, label),
+            ) {
+                (Some(e), Some(t)) => format!(
+                    "; its CPU per message {e:.2}× raw-buf's in the same turns (the twin's {t:.2}×)"
+                ),
+                (Some(e), None) => {
+                    format!("; its CPU per message {e:.2}× raw-buf's in the same turns")
+                }
+                _ => String::new(),
+            };
             format!(
-                "{label} {}{spread}{}",
+                "{label} {}{spread}{}{cpu}",
                 with_interval(*r, THROUGHPUT_GOAL, interval),
                 twin_ratio(label).map_or(String::new(), |t| twin_said(*r, t))
             )
@@ -349,23 +363,34 @@ pub(crate) fn echo_rates(
                     .map_or("—".into(), |n| fmt_count(conns as f64 / (n.p50 / 1e9))),
             );
         }
-        let cpu = |server: &str| {
-            series
-                .get(&format!("{CPU_PREFIX}{server}/{label}"))
-                .and_then(|r| r.series.get(MEASURED))
-                .map(|s| s.p50)
-        };
         for server in ECHO_SERVERS {
-            row.push(cpu(server).map_or("—".into(), fmt_ns));
+            row.push(cpu_per_message(series, server, &label).map_or("—".into(), fmt_ns));
         }
-        let ratio = |server: &str| match (cpu(server), cpu("raw-buf")) {
-            (Some(e), Some(b)) if b > 0.0 => format!("{:.2}×", e / b),
-            _ => "—".into(),
+        let ratio = |server: &str| {
+            cpu_ratio(series, server, &label).map_or("—".into(), |r| format!("{r:.2}×"))
         };
         row.extend([ratio("echo-server"), ratio(TWIN)]);
         table.row(row);
     }
     let _ = writeln!(out, "{table}");
+}
+
+/// The median CPU time per message of `server`'s pipelined turns at `label`, in ns.
+fn cpu_per_message(
+    series: &BTreeMap<String, SeriesRecord>,
+    server: &str,
+    label: &str,
+) -> Option<f64> {
+    series
+        .get(&format!("{CPU_PREFIX}{server}/{label}"))
+        .and_then(|r| r.series.get(MEASURED))
+        .map(|s| s.p50)
+}
+
+/// [`cpu_per_message`] of `server` ÷ the fair baseline's.
+fn cpu_ratio(series: &BTreeMap<String, SeriesRecord>, server: &str, label: &str) -> Option<f64> {
+    let base = cpu_per_message(series, "raw-buf", label).filter(|b| *b > 0.0)?;
+    Some(cpu_per_message(series, server, label)? / base)
 }
 
 /// Where the per-sample ratios of throughput row `id` are recorded: echo-server's

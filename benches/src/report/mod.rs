@@ -390,9 +390,14 @@ mod tests {
         let goals = line(&md, "| Pipelined throughput");
         has(
             goals,
-            "16B-1conn 0.94× — the twin 0.92×, as far from 1; 16B-32conn",
+            "16B-1conn 0.94× — the twin 0.92×, as far from 1; its CPU per message 1.50× \
+             raw-buf's in the same turns (the twin's 1.05×); 16B-32conn",
         );
-        has(goals, "16B-32conn 0.94× — the twin 0.99× |");
+        has(
+            goals,
+            "16B-32conn 0.94× — the twin 0.99×; its CPU per message 1.50× raw-buf's in the \
+             same turns (the twin's 1.05×) |",
+        );
         has(
             goals,
             "over 2 rows; the twin (`raw-buf` against itself) 0.92–0.99× |",
@@ -590,7 +595,10 @@ mod tests {
         assert!(md.contains("the servers measured in alternation"), "{md}");
         // The goals, each with its worst case.
         assert!(
-            md.contains("lowest 0.76× over 2 rows | **NOT met**: 1KiB-1conn 0.76× |"),
+            md.contains(
+                "lowest 0.76× over 2 rows | **NOT met**: 1KiB-1conn 0.76×; its CPU per message \
+                 1.50× raw-buf's in the same turns |"
+            ),
             "{md}"
         );
         assert!(md.contains("highest 1.04× (median), 1.04× (p99) over 1 rows | met |"));
