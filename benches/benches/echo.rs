@@ -53,9 +53,10 @@ use tokio::{runtime::Runtime, sync::OnceCell, time::Instant};
 const SIZES: [(usize, &str); 3] = [(16, "16B"), (1 << 10, "1KiB"), (64 << 10, "64KiB")];
 const CONNECTIONS: [usize; 2] = [1, 32];
 /// Samples per bench, each one turn (throughput) or one round (latency) on each server. At 20
-/// the throughput ratio's 95 % interval was 0.08–0.15 wide, and runs of the same code read
-/// 16B-1conn at 0.94–0.97×, on either side of the 0.95× goal; at 60 it is 0.04–0.06 wide (a
-/// dozen runs of `echo/throughput/interleaved/16B-1conn`, issue 37), for ~2 minutes more.
+/// the 16B-1conn throughput ratio's 95 % interval was 0.08–0.15 wide, and six runs of the
+/// same code read it at 0.94–0.97×, on either side of the 0.95× goal; at 60 its interval is
+/// 0.04–0.06 wide, the other rows' up to 0.10 (runs of `echo/throughput/interleaved/…` and
+/// of the whole bench, issue 37). It costs the bench about two minutes more.
 const SAMPLES: usize = 60;
 
 type Conns = Vec<traffic::SharedConn>;
