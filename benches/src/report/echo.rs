@@ -1,5 +1,6 @@
-//! The echo path's sections: its goals in one table (each with its worst case and the twin
-//! beside any miss), and messages per second with the servers' CPU time per message.
+//! The echo path's sections: its goals in one table (each with its worst case; beside any
+//! miss the twin, and for throughput echo-server's CPU per message against the baseline's),
+//! and messages per second with the servers' CPU time per message.
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
