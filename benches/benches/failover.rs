@@ -43,6 +43,7 @@ use benches::{
     consul_view::{self, Observer},
     harness,
     harness::SharedConsul,
+    report,
     results::{MEASURED, Recorder, RunInfo},
     servers::ServerThread,
     traffic::{self, CloseProbe, Message},
@@ -408,7 +409,7 @@ async fn timed_kill<S>(
 const KILL_PARTS: [(&str, &str); 3] = [
     (MEASURED, "kill → first correct reply from B"),
     (
-        "probe_eof",
+        report::DETECTION,
         "kill → an idle probe connection to A sees the close (detection on the wire)",
     ),
     (
@@ -423,7 +424,7 @@ const STANDBY_PARTS: [(&str, &str); 3] = [
         "kill → first correct reply on the standby connection to B",
     ),
     (
-        "probe_eof",
+        report::DETECTION,
         "kill → an idle probe connection to A sees the close (detection on the wire)",
     ),
     (
@@ -435,7 +436,7 @@ const STANDBY_PARTS: [(&str, &str); 3] = [
 fn record_kill(rec: &SharedRecorder, measured: Duration, probe_eof: Duration) {
     let mut rec = rec.lock().expect("recorder lock");
     rec.push(MEASURED, measured);
-    rec.push("probe_eof", probe_eof);
+    rec.push(report::DETECTION, probe_eof);
     rec.push_signed(
         "after_eof",
         measured.as_nanos() as f64 - probe_eof.as_nanos() as f64,

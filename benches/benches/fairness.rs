@@ -126,7 +126,7 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
             quiet_messages,
             pinned,
         };
-        let echo = run.against(addr, pid).await?;
+        let echo = run.against(addr, pid, &attack).await?;
         let baseline = run.against_baseline().await?;
         Ok::<_, Error>((echo, baseline))
     }
@@ -177,10 +177,14 @@ async fn measure(quick: bool) -> Result<FairnessRecord> {
                     ),
                     left_out: OVERSIZED.into(),
                     quiet: summary(&b.quiet, "before the attack on the baseline")?,
-                    attacked: summary(b.attacked(None), "during the attack on the baseline")?,
+                    attacked: summary(
+                        b.attacked(Some(OVERSIZED)),
+                        "during the attack on the baseline",
+                    )?,
                     phases: b
                         .phases
                         .iter()
+                        .filter(|p| p.name != OVERSIZED)
                         .filter_map(|p| Some((p.name.to_owned(), Summary::of(&nanos(&p.rtts))?)))
                         .collect(),
                     echo_server_same_phases: summary(
@@ -303,12 +307,6 @@ impl Measured {
 }
 
 impl Run<'_> {
-    /// The quiet echoes, then the attack's rounds, against the server at `addr` (process
-    /// `pid`, whose CPU time each phase reads).
-    async fn against(&self, addr: SocketAddr, pid: u32) -> Result<Measured> {
-        self.against_with(addr, pid, self.attack).await
-    }
-
     /// The same against the fair baseline on CPU 0, its attack without the phase a copier
     /// cannot end; `None` where nothing is pinned (the baseline would not have the server's
     /// one worker).
@@ -332,9 +330,7 @@ impl Run<'_> {
                     oversize_conns: 0,
                     ..self.attack.clone()
                 };
-                let measured = self
-                    .against_with(raw.addr(), std::process::id(), &attack)
-                    .await;
+                let measured = self.against(raw.addr(), std::process::id(), &attack).await;
                 drop(raw);
                 measured
             }
@@ -344,7 +340,9 @@ impl Run<'_> {
         measured.map(Some)
     }
 
-    async fn against_with(&self, addr: SocketAddr, pid: u32, attack: &Attack) -> Result<Measured> {
+    /// The quiet echoes, then `attack`'s rounds, against the server at `addr` (process
+    /// `pid`, whose CPU time each phase reads).
+    async fn against(&self, addr: SocketAddr, pid: u32, attack: &Attack) -> Result<Measured> {
         let client = Client::start(addr, self.pinned.then_some(0))?;
         client.wait_for(self.quiet_messages, WAIT).await?;
         let quiet_until = Instant::now();
@@ -378,11 +376,9 @@ impl Run<'_> {
                 }
             };
             let entry = &mut by_phase[at];
-            let (inside, outside): (Vec<RoundTrip>, Vec<RoundTrip>) = std::mem::take(&mut rtts)
-                .into_iter()
-                .partition(|r| r.at >= p.from && r.at < p.to);
-            rtts = outside;
-            entry.rtts.extend(inside);
+            entry
+                .rtts
+                .extend(rtts.extract_if(.., |r| r.at >= p.from && r.at < p.to));
             entry.cpu += p.server_cpu.as_secs_f64();
             entry.lasted += (p.to - p.from).as_secs_f64();
         }

@@ -62,6 +62,10 @@ pub const MEMORY_GOAL_BYTES: f64 = 8.0 * 1024.0;
 /// of its quiet p99.
 pub const FAIRNESS_GOAL: f64 = 3.0;
 
+/// The series of a kill bench that times the detection on the wire: the kill until an idle
+/// probe connection to the victim sees the close (no client can answer before it knows).
+pub const DETECTION: &str = "probe_eof";
+
 /// Where the echo benches' CPU recordings go: `echo/cpu/<server>/<size>-<n>conn`.
 pub const CPU_PREFIX: &str = "echo/cpu/";
 
@@ -523,13 +527,13 @@ mod tests {
             recorded(
                 "failover/kill/sigkill_process",
                 &[400, 500, 3000],
-                &[("probe_eof", "kill → EOF on a probe", 300)],
+                &[(DETECTION, "kill → EOF on a probe", 300)],
             ),
             recorded("failover/kill/floor_open_echo", &[100], &[]),
             recorded(
                 "failover/kill/sigkill_process_standby",
                 &[500],
-                &[("probe_eof", "kill → EOF on a probe", 300)],
+                &[(DETECTION, "kill → EOF on a probe", 300)],
             ),
             recorded("failover/kill/inprocess_abort_standby", &[150], &[]),
             recorded(

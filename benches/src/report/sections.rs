@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use super::{
-    CPU_PREFIX, CriterionBench, LATENCY_GOAL, MEMORY_GOAL_BYTES, Numbers, PAIRED_PREFIX,
+    CPU_PREFIX, CriterionBench, DETECTION, LATENCY_GOAL, MEMORY_GOAL_BYTES, Numbers, PAIRED_PREFIX,
     THROUGHPUT_GOAL, TWIN_PREFIX,
     echo::{latency_intervals, paired_interval, paired_ratio},
     markdown::{fmt_ratio, miss, near_goal, verdict, with_interval},
@@ -232,9 +232,6 @@ fn within_miss(id: &str, p99: f64, limit: f64, series: &BTreeMap<String, SeriesR
     }
     cell
 }
-
-/// The series of a failover bench that times the detection on the wire.
-const DETECTION: &str = "probe_eof";
 
 /// Every recorded interval of each bench that recorded parts, described first.
 pub(crate) fn breakdowns(out: &mut String, series: &BTreeMap<String, SeriesRecord>) {
